@@ -1,0 +1,628 @@
+/* The public operations: validate every argument (structure on every
+ * backend; the values of index tensors too when they live on the host), then
+ * dispatch to the context's backend. Nothing is written before validation has
+ * passed, so a failing call leaves every output untouched. */
+#include "internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#define NO_TABLE (-2)  /* m3s_check_batch: this block table is not used */
+
+static m3s_status unsupported_cuda(const char *fn) {
+  return m3s_fail(M3S_ERR_UNSUPPORTED, fn,
+                  "this operation is not implemented on CUDA contexts yet (use a CPU context)");
+}
+
+static m3s_status begin(const char *fn, const m3s_context *ctx, const m3s_layer_config *cfg,
+                        m3s_vctx *v) {
+  m3s_status st;
+  m3s_clear_error();
+  if ((st = m3s_check_ctx(fn, ctx)))
+    return st;
+  if (cfg && (st = m3s_check_config(fn, cfg)))
+    return st;
+  v->fn = fn;
+  v->device = ctx->device;
+  return M3S_OK;
+}
+
+static m3s_status begin_cfg(const char *fn, const m3s_context *ctx, const m3s_layer_config *cfg,
+                            m3s_vctx *v) {
+  if (!cfg) {
+    m3s_clear_error();
+    return m3s_fail(M3S_ERR_NULL, fn, "argument 'cfg' is NULL");
+  }
+  return begin(fn, ctx, cfg, v);
+}
+
+static m3s_status check_workspace(const m3s_vctx *v, const m3s_context *ctx,
+                                  const m3s_layer_config *cfg, const m3s_batch *b,
+                                  const m3s_exec *e) {
+  size_t need = 0;
+  m3s_status st = m3s_workspace_size(ctx, cfg, b->num_tokens, b->max_seq_len, &need);
+  if (st)
+    return st;
+  return m3s_check_exec(v, e, need);
+}
+
+/* Values of the slot mapping (host data only): slot < P*128 or negative. */
+static m3s_status check_slots(const m3s_vctx *v, const m3s_tensor *slots, int64_t num_pages) {
+  if (v->device >= 0)
+    return M3S_OK;
+  int64_t limit = num_pages * M3S_BLOCK_SIZE;
+  for (int64_t i = 0; i < slots->shape[0]; i++) {
+    int64_t s = slots->dtype == M3S_I64
+                    ? ((const int64_t *)slots->data)[i * slots->stride[0]]
+                    : ((const int32_t *)slots->data)[i * slots->stride[0]];
+    if (s >= limit)
+      return m3s_fail(M3S_ERR_RANGE, v->fn,
+                      "slot_mapping[%lld] = %lld is beyond the cache (%lld pages x 128 = %lld "
+                      "slots; negative slots skip a token)",
+                      (long long)i, (long long)s, (long long)num_pages, (long long)limit);
+  }
+  return M3S_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+
+m3s_status m3s_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_tensor *v_,
+                            const m3s_tensor *slot_mapping, m3s_tensor *kv_cache,
+                            const m3s_kv_scales *scales, const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin("m3s_cache_insert", ctx, NULL, &v)))
+    return st;
+  if ((st = m3s_check_tensor(&v, "kv_cache", kv_cache, 4, M3S_KV_MASK)) ||
+      (st = m3s_check_dim(&v, "kv_cache", kv_cache, 2, M3S_BLOCK_SIZE, "the block size")) ||
+      (st = m3s_check_dim(&v, "kv_cache", kv_cache, 3, 2 * M3S_HEAD_DIM, "2 * head_dim")) ||
+      (st = m3s_check_no_self_overlap(&v, "kv_cache", kv_cache)))
+    return st;
+  int64_t hkv = kv_cache->shape[1];
+  if ((st = m3s_check_tensor(&v, "k", k, 3, M3S_ACT_MASK)) ||
+      (st = m3s_check_dim(&v, "k", k, 1, hkv, "kv_cache.shape[1] (Hkv)")) ||
+      (st = m3s_check_dim(&v, "k", k, 2, M3S_HEAD_DIM, "head_dim")))
+    return st;
+  int64_t t = k->shape[0];
+  if ((st = m3s_check_tensor(&v, "v", v_, 3, M3S_MASK(k->dtype))) ||
+      (st = m3s_check_dim(&v, "v", v_, 0, t, "k.shape[0] (T)")) ||
+      (st = m3s_check_dim(&v, "v", v_, 1, hkv, "kv_cache.shape[1] (Hkv)")) ||
+      (st = m3s_check_dim(&v, "v", v_, 2, M3S_HEAD_DIM, "head_dim")))
+    return st;
+  if ((st = m3s_check_tensor(&v, "slot_mapping", slot_mapping, 1, M3S_SLOT_MASK)) ||
+      (st = m3s_check_dim(&v, "slot_mapping", slot_mapping, 0, t, "k.shape[0] (T)")))
+    return st;
+  if ((st = m3s_check_scales(&v, scales, kv_cache, (int)hkv)) ||
+      (st = check_slots(&v, slot_mapping, kv_cache->shape[0])) ||
+      (st = m3s_check_exec(&v, exec, 0)))
+    return st;
+  if (ctx->device >= 0)
+    return unsupported_cuda(v.fn);
+  return m3s_cpu_cache_insert(k, v_, slot_mapping, kv_cache, scales);
+}
+
+static m3s_status check_index_cache(const m3s_vctx *v, const m3s_tensor *ic) {
+  m3s_status st;
+  if ((st = m3s_check_tensor(v, "index_cache", ic, 3, M3S_IDX_MASK)) ||
+      (st = m3s_check_dim(v, "index_cache", ic, 1, M3S_BLOCK_SIZE, "the block size")) ||
+      (st = m3s_check_dim(v, "index_cache", ic, 2, M3S_INDEX_DIM, "index_dim")))
+    return st;
+  return m3s_check_contiguous(v, "index_cache", ic);
+}
+
+m3s_status m3s_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
+                                  const m3s_tensor *slot_mapping, m3s_tensor *index_cache,
+                                  const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin("m3s_index_cache_insert", ctx, NULL, &v)))
+    return st;
+  if ((st = check_index_cache(&v, index_cache)) ||
+      (st = m3s_check_tensor(&v, "ik", ik, 2, M3S_ACT_MASK)) ||
+      (st = m3s_check_dim(&v, "ik", ik, 1, M3S_INDEX_DIM, "index_dim")) ||
+      (st = m3s_check_tensor(&v, "slot_mapping", slot_mapping, 1, M3S_SLOT_MASK)) ||
+      (st = m3s_check_dim(&v, "slot_mapping", slot_mapping, 0, ik->shape[0], "ik.shape[0] (T)")) ||
+      (st = check_slots(&v, slot_mapping, index_cache->shape[0])) ||
+      (st = m3s_check_exec(&v, exec, 0)))
+    return st;
+  if (ctx->device >= 0)
+    return unsupported_cuda(v.fn);
+  return m3s_cpu_index_cache_insert(ik, slot_mapping, index_cache);
+}
+
+/* ------------------------------------------------------------------------ */
+
+static m3s_status check_topk_shape(const m3s_vctx *v, const char *name, const m3s_tensor *topk,
+                                   const m3s_layer_config *cfg, int64_t t, bool output) {
+  m3s_status st;
+  if ((st = m3s_check_tensor(v, name, topk, 3, M3S_MASK(M3S_I32))) ||
+      (st = m3s_check_dim(v, name, topk, 0, t, "batch.num_tokens")) ||
+      (st = m3s_check_dim(v, name, topk, 1, cfg->num_kv_heads, "cfg.num_kv_heads")) ||
+      (st = m3s_check_dim(v, name, topk, 2, cfg->topk, "cfg.topk")))
+    return st;
+  return output ? m3s_check_no_self_overlap(v, name, topk) : M3S_OK;
+}
+
+static m3s_status validate_topk(const m3s_vctx *v, const m3s_layer_config *cfg,
+                                const m3s_batch *b, const m3s_tensor *iq, const m3s_tensor *ic,
+                                const m3s_tensor *topk) {
+  m3s_status st;
+  if ((st = check_index_cache(v, ic)) ||
+      (st = m3s_check_batch(v, "batch", b, NO_TABLE, ic->shape[0])))
+    return st;
+  if ((st = m3s_check_tensor(v, "iq", iq, 3, M3S_ACT_MASK)) ||
+      (st = m3s_check_dim(v, "iq", iq, 0, b->num_tokens, "batch.num_tokens")) ||
+      (st = m3s_check_dim(v, "iq", iq, 1, cfg->num_kv_heads, "cfg.num_kv_heads (index heads)")) ||
+      (st = m3s_check_dim(v, "iq", iq, 2, M3S_INDEX_DIM, "index_dim")))
+    return st;
+  return check_topk_shape(v, "topk", topk, cfg, b->num_tokens, true);
+}
+
+m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
+                          const m3s_tensor *iq, const m3s_tensor *index_cache, m3s_tensor *topk,
+                          const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin_cfg("m3s_index_topk", ctx, cfg, &v)) ||
+      (st = validate_topk(&v, cfg, batch, iq, index_cache, topk)) ||
+      (st = check_workspace(&v, ctx, cfg, batch, exec)))
+    return st;
+  if (ctx->device >= 0)
+    return unsupported_cuda(v.fn);
+  return m3s_cpu_index_topk(cfg, batch, iq, index_cache, topk);
+}
+
+/* Host values of a top-k buffer as attention reads them: the first
+ * min(K, nb(t)) entries of each non-padded row are -1 or distinct ids < nb(t). */
+static m3s_status check_topk_values(const m3s_vctx *v, const m3s_layer_config *cfg,
+                                    const m3s_batch *b, const m3s_tensor *topk) {
+  if (v->device >= 0)
+    return M3S_OK;
+  const int32_t *base = (const int32_t *)topk->data;
+  for (int r = 0; r < b->num_reqs; r++) {
+    int64_t s = m3s_batch_seqlen(b, r), n = m3s_batch_qlen(b, r), row0 = m3s_batch_row0(b, r);
+    if (s == 0)
+      continue;
+    for (int64_t i = 0; i < n; i++) {
+      int64_t pos = s - n + i, nb = pos / M3S_BLOCK_SIZE + 1;
+      int64_t kk = nb < cfg->topk ? nb : cfg->topk;
+      for (int g = 0; g < cfg->num_kv_heads; g++) {
+        const int32_t *row = base + (row0 + i) * topk->stride[0] + g * topk->stride[1];
+        for (int64_t a = 0; a < kk; a++) {
+          int32_t id = row[a * topk->stride[2]];
+          if (id == -1)
+            continue;
+          if (id < 0 || id >= nb)
+            return m3s_fail(M3S_ERR_RANGE, v->fn,
+                            "topk[%lld][%d][%lld] = %d is not a visible block (-1 or 0 <= id < "
+                            "nb = %lld)",
+                            (long long)(row0 + i), g, (long long)a, id, (long long)nb);
+          for (int64_t c = 0; c < a; c++)
+            if (row[c * topk->stride[2]] == id)
+              return m3s_fail(M3S_ERR_RANGE, v->fn,
+                              "topk[%lld][%d] selects block %d twice (slots %lld and %lld)",
+                              (long long)(row0 + i), g, id, (long long)c, (long long)a);
+        }
+      }
+    }
+  }
+  return M3S_OK;
+}
+
+static m3s_status check_kv_cache(const m3s_vctx *v, const m3s_layer_config *cfg,
+                                 const m3s_tensor *kv, const m3s_kv_scales *scales) {
+  m3s_status st;
+  if ((st = m3s_check_tensor(v, "kv_cache", kv, 4, M3S_KV_MASK)) ||
+      (st = m3s_check_dim(v, "kv_cache", kv, 1, cfg->num_kv_heads, "cfg.num_kv_heads")) ||
+      (st = m3s_check_dim(v, "kv_cache", kv, 2, M3S_BLOCK_SIZE, "the block size")) ||
+      (st = m3s_check_dim(v, "kv_cache", kv, 3, 2 * M3S_HEAD_DIM, "2 * head_dim")))
+    return st;
+  return m3s_check_scales(v, scales, kv, cfg->num_kv_heads);
+}
+
+static m3s_status check_out_lse(const m3s_vctx *v, const m3s_tensor *out, const m3s_tensor *lse,
+                                int64_t t, int64_t h, unsigned out_mask, const char *t_what) {
+  m3s_status st;
+  if ((st = m3s_check_tensor(v, "out", out, 3, out_mask)) ||
+      (st = m3s_check_dim(v, "out", out, 0, t, t_what)) ||
+      (st = m3s_check_dim(v, "out", out, 1, h, "the number of heads")) ||
+      (st = m3s_check_dim(v, "out", out, 2, M3S_HEAD_DIM, "head_dim")) ||
+      (st = m3s_check_no_self_overlap(v, "out", out)))
+    return st;
+  if (!lse)
+    return M3S_OK;
+  if ((st = m3s_check_tensor(v, "lse", lse, 2, M3S_MASK(M3S_F32))) ||
+      (st = m3s_check_dim(v, "lse", lse, 0, t, t_what)) ||
+      (st = m3s_check_dim(v, "lse", lse, 1, h, "the number of heads")))
+    return st;
+  return m3s_check_no_self_overlap(v, "lse", lse);
+}
+
+static m3s_status validate_attn(const m3s_vctx *v, const m3s_layer_config *cfg,
+                                const m3s_batch *b, const m3s_tensor *q, const m3s_tensor *kv,
+                                const m3s_kv_scales *scales, const m3s_tensor *topk,
+                                const m3s_tensor *out, const m3s_tensor *lse, bool topk_values) {
+  m3s_status st;
+  if ((st = check_kv_cache(v, cfg, kv, scales)) ||
+      (st = m3s_check_batch(v, "batch", b, kv->shape[0], NO_TABLE)))
+    return st;
+  if ((st = m3s_check_tensor(v, "q", q, 3, M3S_ACT_MASK)) ||
+      (st = m3s_check_dim(v, "q", q, 0, b->num_tokens, "batch.num_tokens")) ||
+      (st = m3s_check_dim(v, "q", q, 1, cfg->num_q_heads, "cfg.num_q_heads")) ||
+      (st = m3s_check_dim(v, "q", q, 2, M3S_HEAD_DIM, "head_dim")) ||
+      (st = check_topk_shape(v, "topk", topk, cfg, b->num_tokens, false)) ||
+      (st = check_out_lse(v, out, lse, b->num_tokens, cfg->num_q_heads, M3S_MASK(q->dtype),
+                          "batch.num_tokens")))
+    return st;
+  return topk_values ? check_topk_values(v, cfg, b, topk) : M3S_OK;
+}
+
+m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                                const m3s_batch *batch, const m3s_tensor *q,
+                                const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                const m3s_tensor *topk, m3s_tensor *out, m3s_tensor *lse,
+                                const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin_cfg("m3s_sparse_attention", ctx, cfg, &v)) ||
+      (st = validate_attn(&v, cfg, batch, q, kv_cache, scales, topk, out, lse, true)) ||
+      (st = check_workspace(&v, ctx, cfg, batch, exec)))
+    return st;
+  if (ctx->device >= 0)
+    return unsupported_cuda(v.fn);
+  return m3s_cpu_sparse_attention(cfg, batch, q, kv_cache, scales, topk, out, lse);
+}
+
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+  m3s_tensor q, iq, topk, out, lse;
+} step_part;
+
+static m3s_status cut_part(const m3s_vctx *v, const char *part, int64_t row0, int64_t rows,
+                           const m3s_tensor *q, const m3s_tensor *iq, const m3s_tensor *topk,
+                           const m3s_tensor *out, const m3s_tensor *lse, step_part *p) {
+  p->q = m3s_tensor_narrow(q, row0, rows);
+  p->iq = m3s_tensor_narrow(iq, row0, rows);
+  p->topk = m3s_tensor_narrow(topk, row0, rows);
+  p->out = m3s_tensor_narrow(out, row0, rows);
+  if (lse)
+    p->lse = m3s_tensor_narrow(lse, row0, rows);
+  if (p->q.ndim < 0 || p->iq.ndim < 0 || p->topk.ndim < 0 || p->out.ndim < 0 ||
+      (lse && p->lse.ndim < 0))
+    return m3s_fail(M3S_ERR_SHAPE, v->fn,
+                    "the %s part needs rows [%lld, %lld) of q, iq, topk, out and lse; a tensor "
+                    "is shorter",
+                    part, (long long)row0, (long long)(row0 + rows));
+  return M3S_OK;
+}
+
+m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_step *step,
+                            const m3s_tensor *q, const m3s_tensor *iq,
+                            const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                            const m3s_tensor *index_cache, m3s_tensor *topk, m3s_tensor *out,
+                            m3s_tensor *lse, const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin_cfg("m3s_step_forward", ctx, cfg, &v)))
+    return st;
+  if (!step)
+    return m3s_fail(M3S_ERR_NULL, v.fn, "argument 'step' is NULL");
+  const m3s_batch *parts[2] = {&step->decode, &step->prefill};
+  const char *names[2] = {"decode", "prefill"};
+  int64_t td = step->decode.num_tokens, tp = step->prefill.num_tokens;
+  if (td < 0 || tp < 0)
+    return m3s_fail(M3S_ERR_BATCH, v.fn, "decode.num_tokens (%lld) and prefill.num_tokens "
+                    "(%lld) must be >= 0", (long long)td, (long long)tp);
+  if ((st = m3s_check_tensor(&v, "q", q, 3, M3S_ACT_MASK)) ||
+      (st = m3s_check_dim(&v, "q", q, 0, td + tp, "decode.num_tokens + prefill.num_tokens")) ||
+      (st = m3s_check_tensor(&v, "iq", iq, 3, M3S_ACT_MASK)) ||
+      (st = m3s_check_dim(&v, "iq", iq, 0, td + tp, "decode.num_tokens + prefill.num_tokens")) ||
+      (st = check_topk_shape(&v, "topk", topk, cfg, td + tp, true)) ||
+      (st = check_out_lse(&v, out, lse, td + tp, cfg->num_q_heads, M3S_MASK(q->dtype),
+                          "decode.num_tokens + prefill.num_tokens")))
+    return st;
+  step_part pp[2];
+  for (int i = 0; i < 2; i++) {
+    int64_t row0 = i == 0 ? 0 : td, rows = i == 0 ? td : tp;
+    if ((st = cut_part(&v, names[i], row0, rows, q, iq, topk, out, lse, &pp[i])) ||
+        (st = validate_topk(&v, cfg, parts[i], &pp[i].iq, index_cache, &pp[i].topk)) ||
+        (st = validate_attn(&v, cfg, parts[i], &pp[i].q, kv_cache, scales, &pp[i].topk,
+                            &pp[i].out, lse ? &pp[i].lse : NULL, false)) ||
+        (st = check_workspace(&v, ctx, cfg, parts[i], exec))) {
+      char inner[512];
+      snprintf(inner, sizeof inner, "%s", m3s_last_error());
+      return m3s_fail(st, v.fn, "%s part: %s", names[i], inner);
+    }
+  }
+  if (ctx->device >= 0)
+    return unsupported_cuda(v.fn);
+  for (int i = 0; i < 2; i++) {
+    if (parts[i]->num_tokens == 0)
+      continue;
+    if ((st = m3s_cpu_index_topk(cfg, parts[i], &pp[i].iq, index_cache, &pp[i].topk)) ||
+        (st = m3s_cpu_sparse_attention(cfg, parts[i], &pp[i].q, kv_cache, scales, &pp[i].topk,
+                                       &pp[i].out, lse ? &pp[i].lse : NULL)))
+      return st;
+  }
+  return M3S_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+
+static int64_t host_csr_rows(const m3s_batch *b) {
+  int64_t rows = 0;
+  for (int r = 0; r < b->num_reqs; r++)
+    rows += m3s_ceil_div(m3s_batch_seqlen(b, r), M3S_BLOCK_SIZE);
+  return rows;
+}
+
+m3s_status m3s_k2q_csr_rows(const m3s_context *ctx, const m3s_batch *batch, int64_t *out_rows) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin("m3s_k2q_csr_rows", ctx, NULL, &v)) ||
+      (st = m3s_check_batch(&v, "batch", batch, NO_TABLE, NO_TABLE)))
+    return st;
+  if (!out_rows)
+    return m3s_fail(M3S_ERR_NULL, v.fn, "argument 'out_rows' is NULL");
+  if (ctx->device >= 0)
+    return m3s_fail(M3S_ERR_UNSUPPORTED, v.fn,
+                    "the batch lives on the device; take the row count from the host "
+                    "(m3s_step_plan.csr_rows)");
+  *out_rows = host_csr_rows(batch);
+  return M3S_OK;
+}
+
+static m3s_status check_i32_2d(const m3s_vctx *v, const char *name, const m3s_tensor *t,
+                               int64_t d0, const char *w0, int64_t d1, const char *w1,
+                               bool output) {
+  m3s_status st;
+  if ((st = m3s_check_tensor(v, name, t, 2, M3S_MASK(M3S_I32))) ||
+      (st = m3s_check_dim(v, name, t, 0, d0, w0)) || (st = m3s_check_dim(v, name, t, 1, d1, w1)))
+    return st;
+  return output ? m3s_check_contiguous(v, name, t) : M3S_OK;
+}
+
+m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
+                             const m3s_batch *batch, const m3s_tensor *topk, m3s_tensor *row_ptr,
+                             m3s_tensor *q_indices, m3s_tensor *q_slot, m3s_tensor *q_count,
+                             const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin_cfg("m3s_build_k2q_csr", ctx, cfg, &v)) ||
+      (st = m3s_check_batch(&v, "batch", batch, NO_TABLE, NO_TABLE)) ||
+      (st = check_topk_shape(&v, "topk", topk, cfg, batch->num_tokens, false)))
+    return st;
+  int64_t hkv = cfg->num_kv_heads, tk = (int64_t)batch->num_tokens * cfg->topk;
+  if ((st = m3s_check_tensor(&v, "row_ptr", row_ptr, 2, M3S_MASK(M3S_I32))) ||
+      (st = m3s_check_dim(&v, "row_ptr", row_ptr, 0, hkv, "cfg.num_kv_heads")))
+    return st;
+  if (row_ptr->shape[1] < 1)
+    return m3s_fail(M3S_ERR_SHAPE, v.fn, "argument 'row_ptr': shape[1] must be rows + 1 >= 1");
+  if ((st = check_i32_2d(&v, "row_ptr", row_ptr, hkv, "cfg.num_kv_heads", row_ptr->shape[1],
+                         "rows + 1", true)) ||
+      (st = check_i32_2d(&v, "q_indices", q_indices, hkv, "cfg.num_kv_heads", tk,
+                         "num_tokens * topk", true)) ||
+      (st = check_i32_2d(&v, "q_slot", q_slot, hkv, "cfg.num_kv_heads", tk, "num_tokens * topk",
+                         true)) ||
+      (st = check_i32_2d(&v, "q_count", q_count, batch->num_tokens, "batch.num_tokens", hkv,
+                         "cfg.num_kv_heads", true)) ||
+      (st = m3s_check_exec(&v, exec, 0)))
+    return st;
+  if (tk > INT32_MAX)
+    return m3s_fail(M3S_ERR_SHAPE, v.fn, "num_tokens * topk = %lld exceeds int32 indices",
+                    (long long)tk);
+  if (ctx->device >= 0)
+    return unsupported_cuda(v.fn);
+  int64_t rows = host_csr_rows(batch);
+  if (rows != row_ptr->shape[1] - 1)
+    return m3s_fail(M3S_ERR_SHAPE, v.fn,
+                    "argument 'row_ptr': shape[1] must be rows + 1 = %lld (sum of ceil(seq_len "
+                    "/ 128)), got %lld",
+                    (long long)(rows + 1), (long long)row_ptr->shape[1]);
+  if ((st = check_topk_values(&v, cfg, batch, topk)))
+    return st;
+  return m3s_cpu_build_k2q_csr(cfg, batch, topk, row_ptr, q_indices, q_slot, q_count);
+}
+
+/* Host values of a CSR: monotone row_ptr within T*K; every entry names a query
+ * of the row's own request and a slot < K. */
+static m3s_status check_csr_values(const m3s_vctx *v, const m3s_layer_config *cfg,
+                                   const m3s_batch *b, const m3s_tensor *row_ptr,
+                                   const m3s_tensor *qi, const m3s_tensor *qs) {
+  if (v->device >= 0)
+    return M3S_OK;
+  int64_t rows = row_ptr->shape[1] - 1, cap = qi->shape[1];
+  if (rows != host_csr_rows(b))
+    return m3s_fail(M3S_ERR_SHAPE, v->fn,
+                    "argument 'row_ptr': shape[1] must be rows + 1 = %lld, got %lld",
+                    (long long)(host_csr_rows(b) + 1), (long long)row_ptr->shape[1]);
+  for (int g = 0; g < cfg->num_kv_heads; g++) {
+    const int32_t *rp = (const int32_t *)row_ptr->data + g * row_ptr->stride[0];
+    const int32_t *qq = (const int32_t *)qi->data + g * qi->stride[0];
+    const int32_t *ss = (const int32_t *)qs->data + g * qs->stride[0];
+    if (rp[0] != 0)
+      return m3s_fail(M3S_ERR_RANGE, v->fn, "row_ptr[%d][0] must be 0, got %d", g, rp[0]);
+    int64_t row = 0;
+    for (int r = 0; r < b->num_reqs; r++) {
+      int64_t nbr = m3s_ceil_div(m3s_batch_seqlen(b, r), M3S_BLOCK_SIZE);
+      int64_t lo = m3s_batch_row0(b, r), hi = lo + m3s_batch_qlen(b, r);
+      for (int64_t blk = 0; blk < nbr; blk++, row++) {
+        if (rp[row + 1] < rp[row] || rp[row + 1] > cap)
+          return m3s_fail(M3S_ERR_RANGE, v->fn,
+                          "row_ptr[%d][%lld] = %d must be in [row_ptr[%d][%lld] = %d, %lld]", g,
+                          (long long)(row + 1), rp[row + 1], g, (long long)row, rp[row],
+                          (long long)cap);
+        for (int64_t e = rp[row]; e < rp[row + 1]; e++)
+          if (qq[e] < lo || qq[e] >= hi || ss[e] < 0 || ss[e] >= cfg->topk)
+            return m3s_fail(M3S_ERR_RANGE, v->fn,
+                            "CSR entry [%d][%lld] = (query %d, slot %d): the query must belong "
+                            "to request %d (rows [%lld, %lld)) and the slot be < %d",
+                            g, (long long)e, qq[e], ss[e], r, (long long)lo, (long long)hi,
+                            cfg->topk);
+      }
+    }
+  }
+  return M3S_OK;
+}
+
+m3s_status m3s_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                             const m3s_batch *batch, const m3s_tensor *q,
+                             const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                             const m3s_tensor *row_ptr, const m3s_tensor *q_indices,
+                             const m3s_tensor *q_slot, m3s_tensor *part_out,
+                             m3s_tensor *part_lse, const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin_cfg("m3s_k2q_attention", ctx, cfg, &v)) ||
+      (st = check_kv_cache(&v, cfg, kv_cache, scales)) ||
+      (st = m3s_check_batch(&v, "batch", batch, kv_cache->shape[0], NO_TABLE)))
+    return st;
+  int64_t t = batch->num_tokens, hq = cfg->num_q_heads, hkv = cfg->num_kv_heads, k = cfg->topk;
+  if ((st = m3s_check_tensor(&v, "q", q, 3, M3S_ACT_MASK)) ||
+      (st = m3s_check_dim(&v, "q", q, 0, t, "batch.num_tokens")) ||
+      (st = m3s_check_dim(&v, "q", q, 1, hq, "cfg.num_q_heads")) ||
+      (st = m3s_check_dim(&v, "q", q, 2, M3S_HEAD_DIM, "head_dim")) ||
+      (st = m3s_check_tensor(&v, "row_ptr", row_ptr, 2, M3S_MASK(M3S_I32))) ||
+      (st = m3s_check_dim(&v, "row_ptr", row_ptr, 0, hkv, "cfg.num_kv_heads")) ||
+      (st = check_i32_2d(&v, "q_indices", q_indices, hkv, "cfg.num_kv_heads", t * k,
+                         "num_tokens * topk", false)) ||
+      (st = check_i32_2d(&v, "q_slot", q_slot, hkv, "cfg.num_kv_heads", t * k,
+                         "num_tokens * topk", false)) ||
+      (st = m3s_check_tensor(&v, "part_out", part_out, 4, M3S_MASK(M3S_F32))) ||
+      (st = m3s_check_dim(&v, "part_out", part_out, 0, t, "batch.num_tokens")) ||
+      (st = m3s_check_dim(&v, "part_out", part_out, 1, hq, "cfg.num_q_heads")) ||
+      (st = m3s_check_dim(&v, "part_out", part_out, 2, k, "cfg.topk")) ||
+      (st = m3s_check_dim(&v, "part_out", part_out, 3, M3S_HEAD_DIM, "head_dim")) ||
+      (st = m3s_check_no_self_overlap(&v, "part_out", part_out)) ||
+      (st = m3s_check_tensor(&v, "part_lse", part_lse, 3, M3S_MASK(M3S_F32))) ||
+      (st = m3s_check_dim(&v, "part_lse", part_lse, 0, t, "batch.num_tokens")) ||
+      (st = m3s_check_dim(&v, "part_lse", part_lse, 1, hq, "cfg.num_q_heads")) ||
+      (st = m3s_check_dim(&v, "part_lse", part_lse, 2, k, "cfg.topk")) ||
+      (st = m3s_check_no_self_overlap(&v, "part_lse", part_lse)) ||
+      (st = m3s_check_exec(&v, exec, 0)))
+    return st;
+  if (row_ptr->shape[1] < 1)
+    return m3s_fail(M3S_ERR_SHAPE, v.fn, "argument 'row_ptr': shape[1] must be rows + 1 >= 1");
+  if (ctx->device >= 0)
+    return unsupported_cuda(v.fn);
+  if ((st = check_csr_values(&v, cfg, batch, row_ptr, q_indices, q_slot)))
+    return st;
+  return m3s_cpu_k2q_attention(cfg, batch, q, kv_cache, scales, row_ptr, q_indices, q_slot,
+                               part_out, part_lse);
+}
+
+m3s_status m3s_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
+                                const m3s_tensor *part_out, const m3s_tensor *part_lse,
+                                const m3s_tensor *q_count, m3s_tensor *out, m3s_tensor *lse,
+                                const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin_cfg("m3s_combine_partials", ctx, cfg, &v)) ||
+      (st = m3s_check_tensor(&v, "part_out", part_out, 4, M3S_MASK(M3S_F32))))
+    return st;
+  int64_t t = part_out->shape[0], hq = cfg->num_q_heads, k = cfg->topk;
+  if ((st = m3s_check_dim(&v, "part_out", part_out, 1, hq, "cfg.num_q_heads")) ||
+      (st = m3s_check_dim(&v, "part_out", part_out, 2, k, "cfg.topk")) ||
+      (st = m3s_check_dim(&v, "part_out", part_out, 3, M3S_HEAD_DIM, "head_dim")) ||
+      (st = m3s_check_tensor(&v, "part_lse", part_lse, 3, M3S_MASK(M3S_F32))) ||
+      (st = m3s_check_dim(&v, "part_lse", part_lse, 0, t, "part_out.shape[0] (T)")) ||
+      (st = m3s_check_dim(&v, "part_lse", part_lse, 1, hq, "cfg.num_q_heads")) ||
+      (st = m3s_check_dim(&v, "part_lse", part_lse, 2, k, "cfg.topk")) ||
+      (st = check_i32_2d(&v, "q_count", q_count, t, "part_out.shape[0] (T)", cfg->num_kv_heads,
+                         "cfg.num_kv_heads", false)) ||
+      (st = check_out_lse(&v, out, lse, t, hq, M3S_ACT_MASK, "part_out.shape[0] (T)")) ||
+      (st = m3s_check_exec(&v, exec, 0)))
+    return st;
+  if (ctx->device >= 0)
+    return unsupported_cuda(v.fn);
+  for (int64_t i = 0; i < t; i++)
+    for (int g = 0; g < cfg->num_kv_heads; g++) {
+      int32_t c = ((const int32_t *)q_count->data)[i * q_count->stride[0] + g];
+      if (c < 0 || c > k)
+        return m3s_fail(M3S_ERR_RANGE, v.fn, "q_count[%lld][%d] = %d must be in [0, %lld]",
+                        (long long)i, g, c, (long long)k);
+    }
+  return m3s_cpu_combine_partials(cfg, part_out, part_lse, q_count, out, lse);
+}
+
+/* ------------------------------------------------------------------------ */
+
+static m3s_status check_state(const m3s_vctx *v, const char *on, const char *ln,
+                              const m3s_tensor *o, const m3s_tensor *l, int64_t t, int64_t h) {
+  m3s_status st;
+  unsigned mask = M3S_ACT_MASK | M3S_MASK(M3S_F32);
+  if ((st = m3s_check_tensor(v, on, o, 3, mask)) || (st = m3s_check_dim(v, on, o, 0, t, "T")) ||
+      (st = m3s_check_dim(v, on, o, 1, h, "H")) ||
+      (st = m3s_check_dim(v, on, o, 2, M3S_HEAD_DIM, "head_dim")) ||
+      (st = m3s_check_tensor(v, ln, l, 2, M3S_MASK(M3S_F32))) ||
+      (st = m3s_check_dim(v, ln, l, 0, t, "T")) || (st = m3s_check_dim(v, ln, l, 1, h, "H")))
+    return st;
+  return M3S_OK;
+}
+
+m3s_status m3s_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
+                                 const m3s_tensor *lse_a, const m3s_tensor *out_b,
+                                 const m3s_tensor *lse_b, m3s_tensor *out, m3s_tensor *lse,
+                                 const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin("m3s_merge_attn_states", ctx, NULL, &v)) ||
+      (st = m3s_check_tensor(&v, "out_a", out_a, 3, M3S_ACT_MASK | M3S_MASK(M3S_F32))))
+    return st;
+  int64_t t = out_a->shape[0], h = out_a->shape[1];
+  if ((st = check_state(&v, "out_a", "lse_a", out_a, lse_a, t, h)) ||
+      (st = check_state(&v, "out_b", "lse_b", out_b, lse_b, t, h)) ||
+      (st = check_out_lse(&v, out, lse, t, h, M3S_ACT_MASK | M3S_MASK(M3S_F32), "T")) ||
+      (st = m3s_check_exec(&v, exec, 0)))
+    return st;
+  if (ctx->device >= 0)
+    return unsupported_cuda(v.fn);
+  return m3s_cpu_merge_attn_states(out_a, lse_a, out_b, lse_b, out, lse);
+}
+
+/* ------------------------------------------------------------------------ */
+
+static const char *op_kernel_cpu(m3s_op op) {
+  switch (op) {
+  case M3S_OP_CACHE_INSERT: return "cpu_cache_insert";
+  case M3S_OP_INDEX_INSERT: return "cpu_index_cache_insert";
+  case M3S_OP_INDEX_TOPK: return "cpu_index_topk_streaming";
+  case M3S_OP_ATTENTION_DECODE: return "cpu_sparse_attention_rowwise";
+  case M3S_OP_ATTENTION_PREFILL: return "cpu_sparse_attention_rowwise";
+  case M3S_OP_K2Q: return "cpu_k2q_csr";
+  case M3S_OP_MERGE: return "cpu_merge_attn_states";
+  }
+  return "";
+}
+
+m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg,
+                             const m3s_support_query *query, m3s_support_info *info) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin_cfg("m3s_query_support", ctx, cfg, &v)))
+    return st;
+  if (!query || !info)
+    return m3s_fail(M3S_ERR_NULL, v.fn, "argument '%s' is NULL", query ? "info" : "query");
+  if ((unsigned)query->op > (unsigned)M3S_OP_MERGE ||
+      (unsigned)query->layout > (unsigned)M3S_LAYOUT_STRIDED)
+    return m3s_fail(M3S_ERR_INVALID, v.fn, "query.op (%d) or query.layout (%d) is not an enum value",
+                    (int)query->op, (int)query->layout);
+  memset(info, 0, sizeof *info);
+  const char *why = NULL;
+  if (!(M3S_ACT_MASK & M3S_MASK(query->act_dtype)) || (unsigned)query->act_dtype > M3S_I64)
+    why = "act_dtype must be bf16 or f16";
+  else if (!(M3S_KV_MASK & M3S_MASK(query->kv_dtype)) || (unsigned)query->kv_dtype > M3S_I64)
+    why = "kv_dtype must be bf16, f16, e4m3 or e5m2";
+  else if (!(M3S_IDX_MASK & M3S_MASK(query->index_dtype)) || (unsigned)query->index_dtype > M3S_I64)
+    why = "index_dtype must be bf16 or e4m3";
+  else if (ctx->device >= 0)
+    why = "the CUDA backend does not implement this operation yet";
+  if (why) {
+    snprintf(info->reason, sizeof info->reason, "%s", why);
+    return M3S_OK;
+  }
+  info->supported = 1;
+  snprintf(info->kernel, sizeof info->kernel, "%s", op_kernel_cpu(query->op));
+  return M3S_OK;
+}

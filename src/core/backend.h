@@ -1,0 +1,42 @@
+/* The operations every backend implements. The core has validated every
+ * argument before it calls one of these (shapes, dtypes, strides, devices and,
+ * on the CPU, the values of index tensors), so backends only compute.
+ * Optional tensors (lse) are NULL when absent; scales are NULL for scale 1. */
+#ifndef M3S_BACKEND_H
+#define M3S_BACKEND_H
+
+/* ---- CPU reference backend (src/cpu) ---- */
+m3s_status m3s_cpu_cache_insert(const m3s_tensor *k, const m3s_tensor *v,
+                                const m3s_tensor *slot_mapping, m3s_tensor *kv_cache,
+                                const m3s_kv_scales *scales);
+m3s_status m3s_cpu_index_cache_insert(const m3s_tensor *ik, const m3s_tensor *slot_mapping,
+                                      m3s_tensor *index_cache);
+m3s_status m3s_cpu_index_topk(const m3s_layer_config *cfg, const m3s_batch *batch,
+                              const m3s_tensor *iq, const m3s_tensor *index_cache,
+                              m3s_tensor *topk);
+m3s_status m3s_cpu_sparse_attention(const m3s_layer_config *cfg, const m3s_batch *batch,
+                                    const m3s_tensor *q, const m3s_tensor *kv_cache,
+                                    const m3s_kv_scales *scales, const m3s_tensor *topk,
+                                    m3s_tensor *out, m3s_tensor *lse);
+m3s_status m3s_cpu_build_k2q_csr(const m3s_layer_config *cfg, const m3s_batch *batch,
+                                 const m3s_tensor *topk, m3s_tensor *row_ptr,
+                                 m3s_tensor *q_indices, m3s_tensor *q_slot, m3s_tensor *q_count);
+m3s_status m3s_cpu_k2q_attention(const m3s_layer_config *cfg, const m3s_batch *batch,
+                                 const m3s_tensor *q, const m3s_tensor *kv_cache,
+                                 const m3s_kv_scales *scales, const m3s_tensor *row_ptr,
+                                 const m3s_tensor *q_indices, const m3s_tensor *q_slot,
+                                 m3s_tensor *part_out, m3s_tensor *part_lse);
+m3s_status m3s_cpu_combine_partials(const m3s_layer_config *cfg, const m3s_tensor *part_out,
+                                    const m3s_tensor *part_lse, const m3s_tensor *q_count,
+                                    m3s_tensor *out, m3s_tensor *lse);
+m3s_status m3s_cpu_merge_attn_states(const m3s_tensor *out_a, const m3s_tensor *lse_a,
+                                     const m3s_tensor *out_b, const m3s_tensor *lse_b,
+                                     m3s_tensor *out, m3s_tensor *lse);
+
+/* ---- CUDA backend (src/cuda), only in builds with M3S_WITH_CUDA ---- */
+#ifdef M3S_WITH_CUDA
+m3s_status m3s_cuda_context_init(m3s_context *ctx);
+void m3s_cuda_context_fini(m3s_context *ctx);
+#endif
+
+#endif

@@ -1,0 +1,59 @@
+/* Contexts: one per device, holding all library state (logging settings and
+ * the backend's own state). device < 0 selects the CPU reference backend. */
+#include "internal.h"
+
+#include <stdlib.h>
+
+m3s_status m3s_context_create(int device, m3s_context **out_ctx) {
+  const char *fn = "m3s_context_create";
+  m3s_clear_error();
+  if (!out_ctx)
+    return m3s_fail(M3S_ERR_NULL, fn, "argument 'out_ctx' is NULL");
+#ifndef M3S_WITH_CUDA
+  if (device >= 0)
+    return m3s_fail(M3S_ERR_UNSUPPORTED, fn,
+                    "device %d requested but this build of m3sparse has no CUDA backend "
+                    "(rebuild with the CUDA toolkit present)",
+                    device);
+#endif
+  m3s_context *ctx = (m3s_context *)calloc(1, sizeof *ctx);
+  if (!ctx)
+    return m3s_fail(M3S_ERR_NO_MEMORY, fn, "could not allocate %zu bytes", sizeof *ctx);
+  ctx->device = device < 0 ? M3S_HOST : device;
+#ifdef M3S_WITH_CUDA
+  if (device >= 0) {
+    m3s_status st = m3s_cuda_context_init(ctx);
+    if (st) {
+      free(ctx);
+      return st;
+    }
+  }
+#endif
+  *out_ctx = ctx;
+  return M3S_OK;
+}
+
+void m3s_context_destroy(m3s_context *ctx) {
+  if (!ctx)
+    return;
+#ifdef M3S_WITH_CUDA
+  if (ctx->device >= 0)
+    m3s_cuda_context_fini(ctx);
+#endif
+  free(ctx);
+}
+
+int m3s_context_device(const m3s_context *ctx) { return ctx ? ctx->device : -2; }
+
+m3s_status m3s_context_set_logging(m3s_context *ctx, int level, m3s_log_fn fn, void *user) {
+  const char *name = "m3s_context_set_logging";
+  m3s_clear_error();
+  if (!ctx)
+    return m3s_fail(M3S_ERR_NULL, name, "argument 'ctx' is NULL");
+  if (level < 0 || level > 3)
+    return m3s_fail(M3S_ERR_INVALID, name, "level must be in [0, 3], got %d", level);
+  ctx->log_level = level;
+  ctx->log_fn = fn;
+  ctx->log_user = user;
+  return M3S_OK;
+}

@@ -1,0 +1,122 @@
+/* Helpers of the CPU reference backend: element loads and stores that turn
+ * every supported dtype into fp32 and back, and the fixed-order fp32 dot
+ * product that defines the backend's rounding.
+ *
+ * Assumptions (validated by the core before any backend call): shapes match,
+ * innermost strides are 1, host memory, index values in range. */
+#ifndef M3S_CPU_COMMON_H
+#define M3S_CPU_COMMON_H
+
+#include "../core/internal.h"
+#include "convert.h"
+
+#include <math.h>
+#include <string.h>
+
+#define CPU_D 128
+#define CPU_B 128
+
+/* Converts n contiguous elements of dtype dt at element offset off of base
+ * into fp32 (fp8 values multiplied by scale). */
+static inline void cpu_load_f32(const void *base, m3s_dtype dt, int64_t off, int n, float scale,
+                                float *dst) {
+  switch (dt) {
+  case M3S_BF16: {
+    const uint16_t *p = (const uint16_t *)base + off;
+    for (int i = 0; i < n; i++)
+      dst[i] = m3s_bf16_to_f32_inline(p[i]);
+    break;
+  }
+  case M3S_F16: {
+    const uint16_t *p = (const uint16_t *)base + off;
+    for (int i = 0; i < n; i++)
+      dst[i] = m3s_f16_to_f32(p[i]);
+    break;
+  }
+  case M3S_F32: memcpy(dst, (const float *)base + off, (size_t)n * sizeof(float)); break;
+  case M3S_E4M3: {
+    const uint8_t *p = (const uint8_t *)base + off;
+    const float *lut = m3s_e4m3_table();
+    for (int i = 0; i < n; i++)
+      dst[i] = lut[p[i]] * scale;
+    break;
+  }
+  case M3S_E5M2: {
+    const uint8_t *p = (const uint8_t *)base + off;
+    const float *lut = m3s_e5m2_table();
+    for (int i = 0; i < n; i++)
+      dst[i] = lut[p[i]] * scale;
+    break;
+  }
+  default: memset(dst, 0, (size_t)n * sizeof(float)); break;
+  }
+}
+
+/* Stores n fp32 values as dtype dt (round to nearest even; fp8 saturating,
+ * after division by scale). */
+static inline void cpu_store(void *base, m3s_dtype dt, int64_t off, int n, float scale,
+                             const float *src) {
+  switch (dt) {
+  case M3S_BF16: {
+    uint16_t *p = (uint16_t *)base + off;
+    for (int i = 0; i < n; i++)
+      p[i] = m3s_f32_to_bf16_inline(src[i]);
+    break;
+  }
+  case M3S_F16: {
+    uint16_t *p = (uint16_t *)base + off;
+    for (int i = 0; i < n; i++)
+      p[i] = m3s_f32_to_f16(src[i]);
+    break;
+  }
+  case M3S_F32: memcpy((float *)base + off, src, (size_t)n * sizeof(float)); break;
+  case M3S_E4M3: {
+    uint8_t *p = (uint8_t *)base + off;
+    for (int i = 0; i < n; i++)
+      p[i] = m3s_f32_to_e4m3(src[i] / scale);
+    break;
+  }
+  case M3S_E5M2: {
+    uint8_t *p = (uint8_t *)base + off;
+    for (int i = 0; i < n; i++)
+      p[i] = m3s_f32_to_e5m2(src[i] / scale);
+    break;
+  }
+  default: break;
+  }
+}
+
+/* fp32 dot product of two 128-vectors with a fixed association: eight
+ * interleaved partial sums, then a fixed pairwise tree. The order is part of
+ * the CPU backend's definition of s(t, r, j); it vectorises without
+ * -ffast-math and gives the same bits on every host. */
+static inline float cpu_dot128(const float *a, const float *b) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int i = 0; i < CPU_D; i += 8)
+    for (int l = 0; l < 8; l++)
+      acc[l] += a[i + l] * b[i + l];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* Scale of cache element (head h, slot) for a scale tensor: 1 when absent. */
+static inline float cpu_scale_at(const m3s_tensor *s, int64_t h, int64_t slot) {
+  if (!s || !s->data)
+    return 1.0f;
+  const float *p = (const float *)s->data;
+  if (s->ndim < 2)
+    return p[0];
+  return p[h * s->stride[0] + slot * s->stride[1]];
+}
+
+static inline int64_t cpu_slot_at(const m3s_tensor *slots, int64_t i) {
+  return slots->dtype == M3S_I64 ? ((const int64_t *)slots->data)[i * slots->stride[0]]
+                                 : ((const int32_t *)slots->data)[i * slots->stride[0]];
+}
+
+static inline float cpu_load1(const void *base, m3s_dtype dt, int64_t off) {
+  float f;
+  cpu_load_f32(base, dt, off, 1, 1.0f, &f);
+  return f;
+}
+
+#endif

@@ -1,0 +1,446 @@
+/* Test fixtures and the fp64 reference (see ref.h). */
+#include "ref.h"
+
+#include "cpu/convert.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define B 128
+#define D 128
+
+uint64_t rng_next(uint64_t *s) {
+  /* splitmix64: tiny, good enough for test data, reproducible by seed */
+  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+double rng_uniform(uint64_t *s) { return (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0); }
+
+float rng_normal(uint64_t *s) {
+  double u1 = rng_uniform(s), u2 = rng_uniform(s);
+  if (u1 < 1e-300)
+    u1 = 1e-300;
+  return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+void store_elem(void *base, m3s_dtype dt, int64_t off, float v) {
+  switch (dt) {
+  case M3S_BF16: ((uint16_t *)base)[off] = m3s_f32_to_bf16(v); break;
+  case M3S_F16: ((uint16_t *)base)[off] = m3s_f32_to_f16(v); break;
+  case M3S_F32: ((float *)base)[off] = v; break;
+  case M3S_E4M3: ((uint8_t *)base)[off] = m3s_f32_to_e4m3(v); break;
+  case M3S_E5M2: ((uint8_t *)base)[off] = m3s_f32_to_e5m2(v); break;
+  default: break;
+  }
+}
+
+double load_elem(const void *base, m3s_dtype dt, int64_t off) {
+  switch (dt) {
+  case M3S_BF16: return m3s_bf16_to_f32(((const uint16_t *)base)[off]);
+  case M3S_F16: return m3s_f16_to_f32(((const uint16_t *)base)[off]);
+  case M3S_F32: return ((const float *)base)[off];
+  case M3S_E4M3: return m3s_e4m3_to_f32(((const uint8_t *)base)[off]);
+  case M3S_E5M2: return m3s_e5m2_to_f32(((const uint8_t *)base)[off]);
+  default: return 0.0;
+  }
+}
+
+static void shuffle(int32_t *a, int64_t n, uint64_t *rng) {
+  for (int64_t i = n - 1; i > 0; i--) {
+    int64_t j = (int64_t)(rng_next(rng) % (uint64_t)(i + 1));
+    int32_t t = a[i];
+    a[i] = a[j];
+    a[j] = t;
+  }
+}
+
+static float grid_value(uint64_t *rng) { return (float)((int)(rng_next(rng) % 9) - 4) / 4.0f; }
+
+void fx_init(fixture *f, const fx_spec *sp) {
+  memset(f, 0, sizeof *f);
+  f->sp = *sp;
+  f->cfg = sp->cfg;
+  uint64_t rng = sp->seed ? sp->seed : 1;
+  int R = sp->num_reqs, Hq = f->cfg.num_q_heads, Hkv = f->cfg.num_kv_heads, K = f->cfg.topk;
+  f->qlens = calloc((size_t)R + 1, sizeof(int32_t));
+  f->seqlens = calloc((size_t)R + 1, sizeof(int32_t));
+  f->qsl = calloc((size_t)R + 1, sizeof(int32_t));
+  int64_t need = 0;
+  int max_q = 0;
+  int64_t max_s = 0;
+  f->qsl[0] = sp->qsl_base;
+  for (int r = 0; r < R; r++) {
+    f->qlens[r] = sp->qlens[r];
+    f->seqlens[r] = sp->seqlens[r];
+    f->qsl[r + 1] = f->qsl[r] + f->qlens[r];
+    int64_t pages = (f->seqlens[r] + B - 1) / B;
+    need += pages;
+    f->max_pages = pages > f->max_pages ? (int)pages : f->max_pages;
+    max_q = f->qlens[r] > max_q ? f->qlens[r] : max_q;
+    max_s = f->seqlens[r] > max_s ? f->seqlens[r] : max_s;
+  }
+  f->T = f->qsl[R] - f->qsl[0];
+  f->max_pages += 1;
+  f->num_pages = need + sp->extra_pages + 1;
+  int64_t P = f->num_pages;
+  /* Block tables: distinct random pages per request, separate permutations
+   * for the main and index caches, row stride larger than the row. */
+  int64_t bt_stride = f->max_pages + 3;
+  f->bt = malloc(sizeof(int32_t) * (size_t)(R * bt_stride + 1));
+  f->ibt = malloc(sizeof(int32_t) * (size_t)(R * bt_stride + 1));
+  int32_t *perm = malloc(sizeof(int32_t) * (size_t)P), *iperm = malloc(sizeof(int32_t) * (size_t)P);
+  for (int64_t p = 0; p < P; p++)
+    perm[p] = iperm[p] = (int32_t)p;
+  shuffle(perm, P, &rng);
+  shuffle(iperm, P, &rng);
+  int64_t used = 0;
+  for (int r = 0; r < R; r++) {
+    int64_t pages = (f->seqlens[r] + B - 1) / B;
+    for (int64_t c = 0; c < bt_stride; c++) {
+      f->bt[r * bt_stride + c] = c < pages ? perm[used + c] : -7;
+      f->ibt[r * bt_stride + c] = c < pages ? iperm[used + c] : -7;
+    }
+    used += pages;
+  }
+  free(perm);
+  free(iperm);
+  /* Main cache, every page random. */
+  size_t kv_es = m3s_dtype_size(sp->kv_dtype);
+  int64_t kv_n = P * Hkv * B * 2 * D;
+  f->kv_mem = malloc((size_t)kv_n * kv_es);
+  int64_t shape4[4] = {P, Hkv, B, 2 * D};
+  int64_t st4[4];
+  if (sp->token_major) {
+    st4[0] = (int64_t)B * Hkv * 2 * D, st4[1] = 2 * D, st4[2] = (int64_t)Hkv * 2 * D, st4[3] = 1;
+  } else {
+    st4[0] = (int64_t)Hkv * B * 2 * D, st4[1] = (int64_t)B * 2 * D, st4[2] = 2 * D, st4[3] = 1;
+  }
+  f->kv = m3s_tensor_strided(f->kv_mem, sp->kv_dtype, 4, shape4, st4, M3S_HOST);
+  bool fp8 = sp->kv_dtype == M3S_E4M3 || sp->kv_dtype == M3S_E5M2;
+  int64_t slots = P * B;
+  if (fp8 && sp->scale_mode == 1) {
+    f->ks_mem = malloc(sizeof(float));
+    f->vs_mem = malloc(sizeof(float));
+    f->ks_mem[0] = 0.0625f;
+    f->vs_mem[0] = 0.03125f;
+    f->scales.k_scale = m3s_tensor_make(f->ks_mem, M3S_F32, 0, NULL, M3S_HOST);
+    int64_t one = 1;
+    f->scales.v_scale = m3s_tensor_make(f->vs_mem, M3S_F32, 1, &one, M3S_HOST);
+  } else if (fp8 && sp->scale_mode == 2) {
+    f->ks_mem = malloc(sizeof(float) * (size_t)(Hkv * slots));
+    f->vs_mem = malloc(sizeof(float) * (size_t)(Hkv * slots));
+    for (int64_t i = 0; i < Hkv * slots; i++) {
+      f->ks_mem[i] = (float)(0.02 + 0.1 * rng_uniform(&rng));
+      f->vs_mem[i] = (float)(0.02 + 0.1 * rng_uniform(&rng));
+    }
+    int64_t sh[2] = {Hkv, slots};
+    f->scales.k_scale = m3s_tensor_make(f->ks_mem, M3S_F32, 2, sh, M3S_HOST);
+    f->scales.v_scale = m3s_tensor_make(f->vs_mem, M3S_F32, 2, sh, M3S_HOST);
+  }
+  for (int64_t p = 0; p < P; p++)
+    for (int g = 0; g < Hkv; g++)
+      for (int j = 0; j < B; j++)
+        for (int d = 0; d < 2 * D; d++) {
+          float val = rng_normal(&rng);
+          float scale = 1.0f;
+          if (fp8 && sp->scale_mode) {
+            const float *sm = d < D ? f->ks_mem : f->vs_mem;
+            scale = sp->scale_mode == 1 ? sm[0] : sm[g * slots + p * B + j];
+          }
+          store_elem(f->kv_mem, sp->kv_dtype, p * st4[0] + g * st4[1] + j * st4[2] + d,
+                     val / scale);
+        }
+  /* Index cache. */
+  f->ic_mem = malloc((size_t)(P * B * D) * m3s_dtype_size(sp->idx_dtype));
+  for (int64_t i = 0; i < P * B * D; i++)
+    store_elem(f->ic_mem, sp->idx_dtype, i, sp->grid ? grid_value(&rng) : rng_normal(&rng));
+  int64_t ish[3] = {P, B, D};
+  f->ic = m3s_tensor_make(f->ic_mem, sp->idx_dtype, 3, ish, M3S_HOST);
+  /* Activations and outputs. */
+  int T = f->T;
+  f->q_mem = malloc((size_t)T * Hq * D * 2 + 2);
+  f->iq_mem = malloc((size_t)T * Hkv * D * 2 + 2);
+  f->out_mem = malloc((size_t)T * Hq * D * 2 + 2);
+  f->lse_mem = malloc(sizeof(float) * ((size_t)T * Hq + 1));
+  f->topk_mem = malloc(sizeof(int32_t) * ((size_t)T * Hkv * K + 1));
+  for (int64_t i = 0; i < (int64_t)T * Hq * D; i++)
+    store_elem(f->q_mem, sp->act_dtype, i, rng_normal(&rng));
+  for (int64_t i = 0; i < (int64_t)T * Hkv * D; i++)
+    store_elem(f->iq_mem, sp->act_dtype, i, sp->grid ? grid_value(&rng) : rng_normal(&rng));
+  int64_t qsh[3] = {T, Hq, D}, iqsh[3] = {T, Hkv, D}, lsh[2] = {T, Hq}, tsh[3] = {T, Hkv, K};
+  f->q = m3s_tensor_make(f->q_mem, sp->act_dtype, 3, qsh, M3S_HOST);
+  f->iq = m3s_tensor_make(f->iq_mem, sp->act_dtype, 3, iqsh, M3S_HOST);
+  f->out = m3s_tensor_make(f->out_mem, sp->act_dtype, 3, qsh, M3S_HOST);
+  f->lse = m3s_tensor_make(f->lse_mem, M3S_F32, 2, lsh, M3S_HOST);
+  if (sp->topk_head_major) {
+    int64_t tst[3] = {K, (int64_t)T * K, 1};
+    f->topk = m3s_tensor_strided(f->topk_mem, M3S_I32, 3, tsh, tst, M3S_HOST);
+  } else {
+    f->topk = m3s_tensor_make(f->topk_mem, M3S_I32, 3, tsh, M3S_HOST);
+  }
+  /* Batch. */
+  m3s_batch *b = &f->batch;
+  b->num_reqs = R;
+  b->num_tokens = T;
+  b->uniform_q_len = sp->uniform ? (R ? f->qlens[0] : 1) : 0;
+  b->max_q_len = sp->uniform ? b->uniform_q_len : max_q;
+  b->max_seq_len = max_s;
+  int64_t r1 = R + 1, rr = R, btsh[2] = {R, f->max_pages}, btst[2] = {bt_stride, 1};
+  b->query_start_loc = m3s_tensor_make(f->qsl, M3S_I32, 1, &r1, M3S_HOST);
+  b->seq_lens = m3s_tensor_make(f->seqlens, M3S_I32, 1, &rr, M3S_HOST);
+  b->block_table = m3s_tensor_strided(f->bt, M3S_I32, 2, btsh, btst, M3S_HOST);
+  b->index_block_table = m3s_tensor_strided(f->ibt, M3S_I32, 2, btsh, btst, M3S_HOST);
+}
+
+void fx_free(fixture *f) {
+  free(f->qlens);
+  free(f->seqlens);
+  free(f->qsl);
+  free(f->bt);
+  free(f->ibt);
+  free(f->kv_mem);
+  free(f->ic_mem);
+  free(f->q_mem);
+  free(f->iq_mem);
+  free(f->out_mem);
+  free(f->topk_mem);
+  free(f->ks_mem);
+  free(f->vs_mem);
+  free(f->lse_mem);
+  memset(f, 0, sizeof *f);
+}
+
+void fx_poison(fixture *f) {
+  int64_t no = (int64_t)f->T * f->cfg.num_q_heads * D;
+  for (int64_t i = 0; i < no; i++)
+    ((uint16_t *)f->out_mem)[i] = 0x7FC1; /* NaN in bf16; NaN in f16 too */
+  for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_q_heads; i++)
+    f->lse_mem[i] = NAN;
+  for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_kv_heads * f->cfg.topk; i++)
+    ((int32_t *)f->topk_mem)[i] = 0x7fffffff;
+}
+
+int fx_request_of_row(const fixture *f, int t, int *i_out) {
+  for (int r = 0; r < f->sp.num_reqs; r++) {
+    int lo = f->qsl[r] - f->qsl[0], hi = f->qsl[r + 1] - f->qsl[0];
+    if (t >= lo && t < hi) {
+      *i_out = t - lo;
+      return r;
+    }
+  }
+  *i_out = -1;
+  return -1;
+}
+
+int64_t fx_pos(const fixture *f, int t) {
+  int i, r = fx_request_of_row(f, t, &i);
+  if (r < 0 || f->seqlens[r] == 0)
+    return -1;
+  return (int64_t)f->seqlens[r] - f->qlens[r] + i;
+}
+
+int32_t *fx_topk_at(const fixture *f, int t, int g, int k) {
+  return (int32_t *)f->topk.data + t * f->topk.stride[0] + g * f->topk.stride[1] +
+         k * f->topk.stride[2];
+}
+
+static double ref_index_key(const fixture *f, int r, int64_t p, int d) {
+  int64_t stride = f->batch.index_block_table.stride[0];
+  int32_t page = f->ibt[r * stride + p / B];
+  return load_elem(f->ic_mem, f->sp.idx_dtype, ((int64_t)page * B + p % B) * D + d);
+}
+
+double ref_kv(const fixture *f, int r, int64_t p, int g, int d, int is_v) {
+  int64_t stride = f->batch.block_table.stride[0];
+  int32_t page = f->bt[r * stride + p / B];
+  int64_t slot = (int64_t)page * B + p % B;
+  int64_t off = page * f->kv.stride[0] + g * f->kv.stride[1] + (p % B) * f->kv.stride[2] +
+                (is_v ? D : 0) + d;
+  double v = load_elem(f->kv_mem, f->sp.kv_dtype, off);
+  if ((f->sp.kv_dtype == M3S_E4M3 || f->sp.kv_dtype == M3S_E5M2) && f->sp.scale_mode) {
+    const float *sm = is_v ? f->vs_mem : f->ks_mem;
+    v *= f->sp.scale_mode == 1 ? sm[0] : sm[g * f->num_pages * B + slot];
+  }
+  return v;
+}
+
+typedef struct {
+  double s;
+  int32_t id;
+} cand;
+
+static int cand_cmp(const void *a, const void *b) {
+  const cand *x = a, *y = b;
+  int nx = isnan(x->s), ny = isnan(y->s);
+  if (nx != ny)
+    return nx - ny; /* NaN last */
+  if (!nx && x->s != y->s)
+    return x->s > y->s ? -1 : 1;
+  return (x->id > y->id) - (x->id < y->id);
+}
+
+static int int_cmp(const void *a, const void *b) {
+  int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+  return (x > y) - (x < y);
+}
+
+int ref_select(const fixture *f, int t, int g, int32_t *ids, double *scores_out) {
+  const m3s_layer_config *c = &f->cfg;
+  for (int k = 0; k < c->topk; k++)
+    ids[k] = -1;
+  int i, r = fx_request_of_row(f, t, &i);
+  int64_t pos = fx_pos(f, t);
+  if (pos < 0)
+    return 0;
+  int64_t nb = pos / B + 1;
+  cand *cs = malloc(sizeof(cand) * (size_t)nb);
+  double q[D];
+  for (int d = 0; d < D; d++)
+    q[d] = load_elem(f->iq_mem, f->sp.act_dtype, ((int64_t)t * c->num_kv_heads + g) * D + d);
+  int n = 0, nforced = 0;
+  int32_t forced[M3S_MAX_TOPK * 2];
+  for (int64_t b = 0; b < nb; b++) {
+    double best = NAN;
+    for (int64_t j = b * B; j < (b + 1) * B && j <= pos; j++) {
+      double s = 0;
+      for (int d = 0; d < D; d++)
+        s += q[d] * ref_index_key(f, r, j, d);
+      if (!isnan(s) && (isnan(best) || s > best))
+        best = s;
+    }
+    if (scores_out)
+      scores_out[b] = best;
+    if (b < c->init_blocks || b >= nb - c->local_blocks)
+      forced[nforced++] = (int32_t)b;
+    else
+      cs[n++] = (cand){best, (int32_t)b};
+  }
+  int64_t budget = nb < c->topk ? nb : c->topk;
+  qsort(cs, (size_t)n, sizeof *cs, cand_cmp);
+  int m = 0;
+  for (int k = 0; k < nforced; k++)
+    ids[m++] = forced[k];
+  for (int k = 0; m < budget && k < n; k++)
+    ids[m++] = cs[k].id;
+  qsort(ids, (size_t)m, sizeof *ids, int_cmp);
+  free(cs);
+  return m;
+}
+
+void ref_attention(const fixture *f, int t, int h, const int32_t *sel, int n, int masked,
+                   double *out, double *lse) {
+  const m3s_layer_config *c = &f->cfg;
+  int G = c->num_q_heads / c->num_kv_heads, g = h / G;
+  int i, r = fx_request_of_row(f, t, &i);
+  int64_t pos = fx_pos(f, t);
+  for (int d = 0; d < D; d++)
+    out[d] = 0;
+  *lse = -INFINITY;
+  if (pos < 0)
+    return;
+  double q[D];
+  for (int d = 0; d < D; d++)
+    q[d] = load_elem(f->q_mem, f->sp.act_dtype, ((int64_t)t * c->num_q_heads + h) * D + d);
+  /* Full causal score row over keys 0..pos; keys of unselected blocks masked. */
+  double *s = malloc(sizeof(double) * (size_t)(pos + 1));
+  double mx = -INFINITY;
+  for (int64_t j = 0; j <= pos; j++) {
+    int in = !masked;
+    for (int k = 0; k < n && !in; k++)
+      in = sel[k] >= 0 && sel[k] == j / B;
+    if (!in) {
+      s[j] = -INFINITY;
+      continue;
+    }
+    double dot = 0;
+    for (int d = 0; d < D; d++)
+      dot += q[d] * ref_kv(f, r, j, g, d, 0);
+    s[j] = dot * c->softmax_scale;
+    mx = s[j] > mx ? s[j] : mx;
+  }
+  if (mx == -INFINITY) {
+    free(s);
+    return;
+  }
+  double sum = 0;
+  for (int64_t j = 0; j <= pos; j++) {
+    if (s[j] == -INFINITY)
+      continue;
+    double p = exp(s[j] - mx);
+    sum += p;
+    for (int d = 0; d < D; d++)
+      out[d] += p * ref_kv(f, r, j, g, d, 1);
+  }
+  for (int d = 0; d < D; d++)
+    out[d] /= sum;
+  *lse = mx + log(sum);
+  free(s);
+}
+
+double check_attention_vs_ref(const fixture *f, int masked, const char *name) {
+  const m3s_layer_config *c = &f->cfg;
+  int G = c->num_q_heads / c->num_kv_heads;
+  double err2 = 0, ref2 = 0;
+  int bad_rows = 0, bad_lse = 0, unwritten = 0, bad_pad = 0;
+  char msg[256];
+  for (int t = 0; t < f->T; t++) {
+    int64_t pos = fx_pos(f, t);
+    int64_t nb = pos < 0 ? 0 : pos / B + 1;
+    int kk = (int)(nb < c->topk ? nb : c->topk);
+    for (int h = 0; h < c->num_q_heads; h++) {
+      int32_t sel[M3S_MAX_TOPK];
+      for (int k = 0; k < kk; k++)
+        sel[k] = *fx_topk_at(f, t, h / G, k);
+      double ref[D], rl, e2 = 0, r2 = 0;
+      ref_attention(f, t, h, sel, kk, masked, ref, &rl);
+      for (int d = 0; d < D; d++) {
+        double got = load_elem(f->out_mem, f->sp.act_dtype, ((int64_t)t * c->num_q_heads + h) * D + d);
+        if (isnan(got))
+          unwritten++;
+        e2 += (got - ref[d]) * (got - ref[d]);
+        r2 += ref[d] * ref[d];
+        if (pos < 0 && got != 0.0)
+          bad_pad++;
+      }
+      err2 += e2;
+      ref2 += r2;
+      if (r2 > 0 && sqrt(e2 / r2) > 1e-2)
+        bad_rows++;
+      float gl = f->lse_mem[(int64_t)t * c->num_q_heads + h];
+      if (isinf(rl) ? !(isinf(gl) && gl < 0) : !(fabs(gl - rl) <= 1e-3 * fmax(1.0, fabs(rl))))
+        bad_lse++;
+    }
+  }
+  double rel = ref2 > 0 ? sqrt(err2 / ref2) : sqrt(err2);
+  snprintf(msg, sizeof msg, "%s: rel L2 %.3g, bad rows %d, bad lse %d, unwritten %d, bad pad %d",
+           name, rel, bad_rows, bad_lse, unwritten, bad_pad);
+  CHECK(rel < 1e-2 && bad_rows == 0 && bad_lse == 0 && unwritten == 0 && bad_pad == 0, msg);
+  if (getenv("M3S_TEST_VERBOSE"))
+    printf("  %s\n", msg);
+  return rel;
+}
+
+int check_topk_vs_ref(const fixture *f, const char *name) {
+  int bad = 0;
+  char msg[256] = "";
+  for (int t = 0; t < f->T; t++)
+    for (int g = 0; g < f->cfg.num_kv_heads; g++) {
+      int32_t ids[M3S_MAX_TOPK];
+      ref_select(f, t, g, ids, NULL);
+      for (int k = 0; k < f->cfg.topk; k++)
+        if (*fx_topk_at(f, t, g, k) != ids[k]) {
+          if (!bad)
+            snprintf(msg, sizeof msg, "%s: row %d head %d slot %d: got %d want %d", name, t, g,
+                     k, *fx_topk_at(f, t, g, k), ids[k]);
+          bad++;
+          break;
+        }
+    }
+  CHECK(bad == 0, bad ? msg : name);
+  return bad;
+}

@@ -1,0 +1,85 @@
+/* Test fixtures and the independent fp64 reference of SPEC sections 3-4.
+ *
+ * A fixture owns random caches (every page filled, so stray reads of wrong
+ * pages or future keys change results), shuffled block tables, a batch and
+ * random activations. The reference functions re-derive everything from the
+ * SPEC text with a different code path from the backend: fp64 sums, a full
+ * causal score matrix with the unselected blocks masked, sorting instead of
+ * streaming selection. */
+#ifndef M3S_TEST_REF_H
+#define M3S_TEST_REF_H
+
+#include "m3sparse.h"
+#include "test_util.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef struct {
+  m3s_layer_config cfg;
+  int num_reqs;
+  const int32_t *qlens;   /* [num_reqs] */
+  const int32_t *seqlens; /* [num_reqs]; 0 = padded */
+  int uniform;            /* 1: uniform decode batch (all qlens equal) */
+  m3s_dtype act_dtype;    /* q, iq */
+  m3s_dtype kv_dtype;
+  m3s_dtype idx_dtype;
+  int token_major;        /* main cache physical order [P, 128, Hkv, 256] */
+  int scale_mode;         /* 0 none, 1 scalar, 2 per (head, slot) */
+  int grid;               /* index values on a k/4 grid: fp32 scores exact */
+  int qsl_base;           /* query_start_loc[0] (vLLM slices) */
+  int extra_pages;        /* unused random pages in the caches */
+  int topk_head_major;    /* top-k buffer stored [Hkv, T, K] */
+  uint64_t seed;
+} fx_spec;
+
+typedef struct {
+  fx_spec sp;
+  m3s_layer_config cfg;
+  int T, max_pages;
+  int64_t num_pages;
+  int32_t *qlens, *seqlens, *qsl, *bt, *ibt;
+  void *kv_mem, *ic_mem, *q_mem, *iq_mem, *out_mem, *topk_mem;
+  float *ks_mem, *vs_mem, *lse_mem;
+  m3s_tensor kv, ic, q, iq, out, lse, topk;
+  m3s_kv_scales scales;
+  m3s_batch batch;
+} fixture;
+
+uint64_t rng_next(uint64_t *s);
+double rng_uniform(uint64_t *s); /* [0, 1) */
+float rng_normal(uint64_t *s);
+
+void fx_init(fixture *f, const fx_spec *sp);
+void fx_free(fixture *f);
+/* Fill out/lse/topk with poison (NaN / 0x7fffffff). */
+void fx_poison(fixture *f);
+/* Position of row t (request r and index i inside it); -1 when padded. */
+int fx_request_of_row(const fixture *f, int t, int *i_out);
+int64_t fx_pos(const fixture *f, int t);
+
+/* Store a float into an activation/cache tensor element (bf16/f16/f32/fp8). */
+void store_elem(void *base, m3s_dtype dt, int64_t off, float v);
+double load_elem(const void *base, m3s_dtype dt, int64_t off);
+
+/* fp64 reference selection for row t, head g: ids ascending, then -1.
+ * Returns the number of selected ids. scores_out (may be NULL) gets S(b). */
+int ref_select(const fixture *f, int t, int g, int32_t *ids, double *scores_out);
+/* fp64 reference attention for row t, head h over the blocks listed in sel
+ * (n entries, -1 skipped); masked = 0 ignores sel (plain dense causal). */
+void ref_attention(const fixture *f, int t, int h, const int32_t *sel, int n, int masked,
+                   double *out, double *lse);
+/* Key/value element d of KV head g at position p of request r (dequantised). */
+double ref_kv(const fixture *f, int r, int64_t p, int g, int d, int is_v);
+
+/* Top-k entry (t, g, k) of the fixture's buffer. */
+int32_t *fx_topk_at(const fixture *f, int t, int g, int k);
+
+/* Compare the fixture's out/lse (after m3s_sparse_attention) with the fp64
+ * reference over the fixture's own top-k rows. Counts checks; returns the
+ * global relative L2 error. masked = 0 compares with dense causal attention. */
+double check_attention_vs_ref(const fixture *f, int masked, const char *name);
+/* Compare the fixture's top-k with ref_select, exactly. Returns mismatches. */
+int check_topk_vs_ref(const fixture *f, const char *name);
+
+#endif

@@ -1,0 +1,44 @@
+/* Minimal test harness shared by the C test binaries.
+ *
+ * Every check increments a pass or fail counter; a failing check prints where
+ * it failed. Each binary ends with TEST_FINISH(), which prints the summary line
+ * "N passed, N failed" (read by CTest logs and CI) and returns non-zero when
+ * anything failed. Skips are counted separately and never count as passes. */
+#ifndef M3S_TEST_UTIL_H
+#define M3S_TEST_UTIL_H
+
+#include <stdio.h>
+
+typedef struct {
+  long passed;
+  long failed;
+  long skipped;
+} test_counts;
+
+static test_counts g_tc;
+
+static inline int test_check_(int ok, const char *expr, const char *file, int line,
+                              const char *what) {
+  if (ok) {
+    g_tc.passed++;
+  } else {
+    g_tc.failed++;
+    fprintf(stderr, "FAIL %s:%d: %s%s%s\n", file, line, expr, what ? " -- " : "",
+            what ? what : "");
+  }
+  return ok;
+}
+
+/* CHECK(cond, "context") : counts one check; returns the truth value. */
+#define CHECK(cond, what) test_check_(!!(cond), #cond, __FILE__, __LINE__, (what))
+
+static inline int test_finish_(void) {
+  if (g_tc.skipped)
+    printf("%ld passed, %ld failed, %ld skipped\n", g_tc.passed, g_tc.failed, g_tc.skipped);
+  else
+    printf("%ld passed, %ld failed\n", g_tc.passed, g_tc.failed);
+  return g_tc.failed ? 1 : 0;
+}
+#define TEST_FINISH() test_finish_()
+
+#endif
