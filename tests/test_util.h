@@ -15,7 +15,9 @@ typedef struct {
   long skipped;
 } test_counts;
 
-static test_counts g_tc;
+/* One counter per program even when several files of a test include this
+ * header (weak: the linker keeps a single definition). */
+__attribute__((weak)) test_counts g_tc;
 
 static inline int test_check_(int ok, const char *expr, const char *file, int line,
                               const char *what) {
