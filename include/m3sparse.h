@@ -188,6 +188,8 @@ typedef struct m3s_exec {
  *   - uniform decode (q_len = 1 + num_spec_tokens): uniform_q_len = q_len.
  *   - ragged decode / prefill / chunked prefill: query_start_loc (vLLM's
  *     query_start_loc or a slice of it: query_start_loc[0] need not be 0).
+ *   - a batch with num_reqs == 0 and num_tokens == 0 is empty and needs no
+ *     tensors (the decode or prefill part of a step that has none).
  *   - seq_lens[r] == 0 marks a padded request (CUDA-graph filler): its rows get
  *     output 0, lse -inf and top-k rows of -1. Otherwise seq_lens[r] >= n_r.
  *   - block_table[r][p] is the physical page of request r's logical page p of
@@ -236,7 +238,11 @@ typedef struct m3s_step_desc {
  * The decode part is uniform with q_len = query_lens[0] (a decode request with
  * query length 0 must be padded, seq_len 0, and still owns q_len rows, so
  * num_decode_tokens = num_decodes * decode_q_len). If query_lens[0] == 0 every
- * leading zero-length request is a padded decode with q_len 1 + num_spec_tokens. */
+ * leading zero-length request is a padded decode with q_len 1 + num_spec_tokens;
+ * with no decodes, decode_q_len is 1 + num_spec_tokens.
+ * Note: vLLM tests "first length > threshold" before "all equal", and so does
+ * this library: a batch of equal-length prompts is all prefill (SPEC section
+ * 5 lists the two tests in the other order). */
 typedef struct m3s_step_plan {
   int num_decodes;
   int num_prefills;

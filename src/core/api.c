@@ -331,7 +331,9 @@ m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg, const
                             &pp[i].out, lse ? &pp[i].lse : NULL, false)) ||
         (st = check_workspace(&v, ctx, cfg, parts[i], exec))) {
       char inner[512];
-      snprintf(inner, sizeof inner, "%s", m3s_last_error());
+      const char *msg = m3s_last_error();
+      size_t skip = strlen(v.fn) + 2; /* the inner text starts with "fn: " */
+      snprintf(inner, sizeof inner, "%s", strncmp(msg, v.fn, strlen(v.fn)) == 0 ? msg + skip : msg);
       return m3s_fail(st, v.fn, "%s part: %s", names[i], inner);
     }
   }

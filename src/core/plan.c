@@ -66,11 +66,8 @@ m3s_status m3s_plan_step(const m3s_context *ctx, const m3s_layer_config *cfg,
   p.num_decodes = count_decodes(desc);
   p.num_prefills = desc->num_reqs - p.num_decodes;
   int32_t first = desc->num_reqs ? desc->query_lens[0] : 0;
-  p.decode_q_len = first > 0 ? first : 1 + desc->num_spec_tokens;
+  p.decode_q_len = p.num_decodes > 0 && first > 0 ? first : 1 + desc->num_spec_tokens;
   for (int r = 0; r < p.num_decodes; r++) {
-    if (desc->query_lens[r] == 0 && desc->seq_lens[r] != 0)
-      return m3s_fail(M3S_ERR_BATCH, fn, "decode request %d has no tokens but seq_len %d", r,
-                      desc->seq_lens[r]);
     if (desc->seq_lens[r] > p.max_seq_len)
       p.max_seq_len = desc->seq_lens[r];
   }

@@ -264,6 +264,9 @@ m3s_status m3s_check_batch(const m3s_vctx *v, const char *name, const m3s_batch 
                     "max_seq_len (%lld) must be >= 0",
                     name, b->num_reqs, b->num_tokens, b->uniform_q_len, b->max_q_len,
                     (long long)b->max_seq_len);
+  /* An empty part (e.g. no decode requests this step) needs no tensors. */
+  if (b->num_reqs == 0 && b->num_tokens == 0)
+    return M3S_OK;
   if (b->max_seq_len > ((int64_t)1 << 30))
     return m3s_fail(M3S_ERR_BATCH, v->fn, "%s.max_seq_len = %lld exceeds 2^30 tokens", name,
                     (long long)b->max_seq_len);
