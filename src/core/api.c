@@ -9,10 +9,11 @@
 
 #define NO_TABLE (-2)  /* m3s_check_batch: this block table is not used */
 
+#ifndef M3S_WITH_CUDA
 static m3s_status unsupported_cuda(const char *fn) {
-  return m3s_fail(M3S_ERR_UNSUPPORTED, fn,
-                  "this operation is not implemented on CUDA contexts yet (use a CPU context)");
+  return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "this build of m3sparse has no CUDA backend");
 }
+#endif
 
 static m3s_status begin(const char *fn, const m3s_context *ctx, const m3s_layer_config *cfg,
                         m3s_vctx *v) {
@@ -97,7 +98,11 @@ m3s_status m3s_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_ten
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
   if (ctx->device >= 0)
+#ifdef M3S_WITH_CUDA
+    return m3s_cuda_cache_insert(ctx, k, v_, slot_mapping, kv_cache, scales, exec);
+#else
     return unsupported_cuda(v.fn);
+#endif
   return m3s_cpu_cache_insert(k, v_, slot_mapping, kv_cache, scales);
 }
 
@@ -126,7 +131,11 @@ m3s_status m3s_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
   if (ctx->device >= 0)
+#ifdef M3S_WITH_CUDA
+    return m3s_cuda_index_cache_insert(ctx, ik, slot_mapping, index_cache, exec);
+#else
     return unsupported_cuda(v.fn);
+#endif
   return m3s_cpu_index_cache_insert(ik, slot_mapping, index_cache);
 }
 
@@ -168,7 +177,11 @@ m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg, const m
       (st = check_workspace(&v, ctx, cfg, batch, exec)))
     return st;
   if (ctx->device >= 0)
+#ifdef M3S_WITH_CUDA
+    return m3s_cuda_index_topk(ctx, cfg, batch, iq, index_cache, topk, exec);
+#else
     return unsupported_cuda(v.fn);
+#endif
   return m3s_cpu_index_topk(cfg, batch, iq, index_cache, topk);
 }
 
@@ -269,7 +282,11 @@ m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
       (st = check_workspace(&v, ctx, cfg, batch, exec)))
     return st;
   if (ctx->device >= 0)
+#ifdef M3S_WITH_CUDA
+    return m3s_cuda_sparse_attention(ctx, cfg, batch, q, kv_cache, scales, topk, out, lse, exec);
+#else
     return unsupported_cuda(v.fn);
+#endif
   return m3s_cpu_sparse_attention(cfg, batch, q, kv_cache, scales, topk, out, lse);
 }
 
@@ -337,11 +354,24 @@ m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg, const
       return m3s_fail(st, v.fn, "%s part: %s", names[i], inner);
     }
   }
-  if (ctx->device >= 0)
-    return unsupported_cuda(v.fn);
+  /* The parts run one after the other on the same stream, so they share the
+   * workspace. */
   for (int i = 0; i < 2; i++) {
     if (parts[i]->num_tokens == 0)
       continue;
+    if (ctx->device >= 0) {
+#ifdef M3S_WITH_CUDA
+      if ((st = m3s_cuda_index_topk(ctx, cfg, parts[i], &pp[i].iq, index_cache, &pp[i].topk,
+                                    exec)) ||
+          (st = m3s_cuda_sparse_attention(ctx, cfg, parts[i], &pp[i].q, kv_cache, scales,
+                                          &pp[i].topk, &pp[i].out, lse ? &pp[i].lse : NULL,
+                                          exec)))
+        return st;
+      continue;
+#else
+      return unsupported_cuda(v.fn);
+#endif
+    }
     if ((st = m3s_cpu_index_topk(cfg, parts[i], &pp[i].iq, index_cache, &pp[i].topk)) ||
         (st = m3s_cpu_sparse_attention(cfg, parts[i], &pp[i].q, kv_cache, scales, &pp[i].topk,
                                        &pp[i].out, lse ? &pp[i].lse : NULL)))
@@ -415,7 +445,11 @@ m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
     return m3s_fail(M3S_ERR_SHAPE, v.fn, "num_tokens * topk = %lld exceeds int32 indices",
                     (long long)tk);
   if (ctx->device >= 0)
+#ifdef M3S_WITH_CUDA
+    return m3s_cuda_build_k2q_csr(ctx, cfg, batch, topk, row_ptr, q_indices, q_slot, q_count, exec);
+#else
     return unsupported_cuda(v.fn);
+#endif
   int64_t rows = host_csr_rows(batch);
   if (rows != row_ptr->shape[1] - 1)
     return m3s_fail(M3S_ERR_SHAPE, v.fn,
@@ -507,7 +541,12 @@ m3s_status m3s_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
   if (row_ptr->shape[1] < 1)
     return m3s_fail(M3S_ERR_SHAPE, v.fn, "argument 'row_ptr': shape[1] must be rows + 1 >= 1");
   if (ctx->device >= 0)
+#ifdef M3S_WITH_CUDA
+    return m3s_cuda_k2q_attention(ctx, cfg, batch, q, kv_cache, scales, row_ptr, q_indices, q_slot,
+                                  part_out, part_lse, exec);
+#else
     return unsupported_cuda(v.fn);
+#endif
   if ((st = check_csr_values(&v, cfg, batch, row_ptr, q_indices, q_slot)))
     return st;
   return m3s_cpu_k2q_attention(cfg, batch, q, kv_cache, scales, row_ptr, q_indices, q_slot,
@@ -537,7 +576,11 @@ m3s_status m3s_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
   if (ctx->device >= 0)
+#ifdef M3S_WITH_CUDA
+    return m3s_cuda_combine_partials(ctx, cfg, part_out, part_lse, q_count, out, lse, exec);
+#else
     return unsupported_cuda(v.fn);
+#endif
   for (int64_t i = 0; i < t; i++)
     for (int g = 0; g < cfg->num_kv_heads; g++) {
       int32_t c = ((const int32_t *)q_count->data)[i * q_count->stride[0] + g];
@@ -579,7 +622,11 @@ m3s_status m3s_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
   if (ctx->device >= 0)
+#ifdef M3S_WITH_CUDA
+    return m3s_cuda_merge_attn_states(ctx, out_a, lse_a, out_b, lse_b, out, lse, exec);
+#else
     return unsupported_cuda(v.fn);
+#endif
   return m3s_cpu_merge_attn_states(out_a, lse_a, out_b, lse_b, out, lse);
 }
 

@@ -339,5 +339,7 @@ m3s_status m3s_check_exec(const m3s_vctx *v, const m3s_exec *e, size_t need) {
     return m3s_fail(M3S_ERR_WORKSPACE, v->fn,
                     "workspace of %zu bytes is needed, got %zu bytes at %p", need, have,
                     e ? e->workspace : NULL);
+  if (v->device >= 0 && ((uintptr_t)e->workspace & 255u) != 0)
+    return m3s_fail(M3S_ERR_LAYOUT, v->fn, "workspace %p must be 256-byte aligned", e->workspace);
   return M3S_OK;
 }

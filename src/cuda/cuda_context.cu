@@ -43,3 +43,8 @@ extern "C" void m3s_cuda_context_fini(m3s_context *ctx) {
   free(ctx->backend_state);
   ctx->backend_state = NULL;
 }
+
+extern "C" int m3s_cuda_num_sms(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st ? st->num_sms : 132;
+}

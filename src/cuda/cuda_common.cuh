@@ -1,0 +1,221 @@
+/* Device helpers shared by the CUDA kernels of m3sparse.
+ *
+ *  - m3s_cuda_batch: the raw pointers and strides of an m3s_batch, passed to
+ *    kernels by value; row -> (request, index, position) lookups read the
+ *    device-side query_start_loc / seq_lens (graph-safe: nothing host-side
+ *    depends on their values).
+ *  - Guards: the CUDA backend cannot validate device data without a host
+ *    read, so kernels treat bad values conservatively and never read out of
+ *    bounds: a request whose seq_len is outside [n_r, max_seq_len] (and not 0)
+ *    is handled as padded; a page id outside [0, num_pages) contributes no
+ *    keys; top-k entries outside [0, nb) are skipped; slots outside the cache
+ *    are skipped.
+ *  - dot128_fixed: the fp32 dot product in exactly the CPU backend's order
+ *    (src/cpu/cpu_common.h, cpu_dot128): eight interleaved partial sums, then a
+ *    fixed tree, with __fmul_rn/__fadd_rn so nvcc cannot contract to FMA. Index
+ *    scores are therefore bit-identical to the CPU backend, and so is the
+ *    top-k selection, for every input. */
+#ifndef M3S_CUDA_COMMON_CUH
+#define M3S_CUDA_COMMON_CUH
+
+#include "../core/internal.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#define M3S_D 128
+#define M3S_B 128
+
+typedef struct {
+  int num_reqs;
+  int num_tokens;
+  int uniform_q_len;           /* > 0: uniform rows */
+  int max_q_len;
+  int64_t max_seq_len;
+  const int32_t *qsl;          /* may be NULL when uniform */
+  int64_t qsl_stride;
+  const int32_t *seq_lens;
+  int64_t seq_stride;
+  const int32_t *bt;           /* main block table */
+  int64_t bt_s0, bt_s1, bt_cols;
+  const int32_t *ibt;          /* index block table */
+  int64_t ibt_s0, ibt_s1, ibt_cols;
+} m3s_cuda_batch;
+
+/* Host: fills the device-side view of a validated batch. */
+static inline m3s_cuda_batch m3s_cuda_batch_of(const m3s_batch *b) {
+  m3s_cuda_batch c;
+  c.num_reqs = b->num_reqs;
+  c.num_tokens = b->num_tokens;
+  c.uniform_q_len = b->uniform_q_len;
+  c.max_q_len = b->max_q_len;
+  c.max_seq_len = b->max_seq_len;
+  c.qsl = b->uniform_q_len > 0 ? NULL : (const int32_t *)b->query_start_loc.data;
+  c.qsl_stride = b->uniform_q_len > 0 ? 0 : b->query_start_loc.stride[0];
+  c.seq_lens = (const int32_t *)b->seq_lens.data;
+  c.seq_stride = b->num_reqs ? b->seq_lens.stride[0] : 0;
+  c.bt = b->block_table.ndim == 2 ? (const int32_t *)b->block_table.data : NULL;
+  c.bt_s0 = c.bt ? b->block_table.stride[0] : 0;
+  c.bt_s1 = c.bt ? b->block_table.stride[1] : 0;
+  c.bt_cols = c.bt ? b->block_table.shape[1] : 0;
+  c.ibt = b->index_block_table.ndim == 2 ? (const int32_t *)b->index_block_table.data : NULL;
+  c.ibt_s0 = c.ibt ? b->index_block_table.stride[0] : 0;
+  c.ibt_s1 = c.ibt ? b->index_block_table.stride[1] : 0;
+  c.ibt_cols = c.ibt ? b->index_block_table.shape[1] : 0;
+  return c;
+}
+
+/* Where row t of the batch belongs. valid == 0 for padded requests, rows
+ * outside any request, or requests with inconsistent lengths. */
+typedef struct {
+  int r;          /* request */
+  int64_t i;      /* index inside the request */
+  int64_t n;      /* query tokens of the request */
+  int64_t pos;    /* absolute position */
+  int64_t seq;    /* seq_len */
+  int valid;
+} m3s_row_info;
+
+__device__ __forceinline__ m3s_row_info m3s_row_lookup(const m3s_cuda_batch &b, int64_t t) {
+  m3s_row_info ri;
+  ri.valid = 0;
+  ri.r = -1;
+  ri.i = ri.n = ri.pos = ri.seq = 0;
+  if (t < 0 || t >= b.num_tokens || b.num_reqs <= 0)
+    return ri;
+  if (b.uniform_q_len > 0) {
+    ri.r = (int)(t / b.uniform_q_len);
+    ri.i = t % b.uniform_q_len;
+    ri.n = b.uniform_q_len;
+    if (ri.r >= b.num_reqs)
+      return ri;
+  } else {
+    int32_t base = b.qsl[0];
+    int lo = 0, hi = b.num_reqs - 1;
+    /* largest r with qsl[r] - base <= t */
+    while (lo < hi) {
+      int mid = (lo + hi + 1) >> 1;
+      if ((int64_t)b.qsl[mid * b.qsl_stride] - base <= t)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    ri.r = lo;
+    int64_t start = (int64_t)b.qsl[lo * b.qsl_stride] - base;
+    ri.n = (int64_t)b.qsl[(lo + 1) * b.qsl_stride] - b.qsl[lo * b.qsl_stride];
+    ri.i = t - start;
+    if (ri.i < 0 || ri.i >= ri.n)
+      return ri;
+  }
+  ri.seq = b.seq_lens[ri.r * b.seq_stride];
+  if (ri.seq <= 0 || ri.seq < ri.n || ri.seq > b.max_seq_len)
+    return ri;
+  ri.pos = ri.seq - ri.n + ri.i;
+  ri.valid = 1;
+  return ri;
+}
+
+/* Physical page of logical page p of request r, or -1 when out of range. */
+__device__ __forceinline__ int64_t m3s_page(const int32_t *tab, int64_t s0, int64_t s1,
+                                            int64_t cols, int r, int64_t p, int64_t num_pages) {
+  if (!tab || p < 0 || p >= cols)
+    return -1;
+  int64_t page = tab[r * s0 + p * s1];
+  return (page >= 0 && page < num_pages) ? page : -1;
+}
+
+__device__ __forceinline__ float m3s_ld(const void *base, m3s_dtype dt, int64_t off) {
+  switch (dt) {
+  case M3S_BF16: return __bfloat162float(((const __nv_bfloat16 *)base)[off]);
+  case M3S_F16: return __half2float(((const __half *)base)[off]);
+  case M3S_F32: return ((const float *)base)[off];
+  case M3S_E4M3: {
+    __nv_fp8_e4m3 v;
+    v.__x = ((const __nv_fp8_storage_t *)base)[off];
+    return (float)v;
+  }
+  case M3S_E5M2: {
+    __nv_fp8_e5m2 v;
+    v.__x = ((const __nv_fp8_storage_t *)base)[off];
+    return (float)v;
+  }
+  default: return 0.0f;
+  }
+}
+
+/* Round-to-nearest-even store; fp8 saturating (value already divided by the
+ * scale by the caller). */
+__device__ __forceinline__ void m3s_st(void *base, m3s_dtype dt, int64_t off, float v) {
+  switch (dt) {
+  case M3S_BF16: ((__nv_bfloat16 *)base)[off] = __float2bfloat16_rn(v); break;
+  case M3S_F16: ((__half *)base)[off] = __float2half_rn(v); break;
+  case M3S_F32: ((float *)base)[off] = v; break;
+  case M3S_E4M3:
+    ((__nv_fp8_storage_t *)base)[off] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+    break;
+  case M3S_E5M2:
+    ((__nv_fp8_storage_t *)base)[off] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2);
+    break;
+  default: break;
+  }
+}
+
+/* The CPU backend's dot product, bit for bit (see the file comment). */
+__device__ __forceinline__ float m3s_dot128_fixed(const float *a, const float *b) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < M3S_D; i += 8)
+#pragma unroll
+    for (int l = 0; l < 8; l++)
+      acc[l] = __fadd_rn(acc[l], __fmul_rn(a[i + l], b[i + l]));
+  return __fadd_rn(__fadd_rn(__fadd_rn(acc[0], acc[4]), __fadd_rn(acc[1], acc[5])),
+                   __fadd_rn(__fadd_rn(acc[2], acc[6]), __fadd_rn(acc[3], acc[7])));
+}
+
+/* fp8 scale of (head h, slot) or 1 when absent; scalar when per_slot == 0. */
+typedef struct {
+  const float *k, *v;
+  int64_t k_s0, k_s1, v_s0, v_s1;
+  int k_per_slot, v_per_slot;
+} m3s_cuda_scales;
+
+static inline m3s_cuda_scales m3s_cuda_scales_of(const m3s_kv_scales *s, m3s_dtype kv_dtype) {
+  m3s_cuda_scales c = {NULL, NULL, 0, 0, 0, 0, 0, 0};
+  if (!s || (kv_dtype != M3S_E4M3 && kv_dtype != M3S_E5M2))
+    return c;
+  c.k = (const float *)s->k_scale.data;
+  c.v = (const float *)s->v_scale.data;
+  c.k_per_slot = s->k_scale.ndim == 2;
+  c.v_per_slot = s->v_scale.ndim == 2;
+  if (c.k_per_slot)
+    c.k_s0 = s->k_scale.stride[0], c.k_s1 = s->k_scale.stride[1];
+  if (c.v_per_slot)
+    c.v_s0 = s->v_scale.stride[0], c.v_s1 = s->v_scale.stride[1];
+  return c;
+}
+
+__device__ __forceinline__ float m3s_scale_k(const m3s_cuda_scales &s, int64_t h, int64_t slot) {
+  if (!s.k)
+    return 1.0f;
+  return s.k_per_slot ? s.k[h * s.k_s0 + slot * s.k_s1] : s.k[0];
+}
+
+__device__ __forceinline__ float m3s_scale_v(const m3s_cuda_scales &s, int64_t h, int64_t slot) {
+  if (!s.v)
+    return 1.0f;
+  return s.v_per_slot ? s.v[h * s.v_s0 + slot * s.v_s1] : s.v[0];
+}
+
+/* Host: turns the last launch error into a status. */
+static inline m3s_status m3s_cuda_check_launch(const char *fn, const char *kernel) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return m3s_fail(M3S_ERR_CUDA, fn, "launch of %s failed: %s", kernel, cudaGetErrorString(err));
+  return M3S_OK;
+}
+
+#endif

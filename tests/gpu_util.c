@@ -1,0 +1,177 @@
+/* GPU test support (see gpu_util.h). */
+#include "gpu_util.h"
+
+#include <cuda_runtime_api.h>
+#include <stdio.h>
+#include <string.h>
+
+void *gpu_dup(const void *host, size_t n) {
+  void *d = NULL;
+  if (cudaMalloc(&d, n ? n : 1) != cudaSuccess)
+    return NULL;
+  if (host && n && cudaMemcpy(d, host, n, cudaMemcpyHostToDevice) != cudaSuccess) {
+    cudaFree(d);
+    return NULL;
+  }
+  return d;
+}
+
+int gpu_get(void *host, const void *dev, size_t n) {
+  return cudaMemcpy(host, dev, n, cudaMemcpyDeviceToHost) == cudaSuccess;
+}
+
+int gpu_put(void *dev, const void *host, size_t n) {
+  return cudaMemcpy(dev, host, n, cudaMemcpyHostToDevice) == cudaSuccess;
+}
+
+void gpu_free(void *p) {
+  if (p)
+    cudaFree(p);
+}
+
+int gpu_sync(void) {
+  cudaError_t e = cudaDeviceSynchronize();
+  if (e != cudaSuccess)
+    fprintf(stderr, "cudaDeviceSynchronize: %s\n", cudaGetErrorString(e));
+  return e == cudaSuccess;
+}
+
+m3s_context *gpu_context_or_null(void) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0)
+    return NULL;
+  m3s_context *ctx = NULL;
+  if (m3s_context_create(0, &ctx) != M3S_OK) {
+    fprintf(stderr, "m3s_context_create(0): %s\n", m3s_last_error());
+    return NULL;
+  }
+  return ctx;
+}
+
+int gpu_skip(const char *test_name, const char *why) {
+  printf("%s: skipped (%s)\n", test_name, why);
+  printf("0 passed, 0 failed, 1 skipped\n");
+  return GPU_SKIP;
+}
+
+/* Sizes of the fixture's buffers, in bytes. */
+static size_t kv_bytes(const fixture *f) {
+  return (size_t)(f->num_pages * f->cfg.num_kv_heads * 128 * 256) *
+         m3s_dtype_size(f->sp.kv_dtype);
+}
+static size_t ic_bytes(const fixture *f) {
+  return (size_t)(f->num_pages * 128 * 128) * m3s_dtype_size(f->sp.idx_dtype);
+}
+static size_t q_bytes(const fixture *f) { return (size_t)f->T * f->cfg.num_q_heads * 128 * 2 + 2; }
+static size_t iq_bytes(const fixture *f) {
+  return (size_t)f->T * f->cfg.num_kv_heads * 128 * 2 + 2;
+}
+static size_t lse_bytes(const fixture *f) { return sizeof(float) * ((size_t)f->T * f->cfg.num_q_heads + 1); }
+static size_t topk_bytes(const fixture *f) {
+  return sizeof(int32_t) * ((size_t)f->T * f->cfg.num_kv_heads * f->cfg.topk + 1);
+}
+static size_t table_bytes(const fixture *f) {
+  return sizeof(int32_t) * (size_t)(f->sp.num_reqs * f->batch.block_table.stride[0] + 1);
+}
+static size_t scale_bytes(const fixture *f) {
+  if (!f->ks_mem)
+    return 0;
+  return f->sp.scale_mode == 1 ? sizeof(float)
+                               : sizeof(float) * (size_t)(f->cfg.num_kv_heads * f->num_pages * 128);
+}
+
+static m3s_tensor on_device(m3s_tensor t, void *data) {
+  t.data = data;
+  t.device = 0;
+  return t;
+}
+
+int gpu_fx_upload(gpu_fx *g, const fixture *f, m3s_context *ctx) {
+  memset(g, 0, sizeof *g);
+  g->kv = gpu_dup(f->kv_mem, kv_bytes(f));
+  g->ic = gpu_dup(f->ic_mem, ic_bytes(f));
+  g->q = gpu_dup(f->q_mem, q_bytes(f));
+  g->iq = gpu_dup(f->iq_mem, iq_bytes(f));
+  g->out = gpu_dup(NULL, q_bytes(f));
+  g->lse = gpu_dup(NULL, lse_bytes(f));
+  g->topk = gpu_dup(NULL, topk_bytes(f));
+  g->qsl = gpu_dup(f->qsl, sizeof(int32_t) * (size_t)(f->sp.num_reqs + 1));
+  g->seq = gpu_dup(f->seqlens, sizeof(int32_t) * (size_t)(f->sp.num_reqs + 1));
+  g->bt = gpu_dup(f->bt, table_bytes(f));
+  g->ibt = gpu_dup(f->ibt, table_bytes(f));
+  if (f->ks_mem) {
+    g->ks = gpu_dup(f->ks_mem, scale_bytes(f));
+    g->vs = gpu_dup(f->vs_mem, scale_bytes(f));
+  }
+  if (!g->kv || !g->ic || !g->q || !g->iq || !g->out || !g->lse || !g->topk || !g->qsl ||
+      !g->seq || !g->bt || !g->ibt || (f->ks_mem && (!g->ks || !g->vs)))
+    return 0;
+  g->kv_t = on_device(f->kv, g->kv);
+  g->ic_t = on_device(f->ic, g->ic);
+  g->q_t = on_device(f->q, g->q);
+  g->iq_t = on_device(f->iq, g->iq);
+  g->out_t = on_device(f->out, g->out);
+  g->lse_t = on_device(f->lse, g->lse);
+  g->topk_t = on_device(f->topk, g->topk);
+  g->scales = f->scales;
+  if (f->ks_mem) {
+    g->scales.k_scale = on_device(f->scales.k_scale, g->ks);
+    g->scales.v_scale = on_device(f->scales.v_scale, g->vs);
+  }
+  g->batch = f->batch;
+  g->batch.query_start_loc = on_device(f->batch.query_start_loc, g->qsl);
+  g->batch.seq_lens = on_device(f->batch.seq_lens, g->seq);
+  g->batch.block_table = on_device(f->batch.block_table, g->bt);
+  g->batch.index_block_table = on_device(f->batch.index_block_table, g->ibt);
+  if (m3s_workspace_size(ctx, &f->cfg, f->T, f->batch.max_seq_len, &g->ws_bytes) != M3S_OK)
+    return 0;
+  if (g->ws_bytes && !(g->ws = gpu_dup(NULL, g->ws_bytes)))
+    return 0;
+  g->exec.workspace = g->ws;
+  g->exec.workspace_bytes = g->ws_bytes;
+  g->exec.stream = NULL;
+  return 1;
+}
+
+int gpu_fx_reupload_inputs(gpu_fx *g, const fixture *f) {
+  return gpu_put(g->kv, f->kv_mem, kv_bytes(f)) && gpu_put(g->ic, f->ic_mem, ic_bytes(f)) &&
+         gpu_put(g->q, f->q_mem, q_bytes(f)) && gpu_put(g->iq, f->iq_mem, iq_bytes(f)) &&
+         gpu_put(g->qsl, f->qsl, sizeof(int32_t) * (size_t)(f->sp.num_reqs + 1)) &&
+         gpu_put(g->seq, f->seqlens, sizeof(int32_t) * (size_t)(f->sp.num_reqs + 1)) &&
+         gpu_put(g->bt, f->bt, table_bytes(f)) && gpu_put(g->ibt, f->ibt, table_bytes(f)) &&
+         (!f->ks_mem || (gpu_put(g->ks, f->ks_mem, scale_bytes(f)) &&
+                         gpu_put(g->vs, f->vs_mem, scale_bytes(f))));
+}
+
+int gpu_fx_poison(gpu_fx *g, fixture *f) {
+  fx_poison(f);
+  return gpu_put(g->out, f->out_mem, q_bytes(f)) && gpu_put(g->lse, f->lse_mem, lse_bytes(f)) &&
+         gpu_put(g->topk, f->topk_mem, topk_bytes(f));
+}
+
+int gpu_fx_download(gpu_fx *g, fixture *f) {
+  return gpu_sync() && gpu_get(f->out_mem, g->out, q_bytes(f)) &&
+         gpu_get(f->lse_mem, g->lse, lse_bytes(f)) && gpu_get(f->topk_mem, g->topk, topk_bytes(f));
+}
+
+int gpu_fx_upload_topk(gpu_fx *g, const fixture *f) {
+  return gpu_put(g->topk, f->topk_mem, topk_bytes(f));
+}
+
+void gpu_fx_free(gpu_fx *g) {
+  gpu_free(g->kv);
+  gpu_free(g->ic);
+  gpu_free(g->q);
+  gpu_free(g->iq);
+  gpu_free(g->out);
+  gpu_free(g->lse);
+  gpu_free(g->topk);
+  gpu_free(g->ks);
+  gpu_free(g->vs);
+  gpu_free(g->qsl);
+  gpu_free(g->seq);
+  gpu_free(g->bt);
+  gpu_free(g->ibt);
+  gpu_free(g->ws);
+  memset(g, 0, sizeof *g);
+}

@@ -1,0 +1,49 @@
+/* GPU test support: a device mirror of a CPU fixture (tests/ref.h), so every
+ * GPU test runs the CUDA backend and the CPU backend on the same random
+ * inputs and compares. GPU test binaries exit with GPU_SKIP (77, CTest's
+ * SKIP_RETURN_CODE) after printing "... skipped" when no GPU is present. */
+#ifndef M3S_TEST_GPU_UTIL_H
+#define M3S_TEST_GPU_UTIL_H
+
+#include "ref.h"
+
+#define GPU_SKIP 77
+
+typedef struct {
+  void *kv, *ic, *q, *iq, *out, *topk;
+  float *lse, *ks, *vs;
+  int32_t *qsl, *seq, *bt, *ibt;
+  m3s_tensor kv_t, ic_t, q_t, iq_t, out_t, lse_t, topk_t;
+  m3s_kv_scales scales;
+  m3s_batch batch;
+  void *ws;
+  size_t ws_bytes;
+  m3s_exec exec;
+} gpu_fx;
+
+/* A CUDA context on device 0, or NULL after printing why (no GPU). */
+m3s_context *gpu_context_or_null(void);
+/* Prints the skip line and returns GPU_SKIP. */
+int gpu_skip(const char *test_name, const char *why);
+
+/* Allocates device copies of every buffer of f (same strides), a workspace
+ * of the size the context reports, and builds device tensor views. */
+int gpu_fx_upload(gpu_fx *g, const fixture *f, m3s_context *ctx);
+/* Re-uploads the host fixture's inputs (caches, q, iq, batch, tables). */
+int gpu_fx_reupload_inputs(gpu_fx *g, const fixture *f);
+/* Host poison (fx_poison) copied to the device outputs (out, lse, topk). */
+int gpu_fx_poison(gpu_fx *g, fixture *f);
+/* Copies out, lse and topk back into the host fixture's buffers. */
+int gpu_fx_download(gpu_fx *g, fixture *f);
+/* Uploads the host fixture's topk buffer to the device. */
+int gpu_fx_upload_topk(gpu_fx *g, const fixture *f);
+void gpu_fx_free(gpu_fx *g);
+
+/* cudaMalloc + cudaMemcpy of n bytes (NULL on failure). */
+void *gpu_dup(const void *host, size_t n);
+int gpu_get(void *host, const void *dev, size_t n);
+int gpu_put(void *dev, const void *host, size_t n);
+void gpu_free(void *p);
+int gpu_sync(void);
+
+#endif
