@@ -32,17 +32,20 @@
  *  indexer and the attention of the decode part (uniform q_len) and of the
  *  prefill part (query_start_loc, a slice of the step's) on whole-step tensors.
  *
- * THE NEEDLES. Background activations are N(0,1) per dimension. Each request
- * hides --needles blocks early in its prompt (in its first 40%): needle n has a
- * random unit index direction u_n, a unit key direction k_n and a value vector
- * v_n per KV head. Every token of a needle block gets +16 u_n on its index key,
- * +16 k_n on its keys and values v_n (+ a little noise). Later tokens that "ask"
- * for needle n -- two in three decode tokens, and about 1% of the prefill
- * tokens of later chunks -- get +16 u_n on their index queries and +16 k_n on
- * their queries. The indexer must then find the needle block among the many it
- * skips (needle recall = asking (token, KV head) pairs whose top-k row holds the
- * needle), and the attention output must carry v_n (cosine ~1 for asking tokens,
- * small for the others).
+ * THE NEEDLES. Background activations are N(0,1) per dimension (norm ~11).
+ * Each request hides --needles needles early in its prompt (in its first 40%):
+ * a 16-token passage inside a block, with a random unit index direction u_n and,
+ * per KV head, a unit key direction k_n and a value vector v_n (N(0,1)). The
+ * passage's tokens get +16 u_n on their index keys, +8 k_n on their keys and
+ * v_n (+ a little noise) as values. Later tokens that "ask" for needle n -- two
+ * in three decode tokens (with 2 needles), and about 1% of the prefill tokens
+ * at least a block past the needles -- get +16 u_n on their index queries and
+ * +32 k_n on their queries. The indexer must find the needle block among the
+ * many blocks it skips (needle recall: the asking (token, KV head) pairs whose
+ * top-k row holds the needle's block; reported separately for rows with more
+ * than 16 visible blocks, where it had to choose), and the attention output must
+ * then carry v_n: cosine ~1 for asking tokens, small for the others (not zero:
+ * a random query still attends the needle block now and then).
  *
  * THE CHECKS (exit status 1 if any fails, 2 on bad flags or a library error):
  *  - every top-k row: min(16, nb) block ids, ascending, in [0, nb), the local
@@ -119,7 +122,7 @@ static void usage(FILE *f) {
     "  --requests N      requests in the trace, 1..%d (default 3); the last one\n"
     "                    arrives late, while the others decode\n"
     "  --prompt-min N    shortest prompt in tokens (default 4096)\n"
-    "  --prompt-max N    longest prompt in tokens (default 8192); prompt lengths\n"
+    "  --prompt-max N    longest prompt in tokens (default 16384); prompt lengths\n"
     "                    are drawn uniformly from [min, max]\n"
     "  --chunk N         token budget of one step = chunked-prefill size; decode\n"
     "                    tokens count in it; >= 128 (default 2048)\n"
@@ -170,7 +173,7 @@ static int parse_options(int argc, char **argv, options *o) {
       {"device", required_argument, NULL, O_DEVICE},
       {"help", no_argument, NULL, 'h'},
       {NULL, 0, NULL, 0}};
-  *o = (options){.tp = 8, .requests = 3, .prompt_min = 4096, .prompt_max = 8192,
+  *o = (options){.tp = 8, .requests = 3, .prompt_min = 4096, .prompt_max = 16384,
                  .chunk = 2048, .decode_steps = 8, .spec_tokens = 3, .needles = 2,
                  .check_rows = 4, .seed = 1};
   int c, rc = 0;
@@ -446,6 +449,7 @@ typedef struct {
   double max_err, max_lse_err, ms, dec_ms;
   long long dec_steps;
   long long ask_pairs, ask_hits, n_cos_ask, n_cos_bg;
+  long long ask_pairs_sparse, ask_hits_sparse; /* rows with nb > K: the indexer chose */
   double cos_ask, cos_bg;
   double att_pf, att_dec;
   long long n_att_pf, n_att_dec;
@@ -698,9 +702,12 @@ static void print_header(const demo *dm) {
   printf("  caches: bf16 K/V %lld pages %s (%.1f MiB) + bf16 index (%.1f MiB), pages handed "
          "out in shuffled order\n",
          (long long)dm->num_pages, o->token_major ? "token-major" : "head-major", kv_mib, ic_mib);
-  printf("  trace: %d request%s, chunk %d tokens, %d decode steps (q_len 1, then %d), seed %llu\n",
-         dm->nreq, dm->nreq > 1 ? "s" : "", o->chunk, o->decode_steps, 1 + o->spec_tokens,
-         o->seed);
+  char spec[48] = "";
+  if (o->spec_tokens && o->decode_steps > 1)
+    snprintf(spec, sizeof spec, ", then speculative q_len %d", 1 + o->spec_tokens);
+  printf("  trace: %d request%s, chunk %d tokens, %d decode steps at the end (q_len 1%s), "
+         "seed %llu\n",
+         dm->nreq, dm->nreq > 1 ? "s" : "", o->chunk, o->decode_steps, spec, o->seed);
   for (int r = 0; r < dm->nreq; r++) {
     const request *rq = &dm->req[r];
     char nb[96] = "";
@@ -782,6 +789,8 @@ static int schedule_step(demo *dm, sched_step *s) {
     s->e[s->nent++] = (entry){r, n, rq->prefilled, n, 0, 0};
     budget -= n;
   }
+  if (s->nent == 0)
+    return 0;
   if (s->nent == s->ndec) { /* pure decode: pad to a CUDA-graph batch size */
     s->npad = graph_size(s->ndec) - s->ndec;
     for (int i = 0; i < s->npad; i++)
@@ -1017,6 +1026,10 @@ static void row_statistics(demo *dm, stats *st, int row) {
     if (ask != NO_ASK) {
       st->ask_pairs++;
       st->ask_hits += hit;
+      if (nb > dm->topk) {
+        st->ask_pairs_sparse++;
+        st->ask_hits_sparse += hit;
+      }
     }
     /* Cosine of each head's output with the needle's values: the asked one, or
      * for a token that does not ask, the needle it would ask by its position. */
@@ -1381,6 +1394,8 @@ static void stats_add(stats *a, const stats *b) {
   a->dec_steps += b->dec_steps;
   a->ask_pairs += b->ask_pairs;
   a->ask_hits += b->ask_hits;
+  a->ask_pairs_sparse += b->ask_pairs_sparse;
+  a->ask_hits_sparse += b->ask_hits_sparse;
   a->cos_ask += b->cos_ask;
   a->n_cos_ask += b->n_cos_ask;
   a->cos_bg += b->cos_bg;
@@ -1449,13 +1464,17 @@ static void print_summary(const demo *dm, double wall) {
          t->n_att_pf ? 100.0 * t->att_pf / (double)t->n_att_pf : 0.0,
          t->n_att_dec ? 100.0 * t->att_dec / (double)t->n_att_dec : 0.0, dm->topk, BLK,
          dm->topk * BLK);
-  if (t->ask_pairs)
-    printf("  needle recall: %lld / %lld (token, KV head) pairs = %.1f%%; cos(output, needle "
-           "value): asking %.3f, not asking %.3f\n",
-           t->ask_hits, t->ask_pairs, 100.0 * (double)t->ask_hits / (double)t->ask_pairs,
+  if (t->ask_pairs) {
+    printf("  needle recall: %lld/%lld asking (token, KV head) pairs = %.1f%%", t->ask_hits,
+           t->ask_pairs, 100.0 * (double)t->ask_hits / (double)t->ask_pairs);
+    if (t->ask_pairs_sparse)
+      printf(" (%lld/%lld = %.1f%% with > %d blocks visible)", t->ask_hits_sparse,
+             t->ask_pairs_sparse, 100.0 * (double)t->ask_hits_sparse / (double)t->ask_pairs_sparse,
+             dm->topk);
+    printf("\n  cos(attention output, needle value): asking tokens %.3f, other tokens %.3f\n",
            t->n_cos_ask ? t->cos_ask / (double)t->n_cos_ask : 0.0,
            t->n_cos_bg ? t->cos_bg / (double)t->n_cos_bg : 0.0);
-  else
+  } else
     printf("  needle recall: no token asked for a needle (prompts too short or --needles 0)\n");
   printf("  reference: %lld rows x %d heads, max relative L2 error %.2e (limit %.0e), max |lse "
          "error| %.1e; padded rows checked: %lld\n",

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# GPU check: on a machine with a CUDA GPU, build for sm_90a (+ sm_80), run the
+# whole test suite (CPU and GPU tests), compute-sanitizer (memcheck and
+# racecheck on the GPU tests' quick mode, initcheck/synccheck on one), and the
+# benchmark if it exists. Writes under $OUT (default ./gpu-out):
+#   summary.md   the short table (also printed last)
+#   ctest.log    full test output      sanitizers.log  every sanitizer run
+#   build.log    configure + build     bench.log       benchmark output
+# Usage: M3S_COMMIT=$(git rev-parse --short HEAD) tools/gpu-check.sh [--no-bench]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+BUILD=${BUILD:-build-gpu}
+JOBS=$(nproc 2>/dev/null || echo 8)
+commit=${M3S_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+
+if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DM3S_CUDA=ON &&
+       cmake --build "$BUILD" -j "$JOBS"; } >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  echo "gpu-check: BUILD FAILED"
+  exit 1
+fi
+
+ctest --test-dir "$BUILD" -V -j 4 --timeout 900 >"$OUT/ctest.log" 2>&1
+ctest_rc=$?
+
+: >"$OUT/sanitizers.log"
+san_rows=""
+run_san() { # tool test
+  local tool=$1 t=$2 rc
+  echo "=== compute-sanitizer --tool $tool $t (M3S_TEST_QUICK=1)" >>"$OUT/sanitizers.log"
+  M3S_TEST_QUICK=1 timeout 600 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    "$BUILD/tests/$t" >>"$OUT/sanitizers.log" 2>&1
+  rc=$?
+  local verdict="clean"
+  [ $rc -eq 9 ] && verdict="ERRORS"
+  [ $rc -ne 0 ] && [ $rc -ne 9 ] && verdict="rc=$rc"
+  [ $rc -eq 77 ] && verdict="skipped"
+  san_rows+="| $tool | $t | $verdict |"$'\n'
+}
+for t in test_gpu_topk test_gpu_attention test_gpu_ops test_gpu_graph; do
+  [ -x "$BUILD/tests/$t" ] || continue
+  run_san memcheck "$t"
+  run_san racecheck "$t"
+done
+for tool in initcheck synccheck; do
+  [ -x "$BUILD/tests/test_gpu_attention" ] && run_san "$tool" test_gpu_attention
+done
+
+if [ "${1:-}" != "--no-bench" ] && [ -x "$BUILD/bench/m3s-bench" ]; then
+  timeout 600 "$BUILD/bench/m3s-bench" --all >"$OUT/bench.log" 2>&1 || echo "bench rc=$?" >>"$OUT/bench.log"
+fi
+
+{
+  echo "# GPU check"
+  echo
+  echo "date: $(date -u +%Y-%m-%d), card: ${card:-none}, driver: ${driver:-?}, commit: $commit, nvcc: $(nvcc --version | tail -1)"
+  echo
+  echo "| test | result |"
+  echo "|---|---|"
+  grep -E '^[0-9]+/[0-9]+ Test +#' "$OUT/ctest.log" | sed -E 's/^[0-9]+\/[0-9]+ Test +#[0-9]+: ([a-z0-9_]+) \.*[* ]*([A-Za-z]+).*  +([0-9.]+) sec/| \1 | \2 (\3 s) |/'
+  echo
+  echo "| counts | |"
+  echo "|---|---|"
+  grep -E '^[0-9]+: ([0-9]+ passed, [0-9]+ failed.*|.*skipped.*)$' "$OUT/ctest.log" | sed -E 's/^([0-9]+): (.*)/| test #\1 | \2 |/'
+  echo
+  echo "| sanitizer | test | result |"
+  echo "|---|---|---|"
+  printf "%s" "$san_rows"
+  echo
+  grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1
+  [ -f "$OUT/bench.log" ] && { echo; echo '```'; tail -30 "$OUT/bench.log"; echo '```'; }
+} >"$OUT/summary.md"
+cat "$OUT/summary.md"
+exit $ctest_rc
