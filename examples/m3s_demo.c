@@ -68,24 +68,24 @@
 #include <string.h>
 #include <time.h>
 
-#include "m3sparse.h"
 #include "../src/cpu/convert.h"
+#include "m3sparse.h"
 
 #ifdef M3S_DEMO_CUDA
 #include <cuda_runtime_api.h>
 #endif
 
-#define HD 128          /* head dim == index dim */
-#define BLK 128         /* block size == page size */
+#define HD 128  /* head dim == index dim */
+#define BLK 128 /* block size == page size */
 #define MAX_REQUESTS 64
-#define MAX_ENTRIES 80  /* requests in one step, padding included */
+#define MAX_ENTRIES 80 /* requests in one step, padding included */
 #define MAX_NEEDLES 4
 #define MAX_SPEC 7
 
-#define NEEDLE_TOKENS 16    /* a needle: a 16-token passage inside its block */
-#define NEEDLE_INDEX 16.0f  /* index key and index query component along u_n */
-#define NEEDLE_KEY 8.0f     /* key component along k_n */
-#define NEEDLE_QUERY 32.0f  /* query component along k_n */
+#define NEEDLE_TOKENS 16   /* a needle: a 16-token passage inside its block */
+#define NEEDLE_INDEX 16.0f /* index key and index query component along u_n */
+#define NEEDLE_KEY 8.0f    /* key component along k_n */
+#define NEEDLE_QUERY 32.0f /* query component along k_n */
 #define NEEDLE_VNOISE 0.25f
 #define ASK_PREFILL_PER_256 3 /* prefill tokens past the needles that ask: 3 in 256 */
 #define NO_ASK (-1)
@@ -107,40 +107,40 @@ typedef struct {
 
 static void usage(FILE *f) {
   fprintf(f,
-    "usage: m3s-demo [options]\n"
-    "\n"
-    "Runs one MiniMax-M3 sparse-attention layer (lightning indexer + block-sparse GQA\n"
-    "attention, top-16 of 128-token blocks, local block forced) through a serving\n"
-    "trace on synthetic activations: chunked prefill, decode, speculative decode,\n"
-    "mixed decode+prefill steps and CUDA-graph padding, with planted \"needle\" blocks\n"
-    "the indexer must find. Every step is checked against an fp64 reference; exit\n"
-    "status 0 = all checks passed, 1 = a check failed, 2 = bad flag or library error.\n"
-    "\n"
-    "  --tp N            tensor-parallel size; the layer is one rank's heads:\n"
-    "                    1 = 64 query / 4 KV heads (the full layer), 2 = 32/2,\n"
-    "                    4 = 16/1, 8 = 8/1 (default 8)\n"
-    "  --requests N      requests in the trace, 1..%d (default 3); the last one\n"
-    "                    arrives late, while the others decode\n"
-    "  --prompt-min N    shortest prompt in tokens (default 4096)\n"
-    "  --prompt-max N    longest prompt in tokens (default 16384); prompt lengths\n"
-    "                    are drawn uniformly from [min, max]\n"
-    "  --chunk N         token budget of one step = chunked-prefill size; decode\n"
-    "                    tokens count in it; >= 128 (default 2048)\n"
-    "  --decode-steps N  pure decode steps once every prompt is in: the first half\n"
-    "                    with q_len 1, the rest speculative (default 8)\n"
-    "  --spec-tokens N   draft tokens of a speculative step (q_len = 1 + N), 0..%d\n"
-    "                    (default 3)\n"
-    "  --needles N       needle blocks planted per request, 0..%d (default 2)\n"
-    "  --check-rows N    query rows per step compared with the fp64 reference,\n"
-    "                    every head (default 4)\n"
-    "  --layout L        K/V cache layout: head = [pages, Hkv, 128, 256] (default)\n"
-    "                    or token = [pages, 128, Hkv, 256], passed as a permuted view\n"
-    "  --seed N          random seed of prompts, activations and page order\n"
-    "                    (default 1)\n"
-    "  --device D        cpu (default) or cuda (CUDA device 0; needs a build with\n"
-    "                    the CUDA backend)\n"
-    "  -h, --help        print this text and exit\n",
-    MAX_REQUESTS, MAX_SPEC, MAX_NEEDLES);
+          "usage: m3s-demo [options]\n"
+          "\n"
+          "Runs one MiniMax-M3 sparse-attention layer (lightning indexer + block-sparse GQA\n"
+          "attention, top-16 of 128-token blocks, local block forced) through a serving\n"
+          "trace on synthetic activations: chunked prefill, decode, speculative decode,\n"
+          "mixed decode+prefill steps and CUDA-graph padding, with planted \"needle\" blocks\n"
+          "the indexer must find. Every step is checked against an fp64 reference; exit\n"
+          "status 0 = all checks passed, 1 = a check failed, 2 = bad flag or library error.\n"
+          "\n"
+          "  --tp N            tensor-parallel size; the layer is one rank's heads:\n"
+          "                    1 = 64 query / 4 KV heads (the full layer), 2 = 32/2,\n"
+          "                    4 = 16/1, 8 = 8/1 (default 8)\n"
+          "  --requests N      requests in the trace, 1..%d (default 3); the last one\n"
+          "                    arrives late, while the others decode\n"
+          "  --prompt-min N    shortest prompt in tokens (default 4096)\n"
+          "  --prompt-max N    longest prompt in tokens (default 16384); prompt lengths\n"
+          "                    are drawn uniformly from [min, max]\n"
+          "  --chunk N         token budget of one step = chunked-prefill size; decode\n"
+          "                    tokens count in it; >= 128 (default 2048)\n"
+          "  --decode-steps N  pure decode steps once every prompt is in: the first half\n"
+          "                    with q_len 1, the rest speculative (default 8)\n"
+          "  --spec-tokens N   draft tokens of a speculative step (q_len = 1 + N), 0..%d\n"
+          "                    (default 3)\n"
+          "  --needles N       needle blocks planted per request, 0..%d (default 2)\n"
+          "  --check-rows N    query rows per step compared with the fp64 reference,\n"
+          "                    every head (default 4)\n"
+          "  --layout L        K/V cache layout: head = [pages, Hkv, 128, 256] (default)\n"
+          "                    or token = [pages, 128, Hkv, 256], passed as a permuted view\n"
+          "  --seed N          random seed of prompts, activations and page order\n"
+          "                    (default 1)\n"
+          "  --device D        cpu (default) or cuda (CUDA device 0; needs a build with\n"
+          "                    the CUDA backend)\n"
+          "  -h, --help        print this text and exit\n",
+          MAX_REQUESTS, MAX_SPEC, MAX_NEEDLES);
 }
 
 static int parse_int(const char *flag, const char *s, long lo, long hi, int *out) {
@@ -156,26 +156,44 @@ static int parse_int(const char *flag, const char *s, long lo, long hi, int *out
 
 /* 0: run, 1: --help printed, -1: bad flags. */
 static int parse_options(int argc, char **argv, options *o) {
-  enum { O_TP = 256, O_REQ, O_PMIN, O_PMAX, O_CHUNK, O_DEC, O_SPEC, O_NEEDLES, O_ROWS,
-         O_LAYOUT, O_SEED, O_DEVICE };
-  static const struct option longopts[] = {
-      {"tp", required_argument, NULL, O_TP},
-      {"requests", required_argument, NULL, O_REQ},
-      {"prompt-min", required_argument, NULL, O_PMIN},
-      {"prompt-max", required_argument, NULL, O_PMAX},
-      {"chunk", required_argument, NULL, O_CHUNK},
-      {"decode-steps", required_argument, NULL, O_DEC},
-      {"spec-tokens", required_argument, NULL, O_SPEC},
-      {"needles", required_argument, NULL, O_NEEDLES},
-      {"check-rows", required_argument, NULL, O_ROWS},
-      {"layout", required_argument, NULL, O_LAYOUT},
-      {"seed", required_argument, NULL, O_SEED},
-      {"device", required_argument, NULL, O_DEVICE},
-      {"help", no_argument, NULL, 'h'},
-      {NULL, 0, NULL, 0}};
-  *o = (options){.tp = 8, .requests = 3, .prompt_min = 4096, .prompt_max = 16384,
-                 .chunk = 2048, .decode_steps = 8, .spec_tokens = 3, .needles = 2,
-                 .check_rows = 4, .seed = 1};
+  enum {
+    O_TP = 256,
+    O_REQ,
+    O_PMIN,
+    O_PMAX,
+    O_CHUNK,
+    O_DEC,
+    O_SPEC,
+    O_NEEDLES,
+    O_ROWS,
+    O_LAYOUT,
+    O_SEED,
+    O_DEVICE
+  };
+  static const struct option longopts[] = {{"tp", required_argument, NULL, O_TP},
+                                           {"requests", required_argument, NULL, O_REQ},
+                                           {"prompt-min", required_argument, NULL, O_PMIN},
+                                           {"prompt-max", required_argument, NULL, O_PMAX},
+                                           {"chunk", required_argument, NULL, O_CHUNK},
+                                           {"decode-steps", required_argument, NULL, O_DEC},
+                                           {"spec-tokens", required_argument, NULL, O_SPEC},
+                                           {"needles", required_argument, NULL, O_NEEDLES},
+                                           {"check-rows", required_argument, NULL, O_ROWS},
+                                           {"layout", required_argument, NULL, O_LAYOUT},
+                                           {"seed", required_argument, NULL, O_SEED},
+                                           {"device", required_argument, NULL, O_DEVICE},
+                                           {"help", no_argument, NULL, 'h'},
+                                           {NULL, 0, NULL, 0}};
+  *o = (options){.tp = 8,
+                 .requests = 3,
+                 .prompt_min = 4096,
+                 .prompt_max = 16384,
+                 .chunk = 2048,
+                 .decode_steps = 8,
+                 .spec_tokens = 3,
+                 .needles = 2,
+                 .check_rows = 4,
+                 .seed = 1};
   int c, rc = 0;
   opterr = 1;
   while (rc == 0 && (c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
@@ -287,17 +305,16 @@ static double now_s(void) {
 
 static int lib_error(const char *what, m3s_status st) {
   fflush(stdout);
-  fprintf(stderr, "m3s-demo: %s failed: %s\n  %s\n", what, m3s_status_string(st),
-          m3s_last_error());
+  fprintf(stderr, "m3s-demo: %s failed: %s\n  %s\n", what, m3s_status_string(st), m3s_last_error());
   return -1;
 }
 
 /* Evaluates a library call; on failure prints its error and returns -1. */
-#define TRY(what, call)                      \
-  do {                                       \
-    m3s_status st_ = (call);                 \
-    if (st_ != M3S_OK)                       \
-      return lib_error(what, st_);           \
+#define TRY(what, call)                                                                            \
+  do {                                                                                             \
+    m3s_status st_ = (call);                                                                       \
+    if (st_ != M3S_OK)                                                                             \
+      return lib_error(what, st_);                                                                 \
   } while (0)
 
 static int out_of_memory(size_t bytes) {
@@ -324,8 +341,8 @@ typedef struct {
   size_t bytes;
 } buf;
 
-static int g_on_device = 0;       /* tensors live on CUDA device 0 */
-static int g_tdev = M3S_HOST;     /* m3s_tensor.device of every tensor */
+static int g_on_device = 0;   /* tensors live on CUDA device 0 */
+static int g_tdev = M3S_HOST; /* m3s_tensor.device of every tensor */
 
 #ifdef M3S_DEMO_CUDA
 static int cuda_ok(cudaError_t e, const char *what) {
@@ -367,8 +384,7 @@ static int buf_upload(buf *b, size_t bytes) {
 static int buf_download(buf *b, size_t bytes) {
 #ifdef M3S_DEMO_CUDA
   if (b->d != b->h)
-    return cuda_ok(cudaMemcpy(b->h, b->d, bytes, cudaMemcpyDeviceToHost),
-                   "cudaMemcpy (download)");
+    return cuda_ok(cudaMemcpy(b->h, b->d, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy (download)");
 #endif
   (void)b;
   (void)bytes;
@@ -393,8 +409,7 @@ static void buf_free(buf *b) {
   b->bytes = 0;
 }
 
-static m3s_tensor view(const buf *b, m3s_dtype dt, int ndim, int64_t d0, int64_t d1,
-                       int64_t d2) {
+static m3s_tensor view(const buf *b, m3s_dtype dt, int ndim, int64_t d0, int64_t d1, int64_t d2) {
   int64_t shape[3] = {d0, d1, d2};
   return m3s_tensor_make(b->d, dt, ndim, shape, g_tdev);
 }
@@ -405,18 +420,18 @@ static m3s_tensor view(const buf *b, m3s_dtype dt, int ndim, int64_t d0, int64_t
 enum { REQ_WAITING, REQ_PREFILL, REQ_DECODE };
 
 typedef struct {
-  int block;     /* logical block of the needle in its request */
-  int off;       /* its passage: tokens [off, off + NEEDLE_TOKENS) of the block */
-  float u[HD];   /* unit index direction */
-  float *kdir;   /* [Hkv][HD] unit key directions */
-  float *val;    /* [Hkv][HD] value vectors */
+  int block;   /* logical block of the needle in its request */
+  int off;     /* its passage: tokens [off, off + NEEDLE_TOKENS) of the block */
+  float u[HD]; /* unit index direction */
+  float *kdir; /* [Hkv][HD] unit key directions */
+  float *val;  /* [Hkv][HD] value vectors */
 } needle;
 
 typedef struct {
   int prompt_len, state, prefilled, len, decodes;
   int32_t *pages, *ipages; /* K/V-cache and index-cache page of each logical block */
   int npages, cap_pages;
-  int nneedles, ask_from;  /* prefill tokens at pos >= ask_from may ask */
+  int nneedles, ask_from; /* prefill tokens at pos >= ask_from may ask */
   needle nd[MAX_NEEDLES];
 } request;
 
@@ -430,10 +445,10 @@ typedef struct {
  * then prefill chunks). Entry i owns rows [row0, row0 + rows).
  * ---------------------------------------------------------------------- */
 typedef struct {
-  int req;    /* request index, -1 for a padded (filler) request */
-  int n;      /* new tokens (0 for padding) */
-  int start;  /* position of the first new token (= cached tokens, ctx) */
-  int rows;   /* rows it owns: n, or the decode q_len for padding */
+  int req;   /* request index, -1 for a padded (filler) request */
+  int n;     /* new tokens (0 for padding) */
+  int start; /* position of the first new token (= cached tokens, ctx) */
+  int rows;  /* rows it owns: n, or the decode q_len for padding */
   int row0;
   int decode; /* scheduled as a decode request */
 } entry;
@@ -629,8 +644,8 @@ static int demo_init(demo *dm) {
     memcpy(dm->kv_stride, s, sizeof s);
   }
   if (buf_alloc(&dm->kv, (size_t)(P * H * BLK * 2 * HD) * 2) ||
-      buf_alloc(&dm->ic, (size_t)(P * BLK * HD) * 2) ||
-      pool_init(&dm->main_pool, P, &dm->sched) || pool_init(&dm->index_pool, P, &dm->sched))
+      buf_alloc(&dm->ic, (size_t)(P * BLK * HD) * 2) || pool_init(&dm->main_pool, P, &dm->sched) ||
+      pool_init(&dm->index_pool, P, &dm->sched))
     return -1;
 
   /* Whole-step buffers. */
@@ -655,8 +670,8 @@ static int demo_init(demo *dm) {
   dm->ref_v = (double *)xcalloc(maxkeys * HD, sizeof(double));
   dm->ref_p = (double *)xcalloc(maxkeys, sizeof(double));
   dm->ref_s = (double *)xcalloc((size_t)dm->max_blocks, sizeof(double));
-  if (!dm->row_req || !dm->row_pos || !dm->row_ask || !dm->row_dec || !dm->ref_k ||
-      !dm->ref_v || !dm->ref_p || !dm->ref_s)
+  if (!dm->row_req || !dm->row_pos || !dm->row_ask || !dm->row_dec || !dm->ref_k || !dm->ref_v ||
+      !dm->ref_p || !dm->ref_s)
     return -1;
   return 0;
 }
@@ -675,9 +690,9 @@ static void demo_free(demo *dm) {
   free(dm->req);
   free(dm->main_pool.ids);
   free(dm->index_pool.ids);
-  buf *bufs[] = {&dm->kv, &dm->ic, &dm->q, &dm->iq, &dm->k, &dm->v, &dm->ik, &dm->slots,
-                 &dm->islots, &dm->topk_b, &dm->out, &dm->lse, &dm->seq_lens, &dm->qsl,
-                 &dm->table, &dm->itable, &dm->ws};
+  buf *bufs[] = {&dm->kv,       &dm->ic,    &dm->q,      &dm->iq,     &dm->k,   &dm->v,
+                 &dm->ik,       &dm->slots, &dm->islots, &dm->topk_b, &dm->out, &dm->lse,
+                 &dm->seq_lens, &dm->qsl,   &dm->table,  &dm->itable, &dm->ws};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     buf_free(bufs[i]);
   free(dm->row_req);
@@ -696,9 +711,8 @@ static void print_header(const demo *dm) {
   double kv_mib = (double)dm->kv.bytes / (1 << 20), ic_mib = (double)dm->ic.bytes / (1 << 20);
   printf("m3s-demo (m3sparse %s): MiniMax-M3 sparse layer, %s: %d q heads / %d KV head%s "
          "(G = %d), top-%d of %d-token blocks, local %d\n",
-         m3s_version(), o->tp == 1 ? "all heads (TP1)" : "one TP rank",
-         dm->hq, dm->hkv, dm->hkv > 1 ? "s" : "", dm->grp, dm->topk, BLK,
-         dm->cfg.local_blocks);
+         m3s_version(), o->tp == 1 ? "all heads (TP1)" : "one TP rank", dm->hq, dm->hkv,
+         dm->hkv > 1 ? "s" : "", dm->grp, dm->topk, BLK, dm->cfg.local_blocks);
   printf("  caches: bf16 K/V %lld pages %s (%.1f MiB) + bf16 index (%.1f MiB), pages handed "
          "out in shuffled order\n",
          (long long)dm->num_pages, o->token_major ? "token-major" : "head-major", kv_mib, ic_mib);
@@ -722,24 +736,29 @@ static void print_header(const demo *dm) {
 
 /* Kernel names from m3s_query_support (SPEC section 8). */
 static int print_support(const demo *dm) {
-  static const struct { m3s_op op; const char *name; } ops[] = {
-      {M3S_OP_INDEX_TOPK, "topk"},
-      {M3S_OP_ATTENTION_DECODE, "decode"},
-      {M3S_OP_ATTENTION_PREFILL, "prefill"}};
+  static const struct {
+    m3s_op op;
+    const char *name;
+  } ops[] = {{M3S_OP_INDEX_TOPK, "topk"},
+             {M3S_OP_ATTENTION_DECODE, "decode"},
+             {M3S_OP_ATTENTION_PREFILL, "prefill"}};
   char line[512];
   size_t len = 0;
   for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) {
-    m3s_support_query qy = {ops[i].op, M3S_BF16, M3S_BF16, M3S_BF16, 0,
-                            dm->opt.token_major ? M3S_LAYOUT_TOKEN_MAJOR
-                                                : M3S_LAYOUT_HEAD_MAJOR};
+    m3s_support_query qy = {
+        ops[i].op, M3S_BF16, M3S_BF16,
+        M3S_BF16,  0,        dm->opt.token_major ? M3S_LAYOUT_TOKEN_MAJOR : M3S_LAYOUT_HEAD_MAJOR};
     m3s_support_info info;
     TRY("m3s_query_support", m3s_query_support(dm->ctx, &dm->cfg, &qy, &info));
-    len += (size_t)snprintf(line + len, sizeof line - len, "%s%s %s", i ? ", " : "",
-                            ops[i].name, info.supported ? info.kernel : "UNSUPPORTED");
-    if (!info.supported)
-      len += (size_t)snprintf(line + len, sizeof line - len, " (%s)", info.reason);
+    if (!info.supported) { /* the first library call will fail and say why */
+      printf("  device %s: UNSUPPORTED (%s: %s)\n", dm->opt.cuda ? "cuda:0" : "cpu", ops[i].name,
+             info.reason);
+      return 0;
+    }
+    len += (size_t)snprintf(line + len, sizeof line - len, "%s%s %s", i ? ", " : "", ops[i].name,
+                            info.kernel);
   }
-  printf("  device %s: %s\n", dm->opt.cuda ? "cuda:0" : "cpu", line);
+  printf("  device %s, kernels: %s\n", dm->opt.cuda ? "cuda:0" : "cpu", line);
   return 0;
 }
 
@@ -888,8 +907,7 @@ static void gen_row(demo *dm, int row, int r, int pos, int decode) {
     fill_bf16(&dm->act, k + g * HD, HD, nn ? nn->kdir + g * HD : NULL, NEEDLE_KEY);
     if (nn) {
       for (int d = 0; d < HD; d++)
-        v[g * HD + d] =
-            m3s_f32_to_bf16(nn->val[g * HD + d] + NEEDLE_VNOISE * rng_normal(&dm->act));
+        v[g * HD + d] = m3s_f32_to_bf16(nn->val[g * HD + d] + NEEDLE_VNOISE * rng_normal(&dm->act));
     } else {
       fill_bf16(&dm->act, v + g * HD, HD, NULL, 0.0f);
     }
@@ -968,8 +986,8 @@ static void check_padded_row(demo *dm, stats *st, int step_no, int row) {
   for (int g = 0; g < dm->hkv; g++)
     for (int a = 0; a < dm->topk; a++)
       if (topk_row(dm, row, g)[a] != -1) {
-        fail(dm, st, "step %d padded row %d: top-k entry %d of KV head %d is %d, not -1",
-             step_no, row, a, g, topk_row(dm, row, g)[a]);
+        fail(dm, st, "step %d padded row %d: top-k entry %d of KV head %d is %d, not -1", step_no,
+             row, a, g, topk_row(dm, row, g)[a]);
         return;
       }
   const uint16_t *o = (const uint16_t *)dm->out.h + (size_t)row * dm->hq * HD;
@@ -1341,17 +1359,17 @@ static int layer_step(demo *dm, const m3s_step_plan *p, const m3s_step *step, do
   double t0 = now_s();
   TRY("m3s_cache_insert", m3s_cache_insert(dm->ctx, &k, &v, &slots, &kv, NULL, &ex));
   TRY("m3s_index_cache_insert", m3s_index_cache_insert(dm->ctx, &ik, &islots, &ic, &ex));
-  TRY("m3s_step_forward", m3s_step_forward(dm->ctx, &dm->cfg, step, &q, &iq, &kv, NULL, &ic,
-                                           &topk, &out, &lse, &ex));
+  TRY("m3s_step_forward",
+      m3s_step_forward(dm->ctx, &dm->cfg, step, &q, &iq, &kv, NULL, &ic, &topk, &out, &lse, &ex));
   if (dev_sync())
     return -1;
   *ms = 1e3 * (now_s() - t0);
   return 0;
 }
 
-static void describe(const demo *dm, const sched_step *s, const m3s_step_plan *p, char *kind,
-                     char *dec, char *pf) {
-  strcpy(kind, p->num_prefills == 0 ? (p->decode_q_len > 1 ? "spec" : "decode")
+/* The step's kind and its decode / prefill parts as the plan split them. */
+static void describe(const sched_step *s, const m3s_step_plan *p, char *kind, char *dec, char *pf) {
+  strcpy(kind, p->num_prefills == 0  ? (p->decode_q_len > 1 ? "spec" : "decode")
                : p->num_decodes == 0 ? "prefill"
                                      : "mixed");
   int nreal = 0;
@@ -1371,13 +1389,12 @@ static void describe(const demo *dm, const sched_step *s, const m3s_step_plan *p
       len += (size_t)sprintf(pf + len, " +%d", s->nent - i);
       break;
     }
-    len += (size_t)sprintf(pf + len, "%sr%d %d+%d", shown ? ", " : "", s->e[i].req,
-                           s->e[i].start, s->e[i].n);
+    len += (size_t)sprintf(pf + len, "%sr%d %d+%d", shown ? ", " : "", s->e[i].req, s->e[i].start,
+                           s->e[i].n);
     shown++;
   }
   if (!shown)
     strcpy(pf, "-");
-  (void)dm;
 }
 
 static void stats_add(stats *a, const stats *b) {
@@ -1436,7 +1453,7 @@ static int run_step(demo *dm, int step_no, const sched_step *s) {
   check_step(dm, s, step_no, &st);
 
   char kind[16], dec[32], pf[96], nd[32] = "-", err[16] = "-";
-  describe(dm, s, &p, kind, dec, pf);
+  describe(s, &p, kind, dec, pf);
   if (st.ask_pairs)
     sprintf(nd, "%lld/%lld", st.ask_hits, st.ask_pairs);
   if (st.ref_rows)
@@ -1495,8 +1512,7 @@ int main(int argc, char **argv) {
     print_header(&dm);
     if (print_support(&dm) == 0) {
       printf("\n%4s  %-7s %-11s %-27s %6s %9s %9s %8s %8s %9s\n", "step", "kind", "decode",
-             "prefill (req ctx+new)", "tokens", "ms", "tok/s", "attended", "ref err",
-             "needles");
+             "prefill (req ctx+new)", "tokens", "ms", "tok/s", "attended", "ref err", "needles");
       sched_step s;
       int step_no = 0, ok = 1;
       while (ok && schedule_step(&dm, &s))

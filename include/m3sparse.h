@@ -278,7 +278,8 @@ m3s_status m3s_workspace_size(const m3s_context *ctx, const m3s_layer_config *cf
  * (ndim 0, or ndim 1 with shape [1]) or per (KV head, slot) [Hkv, P*128]
  * (slot = page*128 + offset). Reading: value = fp8_to_float(byte) * scale.
  * Writing: byte = saturating_round_to_fp8(value / scale). A NULL scales
- * pointer, or tensors with data == NULL, mean scale 1.0. Scales given for a
+ * pointer, or (valid, e.g. zero-initialised) tensors with data == NULL, mean
+ * scale 1.0. Scales given for a
  * bf16/f16 cache are ignored (vLLM always passes them).
  *
  * Index cache: [P, 128, 128] contiguous, one index key per token, bf16 or e4m3

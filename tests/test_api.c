@@ -3,7 +3,7 @@
  * For every rejected call three things are checked:
  *   1. the exact status code;
  *   2. m3s_last_error() is non-empty and names the offending argument (the
- *      names as src/core/*.c spells them: "'q'", "cfg.topk", "batch.seq_lens",
+ *      names as the files of src/core spell them: "'q'", "cfg.topk", "batch.seq_lens",
  *      "slot_mapping[" ...);
  *   3. nothing was written: every output buffer (and every input buffer the
  *      call can see) is poisoned / snapshotted before the call and compared
@@ -14,9 +14,13 @@
  * Most cases are generated from one valid call ("base") by changing one thing:
  *   tensor_cases()  per tensor argument: NULL, ndim -1/+1, an invalid view
  *                   from m3s_tensor_narrow, wrong and non-enum dtype, device 0
- *                   on the CPU context, innermost stride 2, negative stride,
- *                   data NULL, negative size, each constrained dimension - 1,
- *                   and for outputs stride[0] = 0 / stride[1] = 1 (self overlap);
+ *                   on the CPU context, innermost stride 2 (skipped where the
+ *                   innermost size is 1: that stride addresses nothing and the
+ *                   library ignores it), negative stride, a stride whose
+ *                   offsets overflow int64, data NULL, negative size, each
+ *                   constrained dimension - 1 (smaller, so a missed check
+ *                   cannot read out of bounds), and for outputs
+ *                   stride[0] = 0 / stride[1] = 1 (self overlap);
  *   config_cases()  every config rule (head/index dim, block size, Hq, Hkv,
  *                   Hq % Hkv, topk 0 / > M3S_MAX_TOPK, init/local, scale 0,
  *                   -0, negative, NaN, +-inf);
@@ -25,6 +29,16 @@
  *                   inconsistencies, seq_len < query length / > max_seq_len /
  *                   negative, block-table entries >= P or < 0, too few columns;
  *   topk_value_cases() out-of-range (>= nb, < -1) and duplicate entries.
+ * Workspace: the CPU backend reports 0 bytes (m3s_workspace_size), so a short
+ * workspace cannot be provoked there; exec_cases() then checks that NULL exec,
+ * {NULL, 0} and {buf, 0} are accepted (and would check M3S_ERR_WORKSPACE for
+ * a missing / one-byte-short workspace if the reported size were > 0).
+ * CUDA: m3s_context_create(0) must fail cleanly without CUDA or without a
+ * device; where a device exists, test_gpu_context() checks M3S_ERR_DEVICE for
+ * host tensors and for tensors of another ordinal.
+ * Scales passed with a bf16 cache must be ignored; the cases that pass the
+ * scales of a smaller cache only show a violation (an out-of-bounds read) in
+ * a sanitizer build (-DM3S_SANITIZE=ON).
  *
  * Fixtures (ref.h): F = 2 ragged requests (query lengths 2 and 41, sequence
  * lengths 300 and 600), Hq 4, Hkv 2, K 4, bf16 everywhere; F8 = 1 uniform
@@ -49,6 +63,7 @@ static m3s_context *g_ctx;     /* CPU context */
 static m3s_context *g_gpu_ctx; /* only when a CUDA device exists */
 static fixture F, F8;
 static int32_t *g_tk, *g_tk8;  /* valid top-k of F / F8 ([T, Hkv, K], contiguous) */
+enum { NT = 5 }; /* tokens of the insert tests */
 static const char *g_group = "";
 static long g_pass0, g_fail0;
 
@@ -301,8 +316,10 @@ static void tensor_cases(const op_t *op, const tspec *s) {
   t->device = 0;
   TC_RUN(M3S_ERR_DEVICE, "device 0 (CUDA) given to the CPU context");
   TC_RESET();
-  t->stride[nd - 1] = 2;
-  TC_RUN(M3S_ERR_LAYOUT, "innermost stride 2");
+  if (t->shape[nd - 1] > 1) { /* the stride of a 1-element dimension addresses nothing */
+    t->stride[nd - 1] = 2;
+    TC_RUN(M3S_ERR_LAYOUT, "innermost stride 2");
+  }
   TC_RESET();
   t->stride[0] = -t->stride[0];
   TC_RUN(M3S_ERR_LAYOUT, "negative stride[0]");
@@ -310,6 +327,11 @@ static void tensor_cases(const op_t *op, const tspec *s) {
     TC_RESET();
     t->stride[nd - 2] = -t->stride[nd - 2];
     TC_RUN(M3S_ERR_LAYOUT, "negative stride[%d]", nd - 2);
+  }
+  if (t->shape[0] > 1) {
+    TC_RESET();
+    t->stride[0] = INT64_MAX / 4;
+    TC_RUN(M3S_ERR_LAYOUT, "stride[0] = INT64_MAX/4 (offsets beyond the 64-bit range)");
   }
   TC_RESET();
   t->data = NULL;
@@ -724,8 +746,13 @@ static void scale_cases(const op_t *op, size_t sc_off) {
   free(a);
 }
 
-/* Scales given for a bf16 cache are ignored, whatever they contain. */
-static void ignored_scale_case(const op_t *op, size_t sc_off) {
+/* Scales given for a bf16 cache are ignored, whatever they contain (header:
+ * "Scales given for a bf16/f16 cache are ignored (vLLM always passes them)").
+ * The second case passes the per-slot scales of F8's 3-page cache with F's
+ * 9-page bf16 cache: a backend that still reads them reads past their end,
+ * which only a sanitizer build (-DM3S_SANITIZE=ON) reports.
+ * slot_off: the slot mapping of an insert ((size_t)-1: none). */
+static void ignored_scale_case(const op_t *op, size_t sc_off, size_t slot_off) {
   unsigned char *a = malloc(op->size);
   memcpy(a, op->base, op->size);
   m3s_kv_scales *s = (m3s_kv_scales *)(a + sc_off);
@@ -734,7 +761,14 @@ static void ignored_scale_case(const op_t *op, size_t sc_off) {
   s->k_scale.data = (void *)s; /* garbage view with data != NULL */
   s->k_scale.ndim = 3;
   s->v_scale.dtype = (m3s_dtype)99;
-  op_ok(op, a, "scales are ignored for a bf16 cache");
+  op_ok(op, a, "scales are ignored for a bf16 cache (garbage views)");
+  memcpy(a, op->base, op->size);
+  *(unsigned *)a &= ~A_SCALES;
+  *s = F8.scales; /* [2, 384]: far fewer slots than F's 9 x 128 */
+  int64_t s64[NT] = {0, 129, 1000, 1151, -1};
+  if (slot_off != (size_t)-1)
+    ((m3s_tensor *)(a + slot_off))->data = s64;
+  op_ok(op, a, "scales are ignored for a bf16 cache (scales of a smaller cache: never read)");
   free(a);
 }
 
@@ -1060,7 +1094,7 @@ static void test_bad_sparse_attention(void) {
   a = base;
   a.null |= A_T(4);
   op_ok(&op, &a, "lse NULL");
-  ignored_scale_case(&op, offsetof(attn_args, scales));
+  ignored_scale_case(&op, offsetof(attn_args, scales), (size_t)-1);
   exec_cases(&op, offsetof(attn_args, exec), &F.cfg, F.T, F.batch.max_seq_len);
   recover(&op);
   watch_clear();
@@ -1159,8 +1193,8 @@ static void test_bad_step_forward(void) {
   op_run(&op, &a, M3S_ERR_BATCH, "prefill.num_tokens", "prefill.num_tokens = -1");
   a = base;
   a.null &= ~A_SCALES;
-  a.scales = F8.scales; /* ignored for the bf16 cache */
-  op_ok(&op, &a, "scales given for a bf16 cache are ignored");
+  a.scales = F8.scales; /* ignored for the bf16 cache; must not be read (sanitizer build) */
+  op_ok(&op, &a, "scales given for a bf16 cache are ignored (scales of a smaller cache)");
   a = base;
   a.null |= A_T(6);
   op_ok(&op, &a, "lse NULL");
@@ -1170,12 +1204,23 @@ static void test_bad_step_forward(void) {
   a.q = m3s_tensor_narrow(&F.q, 0, 2), a.iq = m3s_tensor_narrow(&F.iq, 0, 2);
   a.topk = m3s_tensor_narrow(&F.topk, 0, 2), a.out = m3s_tensor_narrow(&F.out, 0, 2);
   a.lse = m3s_tensor_narrow(&F.lse, 0, 2);
-  {
-    m3s_status st = op.call(&a);
-    if (st != M3S_OK)
-      printf("  note: a zero-initialised empty prefill part is rejected: %s: %s\n", st_name(st),
-             m3s_last_error());
-  }
+  op_ok(&op, &a, "decode-only step, prefill part zero-initialised (an empty part needs no tensors)");
+  /* a prefill-only step whose (empty) decode part is left zero-initialised */
+  a = base;
+  memset(&a.step.decode, 0, sizeof a.step.decode);
+  a.q = m3s_tensor_narrow(&F.q, 2, F.T - 2), a.iq = m3s_tensor_narrow(&F.iq, 2, F.T - 2);
+  a.topk = m3s_tensor_narrow(&F.topk, 2, F.T - 2), a.out = m3s_tensor_narrow(&F.out, 2, F.T - 2);
+  a.lse = m3s_tensor_narrow(&F.lse, 2, F.T - 2);
+  op_ok(&op, &a, "prefill-only step, decode part zero-initialised");
+  /* an empty step: no rows at all */
+  a = base;
+  memset(&a.step, 0, sizeof a.step);
+  a.q = m3s_tensor_narrow(&F.q, 0, 0), a.iq = m3s_tensor_narrow(&F.iq, 0, 0);
+  a.topk = m3s_tensor_narrow(&F.topk, 0, 0), a.out = m3s_tensor_narrow(&F.out, 0, 0);
+  a.lse = m3s_tensor_narrow(&F.lse, 0, 0);
+  arm();
+  op_ok(&op, &a, "empty step (0 tokens)");
+  CHECK(first_changed() == NULL, "an empty step writes nothing");
   exec_cases(&op, offsetof(step_args, exec), &F.cfg, F.T, 600);
   recover(&op);
   group_end();
@@ -1279,7 +1324,7 @@ static void test_bad_build_k2q_csr(void) {
   a.rp.shape[1] = 0;
   op_run(&op, &a, M3S_ERR_SHAPE, "'row_ptr'", "row_ptr.shape[1] = 0");
   a = base;
-  a.qi.shape[1] = TK / 2, a.qi.stride[0] = TK; /* right size per row? no: half, strided */
+  a.qi.shape[1] = TK / 2, a.qi.stride[0] = TK; /* half the columns, row stride kept */
   op_run(&op, &a, M3S_ERR_SHAPE, "'q_indices'", "q_indices.shape[1] = T*K/2");
   a = base;
   a.qs.shape[1] = TK - 4, a.qs.stride[0] = TK;
@@ -1360,7 +1405,8 @@ static void test_bad_k2q_attention(void) {
   CSR_CASE(rp, c[0] = 1, M3S_ERR_RANGE, "row_ptr", "row_ptr[0][0] = 1");
   CSR_CASE(rp, c[R1] = -1, M3S_ERR_RANGE, "row_ptr", "row_ptr[1][0] = -1");
   CSR_CASE(rp, c[1] = -1, M3S_ERR_RANGE, "row_ptr", "row_ptr[0] decreasing");
-  CSR_CASE(rp, c[R1 + 3] = c[R1 + 4] + 1, M3S_ERR_RANGE, "row_ptr", "row_ptr[1] decreasing (rows 3/4)");
+  /* rows 3..7 are request 1's blocks: stretching row 4 over row 5 stays inside request 1 */
+  CSR_CASE(rp, c[R1 + 5] = c[R1 + 6] + 1, M3S_ERR_RANGE, "row_ptr", "row_ptr[1] decreasing (rows 5/6)");
   CSR_CASE(rp, c[R1 - 1] = (int32_t)TK + 1, M3S_ERR_RANGE, "row_ptr", "row_ptr[0][R] > T*K");
   CSR_CASE(qi, c[0] = (int32_t)T - 1 /* row 0 is request 0's block 0 */, M3S_ERR_RANGE, "q_indices",
            "q_indices entry of another request");
@@ -1604,7 +1650,6 @@ static void test_bad_config_validate(void) {
 /* ------------------------------------------------------------------------
  * m3s_cache_insert / m3s_index_cache_insert
  * ---------------------------------------------------------------------- */
-enum { NT = 5 };
 static uint16_t g_k[NT * 2 * 128], g_v[NT * 2 * 128], g_ik[NT * 128];
 static int64_t g_slots[NT];
 static int32_t g_slots32[NT];
@@ -1718,7 +1763,7 @@ static void test_bad_cache_insert(void) {
   a.kv.stride[1] = 128; /* head stride smaller than the 128 x 256 slots of a head */
   op_run(&op, &a, M3S_ERR_LAYOUT, "'kv_cache'", "kv_cache heads overlapping (stride[1] = 128)");
   slot_value_cases(&op, offsetof(ins_args, slots), F.num_pages);
-  ignored_scale_case(&op, offsetof(ins_args, scales));
+  ignored_scale_case(&op, offsetof(ins_args, scales), offsetof(ins_args, slots));
   /* token-major cache view accepted */
   a = base;
   a.kv.stride[1] = 256, a.kv.stride[2] = 2 * 256;

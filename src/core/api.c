@@ -47,6 +47,12 @@ static m3s_status check_workspace(const m3s_vctx *v, const m3s_context *ctx,
   return m3s_check_exec(v, e, need);
 }
 
+/* Scales only apply to fp8 caches; the header promises they are ignored
+ * otherwise, so backends never see them. */
+static const m3s_kv_scales *fp8_scales(const m3s_kv_scales *s, const m3s_tensor *cache) {
+  return cache->dtype == M3S_E4M3 || cache->dtype == M3S_E5M2 ? s : NULL;
+}
+
 /* Values of the slot mapping (host data only): slot < P*128 or negative. */
 static m3s_status check_slots(const m3s_vctx *v, const m3s_tensor *slots, int64_t num_pages) {
   if (v->device >= 0)
@@ -97,6 +103,7 @@ m3s_status m3s_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_ten
       (st = check_slots(&v, slot_mapping, kv_cache->shape[0])) ||
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
+  scales = fp8_scales(scales, kv_cache);
   if (ctx->device >= 0)
 #ifdef M3S_WITH_CUDA
     return m3s_cuda_cache_insert(ctx, k, v_, slot_mapping, kv_cache, scales, exec);
@@ -281,6 +288,7 @@ m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
       (st = validate_attn(&v, cfg, batch, q, kv_cache, scales, topk, out, lse, true)) ||
       (st = check_workspace(&v, ctx, cfg, batch, exec)))
     return st;
+  scales = fp8_scales(scales, kv_cache);
   if (ctx->device >= 0)
 #ifdef M3S_WITH_CUDA
     return m3s_cuda_sparse_attention(ctx, cfg, batch, q, kv_cache, scales, topk, out, lse, exec);
@@ -356,6 +364,7 @@ m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg, const
   }
   /* The parts run one after the other on the same stream, so they share the
    * workspace. */
+  scales = fp8_scales(scales, kv_cache);
   for (int i = 0; i < 2; i++) {
     if (parts[i]->num_tokens == 0)
       continue;
@@ -492,8 +501,8 @@ static m3s_status check_csr_values(const m3s_vctx *v, const m3s_layer_config *cf
         for (int64_t e = rp[row]; e < rp[row + 1]; e++)
           if (qq[e] < lo || qq[e] >= hi || ss[e] < 0 || ss[e] >= cfg->topk)
             return m3s_fail(M3S_ERR_RANGE, v->fn,
-                            "CSR entry [%d][%lld] = (query %d, slot %d): the query must belong "
-                            "to request %d (rows [%lld, %lld)) and the slot be < %d",
+                            "q_indices/q_slot[%d][%lld] = (query %d, slot %d): the query must "
+                            "belong to request %d (rows [%lld, %lld)) and the slot be < %d",
                             g, (long long)e, qq[e], ss[e], r, (long long)lo, (long long)hi,
                             cfg->topk);
       }
@@ -540,6 +549,7 @@ m3s_status m3s_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
     return st;
   if (row_ptr->shape[1] < 1)
     return m3s_fail(M3S_ERR_SHAPE, v.fn, "argument 'row_ptr': shape[1] must be rows + 1 >= 1");
+  scales = fp8_scales(scales, kv_cache);
   if (ctx->device >= 0)
 #ifdef M3S_WITH_CUDA
     return m3s_cuda_k2q_attention(ctx, cfg, batch, q, kv_cache, scales, row_ptr, q_indices, q_slot,
@@ -659,11 +669,12 @@ m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg
                     (int)query->op, (int)query->layout);
   memset(info, 0, sizeof *info);
   const char *why = NULL;
-  if (!(M3S_ACT_MASK & M3S_MASK(query->act_dtype)) || (unsigned)query->act_dtype > M3S_I64)
+  if ((unsigned)query->act_dtype > M3S_I64 || !(M3S_ACT_MASK & M3S_MASK(query->act_dtype)))
     why = "act_dtype must be bf16 or f16";
-  else if (!(M3S_KV_MASK & M3S_MASK(query->kv_dtype)) || (unsigned)query->kv_dtype > M3S_I64)
+  else if ((unsigned)query->kv_dtype > M3S_I64 || !(M3S_KV_MASK & M3S_MASK(query->kv_dtype)))
     why = "kv_dtype must be bf16, f16, e4m3 or e5m2";
-  else if (!(M3S_IDX_MASK & M3S_MASK(query->index_dtype)) || (unsigned)query->index_dtype > M3S_I64)
+  else if ((unsigned)query->index_dtype > M3S_I64 ||
+           !(M3S_IDX_MASK & M3S_MASK(query->index_dtype)))
     why = "index_dtype must be bf16 or e4m3";
   else if (ctx->device >= 0)
     why = "the CUDA backend does not implement this operation yet";

@@ -96,6 +96,7 @@ m3s_status m3s_workspace_size(const m3s_context *ctx, const m3s_layer_config *cf
                               int64_t max_tokens, int64_t max_seq_len, size_t *out_bytes) {
   const char *fn = "m3s_workspace_size";
   m3s_status st;
+  m3s_clear_error();
   if ((st = m3s_check_ctx(fn, ctx)) || (st = m3s_check_config(fn, cfg)))
     return st;
   if (!out_bytes)

@@ -305,6 +305,9 @@ m3s_status m3s_check_batch(const m3s_vctx *v, const char *name, const m3s_batch 
 
 static m3s_status check_one_scale(const m3s_vctx *v, const char *name, const m3s_tensor *s,
                                   int64_t num_slots, int num_kv_heads) {
+  if (s->ndim < 0 || s->ndim > M3S_MAX_DIMS)
+    return m3s_fail(M3S_ERR_SHAPE, v->fn, "scale '%s' is not a valid view (ndim %d)", name,
+                    s->ndim);
   if (!s->data)
     return M3S_OK;
   if (s->ndim == 0 || (s->ndim == 1 && s->shape[0] == 1))
