@@ -1,0 +1,75 @@
+/* m3s-bench device helpers: hash-based random fill (no cuRAND) of bf16 and
+ * fp8 e4m3 buffers with N(0, scale^2) values, and a spin kernel that holds a
+ * stream while the host enqueues the timed replays. Called from m3s_bench.c
+ * through the extern "C" functions below; each returns a cudaError_t as int. */
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+/* A standard normal value for element i of stream `seed` (Box-Muller). */
+__device__ __forceinline__ float hash_normal(uint64_t seed, uint64_t i) {
+  uint64_t h = mix64(seed ^ mix64(i));
+  float u1 = ((float)(uint32_t)(h >> 40) + 0.5f) * (1.0f / 16777216.0f); /* (0,1) */
+  float u2 = (float)(uint32_t)(h & 0xFFFFFFu) * (1.0f / 16777216.0f);    /* [0,1) */
+  return sqrtf(-2.0f * __logf(u1)) * __cosf(6.28318530718f * u2);
+}
+
+__global__ void fill_bf16_kernel(__nv_bfloat16 *p, size_t n, uint64_t seed, float scale) {
+  size_t stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    p[i] = __float2bfloat16(scale * hash_normal(seed, i));
+}
+
+__global__ void fill_e4m3_kernel(uint8_t *p, size_t n, uint64_t seed, float scale) {
+  size_t stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    p[i] = (uint8_t)__nv_cvt_float_to_fp8(scale * hash_normal(seed, i), __NV_SATFINITE, __NV_E4M3);
+}
+
+__global__ void spin_kernel(unsigned long long ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
+
+unsigned grid_for(size_t n) {
+  size_t blocks = (n + 255) / 256;
+  if (blocks > 65536)
+    blocks = 65536;
+  return (unsigned)(blocks ? blocks : 1);
+}
+
+} // namespace
+
+extern "C" int m3sb_fill_bf16(void *p, size_t n, uint64_t seed, float scale, void *stream) {
+  if (n == 0)
+    return (int)cudaSuccess;
+  fill_bf16_kernel<<<grid_for(n), 256, 0, (cudaStream_t)stream>>>((__nv_bfloat16 *)p, n, seed,
+                                                                   scale);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int m3sb_fill_e4m3(void *p, size_t n, uint64_t seed, float scale, void *stream) {
+  if (n == 0)
+    return (int)cudaSuccess;
+  fill_e4m3_kernel<<<grid_for(n), 256, 0, (cudaStream_t)stream>>>((uint8_t *)p, n, seed, scale);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int m3sb_spin(unsigned long long ns, void *stream) {
+  spin_kernel<<<1, 1, 0, (cudaStream_t)stream>>>(ns);
+  return (int)cudaGetLastError();
+}
