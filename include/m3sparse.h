@@ -371,10 +371,12 @@ m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg,
  *   q_indices:  out, i32 [Hkv, T*K]: for each row, the query rows t that
  *               selected the block, ascending; entries past row_ptr[g][R] are
  *               left untouched
- *   q_slot:     out, i32 [Hkv, T*K], parallel to q_indices: the top-k slot k
- *               (column of topk) the selection occupies
- *   q_count:    out, i32 [T, Hkv]: valid selections of (t, g), = min(K, nb(t)),
- *               0 for padded rows
+ *   q_slot:     out, i32 [Hkv, T*K], parallel to q_indices: the slot of the
+ *               selection = its rank among the valid entries of its top-k row
+ *               (the row's columns in order, -1 holes skipped), so the slots
+ *               of (t, g) are exactly 0 .. q_count[t][g]-1
+ *   q_count:    out, i32 [T, Hkv]: valid selections of (t, g) (ids in [0, nb)
+ *               among the first min(K, nb(t)) entries), 0 for padded rows
  * ------------------------------------------------------------------------- */
 m3s_status m3s_k2q_csr_rows(const m3s_context *ctx, const m3s_batch *batch, int64_t *out_rows);
 

@@ -39,7 +39,7 @@ static double rel_l2_out(const void *a, const void *b, int64_t n) {
   return r > 0 ? sqrt(e / r) : sqrt(e);
 }
 
-static void test_spec7_csr_and_combine(void) {
+static void test_spec7_csr_and_combine(int holes) {
   int32_t ql[] = {300, 1, 200, 7};
   int32_t sl[] = {2500, 2000, 200, 0};
   fixture f;
@@ -49,9 +49,14 @@ static void test_spec7_csr_and_combine(void) {
   fx_poison(&f);
   const m3s_layer_config *c = &f.cfg;
   int T = f.T, K = c->topk, Hkv = c->num_kv_heads, Hq = c->num_q_heads;
-  int ok = m3s_index_topk(g_ctx, c, &f.batch, &f.iq, &f.ic, &f.topk, NULL) == M3S_OK &&
-           m3s_sparse_attention(g_ctx, c, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out,
-                                &f.lse, NULL) == M3S_OK;
+  int ok = m3s_index_topk(g_ctx, c, &f.batch, &f.iq, &f.ic, &f.topk, NULL) == M3S_OK;
+  /* -1 holes inside the read part of the rows (another producer's top-k) */
+  for (int t = 0; holes && t < T; t++)
+    for (int g = 0; g < Hkv; g++)
+      if (t % 3 != 2)
+        *fx_topk_at(&f, t, g, 1 + t % 2) = -1;
+  ok = ok && m3s_sparse_attention(g_ctx, c, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out,
+                                  &f.lse, NULL) == M3S_OK;
   CHECK(ok, "k2q: direct attention runs");
   int64_t rows = 0;
   ok = m3s_k2q_csr_rows(g_ctx, &f.batch, &rows) == M3S_OK && rows == 20 + 16 + 2 + 0;
@@ -83,21 +88,28 @@ static void test_spec7_csr_and_combine(void) {
           if (rr != r)
             continue;
           int64_t pos = fx_pos(&f, t), nb = pos < 0 ? 0 : pos / 128 + 1;
-          for (int k = 0; k < K && k < nb; k++)
-            if (*fx_topk_at(&f, t, g, k) == b) {
-              bad += qi[g * TK + e] != t || qs[g * TK + e] != k;
+          for (int k = 0, rank = 0; k < K && k < nb; k++) {
+            int32_t id = *fx_topk_at(&f, t, g, k);
+            if (id == b) {
+              bad += qi[g * TK + e] != t || qs[g * TK + e] != rank;
               e++;
             }
+            rank += id >= 0;
+          }
         }
       }
     }
     bad += rp[g * (rows + 1) + rows] != e;
     for (int t = 0; t < T; t++) {
       int64_t pos = fx_pos(&f, t), nb = pos < 0 ? 0 : pos / 128 + 1;
-      bad += qc[t * Hkv + g] != (nb < K ? nb : K);
+      int valid = 0;
+      for (int k = 0; k < K && k < nb; k++)
+        valid += *fx_topk_at(&f, t, g, k) >= 0;
+      bad += qc[t * Hkv + g] != valid;
     }
   }
-  CHECK(ok && bad == 0, "spec7_csr_equals_straightforward_inversion_and_counts");
+  CHECK(ok && bad == 0, holes ? "spec7_csr_with_minus_one_holes_equals_inversion"
+                              : "spec7_csr_equals_straightforward_inversion_and_counts");
   /* partials + combine */
   float *po = malloc(sizeof(float) * (size_t)T * Hq * K * 128);
   float *pl = malloc(sizeof(float) * (size_t)T * Hq * K);
@@ -126,8 +138,8 @@ static void test_spec7_csr_and_combine(void) {
     if (!(isinf(direct_lse[i]) && isinf(f.lse_mem[i])))
       lse_err = fmax(lse_err, fabs(direct_lse[i] - f.lse_mem[i]));
   char msg[160];
-  snprintf(msg, sizeof msg, "spec7_combined_partials_equal_direct_attention (rel L2 %.3g, lse %.3g)",
-           rel, lse_err);
+  snprintf(msg, sizeof msg, "spec7_combined_partials_equal_direct_attention%s (rel L2 %.3g, lse %.3g)",
+           holes ? "_with_holes" : "", rel, lse_err);
   CHECK(ok && rel < 1e-2 && lse_err < 1e-3, msg);
   check_attention_vs_ref(&f, 1, "spec7_combined_partials_vs_fp64_reference");
   free(direct);
@@ -215,7 +227,8 @@ int main(void) {
     fprintf(stderr, "context: %s\n", m3s_last_error());
     return 1;
   }
-  test_spec7_csr_and_combine();
+  test_spec7_csr_and_combine(0);
+  test_spec7_csr_and_combine(1);
   test_merge_two_halves_equals_whole();
   m3s_context_destroy(g_ctx);
   return TEST_FINISH();

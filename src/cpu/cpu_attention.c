@@ -215,7 +215,7 @@ m3s_status m3s_cpu_build_k2q_csr(const m3s_layer_config *cfg, const m3s_batch *b
             } else {
               int32_t at = rp[base + id]++;
               qi[at] = (int32_t)t;
-              qs[at] = (int32_t)k;
+              qs[at] = count - 1; /* rank among the valid entries: holes compacted */
             }
           }
           if (pass == 1)

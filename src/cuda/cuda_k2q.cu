@@ -1,41 +1,908 @@
-/* CUDA backend: inserts, k2q CSR, combine, merge. PLACEHOLDER: being written. */
+/* CUDA backend: cache inserts (SPEC section 2), the key-centric k2q CSR
+ * schedule (section 7), the combine of per-slot partials and the merge of two
+ * attention states. Semantics are those of the CPU reference
+ * (src/cpu/cpu_cache.c, src/cpu/cpu_attention.c): inserts and the CSR give
+ * the CPU's bytes exactly; attention, combine and merge are fp32 (not
+ * bit-identical to the CPU: expf/logf and summation order differ).
+ *
+ * Every launch goes to exec->stream (legacy stream 0 when exec is NULL); no
+ * allocation, no synchronisation, no host read of device data, no workspace;
+ * grids come from host-known shapes (T, Hkv, Hq, R = row_ptr.shape[1] - 1).
+ *
+ * Kernels and launch shapes:
+ *  - insert_kv_kernel     grid (min(T, 2^31-1), min(Hkv, 65535)), 128 threads:
+ *                         thread d converts K[d] and V[d] of one (token, head).
+ *  - insert_index_kernel  grid min(T, 2^31-1), 128 threads.
+ *  - CSR build, five stream-ordered steps and no scratch memory beyond the
+ *    outputs themselves:
+ *      1. cudaMemsetAsync(row_ptr, 0).
+ *      2. csr_fill_kernel (count) grid ceil(T*Hkv/256), 256 threads, a thread
+ *         per (t, g): q_count[t][g], and atomicAdd(&row_ptr[g][row + 1], 1)
+ *         per valid selection (row = base(request) + block).
+ *      3. csr_scan_kernel grid Hkv, 1024 threads: exclusive scan of
+ *         row_ptr[g][1..R] in place, so row_ptr[g][row + 1] = start of row.
+ *      4. csr_fill_kernel (place), same grid: at = atomicAdd(&row_ptr[g][row
+ *         + 1], 1) puts key t*K + k at q_indices[g][at]; afterwards
+ *         row_ptr[g][row + 1] is the row's end, i.e. row_ptr is final.
+ *      5. csr_sort_kernel grid (R, Hkv), 128 threads: sorts each row's keys
+ *         (this undoes the order of the atomics: the result is deterministic
+ *         and equals the CPU's ascending (t, k) order), then splits them into
+ *         q_indices = key / K and q_slot = key % K. Bitonic sort in shared
+ *         memory per 2048 keys; longer rows then merge (rank merge, one binary
+ *         search per key) ping-ponging between the row's q_indices and q_slot
+ *         segments.
+ *    Row bases (rows of the requests before r = sum of ceil(seq_len/128)) are
+ *    recomputed by each CTA that needs them with a CTA-wide reduction and
+ *    scans over seq_lens (cta_request_base, cta_row_owner).
+ *  - k2q_attention_kernel grid (R, Hkv), 512 threads, ~145 KB dynamic shared
+ *    memory: the CTA of (row, g) finds the row's (request, block), stages the
+ *    block's K and V once as fp32 (fp8 dequantised with its scales), then
+ *    each warp takes (entry, head) items of the row: scores, softmax and P.V
+ *    over the keys j <= pos(t) in SIMT fp32 (no tensor cores yet).
+ *  - combine_kernel, merge_kernel: a warp per (t, h), 256 threads per CTA.
+ *
+ * Guards (device data is not validated by the core): slots outside the cache
+ * skip the token; requests whose seq_len is outside (0, max_seq_len] own no
+ * rows; top-k entries outside [0, nb) are skipped (still not counted); CSR
+ * entries whose row is >= R are skipped; row_ptr/q_indices/q_slot/q_count
+ * values out of range skip the row or entry; pages out of range give no keys.
+ *
+ * measured: not yet. */
 #include "cuda_common.cuh"
 
-#define M3S_TODO(fn) return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "not implemented on CUDA yet")
+#define FULL_MASK 0xffffffffu
+#define INSERT_THREADS 128
+#define CSR_THREADS 256
+#define SCAN_THREADS 1024
+#define SORT_THREADS 128
+#define SORT_CAP 2048
+#define ATT_THREADS 512
+#define ATT_WARPS (ATT_THREADS / 32)
+#define KS_STRIDE (M3S_D + 1) /* padded K rows: lanes reading 32 keys hit 32 banks */
+#define ATT_SMEM_FLOATS (M3S_B * KS_STRIDE + M3S_B * M3S_D + 2 * ATT_WARPS * M3S_D)
+#define ATT_SMEM_BYTES ((size_t)ATT_SMEM_FLOATS * sizeof(float))
+#define WARP_THREADS 256
 
-extern "C" m3s_status m3s_cuda_cache_insert(m3s_context *, const m3s_tensor *, const m3s_tensor *,
-                                            const m3s_tensor *, m3s_tensor *,
-                                            const m3s_kv_scales *, const m3s_exec *) {
-  M3S_TODO("m3s_cache_insert");
+static cudaStream_t stream_of(const m3s_exec *e) {
+  return e ? (cudaStream_t)e->stream : (cudaStream_t)0;
 }
-extern "C" m3s_status m3s_cuda_index_cache_insert(m3s_context *, const m3s_tensor *,
-                                                  const m3s_tensor *, m3s_tensor *,
-                                                  const m3s_exec *) {
-  M3S_TODO("m3s_index_cache_insert");
+
+static unsigned grid_cap(int64_t n, int64_t cap) { return (unsigned)(n < cap ? n : cap); }
+
+/* ---------------------------------------------------------------------------
+ * CTA-wide helpers (blockDim.x a multiple of 32, at most 1024; every thread of
+ * the CTA must call them).
+ * ------------------------------------------------------------------------- */
+
+/* Sum (is_max == 0) or max of v over the CTA; every thread gets the result. */
+__device__ int64_t cta_reduce_i64(int64_t v, int is_max) {
+  __shared__ int64_t part[32];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) {
+    int64_t n = __shfl_xor_sync(FULL_MASK, v, o);
+    v = is_max ? (n > v ? n : v) : v + n;
+  }
+  if (lane == 0)
+    part[warp] = v;
+  __syncthreads();
+  v = part[0];
+  for (int w = 1; w < nw; w++)
+    v = is_max ? (part[w] > v ? part[w] : v) : v + part[w];
+  __syncthreads();
+  return v;
 }
-extern "C" m3s_status m3s_cuda_build_k2q_csr(m3s_context *, const m3s_layer_config *,
-                                             const m3s_batch *, const m3s_tensor *, m3s_tensor *,
-                                             m3s_tensor *, m3s_tensor *, m3s_tensor *,
-                                             const m3s_exec *) {
-  M3S_TODO("m3s_build_k2q_csr");
+
+/* Inclusive scan of v over the CTA in thread order; *total = the CTA's sum. */
+__device__ int64_t cta_inclusive_scan(int64_t v, int64_t *total) {
+  __shared__ int64_t part[32];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int o = 1; o < 32; o <<= 1) {
+    int64_t n = __shfl_up_sync(FULL_MASK, v, o);
+    if (lane >= o)
+      v += n;
+  }
+  if (lane == 31)
+    part[warp] = v;
+  __syncthreads();
+  int64_t before = 0, all = 0;
+  for (int w = 0; w < nw; w++) {
+    before += w < warp ? part[w] : 0;
+    all += part[w];
+  }
+  __syncthreads();
+  *total = all;
+  return v + before;
 }
-extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *, const m3s_layer_config *,
-                                             const m3s_batch *, const m3s_tensor *,
-                                             const m3s_tensor *, const m3s_kv_scales *,
-                                             const m3s_tensor *, const m3s_tensor *,
-                                             const m3s_tensor *, m3s_tensor *, m3s_tensor *,
-                                             const m3s_exec *) {
-  M3S_TODO("m3s_k2q_attention");
+
+/* ---------------------------------------------------------------------------
+ * Requests and CSR rows on the device
+ * ------------------------------------------------------------------------- */
+
+/* KV-block rows of request r: ceil(seq_len / 128) for a usable seq_len. */
+__device__ __forceinline__ int64_t req_rows(const m3s_cuda_batch &b, int64_t r) {
+  int64_t s = b.seq_lens[r * b.seq_stride];
+  return (s > 0 && s <= b.max_seq_len) ? (s + M3S_B - 1) / M3S_B : 0;
 }
-extern "C" m3s_status m3s_cuda_combine_partials(m3s_context *, const m3s_layer_config *,
-                                                const m3s_tensor *, const m3s_tensor *,
-                                                const m3s_tensor *, m3s_tensor *, m3s_tensor *,
-                                                const m3s_exec *) {
-  M3S_TODO("m3s_combine_partials");
+
+/* First row and query count of request r (r < num_reqs). */
+__device__ __forceinline__ void req_queries(const m3s_cuda_batch &b, int r, int64_t *row0,
+                                            int64_t *n) {
+  if (b.uniform_q_len > 0) {
+    *row0 = (int64_t)r * b.uniform_q_len;
+    *n = b.uniform_q_len;
+    return;
+  }
+  int64_t q0 = b.qsl[0], a = b.qsl[r * b.qsl_stride], c = b.qsl[(r + 1) * b.qsl_stride];
+  *row0 = a - q0;
+  *n = c - a;
 }
-extern "C" m3s_status m3s_cuda_merge_attn_states(m3s_context *, const m3s_tensor *,
-                                                 const m3s_tensor *, const m3s_tensor *,
-                                                 const m3s_tensor *, m3s_tensor *, m3s_tensor *,
-                                                 const m3s_exec *) {
-  M3S_TODO("m3s_merge_attn_states");
+
+/* Rows owned by the requests before my_r, for each thread's own request
+ * (my_r < 0: the thread has none and gets 0). The CTA reduces the requests
+ * below its smallest request, then scans the range it spans. */
+__device__ int64_t cta_request_base(const m3s_cuda_batch &b, int my_r) {
+  __shared__ int64_t excl[1024];
+  int64_t hi = cta_reduce_i64(my_r, 1);
+  if (hi < 0)
+    return 0;
+  int64_t lo = -cta_reduce_i64(my_r >= 0 ? -(int64_t)my_r : -(int64_t)INT32_MAX, 1);
+  int64_t part = 0, mine = 0;
+  for (int64_t r = threadIdx.x; r < lo; r += blockDim.x)
+    part += req_rows(b, r);
+  int64_t carry = cta_reduce_i64(part, 0);
+  for (int64_t c = lo; c <= hi; c += blockDim.x) {
+    int64_t r = c + threadIdx.x, v = r <= hi ? req_rows(b, r) : 0, total;
+    int64_t incl = cta_inclusive_scan(v, &total);
+    excl[threadIdx.x] = carry + incl - v;
+    __syncthreads();
+    if (my_r >= c && my_r < c + blockDim.x)
+      mine = excl[my_r - c];
+    __syncthreads();
+    carry += total;
+  }
+  return mine;
+}
+
+/* Request owning CSR row `row` and the row's block in it; -1 when none. */
+__device__ int cta_row_owner(const m3s_cuda_batch &b, int64_t row, int64_t *blk) {
+  __shared__ int s_r;
+  __shared__ int64_t s_blk;
+  if (threadIdx.x == 0) {
+    s_r = -1;
+    s_blk = 0;
+  }
+  __syncthreads();
+  int64_t carry = 0;
+  for (int64_t c = 0; c < b.num_reqs; c += blockDim.x) {
+    int64_t r = c + threadIdx.x, v = r < b.num_reqs ? req_rows(b, r) : 0, total;
+    int64_t incl = cta_inclusive_scan(v, &total);
+    if (v > 0 && row >= carry + incl - v && row < carry + incl) {
+      s_r = (int)r;
+      s_blk = row - (carry + incl - v);
+    }
+    carry += total;
+    __syncthreads();
+    if (s_r >= 0 || carry > row)
+      break;
+  }
+  *blk = s_blk;
+  return s_r;
+}
+
+/* ---------------------------------------------------------------------------
+ * Inserts
+ * ------------------------------------------------------------------------- */
+
+typedef struct {
+  const void *k, *v;
+  m3s_dtype k_dt, v_dt;
+  int64_t k_s0, k_s1, v_s0, v_s1;
+  const void *slots;
+  int slots_i64;
+  int64_t slot_s0;
+  void *cache;
+  m3s_dtype c_dt;
+  int64_t c_s0, c_s1, c_s2;
+  int64_t num_slots; /* P * 128 */
+  int64_t tokens, heads;
+  m3s_cuda_scales sc;
+} insert_args;
+
+__device__ __forceinline__ int64_t slot_at(const void *slots, int is_i64, int64_t s0, int64_t i) {
+  return is_i64 ? ((const int64_t *)slots)[i * s0] : (int64_t)((const int32_t *)slots)[i * s0];
+}
+
+/* Cache byte(s) of one value: RNE for bf16/f16; value / scale (IEEE division,
+ * as the CPU) then the saturating fp8 cast. */
+__device__ __forceinline__ void store_scaled(void *base, m3s_dtype dt, int64_t off, float x,
+                                             float scale) {
+  if (dt == M3S_E4M3 || dt == M3S_E5M2)
+    x = __fdiv_rn(x, scale);
+  m3s_st(base, dt, off, x);
+}
+
+__global__ void insert_kv_kernel(insert_args a) {
+  int d = threadIdx.x;
+  for (int64_t i = blockIdx.x; i < a.tokens; i += gridDim.x) {
+    int64_t slot = slot_at(a.slots, a.slots_i64, a.slot_s0, i);
+    if (slot < 0 || slot >= a.num_slots)
+      continue;
+    int64_t page = slot / M3S_B, off = slot % M3S_B;
+    for (int64_t h = blockIdx.y; h < a.heads; h += gridDim.y) {
+      int64_t dst = page * a.c_s0 + h * a.c_s1 + off * a.c_s2;
+      float kx = m3s_ld(a.k, a.k_dt, i * a.k_s0 + h * a.k_s1 + d);
+      float vx = m3s_ld(a.v, a.v_dt, i * a.v_s0 + h * a.v_s1 + d);
+      store_scaled(a.cache, a.c_dt, dst + d, kx, m3s_scale_k(a.sc, h, slot));
+      store_scaled(a.cache, a.c_dt, dst + M3S_D + d, vx, m3s_scale_v(a.sc, h, slot));
+    }
+  }
+}
+
+extern "C" m3s_status m3s_cuda_cache_insert(m3s_context *ctx, const m3s_tensor *k,
+                                            const m3s_tensor *v, const m3s_tensor *slot_mapping,
+                                            m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                            const m3s_exec *exec) {
+  (void)ctx;
+  insert_args a;
+  a.k = k->data;
+  a.v = v->data;
+  a.k_dt = k->dtype;
+  a.v_dt = v->dtype;
+  a.k_s0 = k->stride[0];
+  a.k_s1 = k->stride[1];
+  a.v_s0 = v->stride[0];
+  a.v_s1 = v->stride[1];
+  a.slots = slot_mapping->data;
+  a.slots_i64 = slot_mapping->dtype == M3S_I64;
+  a.slot_s0 = slot_mapping->stride[0];
+  a.cache = kv_cache->data;
+  a.c_dt = kv_cache->dtype;
+  a.c_s0 = kv_cache->stride[0];
+  a.c_s1 = kv_cache->stride[1];
+  a.c_s2 = kv_cache->stride[2];
+  a.num_slots = kv_cache->shape[0] * M3S_B;
+  a.tokens = k->shape[0];
+  a.heads = kv_cache->shape[1];
+  a.sc = m3s_cuda_scales_of(scales, kv_cache->dtype);
+  if (a.tokens == 0 || a.heads == 0 || a.num_slots == 0)
+    return M3S_OK;
+  dim3 grid(grid_cap(a.tokens, INT32_MAX), grid_cap(a.heads, 65535));
+  insert_kv_kernel<<<grid, INSERT_THREADS, 0, stream_of(exec)>>>(a);
+  return m3s_cuda_check_launch("m3s_cache_insert", "insert_kv_kernel");
+}
+
+__global__ void insert_index_kernel(const void *ik, m3s_dtype ik_dt, int64_t ik_s0,
+                                    const void *slots, int slots_i64, int64_t slot_s0,
+                                    void *cache, m3s_dtype c_dt, int64_t num_slots,
+                                    int64_t tokens) {
+  int d = threadIdx.x;
+  for (int64_t i = blockIdx.x; i < tokens; i += gridDim.x) {
+    int64_t slot = slot_at(slots, slots_i64, slot_s0, i);
+    if (slot < 0 || slot >= num_slots)
+      continue;
+    /* e4m3 index keys have no scale: a saturating cast */
+    m3s_st(cache, c_dt, slot * M3S_D + d, m3s_ld(ik, ik_dt, i * ik_s0 + d));
+  }
+}
+
+extern "C" m3s_status m3s_cuda_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
+                                                  const m3s_tensor *slot_mapping,
+                                                  m3s_tensor *index_cache, const m3s_exec *exec) {
+  (void)ctx;
+  int64_t tokens = ik->shape[0], num_slots = index_cache->shape[0] * M3S_B;
+  if (tokens == 0 || num_slots == 0)
+    return M3S_OK;
+  insert_index_kernel<<<grid_cap(tokens, INT32_MAX), INSERT_THREADS, 0, stream_of(exec)>>>(
+      ik->data, ik->dtype, ik->stride[0], slot_mapping->data, slot_mapping->dtype == M3S_I64,
+      slot_mapping->stride[0], index_cache->data, index_cache->dtype, num_slots, tokens);
+  return m3s_cuda_check_launch("m3s_index_cache_insert", "insert_index_kernel");
+}
+
+/* ---------------------------------------------------------------------------
+ * k2q CSR build
+ * ------------------------------------------------------------------------- */
+
+typedef struct {
+  const int32_t *topk;
+  int64_t tk_s0, tk_s1, tk_s2;
+  int32_t *row_ptr;
+  int64_t rp_s0;
+  int32_t *qi;
+  int64_t qi_s0;
+  int32_t *qcount;
+  int64_t qc_s0, qc_s1;
+  int64_t rows; /* R */
+  int64_t cap;  /* T * K: length of a q_indices row */
+  int hkv, k;
+} csr_args;
+
+/* Phase 2 (place == 0): q_count and per-row counts at row_ptr[g][row + 1].
+ * Phase 4 (place == 1): the same selections, each placed at the cursor
+ * row_ptr[g][row + 1] as the key t*K + slot (slot = rank of the selection
+ * among the row's valid entries). One thread per (t, g). */
+__global__ void __launch_bounds__(CSR_THREADS) csr_fill_kernel(m3s_cuda_batch b, csr_args a,
+                                                               int place) {
+  int64_t it = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  int64_t t = it / a.hkv;
+  int g = (int)(it % a.hkv);
+  m3s_row_info ri = m3s_row_lookup(b, t);
+  int64_t base = cta_request_base(b, ri.valid ? ri.r : -1);
+  if (t >= b.num_tokens)
+    return;
+  int64_t nb = ri.valid ? ri.pos / M3S_B + 1 : 0, kk = nb < a.k ? nb : a.k;
+  const int32_t *sel = a.topk + t * a.tk_s0 + g * a.tk_s1;
+  int32_t *rp = a.row_ptr + g * a.rp_s0;
+  int count = 0;
+  for (int64_t k = 0; k < kk; k++) {
+    int32_t id = sel[k * a.tk_s2];
+    if (id < 0 || id >= nb)
+      continue;
+    count++;
+    int64_t row = base + id;
+    if (row >= a.rows)
+      continue;
+    int at = atomicAdd(&rp[row + 1], 1);
+    /* the slot is the selection's rank among the valid entries of its top-k
+     * row (holes of -1 compacted), so slots 0..q_count-1 are all written */
+    if (place && at >= 0 && at < a.cap)
+      a.qi[g * a.qi_s0 + at] = (int32_t)(t * a.k + (count - 1));
+  }
+  if (!place)
+    a.qcount[t * a.qc_s0 + g * a.qc_s1] = count;
+}
+
+/* Phase 3: row_ptr[g][1 + x] = sum of the counts of rows < x (in place). */
+__global__ void __launch_bounds__(SCAN_THREADS) csr_scan_kernel(int32_t *row_ptr, int64_t rp_s0,
+                                                                int64_t rows) {
+  int32_t *cnt = row_ptr + blockIdx.x * rp_s0 + 1;
+  int64_t carry = 0;
+  for (int64_t c = 0; c < rows; c += blockDim.x) {
+    int64_t x = c + threadIdx.x, v = x < rows ? cnt[x] : 0, total;
+    int64_t incl = cta_inclusive_scan(v, &total);
+    if (x < rows)
+      cnt[x] = (int32_t)(carry + incl - v);
+    carry += total;
+  }
+}
+
+/* Ascending bitonic sort of s[0, n), n a power of two. */
+__device__ void cta_bitonic_sort(int32_t *s, int n) {
+  for (int size = 2; size <= n; size <<= 1)
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        int j = i ^ stride;
+        if (j > i) {
+          int32_t x = s[i], y = s[j];
+          if ((x > y) == ((i & size) == 0)) {
+            s[i] = y;
+            s[j] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+}
+
+/* Loads src[0, len) (len <= SORT_CAP) into s, padded to a power of two with
+ * INT32_MAX, and sorts it. */
+__device__ void sort_chunk_smem(const int32_t *src, int len, int32_t *s) {
+  int n = 1;
+  while (n < len)
+    n <<= 1;
+  for (int i = threadIdx.x; i < n; i += blockDim.x)
+    s[i] = i < len ? src[i] : INT32_MAX;
+  __syncthreads();
+  cta_bitonic_sort(s, n);
+}
+
+/* Number of elements of the sorted a[0, n) below key. */
+__device__ __forceinline__ int64_t count_below(const int32_t *a, int64_t n, int32_t key) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    int64_t mid = (lo + hi) >> 1;
+    if (a[mid] < key)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+/* Merges sorted runs of width w pairwise from src into dst (keys distinct:
+ * each key's place is its index in its run plus its rank in the other run). */
+__device__ void rank_merge_pass(const int32_t *src, int32_t *dst, int64_t len, int64_t w) {
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+    int64_t a0 = i / (2 * w) * (2 * w);
+    int64_t a1 = a0 + w < len ? a0 + w : len, a2 = a0 + 2 * w < len ? a0 + 2 * w : len;
+    int32_t key = src[i];
+    if (i < a1)
+      dst[i + count_below(src + a1, a2 - a1, key)] = key;
+    else
+      dst[a0 + (i - a1) + count_below(src + a0, a1 - a0, key)] = key;
+  }
+}
+
+/* Phase 5: one CTA per (row, g). */
+__global__ void __launch_bounds__(SORT_THREADS)
+    csr_sort_kernel(const int32_t *row_ptr, int64_t rp_s0, int32_t *qi, int64_t qi_s0,
+                    int32_t *qs, int64_t qs_s0, int64_t cap, int k) {
+  __shared__ int32_t s[SORT_CAP];
+  int64_t row = blockIdx.x;
+  int g = blockIdx.y;
+  int64_t lo = row_ptr[g * rp_s0 + row], hi = row_ptr[g * rp_s0 + row + 1];
+  if (lo < 0 || hi > cap || lo >= hi)
+    return;
+  int32_t *keys = qi + g * qi_s0 + lo, *spare = qs + g * qs_s0 + lo;
+  int64_t len = hi - lo;
+  if (len <= SORT_CAP) {
+    sort_chunk_smem(keys, (int)len, s);
+    for (int i = threadIdx.x; i < len; i += blockDim.x) {
+      keys[i] = s[i] / k;
+      spare[i] = s[i] % k;
+    }
+    return;
+  }
+  for (int64_t c = 0; c < len; c += SORT_CAP) {
+    int n = (int)(len - c < SORT_CAP ? len - c : SORT_CAP);
+    sort_chunk_smem(keys + c, n, s);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+      keys[c + i] = s[i];
+    __syncthreads();
+  }
+  int32_t *src = keys, *dst = spare;
+  for (int64_t w = SORT_CAP; w < len; w *= 2) {
+    rank_merge_pass(src, dst, len, w);
+    __syncthreads();
+    int32_t *x = src;
+    src = dst;
+    dst = x;
+  }
+  /* split in place: each index is read and written by one thread only */
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+    int32_t key = src[i];
+    keys[i] = key / k;
+    spare[i] = key % k;
+  }
+}
+
+extern "C" m3s_status m3s_cuda_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
+                                             const m3s_batch *batch, const m3s_tensor *topk,
+                                             m3s_tensor *row_ptr, m3s_tensor *q_indices,
+                                             m3s_tensor *q_slot, m3s_tensor *q_count,
+                                             const m3s_exec *exec) {
+  (void)ctx;
+  const char *fn = "m3s_build_k2q_csr";
+  cudaStream_t st = stream_of(exec);
+  csr_args a;
+  a.topk = (const int32_t *)topk->data;
+  a.tk_s0 = topk->stride[0];
+  a.tk_s1 = topk->stride[1];
+  a.tk_s2 = topk->stride[2];
+  a.row_ptr = (int32_t *)row_ptr->data;
+  a.rp_s0 = row_ptr->stride[0];
+  a.qi = (int32_t *)q_indices->data;
+  a.qi_s0 = q_indices->stride[0];
+  a.qcount = (int32_t *)q_count->data;
+  a.qc_s0 = q_count->stride[0];
+  a.qc_s1 = q_count->stride[1];
+  a.rows = row_ptr->shape[1] - 1;
+  a.cap = q_indices->shape[1];
+  a.hkv = cfg->num_kv_heads;
+  a.k = cfg->topk;
+  int64_t tokens = batch->num_tokens;
+  if (a.rows > INT32_MAX)
+    return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld CSR rows exceed the grid limit",
+                    (long long)a.rows);
+  /* 1. zero (row_ptr is contiguous: validated by the core) */
+  cudaError_t err = cudaMemsetAsync(row_ptr->data, 0,
+                                    sizeof(int32_t) * (size_t)(a.hkv * (a.rows + 1)), st);
+  if (err != cudaSuccess)
+    return m3s_fail(M3S_ERR_CUDA, fn, "cudaMemsetAsync(row_ptr) failed: %s",
+                    cudaGetErrorString(err));
+  if (tokens == 0)
+    return M3S_OK;
+  m3s_cuda_batch b = m3s_cuda_batch_of(batch);
+  unsigned fill_grid = (unsigned)((tokens * a.hkv + CSR_THREADS - 1) / CSR_THREADS);
+  m3s_status s;
+  /* 2. count */
+  csr_fill_kernel<<<fill_grid, CSR_THREADS, 0, st>>>(b, a, 0);
+  if ((s = m3s_cuda_check_launch(fn, "csr_fill_kernel(count)")))
+    return s;
+  if (a.rows == 0)
+    return M3S_OK;
+  /* 3. scan */
+  csr_scan_kernel<<<(unsigned)a.hkv, SCAN_THREADS, 0, st>>>(a.row_ptr, a.rp_s0, a.rows);
+  if ((s = m3s_cuda_check_launch(fn, "csr_scan_kernel")))
+    return s;
+  /* 4. place */
+  csr_fill_kernel<<<fill_grid, CSR_THREADS, 0, st>>>(b, a, 1);
+  if ((s = m3s_cuda_check_launch(fn, "csr_fill_kernel(place)")))
+    return s;
+  /* 5. sort rows, split keys */
+  dim3 grid((unsigned)a.rows, (unsigned)a.hkv);
+  csr_sort_kernel<<<grid, SORT_THREADS, 0, st>>>(a.row_ptr, a.rp_s0, a.qi, a.qi_s0,
+                                                  (int32_t *)q_slot->data, q_slot->stride[0],
+                                                  a.cap, a.k);
+  return m3s_cuda_check_launch(fn, "csr_sort_kernel");
+}
+
+/* ---------------------------------------------------------------------------
+ * k2q attention: partial attention of each (block, query) pair
+ * ------------------------------------------------------------------------- */
+
+typedef struct {
+  const void *q;
+  m3s_dtype q_dt;
+  int64_t q_s0, q_s1;
+  const void *kv;
+  m3s_dtype kv_dt;
+  int64_t kv_s0, kv_s1, kv_s2, num_pages;
+  m3s_cuda_scales sc;
+  const int32_t *rp, *qi, *qs;
+  int64_t rp_s0, qi_s0, qi_s1, qs_s0, qs_s1, cap;
+  float *po, *pl;
+  int64_t po_s0, po_s1, po_s2, pl_s0, pl_s1, pl_s2;
+  int group, topk;
+  float scale;
+} k2q_args;
+
+/* Keys [0, nk) of the block (page) of KV head g as fp32 into ks (padded
+ * rows) and vs; rows >= nk are zero. */
+__device__ void load_block(const k2q_args &a, int64_t page, int g, int nk, float *ks, float *vs) {
+  for (int idx = threadIdx.x; idx < M3S_B * 2 * M3S_D; idx += blockDim.x) {
+    int j = idx / (2 * M3S_D), d = idx % (2 * M3S_D);
+    float x = 0.0f;
+    if (j < nk) {
+      int64_t slot = page * M3S_B + j;
+      float sc = d < M3S_D ? m3s_scale_k(a.sc, g, slot) : m3s_scale_v(a.sc, g, slot);
+      x = m3s_ld(a.kv, a.kv_dt, page * a.kv_s0 + g * a.kv_s1 + j * a.kv_s2 + d) * sc;
+    }
+    if (d < M3S_D)
+      ks[j * KS_STRIDE + d] = x;
+    else
+      vs[j * M3S_D + d - M3S_D] = x;
+  }
+}
+
+__device__ __forceinline__ float warp_max_f(float v) {
+  for (int o = 16; o > 0; o >>= 1)
+    v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum_f(float v) {
+  for (int o = 16; o > 0; o >>= 1)
+    v += __shfl_xor_sync(FULL_MASK, v, o);
+  return v;
+}
+
+/* One warp: query row t, head h over the block's keys [0, nk); writes the
+ * normalised partial output and lse of slot `slot` (0 / -inf when nk == 0).
+ * qw, pw: this warp's 128-float staging rows. */
+__device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs, float *qw,
+                             float *pw, int64_t t, int64_t h, int slot, int nk) {
+  int lane = threadIdx.x & 31;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, lse = -INFINITY;
+  if (nk > 0) {
+    for (int i = 0; i < 4; i++)
+      qw[lane + 32 * i] = m3s_ld(a.q, a.q_dt, t * a.q_s0 + h * a.q_s1 + lane + 32 * i);
+    __syncwarp();
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int d = 0; d < M3S_D; d++) {
+      float qd = qw[d];
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+        s[i] += qd * ks[(lane + 32 * i) * KS_STRIDE + d];
+    }
+    float m = -INFINITY;
+    for (int i = 0; i < 4; i++) {
+      s[i] = lane + 32 * i < nk ? s[i] * a.scale : -INFINITY;
+      m = fmaxf(m, s[i]);
+    }
+    m = warp_max_f(m);
+    float l = 0.0f;
+    for (int i = 0; i < 4; i++) {
+      float p = (lane + 32 * i < nk && m != -INFINITY) ? expf(s[i] - m) : 0.0f;
+      pw[lane + 32 * i] = p;
+      l += p;
+    }
+    l = warp_sum_f(l);
+    __syncwarp();
+    if (l > 0.0f) {
+      for (int j = 0; j < nk; j++) {
+        float p = pw[j];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+          acc[i] += p * vs[j * M3S_D + lane + 32 * i];
+      }
+      float inv = 1.0f / l;
+      for (int i = 0; i < 4; i++)
+        acc[i] *= inv;
+      lse = m + logf(l);
+    }
+  }
+  float *o = a.po + t * a.po_s0 + h * a.po_s1 + slot * a.po_s2;
+  for (int i = 0; i < 4; i++)
+    o[lane + 32 * i] = acc[i];
+  if (lane == 0)
+    a.pl[t * a.pl_s0 + h * a.pl_s1 + slot * a.pl_s2] = lse;
+  __syncwarp();
+}
+
+__global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_cuda_batch b,
+                                                                    k2q_args a) {
+  extern __shared__ float smem[];
+  float *ks = smem, *vs = ks + M3S_B * KS_STRIDE, *qw = vs + M3S_B * M3S_D;
+  float *pw = qw + ATT_WARPS * M3S_D;
+  int64_t row = blockIdx.x;
+  int g = blockIdx.y;
+  int64_t lo = a.rp[g * a.rp_s0 + row], hi = a.rp[g * a.rp_s0 + row + 1];
+  if (lo < 0 || hi > a.cap || lo >= hi)
+    return;
+  /* Phase 1: which request and block this row is */
+  int64_t blk;
+  int r = cta_row_owner(b, row, &blk);
+  if (r < 0)
+    return;
+  int64_t row0, n, seq = b.seq_lens[r * b.seq_stride];
+  req_queries(b, r, &row0, &n);
+  if (n < 0 || seq < n)
+    return;
+  int64_t page = m3s_page(b.bt, b.bt_s0, b.bt_s1, b.bt_cols, r, blk, a.num_pages);
+  int64_t in_blk = seq - blk * M3S_B;
+  int nk_blk = page < 0 ? 0 : (int)(in_blk < M3S_B ? in_blk : M3S_B);
+  /* Phase 2: stage the block once */
+  load_block(a, page, g, nk_blk, ks, vs);
+  __syncthreads();
+  /* Phase 3: every (entry, head) of the row, a warp each */
+  int warp = threadIdx.x >> 5;
+  int64_t items = (hi - lo) * a.group;
+  for (int64_t it = warp; it < items; it += ATT_WARPS) {
+    int64_t e = lo + it / a.group, h = (int64_t)g * a.group + it % a.group;
+    int64_t t = a.qi[g * a.qi_s0 + e * a.qi_s1];
+    int slot = a.qs[g * a.qs_s0 + e * a.qs_s1];
+    if (t < row0 || t >= row0 + n || t >= b.num_tokens || slot < 0 || slot >= a.topk)
+      continue;
+    int64_t nk = seq - n + (t - row0) + 1 - blk * M3S_B;
+    nk = nk < nk_blk ? nk : nk_blk;
+    attend_entry(a, ks, vs, qw + warp * M3S_D, pw + warp * M3S_D, t, h, slot,
+                 nk > 0 ? (int)nk : 0);
+  }
+}
+
+extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                                             const m3s_batch *batch, const m3s_tensor *q,
+                                             const m3s_tensor *kv_cache,
+                                             const m3s_kv_scales *scales,
+                                             const m3s_tensor *row_ptr,
+                                             const m3s_tensor *q_indices,
+                                             const m3s_tensor *q_slot, m3s_tensor *part_out,
+                                             m3s_tensor *part_lse, const m3s_exec *exec) {
+  (void)ctx;
+  const char *fn = "m3s_k2q_attention";
+  int64_t rows = row_ptr->shape[1] - 1;
+  if (rows == 0 || batch->num_tokens == 0)
+    return M3S_OK;
+  if (rows > INT32_MAX)
+    return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld CSR rows exceed the grid limit",
+                    (long long)rows);
+  k2q_args a;
+  a.q = q->data;
+  a.q_dt = q->dtype;
+  a.q_s0 = q->stride[0];
+  a.q_s1 = q->stride[1];
+  a.kv = kv_cache->data;
+  a.kv_dt = kv_cache->dtype;
+  a.kv_s0 = kv_cache->stride[0];
+  a.kv_s1 = kv_cache->stride[1];
+  a.kv_s2 = kv_cache->stride[2];
+  a.num_pages = kv_cache->shape[0];
+  a.sc = m3s_cuda_scales_of(scales, kv_cache->dtype);
+  a.rp = (const int32_t *)row_ptr->data;
+  a.rp_s0 = row_ptr->stride[0];
+  a.qi = (const int32_t *)q_indices->data;
+  a.qi_s0 = q_indices->stride[0];
+  a.qi_s1 = q_indices->stride[1];
+  a.qs = (const int32_t *)q_slot->data;
+  a.qs_s0 = q_slot->stride[0];
+  a.qs_s1 = q_slot->stride[1];
+  a.cap = q_indices->shape[1];
+  a.po = (float *)part_out->data;
+  a.po_s0 = part_out->stride[0];
+  a.po_s1 = part_out->stride[1];
+  a.po_s2 = part_out->stride[2];
+  a.pl = (float *)part_lse->data;
+  a.pl_s0 = part_lse->stride[0];
+  a.pl_s1 = part_lse->stride[1];
+  a.pl_s2 = part_lse->stride[2];
+  a.group = cfg->num_q_heads / cfg->num_kv_heads;
+  a.topk = cfg->topk;
+  a.scale = cfg->softmax_scale;
+  cudaError_t err = cudaFuncSetAttribute(k2q_attention_kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)ATT_SMEM_BYTES);
+  if (err != cudaSuccess)
+    return m3s_fail(M3S_ERR_CUDA, fn, "cudaFuncSetAttribute(%zu bytes of shared memory): %s",
+                    ATT_SMEM_BYTES, cudaGetErrorString(err));
+  dim3 grid((unsigned)rows, (unsigned)cfg->num_kv_heads);
+  k2q_attention_kernel<<<grid, ATT_THREADS, ATT_SMEM_BYTES, stream_of(exec)>>>(
+      m3s_cuda_batch_of(batch), a);
+  return m3s_cuda_check_launch(fn, "k2q_attention_kernel");
+}
+
+/* ---------------------------------------------------------------------------
+ * Combine of per-slot partials, merge of two states
+ * ------------------------------------------------------------------------- */
+
+typedef struct {
+  const float *po, *pl;
+  int64_t po_s0, po_s1, po_s2, pl_s0, pl_s1, pl_s2;
+  const int32_t *qc;
+  int64_t qc_s0, qc_s1;
+  void *out;
+  m3s_dtype out_dt;
+  int64_t out_s0, out_s1;
+  float *lse;
+  int64_t lse_s0, lse_s1;
+  int64_t tokens;
+  int hq, group, topk;
+} combine_args;
+
+/* A warp per (t, h): slots 0 .. q_count-1 merged in slot order, weights
+ * e^(lse_k - max) over their sum (as the CPU). */
+__global__ void combine_kernel(combine_args a) {
+  int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  int lane = threadIdx.x & 31;
+  if (w >= a.tokens * a.hq)
+    return;
+  int64_t t = w / a.hq, h = w % a.hq;
+  int n = a.qc[t * a.qc_s0 + (h / a.group) * a.qc_s1];
+  n = n < 0 ? 0 : (n > a.topk ? a.topk : n);
+  const float *pl = a.pl + t * a.pl_s0 + h * a.pl_s1;
+  const float *po = a.po + t * a.po_s0 + h * a.po_s1;
+  float mx = -INFINITY, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, lse = -INFINITY;
+  for (int k = 0; k < n; k++)
+    mx = pl[k * a.pl_s2] > mx ? pl[k * a.pl_s2] : mx;
+  if (mx != -INFINITY) {
+    float sum = 0.0f;
+    for (int k = 0; k < n; k++) {
+      float wk = expf(pl[k * a.pl_s2] - mx);
+      sum += wk;
+      for (int i = 0; i < 4; i++)
+        acc[i] += wk * po[k * a.po_s2 + lane + 32 * i];
+    }
+    for (int i = 0; i < 4; i++)
+      acc[i] /= sum;
+    lse = mx + logf(sum);
+  }
+  for (int i = 0; i < 4; i++)
+    m3s_st(a.out, a.out_dt, t * a.out_s0 + h * a.out_s1 + lane + 32 * i, acc[i]);
+  if (a.lse && lane == 0)
+    a.lse[t * a.lse_s0 + h * a.lse_s1] = lse;
+}
+
+extern "C" m3s_status m3s_cuda_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
+                                                const m3s_tensor *part_out,
+                                                const m3s_tensor *part_lse,
+                                                const m3s_tensor *q_count, m3s_tensor *out,
+                                                m3s_tensor *lse, const m3s_exec *exec) {
+  (void)ctx;
+  combine_args a;
+  a.po = (const float *)part_out->data;
+  a.po_s0 = part_out->stride[0];
+  a.po_s1 = part_out->stride[1];
+  a.po_s2 = part_out->stride[2];
+  a.pl = (const float *)part_lse->data;
+  a.pl_s0 = part_lse->stride[0];
+  a.pl_s1 = part_lse->stride[1];
+  a.pl_s2 = part_lse->stride[2];
+  a.qc = (const int32_t *)q_count->data;
+  a.qc_s0 = q_count->stride[0];
+  a.qc_s1 = q_count->stride[1];
+  a.out = out->data;
+  a.out_dt = out->dtype;
+  a.out_s0 = out->stride[0];
+  a.out_s1 = out->stride[1];
+  a.lse = lse ? (float *)lse->data : NULL;
+  a.lse_s0 = lse ? lse->stride[0] : 0;
+  a.lse_s1 = lse ? lse->stride[1] : 0;
+  a.tokens = part_out->shape[0];
+  a.hq = cfg->num_q_heads;
+  a.group = cfg->num_q_heads / cfg->num_kv_heads;
+  a.topk = cfg->topk;
+  int64_t warps = a.tokens * a.hq;
+  if (warps == 0)
+    return M3S_OK;
+  int64_t blocks = (warps * 32 + WARP_THREADS - 1) / WARP_THREADS;
+  if (blocks > INT32_MAX)
+    return m3s_fail(M3S_ERR_UNSUPPORTED, "m3s_combine_partials", "%lld rows exceed the grid limit",
+                    (long long)warps);
+  combine_kernel<<<(unsigned)blocks, WARP_THREADS, 0, stream_of(exec)>>>(a);
+  return m3s_cuda_check_launch("m3s_combine_partials", "combine_kernel");
+}
+
+typedef struct {
+  const void *oa, *ob;
+  m3s_dtype oa_dt, ob_dt;
+  int64_t oa_s0, oa_s1, ob_s0, ob_s1;
+  const float *la, *lb;
+  int64_t la_s0, la_s1, lb_s0, lb_s1;
+  void *out;
+  m3s_dtype out_dt;
+  int64_t out_s0, out_s1;
+  float *lse;
+  int64_t lse_s0, lse_s1;
+  int64_t tokens, heads;
+} merge_args;
+
+/* A warp per (t, h). out may alias out_a or out_b exactly (and lse lse_a or
+ * lse_b): every lane reads its elements and both lse values before any
+ * write. */
+__global__ void merge_kernel(merge_args a) {
+  int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  int lane = threadIdx.x & 31;
+  if (w >= a.tokens * a.heads)
+    return;
+  int64_t t = w / a.heads, h = w % a.heads;
+  float xa[4], xb[4], acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int i = 0; i < 4; i++) {
+    xa[i] = m3s_ld(a.oa, a.oa_dt, t * a.oa_s0 + h * a.oa_s1 + lane + 32 * i);
+    xb[i] = m3s_ld(a.ob, a.ob_dt, t * a.ob_s0 + h * a.ob_s1 + lane + 32 * i);
+  }
+  float la = a.la[t * a.la_s0 + h * a.la_s1], lb = a.lb[t * a.lb_s0 + h * a.lb_s1];
+  float mx = -INFINITY, lse = -INFINITY;
+  mx = la > mx ? la : mx;
+  mx = lb > mx ? lb : mx;
+  if (mx != -INFINITY) {
+    float wa = expf(la - mx), wb = expf(lb - mx), sum = wa + wb;
+    for (int i = 0; i < 4; i++)
+      acc[i] = (wa * xa[i] + wb * xb[i]) / sum;
+    lse = mx + logf(sum);
+  }
+  __syncwarp();
+  for (int i = 0; i < 4; i++)
+    m3s_st(a.out, a.out_dt, t * a.out_s0 + h * a.out_s1 + lane + 32 * i, acc[i]);
+  if (a.lse && lane == 0)
+    a.lse[t * a.lse_s0 + h * a.lse_s1] = lse;
+}
+
+extern "C" m3s_status m3s_cuda_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
+                                                 const m3s_tensor *lse_a,
+                                                 const m3s_tensor *out_b,
+                                                 const m3s_tensor *lse_b, m3s_tensor *out,
+                                                 m3s_tensor *lse, const m3s_exec *exec) {
+  (void)ctx;
+  merge_args a;
+  a.oa = out_a->data;
+  a.ob = out_b->data;
+  a.oa_dt = out_a->dtype;
+  a.ob_dt = out_b->dtype;
+  a.oa_s0 = out_a->stride[0];
+  a.oa_s1 = out_a->stride[1];
+  a.ob_s0 = out_b->stride[0];
+  a.ob_s1 = out_b->stride[1];
+  a.la = (const float *)lse_a->data;
+  a.lb = (const float *)lse_b->data;
+  a.la_s0 = lse_a->stride[0];
+  a.la_s1 = lse_a->stride[1];
+  a.lb_s0 = lse_b->stride[0];
+  a.lb_s1 = lse_b->stride[1];
+  a.out = out->data;
+  a.out_dt = out->dtype;
+  a.out_s0 = out->stride[0];
+  a.out_s1 = out->stride[1];
+  a.lse = lse ? (float *)lse->data : NULL;
+  a.lse_s0 = lse ? lse->stride[0] : 0;
+  a.lse_s1 = lse ? lse->stride[1] : 0;
+  a.tokens = out_a->shape[0];
+  a.heads = out_a->shape[1];
+  int64_t warps = a.tokens * a.heads;
+  if (warps == 0)
+    return M3S_OK;
+  int64_t blocks = (warps * 32 + WARP_THREADS - 1) / WARP_THREADS;
+  if (blocks > INT32_MAX)
+    return m3s_fail(M3S_ERR_UNSUPPORTED, "m3s_merge_attn_states",
+                    "%lld rows exceed the grid limit", (long long)warps);
+  merge_kernel<<<(unsigned)blocks, WARP_THREADS, 0, stream_of(exec)>>>(a);
+  return m3s_cuda_check_launch("m3s_merge_attn_states", "merge_kernel");
 }

@@ -1,0 +1,483 @@
+/* SPEC section 4 on the CUDA backend: m3s_sparse_attention on a CUDA context
+ * against the fp64 reference of tests/ref.c (check_attention_vs_ref: rel L2
+ * < 1e-2, lse within 1e-3, padded rows exactly 0 / -inf, every element
+ * written) AND against the CPU backend on the same inputs (rel L2 < 1e-2).
+ *
+ * Each case builds a fixture (tests/ref.h) with fresh random inputs (every
+ * cache page filled), computes the top-k on the CPU context, runs CPU
+ * attention, then CUDA attention on device copies with poisoned outputs.
+ * Every case also checks determinism (a second run gives the same bytes) and
+ * that lse == NULL leaves the output bits unchanged.
+ *
+ * Coverage: TP1/2/4/8 (Hq/Hkv 64/4, 32/2, 16/1, 8/1) and G = 1, 12, 32; both
+ * cache orders; bf16/f16 activations; bf16, f16, e4m3 and e5m2 caches (no,
+ * scalar and per-(head, slot) scales; mixed 16-bit dtypes); decode rows at
+ * 1, 128, 129, 2049, 5000 and 131072 tokens; uniform q_len 1 and 4, ragged
+ * decode with query_start_loc[0] != 0, padded requests; prefill chunks (~1000
+ * tokens behind a 19000-token prefix); K = 8 and 64; a head-major top-k view;
+ * descending and -1-holed top-k rows, all -1 rows; device-side guards (top-k
+ * ids outside [0, nb), page ids out of range, bad seq_lens).
+ *
+ * M3S_TEST_QUICK=1 skips the large cases (for compute-sanitizer runs);
+ * M3S_TEST_FILTER=text runs only the cases whose name contains text. */
+#define _POSIX_C_SOURCE 199309L /* clock_gettime */
+#include "gpu_util.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static m3s_context *g_cpu, *g_gpu;
+static int g_quick;
+static const char *g_filter;
+static uint64_t g_seed = 20261107;
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+static m3s_layer_config cfg_of(int hq, int hkv, int k) {
+  m3s_layer_config c = m3s_config_minimax_m3(1);
+  c.num_q_heads = hq;
+  c.num_kv_heads = hkv;
+  c.topk = k;
+  return c;
+}
+
+static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
+  fx_spec s;
+  memset(&s, 0, sizeof s);
+  s.cfg = c;
+  s.num_reqs = nreq;
+  s.qlens = ql;
+  s.seqlens = sl;
+  s.act_dtype = M3S_BF16;
+  s.kv_dtype = M3S_BF16;
+  s.idx_dtype = M3S_BF16;
+  s.extra_pages = 3;
+  s.seed = g_seed++;
+  return s;
+}
+
+static size_t out_bytes(const fixture *f) { return (size_t)f->T * f->cfg.num_q_heads * 128 * 2; }
+static size_t lse_count(const fixture *f) { return (size_t)f->T * f->cfg.num_q_heads; }
+static size_t topk_bytes(const fixture *f) {
+  return sizeof(int32_t) * (size_t)f->T * f->cfg.num_kv_heads * f->cfg.topk;
+}
+
+/* Changes applied to a case.
+ *  topk_host: rewrites the host top-k after the CPU computed it (the CPU and
+ *             the device both get the result).
+ *  device:    GPU-only bad data after the upload; rewrites the host fixture
+ *             into what the reference must see (ref_topk: the reference's
+ *             top-k, the device keeps its own copy).
+ *  no_cpu:    the CPU backend would reject the data: reference only.
+ *  all_zero:  every output must be exactly 0 and every lse -inf. */
+typedef struct {
+  void (*topk_host)(fixture *f);
+  int (*device)(fixture *f, gpu_fx *g, int32_t *ref_topk);
+  int no_cpu;
+  int all_zero;
+} case_mods;
+
+static double rel_l2(const fixture *f, const void *got, const void *want) {
+  double e2 = 0, r2 = 0;
+  size_t n = out_bytes(f) / 2;
+  for (size_t i = 0; i < n; i++) {
+    double a = load_elem(got, f->sp.act_dtype, (int64_t)i);
+    double b = load_elem(want, f->sp.act_dtype, (int64_t)i);
+    e2 += (a - b) * (a - b);
+    r2 += b * b;
+  }
+  return r2 > 0 ? sqrt(e2 / r2) : sqrt(e2);
+}
+
+/* Poison, upload the device's top-k, run CUDA attention, download. */
+static int gpu_run(fixture *f, gpu_fx *g, const int32_t *dev_topk, int with_lse,
+                   const char *name) {
+  if (!gpu_fx_poison(g, f))
+    return 0;
+  memcpy(f->topk_mem, dev_topk, topk_bytes(f));
+  if (!gpu_fx_upload_topk(g, f))
+    return 0;
+  m3s_status st = m3s_sparse_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, &g->kv_t, &g->scales,
+                                       &g->topk_t, &g->out_t, with_lse ? &g->lse_t : NULL,
+                                       &g->exec);
+  if (st != M3S_OK) {
+    fprintf(stderr, "%s: cuda m3s_sparse_attention: %s\n", name, m3s_last_error());
+    return 0;
+  }
+  return gpu_fx_download(g, f);
+}
+
+static void run_case(const char *name, fx_spec s, const case_mods *mods) {
+  fixture f;
+  gpu_fx g;
+  if (g_filter && g_filter[0] && !strstr(name, g_filter))
+    return;
+  memset(&g, 0, sizeof g);
+  double t0 = now_ms();
+  fx_init(&f, &s);
+  fx_poison(&f);
+  m3s_status st = m3s_index_topk(g_cpu, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL);
+  if (!CHECK(st == M3S_OK, name)) {
+    fprintf(stderr, "%s: cpu m3s_index_topk: %s\n", name, m3s_last_error());
+    fx_free(&f);
+    return;
+  }
+  if (mods && mods->topk_host)
+    mods->topk_host(&f);
+  size_t ob = out_bytes(&f), ln = lse_count(&f), tb = topk_bytes(&f);
+  int32_t *dev_topk = malloc(tb + 4), *ref_topk = malloc(tb + 4);
+  void *cpu_out = malloc(ob + 2), *out1 = malloc(ob + 2);
+  float *lse1 = malloc(sizeof(float) * (ln + 1));
+  memcpy(dev_topk, f.topk_mem, tb);
+  memcpy(ref_topk, f.topk_mem, tb);
+  /* CPU backend */
+  int have_cpu = !(mods && mods->no_cpu);
+  double t1 = now_ms();
+  if (have_cpu) {
+    st = m3s_sparse_attention(g_cpu, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out,
+                              &f.lse, NULL);
+    if (!CHECK(st == M3S_OK, name))
+      fprintf(stderr, "%s: cpu m3s_sparse_attention: %s\n", name, m3s_last_error());
+    memcpy(cpu_out, f.out_mem, ob);
+  }
+  double t2 = now_ms();
+  /* CUDA backend */
+  int ok = gpu_fx_upload(&g, &f, g_gpu);
+  if (ok && mods && mods->device)
+    ok = mods->device(&f, &g, ref_topk);
+  double t3 = now_ms();
+  ok = ok && gpu_run(&f, &g, dev_topk, 1, name);
+  double t4 = now_ms();
+  if (!CHECK(ok, name)) {
+    fprintf(stderr, "%s: device run failed\n", name);
+    goto done;
+  }
+  memcpy(out1, f.out_mem, ob);
+  memcpy(lse1, f.lse_mem, sizeof(float) * ln);
+  memcpy(f.topk_mem, ref_topk, tb);
+  double ref_err = check_attention_vs_ref(&f, 1, name);
+  double cpu_err = have_cpu ? rel_l2(&f, out1, cpu_out) : 0.0;
+  if (have_cpu && !CHECK(cpu_err < 1e-2, name))
+    fprintf(stderr, "%s: CUDA vs CPU rel L2 %.3g\n", name, cpu_err);
+  if (mods && mods->all_zero) {
+    int zero = 1;
+    for (size_t i = 0; i < ob / 2; i++)
+      zero &= ((const uint16_t *)out1)[i] == 0;
+    for (size_t i = 0; i < ln; i++)
+      zero &= isinf(lse1[i]) && lse1[i] < 0;
+    CHECK(zero, name);
+  }
+  /* determinism: same bytes again */
+  ok = gpu_run(&f, &g, dev_topk, 1, name);
+  if (!CHECK(ok && memcmp(out1, f.out_mem, ob) == 0 &&
+                 memcmp(lse1, f.lse_mem, sizeof(float) * ln) == 0,
+             name))
+    fprintf(stderr, "%s: second run differs (determinism)\n", name);
+  /* lse == NULL: same output bits */
+  ok = gpu_run(&f, &g, dev_topk, 0, name);
+  if (!CHECK(ok && memcmp(out1, f.out_mem, ob) == 0, name))
+    fprintf(stderr, "%s: output differs when lse is NULL\n", name);
+  printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f ms)\n",
+         name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, now_ms() - t0);
+done:
+  gpu_fx_free(&g);
+  free(dev_topk);
+  free(ref_topk);
+  free(cpu_out);
+  free(out1);
+  free(lse1);
+  fx_free(&f);
+}
+
+/* ---- top-k row forms ------------------------------------------------------ */
+
+static int row_len(const fixture *f, int t) {
+  int64_t pos = fx_pos(f, t);
+  int64_t nb = pos < 0 ? 0 : pos / 128 + 1;
+  return (int)(nb < f->cfg.topk ? nb : f->cfg.topk);
+}
+
+/* Each row's valid prefix reversed (descending ids, as a score-ordered
+ * producer writes them). */
+static void topk_descending(fixture *f) {
+  for (int t = 0; t < f->T; t++)
+    for (int g = 0; g < f->cfg.num_kv_heads; g++)
+      for (int a = 0, b = row_len(f, t) - 1; a < b; a++, b--) {
+        int32_t x = *fx_topk_at(f, t, g, a);
+        *fx_topk_at(f, t, g, a) = *fx_topk_at(f, t, g, b);
+        *fx_topk_at(f, t, g, b) = x;
+      }
+}
+
+/* -1 in every third slot of the valid prefix. */
+static void topk_holes(fixture *f) {
+  for (int t = 0; t < f->T; t++)
+    for (int g = 0; g < f->cfg.num_kv_heads; g++)
+      for (int k = 0; k < row_len(f, t); k++)
+        if (k % 3 == 1)
+          *fx_topk_at(f, t, g, k) = -1;
+}
+
+static void topk_all_minus_one(fixture *f) {
+  for (int t = 0; t < f->T; t++)
+    for (int g = 0; g < f->cfg.num_kv_heads; g++)
+      for (int k = 0; k < f->cfg.topk; k++)
+        *fx_topk_at(f, t, g, k) = -1;
+}
+
+/* Ids the CPU rejects and the CUDA backend skips: >= nb, < -1, huge. */
+static void topk_out_of_range(fixture *f) {
+  for (int t = 0; t < f->T; t++) {
+    int64_t pos = fx_pos(f, t);
+    int32_t nb = pos < 0 ? 0 : (int32_t)(pos / 128 + 1);
+    int n = row_len(f, t);
+    for (int g = 0; g < f->cfg.num_kv_heads; g++)
+      for (int k = 0; k < n; k++)
+        if (k % 4 == 2)
+          *fx_topk_at(f, t, g, k) = (k & 4) ? nb + k : (k & 8) ? -5 - k : 0x40000000;
+  }
+}
+
+/* ---- device guards ------------------------------------------------------- */
+
+/* Request 0 (rows select blocks 0..15) has blocks 5 and 7 mapped outside the
+ * cache on the device (they contribute no keys: the reference sees -1);
+ * request 1's seq_len > max_seq_len and request 2's < q_len on the device
+ * (padded: the reference sees seq_len 0). */
+static void guard_rows_host(fixture *f) {
+  for (int t = 0; t < f->T; t++) {
+    int i;
+    if (fx_request_of_row(f, t, &i) == 0)
+      for (int g = 0; g < f->cfg.num_kv_heads; g++)
+        for (int k = 0; k < f->cfg.topk; k++)
+          *fx_topk_at(f, t, g, k) = k;
+  }
+}
+
+static int guard_device(fixture *f, gpu_fx *g, int32_t *ref_topk) {
+  int64_t s0 = f->batch.block_table.stride[0];
+  size_t tbytes = sizeof(int32_t) * (size_t)(f->sp.num_reqs * s0 + 1);
+  int32_t *tab = malloc(tbytes);
+  memcpy(tab, f->bt, tbytes);
+  tab[5] = (int32_t)f->num_pages + 1000;
+  tab[7] = -3;
+  int ok = gpu_put(g->bt, tab, tbytes);
+  free(tab);
+  int32_t *sl = malloc(sizeof(int32_t) * (size_t)(f->sp.num_reqs + 1));
+  memcpy(sl, f->seqlens, sizeof(int32_t) * (size_t)(f->sp.num_reqs + 1));
+  sl[1] = (int32_t)f->batch.max_seq_len + 1;
+  sl[2] = f->qlens[2] - 1;
+  ok = ok && gpu_put(g->seq, sl, sizeof(int32_t) * (size_t)(f->sp.num_reqs + 1));
+  free(sl);
+  /* what the reference must see */
+  for (int t = 0; t < f->T; t++) {
+    int i;
+    if (fx_request_of_row(f, t, &i) != 0)
+      continue;
+    for (int gg = 0; gg < f->cfg.num_kv_heads; gg++)
+      for (int k = 0; k < f->cfg.topk; k++) {
+        int32_t *e = (int32_t *)((char *)ref_topk + ((char *)fx_topk_at(f, t, gg, k) -
+                                                     (char *)f->topk_mem));
+        if (*e == 5 || *e == 7)
+          *e = -1;
+      }
+  }
+  f->seqlens[1] = 0;
+  f->seqlens[2] = 0;
+  return ok;
+}
+
+/* ---- cases --------------------------------------------------------------- */
+
+static void test_tp_decode(void) {
+  static const int32_t ql[] = {1, 1, 1, 1, 1, 1};
+  static const int32_t sl[] = {1, 128, 129, 2049, 0, 5000};
+  for (int tp = 1; tp <= 8; tp *= 2)
+    for (int tm = 0; tm < 2; tm++) {
+      fx_spec s = spec_of(m3s_config_minimax_m3(tp), 6, ql, sl);
+      s.uniform = 1;
+      s.token_major = tm;
+      char name[96];
+      snprintf(name, sizeof name, "decode_tp%d_%s_bf16", tp, tm ? "token_major" : "head_major");
+      run_case(name, s, NULL);
+    }
+}
+
+static void test_dtypes(void) {
+  static const int32_t ql[] = {4, 4, 4, 4};
+  static const int32_t sl[] = {2051, 0, 130, 4};
+  struct {
+    m3s_dtype act, kv;
+    int scale;
+    const char *name;
+  } c[] = {{M3S_F16, M3S_F16, 0, "qlen4_f16_act_f16_cache"},
+           {M3S_BF16, M3S_F16, 0, "qlen4_bf16_act_f16_cache"},
+           {M3S_F16, M3S_BF16, 0, "qlen4_f16_act_bf16_cache"},
+           {M3S_BF16, M3S_E4M3, 0, "qlen4_e4m3_no_scale"},
+           {M3S_BF16, M3S_E4M3, 1, "qlen4_e4m3_scalar_scales"},
+           {M3S_BF16, M3S_E4M3, 2, "qlen4_e4m3_per_slot_scales"},
+           {M3S_F16, M3S_E4M3, 2, "qlen4_f16_act_e4m3_per_slot_scales"},
+           {M3S_BF16, M3S_E5M2, 1, "qlen4_e5m2_scalar_scales"},
+           {M3S_F16, M3S_E5M2, 2, "qlen4_f16_act_e5m2_per_slot_scales"},
+           {M3S_BF16, M3S_E5M2, 0, "qlen4_e5m2_no_scale"}};
+  for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+    fx_spec s = spec_of(m3s_config_minimax_m3(i % 3 == 2 ? 1 : 2), 4, ql, sl);
+    s.uniform = 1;
+    s.act_dtype = c[i].act;
+    s.kv_dtype = c[i].kv;
+    s.scale_mode = c[i].scale;
+    s.token_major = (int)(i & 1);
+    run_case(c[i].name, s, NULL);
+  }
+}
+
+static void test_spec_decode_and_ragged(void) {
+  static const int32_t ql[] = {4, 4, 4, 4, 4};
+  static const int32_t sl[] = {3000, 4, 0, 700, 129};
+  for (int tp = 1; tp <= 8; tp *= 8) {
+    fx_spec s = spec_of(m3s_config_minimax_m3(tp), 5, ql, sl);
+    s.uniform = 1;
+    run_case(tp == 1 ? "uniform_qlen4_padded_tp1" : "uniform_qlen4_padded_tp8", s, NULL);
+  }
+  static const int32_t rql[] = {3, 0, 1, 2};
+  static const int32_t rsl[] = {900, 0, 0, 2};
+  fx_spec r = spec_of(m3s_config_minimax_m3(8), 4, rql, rsl);
+  r.qsl_base = 5;
+  run_case("ragged_decode_empty_and_padded_tp8_qsl5", r, NULL);
+  static const int32_t rql2[] = {2, 1, 5, 1, 3};
+  static const int32_t rsl2[] = {4000, 129, 6, 0, 2049};
+  fx_spec r2 = spec_of(m3s_config_minimax_m3(1), 5, rql2, rsl2);
+  r2.qsl_base = 3;
+  r2.kv_dtype = M3S_E4M3;
+  r2.scale_mode = 2;
+  r2.token_major = 1;
+  run_case("ragged_decode_tp1_e4m3_per_slot_token_major", r2, NULL);
+}
+
+static void test_prefill(void) {
+  static const int32_t ql[] = {1, 1, 300, 77};
+  static const int32_t sl[] = {2600, 0, 2200, 77};
+  fx_spec s = spec_of(m3s_config_minimax_m3(1), 4, ql, sl);
+  s.kv_dtype = M3S_E5M2;
+  s.scale_mode = 1;
+  s.token_major = 1;
+  s.qsl_base = 9;
+  run_case("mixed_prefill_tp1_e5m2_scalar_token_major", s, NULL);
+  static const int32_t ql2[] = {257};
+  static const int32_t sl2[] = {4000};
+  fx_spec s2 = spec_of(m3s_config_minimax_m3(8), 1, ql2, sl2);
+  s2.act_dtype = M3S_F16;
+  s2.kv_dtype = M3S_F16;
+  s2.topk_head_major = 1;
+  run_case("prefill_257_tp8_f16_head_major_topk", s2, NULL);
+  if (g_quick)
+    return;
+  static const int32_t ql3[] = {1, 1000};
+  static const int32_t sl3[] = {3000, 20000};
+  fx_spec s3 = spec_of(m3s_config_minimax_m3(4), 2, ql3, sl3);
+  s3.qsl_base = 2;
+  run_case("prefill_1000_behind_19000_tp4_bf16", s3, NULL);
+  fx_spec s4 = spec_of(m3s_config_minimax_m3(2), 2, ql3, sl3);
+  s4.kv_dtype = M3S_E4M3;
+  s4.scale_mode = 2;
+  s4.token_major = 1;
+  run_case("prefill_1000_behind_19000_tp2_e4m3_per_slot", s4, NULL);
+}
+
+static void test_long_decode(void) {
+  if (g_quick)
+    return;
+  static const int32_t ql[] = {1, 1, 1};
+  static const int32_t sl[] = {131072, 1, 131072 - 77};
+  fx_spec s = spec_of(m3s_config_minimax_m3(8), 3, ql, sl);
+  s.uniform = 1;
+  run_case("decode_128k_tp8_bf16", s, NULL);
+  static const int32_t ql4[] = {4};
+  static const int32_t sl4[] = {131072};
+  fx_spec s4 = spec_of(m3s_config_minimax_m3(4), 1, ql4, sl4);
+  s4.uniform = 1;
+  s4.kv_dtype = M3S_E4M3;
+  s4.scale_mode = 2;
+  s4.token_major = 1;
+  run_case("decode_128k_tp4_qlen4_e4m3_per_slot", s4, NULL);
+}
+
+static void test_group_and_k(void) {
+  static const int32_t ql[] = {1, 40, 1};
+  static const int32_t sl[] = {9000, 3000, 129};
+  struct {
+    int hq, hkv, k;
+    const char *name;
+  } c[] = {{64, 2, 16, "g32_two_head_chunks"},
+           {24, 2, 16, "g12_partial_chunk"},
+           {4, 4, 16, "g1_mha"},
+           {8, 1, 64, "k64_tp8"},
+           {32, 2, 8, "k8_tp2"}};
+  for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+    fx_spec s = spec_of(cfg_of(c[i].hq, c[i].hkv, c[i].k), 3, ql, sl);
+    s.token_major = (int)(i & 1);
+    run_case(c[i].name, s, NULL);
+  }
+}
+
+static void test_topk_forms(void) {
+  static const int32_t ql[] = {1, 1, 60};
+  static const int32_t sl[] = {3000, 2600, 2500};
+  case_mods desc = {topk_descending, NULL, 0, 0};
+  case_mods holes = {topk_holes, NULL, 0, 0};
+  case_mods none = {topk_all_minus_one, NULL, 0, 1};
+  case_mods oob = {topk_out_of_range, NULL, 1, 0};
+  run_case("topk_descending_rows_tp4", spec_of(m3s_config_minimax_m3(4), 3, ql, sl), &desc);
+  run_case("topk_minus_one_holes_tp2", spec_of(m3s_config_minimax_m3(2), 3, ql, sl), &holes);
+  run_case("topk_all_minus_one_zero_out_tp1", spec_of(m3s_config_minimax_m3(1), 3, ql, sl),
+           &none);
+  run_case("guard_topk_ids_out_of_range_skipped_tp8",
+           spec_of(m3s_config_minimax_m3(8), 3, ql, sl), &oob);
+  fx_spec hm = spec_of(m3s_config_minimax_m3(2), 3, ql, sl);
+  hm.topk_head_major = 1;
+  run_case("topk_head_major_view_descending_tp2", hm, &desc);
+}
+
+static void test_guards(void) {
+  static const int32_t ql[] = {3, 2, 4, 1};
+  static const int32_t sl[] = {3000, 2500, 2200, 2600};
+  case_mods m = {guard_rows_host, guard_device, 1, 0};
+  fx_spec s = spec_of(m3s_config_minimax_m3(2), 4, ql, sl);
+  s.qsl_base = 4;
+  run_case("guard_bad_pages_and_seq_lens_tp2", s, &m);
+}
+
+int main(void) {
+  const char *q = getenv("M3S_TEST_QUICK");
+  g_quick = q && q[0] && strcmp(q, "0") != 0;
+  g_filter = getenv("M3S_TEST_FILTER");
+  g_gpu = gpu_context_or_null();
+  if (!g_gpu)
+    return gpu_skip("test_gpu_attention", "no CUDA device");
+  if (m3s_context_create(-1, &g_cpu) != M3S_OK) {
+    fprintf(stderr, "cpu context: %s\n", m3s_last_error());
+    m3s_context_destroy(g_gpu);
+    return 1;
+  }
+  double t0 = now_ms();
+  test_tp_decode();
+  test_dtypes();
+  test_spec_decode_and_ragged();
+  test_group_and_k();
+  test_topk_forms();
+  test_guards();
+  test_prefill();
+  test_long_decode();
+  /* CUDA-graph capture: covered by tests/test_gpu_graph.c */
+  printf("test_gpu_attention: %.1f s%s\n", (now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
+  m3s_context_destroy(g_cpu);
+  m3s_context_destroy(g_gpu);
+  return TEST_FINISH();
+}
