@@ -19,10 +19,13 @@
  * ids outside [0, nb), page ids out of range, bad seq_lens).
  *
  * M3S_TEST_QUICK=1 skips the large cases (for compute-sanitizer runs);
- * M3S_TEST_FILTER=text runs only the cases whose name contains text. */
+ * M3S_TEST_FILTER=text runs only the cases whose name contains text;
+ * M3S_TEST_TIME=1 also times each case's CUDA call (cudaEvent, 20 runs) and
+ * adds a batch-64 decode case. */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include "gpu_util.h"
 
+#include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +35,7 @@
 static m3s_context *g_cpu, *g_gpu;
 static int g_quick;
 static const char *g_filter;
+static int g_time;
 static uint64_t g_seed = 20261107;
 
 static double now_ms(void) {
@@ -84,6 +88,8 @@ typedef struct {
   int all_zero;
 } case_mods;
 
+static int row_len(const fixture *f, int t);
+
 static double rel_l2(const fixture *f, const void *got, const void *want) {
   double e2 = 0, r2 = 0;
   size_t n = out_bytes(f) / 2;
@@ -94,6 +100,44 @@ static double rel_l2(const fixture *f, const void *got, const void *want) {
     r2 += b * b;
   }
   return r2 > 0 ? sqrt(e2 / r2) : sqrt(e2);
+}
+
+/* Mean time of the CUDA call over 20 runs (after 2 warm-up runs), with the
+ * keys it attends and the K/V bytes of the blocks it reads. */
+static void time_case(fixture *f, gpu_fx *g, const int32_t *dev_topk, const char *name) {
+  int64_t keys = 0, blocks = 0;
+  for (int t = 0; t < f->T; t++) {
+    int64_t pos = fx_pos(f, t);
+    for (int gg = 0; gg < f->cfg.num_kv_heads && pos >= 0; gg++)
+      for (int k = 0; k < row_len(f, t); k++) {
+        int32_t id = *(const int32_t *)((const char *)dev_topk +
+                                        ((char *)fx_topk_at(f, t, gg, k) - (char *)f->topk_mem));
+        if (id < 0 || id > pos / 128)
+          continue;
+        blocks++;
+        keys += pos + 1 - (int64_t)id * 128 < 128 ? pos + 1 - (int64_t)id * 128 : 128;
+      }
+  }
+  cudaEvent_t a, b;
+  float ms = 0;
+  int ok = cudaEventCreate(&a) == cudaSuccess && cudaEventCreate(&b) == cudaSuccess;
+  for (int i = 0; ok && i < 22; i++) {
+    if (i == 2)
+      ok = cudaEventRecord(a, NULL) == cudaSuccess;
+    ok = ok && m3s_sparse_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, &g->kv_t, &g->scales,
+                                    &g->topk_t, &g->out_t, &g->lse_t, &g->exec) == M3S_OK;
+  }
+  ok = ok && cudaEventRecord(b, NULL) == cudaSuccess && cudaEventSynchronize(b) == cudaSuccess &&
+       cudaEventElapsedTime(&ms, a, b) == cudaSuccess;
+  if (CHECK(ok, name)) {
+    double s = ms / 20 * 1e-3;
+    double bytes = (double)blocks * 128 * 256 * (double)m3s_dtype_size(f->sp.kv_dtype);
+    double flops = 4.0 * 128 * (f->cfg.num_q_heads / f->cfg.num_kv_heads) * (double)keys;
+    printf("    time %-44s %9.1f us  %7.1f GB/s of selected K/V blocks  %6.1f TFLOP/s useful\n",
+           name, s * 1e6, bytes / s * 1e-9, flops / s * 1e-12);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
 }
 
 /* Poison, upload the device's top-k, run CUDA attention, download. */
@@ -184,6 +228,8 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   ok = gpu_run(&f, &g, dev_topk, 0, name);
   if (!CHECK(ok && memcmp(out1, f.out_mem, ob) == 0, name))
     fprintf(stderr, "%s: output differs when lse is NULL\n", name);
+  if (g_time)
+    time_case(&f, &g, dev_topk, name);
   printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f ms)\n",
          name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, now_ms() - t0);
 done:
@@ -394,6 +440,14 @@ static void test_prefill(void) {
 static void test_long_decode(void) {
   if (g_quick)
     return;
+  if (g_time) {
+    int32_t ql[64], sl[64];
+    for (int r = 0; r < 64; r++)
+      ql[r] = 1, sl[r] = 2100 + 7 * r;
+    fx_spec b = spec_of(m3s_config_minimax_m3(1), 64, ql, sl);
+    b.uniform = 1;
+    run_case("time_decode_batch64_tp1_bf16", b, NULL);
+  }
   static const int32_t ql[] = {1, 1, 1};
   static const int32_t sl[] = {131072, 1, 131072 - 77};
   fx_spec s = spec_of(m3s_config_minimax_m3(8), 3, ql, sl);
@@ -458,6 +512,8 @@ int main(void) {
   const char *q = getenv("M3S_TEST_QUICK");
   g_quick = q && q[0] && strcmp(q, "0") != 0;
   g_filter = getenv("M3S_TEST_FILTER");
+  const char *tm = getenv("M3S_TEST_TIME");
+  g_time = tm && tm[0] && strcmp(tm, "0") != 0;
   g_gpu = gpu_context_or_null();
   if (!g_gpu)
     return gpu_skip("test_gpu_attention", "no CUDA device");

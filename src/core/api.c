@@ -25,6 +25,10 @@ static m3s_status begin(const char *fn, const m3s_context *ctx, const m3s_layer_
     return st;
   v->fn = fn;
   v->device = ctx->device;
+#ifdef M3S_WITH_CUDA
+  if (ctx->device >= 0)
+    return m3s_cuda_check_device(ctx, fn);
+#endif
   return M3S_OK;
 }
 
@@ -655,6 +659,20 @@ static const char *op_kernel_cpu(m3s_op op) {
   return "";
 }
 
+/* What the CUDA backend runs (sm_90a and sm_80 builds alike). */
+static const char *op_kernel_cuda(m3s_op op) {
+  switch (op) {
+  case M3S_OP_CACHE_INSERT: return "cuda_insert_kv_kernel";
+  case M3S_OP_INDEX_INSERT: return "cuda_insert_index_kernel";
+  case M3S_OP_INDEX_TOPK: return "cuda_topk_score_fp32_fixed_order+select";
+  case M3S_OP_ATTENTION_DECODE: return "cuda_attention_mma_sync_splitk";
+  case M3S_OP_ATTENTION_PREFILL: return "cuda_attention_mma_sync";
+  case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_attention_simt";
+  case M3S_OP_MERGE: return "cuda_merge_attn_states";
+  }
+  return "";
+}
+
 m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg,
                              const m3s_support_query *query, m3s_support_info *info) {
   m3s_vctx v;
@@ -676,13 +694,12 @@ m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg
   else if ((unsigned)query->index_dtype > M3S_I64 ||
            !(M3S_IDX_MASK & M3S_MASK(query->index_dtype)))
     why = "index_dtype must be bf16 or e4m3";
-  else if (ctx->device >= 0)
-    why = "the CUDA backend does not implement this operation yet";
   if (why) {
     snprintf(info->reason, sizeof info->reason, "%s", why);
     return M3S_OK;
   }
   info->supported = 1;
-  snprintf(info->kernel, sizeof info->kernel, "%s", op_kernel_cpu(query->op));
+  snprintf(info->kernel, sizeof info->kernel, "%s",
+           ctx->device >= 0 ? op_kernel_cuda(query->op) : op_kernel_cpu(query->op));
   return M3S_OK;
 }

@@ -45,6 +45,7 @@ m3s_status m3s_cpu_merge_attn_states(const m3s_tensor *out_a, const m3s_tensor *
 m3s_status m3s_cuda_context_init(m3s_context *ctx);
 void m3s_cuda_context_fini(m3s_context *ctx);
 int m3s_cuda_num_sms(const m3s_context *ctx);
+m3s_status m3s_cuda_check_device(const m3s_context *ctx, const char *fn);
 m3s_status m3s_cuda_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_tensor *v,
                                  const m3s_tensor *slot_mapping, m3s_tensor *kv_cache,
                                  const m3s_kv_scales *scales, const m3s_exec *exec);

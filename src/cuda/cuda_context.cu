@@ -48,3 +48,19 @@ extern "C" int m3s_cuda_num_sms(const m3s_context *ctx) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
   return st ? st->num_sms : 132;
 }
+
+/* Kernels launch on the calling thread's current device; a context bound to
+ * another device would read foreign pointers, so refuse instead (host-only
+ * query, safe during graph capture). */
+extern "C" m3s_status m3s_cuda_check_device(const m3s_context *ctx, const char *fn) {
+  int cur = -1;
+  cudaError_t err = cudaGetDevice(&cur);
+  if (err != cudaSuccess)
+    return m3s_fail(M3S_ERR_CUDA, fn, "cudaGetDevice failed: %s", cudaGetErrorString(err));
+  if (cur != ctx->device)
+    return m3s_fail(M3S_ERR_DEVICE, fn,
+                    "the context is bound to CUDA device %d but the current device is %d "
+                    "(call cudaSetDevice(%d) first)",
+                    ctx->device, cur, ctx->device);
+  return M3S_OK;
+}
