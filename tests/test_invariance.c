@@ -13,6 +13,7 @@
 
 static m3s_context *g_ctx;
 
+
 typedef struct {
   void *out;
   float *lse;
@@ -35,18 +36,76 @@ static fx_spec spec(int tp, int nreq, const int32_t *ql, const int32_t *sl) {
   return s;
 }
 
-static m3s_batch empty_batch(void) {
-  m3s_batch b;
-  memset(&b, 0, sizeof b);
-  return b;
+
+#ifdef M3S_INVARIANCE_GPU
+/* The same invariances on a CUDA context: every run uploads the fixture and
+ * the batch, runs on the device, and copies the rows it wrote back. */
+#include "gpu_util.h"
+
+static m3s_tensor dev_copy(const m3s_tensor *h, void **mem) {
+  int64_t span = 1;
+  for (int i = 0; i < h->ndim; i++)
+    span += (h->shape[i] - 1) * h->stride[i];
+  m3s_tensor d = *h;
+  *mem = NULL;
+  if (h->ndim < 0 || !h->data)
+    return d;
+  *mem = gpu_dup(h->data, (size_t)span * m3s_dtype_size(h->dtype));
+  d.data = *mem;
+  d.device = 0;
+  return d;
 }
 
+static m3s_status run_rows(fixture *f, const m3s_batch *b, int row0, int decode) {
+  gpu_fx g;
+  m3s_status st = M3S_ERR_CUDA;
+  void *mem[4] = {NULL, NULL, NULL, NULL};
+  if (!gpu_fx_upload(&g, f, g_ctx))
+    goto done;
+  m3s_batch db = *b;
+  db.query_start_loc = dev_copy(&b->query_start_loc, &mem[0]);
+  db.seq_lens = dev_copy(&b->seq_lens, &mem[1]);
+  db.block_table = dev_copy(&b->block_table, &mem[2]);
+  db.index_block_table = dev_copy(&b->index_block_table, &mem[3]);
+  m3s_step step;
+  memset(&step, 0, sizeof step);
+  if (decode)
+    step.decode = db;
+  else
+    step.prefill = db;
+  int n = b->num_tokens;
+  m3s_tensor q = m3s_tensor_narrow(&g.q_t, row0, n), iq = m3s_tensor_narrow(&g.iq_t, row0, n);
+  m3s_tensor tk = m3s_tensor_narrow(&g.topk_t, row0, n), out = m3s_tensor_narrow(&g.out_t, row0, n);
+  m3s_tensor lse = m3s_tensor_narrow(&g.lse_t, row0, n);
+  st = m3s_step_forward(g_ctx, &f->cfg, &step, &q, &iq, &g.kv_t, &g.scales, &g.ic_t, &tk, &out,
+                        &lse, &g.exec);
+  if (st) {
+    fprintf(stderr, "step: %s\n", m3s_last_error());
+    goto done;
+  }
+  size_t orow = (size_t)f->cfg.num_q_heads * 128 * 2, lrow = (size_t)f->cfg.num_q_heads * 4;
+  size_t trow = (size_t)f->cfg.num_kv_heads * f->cfg.topk * 4;
+  if (!gpu_sync() ||
+      !gpu_get((char *)f->out_mem + row0 * orow, (char *)g.out + row0 * orow, n * orow) ||
+      !gpu_get((char *)f->lse_mem + row0 * lrow, (char *)g.lse + row0 * lrow, n * lrow) ||
+      !gpu_get((char *)f->topk_mem + row0 * trow, (char *)g.topk + row0 * trow, n * trow))
+    st = M3S_ERR_CUDA;
+done:
+  for (int i = 0; i < 4; i++)
+    gpu_free(mem[i]);
+  gpu_fx_free(&g);
+  return st;
+}
+#else
 /* Runs one step where batch `b` covers rows [row0, row0 + b.num_tokens) of the
  * fixture's tensors as a decode (decode != 0) or prefill part. */
 static m3s_status run_rows(fixture *f, const m3s_batch *b, int row0, int decode) {
   m3s_step step;
-  step.decode = decode ? *b : empty_batch();
-  step.prefill = decode ? empty_batch() : *b;
+  memset(&step, 0, sizeof step); /* the other part stays empty */
+  if (decode)
+    step.decode = *b;
+  else
+    step.prefill = *b;
   int n = b->num_tokens;
   m3s_tensor q = m3s_tensor_narrow(&f->q, row0, n), iq = m3s_tensor_narrow(&f->iq, row0, n);
   m3s_tensor tk = m3s_tensor_narrow(&f->topk, row0, n), out = m3s_tensor_narrow(&f->out, row0, n);
@@ -57,6 +116,7 @@ static m3s_status run_rows(fixture *f, const m3s_batch *b, int row0, int decode)
     fprintf(stderr, "step: %s\n", m3s_last_error());
   return st;
 }
+#endif
 
 static void save(const fixture *f, result *r) {
   r->out_bytes = (size_t)f->T * f->cfg.num_q_heads * 128 * 2;
@@ -248,10 +308,15 @@ static void test_invariance_repeatable(void) {
 }
 
 int main(void) {
+#ifdef M3S_INVARIANCE_GPU
+  if (!(g_ctx = gpu_context_or_null()))
+    return gpu_skip("test_gpu_invariance", "no CUDA device");
+#else
   if (m3s_context_create(-1, &g_ctx) != M3S_OK) {
     fprintf(stderr, "context: %s\n", m3s_last_error());
     return 1;
   }
+#endif
   test_invariance_head_major_equals_token_major();
   test_invariance_shuffled_pages();
   test_invariance_decode_equals_one_token_prefill();
