@@ -61,6 +61,21 @@ static void shuffle(int32_t *a, int64_t n, uint64_t *rng) {
 
 static float grid_value(uint64_t *rng) { return (float)((int)(rng_next(rng) % 9) - 4) / 4.0f; }
 
+fx_spec fx_spec_default(m3s_layer_config cfg, int nreq, const int32_t *ql, const int32_t *sl,
+                        uint64_t seed) {
+  fx_spec s;
+  memset(&s, 0, sizeof s);
+  s.cfg = cfg;
+  s.num_reqs = nreq;
+  s.qlens = ql;
+  s.seqlens = sl;
+  s.act_dtype = M3S_BF16;
+  s.kv_dtype = M3S_BF16;
+  s.idx_dtype = M3S_BF16;
+  s.seed = seed;
+  return s;
+}
+
 void fx_init(fixture *f, const fx_spec *sp) {
   memset(f, 0, sizeof *f);
   f->sp = *sp;

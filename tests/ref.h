@@ -50,6 +50,10 @@ uint64_t rng_next(uint64_t *s);
 double rng_uniform(uint64_t *s); /* [0, 1) */
 float rng_normal(uint64_t *s);
 
+/* A spec with bf16 activations and caches, head-major cache, no scales and
+ * continuous values; tests override the fields they vary. */
+fx_spec fx_spec_default(m3s_layer_config cfg, int nreq, const int32_t *ql, const int32_t *sl,
+                        uint64_t seed);
 void fx_init(fixture *f, const fx_spec *sp);
 void fx_free(fixture *f);
 /* Fill out/lse/topk with poison (NaN / 0x7fffffff). */

@@ -16,17 +16,7 @@
 static m3s_context *g_ctx;
 
 static fx_spec spec(int tp, int nreq, const int32_t *ql, const int32_t *sl) {
-  fx_spec s;
-  memset(&s, 0, sizeof s);
-  s.cfg = m3s_config_minimax_m3(tp);
-  s.num_reqs = nreq;
-  s.qlens = ql;
-  s.seqlens = sl;
-  s.act_dtype = M3S_BF16;
-  s.kv_dtype = M3S_BF16;
-  s.idx_dtype = M3S_BF16;
-  s.seed = 31337;
-  return s;
+  return fx_spec_default(m3s_config_minimax_m3(tp), nreq, ql, sl, 31337);
 }
 
 static double rel_l2_out(const void *a, const void *b, int64_t n) {

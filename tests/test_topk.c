@@ -25,17 +25,8 @@ static m3s_layer_config cfg_of(int hq, int hkv, int k, int init, int local) {
 }
 
 static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
-  fx_spec s;
-  memset(&s, 0, sizeof s);
-  s.cfg = c;
-  s.num_reqs = nreq;
-  s.qlens = ql;
-  s.seqlens = sl;
-  s.act_dtype = M3S_BF16;
-  s.kv_dtype = M3S_BF16;
-  s.idx_dtype = M3S_BF16;
+  fx_spec s = fx_spec_default(c, nreq, ql, sl, 1234);
   s.grid = 1;
-  s.seed = 1234;
   return s;
 }
 
