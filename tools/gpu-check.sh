@@ -6,8 +6,9 @@
 #   summary.md   the short table (also printed last)
 #   ctest.log    full test output      sanitizers.log  every sanitizer run
 #   build.log    configure + build     bench.log       benchmark output
+#   demo.log     m3s-demo --device cuda  python.log    the Python binding's tests
 # Usage: M3S_COMMIT=$(git rev-parse --short HEAD) tools/gpu-check.sh [PHASES]
-#   PHASES: any of tests, sanitize, bench, demo (default: all four)
+#   PHASES: any of tests, sanitize, bench, demo, python (default: all five)
 #   M3S_SAN_TIMEOUT (s, default 240) caps each sanitizer run;
 #   M3S_BENCH_ARGS (default "--all --budget 300") are the benchmark's flags.
 set -uo pipefail
@@ -27,7 +28,7 @@ if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DM3S_CUDA=ON &&
   exit 1
 fi
 
-phases=${*:-tests sanitize bench demo}
+phases=${*:-tests sanitize bench demo python}
 has() { case " $phases " in *" $1 "*) return 0 ;; esac; return 1; }
 
 ctest_rc=0
@@ -79,6 +80,12 @@ if has demo && [ -x "$BUILD/examples/m3s-demo" ]; then
   echo "demo rc=$?" >>"$OUT/demo.log"
 fi
 
+if has python && [ -d python/tests ]; then
+  M3SPARSE_LIB="$PWD/$BUILD/libm3sparse.so" PYTHONUNBUFFERED=1 timeout 400 \
+    python3 -m pytest -q -rs python/tests >"$OUT/python.log" 2>&1
+  echo "pytest rc=$?" >>"$OUT/python.log"
+fi
+
 {
   echo "# GPU check"
   echo
@@ -103,6 +110,7 @@ fi
   echo
   [ -f "$OUT/ctest.log" ] && grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1
   [ -f "$OUT/demo.log" ] && { echo; echo '```'; tail -8 "$OUT/demo.log"; echo '```'; }
+  [ -f "$OUT/python.log" ] && { echo; echo '```'; tail -12 "$OUT/python.log"; echo '```'; }
   [ -f "$OUT/bench.log" ] && { echo; echo '```'; tail -30 "$OUT/bench.log"; echo '```'; }
 } >"$OUT/summary.md"
 cat "$OUT/summary.md"
