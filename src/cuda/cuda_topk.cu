@@ -93,11 +93,24 @@ static size_t plan_bytes(const topk_plan *p) {
   return (n + 255) & ~(size_t)255;
 }
 
+/* What the size query reports: min(all pairs' scores, the budget). It is an
+ * upper bound of plan_bytes() for the same bounds (the chunk never exceeds
+ * the budget nor the pairs) and, unlike plan_bytes(), never decreases when
+ * max_tokens or max_seq_len grow, so a workspace sized for the largest
+ * bounds serves every smaller batch. */
+static size_t reported_bytes(const topk_plan *p) {
+  if (!p->score)
+    return 0;
+  size_t all = (size_t)p->pairs * (size_t)p->max_nb * sizeof(float);
+  size_t n = all < (size_t)TOPK_WS_BUDGET ? all : (size_t)TOPK_WS_BUDGET;
+  return (n + 255) & ~(size_t)255;
+}
+
 extern "C" size_t m3s_cuda_topk_workspace(const m3s_context *ctx, const m3s_layer_config *cfg,
                                           int64_t max_tokens, int64_t max_seq_len) {
   (void)ctx;
   topk_plan p = plan_of(cfg, max_tokens, max_seq_len);
-  return plan_bytes(&p);
+  return reported_bytes(&p);
 }
 
 /* ---------------------------------------------------------------------------
