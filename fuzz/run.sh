@@ -58,7 +58,7 @@ rc=$?
 
 execs=$(grep -E "^stat::number_of_executed_units" "$work/log" | tail -1 | awk '{print $2}')
 [ -n "$execs" ] || execs=$(grep -oE "^#[0-9]+" "$work/log" | tail -1 | tr -d '#')
-calls=$(awk '$1 == "api_calls" {print $2}' "$work/stats" 2>/dev/null)
+calls=$(awk '$1 == "api_calls" {print $2}' "$work/stats" 2>/dev/null) # (written every 4096 inputs and at exit)
 rej=$(awk '$1 == "rejected" {print $2}' "$work/stats" 2>/dev/null)
 after=$(find "$work/corpus" -type f | wc -l)
 echo "fuzz/run.sh: ${execs:-?} executions (inputs tried), ${calls:-?} API calls," \

@@ -30,8 +30,8 @@ static void report(int bug, int bad, const char *what) {
   wrong += bad;
 }
 static void ub_only(int bug, const char *where) {
-  printf("ub  %d: a \"runtime error\" line just above = undefined behaviour still in %s\n",
-         bug, where);
+  printf("ub  %d: a \"runtime error\" line just above = undefined behaviour still in %s\n", bug,
+         where);
 }
 
 static m3s_layer_config small_cfg(int hq, int hkv, int k) {
@@ -133,10 +133,14 @@ static void bug3(void) {
   report(3, st != M3S_OK, "empty output rejected as overlapping itself (want M3S_OK)");
 }
 
-/* Bug 4: m3s_check_no_self_overlap computes span = stride[d] * shape[d] in
- * int64 without a check. (a) an empty output, where m3s_check_tensor skipped
- * the offset-range check, with a huge stride; (b) a non-empty 1-byte (fp8)
- * K/V cache whose offsets fit in int64 but stride[0] * P does not. */
+/* Bug 4: stride arithmetic that m3s_check_tensor's offset-range check does not
+ * cover. m3s_check_tensor returns early for an EMPTY tensor (a dimension of
+ * size 0), before that check, and later code still computes with the
+ * strides: (a) m3s_check_no_self_overlap: span = stride[d] * shape[d] of an
+ * empty output with a huge stride; (b) the same product for a non-empty
+ * 1-byte (fp8) K/V cache whose offsets fit in int64 but stride[0] * P does
+ * not; (c) check_csr_values (api.c, m3s_k2q_attention): q_slot->data +
+ * g * stride[0] for an empty q_slot [Hkv, 0] with a huge stride[0]. */
 static void bug4(void) {
   float o[1], l[1];
   int64_t os[3] = {0, 4, 128}, big[3] = {1, (int64_t)1 << 62, 1}, ls[2] = {0, 4};
@@ -155,7 +159,25 @@ static void bug4(void) {
   st = m3s_cache_insert(ctx, &k, &k, &sm, &kvt, NULL, NULL);
   printf("       (b) m3s_cache_insert(kv_cache [2, 1, 128, 256] e4m3, stride[0] = 2^62) = %d %s\n",
          (int)st, m3s_last_error());
-  ub_only(4, "m3s_check_no_self_overlap (src/core/validate.c)");
+  m3s_layer_config cfg = small_cfg(4, 2, 4);
+  m3s_batch b;
+  memset(&b, 0, sizeof b);
+  static uint8_t kv1[2 * 128 * 256];
+  int32_t rp[2] = {0, 0}, dummy[1];
+  float f1[1];
+  int64_t qsh[3] = {0, 4, 128}, kvsh[4] = {1, 2, 128, 256}, rps[2] = {2, 1}, qis[2] = {2, 0},
+          qist[2] = {(int64_t)1 << 62, 1}, pos_[4] = {0, 4, 4, 128}, pls[3] = {0, 4, 4};
+  m3s_tensor q = m3s_tensor_make(NULL, M3S_BF16, 3, qsh, M3S_HOST);
+  m3s_tensor kvc = m3s_tensor_make(kv1, M3S_BF16, 4, kvsh, M3S_HOST);
+  m3s_tensor row_ptr = m3s_tensor_make(rp, M3S_I32, 2, rps, M3S_HOST);
+  m3s_tensor qi = m3s_tensor_make(dummy, M3S_I32, 2, qis, M3S_HOST);
+  m3s_tensor qslot = m3s_tensor_strided(dummy, M3S_I32, 2, qis, qist, M3S_HOST);
+  m3s_tensor po = m3s_tensor_make(f1, M3S_F32, 4, pos_, M3S_HOST);
+  m3s_tensor pl = m3s_tensor_make(f1, M3S_F32, 3, pls, M3S_HOST);
+  st = m3s_k2q_attention(ctx, &cfg, &b, &q, &kvc, NULL, &row_ptr, &qi, &qslot, &po, &pl, NULL);
+  printf("       (c) m3s_k2q_attention(empty batch, q_slot [2, 0] stride[0] = 2^62) = %d %s\n",
+         (int)st, m3s_last_error());
+  ub_only(4, "m3s_check_no_self_overlap (validate.c) / check_csr_values (api.c)");
 }
 
 /* Bug 5: m3s_cpu_build_k2q_csr forms q_indices->data + g * stride[0] even when
@@ -198,8 +220,9 @@ static void bug6(void) {
   int64_t shape3[2] = {(int64_t)1 << 62, 4};
   r = m3s_tensor_make(mem, M3S_F32, 2, shape3, M3S_HOST);
   printf("       (c) m3s_tensor_make(shape [2^62, 4]): ndim %d\n", r.ndim);
-  report(6, bad, "(a) must be the invalid view (ndim -1): a 5-row view of a tensor with a "
-                 "negative size was returned");
+  report(6, bad,
+         "(a) must be the invalid view (ndim -1): a 5-row view of a tensor with a "
+         "negative size was returned");
   ub_only(6, "m3s_tensor_narrow / m3s_tensor_make (src/core/tensor.c)");
 }
 
