@@ -1,9 +1,24 @@
 /* GPU test support (see gpu_util.h). */
+#define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include "gpu_util.h"
+
+#include <stdlib.h>
+#include <time.h>
 
 #include <cuda_runtime_api.h>
 #include <stdio.h>
 #include <string.h>
+
+double gpu_now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+int gpu_env_flag(const char *name) {
+  const char *v = getenv(name);
+  return v && v[0] && strcmp(v, "0") != 0;
+}
 
 void *gpu_dup(const void *host, size_t n) {
   void *d = NULL;

@@ -39,6 +39,12 @@ int gpu_fx_download(gpu_fx *g, fixture *f);
 int gpu_fx_upload_topk(gpu_fx *g, const fixture *f);
 void gpu_fx_free(gpu_fx *g);
 
+/* Host wall clock in milliseconds (for the tests' optional timings). */
+double gpu_now_ms(void);
+/* 1 when the environment variable is set to something other than "" or "0"
+ * (M3S_TEST_QUICK, M3S_TEST_TIME). */
+int gpu_env_flag(const char *name);
+
 /* cudaMalloc + cudaMemcpy of n bytes (NULL on failure). */
 void *gpu_dup(const void *host, size_t n);
 int gpu_get(void *host, const void *dev, size_t n);

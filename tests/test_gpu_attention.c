@@ -38,11 +38,6 @@ static const char *g_filter;
 static int g_time;
 static uint64_t g_seed = 20261107;
 
-static double now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
 
 static m3s_layer_config cfg_of(int hq, int hkv, int k) {
   m3s_layer_config c = m3s_config_minimax_m3(1);
@@ -53,17 +48,8 @@ static m3s_layer_config cfg_of(int hq, int hkv, int k) {
 }
 
 static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
-  fx_spec s;
-  memset(&s, 0, sizeof s);
-  s.cfg = c;
-  s.num_reqs = nreq;
-  s.qlens = ql;
-  s.seqlens = sl;
-  s.act_dtype = M3S_BF16;
-  s.kv_dtype = M3S_BF16;
-  s.idx_dtype = M3S_BF16;
+  fx_spec s = fx_spec_default(c, nreq, ql, sl, g_seed++);
   s.extra_pages = 3;
-  s.seed = g_seed++;
   return s;
 }
 
@@ -164,7 +150,7 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   if (g_filter && g_filter[0] && !strstr(name, g_filter))
     return;
   memset(&g, 0, sizeof g);
-  double t0 = now_ms();
+  double t0 = gpu_now_ms();
   fx_init(&f, &s);
   fx_poison(&f);
   m3s_status st = m3s_index_topk(g_cpu, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL);
@@ -183,7 +169,7 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   memcpy(ref_topk, f.topk_mem, tb);
   /* CPU backend */
   int have_cpu = !(mods && mods->no_cpu);
-  double t1 = now_ms();
+  double t1 = gpu_now_ms();
   if (have_cpu) {
     st = m3s_sparse_attention(g_cpu, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out,
                               &f.lse, NULL);
@@ -191,14 +177,14 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
       fprintf(stderr, "%s: cpu m3s_sparse_attention: %s\n", name, m3s_last_error());
     memcpy(cpu_out, f.out_mem, ob);
   }
-  double t2 = now_ms();
+  double t2 = gpu_now_ms();
   /* CUDA backend */
   int ok = gpu_fx_upload(&g, &f, g_gpu);
   if (ok && mods && mods->device)
     ok = mods->device(&f, &g, ref_topk);
-  double t3 = now_ms();
+  double t3 = gpu_now_ms();
   ok = ok && gpu_run(&f, &g, dev_topk, 1, name);
-  double t4 = now_ms();
+  double t4 = gpu_now_ms();
   if (!CHECK(ok, name)) {
     fprintf(stderr, "%s: device run failed\n", name);
     goto done;
@@ -231,7 +217,7 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   if (g_time)
     time_case(&f, &g, dev_topk, name);
   printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f ms)\n",
-         name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, now_ms() - t0);
+         name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0);
 done:
   gpu_fx_free(&g);
   free(dev_topk);
@@ -509,11 +495,9 @@ static void test_guards(void) {
 }
 
 int main(void) {
-  const char *q = getenv("M3S_TEST_QUICK");
-  g_quick = q && q[0] && strcmp(q, "0") != 0;
+  g_quick = gpu_env_flag("M3S_TEST_QUICK");
   g_filter = getenv("M3S_TEST_FILTER");
-  const char *tm = getenv("M3S_TEST_TIME");
-  g_time = tm && tm[0] && strcmp(tm, "0") != 0;
+  g_time = gpu_env_flag("M3S_TEST_TIME");
   g_gpu = gpu_context_or_null();
   if (!g_gpu)
     return gpu_skip("test_gpu_attention", "no CUDA device");
@@ -522,7 +506,7 @@ int main(void) {
     m3s_context_destroy(g_gpu);
     return 1;
   }
-  double t0 = now_ms();
+  double t0 = gpu_now_ms();
   test_tp_decode();
   test_dtypes();
   test_spec_decode_and_ragged();
@@ -532,7 +516,7 @@ int main(void) {
   test_prefill();
   test_long_decode();
   /* CUDA-graph capture: covered by tests/test_gpu_graph.c */
-  printf("test_gpu_attention: %.1f s%s\n", (now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
+  printf("test_gpu_attention: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);
   return TEST_FINISH();

@@ -2,8 +2,8 @@
  * m3s_step_forward) is captured once into a CUDA graph and replayed with new
  * contents: new queries, seq_lens (growth across a block boundary, padded
  * rows), block tables and caches. Every replay must give the same bytes as an
- * eager run on the same inputs, and match the CPU backend (top-k exactly,
- * attention within rel L2 1e-2). Capture itself fails if the library
+ * eager run on the same inputs; the top-k must equal the CPU backend's byte
+ * for byte and the attention match the fp64 reference (rel L2 < 1e-2). Capture itself fails if the library
  * allocates, synchronises or reads device data on the host. */
 #include "gpu_util.h"
 
@@ -59,17 +59,8 @@ static void graph_case(int tp, int q_len, const char *name) {
     ql[r] = q_len;
   if (q_len > 1)
     maxs[5] = q_len;
-  fx_spec s;
-  memset(&s, 0, sizeof s);
-  s.cfg = m3s_config_minimax_m3(tp);
-  s.num_reqs = 6;
-  s.qlens = ql;
-  s.seqlens = maxs;
+  fx_spec s = fx_spec_default(m3s_config_minimax_m3(tp), 6, ql, maxs, 2026);
   s.uniform = 1;
-  s.act_dtype = M3S_BF16;
-  s.kv_dtype = M3S_BF16;
-  s.idx_dtype = M3S_BF16;
-  s.seed = 2026;
   fixture f;
   fx_init(&f, &s);
   gpu_fx g;
@@ -123,9 +114,11 @@ static void graph_case(int tp, int q_len, const char *name) {
     CHECK(ok && bytes_equal(eo, f.out_mem, ob) && bytes_equal(else_, f.lse_mem, lb) &&
               bytes_equal(et, f.topk_mem, tb),
           msg);
-    /* and against the CPU backend on the host copies */
-    snprintf(msg, sizeof msg, "%s: replay %d top-k equals CPU", name, k);
-    check_topk_vs_ref(&f, msg);
+    /* the CPU backend on the host copies: identical top-k bytes */
+    snprintf(msg, sizeof msg, "%s: replay %d top-k equals the CPU backend", name, k);
+    CHECK(m3s_index_topk(g_cpu, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL) == M3S_OK &&
+              bytes_equal(et, f.topk_mem, tb),
+          msg);
     snprintf(msg, sizeof msg, "%s: replay %d attention vs fp64", name, k);
     check_attention_vs_ref(&f, 1, msg);
   }

@@ -66,16 +66,7 @@ static int is_poison_f32(float x) {
 }
 
 static fx_spec spec(int tp, int nreq, const int32_t *ql, const int32_t *sl) {
-  fx_spec s;
-  memset(&s, 0, sizeof s);
-  s.cfg = m3s_config_minimax_m3(tp);
-  s.num_reqs = nreq;
-  s.qlens = ql;
-  s.seqlens = sl;
-  s.act_dtype = M3S_BF16;
-  s.kv_dtype = M3S_BF16;
-  s.idx_dtype = M3S_BF16;
-  s.seed = 4242;
+  fx_spec s = fx_spec_default(m3s_config_minimax_m3(tp), nreq, ql, sl, 4242);
   s.extra_pages = 2;
   return s;
 }

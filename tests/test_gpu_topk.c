@@ -27,11 +27,6 @@ static m3s_context *g_cpu, *g_gpu;
 static int g_quick;
 static uint64_t g_seed = 20261101;
 
-static double now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
 
 static m3s_layer_config cfg_of(int hq, int hkv, int k, int init, int local) {
   m3s_layer_config c = m3s_config_minimax_m3(1);
@@ -49,17 +44,9 @@ static m3s_layer_config tp_cfg(int tp) {
 }
 
 static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
-  fx_spec s;
-  memset(&s, 0, sizeof s);
-  s.cfg = c;
-  s.num_reqs = nreq;
-  s.qlens = ql;
-  s.seqlens = sl;
-  s.act_dtype = M3S_BF16;
+  fx_spec s = fx_spec_default(c, nreq, ql, sl, g_seed++);
   s.kv_dtype = M3S_E4M3; /* unused by the indexer: the smallest main cache */
-  s.idx_dtype = M3S_BF16;
   s.grid = 1;
-  s.seed = g_seed++;
   return s;
 }
 
@@ -102,15 +89,15 @@ static long compare_topk(const fixture *f, const int32_t *expect, const char *na
 static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   fixture f;
   gpu_fx g;
-  double t0 = now_ms();
+  double t0 = gpu_now_ms();
   fx_init(&f, &s);
   if (mods && mods->host)
     mods->host(&f);
   /* CPU reference */
   fx_poison(&f);
-  double t1 = now_ms();
+  double t1 = gpu_now_ms();
   m3s_status st = m3s_index_topk(g_cpu, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL);
-  double t2 = now_ms();
+  double t2 = gpu_now_ms();
   if (!CHECK(st == M3S_OK, name)) {
     fprintf(stderr, "%s: cpu m3s_index_topk: %s\n", name, m3s_last_error());
     fx_free(&f);
@@ -126,14 +113,14 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   if (!CHECK(ok, name)) {
     fprintf(stderr, "%s: device setup failed\n", name);
   } else {
-    double t3 = now_ms();
+    double t3 = gpu_now_ms();
     /* exec == NULL is only valid when the context needs no workspace at all
      * (m3s_workspace_size is the max over top-k and attention) */
     int null_exec = mods && mods->no_exec && g.ws_bytes == 0;
     st = m3s_index_topk(g_gpu, &f.cfg, &g.batch, &g.iq_t, &g.ic_t, &g.topk_t,
                         null_exec ? NULL : &g.exec);
     int synced = gpu_sync();
-    double t4 = now_ms();
+    double t4 = gpu_now_ms();
     if (st != M3S_OK)
       fprintf(stderr, "%s: cuda m3s_index_topk: %s\n", name, m3s_last_error());
     if (CHECK(st == M3S_OK && synced && gpu_fx_download(&g, &f), name)) {
@@ -141,7 +128,7 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
       CHECK(bad == 0, name);
       printf("  %-44s T %5d  ws %9zu B%s  cpu %7.1f ms  cuda %6.2f ms  (total %.0f ms)%s\n",
              name, f.T, g.ws_bytes, null_exec ? " (exec NULL)" : "", t2 - t1, t4 - t3,
-             now_ms() - t0, bad ? "  MISMATCH" : "");
+             gpu_now_ms() - t0, bad ? "  MISMATCH" : "");
     }
   }
   gpu_fx_free(&g);
@@ -394,8 +381,7 @@ static void test_one_million(void) {
 }
 
 int main(void) {
-  const char *q = getenv("M3S_TEST_QUICK");
-  g_quick = q && q[0] && strcmp(q, "0") != 0;
+  g_quick = gpu_env_flag("M3S_TEST_QUICK");
   g_gpu = gpu_context_or_null();
   if (!g_gpu)
     return gpu_skip("test_gpu_topk", "no CUDA device");
@@ -404,7 +390,7 @@ int main(void) {
     m3s_context_destroy(g_gpu);
     return 1;
   }
-  double t0 = now_ms();
+  double t0 = gpu_now_ms();
   test_tp_shapes_decode();
   test_spec_decode_uniform();
   test_index_dtypes();
@@ -416,7 +402,7 @@ int main(void) {
   test_prefill_long_prefix();
   test_long_decode();
   test_one_million();
-  printf("test_gpu_topk: %.1f s%s\n", (now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
+  printf("test_gpu_topk: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);
   return TEST_FINISH();
