@@ -488,8 +488,10 @@ static m3s_status check_csr_values(const m3s_vctx *v, const m3s_layer_config *cf
                     (long long)(host_csr_rows(b) + 1), (long long)row_ptr->shape[1]);
   for (int g = 0; g < cfg->num_kv_heads; g++) {
     const int32_t *rp = (const int32_t *)row_ptr->data + g * row_ptr->stride[0];
-    const int32_t *qq = (const int32_t *)qi->data + g * qi->stride[0];
-    const int32_t *ss = (const int32_t *)qs->data + g * qs->stride[0];
+    /* empty q_indices/q_slot (T == 0): never dereferenced, and their strides
+     * may be anything, so no pointer arithmetic on them */
+    const int32_t *qq = m3s_numel(qi) ? (const int32_t *)qi->data + g * qi->stride[0] : NULL;
+    const int32_t *ss = m3s_numel(qs) ? (const int32_t *)qs->data + g * qs->stride[0] : NULL;
     if (rp[0] != 0)
       return m3s_fail(M3S_ERR_RANGE, v->fn, "row_ptr[%d][0] must be 0, got %d", g, rp[0]);
     int64_t row = 0;

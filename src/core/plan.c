@@ -71,7 +71,7 @@ m3s_status m3s_plan_step(const m3s_context *ctx, const m3s_layer_config *cfg,
     if (desc->seq_lens[r] > p.max_seq_len)
       p.max_seq_len = desc->seq_lens[r];
   }
-  p.num_decode_tokens = p.num_decodes * p.decode_q_len;
+  int64_t td = (int64_t)p.num_decodes * p.decode_q_len; /* both < 2^31: no overflow in 64 bits */
   int64_t tp = 0;
   for (int r = p.num_decodes; r < desc->num_reqs; r++) {
     tp += desc->query_lens[r];
@@ -81,9 +81,10 @@ m3s_status m3s_plan_step(const m3s_context *ctx, const m3s_layer_config *cfg,
       p.max_seq_len = desc->seq_lens[r];
     p.csr_rows += m3s_ceil_div(desc->seq_lens[r], M3S_BLOCK_SIZE);
   }
-  if (tp + p.num_decode_tokens > (int64_t)1 << 30)
+  if (tp + td > (int64_t)1 << 30)
     return m3s_fail(M3S_ERR_BATCH, fn, "the step has %lld tokens, more than 2^30",
-                    (long long)(tp + p.num_decode_tokens));
+                    (long long)(tp + td));
+  p.num_decode_tokens = (int)td;
   p.num_prefill_tokens = (int)tp;
   p.num_tokens = p.num_decode_tokens + p.num_prefill_tokens;
   if ((st = m3s_workspace_size(ctx, cfg, p.num_tokens, p.max_seq_len, &p.workspace_bytes)))

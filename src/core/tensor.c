@@ -66,19 +66,25 @@ m3s_tensor m3s_tensor_make(void *data, m3s_dtype dt, int ndim, const int64_t *sh
   int64_t s = 1;
   for (int i = ndim - 1; i >= 0; i--) {
     stride[i] = s;
-    s *= shape[i];
+    /* a shape whose element count does not fit in int64 has no view */
+    if (shape[i] < 0 || (i > 0 && __builtin_mul_overflow(s, shape[i], &s)))
+      return invalid_view();
   }
   return m3s_tensor_strided(data, dt, ndim, shape, stride, device);
 }
 
 m3s_tensor m3s_tensor_narrow(const m3s_tensor *t, int64_t start, int64_t len) {
-  if (!t || t->ndim < 1 || t->ndim > M3S_MAX_DIMS || start < 0 || len < 0 ||
+  int64_t off;
+  if (!t || t->ndim < 1 || t->ndim > M3S_MAX_DIMS || t->shape[0] < 0 || start < 0 || len < 0 ||
       start > t->shape[0] - len)
+    return invalid_view();
+  if (__builtin_mul_overflow(start, t->stride[0], &off) ||
+      __builtin_mul_overflow(off, (int64_t)m3s_dtype_size(t->dtype), &off))
     return invalid_view();
   m3s_tensor r = *t;
   r.shape[0] = len;
   if (t->data)
-    r.data = (char *)t->data + start * t->stride[0] * (int64_t)m3s_dtype_size(t->dtype);
+    r.data = (char *)t->data + off;
   return r;
 }
 

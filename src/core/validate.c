@@ -97,7 +97,11 @@ m3s_status m3s_check_dim(const m3s_vctx *v, const char *name, const m3s_tensor *
 m3s_status m3s_check_no_self_overlap(const m3s_vctx *v, const char *name, const m3s_tensor *t) {
   /* Sort dimensions by stride; each stride must step over the whole extent of
    * the dimensions inside it. Sufficient (not necessary) for no overlap, and
-   * exact for every permutation of a contiguous layout. */
+   * exact for every permutation of a contiguous layout. An empty view has no
+   * elements to overlap, whatever its strides (torch.empty((2, 0)) has
+   * strides (1, 1)). */
+  if (m3s_numel(t) == 0)
+    return M3S_OK;
   int order[M3S_MAX_DIMS];
   int n = 0;
   for (int i = 0; i < t->ndim; i++)
@@ -117,12 +121,16 @@ m3s_status m3s_check_no_self_overlap(const m3s_vctx *v, const char *name, const 
                       "output '%s' overlaps itself: stride[%d] = %lld is smaller than the %lld "
                       "elements spanned by the inner dimensions",
                       name, d, (long long)t->stride[d], (long long)span);
-    span = t->stride[d] * t->shape[d];
+    /* saturate: an outer dimension can never step over more than INT64_MAX */
+    if (__builtin_mul_overflow(t->stride[d], t->shape[d], &span))
+      span = INT64_MAX;
   }
   return M3S_OK;
 }
 
 m3s_status m3s_check_contiguous(const m3s_vctx *v, const char *name, const m3s_tensor *t) {
+  if (m3s_numel(t) == 0) /* no elements: any strides describe the same (empty) memory */
+    return M3S_OK;
   int64_t want = 1;
   for (int i = t->ndim - 1; i >= 0; i--) {
     if (t->shape[i] > 1 && t->stride[i] != want)
@@ -327,7 +335,9 @@ m3s_status m3s_check_scales(const m3s_vctx *v, const m3s_kv_scales *s, const m3s
                             int num_kv_heads) {
   if (!s || (cache->dtype != M3S_E4M3 && cache->dtype != M3S_E5M2))
     return M3S_OK;
-  int64_t slots = cache->shape[0] * M3S_BLOCK_SIZE;
+  int64_t slots;
+  if (__builtin_mul_overflow(cache->shape[0], (int64_t)M3S_BLOCK_SIZE, &slots))
+    slots = INT64_MAX; /* a per-slot scale tensor can never match: rejected below */
   m3s_status st = check_one_scale(v, "scales.k_scale", &s->k_scale, slots, num_kv_heads);
   if (st)
     return st;

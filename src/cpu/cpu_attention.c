@@ -189,8 +189,10 @@ m3s_status m3s_cpu_build_k2q_csr(const m3s_layer_config *cfg, const m3s_batch *b
   int64_t rows = row_ptr->shape[1] - 1;
   for (int g = 0; g < cfg->num_kv_heads; g++) {
     int32_t *rp = (int32_t *)row_ptr->data + g * row_ptr->stride[0];
-    int32_t *qi = (int32_t *)q_indices->data + g * q_indices->stride[0];
-    int32_t *qs = (int32_t *)q_slot->data + g * q_slot->stride[0];
+    /* empty when T == 0: then data may be NULL and nothing is placed */
+    int32_t *qi = m3s_numel(q_indices) ? (int32_t *)q_indices->data + g * q_indices->stride[0]
+                                       : NULL;
+    int32_t *qs = m3s_numel(q_slot) ? (int32_t *)q_slot->data + g * q_slot->stride[0] : NULL;
     for (int pass = 0; pass < 2; pass++) {
       if (pass == 0)
         memset(rp, 0, (size_t)(rows + 1) * sizeof *rp);
