@@ -15,10 +15,16 @@
 #include <math.h>
 #include <stdio.h>
 
+/* Element count, saturated at INT64_MAX: stride-0 views may have shapes whose
+ * product does not fit. 0 when any dimension is 0. */
 int64_t m3s_numel(const m3s_tensor *t) {
   int64_t n = 1;
   for (int i = 0; i < t->ndim; i++)
-    n *= t->shape[i];
+    if (t->shape[i] == 0)
+      return 0;
+  for (int i = 0; i < t->ndim; i++)
+    if (__builtin_mul_overflow(n, t->shape[i], &n))
+      return INT64_MAX;
   return n;
 }
 
