@@ -2956,7 +2956,13 @@ static void op_narrow(void) {
     return;
   }
   int ndim_ok = t.ndim >= 1 && t.ndim <= M3S_MAX_DIMS;
-  int valid = !null_t && ndim_ok && start >= 0 && len >= 0 && (__int128)start + len <= t.shape[0];
+  /* the byte offset of the new first row must be representable: a view whose
+   * pointer would overflow is refused (the invalid view), never wrapped */
+  int64_t byte_off;
+  int off_ok = !__builtin_mul_overflow(start, t.stride[0], &byte_off) &&
+               !__builtin_mul_overflow(byte_off, (int64_t)m3s_dtype_size(t.dtype), &byte_off);
+  int valid = !null_t && ndim_ok && start >= 0 && len >= 0 &&
+              (__int128)start + len <= t.shape[0] && off_ok;
   g_fn = "m3s_tensor_narrow";
   S.calls++;
   S.op_calls[g_opi]++;

@@ -83,8 +83,10 @@ m3s_tensor m3s_tensor_narrow(const m3s_tensor *t, int64_t start, int64_t len) {
     return invalid_view();
   m3s_tensor r = *t;
   r.shape[0] = len;
+  /* integer arithmetic: a device or stride-0 view may point anywhere, and C
+   * pointer arithmetic outside an object is undefined */
   if (t->data)
-    r.data = (char *)t->data + off;
+    r.data = (void *)((uintptr_t)t->data + (uintptr_t)off);
   return r;
 }
 
