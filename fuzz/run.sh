@@ -13,6 +13,8 @@
 #     input is kept (path printed) and the report is shown.
 #
 # Environment:
+#   M3S_FUZZ_SEED=N          libFuzzer's -seed (0 = random; CI pins one so a run
+#                            does not find a new input by luck on one day only)
 #   M3S_FUZZ_AVOID_KNOWN=1   steer the decoder away from the library bugs
 #                            already reported (docs/reliability.md); use it
 #                            only while they are open
@@ -53,6 +55,7 @@ if [ "$jobs" -gt 1 ]; then fork=(-fork="$jobs"); fi
 echo "fuzz/run.sh: fuzzing for ${secs} s ($seeds seed inputs, $jobs process(es)); log: $work/log"
 M3S_FUZZ_STATS="$work/stats" "$build/m3s-fuzz" "${fork[@]}" \
   -max_total_time="$secs" -timeout=30 -rss_limit_mb=4096 -max_len=1024 \
+  -seed="${M3S_FUZZ_SEED:-0}" \
   -print_final_stats=1 -artifact_prefix="$work/artifacts/" "$work/corpus" >"$work/log" 2>&1
 rc=$?
 

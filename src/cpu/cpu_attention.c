@@ -269,8 +269,11 @@ m3s_status m3s_cpu_k2q_attention(const m3s_layer_config *cfg, const m3s_batch *b
     int r;
     row_owner(batch, row, &r, &blk);
     const int32_t *rp = (const int32_t *)row_ptr->data + g * row_ptr->stride[0];
-    const int32_t *qi = (const int32_t *)q_indices->data + g * q_indices->stride[0];
-    const int32_t *qs = (const int32_t *)q_slot->data + g * q_slot->stride[0];
+    /* empty CSR arrays (T == 0) have no entries: rp[row] == rp[row + 1] */
+    const int32_t *qi =
+        m3s_numel(q_indices) ? (const int32_t *)q_indices->data + g * q_indices->stride[0] : NULL;
+    const int32_t *qs =
+        m3s_numel(q_slot) ? (const int32_t *)q_slot->data + g * q_slot->stride[0] : NULL;
     if (rp[row] == rp[row + 1] || r < 0)
       continue;
     int64_t s = m3s_batch_seqlen(batch, r), n = m3s_batch_qlen(batch, r);
