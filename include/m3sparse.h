@@ -47,27 +47,27 @@ extern "C" {
 /* MAJOR*1000000 + MINOR*1000 + PATCH */
 #define M3S_VERSION_NUMBER 1000
 
-const char *m3s_version(void);    /* == M3S_VERSION of the linked library */
-int m3s_version_number(void);     /* == M3S_VERSION_NUMBER of the linked library */
+const char *m3s_version(void); /* == M3S_VERSION of the linked library */
+int m3s_version_number(void);  /* == M3S_VERSION_NUMBER of the linked library */
 
 /* ---------------------------------------------------------------------------
  * Status codes and errors
  * ------------------------------------------------------------------------- */
 typedef enum m3s_status {
   M3S_OK = 0,
-  M3S_ERR_NULL = 1,        /* a required pointer argument is NULL */
-  M3S_ERR_INVALID = 2,     /* a scalar argument or config value is out of its domain */
-  M3S_ERR_SHAPE = 3,       /* wrong ndim or a dimension disagrees with the others */
-  M3S_ERR_DTYPE = 4,       /* dtype not accepted for this operand */
-  M3S_ERR_LAYOUT = 5,      /* bad strides: innermost != 1, negative, or overlapping outputs */
-  M3S_ERR_RANGE = 6,       /* a value read from an index tensor is out of range
-                              (slot, page id, top-k entry, sequence length) */
-  M3S_ERR_DEVICE = 7,      /* tensor memory is not where the context runs */
-  M3S_ERR_WORKSPACE = 8,   /* workspace missing or smaller than required */
-  M3S_ERR_BATCH = 9,       /* inconsistent batch description */
-  M3S_ERR_UNSUPPORTED = 10,/* valid, but not supported by this backend/build */
-  M3S_ERR_NO_MEMORY = 11,  /* context creation could not allocate host memory */
-  M3S_ERR_CUDA = 12,       /* a CUDA runtime call failed */
+  M3S_ERR_NULL = 1,         /* a required pointer argument is NULL */
+  M3S_ERR_INVALID = 2,      /* a scalar argument or config value is out of its domain */
+  M3S_ERR_SHAPE = 3,        /* wrong ndim or a dimension disagrees with the others */
+  M3S_ERR_DTYPE = 4,        /* dtype not accepted for this operand */
+  M3S_ERR_LAYOUT = 5,       /* bad strides: innermost != 1, negative, or overlapping outputs */
+  M3S_ERR_RANGE = 6,        /* a value read from an index tensor is out of range
+                               (slot, page id, top-k entry, sequence length) */
+  M3S_ERR_DEVICE = 7,       /* tensor memory is not where the context runs */
+  M3S_ERR_WORKSPACE = 8,    /* workspace missing or smaller than required */
+  M3S_ERR_BATCH = 9,        /* inconsistent batch description */
+  M3S_ERR_UNSUPPORTED = 10, /* valid, but not supported by this backend/build */
+  M3S_ERR_NO_MEMORY = 11,   /* context creation could not allocate host memory */
+  M3S_ERR_CUDA = 12,        /* a CUDA runtime call failed */
   M3S_ERR_INTERNAL = 13
 } m3s_status;
 
@@ -95,12 +95,12 @@ typedef enum m3s_dtype {
 #define M3S_HOST (-1) /* m3s_tensor.device for host memory */
 
 typedef struct m3s_tensor {
-  void *data;                    /* element [0,...,0]; may be NULL only if numel == 0 */
+  void *data; /* element [0,...,0]; may be NULL only if numel == 0 */
   m3s_dtype dtype;
-  int ndim;                      /* 0..M3S_MAX_DIMS; 0 = scalar */
+  int ndim; /* 0..M3S_MAX_DIMS; 0 = scalar */
   int64_t shape[M3S_MAX_DIMS];
-  int64_t stride[M3S_MAX_DIMS];  /* in elements; the last must be 1 */
-  int device;                    /* M3S_HOST or a CUDA device ordinal */
+  int64_t stride[M3S_MAX_DIMS]; /* in elements; the last must be 1 */
+  int device;                   /* M3S_HOST or a CUDA device ordinal */
 } m3s_tensor;
 
 /* Size in bytes of one element of dtype (0 for an unknown value). */
@@ -124,19 +124,19 @@ m3s_tensor m3s_tensor_narrow(const m3s_tensor *t, int64_t start, int64_t len);
 #define M3S_HEAD_DIM 128
 #define M3S_INDEX_DIM 128
 #define M3S_BLOCK_SIZE 128
-#define M3S_MAX_TOPK 64     /* largest supported top-k */
-#define M3S_MAX_HEADS 256   /* largest supported Hq */
+#define M3S_MAX_TOPK 64   /* largest supported top-k */
+#define M3S_MAX_HEADS 256 /* largest supported Hq */
 
 typedef struct m3s_layer_config {
-  int num_q_heads;      /* Hq, 1..M3S_MAX_HEADS, multiple of num_kv_heads */
-  int num_kv_heads;     /* Hkv == number of index heads, >= 1 */
-  int topk;             /* K, 1..M3S_MAX_TOPK (M3: 16) */
-  int init_blocks;      /* forced leading blocks, >= 0, counted inside K (M3: 0) */
-  int local_blocks;     /* forced trailing blocks, >= 0, counted inside K (M3: 1) */
-  float softmax_scale;  /* > 0 and finite (M3: 1/sqrt(128)) */
-  int head_dim;         /* must be 128 */
-  int index_dim;        /* must be 128 */
-  int block_size;       /* must be 128 */
+  int num_q_heads;     /* Hq, 1..M3S_MAX_HEADS, multiple of num_kv_heads */
+  int num_kv_heads;    /* Hkv == number of index heads, >= 1 */
+  int topk;            /* K, 1..M3S_MAX_TOPK (M3: 16) */
+  int init_blocks;     /* forced leading blocks, >= 0, counted inside K (M3: 0) */
+  int local_blocks;    /* forced trailing blocks, >= 0, counted inside K (M3: 1) */
+  float softmax_scale; /* > 0 and finite (M3: 1/sqrt(128)) */
+  int head_dim;        /* must be 128 */
+  int index_dim;       /* must be 128 */
+  int block_size;      /* must be 128 */
 } m3s_layer_config;
 
 /* The MiniMax-M3 layer for one tensor-parallel rank: tp_size 1, 2, 4 or 8
@@ -163,6 +163,30 @@ int m3s_context_device(const m3s_context *ctx);
  * Messages go to the callback (or stderr when it is NULL). */
 typedef void (*m3s_log_fn)(int level, const char *msg, void *user);
 m3s_status m3s_context_set_logging(m3s_context *ctx, int level, m3s_log_fn fn, void *user);
+
+/* Context options (m3s_context_set_option / m3s_context_get_option).
+ *
+ * M3S_OPT_BATCH_INVARIANT (value 0 or 1, default 0): 1 promises that every
+ *   output row of m3s_sparse_attention / m3s_step_forward depends only on its
+ *   own request (query rows, seq_len, block-table rows, caches, config), never
+ *   on the other requests of the batch or on the host bounds num_tokens,
+ *   max_q_len and max_seq_len. The CPU backend always keeps this promise, so
+ *   the option changes nothing there. On CUDA the attention kernel then never
+ *   splits a row's blocks across CTAs (split-K is chosen per launch from the
+ *   host bounds, which makes the last bits depend on the batch): small decode
+ *   batches run slower (fewer CTAs than SMs) and need no workspace for the
+ *   split. Top-k, inserts and the k2q path are batch-independent in both
+ *   modes. Set it before m3s_workspace_size / m3s_plan_step; not while
+ *   another thread runs calls on the context. */
+typedef enum {
+  M3S_OPT_BATCH_INVARIANT = 1,
+} m3s_option;
+
+/* M3S_ERR_INVALID for an unknown option or a value outside its range (the
+ * option keeps its value). */
+m3s_status m3s_context_set_option(m3s_context *ctx, m3s_option opt, int64_t value);
+/* *out_value = the option's current value. */
+m3s_status m3s_context_get_option(const m3s_context *ctx, m3s_option opt, int64_t *out_value);
 
 /* Execution resources of one call: the caller's stream (a cudaStream_t; NULL
  * = legacy default stream; ignored on the CPU) and workspace (device memory on a
@@ -203,14 +227,14 @@ typedef struct m3s_exec {
  * bounds).
  * ------------------------------------------------------------------------- */
 typedef struct m3s_batch {
-  int num_reqs;               /* >= 0 */
-  int num_tokens;             /* rows of the query tensors of this batch */
-  int uniform_q_len;          /* > 0: uniform decode; 0: use query_start_loc */
-  int max_q_len;              /* host bound on n_r (uniform: = uniform_q_len) */
-  int64_t max_seq_len;        /* host bound on seq_lens[r] */
-  m3s_tensor query_start_loc; /* i32 [num_reqs + 1], non-decreasing; unused if uniform */
-  m3s_tensor seq_lens;        /* i32 [num_reqs] */
-  m3s_tensor block_table;     /* i32 [num_reqs, max_pages] for the main K/V cache */
+  int num_reqs;                 /* >= 0 */
+  int num_tokens;               /* rows of the query tensors of this batch */
+  int uniform_q_len;            /* > 0: uniform decode; 0: use query_start_loc */
+  int max_q_len;                /* host bound on n_r (uniform: = uniform_q_len) */
+  int64_t max_seq_len;          /* host bound on seq_lens[r] */
+  m3s_tensor query_start_loc;   /* i32 [num_reqs + 1], non-decreasing; unused if uniform */
+  m3s_tensor seq_lens;          /* i32 [num_reqs] */
+  m3s_tensor block_table;       /* i32 [num_reqs, max_pages] for the main K/V cache */
   m3s_tensor index_block_table; /* i32 [num_reqs, max_pages'] for the index cache */
 } m3s_batch;
 
@@ -224,9 +248,9 @@ typedef struct m3s_step {
 /* Host-side description of a step, as an engine's scheduler knows it. */
 typedef struct m3s_step_desc {
   int num_reqs;
-  const int32_t *query_lens;  /* [num_reqs] new tokens per request this step (host) */
-  const int32_t *seq_lens;    /* [num_reqs] cached + new tokens; 0 = padded (host) */
-  int num_spec_tokens;        /* speculative tokens per decode request, >= 0 */
+  const int32_t *query_lens; /* [num_reqs] new tokens per request this step (host) */
+  const int32_t *seq_lens;   /* [num_reqs] cached + new tokens; 0 = padded (host) */
+  int num_spec_tokens;       /* speculative tokens per decode request, >= 0 */
 } m3s_step_desc;
 
 /* The split of SPEC section 5 (vLLM split_decodes_and_prefills with
@@ -247,13 +271,13 @@ typedef struct m3s_step_plan {
   int num_decodes;
   int num_prefills;
   int decode_q_len;
-  int num_decode_tokens;      /* rows [0, num_decode_tokens) */
-  int num_prefill_tokens;     /* rows [num_decode_tokens, num_tokens) */
+  int num_decode_tokens;  /* rows [0, num_decode_tokens) */
+  int num_prefill_tokens; /* rows [num_decode_tokens, num_tokens) */
   int num_tokens;
   int max_prefill_q_len;
   int64_t max_seq_len;
-  int64_t csr_rows;           /* KV-block rows of the prefill part (SPEC section 7) */
-  size_t workspace_bytes;     /* for m3s_step_forward on this context */
+  int64_t csr_rows;       /* KV-block rows of the prefill part (SPEC section 7) */
+  size_t workspace_bytes; /* for m3s_step_forward on this context */
 } m3s_step_plan;
 
 m3s_status m3s_plan_step(const m3s_context *ctx, const m3s_layer_config *cfg,
@@ -323,9 +347,8 @@ m3s_status m3s_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
  * highest S (ties: lower block id); the min(K, nb) ids in ascending order, then
  * -1. NaN scores rank below every real score. Padded requests: all -1.
  * ------------------------------------------------------------------------- */
-m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg,
-                          const m3s_batch *batch, const m3s_tensor *iq,
-                          const m3s_tensor *index_cache, m3s_tensor *topk,
+m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
+                          const m3s_tensor *iq, const m3s_tensor *index_cache, m3s_tensor *topk,
                           const m3s_exec *exec);
 
 /* ---------------------------------------------------------------------------
@@ -354,11 +377,11 @@ m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
  * T = decode.num_tokens + prefill.num_tokens (decode rows first). Cache insert
  * is separate (engines insert before attention).
  * ------------------------------------------------------------------------- */
-m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg,
-                            const m3s_step *step, const m3s_tensor *q, const m3s_tensor *iq,
-                            const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
-                            const m3s_tensor *index_cache, m3s_tensor *topk, m3s_tensor *out,
-                            m3s_tensor *lse, const m3s_exec *exec);
+m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_step *step,
+                            const m3s_tensor *q, const m3s_tensor *iq, const m3s_tensor *kv_cache,
+                            const m3s_kv_scales *scales, const m3s_tensor *index_cache,
+                            m3s_tensor *topk, m3s_tensor *out, m3s_tensor *lse,
+                            const m3s_exec *exec);
 
 /* ---------------------------------------------------------------------------
  * Key-centric (KV-outer) schedule, SPEC section 7.
@@ -380,10 +403,9 @@ m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg,
  * ------------------------------------------------------------------------- */
 m3s_status m3s_k2q_csr_rows(const m3s_context *ctx, const m3s_batch *batch, int64_t *out_rows);
 
-m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
-                             const m3s_batch *batch, const m3s_tensor *topk,
-                             m3s_tensor *row_ptr, m3s_tensor *q_indices, m3s_tensor *q_slot,
-                             m3s_tensor *q_count, const m3s_exec *exec);
+m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
+                             const m3s_tensor *topk, m3s_tensor *row_ptr, m3s_tensor *q_indices,
+                             m3s_tensor *q_slot, m3s_tensor *q_count, const m3s_exec *exec);
 
 /* Attention of every (block, query) pair of the CSR: for each query row t, head
  * h and slot k < q_count[t][h/G], the partial result over the keys of that one
@@ -391,12 +413,11 @@ m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
  *   part_out:  out, f32 [T, Hq, K, 128]  (normalised within the block)
  *   part_lse:  out, f32 [T, Hq, K]       (-inf when the block has no visible key)
  * Slots k >= q_count are left untouched. */
-m3s_status m3s_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
-                             const m3s_batch *batch, const m3s_tensor *q,
-                             const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
-                             const m3s_tensor *row_ptr, const m3s_tensor *q_indices,
-                             const m3s_tensor *q_slot, m3s_tensor *part_out,
-                             m3s_tensor *part_lse, const m3s_exec *exec);
+m3s_status m3s_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
+                             const m3s_tensor *q, const m3s_tensor *kv_cache,
+                             const m3s_kv_scales *scales, const m3s_tensor *row_ptr,
+                             const m3s_tensor *q_indices, const m3s_tensor *q_slot,
+                             m3s_tensor *part_out, m3s_tensor *part_lse, const m3s_exec *exec);
 
 /* Combine per-slot partials into the attention result:
  *   part_out [T, Hq, K, 128] f32, part_lse [T, Hq, K] f32, q_count [T, Hkv] i32
@@ -415,10 +436,9 @@ m3s_status m3s_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
  *   lse = log(exp(lse_a) + exp(lse_b)); out = weights of each side.
  * Both sides -inf: out 0, lse -inf. out may alias out_a or out_b exactly.
  * ------------------------------------------------------------------------- */
-m3s_status m3s_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
-                                 const m3s_tensor *lse_a, const m3s_tensor *out_b,
-                                 const m3s_tensor *lse_b, m3s_tensor *out, m3s_tensor *lse,
-                                 const m3s_exec *exec);
+m3s_status m3s_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a, const m3s_tensor *lse_a,
+                                 const m3s_tensor *out_b, const m3s_tensor *lse_b, m3s_tensor *out,
+                                 m3s_tensor *lse, const m3s_exec *exec);
 
 /* ---------------------------------------------------------------------------
  * Support query (SPEC section 8)
@@ -441,17 +461,17 @@ typedef enum m3s_cache_layout {
 
 typedef struct m3s_support_query {
   m3s_op op;
-  m3s_dtype act_dtype;         /* q / k / v / iq dtype */
-  m3s_dtype kv_dtype;          /* main cache dtype */
-  m3s_dtype index_dtype;       /* index cache dtype */
-  int per_slot_scales;         /* 1: fp8 scales per (head, slot) */
+  m3s_dtype act_dtype;   /* q / k / v / iq dtype */
+  m3s_dtype kv_dtype;    /* main cache dtype */
+  m3s_dtype index_dtype; /* index cache dtype */
+  int per_slot_scales;   /* 1: fp8 scales per (head, slot) */
   m3s_cache_layout layout;
 } m3s_support_query;
 
 typedef struct m3s_support_info {
-  int supported;               /* 1 or 0 */
-  char kernel[64];             /* name of the kernel that would run, "" if none */
-  char reason[160];            /* why not, "" if supported */
+  int supported;    /* 1 or 0 */
+  char kernel[64];  /* name of the kernel that would run, "" if none */
+  char reason[160]; /* why not, "" if supported */
 } m3s_support_info;
 
 /* Fills *info; returns M3S_OK whenever the arguments themselves are valid

@@ -1,6 +1,7 @@
 /* GPU test support (see gpu_util.h). */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include "gpu_util.h"
+#include "test_util.h"
 
 #include <stdlib.h>
 #include <time.h>
@@ -20,14 +21,64 @@ int gpu_env_flag(const char *name) {
   return v && v[0] && strcmp(v, "0") != 0;
 }
 
+/* Guard zones: every device buffer a GPU test allocates through gpu_dup sits
+ * between two GUARD_BYTES zones filled with GUARD_BYTE. gpu_guards_check()
+ * (called after every downloaded run) and gpu_free() read the zones back and
+ * count one failed check per corrupted zone, so a kernel that writes past
+ * either end of a cache, an output or the workspace fails the test even when
+ * the write lands in memory the CUDA allocator considers valid. A fixed
+ * table (test code only) remembers the live allocations. */
+enum { GUARD_BYTES = 4096, GUARD_BYTE = 0xC3, GUARD_MAX = 1024 };
+typedef struct {
+  unsigned char *base; /* cudaMalloc result; user pointer = base + GUARD_BYTES */
+  size_t n;            /* user bytes */
+} guard_entry;
+static guard_entry g_guards[GUARD_MAX];
+
+static int guard_intact(const guard_entry *e) {
+  static unsigned char zone[GUARD_BYTES];
+  const unsigned char *where[2] = {e->base, e->base + GUARD_BYTES + e->n};
+  for (int z = 0; z < 2; ++z) {
+    if (cudaMemcpy(zone, where[z], GUARD_BYTES, cudaMemcpyDeviceToHost) != cudaSuccess)
+      return 0;
+    for (int i = 0; i < GUARD_BYTES; ++i)
+      if (zone[i] != GUARD_BYTE) {
+        fprintf(stderr, "guard zone %s buffer %p (%zu bytes) corrupted at byte %d: 0x%02x\n",
+                z ? "after" : "before", (void *)(e->base + GUARD_BYTES), e->n, i, zone[i]);
+        return 0;
+      }
+  }
+  return 1;
+}
+
+int gpu_guards_check(void) {
+  int ok = 1;
+  for (int i = 0; i < GUARD_MAX; ++i)
+    if (g_guards[i].base)
+      ok &= CHECK(guard_intact(&g_guards[i]), "guard zones around a device buffer intact");
+  return ok;
+}
+
 void *gpu_dup(const void *host, size_t n) {
-  void *d = NULL;
-  if (cudaMalloc(&d, n ? n : 1) != cudaSuccess)
-    return NULL;
-  if (host && n && cudaMemcpy(d, host, n, cudaMemcpyHostToDevice) != cudaSuccess) {
-    cudaFree(d);
+  int slot = 0;
+  while (slot < GUARD_MAX && g_guards[slot].base)
+    ++slot;
+  if (slot == GUARD_MAX) {
+    fprintf(stderr, "gpu_dup: more than %d live device buffers\n", GUARD_MAX);
     return NULL;
   }
+  unsigned char *base = NULL;
+  if (cudaMalloc((void **)&base, n + 2 * (size_t)GUARD_BYTES) != cudaSuccess)
+    return NULL;
+  unsigned char *d = base + GUARD_BYTES;
+  if (cudaMemset(base, GUARD_BYTE, GUARD_BYTES) != cudaSuccess ||
+      cudaMemset(d + n, GUARD_BYTE, GUARD_BYTES) != cudaSuccess ||
+      (host && n && cudaMemcpy(d, host, n, cudaMemcpyHostToDevice) != cudaSuccess)) {
+    cudaFree(base);
+    return NULL;
+  }
+  g_guards[slot].base = base;
+  g_guards[slot].n = n;
   return d;
 }
 
@@ -40,8 +91,17 @@ int gpu_put(void *dev, const void *host, size_t n) {
 }
 
 void gpu_free(void *p) {
-  if (p)
-    cudaFree(p);
+  if (!p)
+    return;
+  for (int i = 0; i < GUARD_MAX; ++i)
+    if (g_guards[i].base && g_guards[i].base + GUARD_BYTES == (unsigned char *)p) {
+      CHECK(guard_intact(&g_guards[i]), "guard zones intact when the buffer is freed");
+      cudaFree(g_guards[i].base);
+      g_guards[i].base = NULL;
+      return;
+    }
+  fprintf(stderr, "gpu_free: %p was not allocated by gpu_dup\n", p);
+  CHECK(0, "gpu_free of a buffer gpu_dup allocated");
 }
 
 int gpu_sync(void) {
@@ -71,8 +131,7 @@ int gpu_skip(const char *test_name, const char *why) {
 
 /* Sizes of the fixture's buffers, in bytes. */
 static size_t kv_bytes(const fixture *f) {
-  return (size_t)(f->num_pages * f->cfg.num_kv_heads * 128 * 256) *
-         m3s_dtype_size(f->sp.kv_dtype);
+  return (size_t)(f->num_pages * f->cfg.num_kv_heads * 128 * 256) * m3s_dtype_size(f->sp.kv_dtype);
 }
 static size_t ic_bytes(const fixture *f) {
   return (size_t)(f->num_pages * 128 * 128) * m3s_dtype_size(f->sp.idx_dtype);
@@ -81,7 +140,9 @@ static size_t q_bytes(const fixture *f) { return (size_t)f->T * f->cfg.num_q_hea
 static size_t iq_bytes(const fixture *f) {
   return (size_t)f->T * f->cfg.num_kv_heads * 128 * 2 + 2;
 }
-static size_t lse_bytes(const fixture *f) { return sizeof(float) * ((size_t)f->T * f->cfg.num_q_heads + 1); }
+static size_t lse_bytes(const fixture *f) {
+  return sizeof(float) * ((size_t)f->T * f->cfg.num_q_heads + 1);
+}
 static size_t topk_bytes(const fixture *f) {
   return sizeof(int32_t) * ((size_t)f->T * f->cfg.num_kv_heads * f->cfg.topk + 1);
 }
@@ -118,8 +179,8 @@ int gpu_fx_upload(gpu_fx *g, const fixture *f, m3s_context *ctx) {
     g->ks = gpu_dup(f->ks_mem, scale_bytes(f));
     g->vs = gpu_dup(f->vs_mem, scale_bytes(f));
   }
-  if (!g->kv || !g->ic || !g->q || !g->iq || !g->out || !g->lse || !g->topk || !g->qsl ||
-      !g->seq || !g->bt || !g->ibt || (f->ks_mem && (!g->ks || !g->vs)))
+  if (!g->kv || !g->ic || !g->q || !g->iq || !g->out || !g->lse || !g->topk || !g->qsl || !g->seq ||
+      !g->bt || !g->ibt || (f->ks_mem && (!g->ks || !g->vs)))
     return 0;
   g->kv_t = on_device(f->kv, g->kv);
   g->ic_t = on_device(f->ic, g->ic);
@@ -154,8 +215,8 @@ int gpu_fx_reupload_inputs(gpu_fx *g, const fixture *f) {
          gpu_put(g->qsl, f->qsl, sizeof(int32_t) * (size_t)(f->sp.num_reqs + 1)) &&
          gpu_put(g->seq, f->seqlens, sizeof(int32_t) * (size_t)(f->sp.num_reqs + 1)) &&
          gpu_put(g->bt, f->bt, table_bytes(f)) && gpu_put(g->ibt, f->ibt, table_bytes(f)) &&
-         (!f->ks_mem || (gpu_put(g->ks, f->ks_mem, scale_bytes(f)) &&
-                         gpu_put(g->vs, f->vs_mem, scale_bytes(f))));
+         (!f->ks_mem ||
+          (gpu_put(g->ks, f->ks_mem, scale_bytes(f)) && gpu_put(g->vs, f->vs_mem, scale_bytes(f))));
 }
 
 int gpu_fx_poison(gpu_fx *g, fixture *f) {
@@ -165,7 +226,7 @@ int gpu_fx_poison(gpu_fx *g, fixture *f) {
 }
 
 int gpu_fx_download(gpu_fx *g, fixture *f) {
-  return gpu_sync() && gpu_get(f->out_mem, g->out, q_bytes(f)) &&
+  return gpu_sync() && gpu_guards_check() && gpu_get(f->out_mem, g->out, q_bytes(f)) &&
          gpu_get(f->lse_mem, g->lse, lse_bytes(f)) && gpu_get(f->topk_mem, g->topk, topk_bytes(f));
 }
 

@@ -45,10 +45,15 @@ double gpu_now_ms(void);
  * (M3S_TEST_QUICK, M3S_TEST_TIME). */
 int gpu_env_flag(const char *name);
 
-/* cudaMalloc + cudaMemcpy of n bytes (NULL on failure). */
+/* cudaMalloc + cudaMemcpy of n bytes (NULL on failure); host may be NULL.
+ * The buffer sits between two 4 KiB guard zones of canary bytes. */
 void *gpu_dup(const void *host, size_t n);
+/* Reads back the guard zones of every live gpu_dup buffer; one failed check
+ * per corrupted zone. Returns 1 when all are intact. */
+int gpu_guards_check(void);
 int gpu_get(void *host, const void *dev, size_t n);
 int gpu_put(void *dev, const void *host, size_t n);
+/* Checks the buffer's guard zones (one failed check if corrupted), frees it. */
 void gpu_free(void *p);
 int gpu_sync(void);
 

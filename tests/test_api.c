@@ -43,8 +43,8 @@
  * Fixtures (ref.h): F = 2 ragged requests (query lengths 2 and 41, sequence
  * lengths 300 and 600), Hq 4, Hkv 2, K 4, bf16 everywhere; F8 = 1 uniform
  * decode request over an e4m3 cache with per-(head, slot) scales. */
-#include "m3sparse.h"
 #include "core/internal.h" /* struct m3s_context: set_logging must not write on error */
+#include "m3sparse.h"
 #include "ref.h"
 #include "test_util.h"
 
@@ -62,8 +62,8 @@
 static m3s_context *g_ctx;     /* CPU context */
 static m3s_context *g_gpu_ctx; /* only when a CUDA device exists */
 static fixture F, F8;
-static int32_t *g_tk, *g_tk8;  /* valid top-k of F / F8 ([T, Hkv, K], contiguous) */
-enum { NT = 5 }; /* tokens of the insert tests */
+static int32_t *g_tk, *g_tk8; /* valid top-k of F / F8 ([T, Hkv, K], contiguous) */
+enum { NT = 5 };              /* tokens of the insert tests */
 static const char *g_group = "";
 static long g_pass0, g_fail0;
 
@@ -121,8 +121,8 @@ enum { W_KV = 1, W_IC = 2, W_TOPK = 4, W_OUT = 8, W_LSE = 16 };
 static void watch_fixture(fixture *f, unsigned poison) {
   int64_t P = f->num_pages, T = f->T, Hq = f->cfg.num_q_heads, Hkv = f->cfg.num_kv_heads;
   int64_t K = f->cfg.topk, R = f->sp.num_reqs;
-  watch("fixture kv_cache", f->kv_mem, (size_t)(P * Hkv * 128 * 256) * m3s_dtype_size(f->sp.kv_dtype),
-        !!(poison & W_KV));
+  watch("fixture kv_cache", f->kv_mem,
+        (size_t)(P * Hkv * 128 * 256) * m3s_dtype_size(f->sp.kv_dtype), !!(poison & W_KV));
   watch("fixture index_cache", f->ic_mem, (size_t)(P * 128 * 128) * m3s_dtype_size(f->sp.idx_dtype),
         !!(poison & W_IC));
   watch("fixture topk", f->topk_mem, (size_t)(T * Hkv * K) * 4, !!(poison & W_TOPK));
@@ -144,11 +144,11 @@ static void watch_fixture(fixture *f, unsigned poison) {
  * Checks
  * ---------------------------------------------------------------------- */
 static const char *st_name(m3s_status s) {
-  static const char *n[] = {"M3S_OK",         "M3S_ERR_NULL",     "M3S_ERR_INVALID",
-                            "M3S_ERR_SHAPE",  "M3S_ERR_DTYPE",    "M3S_ERR_LAYOUT",
-                            "M3S_ERR_RANGE",  "M3S_ERR_DEVICE",   "M3S_ERR_WORKSPACE",
-                            "M3S_ERR_BATCH",  "M3S_ERR_UNSUPPORTED", "M3S_ERR_NO_MEMORY",
-                            "M3S_ERR_CUDA",   "M3S_ERR_INTERNAL"};
+  static const char *n[] = {"M3S_OK",        "M3S_ERR_NULL",        "M3S_ERR_INVALID",
+                            "M3S_ERR_SHAPE", "M3S_ERR_DTYPE",       "M3S_ERR_LAYOUT",
+                            "M3S_ERR_RANGE", "M3S_ERR_DEVICE",      "M3S_ERR_WORKSPACE",
+                            "M3S_ERR_BATCH", "M3S_ERR_UNSUPPORTED", "M3S_ERR_NO_MEMORY",
+                            "M3S_ERR_CUDA",  "M3S_ERR_INTERNAL"};
   return (unsigned)s < sizeof n / sizeof n[0] ? n[s] : "(not a status)";
 }
 
@@ -192,8 +192,8 @@ static void group_begin(const char *name) {
 }
 
 static void group_end(void) {
-  printf("%-26s %5ld checks, %ld failed\n", g_group, (g_tc.passed - g_pass0) + (g_tc.failed - g_fail0),
-         g_tc.failed - g_fail0);
+  printf("%-26s %5ld checks, %ld failed\n", g_group,
+         (g_tc.passed - g_pass0) + (g_tc.failed - g_fail0), g_tc.failed - g_fail0);
   fflush(stdout);
   watch_clear();
 }
@@ -281,11 +281,11 @@ static void tensor_cases(const op_t *op, const tspec *s) {
   m3s_tensor *t = (m3s_tensor *)(a + s->off);
   char what[256];
 #define TC_RESET() memcpy(a, op->base, op->size)
-#define TC_RUN(want, ...)                                                                         \
-  do {                                                                                            \
-    int n_ = snprintf(what, sizeof what, "%s: ", s->name);                                        \
-    snprintf(what + n_, sizeof what - (size_t)n_, __VA_ARGS__);                                   \
-    op_run(op, a, want, s->name, what);                                                           \
+#define TC_RUN(want, ...)                                                                          \
+  do {                                                                                             \
+    int n_ = snprintf(what, sizeof what, "%s: ", s->name);                                         \
+    snprintf(what + n_, sizeof what - (size_t)n_, __VA_ARGS__);                                    \
+    op_run(op, a, want, s->name, what);                                                            \
   } while (0)
   if (s->nullbit) {
     TC_RESET();
@@ -379,14 +379,14 @@ static void null_case(const op_t *op, unsigned bit, const char *names, const cha
 static int make_bad_configs(const m3s_layer_config *g, m3s_layer_config *out, const char **names,
                             const char **whats) {
   int n = 0;
-#define BADCFG(stmt, nm)                                                                          \
-  do {                                                                                            \
-    m3s_layer_config c_ = *g;                                                                     \
-    stmt;                                                                                         \
-    out[n] = c_;                                                                                  \
-    names[n] = nm;                                                                                \
-    whats[n] = #stmt;                                                                             \
-    n++;                                                                                          \
+#define BADCFG(stmt, nm)                                                                           \
+  do {                                                                                             \
+    m3s_layer_config c_ = *g;                                                                      \
+    stmt;                                                                                          \
+    out[n] = c_;                                                                                   \
+    names[n] = nm;                                                                                 \
+    whats[n] = #stmt;                                                                              \
+    n++;                                                                                           \
   } while (0)
   BADCFG(c_.head_dim = 64, "cfg.head_dim");
   BADCFG(c_.head_dim = 0, "cfg.head_dim");
@@ -409,7 +409,7 @@ static int make_bad_configs(const m3s_layer_config *g, m3s_layer_config *out, co
   BADCFG(c_.init_blocks = -1, "cfg.init_blocks");
   BADCFG(c_.local_blocks = -1, "cfg.local_blocks");
   BADCFG(c_.init_blocks = 2; c_.local_blocks = 3 /* init+local > topk 4 */,
-         "cfg.init_blocks&cfg.local_blocks&cfg.topk");
+                             "cfg.init_blocks&cfg.local_blocks&cfg.topk");
   BADCFG(c_.init_blocks = 0; c_.local_blocks = 5 /* local > topk */, "cfg.local_blocks");
   BADCFG(c_.init_blocks = INT_MAX; c_.local_blocks = 1, "cfg.init_blocks");
   BADCFG(c_.softmax_scale = 0.0f, "cfg.softmax_scale");
@@ -507,8 +507,9 @@ static int32_t *dup_i32(m3s_tensor *t) {
 }
 
 static int64_t qlen_of(const m3s_batch *b, int r) {
-  return b->uniform_q_len > 0 ? b->uniform_q_len
-                              : (int64_t)AT1(&b->query_start_loc, r + 1) - AT1(&b->query_start_loc, r);
+  return b->uniform_q_len > 0
+             ? b->uniform_q_len
+             : (int64_t)AT1(&b->query_start_loc, r + 1) - AT1(&b->query_start_loc, r);
 }
 
 /* pfx: "" or "decode" / "prefill" (step_forward: the message must also name
@@ -530,11 +531,11 @@ static void batch_cases(const op_t *op, size_t boff, const char *pfx, int64_t nu
   void *tmp = NULL;
   char nm[256], what[256];
 #define BC_RESET() (free(tmp), tmp = NULL, memcpy(a, op->base, op->size))
-#define BC_RUN(want, names, desc)                                                                 \
-  do {                                                                                            \
-    snprintf(nm, sizeof nm, "%s%s%s", pfx, *pfx ? "&" : "", names);                               \
-    snprintf(what, sizeof what, "%s%s%s", pfx, *pfx ? " part: " : "", desc);                      \
-    op_run(op, a, want, nm, what);                                                                \
+#define BC_RUN(want, names, desc)                                                                  \
+  do {                                                                                             \
+    snprintf(nm, sizeof nm, "%s%s%s", pfx, *pfx ? "&" : "", names);                                \
+    snprintf(what, sizeof what, "%s%s%s", pfx, *pfx ? " part: " : "", desc);                       \
+    op_run(op, a, want, nm, what);                                                                 \
   } while (0)
   BC_RESET();
   b->num_reqs = -1;
@@ -558,7 +559,8 @@ static void batch_cases(const op_t *op, size_t boff, const char *pfx, int64_t nu
     BC_RESET();
     b->uniform_q_len += 1;
     b->max_q_len += 1;
-    BC_RUN(M3S_ERR_BATCH, "num_tokens", "uniform batch with num_tokens != num_reqs * uniform_q_len");
+    BC_RUN(M3S_ERR_BATCH, "num_tokens",
+           "uniform batch with num_tokens != num_reqs * uniform_q_len");
     BC_RESET();
     b->max_q_len -= 1;
     BC_RUN(M3S_ERR_BATCH, "max_q_len", "uniform batch with max_q_len < uniform_q_len");
@@ -608,7 +610,8 @@ static void batch_cases(const op_t *op, size_t boff, const char *pfx, int64_t nu
     if (!(tables & (1u << ti)))
       continue;
     const char *tn = ti == 0 ? "batch.block_table" : "batch.index_block_table";
-    size_t toff = ti == 0 ? offsetof(m3s_batch, block_table) : offsetof(m3s_batch, index_block_table);
+    size_t toff =
+        ti == 0 ? offsetof(m3s_batch, block_table) : offsetof(m3s_batch, index_block_table);
     m3s_tensor *t = (m3s_tensor *)((unsigned char *)b + toff);
     char d[128];
     BC_RESET();
@@ -646,7 +649,7 @@ static void topk_value_cases(const op_t *op, size_t topk_off) {
   m3s_tensor *t = (m3s_tensor *)(a + topk_off);
   int last = F.T - 1;
   int32_t *tmp;
-#define TK(r, g, k) (((int32_t *)t->data)[(r) * t->stride[0] + (g) * t->stride[1] + (k) * t->stride[2]])
+#define TK(r, g, k) (((int32_t *)t->data)[(r)*t->stride[0] + (g)*t->stride[1] + (k)*t->stride[2]])
 #define TV_SETUP() (memcpy(a, op->base, op->size), tmp = dup_i32(t))
   TV_SETUP();
   TK(last, 1, 2) = 5;
@@ -721,7 +724,8 @@ static void scale_cases(const op_t *op, size_t sc_off) {
   op_run(op, a, M3S_ERR_LAYOUT, "scales.v_scale", "v_scale negative stride");
   SC_RESET();
   s->k_scale = m3s_tensor_make(two, M3S_F32, 1, (int64_t[]){2}, M3S_HOST);
-  op_run(op, a, M3S_ERR_SHAPE, "scales.k_scale", "k_scale of shape [2] (neither scalar nor [Hkv, P*128])");
+  op_run(op, a, M3S_ERR_SHAPE, "scales.k_scale",
+         "k_scale of shape [2] (neither scalar nor [Hkv, P*128])");
   SC_RESET();
   s->v_scale = m3s_tensor_make(&ione, M3S_I32, 0, NULL, M3S_HOST);
   op_run(op, a, M3S_ERR_DTYPE, "scales.v_scale", "scalar v_scale of dtype i32");
@@ -806,7 +810,8 @@ static void test_bad_context_create(void) {
   st = m3s_context_create(1 << 20, &c);
   {
     char msg[700];
-    snprintf(msg, sizeof msg, "m3s_context_create(2^20): %s, \"%s\"", st_name(st), m3s_last_error());
+    snprintf(msg, sizeof msg, "m3s_context_create(2^20): %s, \"%s\"", st_name(st),
+             m3s_last_error());
     CHECK(st != M3S_OK && c == sentinel, msg);
     CHECK(m3s_last_error()[0] != '\0', msg);
   }
@@ -843,6 +848,44 @@ static void test_bad_context_set_logging(void) {
   expect_err(m3s_context_set_logging(NULL, 1, log_cb, &user), M3S_ERR_NULL, "'ctx'", "ctx NULL");
   expect_ok(m3s_context_set_logging(c, 0, NULL, NULL), "valid call right after an error");
   CHECK(g_log_calls == 0, "nothing logged");
+  m3s_context_destroy(c);
+  group_end();
+}
+
+static void test_bad_context_option(void) {
+  group_begin("m3s_context_set_option / m3s_context_get_option");
+  m3s_context *c = NULL;
+  CHECK(m3s_context_create(-1, &c) == M3S_OK, "setup");
+  int64_t v = -7;
+  expect_ok(m3s_context_get_option(c, M3S_OPT_BATCH_INVARIANT, &v), "get default");
+  CHECK(v == 0, "batch invariance is off by default");
+  expect_ok(m3s_context_set_option(c, M3S_OPT_BATCH_INVARIANT, 1), "set 1");
+  m3s_context saved = *c;
+  const int64_t values[] = {-1, 2, INT64_MIN, INT64_MAX, (int64_t)1 << 32};
+  for (int i = 0; i < 5; i++) {
+    char what[64];
+    snprintf(what, sizeof what, "value %lld", (long long)values[i]);
+    expect_err(m3s_context_set_option(c, M3S_OPT_BATCH_INVARIANT, values[i]), M3S_ERR_INVALID,
+               "0 or 1", what);
+    CHECK(memcmp(&saved, c, sizeof saved) == 0, "context untouched by a failed set_option");
+  }
+  const int opts[] = {0, 2, -1, INT_MAX};
+  for (int i = 0; i < 4; i++) {
+    char what[64];
+    snprintf(what, sizeof what, "option %d", opts[i]);
+    expect_err(m3s_context_set_option(c, (m3s_option)opts[i], 0), M3S_ERR_INVALID, "'opt'", what);
+    v = -7;
+    expect_err(m3s_context_get_option(c, (m3s_option)opts[i], &v), M3S_ERR_INVALID, "'opt'", what);
+    CHECK(v == -7, "out_value untouched on error");
+  }
+  expect_err(m3s_context_set_option(NULL, M3S_OPT_BATCH_INVARIANT, 1), M3S_ERR_NULL, "'ctx'",
+             "ctx NULL");
+  expect_err(m3s_context_get_option(NULL, M3S_OPT_BATCH_INVARIANT, &v), M3S_ERR_NULL, "'ctx'",
+             "ctx NULL");
+  expect_err(m3s_context_get_option(c, M3S_OPT_BATCH_INVARIANT, NULL), M3S_ERR_NULL, "'out_value'",
+             "out_value NULL");
+  expect_ok(m3s_context_get_option(c, M3S_OPT_BATCH_INVARIANT, &v), "valid call after an error");
+  CHECK(v == 1, "the value set is read back");
   m3s_context_destroy(c);
   group_end();
 }
@@ -894,11 +937,11 @@ static void test_bad_plan_step(void) {
   null_case(&op, P_QL, "desc.query_lens", "desc.query_lens NULL with num_reqs > 0");
   null_case(&op, P_SL, "desc.seq_lens", "desc.seq_lens NULL with num_reqs > 0");
   plan_args a;
-#define PL_CASE(stmt, want, names)                                                                \
-  do {                                                                                            \
-    a = base;                                                                                     \
-    stmt;                                                                                         \
-    op_run(&op, &a, want, names, #stmt);                                                          \
+#define PL_CASE(stmt, want, names)                                                                 \
+  do {                                                                                             \
+    a = base;                                                                                      \
+    stmt;                                                                                          \
+    op_run(&op, &a, want, names, #stmt);                                                           \
   } while (0)
   PL_CASE(a.num_reqs = -1, M3S_ERR_BATCH, "desc.num_reqs");
   PL_CASE(a.ql[2] = -1, M3S_ERR_BATCH, "desc.query_lens");
@@ -1013,7 +1056,8 @@ static void test_bad_index_topk(void) {
   uint16_t *iq3 = calloc((size_t)(T * 3 * 128), 2);
   a = base;
   a.iq = m3s_tensor_make(iq3, M3S_BF16, 3, (int64_t[]){T, 3, 128}, M3S_HOST);
-  op_run(&op, &a, M3S_ERR_SHAPE, "'iq'&cfg.num_kv_heads", "Hi (iq.shape[1] = 3) != cfg.num_kv_heads (2)");
+  op_run(&op, &a, M3S_ERR_SHAPE, "'iq'&cfg.num_kv_heads",
+         "Hi (iq.shape[1] = 3) != cfg.num_kv_heads (2)");
   a = base;
   a.cfg.num_q_heads = 4, a.cfg.num_kv_heads = 4;
   op_run(&op, &a, M3S_ERR_SHAPE, "'iq'", "cfg.num_kv_heads 4 but iq has 2 index heads");
@@ -1021,7 +1065,8 @@ static void test_bad_index_topk(void) {
   /* index cache must be contiguous */
   a = base;
   a.ic.shape[0] = F.num_pages / 2, a.ic.stride[0] *= 2;
-  op_run(&op, &a, M3S_ERR_LAYOUT, "'index_cache'", "index_cache not contiguous (page stride doubled)");
+  op_run(&op, &a, M3S_ERR_LAYOUT, "'index_cache'",
+         "index_cache not contiguous (page stride doubled)");
   a = base;
   a.ic.shape[0] = 1;
   op_run(&op, &a, M3S_ERR_RANGE, "batch.index_block_table",
@@ -1029,8 +1074,8 @@ static void test_bad_index_topk(void) {
   /* accepted: a head-major [Hkv, T, K] top-k buffer passed as a permuted view */
   int32_t *hm = malloc(sizeof(int32_t) * (size_t)(T * 2 * 4));
   a = base;
-  a.topk = m3s_tensor_strided(hm, M3S_I32, 3, (int64_t[]){T, 2, 4}, (int64_t[]){4, T * 4, 1},
-                              M3S_HOST);
+  a.topk =
+      m3s_tensor_strided(hm, M3S_I32, 3, (int64_t[]){T, 2, 4}, (int64_t[]){4, T * 4, 1}, M3S_HOST);
   op_ok(&op, &a, "head-major top-k view");
   free(hm);
   exec_cases(&op, offsetof(topk_args, exec), &F.cfg, F.T, F.batch.max_seq_len);
@@ -1053,11 +1098,11 @@ typedef struct {
 
 static m3s_status call_attn(void *p) {
   attn_args *a = p;
-  return m3s_sparse_attention(NUL(a, A_CTX, a->ctx), NUL(a, A_CFG, &a->cfg), NUL(a, A_BATCH, &a->batch),
-                              NUL(a, A_T(0), &a->q), NUL(a, A_T(1), &a->kv),
-                              NUL(a, A_SCALES, &a->scales), NUL(a, A_T(2), &a->topk),
-                              NUL(a, A_T(3), &a->out), NUL(a, A_T(4), &a->lse),
-                              NUL(a, A_EXEC, &a->exec));
+  return m3s_sparse_attention(NUL(a, A_CTX, a->ctx), NUL(a, A_CFG, &a->cfg),
+                              NUL(a, A_BATCH, &a->batch), NUL(a, A_T(0), &a->q),
+                              NUL(a, A_T(1), &a->kv), NUL(a, A_SCALES, &a->scales),
+                              NUL(a, A_T(2), &a->topk), NUL(a, A_T(3), &a->out),
+                              NUL(a, A_T(4), &a->lse), NUL(a, A_EXEC, &a->exec));
 }
 
 static void test_bad_sparse_attention(void) {
@@ -1133,8 +1178,8 @@ static m3s_status call_step(void *p) {
   return m3s_step_forward(NUL(a, A_CTX, a->ctx), NUL(a, A_CFG, &a->cfg), NUL(a, S_STEP, &a->step),
                           NUL(a, A_T(0), &a->q), NUL(a, A_T(1), &a->iq), NUL(a, A_T(2), &a->kv),
                           NUL(a, A_SCALES, &a->scales), NUL(a, A_T(3), &a->ic),
-                          NUL(a, A_T(4), &a->topk), NUL(a, A_T(5), &a->out), NUL(a, A_T(6), &a->lse),
-                          NUL(a, A_EXEC, &a->exec));
+                          NUL(a, A_T(4), &a->topk), NUL(a, A_T(5), &a->out),
+                          NUL(a, A_T(6), &a->lse), NUL(a, A_EXEC, &a->exec));
 }
 
 static void test_bad_step_forward(void) {
@@ -1172,19 +1217,27 @@ static void test_bad_step_forward(void) {
       {"'topk'", offsetof(step_args, topk), A_T(4), M3S_I64, 0x7, 1},
       {"'out'", offsetof(step_args, out), A_T(5), M3S_F16, 0x7, 1},
       {"'lse'", offsetof(step_args, lse), 0, M3S_F16, 0x3, 1},
-      {"'batch.seq_lens'", offsetof(step_args, step) + offsetof(m3s_step, decode) +
-                               offsetof(m3s_batch, seq_lens), 0, M3S_I64, 0x1, 0},
-      {"'batch.block_table'", offsetof(step_args, step) + offsetof(m3s_step, decode) +
-                                  offsetof(m3s_batch, block_table), 0, M3S_I64, 0x1, 0},
-      {"'batch.query_start_loc'", offsetof(step_args, step) + offsetof(m3s_step, prefill) +
-                                      offsetof(m3s_batch, query_start_loc), 0, M3S_I64, 0x1, 0},
-      {"'batch.index_block_table'", offsetof(step_args, step) + offsetof(m3s_step, prefill) +
-                                        offsetof(m3s_batch, index_block_table), 0, M3S_I64, 0x1, 0},
+      {"'batch.seq_lens'",
+       offsetof(step_args, step) + offsetof(m3s_step, decode) + offsetof(m3s_batch, seq_lens), 0,
+       M3S_I64, 0x1, 0},
+      {"'batch.block_table'",
+       offsetof(step_args, step) + offsetof(m3s_step, decode) + offsetof(m3s_batch, block_table), 0,
+       M3S_I64, 0x1, 0},
+      {"'batch.query_start_loc'",
+       offsetof(step_args, step) + offsetof(m3s_step, prefill) +
+           offsetof(m3s_batch, query_start_loc),
+       0, M3S_I64, 0x1, 0},
+      {"'batch.index_block_table'",
+       offsetof(step_args, step) + offsetof(m3s_step, prefill) +
+           offsetof(m3s_batch, index_block_table),
+       0, M3S_I64, 0x1, 0},
   };
   for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++)
     tensor_cases(&op, &specs[i]);
-  batch_cases(&op, offsetof(step_args, step) + offsetof(m3s_step, decode), "decode", F.num_pages, 3);
-  batch_cases(&op, offsetof(step_args, step) + offsetof(m3s_step, prefill), "prefill", F.num_pages, 3);
+  batch_cases(&op, offsetof(step_args, step) + offsetof(m3s_step, decode), "decode", F.num_pages,
+              3);
+  batch_cases(&op, offsetof(step_args, step) + offsetof(m3s_step, prefill), "prefill", F.num_pages,
+              3);
   step_args a = base;
   a.step.decode.num_tokens = 4, a.step.decode.uniform_q_len = 4, a.step.decode.max_q_len = 4;
   op_run(&op, &a, M3S_ERR_SHAPE, "'q'", "decode + prefill tokens (45) != q rows (43)");
@@ -1204,7 +1257,8 @@ static void test_bad_step_forward(void) {
   a.q = m3s_tensor_narrow(&F.q, 0, 2), a.iq = m3s_tensor_narrow(&F.iq, 0, 2);
   a.topk = m3s_tensor_narrow(&F.topk, 0, 2), a.out = m3s_tensor_narrow(&F.out, 0, 2);
   a.lse = m3s_tensor_narrow(&F.lse, 0, 2);
-  op_ok(&op, &a, "decode-only step, prefill part zero-initialised (an empty part needs no tensors)");
+  op_ok(&op, &a,
+        "decode-only step, prefill part zero-initialised (an empty part needs no tensors)");
   /* a prefill-only step whose (empty) decode part is left zero-initialised */
   a = base;
   memset(&a.step.decode, 0, sizeof a.step.decode);
@@ -1230,7 +1284,7 @@ static void test_bad_step_forward(void) {
  * K2Q: m3s_k2q_csr_rows, m3s_build_k2q_csr, m3s_k2q_attention,
  * m3s_combine_partials
  * ---------------------------------------------------------------------- */
-#define CSR_ROWS 8 /* ceil(300/128) + ceil(600/128) */
+#define CSR_ROWS 8                         /* ceil(300/128) + ceil(600/128) */
 static int32_t *g_rp, *g_qi, *g_qs, *g_qc; /* valid CSR of F over g_tk */
 static float *g_po, *g_pl;                 /* valid partials */
 
@@ -1243,7 +1297,8 @@ typedef struct {
 
 static m3s_status call_rows(void *p) {
   rows_args *a = p;
-  return m3s_k2q_csr_rows(NUL(a, A_CTX, a->ctx), NUL(a, A_BATCH, &a->batch), NUL(a, A_T(0), &g_rows));
+  return m3s_k2q_csr_rows(NUL(a, A_CTX, a->ctx), NUL(a, A_BATCH, &a->batch),
+                          NUL(a, A_T(0), &g_rows));
 }
 
 static void test_bad_k2q_csr_rows(void) {
@@ -1280,16 +1335,19 @@ typedef struct {
 
 static m3s_status call_csr(void *p) {
   csr_args *a = p;
-  return m3s_build_k2q_csr(NUL(a, A_CTX, a->ctx), NUL(a, A_CFG, &a->cfg), NUL(a, A_BATCH, &a->batch),
-                           NUL(a, A_T(0), &a->topk), NUL(a, A_T(1), &a->rp), NUL(a, A_T(2), &a->qi),
-                           NUL(a, A_T(3), &a->qs), NUL(a, A_T(4), &a->qc), NUL(a, A_EXEC, &a->exec));
+  return m3s_build_k2q_csr(NUL(a, A_CTX, a->ctx), NUL(a, A_CFG, &a->cfg),
+                           NUL(a, A_BATCH, &a->batch), NUL(a, A_T(0), &a->topk),
+                           NUL(a, A_T(1), &a->rp), NUL(a, A_T(2), &a->qi), NUL(a, A_T(3), &a->qs),
+                           NUL(a, A_T(4), &a->qc), NUL(a, A_EXEC, &a->exec));
 }
 
 static void test_bad_build_k2q_csr(void) {
   group_begin("m3s_build_k2q_csr");
   int64_t T = F.T, TK = T * 4;
-  int32_t *rp = malloc(sizeof(int32_t) * 2 * (CSR_ROWS + 1)), *qi = malloc(sizeof(int32_t) * (size_t)(2 * TK));
-  int32_t *qs = malloc(sizeof(int32_t) * (size_t)(2 * TK)), *qc = malloc(sizeof(int32_t) * (size_t)(T * 2));
+  int32_t *rp = malloc(sizeof(int32_t) * 2 * (CSR_ROWS + 1)),
+          *qi = malloc(sizeof(int32_t) * (size_t)(2 * TK));
+  int32_t *qs = malloc(sizeof(int32_t) * (size_t)(2 * TK)),
+          *qc = malloc(sizeof(int32_t) * (size_t)(T * 2));
   csr_args base;
   memset(&base, 0, sizeof base);
   base.ctx = g_ctx, base.cfg = F.cfg, base.batch = F.batch;
@@ -1347,16 +1405,18 @@ typedef struct {
 
 static m3s_status call_k2q(void *p) {
   k2q_args *a = p;
-  return m3s_k2q_attention(NUL(a, A_CTX, a->ctx), NUL(a, A_CFG, &a->cfg), NUL(a, A_BATCH, &a->batch),
-                           NUL(a, A_T(0), &a->q), NUL(a, A_T(1), &a->kv), NUL(a, A_SCALES, &a->scales),
-                           NUL(a, A_T(2), &a->rp), NUL(a, A_T(3), &a->qi), NUL(a, A_T(4), &a->qs),
-                           NUL(a, A_T(5), &a->po), NUL(a, A_T(6), &a->pl), NUL(a, A_EXEC, &a->exec));
+  return m3s_k2q_attention(
+      NUL(a, A_CTX, a->ctx), NUL(a, A_CFG, &a->cfg), NUL(a, A_BATCH, &a->batch),
+      NUL(a, A_T(0), &a->q), NUL(a, A_T(1), &a->kv), NUL(a, A_SCALES, &a->scales),
+      NUL(a, A_T(2), &a->rp), NUL(a, A_T(3), &a->qi), NUL(a, A_T(4), &a->qs),
+      NUL(a, A_T(5), &a->po), NUL(a, A_T(6), &a->pl), NUL(a, A_EXEC, &a->exec));
 }
 
 static void test_bad_k2q_attention(void) {
   group_begin("m3s_k2q_attention");
   int64_t T = F.T, TK = T * 4;
-  float *po = malloc(sizeof(float) * (size_t)(T * 4 * 4 * 128)), *pl = malloc(sizeof(float) * (size_t)(T * 16));
+  float *po = malloc(sizeof(float) * (size_t)(T * 4 * 4 * 128)),
+        *pl = malloc(sizeof(float) * (size_t)(T * 16));
   k2q_args base;
   memset(&base, 0, sizeof base);
   base.null = A_SCALES;
@@ -1394,24 +1454,26 @@ static void test_bad_k2q_attention(void) {
   k2q_args a;
   int32_t *c;
   int64_t R1 = CSR_ROWS + 1;
-#define CSR_CASE(field, stmt, want, names, what)                                                  \
-  do {                                                                                            \
-    a = base;                                                                                     \
-    c = dup_i32(&a.field);                                                                        \
-    stmt;                                                                                         \
-    op_run(&op, &a, want, names, what);                                                           \
-    free(c);                                                                                      \
+#define CSR_CASE(field, stmt, want, names, what)                                                   \
+  do {                                                                                             \
+    a = base;                                                                                      \
+    c = dup_i32(&a.field);                                                                         \
+    stmt;                                                                                          \
+    op_run(&op, &a, want, names, what);                                                            \
+    free(c);                                                                                       \
   } while (0)
   CSR_CASE(rp, c[0] = 1, M3S_ERR_RANGE, "row_ptr", "row_ptr[0][0] = 1");
   CSR_CASE(rp, c[R1] = -1, M3S_ERR_RANGE, "row_ptr", "row_ptr[1][0] = -1");
   CSR_CASE(rp, c[1] = -1, M3S_ERR_RANGE, "row_ptr", "row_ptr[0] decreasing");
   /* rows 3..7 are request 1's blocks: stretching row 4 over row 5 stays inside request 1 */
-  CSR_CASE(rp, c[R1 + 5] = c[R1 + 6] + 1, M3S_ERR_RANGE, "row_ptr", "row_ptr[1] decreasing (rows 5/6)");
+  CSR_CASE(rp, c[R1 + 5] = c[R1 + 6] + 1, M3S_ERR_RANGE, "row_ptr",
+           "row_ptr[1] decreasing (rows 5/6)");
   CSR_CASE(rp, c[R1 - 1] = (int32_t)TK + 1, M3S_ERR_RANGE, "row_ptr", "row_ptr[0][R] > T*K");
   CSR_CASE(qi, c[0] = (int32_t)T - 1 /* row 0 is request 0's block 0 */, M3S_ERR_RANGE, "q_indices",
            "q_indices entry of another request");
   CSR_CASE(qi, c[TK] = -1, M3S_ERR_RANGE, "q_indices", "q_indices entry -1");
-  CSR_CASE(qi, c[g_rp[R1 - 1] - 1] = (int32_t)T, M3S_ERR_RANGE, "q_indices", "q_indices entry == T");
+  CSR_CASE(qi, c[g_rp[R1 - 1] - 1] = (int32_t)T, M3S_ERR_RANGE, "q_indices",
+           "q_indices entry == T");
   CSR_CASE(qs, c[1] = 4, M3S_ERR_RANGE, "q_slot", "q_slot entry == K");
   CSR_CASE(qs, c[TK + 2] = -1, M3S_ERR_RANGE, "q_slot", "q_slot entry -1");
 #undef CSR_CASE
@@ -1439,8 +1501,9 @@ typedef struct {
 static m3s_status call_comb(void *p) {
   comb_args *a = p;
   return m3s_combine_partials(NUL(a, A_CTX, a->ctx), NUL(a, A_CFG, &a->cfg), NUL(a, A_T(0), &a->po),
-                              NUL(a, A_T(1), &a->pl), NUL(a, A_T(2), &a->qc), NUL(a, A_T(3), &a->out),
-                              NUL(a, A_T(4), &a->lse), NUL(a, A_EXEC, &a->exec));
+                              NUL(a, A_T(1), &a->pl), NUL(a, A_T(2), &a->qc),
+                              NUL(a, A_T(3), &a->out), NUL(a, A_T(4), &a->lse),
+                              NUL(a, A_EXEC, &a->exec));
 }
 
 static void test_bad_combine_partials(void) {
@@ -1503,8 +1566,9 @@ typedef struct {
 
 static m3s_status call_merge(void *p) {
   merge_args *a = p;
-  return m3s_merge_attn_states(NUL(a, A_CTX, a->ctx), NUL(a, A_T(0), &a->oa), NUL(a, A_T(1), &a->la),
-                               NUL(a, A_T(2), &a->ob), NUL(a, A_T(3), &a->lb), NUL(a, A_T(4), &a->out),
+  return m3s_merge_attn_states(NUL(a, A_CTX, a->ctx), NUL(a, A_T(0), &a->oa),
+                               NUL(a, A_T(1), &a->la), NUL(a, A_T(2), &a->ob),
+                               NUL(a, A_T(3), &a->lb), NUL(a, A_T(4), &a->out),
                                NUL(a, A_T(5), &a->lse), NUL(a, A_EXEC, &a->exec));
 }
 
@@ -1592,7 +1656,8 @@ static void test_bad_query_support(void) {
   op_t op = {&base, sizeof base, call_qs};
   watch("info", &g_info, sizeof g_info, 1);
   base_ok(&op);
-  CHECK(g_info.supported == 1 && g_info.kernel[0] && !g_info.reason[0], "base query supported on the CPU");
+  CHECK(g_info.supported == 1 && g_info.kernel[0] && !g_info.reason[0],
+        "base query supported on the CPU");
   common_cases(&op, offsetof(qs_args, cfg), 0);
   null_case(&op, A_T(0), "'query'", "query NULL");
   null_case(&op, A_T(1), "'info'", "info NULL");
@@ -1665,8 +1730,8 @@ typedef struct {
 static m3s_status call_ins(void *p) {
   ins_args *a = p;
   return m3s_cache_insert(NUL(a, A_CTX, a->ctx), NUL(a, A_T(0), &a->k), NUL(a, A_T(1), &a->v),
-                          NUL(a, A_T(2), &a->slots), NUL(a, A_T(3), &a->kv), NUL(a, A_SCALES, &a->scales),
-                          NUL(a, A_EXEC, &a->exec));
+                          NUL(a, A_T(2), &a->slots), NUL(a, A_T(3), &a->kv),
+                          NUL(a, A_SCALES, &a->scales), NUL(a, A_EXEC, &a->exec));
 }
 
 static void fill_insert_inputs(void) {
@@ -1793,8 +1858,9 @@ typedef struct {
 
 static m3s_status call_iins(void *p) {
   iins_args *a = p;
-  return m3s_index_cache_insert(NUL(a, A_CTX, a->ctx), NUL(a, A_T(0), &a->ik), NUL(a, A_T(1), &a->slots),
-                                NUL(a, A_T(2), &a->ic), NUL(a, A_EXEC, &a->exec));
+  return m3s_index_cache_insert(NUL(a, A_CTX, a->ctx), NUL(a, A_T(0), &a->ik),
+                                NUL(a, A_T(1), &a->slots), NUL(a, A_T(2), &a->ic),
+                                NUL(a, A_EXEC, &a->exec));
 }
 
 static void test_bad_index_cache_insert(void) {
@@ -1872,8 +1938,8 @@ static void test_bad_tensor_narrow(void) {
   CHECK(memcmp(&saved, &t, sizeof t) == 0, "[m3s_tensor_narrow] the input view is untouched");
   /* valid */
   v = m3s_tensor_narrow(&t, 2, 3);
-  CHECK(v.data == (void *)(buf + 2 * 4 * 128) && v.ndim == 3 && v.shape[0] == 3 && v.shape[1] == 4 &&
-            v.stride[0] == 512 && v.dtype == M3S_BF16 && v.device == M3S_HOST,
+  CHECK(v.data == (void *)(buf + 2 * 4 * 128) && v.ndim == 3 && v.shape[0] == 3 &&
+            v.shape[1] == 4 && v.stride[0] == 512 && v.dtype == M3S_BF16 && v.device == M3S_HOST,
         "[m3s_tensor_narrow] rows [2, 5)");
   v = m3s_tensor_narrow(&t, 6, 0);
   CHECK(v.ndim == 3 && v.shape[0] == 0, "[m3s_tensor_narrow] empty view at the end");
@@ -1884,11 +1950,11 @@ static void test_bad_tensor_narrow(void) {
 
 static void test_status_strings_and_version(void) {
   group_begin("m3s_status_string/version");
-  static const char *names[] = {"M3S_OK",         "M3S_ERR_NULL",     "M3S_ERR_INVALID",
-                                "M3S_ERR_SHAPE",  "M3S_ERR_DTYPE",    "M3S_ERR_LAYOUT",
-                                "M3S_ERR_RANGE",  "M3S_ERR_DEVICE",   "M3S_ERR_WORKSPACE",
-                                "M3S_ERR_BATCH",  "M3S_ERR_UNSUPPORTED", "M3S_ERR_NO_MEMORY",
-                                "M3S_ERR_CUDA",   "M3S_ERR_INTERNAL"};
+  static const char *names[] = {"M3S_OK",        "M3S_ERR_NULL",        "M3S_ERR_INVALID",
+                                "M3S_ERR_SHAPE", "M3S_ERR_DTYPE",       "M3S_ERR_LAYOUT",
+                                "M3S_ERR_RANGE", "M3S_ERR_DEVICE",      "M3S_ERR_WORKSPACE",
+                                "M3S_ERR_BATCH", "M3S_ERR_UNSUPPORTED", "M3S_ERR_NO_MEMORY",
+                                "M3S_ERR_CUDA",  "M3S_ERR_INTERNAL"};
   const int N = (int)(sizeof names / sizeof names[0]);
   CHECK(N == M3S_ERR_INTERNAL + 1, "all statuses listed");
   for (int i = 0; i < N; i++) {
@@ -1899,7 +1965,8 @@ static void test_status_strings_and_version(void) {
               (s[strlen(names[i])] == ':' || s[strlen(names[i])] == '\0'),
           msg);
     for (int j = 0; j < i; j++)
-      CHECK(s && m3s_status_string((m3s_status)j) && strcmp(s, m3s_status_string((m3s_status)j)) != 0,
+      CHECK(s && m3s_status_string((m3s_status)j) &&
+                strcmp(s, m3s_status_string((m3s_status)j)) != 0,
             "status strings are distinct");
   }
   CHECK(m3s_status_string((m3s_status)99) != NULL, "m3s_status_string(99) not NULL");
@@ -1907,7 +1974,8 @@ static void test_status_strings_and_version(void) {
   CHECK(m3s_last_error() != NULL, "m3s_last_error() never NULL");
   CHECK(strcmp(m3s_version(), M3S_VERSION) == 0, "m3s_version() == M3S_VERSION");
   CHECK(m3s_version_number() == M3S_VERSION_NUMBER, "m3s_version_number() == M3S_VERSION_NUMBER");
-  CHECK(M3S_VERSION_NUMBER == M3S_VERSION_MAJOR * 1000000 + M3S_VERSION_MINOR * 1000 + M3S_VERSION_PATCH,
+  CHECK(M3S_VERSION_NUMBER ==
+            M3S_VERSION_MAJOR * 1000000 + M3S_VERSION_MINOR * 1000 + M3S_VERSION_PATCH,
         "M3S_VERSION_NUMBER == MAJOR*1000000 + MINOR*1000 + PATCH");
   char vs[32];
   snprintf(vs, sizeof vs, "%d.%d.%d", M3S_VERSION_MAJOR, M3S_VERSION_MINOR, M3S_VERSION_PATCH);
@@ -1933,7 +2001,8 @@ static void test_gpu_context(void) {
   a.ctx = g_gpu_ctx, a.cfg = F.cfg, a.batch = F.batch, a.iq = F.iq, a.ic = F.ic, a.topk = F.topk;
   watch_fixture(&F, W_TOPK);
   arm();
-  expect_err(call_topk(&a), M3S_ERR_DEVICE, "'index_cache'&cuda:0", "host tensors on a CUDA context");
+  expect_err(call_topk(&a), M3S_ERR_DEVICE, "'index_cache'&cuda:0",
+             "host tensors on a CUDA context");
   iins_args b;
   memset(&b, 0, sizeof b);
   b.ctx = g_gpu_ctx;
@@ -1976,7 +2045,8 @@ static void setup(void) {
   fx_init(&F8, &s8);
 
   int64_t T = F.T, TK = T * 4;
-  CHECK(m3s_index_topk(g_ctx, &F.cfg, &F.batch, &F.iq, &F.ic, &F.topk, NULL) == M3S_OK, "setup: top-k");
+  CHECK(m3s_index_topk(g_ctx, &F.cfg, &F.batch, &F.iq, &F.ic, &F.topk, NULL) == M3S_OK,
+        "setup: top-k");
   g_tk = malloc(sizeof(int32_t) * (size_t)(T * 8));
   memcpy(g_tk, F.topk_mem, sizeof(int32_t) * (size_t)(T * 8));
   CHECK(m3s_index_topk(g_ctx, &F8.cfg, &F8.batch, &F8.iq, &F8.ic, &F8.topk, NULL) == M3S_OK,
@@ -1999,8 +2069,8 @@ static void setup(void) {
   g_pl = calloc((size_t)(T * 16), sizeof(float));
   m3s_tensor po = m3s_tensor_make(g_po, M3S_F32, 4, (int64_t[]){T, 4, 4, 128}, M3S_HOST);
   m3s_tensor pl = m3s_tensor_make(g_pl, M3S_F32, 3, (int64_t[]){T, 4, 4}, M3S_HOST);
-  CHECK(m3s_k2q_attention(g_ctx, &F.cfg, &F.batch, &F.q, &F.kv, NULL, &rp, &qi, &qs, &po, &pl, NULL) ==
-            M3S_OK,
+  CHECK(m3s_k2q_attention(g_ctx, &F.cfg, &F.batch, &F.q, &F.kv, NULL, &rp, &qi, &qs, &po, &pl,
+                          NULL) == M3S_OK,
         "setup: k2q partials");
   fill_insert_inputs();
   if (g_tc.failed)
@@ -2021,6 +2091,7 @@ int main(void) {
   test_bad_config_validate();
   test_bad_context_create();
   test_bad_context_set_logging();
+  test_bad_context_option();
   test_bad_plan_step();
   test_bad_workspace_size();
   test_bad_query_support();

@@ -38,7 +38,6 @@ static const char *g_filter;
 static int g_time;
 static uint64_t g_seed = 20261107;
 
-
 static m3s_layer_config cfg_of(int hq, int hkv, int k) {
   m3s_layer_config c = m3s_config_minimax_m3(1);
   c.num_q_heads = hq;
@@ -127,16 +126,15 @@ static void time_case(fixture *f, gpu_fx *g, const int32_t *dev_topk, const char
 }
 
 /* Poison, upload the device's top-k, run CUDA attention, download. */
-static int gpu_run(fixture *f, gpu_fx *g, const int32_t *dev_topk, int with_lse,
-                   const char *name) {
+static int gpu_run(fixture *f, gpu_fx *g, const int32_t *dev_topk, int with_lse, const char *name) {
   if (!gpu_fx_poison(g, f))
     return 0;
   memcpy(f->topk_mem, dev_topk, topk_bytes(f));
   if (!gpu_fx_upload_topk(g, f))
     return 0;
-  m3s_status st = m3s_sparse_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, &g->kv_t, &g->scales,
-                                       &g->topk_t, &g->out_t, with_lse ? &g->lse_t : NULL,
-                                       &g->exec);
+  m3s_status st =
+      m3s_sparse_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, &g->kv_t, &g->scales, &g->topk_t,
+                           &g->out_t, with_lse ? &g->lse_t : NULL, &g->exec);
   if (st != M3S_OK) {
     fprintf(stderr, "%s: cuda m3s_sparse_attention: %s\n", name, m3s_last_error());
     return 0;
@@ -216,7 +214,8 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     fprintf(stderr, "%s: output differs when lse is NULL\n", name);
   if (g_time)
     time_case(&f, &g, dev_topk, name);
-  printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f ms)\n",
+  printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f "
+         "ms)\n",
          name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0);
 done:
   gpu_fx_free(&g);
@@ -315,8 +314,8 @@ static int guard_device(fixture *f, gpu_fx *g, int32_t *ref_topk) {
       continue;
     for (int gg = 0; gg < f->cfg.num_kv_heads; gg++)
       for (int k = 0; k < f->cfg.topk; k++) {
-        int32_t *e = (int32_t *)((char *)ref_topk + ((char *)fx_topk_at(f, t, gg, k) -
-                                                     (char *)f->topk_mem));
+        int32_t *e =
+            (int32_t *)((char *)ref_topk + ((char *)fx_topk_at(f, t, gg, k) - (char *)f->topk_mem));
         if (*e == 5 || *e == 7)
           *e = -1;
       }
@@ -447,6 +446,14 @@ static void test_long_decode(void) {
   s4.scale_mode = 2;
   s4.token_major = 1;
   run_case("decode_128k_tp4_qlen4_e4m3_per_slot", s4, NULL);
+  /* 1,048,576-token context (8192 blocks): a 256-token prefill chunk ending
+   * inside the last block, and a 1M decode request in the same batch */
+  static const int32_t ql1m[] = {1, 256};
+  static const int32_t sl1m[] = {1048576, 1048576 - 77};
+  fx_spec m = spec_of(m3s_config_minimax_m3(8), 2, ql1m, sl1m);
+  m.kv_dtype = M3S_E4M3;
+  m.scale_mode = 2;
+  run_case("prefill_chunk_256_at_1M_plus_decode_1M_tp8_e4m3", m, NULL);
 }
 
 static void test_group_and_k(void) {
@@ -476,10 +483,9 @@ static void test_topk_forms(void) {
   case_mods oob = {topk_out_of_range, NULL, 1, 0};
   run_case("topk_descending_rows_tp4", spec_of(m3s_config_minimax_m3(4), 3, ql, sl), &desc);
   run_case("topk_minus_one_holes_tp2", spec_of(m3s_config_minimax_m3(2), 3, ql, sl), &holes);
-  run_case("topk_all_minus_one_zero_out_tp1", spec_of(m3s_config_minimax_m3(1), 3, ql, sl),
-           &none);
-  run_case("guard_topk_ids_out_of_range_skipped_tp8",
-           spec_of(m3s_config_minimax_m3(8), 3, ql, sl), &oob);
+  run_case("topk_all_minus_one_zero_out_tp1", spec_of(m3s_config_minimax_m3(1), 3, ql, sl), &none);
+  run_case("guard_topk_ids_out_of_range_skipped_tp8", spec_of(m3s_config_minimax_m3(8), 3, ql, sl),
+           &oob);
   fx_spec hm = spec_of(m3s_config_minimax_m3(2), 3, ql, sl);
   hm.topk_head_major = 1;
   run_case("topk_head_major_view_descending_tp2", hm, &desc);

@@ -28,9 +28,9 @@
 
 static m3s_context *g_gpu, *g_cpu;
 static cudaStream_t g_stream;
-static m3s_exec g_exec; /* stream only, no workspace */
-static int g_verbose;         /* M3S_TEST_VERBOSE: print every check, time the k2q pipeline */
-static const char *g_filter;  /* M3S_TEST_FILTER: run only cases whose name contains it */
+static m3s_exec g_exec;      /* stream only, no workspace */
+static int g_verbose;        /* M3S_TEST_VERBOSE: print every check, time the k2q pipeline */
+static const char *g_filter; /* M3S_TEST_FILTER: run only cases whose name contains it */
 
 static int selected(const char *name) { return !g_filter || strstr(name, g_filter) != NULL; }
 
@@ -52,7 +52,9 @@ static m3s_tensor dev_view(m3s_tensor t, void *d) {
 /* Alternate between the legacy stream (exec NULL) and a non-blocking stream. */
 static const m3s_exec *exec_for(int i) { return (i & 1) ? &g_exec : NULL; }
 
-static int gpu_done(void) { return cudaStreamSynchronize(g_stream) == cudaSuccess && gpu_sync(); }
+static int gpu_done(void) {
+  return cudaStreamSynchronize(g_stream) == cudaSuccess && gpu_sync() && gpu_guards_check();
+}
 
 static void fill_u32(void *p, size_t words, uint32_t v) {
   for (size_t i = 0; i < words; i++)
@@ -78,9 +80,9 @@ static size_t kv_bytes(const fixture *f) {
 /* Random activation value with specials now and then (saturation, fp8
  * subnormals, RNE ties, infinities, signed zero). */
 static float act_value(int64_t i, uint64_t *rng, float sigma) {
-  static const float sp[] = {0.0f,    -0.0f,   1e5f,     -1e5f,    1e-6f,    -3e-5f,
-                             464.0f,  -480.0f, 57344.0f, 61440.0f, INFINITY, -INFINITY,
-                             448.0f,  0.0087890625f, -0.001953125f, 240.0f};
+  static const float sp[] = {0.0f,   -0.0f,         1e5f,          -1e5f,    1e-6f,    -3e-5f,
+                             464.0f, -480.0f,       57344.0f,      61440.0f, INFINITY, -INFINITY,
+                             448.0f, 0.0087890625f, -0.001953125f, 240.0f};
   if (i % 23 == 5)
     return sp[(i / 23) % (int64_t)(sizeof sp / sizeof sp[0])];
   return rng_normal(rng) * sigma;
@@ -168,9 +170,9 @@ static void insert_case(int tp, m3s_dtype act, m3s_dtype kv_dt, int scale_mode, 
   ok = ok && dk && dv && ds;
   m3s_tensor dkt = dev_view(kt, dk), dvt = dev_view(vt, dv), dst = dev_view(sg, ds);
   m3s_status st_c = m3s_cache_insert(g_cpu, &kt, &vt, &sc, &f.kv, &f.scales, NULL);
-  m3s_status st_g = ok ? m3s_cache_insert(g_gpu, &dkt, &dvt, &dst, &g.kv_t, &g.scales,
-                                          exec_for(run))
-                       : M3S_ERR_INTERNAL;
+  m3s_status st_g =
+      ok ? m3s_cache_insert(g_gpu, &dkt, &dvt, &dst, &g.kv_t, &g.scales, exec_for(run))
+         : M3S_ERR_INTERNAL;
   void *got = malloc(kvb);
   ok = ok && st_c == M3S_OK && st_g == M3S_OK && gpu_done() && gpu_get(got, g.kv, kvb);
   if (st_g != M3S_OK)
@@ -233,8 +235,8 @@ static void index_insert_case(m3s_dtype idx, m3s_dtype act, m3s_dtype slot_dt, i
   ok = ok && dik && ds;
   m3s_tensor dit = dev_view(it, dik), dst = dev_view(sg, ds);
   m3s_status st_c = m3s_index_cache_insert(g_cpu, &it, &sc, &f.ic, NULL);
-  m3s_status st_g = ok ? m3s_index_cache_insert(g_gpu, &dit, &dst, &g.ic_t, exec_for(run))
-                       : M3S_ERR_INTERNAL;
+  m3s_status st_g =
+      ok ? m3s_index_cache_insert(g_gpu, &dit, &dst, &g.ic_t, exec_for(run)) : M3S_ERR_INTERNAL;
   void *got = malloc(bytes);
   ok = ok && st_c == M3S_OK && st_g == M3S_OK && gpu_done() && gpu_get(got, g.ic, bytes);
   if (st_g != M3S_OK)
@@ -265,8 +267,8 @@ typedef struct {
   int32_t *h_rp, *h_qi, *h_qs, *h_qc; /* CPU results */
   int32_t *g_rp, *g_qi, *g_qs, *g_qc; /* GPU results (downloaded) */
   void *d_rp, *d_qi, *d_qs, *d_qc;
-  m3s_tensor rp, qi, qs, qc;         /* host views */
-  m3s_tensor drp, dqi, dqs, dqc;     /* device views */
+  m3s_tensor rp, qi, qs, qc;     /* host views */
+  m3s_tensor drp, dqi, dqs, dqc; /* device views */
 } csr_set;
 
 static int csr_alloc(csr_set *c, const fixture *f) {
@@ -326,8 +328,8 @@ static void csr_free(csr_set *c) {
 static int csr_compare(csr_set *c, const fixture *f, gpu_fx *g, int run, const char *name) {
   size_t nrp = (size_t)(c->hkv * (c->rows + 1)), nq = (size_t)(c->hkv * c->tk) + 1;
   size_t nc = (size_t)c->T * c->hkv + 1;
-  m3s_status sc = m3s_build_k2q_csr(g_cpu, &f->cfg, &f->batch, &f->topk, &c->rp, &c->qi, &c->qs,
-                                    &c->qc, NULL);
+  m3s_status sc =
+      m3s_build_k2q_csr(g_cpu, &f->cfg, &f->batch, &f->topk, &c->rp, &c->qi, &c->qs, &c->qc, NULL);
   m3s_status sg = m3s_build_k2q_csr(g_gpu, &f->cfg, &g->batch, &g->topk_t, &c->drp, &c->dqi,
                                     &c->dqs, &c->dqc, exec_for(run));
   if (sc != M3S_OK || sg != M3S_OK)
@@ -363,11 +365,12 @@ static int csr_compare(csr_set *c, const fixture *f, gpu_fx *g, int run, const c
 
 /* k2q attention on both contexts: the GPU writes exactly the partial slots
  * the CPU writes, with the CPU's values (fp32 tolerance). */
-static int partials_compare(const csr_set *c, const fixture *f, gpu_fx *g, int run,
-                            void **d_po_out, void **d_pl_out, const char *name) {
+static int partials_compare(const csr_set *c, const fixture *f, gpu_fx *g, int run, void **d_po_out,
+                            void **d_pl_out, const char *name) {
   int T = f->T, Hq = f->cfg.num_q_heads, K = f->cfg.topk;
   size_t npl = (size_t)T * Hq * K + 1, npo = npl * 128;
-  float *hpo = malloc(npo * 4), *hpl = malloc(npl * 4), *gpo = malloc(npo * 4), *gpl = malloc(npl * 4);
+  float *hpo = malloc(npo * 4), *hpl = malloc(npl * 4), *gpo = malloc(npo * 4),
+        *gpl = malloc(npl * 4);
   fill_u32(hpo, npo, POISON_F32_BITS);
   fill_u32(hpl, npl, POISON_F32_BITS);
   void *dpo = gpu_dup(hpo, npo * 4), *dpl = gpu_dup(hpl, npl * 4);
@@ -377,10 +380,10 @@ static int partials_compare(const csr_set *c, const fixture *f, gpu_fx *g, int r
   m3s_tensor dtpo = dev_view(tpo, dpo), dtpl = dev_view(tpl, dpl);
   m3s_status sc = m3s_k2q_attention(g_cpu, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &c->rp,
                                     &c->qi, &c->qs, &tpo, &tpl, NULL);
-  m3s_status sg = (dpo && dpl) ? m3s_k2q_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, &g->kv_t,
-                                                   &g->scales, &c->drp, &c->dqi, &c->dqs, &dtpo,
-                                                   &dtpl, exec_for(run))
-                               : M3S_ERR_INTERNAL;
+  m3s_status sg = (dpo && dpl)
+                      ? m3s_k2q_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, &g->kv_t, &g->scales,
+                                          &c->drp, &c->dqi, &c->dqs, &dtpo, &dtpl, exec_for(run))
+                      : M3S_ERR_INTERNAL;
   if (sc != M3S_OK || sg != M3S_OK)
     fprintf(stderr, "  %s: %s\n", name, m3s_last_error());
   int ok = sc == M3S_OK && sg == M3S_OK && gpu_done() && gpu_get(gpo, dpo, npo * 4) &&
@@ -427,8 +430,8 @@ static int partials_compare(const csr_set *c, const fixture *f, gpu_fx *g, int r
 
 /* Combine of the GPU partials vs the CPU's direct attention (fixture out/lse
  * must already hold it). */
-static void combine_compare(const csr_set *c, fixture *f, gpu_fx *g, void *dpo, void *dpl,
-                            int run, const char *name) {
+static void combine_compare(const csr_set *c, fixture *f, gpu_fx *g, void *dpo, void *dpl, int run,
+                            const char *name) {
   int T = f->T, Hq = f->cfg.num_q_heads, K = f->cfg.topk;
   size_t ob = (size_t)T * Hq * 128 * 2, lb = sizeof(float) * (size_t)T * Hq;
   void *ref = malloc(ob), *with = malloc(ob);
@@ -472,8 +475,7 @@ static void combine_compare(const csr_set *c, fixture *f, gpu_fx *g, void *dpo, 
            "%s: combine equals direct attention (rel L2 %.3g, lse %.3g, unwritten %lld, bad -inf "
            "%lld, bad padded %lld)",
            name, rel, lerr, (long long)unwritten, (long long)bad_inf, (long long)bad_pad);
-  check_msg(ok && rel < 1e-2 && lerr < 1e-3 && unwritten == 0 && bad_inf == 0 && bad_pad == 0,
-            msg);
+  check_msg(ok && rel < 1e-2 && lerr < 1e-3 && unwritten == 0 && bad_inf == 0 && bad_pad == 0, msg);
   /* lse NULL: same output bits */
   memcpy(with, f->out_mem, ob);
   ok = ok && gpu_fx_poison(g, f) &&
@@ -662,8 +664,8 @@ static void test_merge(void) {
   const m3s_layer_config *c = &f.cfg;
   int T = f.T, K = c->topk, Hkv = c->num_kv_heads, Hq = c->num_q_heads;
   int ok = m3s_index_topk(g_cpu, c, &f.batch, &f.iq, &f.ic, &f.topk, NULL) == M3S_OK &&
-           m3s_sparse_attention(g_cpu, c, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out,
-                                &f.lse, NULL) == M3S_OK;
+           m3s_sparse_attention(g_cpu, c, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out, &f.lse,
+                                NULL) == M3S_OK;
   int64_t n = (int64_t)T * Hq * 128;
   size_t ob = (size_t)n * 2, ob32 = (size_t)n * 4, lb = sizeof(float) * (size_t)T * Hq;
   size_t tb = sizeof(int32_t) * (size_t)T * Hkv * K;
@@ -729,7 +731,8 @@ static void test_merge(void) {
   snprintf(msg, sizeof msg, "merge_f32_output_lse_null_equals_cpu_merge (rel L2 %.3g)", rel);
   check_msg(ok && rel < 1e-5, msg);
   /* in place: out aliases out_a, lse aliases lse_a; same bits as out of place */
-  ok = ok && m3s_merge_attn_states(g_gpu, &ta, &tla, &tb_, &tlb, &ta, &tla, exec_for(1)) == M3S_OK &&
+  ok = ok &&
+       m3s_merge_attn_states(g_gpu, &ta, &tla, &tb_, &tlb, &ta, &tla, exec_for(1)) == M3S_OK &&
        gpu_done();
   void *inplace = malloc(ob);
   float *inplace_l = malloc(lb);

@@ -27,7 +27,6 @@ static m3s_context *g_cpu, *g_gpu;
 static int g_quick;
 static uint64_t g_seed = 20261101;
 
-
 static m3s_layer_config cfg_of(int hq, int hkv, int k, int init, int local) {
   m3s_layer_config c = m3s_config_minimax_m3(1);
   c.num_q_heads = hq;
@@ -78,7 +77,8 @@ static long compare_topk(const fixture *f, const int32_t *expect, const char *na
         if (want == got)
           continue;
         if (bad++ == 0)
-          fprintf(stderr, "%s: first mismatch at row %d (pos %lld) head %d slot %d: cpu %d, cuda %d\n",
+          fprintf(stderr,
+                  "%s: first mismatch at row %d (pos %lld) head %d slot %d: cpu %d, cuda %d\n",
                   name, t, (long long)fx_pos(f, t), g, k, want, got);
       }
   if (bad)
@@ -126,9 +126,9 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     if (CHECK(st == M3S_OK && synced && gpu_fx_download(&g, &f), name)) {
       long bad = compare_topk(&f, expect, name);
       CHECK(bad == 0, name);
-      printf("  %-44s T %5d  ws %9zu B%s  cpu %7.1f ms  cuda %6.2f ms  (total %.0f ms)%s\n",
-             name, f.T, g.ws_bytes, null_exec ? " (exec NULL)" : "", t2 - t1, t4 - t3,
-             gpu_now_ms() - t0, bad ? "  MISMATCH" : "");
+      printf("  %-44s T %5d  ws %9zu B%s  cpu %7.1f ms  cuda %6.2f ms  (total %.0f ms)%s\n", name,
+             f.T, g.ws_bytes, null_exec ? " (exec NULL)" : "", t2 - t1, t4 - t3, gpu_now_ms() - t0,
+             bad ? "  MISMATCH" : "");
     }
   }
   gpu_fx_free(&g);
@@ -316,8 +316,8 @@ static void test_forced_and_k(void) {
   static const int32_t sl[] = {3000, 9000, 1300};
   struct {
     int k, init, local;
-  } v[] = {{16, 2, 1}, {16, 0, 3}, {8, 3, 4}, {16, 0, 0}, {1, 0, 1}, {1, 0, 0},
-           {64, 0, 1}, {64, 4, 2}, {64, 60, 4}, {5, 5, 0}};
+  } v[] = {{16, 2, 1}, {16, 0, 3}, {8, 3, 4},  {16, 0, 0},  {1, 0, 1},
+           {1, 0, 0},  {64, 0, 1}, {64, 4, 2}, {64, 60, 4}, {5, 5, 0}};
   for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
     fx_spec s = spec_of(cfg_of(32, 2, v[i].k, v[i].init, v[i].local), 3, ql, sl);
     s.grid = (int)(i & 1);
@@ -378,6 +378,13 @@ static void test_one_million(void) {
   s.uniform = 1;
   s.grid = 0;
   run_case("decode_1M_tp8_qlen4_k64_continuous", s, NULL);
+  /* a long prefill chunk at the end of a 1M context (partial last block),
+   * batched with a 1M decode request: 8192 blocks per row, ~2^31 scores */
+  static const int32_t ql2[] = {1, 256};
+  static const int32_t sl2[] = {1048576, 1048576 - 77};
+  fx_spec s2 = spec_of(tp_cfg(8), 2, ql2, sl2);
+  s2.grid = 1;
+  run_case("prefill_chunk_256_at_1M_plus_decode_1M_tp8", s2, NULL);
 }
 
 int main(void) {

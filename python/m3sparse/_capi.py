@@ -42,6 +42,8 @@ STATUS_NAMES = {
     11: "M3S_ERR_NO_MEMORY", 12: "M3S_ERR_CUDA", 13: "M3S_ERR_INTERNAL",
 }
 
+M3S_OPT_BATCH_INVARIANT = 1  # m3s_option
+
 M3S_BF16 = 0
 M3S_F16 = 1
 M3S_F32 = 2
@@ -292,6 +294,8 @@ def _declare(lib):
         "m3s_context_destroy": (None, [CTX]),
         "m3s_context_device": (c.c_int, [CTX]),
         "m3s_context_set_logging": (c.c_int, [CTX, c.c_int, m3s_log_fn, c.c_void_p]),
+        "m3s_context_set_option": (c.c_int, [CTX, c.c_int, c.c_int64]),
+        "m3s_context_get_option": (c.c_int, [CTX, c.c_int, c.POINTER(c.c_int64)]),
         "m3s_plan_step": (c.c_int, [CTX, CFG, c.POINTER(m3s_step_desc),
                                     c.POINTER(m3s_step_plan)]),
         "m3s_workspace_size": (c.c_int, [CTX, CFG, c.c_int64, c.c_int64,

@@ -542,6 +542,21 @@ class Context:
         _check(lib().m3s_context_set_logging(self.handle, int(level), cb, None),
                "m3s_context_set_logging")
 
+    @property
+    def batch_invariant(self):
+        """M3S_OPT_BATCH_INVARIANT: when True, every output row depends only on
+        its own request, never on the rest of the batch or its host bounds
+        (CUDA then never splits a row's attention across CTAs)."""
+        v = ctypes.c_int64()
+        _check(lib().m3s_context_get_option(self.handle, C.M3S_OPT_BATCH_INVARIANT,
+                                            ctypes.byref(v)), "m3s_context_get_option")
+        return bool(v.value)
+
+    @batch_invariant.setter
+    def batch_invariant(self, on):
+        _check(lib().m3s_context_set_option(self.handle, C.M3S_OPT_BATCH_INVARIANT,
+                                            1 if on else 0), "m3s_context_set_option")
+
     # -- sizes, planning, support --
     def workspace_size(self, cfg, max_tokens, max_seq_len):
         out = ctypes.c_size_t()

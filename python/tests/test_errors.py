@@ -11,6 +11,7 @@ import pytest
 import m3sparse as m3s
 from m3sparse import _capi as C
 from m3s_reference import Case
+from m3sparse.core import _check, lib
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +250,14 @@ def test_library_path_and_env_override(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=str(tmp_path))
     assert r.returncode != 0 and "nowhere" in r.stderr and "M3SPARSE_LIB" in r.stderr
+
+
+def test_batch_invariant_option():
+    with m3s.Context(-1) as c:
+        assert c.batch_invariant is False
+        c.batch_invariant = True
+        assert c.batch_invariant is True
+        with pytest.raises(m3s.M3SError) as ei:  # an unknown option, through the raw call
+            _check(lib().m3s_context_set_option(c.handle, 99, 0), "m3s_context_set_option")
+        expect(ei, m3s.M3S_ERR_INVALID, "'opt'")
+        assert c.batch_invariant is True

@@ -57,3 +57,33 @@ m3s_status m3s_context_set_logging(m3s_context *ctx, int level, m3s_log_fn fn, v
   ctx->log_user = user;
   return M3S_OK;
 }
+
+m3s_status m3s_context_set_option(m3s_context *ctx, m3s_option opt, int64_t value) {
+  const char *name = "m3s_context_set_option";
+  m3s_clear_error();
+  if (!ctx)
+    return m3s_fail(M3S_ERR_NULL, name, "argument 'ctx' is NULL");
+  switch (opt) {
+  case M3S_OPT_BATCH_INVARIANT:
+    if (value != 0 && value != 1)
+      return m3s_fail(M3S_ERR_INVALID, name,
+                      "value of M3S_OPT_BATCH_INVARIANT must be 0 or 1, got %lld",
+                      (long long)value);
+    ctx->batch_invariant = (int)value;
+    return M3S_OK;
+  }
+  return m3s_fail(M3S_ERR_INVALID, name, "argument 'opt' is not an m3s_option: %d", (int)opt);
+}
+
+m3s_status m3s_context_get_option(const m3s_context *ctx, m3s_option opt, int64_t *out_value) {
+  const char *name = "m3s_context_get_option";
+  m3s_clear_error();
+  if (!ctx)
+    return m3s_fail(M3S_ERR_NULL, name, "argument 'ctx' is NULL");
+  if (!out_value)
+    return m3s_fail(M3S_ERR_NULL, name, "argument 'out_value' is NULL");
+  switch (opt) {
+  case M3S_OPT_BATCH_INVARIANT: *out_value = ctx->batch_invariant; return M3S_OK;
+  }
+  return m3s_fail(M3S_ERR_INVALID, name, "argument 'opt' is not an m3s_option: %d", (int)opt);
+}

@@ -18,6 +18,7 @@ struct m3s_context {
   m3s_log_fn log_fn;
   void *log_user;
   void *backend_state;  /* owned by the backend (CUDA: device properties) */
+  int batch_invariant;  /* M3S_OPT_BATCH_INVARIANT */
 };
 
 /* ---- errors (error.c) ---- */

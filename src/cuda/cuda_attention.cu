@@ -46,7 +46,8 @@
  *  - merge_kernel (only when nsplit > 1): grid ceil(T * Hq / 4), 128 threads.
  *  nsplit comes from host bounds only (batch->num_tokens, cfg, the SM count,
  *  min(K, ceil(max_seq_len / 128))): when T * Hkv * chunks < 2 * SMs, the
- *  selected blocks are split so that about 2 * SMs CTAs run.
+ *  selected blocks are split so that about 2 * SMs CTAs run. Under
+ *  M3S_OPT_BATCH_INVARIANT nsplit is always 1.
  *
  * Workspace (only when nsplit > 1), 256-byte aligned parts:
  *   part_o  f32 [T][Hq][nsplit][128]  unnormalised acc, relative to m
@@ -673,9 +674,12 @@ static int head_chunks(const m3s_layer_config *cfg) {
 }
 
 /* Split factor of a batch of T rows with sequences <= max_seq_len (host
- * bounds only). */
+ * bounds only). Always 1 under M3S_OPT_BATCH_INVARIANT: a split merges
+ * partials in another association, so the bits would depend on the batch. */
 static int plan_split(const m3s_context *ctx, const m3s_layer_config *cfg, int64_t T,
                       int64_t max_seq_len) {
+  if (ctx->batch_invariant)
+    return 1;
   int64_t ctas = T * cfg->num_kv_heads * head_chunks(cfg);
   int64_t kmax = m3s_ceil_div(max_seq_len, M3S_B);
   if (kmax > cfg->topk)
