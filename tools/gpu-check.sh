@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # GPU check: on a machine with a CUDA GPU, build for sm_90a (+ sm_80), run the
 # whole test suite (CPU and GPU tests), compute-sanitizer (memcheck and
-# racecheck on the GPU tests' quick mode, initcheck/synccheck on one), and the
-# benchmark if it exists. Writes under $OUT (default ./gpu-out):
+# racecheck, initcheck and synccheck on every GPU test's quick mode, run
+# M3S_SAN_JOBS (default 4) at a time), the demo, the Python tests and the
+# benchmark. Writes under $OUT (default ./gpu-out):
 #   summary.md   the short table (also printed last)
 #   ctest.log    full test output      sanitizers.log  every sanitizer run
 #   build.log    configure + build     bench.log       benchmark output
 #   demo.log     m3s-demo --device cuda  python.log    the Python binding's tests
 # Usage: M3S_COMMIT=$(git rev-parse --short HEAD) tools/gpu-check.sh [PHASES]
 #   PHASES: any of tests, sanitize, bench, demo, python (default: all five)
-#   M3S_SAN_TIMEOUT (s, default 240) caps each sanitizer run;
+#   M3S_SAN_TIMEOUT (s, default 240) caps each sanitizer run; M3S_SAN_JOBS
+#   (default 4) runs in parallel; M3S_RACE_OPS_FILTER narrows racecheck of
+#   test_gpu_ops to the cases whose name contains it; M3S_SAN_TOOLS (default
+#   "memcheck racecheck initcheck synccheck") picks the tools;
 #   M3S_BENCH_ARGS (default "--all --budget 300") are the benchmark's flags.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,34 +43,53 @@ fi
 
 : >"$OUT/sanitizers.log"
 san_rows=""
-run_san() { # tool test
-  local tool=$1 t=$2 rc
-  echo "=== compute-sanitizer --tool $tool $t (M3S_TEST_QUICK=1)" >>"$OUT/sanitizers.log"
-  M3S_TEST_QUICK=1 timeout "${M3S_SAN_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-    "$BUILD/tests/$t" >>"$OUT/sanitizers.log" 2>&1
-  rc=$?
-  local verdict="clean"
-  [ $rc -eq 9 ] && verdict="ERRORS"
-  [ $rc -ne 0 ] && [ $rc -ne 9 ] && verdict="rc=$rc"
-  [ $rc -eq 77 ] && verdict="skipped"
-  [ $rc -eq 124 ] && verdict="timed out (${M3S_SAN_TIMEOUT:-240} s)"
-  san_rows+="| $tool | $t | $verdict |"$'\n'
+# Each sanitizer run is one line "tool test [filter]"; they run M3S_SAN_JOBS at
+# a time (compute-sanitizer is mostly CPU-bound), each with its own log, and
+# are reported in list order.
+san_list() {
+  local t tool
+  for tool in ${M3S_SAN_TOOLS:-memcheck racecheck initcheck synccheck}; do
+    for t in test_gpu_topk test_gpu_attention test_gpu_ops test_gpu_graph test_gpu_invariance; do
+      [ -x "$BUILD/tests/$t" ] || continue
+      # racecheck of the k2q kernels is slow: M3S_RACE_OPS_FILTER narrows it
+      if [ "$tool" = racecheck ] && [ "$t" = test_gpu_ops ] && [ -n "${M3S_RACE_OPS_FILTER:-}" ]; then
+        echo "$tool $t $M3S_RACE_OPS_FILTER"
+      else
+        echo "$tool $t"
+      fi
+    done
+  done
+}
+san_one() { # tool test [filter] -> $OUT/san/tool-test.log, .rc
+  local tool=$1 t=$2 filter=${3:-} log="$OUT/san/$1-$2"
+  {
+    echo "=== compute-sanitizer --tool $tool $t (M3S_TEST_QUICK=1${filter:+ M3S_TEST_FILTER=$filter})"
+    M3S_TEST_QUICK=1 M3S_TEST_FILTER=$filter timeout "${M3S_SAN_TIMEOUT:-240}" \
+      compute-sanitizer --tool "$tool" --error-exitcode 9 "$BUILD/tests/$t" 2>&1
+  } >"$log.log"
+  echo $? >"$log.rc"
 }
 if has sanitize; then
-  for t in test_gpu_topk test_gpu_attention test_gpu_ops test_gpu_graph; do
-    [ -x "$BUILD/tests/$t" ] && run_san memcheck "$t"
-  done
-  for t in test_gpu_topk test_gpu_graph; do
-    [ -x "$BUILD/tests/$t" ] && run_san racecheck "$t"
-  done
-  # racecheck of the k2q kernels is slow: the racecheck-sized cases only
-  [ -x "$BUILD/tests/test_gpu_ops" ] && M3S_TEST_FILTER=tiny run_san racecheck test_gpu_ops
-  # attention's full quick set is too slow under racecheck: one group per path
-  [ -x "$BUILD/tests/test_gpu_attention" ] &&
-    M3S_TEST_FILTER=${M3S_RACE_FILTER:-tp8} run_san racecheck test_gpu_attention
-  for tool in initcheck synccheck; do
-    [ -x "$BUILD/tests/test_gpu_attention" ] && run_san "$tool" test_gpu_attention
-  done
+  mkdir -p "$OUT/san"
+  jobs_max=${M3S_SAN_JOBS:-4}
+  while read -r tool t filter; do
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do sleep 1; done
+    san_one "$tool" "$t" "$filter" &
+  done < <(san_list)
+  wait
+  while read -r tool t filter; do
+    rc=$(cat "$OUT/san/$tool-$t.rc" 2>/dev/null || echo missing)
+    cat "$OUT/san/$tool-$t.log" >>"$OUT/sanitizers.log"
+    summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/san/$tool-$t.log" | tail -1)
+    case $rc in
+      0) verdict="clean" ;;
+      9) verdict="ERRORS" ;;
+      77) verdict="skipped" ;;
+      124) verdict="timed out (${M3S_SAN_TIMEOUT:-240} s)" ;;
+      *) verdict="rc=$rc" ;;
+    esac
+    san_rows+="| $tool | $t${filter:+ (filter $filter)} | $verdict | ${summary:-} |"$'\n'
+  done < <(san_list)
 fi
 
 if has bench && [ -x "$BUILD/bench/m3s-bench" ]; then
@@ -104,8 +127,8 @@ fi
     END { for (i = 1; i <= 64; i++) if (i in res) printf "| %s | %s (%s s) | %s |\n", name[i], res[i], t[i], counts[i] }
   ' "$OUT/ctest.log"
   echo
-  echo "| sanitizer | test | result |"
-  echo "|---|---|---|"
+  echo "| sanitizer | test (M3S_TEST_QUICK=1) | result | summary line |"
+  echo "|---|---|---|---|"
   printf "%s" "$san_rows"
   echo
   [ -f "$OUT/ctest.log" ] && grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1
