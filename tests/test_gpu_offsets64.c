@@ -70,12 +70,15 @@ static m3s_tensor dev_tensor(void *d, m3s_dtype dt, int nd, const int64_t *shape
   return t;
 }
 
-static int k2q_alloc(k2q_bufs *k, const fixture *f, const m3s_batch *b) {
+static int k2q_alloc(k2q_bufs *k, const fixture *f) {
   memset(k, 0, sizeof *k);
   int64_t rows = 0, T = f->T, hkv = f->cfg.num_kv_heads, hq = f->cfg.num_q_heads;
   int64_t K = f->cfg.topk;
-  if (m3s_k2q_csr_rows(g_gpu, b, &rows) != M3S_OK)
+  /* the row count comes from the host copy of the batch */
+  if (m3s_k2q_csr_rows(g_cpu, &f->batch, &rows) != M3S_OK) {
+    fprintf(stderr, "m3s_k2q_csr_rows: %s\n", m3s_last_error());
     return 0;
+  }
   int64_t rsh[2] = {hkv, rows + 1}, qsh[2] = {hkv, T * K}, csh[2] = {T, hkv};
   int64_t posh[4] = {T, hq, K, 128}, plsh[3] = {T, hq, K};
   k->rp = gpu_dup(NULL, sizeof(int32_t) * (size_t)(hkv * (rows + 1)));
@@ -102,36 +105,40 @@ static void k2q_free(k2q_bufs *k) {
   gpu_free(k->pl);
 }
 
+/* Prints the library's error text when st is not M3S_OK. */
+static int ok_or_say(m3s_status st, const char *what) {
+  if (st != M3S_OK)
+    fprintf(stderr, "%s: %s\n", what, m3s_last_error());
+  return st == M3S_OK;
+}
+
 /* Top-k, attention and the k2q path on the device caches kv / ic; results
  * downloaded into r. Outputs are poisoned before the run. */
 static int run_ops(fixture *f, gpu_fx *g, const m3s_tensor *kv, const m3s_tensor *ic, results *r) {
   k2q_bufs k;
-  int ok = gpu_fx_poison(g, f) && k2q_alloc(&k, f, &g->batch);
-  m3s_status st = M3S_ERR_INTERNAL;
-  if (ok)
-    st = m3s_index_topk(g_gpu, &f->cfg, &g->batch, &g->iq_t, ic, &g->topk_t, &g->exec);
-  if (st == M3S_OK)
-    st = m3s_sparse_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, kv, &g->scales, &g->topk_t,
-                              &g->out_t, &g->lse_t, &g->exec);
-  ok = ok && st == M3S_OK && gpu_fx_download(g, f);
+  int ok = gpu_fx_poison(g, f) && k2q_alloc(&k, f);
+  ok =
+      ok && ok_or_say(m3s_index_topk(g_gpu, &f->cfg, &g->batch, &g->iq_t, ic, &g->topk_t, &g->exec),
+                      "m3s_index_topk");
+  ok = ok && ok_or_say(m3s_sparse_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, kv, &g->scales,
+                                            &g->topk_t, &g->out_t, &g->lse_t, &g->exec),
+                       "m3s_sparse_attention");
+  ok = ok && gpu_fx_download(g, f);
   if (ok) {
     memcpy(r->topk, f->topk_mem, r->topk_bytes);
     memcpy(r->out, f->out_mem, r->out_bytes);
     memcpy(r->lse, f->lse_mem, r->lse_bytes);
   }
-  st = ok ? M3S_OK : M3S_ERR_INTERNAL;
-  if (st == M3S_OK)
-    st = m3s_build_k2q_csr(g_gpu, &f->cfg, &g->batch, &g->topk_t, &k.rp_t, &k.qi_t, &k.qs_t,
-                           &k.qc_t, &g->exec);
-  if (st == M3S_OK)
-    st = m3s_k2q_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, kv, &g->scales, &k.rp_t, &k.qi_t,
-                           &k.qs_t, &k.po_t, &k.pl_t, &g->exec);
-  if (st == M3S_OK)
-    st = m3s_combine_partials(g_gpu, &f->cfg, &k.po_t, &k.pl_t, &k.qc_t, &g->out_t, NULL, &g->exec);
-  if (st != M3S_OK && ok)
-    fprintf(stderr, "run_ops: %s\n", m3s_last_error());
-  ok = ok && st == M3S_OK && gpu_sync() && gpu_guards_check() &&
-       gpu_get(r->out_k2q, g->out, r->out_bytes);
+  ok = ok && ok_or_say(m3s_build_k2q_csr(g_gpu, &f->cfg, &g->batch, &g->topk_t, &k.rp_t, &k.qi_t,
+                                         &k.qs_t, &k.qc_t, &g->exec),
+                       "m3s_build_k2q_csr");
+  ok = ok && ok_or_say(m3s_k2q_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, kv, &g->scales,
+                                         &k.rp_t, &k.qi_t, &k.qs_t, &k.po_t, &k.pl_t, &g->exec),
+                       "m3s_k2q_attention");
+  ok = ok && ok_or_say(m3s_combine_partials(g_gpu, &f->cfg, &k.po_t, &k.pl_t, &k.qc_t, &g->out_t,
+                                            NULL, &g->exec),
+                       "m3s_combine_partials");
+  ok = ok && gpu_sync() && gpu_guards_check() && gpu_get(r->out_k2q, g->out, r->out_bytes);
   k2q_free(&k);
   return ok;
 }
@@ -274,9 +281,11 @@ static void run_variant(const char *name, m3s_dtype kv_dt, m3s_dtype idx_dt, int
   fx_poison(&f);
   char msg[200];
   /* the CPU backend's top-k and attention: the reference of the small run */
-  int ok = m3s_index_topk(g_cpu, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL) == M3S_OK &&
-           m3s_sparse_attention(g_cpu, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out,
-                                &f.lse, NULL) == M3S_OK;
+  int ok = ok_or_say(m3s_index_topk(g_cpu, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL),
+                     "cpu m3s_index_topk") &&
+           ok_or_say(m3s_sparse_attention(g_cpu, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk,
+                                          &f.out, &f.lse, NULL),
+                     "cpu m3s_sparse_attention");
   results cpu, small, big;
   results_alloc(&cpu, &f);
   results_alloc(&small, &f);
