@@ -34,7 +34,6 @@
 
 static m3s_context *g_cpu, *g_gpu;
 static int g_quick;
-static const char *g_filter;
 static int g_time;
 static uint64_t g_seed = 20261107;
 
@@ -145,7 +144,7 @@ static int gpu_run(fixture *f, gpu_fx *g, const int32_t *dev_topk, int with_lse,
 static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   fixture f;
   gpu_fx g;
-  if (g_filter && g_filter[0] && !strstr(name, g_filter))
+  if (!test_selected(name))
     return;
   memset(&g, 0, sizeof g);
   double t0 = gpu_now_ms();
@@ -502,7 +501,6 @@ static void test_guards(void) {
 
 int main(void) {
   g_quick = gpu_env_flag("M3S_TEST_QUICK");
-  g_filter = getenv("M3S_TEST_FILTER");
   g_time = gpu_env_flag("M3S_TEST_TIME");
   g_gpu = gpu_context_or_null();
   if (!g_gpu)

@@ -28,11 +28,10 @@
 
 static m3s_context *g_gpu, *g_cpu;
 static cudaStream_t g_stream;
-static m3s_exec g_exec;      /* stream only, no workspace */
-static int g_verbose;        /* M3S_TEST_VERBOSE: print every check, time the k2q pipeline */
-static const char *g_filter; /* M3S_TEST_FILTER: run only cases whose name contains it */
+static m3s_exec g_exec; /* stream only, no workspace */
+static int g_verbose;   /* M3S_TEST_VERBOSE: print every check, time the k2q pipeline */
 
-static int selected(const char *name) { return !g_filter || strstr(name, g_filter) != NULL; }
+static int selected(const char *name) { return test_selected(name); }
 
 /* CHECK that also prints the message (with its numbers) in verbose mode. */
 static int check_msg(int ok, const char *msg) {
@@ -790,7 +789,6 @@ int main(void) {
   }
   g_exec.stream = g_stream;
   g_verbose = getenv("M3S_TEST_VERBOSE") != NULL;
-  g_filter = getenv("M3S_TEST_FILTER");
   test_cache_insert();
   test_index_insert();
   test_k2q();

@@ -354,6 +354,12 @@ static void test_invariance_request_alone_equals_in_batch(void) {
          differs ? "last bits differ (split-K chosen per launch; not promised)" : "bit-identical");
 }
 
+/* Runs one test when M3S_TEST_FILTER selects its name. */
+static void run_test(const char *name, void (*fn)(void)) {
+  if (test_selected(name))
+    fn();
+}
+
 int main(void) {
 #ifdef M3S_INVARIANCE_GPU
   if (!(g_ctx = gpu_context_or_null()))
@@ -364,13 +370,14 @@ int main(void) {
     return 1;
   }
 #endif
-  test_invariance_head_major_equals_token_major();
-  test_invariance_shuffled_pages();
-  test_invariance_decode_equals_one_token_prefill();
-  test_invariance_spec_decode_equals_separate_positions();
-  test_invariance_chunked_prefill_equals_one_shot();
-  test_invariance_repeatable();
-  test_invariance_request_alone_equals_in_batch();
+  run_test("head_major_equals_token_major", test_invariance_head_major_equals_token_major);
+  run_test("shuffled_pages", test_invariance_shuffled_pages);
+  run_test("decode_equals_one_token_prefill", test_invariance_decode_equals_one_token_prefill);
+  run_test("spec_decode_equals_separate_positions",
+           test_invariance_spec_decode_equals_separate_positions);
+  run_test("chunked_prefill_equals_one_shot", test_invariance_chunked_prefill_equals_one_shot);
+  run_test("repeatable", test_invariance_repeatable);
+  run_test("request_alone_equals_in_batch", test_invariance_request_alone_equals_in_batch);
   m3s_context_destroy(g_ctx);
   return TEST_FINISH();
 }

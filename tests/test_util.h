@@ -8,6 +8,8 @@
 #define M3S_TEST_UTIL_H
 
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 typedef struct {
   long passed;
@@ -25,14 +27,33 @@ static inline int test_check_(int ok, const char *expr, const char *file, int li
     g_tc.passed++;
   } else {
     g_tc.failed++;
-    fprintf(stderr, "FAIL %s:%d: %s%s%s\n", file, line, expr, what ? " -- " : "",
-            what ? what : "");
+    fprintf(stderr, "FAIL %s:%d: %s%s%s\n", file, line, expr, what ? " -- " : "", what ? what : "");
   }
   return ok;
 }
 
 /* CHECK(cond, "context") : counts one check; returns the truth value. */
 #define CHECK(cond, what) test_check_(!!(cond), #cond, __FILE__, __LINE__, (what))
+
+/* M3S_TEST_FILTER: unset or "" runs every case; otherwise a comma-separated
+ * list of substrings, and a case runs when its name contains one of them
+ * (tools/gpu-check.sh splits slow sanitizer runs this way). */
+static inline int test_selected(const char *name) {
+  const char *f = getenv("M3S_TEST_FILTER");
+  if (!f || !f[0])
+    return 1;
+  while (*f) {
+    const char *end = strchr(f, ',');
+    size_t n = end ? (size_t)(end - f) : strlen(f);
+    for (const char *p = name; n && *p; ++p)
+      if (strncmp(p, f, n) == 0)
+        return 1;
+    if (!end)
+      break;
+    f = end + 1;
+  }
+  return 0;
+}
 
 static inline int test_finish_(void) {
   if (g_tc.skipped)

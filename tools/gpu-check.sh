@@ -11,8 +11,8 @@
 # Usage: M3S_COMMIT=$(git rev-parse --short HEAD) tools/gpu-check.sh [PHASES]
 #   PHASES: any of tests, sanitize, bench, demo, python (default: all five)
 #   M3S_SAN_TIMEOUT (s, default 240) caps each sanitizer run; M3S_SAN_JOBS
-#   (default 4) runs in parallel; M3S_RACE_OPS_FILTER narrows racecheck of
-#   test_gpu_ops to the cases whose name contains it; M3S_SAN_TOOLS (default
+#   (default 4) runs in parallel (racecheck runs split into case groups, see
+#   race_groups); M3S_SAN_TOOLS (default
 #   "memcheck racecheck initcheck synccheck") picks the tools;
 #   M3S_BENCH_ARGS (default "--all --budget 300") are the benchmark's flags.
 set -uo pipefail
@@ -46,22 +46,37 @@ san_rows=""
 # Each sanitizer run is one line "tool test [filter]"; they run M3S_SAN_JOBS at
 # a time (compute-sanitizer is mostly CPU-bound), each with its own log, and
 # are reported in list order.
+# racecheck of a whole quick run of attention, ops or invariance takes longer
+# than a device call: those are split into case groups (M3S_TEST_FILTER takes
+# comma-separated substrings), one process each, together covering every case.
+race_groups() { # test -> one filter per line
+  case $1 in
+    test_gpu_attention) printf '%s\n' decode_tp qlen4_ uniform_,ragged_ g32,g12,g1_mha k64,k8 \
+      topk_,guard_ mixed_prefill,prefill_257 ;;
+    test_gpu_ops) printf '%s\n' insert k2q_tp1,k2q_tp2 k2q_tp8_700,k2q_tp8_csr \
+      k2q_tp8_e4m3,k2q_tp8_sink,k2q_tp8_tiny merge ;;
+    test_gpu_invariance) printf '%s\n' head_major,shuffled decode_equals,spec_decode \
+      chunked repeatable,request_alone ;;
+    *) echo "" ;;
+  esac
+}
 san_list() {
-  local t tool
+  local t tool f
   for tool in ${M3S_SAN_TOOLS:-memcheck racecheck initcheck synccheck}; do
     for t in test_gpu_topk test_gpu_attention test_gpu_ops test_gpu_graph test_gpu_invariance; do
       [ -x "$BUILD/tests/$t" ] || continue
-      # racecheck of the k2q kernels is slow: M3S_RACE_OPS_FILTER narrows it
-      if [ "$tool" = racecheck ] && [ "$t" = test_gpu_ops ] && [ -n "${M3S_RACE_OPS_FILTER:-}" ]; then
-        echo "$tool $t $M3S_RACE_OPS_FILTER"
+      if [ "$tool" = racecheck ]; then
+        race_groups "$t" | while read -r f; do echo "$tool $t $f"; done
       else
         echo "$tool $t"
       fi
     done
   done
 }
-san_one() { # tool test [filter] -> $OUT/san/tool-test.log, .rc
-  local tool=$1 t=$2 filter=${3:-} log="$OUT/san/$1-$2"
+san_key() { echo "$1-$2${3:+-${3//,/+}}"; }
+san_one() { # tool test [filter] -> $BUILD/san/KEY.log, .rc
+  local tool=$1 t=$2 filter=${3:-} log
+  log="$BUILD/san/$(san_key "$@")"
   {
     echo "=== compute-sanitizer --tool $tool $t (M3S_TEST_QUICK=1${filter:+ M3S_TEST_FILTER=$filter})"
     M3S_TEST_QUICK=1 M3S_TEST_FILTER=$filter timeout "${M3S_SAN_TIMEOUT:-240}" \
@@ -70,7 +85,8 @@ san_one() { # tool test [filter] -> $OUT/san/tool-test.log, .rc
   echo $? >"$log.rc"
 }
 if has sanitize; then
-  mkdir -p "$OUT/san"
+  rm -rf "$BUILD/san"
+  mkdir -p "$BUILD/san"
   jobs_max=${M3S_SAN_JOBS:-4}
   while read -r tool t filter; do
     while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do sleep 1; done
@@ -78,9 +94,10 @@ if has sanitize; then
   done < <(san_list)
   wait
   while read -r tool t filter; do
-    rc=$(cat "$OUT/san/$tool-$t.rc" 2>/dev/null || echo missing)
-    cat "$OUT/san/$tool-$t.log" >>"$OUT/sanitizers.log"
-    summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/san/$tool-$t.log" | tail -1)
+    key=$BUILD/san/$(san_key "$tool" "$t" "$filter")
+    rc=$(cat "$key.rc" 2>/dev/null || echo missing)
+    cat "$key.log" >>"$OUT/sanitizers.log"
+    summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$key.log" | tail -1)
     case $rc in
       0) verdict="clean" ;;
       9) verdict="ERRORS" ;;
