@@ -126,7 +126,7 @@ typedef struct {
   int chunks[MAX_LIST], nchunk;
   int kvs[MAX_LIST], nkv;
   int idxs[MAX_LIST], nidx;
-  int token_major, lse, sel_token, no_graph, no_ceilings;
+  int token_major, lse, sel_token, no_graph, no_ceilings, batch_invariant;
   int reps, warmup, max_sets, sets_force, device, gemm_n;
   double budget_s, case_budget_s, mem_gb, hbm_override, gemm_override;
   const char *csv;
@@ -1349,6 +1349,7 @@ static void usage(FILE *f) {
 "  --max-sets N      most input sets rotated per case                         [64]\n"
 "  --sets N          force N input sets per case\n"
 "  --no-graph        time eager calls instead of graph replays\n"
+"  --batch-invariant set M3S_OPT_BATCH_INVARIANT on the context (no split-K)\n"
 "  --budget SEC      stop starting cases after SEC seconds                   [420]\n"
 "  --case-budget SEC fewer reps/sets when a case would take longer          [20]\n"
 "  --mem-gb G        cap of the cache pool (default: free memory less buffers)\n"
@@ -1368,7 +1369,7 @@ static int parse_args(int argc, char **argv, options *o) {
   enum {
     O_ALL = 256, O_FULL, O_OPS, O_TP, O_BS, O_QLEN, O_CTX, O_PCTX, O_CHUNK, O_KV, O_IDX, O_LIST,
     O_TM, O_LSE, O_SEL, O_REPS, O_WARM, O_MAXSETS, O_SETS, O_NOGRAPH, O_BUDGET, O_CBUDGET,
-    O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV
+    O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV
   };
   static const struct option lo[] = {
       {"all", no_argument, 0, O_ALL},           {"full", no_argument, 0, O_FULL},
@@ -1386,6 +1387,7 @@ static int parse_args(int argc, char **argv, options *o) {
       {"no-ceilings", no_argument, 0, O_NOCEIL}, {"hbm", required_argument, 0, O_HBM},
       {"gemm", required_argument, 0, O_GEMM},   {"gemm-n", required_argument, 0, O_GEMMN},
       {"csv", required_argument, 0, O_CSV},     {"help", no_argument, 0, 'h'},
+      {"batch-invariant", no_argument, 0, O_BINV},
       {0, 0, 0, 0}};
   memset(o, 0, sizeof *o);
   o->tps[0] = 1, o->tps[1] = 8, o->ntp = 2;
@@ -1485,6 +1487,7 @@ static int parse_args(int argc, char **argv, options *o) {
       break;
     }
     case O_NOCEIL: o->no_ceilings = 1; break;
+    case O_BINV: o->batch_invariant = 1; break;
     case O_CSV: o->csv = optarg; break;
     default:
       fprintf(stderr, "m3s-bench: see --help\n");
@@ -1581,6 +1584,14 @@ int main(int argc, char **argv) {
     fprintf(stderr, "m3s-bench: m3s_context_create(%d): %s\n", B.device, m3s_last_error());
     return st == M3S_ERR_UNSUPPORTED ? EXIT_NO_GPU : 1;
   }
+  if (o->batch_invariant &&
+      m3s_context_set_option(B.ctx, M3S_OPT_BATCH_INVARIANT, 1) != M3S_OK) {
+    fprintf(stderr, "m3s-bench: m3s_context_set_option: %s\n", m3s_last_error());
+    m3s_context_destroy(B.ctx);
+    return 1;
+  }
+  if (o->batch_invariant)
+    printf("m3s-bench: M3S_OPT_BATCH_INVARIANT on (attention never splits a row)\n");
   int failed = 0;
 
   /* ceilings */
