@@ -824,7 +824,11 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
                                                      : launch_attn<false>(p, grid, stream);
   if (st != M3S_OK || nsplit == 1)
     return st;
+  /* nsplit > 1 only when T * Hkv * chunks < 2 * SMs, so this grid is small */
   int64_t rows = T * p.hq;
+  if (m3s_ceil_div(rows, 4) > INT32_MAX)
+    return m3s_fail(M3S_ERR_INTERNAL, fn, "merge grid of %lld rows exceeds one CUDA grid",
+                    (long long)rows);
   merge_kernel<<<(unsigned)m3s_ceil_div(rows, 4), 128, 0, stream>>>(p, rows);
   return m3s_cuda_check_launch(fn, "merge_kernel");
 }

@@ -502,7 +502,11 @@ extern "C" m3s_status m3s_cuda_build_k2q_csr(m3s_context *ctx, const m3s_layer_c
   if (tokens == 0)
     return M3S_OK;
   m3s_cuda_batch b = m3s_cuda_batch_of(batch);
-  unsigned fill_grid = (unsigned)((tokens * a.hkv + CSR_THREADS - 1) / CSR_THREADS);
+  int64_t fill_blocks = (tokens * a.hkv + CSR_THREADS - 1) / CSR_THREADS;
+  if (fill_blocks > INT32_MAX)
+    return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld rows x %d KV heads exceed one CUDA grid",
+                    (long long)tokens, a.hkv);
+  unsigned fill_grid = (unsigned)fill_blocks;
   m3s_status s;
   /* 2. count */
   csr_fill_kernel<<<fill_grid, CSR_THREADS, 0, st>>>(b, a, 0);
