@@ -318,3 +318,29 @@ def test_compile_layer_step_cuda():
     got = list(compiled(*args())) + [b.kv_phys, b.ic]
     for e, g in zip(eager, got):
         assert torch.equal(bits(e), bits(g))
+
+
+def test_batch_invariant_option(cuda_context):
+    """With ctx.batch_invariant, a decode row alone gives the bits it gets
+    inside a batch with a 400-row prefill (other num_tokens, max_seq_len)."""
+    case = Case(hq=16, hkv=2, topk=16, init=0, local=1, seed=61,
+                reqs=[(1, 5000), (400, 7000)])
+    tc = TorchCase(case, dev())
+    tk = ops.index_topk(tc.iq, tc.index_cache, tc.seq_lens, tc.index_block_table,
+                        tc.query_start_loc, 0, 0, case.max_seq_len, case.K, case.init,
+                        case.local)
+    prev = cuda_context.batch_invariant
+    cuda_context.batch_invariant = True
+    try:
+        out, lse = ops.sparse_attention(tc.q, tc.kv_cache, tk, tc.seq_lens, tc.block_table,
+                                        tc.query_start_loc, tc.k_scale, tc.v_scale, 0, 0,
+                                        case.max_seq_len, case.scale)
+        out1, lse1 = ops.sparse_attention(tc.q[:1], tc.kv_cache, tk[:1], tc.seq_lens[:1],
+                                          tc.block_table[:1], tc.query_start_loc[:2],
+                                          tc.k_scale, tc.v_scale, 0, 0, 5000, case.scale)
+        torch.cuda.synchronize()
+    finally:
+        cuda_context.batch_invariant = prev
+    assert torch.equal(bits(out1), bits(out[:1]))
+    assert torch.equal(bits(lse1), bits(lse[:1]))
+    assert torch.isfinite(lse1).all()
