@@ -50,6 +50,25 @@ static void test_spec4_tp_shapes_and_layouts(void) {
     }
 }
 
+/* The largest supported head count (M3S_MAX_HEADS = 256) and top-k (64). */
+static void test_spec4_largest_heads_and_topk(void) {
+  int32_t ql[] = {1, 20};
+  int32_t sl[] = {9000, 2500};
+  struct {
+    int hq, hkv, k;
+    const char *name;
+  } c[] = {{256, 1, 64, "spec4_hq256_hkv1_k64"}, {256, 4, 16, "spec4_hq256_hkv4_k16"}};
+  for (int i = 0; i < 2; i++) {
+    m3s_layer_config cfg = m3s_config_minimax_m3(1);
+    cfg.num_q_heads = c[i].hq;
+    cfg.num_kv_heads = c[i].hkv;
+    cfg.topk = c[i].k;
+    fx_spec s = fx_spec_default(cfg, 2, ql, sl, 77);
+    s.token_major = i;
+    attn_case(c[i].name, s, 1);
+  }
+}
+
 static void test_spec4_dtypes(void) {
   int32_t ql[] = {1, 40};
   int32_t sl[] = {2600, 2200};
@@ -172,8 +191,8 @@ static void test_spec4_lse_optional_same_bits(void) {
   void *with = malloc(obytes);
   memcpy(with, f.out_mem, obytes);
   memset(f.out_mem, 0xFF, obytes);
-  ok = ok && m3s_sparse_attention(g_ctx, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk,
-                                  &f.out, NULL, NULL) == M3S_OK;
+  ok = ok && m3s_sparse_attention(g_ctx, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out,
+                                  NULL, NULL) == M3S_OK;
   CHECK(ok && memcmp(with, f.out_mem, obytes) == 0, "spec4_lse_null_gives_same_output_bits");
   free(with);
   fx_free(&f);
@@ -307,6 +326,7 @@ int main(void) {
   }
   test_spec4_tp_shapes_and_layouts();
   test_spec4_dtypes();
+  test_spec4_largest_heads_and_topk();
   test_spec4_nb_le_K_is_dense_causal();
   test_spec4_spec_decode_and_padding();
   test_spec4_topk_row_forms();

@@ -465,7 +465,9 @@ static void test_group_and_k(void) {
            {24, 2, 16, "g12_partial_chunk"},
            {4, 4, 16, "g1_mha"},
            {8, 1, 64, "k64_tp8"},
-           {32, 2, 8, "k8_tp2"}};
+           {32, 2, 8, "k8_tp2"},
+           {256, 1, 64, "hq256_g256_k64"},
+           {256, 4, 16, "hq256_hkv4"}};
   for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
     fx_spec s = spec_of(cfg_of(c[i].hq, c[i].hkv, c[i].k), 3, ql, sl);
     s.token_major = (int)(i & 1);
