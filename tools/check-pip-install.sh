@@ -8,6 +8,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 lib=${1:-$root/build/libm3sparse.so}
 [ -f "$lib" ] || { echo "check-pip-install: $lib not found (build first)" >&2; exit 2; }
+lib=$(cd "$(dirname "$lib")" && pwd)/$(basename "$lib") # the checks run from another directory
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
