@@ -2961,8 +2961,8 @@ static void op_narrow(void) {
   int64_t byte_off;
   int off_ok = !__builtin_mul_overflow(start, t.stride[0], &byte_off) &&
                !__builtin_mul_overflow(byte_off, (int64_t)m3s_dtype_size(t.dtype), &byte_off);
-  int valid = !null_t && ndim_ok && start >= 0 && len >= 0 &&
-              (__int128)start + len <= t.shape[0] && off_ok;
+  int valid =
+      !null_t && ndim_ok && start >= 0 && len >= 0 && (__int128)start + len <= t.shape[0] && off_ok;
   g_fn = "m3s_tensor_narrow";
   S.calls++;
   S.op_calls[g_opi]++;
@@ -3140,6 +3140,17 @@ static void op_misc(void) {
     CALL("m3s_context_set_logging", ex,
          m3s_context_set_logging(ctx, level, rchance(50) ? log_cb : NULL, NULL));
     m3s_context_set_logging(g_ctx, 0, NULL, NULL);
+    /* context options: set, read back, reset (no effect on the CPU) */
+    int opt = rchance(20) ? (int)rb32() : (int)M3S_OPT_BATCH_INVARIANT;
+    int64_t val = rchance(30) ? (int64_t)(int32_t)rb32() : (int64_t)rpick(3);
+    ex = (opt != (int)M3S_OPT_BATCH_INVARIANT || (val != 0 && val != 1)) ? EX_FAIL : 0;
+    ctx = pick_ctx(&ex);
+    CALL("m3s_context_set_option", ex, m3s_context_set_option(ctx, (m3s_option)opt, val));
+    int64_t got = -1;
+    if (ex == 0 &&
+        (m3s_context_get_option(g_ctx, M3S_OPT_BATCH_INVARIANT, &got) != M3S_OK || got != val))
+      die("m3s_context_get_option read %lld after setting %lld", (long long)got, (long long)val);
+    m3s_context_set_option(g_ctx, M3S_OPT_BATCH_INVARIANT, 0);
     break;
   }
   case 6: { /* contexts: CUDA ordinals fail cleanly in this build; create/destroy */
