@@ -209,17 +209,10 @@ static double dec_e5m2(uint8_t b) {
   double v = e == 31 ? (m ? NAN : INFINITY) : e == 0 ? ldexp(m, -16) : ldexp(4 + m, e - 17);
   return (b & 0x80) ? -v : v;
 }
+/* Element size; an invalid dtype (the harness makes some) sizes as 1 byte. */
 static size_t esz(m3s_dtype dt) {
-  switch (dt) {
-  case M3S_BF16:
-  case M3S_F16: return 2;
-  case M3S_F32:
-  case M3S_I32: return 4;
-  case M3S_E4M3:
-  case M3S_E5M2: return 1;
-  case M3S_I64: return 8;
-  }
-  return 1;
+  size_t z = m3s_dtype_size(dt);
+  return z ? z : 1;
 }
 static double dec(const void *p, m3s_dtype dt) {
   uint16_t h;
@@ -2084,19 +2077,25 @@ static void mk_out_lse(attn_fx *F, int64_t T, int *ex) {
     mk(&F->lse, &sl, ex);
 }
 
+/* Config, one batch (pages assigned, tensors made) and q / kv for the
+ * attention-shaped operations; input bytes are read in this fixed order. */
+static void attn_one_batch(attn_fx *F, bat *B, int *ex) {
+  memset(F, 0, sizeof *F);
+  gen_cfg(&F->C, ex);
+  safe_dims(&F->C.c, &F->hq, &F->hkv, &F->K);
+  gen_batch_desc(B, 0, F->hq, F->hkv, F->K);
+  bat *L[1] = {B};
+  assign_pages(L, 1);
+  F->nice = !rchance(20);
+  mk_batch(B, 1, 0, 1, ex);
+  mk_q_kv(F, B->T, B->P, ex);
+}
+
 static void op_attention(void) {
   int ex = 0;
   attn_fx F;
-  memset(&F, 0, sizeof F);
-  gen_cfg(&F.C, &ex);
-  safe_dims(&F.C.c, &F.hq, &F.hkv, &F.K);
   bat B;
-  gen_batch_desc(&B, 0, F.hq, F.hkv, F.K);
-  bat *L[1] = {&B};
-  assign_pages(L, 1);
-  F.nice = !rchance(20);
-  mk_batch(&B, 1, 0, 1, &ex);
-  mk_q_kv(&F, B.T, B.P, &ex);
+  attn_one_batch(&F, &B, &ex);
   tspec stk = {"topk", M3S_I32, MASK(M3S_I32), 3, {B.T, F.hkv, F.K}, 0, 0, 0, 1, 8, PERM_HM, 0};
   mk(&F.tk, &stk, &ex);
   mk_out_lse(&F, B.T, &ex);
@@ -2535,16 +2534,8 @@ static void op_csr(void) {
 static void op_k2q_attention(void) {
   int ex = 0;
   attn_fx F;
-  memset(&F, 0, sizeof F);
-  gen_cfg(&F.C, &ex);
-  safe_dims(&F.C.c, &F.hq, &F.hkv, &F.K);
   bat B;
-  gen_batch_desc(&B, 0, F.hq, F.hkv, F.K);
-  bat *L[1] = {&B};
-  assign_pages(L, 1);
-  F.nice = !rchance(20);
-  mk_batch(&B, 1, 0, 1, &ex);
-  mk_q_kv(&F, B.T, B.P, &ex);
+  attn_one_batch(&F, &B, &ex);
   fill_kv(&B, &F.kv, F.hkv, F.nice, 1);
   int hkv = F.hkv, K = F.K, hq = F.hq, G = hq / hkv;
   /* host selections: distinct ids < nb(t) (or, "odd", any block of the request) */

@@ -36,7 +36,7 @@ typedef struct {
 static guard_entry g_guards[GUARD_MAX];
 
 static int guard_intact(const guard_entry *e) {
-  static unsigned char zone[GUARD_BYTES];
+  unsigned char zone[GUARD_BYTES];
   const unsigned char *where[2] = {e->base, e->base + GUARD_BYTES + e->n};
   for (int z = 0; z < 2; ++z) {
     if (cudaMemcpy(zone, where[z], GUARD_BYTES, cudaMemcpyDeviceToHost) != cudaSuccess)

@@ -50,6 +50,16 @@ double load_elem(const void *base, m3s_dtype dt, int64_t off) {
   }
 }
 
+double rel_l2(const void *got, m3s_dtype got_dt, const void *want, m3s_dtype want_dt, int64_t n) {
+  double e = 0, r = 0;
+  for (int64_t i = 0; i < n; i++) {
+    double x = load_elem(got, got_dt, i), y = load_elem(want, want_dt, i);
+    e += (x - y) * (x - y);
+    r += y * y;
+  }
+  return r > 0 ? sqrt(e / r) : sqrt(e);
+}
+
 static void shuffle(int32_t *a, int64_t n, uint64_t *rng) {
   for (int64_t i = n - 1; i > 0; i--) {
     int64_t j = (int64_t)(rng_next(rng) % (uint64_t)(i + 1));
@@ -274,8 +284,8 @@ double ref_kv(const fixture *f, int r, int64_t p, int g, int d, int is_v) {
   int64_t stride = f->batch.block_table.stride[0];
   int32_t page = f->bt[r * stride + p / B];
   int64_t slot = (int64_t)page * B + p % B;
-  int64_t off = page * f->kv.stride[0] + g * f->kv.stride[1] + (p % B) * f->kv.stride[2] +
-                (is_v ? D : 0) + d;
+  int64_t off =
+      page * f->kv.stride[0] + g * f->kv.stride[1] + (p % B) * f->kv.stride[2] + (is_v ? D : 0) + d;
   double v = load_elem(f->kv_mem, f->sp.kv_dtype, off);
   if ((f->sp.kv_dtype == M3S_E4M3 || f->sp.kv_dtype == M3S_E5M2) && f->sp.scale_mode) {
     const float *sm = is_v ? f->vs_mem : f->ks_mem;
@@ -431,7 +441,8 @@ static void ref_attention_group(const fixture *f, int t, int g, const int32_t *s
   for (int h = 0; h < G && nk > 0; h++) {
     double q[D], mx = -INFINITY, sum = 0;
     for (int d = 0; d < D; d++)
-      q[d] = load_elem(f->q_mem, f->sp.act_dtype, ((int64_t)t * c->num_q_heads + g * G + h) * D + d);
+      q[d] =
+          load_elem(f->q_mem, f->sp.act_dtype, ((int64_t)t * c->num_q_heads + g * G + h) * D + d);
     for (int64_t j = 0; j < nk; j++) {
       double dot = 0;
       for (int d = 0; d < D; d++)
@@ -507,8 +518,8 @@ double check_attention_vs_ref(const fixture *f, int masked, const char *name) {
   free(rl);
   double rel = ref2 > 0 ? sqrt(err2 / ref2) : sqrt(err2);
   snprintf(msg, sizeof msg,
-           "%s: rel L2 %.3g over %d rows, bad rows %d, bad lse %d, unwritten %d, bad pad %d",
-           name, rel, checked, bad_rows, bad_lse, unwritten, bad_pad);
+           "%s: rel L2 %.3g over %d rows, bad rows %d, bad lse %d, unwritten %d, bad pad %d", name,
+           rel, checked, bad_rows, bad_lse, unwritten, bad_pad);
   CHECK(rel < 1e-2 && bad_rows == 0 && bad_lse == 0 && unwritten == 0 && bad_pad == 0, msg);
   if (getenv("M3S_TEST_VERBOSE"))
     printf("  %s\n", msg);
@@ -525,8 +536,8 @@ int check_topk_vs_ref(const fixture *f, const char *name) {
       for (int k = 0; k < f->cfg.topk; k++)
         if (*fx_topk_at(f, t, g, k) != ids[k]) {
           if (!bad)
-            snprintf(msg, sizeof msg, "%s: row %d head %d slot %d: got %d want %d", name, t, g,
-                     k, *fx_topk_at(f, t, g, k), ids[k]);
+            snprintf(msg, sizeof msg, "%s: row %d head %d slot %d: got %d want %d", name, t, g, k,
+                     *fx_topk_at(f, t, g, k), ids[k]);
           bad++;
           break;
         }

@@ -24,12 +24,12 @@ typedef struct {
   m3s_dtype act_dtype;    /* q, iq */
   m3s_dtype kv_dtype;
   m3s_dtype idx_dtype;
-  int token_major;        /* main cache physical order [P, 128, Hkv, 256] */
-  int scale_mode;         /* 0 none, 1 scalar, 2 per (head, slot) */
-  int grid;               /* index values on a k/4 grid: fp32 scores exact */
-  int qsl_base;           /* query_start_loc[0] (vLLM slices) */
-  int extra_pages;        /* unused random pages in the caches */
-  int topk_head_major;    /* top-k buffer stored [Hkv, T, K] */
+  int token_major;     /* main cache physical order [P, 128, Hkv, 256] */
+  int scale_mode;      /* 0 none, 1 scalar, 2 per (head, slot) */
+  int grid;            /* index values on a k/4 grid: fp32 scores exact */
+  int qsl_base;        /* query_start_loc[0] (vLLM slices) */
+  int extra_pages;     /* unused random pages in the caches */
+  int topk_head_major; /* top-k buffer stored [Hkv, T, K] */
   uint64_t seed;
 } fx_spec;
 
@@ -65,6 +65,9 @@ int64_t fx_pos(const fixture *f, int t);
 /* Store a float into an activation/cache tensor element (bf16/f16/f32/fp8). */
 void store_elem(void *base, m3s_dtype dt, int64_t off, float v);
 double load_elem(const void *base, m3s_dtype dt, int64_t off);
+/* ||got - want|| / ||want|| over n elements (||got - want|| when want is 0);
+ * NaN when either holds a NaN, so a poisoned element fails any bound. */
+double rel_l2(const void *got, m3s_dtype got_dt, const void *want, m3s_dtype want_dt, int64_t n);
 
 /* fp64 reference selection for row t, head g: ids ascending, then -1.
  * Returns the number of selected ids. scores_out (may be NULL) gets S(b). */

@@ -641,16 +641,6 @@ static void test_k2q(void) {
  * Merge
  * ------------------------------------------------------------------------- */
 
-static double rel_l2(const void *a, m3s_dtype da, const void *b, m3s_dtype db, int64_t n) {
-  double e = 0, r = 0;
-  for (int64_t i = 0; i < n; i++) {
-    double x = load_elem(a, da, i), y = load_elem(b, db, i);
-    e += (x - y) * (x - y);
-    r += y * y;
-  }
-  return r > 0 ? sqrt(e / r) : sqrt(e);
-}
-
 static void test_merge(void) {
   if (!selected("merge"))
     return;

@@ -6,8 +6,6 @@
  *     equals attention over all of them; empty sides give 0 / -inf. */
 #include "ref.h"
 
-#include "cpu/convert.h"
-
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,16 +15,6 @@ static m3s_context *g_ctx;
 
 static fx_spec spec(int tp, int nreq, const int32_t *ql, const int32_t *sl) {
   return fx_spec_default(m3s_config_minimax_m3(tp), nreq, ql, sl, 31337);
-}
-
-static double rel_l2_out(const void *a, const void *b, int64_t n) {
-  double e = 0, r = 0;
-  for (int64_t i = 0; i < n; i++) {
-    double x = m3s_bf16_to_f32(((const uint16_t *)a)[i]), y = m3s_bf16_to_f32(((const uint16_t *)b)[i]);
-    e += (x - y) * (x - y);
-    r += y * y;
-  }
-  return r > 0 ? sqrt(e / r) : sqrt(e);
 }
 
 static void test_spec7_csr_and_combine(int holes) {
@@ -122,13 +110,14 @@ static void test_spec7_csr_and_combine(int holes) {
        m3s_combine_partials(g_ctx, c, &tpo, &tpl, &tqc, &f.out, &f.lse, NULL) == M3S_OK;
   if (!CHECK(ok, "spec7_k2q_attention_and_combine_run"))
     fprintf(stderr, "  %s\n", m3s_last_error());
-  double rel = rel_l2_out(f.out_mem, direct, (int64_t)T * Hq * 128);
+  double rel = rel_l2(f.out_mem, M3S_BF16, direct, M3S_BF16, (int64_t)T * Hq * 128);
   double lse_err = 0;
   for (int i = 0; i < T * Hq; i++)
     if (!(isinf(direct_lse[i]) && isinf(f.lse_mem[i])))
       lse_err = fmax(lse_err, fabs(direct_lse[i] - f.lse_mem[i]));
   char msg[160];
-  snprintf(msg, sizeof msg, "spec7_combined_partials_equal_direct_attention%s (rel L2 %.3g, lse %.3g)",
+  snprintf(msg, sizeof msg,
+           "spec7_combined_partials_equal_direct_attention%s (rel L2 %.3g, lse %.3g)",
            holes ? "_with_holes" : "", rel, lse_err);
   CHECK(ok && rel < 1e-2 && lse_err < 1e-3, msg);
   check_attention_vs_ref(&f, 1, "spec7_combined_partials_vs_fp64_reference");
@@ -155,8 +144,8 @@ static void test_merge_two_halves_equals_whole(void) {
   const m3s_layer_config *c = &f.cfg;
   int T = f.T, K = c->topk, Hkv = c->num_kv_heads, Hq = c->num_q_heads;
   int ok = m3s_index_topk(g_ctx, c, &f.batch, &f.iq, &f.ic, &f.topk, NULL) == M3S_OK &&
-           m3s_sparse_attention(g_ctx, c, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out,
-                                &f.lse, NULL) == M3S_OK;
+           m3s_sparse_attention(g_ctx, c, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out, &f.lse,
+                                NULL) == M3S_OK;
   size_t obytes = (size_t)T * Hq * 128 * 2, lbytes = sizeof(float) * (size_t)T * Hq;
   size_t tbytes = sizeof(int32_t) * (size_t)T * Hkv * K;
   void *whole = malloc(obytes), *oa = malloc(obytes), *ob = malloc(obytes);
@@ -181,7 +170,7 @@ static void test_merge_two_halves_equals_whole(void) {
   m3s_tensor tlb = m3s_tensor_make(lb, M3S_F32, 2, lsh, M3S_HOST);
   fx_poison(&f);
   ok = ok && m3s_merge_attn_states(g_ctx, &ta, &tla, &tb, &tlb, &f.out, &f.lse, NULL) == M3S_OK;
-  double rel = rel_l2_out(f.out_mem, whole, (int64_t)T * Hq * 128), lerr = 0;
+  double rel = rel_l2(f.out_mem, M3S_BF16, whole, M3S_BF16, (int64_t)T * Hq * 128), lerr = 0;
   for (int i = 0; i < T * Hq; i++)
     lerr = fmax(lerr, fabs(f.lse_mem[i] - wl[i]));
   char msg[160];
