@@ -99,7 +99,9 @@ if has sanitize; then
     cat "$key.log" >>"$OUT/sanitizers.log"
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$key.log" | tail -1)
     case $rc in
-      0) verdict="clean" ;;
+      0) verdict="clean"
+         # a filter that matches no case runs nothing and would read as clean
+         grep -qE '^0 passed, 0 failed' "$key.log" && verdict="NO CASE RAN (filter matches nothing)" ;;
       9) verdict="ERRORS" ;;
       77) verdict="skipped" ;;
       124) verdict="timed out (${M3S_SAN_TIMEOUT:-240} s)" ;;
