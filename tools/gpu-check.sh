@@ -15,6 +15,9 @@
 #   race_groups); M3S_SAN_TOOLS (default
 #   "memcheck racecheck initcheck synccheck") picks the tools;
 #   M3S_BENCH_ARGS (default "--all --budget 300") are the benchmark's flags.
+#   M3S_SAN_ONLY="tool test [filter];..." replaces the sanitizer run list
+#   (e.g. one long racecheck case alone); M3S_NO_BUILD=1 uses $BUILD as it is
+#   (a build carried from elsewhere; tests run from it need LD_LIBRARY_PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -25,7 +28,8 @@ commit=${M3S_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
 
-if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DM3S_CUDA=ON &&
+if [ "${M3S_NO_BUILD:-0}" != 1 ] &&
+   ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DM3S_CUDA=ON &&
        cmake --build "$BUILD" -j "$JOBS"; } >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   echo "gpu-check: BUILD FAILED"
@@ -62,6 +66,10 @@ race_groups() { # test -> one filter per line
 }
 san_list() {
   local t tool f
+  if [ -n "${M3S_SAN_ONLY:-}" ]; then
+    tr ';' '\n' <<<"$M3S_SAN_ONLY" | sed '/^ *$/d'
+    return
+  fi
   for tool in ${M3S_SAN_TOOLS:-memcheck racecheck initcheck synccheck}; do
     for t in test_gpu_topk test_gpu_attention test_gpu_ops test_gpu_graph test_gpu_invariance; do
       [ -x "$BUILD/tests/$t" ] || continue
