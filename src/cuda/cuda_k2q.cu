@@ -58,7 +58,9 @@
 #define SORT_CAP 2048
 #define ATT_THREADS 512
 #define ATT_WARPS (ATT_THREADS / 32)
-#define KS_STRIDE (M3S_D + 1) /* padded K rows: lanes reading 32 keys hit 32 banks */
+/* padded K rows, 16-byte aligned: the 8 lanes of each float4 phase reading
+ * 8 keys at one d hit 8 distinct 16-byte bank groups */
+#define KS_STRIDE (M3S_D + 4)
 #define ATT_SMEM_FLOATS (M3S_B * KS_STRIDE + M3S_B * M3S_D + 2 * ATT_WARPS * M3S_D)
 #define ATT_SMEM_BYTES ((size_t)ATT_SMEM_FLOATS * sizeof(float))
 #define WARP_THREADS 256
@@ -582,7 +584,12 @@ __device__ __forceinline__ float warp_sum_f(float v) {
 
 /* One warp: query row t, head h over the block's keys [0, nk); writes the
  * normalised partial output and lse of slot `slot` (0 / -inf when nk == 0).
- * qw, pw: this warp's 128-float staging rows. */
+ * qw, pw: this warp's 128-float staging rows.
+ * Shared memory is read as float4 where it can be (K rows and q along d, V
+ * rows along d): a quarter of the load instructions of scalar reads, which
+ * is what racecheck's cost grows with. Lane l owns keys l + 32i for the
+ * scores and dims 4l..4l+3 for P.V; both sums keep the scalar order (d, then
+ * j ascending), so the bits are those of a scalar loop. */
 __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs, float *qw,
                              float *pw, int64_t t, int64_t h, int slot, int nk) {
   int lane = threadIdx.x & 31;
@@ -592,11 +599,17 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
       qw[lane + 32 * i] = m3s_ld(a.q, a.q_dt, t * a.q_s0 + h * a.q_s1 + lane + 32 * i);
     __syncwarp();
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int d = 0; d < M3S_D; d++) {
-      float qd = qw[d];
+    const float4 *q4 = (const float4 *)qw;
+    for (int d4 = 0; d4 < M3S_D / 4; d4++) {
+      float4 qv = q4[d4];
 #pragma unroll
-      for (int i = 0; i < 4; i++)
-        s[i] += qd * ks[(lane + 32 * i) * KS_STRIDE + d];
+      for (int i = 0; i < 4; i++) {
+        float4 kv = *(const float4 *)&ks[(lane + 32 * i) * KS_STRIDE + 4 * d4];
+        s[i] = fmaf(qv.x, kv.x, s[i]);
+        s[i] = fmaf(qv.y, kv.y, s[i]);
+        s[i] = fmaf(qv.z, kv.z, s[i]);
+        s[i] = fmaf(qv.w, kv.w, s[i]);
+      }
     }
     float m = -INFINITY;
     for (int i = 0; i < 4; i++) {
@@ -613,11 +626,15 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
     l = warp_sum_f(l);
     __syncwarp();
     if (l > 0.0f) {
+      /* rows j >= nk are never read: a masked row's V may be non-finite */
+      const float4 *v4 = (const float4 *)vs + lane;
       for (int j = 0; j < nk; j++) {
         float p = pw[j];
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-          acc[i] += p * vs[j * M3S_D + lane + 32 * i];
+        float4 v = v4[j * (M3S_D / 4)];
+        acc[0] = fmaf(p, v.x, acc[0]);
+        acc[1] = fmaf(p, v.y, acc[1]);
+        acc[2] = fmaf(p, v.z, acc[2]);
+        acc[3] = fmaf(p, v.w, acc[3]);
       }
       float inv = 1.0f / l;
       for (int i = 0; i < 4; i++)
@@ -627,7 +644,7 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
   }
   float *o = a.po + t * a.po_s0 + h * a.po_s1 + slot * a.po_s2;
   for (int i = 0; i < 4; i++)
-    o[lane + 32 * i] = acc[i];
+    o[4 * lane + i] = acc[i];
   if (lane == 0)
     a.pl[t * a.pl_s0 + h * a.pl_s1 + slot * a.pl_s2] = lse;
   __syncwarp();
@@ -635,7 +652,8 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
 
 __global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_cuda_batch b,
                                                                     k2q_args a) {
-  extern __shared__ float smem[];
+  extern __shared__ float4 smem4[]; /* float4: 16-byte alignment of every staging row */
+  float *smem = (float *)smem4;
   float *ks = smem, *vs = ks + M3S_B * KS_STRIDE, *qw = vs + M3S_B * M3S_D;
   float *pw = qw + ATT_WARPS * M3S_D;
   int64_t row = blockIdx.x;
