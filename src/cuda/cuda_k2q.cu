@@ -34,11 +34,13 @@
  *    Row bases (rows of the requests before r = sum of ceil(seq_len/128)) are
  *    recomputed by each CTA that needs them with a CTA-wide reduction and
  *    scans over seq_lens (cta_request_base, cta_row_owner).
- *  - k2q_attention_kernel grid (R, Hkv), 512 threads, ~145 KB dynamic shared
- *    memory: the CTA of (row, g) finds the row's (request, block), stages the
- *    block's K and V once as fp32 (fp8 dequantised with its scales), then
- *    each warp takes (entry, head) items of the row: scores, softmax and P.V
- *    over the keys j <= pos(t) in SIMT fp32 (no tensor cores yet).
+ *  - k2q_attention_kernel grid (R, Hkv, S), 512 threads, ~145 KB dynamic
+ *    shared memory, S = min(32, ceil(T*G/256)): the CTAs of (row, g) split
+ *    the row's (entry, head) items into S shares of at least 256 (CTAs past
+ *    the row's items exit at once); each finds the row's (request, block),
+ *    stages the block's K and V as fp32 (fp8 dequantised with its scales),
+ *    then each warp takes items of its share: scores, softmax and P.V over
+ *    the keys j <= pos(t) in SIMT fp32 (no tensor cores yet).
  *  - combine_kernel, merge_kernel: a warp per (t, h), 256 threads per CTA.
  *
  * Guards (device data is not validated by the core): slots outside the cache
@@ -58,9 +60,9 @@
 #define SORT_CAP 2048
 #define ATT_THREADS 512
 #define ATT_WARPS (ATT_THREADS / 32)
-/* padded K rows, 16-byte aligned: the 8 lanes of each float4 phase reading
- * 8 keys at one d hit 8 distinct 16-byte bank groups */
-#define KS_STRIDE (M3S_D + 4)
+#define K2Q_MIN_ITEMS 256 /* fewest (entry, head) items worth a CTA's block load */
+#define K2Q_MAX_SPLIT 32  /* most CTAs per CSR row */
+#define KS_STRIDE (M3S_D + 1) /* padded K rows: lanes reading 32 keys hit 32 banks */
 #define ATT_SMEM_FLOATS (M3S_B * KS_STRIDE + M3S_B * M3S_D + 2 * ATT_WARPS * M3S_D)
 #define ATT_SMEM_BYTES ((size_t)ATT_SMEM_FLOATS * sizeof(float))
 #define WARP_THREADS 256
@@ -584,12 +586,7 @@ __device__ __forceinline__ float warp_sum_f(float v) {
 
 /* One warp: query row t, head h over the block's keys [0, nk); writes the
  * normalised partial output and lse of slot `slot` (0 / -inf when nk == 0).
- * qw, pw: this warp's 128-float staging rows.
- * Shared memory is read as float4 where it can be (K rows and q along d, V
- * rows along d): a quarter of the load instructions of scalar reads, which
- * is what racecheck's cost grows with. Lane l owns keys l + 32i for the
- * scores and dims 4l..4l+3 for P.V; both sums keep the scalar order (d, then
- * j ascending), so the bits are those of a scalar loop. */
+ * qw, pw: this warp's 128-float staging rows. */
 __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs, float *qw,
                              float *pw, int64_t t, int64_t h, int slot, int nk) {
   int lane = threadIdx.x & 31;
@@ -599,17 +596,11 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
       qw[lane + 32 * i] = m3s_ld(a.q, a.q_dt, t * a.q_s0 + h * a.q_s1 + lane + 32 * i);
     __syncwarp();
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const float4 *q4 = (const float4 *)qw;
-    for (int d4 = 0; d4 < M3S_D / 4; d4++) {
-      float4 qv = q4[d4];
+    for (int d = 0; d < M3S_D; d++) {
+      float qd = qw[d];
 #pragma unroll
-      for (int i = 0; i < 4; i++) {
-        float4 kv = *(const float4 *)&ks[(lane + 32 * i) * KS_STRIDE + 4 * d4];
-        s[i] = fmaf(qv.x, kv.x, s[i]);
-        s[i] = fmaf(qv.y, kv.y, s[i]);
-        s[i] = fmaf(qv.z, kv.z, s[i]);
-        s[i] = fmaf(qv.w, kv.w, s[i]);
-      }
+      for (int i = 0; i < 4; i++)
+        s[i] += qd * ks[(lane + 32 * i) * KS_STRIDE + d];
     }
     float m = -INFINITY;
     for (int i = 0; i < 4; i++) {
@@ -626,15 +617,11 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
     l = warp_sum_f(l);
     __syncwarp();
     if (l > 0.0f) {
-      /* rows j >= nk are never read: a masked row's V may be non-finite */
-      const float4 *v4 = (const float4 *)vs + lane;
       for (int j = 0; j < nk; j++) {
         float p = pw[j];
-        float4 v = v4[j * (M3S_D / 4)];
-        acc[0] = fmaf(p, v.x, acc[0]);
-        acc[1] = fmaf(p, v.y, acc[1]);
-        acc[2] = fmaf(p, v.z, acc[2]);
-        acc[3] = fmaf(p, v.w, acc[3]);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+          acc[i] += p * vs[j * M3S_D + lane + 32 * i];
       }
       float inv = 1.0f / l;
       for (int i = 0; i < 4; i++)
@@ -644,7 +631,7 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
   }
   float *o = a.po + t * a.po_s0 + h * a.po_s1 + slot * a.po_s2;
   for (int i = 0; i < 4; i++)
-    o[4 * lane + i] = acc[i];
+    o[lane + 32 * i] = acc[i];
   if (lane == 0)
     a.pl[t * a.pl_s0 + h * a.pl_s1 + slot * a.pl_s2] = lse;
   __syncwarp();
@@ -652,14 +639,23 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
 
 __global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_cuda_batch b,
                                                                     k2q_args a) {
-  extern __shared__ float4 smem4[]; /* float4: 16-byte alignment of every staging row */
-  float *smem = (float *)smem4;
+  extern __shared__ float smem[];
   float *ks = smem, *vs = ks + M3S_B * KS_STRIDE, *qw = vs + M3S_B * M3S_D;
   float *pw = qw + ATT_WARPS * M3S_D;
   int64_t row = blockIdx.x;
   int g = blockIdx.y;
   int64_t lo = a.rp[g * a.rp_s0 + row], hi = a.rp[g * a.rp_s0 + row + 1];
   if (lo < 0 || hi > a.cap || lo >= hi)
+    return;
+  /* Phase 0: this CTA's share of the row's (entry, head) items. A long row
+   * (an attention-sink block every query selects) spreads over up to
+   * gridDim.z CTAs; short rows stay on one. Each item is one warp's whole
+   * job either way, so the split does not change any result bit. */
+  int64_t items = (hi - lo) * a.group;
+  int64_t per = (items + gridDim.z - 1) / gridDim.z;
+  per = per < K2Q_MIN_ITEMS ? K2Q_MIN_ITEMS : per;
+  int64_t it0 = (int64_t)blockIdx.z * per, it1 = it0 + per < items ? it0 + per : items;
+  if (it0 >= items)
     return;
   /* Phase 1: which request and block this row is */
   int64_t blk;
@@ -676,10 +672,9 @@ __global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_cuda_bat
   /* Phase 2: stage the block once */
   load_block(a, page, g, nk_blk, ks, vs);
   __syncthreads();
-  /* Phase 3: every (entry, head) of the row, a warp each */
+  /* Phase 3: this CTA's (entry, head) items of the row, a warp each */
   int warp = threadIdx.x >> 5;
-  int64_t items = (hi - lo) * a.group;
-  for (int64_t it = warp; it < items; it += ATT_WARPS) {
+  for (int64_t it = it0 + warp; it < it1; it += ATT_WARPS) {
     int64_t e = lo + it / a.group, h = (int64_t)g * a.group + it % a.group;
     int64_t t = a.qi[g * a.qi_s0 + e * a.qi_s1];
     int slot = a.qs[g * a.qs_s0 + e * a.qs_s1];
@@ -746,7 +741,11 @@ extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_c
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "cudaFuncSetAttribute(%zu bytes of shared memory): %s",
                     ATT_SMEM_BYTES, cudaGetErrorString(err));
-  dim3 grid((unsigned)rows, (unsigned)cfg->num_kv_heads);
+  /* a row holds at most T entries (one per query) unless top-k rows repeat a
+   * block; T * G items bound the split, K2Q_MAX_SPLIT caps the idle CTAs */
+  int64_t split = (batch->num_tokens * a.group + K2Q_MIN_ITEMS - 1) / K2Q_MIN_ITEMS;
+  split = split < K2Q_MAX_SPLIT ? split : K2Q_MAX_SPLIT;
+  dim3 grid((unsigned)rows, (unsigned)cfg->num_kv_heads, (unsigned)split);
   k2q_attention_kernel<<<grid, ATT_THREADS, ATT_SMEM_BYTES, stream_of(exec)>>>(
       m3s_cuda_batch_of(batch), a);
   return m3s_cuda_check_launch(fn, "k2q_attention_kernel");
