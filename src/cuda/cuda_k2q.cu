@@ -35,7 +35,7 @@
  *    recomputed by each CTA that needs them with a CTA-wide reduction and
  *    scans over seq_lens (cta_request_base, cta_row_owner).
  *  - k2q_attention_kernel grid (R, Hkv, S), 512 threads, ~145 KB dynamic
- *    shared memory, S = min(32, ceil(T*G/256)): the CTAs of (row, g) split
+ *    shared memory, S = min(32, ceil(max_q_len*G/256)): the CTAs of (row, g) split
  *    the row's (entry, head) items into S shares of at least 256 (CTAs past
  *    the row's items exit at once); each finds the row's (request, block),
  *    stages the block's K and V as fp32 (fp8 dequantised with its scales),
@@ -741,9 +741,13 @@ extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_c
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "cudaFuncSetAttribute(%zu bytes of shared memory): %s",
                     ATT_SMEM_BYTES, cudaGetErrorString(err));
-  /* a row holds at most T entries (one per query) unless top-k rows repeat a
-   * block; T * G items bound the split, K2Q_MAX_SPLIT caps the idle CTAs */
-  int64_t split = (batch->num_tokens * a.group + K2Q_MIN_ITEMS - 1) / K2Q_MIN_ITEMS;
+  /* A row belongs to one request and holds one entry per query that selects
+   * its block: max_q_len x G items unless top-k rows repeat a block. That
+   * host bound sizes the split (only parallelism depends on it: each CTA's
+   * share comes from the row's real length); K2Q_MAX_SPLIT caps idle CTAs,
+   * which cost a scheduling slot each at one ~145 KB CTA per SM. */
+  int64_t split = ((int64_t)batch->max_q_len * a.group + K2Q_MIN_ITEMS - 1) / K2Q_MIN_ITEMS;
+  split = split < 1 ? 1 : split;
   split = split < K2Q_MAX_SPLIT ? split : K2Q_MAX_SPLIT;
   dim3 grid((unsigned)rows, (unsigned)cfg->num_kv_heads, (unsigned)split);
   k2q_attention_kernel<<<grid, ATT_THREADS, ATT_SMEM_BYTES, stream_of(exec)>>>(
