@@ -59,6 +59,9 @@ san_rows=""
 # M3S_SAN_TIMEOUT=580 M3S_SAN_ONLY="racecheck test_gpu_ops k2q_tp8_sink").
 # The sink case also runs with k2q_attention_kernel excluded (29 s), so a
 # shorter run still racechecks the CSR sorter's multi-chunk path it is for.
+# test_gpu_offsets64 (up to 12 GiB of caches per process) under racecheck was
+# cut off at 140 s and at 280 s alone (both variants in one run); it is
+# split by variant, and each likely needs a call of its own.
 race_groups() { # test -> one "filter [flags]" per line
   case $1 in
     test_gpu_attention) printf '%s\n' decode_tp qlen4_ uniform_,ragged_ g32,g12,g1_mha k64,k8 \
@@ -69,6 +72,7 @@ race_groups() { # test -> one "filter [flags]" per line
       k2q_tp8_sink_rows_of_3000 ;;
     test_gpu_invariance) printf '%s\n' head_major,shuffled decode_equals,spec_decode \
       chunked repeatable request_alone ;;
+    test_gpu_offsets64) printf '%s\n' bf16_head_major e4m3_token_major ;;
     *) echo "" ;;
   esac
 }
@@ -79,7 +83,8 @@ san_list() {
     return
   fi
   for tool in ${M3S_SAN_TOOLS:-memcheck racecheck initcheck synccheck}; do
-    for t in test_gpu_topk test_gpu_attention test_gpu_ops test_gpu_graph test_gpu_invariance; do
+    for t in test_gpu_topk test_gpu_attention test_gpu_ops test_gpu_graph test_gpu_invariance \
+      test_gpu_offsets64; do
       [ -x "$BUILD/tests/$t" ] || continue
       if [ "$tool" = racecheck ]; then
         race_groups "$t" | while read -r f; do echo "$tool $t $f"; done
