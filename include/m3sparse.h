@@ -25,6 +25,14 @@
  *    size), K = top-k blocks, P = pages in a cache.
  *  - The library never prints unless logging is enabled on the context, and
  *    never calls exit or abort.
+ *  - Threads: run operations and queries only read the context, so several
+ *    threads may call them on one context at once (tests/test_threads.c);
+ *    m3s_context_set_option, m3s_context_set_logging and m3s_context_destroy
+ *    must not overlap any other call on that context. The error text is per
+ *    thread; a logging callback may be called from several threads at once.
+ *    On CUDA each calling thread must have the context's device current
+ *    (cudaSetDevice), and calls in flight at the same time need their own
+ *    outputs and workspace, as any CUDA work on shared buffers would.
  */
 #ifndef M3SPARSE_H
 #define M3SPARSE_H
