@@ -20,6 +20,11 @@ fi
 CC=clang cmake -S . -B "$BUILD" -DM3S_TSAN=ON -DM3S_CUDA=OFF \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$BUILD" -j "$(nproc)" >/dev/null
+# without OpenMP the library would run serially and the check would prove little
+if ! ldd "$BUILD/libm3sparse.so" | grep -q 'libomp'; then
+  echo "tsan-check: $BUILD/libm3sparse.so is not linked against LLVM libomp (OpenMP not found?)" >&2
+  exit 1
+fi
 
 export OMP_TOOL_LIBRARIES=$archer OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export TSAN_OPTIONS="ignore_noninstrumented_modules=1 halt_on_error=1 exitcode=66"
