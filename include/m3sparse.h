@@ -30,9 +30,9 @@
  *    m3s_context_set_option, m3s_context_set_logging and m3s_context_destroy
  *    must not overlap any other call on that context. The error text is per
  *    thread; a logging callback may be called from several threads at once.
+ *    Calls in flight at the same time need their own outputs and workspace.
  *    On CUDA each calling thread must have the context's device current
- *    (cudaSetDevice), and calls in flight at the same time need their own
- *    outputs and workspace, as any CUDA work on shared buffers would.
+ *    (cudaSetDevice).
  */
 #ifndef M3SPARSE_H
 #define M3SPARSE_H

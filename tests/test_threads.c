@@ -2,15 +2,18 @@
  *
  * The header promises that run operations and queries only read the context,
  * and that the error text is per thread. This test holds the library to it:
- * NTHREADS threads share one CPU context; each runs index top-k and sparse
- * attention on its own fixture (different TP shapes, batches and seeds),
- * ITERS times, and must reproduce, bit for bit, the outputs the main thread
- * computed alone beforehand. One more thread keeps making invalid calls until
- * the others are done and must always see its own error text, while every
- * valid call on the other threads must end with an empty error text (with a
- * process-wide error buffer instead of a thread-local one this test fails). The library's OpenMP
- * teams are nested under the callers' threads, so the CPU backend's parallel regions run
- * concurrently too.
+ * NTHREADS threads share one CPU context; each runs index top-k, sparse
+ * attention and the k2q chain (CSR, k2q partials, combine) on its own fixture
+ * (different TP shapes, batches, cache dtypes and orders, seeds), ITERS times,
+ * and must reproduce, bit for bit, every output the main thread computed
+ * alone beforehand. One more thread keeps making invalid calls until the
+ * others are done and must always see its own error text, while every valid
+ * call on the other threads must end with an empty error text (with a
+ * process-wide error buffer instead of a thread-local one this test fails).
+ * Each calling thread starts its own OpenMP team inside the CPU backend, so
+ * the backend's parallel regions run concurrently too. Not covered here:
+ * inserts, merge and m3s_step_forward (the same read-only context; no
+ * per-call state beyond the thread-local error text and conversion tiles).
  *
  * Threads never call CHECK (its counters are not atomic): each records its
  * findings in its own slot, and the main thread checks them after joining.
@@ -18,6 +21,7 @@
 #include "ref.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,12 +31,21 @@
 #define ITERS 3
 
 static m3s_context *g_ctx;
+static atomic_int g_go;           /* all threads start together */
 static atomic_int g_workers_done; /* the invalid caller keeps going until then */
+
+/* The outputs one job writes: the fixture's top-k, out and lse, and the k2q
+ * chain's CSR, partials and combined out / lse (its own buffers). */
+enum { NBUF = 11 };
 
 typedef struct {
   fixture f;
-  void *want_out, *want_lse, *want_topk;
-  size_t out_b, lse_b, topk_b;
+  int64_t rows;
+  m3s_tensor rp, qi, qs, qc, po, pl, kout, klse;
+  void *mem[NBUF];
+  size_t bytes[NBUF];
+  void *want; /* the lone run's outputs, concatenated */
+  size_t want_b;
   /* written by the worker thread, read after the join */
   int runs_ok, bits_equal, error_text_empty;
 } job;
@@ -48,22 +61,85 @@ static size_t tensor_bytes(const m3s_tensor *t) {
   return n;
 }
 
-static int run_once(fixture *f) {
+static m3s_tensor host_tensor(job *j, int k, m3s_dtype dt, int nd, const int64_t *shape) {
+  m3s_tensor t = m3s_tensor_make(NULL, dt, nd, shape, M3S_HOST);
+  j->bytes[k] = tensor_bytes(&t);
+  t.data = j->mem[k] = malloc(j->bytes[k] ? j->bytes[k] : 1);
+  return t;
+}
+
+/* Buffers 3..10: the k2q chain's outputs ([0..2] are the fixture's). */
+static int job_alloc(job *j) {
+  fixture *f = &j->f;
+  int64_t T = f->T, Hq = f->cfg.num_q_heads, Hkv = f->cfg.num_kv_heads, K = f->cfg.topk;
+  if (m3s_k2q_csr_rows(g_ctx, &f->batch, &j->rows) != M3S_OK)
+    return 0;
+  int64_t rsh[2] = {Hkv, j->rows + 1}, qsh[2] = {Hkv, T * K}, csh[2] = {T, Hkv};
+  int64_t posh[4] = {T, Hq, K, 128}, plsh[3] = {T, Hq, K};
+  j->mem[0] = f->topk_mem, j->bytes[0] = tensor_bytes(&f->topk);
+  j->mem[1] = f->out_mem, j->bytes[1] = tensor_bytes(&f->out);
+  j->mem[2] = f->lse_mem, j->bytes[2] = tensor_bytes(&f->lse);
+  j->rp = host_tensor(j, 3, M3S_I32, 2, rsh);
+  j->qi = host_tensor(j, 4, M3S_I32, 2, qsh);
+  j->qs = host_tensor(j, 5, M3S_I32, 2, qsh);
+  j->qc = host_tensor(j, 6, M3S_I32, 2, csh);
+  j->po = host_tensor(j, 7, M3S_F32, 4, posh);
+  j->pl = host_tensor(j, 8, M3S_F32, 3, plsh);
+  j->kout = host_tensor(j, 9, f->out.dtype, f->out.ndim, f->out.shape);
+  j->klse = host_tensor(j, 10, f->lse.dtype, f->lse.ndim, f->lse.shape);
+  j->want_b = 0;
+  for (int k = 0; k < NBUF; k++)
+    j->want_b += j->bytes[k];
+  j->want = malloc(j->want_b);
+  return j->want != NULL;
+}
+
+static void job_free(job *j) {
+  for (int k = 3; k < NBUF; k++)
+    free(j->mem[k]);
+  free(j->want);
+  fx_free(&j->f);
+}
+
+/* Poison every output, then top-k, attention and the k2q chain. */
+static int run_once(job *j) {
+  fixture *f = &j->f;
+  fx_poison(f);
+  for (int k = 3; k < NBUF; k++)
+    memset(j->mem[k], 0xA5, j->bytes[k]);
   return m3s_index_topk(g_ctx, &f->cfg, &f->batch, &f->iq, &f->ic, &f->topk, NULL) == M3S_OK &&
          m3s_sparse_attention(g_ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &f->topk,
-                              &f->out, &f->lse, NULL) == M3S_OK;
+                              &f->out, &f->lse, NULL) == M3S_OK &&
+         m3s_build_k2q_csr(g_ctx, &f->cfg, &f->batch, &f->topk, &j->rp, &j->qi, &j->qs, &j->qc,
+                           NULL) == M3S_OK &&
+         m3s_k2q_attention(g_ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &j->rp, &j->qi,
+                           &j->qs, &j->po, &j->pl, NULL) == M3S_OK &&
+         m3s_combine_partials(g_ctx, &f->cfg, &j->po, &j->pl, &j->qc, &j->kout, &j->klse, NULL) ==
+             M3S_OK;
+}
+
+/* 1 when every output equals the lone run's (dst NULL), or copies them. */
+static int outputs_match(job *j, void *dst) {
+  size_t at = 0;
+  for (int k = 0; k < NBUF; k++) {
+    if (dst)
+      memcpy((char *)dst + at, j->mem[k], j->bytes[k]);
+    else if (memcmp((char *)j->want + at, j->mem[k], j->bytes[k]) != 0)
+      return 0;
+    at += j->bytes[k];
+  }
+  return 1;
 }
 
 static void *worker(void *arg) {
   job *j = arg;
+  while (!atomic_load(&g_go))
+    sched_yield();
   for (int i = 0; i < ITERS; i++) {
-    fx_poison(&j->f);
-    int ok = run_once(&j->f);
+    int ok = run_once(j);
     j->runs_ok += ok;
     j->error_text_empty += ok && m3s_last_error()[0] == '\0';
-    j->bits_equal += ok && memcmp(j->f.out_mem, j->want_out, j->out_b) == 0 &&
-                     memcmp(j->f.lse_mem, j->want_lse, j->lse_b) == 0 &&
-                     memcmp(j->f.topk_mem, j->want_topk, j->topk_b) == 0;
+    j->bits_equal += ok && outputs_match(j, NULL);
   }
   return NULL;
 }
@@ -75,6 +151,8 @@ static void *bad_worker(void *arg) {
   fixture f;
   fx_spec s = fx_spec_default(m3s_config_minimax_m3(8), 1, ql, sl, 77);
   fx_init(&f, &s);
+  while (!atomic_load(&g_go))
+    sched_yield();
   m3s_tensor out = f.out;
   out.dtype = M3S_I32;
   for (int i = 0; i < ITERS * 20 || !atomic_load(&g_workers_done); i++) {
@@ -109,30 +187,25 @@ int main(void) {
     s.scale_mode = i == 2 ? 2 : 0;
     s.token_major = i & 1;
     fx_init(&j->f, &s);
-    fx_poison(&j->f);
-    j->out_b = tensor_bytes(&j->f.out);
-    j->lse_b = tensor_bytes(&j->f.lse);
-    j->topk_b = tensor_bytes(&j->f.topk);
-    ready &= CHECK(run_once(&j->f), "single-threaded run");
-    j->want_out = malloc(j->out_b);
-    j->want_lse = malloc(j->lse_b);
-    j->want_topk = malloc(j->topk_b);
-    memcpy(j->want_out, j->f.out_mem, j->out_b);
-    memcpy(j->want_lse, j->f.lse_mem, j->lse_b);
-    memcpy(j->want_topk, j->f.topk_mem, j->topk_b);
+    ready &= CHECK(job_alloc(j), "k2q buffers");
+    ready = ready && CHECK(run_once(j), "single-threaded run");
+    if (ready)
+      outputs_match(j, j->want);
   }
-  /* Phase 2: all at once, plus the thread of invalid calls */
+  /* Phase 2: all at once (released together), plus the thread of invalid calls */
   bad_job bad = {0, 0, 0};
   pthread_t th[NTHREADS + 1];
-  int started = 0;
+  int made[NTHREADS + 1] = {0};
   for (int i = 0; ready && i < NTHREADS; i++)
-    started += CHECK(pthread_create(&th[i], NULL, worker, &jobs[i]) == 0, "pthread_create");
-  int bad_started =
+    made[i] = CHECK(pthread_create(&th[i], NULL, worker, &jobs[i]) == 0, "pthread_create");
+  made[NTHREADS] =
       ready && CHECK(pthread_create(&th[NTHREADS], NULL, bad_worker, &bad) == 0, "pthread_create");
-  for (int i = 0; i < started; i++)
-    pthread_join(th[i], NULL);
+  atomic_store(&g_go, 1);
+  for (int i = 0; i < NTHREADS; i++)
+    if (made[i])
+      pthread_join(th[i], NULL);
   atomic_store(&g_workers_done, 1);
-  if (bad_started)
+  if (made[NTHREADS])
     pthread_join(th[NTHREADS], NULL);
   /* Phase 3: what each thread saw */
   for (int i = 0; ready && i < NTHREADS; i++) {
@@ -149,12 +222,8 @@ int main(void) {
     CHECK(bad.calls >= ITERS * 20 && bad.rejected == bad.calls, what);
     CHECK(bad.own_text == bad.calls, "the invalid caller always reads its own error text");
   }
-  for (int i = 0; i < NTHREADS; i++) {
-    free(jobs[i].want_out);
-    free(jobs[i].want_lse);
-    free(jobs[i].want_topk);
-    fx_free(&jobs[i].f);
-  }
+  for (int i = 0; i < NTHREADS; i++)
+    job_free(&jobs[i]);
   m3s_context_destroy(g_ctx);
   return TEST_FINISH();
 }

@@ -12,9 +12,11 @@ BUILD=${BUILD:-build-tsan}
 tests=("$@")
 ((${#tests[@]})) || tests=(test_threads test_batch test_topk)
 
-archer=$(ls /usr/lib/llvm-*/lib/libarcher.so 2>/dev/null | sort -V | tail -1 || true)
-if [ -z "$archer" ]; then
-  echo "tsan-check: libarcher.so not found (Debian: apt-get install libomp-14-dev)" >&2
+# archer of the clang that builds (Debian: /usr/lib/llvm-MAJOR/lib)
+clang_major=$(clang -dumpversion | cut -d. -f1)
+archer=/usr/lib/llvm-$clang_major/lib/libarcher.so
+if [ ! -f "$archer" ]; then
+  echo "tsan-check: $archer not found (Debian: apt-get install libomp-$clang_major-dev)" >&2
   exit 1
 fi
 CC=clang cmake -S . -B "$BUILD" -DM3S_TSAN=ON -DM3S_CUDA=OFF \

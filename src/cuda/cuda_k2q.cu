@@ -7,7 +7,8 @@
  *
  * Every launch goes to exec->stream (legacy stream 0 when exec is NULL); no
  * allocation, no synchronisation, no host read of device data, no workspace;
- * grids come from host-known shapes (T, Hkv, Hq, R = row_ptr.shape[1] - 1).
+ * grids come from host-known shapes (T, Hkv, Hq, R = row_ptr.shape[1] - 1)
+ * and the batch's host bound max_q_len.
  *
  * Kernels and launch shapes:
  *  - insert_kv_kernel     grid (min(T, 2^31-1), min(Hkv, 65535)), 128 threads:
@@ -35,7 +36,7 @@
  *    recomputed by each CTA that needs them with a CTA-wide reduction and
  *    scans over seq_lens (cta_request_base, cta_row_owner).
  *  - k2q_attention_kernel grid (R, Hkv, S), 512 threads, ~145 KB dynamic
- *    shared memory, S = min(32, ceil(max_q_len*G/256)): the CTAs of (row, g) split
+ *    shared memory, S = clamp(ceil(max_q_len*G/256), 1, 32): the CTAs of (row, g) split
  *    the row's (entry, head) items into S shares of at least 256 (CTAs past
  *    the row's items exit at once); each finds the row's (request, block),
  *    stages the block's K and V as fp32 (fp8 dequantised with its scales),
