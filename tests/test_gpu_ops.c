@@ -31,8 +31,6 @@ static cudaStream_t g_stream;
 static m3s_exec g_exec; /* stream only, no workspace */
 static int g_verbose;   /* M3S_TEST_VERBOSE: print every check, time the k2q pipeline */
 
-static int selected(const char *name) { return test_selected(name); }
-
 /* CHECK that also prints the message (with its numbers) in verbose mode. */
 static int check_msg(int ok, const char *msg) {
   if (g_verbose)
@@ -125,7 +123,7 @@ static m3s_tensor slot_tensor(void *mem, m3s_dtype dt, const int64_t *vals, int 
 
 static void insert_case(int tp, m3s_dtype act, m3s_dtype kv_dt, int scale_mode, int token_major,
                         m3s_dtype slot_dt, int run, const char *name) {
-  if (!selected(name))
+  if (!test_selected(name))
     return;
   int32_t ql[] = {1}, sl[] = {700};
   fx_spec s = spec(tp, 1, ql, sl);
@@ -207,7 +205,7 @@ static void test_cache_insert(void) {
 
 static void index_insert_case(m3s_dtype idx, m3s_dtype act, m3s_dtype slot_dt, int run,
                               const char *name) {
-  if (!selected(name))
+  if (!test_selected(name))
     return;
   int32_t ql[] = {1}, sl[] = {500};
   fx_spec s = spec(8, 1, ql, sl);
@@ -553,7 +551,7 @@ static void make_sink_topk(fixture *f) {
 /* Top-k on the CPU; CSR on both; partials on both; combine on the GPU vs the
  * CPU's direct attention. */
 static void run_k2q_case(const k2q_case *kc, int run) {
-  if (!selected(kc->name))
+  if (!test_selected(kc->name))
     return;
   fx_spec s = spec(kc->tp, kc->nreq, kc->ql, kc->sl);
   s.uniform = kc->uniform;
@@ -642,7 +640,7 @@ static void test_k2q(void) {
  * ------------------------------------------------------------------------- */
 
 static void test_merge(void) {
-  if (!selected("merge"))
+  if (!test_selected("merge"))
     return;
   int32_t ql[] = {1, 1, 120};
   int32_t sl[] = {4000, 60, 2300};

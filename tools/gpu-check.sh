@@ -15,7 +15,7 @@
 #   race_groups); M3S_SAN_TOOLS (default
 #   "memcheck racecheck initcheck synccheck") picks the tools;
 #   M3S_BENCH_ARGS (default "--all --budget 300") are the benchmark's flags.
-#   M3S_SAN_ONLY="tool test [filter];..." replaces the sanitizer run list
+#   M3S_SAN_ONLY="tool test [filter [flags]];..." replaces the sanitizer run list
 #   (e.g. one long racecheck case alone); M3S_NO_BUILD=1 uses $BUILD as it is
 #   (a build carried from elsewhere; tests run from it need LD_LIBRARY_PATH).
 set -uo pipefail
@@ -60,14 +60,14 @@ san_rows=""
 # comma-separated substrings), one process each, together covering every case.
 # Two test_gpu_ops groups need a device call each (H100, 2026-11-27, 251de48):
 # racecheck of k2q_tp2_prefill_bf16 took 229 s with 7 other runs on the card
-# (438 s before the k2q row split), and k2q_tp8_sink_rows_of_3000_and_5000
-# 557 s alone (M3S_SAN_JOBS=1
-# M3S_SAN_TIMEOUT=580 M3S_SAN_ONLY="racecheck test_gpu_ops k2q_tp8_sink").
-# The sink case also runs with k2q_attention_kernel excluded (29 s), so a
-# shorter run still racechecks the CSR sorter's multi-chunk path it is for.
+# (438 s before the k2q row split); k2q_tp8_sink_rows_of_3000_and_5000 took
+# 557 s alone (M3S_SAN_JOBS=1 M3S_SAN_TIMEOUT=580
+# M3S_SAN_ONLY="racecheck test_gpu_ops k2q_tp8_sink"). The sink case also runs
+# with k2q_attention_kernel excluded (29 s), so a run with the default timeout
+# still racechecks the CSR sorter's multi-chunk path, which the case is for.
 # test_gpu_offsets64 (up to 12 GiB of caches per process) under racecheck was
-# cut off at 140 s and at 280 s alone (both variants in one run); it is
-# split by variant, and each likely needs a call of its own.
+# cut off at 140 s and at 280 s alone (both variants in one run); it is split
+# by variant, and each likely needs a call of its own.
 race_groups() { # test -> one "filter [flags]" per line
   case $1 in
     test_gpu_attention) printf '%s\n' decode_tp qlen4_ uniform_,ragged_ g32,g12,g1_mha k64,k8 \

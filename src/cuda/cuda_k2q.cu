@@ -510,7 +510,7 @@ extern "C" m3s_status m3s_cuda_build_k2q_csr(m3s_context *ctx, const m3s_layer_c
   if (tokens == 0)
     return M3S_OK;
   m3s_cuda_batch b = m3s_cuda_batch_of(batch);
-  int64_t fill_blocks = (tokens * a.hkv + CSR_THREADS - 1) / CSR_THREADS;
+  int64_t fill_blocks = m3s_ceil_div(tokens * a.hkv, CSR_THREADS);
   if (fill_blocks > INT32_MAX)
     return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld rows x %d KV heads exceed one CUDA grid",
                     (long long)tokens, a.hkv);
@@ -750,7 +750,7 @@ extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_c
    * host bound sizes the split (only parallelism depends on it: each CTA's
    * share comes from the row's real length); K2Q_MAX_SPLIT caps idle CTAs,
    * which cost a scheduling slot each at one ~145 KB CTA per SM. */
-  int64_t split = ((int64_t)batch->max_q_len * a.group + K2Q_MIN_ITEMS - 1) / K2Q_MIN_ITEMS;
+  int64_t split = m3s_ceil_div((int64_t)batch->max_q_len * a.group, K2Q_MIN_ITEMS);
   split = split < 1 ? 1 : split;
   split = split < K2Q_MAX_SPLIT ? split : K2Q_MAX_SPLIT;
   dim3 grid((unsigned)rows, (unsigned)cfg->num_kv_heads, (unsigned)split);
