@@ -65,9 +65,12 @@ san_rows=""
 # M3S_SAN_ONLY="racecheck test_gpu_ops k2q_tp8_sink"). The sink case also runs
 # with k2q_attention_kernel excluded (29 s), so a run with the default timeout
 # still racechecks the CSR sorter's multi-chunk path, which the case is for.
-# test_gpu_offsets64 (up to 12 GiB of caches per process) under racecheck was
-# cut off at 140 s and at 280 s alone (both variants in one run); it is split
-# by variant, and each likely needs a call of its own.
+# test_gpu_offsets64 (up to 12 GiB of caches per process) runs one variant per
+# racecheck process: bf16_head_major 570 s, e4m3_token_major 554 s, the two side
+# by side (H100, 2026-11-27, fc55509; M3S_SAN_JOBS=2 M3S_SAN_TIMEOUT=575
+# M3S_SAN_ONLY="racecheck test_gpu_offsets64 bf16_head_major;racecheck
+# test_gpu_offsets64 e4m3_token_major"). With the default timeout these long
+# groups report "timed out" and the script exits non-zero, as it should.
 race_groups() { # test -> one "filter [flags]" per line
   case $1 in
     test_gpu_attention) printf '%s\n' decode_tp qlen4_ uniform_,ragged_ g32,g12,g1_mha k64,k8 \
