@@ -50,6 +50,28 @@ double load_elem(const void *base, m3s_dtype dt, int64_t off) {
   }
 }
 
+int fx_k2q_shapes(m3s_context *ctx, const fixture *f, k2q_shapes *s) {
+  int64_t T = f->T, hq = f->cfg.num_q_heads, hkv = f->cfg.num_kv_heads, K = f->cfg.topk;
+  memset(s, 0, sizeof *s);
+  if (m3s_k2q_csr_rows(ctx, &f->batch, &s->rows) != M3S_OK) {
+    fprintf(stderr, "m3s_k2q_csr_rows: %s\n", m3s_last_error());
+    return 0;
+  }
+  s->row_ptr[0] = hkv, s->row_ptr[1] = s->rows + 1;
+  s->q_idx[0] = hkv, s->q_idx[1] = T * K;
+  s->q_cnt[0] = T, s->q_cnt[1] = hkv;
+  s->part_out[0] = T, s->part_out[1] = hq, s->part_out[2] = K, s->part_out[3] = 128;
+  s->part_lse[0] = T, s->part_lse[1] = hq, s->part_lse[2] = K;
+  return 1;
+}
+
+int64_t shape_elems(int nd, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < nd; i++)
+    n *= shape[i];
+  return n;
+}
+
 double rel_l2(const void *got, m3s_dtype got_dt, const void *want, m3s_dtype want_dt, int64_t n) {
   double e = 0, r = 0;
   for (int64_t i = 0; i < n; i++) {

@@ -79,6 +79,19 @@ void ref_attention(const fixture *f, int t, int h, const int32_t *sel, int n, in
 /* Key/value element d of KV head g at position p of request r (dequantised). */
 double ref_kv(const fixture *f, int r, int64_t p, int g, int d, int is_v);
 
+/* Shapes of the k2q chain's buffers for fixture f (SPEC section 7):
+ * row_ptr [Hkv, rows+1], q_indices and q_slots [Hkv, T*K], q_counts
+ * [T, Hkv] (int32); partial out [T, Hq, K, 128] and partial lse [T, Hq, K]
+ * (fp32). rows comes from m3s_k2q_csr_rows on ctx with the fixture's host
+ * batch. Returns 0, with the library's error text printed, on failure. */
+typedef struct {
+  int64_t rows;
+  int64_t row_ptr[2], q_idx[2], q_cnt[2], part_out[4], part_lse[3];
+} k2q_shapes;
+int fx_k2q_shapes(m3s_context *ctx, const fixture *f, k2q_shapes *s);
+/* Product of shape[0..nd). */
+int64_t shape_elems(int nd, const int64_t *shape);
+
 /* Top-k entry (t, g, k) of the fixture's buffer. */
 int32_t *fx_topk_at(const fixture *f, int t, int g, int k);
 

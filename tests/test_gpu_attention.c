@@ -437,14 +437,14 @@ static void test_long_decode(void) {
   s4.scale_mode = 2;
   s4.token_major = 1;
   run_case("decode_128k_tp4_qlen4_e4m3_per_slot", s4, NULL);
-  /* 1,048,576-token context (8192 blocks): a 256-token prefill chunk ending
+  /* 1,048,576-token context (8192 blocks): a 4096-token prefill chunk ending
    * inside the last block, and a 1M decode request in the same batch */
-  static const int32_t ql1m[] = {1, 256};
+  static const int32_t ql1m[] = {1, 4096};
   static const int32_t sl1m[] = {1048576, 1048576 - 77};
   fx_spec m = spec_of(m3s_config_minimax_m3(8), 2, ql1m, sl1m);
   m.kv_dtype = M3S_E4M3;
   m.scale_mode = 2;
-  run_case("prefill_chunk_256_at_1M_plus_decode_1M_tp8_e4m3", m, NULL);
+  run_case("prefill_chunk_4096_at_1M_plus_decode_1M_tp8_e4m3", m, NULL);
 }
 
 static void test_group_and_k(void) {

@@ -70,28 +70,23 @@ static m3s_tensor dev_tensor(void *d, m3s_dtype dt, int nd, const int64_t *shape
 }
 
 static int k2q_alloc(k2q_bufs *k, const fixture *f) {
+  k2q_shapes s;
   memset(k, 0, sizeof *k);
-  int64_t rows = 0, T = f->T, hkv = f->cfg.num_kv_heads, hq = f->cfg.num_q_heads;
-  int64_t K = f->cfg.topk;
   /* the row count comes from the host copy of the batch */
-  if (m3s_k2q_csr_rows(g_cpu, &f->batch, &rows) != M3S_OK) {
-    fprintf(stderr, "m3s_k2q_csr_rows: %s\n", m3s_last_error());
+  if (!fx_k2q_shapes(g_cpu, f, &s))
     return 0;
-  }
-  int64_t rsh[2] = {hkv, rows + 1}, qsh[2] = {hkv, T * K}, csh[2] = {T, hkv};
-  int64_t posh[4] = {T, hq, K, 128}, plsh[3] = {T, hq, K};
-  k->rp = gpu_dup(NULL, sizeof(int32_t) * (size_t)(hkv * (rows + 1)));
-  k->qi = gpu_dup(NULL, sizeof(int32_t) * (size_t)(hkv * T * K));
-  k->qs = gpu_dup(NULL, sizeof(int32_t) * (size_t)(hkv * T * K));
-  k->qc = gpu_dup(NULL, sizeof(int32_t) * (size_t)(T * hkv));
-  k->po = gpu_dup(NULL, sizeof(float) * (size_t)(T * hq * K * 128));
-  k->pl = gpu_dup(NULL, sizeof(float) * (size_t)(T * hq * K));
-  k->rp_t = dev_tensor(k->rp, M3S_I32, 2, rsh);
-  k->qi_t = dev_tensor(k->qi, M3S_I32, 2, qsh);
-  k->qs_t = dev_tensor(k->qs, M3S_I32, 2, qsh);
-  k->qc_t = dev_tensor(k->qc, M3S_I32, 2, csh);
-  k->po_t = dev_tensor(k->po, M3S_F32, 4, posh);
-  k->pl_t = dev_tensor(k->pl, M3S_F32, 3, plsh);
+  k->rp = gpu_dup(NULL, sizeof(int32_t) * (size_t)shape_elems(2, s.row_ptr));
+  k->qi = gpu_dup(NULL, sizeof(int32_t) * (size_t)shape_elems(2, s.q_idx));
+  k->qs = gpu_dup(NULL, sizeof(int32_t) * (size_t)shape_elems(2, s.q_idx));
+  k->qc = gpu_dup(NULL, sizeof(int32_t) * (size_t)shape_elems(2, s.q_cnt));
+  k->po = gpu_dup(NULL, sizeof(float) * (size_t)shape_elems(4, s.part_out));
+  k->pl = gpu_dup(NULL, sizeof(float) * (size_t)shape_elems(3, s.part_lse));
+  k->rp_t = dev_tensor(k->rp, M3S_I32, 2, s.row_ptr);
+  k->qi_t = dev_tensor(k->qi, M3S_I32, 2, s.q_idx);
+  k->qs_t = dev_tensor(k->qs, M3S_I32, 2, s.q_idx);
+  k->qc_t = dev_tensor(k->qc, M3S_I32, 2, s.q_cnt);
+  k->po_t = dev_tensor(k->po, M3S_F32, 4, s.part_out);
+  k->pl_t = dev_tensor(k->pl, M3S_F32, 3, s.part_lse);
   return k->rp && k->qi && k->qs && k->qc && k->po && k->pl;
 }
 

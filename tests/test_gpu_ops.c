@@ -259,6 +259,7 @@ static void test_index_insert(void) {
  * ------------------------------------------------------------------------- */
 
 typedef struct {
+  k2q_shapes sh; /* every k2q buffer's shape */
   int64_t rows, tk;
   int hkv, T;
   int32_t *h_rp, *h_qi, *h_qs, *h_qc; /* CPU results */
@@ -270,13 +271,15 @@ typedef struct {
 
 static int csr_alloc(csr_set *c, const fixture *f) {
   memset(c, 0, sizeof *c);
-  if (m3s_k2q_csr_rows(g_cpu, &f->batch, &c->rows) != M3S_OK)
+  if (!fx_k2q_shapes(g_cpu, f, &c->sh))
     return 0;
+  const k2q_shapes s = c->sh;
+  c->rows = s.rows;
   c->hkv = f->cfg.num_kv_heads;
   c->T = f->T;
-  c->tk = (int64_t)f->T * f->cfg.topk;
-  size_t nrp = (size_t)(c->hkv * (c->rows + 1)), nq = (size_t)(c->hkv * c->tk) + 1;
-  size_t nc = (size_t)c->T * c->hkv + 1;
+  c->tk = s.q_idx[1];
+  size_t nrp = (size_t)shape_elems(2, s.row_ptr), nq = (size_t)shape_elems(2, s.q_idx) + 1;
+  size_t nc = (size_t)shape_elems(2, s.q_cnt) + 1;
   c->h_rp = malloc(nrp * 4);
   c->g_rp = malloc(nrp * 4);
   c->h_qi = malloc(nq * 4);
@@ -293,11 +296,10 @@ static int csr_alloc(csr_set *c, const fixture *f) {
   c->d_qi = gpu_dup(c->g_qi, nq * 4);
   c->d_qs = gpu_dup(c->g_qs, nq * 4);
   c->d_qc = gpu_dup(c->g_qc, nc * 4);
-  int64_t rsh[2] = {c->hkv, c->rows + 1}, qsh[2] = {c->hkv, c->tk}, csh[2] = {c->T, c->hkv};
-  c->rp = m3s_tensor_make(c->h_rp, M3S_I32, 2, rsh, M3S_HOST);
-  c->qi = m3s_tensor_make(c->h_qi, M3S_I32, 2, qsh, M3S_HOST);
-  c->qs = m3s_tensor_make(c->h_qs, M3S_I32, 2, qsh, M3S_HOST);
-  c->qc = m3s_tensor_make(c->h_qc, M3S_I32, 2, csh, M3S_HOST);
+  c->rp = m3s_tensor_make(c->h_rp, M3S_I32, 2, s.row_ptr, M3S_HOST);
+  c->qi = m3s_tensor_make(c->h_qi, M3S_I32, 2, s.q_idx, M3S_HOST);
+  c->qs = m3s_tensor_make(c->h_qs, M3S_I32, 2, s.q_idx, M3S_HOST);
+  c->qc = m3s_tensor_make(c->h_qc, M3S_I32, 2, s.q_cnt, M3S_HOST);
   c->drp = dev_view(c->rp, c->d_rp);
   c->dqi = dev_view(c->qi, c->d_qi);
   c->dqs = dev_view(c->qs, c->d_qs);
@@ -371,9 +373,8 @@ static int partials_compare(const csr_set *c, const fixture *f, gpu_fx *g, int r
   fill_u32(hpo, npo, POISON_F32_BITS);
   fill_u32(hpl, npl, POISON_F32_BITS);
   void *dpo = gpu_dup(hpo, npo * 4), *dpl = gpu_dup(hpl, npl * 4);
-  int64_t posh[4] = {T, Hq, K, 128}, plsh[3] = {T, Hq, K};
-  m3s_tensor tpo = m3s_tensor_make(hpo, M3S_F32, 4, posh, M3S_HOST);
-  m3s_tensor tpl = m3s_tensor_make(hpl, M3S_F32, 3, plsh, M3S_HOST);
+  m3s_tensor tpo = m3s_tensor_make(hpo, M3S_F32, 4, c->sh.part_out, M3S_HOST);
+  m3s_tensor tpl = m3s_tensor_make(hpl, M3S_F32, 3, c->sh.part_lse, M3S_HOST);
   m3s_tensor dtpo = dev_view(tpo, dpo), dtpl = dev_view(tpl, dpl);
   m3s_status sc = m3s_k2q_attention(g_cpu, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &c->rp,
                                     &c->qi, &c->qs, &tpo, &tpl, NULL);
@@ -429,15 +430,14 @@ static int partials_compare(const csr_set *c, const fixture *f, gpu_fx *g, int r
  * must already hold it). */
 static void combine_compare(const csr_set *c, fixture *f, gpu_fx *g, void *dpo, void *dpl, int run,
                             const char *name) {
-  int T = f->T, Hq = f->cfg.num_q_heads, K = f->cfg.topk;
+  int T = f->T, Hq = f->cfg.num_q_heads;
   size_t ob = (size_t)T * Hq * 128 * 2, lb = sizeof(float) * (size_t)T * Hq;
   void *ref = malloc(ob), *with = malloc(ob);
   float *ref_lse = malloc(lb);
   memcpy(ref, f->out_mem, ob);
   memcpy(ref_lse, f->lse_mem, lb);
-  int64_t posh[4] = {T, Hq, K, 128}, plsh[3] = {T, Hq, K};
-  m3s_tensor tpo = m3s_tensor_make(dpo, M3S_F32, 4, posh, 0);
-  m3s_tensor tpl = m3s_tensor_make(dpl, M3S_F32, 3, plsh, 0);
+  m3s_tensor tpo = m3s_tensor_make(dpo, M3S_F32, 4, c->sh.part_out, 0);
+  m3s_tensor tpl = m3s_tensor_make(dpl, M3S_F32, 3, c->sh.part_lse, 0);
   int ok = gpu_fx_poison(g, f);
   ok = ok && m3s_combine_partials(g_gpu, &f->cfg, &tpo, &tpl, &c->dqc, &g->out_t, &g->lse_t,
                                   exec_for(run)) == M3S_OK;
@@ -503,9 +503,8 @@ static void time_pipeline(csr_set *c, fixture *f, gpu_fx *g, void *dpo, void *dp
   memcpy(f->topk_mem, topk, sizeof(int32_t) * (size_t)T * f->cfg.num_kv_heads * K);
   if (!gpu_fx_upload_topk(g, f))
     return;
-  int64_t posh[4] = {T, Hq, K, 128}, plsh[3] = {T, Hq, K};
-  m3s_tensor tpo = m3s_tensor_make(dpo, M3S_F32, 4, posh, 0);
-  m3s_tensor tpl = m3s_tensor_make(dpl, M3S_F32, 3, plsh, 0);
+  m3s_tensor tpo = m3s_tensor_make(dpo, M3S_F32, 4, c->sh.part_out, 0);
+  m3s_tensor tpl = m3s_tensor_make(dpl, M3S_F32, 3, c->sh.part_lse, 0);
   cudaEvent_t ev[4];
   for (int i = 0; i < 4; i++)
     cudaEventCreate(&ev[i]);

@@ -378,13 +378,14 @@ static void test_one_million(void) {
   s.uniform = 1;
   s.grid = 0;
   run_case("decode_1M_tp8_qlen4_k64_continuous", s, NULL);
-  /* a long prefill chunk at the end of a 1M context (partial last block),
-   * batched with a 1M decode request: 8192 blocks per row, ~2^31 scores */
-  static const int32_t ql2[] = {1, 256};
+  /* a long prefill chunk (4096 tokens, an engine's usual chunk size) at the
+   * end of a 1M context (partial last block), batched with a 1M decode
+   * request: 8192 blocks per row, ~2^32 index scores in all */
+  static const int32_t ql2[] = {1, 4096};
   static const int32_t sl2[] = {1048576, 1048576 - 77};
   fx_spec s2 = spec_of(tp_cfg(8), 2, ql2, sl2);
   s2.grid = 1;
-  run_case("prefill_chunk_256_at_1M_plus_decode_1M_tp8", s2, NULL);
+  run_case("prefill_chunk_4096_at_1M_plus_decode_1M_tp8", s2, NULL);
 }
 
 int main(void) {

@@ -36,19 +36,18 @@ static void test_spec7_csr_and_combine(int holes) {
   ok = ok && m3s_sparse_attention(g_ctx, c, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out,
                                   &f.lse, NULL) == M3S_OK;
   CHECK(ok, "k2q: direct attention runs");
-  int64_t rows = 0;
-  ok = m3s_k2q_csr_rows(g_ctx, &f.batch, &rows) == M3S_OK && rows == 20 + 16 + 2 + 0;
+  k2q_shapes sh;
+  ok = fx_k2q_shapes(g_ctx, &f, &sh) && sh.rows == 20 + 16 + 2 + 0;
   CHECK(ok, "spec7_csr_rows_is_sum_of_request_blocks");
-  int64_t TK = (int64_t)T * K;
-  int32_t *rp = malloc(sizeof(int32_t) * (size_t)(Hkv * (rows + 1)));
-  int32_t *qi = malloc(sizeof(int32_t) * (size_t)(Hkv * TK));
-  int32_t *qs = malloc(sizeof(int32_t) * (size_t)(Hkv * TK));
-  int32_t *qc = malloc(sizeof(int32_t) * (size_t)(T * Hkv));
-  int64_t rsh[2] = {Hkv, rows + 1}, qsh[2] = {Hkv, TK}, csh[2] = {T, Hkv};
-  m3s_tensor trp = m3s_tensor_make(rp, M3S_I32, 2, rsh, M3S_HOST);
-  m3s_tensor tqi = m3s_tensor_make(qi, M3S_I32, 2, qsh, M3S_HOST);
-  m3s_tensor tqs = m3s_tensor_make(qs, M3S_I32, 2, qsh, M3S_HOST);
-  m3s_tensor tqc = m3s_tensor_make(qc, M3S_I32, 2, csh, M3S_HOST);
+  int64_t rows = sh.rows, TK = (int64_t)T * K;
+  int32_t *rp = malloc(sizeof(int32_t) * (size_t)shape_elems(2, sh.row_ptr));
+  int32_t *qi = malloc(sizeof(int32_t) * (size_t)shape_elems(2, sh.q_idx));
+  int32_t *qs = malloc(sizeof(int32_t) * (size_t)shape_elems(2, sh.q_idx));
+  int32_t *qc = malloc(sizeof(int32_t) * (size_t)shape_elems(2, sh.q_cnt));
+  m3s_tensor trp = m3s_tensor_make(rp, M3S_I32, 2, sh.row_ptr, M3S_HOST);
+  m3s_tensor tqi = m3s_tensor_make(qi, M3S_I32, 2, sh.q_idx, M3S_HOST);
+  m3s_tensor tqs = m3s_tensor_make(qs, M3S_I32, 2, sh.q_idx, M3S_HOST);
+  m3s_tensor tqc = m3s_tensor_make(qc, M3S_I32, 2, sh.q_cnt, M3S_HOST);
   ok = m3s_build_k2q_csr(g_ctx, c, &f.batch, &f.topk, &trp, &tqi, &tqs, &tqc, NULL) == M3S_OK;
   if (!CHECK(ok, "spec7_build_k2q_csr_runs"))
     fprintf(stderr, "  %s\n", m3s_last_error());
@@ -89,11 +88,10 @@ static void test_spec7_csr_and_combine(int holes) {
   CHECK(ok && bad == 0, holes ? "spec7_csr_with_minus_one_holes_equals_inversion"
                               : "spec7_csr_equals_straightforward_inversion_and_counts");
   /* partials + combine */
-  float *po = malloc(sizeof(float) * (size_t)T * Hq * K * 128);
-  float *pl = malloc(sizeof(float) * (size_t)T * Hq * K);
-  int64_t posh[4] = {T, Hq, K, 128}, plsh[3] = {T, Hq, K};
-  m3s_tensor tpo = m3s_tensor_make(po, M3S_F32, 4, posh, M3S_HOST);
-  m3s_tensor tpl = m3s_tensor_make(pl, M3S_F32, 3, plsh, M3S_HOST);
+  float *po = malloc(sizeof(float) * (size_t)shape_elems(4, sh.part_out));
+  float *pl = malloc(sizeof(float) * (size_t)shape_elems(3, sh.part_lse));
+  m3s_tensor tpo = m3s_tensor_make(po, M3S_F32, 4, sh.part_out, M3S_HOST);
+  m3s_tensor tpl = m3s_tensor_make(pl, M3S_F32, 3, sh.part_lse, M3S_HOST);
   size_t obytes = (size_t)T * Hq * 128 * 2;
   void *direct = malloc(obytes);
   memcpy(direct, f.out_mem, obytes);

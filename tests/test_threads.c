@@ -40,7 +40,6 @@ enum { NBUF = 11 };
 
 typedef struct {
   fixture f;
-  int64_t rows;
   m3s_tensor rp, qi, qs, qc, po, pl, kout, klse;
   void *mem[NBUF];
   size_t bytes[NBUF];
@@ -71,20 +70,18 @@ static m3s_tensor host_tensor(job *j, int k, m3s_dtype dt, int nd, const int64_t
 /* Buffers 3..10: the k2q chain's outputs ([0..2] are the fixture's). */
 static int job_alloc(job *j) {
   fixture *f = &j->f;
-  int64_t T = f->T, Hq = f->cfg.num_q_heads, Hkv = f->cfg.num_kv_heads, K = f->cfg.topk;
-  if (m3s_k2q_csr_rows(g_ctx, &f->batch, &j->rows) != M3S_OK)
+  k2q_shapes s;
+  if (!fx_k2q_shapes(g_ctx, f, &s))
     return 0;
-  int64_t rsh[2] = {Hkv, j->rows + 1}, qsh[2] = {Hkv, T * K}, csh[2] = {T, Hkv};
-  int64_t posh[4] = {T, Hq, K, 128}, plsh[3] = {T, Hq, K};
   j->mem[0] = f->topk_mem, j->bytes[0] = tensor_bytes(&f->topk);
   j->mem[1] = f->out_mem, j->bytes[1] = tensor_bytes(&f->out);
   j->mem[2] = f->lse_mem, j->bytes[2] = tensor_bytes(&f->lse);
-  j->rp = host_tensor(j, 3, M3S_I32, 2, rsh);
-  j->qi = host_tensor(j, 4, M3S_I32, 2, qsh);
-  j->qs = host_tensor(j, 5, M3S_I32, 2, qsh);
-  j->qc = host_tensor(j, 6, M3S_I32, 2, csh);
-  j->po = host_tensor(j, 7, M3S_F32, 4, posh);
-  j->pl = host_tensor(j, 8, M3S_F32, 3, plsh);
+  j->rp = host_tensor(j, 3, M3S_I32, 2, s.row_ptr);
+  j->qi = host_tensor(j, 4, M3S_I32, 2, s.q_idx);
+  j->qs = host_tensor(j, 5, M3S_I32, 2, s.q_idx);
+  j->qc = host_tensor(j, 6, M3S_I32, 2, s.q_cnt);
+  j->po = host_tensor(j, 7, M3S_F32, 4, s.part_out);
+  j->pl = host_tensor(j, 8, M3S_F32, 3, s.part_lse);
   j->kout = host_tensor(j, 9, f->out.dtype, f->out.ndim, f->out.shape);
   j->klse = host_tensor(j, 10, f->lse.dtype, f->lse.ndim, f->lse.shape);
   j->all_b = 0;
