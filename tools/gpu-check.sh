@@ -93,7 +93,7 @@ san_list() {
   fi
   for tool in ${M3S_SAN_TOOLS:-memcheck racecheck initcheck synccheck}; do
     for t in test_gpu_topk test_gpu_attention test_gpu_ops test_gpu_graph test_gpu_invariance \
-      test_gpu_offsets64; do
+      test_gpu_offsets64 test_gpu_threads; do
       [ -x "$BUILD/tests/$t" ] || continue
       if [ "$tool" = racecheck ]; then
         race_groups "$t" | while read -r f; do echo "$tool $t $f"; done
