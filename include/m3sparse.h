@@ -26,7 +26,8 @@
  *  - The library never prints unless logging is enabled on the context, and
  *    never calls exit or abort.
  *  - Threads: run operations and queries only read the context, so several
- *    threads may call them on one context at once (tests/test_threads.c);
+ *    threads may call them on one context at once (tests/test_threads.c,
+ *    tests/test_gpu_threads.c);
  *    m3s_context_set_option, m3s_context_set_logging and m3s_context_destroy
  *    must not overlap any other call on that context. The error text is per
  *    thread; a logging callback may be called from several threads at once.
