@@ -1,7 +1,6 @@
-/* CUDA backend: context setup. A CUDA context records its device ordinal and
- * compute capability; the operations themselves are not implemented on CUDA
- * yet (they return M3S_ERR_UNSUPPORTED, see src/core/api.c). This unit keeps
- * the nvcc path of the build compiled in every CI run. */
+/* CUDA backend: context setup. A CUDA context records its device ordinal,
+ * compute capability and SM count (the launchers size grids from it); the
+ * operations live in cuda_topk.cu, cuda_attention.cu and cuda_k2q.cu. */
 #include "../core/internal.h"
 
 #include <cuda_runtime.h>

@@ -13,11 +13,11 @@
  *  1. score_kernel   grid (ceil(n / PAIR_TILE), gy), SCORE_THREADS = 128.
  *     A CTA owns PAIR_TILE consecutive pairs (consecutive rows, all heads;
  *     rows may belong to different requests, e.g. decode) and the blocks
- *     b = blockIdx.y, blockIdx.y + gy, ... < max_nb. It stages its pairs'
- *     index queries in shared memory as fp32, then for each block and each run
- *     of pairs of one request: thread j holds key j of the block's page in
- *     registers (fp32) and computes dot(q, k_j) for every pair of the run that
- *     needs the block; a warp fmaxf-reduction plus a 4-warp combine gives
+ *     b = blockIdx.y, blockIdx.y + gy, ... < max_nb (gy: score_grid_y). It
+ *     stages its pairs' index queries in shared memory as fp32, then for each
+ *     block and each run of pairs of one request: thread j holds key j of the
+ *     block's page in registers (fp32) and computes dot(q, k_j) for every pair
+ *     of the run that needs the block; a warp fmaxf-reduction plus a 4-warp combine gives
  *     S(b), written to the workspace. Pairs need block b when the row is
  *     valid, nb > K and b is not forced (init <= b < nb - local): exactly the
  *     entries the selection reads. A page id outside [0, P) gives S = NaN.
@@ -31,7 +31,9 @@
  *     ranks after the previous pick, and only the owner of a pick rescans.
  *     The K ids are written in ascending order by rank.
  * Launch count, grids and workspace depend only on host bounds
- * (batch->num_tokens, batch->max_seq_len, cfg, the SM count): graph-safe.
+ * (batch->num_tokens, batch->max_seq_len, batch->uniform_q_len, cfg, the SM
+ * count and the score kernel's occupancy): graph-safe. The score grid's
+ * height gy comes from score_grid_y.
  *
  * Workspace (m3s_cuda_topk_workspace): f32 S[chunk_pairs][max_nb], max_nb =
  * ceil(max_seq_len / 128), entry (p - pair0) * max_nb + b; chunk_pairs =
@@ -42,7 +44,9 @@
  * inconsistent (m3s_row_lookup) get -1 rows; page ids out of range give NaN
  * block scores; every read and write is in bounds for any table contents.
  *
- * measured: not yet. */
+ * measured (H100, 2026-11-27, docs/perf-notes.md): decode top-k at 128 requests,
+ * 128K context, TP1 bf16: 2074 us, 69% of the copy ceiling; latency-bound
+ * (161 registers, 3 CTAs per SM). */
 #include "cuda_common.cuh"
 
 #include <stdint.h>
@@ -417,6 +421,41 @@ static __global__ void __launch_bounds__(SEL_THREADS)
 
 static unsigned cap_u(int64_t n, int64_t cap) { return (unsigned)(n < cap ? n : cap); }
 
+/* Height gy of the score grid: CTA (x, y) scores blocks y, y + gy, ... of
+ * tile x. Measured on an H100 (docs/perf-notes.md, 2026-11-27): the kernel
+ * is latency-bound at 3 CTAs per SM.
+ *  - Uniform decode batches: every tile needs about every block, so the time
+ *    follows waves x (blocks per CTA + 1), waves counted over the slots (CTAs
+ *    resident per SM x SMs) and the 1 standing for the CTA's staging of its
+ *    queries; gy minimises that, and among equal costs takes the fewest CTAs.
+ *    u blocks per CTA means gy = ceil(max_nb / u); past u = best cost nothing
+ *    can match it. 5-24% faster than the rule below on decode shapes.
+ *  - Otherwise (prefill, mixed, ragged): causal rows make late tiles need
+ *    many more blocks than early ones, and many short CTAs balance that
+ *    better: gy = max(16, 8 x SMs / tiles) (the cost model was 21-40% slower
+ *    on 4096-token prefill chunks). */
+static int64_t score_grid_y(int64_t tiles, int64_t max_nb, int64_t sms, int64_t per_sm,
+                            int uniform) {
+  int64_t gy = (8 * sms + tiles - 1) / tiles;
+  gy = gy < 16 ? 16 : gy;
+  gy = gy < max_nb ? gy : max_nb;
+  if (!uniform)
+    return gy < GRID_Y_MAX ? gy : GRID_Y_MAX;
+  int64_t slots = sms * per_sm, best_gy = gy < GRID_Y_MAX ? gy : GRID_Y_MAX,
+          best_cost = INT64_MAX;
+  for (int64_t u = 1; u <= max_nb && u <= best_cost; u++) {
+    int64_t g = (max_nb + u - 1) / u;
+    if (g > GRID_Y_MAX)
+      continue;
+    int64_t cost = (tiles * g + slots - 1) / slots * ((max_nb + g - 1) / g + 1);
+    if (cost <= best_cost) {
+      best_cost = cost;
+      best_gy = g;
+    }
+  }
+  return best_gy;
+}
+
 extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_config *cfg,
                                           const m3s_batch *batch, const m3s_tensor *iq,
                                           const m3s_tensor *index_cache, m3s_tensor *topk,
@@ -459,7 +498,16 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
   se.init = sa.init;
   se.local = sa.local;
 
-  int sms = m3s_cuda_num_sms(ctx);
+  int64_t sms = m3s_cuda_num_sms(ctx);
+  int per_sm = 1, uniform = batch->uniform_q_len > 0;
+  if (plan.score && uniform) {
+    cudaError_t err =
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, score_kernel, SCORE_THREADS, 0);
+    if (err != cudaSuccess)
+      return m3s_fail(M3S_ERR_CUDA, fn, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
+                      cudaGetErrorString(err));
+    per_sm = per_sm > 0 ? per_sm : 1; /* current device == the context's (checked) */
+  }
   for (int64_t pair0 = 0; pair0 < plan.pairs; pair0 += plan.chunk_pairs) {
     int64_t n = plan.pairs - pair0 < plan.chunk_pairs ? plan.pairs - pair0 : plan.chunk_pairs;
     sa.pair0 = se.pair0 = pair0;
@@ -470,10 +518,8 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
       if (tiles > INT32_MAX)
         return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld pair tiles exceed the grid limit",
                         (long long)tiles);
-      int64_t gy = (8 * (int64_t)sms + tiles - 1) / tiles;
-      gy = gy < 16 ? 16 : gy;
-      gy = gy < plan.max_nb ? gy : plan.max_nb;
-      dim3 grid((unsigned)tiles, cap_u(gy, GRID_Y_MAX));
+      int64_t gy = score_grid_y(tiles, plan.max_nb, sms, per_sm, uniform);
+      dim3 grid((unsigned)tiles, (unsigned)gy);
       score_kernel<<<grid, SCORE_THREADS, 0, stream>>>(cb, sa);
       m3s_status st = m3s_cuda_check_launch(fn, "score_kernel");
       if (st)
