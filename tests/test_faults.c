@@ -1,0 +1,251 @@
+/* Allocation faults and the "run calls allocate nothing" promise.
+ *
+ * The test executable defines malloc, calloc, realloc, the aligned
+ * allocators and free itself; the
+ * dynamic linker binds the library's calls (and libgomp's) to them, and they
+ * pass through to glibc's __libc_* functions. Two modes:
+ *   - counting: every allocation while armed is counted. With the hook armed
+ *     around run operations on a warmed-up CPU context (index top-k, sparse
+ *     attention, the k2q chain, an invalid call, the size queries), the count
+ *     must be 0: the header's promise that run calls never allocate.
+ *   - failing: the n-th allocation from arming on returns NULL. For every n
+ *     up to the number of allocations a successful m3s_context_create makes
+ *     (CPU, and CUDA when a device is present), creating a context must fail
+ *     with M3S_ERR_NO_MEMORY or a CUDA error, leave *out_ctx untouched, leave
+ *     an error text naming the function, and free whatever it allocated
+ *     (every pointer the hook handed out while armed is freed again).
+ * glibc only (__libc_malloc and friends); not built with the sanitizers,
+ * which replace the allocator themselves (see tests/CMakeLists.txt). */
+#include "ref.h"
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern void *__libc_malloc(size_t n);
+extern void *__libc_calloc(size_t n, size_t size);
+extern void *__libc_realloc(void *p, size_t n);
+extern void __libc_free(void *p);
+extern void *__libc_memalign(size_t alignment, size_t n);
+
+/* ---- the hook ------------------------------------------------------------ */
+
+enum { LIVE_MAX = 256 };
+
+static atomic_int g_armed;     /* 1: count (and maybe fail) allocations */
+static atomic_long g_count;    /* allocations seen while armed */
+static atomic_long g_fail_at;  /* 1-based allocation to fail; 0 = none */
+static void *g_live[LIVE_MAX]; /* pointers handed out while armed, not yet freed */
+static atomic_int g_live_overflow;
+
+static int hook_fails(void) {
+  if (!atomic_load(&g_armed))
+    return 0;
+  long n = atomic_fetch_add(&g_count, 1) + 1;
+  return n == atomic_load(&g_fail_at);
+}
+
+/* Only the main thread arms the hook and nothing else allocates while it is
+ * armed (the counting mode checks exactly that), so the table needs no lock. */
+static void live_add(void *p) {
+  if (!p || !atomic_load(&g_armed))
+    return;
+  for (int i = 0; i < LIVE_MAX; i++)
+    if (!g_live[i]) {
+      g_live[i] = p;
+      return;
+    }
+  atomic_store(&g_live_overflow, 1);
+}
+
+static void live_remove(void *p) {
+  if (!atomic_load(&g_armed))
+    return;
+  for (int i = 0; p && i < LIVE_MAX; i++)
+    if (g_live[i] == p)
+      g_live[i] = NULL;
+}
+
+void *malloc(size_t n) {
+  if (hook_fails())
+    return NULL;
+  void *p = __libc_malloc(n);
+  live_add(p);
+  return p;
+}
+
+void *calloc(size_t n, size_t size) {
+  if (hook_fails())
+    return NULL;
+  void *p = __libc_calloc(n, size);
+  live_add(p);
+  return p;
+}
+
+void *realloc(void *old, size_t n) {
+  if (hook_fails())
+    return NULL;
+  void *p = __libc_realloc(old, n);
+  if (p) {
+    live_remove(old);
+    live_add(p);
+  }
+  return p;
+}
+
+void *memalign(size_t alignment, size_t n) {
+  if (hook_fails())
+    return NULL;
+  void *p = __libc_memalign(alignment, n);
+  live_add(p);
+  return p;
+}
+
+void *aligned_alloc(size_t alignment, size_t n) { return memalign(alignment, n); }
+
+int posix_memalign(void **out, size_t alignment, size_t n) {
+  void *p = memalign(alignment, n);
+  if (!p)
+    return 12; /* ENOMEM */
+  *out = p;
+  return 0;
+}
+
+void free(void *p) {
+  live_remove(p);
+  __libc_free(p);
+}
+
+static void arm(long fail_at) {
+  memset(g_live, 0, sizeof g_live);
+  atomic_store(&g_live_overflow, 0);
+  atomic_store(&g_count, 0);
+  atomic_store(&g_fail_at, fail_at);
+  atomic_store(&g_armed, 1);
+}
+
+/* Disarms; returns the allocations counted. */
+static long disarm(void) {
+  atomic_store(&g_armed, 0);
+  return atomic_load(&g_count);
+}
+
+static int live_count(void) {
+  int n = 0;
+  for (int i = 0; i < LIVE_MAX; i++)
+    n += g_live[i] != NULL;
+  return n + atomic_load(&g_live_overflow);
+}
+
+/* ---- run calls allocate nothing ----------------------------------------- */
+
+/* Top-k, attention and the k2q chain on f; 1 when every call succeeded. */
+static int run_chain(m3s_context *ctx, fixture *f, m3s_tensor *t) {
+  return m3s_index_topk(ctx, &f->cfg, &f->batch, &f->iq, &f->ic, &f->topk, NULL) == M3S_OK &&
+         m3s_sparse_attention(ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &f->topk, &f->out,
+                              &f->lse, NULL) == M3S_OK &&
+         m3s_build_k2q_csr(ctx, &f->cfg, &f->batch, &f->topk, &t[0], &t[1], &t[2], &t[3], NULL) ==
+             M3S_OK &&
+         m3s_k2q_attention(ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &t[0], &t[1], &t[2],
+                           &t[4], &t[5], NULL) == M3S_OK &&
+         m3s_combine_partials(ctx, &f->cfg, &t[4], &t[5], &t[3], &f->out, &f->lse, NULL) == M3S_OK;
+}
+
+static void test_run_calls_allocate_nothing(void) {
+  m3s_context *ctx = NULL;
+  if (!CHECK(m3s_context_create(-1, &ctx) == M3S_OK, "cpu context"))
+    return;
+  int32_t ql[] = {1, 40, 3}, sl[] = {2100, 900, 3000};
+  fixture f;
+  fx_spec s = fx_spec_default(m3s_config_minimax_m3(2), 3, ql, sl, 909);
+  s.kv_dtype = M3S_E4M3;
+  s.scale_mode = 2;
+  fx_init(&f, &s);
+  k2q_shapes sh;
+  m3s_tensor t[6];
+  void *mem[6] = {NULL};
+  int ok = fx_k2q_shapes(ctx, &f, &sh);
+  const int64_t *shapes[6] = {sh.row_ptr, sh.q_idx, sh.q_idx, sh.q_cnt, sh.part_out, sh.part_lse};
+  const int nd[6] = {2, 2, 2, 2, 4, 3};
+  for (int i = 0; ok && i < 6; i++) {
+    m3s_dtype dt = i < 4 ? M3S_I32 : M3S_F32;
+    mem[i] = malloc((size_t)shape_elems(nd[i], shapes[i]) * 4 + 4);
+    t[i] = m3s_tensor_make(mem[i], dt, nd[i], shapes[i], M3S_HOST);
+  }
+  /* warm-up: the OpenMP runtime creates its thread pool on first use */
+  ok = ok && CHECK(run_chain(ctx, &f, t), "chain runs (warm-up)");
+  size_t ws = 0;
+  int64_t rows = 0;
+  m3s_tensor bad_out = f.out;
+  bad_out.dtype = M3S_I32;
+  arm(0);
+  int ran = ok && run_chain(ctx, &f, t);
+  int queried = m3s_workspace_size(ctx, &f.cfg, f.T, f.batch.max_seq_len, &ws) == M3S_OK &&
+                m3s_k2q_csr_rows(ctx, &f.batch, &rows) == M3S_OK;
+  int rejected = m3s_sparse_attention(ctx, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk,
+                                      &bad_out, &f.lse, NULL) != M3S_OK;
+  long n = disarm();
+  CHECK(ran && queried && rejected, "armed calls ran (and the invalid one was rejected)");
+  char what[128];
+  snprintf(what, sizeof what,
+           "run calls, queries and an invalid call allocate nothing (%ld allocations)", n);
+  CHECK(n == 0, what);
+  printf("  run chain + queries + invalid call on a warm CPU context: %ld allocations\n", n);
+  for (int i = 0; i < 6; i++)
+    free(mem[i]);
+  fx_free(&f);
+  m3s_context_destroy(ctx);
+}
+
+/* ---- allocation failures in m3s_context_create ------------------------ */
+
+static void create_under_faults(int device, const char *label) {
+  m3s_context *ctx = NULL;
+  /* warm-up outside the hook (the CUDA runtime initialises itself once) */
+  m3s_status st = m3s_context_create(device, &ctx);
+  if (st != M3S_OK) {
+    printf("  %s: skipped (%s)\n", label, m3s_last_error());
+    return;
+  }
+  m3s_context_destroy(ctx);
+  arm(0);
+  st = m3s_context_create(device, &ctx);
+  long allocs = disarm();
+  if (!CHECK(st == M3S_OK, "context created under the counting hook"))
+    return;
+  m3s_context_destroy(ctx);
+  char what[160];
+  snprintf(what, sizeof what, "%s: m3s_context_create allocates (%ld)", label, allocs);
+  CHECK(allocs >= 1, what);
+  int clean = 0;
+  for (long k = 1; k <= allocs; k++) {
+    m3s_context *sentinel = (m3s_context *)&clean, *out = sentinel;
+    arm(k);
+    st = m3s_context_create(device, &out);
+    disarm();
+    int leaked = live_count();
+    const char *err = m3s_last_error();
+    int ok =
+        st != M3S_OK && out == sentinel && leaked == 0 && strstr(err, "m3s_context_create") != NULL;
+    snprintf(what, sizeof what,
+             "%s: allocation %ld of %ld fails -> status %d, out %s, %d leaked: %s", label, k,
+             allocs, (int)st, out == sentinel ? "untouched" : "WRITTEN", leaked, err);
+    clean += CHECK(ok, what);
+    if (st == M3S_OK && out != sentinel)
+      m3s_context_destroy(out);
+  }
+  printf("  %s: m3s_context_create makes %ld allocation(s); each failed in turn: %d clean "
+         "failure(s)\n",
+         label, allocs, clean);
+  /* and the library still works afterwards */
+  CHECK(m3s_context_create(device, &ctx) == M3S_OK, "context created after the faults");
+  m3s_context_destroy(ctx);
+}
+
+int main(void) {
+  test_run_calls_allocate_nothing();
+  create_under_faults(-1, "CPU context");
+  create_under_faults(0, "CUDA context (device 0)");
+  return TEST_FINISH();
+}
