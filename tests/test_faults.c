@@ -7,18 +7,27 @@
  *   - counting: every allocation while armed is counted. With the hook armed
  *     around run operations on a warmed-up CPU context (index top-k, sparse
  *     attention, the k2q chain, an invalid call, the size queries), the count
- *     must be 0: the header's promise that run calls never allocate.
+ *     must be 0: the header's promise that run calls never allocate. In CUDA
+ *     builds on a GPU machine the same holds on a warmed-up CUDA context (the
+ *     launches, the CUDA runtime calls the launchers make, a uniform decode
+ *     batch and a mixed one).
  *   - failing: the n-th allocation from arming on returns NULL. For every n
  *     up to the number of allocations a successful m3s_context_create makes
  *     (CPU, and CUDA when a device is present), creating a context must fail
- *     with M3S_ERR_NO_MEMORY or a CUDA error, leave *out_ctx untouched, leave
+ *     with M3S_ERR_NO_MEMORY, leave *out_ctx untouched, leave
  *     an error text naming the function, and free whatever it allocated
  *     (every pointer the hook handed out while armed is freed again).
  * glibc only (__libc_malloc and friends); not built with the sanitizers,
  * which replace the allocator themselves (see tests/CMakeLists.txt). */
 #include "ref.h"
+#ifdef M3S_TEST_HAVE_GPU
+#include "gpu_util.h"
+#endif
 
+#include <errno.h>
+#include <stdalign.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,10 +96,9 @@ void *realloc(void *old, size_t n) {
   if (hook_fails())
     return NULL;
   void *p = __libc_realloc(old, n);
-  if (p) {
+  if (p || n == 0) /* glibc's realloc(old, 0) frees old */
     live_remove(old);
-    live_add(p);
-  }
+  live_add(p);
   return p;
 }
 
@@ -107,7 +115,7 @@ void *aligned_alloc(size_t alignment, size_t n) { return memalign(alignment, n);
 int posix_memalign(void **out, size_t alignment, size_t n) {
   void *p = memalign(alignment, n);
   if (!p)
-    return 12; /* ENOMEM */
+    return ENOMEM;
   *out = p;
   return 0;
 }
@@ -140,16 +148,21 @@ static int live_count(void) {
 
 /* ---- run calls allocate nothing ----------------------------------------- */
 
-/* Top-k, attention and the k2q chain on f; 1 when every call succeeded. */
-static int run_chain(m3s_context *ctx, fixture *f, m3s_tensor *t) {
-  return m3s_index_topk(ctx, &f->cfg, &f->batch, &f->iq, &f->ic, &f->topk, NULL) == M3S_OK &&
+/* Top-k, attention and the k2q chain on f's views (t: row_ptr, q_indices,
+ * q_slots, q_counts, partial out, partial lse); 1 when every call succeeded. */
+static int run_chain_on(m3s_context *ctx, fixture *f, m3s_tensor *t, const m3s_exec *e) {
+  return m3s_index_topk(ctx, &f->cfg, &f->batch, &f->iq, &f->ic, &f->topk, e) == M3S_OK &&
          m3s_sparse_attention(ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &f->topk, &f->out,
-                              &f->lse, NULL) == M3S_OK &&
-         m3s_build_k2q_csr(ctx, &f->cfg, &f->batch, &f->topk, &t[0], &t[1], &t[2], &t[3], NULL) ==
+                              &f->lse, e) == M3S_OK &&
+         m3s_build_k2q_csr(ctx, &f->cfg, &f->batch, &f->topk, &t[0], &t[1], &t[2], &t[3], e) ==
              M3S_OK &&
          m3s_k2q_attention(ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &t[0], &t[1], &t[2],
-                           &t[4], &t[5], NULL) == M3S_OK &&
-         m3s_combine_partials(ctx, &f->cfg, &t[4], &t[5], &t[3], &f->out, &f->lse, NULL) == M3S_OK;
+                           &t[4], &t[5], e) == M3S_OK &&
+         m3s_combine_partials(ctx, &f->cfg, &t[4], &t[5], &t[3], &f->out, &f->lse, e) == M3S_OK;
+}
+
+static int run_chain(m3s_context *ctx, fixture *f, m3s_tensor *t) {
+  return run_chain_on(ctx, f, t, NULL);
 }
 
 static void test_run_calls_allocate_nothing(void) {
@@ -171,6 +184,7 @@ static void test_run_calls_allocate_nothing(void) {
   for (int i = 0; ok && i < 6; i++) {
     m3s_dtype dt = i < 4 ? M3S_I32 : M3S_F32;
     mem[i] = malloc((size_t)shape_elems(nd[i], shapes[i]) * 4 + 4);
+    ok = CHECK(mem[i] != NULL, "k2q buffers");
     t[i] = m3s_tensor_make(mem[i], dt, nd[i], shapes[i], M3S_HOST);
   }
   /* warm-up: the OpenMP runtime creates its thread pool on first use */
@@ -198,6 +212,66 @@ static void test_run_calls_allocate_nothing(void) {
   m3s_context_destroy(ctx);
 }
 
+#ifdef M3S_TEST_HAVE_GPU
+/* The same on a CUDA context: device copies of the fixture and the k2q
+ * buffers, one warm-up run (the CUDA runtime loads each kernel at its first
+ * launch), then a counted run. */
+static void count_on_gpu(m3s_context *gpu, m3s_context *cpu, fx_spec s, const char *label) {
+  fixture f;
+  gpu_fx g;
+  k2q_shapes sh;
+  m3s_tensor t[6];
+  void *dev[6] = {NULL};
+  fx_init(&f, &s);
+  int ok = fx_k2q_shapes(cpu, &f, &sh) && gpu_fx_upload(&g, &f, gpu);
+  const int64_t *shapes[6] = {sh.row_ptr, sh.q_idx, sh.q_idx, sh.q_cnt, sh.part_out, sh.part_lse};
+  const int nd[6] = {2, 2, 2, 2, 4, 3};
+  for (int i = 0; ok && i < 6; i++) {
+    dev[i] = gpu_dup(NULL, (size_t)shape_elems(nd[i], shapes[i]) * 4);
+    ok = dev[i] != NULL;
+    t[i] = m3s_tensor_make(dev[i], i < 4 ? M3S_I32 : M3S_F32, nd[i], shapes[i], 0);
+  }
+  fixture d = f; /* the fixture with device views, for run_chain_on */
+  d.batch = g.batch, d.iq = g.iq_t, d.ic = g.ic_t, d.topk = g.topk_t, d.q = g.q_t;
+  d.kv = g.kv_t, d.out = g.out_t, d.lse = g.lse_t, d.scales = g.scales;
+  ok = ok && gpu_sync() && CHECK(run_chain_on(gpu, &d, t, &g.exec) && gpu_sync(), label);
+  arm(0);
+  int ran = ok && run_chain_on(gpu, &d, t, &g.exec);
+  long n = disarm();
+  ran = ran && gpu_sync();
+  char what[160];
+  snprintf(what, sizeof what, "%s: run calls on a warm CUDA context allocate nothing (%ld)", label,
+           n);
+  CHECK(ran && n == 0, what);
+  printf("  %s: %ld allocations in the counted run\n", label, n);
+  for (int i = 0; i < 6; i++)
+    gpu_free(dev[i]);
+  gpu_fx_free(&g);
+  fx_free(&f);
+}
+
+static void test_cuda_run_calls_allocate_nothing(void) {
+  m3s_context *gpu = gpu_context_or_null(), *cpu = NULL;
+  if (!gpu) {
+    printf("  CUDA run calls: skipped (no CUDA device)\n");
+    return;
+  }
+  if (CHECK(m3s_context_create(-1, &cpu) == M3S_OK, "cpu context")) {
+    int32_t ql[] = {1, 40, 3}, sl[] = {2100, 900, 3000};
+    fx_spec mixed = fx_spec_default(m3s_config_minimax_m3(2), 3, ql, sl, 919);
+    mixed.kv_dtype = M3S_E4M3;
+    mixed.scale_mode = 2;
+    count_on_gpu(gpu, cpu, mixed, "CUDA, mixed batch, e4m3 cache");
+    int32_t uq[] = {2, 2, 2, 2}, us[] = {5000, 300, 9000, 2100};
+    fx_spec uni = fx_spec_default(m3s_config_minimax_m3(1), 4, uq, us, 929);
+    uni.uniform = 1;
+    count_on_gpu(gpu, cpu, uni, "CUDA, uniform decode q_len 2, bf16");
+  }
+  m3s_context_destroy(cpu);
+  m3s_context_destroy(gpu);
+}
+#endif
+
 /* ---- allocation failures in m3s_context_create ------------------------ */
 
 static void create_under_faults(int device, const char *label) {
@@ -218,16 +292,17 @@ static void create_under_faults(int device, const char *label) {
   char what[160];
   snprintf(what, sizeof what, "%s: m3s_context_create allocates (%ld)", label, allocs);
   CHECK(allocs >= 1, what);
+  static alignas(max_align_t) unsigned char sentinel_mem[64];
   int clean = 0;
   for (long k = 1; k <= allocs; k++) {
-    m3s_context *sentinel = (m3s_context *)&clean, *out = sentinel;
+    m3s_context *sentinel = (m3s_context *)sentinel_mem, *out = sentinel;
     arm(k);
     st = m3s_context_create(device, &out);
     disarm();
     int leaked = live_count();
     const char *err = m3s_last_error();
-    int ok =
-        st != M3S_OK && out == sentinel && leaked == 0 && strstr(err, "m3s_context_create") != NULL;
+    int ok = st == M3S_ERR_NO_MEMORY && out == sentinel && leaked == 0 &&
+             strstr(err, "m3s_context_create") != NULL;
     snprintf(what, sizeof what,
              "%s: allocation %ld of %ld fails -> status %d, out %s, %d leaked: %s", label, k,
              allocs, (int)st, out == sentinel ? "untouched" : "WRITTEN", leaked, err);
@@ -245,6 +320,9 @@ static void create_under_faults(int device, const char *label) {
 
 int main(void) {
   test_run_calls_allocate_nothing();
+#ifdef M3S_TEST_HAVE_GPU
+  test_cuda_run_calls_allocate_nothing();
+#endif
   create_under_faults(-1, "CPU context");
   create_under_faults(0, "CUDA context (device 0)");
   return TEST_FINISH();

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A/B timing of two builds of the library with one benchmark binary: runs
-# m3s-bench ROUNDS times with the old library and the new one alternately (same
-# process order each round, same machine), then prints per case both medians of
-# each side and new/old of the best of each. Use it to record a change's gain
-# in docs/perf-notes.md.
+# m3s-bench ROUNDS times with the old library and the new one alternately
+# (order old-new, new-old, old-new, ... so drift favours neither side), then
+# prints per case each side's medians and new/old of the best of each. Use it
+# to record a change's gain in docs/perf-notes.md.
 # Usage: OLD_LIB=dir-with-old-libm3sparse.so.0 [NEW_LIB=build] [BENCH=build/bench/m3s-bench]
 #        [ROUNDS=2] [OUT=dir] tools/bench-ab.sh BENCH-ARGS...
 # Example: OLD_LIB=oldlib tools/bench-ab.sh --ops topk --tp 1,8 --bs 1,32,128 --ctx 32K,128K
@@ -13,10 +13,25 @@ NEW_LIB=${NEW_LIB:-build}
 BENCH=${BENCH:-build/bench/m3s-bench}
 ROUNDS=${ROUNDS:-2}
 OUT=${OUT:-ab-out}
+for lib in "$OLD_LIB" "$NEW_LIB"; do
+  # a missing library would silently load the bench's own (RUNPATH) instead
+  [ -e "$lib/libm3sparse.so.0" ] || { echo "bench-ab: no $lib/libm3sparse.so.0"; exit 1; }
+done
 mkdir -p "$OUT"
+run_side() { # old|new round BENCH-ARGS...
+  local side=$1 round=$2 lib=$OLD_LIB log="$OUT/bench_$1_$2.log"
+  shift 2
+  [ "$side" = new ] && lib=$NEW_LIB
+  if ! LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$BENCH" "$@" >"$log" 2>&1; then
+    tail -20 "$log"
+    echo "bench-ab: the $side run of round $round failed (log: $log)"
+    exit 1
+  fi
+}
 for r in $(seq "$ROUNDS"); do
-  LD_LIBRARY_PATH=$OLD_LIB "$BENCH" "$@" >"$OUT/bench_old_$r.log" 2>&1
-  LD_LIBRARY_PATH=$NEW_LIB "$BENCH" "$@" >"$OUT/bench_new_$r.log" 2>&1
+  if [ $((r % 2)) = 1 ]; then first=old second=new; else first=new second=old; fi
+  run_side "$first" "$r" "$@"
+  run_side "$second" "$r" "$@"
 done
 python3 - "$OUT" "$ROUNDS" <<'PY'
 import re, sys

@@ -45,7 +45,7 @@
  * block scores; every read and write is in bounds for any table contents.
  *
  * measured (H100, 2026-11-27, docs/perf-notes.md): decode top-k at 128 requests,
- * 128K context, TP1 bf16: 2074 us, 69% of the copy ceiling; latency-bound
+ * 128K context, TP1 bf16: 2074 us, 68% of the copy ceiling; latency-bound
  * (161 registers, 3 CTAs per SM). */
 #include "cuda_common.cuh"
 
@@ -54,7 +54,7 @@
 #define FULL_MASK 0xffffffffu
 #define SCORE_THREADS 128 /* one thread per key slot of a block */
 #define SCORE_WARPS (SCORE_THREADS / 32)
-#define PAIR_TILE 64      /* (row, head) pairs per score CTA */
+#define PAIR_TILE 64 /* (row, head) pairs per score CTA */
 #define SEL_THREADS 256
 #define SEL_WARPS (SEL_THREADS / 32)
 #define GRID_Y_MAX 65535
@@ -142,14 +142,13 @@ typedef struct {
   int ic_vec; /* index cache 16-byte aligned: vector key loads */
   int64_t num_pages;
   float *ws;
-  int64_t max_nb;      /* blocks covered, also the row stride of S */
+  int64_t max_nb;        /* blocks covered, also the row stride of S */
   int64_t pair0, npairs; /* this chunk: pairs [pair0, pair0 + npairs) */
   int hkv, topk, init, local;
 } score_args;
 
 /* Key `slot` of index-cache page `page` as 128 fp32 values in registers. */
-__device__ __forceinline__ void load_key(const score_args &a, int64_t page, int slot,
-                                         float *k) {
+__device__ __forceinline__ void load_key(const score_args &a, int64_t page, int slot, float *k) {
   int64_t off = (page * M3S_B + slot) * M3S_D;
   if (a.ic_dt == M3S_BF16) {
     if (a.ic_vec) {
@@ -424,12 +423,14 @@ static unsigned cap_u(int64_t n, int64_t cap) { return (unsigned)(n < cap ? n : 
 /* Height gy of the score grid: CTA (x, y) scores blocks y, y + gy, ... of
  * tile x. Measured on an H100 (docs/perf-notes.md, 2026-11-27): the kernel
  * is latency-bound at 3 CTAs per SM.
- *  - Uniform decode batches: every tile needs about every block, so the time
+ *  - Uniform decode batches (uniform_q_len <= 128, so the rows of one request
+ *    span at most two blocks): every tile needs about every block, so the time
  *    follows waves x (blocks per CTA + 1), waves counted over the slots (CTAs
  *    resident per SM x SMs) and the 1 standing for the CTA's staging of its
  *    queries; gy minimises that, and among equal costs takes the fewest CTAs.
  *    u blocks per CTA means gy = ceil(max_nb / u); past u = best cost nothing
- *    can match it. 5-24% faster than the rule below on decode shapes.
+ *    can match it. 1-21% faster than the rule below at 32-128 requests of
+ *    equal context (unmeasured: very unequal contexts in one batch).
  *  - Otherwise (prefill, mixed, ragged): causal rows make late tiles need
  *    many more blocks than early ones, and many short CTAs balance that
  *    better: gy = max(16, 8 x SMs / tiles) (the cost model was 21-40% slower
@@ -441,8 +442,8 @@ static int64_t score_grid_y(int64_t tiles, int64_t max_nb, int64_t sms, int64_t 
   gy = gy < max_nb ? gy : max_nb;
   if (!uniform)
     return gy < GRID_Y_MAX ? gy : GRID_Y_MAX;
-  int64_t slots = sms * per_sm, best_gy = gy < GRID_Y_MAX ? gy : GRID_Y_MAX,
-          best_cost = INT64_MAX;
+  int64_t slots = sms * per_sm, best_cost = INT64_MAX;
+  int64_t best_gy = gy < GRID_Y_MAX ? gy : GRID_Y_MAX;
   for (int64_t u = 1; u <= max_nb && u <= best_cost; u++) {
     int64_t g = (max_nb + u - 1) / u;
     if (g > GRID_Y_MAX)
@@ -499,7 +500,7 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
   se.local = sa.local;
 
   int64_t sms = m3s_cuda_num_sms(ctx);
-  int per_sm = 1, uniform = batch->uniform_q_len > 0;
+  int per_sm = 1, uniform = batch->uniform_q_len > 0 && batch->uniform_q_len <= M3S_B;
   if (plan.score && uniform) {
     cudaError_t err =
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, score_kernel, SCORE_THREADS, 0);
