@@ -113,10 +113,4 @@ static inline int64_t cpu_slot_at(const m3s_tensor *slots, int64_t i) {
                                  : ((const int32_t *)slots->data)[i * slots->stride[0]];
 }
 
-static inline float cpu_load1(const void *base, m3s_dtype dt, int64_t off) {
-  float f;
-  cpu_load_f32(base, dt, off, 1, 1.0f, &f);
-  return f;
-}
-
 #endif
