@@ -12,7 +12,7 @@ up to two inputs whose first call was accepted and one or two that were
 rejected -- only inputs that run clean (no crash, no invariant violation,
 including the known bugs of docs/reliability.md). Every seed is < 1 KiB.
 """
-import os, random, re, subprocess, sys, tempfile
+import os, random, re, shutil, subprocess, sys, tempfile
 
 OPS = ["plan_step", "cache_insert", "index_cache_insert", "index_topk", "sparse_attention",
        "step_forward", "build_k2q_csr", "k2q_attention", "combine_partials",
@@ -63,7 +63,14 @@ def main():
         picked[op] = [p for _, _, p in ok[:nok]] + bad[:WANT_FAIL if op != 12 else 0]
     os.makedirs(out, exist_ok=True)
     for f in os.listdir(out):
-        os.remove(os.path.join(out, f))
+        path = os.path.join(out, f)
+        if os.path.isdir(path):
+            # corpus/grown/ (inputs kept from long runs) decodes to other
+            # calls once the decoder changes: drop it, regrow it (section 3
+            # of docs/reliability.md)
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     for op, ps in picked.items():
         for k, p in enumerate(ps):
             data = open(p, "rb").read()
