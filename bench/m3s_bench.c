@@ -86,6 +86,7 @@ typedef struct {
   int op, tp, bs, qlen; /* prefill: bs 1, qlen = chunk of new tokens */
   int64_t ctx;          /* decode: context (max seq_len); prefill: cached tokens */
   int kv_dt, idx_dt;    /* m3s_dtype, or -1 where the op does not read that cache */
+  int skew;             /* decode: requests 1.. get ctx / skew (1: all about ctx) */
 } case_spec;
 
 enum { RES_PENDING, RES_OK, RES_UNSUPPORTED, RES_ERROR, RES_SKIPPED };
@@ -126,6 +127,7 @@ typedef struct {
   int chunks[MAX_LIST], nchunk;
   int kvs[MAX_LIST], nkv;
   int idxs[MAX_LIST], nidx;
+  int skew;
   int token_major, lse, sel_token, no_graph, no_ceilings, batch_invariant;
   int reps, warmup, max_sets, sets_force, device, gemm_n;
   double budget_s, case_budget_s, mem_gb, hbm_override, gemm_override;
@@ -169,6 +171,8 @@ static void case_shape(const case_spec *c, const options *o, char *buf, size_t n
   if (c->idx_dt >= 0 && c->idx_dt != M3S_BF16)
     e += (size_t)snprintf(extra + e, sizeof extra - e, " idx:%s",
                           m3s_dtype_name((m3s_dtype)c->idx_dt));
+  if (c->skew > 1)
+    e += (size_t)snprintf(extra + e, sizeof extra - e, " skew%d", c->skew);
   if (c->kv_dt >= 0 && o->token_major)
     snprintf(extra + e, sizeof extra - e, " tm");
   if (op_prefill(c->op))
@@ -270,8 +274,13 @@ static int parse_ops(const char *arg, unsigned *mask) {
 static int g_ncases;
 static case_result g_res[MAX_CASES];
 
-static void add_case(int op, int tp, int bs, int qlen, int64_t ctx, int kv, int idx) {
-  case_spec c = {op, tp, bs, qlen, ctx, op_uses_kv(op) ? kv : -1, op_uses_idx(op) ? idx : -1};
+static void add_case(int op, int tp, int bs, int qlen, int64_t ctx, int kv, int idx, int skew) {
+  case_spec c;
+  memset(&c, 0, sizeof c); /* padding too: cases are compared with memcmp */
+  c.op = op, c.tp = tp, c.bs = bs, c.qlen = qlen, c.ctx = ctx;
+  c.kv_dt = op_uses_kv(op) ? kv : -1;
+  c.idx_dt = op_uses_idx(op) ? idx : -1;
+  c.skew = op_prefill(op) || bs < 2 ? 1 : skew;
   for (int i = 0; i < g_ncases; i++)
     if (!memcmp(&g_res[i].c, &c, sizeof c))
       return;
@@ -299,11 +308,12 @@ static void build_all(const options *o) {
   for (int kv = 0; kv < o->nkv; kv++)
     for (int ix = 0; ix < o->nidx; ix++) {
       for (size_t i = 0; i < sizeof k / sizeof k[0]; i++)
-        add_case(k[i].op, k[i].tp, k[i].bs, k[i].qlen, k[i].ctx, o->kvs[kv], o->idxs[ix]);
-      add_case(OP_PTOPK, 1, 1, chunk, 0, o->kvs[kv], o->idxs[ix]);
-      add_case(OP_PTOPK, 1, 1, chunk, 32768, o->kvs[kv], o->idxs[ix]);
-      add_case(OP_PATTN, 1, 1, chunk, 0, o->kvs[kv], o->idxs[ix]);
-      add_case(OP_PATTN, 1, 1, chunk, 32768, o->kvs[kv], o->idxs[ix]);
+        add_case(k[i].op, k[i].tp, k[i].bs, k[i].qlen, k[i].ctx, o->kvs[kv], o->idxs[ix],
+                 o->skew);
+      add_case(OP_PTOPK, 1, 1, chunk, 0, o->kvs[kv], o->idxs[ix], 1);
+      add_case(OP_PTOPK, 1, 1, chunk, 32768, o->kvs[kv], o->idxs[ix], 1);
+      add_case(OP_PATTN, 1, 1, chunk, 0, o->kvs[kv], o->idxs[ix], 1);
+      add_case(OP_PATTN, 1, 1, chunk, 32768, o->kvs[kv], o->idxs[ix], 1);
     }
 }
 
@@ -318,14 +328,15 @@ static void build_matrix(const options *o) {
           if (op_prefill(op)) {
             for (int p = 0; p < o->npctx; p++)
               for (int ch = 0; ch < o->nchunk; ch++)
-                add_case(op, o->tps[t], 1, o->chunks[ch], o->pctxs[p], o->kvs[kv], o->idxs[ix]);
+                add_case(op, o->tps[t], 1, o->chunks[ch], o->pctxs[p], o->kvs[kv], o->idxs[ix],
+                         1);
             continue;
           }
           for (int b = 0; b < o->nbs; b++)
             for (int q = 0; q < o->nq; q++)
               for (int x = 0; x < o->nctx; x++)
                 add_case(op, o->tps[t], o->bss[b], o->qlens[q], o->ctxs[x], o->kvs[kv],
-                         o->idxs[ix]);
+                         o->idxs[ix], o->skew);
         }
   }
 }
@@ -376,9 +387,10 @@ static int geom_init(geom *g, const case_spec *c) {
     if (op_prefill(c->op)) {
       s = c->ctx + c->qlen;
     } else {
-      /* request 0 has the full context; the others lose a jitter < 128 */
+      /* request 0 has the full context; the others lose a jitter < 128
+       * (and, with --skew N, have ctx / N: one long request among short) */
       int64_t jitter = r ? (int64_t)((r * 2654435761u) % 128u) : 0;
-      s = c->ctx - jitter;
+      s = (r && c->skew > 1 ? c->ctx / c->skew : c->ctx) - jitter;
       if (s < c->qlen)
         s = c->qlen;
     }
@@ -1337,6 +1349,8 @@ static void usage(FILE *f) {
 "  --chunk LIST      new tokens of the prefill chunk                        [4096]\n"
 "  --kv LIST         main K/V cache dtype: bf16, e4m3 (scalar scales)      [bf16]\n"
 "  --idx LIST        index cache dtype: bf16, e4m3                         [bf16]\n"
+"  --skew N          decode cases: requests after the first get ctx / N, one\n"
+"                    long request among short ones                            [1]\n"
 "  --list            print the selected cases and their cache needs; no GPU used\n"
 "\n"
 "inputs and timing:\n"
@@ -1369,7 +1383,7 @@ static int parse_args(int argc, char **argv, options *o) {
   enum {
     O_ALL = 256, O_FULL, O_OPS, O_TP, O_BS, O_QLEN, O_CTX, O_PCTX, O_CHUNK, O_KV, O_IDX, O_LIST,
     O_TM, O_LSE, O_SEL, O_REPS, O_WARM, O_MAXSETS, O_SETS, O_NOGRAPH, O_BUDGET, O_CBUDGET,
-    O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV
+    O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV, O_SKEW
   };
   static const struct option lo[] = {
       {"all", no_argument, 0, O_ALL},           {"full", no_argument, 0, O_FULL},
@@ -1387,7 +1401,7 @@ static int parse_args(int argc, char **argv, options *o) {
       {"no-ceilings", no_argument, 0, O_NOCEIL}, {"hbm", required_argument, 0, O_HBM},
       {"gemm", required_argument, 0, O_GEMM},   {"gemm-n", required_argument, 0, O_GEMMN},
       {"csv", required_argument, 0, O_CSV},     {"help", no_argument, 0, 'h'},
-      {"batch-invariant", no_argument, 0, O_BINV},
+      {"batch-invariant", no_argument, 0, O_BINV}, {"skew", required_argument, 0, O_SKEW},
       {0, 0, 0, 0}};
   memset(o, 0, sizeof *o);
   o->tps[0] = 1, o->tps[1] = 8, o->ntp = 2;
@@ -1398,6 +1412,7 @@ static int parse_args(int argc, char **argv, options *o) {
   o->chunks[0] = 4096, o->nchunk = 1;
   o->kvs[0] = M3S_BF16, o->nkv = 1;
   o->idxs[0] = M3S_BF16, o->nidx = 1;
+  o->skew = 1;
   o->reps = 50, o->warmup = 1, o->max_sets = 64, o->gemm_n = 8192;
   o->budget_s = 420, o->case_budget_s = 20;
   int c;
@@ -1455,6 +1470,7 @@ static int parse_args(int argc, char **argv, options *o) {
     case O_SETS:
     case O_DEV:
     case O_GEMMN:
+    case O_SKEW:
       v = parse_size(optarg);
       if (v < (c == O_WARM || c == O_DEV ? 0 : 1) || v > 100000) {
         fprintf(stderr, "m3s-bench: bad number '%s'\n", optarg);
@@ -1466,6 +1482,7 @@ static int parse_args(int argc, char **argv, options *o) {
       if (c == O_SETS) o->sets_force = (int)v;
       if (c == O_DEV) o->device = (int)v;
       if (c == O_GEMMN) o->gemm_n = (int)v;
+      if (c == O_SKEW) o->skew = (int)v;
       break;
     case O_NOGRAPH: o->no_graph = 1; break;
     case O_BUDGET:
