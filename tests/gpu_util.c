@@ -209,6 +209,15 @@ int gpu_fx_upload(gpu_fx *g, const fixture *f, m3s_context *ctx) {
   return 1;
 }
 
+fixture gpu_fx_views(const fixture *f, const gpu_fx *g) {
+  fixture d = *f;
+  d.batch = g->batch;
+  d.kv = g->kv_t, d.ic = g->ic_t, d.q = g->q_t, d.iq = g->iq_t;
+  d.out = g->out_t, d.lse = g->lse_t, d.topk = g->topk_t;
+  d.scales = g->scales;
+  return d;
+}
+
 int gpu_fx_reupload_inputs(gpu_fx *g, const fixture *f) {
   return gpu_put(g->kv, f->kv_mem, kv_bytes(f)) && gpu_put(g->ic, f->ic_mem, ic_bytes(f)) &&
          gpu_put(g->q, f->q_mem, q_bytes(f)) && gpu_put(g->iq, f->iq_mem, iq_bytes(f)) &&

@@ -38,6 +38,10 @@ int gpu_fx_download(gpu_fx *g, fixture *f);
 /* Uploads the host fixture's topk buffer to the device. */
 int gpu_fx_upload_topk(gpu_fx *g, const fixture *f);
 void gpu_fx_free(gpu_fx *g);
+/* f with every tensor view and the batch pointing at g's device copies, for
+ * helpers that take a fixture (fx_run_chain); it shares f's host memory, so
+ * it is never passed to fx_free. */
+fixture gpu_fx_views(const fixture *f, const gpu_fx *g);
 
 /* Host wall clock in milliseconds (for the tests' optional timings). */
 double gpu_now_ms(void);

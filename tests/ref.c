@@ -72,6 +72,56 @@ int64_t shape_elems(int nd, const int64_t *shape) {
   return n;
 }
 
+double lse_max_diff(const float *a, const float *b, int64_t n) {
+  double worst = 0;
+  for (int64_t i = 0; i < n; i++) {
+    if (isinf(a[i]) || isinf(b[i]) || isnan(a[i]) || isnan(b[i])) {
+      if (!(a[i] == b[i]))
+        return INFINITY;
+      continue;
+    }
+    double d = fabs((double)a[i] - (double)b[i]);
+    worst = d > worst ? d : worst;
+  }
+  return worst;
+}
+
+size_t tensor_bytes(const m3s_tensor *t) {
+  return (size_t)shape_elems(t->ndim, t->shape) * m3s_dtype_size(t->dtype);
+}
+
+m3s_tensor fx_k2q_view(const k2q_shapes *s, int i, void *data, int device) {
+  const int64_t *shape[K2Q_NBUF] = {s->row_ptr, s->q_idx,    s->q_idx,
+                                    s->q_cnt,   s->part_out, s->part_lse};
+  static const int nd[K2Q_NBUF] = {2, 2, 2, 2, 4, 3};
+  return m3s_tensor_make(data, i < 4 ? M3S_I32 : M3S_F32, nd[i], shape[i], device);
+}
+
+m3s_status fx_chain_step(m3s_context *ctx, fixture *f, m3s_tensor *k2q, m3s_tensor *out,
+                         m3s_tensor *lse, const m3s_exec *e, int step) {
+  switch (step) {
+  case 0: return m3s_index_topk(ctx, &f->cfg, &f->batch, &f->iq, &f->ic, &f->topk, e);
+  case 1:
+    return m3s_sparse_attention(ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &f->topk,
+                                &f->out, &f->lse, e);
+  case 2:
+    return m3s_build_k2q_csr(ctx, &f->cfg, &f->batch, &f->topk, &k2q[0], &k2q[1], &k2q[2], &k2q[3],
+                             e);
+  case 3:
+    return m3s_k2q_attention(ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &k2q[0], &k2q[1],
+                             &k2q[2], &k2q[4], &k2q[5], e);
+  default: return m3s_combine_partials(ctx, &f->cfg, &k2q[4], &k2q[5], &k2q[3], out, lse, e);
+  }
+}
+
+int fx_run_chain(m3s_context *ctx, fixture *f, m3s_tensor *k2q, m3s_tensor *out, m3s_tensor *lse,
+                 const m3s_exec *e) {
+  for (int step = 0; step < FX_CHAIN_STEPS; step++)
+    if (fx_chain_step(ctx, f, k2q, out, lse, e, step) != M3S_OK)
+      return 0;
+  return 1;
+}
+
 double rel_l2(const void *got, m3s_dtype got_dt, const void *want, m3s_dtype want_dt, int64_t n) {
   double e = 0, r = 0;
   for (int64_t i = 0; i < n; i++) {

@@ -69,6 +69,10 @@ double load_elem(const void *base, m3s_dtype dt, int64_t off);
  * NaN when either holds a NaN, so a poisoned element fails any bound. */
 double rel_l2(const void *got, m3s_dtype got_dt, const void *want, m3s_dtype want_dt, int64_t n);
 
+/* Largest |a - b| over n lse values; infinite when at one index either side
+ * is infinite or NaN and the two differ (padded rows hold -inf on both). */
+double lse_max_diff(const float *a, const float *b, int64_t n);
+
 /* fp64 reference selection for row t, head g: ids ascending, then -1.
  * Returns the number of selected ids. scores_out (may be NULL) gets S(b). */
 int ref_select(const fixture *f, int t, int g, int32_t *ids, double *scores_out);
@@ -89,8 +93,26 @@ typedef struct {
   int64_t row_ptr[2], q_idx[2], q_cnt[2], part_out[4], part_lse[3];
 } k2q_shapes;
 int fx_k2q_shapes(m3s_context *ctx, const fixture *f, k2q_shapes *s);
+/* Buffer i (0..K2Q_NBUF-1: row_ptr, q_indices, q_slots, q_counts, partial
+ * out, partial lse) of the k2q chain as a contiguous view of data (NULL to
+ * size it first) on device (M3S_HOST or a CUDA ordinal). */
+enum { K2Q_NBUF = 6 };
+m3s_tensor fx_k2q_view(const k2q_shapes *s, int i, void *data, int device);
 /* Product of shape[0..nd). */
 int64_t shape_elems(int nd, const int64_t *shape);
+/* Bytes of a contiguous view. */
+size_t tensor_bytes(const m3s_tensor *t);
+
+/* The layer on f's views (host or device), one call per step: 0 index
+ * top-k, 1 sparse attention (into f's out and lse), 2 k2q CSR, 3 k2q
+ * attention, 4 combine of the partials into (out, lse); k2q: the K2Q_NBUF
+ * views of fx_k2q_view. The thread, fault and GPU tests run it whole
+ * (fx_run_chain: 1 when every step returned M3S_OK) or step by step. */
+enum { FX_CHAIN_STEPS = 5 };
+m3s_status fx_chain_step(m3s_context *ctx, fixture *f, m3s_tensor *k2q, m3s_tensor *out,
+                         m3s_tensor *lse, const m3s_exec *e, int step);
+int fx_run_chain(m3s_context *ctx, fixture *f, m3s_tensor *k2q, m3s_tensor *out, m3s_tensor *lse,
+                 const m3s_exec *e);
 
 /* Top-k entry (t, g, k) of the fixture's buffer. */
 int32_t *fx_topk_at(const fixture *f, int t, int g, int k);

@@ -149,23 +149,6 @@ static int live_count(void) {
 
 /* ---- run calls allocate nothing ----------------------------------------- */
 
-/* Top-k, attention and the k2q chain on f's views (t: row_ptr, q_indices,
- * q_slots, q_counts, partial out, partial lse); 1 when every call succeeded. */
-static int run_chain_on(m3s_context *ctx, fixture *f, m3s_tensor *t, const m3s_exec *e) {
-  return m3s_index_topk(ctx, &f->cfg, &f->batch, &f->iq, &f->ic, &f->topk, e) == M3S_OK &&
-         m3s_sparse_attention(ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &f->topk, &f->out,
-                              &f->lse, e) == M3S_OK &&
-         m3s_build_k2q_csr(ctx, &f->cfg, &f->batch, &f->topk, &t[0], &t[1], &t[2], &t[3], e) ==
-             M3S_OK &&
-         m3s_k2q_attention(ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &t[0], &t[1], &t[2],
-                           &t[4], &t[5], e) == M3S_OK &&
-         m3s_combine_partials(ctx, &f->cfg, &t[4], &t[5], &t[3], &f->out, &f->lse, e) == M3S_OK;
-}
-
-static int run_chain(m3s_context *ctx, fixture *f, m3s_tensor *t) {
-  return run_chain_on(ctx, f, t, NULL);
-}
-
 static void test_run_calls_allocate_nothing(void) {
   m3s_context *ctx = NULL;
   if (!CHECK(m3s_context_create(-1, &ctx) == M3S_OK, "cpu context"))
@@ -177,25 +160,22 @@ static void test_run_calls_allocate_nothing(void) {
   s.scale_mode = 2;
   fx_init(&f, &s);
   k2q_shapes sh;
-  m3s_tensor t[6];
-  void *mem[6] = {NULL};
+  m3s_tensor t[K2Q_NBUF];
+  void *mem[K2Q_NBUF] = {NULL};
   int ok = fx_k2q_shapes(ctx, &f, &sh);
-  const int64_t *shapes[6] = {sh.row_ptr, sh.q_idx, sh.q_idx, sh.q_cnt, sh.part_out, sh.part_lse};
-  const int nd[6] = {2, 2, 2, 2, 4, 3};
-  for (int i = 0; ok && i < 6; i++) {
-    m3s_dtype dt = i < 4 ? M3S_I32 : M3S_F32;
-    mem[i] = malloc((size_t)shape_elems(nd[i], shapes[i]) * 4 + 4);
+  for (int i = 0; ok && i < K2Q_NBUF; i++) {
+    t[i] = fx_k2q_view(&sh, i, NULL, M3S_HOST);
+    t[i].data = mem[i] = malloc(tensor_bytes(&t[i]) + 4);
     ok = CHECK(mem[i] != NULL, "k2q buffers");
-    t[i] = m3s_tensor_make(mem[i], dt, nd[i], shapes[i], M3S_HOST);
   }
   /* warm-up: the OpenMP runtime creates its thread pool on first use */
-  ok = ok && CHECK(run_chain(ctx, &f, t), "chain runs (warm-up)");
+  ok = ok && CHECK(fx_run_chain(ctx, &f, t, &f.out, &f.lse, NULL), "chain runs (warm-up)");
   size_t ws = 0;
   int64_t rows = 0;
   m3s_tensor bad_out = f.out;
   bad_out.dtype = M3S_I32;
   arm(0);
-  int ran = ok && run_chain(ctx, &f, t);
+  int ran = ok && fx_run_chain(ctx, &f, t, &f.out, &f.lse, NULL);
   int queried = m3s_workspace_size(ctx, &f.cfg, f.T, f.batch.max_seq_len, &ws) == M3S_OK &&
                 m3s_k2q_csr_rows(ctx, &f.batch, &rows) == M3S_OK;
   int rejected = m3s_sparse_attention(ctx, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk,
@@ -207,7 +187,7 @@ static void test_run_calls_allocate_nothing(void) {
            "run calls, queries and an invalid call allocate nothing (%ld allocations)", n);
   CHECK(n == 0, what);
   printf("  run chain + queries + invalid call on a warm CPU context: %ld allocations\n", n);
-  for (int i = 0; i < 6; i++)
+  for (int i = 0; i < K2Q_NBUF; i++)
     free(mem[i]);
   fx_free(&f);
   m3s_context_destroy(ctx);
@@ -216,50 +196,30 @@ static void test_run_calls_allocate_nothing(void) {
 #ifdef M3S_TEST_HAVE_GPU
 /* The same on a CUDA context: device copies of the fixture and the k2q
  * buffers, one warm-up run (the CUDA runtime loads each kernel at its first
- * launch), then a counted run. */
+ * launch), then each step of the chain counted on its own, so a failure
+ * names the call. */
 static void count_on_gpu(m3s_context *gpu, m3s_context *cpu, fx_spec s, const char *label) {
   fixture f;
   gpu_fx g;
   k2q_shapes sh;
-  m3s_tensor t[6];
-  void *dev[6] = {NULL};
+  m3s_tensor t[K2Q_NBUF];
+  void *dev[K2Q_NBUF] = {NULL};
   fx_init(&f, &s);
-  int ok = fx_k2q_shapes(cpu, &f, &sh) && gpu_fx_upload(&g, &f, gpu);
-  const int64_t *shapes[6] = {sh.row_ptr, sh.q_idx, sh.q_idx, sh.q_cnt, sh.part_out, sh.part_lse};
-  const int nd[6] = {2, 2, 2, 2, 4, 3};
-  for (int i = 0; ok && i < 6; i++) {
-    dev[i] = gpu_dup(NULL, (size_t)shape_elems(nd[i], shapes[i]) * 4);
+  int ok = gpu_fx_upload(&g, &f, gpu) && fx_k2q_shapes(cpu, &f, &sh);
+  for (int i = 0; ok && i < K2Q_NBUF; i++) {
+    t[i] = fx_k2q_view(&sh, i, NULL, 0);
+    t[i].data = dev[i] = gpu_dup(NULL, tensor_bytes(&t[i]));
     ok = dev[i] != NULL;
-    t[i] = m3s_tensor_make(dev[i], i < 4 ? M3S_I32 : M3S_F32, nd[i], shapes[i], 0);
   }
-  fixture d = f; /* the fixture with device views, for run_chain_on */
-  d.batch = g.batch, d.iq = g.iq_t, d.ic = g.ic_t, d.topk = g.topk_t, d.q = g.q_t;
-  d.kv = g.kv_t, d.out = g.out_t, d.lse = g.lse_t, d.scales = g.scales;
-  ok = ok && gpu_sync() && CHECK(run_chain_on(gpu, &d, t, &g.exec) && gpu_sync(), label);
-  /* counted call by call, so a failure names the call */
+  fixture d = gpu_fx_views(&f, &g);
   const m3s_exec *e = &g.exec;
-  long per[5] = {0};
+  ok = ok && gpu_sync() && CHECK(fx_run_chain(gpu, &d, t, &d.out, &d.lse, e) && gpu_sync(), label);
+  long per[FX_CHAIN_STEPS] = {0};
   int ran = ok;
-  for (int c = 0; ran && c < 5; c++) {
+  for (int step = 0; ran && step < FX_CHAIN_STEPS; step++) {
     arm(0);
-    m3s_status st = M3S_OK;
-    switch (c) {
-    case 0: st = m3s_index_topk(gpu, &d.cfg, &d.batch, &d.iq, &d.ic, &d.topk, e); break;
-    case 1:
-      st = m3s_sparse_attention(gpu, &d.cfg, &d.batch, &d.q, &d.kv, &d.scales, &d.topk, &d.out,
-                                &d.lse, e);
-      break;
-    case 2:
-      st = m3s_build_k2q_csr(gpu, &d.cfg, &d.batch, &d.topk, &t[0], &t[1], &t[2], &t[3], e);
-      break;
-    case 3:
-      st = m3s_k2q_attention(gpu, &d.cfg, &d.batch, &d.q, &d.kv, &d.scales, &t[0], &t[1], &t[2],
-                             &t[4], &t[5], e);
-      break;
-    default: st = m3s_combine_partials(gpu, &d.cfg, &t[4], &t[5], &t[3], &d.out, &d.lse, e); break;
-    }
-    per[c] = disarm();
-    ran = st == M3S_OK;
+    ran = fx_chain_step(gpu, &d, t, &d.out, &d.lse, e, step) == M3S_OK;
+    per[step] = disarm();
   }
   ran = ran && gpu_sync();
   char what[240];
@@ -278,7 +238,7 @@ static void count_on_gpu(m3s_context *gpu, m3s_context *cpu, fx_spec s, const ch
   CHECK(ran && per[1] <= 1 && per[3] <= 1, what);
   printf("  %s: allocations per call: top-k %ld, attention %ld, CSR %ld, k2q %ld, combine %ld\n",
          label, per[0], per[1], per[2], per[3], per[4]);
-  for (int i = 0; i < 6; i++)
+  for (int i = 0; i < K2Q_NBUF; i++)
     gpu_free(dev[i]);
   gpu_fx_free(&g);
   fx_free(&f);

@@ -18,16 +18,13 @@
  *
  * Device memory is allocated and freed only on the main thread (the guard
  * table of gpu_util.c is not thread-safe); the workers only launch, copy
- * on their stream and synchronise it. Workers never call CHECK: each records
- * its findings in its own slot and the main thread checks them. Not covered
- * here: inserts, merge and m3s_step_forward. */
+ * on their stream and synchronise it (tests/thread_util.h starts, joins and
+ * checks the threads). Not covered here: inserts, merge and
+ * m3s_step_forward. */
 #include "gpu_util.h"
+#include "thread_util.h"
 
 #include <cuda_runtime_api.h>
-#include <math.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,9 +32,7 @@
 #define NTHREADS 4
 
 static m3s_context *g_gpu, *g_cpu;
-static int g_iters = 4;           /* runs per thread; 2 under M3S_TEST_QUICK (sanitizer runs) */
-static atomic_int g_go;           /* all threads start together */
-static atomic_int g_workers_done; /* the invalid caller keeps going until then */
+static int g_iters = 4; /* runs per thread; 2 under M3S_TEST_QUICK (sanitizer runs) */
 
 /* Device outputs of one job: the fixture's top-k, out and lse (in gpu_fx),
  * then the k2q chain's CSR, partials and combined out / lse. */
@@ -46,32 +41,29 @@ enum { NOUT = 11 };
 typedef struct {
   fixture f;
   gpu_fx g;
+  fixture d; /* f's views on g's device copies */
   cudaStream_t stream;
   m3s_exec exec;
-  m3s_tensor rp, qi, qs, qc, po, pl, kout, klse; /* device views */
+  m3s_tensor k2q[K2Q_NBUF], kout, klse; /* device views */
   void *dev[NOUT];
   size_t bytes[NOUT];
   char *want, *got; /* outputs concatenated: the lone run's, this run's */
   size_t all_b;
-  /* written by the worker thread, read after the join */
-  int runs_ok, bits_equal, error_text_empty;
+  run_tally tally; /* written by the worker thread, read after the join */
 } job;
 
 typedef struct {
   fixture f; /* a valid decode fixture and its device copy; out gets a bad dtype */
   gpu_fx g;
-  int calls, rejected, own_text;
+  invalid_tally tally;
 } bad_job;
 
-static m3s_tensor dev_tensor(job *j, int k, m3s_dtype dt, int nd, const int64_t *shape) {
-  m3s_tensor t = m3s_tensor_make(NULL, dt, nd, shape, 0);
-  j->bytes[k] = (size_t)shape_elems(nd, shape) * m3s_dtype_size(dt);
+/* Device buffer k of the job for view t (its data pointer set). */
+static m3s_tensor dev_buffer(job *j, int k, m3s_tensor t) {
+  j->bytes[k] = tensor_bytes(&t);
+  t.device = 0;
   t.data = j->dev[k] = gpu_dup(NULL, j->bytes[k]);
   return t;
-}
-
-static size_t view_bytes(const m3s_tensor *t) {
-  return (size_t)shape_elems(t->ndim, t->shape) * m3s_dtype_size(t->dtype);
 }
 
 /* Device copies, the k2q buffers (slots 3..10) and the job's stream. */
@@ -82,19 +74,16 @@ static int job_alloc(job *j) {
     return 0;
   if (cudaStreamCreateWithFlags(&j->stream, cudaStreamNonBlocking) != cudaSuccess)
     return 0;
+  j->d = gpu_fx_views(f, &j->g);
   j->exec = j->g.exec;
   j->exec.stream = j->stream;
-  j->dev[0] = j->g.topk, j->bytes[0] = view_bytes(&j->g.topk_t);
-  j->dev[1] = j->g.out, j->bytes[1] = view_bytes(&j->g.out_t);
-  j->dev[2] = j->g.lse, j->bytes[2] = view_bytes(&j->g.lse_t);
-  j->rp = dev_tensor(j, 3, M3S_I32, 2, s.row_ptr);
-  j->qi = dev_tensor(j, 4, M3S_I32, 2, s.q_idx);
-  j->qs = dev_tensor(j, 5, M3S_I32, 2, s.q_idx);
-  j->qc = dev_tensor(j, 6, M3S_I32, 2, s.q_cnt);
-  j->po = dev_tensor(j, 7, M3S_F32, 4, s.part_out);
-  j->pl = dev_tensor(j, 8, M3S_F32, 3, s.part_lse);
-  j->kout = dev_tensor(j, 9, f->out.dtype, f->out.ndim, f->out.shape);
-  j->klse = dev_tensor(j, 10, f->lse.dtype, f->lse.ndim, f->lse.shape);
+  j->dev[0] = j->g.topk, j->bytes[0] = tensor_bytes(&j->g.topk_t);
+  j->dev[1] = j->g.out, j->bytes[1] = tensor_bytes(&j->g.out_t);
+  j->dev[2] = j->g.lse, j->bytes[2] = tensor_bytes(&j->g.lse_t);
+  for (int i = 0; i < K2Q_NBUF; i++)
+    j->k2q[i] = dev_buffer(j, 3 + i, fx_k2q_view(&s, i, NULL, 0));
+  j->kout = dev_buffer(j, 9, f->out);
+  j->klse = dev_buffer(j, 10, f->lse);
   j->all_b = 0;
   for (int k = 0; k < NOUT; k++) {
     if (!j->dev[k])
@@ -122,43 +111,16 @@ static void job_free(job *j) {
 /* On the job's stream: poison every output, run top-k, attention and the
  * k2q chain, copy every output into dst and wait for the stream. */
 static int run_once(job *j, char *dst) {
-  fixture *f = &j->f;
-  gpu_fx *g = &j->g;
-  const m3s_exec *e = &j->exec;
   int ok = 1;
   for (int k = 0; k < NOUT; k++)
     ok &= cudaMemsetAsync(j->dev[k], 0xA5, j->bytes[k], j->stream) == cudaSuccess;
-  ok = ok && m3s_index_topk(g_gpu, &f->cfg, &g->batch, &g->iq_t, &g->ic_t, &g->topk_t, e) == M3S_OK;
-  ok = ok && m3s_sparse_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, &g->kv_t, &g->scales,
-                                  &g->topk_t, &g->out_t, &g->lse_t, e) == M3S_OK;
-  ok = ok && m3s_build_k2q_csr(g_gpu, &f->cfg, &g->batch, &g->topk_t, &j->rp, &j->qi, &j->qs,
-                               &j->qc, e) == M3S_OK;
-  ok = ok && m3s_k2q_attention(g_gpu, &f->cfg, &g->batch, &g->q_t, &g->kv_t, &g->scales, &j->rp,
-                               &j->qi, &j->qs, &j->po, &j->pl, e) == M3S_OK;
-  ok = ok && m3s_combine_partials(g_gpu, &f->cfg, &j->po, &j->pl, &j->qc, &j->kout, &j->klse, e) ==
-                 M3S_OK;
+  ok = ok && fx_run_chain(g_gpu, &j->d, j->k2q, &j->kout, &j->klse, &j->exec);
   for (int k = 0; ok && k < NOUT; k++) {
     ok = cudaMemcpyAsync(dst, j->dev[k], j->bytes[k], cudaMemcpyDeviceToHost, j->stream) ==
          cudaSuccess;
     dst += j->bytes[k];
   }
   return cudaStreamSynchronize(j->stream) == cudaSuccess && ok;
-}
-
-/* Largest |a - b| over n lse values; infinite when one side is infinite or
- * NaN and the other is not the same value (padded rows hold -inf). */
-static double lse_diff(const float *a, const float *b, int64_t n) {
-  double worst = 0;
-  for (int64_t i = 0; i < n; i++) {
-    if (isinf(a[i]) || isinf(b[i]) || isnan(a[i]) || isnan(b[i])) {
-      if (!(a[i] == b[i]))
-        return INFINITY;
-      continue;
-    }
-    double d = fabs((double)a[i] - (double)b[i]);
-    worst = d > worst ? d : worst;
-  }
-  return worst;
 }
 
 /* The lone run against the CPU backend on the same fixture: top-k and the
@@ -171,9 +133,9 @@ static void check_lone_run_vs_cpu(job *j, int i) {
   char what[128];
   k2q_shapes sh;
   fx_poison(f);
-  int ok = m3s_index_topk(g_cpu, &f->cfg, &f->batch, &f->iq, &f->ic, &f->topk, NULL) == M3S_OK &&
-           m3s_sparse_attention(g_cpu, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &f->topk,
-                                &f->out, &f->lse, NULL) == M3S_OK &&
+  /* steps 0 and 1 of the chain: top-k, then attention into f's out / lse */
+  int ok = fx_chain_step(g_cpu, f, NULL, NULL, NULL, NULL, 0) == M3S_OK &&
+           fx_chain_step(g_cpu, f, NULL, NULL, NULL, NULL, 1) == M3S_OK &&
            fx_k2q_shapes(g_cpu, f, &sh);
   snprintf(what, sizeof what, "job %d: CPU top-k and attention run", i);
   if (!CHECK(ok, what))
@@ -187,12 +149,10 @@ static void check_lone_run_vs_cpu(job *j, int i) {
   if (!CHECK(csr != NULL, "host CSR buffer"))
     return;
   memset(csr, 0xA5, at[7] - at[3]); /* the GPU run's poison: tails past row_ptr[g][R] stay */
-  m3s_tensor t[4];
-  const int64_t *shapes[4] = {sh.row_ptr, sh.q_idx, sh.q_idx, sh.q_cnt};
+  m3s_tensor t[K2Q_NBUF];
   for (int k = 0; k < 4; k++)
-    t[k] = m3s_tensor_make(csr + (at[3 + k] - at[3]), M3S_I32, 2, shapes[k], M3S_HOST);
-  int csr_ok = m3s_build_k2q_csr(g_cpu, &f->cfg, &f->batch, &f->topk, &t[0], &t[1], &t[2], &t[3],
-                                 NULL) == M3S_OK;
+    t[k] = fx_k2q_view(&sh, k, csr + (at[3 + k] - at[3]), M3S_HOST);
+  int csr_ok = fx_chain_step(g_cpu, f, t, NULL, NULL, NULL, 2) == M3S_OK; /* the CSR step */
   snprintf(what, sizeof what, "job %d: lone CUDA top-k equals the CPU's", i);
   CHECK(memcmp(w, f->topk_mem, j->bytes[0]) == 0, what);
   snprintf(what, sizeof what, "job %d: lone CUDA k2q CSR equals the CPU's", i);
@@ -205,8 +165,8 @@ static void check_lone_run_vs_cpu(job *j, int i) {
   float *lse = malloc(2 * j->bytes[2] + 8);
   memcpy(lse, w + at[2], j->bytes[2]);
   memcpy(lse + n_lse, w + at[10], j->bytes[2]);
-  double d_lse = lse_diff(lse, f->lse_mem, n_lse),
-         d_klse = lse_diff(lse + n_lse, f->lse_mem, n_lse);
+  double d_lse = lse_max_diff(lse, f->lse_mem, n_lse),
+         d_klse = lse_max_diff(lse + n_lse, f->lse_mem, n_lse);
   free(lse);
   snprintf(what, sizeof what, "job %d: attention rel L2 %.2e, k2q %.2e; lse %.1e / %.1e vs the CPU",
            i, e_out, e_k2q, d_lse, d_klse);
@@ -222,14 +182,9 @@ static void *worker(void *arg) {
   job *j = arg;
   if (cudaSetDevice(0) != cudaSuccess)
     return NULL;
-  while (!atomic_load(&g_go))
-    sched_yield();
-  for (int i = 0; i < g_iters; i++) {
-    int ok = run_once(j, j->got);
-    j->runs_ok += ok;
-    j->error_text_empty += ok && m3s_last_error()[0] == '\0';
-    j->bits_equal += ok && memcmp(j->got, j->want, j->all_b) == 0;
-  }
+  thr_wait_go();
+  for (int i = 0; i < g_iters; i++)
+    tally_run(&j->tally, run_once(j, j->got), j->got, j->want, j->all_b);
   return NULL;
 }
 
@@ -242,16 +197,12 @@ static void *bad_worker(void *arg) {
     return NULL;
   m3s_tensor out = b->g.out_t;
   out.dtype = M3S_I32;
-  while (!atomic_load(&g_go))
-    sched_yield();
-  for (int i = 0; i < g_iters * 50 || !atomic_load(&g_workers_done); i++) {
-    m3s_status st = m3s_sparse_attention(g_gpu, &b->f.cfg, &b->g.batch, &b->g.q_t, &b->g.kv_t,
-                                         &b->g.scales, &b->g.topk_t, &out, &b->g.lse_t, &b->g.exec);
-    b->calls++;
-    b->rejected += st != M3S_OK;
-    b->own_text += st != M3S_OK && strstr(m3s_last_error(), "'out'") != NULL &&
-                   strstr(m3s_last_error(), "m3s_sparse_attention") != NULL;
-  }
+  thr_wait_go();
+  for (int i = 0; i < g_iters * 50 || thr_workers_running(); i++)
+    tally_invalid(&b->tally,
+                  m3s_sparse_attention(g_gpu, &b->f.cfg, &b->g.batch, &b->g.q_t, &b->g.kv_t,
+                                       &b->g.scales, &b->g.topk_t, &out, &b->g.lse_t, &b->g.exec),
+                  "m3s_sparse_attention", "'out'");
   return NULL;
 }
 
@@ -295,35 +246,17 @@ int main(void) {
   fx_init(&bad.f, &bs);
   ready = ready && CHECK(gpu_fx_upload(&bad.g, &bad.f, g_gpu) && gpu_sync(),
                          "invalid caller's device buffers");
-  pthread_t th[NTHREADS + 1];
-  int made[NTHREADS + 1] = {0};
-  for (int i = 0; ready && i < NTHREADS; i++)
-    made[i] = CHECK(pthread_create(&th[i], NULL, worker, &jobs[i]) == 0, "pthread_create");
-  made[NTHREADS] =
-      ready && CHECK(pthread_create(&th[NTHREADS], NULL, bad_worker, &bad) == 0, "pthread_create");
-  atomic_store(&g_go, 1);
-  for (int i = 0; i < NTHREADS; i++)
-    if (made[i])
-      pthread_join(th[i], NULL);
-  atomic_store(&g_workers_done, 1);
-  if (made[NTHREADS])
-    pthread_join(th[NTHREADS], NULL);
+  ready = ready && thr_run_all(worker, jobs, sizeof jobs[0], NTHREADS, bad_worker, &bad);
   /* Phase 3: what each thread saw, and the guard zones */
   for (int i = 0; ready && i < NTHREADS; i++) {
-    char what[96];
-    snprintf(what, sizeof what, "thread %d (TP%d): %d of %d runs", i, tp[i], jobs[i].runs_ok,
-             g_iters);
-    CHECK(jobs[i].runs_ok == g_iters, what);
-    CHECK(jobs[i].bits_equal == g_iters, "concurrent outputs byte-identical to the lone run");
-    CHECK(jobs[i].error_text_empty == g_iters, "error text empty after each valid call");
+    char label[16];
+    snprintf(label, sizeof label, "TP%d", tp[i]);
+    thr_check_run(&jobs[i].tally, i, label, g_iters);
   }
   if (ready) {
-    char what[96];
     printf("  %d threads x %d runs on their own streams; %d invalid calls alongside\n", NTHREADS,
-           g_iters, bad.calls);
-    snprintf(what, sizeof what, "%d invalid calls, %d rejected", bad.calls, bad.rejected);
-    CHECK(bad.calls >= g_iters * 50 && bad.rejected == bad.calls, what);
-    CHECK(bad.own_text == bad.calls, "the invalid caller always reads its own error text");
+           g_iters, bad.tally.calls);
+    thr_check_invalid(&bad.tally, g_iters * 50);
   }
   CHECK(gpu_sync() && gpu_guards_check(), "device synchronised, guard zones intact");
   for (int i = 0; i < NTHREADS; i++)

@@ -109,10 +109,7 @@ static void test_spec7_csr_and_combine(int holes) {
   if (!CHECK(ok, "spec7_k2q_attention_and_combine_run"))
     fprintf(stderr, "  %s\n", m3s_last_error());
   double rel = rel_l2(f.out_mem, M3S_BF16, direct, M3S_BF16, (int64_t)T * Hq * 128);
-  double lse_err = 0;
-  for (int i = 0; i < T * Hq; i++)
-    if (!(isinf(direct_lse[i]) && isinf(f.lse_mem[i])))
-      lse_err = fmax(lse_err, fabs(direct_lse[i] - f.lse_mem[i]));
+  double lse_err = lse_max_diff(f.lse_mem, direct_lse, (int64_t)T * Hq);
   char msg[160];
   snprintf(msg, sizeof msg,
            "spec7_combined_partials_equal_direct_attention%s (rel L2 %.3g, lse %.3g)",
@@ -168,9 +165,8 @@ static void test_merge_two_halves_equals_whole(void) {
   m3s_tensor tlb = m3s_tensor_make(lb, M3S_F32, 2, lsh, M3S_HOST);
   fx_poison(&f);
   ok = ok && m3s_merge_attn_states(g_ctx, &ta, &tla, &tb, &tlb, &f.out, &f.lse, NULL) == M3S_OK;
-  double rel = rel_l2(f.out_mem, M3S_BF16, whole, M3S_BF16, (int64_t)T * Hq * 128), lerr = 0;
-  for (int i = 0; i < T * Hq; i++)
-    lerr = fmax(lerr, fabs(f.lse_mem[i] - wl[i]));
+  double rel = rel_l2(f.out_mem, M3S_BF16, whole, M3S_BF16, (int64_t)T * Hq * 128);
+  double lerr = lse_max_diff(f.lse_mem, wl, (int64_t)T * Hq);
   char msg[160];
   snprintf(msg, sizeof msg, "lse_merge_of_two_halves_equals_whole (rel L2 %.3g, lse %.3g)", rel,
            lerr);

@@ -19,10 +19,8 @@
  * findings in its own slot, and the main thread checks them after joining.
  * Built into the ThreadSanitizer build as well (docs/reliability.md). */
 #include "ref.h"
+#include "thread_util.h"
 
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,8 +29,6 @@
 #define ITERS 3
 
 static m3s_context *g_ctx;
-static atomic_int g_go;           /* all threads start together */
-static atomic_int g_workers_done; /* the invalid caller keeps going until then */
 
 /* The outputs one job writes: the fixture's top-k, out and lse, and the k2q
  * chain's CSR, partials and combined out / lse (its own buffers). */
@@ -40,28 +36,16 @@ enum { NBUF = 11 };
 
 typedef struct {
   fixture f;
-  m3s_tensor rp, qi, qs, qc, po, pl, kout, klse;
+  m3s_tensor k2q[K2Q_NBUF], kout, klse;
   void *mem[NBUF];
   size_t bytes[NBUF];
   char *want, *got; /* outputs concatenated: the lone run's, this run's */
   size_t all_b;
-  /* written by the worker thread, read after the join */
-  int runs_ok, bits_equal, error_text_empty;
+  run_tally tally; /* written by the worker thread, read after the join */
 } job;
 
-typedef struct {
-  int calls, rejected, own_text;
-} bad_job;
-
-static size_t tensor_bytes(const m3s_tensor *t) {
-  size_t n = m3s_dtype_size(t->dtype);
-  for (int i = 0; i < t->ndim; i++)
-    n *= (size_t)t->shape[i];
-  return n;
-}
-
-static m3s_tensor host_tensor(job *j, int k, m3s_dtype dt, int nd, const int64_t *shape) {
-  m3s_tensor t = m3s_tensor_make(NULL, dt, nd, shape, M3S_HOST);
+/* Host buffer k of the job for view t (its data pointer set). */
+static m3s_tensor host_buffer(job *j, int k, m3s_tensor t) {
   j->bytes[k] = tensor_bytes(&t);
   t.data = j->mem[k] = malloc(j->bytes[k] ? j->bytes[k] : 1);
   return t;
@@ -76,14 +60,10 @@ static int job_alloc(job *j) {
   j->mem[0] = f->topk_mem, j->bytes[0] = tensor_bytes(&f->topk);
   j->mem[1] = f->out_mem, j->bytes[1] = tensor_bytes(&f->out);
   j->mem[2] = f->lse_mem, j->bytes[2] = tensor_bytes(&f->lse);
-  j->rp = host_tensor(j, 3, M3S_I32, 2, s.row_ptr);
-  j->qi = host_tensor(j, 4, M3S_I32, 2, s.q_idx);
-  j->qs = host_tensor(j, 5, M3S_I32, 2, s.q_idx);
-  j->qc = host_tensor(j, 6, M3S_I32, 2, s.q_cnt);
-  j->po = host_tensor(j, 7, M3S_F32, 4, s.part_out);
-  j->pl = host_tensor(j, 8, M3S_F32, 3, s.part_lse);
-  j->kout = host_tensor(j, 9, f->out.dtype, f->out.ndim, f->out.shape);
-  j->klse = host_tensor(j, 10, f->lse.dtype, f->lse.ndim, f->lse.shape);
+  for (int i = 0; i < K2Q_NBUF; i++)
+    j->k2q[i] = host_buffer(j, 3 + i, fx_k2q_view(&s, i, NULL, M3S_HOST));
+  j->kout = host_buffer(j, 9, f->out);
+  j->klse = host_buffer(j, 10, f->lse);
   j->all_b = 0;
   for (int k = 0; k < NBUF; k++)
     j->all_b += j->bytes[k];
@@ -106,15 +86,7 @@ static int run_once(job *j) {
   fx_poison(f);
   for (int k = 3; k < NBUF; k++)
     memset(j->mem[k], 0xA5, j->bytes[k]);
-  return m3s_index_topk(g_ctx, &f->cfg, &f->batch, &f->iq, &f->ic, &f->topk, NULL) == M3S_OK &&
-         m3s_sparse_attention(g_ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &f->topk,
-                              &f->out, &f->lse, NULL) == M3S_OK &&
-         m3s_build_k2q_csr(g_ctx, &f->cfg, &f->batch, &f->topk, &j->rp, &j->qi, &j->qs, &j->qc,
-                           NULL) == M3S_OK &&
-         m3s_k2q_attention(g_ctx, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &j->rp, &j->qi,
-                           &j->qs, &j->po, &j->pl, NULL) == M3S_OK &&
-         m3s_combine_partials(g_ctx, &f->cfg, &j->po, &j->pl, &j->qc, &j->kout, &j->klse, NULL) ==
-             M3S_OK;
+  return fx_run_chain(g_ctx, f, j->k2q, &j->kout, &j->klse, NULL);
 }
 
 /* Every output of the job, concatenated into dst (all_b bytes). */
@@ -127,38 +99,31 @@ static void snapshot(const job *j, char *dst) {
 
 static void *worker(void *arg) {
   job *j = arg;
-  while (!atomic_load(&g_go))
-    sched_yield();
+  thr_wait_go();
   for (int i = 0; i < ITERS; i++) {
     int ok = run_once(j);
-    j->runs_ok += ok;
-    j->error_text_empty += ok && m3s_last_error()[0] == '\0';
     if (ok)
       snapshot(j, j->got);
-    j->bits_equal += ok && memcmp(j->got, j->want, j->all_b) == 0;
+    tally_run(&j->tally, ok, j->got, j->want, j->all_b);
   }
   return NULL;
 }
 
 /* Attention whose output has the wrong dtype: must fail, naming 'out'. */
 static void *bad_worker(void *arg) {
-  bad_job *b = arg;
+  invalid_tally *b = arg;
   int32_t ql[] = {1}, sl[] = {300};
   fixture f;
   fx_spec s = fx_spec_default(m3s_config_minimax_m3(8), 1, ql, sl, 77);
   fx_init(&f, &s);
-  while (!atomic_load(&g_go))
-    sched_yield();
   m3s_tensor out = f.out;
   out.dtype = M3S_I32;
-  for (int i = 0; i < ITERS * 20 || !atomic_load(&g_workers_done); i++) {
-    m3s_status st = m3s_sparse_attention(g_ctx, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk,
-                                         &out, &f.lse, NULL);
-    b->calls++;
-    b->rejected += st != M3S_OK;
-    b->own_text += st != M3S_OK && strstr(m3s_last_error(), "out") != NULL &&
-                   strstr(m3s_last_error(), "m3s_sparse_attention") != NULL;
-  }
+  thr_wait_go();
+  for (int i = 0; i < ITERS * 20 || thr_workers_running(); i++)
+    tally_invalid(b,
+                  m3s_sparse_attention(g_ctx, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk,
+                                       &out, &f.lse, NULL),
+                  "m3s_sparse_attention", "'out'");
   fx_free(&f);
   return NULL;
 }
@@ -189,35 +154,16 @@ int main(void) {
       snapshot(j, j->want);
   }
   /* Phase 2: all at once (released together), plus the thread of invalid calls */
-  bad_job bad = {0, 0, 0};
-  pthread_t th[NTHREADS + 1];
-  int made[NTHREADS + 1] = {0};
-  for (int i = 0; ready && i < NTHREADS; i++)
-    made[i] = CHECK(pthread_create(&th[i], NULL, worker, &jobs[i]) == 0, "pthread_create");
-  made[NTHREADS] =
-      ready && CHECK(pthread_create(&th[NTHREADS], NULL, bad_worker, &bad) == 0, "pthread_create");
-  atomic_store(&g_go, 1);
-  for (int i = 0; i < NTHREADS; i++)
-    if (made[i])
-      pthread_join(th[i], NULL);
-  atomic_store(&g_workers_done, 1);
-  if (made[NTHREADS])
-    pthread_join(th[NTHREADS], NULL);
+  invalid_tally bad = {0, 0, 0};
+  ready = ready && thr_run_all(worker, jobs, sizeof jobs[0], NTHREADS, bad_worker, &bad);
   /* Phase 3: what each thread saw */
   for (int i = 0; ready && i < NTHREADS; i++) {
-    char what[96];
-    snprintf(what, sizeof what, "thread %d (TP%d): %d of %d runs", i, tp[i], jobs[i].runs_ok,
-             ITERS);
-    CHECK(jobs[i].runs_ok == ITERS, what);
-    CHECK(jobs[i].bits_equal == ITERS, "concurrent outputs bit-identical to the lone run");
-    CHECK(jobs[i].error_text_empty == ITERS, "error text empty after each valid call");
+    char label[16];
+    snprintf(label, sizeof label, "TP%d", tp[i]);
+    thr_check_run(&jobs[i].tally, i, label, ITERS);
   }
-  if (ready) {
-    char what[96];
-    snprintf(what, sizeof what, "%d invalid calls, %d rejected", bad.calls, bad.rejected);
-    CHECK(bad.calls >= ITERS * 20 && bad.rejected == bad.calls, what);
-    CHECK(bad.own_text == bad.calls, "the invalid caller always reads its own error text");
-  }
+  if (ready)
+    thr_check_invalid(&bad, ITERS * 20);
   for (int i = 0; i < NTHREADS; i++)
     job_free(&jobs[i]);
   m3s_context_destroy(g_ctx);
