@@ -231,20 +231,26 @@ def markdown(doc):
              % (doc["commit"], doc["date"], doc["torch"], doc["triton"],
                 doc["ceilings"]["copy_gbps"], doc["ceilings"]["gemm_tflops"]), "",
              "| case | idx ours | idx vLLM | ratio | attn ours | attn vLLM | ratio | "
-             "step/layer ours | vLLM | ratio | dense | dense/ours | top-k agree |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "step/layer ours | vLLM | ratio | dense | dense/ours | top-k agree | fp64 check |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in doc["cases"].items():
         if r.get("failed"):
-            lines.append("| %s | FAILED: %s |||||||||||" % (name, r["failed"]))
+            lines.append("| %s | FAILED: %s ||||||||||||" % (name, r["failed"]))
             continue
         o, p = r["ours"], r["peer"]
         whole = "step" if "step" in o else "layer"
-        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.4f |" % (
+        chk = r["check"]
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.4f | %s |" % (
             name, fmt(o["idx"]), fmt(p["idx"]), ratio(p["idx"], o["idx"]), fmt(o["attn"]),
             fmt(p["attn"]), ratio(p["attn"], o["attn"]), fmt(o[whole]), fmt(p[whole]),
             ratio(p[whole], o[whole]), fmt(r["dense"]),
-            ratio(r["dense"], o[whole]) if r["dense"] else "-", r["topk_agree"]))
-    lines += ["", "Kernels (ours): " + "; ".join(
+            ratio(r["dense"], o[whole]) if r["dense"] else "-", r["topk_agree"],
+            "%d rows, %d near-ties, rel L2 %.1e" % (chk["rows"], chk["pairs_near_tie"],
+                                                    chk["attn_rel_l2"])))
+    lines += ["", "top-k agree: fraction of (KV head, token) selections equal as sets (ours "
+              "vs vLLM, all rows). fp64 check: ours against an fp64 reference on sampled rows "
+              "(selection exact up to near-ties, attention rel L2 < 1e-2).", "",
+              "Kernels (ours): " + "; ".join(
         sorted({r["ours_kernels"] for r in doc["cases"].values()})), ""]
     return "\n".join(lines)
 
