@@ -189,6 +189,8 @@ def run_case(m3s, spec, ours, peer, n_rows):
     run = run_decode(x, ours, peer) if spec.kind == "decode" else run_prefill(x, ours, peer)
     (tk_o, out_o, buf_o), (tk_p, out_p, buf_p) = run["ours"], run["peer"]
     res["topk_agree"] = round(refcheck.set_agreement(tk_o, tk_p), 6)
+    if spec.kind == "prefill":
+        res["union8"] = refcheck.union_per_group(tk_o, 8)
     chk = refcheck.check_ours(x, tk_o.cpu(), out_o, n_rows)
     res["check"] = chk
     if not chk["ok"]:
@@ -247,6 +249,11 @@ def markdown(doc):
             ratio(r["dense"], o[whole]) if r["dense"] else "-", r["topk_agree"],
             "%d rows, %d near-ties, rel L2 %.1e" % (chk["rows"], chk["pairs_near_tie"],
                                                     chk["attn_rel_l2"])))
+    u = ["%s %.1f" % (n, r["union8"]) for n, r in doc["cases"].items() if r.get("union8")]
+    if u:
+        lines += ["", "Locality of the selections (distinct blocks chosen by 8 consecutive "
+                  "tokens of one KV head; 16 = all the same, 128 = nothing shared): "
+                  + ", ".join(u) + "."]
     lines += ["", "top-k agree: fraction of (KV head, token) selections equal as sets (ours "
               "vs vLLM, all rows). fp64 check: ours against an fp64 reference on sampled rows "
               "(selection exact up to near-ties, attention rel L2 < 1e-2).", "",

@@ -113,3 +113,19 @@ def check_ours(x, topk, out, n_rows=48):
     return {"rows": len(rows), "pairs_exact": exact, "pairs_near_tie": near,
             "pairs_wrong": bad, "attn_rel_l2": rel,
             "ok": bad == 0 and rel < ATTN_TOL and math.isfinite(rel)}
+
+
+def union_per_group(topk, group=8):
+    """Mean number of distinct blocks selected by `group` consecutive tokens of
+    one KV head (topk head-major [Hkv, T, K]; -1 ignored, groups cut at T). A
+    measure of the selections' locality: K when neighbours pick the same
+    blocks, up to group * K when they share nothing. Requests are not
+    separated (a group may straddle two; noise at the edges only)."""
+    hkv, T, K = topk.shape
+    n = T // group
+    if n == 0:
+        return None
+    g = topk[:, : n * group, :].reshape(hkv, n, group * K)
+    s, _ = torch.sort(g, dim=-1)
+    distinct = (s[..., 1:] != s[..., :-1]).sum(dim=-1) + 1 - (s[..., 0] < 0).long()
+    return float(distinct.float().mean())
