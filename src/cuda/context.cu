@@ -1,6 +1,6 @@
 /* CUDA backend: context setup. A CUDA context records its device ordinal,
  * compute capability and SM count (the launchers size grids from it); the
- * operations live in cuda_topk.cu, cuda_attention.cu and cuda_k2q.cu. */
+ * operations live in cache.cu, topk.cu, attention.cu, k2q.cu and merge.cu. */
 #include "../core/internal.h"
 
 #include <cuda_runtime.h>
