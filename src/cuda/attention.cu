@@ -42,7 +42,7 @@
  * Launch shapes
  *  - attn_kernel: grid (T * Hkv * ceil(G/16), nsplit), 128 threads, dynamic
  *    shared memory 4 warps x 2 stages x (8 KiB tile + 128 B scales) = 65 KiB
- *    (cudaFuncSetAttribute), plus ~1.5 KiB static (the selection).
+ *    (limit raised once per context, at creation), plus ~1.5 KiB static.
  *  - merge_kernel (only when nsplit > 1): grid ceil(T * Hq / 4), 128 threads.
  *  nsplit comes from host bounds only (batch->num_tokens, cfg, the SM count,
  *  min(K, ceil(max_seq_len / 128))): when T * Hkv * chunks < 2 * SMs, the
@@ -780,16 +780,20 @@ static attn_params make_params(const m3s_layer_config *cfg, const m3s_batch *bat
   return p;
 }
 
-template <bool F16>
-static m3s_status launch_attn(const attn_params &p, dim3 grid, cudaStream_t stream) {
-  const char *fn = "m3s_sparse_attention";
-  cudaError_t err = cudaFuncSetAttribute(attn_kernel<F16>,
+extern "C" cudaError_t m3s_cuda_attention_prepare(void) {
+  cudaError_t err = cudaFuncSetAttribute(attn_kernel<true>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, ATT_SMEM);
   if (err != cudaSuccess)
-    return m3s_fail(M3S_ERR_CUDA, fn, "cudaFuncSetAttribute(attn_kernel, %d B shared) failed: %s",
-                    ATT_SMEM, cudaGetErrorString(err));
+    return err;
+  return cudaFuncSetAttribute(attn_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              ATT_SMEM);
+}
+
+/* The shared-memory limit was raised at context creation (context.cu). */
+template <bool F16>
+static m3s_status launch_attn(const attn_params &p, dim3 grid, cudaStream_t stream) {
   attn_kernel<F16><<<grid, ATT_THREADS, ATT_SMEM, stream>>>(p);
-  return m3s_cuda_check_launch(fn, "attn_kernel");
+  return m3s_cuda_check_launch("m3s_sparse_attention", "attn_kernel");
 }
 
 extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,

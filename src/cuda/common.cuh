@@ -222,6 +222,12 @@ static inline unsigned m3s_grid_cap(int64_t n, int64_t cap) {
   return (unsigned)(n < cap ? n : cap);
 }
 
+/* Host, called once per context by context.cu with the context's device
+ * current: raise the dynamic shared-memory limits of the kernels that need
+ * more than 48 KB (attention.cu, k2q.cu). */
+extern "C" cudaError_t m3s_cuda_attention_prepare(void);
+extern "C" cudaError_t m3s_cuda_k2q_prepare(void);
+
 /* Host: turns the last launch error into a status. */
 static inline m3s_status m3s_cuda_check_launch(const char *fn, const char *kernel) {
   cudaError_t err = cudaGetLastError();

@@ -570,6 +570,12 @@ static __global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_c
   }
 }
 
+extern "C" cudaError_t m3s_cuda_k2q_prepare(void) {
+  return cudaFuncSetAttribute(k2q_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)ATT_SMEM_BYTES);
+}
+
+/* The shared-memory limit was raised at context creation (context.cu). */
 extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
                                              const m3s_batch *batch, const m3s_tensor *q,
                                              const m3s_tensor *kv_cache,
@@ -618,12 +624,6 @@ extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_c
   a.group = cfg->num_q_heads / cfg->num_kv_heads;
   a.topk = cfg->topk;
   a.scale = cfg->softmax_scale;
-  cudaError_t err = cudaFuncSetAttribute(k2q_attention_kernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)ATT_SMEM_BYTES);
-  if (err != cudaSuccess)
-    return m3s_fail(M3S_ERR_CUDA, fn, "cudaFuncSetAttribute(%zu bytes of shared memory): %s",
-                    ATT_SMEM_BYTES, cudaGetErrorString(err));
   /* A row belongs to one request and holds one entry per query that selects
    * its block: max_q_len x G items unless top-k rows repeat a block. That
    * host bound sizes the split (only parallelism depends on it: each CTA's
