@@ -18,11 +18,10 @@
  *    the value seen (thread-local text, valid until the next m3s_ call on the same
  *    thread).
  *  - "run" operations (insert, top-k, attention, step, csr, combine, merge)
- *    never allocate device memory, never synchronise and take the caller's
- *    stream and workspace through m3s_exec. The CPU backend ignores the
- *    stream and allocates nothing. Known gap: on CUDA, sparse attention (so
- *    also step) and k2q attention make one small host allocation per call
- *    inside the CUDA runtime (cudaFuncSetAttribute; tests/test_faults.c).
+ *    allocate nothing (no device memory, no host memory), never synchronise
+ *    and take the caller's stream and workspace through m3s_exec; the CPU
+ *    backend ignores the stream. Kernel attributes that make the CUDA runtime
+ *    allocate are set once, by m3s_context_create (tests/test_faults.c).
  *  - Notation: T tokens, Hq query heads, Hkv KV heads (== index heads),
  *    G = Hq/Hkv, D = Di = B = 128 (head dim, index dim, block size == page
  *    size), K = top-k blocks, P = pages in a cache.

@@ -227,15 +227,13 @@ static void count_on_gpu(m3s_context *gpu, m3s_context *cpu, fx_spec s, const ch
            "%s: top-k, CSR and combine allocate nothing on a warm CUDA context (%ld, %ld, %ld)",
            label, per[0], per[2], per[4]);
   CHECK(ran && per[0] == 0 && per[2] == 0 && per[4] == 0, what);
-  /* Known gap (docs/reliability.md section 7): attention and k2q attention
-   * call cudaFuncSetAttribute on every call, and the CUDA runtime makes one
-   * host allocation in it (H100, 2026-11-27: 1 each, no other call
-   * allocates). Held at that until the attribute moves to context creation:
-   * any further allocation fails here. */
+  /* The shared-memory attributes of attention and k2q attention (whose
+   * cudaFuncSetAttribute allocated on every call until 2026-12) are set by
+   * m3s_context_create, so these run calls allocate nothing either. */
   snprintf(what, sizeof what,
-           "%s: attention and k2q attention make at most the one known host allocation (%ld, %ld)",
+           "%s: attention and k2q attention allocate nothing on a warm CUDA context (%ld, %ld)",
            label, per[1], per[3]);
-  CHECK(ran && per[1] <= 1 && per[3] <= 1, what);
+  CHECK(ran && per[1] == 0 && per[3] == 0, what);
   printf("  %s: allocations per call: top-k %ld, attention %ld, CSR %ld, k2q %ld, combine %ld\n",
          label, per[0], per[1], per[2], per[3], per[4]);
   for (int i = 0; i < K2Q_NBUF; i++)

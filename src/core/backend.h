@@ -40,7 +40,7 @@ m3s_status m3s_cpu_merge_attn_states(const m3s_tensor *out_a, const m3s_tensor *
  * *_workspace function reports, 256-byte aligned). Launches
  * only on exec->stream; no allocation, no synchronisation, no host reads of
  * device data. Device data that the core could not validate is guarded
- * inside the kernels (see src/cuda/cuda_common.cuh). */
+ * inside the kernels (see src/cuda/common.cuh). */
 #ifdef M3S_WITH_CUDA
 m3s_status m3s_cuda_context_init(m3s_context *ctx);
 void m3s_cuda_context_fini(m3s_context *ctx);

@@ -1,5 +1,5 @@
 /* CUDA backend: lightning-indexer block scores and top-k block selection
- * (SPEC section 3). The result equals the CPU backend's (src/cpu/cpu_topk.c)
+ * (SPEC section 3). The result equals the CPU backend's (src/cpu/topk.c)
  * bit for bit, for every input: each dot product is m3s_dot128_fixed (the
  * CPU's order, no FMA) on fp32 values converted exactly as the CPU does
  * (bf16/f16 widening, e4m3 via the hardware/cuda_fp8.h conversion, exact);
@@ -47,7 +47,7 @@
  * measured (H100, 2026-11-27, docs/perf-notes.md): decode top-k at 128 requests,
  * 128K context, TP1 bf16: 2074 us, 68% of the copy ceiling; latency-bound
  * (161 registers, 3 CTAs per SM). */
-#include "cuda_common.cuh"
+#include "common.cuh"
 
 #include <stdint.h>
 
@@ -74,7 +74,7 @@ typedef struct {
 static topk_plan plan_of(const m3s_layer_config *cfg, int64_t tokens, int64_t max_seq_len) {
   topk_plan p;
   p.pairs = tokens > 0 ? tokens * cfg->num_kv_heads : 0;
-  p.max_nb = max_seq_len > 0 ? (max_seq_len + M3S_B - 1) / M3S_B : 0;
+  p.max_nb = max_seq_len > 0 ? (max_seq_len + M3S_BLOCK_SIZE - 1) / M3S_BLOCK_SIZE : 0;
   p.score = p.pairs > 0 && p.max_nb > cfg->topk;
   p.chunk_pairs = p.pairs;
   if (p.score) {
@@ -122,10 +122,12 @@ extern "C" size_t m3s_cuda_topk_workspace(const m3s_context *ctx, const m3s_laye
  * ------------------------------------------------------------------------- */
 
 /* Blocks of a row at position pos: nb = pos / 128 + 1. */
-__device__ __forceinline__ int64_t blocks_of(int64_t pos) { return pos / M3S_B + 1; }
+static __device__ __forceinline__ int64_t blocks_of(int64_t pos) {
+  return pos / M3S_BLOCK_SIZE + 1;
+}
 
 /* Block b is scored for a row with nb blocks (nb > K): not forced. */
-__device__ __forceinline__ int is_candidate(int64_t b, int64_t nb, int init, int local) {
+static __device__ __forceinline__ int is_candidate(int64_t b, int64_t nb, int init, int local) {
   return b >= init && b < nb - local;
 }
 
@@ -148,13 +150,14 @@ typedef struct {
 } score_args;
 
 /* Key `slot` of index-cache page `page` as 128 fp32 values in registers. */
-__device__ __forceinline__ void load_key(const score_args &a, int64_t page, int slot, float *k) {
-  int64_t off = (page * M3S_B + slot) * M3S_D;
+static __device__ __forceinline__ void load_key(const score_args &a, int64_t page, int slot,
+                                                float *k) {
+  int64_t off = (page * M3S_BLOCK_SIZE + slot) * M3S_INDEX_DIM;
   if (a.ic_dt == M3S_BF16) {
     if (a.ic_vec) {
       const uint4 *src = (const uint4 *)((const uint16_t *)a.ic + off);
 #pragma unroll
-      for (int v = 0; v < M3S_D / 8; v++) {
+      for (int v = 0; v < M3S_INDEX_DIM / 8; v++) {
         uint4 w = __ldg(src + v);
         uint32_t u[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
@@ -166,14 +169,14 @@ __device__ __forceinline__ void load_key(const score_args &a, int64_t page, int 
     } else {
       const uint16_t *src = (const uint16_t *)a.ic + off;
 #pragma unroll
-      for (int d = 0; d < M3S_D; d++)
+      for (int d = 0; d < M3S_INDEX_DIM; d++)
         k[d] = __uint_as_float((uint32_t)src[d] << 16);
     }
   } else { /* M3S_E4M3: exact through fp16 */
     if (a.ic_vec) {
       const uint4 *src = (const uint4 *)((const uint8_t *)a.ic + off);
 #pragma unroll
-      for (int v = 0; v < M3S_D / 16; v++) {
+      for (int v = 0; v < M3S_INDEX_DIM / 16; v++) {
         uint4 w = __ldg(src + v);
         uint32_t u[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
@@ -187,13 +190,13 @@ __device__ __forceinline__ void load_key(const score_args &a, int64_t page, int 
     } else {
       const __nv_fp8_storage_t *src = (const __nv_fp8_storage_t *)a.ic + off;
 #pragma unroll
-      for (int d = 0; d < M3S_D; d++)
+      for (int d = 0; d < M3S_INDEX_DIM; d++)
         k[d] = __half2float(__half(__nv_cvt_fp8_to_halfraw(src[d], __NV_E4M3)));
     }
   }
 }
 
-__device__ __forceinline__ float warp_fmax(float v) {
+static __device__ __forceinline__ float warp_fmax(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1)
     v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
@@ -201,7 +204,7 @@ __device__ __forceinline__ float warp_fmax(float v) {
 }
 
 typedef struct {
-  float q[PAIR_TILE][M3S_D]; /* fp32 index queries of the tile's pairs */
+  float q[PAIR_TILE][M3S_INDEX_DIM]; /* fp32 index queries of the tile's pairs */
   int64_t pos[PAIR_TILE];    /* position of the pair's row */
   int req[PAIR_TILE];        /* request, or -1: the pair scores nothing */
   int run_end[PAIR_TILE];    /* end of the run of equal req[] starting here */
@@ -210,8 +213,8 @@ typedef struct {
 
 /* Phase 1 of score_kernel: which pairs score (valid row, nb > K), their
  * requests, positions and runs, and their fp32 queries. */
-__device__ void stage_tile(const m3s_cuda_batch &b, const score_args &a, int64_t tile0, int n,
-                           score_smem *s) {
+static __device__ void stage_tile(const m3s_cuda_batch &b, const score_args &a, int64_t tile0,
+                                  int n, score_smem *s) {
   int tid = threadIdx.x;
   if (tid < PAIR_TILE) {
     int req = -1;
@@ -234,8 +237,8 @@ __device__ void stage_tile(const m3s_cuda_batch &b, const score_args &a, int64_t
       e++;
     s->run_end[tid] = e;
   }
-  for (int e = tid; e < n * M3S_D; e += SCORE_THREADS) {
-    int p = e / M3S_D, d = e % M3S_D;
+  for (int e = tid; e < n * M3S_INDEX_DIM; e += SCORE_THREADS) {
+    int p = e / M3S_INDEX_DIM, d = e % M3S_INDEX_DIM;
     if (s->req[p] < 0)
       continue;
     int64_t gp = a.pair0 + tile0 + p;
@@ -247,8 +250,8 @@ __device__ void stage_tile(const m3s_cuda_batch &b, const score_args &a, int64_t
 
 /* Phase 2 of score_kernel: block blk for the pairs [p0, p1) of request r.
  * Every thread of the CTA calls it with the same arguments. */
-__device__ void score_run(const m3s_cuda_batch &b, const score_args &a, int64_t tile0, int p0,
-                          int p1, int64_t blk, score_smem *s) {
+static __device__ void score_run(const m3s_cuda_batch &b, const score_args &a, int64_t tile0,
+                                 int p0, int p1, int64_t blk, score_smem *s) {
   int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int r = s->req[p0];
   /* nb grows along the run, so the last pair needs the block if any does */
@@ -263,9 +266,9 @@ __device__ void score_run(const m3s_cuda_batch &b, const score_args &a, int64_t 
       S[tid * a.max_nb] = NAN;
     return;
   }
-  float k[M3S_D];
+  float k[M3S_INDEX_DIM];
   load_key(a, page, tid, k);
-  int64_t key_pos = blk * M3S_B + tid;
+  int64_t key_pos = blk * M3S_BLOCK_SIZE + tid;
   for (int p = p0; p < p1; p++) {
     if (!is_candidate(blk, blocks_of(s->pos[p]), a.init, a.local))
       continue; /* uniform over the CTA */
@@ -316,7 +319,7 @@ typedef struct {
 
 /* The rank of (score, id) as one integer: larger = ranks first. Ordered
  * float bits (NaN -> 0, the lowest; -0 as +0) above the inverted id. */
-__device__ __forceinline__ unsigned long long rank_key(float s, int64_t id) {
+static __device__ __forceinline__ unsigned long long rank_key(float s, int64_t id) {
   uint32_t u = 0;
   if (!isnan(s)) {
     uint32_t bits = __float_as_uint(s == 0.0f ? 0.0f : s);
@@ -325,13 +328,13 @@ __device__ __forceinline__ unsigned long long rank_key(float s, int64_t id) {
   return ((unsigned long long)u << 32) | (0xffffffffu - (uint32_t)id);
 }
 
-__device__ __forceinline__ int32_t id_of(unsigned long long key) {
+static __device__ __forceinline__ int32_t id_of(unsigned long long key) {
   return (int32_t)(0xffffffffu - (uint32_t)(key & 0xffffffffu));
 }
 
 /* Best key below `limit` among this thread's candidates
  * b = lo + tid, lo + tid + SEL_THREADS, ... < hi; 0 when none. */
-__device__ unsigned long long best_below(const float *S, int64_t lo, int64_t hi,
+static __device__ unsigned long long best_below(const float *S, int64_t lo, int64_t hi,
                                          unsigned long long limit) {
   unsigned long long best = 0;
   for (int64_t bk = lo + threadIdx.x; bk < hi; bk += SEL_THREADS) {
@@ -343,7 +346,7 @@ __device__ unsigned long long best_below(const float *S, int64_t lo, int64_t hi,
 }
 
 /* CTA-wide max; every thread gets it. */
-__device__ unsigned long long cta_max_key(unsigned long long v, unsigned long long *red,
+static __device__ unsigned long long cta_max_key(unsigned long long v, unsigned long long *red,
                                           unsigned long long *res) {
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -366,7 +369,7 @@ __device__ unsigned long long cta_max_key(unsigned long long v, unsigned long lo
 
 /* One pair with nb > K: forced blocks plus want rounds of argmax, written in
  * ascending order. Every thread of the CTA calls it. */
-__device__ void select_row(const select_args &a, const float *S, int64_t nb, int32_t *out) {
+static __device__ void select_row(const select_args &a, const float *S, int64_t nb, int32_t *out) {
   __shared__ unsigned long long red[SEL_WARPS], res;
   __shared__ int32_t sel[M3S_MAX_TOPK];
   int tid = threadIdx.x, want = a.topk - a.init - a.local;
@@ -468,7 +471,7 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
   size_t need = plan_bytes(&plan);
   if (need && (!exec || !exec->workspace || exec->workspace_bytes < need))
     return m3s_fail(M3S_ERR_WORKSPACE, fn, "the CUDA top-k needs %zu bytes of workspace", need);
-  cudaStream_t stream = exec ? (cudaStream_t)exec->stream : (cudaStream_t)0;
+  cudaStream_t stream = m3s_cuda_stream(exec);
   m3s_cuda_batch cb = m3s_cuda_batch_of(batch);
 
   score_args sa;
@@ -500,7 +503,7 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
   se.local = sa.local;
 
   int64_t sms = m3s_cuda_num_sms(ctx);
-  int per_sm = 1, uniform = batch->uniform_q_len > 0 && batch->uniform_q_len <= M3S_B;
+  int per_sm = 1, uniform = batch->uniform_q_len > 0 && batch->uniform_q_len <= M3S_BLOCK_SIZE;
   if (plan.score && uniform) {
     cudaError_t err =
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, score_kernel, SCORE_THREADS, 0);

@@ -11,7 +11,7 @@
  *    keys; top-k entries outside [0, nb) are skipped; slots outside the cache
  *    are skipped.
  *  - dot128_fixed: the fp32 dot product in exactly the CPU backend's order
- *    (src/cpu/cpu_common.h, cpu_dot128): eight interleaved partial sums, then a
+ *    (src/cpu/common.h, cpu_dot128): eight interleaved partial sums, then a
  *    fixed tree, with __fmul_rn/__fadd_rn so nvcc cannot contract to FMA. Index
  *    scores are therefore bit-identical to the CPU backend, and so is the
  *    top-k selection, for every input. */
@@ -27,8 +27,6 @@
 #include <math.h>
 #include <stdint.h>
 
-#define M3S_D 128
-#define M3S_B 128
 
 typedef struct {
   int num_reqs;
@@ -80,7 +78,7 @@ typedef struct {
   int valid;
 } m3s_row_info;
 
-__device__ __forceinline__ m3s_row_info m3s_row_lookup(const m3s_cuda_batch &b, int64_t t) {
+static __device__ __forceinline__ m3s_row_info m3s_row_lookup(const m3s_cuda_batch &b, int64_t t) {
   m3s_row_info ri;
   ri.valid = 0;
   ri.r = -1;
@@ -120,7 +118,7 @@ __device__ __forceinline__ m3s_row_info m3s_row_lookup(const m3s_cuda_batch &b, 
 }
 
 /* Physical page of logical page p of request r, or -1 when out of range. */
-__device__ __forceinline__ int64_t m3s_page(const int32_t *tab, int64_t s0, int64_t s1,
+static __device__ __forceinline__ int64_t m3s_page(const int32_t *tab, int64_t s0, int64_t s1,
                                             int64_t cols, int r, int64_t p, int64_t num_pages) {
   if (!tab || p < 0 || p >= cols)
     return -1;
@@ -128,7 +126,7 @@ __device__ __forceinline__ int64_t m3s_page(const int32_t *tab, int64_t s0, int6
   return (page >= 0 && page < num_pages) ? page : -1;
 }
 
-__device__ __forceinline__ float m3s_ld(const void *base, m3s_dtype dt, int64_t off) {
+static __device__ __forceinline__ float m3s_ld(const void *base, m3s_dtype dt, int64_t off) {
   switch (dt) {
   case M3S_BF16: return __bfloat162float(((const __nv_bfloat16 *)base)[off]);
   case M3S_F16: return __half2float(((const __half *)base)[off]);
@@ -149,7 +147,7 @@ __device__ __forceinline__ float m3s_ld(const void *base, m3s_dtype dt, int64_t 
 
 /* Round-to-nearest-even store; fp8 saturating (value already divided by the
  * scale by the caller). */
-__device__ __forceinline__ void m3s_st(void *base, m3s_dtype dt, int64_t off, float v) {
+static __device__ __forceinline__ void m3s_st(void *base, m3s_dtype dt, int64_t off, float v) {
   switch (dt) {
   case M3S_BF16: ((__nv_bfloat16 *)base)[off] = __float2bfloat16_rn(v); break;
   case M3S_F16: ((__half *)base)[off] = __float2half_rn(v); break;
@@ -165,10 +163,12 @@ __device__ __forceinline__ void m3s_st(void *base, m3s_dtype dt, int64_t off, fl
 }
 
 /* The CPU backend's dot product, bit for bit (see the file comment). */
-__device__ __forceinline__ float m3s_dot128_fixed(const float *a, const float *b) {
+static_assert(M3S_HEAD_DIM == 128 && M3S_INDEX_DIM == 128,
+              "m3s_dot128_fixed serves attention and index scores alike");
+static __device__ __forceinline__ float m3s_dot128_fixed(const float *a, const float *b) {
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int i = 0; i < M3S_D; i += 8)
+  for (int i = 0; i < M3S_HEAD_DIM; i += 8)
 #pragma unroll
     for (int l = 0; l < 8; l++)
       acc[l] = __fadd_rn(acc[l], __fmul_rn(a[i + l], b[i + l]));
@@ -198,17 +198,35 @@ static inline m3s_cuda_scales m3s_cuda_scales_of(const m3s_kv_scales *s, m3s_dty
   return c;
 }
 
-__device__ __forceinline__ float m3s_scale_k(const m3s_cuda_scales &s, int64_t h, int64_t slot) {
+static __device__ __forceinline__ float m3s_scale_k(const m3s_cuda_scales &s, int64_t h,
+                                                    int64_t slot) {
   if (!s.k)
     return 1.0f;
   return s.k_per_slot ? s.k[h * s.k_s0 + slot * s.k_s1] : s.k[0];
 }
 
-__device__ __forceinline__ float m3s_scale_v(const m3s_cuda_scales &s, int64_t h, int64_t slot) {
+static __device__ __forceinline__ float m3s_scale_v(const m3s_cuda_scales &s, int64_t h,
+                                                    int64_t slot) {
   if (!s.v)
     return 1.0f;
   return s.v_per_slot ? s.v[h * s.v_s0 + slot * s.v_s1] : s.v[0];
 }
+
+/* Host: the caller's stream (legacy stream 0 when exec is NULL). */
+static inline cudaStream_t m3s_cuda_stream(const m3s_exec *e) {
+  return e ? (cudaStream_t)e->stream : (cudaStream_t)0;
+}
+
+/* Host: a grid dimension of n clamped to the launch limit cap. */
+static inline unsigned m3s_grid_cap(int64_t n, int64_t cap) {
+  return (unsigned)(n < cap ? n : cap);
+}
+
+/* Host, called once per context by context.cu with the context's device
+ * current: raise the dynamic shared-memory limits of the kernels that need
+ * more than 48 KB (attention.cu, k2q.cu). */
+extern "C" cudaError_t m3s_cuda_attention_prepare(void);
+extern "C" cudaError_t m3s_cuda_k2q_prepare(void);
 
 /* Host: turns the last launch error into a status. */
 static inline m3s_status m3s_cuda_check_launch(const char *fn, const char *kernel) {

@@ -1,9 +1,11 @@
 /* CUDA backend: context setup. A CUDA context records its device ordinal,
- * compute capability and SM count (the launchers size grids from it); the
- * operations live in cuda_topk.cu, cuda_attention.cu and cuda_k2q.cu. */
-#include "../core/internal.h"
+ * compute capability and SM count (the launchers size grids from it), and
+ * raises the dynamic shared-memory limit of the kernels that need more than
+ * 48 KB once, here: cudaFuncSetAttribute allocates host memory inside the
+ * CUDA runtime, and run calls promise to allocate nothing. The operations
+ * live in cache.cu, topk.cu, attention.cu, k2q.cu and merge.cu. */
+#include "common.cuh"
 
-#include <cuda_runtime.h>
 #include <stdlib.h>
 
 typedef struct {
@@ -12,10 +14,38 @@ typedef struct {
   int num_sms;
 } cuda_state;
 
+/* Kernel attributes belong to the device that is current when they are set:
+ * make the context's device current for the call, then restore the caller's. */
+static m3s_status prepare_kernels(const m3s_context *ctx, const char *fn) {
+  int prev = 0;
+  cudaError_t err = cudaGetDevice(&prev);
+  if (err == cudaSuccess && prev != ctx->device)
+    err = cudaSetDevice(ctx->device);
+  if (err == cudaSuccess)
+    err = m3s_cuda_attention_prepare();
+  if (err == cudaSuccess)
+    err = m3s_cuda_k2q_prepare();
+  if (prev != ctx->device)
+    cudaSetDevice(prev); /* best effort: the caller's device was valid before */
+  if (err == cudaSuccess)
+    return M3S_OK;
+  return m3s_fail(err == cudaErrorMemoryAllocation ? M3S_ERR_NO_MEMORY : M3S_ERR_CUDA, fn,
+                  "could not raise the shared-memory limit of the attention kernels on device "
+                  "%d: %s",
+                  ctx->device, cudaGetErrorString(err));
+}
+
 extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   const char *fn = "m3s_context_create";
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
+  /* Without a GPU the runtime answers "no device" or, with no driver at all,
+   * "driver version is insufficient": both mean there is nothing to run on. */
+  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver)
+    return m3s_fail(M3S_ERR_CUDA, fn,
+                    "no CUDA device: device %d requested but this machine has no usable NVIDIA "
+                    "GPU or driver (CUDA runtime: %s)",
+                    ctx->device, cudaGetErrorString(err));
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "cudaGetDeviceCount failed: %s", cudaGetErrorString(err));
   if (ctx->device >= count)
@@ -26,6 +56,9 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "cudaGetDeviceProperties(%d) failed: %s", ctx->device,
                     cudaGetErrorString(err));
+  m3s_status prep = prepare_kernels(ctx, fn);
+  if (prep)
+    return prep;
   cuda_state *st = (cuda_state *)calloc(1, sizeof *st);
   if (!st)
     return m3s_fail(M3S_ERR_NO_MEMORY, fn, "could not allocate the CUDA context state");

@@ -42,7 +42,7 @@
  * Launch shapes
  *  - attn_kernel: grid (T * Hkv * ceil(G/16), nsplit), 128 threads, dynamic
  *    shared memory 4 warps x 2 stages x (8 KiB tile + 128 B scales) = 65 KiB
- *    (cudaFuncSetAttribute), plus ~1.5 KiB static (the selection).
+ *    (limit raised once per context, at creation), plus ~1.5 KiB static.
  *  - merge_kernel (only when nsplit > 1): grid ceil(T * Hq / 4), 128 threads.
  *  nsplit comes from host bounds only (batch->num_tokens, cfg, the SM count,
  *  min(K, ceil(max_seq_len / 128))): when T * Hkv * chunks < 2 * SMs, the
@@ -59,7 +59,7 @@
  * launches only on exec->stream (stream 0 when exec is NULL).
  *
  * measured: not yet. */
-#include "cuda_common.cuh"
+#include "common.cuh"
 
 #include <string.h>
 
@@ -112,42 +112,42 @@ typedef struct {
 
 /* ---- PTX wrappers ------------------------------------------------------ */
 
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+static __device__ __forceinline__ uint32_t smem_addr(const void *p) {
   return (uint32_t)__cvta_generic_to_shared(p);
 }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes) {
+static __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes)
                : "memory");
 }
 
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, int src_bytes) {
+static __device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes)
                : "memory");
 }
 
-__device__ __forceinline__ void cp_async_commit(void) {
+static __device__ __forceinline__ void cp_async_commit(void) {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
-__device__ __forceinline__ void cp_async_wait_prev(void) {
+static __device__ __forceinline__ void cp_async_wait_prev(void) {
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 }
 
-__device__ __forceinline__ void cp_async_wait_all(void) {
+static __device__ __forceinline__ void cp_async_wait_all(void) {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) {
+static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr)
                : "memory");
 }
 
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
+static __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr)
@@ -156,7 +156,7 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
 
 /* d += a * b, m16n8k16, fp32 accumulate; F16 picks the f16 or bf16 form. */
 template <bool F16>
-__device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0,
+static __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0,
                                          uint32_t b1) {
   if (F16)
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -175,7 +175,7 @@ __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32
 /* Two floats -> packed 16-bit pair (RNE), low half = lo. f16 saturates to
  * +-65504 so a large dequantised value cannot become inf. */
 template <bool F16>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if (F16) {
     lo = fminf(fmaxf(lo, -65504.0f), 65504.0f);
     hi = fminf(fmaxf(hi, -65504.0f), 65504.0f);
@@ -188,7 +188,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 /* Packed pair of the OTHER 16-bit dtype -> two floats. */
 template <bool F16>
-__device__ __forceinline__ float2 unpack_other(uint32_t x) {
+static __device__ __forceinline__ float2 unpack_other(uint32_t x) {
   if (F16) { /* other = bf16 */
     __nv_bfloat162 v = *(__nv_bfloat162 *)&x;
     return __bfloat1622float2(v);
@@ -197,30 +197,30 @@ __device__ __forceinline__ float2 unpack_other(uint32_t x) {
   return __half22float2(h);
 }
 
-__device__ __forceinline__ float2 fp8x2_to_float2(uint16_t x, int mode) {
+static __device__ __forceinline__ float2 fp8x2_to_float2(uint16_t x, int mode) {
   __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)x,
                                              mode == KV_E4M3 ? __NV_E4M3 : __NV_E5M2);
   __half2 h = *(__half2 *)&r;
   return __half22float2(h);
 }
 
-__device__ __forceinline__ uint32_t ld_act_pair(const void *base, int64_t off) {
+static __device__ __forceinline__ uint32_t ld_act_pair(const void *base, int64_t off) {
   const uint16_t *p = (const uint16_t *)base + off;
   return (uint32_t)p[0] | ((uint32_t)p[1] << 16);
 }
 
-__device__ __forceinline__ float neg_inf(void) { return -INFINITY; }
+static __device__ __forceinline__ float neg_inf(void) { return -INFINITY; }
 
 /* ---- phase 1: selection --------------------------------------------------- */
 
 /* Fills sel with the valid selected blocks of (t, g), ascending; returns n.
  * Contains two __syncthreads (every thread of the CTA calls it). */
-__device__ int select_blocks(const attn_params &p, const m3s_row_info &ri, int64_t t, int g,
+static __device__ int select_blocks(const attn_params &p, const m3s_row_info &ri, int64_t t, int g,
                              cta_selection *sel) {
   int tid = threadIdx.x, kk = 0;
   int64_t nb = 0;
   if (ri.valid) {
-    nb = ri.pos / M3S_B + 1;
+    nb = ri.pos / M3S_BLOCK_SIZE + 1;
     kk = (int)(nb < p.topk_k ? nb : p.topk_k);
   }
   if (tid < kk) {
@@ -255,7 +255,7 @@ __device__ int select_blocks(const attn_params &p, const m3s_row_info &ri, int64
 
 /* Issues the loads of one unit: keys [kbase, kbase + 16) of page `page`, KV
  * head g, into `stage`; rows kr >= nvis (keys after pos) are zero-filled. */
-__device__ __forceinline__ void issue_unit(const attn_params &p, unsigned char *stage,
+static __device__ __forceinline__ void issue_unit(const attn_params &p, unsigned char *stage,
                                            int64_t page, int g, int kbase, int nvis,
                                            int lane) {
   const int64_t row0 = page * p.kv_s0 + (int64_t)g * p.kv_s1 + (int64_t)kbase * p.kv_s2;
@@ -296,21 +296,22 @@ __device__ __forceinline__ void issue_unit(const attn_params &p, unsigned char *
     const float *base = lane < 16 ? p.sc.k : p.sc.v;
     int per_slot = lane < 16 ? p.sc.k_per_slot : p.sc.v_per_slot;
     if (per_slot) {
-      int64_t slot = page * M3S_B + kbase + kr;
+      int64_t slot = page * M3S_BLOCK_SIZE + kbase + kr;
       int64_t off = lane < 16 ? g * p.sc.k_s0 + slot * p.sc.k_s1 : g * p.sc.v_s0 + slot * p.sc.v_s1;
-      cp_async4(st + TILE_BYTES + lane * 4, kr < nvis ? (const void *)(base + off) : (const void *)base,
-                kr < nvis ? 4 : 0);
+      cp_async4(st + TILE_BYTES + lane * 4,
+                kr < nvis ? (const void *)(base + off) : (const void *)base, kr < nvis ? 4 : 0);
     }
   }
 }
 
 /* fp8 bytes in the upper half of the stage -> 16-bit tile, in place. K stays
  * unscaled (every fp8 value is exact in bf16 and f16; the k scale multiplies
- * the fp32 score instead), V is dequantised (times its scale, RNE). Round i reads chunks [32i, 32i+32) before any lane writes (the
+ * the fp32 score instead), V is dequantised (times its scale, RNE). Round i reads chunks [32i,
+ * 32i+32) before any lane writes (the
  * __syncwarp); writes of round i ([1 KiB * i, +1 KiB)) never reach input
  * bytes of a later round (4 KiB + 512 B * i'). */
 template <bool F16>
-__device__ __forceinline__ void dequant_fp8(unsigned char *stage, int mode, float vs,
+static __device__ __forceinline__ void dequant_fp8(unsigned char *stage, int mode, float vs,
                                             int v_per_slot, int lane) {
   const float *sc = (const float *)(stage + TILE_BYTES);
 #pragma unroll 1
@@ -335,7 +336,7 @@ __device__ __forceinline__ void dequant_fp8(unsigned char *stage, int mode, floa
 
 /* The other 16-bit dtype -> the activation dtype, chunk by chunk in place. */
 template <bool F16>
-__device__ __forceinline__ void convert16(unsigned char *stage, int lane) {
+static __device__ __forceinline__ void convert16(unsigned char *stage, int lane) {
 #pragma unroll 2
   for (int i = 0; i < TILE_BYTES / 16 / 32; i++) {
     uint4 *c = (uint4 *)(stage + (i * 32 + lane) * 16);
@@ -361,9 +362,9 @@ typedef struct {
 /* kscale: per-key k scales of the unit (fp8 per-slot) or NULL; scale_log2
  * already holds a scalar k scale. */
 template <bool F16>
-__device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t (&qa)[8][4], int nvis,
-                                            const float *kscale, float scale_log2,
-                                            warp_state &ws, int lane) {
+static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t (&qa)[8][4],
+                                                   int nvis, const float *kscale, float scale_log2,
+                                                   warp_state &ws, int lane) {
   const int row = lane & 7, mi = lane >> 3, t4 = lane & 3;
   float s[2][4];
 #pragma unroll
@@ -431,7 +432,7 @@ __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t (&qa)[
 /* Q rows h0 + lane/4 (+8) as A fragments of the 8 k-steps (zero padding for
  * rows >= nh); bf16 q is converted when the mma runs in f16. */
 template <bool F16>
-__device__ __forceinline__ void load_q(const attn_params &p, int64_t t, int h0, int nh,
+static __device__ __forceinline__ void load_q(const attn_params &p, int64_t t, int h0, int nh,
                                        uint32_t (&qa)[8][4], int lane) {
   int g4 = lane >> 2, t4 = lane & 3;
 #pragma unroll
@@ -456,14 +457,14 @@ __device__ __forceinline__ void load_q(const attn_params &p, int64_t t, int h0, 
 }
 
 /* Visible keys of sorted position bi: min(128, pos + 1 - 128 * id). */
-__device__ __forceinline__ int block_keys(const cta_selection *sel, int bi, int64_t pos) {
-  int64_t nk = pos + 1 - (int64_t)sel->id[bi] * M3S_B;
-  return nk > M3S_B ? M3S_B : (int)nk;
+static __device__ __forceinline__ int block_keys(const cta_selection *sel, int bi, int64_t pos) {
+  int64_t nk = pos + 1 - (int64_t)sel->id[bi] * M3S_BLOCK_SIZE;
+  return nk > M3S_BLOCK_SIZE ? M3S_BLOCK_SIZE : (int)nk;
 }
 
 /* Next unit u' >= u (unit u = block b0 + u/2, keys 32*warp + 16*(u%2)) with
  * at least one visible key; nu when none. */
-__device__ __forceinline__ int next_unit(const cta_selection *sel, int b0, int nu, int u,
+static __device__ __forceinline__ int next_unit(const cta_selection *sel, int b0, int nu, int u,
                                          int warp, int64_t pos) {
   for (; u < nu; u++)
     if (32 * warp + 16 * (u & 1) < block_keys(sel, b0 + (u >> 1), pos))
@@ -472,7 +473,7 @@ __device__ __forceinline__ int next_unit(const cta_selection *sel, int b0, int n
 }
 
 template <bool F16>
-__device__ void warp_stream(const attn_params &p, const cta_selection *sel, int b0, int b1,
+static __device__ void warp_stream(const attn_params &p, const cta_selection *sel, int b0, int b1,
                             int64_t pos, int g, float sl2, float vs, const uint32_t (&qa)[8][4],
                             unsigned char *wbuf, warp_state &ws, int warp, int lane) {
   const int nu = 2 * (b1 - b0);
@@ -516,7 +517,8 @@ __device__ void warp_stream(const attn_params &p, const cta_selection *sel, int 
 
 /* Warp w's state into its own region of shared memory (no CTA barrier
  * needed before: the region is the warp's own stage memory). */
-__device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s, float *ml_s, int lane) {
+static __device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s, float *ml_s,
+                                                   int lane) {
   int g4 = lane >> 2, t4 = lane & 3;
 #pragma unroll
   for (int r = 0; r < 2; r++) {
@@ -525,7 +527,8 @@ __device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s, float 
   }
 #pragma unroll
   for (int dt = 0; dt < 16; dt++) {
-    *(float2 *)&acc_s[g4 * ACC_STRIDE + dt * 8 + 2 * t4] = make_float2(ws.acc[dt][0], ws.acc[dt][1]);
+    *(float2 *)&acc_s[g4 * ACC_STRIDE + dt * 8 + 2 * t4] =
+        make_float2(ws.acc[dt][0], ws.acc[dt][1]);
     *(float2 *)&acc_s[(g4 + 8) * ACC_STRIDE + dt * 8 + 2 * t4] =
         make_float2(ws.acc[dt][2], ws.acc[dt][3]);
   }
@@ -537,15 +540,15 @@ __device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s, float 
   }
 }
 
-__device__ __forceinline__ float *warp_acc(unsigned char *smem, int w) {
+static __device__ __forceinline__ float *warp_acc(unsigned char *smem, int w) {
   return (float *)(smem + w * WARP_BYTES);
 }
-__device__ __forceinline__ float *warp_ml(unsigned char *smem, int w) {
+static __device__ __forceinline__ float *warp_ml(unsigned char *smem, int w) {
   return (float *)(smem + w * WARP_BYTES) + HEADS_PER_CTA * ACC_STRIDE;
 }
 
-__device__ void store_rows(const attn_params &p, unsigned char *smem, int64_t t, int h0, int nh,
-                           int split) {
+static __device__ void store_rows(const attn_params &p, unsigned char *smem, int64_t t, int h0,
+                                  int nh, int split) {
   const int tid = threadIdx.x;
 #pragma unroll 1
   for (int i = 0; i < HEADS_PER_CTA * 64 / ATT_THREADS; i++) {
@@ -579,7 +582,7 @@ __device__ void store_rows(const attn_params &p, unsigned char *smem, int64_t t,
         p.lse[t * p.lse_s0 + h * p.lse_s1] = l > 0.0f ? (mx + log2f(l)) * LN2 : neg_inf();
     } else {
       int64_t idx = (t * p.hq + h) * p.nsplit + split;
-      *(float2 *)&p.ws_o[idx * M3S_D + d] = make_float2(o0, o1);
+      *(float2 *)&p.ws_o[idx * M3S_HEAD_DIM + d] = make_float2(o0, o1);
       if (d == 0)
         *(float2 *)&p.ws_ml[idx * 2] = make_float2(l > 0.0f ? mx : neg_inf(), l);
     }
@@ -587,7 +590,7 @@ __device__ void store_rows(const attn_params &p, unsigned char *smem, int64_t t,
 }
 
 template <bool F16>
-__global__ void __launch_bounds__(ATT_THREADS) attn_kernel(const attn_params p) {
+static __global__ void __launch_bounds__(ATT_THREADS) attn_kernel(const attn_params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ cta_selection sel;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -631,7 +634,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attn_kernel(const attn_params p) 
 }
 
 /* Merge of the nsplit partials of (t, h), split order 0..nsplit-1. */
-__global__ void __launch_bounds__(128) merge_kernel(const attn_params p, int64_t rows) {
+static __global__ void __launch_bounds__(128) merge_kernel(const attn_params p, int64_t rows) {
   const int64_t wid = (int64_t)blockIdx.x * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (wid >= rows)
@@ -646,7 +649,7 @@ __global__ void __launch_bounds__(128) merge_kernel(const attn_params p, int64_t
   if (mx != neg_inf()) {
     for (int s = 0; s < p.nsplit; s++) {
       float a = exp2f(ml[2 * s] - mx);
-      float4 v = *(const float4 *)&p.ws_o[(wid * p.nsplit + s) * M3S_D + 4 * lane];
+      float4 v = *(const float4 *)&p.ws_o[(wid * p.nsplit + s) * M3S_HEAD_DIM + 4 * lane];
       l += ml[2 * s + 1] * a;
       o.x += v.x * a;
       o.y += v.y * a;
@@ -681,7 +684,7 @@ static int plan_split(const m3s_context *ctx, const m3s_layer_config *cfg, int64
   if (ctx->batch_invariant)
     return 1;
   int64_t ctas = T * cfg->num_kv_heads * head_chunks(cfg);
-  int64_t kmax = m3s_ceil_div(max_seq_len, M3S_B);
+  int64_t kmax = m3s_ceil_div(max_seq_len, M3S_BLOCK_SIZE);
   if (kmax > cfg->topk)
     kmax = cfg->topk;
   int64_t target = 2 * (int64_t)m3s_cuda_num_sms(ctx);
@@ -698,7 +701,7 @@ static size_t split_bytes(const m3s_layer_config *cfg, int64_t T, int nsplit) {
   if (nsplit <= 1)
     return 0;
   size_t units = (size_t)T * (size_t)cfg->num_q_heads * (size_t)nsplit;
-  return align256(units * M3S_D * sizeof(float)) + align256(units * 2 * sizeof(float));
+  return align256(units * M3S_HEAD_DIM * sizeof(float)) + align256(units * 2 * sizeof(float));
 }
 
 extern "C" size_t m3s_cuda_attention_workspace(const m3s_context *ctx,
@@ -777,16 +780,20 @@ static attn_params make_params(const m3s_layer_config *cfg, const m3s_batch *bat
   return p;
 }
 
-template <bool F16>
-static m3s_status launch_attn(const attn_params &p, dim3 grid, cudaStream_t stream) {
-  const char *fn = "m3s_sparse_attention";
-  cudaError_t err = cudaFuncSetAttribute(attn_kernel<F16>,
+extern "C" cudaError_t m3s_cuda_attention_prepare(void) {
+  cudaError_t err = cudaFuncSetAttribute(attn_kernel<true>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, ATT_SMEM);
   if (err != cudaSuccess)
-    return m3s_fail(M3S_ERR_CUDA, fn, "cudaFuncSetAttribute(attn_kernel, %d B shared) failed: %s",
-                    ATT_SMEM, cudaGetErrorString(err));
+    return err;
+  return cudaFuncSetAttribute(attn_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              ATT_SMEM);
+}
+
+/* The shared-memory limit was raised at context creation (context.cu). */
+template <bool F16>
+static m3s_status launch_attn(const attn_params &p, dim3 grid, cudaStream_t stream) {
   attn_kernel<F16><<<grid, ATT_THREADS, ATT_SMEM, stream>>>(p);
-  return m3s_cuda_check_launch(fn, "attn_kernel");
+  return m3s_cuda_check_launch("m3s_sparse_attention", "attn_kernel");
 }
 
 extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
@@ -800,7 +807,7 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
   if (T <= 0)
     return M3S_OK;
   attn_params p = make_params(cfg, batch, q, kv_cache, scales, topk, out, lse);
-  cudaStream_t stream = exec ? (cudaStream_t)exec->stream : (cudaStream_t)0;
+  cudaStream_t stream = m3s_cuda_stream(exec);
 
   /* split factor from host bounds; the core checked the workspace against
    * m3s_cuda_attention_workspace for these bounds (fallback: no split) */
@@ -812,7 +819,7 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
   if (nsplit > 1) {
     size_t units = (size_t)T * (size_t)cfg->num_q_heads * (size_t)nsplit;
     p.ws_o = (float *)exec->workspace;
-    p.ws_ml = (float *)((char *)exec->workspace + align256(units * M3S_D * sizeof(float)));
+    p.ws_ml = (float *)((char *)exec->workspace + align256(units * M3S_HEAD_DIM * sizeof(float)));
   }
 
   int64_t ctas = T * p.hkv * p.nchunk;

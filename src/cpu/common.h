@@ -13,8 +13,6 @@
 #include <math.h>
 #include <string.h>
 
-#define CPU_D 128
-#define CPU_B 128
 
 /* Converts n contiguous elements of dtype dt at element offset off of base
  * into fp32 (fp8 values multiplied by scale). */
@@ -90,9 +88,11 @@ static inline void cpu_store(void *base, m3s_dtype dt, int64_t off, int n, float
  * interleaved partial sums, then a fixed pairwise tree. The order is part of
  * the CPU backend's definition of s(t, r, j); it vectorises without
  * -ffast-math and gives the same bits on every host. */
+_Static_assert(M3S_HEAD_DIM == 128 && M3S_INDEX_DIM == 128,
+               "cpu_dot128 serves attention and index scores alike");
 static inline float cpu_dot128(const float *a, const float *b) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int i = 0; i < CPU_D; i += 8)
+  for (int i = 0; i < M3S_HEAD_DIM; i += 8)
     for (int l = 0; l < 8; l++)
       acc[l] += a[i + l] * b[i + l];
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));

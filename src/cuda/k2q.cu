@@ -1,9 +1,8 @@
-/* CUDA backend: cache inserts (SPEC section 2), the key-centric k2q CSR
- * schedule (section 7), the combine of per-slot partials and the merge of two
- * attention states. Semantics are those of the CPU reference
- * (src/cpu/cpu_cache.c, src/cpu/cpu_attention.c): inserts and the CSR give
- * the CPU's bytes exactly; attention, combine and merge are fp32 (not
- * bit-identical to the CPU: expf/logf and summation order differ).
+/* CUDA backend: the key-centric k2q CSR schedule (SPEC section 7) and the
+ * k2q attention over it. Semantics are those of the CPU reference
+ * (src/cpu/k2q.c): the CSR gives the CPU's bytes exactly; attention is fp32
+ * (not bit-identical to the CPU: expf/logf and summation order differ). The
+ * per-slot partials are combined by src/cuda/merge.cu.
  *
  * Every launch goes to exec->stream (legacy stream 0 when exec is NULL); no
  * allocation, no synchronisation, no host read of device data, no workspace;
@@ -11,9 +10,6 @@
  * and the batch's host bound max_q_len.
  *
  * Kernels and launch shapes:
- *  - insert_kv_kernel     grid (min(T, 2^31-1), min(Hkv, 65535)), 128 threads:
- *                         thread d converts K[d] and V[d] of one (token, head).
- *  - insert_index_kernel  grid min(T, 2^31-1), 128 threads.
  *  - CSR build, five stream-ordered steps and no scratch memory beyond the
  *    outputs themselves:
  *      1. cudaMemsetAsync(row_ptr, 0).
@@ -42,11 +38,9 @@
  *    stages the block's K and V as fp32 (fp8 dequantised with its scales),
  *    then each warp takes items of its share: scores, softmax and P.V over
  *    the keys j <= pos(t) in SIMT fp32 (no tensor cores yet).
- *  - combine_kernel, merge_kernel: a warp per (t, h), 256 threads per CTA.
  *
- * Guards (device data is not validated by the core): slots outside the cache
- * skip the token; requests whose seq_len is outside (0, max_seq_len] own no
- * rows; top-k entries outside [0, nb) are skipped (still not counted); CSR
+ * Guards (device data is not validated by the core): requests whose seq_len is outside (0,
+ * max_seq_len] own no rows; top-k entries outside [0, nb) are skipped (still not counted); CSR
  * entries whose row is >= R are skipped; row_ptr/q_indices/q_slot/q_count
  * values out of range skip the row or entry; pages out of range give no keys.
  *
@@ -54,10 +48,9 @@
  * 8000 query rows at TP8 with attention-sink rows of 3000 / 5000 queries (24
  * ms before rows were split across CTAs), 1.2 ms for a 621-row TP2 prefill;
  * SIMT fp32, no tensor cores yet (not profiled). */
-#include "cuda_common.cuh"
+#include "common.cuh"
 
 #define FULL_MASK 0xffffffffu
-#define INSERT_THREADS 128
 #define CSR_THREADS 256
 #define SCAN_THREADS 1024
 #define SORT_THREADS 128
@@ -66,16 +59,10 @@
 #define ATT_WARPS (ATT_THREADS / 32)
 #define K2Q_MIN_ITEMS 256 /* fewest (entry, head) items worth a CTA's block load */
 #define K2Q_MAX_SPLIT 32  /* most CTAs per CSR row */
-#define KS_STRIDE (M3S_D + 1) /* padded K rows: lanes reading 32 keys hit 32 banks */
-#define ATT_SMEM_FLOATS (M3S_B * KS_STRIDE + M3S_B * M3S_D + 2 * ATT_WARPS * M3S_D)
+#define KS_STRIDE (M3S_HEAD_DIM + 1) /* padded K rows: lanes reading 32 keys hit 32 banks */
+#define ATT_SMEM_FLOATS                                                                            \
+  (M3S_BLOCK_SIZE * KS_STRIDE + M3S_BLOCK_SIZE * M3S_HEAD_DIM + 2 * ATT_WARPS * M3S_HEAD_DIM)
 #define ATT_SMEM_BYTES ((size_t)ATT_SMEM_FLOATS * sizeof(float))
-#define WARP_THREADS 256
-
-static cudaStream_t stream_of(const m3s_exec *e) {
-  return e ? (cudaStream_t)e->stream : (cudaStream_t)0;
-}
-
-static unsigned grid_cap(int64_t n, int64_t cap) { return (unsigned)(n < cap ? n : cap); }
 
 /* ---------------------------------------------------------------------------
  * CTA-wide helpers (blockDim.x a multiple of 32, at most 1024; every thread of
@@ -83,7 +70,7 @@ static unsigned grid_cap(int64_t n, int64_t cap) { return (unsigned)(n < cap ? n
  * ------------------------------------------------------------------------- */
 
 /* Sum (is_max == 0) or max of v over the CTA; every thread gets the result. */
-__device__ int64_t cta_reduce_i64(int64_t v, int is_max) {
+static __device__ int64_t cta_reduce_i64(int64_t v, int is_max) {
   __shared__ int64_t part[32];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   for (int o = 16; o > 0; o >>= 1) {
@@ -101,7 +88,7 @@ __device__ int64_t cta_reduce_i64(int64_t v, int is_max) {
 }
 
 /* Inclusive scan of v over the CTA in thread order; *total = the CTA's sum. */
-__device__ int64_t cta_inclusive_scan(int64_t v, int64_t *total) {
+static __device__ int64_t cta_inclusive_scan(int64_t v, int64_t *total) {
   __shared__ int64_t part[32];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   for (int o = 1; o < 32; o <<= 1) {
@@ -127,13 +114,13 @@ __device__ int64_t cta_inclusive_scan(int64_t v, int64_t *total) {
  * ------------------------------------------------------------------------- */
 
 /* KV-block rows of request r: ceil(seq_len / 128) for a usable seq_len. */
-__device__ __forceinline__ int64_t req_rows(const m3s_cuda_batch &b, int64_t r) {
+static __device__ __forceinline__ int64_t req_rows(const m3s_cuda_batch &b, int64_t r) {
   int64_t s = b.seq_lens[r * b.seq_stride];
-  return (s > 0 && s <= b.max_seq_len) ? (s + M3S_B - 1) / M3S_B : 0;
+  return (s > 0 && s <= b.max_seq_len) ? (s + M3S_BLOCK_SIZE - 1) / M3S_BLOCK_SIZE : 0;
 }
 
 /* First row and query count of request r (r < num_reqs). */
-__device__ __forceinline__ void req_queries(const m3s_cuda_batch &b, int r, int64_t *row0,
+static __device__ __forceinline__ void req_queries(const m3s_cuda_batch &b, int r, int64_t *row0,
                                             int64_t *n) {
   if (b.uniform_q_len > 0) {
     *row0 = (int64_t)r * b.uniform_q_len;
@@ -148,7 +135,7 @@ __device__ __forceinline__ void req_queries(const m3s_cuda_batch &b, int r, int6
 /* Rows owned by the requests before my_r, for each thread's own request
  * (my_r < 0: the thread has none and gets 0). The CTA reduces the requests
  * below its smallest request, then scans the range it spans. */
-__device__ int64_t cta_request_base(const m3s_cuda_batch &b, int my_r) {
+static __device__ int64_t cta_request_base(const m3s_cuda_batch &b, int my_r) {
   __shared__ int64_t excl[1024];
   int64_t hi = cta_reduce_i64(my_r, 1);
   if (hi < 0)
@@ -172,7 +159,7 @@ __device__ int64_t cta_request_base(const m3s_cuda_batch &b, int my_r) {
 }
 
 /* Request owning CSR row `row` and the row's block in it; -1 when none. */
-__device__ int cta_row_owner(const m3s_cuda_batch &b, int64_t row, int64_t *blk) {
+static __device__ int cta_row_owner(const m3s_cuda_batch &b, int64_t row, int64_t *blk) {
   __shared__ int s_r;
   __shared__ int64_t s_blk;
   if (threadIdx.x == 0) {
@@ -198,115 +185,6 @@ __device__ int cta_row_owner(const m3s_cuda_batch &b, int64_t row, int64_t *blk)
 }
 
 /* ---------------------------------------------------------------------------
- * Inserts
- * ------------------------------------------------------------------------- */
-
-typedef struct {
-  const void *k, *v;
-  m3s_dtype k_dt, v_dt;
-  int64_t k_s0, k_s1, v_s0, v_s1;
-  const void *slots;
-  int slots_i64;
-  int64_t slot_s0;
-  void *cache;
-  m3s_dtype c_dt;
-  int64_t c_s0, c_s1, c_s2;
-  int64_t num_slots; /* P * 128 */
-  int64_t tokens, heads;
-  m3s_cuda_scales sc;
-} insert_args;
-
-__device__ __forceinline__ int64_t slot_at(const void *slots, int is_i64, int64_t s0, int64_t i) {
-  return is_i64 ? ((const int64_t *)slots)[i * s0] : (int64_t)((const int32_t *)slots)[i * s0];
-}
-
-/* Cache byte(s) of one value: RNE for bf16/f16; value / scale (IEEE division,
- * as the CPU) then the saturating fp8 cast. */
-__device__ __forceinline__ void store_scaled(void *base, m3s_dtype dt, int64_t off, float x,
-                                             float scale) {
-  if (dt == M3S_E4M3 || dt == M3S_E5M2)
-    x = __fdiv_rn(x, scale);
-  m3s_st(base, dt, off, x);
-}
-
-__global__ void insert_kv_kernel(insert_args a) {
-  int d = threadIdx.x;
-  for (int64_t i = blockIdx.x; i < a.tokens; i += gridDim.x) {
-    int64_t slot = slot_at(a.slots, a.slots_i64, a.slot_s0, i);
-    if (slot < 0 || slot >= a.num_slots)
-      continue;
-    int64_t page = slot / M3S_B, off = slot % M3S_B;
-    for (int64_t h = blockIdx.y; h < a.heads; h += gridDim.y) {
-      int64_t dst = page * a.c_s0 + h * a.c_s1 + off * a.c_s2;
-      float kx = m3s_ld(a.k, a.k_dt, i * a.k_s0 + h * a.k_s1 + d);
-      float vx = m3s_ld(a.v, a.v_dt, i * a.v_s0 + h * a.v_s1 + d);
-      store_scaled(a.cache, a.c_dt, dst + d, kx, m3s_scale_k(a.sc, h, slot));
-      store_scaled(a.cache, a.c_dt, dst + M3S_D + d, vx, m3s_scale_v(a.sc, h, slot));
-    }
-  }
-}
-
-extern "C" m3s_status m3s_cuda_cache_insert(m3s_context *ctx, const m3s_tensor *k,
-                                            const m3s_tensor *v, const m3s_tensor *slot_mapping,
-                                            m3s_tensor *kv_cache, const m3s_kv_scales *scales,
-                                            const m3s_exec *exec) {
-  (void)ctx;
-  insert_args a;
-  a.k = k->data;
-  a.v = v->data;
-  a.k_dt = k->dtype;
-  a.v_dt = v->dtype;
-  a.k_s0 = k->stride[0];
-  a.k_s1 = k->stride[1];
-  a.v_s0 = v->stride[0];
-  a.v_s1 = v->stride[1];
-  a.slots = slot_mapping->data;
-  a.slots_i64 = slot_mapping->dtype == M3S_I64;
-  a.slot_s0 = slot_mapping->stride[0];
-  a.cache = kv_cache->data;
-  a.c_dt = kv_cache->dtype;
-  a.c_s0 = kv_cache->stride[0];
-  a.c_s1 = kv_cache->stride[1];
-  a.c_s2 = kv_cache->stride[2];
-  a.num_slots = kv_cache->shape[0] * M3S_B;
-  a.tokens = k->shape[0];
-  a.heads = kv_cache->shape[1];
-  a.sc = m3s_cuda_scales_of(scales, kv_cache->dtype);
-  if (a.tokens == 0 || a.heads == 0 || a.num_slots == 0)
-    return M3S_OK;
-  dim3 grid(grid_cap(a.tokens, INT32_MAX), grid_cap(a.heads, 65535));
-  insert_kv_kernel<<<grid, INSERT_THREADS, 0, stream_of(exec)>>>(a);
-  return m3s_cuda_check_launch("m3s_cache_insert", "insert_kv_kernel");
-}
-
-__global__ void insert_index_kernel(const void *ik, m3s_dtype ik_dt, int64_t ik_s0,
-                                    const void *slots, int slots_i64, int64_t slot_s0,
-                                    void *cache, m3s_dtype c_dt, int64_t num_slots,
-                                    int64_t tokens) {
-  int d = threadIdx.x;
-  for (int64_t i = blockIdx.x; i < tokens; i += gridDim.x) {
-    int64_t slot = slot_at(slots, slots_i64, slot_s0, i);
-    if (slot < 0 || slot >= num_slots)
-      continue;
-    /* e4m3 index keys have no scale: a saturating cast */
-    m3s_st(cache, c_dt, slot * M3S_D + d, m3s_ld(ik, ik_dt, i * ik_s0 + d));
-  }
-}
-
-extern "C" m3s_status m3s_cuda_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
-                                                  const m3s_tensor *slot_mapping,
-                                                  m3s_tensor *index_cache, const m3s_exec *exec) {
-  (void)ctx;
-  int64_t tokens = ik->shape[0], num_slots = index_cache->shape[0] * M3S_B;
-  if (tokens == 0 || num_slots == 0)
-    return M3S_OK;
-  insert_index_kernel<<<grid_cap(tokens, INT32_MAX), INSERT_THREADS, 0, stream_of(exec)>>>(
-      ik->data, ik->dtype, ik->stride[0], slot_mapping->data, slot_mapping->dtype == M3S_I64,
-      slot_mapping->stride[0], index_cache->data, index_cache->dtype, num_slots, tokens);
-  return m3s_cuda_check_launch("m3s_index_cache_insert", "insert_index_kernel");
-}
-
-/* ---------------------------------------------------------------------------
  * k2q CSR build
  * ------------------------------------------------------------------------- */
 
@@ -328,7 +206,7 @@ typedef struct {
  * Phase 4 (place == 1): the same selections, each placed at the cursor
  * row_ptr[g][row + 1] as the key t*K + slot (slot = rank of the selection
  * among the row's valid entries). One thread per (t, g). */
-__global__ void __launch_bounds__(CSR_THREADS) csr_fill_kernel(m3s_cuda_batch b, csr_args a,
+static __global__ void __launch_bounds__(CSR_THREADS) csr_fill_kernel(m3s_cuda_batch b, csr_args a,
                                                                int place) {
   int64_t it = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   int64_t t = it / a.hkv;
@@ -337,7 +215,7 @@ __global__ void __launch_bounds__(CSR_THREADS) csr_fill_kernel(m3s_cuda_batch b,
   int64_t base = cta_request_base(b, ri.valid ? ri.r : -1);
   if (t >= b.num_tokens)
     return;
-  int64_t nb = ri.valid ? ri.pos / M3S_B + 1 : 0, kk = nb < a.k ? nb : a.k;
+  int64_t nb = ri.valid ? ri.pos / M3S_BLOCK_SIZE + 1 : 0, kk = nb < a.k ? nb : a.k;
   const int32_t *sel = a.topk + t * a.tk_s0 + g * a.tk_s1;
   int32_t *rp = a.row_ptr + g * a.rp_s0;
   int count = 0;
@@ -360,8 +238,8 @@ __global__ void __launch_bounds__(CSR_THREADS) csr_fill_kernel(m3s_cuda_batch b,
 }
 
 /* Phase 3: row_ptr[g][1 + x] = sum of the counts of rows < x (in place). */
-__global__ void __launch_bounds__(SCAN_THREADS) csr_scan_kernel(int32_t *row_ptr, int64_t rp_s0,
-                                                                int64_t rows) {
+static __global__ void __launch_bounds__(SCAN_THREADS)
+    csr_scan_kernel(int32_t *row_ptr, int64_t rp_s0, int64_t rows) {
   int32_t *cnt = row_ptr + blockIdx.x * rp_s0 + 1;
   int64_t carry = 0;
   for (int64_t c = 0; c < rows; c += blockDim.x) {
@@ -374,7 +252,7 @@ __global__ void __launch_bounds__(SCAN_THREADS) csr_scan_kernel(int32_t *row_ptr
 }
 
 /* Ascending bitonic sort of s[0, n), n a power of two. */
-__device__ void cta_bitonic_sort(int32_t *s, int n) {
+static __device__ void cta_bitonic_sort(int32_t *s, int n) {
   for (int size = 2; size <= n; size <<= 1)
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
       for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -393,7 +271,7 @@ __device__ void cta_bitonic_sort(int32_t *s, int n) {
 
 /* Loads src[0, len) (len <= SORT_CAP) into s, padded to a power of two with
  * INT32_MAX, and sorts it. */
-__device__ void sort_chunk_smem(const int32_t *src, int len, int32_t *s) {
+static __device__ void sort_chunk_smem(const int32_t *src, int len, int32_t *s) {
   int n = 1;
   while (n < len)
     n <<= 1;
@@ -404,7 +282,7 @@ __device__ void sort_chunk_smem(const int32_t *src, int len, int32_t *s) {
 }
 
 /* Number of elements of the sorted a[0, n) below key. */
-__device__ __forceinline__ int64_t count_below(const int32_t *a, int64_t n, int32_t key) {
+static __device__ __forceinline__ int64_t count_below(const int32_t *a, int64_t n, int32_t key) {
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     int64_t mid = (lo + hi) >> 1;
@@ -418,7 +296,7 @@ __device__ __forceinline__ int64_t count_below(const int32_t *a, int64_t n, int3
 
 /* Merges sorted runs of width w pairwise from src into dst (keys distinct:
  * each key's place is its index in its run plus its rank in the other run). */
-__device__ void rank_merge_pass(const int32_t *src, int32_t *dst, int64_t len, int64_t w) {
+static __device__ void rank_merge_pass(const int32_t *src, int32_t *dst, int64_t len, int64_t w) {
   for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
     int64_t a0 = i / (2 * w) * (2 * w);
     int64_t a1 = a0 + w < len ? a0 + w : len, a2 = a0 + 2 * w < len ? a0 + 2 * w : len;
@@ -431,7 +309,7 @@ __device__ void rank_merge_pass(const int32_t *src, int32_t *dst, int64_t len, i
 }
 
 /* Phase 5: one CTA per (row, g). */
-__global__ void __launch_bounds__(SORT_THREADS)
+static __global__ void __launch_bounds__(SORT_THREADS)
     csr_sort_kernel(const int32_t *row_ptr, int64_t rp_s0, int32_t *qi, int64_t qi_s0,
                     int32_t *qs, int64_t qs_s0, int64_t cap, int k) {
   __shared__ int32_t s[SORT_CAP];
@@ -480,7 +358,7 @@ extern "C" m3s_status m3s_cuda_build_k2q_csr(m3s_context *ctx, const m3s_layer_c
                                              const m3s_exec *exec) {
   (void)ctx;
   const char *fn = "m3s_build_k2q_csr";
-  cudaStream_t st = stream_of(exec);
+  cudaStream_t st = m3s_cuda_stream(exec);
   csr_args a;
   a.topk = (const int32_t *)topk->data;
   a.tk_s0 = topk->stride[0];
@@ -560,29 +438,30 @@ typedef struct {
 
 /* Keys [0, nk) of the block (page) of KV head g as fp32 into ks (padded
  * rows) and vs; rows >= nk are zero. */
-__device__ void load_block(const k2q_args &a, int64_t page, int g, int nk, float *ks, float *vs) {
-  for (int idx = threadIdx.x; idx < M3S_B * 2 * M3S_D; idx += blockDim.x) {
-    int j = idx / (2 * M3S_D), d = idx % (2 * M3S_D);
+static __device__ void load_block(const k2q_args &a, int64_t page, int g, int nk, float *ks,
+                                  float *vs) {
+  for (int idx = threadIdx.x; idx < M3S_BLOCK_SIZE * 2 * M3S_HEAD_DIM; idx += blockDim.x) {
+    int j = idx / (2 * M3S_HEAD_DIM), d = idx % (2 * M3S_HEAD_DIM);
     float x = 0.0f;
     if (j < nk) {
-      int64_t slot = page * M3S_B + j;
-      float sc = d < M3S_D ? m3s_scale_k(a.sc, g, slot) : m3s_scale_v(a.sc, g, slot);
+      int64_t slot = page * M3S_BLOCK_SIZE + j;
+      float sc = d < M3S_HEAD_DIM ? m3s_scale_k(a.sc, g, slot) : m3s_scale_v(a.sc, g, slot);
       x = m3s_ld(a.kv, a.kv_dt, page * a.kv_s0 + g * a.kv_s1 + j * a.kv_s2 + d) * sc;
     }
-    if (d < M3S_D)
+    if (d < M3S_HEAD_DIM)
       ks[j * KS_STRIDE + d] = x;
     else
-      vs[j * M3S_D + d - M3S_D] = x;
+      vs[j * M3S_HEAD_DIM + d - M3S_HEAD_DIM] = x;
   }
 }
 
-__device__ __forceinline__ float warp_max_f(float v) {
+static __device__ __forceinline__ float warp_max_f(float v) {
   for (int o = 16; o > 0; o >>= 1)
     v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
   return v;
 }
 
-__device__ __forceinline__ float warp_sum_f(float v) {
+static __device__ __forceinline__ float warp_sum_f(float v) {
   for (int o = 16; o > 0; o >>= 1)
     v += __shfl_xor_sync(FULL_MASK, v, o);
   return v;
@@ -591,7 +470,7 @@ __device__ __forceinline__ float warp_sum_f(float v) {
 /* One warp: query row t, head h over the block's keys [0, nk); writes the
  * normalised partial output and lse of slot `slot` (0 / -inf when nk == 0).
  * qw, pw: this warp's 128-float staging rows. */
-__device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs, float *qw,
+static __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs, float *qw,
                              float *pw, int64_t t, int64_t h, int slot, int nk) {
   int lane = threadIdx.x & 31;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, lse = -INFINITY;
@@ -600,7 +479,7 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
       qw[lane + 32 * i] = m3s_ld(a.q, a.q_dt, t * a.q_s0 + h * a.q_s1 + lane + 32 * i);
     __syncwarp();
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int d = 0; d < M3S_D; d++) {
+    for (int d = 0; d < M3S_HEAD_DIM; d++) {
       float qd = qw[d];
 #pragma unroll
       for (int i = 0; i < 4; i++)
@@ -625,7 +504,7 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
         float p = pw[j];
 #pragma unroll
         for (int i = 0; i < 4; i++)
-          acc[i] += p * vs[j * M3S_D + lane + 32 * i];
+          acc[i] += p * vs[j * M3S_HEAD_DIM + lane + 32 * i];
       }
       float inv = 1.0f / l;
       for (int i = 0; i < 4; i++)
@@ -641,11 +520,11 @@ __device__ void attend_entry(const k2q_args &a, const float *ks, const float *vs
   __syncwarp();
 }
 
-__global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_cuda_batch b,
+static __global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_cuda_batch b,
                                                                     k2q_args a) {
   extern __shared__ float smem[];
-  float *ks = smem, *vs = ks + M3S_B * KS_STRIDE, *qw = vs + M3S_B * M3S_D;
-  float *pw = qw + ATT_WARPS * M3S_D;
+  float *ks = smem, *vs = ks + M3S_BLOCK_SIZE * KS_STRIDE, *qw = vs + M3S_BLOCK_SIZE * M3S_HEAD_DIM;
+  float *pw = qw + ATT_WARPS * M3S_HEAD_DIM;
   int64_t row = blockIdx.x;
   int g = blockIdx.y;
   int64_t lo = a.rp[g * a.rp_s0 + row], hi = a.rp[g * a.rp_s0 + row + 1];
@@ -671,8 +550,8 @@ __global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_cuda_bat
   if (n < 0 || seq < n)
     return;
   int64_t page = m3s_page(b.bt, b.bt_s0, b.bt_s1, b.bt_cols, r, blk, a.num_pages);
-  int64_t in_blk = seq - blk * M3S_B;
-  int nk_blk = page < 0 ? 0 : (int)(in_blk < M3S_B ? in_blk : M3S_B);
+  int64_t in_blk = seq - blk * M3S_BLOCK_SIZE;
+  int nk_blk = page < 0 ? 0 : (int)(in_blk < M3S_BLOCK_SIZE ? in_blk : M3S_BLOCK_SIZE);
   /* Phase 2: stage the block once */
   load_block(a, page, g, nk_blk, ks, vs);
   __syncthreads();
@@ -684,13 +563,19 @@ __global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_cuda_bat
     int slot = a.qs[g * a.qs_s0 + e * a.qs_s1];
     if (t < row0 || t >= row0 + n || t >= b.num_tokens || slot < 0 || slot >= a.topk)
       continue;
-    int64_t nk = seq - n + (t - row0) + 1 - blk * M3S_B;
+    int64_t nk = seq - n + (t - row0) + 1 - blk * M3S_BLOCK_SIZE;
     nk = nk < nk_blk ? nk : nk_blk;
-    attend_entry(a, ks, vs, qw + warp * M3S_D, pw + warp * M3S_D, t, h, slot,
+    attend_entry(a, ks, vs, qw + warp * M3S_HEAD_DIM, pw + warp * M3S_HEAD_DIM, t, h, slot,
                  nk > 0 ? (int)nk : 0);
   }
 }
 
+extern "C" cudaError_t m3s_cuda_k2q_prepare(void) {
+  return cudaFuncSetAttribute(k2q_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)ATT_SMEM_BYTES);
+}
+
+/* The shared-memory limit was raised at context creation (context.cu). */
 extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
                                              const m3s_batch *batch, const m3s_tensor *q,
                                              const m3s_tensor *kv_cache,
@@ -739,12 +624,6 @@ extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_c
   a.group = cfg->num_q_heads / cfg->num_kv_heads;
   a.topk = cfg->topk;
   a.scale = cfg->softmax_scale;
-  cudaError_t err = cudaFuncSetAttribute(k2q_attention_kernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)ATT_SMEM_BYTES);
-  if (err != cudaSuccess)
-    return m3s_fail(M3S_ERR_CUDA, fn, "cudaFuncSetAttribute(%zu bytes of shared memory): %s",
-                    ATT_SMEM_BYTES, cudaGetErrorString(err));
   /* A row belongs to one request and holds one entry per query that selects
    * its block: max_q_len x G items unless top-k rows repeat a block. That
    * host bound sizes the split (only parallelism depends on it: each CTA's
@@ -754,184 +633,7 @@ extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_c
   split = split < 1 ? 1 : split;
   split = split < K2Q_MAX_SPLIT ? split : K2Q_MAX_SPLIT;
   dim3 grid((unsigned)rows, (unsigned)cfg->num_kv_heads, (unsigned)split);
-  k2q_attention_kernel<<<grid, ATT_THREADS, ATT_SMEM_BYTES, stream_of(exec)>>>(
+  k2q_attention_kernel<<<grid, ATT_THREADS, ATT_SMEM_BYTES, m3s_cuda_stream(exec)>>>(
       m3s_cuda_batch_of(batch), a);
   return m3s_cuda_check_launch(fn, "k2q_attention_kernel");
-}
-
-/* ---------------------------------------------------------------------------
- * Combine of per-slot partials, merge of two states
- * ------------------------------------------------------------------------- */
-
-typedef struct {
-  const float *po, *pl;
-  int64_t po_s0, po_s1, po_s2, pl_s0, pl_s1, pl_s2;
-  const int32_t *qc;
-  int64_t qc_s0, qc_s1;
-  void *out;
-  m3s_dtype out_dt;
-  int64_t out_s0, out_s1;
-  float *lse;
-  int64_t lse_s0, lse_s1;
-  int64_t tokens;
-  int hq, group, topk;
-} combine_args;
-
-/* A warp per (t, h): slots 0 .. q_count-1 merged in slot order, weights
- * e^(lse_k - max) over their sum (as the CPU). */
-__global__ void combine_kernel(combine_args a) {
-  int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  int lane = threadIdx.x & 31;
-  if (w >= a.tokens * a.hq)
-    return;
-  int64_t t = w / a.hq, h = w % a.hq;
-  int n = a.qc[t * a.qc_s0 + (h / a.group) * a.qc_s1];
-  n = n < 0 ? 0 : (n > a.topk ? a.topk : n);
-  const float *pl = a.pl + t * a.pl_s0 + h * a.pl_s1;
-  const float *po = a.po + t * a.po_s0 + h * a.po_s1;
-  float mx = -INFINITY, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, lse = -INFINITY;
-  for (int k = 0; k < n; k++)
-    mx = pl[k * a.pl_s2] > mx ? pl[k * a.pl_s2] : mx;
-  if (mx != -INFINITY) {
-    float sum = 0.0f;
-    for (int k = 0; k < n; k++) {
-      float wk = expf(pl[k * a.pl_s2] - mx);
-      sum += wk;
-      for (int i = 0; i < 4; i++)
-        acc[i] += wk * po[k * a.po_s2 + lane + 32 * i];
-    }
-    for (int i = 0; i < 4; i++)
-      acc[i] /= sum;
-    lse = mx + logf(sum);
-  }
-  for (int i = 0; i < 4; i++)
-    m3s_st(a.out, a.out_dt, t * a.out_s0 + h * a.out_s1 + lane + 32 * i, acc[i]);
-  if (a.lse && lane == 0)
-    a.lse[t * a.lse_s0 + h * a.lse_s1] = lse;
-}
-
-extern "C" m3s_status m3s_cuda_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
-                                                const m3s_tensor *part_out,
-                                                const m3s_tensor *part_lse,
-                                                const m3s_tensor *q_count, m3s_tensor *out,
-                                                m3s_tensor *lse, const m3s_exec *exec) {
-  (void)ctx;
-  combine_args a;
-  a.po = (const float *)part_out->data;
-  a.po_s0 = part_out->stride[0];
-  a.po_s1 = part_out->stride[1];
-  a.po_s2 = part_out->stride[2];
-  a.pl = (const float *)part_lse->data;
-  a.pl_s0 = part_lse->stride[0];
-  a.pl_s1 = part_lse->stride[1];
-  a.pl_s2 = part_lse->stride[2];
-  a.qc = (const int32_t *)q_count->data;
-  a.qc_s0 = q_count->stride[0];
-  a.qc_s1 = q_count->stride[1];
-  a.out = out->data;
-  a.out_dt = out->dtype;
-  a.out_s0 = out->stride[0];
-  a.out_s1 = out->stride[1];
-  a.lse = lse ? (float *)lse->data : NULL;
-  a.lse_s0 = lse ? lse->stride[0] : 0;
-  a.lse_s1 = lse ? lse->stride[1] : 0;
-  a.tokens = part_out->shape[0];
-  a.hq = cfg->num_q_heads;
-  a.group = cfg->num_q_heads / cfg->num_kv_heads;
-  a.topk = cfg->topk;
-  int64_t warps = a.tokens * a.hq;
-  if (warps == 0)
-    return M3S_OK;
-  int64_t blocks = (warps * 32 + WARP_THREADS - 1) / WARP_THREADS;
-  if (blocks > INT32_MAX)
-    return m3s_fail(M3S_ERR_UNSUPPORTED, "m3s_combine_partials", "%lld rows exceed the grid limit",
-                    (long long)warps);
-  combine_kernel<<<(unsigned)blocks, WARP_THREADS, 0, stream_of(exec)>>>(a);
-  return m3s_cuda_check_launch("m3s_combine_partials", "combine_kernel");
-}
-
-typedef struct {
-  const void *oa, *ob;
-  m3s_dtype oa_dt, ob_dt;
-  int64_t oa_s0, oa_s1, ob_s0, ob_s1;
-  const float *la, *lb;
-  int64_t la_s0, la_s1, lb_s0, lb_s1;
-  void *out;
-  m3s_dtype out_dt;
-  int64_t out_s0, out_s1;
-  float *lse;
-  int64_t lse_s0, lse_s1;
-  int64_t tokens, heads;
-} merge_args;
-
-/* A warp per (t, h). out may alias out_a or out_b exactly (and lse lse_a or
- * lse_b): every lane reads its elements and both lse values before any
- * write. */
-__global__ void merge_kernel(merge_args a) {
-  int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  int lane = threadIdx.x & 31;
-  if (w >= a.tokens * a.heads)
-    return;
-  int64_t t = w / a.heads, h = w % a.heads;
-  float xa[4], xb[4], acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int i = 0; i < 4; i++) {
-    xa[i] = m3s_ld(a.oa, a.oa_dt, t * a.oa_s0 + h * a.oa_s1 + lane + 32 * i);
-    xb[i] = m3s_ld(a.ob, a.ob_dt, t * a.ob_s0 + h * a.ob_s1 + lane + 32 * i);
-  }
-  float la = a.la[t * a.la_s0 + h * a.la_s1], lb = a.lb[t * a.lb_s0 + h * a.lb_s1];
-  float mx = -INFINITY, lse = -INFINITY;
-  mx = la > mx ? la : mx;
-  mx = lb > mx ? lb : mx;
-  if (mx != -INFINITY) {
-    float wa = expf(la - mx), wb = expf(lb - mx), sum = wa + wb;
-    for (int i = 0; i < 4; i++)
-      acc[i] = (wa * xa[i] + wb * xb[i]) / sum;
-    lse = mx + logf(sum);
-  }
-  __syncwarp();
-  for (int i = 0; i < 4; i++)
-    m3s_st(a.out, a.out_dt, t * a.out_s0 + h * a.out_s1 + lane + 32 * i, acc[i]);
-  if (a.lse && lane == 0)
-    a.lse[t * a.lse_s0 + h * a.lse_s1] = lse;
-}
-
-extern "C" m3s_status m3s_cuda_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
-                                                 const m3s_tensor *lse_a,
-                                                 const m3s_tensor *out_b,
-                                                 const m3s_tensor *lse_b, m3s_tensor *out,
-                                                 m3s_tensor *lse, const m3s_exec *exec) {
-  (void)ctx;
-  merge_args a;
-  a.oa = out_a->data;
-  a.ob = out_b->data;
-  a.oa_dt = out_a->dtype;
-  a.ob_dt = out_b->dtype;
-  a.oa_s0 = out_a->stride[0];
-  a.oa_s1 = out_a->stride[1];
-  a.ob_s0 = out_b->stride[0];
-  a.ob_s1 = out_b->stride[1];
-  a.la = (const float *)lse_a->data;
-  a.lb = (const float *)lse_b->data;
-  a.la_s0 = lse_a->stride[0];
-  a.la_s1 = lse_a->stride[1];
-  a.lb_s0 = lse_b->stride[0];
-  a.lb_s1 = lse_b->stride[1];
-  a.out = out->data;
-  a.out_dt = out->dtype;
-  a.out_s0 = out->stride[0];
-  a.out_s1 = out->stride[1];
-  a.lse = lse ? (float *)lse->data : NULL;
-  a.lse_s0 = lse ? lse->stride[0] : 0;
-  a.lse_s1 = lse ? lse->stride[1] : 0;
-  a.tokens = out_a->shape[0];
-  a.heads = out_a->shape[1];
-  int64_t warps = a.tokens * a.heads;
-  if (warps == 0)
-    return M3S_OK;
-  int64_t blocks = (warps * 32 + WARP_THREADS - 1) / WARP_THREADS;
-  if (blocks > INT32_MAX)
-    return m3s_fail(M3S_ERR_UNSUPPORTED, "m3s_merge_attn_states",
-                    "%lld rows exceed the grid limit", (long long)warps);
-  merge_kernel<<<(unsigned)blocks, WARP_THREADS, 0, stream_of(exec)>>>(a);
-  return m3s_cuda_check_launch("m3s_merge_attn_states", "merge_kernel");
 }

@@ -10,8 +10,9 @@
  * scored. Output: selected ids ascending, then -1.
  *
  * Work split: OpenMP over (request, chunk of up to TOPK_CHUNK query rows,
- * index head), so each block's keys are converted to fp32 once per chunk. Each work item writes only its own output rows. */
-#include "cpu_common.h"
+ * index head), so each block's keys are converted to fp32 once per chunk. Each work item writes
+ * only its own output rows. */
+#include "common.h"
 
 #define TOPK_CHUNK 8
 
@@ -94,40 +95,40 @@ static void topk_chunk(const m3s_layer_config *cfg, const m3s_batch *b, int r, i
                        m3s_tensor *topk) {
   int64_t n = m3s_batch_qlen(b, r), s = m3s_batch_seqlen(b, r), row0 = m3s_batch_row0(b, r);
   row_state st[TOPK_CHUNK];
-  float q[TOPK_CHUNK][CPU_D];
-  float keys[CPU_B][CPU_D];
+  float q[TOPK_CHUNK][M3S_INDEX_DIM];
+  float keys[M3S_BLOCK_SIZE][M3S_INDEX_DIM];
   int64_t max_nb = 0;
   for (int i = 0; i < nt; i++) {
     int64_t pos = s - n + t0 + i;
     st[i].len = pos + 1;
-    st[i].nb = pos / CPU_B + 1;
+    st[i].nb = pos / M3S_BLOCK_SIZE + 1;
     st[i].want = st[i].nb <= cfg->topk ? 0
                                        : (int)(cfg->topk - forced_count(cfg, st[i].nb));
     st[i].have = 0;
     if (st[i].want > 0 && st[i].nb > max_nb)
       max_nb = st[i].nb;
-    cpu_load_f32(iq->data, iq->dtype, (row0 + t0 + i) * iq->stride[0] + g * iq->stride[1], CPU_D,
-                 1.0f, q[i]);
+    cpu_load_f32(iq->data, iq->dtype, (row0 + t0 + i) * iq->stride[0] + g * iq->stride[1],
+                 M3S_INDEX_DIM, 1.0f, q[i]);
   }
   for (int64_t blk = 0; blk < max_nb; blk++) {
     int32_t page = m3s_batch_page(&b->index_block_table, r, blk);
     int64_t visible = 0;
     for (int i = 0; i < nt; i++)
       if (st[i].want > 0 && blk < st[i].nb && !is_forced(cfg, blk, st[i].nb)) {
-        int64_t v = st[i].len - blk * CPU_B;
-        v = v > CPU_B ? CPU_B : v;
+        int64_t v = st[i].len - blk * M3S_BLOCK_SIZE;
+        v = v > M3S_BLOCK_SIZE ? M3S_BLOCK_SIZE : v;
         visible = v > visible ? v : visible;
       }
     if (visible == 0)
       continue;
     for (int64_t j = 0; j < visible; j++)
-      cpu_load_f32(ic->data, ic->dtype, ((int64_t)page * CPU_B + j) * CPU_D, CPU_D, 1.0f,
-                   keys[j]);
+      cpu_load_f32(ic->data, ic->dtype, ((int64_t)page * M3S_BLOCK_SIZE + j) * M3S_INDEX_DIM,
+                   M3S_INDEX_DIM, 1.0f, keys[j]);
     for (int i = 0; i < nt; i++) {
       if (st[i].want == 0 || blk >= st[i].nb || is_forced(cfg, blk, st[i].nb))
         continue;
-      int64_t v = st[i].len - blk * CPU_B;
-      v = v > CPU_B ? CPU_B : v;
+      int64_t v = st[i].len - blk * M3S_BLOCK_SIZE;
+      v = v > M3S_BLOCK_SIZE ? M3S_BLOCK_SIZE : v;
       /* NaN ranks below every real score, so the max ignores NaN dots; the
        * block score is NaN only when every visible dot is NaN. */
       float best = NAN;
