@@ -294,6 +294,58 @@ void fx_init(fixture *f, const fx_spec *sp) {
   b->index_block_table = m3s_tensor_strided(f->ibt, M3S_I32, 2, btsh, btst, M3S_HOST);
 }
 
+void fx_large_logits(fixture *f, int mode) {
+  int Hq = f->cfg.num_q_heads, Hkv = f->cfg.num_kv_heads;
+  int64_t P = f->num_pages, slots = P * B;
+  int fp8 = f->sp.kv_dtype == M3S_E4M3 || f->sp.kv_dtype == M3S_E5M2;
+  uint64_t rng = f->sp.seed * 31 + (uint64_t)mode;
+  /* logical block of each page (-1: no request maps it) */
+  int64_t *blk = malloc(sizeof(int64_t) * (size_t)P);
+  for (int64_t p = 0; p < P; p++)
+    blk[p] = -1;
+  for (int r = 0; r < f->sp.num_reqs; r++)
+    for (int64_t c = 0; c < (f->seqlens[r] + B - 1) / B; c++)
+      blk[f->bt[r * f->batch.block_table.stride[0] + c]] = c;
+  float maxv = f->sp.kv_dtype == M3S_E5M2 ? 57344.0f : 448.0f;
+  float tiny = f->sp.kv_dtype == M3S_E5M2 ? 0x1p-16f : 0x1p-9f;
+#define U(d) ((d) % 3 == 1 ? -1.0f : 1.0f)
+  for (int64_t p = 0; p < P; p++)
+    for (int g = 0; g < Hkv; g++)
+      for (int j = 0; j < B; j++)
+        for (int d = 0; d < D; d++) {
+          float v;
+          switch (mode) {
+          case FX_LOGITS_SPREAD: v = (float)((int)(rng_next(&rng) % 65) - 32); break;
+          case FX_LOGITS_DOMINANT:
+            v = blk[p] >= 0 && j == (int)((blk[p] * 37 + 11) % B)
+                    ? (float)(3 + blk[p]) * U(d)
+                    : (float)((int)(rng_next(&rng) % 5) - 2);
+            break;
+          case FX_LOGITS_EQUAL_POS: v = 4.0f * U(d); break;
+          case FX_LOGITS_EQUAL_NEG: v = -8.0f * U(d); break;
+          default: /* FX_LOGITS_FP8_MAX: the stored byte itself, scale not divided out */
+            v = (d % 5 == 4 ? tiny : maxv) * (rng_next(&rng) & 1 ? -1.0f : 1.0f);
+            break;
+          }
+          float scale = 1.0f;
+          if (fp8 && f->sp.scale_mode && mode != FX_LOGITS_FP8_MAX)
+            scale = f->sp.scale_mode == 1 ? f->ks_mem[0] : f->ks_mem[g * slots + p * B + j];
+          store_elem(f->kv_mem, f->sp.kv_dtype,
+                     p * f->kv.stride[0] + g * f->kv.stride[1] + j * f->kv.stride[2] + d,
+                     v / scale);
+        }
+  for (int64_t t = 0; t < f->T; t++)
+    for (int h = 0; h < Hq; h++)
+      for (int d = 0; d < D; d++) {
+        float v = mode == FX_LOGITS_SPREAD    ? (float)((int)(rng_next(&rng) % 65) - 32)
+                  : mode == FX_LOGITS_FP8_MAX ? grid_value(&rng)
+                                              : 4.0f * U(d);
+        store_elem(f->q_mem, f->sp.act_dtype, (t * Hq + h) * D + d, v);
+      }
+#undef U
+  free(blk);
+}
+
 void fx_free(fixture *f) {
   free(f->qlens);
   free(f->seqlens);

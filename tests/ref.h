@@ -62,6 +62,31 @@ void fx_poison(fixture *f);
 int fx_request_of_row(const fixture *f, int t, int *i_out);
 int64_t fx_pos(const fixture *f, int t);
 
+/* Large and widely spread attention logits (|q.k * scale| in the hundreds
+ * and beyond), written over a fixture's q and the K half of its main cache
+ * after fx_init; V, the index data and the tables are left as they are.
+ * Values are integers or fp8 extremes, so every fp32 dot product is exact:
+ *   FX_LOGITS_SPREAD     q, K integers in [-32, 32]: logits spread +-1000
+ *   FX_LOGITS_DOMINANT   q = 4u (u a fixed +-1 pattern); in each block one
+ *                        key (3 + block) * u, the rest small integers: one
+ *                        key per row dominates the next by ~45, the others
+ *                        by hundreds
+ *   FX_LOGITS_EQUAL_POS  every key 4u: every logit +181
+ *   FX_LOGITS_EQUAL_NEG  every key -8u: every logit -362
+ *   FX_LOGITS_FP8_MAX    fp8 caches only: K bytes at the dtype's largest
+ *                        magnitude (448 e4m3, 57344 e5m2, times the scale),
+ *                        every 5th its smallest subnormal; q on the k/4 grid
+ * With the default scale 1/sqrt(128). A softmax without its max-subtraction
+ * overflows (or underflows) on each of them. */
+enum {
+  FX_LOGITS_SPREAD = 1,
+  FX_LOGITS_DOMINANT,
+  FX_LOGITS_EQUAL_POS,
+  FX_LOGITS_EQUAL_NEG,
+  FX_LOGITS_FP8_MAX
+};
+void fx_large_logits(fixture *f, int mode);
+
 /* Store a float into an activation/cache tensor element (bf16/f16/f32/fp8). */
 void store_elem(void *base, m3s_dtype dt, int64_t off, float v);
 double load_elem(const void *base, m3s_dtype dt, int64_t off);
