@@ -669,3 +669,119 @@ int check_topk_vs_ref(const fixture *f, const char *name) {
   CHECK(bad == 0, bad ? msg : name);
   return bad;
 }
+
+int check_topk_vs_fp64_rows(const fixture *f, const char *name, int max_rows) {
+  const m3s_layer_config *c = &f->cfg;
+  int K = c->topk, bad = 0, rows = 0;
+  char msg[320] = "";
+  int64_t step = f->T > max_rows && max_rows > 1 ? (f->T - 1) / (max_rows - 1) : 1;
+  int64_t max_nb = 1;
+  for (int t = 0; t < f->T; t++) {
+    int64_t pos = fx_pos(f, t);
+    max_nb = pos >= 0 && pos / B + 1 > max_nb ? pos / B + 1 : max_nb;
+  }
+  double *scores = malloc(sizeof(double) * (size_t)max_nb);
+  char *sel = malloc((size_t)max_nb);
+    for (int t = 0; t < f->T; t++) {
+    if (t % step != 0 && t != f->T - 1)
+      continue;
+    rows++;
+    int64_t pos = fx_pos(f, t), nb = pos < 0 ? 0 : pos / B + 1;
+    for (int g = 0; g < c->num_kv_heads; g++) {
+      int32_t ids[M3S_MAX_TOPK];
+      int n = ref_select(f, t, g, ids, scores);
+      const char *why = NULL;
+      int exact = 1;
+      for (int k = 0; k < K; k++)
+        exact &= *fx_topk_at(f, t, g, k) == ids[k];
+      if (exact)
+        continue;
+      if (f->sp.grid) {
+        why = "differs from the fp64 selection (grid data: exact)";
+      } else {
+        memset(sel, 0, (size_t)(nb > 0 ? nb : 1));
+        int prev = -1;
+        for (int k = 0; k < K && !why; k++) {
+          int32_t id = *fx_topk_at(f, t, g, k);
+          if (k < n) {
+            if (id <= prev || id >= nb)
+              why = "ids not ascending within [0, nb)";
+            else
+              sel[id] = 1, prev = id;
+          } else if (id != -1) {
+            why = "no -1 after the selected ids";
+          }
+        }
+        for (int64_t b = 0; b < nb && !why; b++) {
+          int forced = b < c->init_blocks || b >= nb - c->local_blocks;
+          if (forced && !sel[b])
+            why = "a forced block is missing";
+        }
+        for (int64_t b = 0; b < nb && !why; b++) {
+          if (!sel[b] || b < c->init_blocks || b >= nb - c->local_blocks)
+            continue;
+          for (int64_t u = 0; u < nb && !why; u++) {
+            if (sel[u] || u < c->init_blocks || u >= nb - c->local_blocks)
+              continue;
+            double sb = scores[b], su = scores[u];
+            if (isnan(sb) && !isnan(su))
+              why = "a NaN-scored block chosen over a real score";
+            else if (isnan(sb) && isnan(su) && u < b)
+              why = "among NaN scores, a higher id chosen over a lower one";
+            else if (!isnan(sb) && !isnan(su) && su > sb + 1e-3 * (1 + fabs(su)))
+              why = "an unselected block scores higher (beyond rounding)";
+          }
+        }
+      }
+      if (why) {
+        if (!bad)
+          snprintf(msg, sizeof msg, "%s: row %d (pos %lld) head %d vs fp64: %s", name, t,
+                   (long long)pos, g, why);
+        bad++;
+      }
+    }
+  }
+  free(scores);
+  free(sel);
+  char ok_msg[200];
+  snprintf(ok_msg, sizeof ok_msg, "%s: top-k vs the fp64 brute force on %d rows", name, rows);
+  CHECK(bad == 0, bad ? msg : ok_msg);
+  return bad;
+}
+
+static void store_index_nan(fixture *f, int64_t i, int negative) {
+  if (f->sp.idx_dtype == M3S_BF16)
+    ((uint16_t *)f->ic_mem)[i] = negative ? 0xFFC0 : 0x7FC0;
+  else
+    ((uint8_t *)f->ic_mem)[i] = negative ? 0xFF : 0x7F;
+}
+
+static int32_t ibt_at(const fixture *f, int r, int64_t b) {
+  return f->ibt[r * f->batch.index_block_table.stride[0] + b];
+}
+
+static void poison_index_page(fixture *f, int32_t page, int negative) {
+  for (int64_t i = 0; i < B * D; i++)
+    store_index_nan(f, (int64_t)page * B * D + i, negative);
+}
+
+void fx_nan_index_keys(fixture *f) {
+  for (int b = 0; b < 10; b++)
+    poison_index_page(f, ibt_at(f, 0, b), b & 1);
+  for (int d = 0; d < D; d++)
+    store_index_nan(f, ((int64_t)ibt_at(f, 0, 12) * B + 5) * D + d, 0);
+  store_index_nan(f, ((int64_t)ibt_at(f, 0, 14) * B + 77) * D + 3, 1);
+  int64_t nb1 = (f->seqlens[1] + B - 1) / B;
+  for (int64_t b = 0; b < nb1; b++)
+    poison_index_page(f, ibt_at(f, 1, b), 0);
+}
+
+void fx_signed_zero_index_keys(fixture *f) {
+  for (int64_t i = 0; i < f->num_pages * B * D; i++)
+    store_elem(f->ic_mem, f->sp.idx_dtype, i, (i / D) % 3 == 0 ? -0.0f : 0.0f);
+}
+
+void fx_equal_index_keys(fixture *f) {
+  for (int64_t i = 0; i < f->num_pages * B * D; i++)
+    store_elem(f->ic_mem, f->sp.idx_dtype, i, (i % D) < 64 ? 0.5f : -0.25f);
+}

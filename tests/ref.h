@@ -149,4 +149,26 @@ double check_attention_vs_ref(const fixture *f, int masked, const char *name);
 /* Compare the fixture's top-k with ref_select, exactly. Returns mismatches. */
 int check_topk_vs_ref(const fixture *f, const char *name);
 
+/* The fixture's top-k (any backend's, already computed) against the fp64
+ * brute force (ref_select) on at most max_rows rows (all when T <= max_rows;
+ * else an even sample with the first and last rows), for shapes where the
+ * brute force over every row is too slow (1M-token contexts). Grid data
+ * (sp.grid: every fp32 score exact) must match exactly; continuous data must
+ * be a valid selection within rounding: the right count, every forced block,
+ * ascending ids then -1, no NaN-scored block chosen over a real score, no
+ * unselected block scoring above a selected one by more than 1e-3 (1 + |s|),
+ * and among NaN-scored blocks the lowest ids. Counts one check. Returns the
+ * number of bad rows. */
+int check_topk_vs_fp64_rows(const fixture *f, const char *name, int max_rows);
+
+/* Index-cache contents for the selection edge cases (shared by the CPU and
+ * GPU top-k tests). fx_nan_index_keys: request 0's blocks 0..9 all NaN (odd
+ * ones negative NaN), one all-NaN key in block 12, one NaN element in block
+ * 14; every block of request 1 NaN (needs >= 2 requests, request 0 with >= 15
+ * blocks). fx_signed_zero_index_keys: every key element +0 or -0 (every score
+ * exactly 0). fx_equal_index_keys: every key identical (every score ties). */
+void fx_nan_index_keys(fixture *f);
+void fx_signed_zero_index_keys(fixture *f);
+void fx_equal_index_keys(fixture *f);
+
 #endif
