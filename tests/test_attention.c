@@ -112,6 +112,15 @@ static void test_spec4_spec_decode_and_padding(void) {
   attn_case("spec4_ragged_decode_with_empty_and_padded_requests", r, 1);
 }
 
+/* More than 96 rows, so the fp64 comparison samples every 3rd row: the
+ * padded request's row (t = 200) is not among the sampled ones, and only the
+ * every-row check of padding (out exactly 0, lse -inf) sees it. */
+static void test_spec4_padding_checked_on_every_row(void) {
+  int32_t ql[] = {200, 1, 150};
+  int32_t sl[] = {2000, 0, 1500};
+  attn_case("spec4_padded_row_outside_the_sampled_rows", base_spec(8, 3, ql, sl), 1);
+}
+
 /* -1 entries inside the first min(K, nb) slots and score-ordered (descending)
  * rows: attention must skip -1 and not depend on the order of the ids. */
 static void test_spec4_topk_row_forms(void) {
@@ -414,6 +423,7 @@ int main(void) {
   test_spec4_largest_heads_and_topk();
   test_spec4_nb_le_K_is_dense_causal();
   test_spec4_spec_decode_and_padding();
+  test_spec4_padding_checked_on_every_row();
   test_spec4_topk_row_forms();
   test_spec4_lse_optional_same_bits();
   test_spec4_large_logits();
