@@ -1,6 +1,7 @@
 /* GPU test support (see gpu_util.h). */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include "gpu_util.h"
+#include "gpu_probe.h"
 #include "test_util.h"
 
 #include <stdlib.h>
@@ -111,19 +112,46 @@ int gpu_sync(void) {
   return e == cudaSuccess;
 }
 
+/* A machine without a GPU skips (gpu_probe() == 0: no driver, the stub
+ * library, zero devices). On a machine with a GPU, every later failure is a
+ * failure, never a skip: a runtime that cannot see the driver's devices
+ * (driver/runtime mismatch), a failing m3s_context_create(0). */
+static char g_skip_why[300] = "no CUDA device";
+
+static void gpu_broken(const char *what) {
+  fprintf(stderr, "FAIL: a GPU is present but %s\n", what);
+  CHECK(0, "GPU machine: CUDA runtime and m3s_context_create(0) work");
+  test_finish_(); /* prints the summary with the failed check */
+  exit(1);
+}
+
 m3s_context *gpu_context_or_null(void) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0)
+  int probe = gpu_probe();
+  if (probe == 0) {
+    snprintf(g_skip_why, sizeof g_skip_why, "%s", gpu_probe_why());
     return NULL;
+  }
+  char what[600];
+  if (probe < 0)
+    gpu_broken(gpu_probe_why());
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    snprintf(what, sizeof what, "cudaGetDeviceCount gives %s, %d device(s) (%s)",
+             e == cudaSuccess ? "success" : cudaGetErrorString(e), n, gpu_probe_why());
+    gpu_broken(what);
+  }
   m3s_context *ctx = NULL;
   if (m3s_context_create(0, &ctx) != M3S_OK) {
-    fprintf(stderr, "m3s_context_create(0): %s\n", m3s_last_error());
-    return NULL;
+    snprintf(what, sizeof what, "m3s_context_create(0) failed: %s", m3s_last_error());
+    gpu_broken(what);
   }
   return ctx;
 }
 
 int gpu_skip(const char *test_name, const char *why) {
+  if (why && strcmp(why, "no CUDA device") == 0)
+    why = g_skip_why; /* the probe's reason */
   printf("%s: skipped (%s)\n", test_name, why);
   printf("0 passed, 0 failed, 1 skipped\n");
   return GPU_SKIP;

@@ -1,7 +1,8 @@
 /* GPU test support: a device mirror of a CPU fixture (tests/ref.h), so every
  * GPU test runs the CUDA backend and the CPU backend on the same random
  * inputs and compares. GPU test binaries exit with GPU_SKIP (77, CTest's
- * SKIP_RETURN_CODE) after printing "... skipped" when no GPU is present. */
+ * SKIP_RETURN_CODE) after printing "... skipped" only when the machine has
+ * no GPU (see gpu_context_or_null). */
 #ifndef M3S_TEST_GPU_UTIL_H
 #define M3S_TEST_GPU_UTIL_H
 
@@ -21,7 +22,12 @@ typedef struct {
   m3s_exec exec;
 } gpu_fx;
 
-/* A CUDA context on device 0, or NULL after printing why (no GPU). */
+/* A CUDA context on device 0, or NULL when this machine has no GPU at all
+ * (tests/gpu_probe.h: no NVIDIA driver, the stub library, zero devices);
+ * then gpu_skip(name, "no CUDA device") prints the probe's reason. When a
+ * driver with devices is present but the CUDA runtime or
+ * m3s_context_create(0) fails, it counts a failed check, prints the summary
+ * and exits with status 1: a broken GPU machine fails, it never skips. */
 m3s_context *gpu_context_or_null(void);
 /* Prints the skip line and returns GPU_SKIP. */
 int gpu_skip(const char *test_name, const char *why);

@@ -294,6 +294,58 @@ void fx_init(fixture *f, const fx_spec *sp) {
   b->index_block_table = m3s_tensor_strided(f->ibt, M3S_I32, 2, btsh, btst, M3S_HOST);
 }
 
+void fx_large_logits(fixture *f, int mode) {
+  int Hq = f->cfg.num_q_heads, Hkv = f->cfg.num_kv_heads;
+  int64_t P = f->num_pages, slots = P * B;
+  int fp8 = f->sp.kv_dtype == M3S_E4M3 || f->sp.kv_dtype == M3S_E5M2;
+  uint64_t rng = f->sp.seed * 31 + (uint64_t)mode;
+  /* logical block of each page (-1: no request maps it) */
+  int64_t *blk = malloc(sizeof(int64_t) * (size_t)P);
+  for (int64_t p = 0; p < P; p++)
+    blk[p] = -1;
+  for (int r = 0; r < f->sp.num_reqs; r++)
+    for (int64_t c = 0; c < (f->seqlens[r] + B - 1) / B; c++)
+      blk[f->bt[r * f->batch.block_table.stride[0] + c]] = c;
+  float maxv = f->sp.kv_dtype == M3S_E5M2 ? 57344.0f : 448.0f;
+  float tiny = f->sp.kv_dtype == M3S_E5M2 ? 0x1p-16f : 0x1p-9f;
+#define U(d) ((d) % 3 == 1 ? -1.0f : 1.0f)
+  for (int64_t p = 0; p < P; p++)
+    for (int g = 0; g < Hkv; g++)
+      for (int j = 0; j < B; j++)
+        for (int d = 0; d < D; d++) {
+          float v;
+          switch (mode) {
+          case FX_LOGITS_SPREAD: v = (float)((int)(rng_next(&rng) % 65) - 32); break;
+          case FX_LOGITS_DOMINANT:
+            v = blk[p] >= 0 && j == (int)((blk[p] * 37 + 11) % B)
+                    ? (float)(3 + blk[p]) * U(d)
+                    : (float)((int)(rng_next(&rng) % 5) - 2);
+            break;
+          case FX_LOGITS_EQUAL_POS: v = 4.0f * U(d); break;
+          case FX_LOGITS_EQUAL_NEG: v = -8.0f * U(d); break;
+          default: /* FX_LOGITS_FP8_MAX: the stored byte itself, scale not divided out */
+            v = (d % 5 == 4 ? tiny : maxv) * (rng_next(&rng) & 1 ? -1.0f : 1.0f);
+            break;
+          }
+          float scale = 1.0f;
+          if (fp8 && f->sp.scale_mode && mode != FX_LOGITS_FP8_MAX)
+            scale = f->sp.scale_mode == 1 ? f->ks_mem[0] : f->ks_mem[g * slots + p * B + j];
+          store_elem(f->kv_mem, f->sp.kv_dtype,
+                     p * f->kv.stride[0] + g * f->kv.stride[1] + j * f->kv.stride[2] + d,
+                     v / scale);
+        }
+  for (int64_t t = 0; t < f->T; t++)
+    for (int h = 0; h < Hq; h++)
+      for (int d = 0; d < D; d++) {
+        float v = mode == FX_LOGITS_SPREAD    ? (float)((int)(rng_next(&rng) % 65) - 32)
+                  : mode == FX_LOGITS_FP8_MAX ? grid_value(&rng)
+                                              : 4.0f * U(d);
+        store_elem(f->q_mem, f->sp.act_dtype, (t * Hq + h) * D + d, v);
+      }
+#undef U
+  free(blk);
+}
+
 void fx_free(fixture *f) {
   free(f->qlens);
   free(f->seqlens);
@@ -543,16 +595,25 @@ double check_attention_vs_ref(const fixture *f, int masked, const char *name) {
   double err2 = 0, ref2 = 0;
   int bad_rows = 0, bad_lse = 0, unwritten = 0, bad_pad = 0, checked = 0;
   char msg[256];
-  /* Every element is checked for poison; the fp64 comparison runs on every
-   * row when the case is small and on an even sample (with the first and last
-   * rows) otherwise. */
+  /* Every element is checked for poison, and every row of a padded request
+   * (no position) for exactly 0 and lse -inf; the fp64 comparison (per row:
+   * rel L2 < 1e-2 and lse; and over all compared rows) runs on every row when
+   * the case is small and on an even sample (with the first and last rows)
+   * otherwise. */
   int step = f->T > 96 ? f->T / 96 : 1;
   double *ref = malloc(sizeof(double) * (size_t)G * D), *rl = malloc(sizeof(double) * (size_t)G);
   for (int t = 0; t < f->T; t++) {
-    for (int64_t e = 0; e < (int64_t)Hq * D; e++)
-      unwritten += isnan(load_elem(f->out_mem, f->sp.act_dtype, (int64_t)t * Hq * D + e));
-    for (int h = 0; h < Hq; h++)
-      unwritten += isnan(f->lse_mem[(int64_t)t * Hq + h]);
+    int padded = fx_pos(f, t) < 0;
+    for (int64_t e = 0; e < (int64_t)Hq * D; e++) {
+      double v = load_elem(f->out_mem, f->sp.act_dtype, (int64_t)t * Hq * D + e);
+      unwritten += isnan(v);
+      bad_pad += padded && !isnan(v) && v != 0.0; /* every row, not only the sampled ones */
+    }
+    for (int h = 0; h < Hq; h++) {
+      float l = f->lse_mem[(int64_t)t * Hq + h];
+      unwritten += isnan(l);
+      bad_pad += padded && !isnan(l) && !(isinf(l) && l < 0);
+    }
     if (t % step != 0 && t != f->T - 1)
       continue;
     checked++;
@@ -572,8 +633,6 @@ double check_attention_vs_ref(const fixture *f, int masked, const char *name) {
           double want = ref[hl * D + d];
           e2 += (got - want) * (got - want);
           r2 += want * want;
-          if (pos < 0 && got != 0.0)
-            bad_pad++;
         }
         err2 += e2;
         ref2 += r2;
@@ -616,4 +675,120 @@ int check_topk_vs_ref(const fixture *f, const char *name) {
     }
   CHECK(bad == 0, bad ? msg : name);
   return bad;
+}
+
+int check_topk_vs_fp64_rows(const fixture *f, const char *name, int max_rows) {
+  const m3s_layer_config *c = &f->cfg;
+  int K = c->topk, bad = 0, rows = 0;
+  char msg[320] = "";
+  int64_t step = f->T > max_rows && max_rows > 1 ? (f->T - 1) / (max_rows - 1) : 1;
+  int64_t max_nb = 1;
+  for (int t = 0; t < f->T; t++) {
+    int64_t pos = fx_pos(f, t);
+    max_nb = pos >= 0 && pos / B + 1 > max_nb ? pos / B + 1 : max_nb;
+  }
+  double *scores = malloc(sizeof(double) * (size_t)max_nb);
+  char *sel = malloc((size_t)max_nb);
+    for (int t = 0; t < f->T; t++) {
+    if (t % step != 0 && t != f->T - 1)
+      continue;
+    rows++;
+    int64_t pos = fx_pos(f, t), nb = pos < 0 ? 0 : pos / B + 1;
+    for (int g = 0; g < c->num_kv_heads; g++) {
+      int32_t ids[M3S_MAX_TOPK];
+      int n = ref_select(f, t, g, ids, scores);
+      const char *why = NULL;
+      int exact = 1;
+      for (int k = 0; k < K; k++)
+        exact &= *fx_topk_at(f, t, g, k) == ids[k];
+      if (exact)
+        continue;
+      if (f->sp.grid) {
+        why = "differs from the fp64 selection (grid data: exact)";
+      } else {
+        memset(sel, 0, (size_t)(nb > 0 ? nb : 1));
+        int prev = -1;
+        for (int k = 0; k < K && !why; k++) {
+          int32_t id = *fx_topk_at(f, t, g, k);
+          if (k < n) {
+            if (id <= prev || id >= nb)
+              why = "ids not ascending within [0, nb)";
+            else
+              sel[id] = 1, prev = id;
+          } else if (id != -1) {
+            why = "no -1 after the selected ids";
+          }
+        }
+        for (int64_t b = 0; b < nb && !why; b++) {
+          int forced = b < c->init_blocks || b >= nb - c->local_blocks;
+          if (forced && !sel[b])
+            why = "a forced block is missing";
+        }
+        for (int64_t b = 0; b < nb && !why; b++) {
+          if (!sel[b] || b < c->init_blocks || b >= nb - c->local_blocks)
+            continue;
+          for (int64_t u = 0; u < nb && !why; u++) {
+            if (sel[u] || u < c->init_blocks || u >= nb - c->local_blocks)
+              continue;
+            double sb = scores[b], su = scores[u];
+            if (isnan(sb) && !isnan(su))
+              why = "a NaN-scored block chosen over a real score";
+            else if (isnan(sb) && isnan(su) && u < b)
+              why = "among NaN scores, a higher id chosen over a lower one";
+            else if (!isnan(sb) && !isnan(su) && su > sb + 1e-3 * (1 + fabs(su)))
+              why = "an unselected block scores higher (beyond rounding)";
+          }
+        }
+      }
+      if (why) {
+        if (!bad)
+          snprintf(msg, sizeof msg, "%s: row %d (pos %lld) head %d vs fp64: %s", name, t,
+                   (long long)pos, g, why);
+        bad++;
+      }
+    }
+  }
+  free(scores);
+  free(sel);
+  char ok_msg[200];
+  snprintf(ok_msg, sizeof ok_msg, "%s: top-k vs the fp64 brute force on %d rows", name, rows);
+  CHECK(bad == 0, bad ? msg : ok_msg);
+  return bad;
+}
+
+static void store_index_nan(fixture *f, int64_t i, int negative) {
+  if (f->sp.idx_dtype == M3S_BF16)
+    ((uint16_t *)f->ic_mem)[i] = negative ? 0xFFC0 : 0x7FC0;
+  else
+    ((uint8_t *)f->ic_mem)[i] = negative ? 0xFF : 0x7F;
+}
+
+static int32_t ibt_at(const fixture *f, int r, int64_t b) {
+  return f->ibt[r * f->batch.index_block_table.stride[0] + b];
+}
+
+static void poison_index_page(fixture *f, int32_t page, int negative) {
+  for (int64_t i = 0; i < B * D; i++)
+    store_index_nan(f, (int64_t)page * B * D + i, negative);
+}
+
+void fx_nan_index_keys(fixture *f) {
+  for (int b = 0; b < 10; b++)
+    poison_index_page(f, ibt_at(f, 0, b), b & 1);
+  for (int d = 0; d < D; d++)
+    store_index_nan(f, ((int64_t)ibt_at(f, 0, 12) * B + 5) * D + d, 0);
+  store_index_nan(f, ((int64_t)ibt_at(f, 0, 14) * B + 77) * D + 3, 1);
+  int64_t nb1 = (f->seqlens[1] + B - 1) / B;
+  for (int64_t b = 0; b < nb1; b++)
+    poison_index_page(f, ibt_at(f, 1, b), 0);
+}
+
+void fx_signed_zero_index_keys(fixture *f) {
+  for (int64_t i = 0; i < f->num_pages * B * D; i++)
+    store_elem(f->ic_mem, f->sp.idx_dtype, i, (i / D) % 3 == 0 ? -0.0f : 0.0f);
+}
+
+void fx_equal_index_keys(fixture *f) {
+  for (int64_t i = 0; i < f->num_pages * B * D; i++)
+    store_elem(f->ic_mem, f->sp.idx_dtype, i, (i % D) < 64 ? 0.5f : -0.25f);
 }

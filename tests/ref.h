@@ -62,6 +62,31 @@ void fx_poison(fixture *f);
 int fx_request_of_row(const fixture *f, int t, int *i_out);
 int64_t fx_pos(const fixture *f, int t);
 
+/* Large and widely spread attention logits (|q.k * scale| in the hundreds
+ * and beyond), written over a fixture's q and the K half of its main cache
+ * after fx_init; V, the index data and the tables are left as they are.
+ * Values are integers or fp8 extremes, so every fp32 dot product is exact:
+ *   FX_LOGITS_SPREAD     q, K integers in [-32, 32]: logits spread +-1000
+ *   FX_LOGITS_DOMINANT   q = 4u (u a fixed +-1 pattern); in each block one
+ *                        key (3 + block) * u, the rest small integers: one
+ *                        key per row dominates the next by ~45, the others
+ *                        by hundreds
+ *   FX_LOGITS_EQUAL_POS  every key 4u: every logit +181
+ *   FX_LOGITS_EQUAL_NEG  every key -8u: every logit -362
+ *   FX_LOGITS_FP8_MAX    fp8 caches only: K bytes at the dtype's largest
+ *                        magnitude (448 e4m3, 57344 e5m2, times the scale),
+ *                        every 5th its smallest subnormal; q on the k/4 grid
+ * With the default scale 1/sqrt(128). A softmax without its max-subtraction
+ * overflows (or underflows) on each of them. */
+enum {
+  FX_LOGITS_SPREAD = 1,
+  FX_LOGITS_DOMINANT,
+  FX_LOGITS_EQUAL_POS,
+  FX_LOGITS_EQUAL_NEG,
+  FX_LOGITS_FP8_MAX
+};
+void fx_large_logits(fixture *f, int mode);
+
 /* Store a float into an activation/cache tensor element (bf16/f16/f32/fp8). */
 void store_elem(void *base, m3s_dtype dt, int64_t off, float v);
 double load_elem(const void *base, m3s_dtype dt, int64_t off);
@@ -123,5 +148,27 @@ int32_t *fx_topk_at(const fixture *f, int t, int g, int k);
 double check_attention_vs_ref(const fixture *f, int masked, const char *name);
 /* Compare the fixture's top-k with ref_select, exactly. Returns mismatches. */
 int check_topk_vs_ref(const fixture *f, const char *name);
+
+/* The fixture's top-k (any backend's, already computed) against the fp64
+ * brute force (ref_select) on at most max_rows rows (all when T <= max_rows;
+ * else an even sample with the first and last rows), for shapes where the
+ * brute force over every row is too slow (1M-token contexts). Grid data
+ * (sp.grid: every fp32 score exact) must match exactly; continuous data must
+ * be a valid selection within rounding: the right count, every forced block,
+ * ascending ids then -1, no NaN-scored block chosen over a real score, no
+ * unselected block scoring above a selected one by more than 1e-3 (1 + |s|),
+ * and among NaN-scored blocks the lowest ids. Counts one check. Returns the
+ * number of bad rows. */
+int check_topk_vs_fp64_rows(const fixture *f, const char *name, int max_rows);
+
+/* Index-cache contents for the selection edge cases (shared by the CPU and
+ * GPU top-k tests). fx_nan_index_keys: request 0's blocks 0..9 all NaN (odd
+ * ones negative NaN), one all-NaN key in block 12, one NaN element in block
+ * 14; every block of request 1 NaN (needs >= 2 requests, request 0 with >= 15
+ * blocks). fx_signed_zero_index_keys: every key element +0 or -0 (every score
+ * exactly 0). fx_equal_index_keys: every key identical (every score ties). */
+void fx_nan_index_keys(fixture *f);
+void fx_signed_zero_index_keys(fixture *f);
+void fx_equal_index_keys(fixture *f);
 
 #endif

@@ -44,6 +44,7 @@
  * lengths 300 and 600), Hq 4, Hkv 2, K 4, bf16 everywhere; F8 = 1 uniform
  * decode request over an e4m3 cache with per-(head, slot) scales. */
 #include "core/internal.h" /* struct m3s_context: set_logging must not write on error */
+#include "gpu_probe.h"
 #include "m3sparse.h"
 #include "ref.h"
 #include "test_util.h"
@@ -805,6 +806,14 @@ static void test_bad_context_create(void) {
       CHECK(strstr(e, "CUDA") != NULL, msg); /* a build without CUDA */
     else /* CUDA built in, no usable device: an error status, not a crash */
       CHECK(st == M3S_ERR_CUDA || st == M3S_ERR_INVALID || st == M3S_ERR_DEVICE, msg);
+    /* ... and only on a machine without a GPU: with a driver and devices
+     * present (tests/gpu_probe.h), a CUDA build must create the context */
+    if (st != M3S_ERR_UNSUPPORTED) {
+      int gpu = gpu_probe();
+      snprintf(msg, sizeof msg, "CUDA build: m3s_context_create(0) fails only without a GPU (%s)",
+               gpu_probe_why());
+      CHECK(gpu == 0, msg);
+    }
   }
   c = sentinel;
   st = m3s_context_create(1 << 20, &c);
@@ -1991,7 +2000,8 @@ static void test_status_strings_and_version(void) {
  * ---------------------------------------------------------------------- */
 static void test_gpu_context(void) {
   if (!g_gpu_ctx) {
-    printf("%-26s skipped (no CUDA device: m3s_context_create(0) failed)\n", "m3s_gpu_context");
+    printf("%-26s skipped (no CUDA context: a build without CUDA or a machine without a GPU)\n",
+           "m3s_gpu_context");
     g_tc.skipped++;
     return;
   }

@@ -112,6 +112,15 @@ static void test_spec4_spec_decode_and_padding(void) {
   attn_case("spec4_ragged_decode_with_empty_and_padded_requests", r, 1);
 }
 
+/* More than 96 rows, so the fp64 comparison samples every 3rd row: the
+ * padded request's row (t = 200) is not among the sampled ones, and only the
+ * every-row check of padding (out exactly 0, lse -inf) sees it. */
+static void test_spec4_padding_checked_on_every_row(void) {
+  int32_t ql[] = {200, 1, 150};
+  int32_t sl[] = {2000, 0, 1500};
+  attn_case("spec4_padded_row_outside_the_sampled_rows", base_spec(8, 3, ql, sl), 1);
+}
+
 /* -1 entries inside the first min(K, nb) slots and score-ordered (descending)
  * rows: attention must skip -1 and not depend on the order of the ids. */
 static void test_spec4_topk_row_forms(void) {
@@ -196,6 +205,91 @@ static void test_spec4_lse_optional_same_bits(void) {
   CHECK(ok && memcmp(with, f.out_mem, obytes) == 0, "spec4_lse_null_gives_same_output_bits");
   free(with);
   fx_free(&f);
+}
+
+/* ---- large logits ---------------------------------------------------------
+ * Every other case draws q and K from N(0, 1), so with scale 1/sqrt(128) the
+ * logits stay within a few units and a softmax without its max-subtraction
+ * passes. Here |q.k * scale| reaches the hundreds and beyond (fx_large_logits:
+ * widely spread, one dominant key, all equal and large, all equal and very
+ * negative, fp8 extremes), and out and lse are checked against fp64 -- for
+ * sparse attention and for the k2q chain (CSR, partials, combine), whose
+ * combine merges partial lse values of that size. */
+static void large_logits_case(const char *name, fx_spec s, int mode) {
+  fixture f;
+  fx_init(&f, &s);
+  fx_large_logits(&f, mode);
+  fx_poison(&f);
+  m3s_status st = m3s_index_topk(g_ctx, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL);
+  if (st == M3S_OK)
+    st = m3s_sparse_attention(g_ctx, &f.cfg, &f.batch, &f.q, &f.kv, &f.scales, &f.topk, &f.out,
+                              &f.lse, NULL);
+  if (!CHECK(st == M3S_OK, name)) {
+    fprintf(stderr, "  %s\n", m3s_last_error());
+    fx_free(&f);
+    return;
+  }
+  check_attention_vs_ref(&f, 1, name);
+  float lo = INFINITY, hi = -INFINITY;
+  for (int64_t i = 0; i < (int64_t)f.T * f.cfg.num_q_heads; i++)
+    if (isfinite(f.lse_mem[i]))
+      lo = fminf(lo, f.lse_mem[i]), hi = fmaxf(hi, f.lse_mem[i]);
+  printf("  %-52s lse from %.1f to %.1f\n", name, lo, hi);
+  /* the k2q chain on the same selection, combined into poisoned out / lse */
+  size_t tb = sizeof(int32_t) * (size_t)f.T * f.cfg.num_kv_heads * f.cfg.topk;
+  int32_t *topk = malloc(tb + 4);
+  memcpy(topk, f.topk_mem, tb);
+  fx_poison(&f);
+  memcpy(f.topk_mem, topk, tb);
+  k2q_shapes sh;
+  m3s_tensor t[K2Q_NBUF];
+  void *mem[K2Q_NBUF] = {NULL};
+  int ok = fx_k2q_shapes(g_ctx, &f, &sh);
+  for (int i = 0; ok && i < K2Q_NBUF; i++) {
+    t[i] = fx_k2q_view(&sh, i, NULL, M3S_HOST);
+    t[i].data = mem[i] = malloc(tensor_bytes(&t[i]) + 4);
+  }
+  for (int step = 2; ok && step < FX_CHAIN_STEPS; step++)
+    ok = fx_chain_step(g_ctx, &f, t, &f.out, &f.lse, NULL, step) == M3S_OK;
+  char k2q_name[128];
+  snprintf(k2q_name, sizeof k2q_name, "%s_k2q_chain", name);
+  if (CHECK(ok, k2q_name))
+    check_attention_vs_ref(&f, 1, k2q_name);
+  else
+    fprintf(stderr, "  %s\n", m3s_last_error());
+  for (int i = 0; i < K2Q_NBUF; i++)
+    free(mem[i]);
+  free(topk);
+  fx_free(&f);
+}
+
+static void test_spec4_large_logits(void) {
+  int32_t ql[] = {1, 1, 24};
+  int32_t sl[] = {3000, 0, 1500};
+  struct {
+    int tp, mode;
+    m3s_dtype act, kv;
+    int scale, token_major;
+    const char *name;
+  } c[] = {
+      {2, FX_LOGITS_SPREAD, M3S_BF16, M3S_BF16, 0, 0, "large_logits_spread_tp2_bf16"},
+      {1, FX_LOGITS_DOMINANT, M3S_BF16, M3S_BF16, 0, 1, "large_logits_one_dominant_key_tp1"},
+      {8, FX_LOGITS_EQUAL_POS, M3S_BF16, M3S_F16, 0, 0, "large_logits_all_equal_plus181_tp8"},
+      {8, FX_LOGITS_EQUAL_NEG, M3S_F16, M3S_BF16, 0, 1, "large_logits_all_equal_minus362_tp8"},
+      {2, FX_LOGITS_SPREAD, M3S_BF16, M3S_E4M3, 1, 1, "large_logits_spread_tp2_e4m3_scalar"},
+      {4, FX_LOGITS_FP8_MAX, M3S_BF16, M3S_E4M3, 0, 0, "large_logits_e4m3_extremes_tp4"},
+      {2, FX_LOGITS_FP8_MAX, M3S_BF16, M3S_E4M3, 1, 1, "large_logits_e4m3_extremes_scalar_tp2"},
+      {2, FX_LOGITS_FP8_MAX, M3S_F16, M3S_E5M2, 0, 0, "large_logits_e5m2_extremes_tp2"},
+      {8, FX_LOGITS_FP8_MAX, M3S_BF16, M3S_E5M2, 2, 1, "large_logits_e5m2_extremes_per_slot_tp8"},
+  };
+  for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+    fx_spec s = base_spec(c[i].tp, 3, ql, sl);
+    s.act_dtype = c[i].act;
+    s.kv_dtype = c[i].kv;
+    s.scale_mode = c[i].scale;
+    s.token_major = c[i].token_major;
+    large_logits_case(c[i].name, s, c[i].mode);
+  }
 }
 
 /* ---- SPEC section 2: inserts ---- */
@@ -329,8 +423,10 @@ int main(void) {
   test_spec4_largest_heads_and_topk();
   test_spec4_nb_le_K_is_dense_causal();
   test_spec4_spec_decode_and_padding();
+  test_spec4_padding_checked_on_every_row();
   test_spec4_topk_row_forms();
   test_spec4_lse_optional_same_bits();
+  test_spec4_large_logits();
   test_spec2_cache_insert(M3S_BF16, 0, 0, M3S_I64, "spec2_cache_insert_bf16_head_major_i64_slots");
   test_spec2_cache_insert(M3S_F16, 0, 1, M3S_I32, "spec2_cache_insert_f16_token_major_i32_slots");
   test_spec2_cache_insert(M3S_E4M3, 0, 0, M3S_I64, "spec2_cache_insert_e4m3_no_scale");

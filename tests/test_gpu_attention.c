@@ -16,7 +16,10 @@
  * decode with query_start_loc[0] != 0, padded requests; prefill chunks (~1000
  * tokens behind a 19000-token prefix); K = 8 and 64; a head-major top-k view;
  * descending and -1-holed top-k rows, all -1 rows; device-side guards (top-k
- * ids outside [0, nb), page ids out of range, bad seq_lens).
+ * ids outside [0, nb), page ids out of range, bad seq_lens); large logits
+ * (|q.k * scale| in the hundreds and beyond: spread, one dominant key, all
+ * equal at +181 and -362, e4m3/e5m2 extremes; decode rows too, so the
+ * split-K merge sees them).
  *
  * M3S_TEST_QUICK=1 skips the large cases (for compute-sanitizer runs);
  * M3S_TEST_FILTER=text runs only the cases whose name contains text;
@@ -484,6 +487,55 @@ static void test_topk_forms(void) {
   run_case("topk_head_major_view_descending_tp2", hm, &desc);
 }
 
+/* ---- large logits ---------------------------------------------------------
+ * q and K rewritten so |q.k * scale| reaches the hundreds and beyond
+ * (fx_large_logits, tests/ref.h): out and lse vs fp64 and vs the CPU, as in
+ * every case. A kernel that drops the online softmax's max-subtraction (or
+ * keeps it in a way that overflows exp2) fails here and nowhere else. */
+static void ll_spread(fixture *f) { fx_large_logits(f, FX_LOGITS_SPREAD); }
+static void ll_dominant(fixture *f) { fx_large_logits(f, FX_LOGITS_DOMINANT); }
+static void ll_equal_pos(fixture *f) { fx_large_logits(f, FX_LOGITS_EQUAL_POS); }
+static void ll_equal_neg(fixture *f) { fx_large_logits(f, FX_LOGITS_EQUAL_NEG); }
+static void ll_fp8_max(fixture *f) { fx_large_logits(f, FX_LOGITS_FP8_MAX); }
+
+static void test_large_logits(void) {
+  static const int32_t ql[] = {1, 1, 24};
+  static const int32_t sl[] = {3000, 0, 1500};
+  static const int32_t dql[] = {1, 1, 1, 1};
+  static const int32_t dsl[] = {5000, 129, 0, 2049};
+  struct {
+    void (*mod)(fixture *f);
+    int tp, decode;
+    m3s_dtype act, kv;
+    int scale, token_major;
+    const char *name;
+  } c[] = {
+      {ll_spread, 2, 0, M3S_BF16, M3S_BF16, 0, 0, "large_logits_spread_tp2_bf16"},
+      {ll_spread, 1, 1, M3S_BF16, M3S_BF16, 0, 1, "large_logits_spread_decode_tp1_bf16"},
+      {ll_dominant, 1, 0, M3S_BF16, M3S_BF16, 0, 1, "large_logits_one_dominant_key_tp1"},
+      {ll_dominant, 8, 1, M3S_F16, M3S_F16, 0, 0, "large_logits_one_dominant_key_decode_tp8"},
+      {ll_equal_pos, 8, 0, M3S_BF16, M3S_F16, 0, 0, "large_logits_all_equal_plus181_tp8"},
+      {ll_equal_neg, 8, 1, M3S_F16, M3S_BF16, 0, 1, "large_logits_all_equal_minus362_decode_tp8"},
+      {ll_equal_neg, 2, 0, M3S_BF16, M3S_BF16, 0, 0, "large_logits_all_equal_minus362_tp2"},
+      {ll_spread, 2, 0, M3S_BF16, M3S_E4M3, 1, 1, "large_logits_spread_tp2_e4m3_scalar"},
+      {ll_fp8_max, 4, 0, M3S_BF16, M3S_E4M3, 0, 0, "large_logits_e4m3_extremes_tp4"},
+      {ll_fp8_max, 1, 1, M3S_BF16, M3S_E4M3, 2, 1, "large_logits_e4m3_extremes_decode_tp1"},
+      {ll_fp8_max, 2, 0, M3S_F16, M3S_E5M2, 0, 0, "large_logits_e5m2_extremes_tp2"},
+      {ll_fp8_max, 8, 1, M3S_BF16, M3S_E5M2, 2, 1, "large_logits_e5m2_extremes_decode_tp8"},
+  };
+  for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+    fx_spec s = c[i].decode ? spec_of(m3s_config_minimax_m3(c[i].tp), 4, dql, dsl)
+                            : spec_of(m3s_config_minimax_m3(c[i].tp), 3, ql, sl);
+    s.uniform = c[i].decode;
+    s.act_dtype = c[i].act;
+    s.kv_dtype = c[i].kv;
+    s.scale_mode = c[i].scale;
+    s.token_major = c[i].token_major;
+    case_mods m = {c[i].mod, NULL, 0, 0};
+    run_case(c[i].name, s, &m);
+  }
+}
+
 static void test_guards(void) {
   static const int32_t ql[] = {3, 2, 4, 1};
   static const int32_t sl[] = {3000, 2500, 2200, 2600};
@@ -511,6 +563,7 @@ int main(void) {
   test_group_and_k();
   test_topk_forms();
   test_guards();
+  test_large_logits();
   test_prefill();
   test_long_decode();
   /* CUDA-graph capture: covered by tests/test_gpu_graph.c */

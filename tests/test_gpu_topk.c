@@ -6,7 +6,9 @@
  *
  * Each case builds a fixture (tests/ref.h) with fresh random inputs, runs the
  * CPU context, then the CUDA context on device copies with poisoned outputs,
- * and compares every top-k entry. Cases cover the TP shapes, decode rows at
+ * and compares every top-k entry; the CPU result itself is first checked
+ * against the fp64 brute force of tests/ref.c (check_topk_vs_fp64_rows: up to
+ * 48 rows per case, exact on grid data). Cases cover the TP shapes, decode rows at
  * block boundaries up to 128K (and one 1M-token row), a long prefill behind a
  * cached prefix, bf16/e4m3 index caches, f16 queries, uniform (q_len 1, 4) and
  * ragged batches (query_start_loc[0] != 0), padded requests, a head-major
@@ -103,6 +105,12 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     fx_free(&f);
     return;
   }
+  /* the CPU result itself against the fp64 brute force (every row of small
+   * cases, 48 sampled rows of the large ones, 8 at 1M tokens): the GPU is compared with the
+   * CPU below, so a CPU mistake on a shape only this test runs (K = 64 with
+   * a large init, 1M-token rows, signed-zero ties, e4m3 NaN keys) would
+   * otherwise pass unseen */
+  check_topk_vs_fp64_rows(&f, name, f.batch.max_seq_len > 200000 ? 8 : 48);
   size_t n = topk_count(&f);
   int32_t *expect = malloc(sizeof(int32_t) * (n + 1));
   memcpy(expect, f.topk_mem, sizeof(int32_t) * n);
@@ -138,47 +146,24 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
 
 /* ---- host mutations ---------------------------------------------------- */
 
-/* One NaN index element of the fixture's index-cache dtype. */
-static void store_nan(fixture *f, int64_t i, int negative) {
-  if (f->sp.idx_dtype == M3S_BF16)
-    ((uint16_t *)f->ic_mem)[i] = negative ? 0xFFC0 : 0x7FC0;
-  else
-    ((uint8_t *)f->ic_mem)[i] = negative ? 0xFF : 0x7F;
-}
-
+/* Host mutations: tests/ref.c (fx_nan_index_keys, fx_equal_index_keys,
+ * fx_signed_zero_index_keys) and the NaN pages of the guard case. */
 static int32_t ibt_at(const fixture *f, int r, int64_t b) {
   return f->ibt[r * f->batch.index_block_table.stride[0] + b];
 }
 
-static void poison_page(fixture *f, int32_t page, int negative) {
-  for (int64_t i = 0; i < 128 * 128; i++)
-    store_nan(f, (int64_t)page * 128 * 128 + i, negative);
+static void poison_page(fixture *f, int32_t page) {
+  for (int64_t i = 0; i < 128 * 128; i++) {
+    if (f->sp.idx_dtype == M3S_BF16)
+      ((uint16_t *)f->ic_mem)[(int64_t)page * 128 * 128 + i] = 0x7FC0;
+    else
+      ((uint8_t *)f->ic_mem)[(int64_t)page * 128 * 128 + i] = 0x7F;
+  }
 }
 
-/* Request 0: blocks 0..9 all NaN, one NaN key in block 12, one NaN element
- * in block 14; request 1: every block NaN (lowest ids must win). */
-static void nan_keys(fixture *f) {
-  for (int b = 0; b < 10; b++)
-    poison_page(f, ibt_at(f, 0, b), b & 1);
-  for (int d = 0; d < 128; d++)
-    store_nan(f, ((int64_t)ibt_at(f, 0, 12) * 128 + 5) * 128 + d, 0);
-  store_nan(f, ((int64_t)ibt_at(f, 0, 14) * 128 + 77) * 128 + 3, 1);
-  int64_t nb1 = (f->seqlens[1] + 127) / 128;
-  for (int64_t b = 0; b < nb1; b++)
-    poison_page(f, ibt_at(f, 1, b), 0);
-}
-
-/* Every index key identical: every score ties. */
-static void all_ties(fixture *f) {
-  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
-    store_elem(f->ic_mem, f->sp.idx_dtype, i, (i % 128) < 64 ? 0.5f : -0.25f);
-}
-
-/* Every score exactly 0 (keys of +0 and -0; the fixed-order sum gives +0). */
-static void signed_zero_ties(fixture *f) {
-  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
-    store_elem(f->ic_mem, f->sp.idx_dtype, i, (i / 128) % 3 == 0 ? -0.0f : 0.0f);
-}
+static void nan_keys(fixture *f) { fx_nan_index_keys(f); }
+static void all_ties(fixture *f) { fx_equal_index_keys(f); }
+static void signed_zero_ties(fixture *f) { fx_signed_zero_index_keys(f); }
 
 /* ---- device mutations (GPU-only bad data) -------------------------------- */
 
@@ -186,8 +171,8 @@ static void signed_zero_ties(fixture *f) {
  * on the device. The CUDA backend scores those blocks NaN; the CPU sees the
  * same when those pages' keys are NaN, which guard_pages_host arranges. */
 static void guard_pages_host(fixture *f) {
-  poison_page(f, ibt_at(f, 0, 5), 0);
-  poison_page(f, ibt_at(f, 0, 7), 0);
+  poison_page(f, ibt_at(f, 0, 5));
+  poison_page(f, ibt_at(f, 0, 7));
 }
 
 static int guard_pages_device(fixture *f, gpu_fx *g, int32_t *expect) {

@@ -246,6 +246,58 @@ static void test_spec3_continuous_optimal_within_rounding(void) {
   fx_free(&f);
 }
 
+/* Shapes the GPU top-k test runs (tests/test_gpu_topk.c compares the GPU
+ * with the CPU there), with the CPU checked against the fp64 brute force
+ * here, in the CPU suite: K = 64 with a large init, signed-zero ties at
+ * K = 64, NaN keys in bf16 and e4m3 index caches, and a 1,048,576-token
+ * decode request (q_len 4, K = 64; every row checked, 8192 blocks each). */
+static void cpu_case(const char *name, fx_spec s, void (*mod)(fixture *f)) {
+  fixture f;
+  fx_init(&f, &s);
+  if (mod)
+    mod(&f);
+  if (CHECK(run_topk(&f) == M3S_OK, name))
+    check_topk_vs_fp64_rows(&f, name, 64);
+  fx_free(&f);
+}
+
+static void test_spec3_gpu_shapes_vs_fp64(void) {
+  int32_t ql[] = {40, 1, 1};
+  int32_t sl[] = {3000, 9000, 1300};
+  struct {
+    int k, init, local, grid;
+  } v[] = {{64, 60, 4, 1}, {64, 60, 4, 0}, {64, 4, 2, 0}, {5, 5, 0, 1}};
+  for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+    fx_spec s = spec_of(cfg_of(32, 2, v[i].k, v[i].init, v[i].local), 3, ql, sl);
+    s.grid = v[i].grid;
+    char name[96];
+    snprintf(name, sizeof name, "spec3_forced_k%d_init%d_local%d_%s_vs_fp64", v[i].k, v[i].init,
+             v[i].local, s.grid ? "grid" : "continuous");
+    cpu_case(name, s, NULL);
+  }
+  int32_t nql[] = {1, 1, 30};
+  int32_t nsl[] = {30 * 128, 40 * 128 + 5, 3000};
+  for (int e4 = 0; e4 < 2; e4++) {
+    fx_spec s = spec_of(cfg_of(16, 1, 16, 0, 1), 3, nql, nsl);
+    s.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
+    s.grid = 0;
+    cpu_case(e4 ? "spec3_nan_keys_e4m3_vs_fp64" : "spec3_nan_keys_bf16_vs_fp64", s,
+             fx_nan_index_keys);
+  }
+  cpu_case("spec3_zero_scores_tie_k64_vs_fp64", spec_of(cfg_of(8, 1, 64, 0, 1), 3, nql, nsl),
+           fx_signed_zero_index_keys);
+  fx_spec e = spec_of(cfg_of(16, 2, 16, 0, 1), 3, nql, nsl);
+  e.idx_dtype = M3S_E4M3;
+  cpu_case("spec3_zero_scores_tie_e4m3_vs_fp64", e, fx_signed_zero_index_keys);
+  int32_t mql[] = {4};
+  int32_t msl[] = {1048576};
+  fx_spec m = spec_of(cfg_of(8, 1, 64, 0, 1), 1, mql, msl);
+  m.uniform = 1;
+  m.grid = 0;
+  m.kv_dtype = M3S_E4M3; /* unused by the indexer: the smallest main cache */
+  cpu_case("spec3_decode_1M_qlen4_k64_continuous_vs_fp64", m, NULL);
+}
+
 int main(void) {
   if (m3s_context_create(-1, &g_ctx) != M3S_OK) {
     fprintf(stderr, "context: %s\n", m3s_last_error());
@@ -261,6 +313,7 @@ int main(void) {
   test_spec3_short_context_selects_all();
   test_spec3_head_major_topk_view();
   test_spec3_continuous_optimal_within_rounding();
+  test_spec3_gpu_shapes_vs_fp64();
   m3s_context_destroy(g_ctx);
   return TEST_FINISH();
 }

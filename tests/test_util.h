@@ -3,7 +3,8 @@
  * Every check increments a pass or fail counter; a failing check prints where
  * it failed. Each binary ends with TEST_FINISH(), which prints the summary line
  * "N passed, N failed" (read by CTest logs and CI) and returns non-zero when
- * anything failed. Skips are counted separately and never count as passes. */
+ * anything failed, or when no check ran and nothing was skipped on purpose.
+ * Skips are counted separately and never count as passes. */
 #ifndef M3S_TEST_UTIL_H
 #define M3S_TEST_UTIL_H
 
@@ -55,11 +56,19 @@ static inline int test_selected(const char *name) {
   return 0;
 }
 
+/* A binary that ran no check at all (a filter that matches nothing, an early
+ * return) fails, unless it skipped something on purpose (g_tc.skipped > 0):
+ * "0 passed, 0 failed" must never read as a pass. */
 static inline int test_finish_(void) {
   if (g_tc.skipped)
     printf("%ld passed, %ld failed, %ld skipped\n", g_tc.passed, g_tc.failed, g_tc.skipped);
   else
     printf("%ld passed, %ld failed\n", g_tc.passed, g_tc.failed);
+  if (g_tc.passed + g_tc.failed == 0 && g_tc.skipped == 0) {
+    fprintf(stderr, "FAIL: no check ran (M3S_TEST_FILTER=\"%s\")\n",
+            getenv("M3S_TEST_FILTER") ? getenv("M3S_TEST_FILTER") : "");
+    return 1;
+  }
   return g_tc.failed ? 1 : 0;
 }
 #define TEST_FINISH() test_finish_()

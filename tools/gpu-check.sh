@@ -49,6 +49,12 @@ san_rc=0 # any sanitizer run that is not clean or skipped (errors, timeout, cras
 if has tests; then
   ctest --test-dir "$BUILD" -V -j 4 --timeout 900 >"$OUT/ctest.log" 2>&1
   ctest_rc=$?
+  # on a machine with a card, a skipped GPU test is a failure (the tests skip
+  # only when they find no GPU; test_gpu_offsets64 also without 14 GiB free)
+  if [ -n "$card" ] && grep -E 'Test +#[0-9]+: test_gpu_.*(Skipped|Not Run)' "$OUT/ctest.log"; then
+    echo "gpu-check: GPU tests skipped on a machine with a GPU ($card)" | tee -a "$OUT/ctest.log"
+    [ "$ctest_rc" -eq 0 ] && ctest_rc=1
+  fi
 fi
 
 : >"$OUT/sanitizers.log"
@@ -77,7 +83,7 @@ san_rows=""
 race_groups() { # test -> one "filter [flags]" per line
   case $1 in
     test_gpu_attention) printf '%s\n' decode_tp qlen4_ uniform_,ragged_ g32,g12,g1_mha k64,k8 \
-      topk_,guard_ mixed_prefill,prefill_257 ;;
+      topk_,guard_ mixed_prefill,prefill_257 large_logits ;;
     test_gpu_ops) printf '%s\n' insert k2q_tp1,k2q_tp2_e4m3 k2q_tp8_700,k2q_tp8_csr \
       k2q_tp8_e4m3,k2q_tp8_tiny k2q_tp2_prefill_bf16 merge \
       "k2q_tp8_sink_rows_of_3000 --kernel-name-exclude kns=k2q_attention_kernel" \
@@ -148,16 +154,18 @@ if has sanitize; then
     cat "$key.log" >>"$OUT/sanitizers.log"
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$key.log" | tail -1)
     case $rc in
-      0) verdict="clean"
-         # a filter that matches no case runs nothing and would read as clean
-         grep -qE '^0 passed, 0 failed' "$key.log" && verdict="NO CASE RAN (filter matches nothing)" ;;
+      0) verdict="clean" ;;
       9) verdict="ERRORS" ;;
-      77) verdict="skipped" ;;
+      # a GPU test skips only on a machine without a GPU: here that hides a
+      # failure (no driver seen, no card), unless nvidia-smi saw no card either
+      77) if [ -n "$card" ]; then verdict="SKIPPED ON A GPU MACHINE"; else verdict="skipped (no GPU)"; fi ;;
       long) verdict="not run (long group; M3S_SAN_LONG=1)" ;;
       124) verdict="timed out (${M3S_SAN_TIMEOUT:-240} s)" ;;
       *) verdict="rc=$rc" ;;
     esac
-    case $verdict in clean | skipped | "not run (long"*) ;; *) san_rc=1 ;; esac
+    # a filter that matches no case runs nothing (the test binary then exits 1)
+    grep -qE '^0 passed, 0 failed$' "$key.log" && verdict="NO CASE RAN (filter matches nothing)"
+    case $verdict in clean | "skipped (no GPU)" | "not run (long"*) ;; *) san_rc=1 ;; esac
     secs=$(cat "$key.time" 2>/dev/null || echo "?")
     san_rows+="| $tool | $t${filter:+ (filter $filter)}${flags:+ $flags} | $verdict | $secs | ${summary:-} |"$'\n'
   done < <(san_list)
