@@ -530,7 +530,7 @@ __device__ __forceinline__ unsigned long long tc_best_below(const float2 *W, int
 
 /* The n-th largest key (n >= 1) over the candidates; every lane gets it.
  * With emit != NULL, lane 0 stores the ids of the first n keys at emit[0..n). */
-__device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int64_t hi, int kind, int n,
+static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int64_t hi, int kind, int n,
                                          int32_t *emit) {
   unsigned long long mine = tc_best_below(W, lo, hi, kind, ~0ull), w = 0;
   for (int k = 0; k < n; k++) {
@@ -618,7 +618,7 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
  * that is the same, because L_b > u* puts U_b above u* and U_b < l* puts
  * L_b below l*.) The counting uses only L <= U, so the slots never overflow,
  * whatever the hardware did; exactness needs S_b in [L_b, U_b]. */
-__device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_args &a, float2 *W,
+static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_args &a, float2 *W,
                                int r, int64_t pos, int64_t nb, const float *q, int32_t *sel,
                                int32_t *out) {
   const int lane = threadIdx.x & 31;
@@ -690,7 +690,7 @@ __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_args &a
     if (viol)
       atomicAdd(&a.stats->violations, viol);
   }
-  if (a.stats && max_ratio)
+  if (a.stats && lane == 0 && max_ratio)
     atomicMax(&a.stats->max_ratio_bits, max_ratio);
   __syncwarp(); /* sel[] is reused by the warp's next pair */
 }
