@@ -368,7 +368,10 @@ static void test_adversarial(void) {
   static const int32_t sl[] = {8192, 8192, 6000, 7000};
   case_mods lb = {last_bit, NULL, 1};
   run_case("last_bit_permuted_multiset_hkv1", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &lb);
-  run_case("last_bit_permuted_multiset_k64", spec_of(cfg_of(8, 1, 64, 0, 1), 4, ql, sl), &lb);
+  static const int32_t ql64[] = {256, 256, 256};
+  static const int32_t sl64[] = {16384, 12000, 10000}; /* nb > 64 */
+  run_case("last_bit_permuted_multiset_k64", spec_of(cfg_of(8, 1, 64, 0, 1), 3, ql64, sl64),
+           &lb);
   case_mods eq = {equal_maxima, NULL, 0};
   run_case("equal_maxima_tp1", spec_of(m3s_config_minimax_m3(1), 4, ql, sl), &eq);
   case_mods cw = {cancel_wide, NULL, 0};
