@@ -516,29 +516,56 @@ __device__ __forceinline__ unsigned long long tc_warp_max(unsigned long long v) 
   return v;
 }
 
-/* Best key below `limit` of this lane's candidates b = lo + lane + 32 i < hi. */
-__device__ __forceinline__ unsigned long long tc_best_below(const float2 *W, int64_t lo, int64_t hi, int kind,
-                                            unsigned long long limit) {
-  unsigned long long best = 0;
+#define TC_CACHE 4 /* keys each lane keeps between rescans */
+
+/* The TC_CACHE best keys below `limit` of this lane's candidates
+ * b = lo + lane + 32 i < hi, descending, 0 for none. */
+__device__ __forceinline__ void tc_best_below(const float2 *W, int64_t lo, int64_t hi, int kind,
+                                              unsigned long long limit,
+                                              unsigned long long (&c)[TC_CACHE]) {
+#pragma unroll
+  for (int i = 0; i < TC_CACHE; i++)
+    c[i] = 0;
   for (int64_t b = lo + (threadIdx.x & 31); b < hi; b += 32) {
     unsigned long long k = tc_entry_key(W, b, kind);
-    if (k < limit && k > best)
-      best = k;
+    if (k >= limit || k <= c[TC_CACHE - 1])
+      continue;
+    /* insertion into the descending list */
+#pragma unroll
+    for (int i = TC_CACHE - 1; i > 0; i--) {
+      if (k > c[i - 1]) {
+        c[i] = c[i - 1];
+      } else {
+        c[i] = k > c[i] ? k : c[i];
+        k = 0;
+      }
+    }
+    c[0] = k > c[0] ? k : c[0];
   }
-  return best;
 }
 
-/* The n-th largest key (n >= 1) over the candidates; every lane gets it.
- * With emit != NULL, lane 0 stores the ids of the first n keys at emit[0..n). */
-static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int64_t hi, int kind, int n,
-                                         int32_t *emit) {
-  unsigned long long mine = tc_best_below(W, lo, hi, kind, ~0ull), w = 0;
+/* The n-th largest key (n >= 1) over the candidates (0 when n == 0); every
+ * lane gets it. With emit != NULL, lane 0 stores the ids of the first n keys
+ * at emit[0..n). A lane rescans its candidates only when it has supplied
+ * TC_CACHE winners since its last scan. */
+static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int64_t hi, int kind,
+                                                int n, int32_t *emit) {
+  unsigned long long c[TC_CACHE], w = 0;
+  if (n <= 0)
+    return 0;
+  tc_best_below(W, lo, hi, kind, ~0ull, c);
   for (int k = 0; k < n; k++) {
-    w = tc_warp_max(mine);
+    w = tc_warp_max(c[0]);
     if (emit && (threadIdx.x & 31) == 0)
       emit[k] = tc_id_of(w);
-    if (mine == w)
-      mine = tc_best_below(W, lo, hi, kind, w);
+    if (c[0] == w && w != 0) {
+#pragma unroll
+      for (int i = 0; i < TC_CACHE - 1; i++)
+        c[i] = c[i + 1];
+      c[TC_CACHE - 1] = 0;
+      if (c[0] == 0)
+        tc_best_below(W, lo, hi, kind, w, c);
+    }
   }
   return w;
 }
