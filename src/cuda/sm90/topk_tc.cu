@@ -233,7 +233,7 @@ __device__ __forceinline__ void tc_issue_block(const tc_score_args &a, int64_t p
 }
 
 template <bool E4M3>
-static __global__ void __launch_bounds__(TC_THREADS)
+static __global__ void __launch_bounds__(TC_THREADS, 2)
     tc_score_kernel(m3s_cuda_batch bt, tc_score_args a) {
   extern __shared__ __align__(16) unsigned char tc_dyn[];
   __shared__ tc_score_smem s;
@@ -402,17 +402,28 @@ static __global__ void __launch_bounds__(TC_THREADS)
           }
         }
         /* causal mask and row max; NaN dots are ignored (E is infinite then) */
-        int64_t lim_lo = s.pos[r_lo] - b * M3S_B, lim_hi = s.pos[r_hi] - b * M3S_B;
+        /* last visible key slot of each row, clamped to [-1, 127] */
+        int64_t l64_lo = s.pos[r_lo] - b * M3S_B, l64_hi = s.pos[r_hi] - b * M3S_B;
+        const int lim_lo = (int)(l64_lo < -1 ? -1 : (l64_lo > 127 ? 127 : l64_lo));
+        const int lim_hi = (int)(l64_hi < -1 ? -1 : (l64_hi > 127 ? 127 : l64_hi));
+        if (lim_lo == 127 && lim_hi == 127) {
 #pragma unroll
-        for (int j = 0; j < 16; j++)
-#pragma unroll
-          for (int e = 0; e < 2; e++) {
-            int key = 8 * j + (lane & 3) * 2 + e;
-            if (key <= lim_lo)
-              m_lo = fmaxf(m_lo, acc[j][e]);
-            if (key <= lim_hi)
-              m_hi = fmaxf(m_hi, acc[j][2 + e]);
+          for (int j = 0; j < 16; j++) {
+            m_lo = fmaxf(m_lo, fmaxf(acc[j][0], acc[j][1]));
+            m_hi = fmaxf(m_hi, fmaxf(acc[j][2], acc[j][3]));
           }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 16; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+              int key = 8 * j + (lane & 3) * 2 + e;
+              if (key <= lim_lo)
+                m_lo = fmaxf(m_lo, acc[j][e]);
+              if (key <= lim_hi)
+                m_hi = fmaxf(m_hi, acc[j][2 + e]);
+            }
+        }
         m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 1));
         m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 2));
         m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 1));
