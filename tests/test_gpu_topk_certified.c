@@ -16,7 +16,8 @@
  *    re-scoring switched off (uncertain blocks decided by S~), which must
  *    produce a mismatch: proof that the re-scoring path decides them.
  * Cases: fresh 8K prompt, a 2K chunk behind a 30K prefix, a ragged batch
- * with padded requests (head-major top-k), e4m3 index cache, K = 64, TP
+ * with padded requests (head-major top-k), short (decode-like) requests
+ * before a prefill chunk, e4m3 index cache, K = 64, TP
  * shapes Hkv 4 / 2 / 1, equal maxima, last-bit differences (one key per
  * block, a permutation of one multiset of wide-exponent values), wide
  * exponent cancellation, subnormal keys against large queries, overflowing
@@ -342,6 +343,13 @@ static void test_prefill_shapes(void) {
   s.qsl_base = 7;
   s.topk_head_major = 1;
   run_case("ragged_padded_head_major_tp2", s, NULL);
+  /* decode-like requests (< 8 rows: scored exactly in the selection kernel)
+   * before a prefill chunk */
+  static const int32_t qm[] = {1, 1, 2, 7, 1, 3, 600};
+  static const int32_t sm[] = {9000, 4000, 3000, 20000, 129, 5000, 12000};
+  fx_spec m = spec_of(m3s_config_minimax_m3(1), 7, qm, sm);
+  m.qsl_base = 3;
+  run_case("short_requests_then_prefill_tp1", m, NULL);
   static const int32_t ql3[] = {1000, 1};
   static const int32_t sl3[] = {6000, 3000};
   fx_spec e = spec_of(m3s_config_minimax_m3(1), 2, ql3, sl3);

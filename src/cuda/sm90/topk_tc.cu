@@ -8,7 +8,7 @@
  *     TC_SMEM_BYTES dynamic shared memory. A CTA owns 128 consecutive rows
  *     (tile x counted from the end, so the causal-heavy tiles start first) and
  *     one index head g; for each run of rows of one request that needs scores
- *     (valid row, nb > K) it walks the candidate blocks b = init + z,
+ *     (valid row, nb > K, the request has >= TC_MIN_ROWS query rows) it walks the candidate blocks b = init + z,
  *     init + z + gy, ... below the run's last nb - local. The 128 index keys of
  *     a block come from the paged index cache through the index block table
  *     with cp.async into shared memory (rows padded to 272 bytes: ldmatrix is
@@ -25,6 +25,8 @@
  *     there): intervals [S~ - E, S~ + E], blocks surely in, surely out, and
  *     the uncertain ones re-scored with the reference dot order
  *     (m3s_dot128_fixed, streamed), then the tie rule on reference scores.
+ *     Rows of requests with fewer than TC_MIN_ROWS query rows (decode rows in
+ *     a ragged batch) have every candidate scored that way instead.
  * Grids and workspace come from host bounds only (num_tokens, max_seq_len,
  * Hkv, K, the SM count): graph-safe; no allocation, no synchronisation.
  *
@@ -34,7 +36,8 @@
  * overwrites the entries it re-scores with (S, -1).
  *
  * Eligible calls (m3s_topk_tc_eligible): query-start-loc batches (prefill,
- * ragged; uniform decode keeps the exact path), bf16 index queries, bf16 or
+ * ragged, max_q_len >= TC_MIN_ROWS; uniform decode keeps the exact path),
+ * bf16 index queries, bf16 or
  * e4m3 index cache 16-byte aligned, max_nb > K, a chunk that fits the budget.
  *
  * Registers / spills (ptxas, sm_90a): see docs/perf-notes.md. Measured: not
@@ -50,6 +53,7 @@
 #define TC_TILE_BYTES (TC_ROWS * TC_PAD * 2)
 #define TC_SMEM_BYTES (3 * TC_TILE_BYTES) /* query tile + two key buffers */
 #define TC_SEL_WARPS 4
+#define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
 #define TC_WS_BUDGET ((int64_t)128 << 20)
 #define TC_FULL 0xffffffffu
 
@@ -112,7 +116,7 @@ extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max
 
 extern "C" int m3s_topk_tc_eligible(const m3s_layer_config *cfg, const m3s_batch *batch,
                                     const m3s_tensor *iq, const m3s_tensor *index_cache) {
-  if (g_hooks.exact_only || batch->uniform_q_len > 0)
+  if (g_hooks.exact_only || batch->uniform_q_len > 0 || batch->max_q_len < TC_MIN_ROWS)
     return 0;
   if (iq->dtype != M3S_BF16 ||
       (index_cache->dtype != M3S_BF16 && index_cache->dtype != M3S_E4M3))
@@ -255,7 +259,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
     int64_t pos = 0;
     if (tid < n) {
       m3s_row_info ri = m3s_row_lookup(bt, a.row0 + tile0 + tid);
-      if (ri.valid && tc_blocks_of(ri.pos) > a.topk) {
+      if (ri.valid && ri.n >= TC_MIN_ROWS && tc_blocks_of(ri.pos) > a.topk) {
         req = ri.r;
         pos = ri.pos;
       }
@@ -655,10 +659,14 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
  * (u* and l* are taken over all of C, not "the others": for the tests above
  * that is the same, because L_b > u* puts U_b above u* and U_b < l* puts
  * L_b below l*.) The counting uses only L <= U, so the slots never overflow,
- * whatever the hardware did; exactness needs S_b in [L_b, U_b]. */
+ * whatever the hardware did; exactness needs S_b in [L_b, U_b].
+ * Rows of short requests (exact != 0, fewer than TC_MIN_ROWS query rows: the
+ * score kernel skips them, a 128-row tensor-core tile would be mostly idle)
+ * score every candidate here in the reference order and select on those
+ * scores directly. */
 static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_args &a, float2 *W,
-                               int r, int64_t pos, int64_t nb, const float *q, int32_t *sel,
-                               int32_t *out) {
+                                      int r, int64_t pos, int64_t nb, int exact, const float *q,
+                                      int32_t *sel, int32_t *out) {
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
   const int64_t lo = a.init, hi = nb - a.local;
@@ -669,7 +677,16 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
   const int nsel = a.init + a.local;
   unsigned long long cand = 0, resc = 0, viol = 0;
   uint32_t max_ratio = 0;
-  if (want > 0) {
+  if (want > 0 && exact) {
+    for (int64_t b = lo; b < hi; b++) {
+      float sx = tc_exact_block(bt, a, r, b, pos, q);
+      if (lane == 0)
+        W[b] = make_float2(sx, -1.0f);
+    }
+    cand = resc = (unsigned long long)(hi - lo);
+    __syncwarp(); /* the entries are visible to the warp */
+    tc_nth_key(W, lo, hi, TC_BY_EXACT, want, sel + nsel);
+  } else if (want > 0) {
     const uint32_t u_star = (uint32_t)(tc_nth_key(W, lo, hi, TC_BY_UPPER, want + 1, NULL) >> 32);
     const uint32_t l_star = (uint32_t)(tc_nth_key(W, lo, hi, TC_BY_LOWER, want, NULL) >> 32);
     int n_in = 0;
@@ -752,7 +769,8 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     for (int d = lane; d < M3S_D; d += 32)
       qsh[warp][d] = __uint_as_float((uint32_t)a.iq[t * a.iq_s0 + g * a.iq_s1 + d] << 16);
     __syncwarp();
-    tc_select_pair(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, nb, qsh[warp], selsh[warp], out);
+    tc_select_pair(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, nb, ri.n < TC_MIN_ROWS, qsh[warp],
+                   selsh[warp], out);
   }
 }
 
