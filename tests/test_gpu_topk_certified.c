@@ -59,6 +59,7 @@ typedef struct {
   void (*host)(fixture *f);
   int (*device)(fixture *f, gpu_fx *g);
   int adversarial; /* re-scoring off must break the selection */
+  int exact_too;   /* also run the exact CUDA-core path through the hook */
 } case_mods;
 
 static size_t topk_count(const fixture *f) {
@@ -85,14 +86,14 @@ static long count_mismatches(const fixture *f, const int32_t *expect, const char
   return bad;
 }
 
-enum { RUN_CERTIFIED, RUN_MEASURE, RUN_NO_RESCORE };
+enum { RUN_CERTIFIED, RUN_MEASURE, RUN_NO_RESCORE, RUN_EXACT };
 
 /* One CUDA run with the hook set for mode; returns mismatches against
  * expect (-1 when the run failed), stats in *st. */
 static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, const char *name,
                     m3s_topk_tc_stats *st) {
   memset(st, 0, sizeof *st);
-  m3s_topk_tc_hooks h = {0, mode == RUN_NO_RESCORE, mode == RUN_MEASURE, g_stats};
+  m3s_topk_tc_hooks h = {mode == RUN_EXACT, mode == RUN_NO_RESCORE, mode == RUN_MEASURE, g_stats};
   if (!gpu_put(g_stats, st, sizeof *st) || !gpu_fx_poison(g, f))
     return -1;
   m3s_topk_tc_set_hooks(&h);
@@ -155,6 +156,11 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     if (mods && mods->adversarial) {
       nbad = run_gpu(&f, &g, expect, RUN_NO_RESCORE, name, &ns);
       CHECK(nbad > 0, "re-scoring off must change the selection of an adversarial case");
+    }
+    if (mods && mods->exact_too) {
+      m3s_topk_tc_stats es;
+      CHECK(run_gpu(&f, &g, expect, RUN_EXACT, name, &es) == 0, name);
+      CHECK(es.pairs == 0, "exact_only: the certified path did not run");
     }
     CHECK(gpu_guards_check(), name);
     printf("  %-40s T %5d  pairs %7llu  re-scored %9llu / %9llu (%.4f)  max|S~-S|/E %.3g"
@@ -342,7 +348,8 @@ static void test_prefill_shapes(void) {
   fx_spec s = spec_of(m3s_config_minimax_m3(2), 6, ql, sl);
   s.qsl_base = 7;
   s.topk_head_major = 1;
-  run_case("ragged_padded_head_major_tp2", s, NULL);
+  case_mods both = {NULL, NULL, 0, 1};
+  run_case("ragged_padded_head_major_tp2", s, &both);
   /* decode-like requests (< 8 rows: scored exactly in the selection kernel)
    * before a prefill chunk */
   static const int32_t qm[] = {1, 1, 2, 7, 1, 3, 600};
@@ -374,23 +381,23 @@ static void test_k_variants(void) {
 static void test_adversarial(void) {
   static const int32_t ql[] = {512, 512, 512, 512};
   static const int32_t sl[] = {8192, 8192, 6000, 7000};
-  case_mods lb = {last_bit, NULL, 1};
+  case_mods lb = {last_bit, NULL, 1, 0};
   run_case("last_bit_permuted_multiset_hkv1", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &lb);
   static const int32_t ql64[] = {256, 256, 256};
   static const int32_t sl64[] = {16384, 12000, 10000}; /* nb > 64 */
   run_case("last_bit_permuted_multiset_k64", spec_of(cfg_of(8, 1, 64, 0, 1), 3, ql64, sl64),
            &lb);
-  case_mods eq = {equal_maxima, NULL, 0};
+  case_mods eq = {equal_maxima, NULL, 0, 0};
   run_case("equal_maxima_tp1", spec_of(m3s_config_minimax_m3(1), 4, ql, sl), &eq);
-  case_mods cw = {cancel_wide, NULL, 0};
+  case_mods cw = {cancel_wide, NULL, 0, 0};
   run_case("cancel_wide_exponents_tp2", spec_of(m3s_config_minimax_m3(2), 4, ql, sl), &cw);
-  case_mods sn = {subnormal_keys, NULL, 0};
+  case_mods sn = {subnormal_keys, NULL, 0, 0};
   run_case("subnormal_keys_large_queries_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &sn);
-  case_mods ov = {overflow_keys, NULL, 0};
+  case_mods ov = {overflow_keys, NULL, 0, 0};
   run_case("overflowing_products_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &ov);
   static const int32_t qn[] = {40, 30, 60};
   static const int32_t sn_[] = {30 * 128, 40 * 128 + 5, 5000};
-  case_mods ni = {nan_inf, NULL, 0};
+  case_mods ni = {nan_inf, NULL, 0, 0};
   for (int e4 = 0; e4 < 2; e4++) {
     fx_spec s = spec_of(m3s_config_minimax_m3(1), 3, qn, sn_);
     s.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
@@ -398,7 +405,7 @@ static void test_adversarial(void) {
   }
   static const int32_t qg[] = {30, 20, 40, 10};
   static const int32_t sg[] = {3000, 2500, 2200, 2600};
-  case_mods gp = {guard_pages_host, guard_pages_device, 0};
+  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0};
   run_case("guard_page_ids_out_of_range", spec_of(m3s_config_minimax_m3(2), 4, qg, sg), &gp);
 }
 
