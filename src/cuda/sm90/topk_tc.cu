@@ -46,6 +46,7 @@
 #include "topk_tc.h"
 
 #include <stdint.h>
+#include <string.h>
 
 #define TC_ROWS 128    /* query rows per score CTA */
 #define TC_THREADS 256 /* 8 warps x 16 rows */
