@@ -4,22 +4,26 @@
  * differs from the exact CUDA-core path of src/cuda/cuda_topk.cu.
  *
  * Per chunk of rows [row0, row0 + nrows) two launches on exec->stream:
- *  1. tc_score_kernel<E4M3>  grid (ceil(nrows / 128), Hkv, gy), 256 threads,
- *     TC_SMEM_BYTES dynamic shared memory. A CTA owns 128 consecutive rows
- *     (tile x counted from the end, so the causal-heavy tiles start first) and
- *     one index head g; for each run of rows of one request that needs scores
- *     (valid row, nb > K, the request has >= TC_MIN_ROWS query rows) it walks the candidate blocks b = init + z,
- *     init + z + gy, ... below the run's last nb - local. The 128 index keys of
- *     a block come from the paged index cache through the index block table
- *     with cp.async into shared memory (rows padded to 272 bytes: ldmatrix is
- *     conflict-free), double-buffered; e4m3 keys are widened to bf16 on chip
- *     (exact). Warp w multiplies its 16 query rows (bf16 A fragments held in
- *     registers for the whole kernel) by the 128 keys with
- *     mma.sync.m16n8k16 bf16 -> fp32, masks keys after pos(t) and takes the
- *     row's block max S~. The block's largest key norm (fp32, rounded up) and
- *     the row's query norm give the bound E of docs/perf-notes.md
- *     ("Certified re-scoring: the bound"); (S~, E) goes to the workspace.
- *     A page id outside [0, P) gives (NaN, inf).
+ *  1. tc_score_kernel<E4M3, WG>  grid (ceil(nrows / 128), Hkv, gy), 256
+ *     threads, TC_SMEM_BYTES dynamic shared memory. A CTA owns 128
+ *     consecutive rows (tile x counted from the end, so the causal-heavy
+ *     tiles start first) and one index head g; for each run of rows of one
+ *     request that needs scores (valid row, nb > K, the request has >=
+ *     TC_MIN_ROWS query rows) it walks the candidate blocks b = init + z,
+ *     init + z + gy, ... below the run's last nb - local. The 128 index keys
+ *     of a block come from the paged index cache through the index block
+ *     table with cp.async into shared memory, double-buffered; e4m3 keys are
+ *     widened to bf16 on chip (exact). Warp w multiplies its 16 query rows
+ *     (bf16 A fragments held in registers for the whole kernel) by the 128
+ *     keys: WG = 0 with mma.sync.m16n8k16 (key rows padded to 272 bytes:
+ *     ldmatrix is conflict-free), WG = 1 (sm_90a, test hook only until it
+ *     has run) with wgmma.m64n128k16, A from registers, B from the key tile
+ *     in the no-swizzle core-matrix layout (tc_wg_off). bf16 -> fp32; keys
+ *     after pos(t) are masked and the row's block max is S~. The block's
+ *     largest key norm (fp32, rounded up) and the row's query norm give the
+ *     bound E of docs/perf-notes.md ("Certified re-scoring: the bound");
+ *     (S~, E) goes to the workspace. A page id outside [0, P) gives
+ *     (NaN, inf).
  *  2. tc_select_kernel  a warp per (row, head) pair, 4 warps per CTA: forced
  *     blocks, then the certified selection of select_pair (the proof is
  *     there): intervals [S~ - E, S~ + E], blocks surely in, surely out, and
@@ -37,8 +41,8 @@
  *
  * Eligible calls (m3s_topk_tc_eligible): query-start-loc batches (prefill,
  * ragged, max_q_len >= TC_MIN_ROWS; uniform decode keeps the exact path),
- * bf16 index queries, bf16 or
- * e4m3 index cache 16-byte aligned, max_nb > K, a chunk that fits the budget.
+ * bf16 index queries, bf16 or e4m3 index cache 16-byte aligned, max_nb > K,
+ * a chunk that fits the budget.
  *
  * Registers / spills (ptxas, sm_90a): see docs/perf-notes.md. Measured: not
  * yet measured. */
@@ -119,8 +123,7 @@ extern "C" int m3s_topk_tc_eligible(const m3s_layer_config *cfg, const m3s_batch
                                     const m3s_tensor *iq, const m3s_tensor *index_cache) {
   if (g_hooks.exact_only || batch->uniform_q_len > 0 || batch->max_q_len < TC_MIN_ROWS)
     return 0;
-  if (iq->dtype != M3S_BF16 ||
-      (index_cache->dtype != M3S_BF16 && index_cache->dtype != M3S_E4M3))
+  if (iq->dtype != M3S_BF16 || (index_cache->dtype != M3S_BF16 && index_cache->dtype != M3S_E4M3))
     return 0;
   if (((uintptr_t)index_cache->data & 15) != 0)
     return 0;
@@ -169,9 +172,13 @@ __device__ __forceinline__ void tc_cp_async16(void *dst, const void *src) {
                : "memory");
 }
 
-__device__ __forceinline__ void tc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void tc_cp_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 
-__device__ __forceinline__ void tc_cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void tc_cp_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
 
 __device__ __forceinline__ void tc_ldmatrix_x4(uint32_t addr, uint32_t &r0, uint32_t &r1,
                                                uint32_t &r2, uint32_t &r3) {
@@ -185,6 +192,75 @@ __device__ __forceinline__ void tc_mma_bf16(float *c, const uint32_t *a, uint32_
                "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Byte offset of element (key n, dim k) of a key tile in the wgmma layout:
+ * K-major, no swizzle, 8x8 core matrices of 128 contiguous bytes; the 16
+ * core matrices of 8 keys along k are adjacent (LBO 128 B), groups of 8 keys
+ * 2048 B apart (SBO). */
+__device__ __forceinline__ int tc_wg_off(int n, int k) {
+  return (n >> 3) * 2048 + (k >> 3) * 128 + (n & 7) * 16 + (k & 7) * 2;
+}
+
+/* wgmma shared-memory matrix descriptor (no swizzle): start address,
+ * leading byte offset 128, stride byte offset 2048, all in 16-byte units. */
+__device__ __forceinline__ unsigned long long tc_wg_desc(const void *p) {
+  return (unsigned long long)((tc_smem_addr(p) & 0x3FFFF) >> 4) |
+         ((unsigned long long)(128 >> 4) << 16) | ((unsigned long long)(2048 >> 4) << 32);
+}
+
+/* d (64 fp32, the m64n128 accumulator fragment of this warp) += A (this
+ * warp's 16 rows, registers, the mma.m16n8k16 A layout) x B (128 keys x 16
+ * dims at desc). sm_90a only; the caller fences, commits and waits. */
+__device__ __forceinline__ void tc_wgmma_bf16(float *d, const uint32_t *a,
+                                              unsigned long long desc) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+               "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+                 "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),
+                 "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),
+                 "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+                 "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+                 "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),
+                 "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+                 "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+                 "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),
+                 "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),
+                 "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+#else
+  (void)d;
+  (void)a;
+  (void)desc;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void tc_wg_fence() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void tc_wg_commit_wait() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+
+/* Makes this thread's generic-proxy shared-memory writes (cp.async, st)
+ * visible to the async proxy (wgmma) after the next barrier. */
+__device__ __forceinline__ void tc_fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
 }
 
 /* Two e4m3 codes (low byte first) as two bf16 in one word, exactly (through
@@ -214,19 +290,27 @@ typedef struct {
   int64_t pos[TC_ROWS];
   int req[TC_ROWS]; /* request, or -1: the row needs no scores */
   int run_end[TC_ROWS];
-  float qn[TC_ROWS];              /* query norms (upper bounds; inf for non-finite) */
-  float wnk[2][TC_THREADS / 32];  /* per warp: largest key norm of its 16 keys */
+  float qn[TC_ROWS];             /* query norms (upper bounds; inf for non-finite) */
+  float wnk[2][TC_THREADS / 32]; /* per warp: largest key norm of its 16 keys */
 } tc_score_smem;
 
 /* Issues the cp.async copies of block page `page` into `dst` (bf16 tile with
  * TC_PAD rows, or raw e4m3 [128][128]). */
-template <bool E4M3>
+template <bool E4M3, bool WG>
 __device__ __forceinline__ void tc_issue_block(const tc_score_args &a, int64_t page, void *dst) {
   if (E4M3) {
     const uint8_t *src = (const uint8_t *)a.ic + page * M3S_B * M3S_D;
     uint8_t *d = (uint8_t *)dst;
     for (int c = threadIdx.x; c < M3S_B * M3S_D / 16; c += TC_THREADS)
       tc_cp_async16(d + c * 16, src + c * 16);
+  } else if (WG) {
+    /* 8 consecutive threads fill one 128-byte core matrix */
+    const uint16_t *src = (const uint16_t *)a.ic + page * M3S_B * M3S_D;
+    unsigned char *d = (unsigned char *)dst;
+    for (int c = threadIdx.x; c < M3S_B * M3S_D / 8; c += TC_THREADS) {
+      int key = (c & 7) + 8 * (c >> 7), ch = (c >> 3) & 15;
+      tc_cp_async16(d + tc_wg_off(key, ch * 8), src + key * M3S_D + ch * 8);
+    }
   } else {
     const uint16_t *src = (const uint16_t *)a.ic + page * M3S_B * M3S_D;
     uint16_t *d = (uint16_t *)dst;
@@ -237,7 +321,7 @@ __device__ __forceinline__ void tc_issue_block(const tc_score_args &a, int64_t p
   }
 }
 
-template <bool E4M3>
+template <bool E4M3, bool WG>
 static __global__ void __launch_bounds__(TC_THREADS, 2)
     tc_score_kernel(m3s_cuda_batch bt, tc_score_args a) {
   extern __shared__ __align__(16) unsigned char tc_dyn[];
@@ -320,7 +404,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
     const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
     int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
     if (page >= 0)
-      tc_issue_block<E4M3>(a, page, buf0);
+      tc_issue_block<E4M3, WG>(a, page, buf0);
     tc_cp_commit();
     /* results of the previous block, written after the next barrier */
     int64_t prev_b = -1;
@@ -329,6 +413,8 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
     int it = 0;
     for (; b < hi; b += gridDim.z, it++) {
       tc_cp_wait_all();
+      if (WG)
+        tc_fence_proxy_async();
       __syncthreads(); /* block b landed; every warp is done with block b - gz */
       if (prev_b >= 0 && (lane & 3) == 0) {
         float nk = 0.0f;
@@ -350,7 +436,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
       if (bn < hi) {
         next_page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, bn, a.num_pages);
         if (next_page >= 0)
-          tc_issue_block<E4M3>(a, next_page, buf0 + ((it + 1) & 1) * buf_step);
+          tc_issue_block<E4M3, WG>(a, next_page, buf0 + ((it + 1) & 1) * buf_step);
       }
       tc_cp_commit();
       const int bad = page < 0; /* uniform over the CTA */
@@ -364,10 +450,16 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
 #pragma unroll
           for (int e = 0; e < 8; e++)
             o[e] = tc_e4m3x2_to_bf16x2((uint16_t)(u[e / 2] >> (16 * (e % 2))));
-          uint16_t *dst = kt + (c >> 3) * TC_PAD + (c & 7) * 16;
-          *(uint4 *)dst = make_uint4(o[0], o[1], o[2], o[3]);
-          *(uint4 *)(dst + 8) = make_uint4(o[4], o[5], o[6], o[7]);
+          int key = c >> 3, k0 = (c & 7) * 16;
+          uint16_t *dst0 =
+              WG ? (uint16_t *)((unsigned char *)kt + tc_wg_off(key, k0)) : kt + key * TC_PAD + k0;
+          uint16_t *dst1 =
+              WG ? (uint16_t *)((unsigned char *)kt + tc_wg_off(key, k0 + 8)) : dst0 + 8;
+          *(uint4 *)dst0 = make_uint4(o[0], o[1], o[2], o[3]);
+          *(uint4 *)dst1 = make_uint4(o[4], o[5], o[6], o[7]);
         }
+        if (WG)
+          tc_fence_proxy_async();
         __syncthreads();
         tile = kt;
       }
@@ -378,8 +470,12 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
           int key = tid >> 1, h = tid & 1;
           float sq = 0.0f;
 #pragma unroll
-          for (int v = 0; v < 8; v++)
-            sq = tc_sumsq8_ru(*(const uint4 *)(tile + key * TC_PAD + h * 64 + v * 8), sq);
+          for (int v = 0; v < 8; v++) {
+            const uint16_t *p = WG ? (const uint16_t *)((const unsigned char *)tile +
+                                                        tc_wg_off(key, h * 64 + v * 8))
+                                   : tile + key * TC_PAD + h * 64 + v * 8;
+            sq = tc_sumsq8_ru(*(const uint4 *)p, sq);
+          }
           sq = __fadd_ru(sq, __shfl_xor_sync(TC_FULL, sq, 1));
           float nk = __fsqrt_ru(sq);
           nk = isnan(nk) ? INFINITY : nk;
@@ -394,16 +490,25 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
 #pragma unroll
         for (int j = 0; j < 16; j++)
           acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        if (WG) {
+          /* two warpgroups of 64 rows, each m64n128k16 x 8 */
+          tc_wg_fence();
 #pragma unroll
-        for (int ks = 0; ks < 8; ks++) {
+          for (int ks = 0; ks < 8; ks++)
+            tc_wgmma_bf16(&acc[0][0], af[ks], tc_wg_desc((const unsigned char *)tile + ks * 256));
+          tc_wg_commit_wait();
+        } else {
 #pragma unroll
-          for (int j = 0; j < 8; j++) {
-            int key = 16 * j + (lane & 7) + ((lane >> 4) & 1) * 8;
-            int col = ks * 16 + ((lane >> 3) & 1) * 8;
-            uint32_t b0, b1, b2, b3;
-            tc_ldmatrix_x4(tc_smem_addr(tile + key * TC_PAD + col), b0, b1, b2, b3);
-            tc_mma_bf16(acc[2 * j], af[ks], b0, b1);
-            tc_mma_bf16(acc[2 * j + 1], af[ks], b2, b3);
+          for (int ks = 0; ks < 8; ks++) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+              int key = 16 * j + (lane & 7) + ((lane >> 4) & 1) * 8;
+              int col = ks * 16 + ((lane >> 3) & 1) * 8;
+              uint32_t b0, b1, b2, b3;
+              tc_ldmatrix_x4(tc_smem_addr(tile + key * TC_PAD + col), b0, b1, b2, b3);
+              tc_mma_bf16(acc[2 * j], af[ks], b0, b1);
+              tc_mma_bf16(acc[2 * j + 1], af[ks], b2, b3);
+            }
           }
         }
         /* causal mask and row max; NaN dots are ignored (E is infinite then) */
@@ -546,7 +651,7 @@ __device__ __forceinline__ void tc_best_below(const float2 *W, int64_t lo, int64
     unsigned long long k = tc_entry_key(W, b, kind);
     if (k >= limit || k <= c[TC_CACHE - 1])
       continue;
-    /* insertion into the descending list */
+      /* insertion into the descending list */
 #pragma unroll
     for (int i = TC_CACHE - 1; i > 0; i--) {
       if (k > c[i - 1]) {
@@ -591,8 +696,8 @@ static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int
  * same order, the key streamed 8 elements at a time), NaN dots ignored unless
  * all are NaN; NaN for a page id out of range. Every lane calls it and gets
  * the result. */
-__device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const tc_select_args &a, int r,
-                                int64_t b, int64_t pos, const float *q) {
+__device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const tc_select_args &a,
+                                                int r, int64_t b, int64_t pos, const float *q) {
   const int lane = threadIdx.x & 31;
   int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
   if (page < 0)
@@ -792,12 +897,22 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   cudaStream_t stream = (cudaStream_t)exec->stream;
   m3s_cuda_batch cb = m3s_cuda_batch_of(batch);
   const int e4m3 = index_cache->dtype == M3S_E4M3;
-  cudaError_t err = e4m3 ? cudaFuncSetAttribute(tc_score_kernel<true>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                TC_SMEM_BYTES)
-                         : cudaFuncSetAttribute(tc_score_kernel<false>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                TC_SMEM_BYTES);
+  /* the wgmma variant (test hook, sm_90 devices only) */
+  int wg = 0;
+  if (g_hooks.wgmma) {
+    int dev = 0, major = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess)
+      e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (e != cudaSuccess)
+      return m3s_fail(M3S_ERR_CUDA, fn, "compute capability query: %s", cudaGetErrorString(e));
+    wg = major == 9;
+  }
+  void (*score)(m3s_cuda_batch, tc_score_args) =
+      e4m3 ? (wg ? tc_score_kernel<true, true> : tc_score_kernel<true, false>)
+           : (wg ? tc_score_kernel<false, true> : tc_score_kernel<false, false>);
+  cudaError_t err =
+      cudaFuncSetAttribute(score, cudaFuncAttributeMaxDynamicSharedMemorySize, TC_SMEM_BYTES);
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "cudaFuncSetAttribute(tc_score_kernel, %d B shared): %s",
                     TC_SMEM_BYTES, cudaGetErrorString(err));
@@ -853,10 +968,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
       return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld row tiles x %d heads exceed the grid limit",
                       (long long)tiles, hkv);
     dim3 grid((unsigned)tiles, (unsigned)hkv, (unsigned)gy);
-    if (e4m3)
-      tc_score_kernel<true><<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
-    else
-      tc_score_kernel<false><<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
+    score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
     m3s_status st = m3s_cuda_check_launch(fn, "tc_score_kernel");
     if (st)
       return st;

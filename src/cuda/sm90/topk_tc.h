@@ -33,24 +33,27 @@ typedef struct {
  *  no_rescore: uncertain blocks are decided by S~ instead of their reference
  *              score (breaks exactness: the test proves re-scoring matters).
  *  measure:    re-score every candidate and record |S~ - S| / E (slow).
- *  stats:      device pointer, or NULL. */
+ *  stats:      device pointer, or NULL.
+ *  wgmma:      score with the sm_90a wgmma kernel variant instead of
+ *              mma.sync (ignored on other devices); not yet the default
+ *              because it has not run on a GPU yet. */
 typedef struct {
   int exact_only;
   int no_rescore;
   int measure;
   m3s_topk_tc_stats *stats;
+  int wgmma;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults. */
 void m3s_topk_tc_set_hooks(const m3s_topk_tc_hooks *hooks);
 
 /* Backend internals (called from cuda_topk.cu). */
-size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max_tokens,
-                             int64_t max_seq_len);
+size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max_tokens, int64_t max_seq_len);
 /* 1 when this call takes the certified path (host-only facts: the batch
  * form, dtypes, alignment, bounds and the hooks). */
-int m3s_topk_tc_eligible(const m3s_layer_config *cfg, const m3s_batch *batch,
-                         const m3s_tensor *iq, const m3s_tensor *index_cache);
+int m3s_topk_tc_eligible(const m3s_layer_config *cfg, const m3s_batch *batch, const m3s_tensor *iq,
+                         const m3s_tensor *index_cache);
 m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
                            const m3s_tensor *iq, const m3s_tensor *index_cache, m3s_tensor *topk,
                            const m3s_exec *exec);
