@@ -153,40 +153,38 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   if (!CHECK(ok, name)) {
     fprintf(stderr, "%s: device setup failed\n", name);
   } else {
-    {
-      const int wg = g_wg;
-      m3s_topk_tc_stats cs, ms, ns;
-      double t2 = gpu_now_ms();
-      long bad = run_gpu(&f, &g, expect, RUN_CERTIFIED, wg, name, &cs);
-      double t3 = gpu_now_ms();
-      CHECK(bad == 0, name);
-      CHECK(cs.pairs > 0, "the certified path ran");
-      long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, wg, name, &ms);
-      CHECK(mbad == 0, name);
-      CHECK(ms.violations == 0, "measure: |S~ - S| <= E for every candidate");
-      if (ms.violations)
-        fprintf(stderr, "%s: %llu bound violations\n", name, ms.violations);
-      float ratio = ratio_of(&ms);
-      g_max_ratio[wg] = ratio > g_max_ratio[wg] ? ratio : g_max_ratio[wg];
-      long nbad = 0;
-      if (mods && mods->adversarial) {
-        nbad = run_gpu(&f, &g, expect, RUN_NO_RESCORE, wg, name, &ns);
-        CHECK(nbad > 0, "re-scoring off must change the selection of an adversarial case");
-      }
-      if (mods && mods->exact_too && !wg) {
-        m3s_topk_tc_stats es;
-        CHECK(run_gpu(&f, &g, expect, RUN_EXACT, 0, name, &es) == 0, name);
-        CHECK(es.pairs == 0, "exact_only: the certified path did not run");
-      }
-      printf("  %-38s %-5s T %5d  pairs %7llu  re-scored %9llu / %9llu (%.4f)  max|S~-S|/E "
-             "%.3g%s  cpu %6.0f ms  cuda %6.2f ms%s\n",
-             name, wg ? "wgmma" : "mma", f.T, cs.pairs, cs.rescored, cs.candidates,
-             cs.candidates ? (double)cs.rescored / (double)cs.candidates : 0.0, ratio,
-             mods && mods->adversarial ? (nbad > 0 ? "  no-rescore breaks" : "  NO-RESCORE EQUAL")
-                                       : "",
-             t1 - t0, t3 - t2, bad ? "  MISMATCH" : "");
-      fflush(stdout);
+    const int wg = g_wg;
+    m3s_topk_tc_stats cs, ms, ns;
+    double t2 = gpu_now_ms();
+    long bad = run_gpu(&f, &g, expect, RUN_CERTIFIED, wg, name, &cs);
+    double t3 = gpu_now_ms();
+    CHECK(bad == 0, name);
+    CHECK(cs.pairs > 0, "the certified path ran");
+    long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, wg, name, &ms);
+    CHECK(mbad == 0, name);
+    CHECK(ms.violations == 0, "measure: |S~ - S| <= E for every candidate");
+    if (ms.violations)
+      fprintf(stderr, "%s: %llu bound violations\n", name, ms.violations);
+    float ratio = ratio_of(&ms);
+    g_max_ratio[wg] = ratio > g_max_ratio[wg] ? ratio : g_max_ratio[wg];
+    long nbad = 0;
+    if (mods && mods->adversarial) {
+      nbad = run_gpu(&f, &g, expect, RUN_NO_RESCORE, wg, name, &ns);
+      CHECK(nbad > 0, "re-scoring off must change the selection of an adversarial case");
     }
+    if (mods && mods->exact_too && !wg) {
+      m3s_topk_tc_stats es;
+      CHECK(run_gpu(&f, &g, expect, RUN_EXACT, 0, name, &es) == 0, name);
+      CHECK(es.pairs == 0, "exact_only: the certified path did not run");
+    }
+    printf("  %-38s %-5s T %5d  pairs %7llu  re-scored %9llu / %9llu (%.4f)  max|S~-S|/E "
+           "%.3g%s  cpu %6.0f ms  cuda %6.2f ms%s\n",
+           name, wg ? "wgmma" : "mma", f.T, cs.pairs, cs.rescored, cs.candidates,
+           cs.candidates ? (double)cs.rescored / (double)cs.candidates : 0.0, ratio,
+           mods && mods->adversarial ? (nbad > 0 ? "  no-rescore breaks" : "  NO-RESCORE EQUAL")
+                                     : "",
+           t1 - t0, t3 - t2, bad ? "  MISMATCH" : "");
+    fflush(stdout);
     CHECK(gpu_guards_check(), name);
   }
   gpu_fx_free(&g);
