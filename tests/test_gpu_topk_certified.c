@@ -21,7 +21,8 @@
  * shapes Hkv 4 / 2 / 1, equal maxima, last-bit differences (one key per
  * block, a permutation of one multiset of wide-exponent values), wide
  * exponent cancellation, subnormal keys against large queries, overflowing
- * products, NaN and Inf keys and queries, page ids out of range.
+ * products, NaN and Inf keys and queries, page ids out of range; and the
+ * certified path captured in a CUDA graph, replayed with new inputs.
  *
  * On an sm_90 device the cases run twice, on the same inputs: first with the
  * default mma.sync score kernel, then with the wgmma variant (hook; skipped
@@ -424,6 +425,74 @@ static void test_adversarial(void) {
   run_case("guard_page_ids_out_of_range", spec_of(m3s_config_minimax_m3(2), 4, qg, sg), &gp);
 }
 
+/* The certified path captured once in a CUDA graph on a non-default stream,
+ * replayed with new queries and keys: equal to the CPU each time. */
+static void test_graph(void) {
+  const char *name = "graph_capture_ragged_prefill_tp2";
+  if (!test_selected(name))
+    return;
+  static const int32_t ql[] = {1, 600, 0, 300};
+  static const int32_t sl[] = {5000, 9000, 0, 3000};
+  fixture f;
+  gpu_fx g;
+  fx_spec s = spec_of(m3s_config_minimax_m3(2), 4, ql, sl);
+  fx_init(&f, &s);
+  if (!CHECK(gpu_fx_upload(&g, &f, g_gpu), name)) {
+    fx_free(&f);
+    return;
+  }
+  size_t n = topk_count(&f);
+  int32_t *expect = malloc(sizeof(int32_t) * (n + 1));
+  cudaStream_t stream = NULL;
+  cudaGraph_t graph = NULL;
+  cudaGraphExec_t gexec = NULL;
+  m3s_topk_tc_hooks h;
+  memset(&h, 0, sizeof h);
+  h.stats = g_stats;
+  h.wgmma = g_wg;
+  m3s_topk_tc_set_hooks(&h);
+  int ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess;
+  g.exec.stream = stream;
+  ok = ok && cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess;
+  m3s_status st = m3s_index_topk(g_gpu, &f.cfg, &g.batch, &g.iq_t, &g.ic_t, &g.topk_t, &g.exec);
+  ok = ok && cudaStreamEndCapture(stream, &graph) == cudaSuccess && st == M3S_OK;
+  ok = ok && cudaGraphInstantiate(&gexec, graph, 0) == cudaSuccess;
+  if (!CHECK(ok, "graph: certified top-k captured and instantiated"))
+    fprintf(stderr, "%s: status %d: %s\n", name, st, m3s_last_error());
+  uint64_t rng = 4242;
+  for (int k = 0; k < 3 && ok; k++) {
+    for (int64_t i = 0; i < f.num_pages * 128 * 128; i++)
+      store_elem(f.ic_mem, f.sp.idx_dtype, i, rng_normal(&rng));
+    for (int64_t i = 0; i < (int64_t)f.T * f.cfg.num_kv_heads * 128; i++)
+      store_elem(f.iq_mem, f.sp.act_dtype, i, rng_normal(&rng));
+    fx_poison(&f);
+    ok = m3s_index_topk(g_cpu, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL) == M3S_OK;
+    memcpy(expect, f.topk_mem, sizeof(int32_t) * n);
+    m3s_topk_tc_stats cs;
+    memset(&cs, 0, sizeof cs);
+    ok = ok && gpu_fx_reupload_inputs(&g, &f) && gpu_fx_poison(&g, &f) &&
+         gpu_put(g_stats, &cs, sizeof cs);
+    ok = ok && cudaGraphLaunch(gexec, stream) == cudaSuccess &&
+         cudaStreamSynchronize(stream) == cudaSuccess && gpu_fx_download(&g, &f) &&
+         gpu_get(&cs, g_stats, sizeof cs);
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s: replay %d equals the CPU backend", name, k);
+    CHECK(ok && count_mismatches(&f, expect, name, 1) == 0, msg);
+    CHECK(cs.pairs > 0, "graph: the certified path ran");
+  }
+  printf("  %-38s %-5s %s\n", name, g_wg ? "wgmma" : "mma", ok ? "3 replays" : "FAILED");
+  m3s_topk_tc_set_hooks(NULL);
+  if (gexec)
+    cudaGraphExecDestroy(gexec);
+  if (graph)
+    cudaGraphDestroy(graph);
+  if (stream)
+    cudaStreamDestroy(stream);
+  free(expect);
+  gpu_fx_free(&g);
+  fx_free(&f);
+}
+
 int main(void) {
   g_quick = gpu_env_flag("M3S_TEST_QUICK");
   g_gpu = gpu_context_or_null();
@@ -459,6 +528,7 @@ int main(void) {
     test_adversarial();
     test_k_variants();
     test_prefill_shapes();
+    test_graph();
   }
   printf("test_gpu_topk_certified: largest |S~ - S| / E seen: mma.sync %.4g, wgmma %.4g%s "
          "(must be <= 1); %.1f s%s\n",
