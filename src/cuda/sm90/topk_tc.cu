@@ -693,7 +693,8 @@ static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int
 
 /* Reference score of block b for a row at position pos: the max over the
  * visible keys of m3s_dot128_fixed(q, k) (the same fp32 operations in the
- * same order, the key streamed 8 elements at a time), NaN dots ignored unless
+ * same order per key, each key streamed 8 elements at a time, 4 keys per lane
+ * interleaved), NaN dots ignored unless
  * all are NaN; NaN for a page id out of range. Every lane calls it and gets
  * the result. */
 __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const tc_select_args &a,
@@ -702,17 +703,23 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
   int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
   if (page < 0)
     return NAN;
-  float best = NAN;
-  for (int slot = lane; slot < M3S_B; slot += 32) {
-    if (b * M3S_B + slot > pos)
-      break;
-    int64_t off = (page * M3S_B + slot) * M3S_D;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll 4
-    for (int i = 0; i < M3S_D; i += 8) {
+  /* this lane's keys lane + 32 m, m = 0..3, as four independent sums (all
+   * slots of a valid page are in bounds; invisible ones are dropped below) */
+  const int64_t off = (page * M3S_B + lane) * M3S_D;
+  float acc[4][8];
+#pragma unroll
+  for (int m = 0; m < 4; m++)
+#pragma unroll
+    for (int l = 0; l < 8; l++)
+      acc[m][l] = 0.0f;
+#pragma unroll 2
+  for (int i = 0; i < M3S_D; i += 8) {
+#pragma unroll
+    for (int m = 0; m < 4; m++) {
+      const int64_t o = off + (int64_t)m * 32 * M3S_D + i;
       float k[8];
       if (a.e4m3) {
-        uint2 w = __ldg((const uint2 *)((const uint8_t *)a.ic + off + i));
+        uint2 w = __ldg((const uint2 *)((const uint8_t *)a.ic + o));
         uint32_t u[2] = {w.x, w.y};
 #pragma unroll
         for (int e = 0; e < 4; e++) {
@@ -722,7 +729,7 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
           k[2 * e + 1] = f.y;
         }
       } else {
-        uint4 w = __ldg((const uint4 *)((const uint16_t *)a.ic + off + i));
+        uint4 w = __ldg((const uint4 *)((const uint16_t *)a.ic + o));
         uint32_t u[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
         for (int e = 0; e < 4; e++) {
@@ -732,11 +739,17 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
       }
 #pragma unroll
       for (int l = 0; l < 8; l++)
-        acc[l] = __fadd_rn(acc[l], __fmul_rn(q[i + l], k[l]));
+        acc[m][l] = __fadd_rn(acc[m][l], __fmul_rn(q[i + l], k[l]));
     }
-    float d = __fadd_rn(__fadd_rn(__fadd_rn(acc[0], acc[4]), __fadd_rn(acc[1], acc[5])),
-                        __fadd_rn(__fadd_rn(acc[2], acc[6]), __fadd_rn(acc[3], acc[7])));
-    best = fmaxf(best, d);
+  }
+  float best = NAN;
+#pragma unroll
+  for (int m = 0; m < 4; m++) {
+    float d =
+        __fadd_rn(__fadd_rn(__fadd_rn(acc[m][0], acc[m][4]), __fadd_rn(acc[m][1], acc[m][5])),
+                  __fadd_rn(__fadd_rn(acc[m][2], acc[m][6]), __fadd_rn(acc[m][3], acc[m][7])));
+    if (b * M3S_B + lane + 32 * m <= pos)
+      best = fmaxf(best, d);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1)
