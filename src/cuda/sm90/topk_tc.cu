@@ -294,8 +294,9 @@ typedef struct {
   float wnk[2][TC_THREADS / 32]; /* per warp: largest key norm of its 16 keys */
 } tc_score_smem;
 
-/* Issues the cp.async copies of block page `page` into `dst` (bf16 tile with
- * TC_PAD rows, or raw e4m3 [128][128]). */
+/* Issues the cp.async copies of block page `page` into `dst`: raw e4m3
+ * [128][128]; bf16 in the wgmma layout (tc_wg_off) when WG, else rows padded
+ * to TC_PAD elements. */
 template <bool E4M3, bool WG>
 __device__ __forceinline__ void tc_issue_block(const tc_score_args &a, int64_t page, void *dst) {
   if (E4M3) {
