@@ -59,6 +59,7 @@
 #include <time.h>
 
 #include "m3sparse.h"
+#include "cuda/sm90/topk_tc.h"
 
 /* bench/fill.cu */
 int m3sb_fill_bf16(void *p, size_t n, uint64_t seed, float scale, void *stream);
@@ -129,6 +130,7 @@ typedef struct {
   int idxs[MAX_LIST], nidx;
   int skew;
   int token_major, lse, sel_token, no_graph, no_ceilings, batch_invariant;
+  int topk_path; /* 0 default, 1 exact CUDA-core, 2 certified with wgmma */
   int reps, warmup, max_sets, sets_force, device, gemm_n;
   double budget_s, case_budget_s, mem_gb, hbm_override, gemm_override;
   const char *csv;
@@ -1364,6 +1366,9 @@ static void usage(FILE *f) {
 "  --sets N          force N input sets per case\n"
 "  --no-graph        time eager calls instead of graph replays\n"
 "  --batch-invariant set M3S_OPT_BATCH_INVARIANT on the context (no split-K)\n"
+"  --topk-path P     default (prefill: certified re-scoring, mma.sync), exact\n"
+"                    (the CUDA-core path for every batch) or wgmma (certified,\n"
+"                    wgmma score kernel on sm_90)\n"
 "  --budget SEC      stop starting cases after SEC seconds                   [420]\n"
 "  --case-budget SEC fewer reps/sets when a case would take longer          [20]\n"
 "  --mem-gb G        cap of the cache pool (default: free memory less buffers)\n"
@@ -1383,7 +1388,7 @@ static int parse_args(int argc, char **argv, options *o) {
   enum {
     O_ALL = 256, O_FULL, O_OPS, O_TP, O_BS, O_QLEN, O_CTX, O_PCTX, O_CHUNK, O_KV, O_IDX, O_LIST,
     O_TM, O_LSE, O_SEL, O_REPS, O_WARM, O_MAXSETS, O_SETS, O_NOGRAPH, O_BUDGET, O_CBUDGET,
-    O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV, O_SKEW
+    O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV, O_SKEW, O_TOPKPATH
   };
   static const struct option lo[] = {
       {"all", no_argument, 0, O_ALL},           {"full", no_argument, 0, O_FULL},
@@ -1402,7 +1407,7 @@ static int parse_args(int argc, char **argv, options *o) {
       {"gemm", required_argument, 0, O_GEMM},   {"gemm-n", required_argument, 0, O_GEMMN},
       {"csv", required_argument, 0, O_CSV},     {"help", no_argument, 0, 'h'},
       {"batch-invariant", no_argument, 0, O_BINV}, {"skew", required_argument, 0, O_SKEW},
-      {0, 0, 0, 0}};
+      {"topk-path", required_argument, 0, O_TOPKPATH}, {0, 0, 0, 0}};
   memset(o, 0, sizeof *o);
   o->tps[0] = 1, o->tps[1] = 8, o->ntp = 2;
   o->bss[0] = 1, o->bss[1] = 32, o->bss[2] = 128, o->nbs = 3;
@@ -1505,6 +1510,18 @@ static int parse_args(int argc, char **argv, options *o) {
     }
     case O_NOCEIL: o->no_ceilings = 1; break;
     case O_BINV: o->batch_invariant = 1; break;
+    case O_TOPKPATH:
+      if (strcmp(optarg, "default") == 0)
+        o->topk_path = 0;
+      else if (strcmp(optarg, "exact") == 0)
+        o->topk_path = 1;
+      else if (strcmp(optarg, "wgmma") == 0)
+        o->topk_path = 2;
+      else {
+        fprintf(stderr, "m3s-bench: --topk-path must be default, exact or wgmma\n");
+        return 0;
+      }
+      break;
     case O_CSV: o->csv = optarg; break;
     default:
       fprintf(stderr, "m3s-bench: see --help\n");
@@ -1608,6 +1625,16 @@ int main(int argc, char **argv) {
       return 1;
     }
     printf("m3s-bench: M3S_OPT_BATCH_INVARIANT on (attention never splits a row)\n");
+  }
+  if (o->topk_path) {
+    /* the test hook of src/cuda/sm90/topk_tc.h (process-wide) */
+    m3s_topk_tc_hooks h;
+    memset(&h, 0, sizeof h);
+    h.exact_only = o->topk_path == 1;
+    h.wgmma = o->topk_path == 2;
+    m3s_topk_tc_set_hooks(&h);
+    printf("m3s-bench: top-k path %s\n", o->topk_path == 1 ? "exact (CUDA cores)"
+                                                            : "certified, wgmma score kernel");
   }
   int failed = 0;
 

@@ -48,6 +48,7 @@
  * 128K context, TP1 bf16: 2074 us, 68% of the copy ceiling; latency-bound
  * (161 registers, 3 CTAs per SM). */
 #include "common.cuh"
+#include "sm90/topk_tc.h"
 
 #include <stdint.h>
 
@@ -114,7 +115,9 @@ extern "C" size_t m3s_cuda_topk_workspace(const m3s_context *ctx, const m3s_laye
                                           int64_t max_tokens, int64_t max_seq_len) {
   (void)ctx;
   topk_plan p = plan_of(cfg, max_tokens, max_seq_len);
-  return reported_bytes(&p);
+  /* either path may run (sm90/topk_tc.cu: the certified one) */
+  size_t exact = reported_bytes(&p), tc = m3s_topk_tc_workspace(cfg, max_tokens, max_seq_len);
+  return exact > tc ? exact : tc;
 }
 
 /* ---------------------------------------------------------------------------
@@ -468,6 +471,9 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
   topk_plan plan = plan_of(cfg, batch->num_tokens, batch->max_seq_len);
   if (plan.pairs == 0)
     return M3S_OK;
+  /* prefill / ragged batches: certified re-scoring on tensor cores */
+  if (m3s_topk_tc_eligible(cfg, batch, iq, index_cache))
+    return m3s_topk_tc_run(ctx, cfg, batch, iq, index_cache, topk, exec);
   size_t need = plan_bytes(&plan);
   if (need && (!exec || !exec->workspace || exec->workspace_bytes < need))
     return m3s_fail(M3S_ERR_WORKSPACE, fn, "the CUDA top-k needs %zu bytes of workspace", need);

@@ -1,0 +1,998 @@
+/* CUDA backend: lightning-indexer top-k by certified re-scoring (SPEC
+ * section 3, "reference scores and exact selection"). The selection equals the
+ * CPU backend's (src/cpu/cpu_topk.c) bit for bit; only the way to get there
+ * differs from the exact CUDA-core path of src/cuda/cuda_topk.cu.
+ *
+ * Per chunk of rows [row0, row0 + nrows) two launches on exec->stream:
+ *  1. tc_score_kernel<E4M3, WG>  grid (ceil(nrows / 128), Hkv, gy), 256
+ *     threads, TC_SMEM_BYTES dynamic shared memory. A CTA owns 128
+ *     consecutive rows (tile x counted from the end, so the causal-heavy
+ *     tiles start first) and one index head g; for each run of rows of one
+ *     request that needs scores (valid row, nb > K, the request has >=
+ *     TC_MIN_ROWS query rows) it walks the candidate blocks b = init + z,
+ *     init + z + gy, ... below the run's last nb - local. The 128 index keys
+ *     of a block come from the paged index cache through the index block
+ *     table with cp.async into shared memory, double-buffered; e4m3 keys are
+ *     widened to bf16 on chip (exact). Warp w multiplies its 16 query rows
+ *     (bf16 A fragments held in registers for the whole kernel) by the 128
+ *     keys: WG = 0 with mma.sync.m16n8k16 (key rows padded to 272 bytes:
+ *     ldmatrix is conflict-free), WG = 1 (sm_90a, test hook only until it
+ *     has run) with wgmma.m64n128k16, A from registers, B from the key tile
+ *     in the no-swizzle core-matrix layout (tc_wg_off). bf16 -> fp32; keys
+ *     after pos(t) are masked and the row's block max is S~. The block's
+ *     largest key norm (fp32, rounded up) and the row's query norm give the
+ *     bound E of docs/perf-notes.md ("Certified re-scoring: the bound");
+ *     (S~, E) goes to the workspace. A page id outside [0, P) gives
+ *     (NaN, inf).
+ *  2. tc_select_kernel  a warp per (row, head) pair, 4 warps per CTA: forced
+ *     blocks, then the certified selection of select_pair (the proof is
+ *     there): intervals [S~ - E, S~ + E], blocks surely in, surely out, and
+ *     the uncertain ones re-scored with the reference dot order
+ *     (m3s_dot128_fixed, streamed), then the tie rule on reference scores.
+ *     Rows of requests with fewer than TC_MIN_ROWS query rows (decode rows in
+ *     a ragged batch) have every candidate scored that way instead.
+ * Grids and workspace come from host bounds only (num_tokens, max_seq_len,
+ * Hkv, K, the SM count): graph-safe; no allocation, no synchronisation.
+ *
+ * Workspace: float2 (S~, E) [chunk_rows * Hkv][max_nb], entry
+ * ((t - row0) * Hkv + g) * max_nb + b; chunk_rows = the most rows whose
+ * entries fit TC_WS_BUDGET (a multiple of 128 when >= 128). The selection
+ * overwrites the entries it re-scores with (S, -1).
+ *
+ * Eligible calls (m3s_topk_tc_eligible): query-start-loc batches (prefill,
+ * ragged, max_q_len >= TC_MIN_ROWS; uniform decode keeps the exact path),
+ * bf16 index queries, bf16 or e4m3 index cache 16-byte aligned, max_nb > K,
+ * a chunk that fits the budget.
+ *
+ * Registers / spills (ptxas, sm_90a): see docs/perf-notes.md. Measured: not
+ * yet measured. */
+#include "../common.cuh"
+#include "topk_tc.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#define TC_ROWS 128    /* query rows per score CTA */
+#define TC_THREADS 256 /* 8 warps x 16 rows */
+#define TC_PAD 136     /* bf16 elements per shared row (272 bytes) */
+#define TC_TILE_BYTES (TC_ROWS * TC_PAD * 2)
+#define TC_SMEM_BYTES (3 * TC_TILE_BYTES) /* query tile + two key buffers */
+#define TC_SEL_WARPS 4
+#define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
+#define TC_WS_BUDGET ((int64_t)128 << 20)
+#define TC_FULL 0xffffffffu
+
+/* E = TC_C * |q| * |k| + TC_ABS * (|q| + |k| + 1), see docs/perf-notes.md:
+ * 128 u for the reference order, 8 x 128 u for the tensor cores, u = 2^-24,
+ * rounded up to 1200 u. */
+#define TC_C (1200.0f * 0x1p-24f)
+#define TC_ABS 0x1p-118f
+
+static m3s_topk_tc_hooks g_hooks;
+
+extern "C" void m3s_topk_tc_set_hooks(const m3s_topk_tc_hooks *hooks) {
+  if (hooks)
+    g_hooks = *hooks;
+  else
+    memset(&g_hooks, 0, sizeof g_hooks);
+}
+
+/* ---------------------------------------------------------------------------
+ * Host planning
+ * ------------------------------------------------------------------------- */
+
+typedef struct {
+  int64_t rows, max_nb, chunk_rows;
+  int ok;
+} tc_plan;
+
+static tc_plan tc_plan_of(const m3s_layer_config *cfg, int64_t tokens, int64_t max_seq_len) {
+  tc_plan p;
+  p.rows = tokens > 0 ? tokens : 0;
+  p.max_nb = max_seq_len > 0 ? (max_seq_len + M3S_BLOCK_SIZE - 1) / M3S_BLOCK_SIZE : 0;
+  p.chunk_rows = 0;
+  p.ok = p.rows > 0 && p.max_nb > cfg->topk;
+  if (p.ok) {
+    int64_t c = TC_WS_BUDGET / (p.max_nb * cfg->num_kv_heads * (int64_t)sizeof(float2));
+    if (c >= TC_ROWS)
+      c -= c % TC_ROWS;
+    p.chunk_rows = c < p.rows ? c : p.rows;
+    p.ok = p.chunk_rows >= 1;
+  }
+  return p;
+}
+
+static size_t tc_plan_bytes(const tc_plan *p, int hkv) {
+  size_t n = (size_t)p->chunk_rows * (size_t)hkv * (size_t)p->max_nb * sizeof(float2);
+  return (n + 255) & ~(size_t)255;
+}
+
+/* min(all entries, budget): an upper bound of tc_plan_bytes for the same
+ * bounds that never decreases when the bounds grow. */
+extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max_tokens,
+                                        int64_t max_seq_len) {
+  tc_plan p = tc_plan_of(cfg, max_tokens, max_seq_len);
+  if (!p.ok)
+    return 0;
+  size_t all = (size_t)p.rows * (size_t)cfg->num_kv_heads * (size_t)p.max_nb * sizeof(float2);
+  size_t n = all < (size_t)TC_WS_BUDGET ? all : (size_t)TC_WS_BUDGET;
+  return (n + 255) & ~(size_t)255;
+}
+
+extern "C" int m3s_topk_tc_eligible(const m3s_layer_config *cfg, const m3s_batch *batch,
+                                    const m3s_tensor *iq, const m3s_tensor *index_cache) {
+  if (g_hooks.exact_only || batch->uniform_q_len > 0 || batch->max_q_len < TC_MIN_ROWS)
+    return 0;
+  if (iq->dtype != M3S_BF16 || (index_cache->dtype != M3S_BF16 && index_cache->dtype != M3S_E4M3))
+    return 0;
+  if (((uintptr_t)index_cache->data & 15) != 0)
+    return 0;
+  tc_plan p = tc_plan_of(cfg, batch->num_tokens, batch->max_seq_len);
+  return p.ok;
+}
+
+/* ---------------------------------------------------------------------------
+ * Device helpers
+ * ------------------------------------------------------------------------- */
+
+__device__ __forceinline__ int64_t tc_blocks_of(int64_t pos) { return pos / M3S_BLOCK_SIZE + 1; }
+
+__device__ __forceinline__ int tc_is_candidate(int64_t b, int64_t nb, int init, int local) {
+  return b >= init && b < nb - local;
+}
+
+/* The bound E for a row of query norm nq and a block of largest key norm nk
+ * (both upper bounds, never NaN); infinite when the product is not safely
+ * below the fp32 range (this also covers NaN and Inf inputs). */
+__device__ __forceinline__ float tc_bound(float nq, float nk) {
+  float p = __fmul_ru(nq, nk);
+  if (!(p <= 0x1p126f))
+    return INFINITY;
+  return __fadd_ru(__fmul_ru(TC_C, p), __fmul_ru(TC_ABS, __fadd_ru(__fadd_ru(nq, nk), 1.0f)));
+}
+
+/* Sum of squares of 8 bf16 (packed in a uint4), rounded up, added to s. */
+__device__ __forceinline__ float tc_sumsq8_ru(uint4 w, float s) {
+  uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    float lo = __uint_as_float(u[e] << 16), hi = __uint_as_float(u[e] & 0xffff0000u);
+    s = __fmaf_ru(lo, lo, s);
+    s = __fmaf_ru(hi, hi, s);
+  }
+  return s;
+}
+
+__device__ __forceinline__ uint32_t tc_smem_addr(const void *p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void tc_cp_async16(void *dst, const void *src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(tc_smem_addr(dst)), "l"(src)
+               : "memory");
+}
+
+__device__ __forceinline__ void tc_cp_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void tc_cp_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void tc_ldmatrix_x4(uint32_t addr, uint32_t &r0, uint32_t &r1,
+                                               uint32_t &r2, uint32_t &r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void tc_mma_bf16(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Byte offset of element (key n, dim k) of a key tile in the wgmma layout:
+ * K-major, no swizzle, 8x8 core matrices of 128 contiguous bytes; the 16
+ * core matrices of 8 keys along k are adjacent (LBO 128 B), groups of 8 keys
+ * 2048 B apart (SBO). */
+__device__ __forceinline__ int tc_wg_off(int n, int k) {
+  return (n >> 3) * 2048 + (k >> 3) * 128 + (n & 7) * 16 + (k & 7) * 2;
+}
+
+/* wgmma shared-memory matrix descriptor (no swizzle): start address,
+ * leading byte offset 128, stride byte offset 2048, all in 16-byte units. */
+__device__ __forceinline__ unsigned long long tc_wg_desc(const void *p) {
+  return (unsigned long long)((tc_smem_addr(p) & 0x3FFFF) >> 4) |
+         ((unsigned long long)(128 >> 4) << 16) | ((unsigned long long)(2048 >> 4) << 32);
+}
+
+/* d (64 fp32, the m64n128 accumulator fragment of this warp) += A (this
+ * warp's 16 rows, registers, the mma.m16n8k16 A layout) x B (128 keys x 16
+ * dims at desc). sm_90a only; the caller fences, commits and waits. */
+__device__ __forceinline__ void tc_wgmma_bf16(float *d, const uint32_t *a,
+                                              unsigned long long desc) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+               "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+                 "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),
+                 "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),
+                 "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+                 "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+                 "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),
+                 "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+                 "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+                 "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),
+                 "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),
+                 "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+#else
+  (void)d;
+  (void)a;
+  (void)desc;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void tc_wg_fence() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void tc_wg_commit_wait() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+
+/* Makes this thread's generic-proxy shared-memory writes (cp.async, st)
+ * visible to the async proxy (wgmma) after the next barrier. */
+__device__ __forceinline__ void tc_fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+/* Two e4m3 codes (low byte first) as two bf16 in one word, exactly (through
+ * fp16, as the exact path widens them; NaN stays NaN). */
+__device__ __forceinline__ uint32_t tc_e4m3x2_to_bf16x2(uint16_t pair) {
+  float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+  __nv_bfloat162 h = __floats2bfloat162_rn(f.x, f.y);
+  return *(uint32_t *)&h;
+}
+
+/* ---------------------------------------------------------------------------
+ * Kernel 1: approximate block scores S~ and bounds E on tensor cores
+ * ------------------------------------------------------------------------- */
+
+typedef struct {
+  const uint16_t *iq;
+  int64_t iq_s0, iq_s1;
+  const void *ic;
+  int64_t num_pages;
+  float2 *ws;
+  int64_t max_nb;
+  int64_t row0, nrows; /* this chunk's rows */
+  int hkv, topk, init, local;
+} tc_score_args;
+
+typedef struct {
+  int64_t pos[TC_ROWS];
+  int req[TC_ROWS]; /* request, or -1: the row needs no scores */
+  int run_end[TC_ROWS];
+  float qn[TC_ROWS];             /* query norms (upper bounds; inf for non-finite) */
+  float wnk[2][TC_THREADS / 32]; /* per warp: largest key norm of its 16 keys */
+} tc_score_smem;
+
+/* Issues the cp.async copies of block page `page` into `dst`: raw e4m3
+ * [128][128]; bf16 in the wgmma layout (tc_wg_off) when WG, else rows padded
+ * to TC_PAD elements. */
+template <bool E4M3, bool WG>
+__device__ __forceinline__ void tc_issue_block(const tc_score_args &a, int64_t page, void *dst) {
+  if (E4M3) {
+    const uint8_t *src = (const uint8_t *)a.ic + page * M3S_BLOCK_SIZE * M3S_INDEX_DIM;
+    uint8_t *d = (uint8_t *)dst;
+    for (int c = threadIdx.x; c < M3S_BLOCK_SIZE * M3S_INDEX_DIM / 16; c += TC_THREADS)
+      tc_cp_async16(d + c * 16, src + c * 16);
+  } else if (WG) {
+    /* 8 consecutive threads fill one 128-byte core matrix */
+    const uint16_t *src = (const uint16_t *)a.ic + page * M3S_BLOCK_SIZE * M3S_INDEX_DIM;
+    unsigned char *d = (unsigned char *)dst;
+    for (int c = threadIdx.x; c < M3S_BLOCK_SIZE * M3S_INDEX_DIM / 8; c += TC_THREADS) {
+      int key = (c & 7) + 8 * (c >> 7), ch = (c >> 3) & 15;
+      tc_cp_async16(d + tc_wg_off(key, ch * 8), src + key * M3S_INDEX_DIM + ch * 8);
+    }
+  } else {
+    const uint16_t *src = (const uint16_t *)a.ic + page * M3S_BLOCK_SIZE * M3S_INDEX_DIM;
+    uint16_t *d = (uint16_t *)dst;
+    for (int c = threadIdx.x; c < M3S_BLOCK_SIZE * M3S_INDEX_DIM / 8; c += TC_THREADS) {
+      int key = c >> 4, ch = c & 15;
+      tc_cp_async16(d + key * TC_PAD + ch * 8, src + key * M3S_INDEX_DIM + ch * 8);
+    }
+  }
+}
+
+template <bool E4M3, bool WG>
+static __global__ void __launch_bounds__(TC_THREADS, 2)
+    tc_score_kernel(m3s_cuda_batch bt, tc_score_args a) {
+  extern __shared__ __align__(16) unsigned char tc_dyn[];
+  __shared__ tc_score_smem s;
+  uint16_t *qs = (uint16_t *)tc_dyn;
+  /* bf16: two padded key tiles; e4m3: two raw 16 KiB blocks, then the
+   * widened tile kt */
+  unsigned char *const buf0 = tc_dyn + TC_TILE_BYTES;
+  const int buf_step = E4M3 ? M3S_BLOCK_SIZE * M3S_INDEX_DIM : TC_TILE_BYTES; /* buffer i at buf0 + i * step */
+  uint16_t *kt = (uint16_t *)(tc_dyn + TC_TILE_BYTES + 2 * M3S_BLOCK_SIZE * M3S_INDEX_DIM);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
+  const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TC_ROWS; /* heavy tiles first */
+  const int g = blockIdx.y;
+  const int n = (int)(a.nrows - tile0 < TC_ROWS ? a.nrows - tile0 : TC_ROWS);
+
+  /* Phase 1: rows, runs, queries (bf16) and their norms */
+  if (tid < TC_ROWS) {
+    int req = -1;
+    int64_t pos = 0;
+    if (tid < n) {
+      m3s_row_info ri = m3s_row_lookup(bt, a.row0 + tile0 + tid);
+      if (ri.valid && ri.n >= TC_MIN_ROWS && tc_blocks_of(ri.pos) > a.topk) {
+        req = ri.r;
+        pos = ri.pos;
+      }
+    }
+    s.req[tid] = req;
+    s.pos[tid] = pos;
+  }
+  __syncthreads();
+  if (tid < TC_ROWS) {
+    int e = tid + 1;
+    while (e < n && s.req[e] == s.req[tid])
+      e++;
+    s.run_end[tid] = e;
+  }
+  for (int e = tid; e < TC_ROWS * (M3S_INDEX_DIM / 2); e += TC_THREADS) {
+    int i = e / (M3S_INDEX_DIM / 2), d = 2 * (e % (M3S_INDEX_DIM / 2));
+    uint32_t w = 0;
+    if (s.req[i] >= 0) {
+      const uint16_t *q = a.iq + (a.row0 + tile0 + i) * a.iq_s0 + g * a.iq_s1 + d;
+      w = (uint32_t)q[0] | ((uint32_t)q[1] << 16);
+    }
+    *(uint32_t *)(qs + i * TC_PAD + d) = w;
+  }
+  __syncthreads();
+  {
+    /* two threads per row, 64 elements each */
+    int i = tid >> 1, h = tid & 1;
+    float sq = 0.0f;
+#pragma unroll
+    for (int v = 0; v < 8; v++)
+      sq = tc_sumsq8_ru(*(const uint4 *)(qs + i * TC_PAD + h * 64 + v * 8), sq);
+    sq = __fadd_ru(sq, __shfl_xor_sync(TC_FULL, sq, 1));
+    float nq = __fsqrt_ru(sq);
+    if (h == 0)
+      s.qn[i] = isnan(nq) ? INFINITY : nq;
+  }
+  /* A fragments of the warp's 16 rows, all 128 dims */
+  uint32_t af[8][4];
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++) {
+    int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = ks * 16 + (lane >> 4) * 8;
+    tc_ldmatrix_x4(tc_smem_addr(qs + row * TC_PAD + col), af[ks][0], af[ks][1], af[ks][2],
+                   af[ks][3]);
+  }
+  __syncthreads();
+
+  /* Phase 2: runs of one request; per run the candidate blocks of this CTA */
+  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+  for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
+    const int p1 = s.run_end[p0], r = s.req[p0];
+    if (r < 0)
+      continue;
+    const int64_t hi = tc_blocks_of(s.pos[p1 - 1]) - a.local;
+    int64_t b = a.init + blockIdx.z;
+    if (b >= hi)
+      continue;
+    const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
+    int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+    if (page >= 0)
+      tc_issue_block<E4M3, WG>(a, page, buf0);
+    tc_cp_commit();
+    /* results of the previous block, written after the next barrier */
+    int64_t prev_b = -1;
+    int prev_bad = 0;
+    float pm_lo = 0.0f, pm_hi = 0.0f;
+    int it = 0;
+    for (; b < hi; b += gridDim.z, it++) {
+      tc_cp_wait_all();
+      if (WG)
+        tc_fence_proxy_async();
+      __syncthreads(); /* block b landed; every warp is done with block b - gz */
+      if (prev_b >= 0 && (lane & 3) == 0) {
+        float nk = 0.0f;
+#pragma unroll
+        for (int w = 0; w < TC_THREADS / 32; w++)
+          nk = fmaxf(nk, s.wnk[(it - 1) & 1][w]);
+        int rows[2] = {r_lo, r_hi}, in[2] = {in_lo, in_hi};
+        float m[2] = {pm_lo, pm_hi};
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+          if (in[h] && tc_is_candidate(prev_b, tc_blocks_of(s.pos[rows[h]]), a.init, a.local)) {
+            float2 v = prev_bad ? make_float2(NAN, INFINITY)
+                                : make_float2(m[h], tc_bound(s.qn[rows[h]], nk));
+            a.ws[((tile0 + rows[h]) * a.hkv + g) * a.max_nb + prev_b] = v;
+          }
+      }
+      const int64_t bn = b + gridDim.z;
+      int64_t next_page = -1;
+      if (bn < hi) {
+        next_page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, bn, a.num_pages);
+        if (next_page >= 0)
+          tc_issue_block<E4M3, WG>(a, next_page, buf0 + ((it + 1) & 1) * buf_step);
+      }
+      tc_cp_commit();
+      const int bad = page < 0; /* uniform over the CTA */
+      const uint16_t *tile = (const uint16_t *)(buf0 + (it & 1) * buf_step);
+      if (E4M3 && !bad) {
+        /* widen the raw codes into kt: 16 codes per step */
+        const uint8_t *raw = buf0 + (it & 1) * buf_step;
+        for (int c = tid; c < M3S_BLOCK_SIZE * M3S_INDEX_DIM / 16; c += TC_THREADS) {
+          uint4 w = *(const uint4 *)(raw + c * 16);
+          uint32_t u[4] = {w.x, w.y, w.z, w.w}, o[8];
+#pragma unroll
+          for (int e = 0; e < 8; e++)
+            o[e] = tc_e4m3x2_to_bf16x2((uint16_t)(u[e / 2] >> (16 * (e % 2))));
+          int key = c >> 3, k0 = (c & 7) * 16;
+          uint16_t *dst0 =
+              WG ? (uint16_t *)((unsigned char *)kt + tc_wg_off(key, k0)) : kt + key * TC_PAD + k0;
+          uint16_t *dst1 =
+              WG ? (uint16_t *)((unsigned char *)kt + tc_wg_off(key, k0 + 8)) : dst0 + 8;
+          *(uint4 *)dst0 = make_uint4(o[0], o[1], o[2], o[3]);
+          *(uint4 *)dst1 = make_uint4(o[4], o[5], o[6], o[7]);
+        }
+        if (WG)
+          tc_fence_proxy_async();
+        __syncthreads();
+        tile = kt;
+      }
+      float m_lo = -INFINITY, m_hi = -INFINITY;
+      if (!bad) {
+        /* largest key norm: two threads per key */
+        {
+          int key = tid >> 1, h = tid & 1;
+          float sq = 0.0f;
+#pragma unroll
+          for (int v = 0; v < 8; v++) {
+            const uint16_t *p = WG ? (const uint16_t *)((const unsigned char *)tile +
+                                                        tc_wg_off(key, h * 64 + v * 8))
+                                   : tile + key * TC_PAD + h * 64 + v * 8;
+            sq = tc_sumsq8_ru(*(const uint4 *)p, sq);
+          }
+          sq = __fadd_ru(sq, __shfl_xor_sync(TC_FULL, sq, 1));
+          float nk = __fsqrt_ru(sq);
+          nk = isnan(nk) ? INFINITY : nk;
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1)
+            nk = fmaxf(nk, __shfl_xor_sync(TC_FULL, nk, o));
+          if (lane == 0)
+            s.wnk[it & 1][warp] = nk;
+        }
+        /* S~: 16 rows x 128 keys per warp */
+        float acc[16][4];
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+          acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        if (WG) {
+          /* two warpgroups of 64 rows, each m64n128k16 x 8 */
+          tc_wg_fence();
+#pragma unroll
+          for (int ks = 0; ks < 8; ks++)
+            tc_wgmma_bf16(&acc[0][0], af[ks], tc_wg_desc((const unsigned char *)tile + ks * 256));
+          tc_wg_commit_wait();
+        } else {
+#pragma unroll
+          for (int ks = 0; ks < 8; ks++) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+              int key = 16 * j + (lane & 7) + ((lane >> 4) & 1) * 8;
+              int col = ks * 16 + ((lane >> 3) & 1) * 8;
+              uint32_t b0, b1, b2, b3;
+              tc_ldmatrix_x4(tc_smem_addr(tile + key * TC_PAD + col), b0, b1, b2, b3);
+              tc_mma_bf16(acc[2 * j], af[ks], b0, b1);
+              tc_mma_bf16(acc[2 * j + 1], af[ks], b2, b3);
+            }
+          }
+        }
+        /* causal mask and row max; NaN dots are ignored (E is infinite then) */
+        /* last visible key slot of each row, clamped to [-1, 127] */
+        int64_t l64_lo = s.pos[r_lo] - b * M3S_BLOCK_SIZE, l64_hi = s.pos[r_hi] - b * M3S_BLOCK_SIZE;
+        const int lim_lo = (int)(l64_lo < -1 ? -1 : (l64_lo > 127 ? 127 : l64_lo));
+        const int lim_hi = (int)(l64_hi < -1 ? -1 : (l64_hi > 127 ? 127 : l64_hi));
+        if (lim_lo == 127 && lim_hi == 127) {
+#pragma unroll
+          for (int j = 0; j < 16; j++) {
+            m_lo = fmaxf(m_lo, fmaxf(acc[j][0], acc[j][1]));
+            m_hi = fmaxf(m_hi, fmaxf(acc[j][2], acc[j][3]));
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 16; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+              int key = 8 * j + (lane & 3) * 2 + e;
+              if (key <= lim_lo)
+                m_lo = fmaxf(m_lo, acc[j][e]);
+              if (key <= lim_hi)
+                m_hi = fmaxf(m_hi, acc[j][2 + e]);
+            }
+        }
+        m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 1));
+        m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 2));
+        m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 1));
+        m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 2));
+      }
+      prev_b = b;
+      prev_bad = bad;
+      pm_lo = m_lo;
+      pm_hi = m_hi;
+      page = next_page;
+    }
+    tc_cp_wait_all();
+    __syncthreads();
+    if (prev_b >= 0 && (lane & 3) == 0) {
+      float nk = 0.0f;
+#pragma unroll
+      for (int w = 0; w < TC_THREADS / 32; w++)
+        nk = fmaxf(nk, s.wnk[(it - 1) & 1][w]);
+      int rows[2] = {r_lo, r_hi}, in[2] = {in_lo, in_hi};
+      float m[2] = {pm_lo, pm_hi};
+#pragma unroll
+      for (int h = 0; h < 2; h++)
+        if (in[h] && tc_is_candidate(prev_b, tc_blocks_of(s.pos[rows[h]]), a.init, a.local)) {
+          float2 v = prev_bad ? make_float2(NAN, INFINITY)
+                              : make_float2(m[h], tc_bound(s.qn[rows[h]], nk));
+          a.ws[((tile0 + rows[h]) * a.hkv + g) * a.max_nb + prev_b] = v;
+        }
+    }
+    __syncthreads(); /* the next run reuses the buffers and wnk */
+  }
+}
+
+/* ---------------------------------------------------------------------------
+ * Kernel 2: certified selection
+ * ------------------------------------------------------------------------- */
+
+typedef struct {
+  float2 *ws;
+  int64_t max_nb;
+  const uint16_t *iq;
+  int64_t iq_s0, iq_s1;
+  const void *ic;
+  int e4m3;
+  int64_t num_pages;
+  int32_t *out;
+  int64_t o_s0, o_s1, o_s2;
+  int64_t row0, npairs;
+  int hkv, topk, init, local;
+  int no_rescore, measure;
+  m3s_topk_tc_stats *stats;
+} tc_select_args;
+
+/* The rank of (score, id) as one integer, larger = ranks first: ordered
+ * float bits (NaN -> 0, the lowest; -0 as +0) above the inverted id. 0 is
+ * below every key of a real block. */
+__device__ __forceinline__ uint32_t tc_ord(float s) {
+  if (isnan(s))
+    return 0;
+  uint32_t bits = __float_as_uint(s == 0.0f ? 0.0f : s);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ unsigned long long tc_key(uint32_t ord, int64_t id) {
+  return ((unsigned long long)ord << 32) | (0xffffffffu - (uint32_t)id);
+}
+
+__device__ __forceinline__ int32_t tc_id_of(unsigned long long key) {
+  return (int32_t)(0xffffffffu - (uint32_t)(key & 0xffffffffu));
+}
+
+/* The interval of an entry: [L, U] contains the reference score S, or the
+ * whole line when E is infinite or S~ NaN. Rounded outwards. */
+__device__ __forceinline__ void tc_interval(float2 e, float &lo, float &up) {
+  if (isnan(e.x) || !(e.y < INFINITY)) {
+    lo = -INFINITY;
+    up = INFINITY;
+  } else {
+    lo = __fsub_rd(e.x, e.y);
+    up = __fadd_ru(e.x, e.y);
+  }
+}
+
+/* What a candidate entry ranks by, per query kind. */
+enum { TC_BY_UPPER = 0, TC_BY_LOWER = 1, TC_BY_EXACT = 2 };
+
+__device__ __forceinline__ unsigned long long tc_entry_key(const float2 *W, int64_t b, int kind) {
+  float2 e = W[b];
+  if (kind == TC_BY_EXACT)
+    return e.y < 0.0f ? tc_key(tc_ord(e.x), b) : 0ull;
+  float lo, up;
+  tc_interval(e, lo, up);
+  return tc_key(tc_ord(kind == TC_BY_UPPER ? up : lo), b);
+}
+
+__device__ __forceinline__ unsigned long long tc_warp_max(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    unsigned long long n = __shfl_xor_sync(TC_FULL, v, o);
+    v = n > v ? n : v;
+  }
+  return v;
+}
+
+#define TC_CACHE 4 /* keys each lane keeps between rescans */
+
+/* The TC_CACHE best keys below `limit` of this lane's candidates
+ * b = lo + lane + 32 i < hi, descending, 0 for none. */
+__device__ __forceinline__ void tc_best_below(const float2 *W, int64_t lo, int64_t hi, int kind,
+                                              unsigned long long limit,
+                                              unsigned long long (&c)[TC_CACHE]) {
+#pragma unroll
+  for (int i = 0; i < TC_CACHE; i++)
+    c[i] = 0;
+  for (int64_t b = lo + (threadIdx.x & 31); b < hi; b += 32) {
+    unsigned long long k = tc_entry_key(W, b, kind);
+    if (k >= limit || k <= c[TC_CACHE - 1])
+      continue;
+      /* insertion into the descending list */
+#pragma unroll
+    for (int i = TC_CACHE - 1; i > 0; i--) {
+      if (k > c[i - 1]) {
+        c[i] = c[i - 1];
+      } else {
+        c[i] = k > c[i] ? k : c[i];
+        k = 0;
+      }
+    }
+    c[0] = k > c[0] ? k : c[0];
+  }
+}
+
+/* The n-th largest key (n >= 1) over the candidates (0 when n == 0); every
+ * lane gets it. With emit != NULL, lane 0 stores the ids of the first n keys
+ * at emit[0..n). A lane rescans its candidates only when it has supplied
+ * TC_CACHE winners since its last scan. */
+static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int64_t hi, int kind,
+                                                int n, int32_t *emit) {
+  unsigned long long c[TC_CACHE], w = 0;
+  if (n <= 0)
+    return 0;
+  tc_best_below(W, lo, hi, kind, ~0ull, c);
+  for (int k = 0; k < n; k++) {
+    w = tc_warp_max(c[0]);
+    if (emit && (threadIdx.x & 31) == 0)
+      emit[k] = tc_id_of(w);
+    if (c[0] == w && w != 0) {
+#pragma unroll
+      for (int i = 0; i < TC_CACHE - 1; i++)
+        c[i] = c[i + 1];
+      c[TC_CACHE - 1] = 0;
+      if (c[0] == 0)
+        tc_best_below(W, lo, hi, kind, w, c);
+    }
+  }
+  return w;
+}
+
+/* Reference score of block b for a row at position pos: the max over the
+ * visible keys of m3s_dot128_fixed(q, k) (the same fp32 operations in the
+ * same order per key, each key streamed 8 elements at a time, 4 keys per lane
+ * interleaved), NaN dots ignored unless
+ * all are NaN; NaN for a page id out of range. Every lane calls it and gets
+ * the result. */
+__device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const tc_select_args &a,
+                                                int r, int64_t b, int64_t pos, const float *q) {
+  const int lane = threadIdx.x & 31;
+  int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+  if (page < 0)
+    return NAN;
+  /* this lane's keys lane + 32 m, m = 0..3, as four independent sums (all
+   * slots of a valid page are in bounds; invisible ones are dropped below) */
+  const int64_t off = (page * M3S_BLOCK_SIZE + lane) * M3S_INDEX_DIM;
+  float acc[4][8];
+#pragma unroll
+  for (int m = 0; m < 4; m++)
+#pragma unroll
+    for (int l = 0; l < 8; l++)
+      acc[m][l] = 0.0f;
+#pragma unroll 2
+  for (int i = 0; i < M3S_INDEX_DIM; i += 8) {
+#pragma unroll
+    for (int m = 0; m < 4; m++) {
+      const int64_t o = off + (int64_t)m * 32 * M3S_INDEX_DIM + i;
+      float k[8];
+      if (a.e4m3) {
+        uint2 w = __ldg((const uint2 *)((const uint8_t *)a.ic + o));
+        uint32_t u[2] = {w.x, w.y};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          __nv_fp8x2_storage_t pr = (__nv_fp8x2_storage_t)(u[e / 2] >> (16 * (e % 2)));
+          float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pr, __NV_E4M3)));
+          k[2 * e] = f.x;
+          k[2 * e + 1] = f.y;
+        }
+      } else {
+        uint4 w = __ldg((const uint4 *)((const uint16_t *)a.ic + o));
+        uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          k[2 * e] = __uint_as_float(u[e] << 16);
+          k[2 * e + 1] = __uint_as_float(u[e] & 0xffff0000u);
+        }
+      }
+#pragma unroll
+      for (int l = 0; l < 8; l++)
+        acc[m][l] = __fadd_rn(acc[m][l], __fmul_rn(q[i + l], k[l]));
+    }
+  }
+  float best = NAN;
+#pragma unroll
+  for (int m = 0; m < 4; m++) {
+    float d =
+        __fadd_rn(__fadd_rn(__fadd_rn(acc[m][0], acc[m][4]), __fadd_rn(acc[m][1], acc[m][5])),
+                  __fadd_rn(__fadd_rn(acc[m][2], acc[m][6]), __fadd_rn(acc[m][3], acc[m][7])));
+    if (b * M3S_BLOCK_SIZE + lane + 32 * m <= pos)
+      best = fmaxf(best, d);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    best = fmaxf(best, __shfl_xor_sync(TC_FULL, best, o));
+  return best;
+}
+
+/* One pair with nb > K; the whole warp calls it. sel: K slots of this warp.
+ *
+ * Why this is the reference selection. Let C = [init, nb - local) be the
+ * candidates, W = K - init - local the slots they fill (|C| > W since nb > K),
+ * and rank blocks by the reference order (S higher first, NaN last, equal S
+ * by lower id). Every candidate has an interval [L_b, U_b] that contains S_b
+ * (a NaN S only when the interval is the whole line). Let u* be the
+ * (W+1)-th largest U and l* the W-th largest L over C (with multiplicity).
+ *  - In = {b : L_b > u*}. At most W candidates have U > u*, and each c != b
+ *    outside them has S_c <= U_c <= u* < L_b <= S_b, so fewer than W blocks
+ *    can rank before b: b is in the reference top W. Also |In| <= W.
+ *  - Out = {b : U_b < l*}. At least W candidates have L >= l* > U_b >= S_b
+ *    (S_b not NaN: U_b is finite), so they all rank before b: b is not in
+ *    the top W. Every b outside Out has U_b >= l*, and at least W blocks have
+ *    U >= L >= l*, so |C \ Out| >= W.
+ *  - The top W is In plus the best W - |In| of Q = C \ (In u Out) in the
+ *    reference order (the order restricted to Q is the same total order),
+ *    and Q is ranked on reference scores S, computed here exactly.
+ * (u* and l* are taken over all of C, not "the others": for the tests above
+ * that is the same, because L_b > u* puts U_b above u* and U_b < l* puts
+ * L_b below l*.) The counting uses only L <= U, so the slots never overflow,
+ * whatever the hardware did; exactness needs S_b in [L_b, U_b].
+ * Rows of short requests (exact != 0, fewer than TC_MIN_ROWS query rows: the
+ * score kernel skips them, a 128-row tensor-core tile would be mostly idle)
+ * score every candidate here in the reference order and select on those
+ * scores directly. */
+static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_args &a, float2 *W,
+                                      int r, int64_t pos, int64_t nb, int exact, const float *q,
+                                      int32_t *sel, int32_t *out) {
+  const int lane = threadIdx.x & 31;
+  const int want = a.topk - a.init - a.local;
+  const int64_t lo = a.init, hi = nb - a.local;
+  for (int k = lane; k < a.init; k += 32)
+    sel[k] = k;
+  for (int k = lane; k < a.local; k += 32)
+    sel[a.init + k] = (int32_t)(nb - a.local + k);
+  const int nsel = a.init + a.local;
+  unsigned long long cand = 0, resc = 0, viol = 0;
+  uint32_t max_ratio = 0;
+  if (want > 0 && exact) {
+    for (int64_t b = lo; b < hi; b++) {
+      float sx = tc_exact_block(bt, a, r, b, pos, q);
+      if (lane == 0)
+        W[b] = make_float2(sx, -1.0f);
+    }
+    cand = resc = (unsigned long long)(hi - lo);
+    __syncwarp(); /* the entries are visible to the warp */
+    tc_nth_key(W, lo, hi, TC_BY_EXACT, want, sel + nsel);
+  } else if (want > 0) {
+    const uint32_t u_star = (uint32_t)(tc_nth_key(W, lo, hi, TC_BY_UPPER, want + 1, NULL) >> 32);
+    const uint32_t l_star = (uint32_t)(tc_nth_key(W, lo, hi, TC_BY_LOWER, want, NULL) >> 32);
+    int n_in = 0;
+    for (int64_t base = lo; base < hi; base += 32) {
+      int64_t b = base + lane;
+      int is_in = 0, is_q = 0;
+      float2 e = make_float2(0.0f, 0.0f);
+      if (b < hi) {
+        e = W[b];
+        float l, u;
+        tc_interval(e, l, u);
+        is_in = tc_ord(l) > u_star;
+        is_q = !is_in && !(tc_ord(u) < l_star);
+      }
+      uint32_t in_mask = __ballot_sync(TC_FULL, is_in), q_mask = __ballot_sync(TC_FULL, is_q);
+      uint32_t all_mask = __ballot_sync(TC_FULL, b < hi);
+      if (is_in)
+        sel[nsel + n_in + __popc(in_mask & ((1u << lane) - 1u))] = (int32_t)b;
+      n_in += __popc(in_mask);
+      cand += __popc(all_mask);
+      resc += __popc(q_mask);
+      /* re-score Q (measure: every candidate, only Q is rewritten) */
+      for (uint32_t m = a.measure ? all_mask : q_mask; m; m &= m - 1) {
+        int j = __ffs(m) - 1;
+        float2 ej = W[base + j];
+        int qj = (q_mask >> j) & 1;
+        float sx = (qj && a.no_rescore) ? ej.x : tc_exact_block(bt, a, r, base + j, pos, q);
+        if (a.measure && ej.y < INFINITY && !isnan(ej.x)) {
+          float diff = fabsf(ej.x - sx);
+          if (!(diff <= ej.y))
+            viol++;
+          else if (ej.y > 0.0f)
+            max_ratio = max(max_ratio, __float_as_uint(diff / ej.y));
+        }
+        __syncwarp();
+        if (qj && lane == 0)
+          W[base + j] = make_float2(sx, -1.0f);
+      }
+    }
+    __syncwarp(); /* the rewritten entries and sel[] are visible to the warp */
+    tc_nth_key(W, lo, hi, TC_BY_EXACT, want - n_in, sel + nsel + n_in);
+  }
+  __syncwarp();
+  /* ascending order by rank (ids are distinct) */
+  for (int k = lane; k < a.topk; k += 32) {
+    int32_t id = sel[k];
+    int rank = 0;
+    for (int i = 0; i < a.topk; i++)
+      rank += sel[i] < id;
+    out[rank * a.o_s2] = id;
+  }
+  if (a.stats && lane == 0) {
+    atomicAdd(&a.stats->pairs, 1ull);
+    atomicAdd(&a.stats->candidates, cand);
+    atomicAdd(&a.stats->rescored, resc);
+    if (viol)
+      atomicAdd(&a.stats->violations, viol);
+  }
+  if (a.stats && lane == 0 && max_ratio)
+    atomicMax(&a.stats->max_ratio_bits, max_ratio);
+  __syncwarp(); /* sel[] is reused by the warp's next pair */
+}
+
+static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
+    tc_select_kernel(m3s_cuda_batch bt, tc_select_args a) {
+  __shared__ float qsh[TC_SEL_WARPS][M3S_INDEX_DIM];
+  __shared__ int32_t selsh[TC_SEL_WARPS][M3S_MAX_TOPK];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
+       lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
+    int64_t t = a.row0 + lp / a.hkv, g = lp % a.hkv;
+    int32_t *out = a.out + t * a.o_s0 + g * a.o_s1;
+    m3s_row_info ri = m3s_row_lookup(bt, t);
+    int64_t nb = ri.valid ? tc_blocks_of(ri.pos) : 0;
+    if (nb <= a.topk) {
+      for (int k = lane; k < a.topk; k += 32)
+        out[k * a.o_s2] = k < nb ? k : -1;
+      continue;
+    }
+    for (int d = lane; d < M3S_INDEX_DIM; d += 32)
+      qsh[warp][d] = __uint_as_float((uint32_t)a.iq[t * a.iq_s0 + g * a.iq_s1 + d] << 16);
+    __syncwarp();
+    tc_select_pair(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, nb, ri.n < TC_MIN_ROWS, qsh[warp],
+                   selsh[warp], out);
+  }
+}
+
+/* ---------------------------------------------------------------------------
+ * Host entry
+ * ------------------------------------------------------------------------- */
+
+extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *cfg,
+                                      const m3s_batch *batch, const m3s_tensor *iq,
+                                      const m3s_tensor *index_cache, m3s_tensor *topk,
+                                      const m3s_exec *exec) {
+  const char *fn = "m3s_index_topk";
+  tc_plan plan = tc_plan_of(cfg, batch->num_tokens, batch->max_seq_len);
+  const int hkv = cfg->num_kv_heads;
+  size_t need = tc_plan_bytes(&plan, hkv);
+  if (!exec || !exec->workspace || exec->workspace_bytes < need)
+    return m3s_fail(M3S_ERR_WORKSPACE, fn, "the CUDA top-k needs %zu bytes of workspace", need);
+  cudaStream_t stream = (cudaStream_t)exec->stream;
+  m3s_cuda_batch cb = m3s_cuda_batch_of(batch);
+  const int e4m3 = index_cache->dtype == M3S_E4M3;
+  /* the wgmma variant (test hook, sm_90 devices only) */
+  int wg = 0;
+  if (g_hooks.wgmma) {
+    int dev = 0, major = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess)
+      e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (e != cudaSuccess)
+      return m3s_fail(M3S_ERR_CUDA, fn, "compute capability query: %s", cudaGetErrorString(e));
+    wg = major == 9;
+  }
+  void (*score)(m3s_cuda_batch, tc_score_args) =
+      e4m3 ? (wg ? tc_score_kernel<true, true> : tc_score_kernel<true, false>)
+           : (wg ? tc_score_kernel<false, true> : tc_score_kernel<false, false>);
+  cudaError_t err =
+      cudaFuncSetAttribute(score, cudaFuncAttributeMaxDynamicSharedMemorySize, TC_SMEM_BYTES);
+  if (err != cudaSuccess)
+    return m3s_fail(M3S_ERR_CUDA, fn, "cudaFuncSetAttribute(tc_score_kernel, %d B shared): %s",
+                    TC_SMEM_BYTES, cudaGetErrorString(err));
+
+  tc_score_args sa;
+  sa.iq = (const uint16_t *)iq->data;
+  sa.iq_s0 = iq->stride[0];
+  sa.iq_s1 = iq->stride[1];
+  sa.ic = index_cache->data;
+  sa.num_pages = index_cache->shape[0];
+  sa.ws = (float2 *)exec->workspace;
+  sa.max_nb = plan.max_nb;
+  sa.hkv = hkv;
+  sa.topk = cfg->topk;
+  sa.init = cfg->init_blocks;
+  sa.local = cfg->local_blocks;
+
+  tc_select_args se;
+  se.ws = sa.ws;
+  se.max_nb = plan.max_nb;
+  se.iq = sa.iq;
+  se.iq_s0 = sa.iq_s0;
+  se.iq_s1 = sa.iq_s1;
+  se.ic = sa.ic;
+  se.e4m3 = e4m3;
+  se.num_pages = sa.num_pages;
+  se.out = (int32_t *)topk->data;
+  se.o_s0 = topk->stride[0];
+  se.o_s1 = topk->stride[1];
+  se.o_s2 = topk->stride[2];
+  se.hkv = hkv;
+  se.topk = cfg->topk;
+  se.init = cfg->init_blocks;
+  se.local = cfg->local_blocks;
+  se.no_rescore = g_hooks.no_rescore;
+  se.measure = g_hooks.measure;
+  se.stats = g_hooks.stats;
+
+  const int64_t sms = m3s_cuda_num_sms(ctx);
+  for (int64_t row0 = 0; row0 < plan.rows; row0 += plan.chunk_rows) {
+    int64_t n = plan.rows - row0 < plan.chunk_rows ? plan.rows - row0 : plan.chunk_rows;
+    sa.row0 = se.row0 = row0;
+    sa.nrows = n;
+    se.npairs = n * hkv;
+    /* Phase 1: (S~, E) of the chunk. About 4 CTAs per SM in all; a CTA
+     * takes every gy-th candidate block of its tile. */
+    int64_t tiles = (n + TC_ROWS - 1) / TC_ROWS;
+    int64_t gy = (4 * sms + tiles * hkv - 1) / (tiles * hkv);
+    gy = gy < 1 ? 1 : gy;
+    gy = gy < plan.max_nb ? gy : plan.max_nb;
+    gy = gy < 65535 ? gy : 65535;
+    if (tiles > INT32_MAX || hkv > 65535)
+      return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld row tiles x %d heads exceed the grid limit",
+                      (long long)tiles, hkv);
+    dim3 grid((unsigned)tiles, (unsigned)hkv, (unsigned)gy);
+    score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
+    m3s_status st = m3s_cuda_check_launch(fn, "tc_score_kernel");
+    if (st)
+      return st;
+    /* Phase 2: certified selection and output rows */
+    int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
+    tc_select_kernel<<<(unsigned)(ctas < INT32_MAX ? ctas : INT32_MAX), TC_SEL_WARPS * 32, 0,
+                       stream>>>(cb, se);
+    st = m3s_cuda_check_launch(fn, "tc_select_kernel");
+    if (st)
+      return st;
+  }
+  return M3S_OK;
+}

@@ -1,0 +1,65 @@
+/* Certified re-scoring top-k of the CUDA backend (src/cuda/sm90/topk_tc.cu):
+ * the host entry points that src/cuda/cuda_topk.cu dispatches to, and a
+ * test-only hook (tests/test_gpu_topk_certified.c) that switches the path or
+ * its re-scoring and collects counters in a caller-owned device buffer.
+ * Plain C, included by C tests and by the CUDA sources. */
+#ifndef M3S_CUDA_TOPK_TC_H
+#define M3S_CUDA_TOPK_TC_H
+
+#include "m3sparse.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Counters the selection kernel adds to when the hook names a device buffer
+ * (zero it before the call; read it after a sync). max_ratio_bits is the fp32
+ * bit pattern of the largest |S~ - S| / E seen (measure mode only). */
+typedef struct {
+  unsigned long long pairs;      /* (row, head) pairs that selected by score */
+  unsigned long long candidates; /* candidate blocks of those pairs */
+  unsigned long long rescored;   /* candidates re-scored in the reference order */
+  unsigned long long violations; /* measure mode: |S~ - S| > E (must stay 0) */
+  unsigned int max_ratio_bits;
+  unsigned int unused;
+} m3s_topk_tc_stats;
+
+/* Process-wide switches for tests; all zero = the library's default. Not for
+ * concurrent use with other calls (set between calls, like a context option).
+ *  exact_only: every batch takes the exact CUDA-core path (cuda_topk.cu).
+ *  no_rescore: uncertain blocks are decided by S~ instead of their reference
+ *              score (breaks exactness: the test proves re-scoring matters).
+ *  measure:    re-score every candidate and record |S~ - S| / E (slow).
+ *  stats:      device pointer, or NULL.
+ *  wgmma:      score with the sm_90a wgmma kernel variant instead of
+ *              mma.sync (ignored on other devices); not yet the default
+ *              because it has not run on a GPU yet. */
+typedef struct {
+  int exact_only;
+  int no_rescore;
+  int measure;
+  m3s_topk_tc_stats *stats;
+  int wgmma;
+} m3s_topk_tc_hooks;
+
+/* NULL restores the defaults. */
+void m3s_topk_tc_set_hooks(const m3s_topk_tc_hooks *hooks);
+
+/* Backend internals (called from cuda_topk.cu). */
+size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max_tokens, int64_t max_seq_len);
+/* 1 when this call takes the certified path (host-only facts: the batch
+ * form, dtypes, alignment, bounds and the hooks). */
+int m3s_topk_tc_eligible(const m3s_layer_config *cfg, const m3s_batch *batch, const m3s_tensor *iq,
+                         const m3s_tensor *index_cache);
+m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
+                           const m3s_tensor *iq, const m3s_tensor *index_cache, m3s_tensor *topk,
+                           const m3s_exec *exec);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

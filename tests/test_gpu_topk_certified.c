@@ -1,0 +1,541 @@
+/* The certified re-scoring top-k of the CUDA backend (src/cuda/sm90/topk_tc.cu,
+ * SPEC section 3): on prefill and ragged batches the CUDA top-k scores blocks
+ * on tensor cores (S~) with a bound E and re-scores, in the reference order,
+ * only the blocks whose interval [S~ - E, S~ + E] may straddle the selection
+ * boundary. Its top-k must EQUAL the CPU backend's, entry for entry.
+ *
+ * Each case builds a fixture (tests/ref.h), runs the CPU context, then the
+ * CUDA context three ways through the test hook of src/cuda/sm90/topk_tc.h:
+ *  - default (certified): equal to the CPU, and the certified path must have
+ *    run (its pair counter > 0); prints the fraction of candidate blocks
+ *    re-scored;
+ *  - measure: every candidate is also re-scored to check |S~ - S| <= E (no
+ *    violation allowed) and the largest |S~ - S| / E is printed (the
+ *    bound's safety factor, measured);
+ *  - adversarial cases built to sit on the selection boundary also run with
+ *    re-scoring switched off (uncertain blocks decided by S~), which must
+ *    produce a mismatch: proof that the re-scoring path decides them.
+ * Cases: fresh 8K prompt, a 2K chunk behind a 30K prefix, a ragged batch
+ * with padded requests (head-major top-k), short (decode-like) requests
+ * before a prefill chunk, e4m3 index cache, K = 64, TP
+ * shapes Hkv 4 / 2 / 1, equal maxima, last-bit differences (one key per
+ * block, a permutation of one multiset of wide-exponent values), wide
+ * exponent cancellation, subnormal keys against large queries, overflowing
+ * products, NaN and Inf keys and queries, page ids out of range; and the
+ * certified path captured in a CUDA graph, replayed with new inputs.
+ *
+ * On an sm_90 device the cases run twice, on the same inputs: first with the
+ * default mma.sync score kernel, then with the wgmma variant (hook; skipped
+ * with M3S_TEST_WGMMA=0), each with its own measured |S~ - S| / E.
+ *
+ * M3S_TEST_QUICK=1 skips the large cases. */
+#include "cuda/sm90/topk_tc.h"
+#include "gpu_util.h"
+
+#include <cuda_runtime_api.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static m3s_context *g_cpu, *g_gpu;
+static int g_quick;
+static uint64_t g_seed = 20261202;
+static m3s_topk_tc_stats *g_stats; /* device */
+static float g_max_ratio[2];
+static int g_wg; /* this pass: 0 mma.sync (the default), 1 wgmma (test hook) */
+
+static m3s_layer_config cfg_of(int hq, int hkv, int k, int init, int local) {
+  m3s_layer_config c = m3s_config_minimax_m3(1);
+  c.num_q_heads = hq;
+  c.num_kv_heads = hkv;
+  c.topk = k;
+  c.init_blocks = init;
+  c.local_blocks = local;
+  return c;
+}
+
+static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
+  fx_spec s = fx_spec_default(c, nreq, ql, sl, g_seed++);
+  s.kv_dtype = M3S_E4M3; /* unused by the indexer: the smallest main cache */
+  s.grid = 0;
+  return s;
+}
+
+typedef struct {
+  void (*host)(fixture *f);
+  int (*device)(fixture *f, gpu_fx *g);
+  int adversarial; /* re-scoring off must break the selection */
+  int exact_too;   /* also run the exact CUDA-core path through the hook */
+} case_mods;
+
+static size_t topk_count(const fixture *f) {
+  return (size_t)f->T * (size_t)f->cfg.num_kv_heads * (size_t)f->cfg.topk;
+}
+
+static long count_mismatches(const fixture *f, const int32_t *expect, const char *name,
+                             int report) {
+  long bad = 0;
+  for (int t = 0; t < f->T; t++)
+    for (int g = 0; g < f->cfg.num_kv_heads; g++)
+      for (int k = 0; k < f->cfg.topk; k++) {
+        size_t o = (size_t)(fx_topk_at(f, t, g, k) - (int32_t *)f->topk_mem);
+        int32_t want = expect[o], got = ((const int32_t *)f->topk_mem)[o];
+        if (want == got)
+          continue;
+        if (bad++ == 0 && report)
+          fprintf(stderr,
+                  "%s: first mismatch at row %d (pos %lld) head %d slot %d: cpu %d, cuda %d\n",
+                  name, t, (long long)fx_pos(f, t), g, k, want, got);
+      }
+  if (bad && report)
+    fprintf(stderr, "%s: %ld of %zu entries differ\n", name, bad, topk_count(f));
+  return bad;
+}
+
+enum { RUN_CERTIFIED, RUN_MEASURE, RUN_NO_RESCORE, RUN_EXACT };
+
+/* One CUDA run with the hook set for mode; returns mismatches against
+ * expect (-1 when the run failed), stats in *st. */
+static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int wgmma,
+                    const char *name, m3s_topk_tc_stats *st) {
+  memset(st, 0, sizeof *st);
+  m3s_topk_tc_hooks h;
+  memset(&h, 0, sizeof h);
+  h.exact_only = mode == RUN_EXACT;
+  h.no_rescore = mode == RUN_NO_RESCORE;
+  h.measure = mode == RUN_MEASURE;
+  h.stats = g_stats;
+  h.wgmma = wgmma;
+  if (!gpu_put(g_stats, st, sizeof *st) || !gpu_fx_poison(g, f))
+    return -1;
+  m3s_topk_tc_set_hooks(&h);
+  m3s_status s =
+      m3s_index_topk(g_gpu, &f->cfg, &g->batch, &g->iq_t, &g->ic_t, &g->topk_t, &g->exec);
+  m3s_topk_tc_set_hooks(NULL);
+  int synced = gpu_sync();
+  if (s != M3S_OK)
+    fprintf(stderr, "%s: cuda m3s_index_topk: %s\n", name, m3s_last_error());
+  if (s != M3S_OK || !synced || !gpu_fx_download(g, f) || !gpu_get(st, g_stats, sizeof *st))
+    return -1;
+  return count_mismatches(f, expect, name, mode != RUN_NO_RESCORE);
+}
+
+static float ratio_of(const m3s_topk_tc_stats *st) {
+  float r;
+  memcpy(&r, &st->max_ratio_bits, sizeof r);
+  return r;
+}
+
+static void run_case(const char *name, fx_spec s, const case_mods *mods) {
+  if (!test_selected(name))
+    return;
+  fixture f;
+  gpu_fx g;
+  double t0 = gpu_now_ms();
+  fx_init(&f, &s);
+  if (mods && mods->host)
+    mods->host(&f);
+  fx_poison(&f);
+  m3s_status st = m3s_index_topk(g_cpu, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL);
+  if (!CHECK(st == M3S_OK, name)) {
+    fprintf(stderr, "%s: cpu m3s_index_topk: %s\n", name, m3s_last_error());
+    fx_free(&f);
+    return;
+  }
+  double t1 = gpu_now_ms();
+  size_t n = topk_count(&f);
+  int32_t *expect = malloc(sizeof(int32_t) * (n + 1));
+  memcpy(expect, f.topk_mem, sizeof(int32_t) * n);
+  int ok = gpu_fx_upload(&g, &f, g_gpu);
+  if (ok && mods && mods->device)
+    ok = mods->device(&f, &g);
+  if (!CHECK(ok, name)) {
+    fprintf(stderr, "%s: device setup failed\n", name);
+  } else {
+    const int wg = g_wg;
+    m3s_topk_tc_stats cs, ms, ns;
+    double t2 = gpu_now_ms();
+    long bad = run_gpu(&f, &g, expect, RUN_CERTIFIED, wg, name, &cs);
+    double t3 = gpu_now_ms();
+    CHECK(bad == 0, name);
+    CHECK(cs.pairs > 0, "the certified path ran");
+    long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, wg, name, &ms);
+    CHECK(mbad == 0, name);
+    CHECK(ms.violations == 0, "measure: |S~ - S| <= E for every candidate");
+    if (ms.violations)
+      fprintf(stderr, "%s: %llu bound violations\n", name, ms.violations);
+    float ratio = ratio_of(&ms);
+    g_max_ratio[wg] = ratio > g_max_ratio[wg] ? ratio : g_max_ratio[wg];
+    long nbad = 0;
+    if (mods && mods->adversarial) {
+      nbad = run_gpu(&f, &g, expect, RUN_NO_RESCORE, wg, name, &ns);
+      CHECK(nbad > 0, "re-scoring off must change the selection of an adversarial case");
+    }
+    if (mods && mods->exact_too && !wg) {
+      m3s_topk_tc_stats es;
+      CHECK(run_gpu(&f, &g, expect, RUN_EXACT, 0, name, &es) == 0, name);
+      CHECK(es.pairs == 0, "exact_only: the certified path did not run");
+    }
+    printf("  %-38s %-5s T %5d  pairs %7llu  re-scored %9llu / %9llu (%.4f)  max|S~-S|/E "
+           "%.3g%s  cpu %6.0f ms  cuda %6.2f ms%s\n",
+           name, wg ? "wgmma" : "mma", f.T, cs.pairs, cs.rescored, cs.candidates,
+           cs.candidates ? (double)cs.rescored / (double)cs.candidates : 0.0, ratio,
+           mods && mods->adversarial ? (nbad > 0 ? "  no-rescore breaks" : "  NO-RESCORE EQUAL")
+                                     : "",
+           t1 - t0, t3 - t2, bad ? "  MISMATCH" : "");
+    fflush(stdout);
+    CHECK(gpu_guards_check(), name);
+  }
+  gpu_fx_free(&g);
+  free(expect);
+  fx_free(&f);
+}
+
+/* ---- host mutations ------------------------------------------------------ */
+
+static int32_t ibt_at(const fixture *f, int r, int64_t b) {
+  return f->ibt[r * f->batch.index_block_table.stride[0] + b];
+}
+
+static int64_t key_off(const fixture *f, int32_t page, int slot) {
+  (void)f;
+  return ((int64_t)page * 128 + slot) * 128;
+}
+
+static int64_t q_off(const fixture *f, int t, int g) {
+  return ((int64_t)t * f->cfg.num_kv_heads + g) * 128;
+}
+
+static float pow2(int e) { return ldexpf(1.0f, e); }
+
+/* +-2^e (1 + m / 128): a bf16 value with a random exponent in [e0, e1]. */
+static float wide_value(uint64_t *rng, int e0, int e1) {
+  int e = e0 + (int)(rng_next(rng) % (uint64_t)(e1 - e0 + 1));
+  float m = 1.0f + (float)(rng_next(rng) % 128) / 128.0f;
+  return (rng_next(rng) & 1) ? -ldexpf(m, e) : ldexpf(m, e);
+}
+
+static void fill_all_keys(fixture *f, float v) {
+  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
+    store_elem(f->ic_mem, f->sp.idx_dtype, i, v);
+}
+
+/* Every index key identical: every block maximum equal. */
+static void equal_maxima(fixture *f) {
+  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
+    store_elem(f->ic_mem, f->sp.idx_dtype, i, (i % 128) < 64 ? 0.5f : -0.25f);
+}
+
+/* Queries all 1; every key 0 except one key per block, a permutation of one
+ * multiset (per request) of wide-exponent values with a positive sum: the
+ * exact block scores of a request are all equal, the fp32 ones differ in the
+ * last bits, in an order that depends on the summation order. */
+static void last_bit(fixture *f) {
+  uint64_t rng = f->sp.seed * 7 + 3;
+  for (int t = 0; t < f->T; t++)
+    for (int g = 0; g < f->cfg.num_kv_heads; g++)
+      for (int d = 0; d < 128; d++)
+        store_elem(f->iq_mem, f->sp.act_dtype, q_off(f, t, g) + d, 1.0f);
+  fill_all_keys(f, 0.0f);
+  for (int r = 0; r < f->sp.num_reqs; r++) {
+    float set[128];
+    for (int d = 0; d < 127; d++)
+      set[d] = wide_value(&rng, -8, 16);
+    set[127] = pow2(20);
+    int64_t nb = (f->seqlens[r] + 127) / 128;
+    for (int64_t b = 0; b < nb; b++) {
+      float k[128];
+      memcpy(k, set, sizeof k);
+      for (int d = 127; d > 0; d--) {
+        int j = (int)(rng_next(&rng) % (uint64_t)(d + 1));
+        float tmp = k[d];
+        k[d] = k[j];
+        k[j] = tmp;
+      }
+      int slot = (int)((b * 37 + 11) % 128);
+      if (b * 128 + slot >= f->seqlens[r])
+        slot = 0;
+      for (int d = 0; d < 128; d++)
+        store_elem(f->ic_mem, f->sp.idx_dtype, key_off(f, ibt_at(f, r, b), slot) + d, k[d]);
+    }
+  }
+}
+
+/* Keys and queries +-2^[-40, 40]: products over 160 binades, sums dominated
+ * by cancellation. */
+static void cancel_wide(fixture *f) {
+  uint64_t rng = f->sp.seed * 5 + 1;
+  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
+    store_elem(f->ic_mem, f->sp.idx_dtype, i, wide_value(&rng, -40, 40));
+  for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_kv_heads * 128; i++)
+    store_elem(f->iq_mem, f->sp.act_dtype, i, wide_value(&rng, -40, 40));
+}
+
+/* Keys mostly subnormal bf16 (2^-133 .. 2^-127) with a few tiny normal
+ * ones, queries ~2^100: products near 2^-30, where a tensor core that
+ * flushes subnormal inputs would err. */
+static void subnormal_keys(fixture *f) {
+  uint64_t rng = f->sp.seed * 11 + 5;
+  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
+    store_elem(f->ic_mem, f->sp.idx_dtype, i,
+               (i % 17) == 0 ? wide_value(&rng, -126, -120) : wide_value(&rng, -133, -127));
+  for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_kv_heads * 128; i++)
+    store_elem(f->iq_mem, f->sp.act_dtype, i, wide_value(&rng, 95, 100));
+}
+
+/* Some keys ~2^100 against queries ~2^40: products overflow fp32 (dots of
+ * +-inf or NaN); the other keys random normal. */
+static void overflow_keys(fixture *f) {
+  uint64_t rng = f->sp.seed * 13 + 7;
+  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
+    if ((i / 128) % 29 == 3)
+      store_elem(f->ic_mem, f->sp.idx_dtype, i, wide_value(&rng, 95, 100));
+  for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_kv_heads * 128; i++)
+    store_elem(f->iq_mem, f->sp.act_dtype, i, wide_value(&rng, 35, 40));
+}
+
+/* One NaN (or +-Inf) index element. */
+static void store_special(fixture *f, int64_t i, int kind) {
+  if (f->sp.idx_dtype == M3S_BF16) {
+    static const uint16_t v[4] = {0x7FC0, 0xFFC0, 0x7F80, 0xFF80};
+    ((uint16_t *)f->ic_mem)[i] = v[kind];
+  } else {
+    ((uint8_t *)f->ic_mem)[i] = kind & 1 ? 0xFF : 0x7F; /* e4m3 has no Inf */
+  }
+}
+
+static void poison_page(fixture *f, int32_t page, int kind) {
+  for (int64_t i = 0; i < 128 * 128; i++)
+    store_special(f, (int64_t)page * 128 * 128 + i, kind);
+}
+
+/* Request 0: blocks 0..9 all NaN, a NaN key in block 12, a NaN element in
+ * block 14, +Inf / -Inf elements in blocks 16 and 18; request 1: every block
+ * NaN; request 2: a query row with an Inf element. */
+static void nan_inf(fixture *f) {
+  for (int b = 0; b < 10; b++)
+    poison_page(f, ibt_at(f, 0, b), b & 1);
+  for (int d = 0; d < 128; d++)
+    store_special(f, key_off(f, ibt_at(f, 0, 12), 5) + d, 0);
+  store_special(f, key_off(f, ibt_at(f, 0, 14), 77) + 3, 1);
+  store_special(f, key_off(f, ibt_at(f, 0, 16), 9) + 100, 2);
+  store_special(f, key_off(f, ibt_at(f, 0, 18), 40) + 1, 3);
+  int64_t nb1 = (f->seqlens[1] + 127) / 128;
+  for (int64_t b = 0; b < nb1; b++)
+    poison_page(f, ibt_at(f, 1, b), 0);
+  int t2 = f->qsl[2] - f->qsl[0] + 3;
+  ((uint16_t *)f->iq_mem)[q_off(f, t2, 0) + 17] = 0x7F80;
+}
+
+/* Request 0's index-table entries of blocks 5 and 7 point outside the cache
+ * on the device; the CPU sees NaN keys there instead (the same scores). */
+static void guard_pages_host(fixture *f) {
+  poison_page(f, ibt_at(f, 0, 5), 0);
+  poison_page(f, ibt_at(f, 0, 7), 0);
+}
+
+static int guard_pages_device(fixture *f, gpu_fx *g) {
+  int64_t s0 = f->batch.index_block_table.stride[0];
+  size_t bytes = sizeof(int32_t) * (size_t)(f->sp.num_reqs * s0 + 1);
+  int32_t *tab = malloc(bytes);
+  memcpy(tab, f->ibt, bytes);
+  tab[5] = (int32_t)f->num_pages + 1000;
+  tab[7] = -3;
+  int ok = gpu_put(g->ibt, tab, bytes);
+  free(tab);
+  return ok;
+}
+
+/* ---- cases ------------------------------------------------------------- */
+
+static void test_prefill_shapes(void) {
+  if (!g_quick) {
+    static const int32_t ql[] = {8192};
+    static const int32_t sl[] = {8192};
+    run_case("fresh_8k_prompt_tp1", spec_of(m3s_config_minimax_m3(1), 1, ql, sl), NULL);
+    static const int32_t ql2[] = {2048};
+    static const int32_t sl2[] = {30720 + 2048};
+    run_case("chunk_2k_behind_30k_tp1", spec_of(m3s_config_minimax_m3(1), 1, ql2, sl2), NULL);
+    run_case("chunk_2k_behind_30k_tp4", spec_of(m3s_config_minimax_m3(4), 1, ql2, sl2), NULL);
+  }
+  static const int32_t ql[] = {1, 300, 0, 700, 5, 0};
+  static const int32_t sl[] = {5000, 4000, 0, 9000, 129, 0};
+  fx_spec s = spec_of(m3s_config_minimax_m3(2), 6, ql, sl);
+  s.qsl_base = 7;
+  s.topk_head_major = 1;
+  case_mods both = {NULL, NULL, 0, 1};
+  run_case("ragged_padded_head_major_tp2", s, &both);
+  /* decode-like requests (< 8 rows: scored exactly in the selection kernel)
+   * before a prefill chunk */
+  static const int32_t qm[] = {1, 1, 2, 7, 1, 3, 600};
+  static const int32_t sm[] = {9000, 4000, 3000, 20000, 129, 5000, 12000};
+  fx_spec m = spec_of(m3s_config_minimax_m3(1), 7, qm, sm);
+  m.qsl_base = 3;
+  run_case("short_requests_then_prefill_tp1", m, NULL);
+  static const int32_t ql3[] = {1000, 1};
+  static const int32_t sl3[] = {6000, 3000};
+  fx_spec e = spec_of(m3s_config_minimax_m3(1), 2, ql3, sl3);
+  e.idx_dtype = M3S_E4M3;
+  run_case("e4m3_index_tp1", e, NULL);
+  fx_spec eg = spec_of(m3s_config_minimax_m3(8), 2, ql3, sl3);
+  eg.idx_dtype = M3S_E4M3;
+  eg.grid = 1; /* many exact ties */
+  run_case("e4m3_index_grid_ties_tp8", eg, NULL);
+}
+
+static void test_k_variants(void) {
+  static const int32_t ql[] = {1500};
+  static const int32_t sl[] = {20000};
+  run_case("k64_tp8", spec_of(cfg_of(8, 1, 64, 0, 1), 1, ql, sl), NULL);
+  static const int32_t ql2[] = {700, 300};
+  static const int32_t sl2[] = {12000, 9000};
+  run_case("k64_init4_local2_hkv2", spec_of(cfg_of(32, 2, 64, 4, 2), 2, ql2, sl2), NULL);
+  run_case("k16_init2_local0_hkv4", spec_of(cfg_of(64, 4, 16, 2, 0), 2, ql2, sl2), NULL);
+}
+
+static void test_adversarial(void) {
+  static const int32_t ql[] = {512, 512, 512, 512};
+  static const int32_t sl[] = {8192, 8192, 6000, 7000};
+  case_mods lb = {last_bit, NULL, 1, 0};
+  run_case("last_bit_permuted_multiset_hkv1", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &lb);
+  static const int32_t ql64[] = {256, 256, 256};
+  static const int32_t sl64[] = {16384, 12000, 10000}; /* nb > 64 */
+  run_case("last_bit_permuted_multiset_k64", spec_of(cfg_of(8, 1, 64, 0, 1), 3, ql64, sl64), &lb);
+  case_mods eq = {equal_maxima, NULL, 0, 0};
+  run_case("equal_maxima_tp1", spec_of(m3s_config_minimax_m3(1), 4, ql, sl), &eq);
+  case_mods cw = {cancel_wide, NULL, 0, 0};
+  run_case("cancel_wide_exponents_tp2", spec_of(m3s_config_minimax_m3(2), 4, ql, sl), &cw);
+  case_mods sn = {subnormal_keys, NULL, 0, 0};
+  run_case("subnormal_keys_large_queries_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &sn);
+  case_mods ov = {overflow_keys, NULL, 0, 0};
+  run_case("overflowing_products_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &ov);
+  static const int32_t qn[] = {40, 30, 60};
+  static const int32_t sn_[] = {30 * 128, 40 * 128 + 5, 5000};
+  case_mods ni = {nan_inf, NULL, 0, 0};
+  for (int e4 = 0; e4 < 2; e4++) {
+    fx_spec s = spec_of(m3s_config_minimax_m3(1), 3, qn, sn_);
+    s.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
+    run_case(e4 ? "nan_keys_e4m3" : "nan_inf_keys_and_query_bf16", s, &ni);
+  }
+  static const int32_t qg[] = {30, 20, 40, 10};
+  static const int32_t sg[] = {3000, 2500, 2200, 2600};
+  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0};
+  run_case("guard_page_ids_out_of_range", spec_of(m3s_config_minimax_m3(2), 4, qg, sg), &gp);
+}
+
+/* The certified path captured once in a CUDA graph on a non-default stream,
+ * replayed with new queries and keys: equal to the CPU each time. */
+static void test_graph(void) {
+  const char *name = "graph_capture_ragged_prefill_tp2";
+  if (!test_selected(name))
+    return;
+  static const int32_t ql[] = {1, 600, 0, 300};
+  static const int32_t sl[] = {5000, 9000, 0, 3000};
+  fixture f;
+  gpu_fx g;
+  fx_spec s = spec_of(m3s_config_minimax_m3(2), 4, ql, sl);
+  fx_init(&f, &s);
+  if (!CHECK(gpu_fx_upload(&g, &f, g_gpu), name)) {
+    fx_free(&f);
+    return;
+  }
+  size_t n = topk_count(&f);
+  int32_t *expect = malloc(sizeof(int32_t) * (n + 1));
+  cudaStream_t stream = NULL;
+  cudaGraph_t graph = NULL;
+  cudaGraphExec_t gexec = NULL;
+  m3s_topk_tc_hooks h;
+  memset(&h, 0, sizeof h);
+  h.stats = g_stats;
+  h.wgmma = g_wg;
+  m3s_topk_tc_set_hooks(&h);
+  int ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess;
+  g.exec.stream = stream;
+  ok = ok && cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess;
+  m3s_status st = m3s_index_topk(g_gpu, &f.cfg, &g.batch, &g.iq_t, &g.ic_t, &g.topk_t, &g.exec);
+  ok = ok && cudaStreamEndCapture(stream, &graph) == cudaSuccess && st == M3S_OK;
+  ok = ok && cudaGraphInstantiate(&gexec, graph, 0) == cudaSuccess;
+  if (!CHECK(ok, "graph: certified top-k captured and instantiated"))
+    fprintf(stderr, "%s: status %d: %s\n", name, st, m3s_last_error());
+  uint64_t rng = 4242;
+  for (int k = 0; k < 3 && ok; k++) {
+    for (int64_t i = 0; i < f.num_pages * 128 * 128; i++)
+      store_elem(f.ic_mem, f.sp.idx_dtype, i, rng_normal(&rng));
+    for (int64_t i = 0; i < (int64_t)f.T * f.cfg.num_kv_heads * 128; i++)
+      store_elem(f.iq_mem, f.sp.act_dtype, i, rng_normal(&rng));
+    fx_poison(&f);
+    ok = m3s_index_topk(g_cpu, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL) == M3S_OK;
+    memcpy(expect, f.topk_mem, sizeof(int32_t) * n);
+    m3s_topk_tc_stats cs;
+    memset(&cs, 0, sizeof cs);
+    ok = ok && gpu_fx_reupload_inputs(&g, &f) && gpu_fx_poison(&g, &f) &&
+         gpu_put(g_stats, &cs, sizeof cs);
+    ok = ok && cudaGraphLaunch(gexec, stream) == cudaSuccess &&
+         cudaStreamSynchronize(stream) == cudaSuccess && gpu_fx_download(&g, &f) &&
+         gpu_get(&cs, g_stats, sizeof cs);
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s: replay %d equals the CPU backend", name, k);
+    CHECK(ok && count_mismatches(&f, expect, name, 1) == 0, msg);
+    CHECK(cs.pairs > 0, "graph: the certified path ran");
+  }
+  printf("  %-38s %-5s %s\n", name, g_wg ? "wgmma" : "mma", ok ? "3 replays" : "FAILED");
+  m3s_topk_tc_set_hooks(NULL);
+  if (gexec)
+    cudaGraphExecDestroy(gexec);
+  if (graph)
+    cudaGraphDestroy(graph);
+  if (stream)
+    cudaStreamDestroy(stream);
+  free(expect);
+  gpu_fx_free(&g);
+  fx_free(&f);
+}
+
+int main(void) {
+  g_quick = gpu_env_flag("M3S_TEST_QUICK");
+  g_gpu = gpu_context_or_null();
+  if (!g_gpu)
+    return gpu_skip("test_gpu_topk_certified", "no CUDA device");
+  if (m3s_context_create(-1, &g_cpu) != M3S_OK) {
+    fprintf(stderr, "cpu context: %s\n", m3s_last_error());
+    m3s_context_destroy(g_gpu);
+    return 1;
+  }
+  g_stats = gpu_dup(NULL, sizeof *g_stats);
+  if (!CHECK(g_stats != NULL, "stats buffer")) {
+    m3s_context_destroy(g_cpu);
+    m3s_context_destroy(g_gpu);
+    return TEST_FINISH();
+  }
+  /* pass 0: the default mma.sync kernel; pass 1 (sm_90 only, unless
+   * M3S_TEST_WGMMA=0): the wgmma variant on the same inputs, after every
+   * default result is printed */
+  int dev = 0, major = 0, passes = 1;
+  if (cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+      major == 9) {
+    const char *env = getenv("M3S_TEST_WGMMA");
+    passes = env && strcmp(env, "0") == 0 ? 1 : 2;
+  }
+  double t0 = gpu_now_ms();
+  const uint64_t seed0 = g_seed;
+  for (g_wg = 0; g_wg < passes; g_wg++) {
+    printf("%s score kernel:\n", g_wg ? "wgmma" : "mma.sync");
+    fflush(stdout);
+    g_seed = seed0;
+    test_adversarial();
+    test_k_variants();
+    test_prefill_shapes();
+    test_graph();
+  }
+  printf("test_gpu_topk_certified: largest |S~ - S| / E seen: mma.sync %.4g, wgmma %.4g%s "
+         "(must be <= 1); %.1f s%s\n",
+         g_max_ratio[0], g_max_ratio[1], passes == 2 ? "" : " (not run)",
+         (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
+  gpu_free(g_stats);
+  m3s_context_destroy(g_cpu);
+  m3s_context_destroy(g_gpu);
+  return TEST_FINISH();
+}
