@@ -5,6 +5,7 @@
  * CUDA runtime, and run calls promise to allocate nothing. The operations
  * live in cache.cu, topk.cu, attention.cu, k2q.cu and merge.cu. */
 #include "common.cuh"
+#include "topk_decode.cuh"
 
 #include <stdlib.h>
 
@@ -25,6 +26,8 @@ static m3s_status prepare_kernels(const m3s_context *ctx, const char *fn) {
     err = m3s_cuda_attention_prepare();
   if (err == cudaSuccess)
     err = m3s_cuda_k2q_prepare();
+  if (err == cudaSuccess)
+    err = m3s_cuda_topk_decode_prepare();
   if (prev != ctx->device)
     cudaSetDevice(prev); /* best effort: the caller's device was valid before */
   if (err == cudaSuccess)
