@@ -3,7 +3,8 @@
  * raises the dynamic shared-memory limit of the kernels that need more than
  * 48 KB once, here: cudaFuncSetAttribute allocates host memory inside the
  * CUDA runtime, and run calls promise to allocate nothing. The operations
- * live in cache.cu, topk.cu, attention.cu, k2q.cu and merge.cu. */
+ * live in cache.cu, topk.cu (with topk_decode.cu), attention.cu, k2q.cu and
+ * merge.cu. */
 #include "common.cuh"
 #include "topk_decode.cuh"
 
@@ -33,8 +34,8 @@ static m3s_status prepare_kernels(const m3s_context *ctx, const char *fn) {
   if (err == cudaSuccess)
     return M3S_OK;
   return m3s_fail(err == cudaErrorMemoryAllocation ? M3S_ERR_NO_MEMORY : M3S_ERR_CUDA, fn,
-                  "could not raise the shared-memory limit of the attention kernels on device "
-                  "%d: %s",
+                  "could not raise the shared-memory limit of the attention and top-k kernels "
+                  "on device %d: %s",
                   ctx->device, cudaGetErrorString(err));
 }
 
