@@ -210,6 +210,18 @@ static __device__ __forceinline__ int pair_needs(const dec_params &p, const dec_
   return nb > 0 && blk >= p.init && blk < nb - p.local;
 }
 
+/* Four e4m3 codes (low byte first) as fp32, exactly: through fp16. */
+static __device__ __forceinline__ void widen_e4m3x4(uint32_t u, float (&k)[4]) {
+  float2 lo = __half22float2(
+      __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u & 0xffffu), __NV_E4M3)));
+  float2 hi = __half22float2(
+      __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u >> 16), __NV_E4M3)));
+  k[0] = lo.x;
+  k[1] = lo.y;
+  k[2] = hi.x;
+  k[3] = hi.y;
+}
+
 /* This thread's 4 dims of each of the 4 groups of 8 dims of chunk ch, as
  * fp32: k[i][l] = key[8 * (4 * ch + i) + 4 * h + l]. */
 template <bool E4>
@@ -229,16 +241,8 @@ static __device__ __forceinline__ void load_chunk(const unsigned char *row, int 
     for (int m = 0; m < 2; m++) {
       /* groups 4ch + 2m and 4ch + 2m + 1, both halves; keep word h and 2 + h */
       uint4 v = *(const uint4 *)(row + (4 * ch + 2 * m) * 8);
-      uint32_t u[2] = {h ? v.y : v.x, h ? v.w : v.z};
-#pragma unroll
-      for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-          __nv_fp8x2_storage_t two = (__nv_fp8x2_storage_t)(u[i] >> (16 * e));
-          float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(two, __NV_E4M3)));
-          k[2 * m + i][2 * e] = f.x;
-          k[2 * m + i][2 * e + 1] = f.y;
-        }
+      widen_e4m3x4(h ? v.y : v.x, k[2 * m]);
+      widen_e4m3x4(h ? v.w : v.z, k[2 * m + 1]);
     }
   }
 }
