@@ -31,7 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define NAN_PAGE 0     /* every element NaN */
+#define NAN_PAGE 0      /* every element NaN */
 #define SPECIAL_PAGES 6 /* pages 0..5 hold NaN / Inf keys */
 
 static m3s_context *g_cpu, *g_gpu;
@@ -144,9 +144,15 @@ typedef struct {
   const int32_t *seq;    /* [R]; 0 = padded */
   int64_t max_seq_bound; /* batch max_seq_len (>= every seq); 0: the largest seq */
   icache *ic;
-  int oor_pages;   /* request 0's blocks 5 and 7 out of range on the device */
-  int nan_tables;  /* every request's blocks 1..6 on the special pages */
+  int mods; /* MOD_* */
 } dcase;
+
+enum {
+  MOD_OOR_PAGES = 1,  /* request 0's blocks 5 and 7 out of range on the device */
+  MOD_NAN_TABLES = 2, /* every request's blocks 1..6 on the special pages */
+  MOD_Q_EDGES = 4     /* one query element of requests 1..6 at the edges of the
+                         range where e4m3 products are exact (topk_decode.cu) */
+};
 
 static int64_t blocks_of_seq(int32_t s) { return (s + 127) / 128; }
 
@@ -203,16 +209,23 @@ static void run_case(const dcase *c) {
     qsl[r] = r * q;
     for (int64_t b = 0; b < stride; b++) {
       int32_t page = (int32_t)(next_u64() % (uint64_t)c->ic->pages);
-      if (c->nan_tables && b >= 1 && b <= SPECIAL_PAGES)
+      if ((c->mods & MOD_NAN_TABLES) && b >= 1 && b <= SPECIAL_PAGES)
         page = (int32_t)(b - 1);
       tab[r * stride + b] = b < blocks_of_seq(seq[r]) ? page : -7;
     }
   }
   qsl[R] = R * q;
-  if (c->oor_pages) /* the CPU reads NaN pages where the device finds ids out of range */
+  if (c->mods & MOD_OOR_PAGES) /* the CPU reads NaN pages where the device finds ids out of range */
     tab[5] = tab[7] = NAN_PAGE;
   for (size_t i = 0; i < (size_t)T * hkv * 128; i++)
     iq[i] = rand_bf16((uint32_t)next_u64());
+  if (c->mods & MOD_Q_EDGES) {
+    /* bf16 bits: 2^119 and 2^-118 (outside: plain products), 2^-117 and
+     * (2 - 2^-7) 2^118 (inside: FMA), NaN, the smallest subnormal */
+    static const uint16_t edge[6] = {0x7B00, 0x0480, 0x0500, 0x7AFF, 0x7FC0, 0x0001};
+    for (int r = 1; r <= 6 && r < R; r++)
+      iq[(size_t)r * q * hkv * 128 + 37] = edge[r - 1];
+  }
 
   /* host views */
   int64_t rr = R, r1 = R + 1, tsh[2] = {R, cols}, tst[2] = {stride, 1};
@@ -240,7 +253,7 @@ static void run_case(const dcase *c) {
   CHECK(st == M3S_OK, c->name);
 
   /* device copies; the device table may hold ids out of range */
-  if (c->oor_pages) {
+  if (c->mods & MOD_OOR_PAGES) {
     tab[5] = (int32_t)c->ic->pages + 1000;
     tab[7] = -3;
   }
@@ -263,8 +276,8 @@ static void run_case(const dcase *c) {
     m3s_tensor diq = m3s_tensor_make(diqm, M3S_BF16, 3, iqsh, 0);
     m3s_tensor dtk = m3s_tensor_make(dtkm, M3S_I32, 3, tks, 0);
     m3s_tensor dic = m3s_tensor_make(c->ic->dev, c->ic->dt, 3, icsh, 0);
-    m3s_tensor dodd = m3s_tensor_make(c->ic->dev_odd + (c->ic->dt == M3S_BF16 ? 2 : 1),
-                                      c->ic->dt, 3, icsh, 0);
+    m3s_tensor dodd =
+        m3s_tensor_make(c->ic->dev_odd + (c->ic->dt == M3S_BF16 ? 2 : 1), c->ic->dt, 3, icsh, 0);
     t3 = gpu_now_ms();
     if (run_gpu(c, &db, &diq, &dic, &dtk, ws, ws_bytes, got, n)) {
       t4 = gpu_now_ms();
@@ -276,9 +289,8 @@ static void run_case(const dcase *c) {
       CHECK(bad_old == 0, c->name);
     }
   }
-  printf("  %-46s T %6d  ws %10zu B  cpu %8.1f ms  cuda %7.2f ms  (total %.0f ms)%s\n", c->name,
-         T, ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0,
-         bad_new || bad_old ? "  MISMATCH" : "");
+  printf("  %-46s T %6d  ws %10zu B  cpu %8.1f ms  cuda %7.2f ms  (total %.0f ms)%s\n", c->name, T,
+         ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0, bad_new || bad_old ? "  MISMATCH" : "");
   gpu_free(dseq);
   gpu_free(dqsl);
   gpu_free(dtab);
@@ -316,23 +328,35 @@ static const int32_t *ragged(int R, int32_t lo, int32_t hi) {
 static void test_large(void) {
   if (g_quick)
     return;
-  dcase c = {"tp1_q1_128_requests_4k_to_32k_ragged", m3s_config_minimax_m3(1), 128, 1,
-             ragged(128, 4096, 32768), 0, &g_bf16, 0, 0};
+  dcase c = {"tp1_q1_128_requests_4k_to_32k_ragged",
+             m3s_config_minimax_m3(1),
+             128,
+             1,
+             ragged(128, 4096, 32768),
+             0,
+             &g_bf16,
+             0};
   run_case(&c);
   static const int32_t one[] = {131072};
-  dcase c1 = {"tp1_q1_one_request_128k", m3s_config_minimax_m3(1), 1, 1, one, 0, &g_bf16, 0, 0};
+  dcase c1 = {"tp1_q1_one_request_128k", m3s_config_minimax_m3(1), 1, 1, one, 0, &g_bf16, 0};
   run_case(&c1);
   static const int32_t one77[] = {131072 - 77};
-  dcase c2 = {"tp8_q1_one_request_128k_minus_77", m3s_config_minimax_m3(8), 1, 1, one77, 0,
-              &g_bf16, 0, 0};
+  dcase c2 = {
+      "tp8_q1_one_request_128k_minus_77", m3s_config_minimax_m3(8), 1, 1, one77, 0, &g_bf16, 0};
   run_case(&c2);
   int32_t *s = (int32_t *)ragged(64, 4096, 4096);
   s[5] = 131072;
-  dcase c3 = {"skewed_one_128k_among_63_of_4k_tp1", m3s_config_minimax_m3(1), 64, 1, s, 0,
-              &g_bf16, 0, 0};
+  dcase c3 = {
+      "skewed_one_128k_among_63_of_4k_tp1", m3s_config_minimax_m3(1), 64, 1, s, 0, &g_bf16, 0};
   run_case(&c3);
-  dcase c4 = {"e4m3_tp1_q1_64_requests_4k_to_32k", m3s_config_minimax_m3(1), 64, 1,
-              ragged(64, 4096, 32768), 0, &g_e4m3, 0, 0};
+  dcase c4 = {"e4m3_tp1_q1_64_requests_4k_to_32k",
+              m3s_config_minimax_m3(1),
+              64,
+              1,
+              ragged(64, 4096, 32768),
+              0,
+              &g_e4m3,
+              0};
   run_case(&c4);
 }
 
@@ -351,8 +375,8 @@ static void test_qlen_and_heads(void) {
     int32_t *s = (int32_t *)ragged(R, 2100, g_quick ? 9000 : 20000);
     s[2] = 0; /* padded */
     s[R - 1] = 0;
-    dcase c = {name, m3s_config_minimax_m3(v[i].tp), R, v[i].q, s, 0,
-               v[i].dt == M3S_BF16 ? &g_bf16 : &g_e4m3, 0, 0};
+    dcase c = {name, m3s_config_minimax_m3(v[i].tp),          R, v[i].q, s,
+               0,    v[i].dt == M3S_BF16 ? &g_bf16 : &g_e4m3, 0};
     run_case(&c);
   }
 }
@@ -361,19 +385,24 @@ static void test_short_and_bounds(void) {
   /* nb <= K rows (K = 16: seq <= 2048) next to scored ones, q_len 4 rows
    * straddling block boundaries, a padded request */
   static const int32_t mix[] = {4, 5, 127, 128, 129, 2047, 2048, 2049, 2052, 0, 2176, 5000};
-  dcase c = {"nb_le_k_rows_beside_scored_rows_q4", m3s_config_minimax_m3(1), 12, 4, mix, 0,
-             &g_bf16, 0, 0};
+  dcase c = {
+      "nb_le_k_rows_beside_scored_rows_q4", m3s_config_minimax_m3(1), 12, 4, mix, 0, &g_bf16, 0};
   run_case(&c);
-  dcase c1 = {"nb_le_k_rows_beside_scored_rows_q1_e4m3", m3s_config_minimax_m3(2), 12, 1, mix, 0,
-              &g_e4m3, 0, 0};
+  dcase c1 = {"nb_le_k_rows_beside_scored_rows_q1_e4m3",
+              m3s_config_minimax_m3(2),
+              12,
+              1,
+              mix,
+              0,
+              &g_e4m3,
+              0};
   run_case(&c1);
   static const int32_t few[] = {5, 2048, 0, 1000};
-  dcase c2 = {"nothing_to_score_all_nb_le_k", m3s_config_minimax_m3(1), 4, 1, few, 0, &g_bf16, 0,
-              0};
+  dcase c2 = {"nothing_to_score_all_nb_le_k", m3s_config_minimax_m3(1), 4, 1, few, 0, &g_bf16, 0};
   run_case(&c2);
   static const int32_t small[] = {3000, 9000, 0, 2100};
-  dcase c3 = {"max_seq_len_bound_64k_above_9000", m3s_config_minimax_m3(1), 4, 2, small, 65536,
-              &g_bf16, 0, 0};
+  dcase c3 = {
+      "max_seq_len_bound_64k_above_9000", m3s_config_minimax_m3(1), 4, 2, small, 65536, &g_bf16, 0};
   run_case(&c3);
 }
 
@@ -386,7 +415,7 @@ static void test_k_and_forced(void) {
   for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
     char name[80];
     snprintf(name, sizeof name, "k%d_init%d_local%d_tp2_q2", v[i].k, v[i].init, v[i].local);
-    dcase c = {name, cfg_k(2, v[i].k, v[i].init, v[i].local), 16, 2, s, 0, &g_bf16, 0, 0};
+    dcase c = {name, cfg_k(2, v[i].k, v[i].init, v[i].local), 16, 2, s, 0, &g_bf16, 0};
     run_case(&c);
   }
 }
@@ -395,15 +424,39 @@ static void test_nan_inf_and_guards(void) {
   int32_t *s = (int32_t *)ragged(8, 1500, 6000);
   for (int e4 = 0; e4 < 2; e4++) {
     dcase c = {e4 ? "nan_inf_keys_e4m3_tp1_q3" : "nan_inf_keys_bf16_tp1_q3",
-               cfg_k(1, 4, 0, 1), 8, 3, s, 0, e4 ? &g_e4m3 : &g_bf16, 0, 1};
+               cfg_k(1, 4, 0, 1),
+               8,
+               3,
+               s,
+               0,
+               e4 ? &g_e4m3 : &g_bf16,
+               MOD_NAN_TABLES};
     run_case(&c);
   }
-  dcase k1 = {"nan_inf_keys_k1_no_forced_tp8_q1", cfg_k(8, 1, 0, 0), 8, 1, s, 0, &g_bf16, 0, 1};
+  dcase k1 = {
+      "nan_inf_keys_k1_no_forced_tp8_q1", cfg_k(8, 1, 0, 0), 8, 1, s, 0, &g_bf16, MOD_NAN_TABLES};
   run_case(&k1);
+  for (int e4 = 0; e4 < 2; e4++) {
+    dcase c = {e4 ? "query_range_edges_e4m3_tp1_q2" : "query_range_edges_bf16_tp1_q2",
+               m3s_config_minimax_m3(1),
+               8,
+               2,
+               s,
+               0,
+               e4 ? &g_e4m3 : &g_bf16,
+               MOD_Q_EDGES};
+    run_case(&c);
+  }
   s = (int32_t *)ragged(8, 6000, 1500); /* request 0 (the bad ids) has 47 blocks */
   for (int e4 = 0; e4 < 2; e4++) {
     dcase c = {e4 ? "page_ids_out_of_range_score_nan_e4m3" : "page_ids_out_of_range_score_nan_bf16",
-               m3s_config_minimax_m3(1), 8, 2, s, 0, e4 ? &g_e4m3 : &g_bf16, 1, 0};
+               m3s_config_minimax_m3(1),
+               8,
+               2,
+               s,
+               0,
+               e4 ? &g_e4m3 : &g_bf16,
+               MOD_OOR_PAGES};
     run_case(&c);
   }
 }

@@ -34,7 +34,9 @@
  * same bits). Keys are widened exactly (bf16: bits << 16; e4m3: through
  * fp16, as the CPU) once per 32-dim chunk and used for NP (token, head) pairs
  * at a time; the request's queries are fp32 in shared memory (broadcast
- * reads). Keys after the token's position count as NaN; the block maximum is
+ * reads). With e4m3 keys and bf16/f16 queries inside a range checked per
+ * request, every product is exact in fp32 and __fmaf_rn gives the same bits
+ * as __fmul_rn + __fadd_rn with half the instructions (exact_products). Keys after the token's position count as NaN; the block maximum is
  * fmaxf (a warp butterfly, then the 8 warps), so it is NaN only when every
  * visible dot is NaN, as the CPU's. A page id outside [0, num_pages) is never
  * dereferenced: its block scores NaN for every pair that needs it (the same
@@ -87,6 +89,7 @@ typedef struct {
   int64_t split;  /* U: candidate blocks per item */
   int64_t items;  /* num_reqs * ceil((max_nb - init) / U) */
   int qlen, hkv, pairs, topk, init, local;
+  int short_q; /* queries bf16 or f16: at most 11 significant bits */
 } dec_params;
 
 typedef struct {
@@ -94,6 +97,7 @@ typedef struct {
   int64_t pos[DEC_MAX_QLEN];           /* position of each token */
   int64_t nb[DEC_MAX_QLEN];            /* its blocks, 0 when it scores nothing */
   int page[DEC_STAGES];                /* page of each ring slot, -1: none */
+  unsigned qmin, qmax;                 /* smallest nonzero and largest |query| as fp32 bits */
 } dec_small;
 
 /* ---------------------------------------------------------------------------
@@ -165,8 +169,7 @@ static __device__ void issue_page(const dec_params &p, const dec_cursor &c, unsi
                                   int *page_slot) {
   typedef dec_fmt<E4> F;
   if (c.item < p.items) {
-    int64_t page = m3s_page(p.b.ibt, p.b.ibt_s0, p.b.ibt_s1, p.b.ibt_cols, c.r, c.blk,
-                            p.num_pages);
+    int64_t page = m3s_page(p.b.ibt, p.b.ibt_s0, p.b.ibt_s1, p.b.ibt_cols, c.r, c.blk, p.num_pages);
     if (threadIdx.x == 0)
       *page_slot = page >= 0 ? 0 : -1;
     if (page >= 0) {
@@ -190,17 +193,45 @@ static __device__ void issue_page(const dec_params &p, const dec_cursor &c, unsi
  * token * Hkv + head at q[pp * 128]). */
 static __device__ void stage_request(const dec_params &p, int r, dec_small &s, float *q) {
   int tid = threadIdx.x;
+  if (tid == 0) {
+    s.qmin = 0xffffffffu;
+    s.qmax = 0;
+  }
+  __syncthreads();
   if (tid < p.qlen) {
     m3s_row_info ri = m3s_row_lookup(p.b, (int64_t)r * p.qlen + tid);
     int64_t nb = ri.valid ? ri.pos / M3S_BLOCK_SIZE + 1 : 0;
     s.pos[tid] = ri.pos;
     s.nb[tid] = nb > p.topk ? nb : 0;
   }
+  unsigned lo = 0xffffffffu, hi = 0;
   for (int e = tid; e < p.pairs * M3S_INDEX_DIM; e += DEC_THREADS) {
     int pp = e / M3S_INDEX_DIM, d = e % M3S_INDEX_DIM;
     int64_t t = (int64_t)r * p.qlen + pp / p.hkv;
-    q[e] = m3s_ld(p.iq, p.iq_dt, t * p.iq_s0 + (pp % p.hkv) * p.iq_s1 + d);
+    float v = m3s_ld(p.iq, p.iq_dt, t * p.iq_s0 + (pp % p.hkv) * p.iq_s1 + d);
+    q[e] = v;
+    unsigned m = __float_as_uint(v) & 0x7fffffffu;
+    hi = m > hi ? m : hi;
+    lo = m != 0 && m < lo ? m : lo;
   }
+  lo = __reduce_min_sync(FULL_MASK, lo);
+  hi = __reduce_max_sync(FULL_MASK, hi);
+  if ((tid & 31) == 0) {
+    atomicMin(&s.qmin, lo);
+    atomicMax(&s.qmax, hi);
+  }
+}
+
+/* e4m3 keys: every product q * k of the request is exact in fp32, so
+ * __fmaf_rn(q, k, acc) == __fadd_rn(acc, __fmul_rn(q, k)) bit for bit (one
+ * rounding of the same exact value; signed zeros, infinities and NaN alike).
+ * Exact because q has at most 11 significant bits (bf16/f16), k at most 4
+ * (e4m3, subnormals 3), so q * k fits fp32's 24, and its magnitude stays
+ * normal: nonzero finite |k| in [2^-9, 448], so nonzero |q| in [2^-117,
+ * 2^119) keeps nonzero |q * k| in [2^-126, 2^128). A NaN or infinite query
+ * fails the range (a NaN key gives NaN either way). */
+static __device__ __forceinline__ int exact_products(const dec_params &p, const dec_small &s) {
+  return p.short_q && s.qmin >= (127u - 117u) << 23 && s.qmax < (127u + 119u) << 23;
 }
 
 /* Block blk is a candidate of pair pp (token pp / Hkv). */
@@ -247,6 +278,41 @@ static __device__ __forceinline__ void load_chunk(const unsigned char *row, int 
   }
 }
 
+/* acc + q * k in m3s_dot128_fixed's rounding (FMA only where exact_products
+ * holds, with the same bits). */
+template <bool FMA> static __device__ __forceinline__ float mac(float acc, float q, float k) {
+  return FMA ? __fmaf_rn(q, k, acc) : __fadd_rn(acc, __fmul_rn(q, k));
+}
+
+/* This thread's partial sums (its four of the eight, dims d ascending) of the
+ * dots of its key half with the NP queries at q. */
+template <bool E4, int NP, bool FMA>
+static __device__ __forceinline__ void accumulate(const unsigned char *row, int h, const float *q,
+                                                  float (&acc)[NP][4]) {
+#pragma unroll
+  for (int j = 0; j < NP; j++)
+#pragma unroll
+    for (int l = 0; l < 4; l++)
+      acc[j][l] = 0.0f;
+#pragma unroll
+  for (int ch = 0; ch < M3S_INDEX_DIM / DEC_CHUNK_DIMS; ch++) {
+    float k[4][4];
+    load_chunk<E4>(row, ch, h, k);
+#pragma unroll
+    for (int j = 0; j < NP; j++) {
+      const float *qp = q + j * M3S_INDEX_DIM + 4 * h;
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        float4 qv = *(const float4 *)(qp + (4 * ch + i) * 8);
+        acc[j][0] = mac<FMA>(acc[j][0], qv.x, k[i][0]);
+        acc[j][1] = mac<FMA>(acc[j][1], qv.y, k[i][1]);
+        acc[j][2] = mac<FMA>(acc[j][2], qv.z, k[i][2]);
+        acc[j][3] = mac<FMA>(acc[j][3], qv.w, k[i][3]);
+      }
+    }
+  }
+}
+
 /* Every thread: S of block c.blk (keys in ring slot `page`) for each pair of
  * request c.r that needs it. */
 template <bool E4, int NP>
@@ -256,30 +322,17 @@ static __device__ void score_block(const dec_params &p, const dec_cursor &c,
   int slot = tid >> 1;
   const unsigned char *row = page + slot * dec_fmt<E4>::row;
   int64_t key_pos = c.blk * M3S_BLOCK_SIZE + slot;
+  int fma = E4 && exact_products(p, s); /* uniform over the CTA */
 #pragma unroll 1
   for (int p0 = 0; p0 < p.pairs; p0 += NP) {
     float acc[NP][4];
-#pragma unroll
-    for (int j = 0; j < NP; j++)
-#pragma unroll
-      for (int l = 0; l < 4; l++)
-        acc[j][l] = 0.0f;
-#pragma unroll
-    for (int ch = 0; ch < M3S_INDEX_DIM / DEC_CHUNK_DIMS; ch++) {
-      float k[4][4];
-      load_chunk<E4>(row, ch, h, k);
-#pragma unroll
-      for (int j = 0; j < NP; j++) {
-        const float *qp = q + (p0 + j) * M3S_INDEX_DIM + 4 * h;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-          float4 qv = *(const float4 *)(qp + (4 * ch + i) * 8);
-          acc[j][0] = __fadd_rn(acc[j][0], __fmul_rn(qv.x, k[i][0]));
-          acc[j][1] = __fadd_rn(acc[j][1], __fmul_rn(qv.y, k[i][1]));
-          acc[j][2] = __fadd_rn(acc[j][2], __fmul_rn(qv.z, k[i][2]));
-          acc[j][3] = __fadd_rn(acc[j][3], __fmul_rn(qv.w, k[i][3]));
-        }
-      }
+    if constexpr (E4) {
+      if (fma)
+        accumulate<E4, NP, true>(row, h, q + p0 * M3S_INDEX_DIM, acc);
+      else
+        accumulate<E4, NP, false>(row, h, q + p0 * M3S_INDEX_DIM, acc);
+    } else {
+      accumulate<E4, NP, false>(row, h, q + p0 * M3S_INDEX_DIM, acc);
     }
 #pragma unroll
     for (int j = 0; j < NP; j++) {
@@ -308,8 +361,14 @@ static __device__ void score_block(const dec_params &p, const dec_cursor &c,
   }
 }
 
+/* CTAs per SM for the register cap: what the shared memory allows (bf16 2,
+ * e4m3 3), lowered to 2 where ptxas (nvcc 13.0) would spill under the cap
+ * of 3 (e4m3 NP 4 and 8). */
+template <bool E4, int NP> static constexpr int dec_min_ctas() { return E4 && NP <= 2 ? 3 : 2; }
+
 template <bool E4, int NP>
-static __global__ void __launch_bounds__(DEC_THREADS) decode_score_kernel(dec_params p) {
+static __global__ void __launch_bounds__(DEC_THREADS, dec_min_ctas<E4, NP>())
+    decode_score_kernel(dec_params p) {
   typedef dec_fmt<E4> F;
   extern __shared__ __align__(16) unsigned char dsm[];
   __shared__ dec_small s;
@@ -386,7 +445,8 @@ extern "C" cudaError_t m3s_cuda_topk_decode_prepare(void) {
       return err;
     if (!fits)
       continue; /* m3s_cuda_topk_decode_scores leaves such batches to topk.cu */
-    int smem = (int)(e4 ? dec_smem_bytes<true>(DEC_MAX_PAIRS) : dec_smem_bytes<false>(DEC_MAX_PAIRS));
+    int smem =
+        (int)(e4 ? dec_smem_bytes<true>(DEC_MAX_PAIRS) : dec_smem_bytes<false>(DEC_MAX_PAIRS));
     for (int i = 0; i < 4; i++) {
       err = cudaFuncSetAttribute(kernel_of(e4, nps[i]), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  smem);
@@ -464,6 +524,7 @@ m3s_status m3s_cuda_topk_decode_scores(m3s_context *ctx, const m3s_layer_config 
   p.topk = cfg->topk;
   p.init = cfg->init_blocks;
   p.local = cfg->local_blocks;
+  p.short_q = iq->dtype == M3S_BF16 || iq->dtype == M3S_F16;
   int64_t grid = 1;
   plan_split(batch->num_reqs, max_nb - cfg->init_blocks, (int64_t)per_sm * m3s_cuda_num_sms(ctx),
              &p.split, &p.items, &grid);
