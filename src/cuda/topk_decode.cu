@@ -28,7 +28,7 @@
  * below are free of bank conflicts). Two threads per key slot: thread h (0, 1)
  * of slot j keeps the partial sums l = 4h..4h+3 of m3s_dot128_fixed, i.e. the
  * dims d with d % 8 in [4h, 4h + 4), in the CPU's order (d ascending, fp32
- * __fmul_rn then __fadd_rn, no FMA); one shuffle brings the other four and
+ * __fmul_rn then __fadd_rn, no contraction); one shuffle brings the other four and
  * both threads add the eight in the fixed tree ((a0+a4)+(a1+a5)) +
  * ((a2+a6)+(a3+a7)) (fp32 addition is commutative, so either thread gets the
  * same bits). Keys are widened exactly (bf16: bits << 16; e4m3: through
@@ -36,9 +36,10 @@
  * at a time; the request's queries are fp32 in shared memory (broadcast
  * reads). With e4m3 keys and bf16/f16 queries inside a range checked per
  * request, every product is exact in fp32 and __fmaf_rn gives the same bits
- * as __fmul_rn + __fadd_rn with half the instructions (exact_products). Keys after the token's position count as NaN; the block maximum is
- * fmaxf (a warp butterfly, then the 8 warps), so it is NaN only when every
- * visible dot is NaN, as the CPU's. A page id outside [0, num_pages) is never
+ * as __fmul_rn + __fadd_rn with half the instructions (exact_products).
+ * Keys after the token's position count as NaN; the block maximum is fmaxf
+ * (a warp butterfly, then the 8 warps), so it is NaN only when every visible
+ * dot is NaN, as the CPU's. A page id outside [0, num_pages) is never
  * dereferenced: its block scores NaN for every pair that needs it (the same
  * rule as topk.cu's score kernel).
  *
