@@ -3,8 +3,10 @@
  * raises the dynamic shared-memory limit of the kernels that need more than
  * 48 KB once, here: cudaFuncSetAttribute allocates host memory inside the
  * CUDA runtime, and run calls promise to allocate nothing. The operations
- * live in cache.cu, topk.cu, attention.cu, k2q.cu and merge.cu. */
+ * live in cache.cu, topk.cu (with topk_decode.cu), attention.cu, k2q.cu and
+ * merge.cu. */
 #include "common.cuh"
+#include "topk_decode.cuh"
 
 #include <stdlib.h>
 
@@ -25,13 +27,15 @@ static m3s_status prepare_kernels(const m3s_context *ctx, const char *fn) {
     err = m3s_cuda_attention_prepare();
   if (err == cudaSuccess)
     err = m3s_cuda_k2q_prepare();
+  if (err == cudaSuccess)
+    err = m3s_cuda_topk_decode_prepare();
   if (prev != ctx->device)
     cudaSetDevice(prev); /* best effort: the caller's device was valid before */
   if (err == cudaSuccess)
     return M3S_OK;
   return m3s_fail(err == cudaErrorMemoryAllocation ? M3S_ERR_NO_MEMORY : M3S_ERR_CUDA, fn,
-                  "could not raise the shared-memory limit of the attention kernels on device "
-                  "%d: %s",
+                  "could not raise the shared-memory limit of the attention and top-k kernels "
+                  "on device %d: %s",
                   ctx->device, cudaGetErrorString(err));
 }
 

@@ -30,6 +30,9 @@
  *     NaN -> 0): each thread keeps the best key of its own candidates that
  *     ranks after the previous pick, and only the owner of a pick rescans.
  *     The K ids are written in ascending order by rank.
+ * Uniform decode batches whose pairs fit one chunk go to the streaming decode
+ * score kernel of topk_decode.cu instead of score_kernel (same S entries, same
+ * bits; it declines the shapes it does not cover), then select_kernel.
  * Launch count, grids and workspace depend only on host bounds
  * (batch->num_tokens, batch->max_seq_len, batch->uniform_q_len, cfg, the SM
  * count and the score kernel's occupancy): graph-safe. The score grid's
@@ -49,6 +52,7 @@
  * (161 registers, 3 CTAs per SM). */
 #include "common.cuh"
 #include "sm90/topk_tc.h"
+#include "topk_decode.cuh"
 
 #include <stdint.h>
 
@@ -518,11 +522,18 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
                       cudaGetErrorString(err));
     per_sm = per_sm > 0 ? per_sm : 1; /* current device == the context's (checked) */
   }
+  int streamed = 0; /* scores written by the decode kernel (topk_decode.cu) */
+  if (plan.score && plan.chunk_pairs >= plan.pairs) {
+    m3s_status st = m3s_cuda_topk_decode_scores(ctx, cfg, batch, iq, index_cache, sa.ws,
+                                                plan.max_nb, stream, &streamed);
+    if (st)
+      return st;
+  }
   for (int64_t pair0 = 0; pair0 < plan.pairs; pair0 += plan.chunk_pairs) {
     int64_t n = plan.pairs - pair0 < plan.chunk_pairs ? plan.pairs - pair0 : plan.chunk_pairs;
     sa.pair0 = se.pair0 = pair0;
     sa.npairs = se.npairs = n;
-    if (plan.score) {
+    if (plan.score && !streamed) {
       /* Phase 1: block scores of the chunk */
       int64_t tiles = (n + PAIR_TILE - 1) / PAIR_TILE;
       if (tiles > INT32_MAX)

@@ -1,0 +1,537 @@
+/* CUDA backend: block scores of the lightning indexer for uniform decode
+ * batches (SPEC section 3), streamed at memory speed and bit-identical to the
+ * CPU backend by construction.
+ *
+ * What: S(t, g, b) = max over the visible keys j of block b of
+ * m3s_dot128_fixed(iq[t, g], ik[j]), written into the workspace layout that
+ * topk.cu's select_kernel reads (entry (t * Hkv + g) * max_nb + b, every pair
+ * in one chunk), for the candidate blocks only (init <= b < nb(t) - local of
+ * rows with nb(t) > K); select_kernel then picks the top-k unchanged.
+ *
+ * Covered (m3s_cuda_topk_decode_scores sets *ran = 0 otherwise, and topk.cu
+ * runs its general score kernel): uniform_q_len 1..DEC_MAX_QLEN, Hkv x q_len
+ * <= DEC_MAX_PAIRS, bf16 or e4m3 index cache at a 16-byte aligned address, a
+ * device with the shared memory of one CTA.
+ *
+ * How launched: one kernel, decode_score_kernel<E4, NP>, DEC_THREADS = 256,
+ * grid min(items, resident CTAs) (a persistent grid). An item is (request r,
+ * split s), numbered s * R + r; CTA c takes items c, c + grid, ...; split s of
+ * request r is the candidate blocks [init + s * U, init + (s + 1) * U) clipped
+ * to the request's [init, nb_last - local) (nb_last: the blocks of its last
+ * token, which has the most), so a short request's late splits are empty and
+ * a long request's splits spread over many CTAs. U (blocks per split, at most
+ * DEC_MAX_SPLIT) and the grid come from host bounds only (R, max_seq_len, the
+ * SM count and the kernel's occupancy): graph-safe.
+ * Each CTA streams the index-cache pages of its items' blocks through a
+ * DEC_STAGES-deep ring of cp.async 16-byte copies (the prefetch runs across
+ * item boundaries; rows padded to 272 B bf16 / 144 B e4m3 so the shared reads
+ * below are free of bank conflicts). Two threads per key slot: thread h (0, 1)
+ * of slot j keeps the partial sums l = 4h..4h+3 of m3s_dot128_fixed, i.e. the
+ * dims d with d % 8 in [4h, 4h + 4), in the CPU's order (d ascending, fp32
+ * __fmul_rn then __fadd_rn, no contraction); one shuffle brings the other four and
+ * both threads add the eight in the fixed tree ((a0+a4)+(a1+a5)) +
+ * ((a2+a6)+(a3+a7)) (fp32 addition is commutative, so either thread gets the
+ * same bits). Keys are widened exactly (bf16: bits << 16; e4m3: through
+ * fp16, as the CPU) once per 32-dim chunk and used for NP (token, head) pairs
+ * at a time; the request's queries are fp32 in shared memory (broadcast
+ * reads). With e4m3 keys and bf16/f16 queries inside a range checked per
+ * request, every product is exact in fp32 and __fmaf_rn gives the same bits
+ * as __fmul_rn + __fadd_rn with half the instructions (exact_products).
+ * Keys after the token's position count as NaN; the block maximum is fmaxf
+ * (a warp butterfly, then the 8 warps), so it is NaN only when every visible
+ * dot is NaN, as the CPU's. A page id outside [0, num_pages) is never
+ * dereferenced: its block scores NaN for every pair that needs it (the same
+ * rule as topk.cu's score kernel).
+ *
+ * Guards: requests whose seq_len is outside [q_len, max_seq_len] (padded: 0)
+ * have no items (select_kernel writes their -1 rows); every read and write is
+ * in bounds for any table contents.
+ *
+ * Measured: not yet measured (prediction in docs/perf-notes.md, "Decode
+ * indexer: streaming exact kernel (design, prediction)"). */
+#include "topk_decode.cuh"
+
+#include <stdint.h>
+
+#define FULL_MASK 0xffffffffu
+#define DEC_THREADS 256 /* two threads per key slot of a block */
+#define DEC_WARPS (DEC_THREADS / 32)
+#define DEC_STAGES 3      /* pages in the cp.async ring */
+#define DEC_MAX_QLEN 8    /* tokens per request */
+#define DEC_MAX_PAIRS 32  /* (token, head) pairs per request */
+#define DEC_MAX_SPLIT 32  /* blocks per item */
+#define DEC_CHUNK_DIMS 32 /* dims widened at a time */
+
+/* Shared-memory geometry of one page per index-cache format. */
+template <bool E4> struct dec_fmt {
+  static constexpr int key_bytes = E4 ? 128 : 256; /* one key row */
+  static constexpr int row = key_bytes + 16;       /* padded row */
+  static constexpr int stage = M3S_BLOCK_SIZE * row;
+  static constexpr int row_pieces = key_bytes / 16;
+  static constexpr int pieces = M3S_BLOCK_SIZE * row_pieces / DEC_THREADS; /* per thread */
+};
+
+static_assert(M3S_INDEX_DIM == 128 && M3S_BLOCK_SIZE == 128,
+              "the kernel maps two threads to each of 128 key slots of 128 dims");
+
+template <bool E4> static constexpr size_t dec_smem_bytes(int pairs) {
+  return (size_t)DEC_STAGES * dec_fmt<E4>::stage + (size_t)pairs * M3S_INDEX_DIM * sizeof(float);
+}
+
+typedef struct {
+  m3s_cuda_batch b;
+  const void *iq;
+  m3s_dtype iq_dt;
+  int64_t iq_s0, iq_s1;
+  const unsigned char *ic; /* [num_pages, 128, 128] bf16 or e4m3, 16-byte aligned */
+  int64_t num_pages;
+  float *ws;
+  int64_t max_nb; /* row stride of S */
+  int64_t split;  /* U: candidate blocks per item */
+  int64_t items;  /* num_reqs * ceil((max_nb - init) / U) */
+  int qlen, hkv, pairs, topk, init, local;
+  int short_q; /* queries bf16 or f16: at most 11 significant bits */
+} dec_params;
+
+typedef struct {
+  float red[DEC_WARPS][DEC_MAX_PAIRS]; /* per-warp block maxima */
+  int64_t pos[DEC_MAX_QLEN];           /* position of each token */
+  int64_t nb[DEC_MAX_QLEN];            /* its blocks, 0 when it scores nothing */
+  int page[DEC_STAGES];                /* page of each ring slot, -1: none */
+  unsigned qmin, qmax;                 /* smallest nonzero and largest |query| as fp32 bits */
+} dec_small;
+
+/* ---------------------------------------------------------------------------
+ * Work items
+ * ------------------------------------------------------------------------- */
+
+typedef struct {
+  int64_t item; /* >= items: done */
+  int64_t blk, end;
+  int r;
+} dec_cursor;
+
+/* End of request r's candidate blocks (those of its last token), or -1 when
+ * the request scores nothing (padded or inconsistent, or nb <= K). The same
+ * validity as m3s_row_lookup for the rows of a uniform batch (num_tokens ==
+ * num_reqs * q_len, checked on the host). */
+static __device__ __forceinline__ int64_t request_end(const dec_params &p, int r) {
+  int64_t seq = p.b.seq_lens[r * p.b.seq_stride];
+  if (seq <= 0 || seq < p.qlen || seq > p.b.max_seq_len)
+    return -1;
+  int64_t nb = (seq - 1) / M3S_BLOCK_SIZE + 1;
+  return nb > p.topk ? nb - p.local : -1;
+}
+
+/* From c.item on, the first of this CTA's items with blocks. */
+static __device__ void cursor_seek(const dec_params &p, dec_cursor &c) {
+  for (; c.item < p.items; c.item += gridDim.x) {
+    int r = (int)(c.item % p.b.num_reqs);
+    int64_t lo = p.init + (c.item / p.b.num_reqs) * p.split;
+    int64_t hi = request_end(p, r);
+    int64_t end = lo + p.split < hi ? lo + p.split : hi;
+    if (lo < end) {
+      c.r = r;
+      c.blk = lo;
+      c.end = end;
+      return;
+    }
+  }
+}
+
+static __device__ __forceinline__ void cursor_next(const dec_params &p, dec_cursor &c) {
+  if (c.item >= p.items || ++c.blk < c.end)
+    return;
+  c.item += gridDim.x;
+  cursor_seek(p, c);
+}
+
+/* ---------------------------------------------------------------------------
+ * Page ring
+ * ------------------------------------------------------------------------- */
+
+static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+
+static __device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N> static __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* Every thread: its pieces of the page of cursor c into ring slot `stage`,
+ * one commit group (empty when c is done or the page id is out of range). */
+template <bool E4>
+static __device__ void issue_page(const dec_params &p, const dec_cursor &c, unsigned char *stage,
+                                  int *page_slot) {
+  typedef dec_fmt<E4> F;
+  if (c.item < p.items) {
+    int64_t page = m3s_page(p.b.ibt, p.b.ibt_s0, p.b.ibt_s1, p.b.ibt_cols, c.r, c.blk, p.num_pages);
+    if (threadIdx.x == 0)
+      *page_slot = page >= 0 ? 0 : -1;
+    if (page >= 0) {
+      const unsigned char *src = p.ic + page * (int64_t)(M3S_BLOCK_SIZE * F::key_bytes);
+#pragma unroll
+      for (int m = 0; m < F::pieces; m++) {
+        int piece = threadIdx.x + m * DEC_THREADS;
+        int row = piece / F::row_pieces, col = piece % F::row_pieces;
+        cp_async16(stage + row * F::row + col * 16, src + (int64_t)piece * 16);
+      }
+    }
+  }
+  cp_async_commit();
+}
+
+/* ---------------------------------------------------------------------------
+ * Scoring
+ * ------------------------------------------------------------------------- */
+
+/* Every thread: request r's token positions and fp32 queries (pair pp =
+ * token * Hkv + head at q[pp * 128]). */
+static __device__ void stage_request(const dec_params &p, int r, dec_small &s, float *q) {
+  int tid = threadIdx.x;
+  if (tid == 0) {
+    s.qmin = 0xffffffffu;
+    s.qmax = 0;
+  }
+  __syncthreads();
+  if (tid < p.qlen) {
+    m3s_row_info ri = m3s_row_lookup(p.b, (int64_t)r * p.qlen + tid);
+    int64_t nb = ri.valid ? ri.pos / M3S_BLOCK_SIZE + 1 : 0;
+    s.pos[tid] = ri.pos;
+    s.nb[tid] = nb > p.topk ? nb : 0;
+  }
+  unsigned lo = 0xffffffffu, hi = 0;
+  for (int e = tid; e < p.pairs * M3S_INDEX_DIM; e += DEC_THREADS) {
+    int pp = e / M3S_INDEX_DIM, d = e % M3S_INDEX_DIM;
+    int64_t t = (int64_t)r * p.qlen + pp / p.hkv;
+    float v = m3s_ld(p.iq, p.iq_dt, t * p.iq_s0 + (pp % p.hkv) * p.iq_s1 + d);
+    q[e] = v;
+    unsigned m = __float_as_uint(v) & 0x7fffffffu;
+    hi = m > hi ? m : hi;
+    lo = m != 0 && m < lo ? m : lo;
+  }
+  lo = __reduce_min_sync(FULL_MASK, lo);
+  hi = __reduce_max_sync(FULL_MASK, hi);
+  if ((tid & 31) == 0) {
+    atomicMin(&s.qmin, lo);
+    atomicMax(&s.qmax, hi);
+  }
+}
+
+/* e4m3 keys: every product q * k of the request is exact in fp32, so
+ * __fmaf_rn(q, k, acc) == __fadd_rn(acc, __fmul_rn(q, k)) bit for bit (one
+ * rounding of the same exact value; signed zeros, infinities and NaN alike).
+ * Exact because q has at most 11 significant bits (bf16/f16), k at most 4
+ * (e4m3, subnormals 3), so q * k fits fp32's 24, and its magnitude stays
+ * normal: nonzero finite |k| in [2^-9, 448], so nonzero |q| in [2^-117,
+ * 2^119) keeps nonzero |q * k| in [2^-126, 2^128). A NaN or infinite query
+ * fails the range (a NaN key gives NaN either way). */
+static __device__ __forceinline__ int exact_products(const dec_params &p, const dec_small &s) {
+  return p.short_q && s.qmin >= (127u - 117u) << 23 && s.qmax < (127u + 119u) << 23;
+}
+
+/* Block blk is a candidate of pair pp (token pp / Hkv). */
+static __device__ __forceinline__ int pair_needs(const dec_params &p, const dec_small &s, int pp,
+                                                 int64_t blk) {
+  int64_t nb = s.nb[pp / p.hkv];
+  return nb > 0 && blk >= p.init && blk < nb - p.local;
+}
+
+/* Four e4m3 codes (low byte first) as fp32, exactly: through fp16. */
+static __device__ __forceinline__ void widen_e4m3x4(uint32_t u, float (&k)[4]) {
+  float2 lo = __half22float2(
+      __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u & 0xffffu), __NV_E4M3)));
+  float2 hi = __half22float2(
+      __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u >> 16), __NV_E4M3)));
+  k[0] = lo.x;
+  k[1] = lo.y;
+  k[2] = hi.x;
+  k[3] = hi.y;
+}
+
+/* This thread's 4 dims of each of the 4 groups of 8 dims of chunk ch, as
+ * fp32: k[i][l] = key[8 * (4 * ch + i) + 4 * h + l]. */
+template <bool E4>
+static __device__ __forceinline__ void load_chunk(const unsigned char *row, int ch, int h,
+                                                  float (&k)[4][4]) {
+  if (!E4) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      uint2 w = *(const uint2 *)(row + (4 * ch + i) * 16 + h * 8);
+      k[i][0] = __uint_as_float(w.x << 16);
+      k[i][1] = __uint_as_float(w.x & 0xffff0000u);
+      k[i][2] = __uint_as_float(w.y << 16);
+      k[i][3] = __uint_as_float(w.y & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int m = 0; m < 2; m++) {
+      /* groups 4ch + 2m and 4ch + 2m + 1, both halves; keep word h and 2 + h */
+      uint4 v = *(const uint4 *)(row + (4 * ch + 2 * m) * 8);
+      widen_e4m3x4(h ? v.y : v.x, k[2 * m]);
+      widen_e4m3x4(h ? v.w : v.z, k[2 * m + 1]);
+    }
+  }
+}
+
+/* acc + q * k in m3s_dot128_fixed's rounding (FMA only where exact_products
+ * holds, with the same bits). */
+template <bool FMA> static __device__ __forceinline__ float mac(float acc, float q, float k) {
+  return FMA ? __fmaf_rn(q, k, acc) : __fadd_rn(acc, __fmul_rn(q, k));
+}
+
+/* This thread's partial sums (its four of the eight, dims d ascending) of the
+ * dots of its key half with the NP queries at q. */
+template <bool E4, int NP, bool FMA>
+static __device__ __forceinline__ void accumulate(const unsigned char *row, int h, const float *q,
+                                                  float (&acc)[NP][4]) {
+#pragma unroll
+  for (int j = 0; j < NP; j++)
+#pragma unroll
+    for (int l = 0; l < 4; l++)
+      acc[j][l] = 0.0f;
+#pragma unroll
+  for (int ch = 0; ch < M3S_INDEX_DIM / DEC_CHUNK_DIMS; ch++) {
+    float k[4][4];
+    load_chunk<E4>(row, ch, h, k);
+#pragma unroll
+    for (int j = 0; j < NP; j++) {
+      const float *qp = q + j * M3S_INDEX_DIM + 4 * h;
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        float4 qv = *(const float4 *)(qp + (4 * ch + i) * 8);
+        acc[j][0] = mac<FMA>(acc[j][0], qv.x, k[i][0]);
+        acc[j][1] = mac<FMA>(acc[j][1], qv.y, k[i][1]);
+        acc[j][2] = mac<FMA>(acc[j][2], qv.z, k[i][2]);
+        acc[j][3] = mac<FMA>(acc[j][3], qv.w, k[i][3]);
+      }
+    }
+  }
+}
+
+/* Every thread: S of block c.blk (keys in ring slot `page`) for each pair of
+ * request c.r that needs it. */
+template <bool E4, int NP>
+static __device__ void score_block(const dec_params &p, const dec_cursor &c,
+                                   const unsigned char *page, const float *q, dec_small &s) {
+  int tid = threadIdx.x, h = tid & 1, lane = tid & 31, warp = tid >> 5;
+  int slot = tid >> 1;
+  const unsigned char *row = page + slot * dec_fmt<E4>::row;
+  int64_t key_pos = c.blk * M3S_BLOCK_SIZE + slot;
+  int fma = E4 && exact_products(p, s); /* uniform over the CTA */
+#pragma unroll 1
+  for (int p0 = 0; p0 < p.pairs; p0 += NP) {
+    float acc[NP][4];
+    if constexpr (E4) {
+      if (fma)
+        accumulate<E4, NP, true>(row, h, q + p0 * M3S_INDEX_DIM, acc);
+      else
+        accumulate<E4, NP, false>(row, h, q + p0 * M3S_INDEX_DIM, acc);
+    } else {
+      accumulate<E4, NP, false>(row, h, q + p0 * M3S_INDEX_DIM, acc);
+    }
+#pragma unroll
+    for (int j = 0; j < NP; j++) {
+      float o[4];
+#pragma unroll
+      for (int l = 0; l < 4; l++)
+        o[l] = __shfl_xor_sync(FULL_MASK, acc[j][l], 1);
+      /* ((a0+a4)+(a1+a5)) + ((a2+a6)+(a3+a7)), a = thread 0's sums then thread 1's */
+      float d = __fadd_rn(__fadd_rn(__fadd_rn(acc[j][0], o[0]), __fadd_rn(acc[j][1], o[1])),
+                          __fadd_rn(__fadd_rn(acc[j][2], o[2]), __fadd_rn(acc[j][3], o[3])));
+      d = key_pos <= s.pos[(p0 + j) / p.hkv] ? d : NAN;
+#pragma unroll
+      for (int x = 16; x > 1; x >>= 1) /* lanes 2j and 2j+1 hold the same dot */
+        d = fmaxf(d, __shfl_xor_sync(FULL_MASK, d, x));
+      if (lane == 0)
+        s.red[warp][p0 + j] = d;
+    }
+  }
+  __syncthreads();
+  if (tid < p.pairs && pair_needs(p, s, tid, c.blk)) {
+    float m = s.red[0][tid];
+#pragma unroll
+    for (int w = 1; w < DEC_WARPS; w++)
+      m = fmaxf(m, s.red[w][tid]);
+    p.ws[((int64_t)c.r * p.pairs + tid) * p.max_nb + c.blk] = m;
+  }
+}
+
+/* CTAs per SM for the register cap: what the shared memory allows (bf16 2,
+ * e4m3 3), lowered to 2 where ptxas (nvcc 13.0) would spill under the cap
+ * of 3 (e4m3 NP 4 and 8). */
+template <bool E4, int NP> static constexpr int dec_min_ctas() { return E4 && NP <= 2 ? 3 : 2; }
+
+template <bool E4, int NP>
+static __global__ void __launch_bounds__(DEC_THREADS, dec_min_ctas<E4, NP>())
+    decode_score_kernel(dec_params p) {
+  typedef dec_fmt<E4> F;
+  extern __shared__ __align__(16) unsigned char dsm[];
+  __shared__ dec_small s;
+  float *q = (float *)(dsm + DEC_STAGES * F::stage);
+  dec_cursor pf, cs;
+  pf.item = blockIdx.x;
+  cursor_seek(p, pf);
+  cs = pf;
+  /* Prologue: the first DEC_STAGES - 1 pages */
+#pragma unroll 1
+  for (int st = 0; st < DEC_STAGES - 1; st++) {
+    issue_page<E4>(p, pf, dsm + st * F::stage, &s.page[st]);
+    cursor_next(p, pf);
+  }
+  int staged = -1, stage = 0;
+  while (cs.item < p.items) {
+    /* the slot scored one step ago is free (the barrier closing that step) */
+    int ahead = (stage + DEC_STAGES - 1) % DEC_STAGES;
+    issue_page<E4>(p, pf, dsm + ahead * F::stage, &s.page[ahead]);
+    cursor_next(p, pf);
+    if (cs.r != staged) {
+      stage_request(p, cs.r, s, q);
+      staged = cs.r;
+    }
+    cp_async_wait<DEC_STAGES - 1>();
+    __syncthreads();
+    if (s.page[stage] >= 0) {
+      score_block<E4, NP>(p, cs, dsm + stage * F::stage, q, s);
+    } else if (threadIdx.x < p.pairs && pair_needs(p, s, threadIdx.x, cs.blk)) {
+      /* page id out of range: no keys, the block scores NaN */
+      p.ws[((int64_t)cs.r * p.pairs + threadIdx.x) * p.max_nb + cs.blk] = NAN;
+    }
+    __syncthreads();
+    cursor_next(p, cs);
+    stage = (stage + 1) % DEC_STAGES;
+  }
+  cp_async_wait<0>();
+}
+
+/* ---------------------------------------------------------------------------
+ * Host
+ * ------------------------------------------------------------------------- */
+
+typedef void (*dec_kernel_fn)(dec_params);
+
+static dec_kernel_fn kernel_of(int e4, int np) {
+  switch (np) {
+  case 8: return e4 ? decode_score_kernel<true, 8> : decode_score_kernel<false, 8>;
+  case 4: return e4 ? decode_score_kernel<true, 4> : decode_score_kernel<false, 4>;
+  case 2: return e4 ? decode_score_kernel<true, 2> : decode_score_kernel<false, 2>;
+  default: return e4 ? decode_score_kernel<true, 1> : decode_score_kernel<false, 1>;
+  }
+}
+
+/* The device's per-block shared-memory opt-in limit covers the largest
+ * request of format e4. */
+static cudaError_t dec_device_fits(int e4, int *fits) {
+  int dev = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  size_t need = (e4 ? dec_smem_bytes<true>(DEC_MAX_PAIRS) : dec_smem_bytes<false>(DEC_MAX_PAIRS)) +
+                sizeof(dec_small);
+  *fits = err == cudaSuccess && (size_t)optin >= need;
+  return err;
+}
+
+extern "C" cudaError_t m3s_cuda_topk_decode_prepare(void) {
+  static const int nps[4] = {1, 2, 4, 8};
+  for (int e4 = 0; e4 < 2; e4++) {
+    int fits = 0;
+    cudaError_t err = dec_device_fits(e4, &fits);
+    if (err != cudaSuccess)
+      return err;
+    if (!fits)
+      continue; /* m3s_cuda_topk_decode_scores leaves such batches to topk.cu */
+    int smem =
+        (int)(e4 ? dec_smem_bytes<true>(DEC_MAX_PAIRS) : dec_smem_bytes<false>(DEC_MAX_PAIRS));
+    for (int i = 0; i < 4; i++) {
+      err = cudaFuncSetAttribute(kernel_of(e4, nps[i]), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 smem);
+      if (err != cudaSuccess)
+        return err;
+    }
+  }
+  return cudaSuccess;
+}
+
+/* Blocks per item U and the grid: minimise rounds x (U + 1) (each item also
+ * stages its request's queries, about one block of work), rounds = items per
+ * CTA of a grid of min(items, slots), over U = 1, 2, 4, ..., DEC_MAX_SPLIT;
+ * equal costs take the larger U (fewer items). All from host bounds. */
+static void plan_split(int64_t reqs, int64_t cand, int64_t slots, int64_t *split, int64_t *items,
+                       int64_t *grid) {
+  int64_t best = INT64_MAX;
+  for (int64_t u = 1; u <= DEC_MAX_SPLIT; u *= 2) {
+    int64_t n = reqs * ((cand + u - 1) / u);
+    int64_t g = n < slots ? n : slots;
+    int64_t cost = (n + g - 1) / g * (u + 1);
+    if (cost <= best) {
+      best = cost;
+      *split = u;
+      *items = n;
+      *grid = g;
+    }
+  }
+}
+
+m3s_status m3s_cuda_topk_decode_scores(m3s_context *ctx, const m3s_layer_config *cfg,
+                                       const m3s_batch *batch, const m3s_tensor *iq,
+                                       const m3s_tensor *index_cache, float *ws, int64_t max_nb,
+                                       cudaStream_t stream, int *ran) {
+  const char *fn = "m3s_index_topk";
+  *ran = 0;
+  int qlen = batch->uniform_q_len, hkv = cfg->num_kv_heads;
+  m3s_dtype dt = index_cache->dtype;
+  if (qlen < 1 || qlen > DEC_MAX_QLEN || hkv < 1 || hkv * qlen > DEC_MAX_PAIRS ||
+      (dt != M3S_BF16 && dt != M3S_E4M3) || ((uintptr_t)index_cache->data & 15) != 0 ||
+      (int64_t)batch->num_reqs * qlen != batch->num_tokens || batch->num_reqs < 1 || !ws ||
+      max_nb <= cfg->init_blocks)
+    return M3S_OK;
+  int e4 = dt == M3S_E4M3, fits = 0;
+  cudaError_t err = dec_device_fits(e4, &fits);
+  if (err != cudaSuccess)
+    return m3s_fail(M3S_ERR_CUDA, fn, "cudaDeviceGetAttribute: %s", cudaGetErrorString(err));
+  if (!fits)
+    return M3S_OK;
+  int pairs = hkv * qlen;
+  int np = pairs % 8 == 0 ? 8 : pairs % 4 == 0 ? 4 : pairs % 2 == 0 ? 2 : 1;
+  dec_kernel_fn kern = kernel_of(e4, np);
+  size_t smem = e4 ? dec_smem_bytes<true>(pairs) : dec_smem_bytes<false>(pairs);
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, DEC_THREADS, smem);
+  if (err != cudaSuccess)
+    return m3s_fail(M3S_ERR_CUDA, fn, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
+                    cudaGetErrorString(err));
+  if (per_sm < 1)
+    return M3S_OK;
+
+  dec_params p;
+  p.b = m3s_cuda_batch_of(batch);
+  p.iq = iq->data;
+  p.iq_dt = iq->dtype;
+  p.iq_s0 = iq->stride[0];
+  p.iq_s1 = iq->stride[1];
+  p.ic = (const unsigned char *)index_cache->data;
+  p.num_pages = index_cache->shape[0];
+  p.ws = ws;
+  p.max_nb = max_nb;
+  p.qlen = qlen;
+  p.hkv = hkv;
+  p.pairs = pairs;
+  p.topk = cfg->topk;
+  p.init = cfg->init_blocks;
+  p.local = cfg->local_blocks;
+  p.short_q = iq->dtype == M3S_BF16 || iq->dtype == M3S_F16;
+  int64_t grid = 1;
+  plan_split(batch->num_reqs, max_nb - cfg->init_blocks, (int64_t)per_sm * m3s_cuda_num_sms(ctx),
+             &p.split, &p.items, &grid);
+  kern<<<m3s_grid_cap(grid, INT32_MAX), DEC_THREADS, smem, stream>>>(p);
+  m3s_status st = m3s_cuda_check_launch(fn, "decode_score_kernel");
+  if (st == M3S_OK)
+    *ran = 1;
+  return st;
+}

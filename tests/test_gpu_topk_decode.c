@@ -1,0 +1,497 @@
+/* The streaming decode index top-k (src/cuda/topk_decode.cu) against the CPU
+ * backend: m3s_index_topk on a CUDA context must give the CPU's top-k bytes,
+ * entry for entry, on fresh random continuous inputs (the kernel computes
+ * every score in the CPU's fixed fp32 order, so the results are equal by
+ * construction, not within a tolerance).
+ *
+ * Inputs are lean (no main cache, unlike tests/ref.h's fixtures, so 128
+ * requests of up to 32K tokens stay cheap): one shared random index cache per
+ * format, bf16 and e4m3, whose first pages hold NaN and +-Inf keys (page 0
+ * all NaN), and per case random block tables over it, random queries and a
+ * uniform decode batch. Each case runs the CPU, then the CUDA context twice
+ * with poisoned top-k rows and workspace: on the 16-byte aligned cache (the
+ * streaming kernel) and on a copy one element off 16-byte alignment (topk.cu's
+ * general score kernel, which the streaming one declines there): both must
+ * equal the CPU. Guard zones around every device buffer catch stray writes.
+ *
+ * Cases: TP1 q_len 1 at 128 requests of 4K..32K with ragged seq_lens, one
+ * 128K request, a skewed batch (one 128K request among 4K ones), q_len 2..8
+ * at Hkv 1, 2, 4 (every pair-group width of the kernel), e4m3 caches, padded
+ * requests, rows with nb <= K next to scored ones, a batch with nothing to
+ * score, a max_seq_len bound above the batch, K = 64 and forced-block
+ * variants, NaN/Inf keys, and page ids out of range on the device (the CPU
+ * sees NaN pages there, which score as the GPU's out-of-range blocks do).
+ *
+ * M3S_TEST_QUICK=1 skips the large cases. */
+#define _POSIX_C_SOURCE 199309L
+#include "gpu_util.h"
+
+#include <cuda_runtime_api.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NAN_PAGE 0      /* every element NaN */
+#define SPECIAL_PAGES 6 /* pages 0..5 hold NaN / Inf keys */
+
+static m3s_context *g_cpu, *g_gpu;
+static int g_quick;
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+
+static uint64_t next_u64(void) {
+  g_rng ^= g_rng >> 12;
+  g_rng ^= g_rng << 25;
+  g_rng ^= g_rng >> 27;
+  return g_rng * 0x2545f4914f6cdd1dull;
+}
+
+/* A random continuous value in about (-2, 2) as bf16 bits (never NaN/Inf). */
+static uint16_t rand_bf16(uint32_t x) {
+  float f = (float)(int32_t)x * (1.0f / 1073741824.0f);
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return (uint16_t)(u >> 16);
+}
+
+/* ---- the shared index caches ------------------------------------------- */
+
+typedef struct {
+  m3s_dtype dt;
+  int64_t pages;
+  size_t bytes;
+  unsigned char *host;
+  unsigned char *dev;     /* 16-byte aligned */
+  unsigned char *dev_odd; /* buffer whose element 1 starts the misaligned copy */
+} icache;
+
+static icache g_bf16, g_e4m3;
+
+static void put_elem(icache *c, int64_t page, int slot, int d, uint16_t bits) {
+  int64_t i = (page * 128 + slot) * 128 + d;
+  if (c->dt == M3S_BF16)
+    ((uint16_t *)c->host)[i] = bits;
+  else
+    c->host[i] = (uint8_t)bits;
+}
+
+/* Pages 0..5: 0 all NaN; 1 key 3 all NaN, key 9 one NaN element; 2 +Inf
+ * (bf16) / 448 (e4m3) in keys 0..5; 3 -Inf / -448 in every key's dim 7;
+ * 4 +Inf and -Inf in one key (a NaN dot); 5 keys 100..127 NaN. */
+static void special_pages(icache *c) {
+  int bf = c->dt == M3S_BF16;
+  uint16_t nan = bf ? 0x7FC0 : 0x7F, nnan = bf ? 0xFFC0 : 0xFF;
+  uint16_t pinf = bf ? 0x7F80 : 0x7E, ninf = bf ? 0xFF80 : 0xFE;
+  for (int j = 0; j < 128; j++)
+    for (int d = 0; d < 128; d++)
+      put_elem(c, NAN_PAGE, j, d, (j + d) & 1 ? nan : nnan);
+  for (int d = 0; d < 128; d++)
+    put_elem(c, 1, 3, d, nan);
+  put_elem(c, 1, 9, 77, nnan);
+  for (int j = 0; j < 6; j++)
+    put_elem(c, 2, j, 5 * j + 1, pinf);
+  for (int j = 0; j < 128; j++)
+    put_elem(c, 3, j, 7, ninf);
+  put_elem(c, 4, 50, 10, pinf);
+  put_elem(c, 4, 50, 90, ninf);
+  for (int j = 100; j < 128; j++)
+    for (int d = 0; d < 128; d++)
+      put_elem(c, 5, j, d, nan);
+}
+
+static int icache_init(icache *c, m3s_dtype dt, int64_t pages) {
+  c->dt = dt;
+  c->pages = pages;
+  size_t es = dt == M3S_BF16 ? 2 : 1;
+  c->bytes = (size_t)pages * 128 * 128 * es;
+  c->host = malloc(c->bytes);
+  if (!c->host)
+    return 0;
+  size_t n = c->bytes / es;
+  if (dt == M3S_BF16) {
+    uint16_t *h = (uint16_t *)c->host;
+    for (size_t i = 0; i < n; i += 2) {
+      uint64_t x = next_u64();
+      h[i] = rand_bf16((uint32_t)x);
+      h[i + 1] = rand_bf16((uint32_t)(x >> 32));
+    }
+  } else {
+    for (size_t i = 0; i < n; i += 8) {
+      uint64_t x = next_u64();
+      for (int k = 0; k < 8; k++) {
+        uint8_t b = (uint8_t)(x >> (8 * k));
+        c->host[i + k] = (b & 0x7F) == 0x7F ? 0x00 : b; /* no NaN codes */
+      }
+    }
+  }
+  special_pages(c);
+  c->dev = gpu_dup(c->host, c->bytes);
+  c->dev_odd = gpu_dup(NULL, c->bytes + 16);
+  return c->dev && c->dev_odd && gpu_put(c->dev_odd + es, c->host, c->bytes);
+}
+
+static void icache_free(icache *c) {
+  gpu_free(c->dev);
+  gpu_free(c->dev_odd);
+  free(c->host);
+}
+
+/* ---- one case ------------------------------------------------------------ */
+
+typedef struct {
+  const char *name;
+  m3s_layer_config cfg;
+  int R, qlen;
+  const int32_t *seq;    /* [R]; 0 = padded */
+  int64_t max_seq_bound; /* batch max_seq_len (>= every seq); 0: the largest seq */
+  icache *ic;
+  int mods; /* MOD_* */
+} dcase;
+
+enum {
+  MOD_OOR_PAGES = 1,  /* request 0's blocks 5 and 7 out of range on the device */
+  MOD_NAN_TABLES = 2, /* every request's blocks 1..6 on the special pages */
+  MOD_Q_EDGES = 4     /* one query element of requests 1..6 at the edges of the
+                         range where e4m3 products are exact (topk_decode.cu) */
+};
+
+static int64_t blocks_of_seq(int32_t s) { return (s + 127) / 128; }
+
+static long compare(const int32_t *want, const int32_t *got, size_t n, const char *what,
+                    const char *name, int hkv, int k) {
+  long bad = 0;
+  for (size_t i = 0; i < n; i++)
+    if (want[i] != got[i] && bad++ == 0)
+      fprintf(stderr, "%s (%s): first mismatch at row %zu head %zu slot %zu: cpu %d, cuda %d\n",
+              name, what, i / ((size_t)hkv * k), i / k % hkv, i % k, want[i], got[i]);
+  if (bad)
+    fprintf(stderr, "%s (%s): %ld of %zu entries differ\n", name, what, bad, n);
+  return bad;
+}
+
+/* One CUDA run on the cache view `ic_view`; 1 when it ran and downloaded. */
+static int run_gpu(const dcase *c, m3s_batch *db, const m3s_tensor *diq, const m3s_tensor *ic_view,
+                   m3s_tensor *dtk, void *ws, size_t ws_bytes, int32_t *got, size_t n) {
+  m3s_exec ex = {ws, ws_bytes, NULL};
+  int ok = cudaMemset(dtk->data, 0x7f, n * sizeof(int32_t)) == cudaSuccess &&
+           (!ws || cudaMemset(ws, 0x7f, ws_bytes) == cudaSuccess); /* S poison: 3.4e38 */
+  if (!CHECK(ok, c->name))
+    return 0;
+  m3s_status st = m3s_index_topk(g_gpu, &c->cfg, db, diq, ic_view, dtk, &ex);
+  if (st != M3S_OK)
+    fprintf(stderr, "%s: cuda m3s_index_topk: %s\n", c->name, m3s_last_error());
+  ok = CHECK(st == M3S_OK, c->name) && CHECK(gpu_sync(), c->name) &&
+       CHECK(gpu_get(got, dtk->data, n * sizeof(int32_t)), c->name);
+  return ok && gpu_guards_check();
+}
+
+static void run_case(const dcase *c) {
+  if (!test_selected(c->name))
+    return;
+  double t0 = gpu_now_ms();
+  const m3s_layer_config *cfg = &c->cfg;
+  int R = c->R, q = c->qlen, hkv = cfg->num_kv_heads, K = cfg->topk;
+  int T = R * q;
+  int64_t cols = 1, max_seq = 0;
+  for (int r = 0; r < R; r++) {
+    cols = blocks_of_seq(c->seq[r]) > cols ? blocks_of_seq(c->seq[r]) : cols;
+    max_seq = c->seq[r] > max_seq ? c->seq[r] : max_seq;
+  }
+  if (c->max_seq_bound > max_seq)
+    max_seq = c->max_seq_bound;
+  int64_t stride = cols + 3;
+  size_t n = (size_t)T * hkv * K;
+  int32_t *seq = malloc(sizeof(int32_t) * (size_t)R), *qsl = malloc(sizeof(int32_t) * (R + 1));
+  int32_t *tab = malloc(sizeof(int32_t) * (size_t)(R * stride));
+  uint16_t *iq = malloc(sizeof(uint16_t) * (size_t)T * hkv * 128);
+  int32_t *want = malloc(sizeof(int32_t) * n), *got = malloc(sizeof(int32_t) * n);
+  for (int r = 0; r < R; r++) {
+    seq[r] = c->seq[r];
+    qsl[r] = r * q;
+    for (int64_t b = 0; b < stride; b++) {
+      int32_t page = (int32_t)(next_u64() % (uint64_t)c->ic->pages);
+      if ((c->mods & MOD_NAN_TABLES) && b >= 1 && b <= SPECIAL_PAGES)
+        page = (int32_t)(b - 1);
+      tab[r * stride + b] = b < blocks_of_seq(seq[r]) ? page : -7;
+    }
+  }
+  qsl[R] = R * q;
+  if (c->mods & MOD_OOR_PAGES) /* the CPU reads NaN pages where the device finds ids out of range */
+    tab[5] = tab[7] = NAN_PAGE;
+  for (size_t i = 0; i < (size_t)T * hkv * 128; i++)
+    iq[i] = rand_bf16((uint32_t)next_u64());
+  if (c->mods & MOD_Q_EDGES) {
+    /* bf16 bits: 2^119 and 2^-118 (outside: plain products), 2^-117 and
+     * (2 - 2^-7) 2^118 (inside: FMA), NaN, the smallest subnormal */
+    static const uint16_t edge[6] = {0x7B00, 0x0480, 0x0500, 0x7AFF, 0x7FC0, 0x0001};
+    for (int r = 1; r <= 6 && r < R; r++)
+      iq[(size_t)r * q * hkv * 128 + 37] = edge[r - 1];
+  }
+
+  /* host views */
+  int64_t rr = R, r1 = R + 1, tsh[2] = {R, cols}, tst[2] = {stride, 1};
+  int64_t iqsh[3] = {T, hkv, 128}, icsh[3] = {c->ic->pages, 128, 128}, tks[3] = {T, hkv, K};
+  m3s_batch hb;
+  memset(&hb, 0, sizeof hb);
+  hb.num_reqs = R;
+  hb.num_tokens = T;
+  hb.uniform_q_len = q;
+  hb.max_q_len = q;
+  hb.max_seq_len = max_seq;
+  hb.query_start_loc = m3s_tensor_make(qsl, M3S_I32, 1, &r1, M3S_HOST);
+  hb.seq_lens = m3s_tensor_make(seq, M3S_I32, 1, &rr, M3S_HOST);
+  hb.block_table = m3s_tensor_strided(tab, M3S_I32, 2, tsh, tst, M3S_HOST);
+  hb.index_block_table = hb.block_table;
+  m3s_tensor hiq = m3s_tensor_make(iq, M3S_BF16, 3, iqsh, M3S_HOST);
+  m3s_tensor hic = m3s_tensor_make(c->ic->host, c->ic->dt, 3, icsh, M3S_HOST);
+  m3s_tensor htk = m3s_tensor_make(want, M3S_I32, 3, tks, M3S_HOST);
+  memset(want, 0x7f, sizeof(int32_t) * n);
+  double t1 = gpu_now_ms();
+  m3s_status st = m3s_index_topk(g_cpu, cfg, &hb, &hiq, &hic, &htk, NULL);
+  double t2 = gpu_now_ms();
+  if (st != M3S_OK)
+    fprintf(stderr, "%s: cpu m3s_index_topk: %s\n", c->name, m3s_last_error());
+  CHECK(st == M3S_OK, c->name);
+
+  /* device copies; the device table may hold ids out of range */
+  if (c->mods & MOD_OOR_PAGES) {
+    tab[5] = (int32_t)c->ic->pages + 1000;
+    tab[7] = -3;
+  }
+  size_t ws_bytes = 0;
+  CHECK(m3s_workspace_size(g_gpu, cfg, T, max_seq, &ws_bytes) == M3S_OK, c->name);
+  int32_t *dseq = gpu_dup(seq, sizeof(int32_t) * (size_t)R);
+  int32_t *dqsl = gpu_dup(qsl, sizeof(int32_t) * (size_t)(R + 1));
+  int32_t *dtab = gpu_dup(tab, sizeof(int32_t) * (size_t)(R * stride));
+  void *diqm = gpu_dup(iq, sizeof(uint16_t) * (size_t)T * hkv * 128);
+  int32_t *dtkm = gpu_dup(NULL, sizeof(int32_t) * n);
+  void *ws = ws_bytes ? gpu_dup(NULL, ws_bytes) : NULL;
+  long bad_new = -1, bad_old = -1;
+  double t3 = 0, t4 = 0;
+  if (CHECK(st == M3S_OK && dseq && dqsl && dtab && diqm && dtkm && (ws || !ws_bytes), c->name)) {
+    m3s_batch db = hb;
+    db.query_start_loc = m3s_tensor_make(dqsl, M3S_I32, 1, &r1, 0);
+    db.seq_lens = m3s_tensor_make(dseq, M3S_I32, 1, &rr, 0);
+    db.block_table = m3s_tensor_strided(dtab, M3S_I32, 2, tsh, tst, 0);
+    db.index_block_table = db.block_table;
+    m3s_tensor diq = m3s_tensor_make(diqm, M3S_BF16, 3, iqsh, 0);
+    m3s_tensor dtk = m3s_tensor_make(dtkm, M3S_I32, 3, tks, 0);
+    m3s_tensor dic = m3s_tensor_make(c->ic->dev, c->ic->dt, 3, icsh, 0);
+    m3s_tensor dodd =
+        m3s_tensor_make(c->ic->dev_odd + (c->ic->dt == M3S_BF16 ? 2 : 1), c->ic->dt, 3, icsh, 0);
+    t3 = gpu_now_ms();
+    if (run_gpu(c, &db, &diq, &dic, &dtk, ws, ws_bytes, got, n)) {
+      t4 = gpu_now_ms();
+      bad_new = compare(want, got, n, "streaming kernel", c->name, hkv, K);
+      CHECK(bad_new == 0, c->name);
+    }
+    if (run_gpu(c, &db, &diq, &dodd, &dtk, ws, ws_bytes, got, n)) {
+      bad_old = compare(want, got, n, "general score kernel", c->name, hkv, K);
+      CHECK(bad_old == 0, c->name);
+    }
+  }
+  printf("  %-46s T %6d  ws %10zu B  cpu %8.1f ms  cuda %7.2f ms  (total %.0f ms)%s\n", c->name, T,
+         ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0, bad_new || bad_old ? "  MISMATCH" : "");
+  gpu_free(dseq);
+  gpu_free(dqsl);
+  gpu_free(dtab);
+  gpu_free(diqm);
+  gpu_free(dtkm);
+  if (ws)
+    gpu_free(ws);
+  free(seq);
+  free(qsl);
+  free(tab);
+  free(iq);
+  free(want);
+  free(got);
+}
+
+/* ---- cases ----------------------------------------------------------------- */
+
+static m3s_layer_config cfg_k(int tp, int k, int init, int local) {
+  m3s_layer_config c = m3s_config_minimax_m3(tp);
+  c.topk = k;
+  c.init_blocks = init;
+  c.local_blocks = local;
+  return c;
+}
+
+static int32_t g_seq[256];
+
+/* seq_len of request b: from lo to hi by request, minus 37 b mod 128. */
+static const int32_t *ragged(int R, int32_t lo, int32_t hi) {
+  for (int b = 0; b < R; b++)
+    g_seq[b] = lo + (int32_t)((int64_t)(hi - lo) * b / (R > 1 ? R - 1 : 1)) - (37 * b) % 128;
+  return g_seq;
+}
+
+static void test_large(void) {
+  if (g_quick)
+    return;
+  dcase c = {"tp1_q1_128_requests_4k_to_32k_ragged",
+             m3s_config_minimax_m3(1),
+             128,
+             1,
+             ragged(128, 4096, 32768),
+             0,
+             &g_bf16,
+             0};
+  run_case(&c);
+  static const int32_t one[] = {131072};
+  dcase c1 = {"tp1_q1_one_request_128k", m3s_config_minimax_m3(1), 1, 1, one, 0, &g_bf16, 0};
+  run_case(&c1);
+  static const int32_t one77[] = {131072 - 77};
+  dcase c2 = {
+      "tp8_q1_one_request_128k_minus_77", m3s_config_minimax_m3(8), 1, 1, one77, 0, &g_bf16, 0};
+  run_case(&c2);
+  int32_t *s = (int32_t *)ragged(64, 4096, 4096);
+  s[5] = 131072;
+  dcase c3 = {
+      "skewed_one_128k_among_63_of_4k_tp1", m3s_config_minimax_m3(1), 64, 1, s, 0, &g_bf16, 0};
+  run_case(&c3);
+  dcase c4 = {"e4m3_tp1_q1_64_requests_4k_to_32k",
+              m3s_config_minimax_m3(1),
+              64,
+              1,
+              ragged(64, 4096, 32768),
+              0,
+              &g_e4m3,
+              0};
+  run_case(&c4);
+}
+
+static void test_qlen_and_heads(void) {
+  static const struct {
+    int tp, q;
+    m3s_dtype dt;
+  } v[] = {{1, 4, M3S_BF16}, {1, 8, M3S_BF16}, {2, 1, M3S_BF16}, {2, 3, M3S_BF16},
+           {8, 1, M3S_BF16}, {8, 2, M3S_BF16}, {8, 5, M3S_BF16}, {4, 8, M3S_BF16},
+           {1, 4, M3S_E4M3}, {2, 2, M3S_E4M3}, {8, 1, M3S_E4M3}, {1, 1, M3S_E4M3}};
+  for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+    char name[80];
+    int R = g_quick ? 6 : 24;
+    snprintf(name, sizeof name, "tp%d_q%d_%s_%d_requests_ragged_with_padding", v[i].tp, v[i].q,
+             v[i].dt == M3S_BF16 ? "bf16" : "e4m3", R);
+    int32_t *s = (int32_t *)ragged(R, 2100, g_quick ? 9000 : 20000);
+    s[2] = 0; /* padded */
+    s[R - 1] = 0;
+    dcase c = {name, m3s_config_minimax_m3(v[i].tp),          R, v[i].q, s,
+               0,    v[i].dt == M3S_BF16 ? &g_bf16 : &g_e4m3, 0};
+    run_case(&c);
+  }
+}
+
+static void test_short_and_bounds(void) {
+  /* nb <= K rows (K = 16: seq <= 2048) next to scored ones, q_len 4 rows
+   * straddling block boundaries, a padded request */
+  static const int32_t mix[] = {4, 5, 127, 128, 129, 2047, 2048, 2049, 2052, 0, 2176, 5000};
+  dcase c = {
+      "nb_le_k_rows_beside_scored_rows_q4", m3s_config_minimax_m3(1), 12, 4, mix, 0, &g_bf16, 0};
+  run_case(&c);
+  dcase c1 = {"nb_le_k_rows_beside_scored_rows_q1_e4m3",
+              m3s_config_minimax_m3(2),
+              12,
+              1,
+              mix,
+              0,
+              &g_e4m3,
+              0};
+  run_case(&c1);
+  static const int32_t few[] = {5, 2048, 0, 1000};
+  dcase c2 = {"nothing_to_score_all_nb_le_k", m3s_config_minimax_m3(1), 4, 1, few, 0, &g_bf16, 0};
+  run_case(&c2);
+  static const int32_t small[] = {3000, 9000, 0, 2100};
+  dcase c3 = {
+      "max_seq_len_bound_64k_above_9000", m3s_config_minimax_m3(1), 4, 2, small, 65536, &g_bf16, 0};
+  run_case(&c3);
+}
+
+static void test_k_and_forced(void) {
+  static const struct {
+    int k, init, local;
+  } v[] = {{64, 0, 1}, {64, 4, 2}, {32, 2, 3}, {16, 0, 0}, {1, 0, 0}, {8, 3, 5}};
+  int32_t *s = (int32_t *)ragged(16, 9000, g_quick ? 12000 : 40000);
+  s[3] = 0;
+  for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+    char name[80];
+    snprintf(name, sizeof name, "k%d_init%d_local%d_tp2_q2", v[i].k, v[i].init, v[i].local);
+    dcase c = {name, cfg_k(2, v[i].k, v[i].init, v[i].local), 16, 2, s, 0, &g_bf16, 0};
+    run_case(&c);
+  }
+}
+
+static void test_nan_inf_and_guards(void) {
+  int32_t *s = (int32_t *)ragged(8, 1500, 6000);
+  for (int e4 = 0; e4 < 2; e4++) {
+    dcase c = {e4 ? "nan_inf_keys_e4m3_tp1_q3" : "nan_inf_keys_bf16_tp1_q3",
+               cfg_k(1, 4, 0, 1),
+               8,
+               3,
+               s,
+               0,
+               e4 ? &g_e4m3 : &g_bf16,
+               MOD_NAN_TABLES};
+    run_case(&c);
+  }
+  dcase k1 = {
+      "nan_inf_keys_k1_no_forced_tp8_q1", cfg_k(8, 1, 0, 0), 8, 1, s, 0, &g_bf16, MOD_NAN_TABLES};
+  run_case(&k1);
+  for (int e4 = 0; e4 < 2; e4++) {
+    dcase c = {e4 ? "query_range_edges_e4m3_tp1_q2" : "query_range_edges_bf16_tp1_q2",
+               m3s_config_minimax_m3(1),
+               8,
+               2,
+               s,
+               0,
+               e4 ? &g_e4m3 : &g_bf16,
+               MOD_Q_EDGES};
+    run_case(&c);
+  }
+  s = (int32_t *)ragged(8, 6000, 1500); /* request 0 (the bad ids) has 47 blocks */
+  for (int e4 = 0; e4 < 2; e4++) {
+    dcase c = {e4 ? "page_ids_out_of_range_score_nan_e4m3" : "page_ids_out_of_range_score_nan_bf16",
+               m3s_config_minimax_m3(1),
+               8,
+               2,
+               s,
+               0,
+               e4 ? &g_e4m3 : &g_bf16,
+               MOD_OOR_PAGES};
+    run_case(&c);
+  }
+}
+
+int main(void) {
+  g_quick = gpu_env_flag("M3S_TEST_QUICK");
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0)
+    return gpu_skip("test_gpu_topk_decode", "no CUDA device");
+  g_gpu = gpu_context_or_null();
+  if (!CHECK(g_gpu != NULL, "CUDA context on device 0"))
+    return TEST_FINISH();
+  if (m3s_context_create(-1, &g_cpu) != M3S_OK) {
+    fprintf(stderr, "cpu context: %s\n", m3s_last_error());
+    m3s_context_destroy(g_gpu);
+    return 1;
+  }
+  double t0 = gpu_now_ms();
+  /* 4096 pages each (128 MiB bf16): block tables draw pages at random, with
+   * repeats, so the cache need not hold every request's pages */
+  int64_t pages = g_quick ? 512 : 4096;
+  int ok = CHECK(icache_init(&g_bf16, M3S_BF16, pages), "bf16 index cache") &&
+           CHECK(icache_init(&g_e4m3, M3S_E4M3, pages), "e4m3 index cache");
+  printf("  caches ready in %.0f ms\n", gpu_now_ms() - t0);
+  if (ok) {
+    test_short_and_bounds();
+    test_nan_inf_and_guards();
+    test_k_and_forced();
+    test_qlen_and_heads();
+    test_large();
+  }
+  icache_free(&g_bf16);
+  icache_free(&g_e4m3);
+  printf("test_gpu_topk_decode: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
+  m3s_context_destroy(g_cpu);
+  m3s_context_destroy(g_gpu);
+  return TEST_FINISH();
+}
