@@ -152,8 +152,8 @@ typedef struct m3s_layer_config {
 
 /* The MiniMax-M3 layer for one tensor-parallel rank: tp_size 1, 2, 4 or 8
  * gives Hq/Hkv = 64/4, 32/2, 16/1, 8/1; K 16, init 0, local 1, scale
- * 1/sqrt(128). Any other tp_size gives a config with num_q_heads == 0, which
- * every function rejects. */
+ * 1/sqrt(128). Any other tp_size gives a config with no heads (num_q_heads ==
+ * num_kv_heads == 0), which every function rejects naming the tp_size rule. */
 m3s_layer_config m3s_config_minimax_m3(int tp_size);
 
 /* ---------------------------------------------------------------------------
