@@ -68,7 +68,6 @@
 #include <string.h>
 #include <time.h>
 
-#include "../src/cpu/convert.h"
 #include "m3sparse.h"
 
 #ifdef M3S_DEMO_CUDA
@@ -330,7 +329,23 @@ static void *xcalloc(size_t n, size_t size) {
   return p;
 }
 
-static float bf(uint16_t h) { return m3s_bf16_to_f32(h); }
+/* bf16 is the upper half of an fp32: widening is exact, narrowing rounds to
+ * nearest even (NaN kept quiet). The demo needs no more than the public header. */
+static float bf(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static uint16_t to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u)
+    return (uint16_t)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
 
 /* ------------------------------------------------------------------------
  * Buffers: a host copy and, on a CUDA context, a device copy (on the CPU the
@@ -881,7 +896,7 @@ static void fill_bf16(rng *r, uint16_t *dst, int n, const float *dir, float amou
     float x = rng_normal(r);
     if (dir)
       x += amount * dir[d];
-    dst[d] = m3s_f32_to_bf16(x);
+    dst[d] = to_bf16(x);
   }
 }
 
@@ -907,7 +922,7 @@ static void gen_row(demo *dm, int row, int r, int pos, int decode) {
     fill_bf16(&dm->act, k + g * HD, HD, nn ? nn->kdir + g * HD : NULL, NEEDLE_KEY);
     if (nn) {
       for (int d = 0; d < HD; d++)
-        v[g * HD + d] = m3s_f32_to_bf16(nn->val[g * HD + d] + NEEDLE_VNOISE * rng_normal(&dm->act));
+        v[g * HD + d] = to_bf16(nn->val[g * HD + d] + NEEDLE_VNOISE * rng_normal(&dm->act));
     } else {
       fill_bf16(&dm->act, v + g * HD, HD, NULL, 0.0f);
     }
