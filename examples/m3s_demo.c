@@ -1476,6 +1476,7 @@ static int run_step(demo *dm, int step_no, const sched_step *s) {
   double att = (st.att_pf + st.att_dec) / (double)(st.n_att_pf + st.n_att_dec);
   printf("%4d  %-7s %-11s %-27s %6d %9.1f %9.0f %7.1f%% %8s %9s\n", step_no, kind, dec, pf,
          s->real_tokens, ms, s->real_tokens / (ms * 1e-3), 100.0 * att, err, nd);
+  fflush(stdout); /* a step's line shows as it finishes, also when piped */
   stats_add(&dm->total, &st);
   advance(dm, s);
   return 0;
@@ -1528,6 +1529,9 @@ int main(int argc, char **argv) {
     if (print_support(&dm) == 0) {
       printf("\n%4s  %-7s %-11s %-27s %6s %9s %9s %8s %8s %9s\n", "step", "kind", "decode",
              "prefill (req ctx+new)", "tokens", "ms", "tok/s", "attended", "ref err", "needles");
+      printf("(needles: needle recall, the share of (token, KV head) pairs asking for a "
+             "planted needle whose top-k kept the needle's block)\n");
+      fflush(stdout);
       sched_step s;
       int step_no = 0, ok = 1;
       while (ok && schedule_step(&dm, &s))
