@@ -1,0 +1,313 @@
+/* m3s-demo: the checks of a step: top-k rows, padded rows, needle statistics and
+ * the fp64 reference of the selection and the attention (see main.c). */
+#include "demo.h"
+
+static void fail(demo *dm, stats *st, const char *fmt, ...) {
+  st->failures++;
+  if (dm->fail_msgs++ >= 10)
+    return;
+  va_list ap;
+  va_start(ap, fmt);
+  printf("    FAIL: ");
+  vprintf(fmt, ap);
+  printf("\n");
+  va_end(ap);
+}
+
+/* ------------------------------------------------------------------------
+ * Checks
+ * ---------------------------------------------------------------------- */
+static int64_t kv_elem(const demo *dm, int page, int g, int off) {
+  return page * dm->kv_stride[0] + g * dm->kv_stride[1] + off * dm->kv_stride[2];
+}
+
+static const int32_t *topk_row(const demo *dm, int row, int g) {
+  return (const int32_t *)dm->topk_b.h + ((size_t)row * dm->hkv + g) * dm->topk;
+}
+
+static int is_forced(const demo *dm, int b, int nb) {
+  return b < dm->cfg.init_blocks || b >= nb - dm->cfg.local_blocks;
+}
+
+/* Top-k row layout: min(K, nb) ascending ids in [0, nb), forced blocks in, -1 after. */
+static void check_topk_row(demo *dm, stats *st, int step_no, int row, int g) {
+  const int32_t *ids = topk_row(dm, row, g);
+  int pos = dm->row_pos[row], nb = pos / BLK + 1, kk = nb < dm->topk ? nb : dm->topk;
+  const char *bad = NULL;
+  for (int a = 0; a < dm->topk && !bad; a++) {
+    if (a >= kk)
+      bad = ids[a] != -1 ? "entries after min(K, nb) must be -1" : NULL;
+    else if (ids[a] < 0 || ids[a] >= nb)
+      bad = "a selected block is outside [0, nb)";
+    else if (a > 0 && ids[a] <= ids[a - 1])
+      bad = "block ids are not strictly ascending";
+  }
+  int forced = 0, found = 0;
+  for (int b = 0; b < nb && !bad; b++)
+    if (is_forced(dm, b, nb)) {
+      forced++;
+      for (int a = 0; a < kk; a++)
+        found += ids[a] == b;
+    }
+  if (!bad && found != forced)
+    bad = "a forced (local) block is missing";
+  if (bad) {
+    char txt[160];
+    size_t len = 0;
+    for (int a = 0; a < dm->topk && len < sizeof txt - 12; a++)
+      len += (size_t)snprintf(txt + len, sizeof txt - len, "%s%d", a ? " " : "", ids[a]);
+    fail(dm, st, "step %d row %d (r%d pos %d, nb %d) KV head %d: %s: [%s]", step_no, row,
+         dm->row_req[row], pos, nb, g, bad, txt);
+  }
+}
+
+static void check_padded_row(demo *dm, stats *st, int step_no, int row) {
+  for (int g = 0; g < dm->hkv; g++)
+    for (int a = 0; a < dm->topk; a++)
+      if (topk_row(dm, row, g)[a] != -1) {
+        fail(dm, st, "step %d padded row %d: top-k entry %d of KV head %d is %d, not -1", step_no,
+             row, a, g, topk_row(dm, row, g)[a]);
+        return;
+      }
+  const uint16_t *o = (const uint16_t *)dm->out.h + (size_t)row * dm->hq * HD;
+  const float *l = (const float *)dm->lse.h + (size_t)row * dm->hq;
+  for (int h = 0; h < dm->hq; h++) {
+    if (!(isinf(l[h]) && l[h] < 0)) {
+      fail(dm, st, "step %d padded row %d: lse of head %d is %g, not -inf", step_no, row, h,
+           (double)l[h]);
+      return;
+    }
+    for (int d = 0; d < HD; d++)
+      if (o[h * HD + d] != 0) {
+        fail(dm, st, "step %d padded row %d: output of head %d is not 0", step_no, row, h);
+        return;
+      }
+  }
+}
+
+static double cosine(const uint16_t *o, const float *v) {
+  double dot = 0, a = 0, b = 0;
+  for (int d = 0; d < HD; d++) {
+    double x = bf(o[d]);
+    dot += x * v[d];
+    a += x * x;
+    b += (double)v[d] * v[d];
+  }
+  return a > 0 && b > 0 ? dot / sqrt(a * b) : 0.0;
+}
+
+/* Keys attended / keys visible, needle recall and cosines, for one real row. */
+static void row_statistics(demo *dm, stats *st, int row) {
+  int r = dm->row_req[row], pos = dm->row_pos[row], nb = pos / BLK + 1;
+  int kk = nb < dm->topk ? nb : dm->topk, ask = dm->row_ask[row];
+  const request *rq = &dm->req[r];
+  for (int g = 0; g < dm->hkv; g++) {
+    const int32_t *ids = topk_row(dm, row, g);
+    long attended = 0;
+    int hit = 0;
+    for (int a = 0; a < kk; a++) {
+      int id = ids[a];
+      if (id < 0 || id >= nb)
+        continue;
+      attended += pos - id * BLK + 1 < BLK ? pos - id * BLK + 1 : BLK;
+      hit |= ask != NO_ASK && id == rq->nd[ask].block;
+    }
+    double frac = (double)attended / (pos + 1);
+    if (dm->row_dec[row]) {
+      st->att_dec += frac;
+      st->n_att_dec++;
+    } else {
+      st->att_pf += frac;
+      st->n_att_pf++;
+    }
+    if (ask != NO_ASK) {
+      st->ask_pairs++;
+      st->ask_hits += hit;
+      if (nb > dm->topk) {
+        st->ask_pairs_sparse++;
+        st->ask_hits_sparse += hit;
+      }
+    }
+    /* Cosine of each head's output with the needle's values: the asked one, or
+     * for a token that does not ask, the needle it would ask by its position. */
+    int which = ask != NO_ASK ? ask : rq->nneedles ? pos % rq->nneedles : -1;
+    if (which < 0 || pos < (rq->nd[which].block + 2) * BLK)
+      continue;
+    for (int h = g * dm->grp; h < (g + 1) * dm->grp; h++) {
+      double c = cosine((const uint16_t *)dm->out.h + ((size_t)row * dm->hq + h) * HD,
+                        rq->nd[which].val + g * HD);
+      if (ask != NO_ASK) {
+        st->cos_ask += c;
+        st->n_cos_ask++;
+      } else {
+        st->cos_bg += c;
+        st->n_cos_bg++;
+      }
+    }
+  }
+}
+
+/* Recompute the block scores of (row, g) in fp64 from the index cache and
+ * check the library's choice is the top-k (up to SEL_TOL on near ties). */
+static void check_selection(demo *dm, stats *st, int step_no, int row, int g) {
+  const request *rq = &dm->req[dm->row_req[row]];
+  int pos = dm->row_pos[row], nb = pos / BLK + 1;
+  if (nb <= dm->topk)
+    return; /* everything is selected; check_topk_row covered it */
+  const uint16_t *iq = (const uint16_t *)dm->iq.h + ((size_t)row * dm->hkv + g) * HD;
+  const uint16_t *ic = (const uint16_t *)dm->ic.h;
+  double qv[HD];
+  for (int d = 0; d < HD; d++)
+    qv[d] = bf(iq[d]);
+  for (int b = 0; b < nb; b++) {
+    double best = -INFINITY;
+    int last = pos - b * BLK + 1 < BLK ? pos - b * BLK + 1 : BLK;
+    for (int off = 0; off < last; off++) {
+      const uint16_t *key = ic + ((size_t)rq->ipages[b] * BLK + off) * HD;
+      double s = 0;
+      for (int d = 0; d < HD; d++)
+        s += qv[d] * bf(key[d]);
+      best = s > best ? s : best;
+    }
+    dm->ref_s[b] = best;
+  }
+  const int32_t *ids = topk_row(dm, row, g);
+  double worst_in = INFINITY, best_out = -INFINITY;
+  int worst_id = -1, best_id = -1;
+  for (int b = 0; b < nb; b++) {
+    int in = 0;
+    for (int a = 0; a < dm->topk; a++)
+      in |= ids[a] == b;
+    if (is_forced(dm, b, nb))
+      continue;
+    if (in && dm->ref_s[b] < worst_in)
+      worst_in = dm->ref_s[b], worst_id = b;
+    if (!in && dm->ref_s[b] > best_out)
+      best_out = dm->ref_s[b], best_id = b;
+  }
+  if (worst_id >= 0 && best_id >= 0 && worst_in < best_out - SEL_TOL)
+    fail(dm, st,
+         "step %d row %d KV head %d: not the top-%d: block %d (score %.4f) selected but "
+         "block %d (score %.4f) not",
+         step_no, row, g, dm->topk, worst_id, worst_in, best_id, best_out);
+}
+
+/* fp64 causal attention over the keys of the selected blocks of (row, every
+ * head), read through the block table; returns the relative L2 error. */
+static double check_attention(demo *dm, stats *st, int step_no, int row) {
+  const request *rq = &dm->req[dm->row_req[row]];
+  int pos = dm->row_pos[row], nb = pos / BLK + 1, kk = nb < dm->topk ? nb : dm->topk;
+  const uint16_t *kv = (const uint16_t *)dm->kv.h;
+  double num = 0, den = 0, scale = dm->cfg.softmax_scale;
+  for (int g = 0; g < dm->hkv; g++) {
+    const int32_t *ids = topk_row(dm, row, g);
+    int nk = 0;
+    for (int a = 0; a < kk; a++) {
+      int id = ids[a];
+      if (id < 0 || id >= nb)
+        continue;
+      int last = pos - id * BLK + 1 < BLK ? pos - id * BLK + 1 : BLK;
+      for (int off = 0; off < last; off++, nk++) {
+        const uint16_t *e = kv + kv_elem(dm, rq->pages[id], g, off);
+        for (int d = 0; d < HD; d++) {
+          dm->ref_k[(size_t)nk * HD + d] = bf(e[d]);
+          dm->ref_v[(size_t)nk * HD + d] = bf(e[HD + d]);
+        }
+      }
+    }
+    for (int h = g * dm->grp; h < (g + 1) * dm->grp; h++) {
+      const uint16_t *q = (const uint16_t *)dm->q.h + ((size_t)row * dm->hq + h) * HD;
+      const uint16_t *o = (const uint16_t *)dm->out.h + ((size_t)row * dm->hq + h) * HD;
+      double qv[HD], ref[HD] = {0}, m = -INFINITY, sum = 0;
+      for (int d = 0; d < HD; d++)
+        qv[d] = bf(q[d]);
+      for (int j = 0; j < nk; j++) {
+        double s = 0;
+        for (int d = 0; d < HD; d++)
+          s += qv[d] * dm->ref_k[(size_t)j * HD + d];
+        dm->ref_p[j] = s * scale;
+        m = dm->ref_p[j] > m ? dm->ref_p[j] : m;
+      }
+      for (int j = 0; j < nk; j++) {
+        double p = exp(dm->ref_p[j] - m);
+        sum += p;
+        for (int d = 0; d < HD; d++)
+          ref[d] += p * dm->ref_v[(size_t)j * HD + d];
+      }
+      for (int d = 0; d < HD; d++) {
+        ref[d] /= sum;
+        double diff = bf(o[d]) - ref[d];
+        num += diff * diff;
+        den += ref[d] * ref[d];
+      }
+      double lse_ref = m + log(sum);
+      double lerr = fabs((double)((const float *)dm->lse.h)[(size_t)row * dm->hq + h] - lse_ref);
+      if (!(lerr <= LSE_TOL))
+        fail(dm, st, "step %d row %d head %d: lse %.6f, reference %.6f", step_no, row, h,
+             (double)((const float *)dm->lse.h)[(size_t)row * dm->hq + h], lse_ref);
+      if (!(lerr <= st->max_lse_err))
+        st->max_lse_err = lerr;
+    }
+    check_selection(dm, st, step_no, row, g);
+  }
+  double err = den > 0 ? sqrt(num / den) : (num > 0 ? INFINITY : 0.0);
+  if (!(err < REF_TOL))
+    fail(dm, st, "step %d row %d (r%d pos %d): relative L2 error %.3e >= %.0e", step_no, row,
+         dm->row_req[row], pos, err, REF_TOL);
+  return err;
+}
+
+/* The rows of a step checked against the reference: the first and the last
+ * real row, an asking row if there is one, the rest at random. */
+static int pick_rows(demo *dm, const sched_step *s, int *rows, int want) {
+  int n = 0, first = -1, last = -1, nask = 0, nreal = 0;
+  for (int t = 0; t < s->rows; t++)
+    if (dm->row_req[t] >= 0) {
+      first = first < 0 ? t : first;
+      last = t;
+      nreal++;
+      nask += dm->row_ask[t] != NO_ASK;
+    }
+  if (nreal == 0 || want == 0)
+    return 0;
+  want = want < nreal ? want : nreal;
+  int cand[3] = {first, last, -1};
+  if (nask) {
+    int pick = rng_int(&dm->samp, nask);
+    for (int t = 0; t < s->rows; t++)
+      if (dm->row_req[t] >= 0 && dm->row_ask[t] != NO_ASK && pick-- == 0)
+        cand[2] = t;
+  }
+  for (int tries = 0; n < want && tries < 64 * want + 3; tries++) {
+    int t = tries < 3 ? cand[tries] : rng_int(&dm->samp, s->rows);
+    if (t < 0 || dm->row_req[t] < 0)
+      continue;
+    int dup = 0;
+    for (int i = 0; i < n; i++)
+      dup |= rows[i] == t;
+    if (!dup)
+      rows[n++] = t;
+  }
+  return n;
+}
+
+void check_step(demo *dm, const sched_step *s, int step_no, stats *st) {
+  for (int t = 0; t < s->rows; t++) {
+    if (dm->row_req[t] < 0) {
+      st->pad_rows++;
+      check_padded_row(dm, st, step_no, t);
+      continue;
+    }
+    for (int g = 0; g < dm->hkv; g++)
+      check_topk_row(dm, st, step_no, t, g);
+    row_statistics(dm, st, t);
+  }
+  int rows[64], want = dm->opt.check_rows < 64 ? dm->opt.check_rows : 64;
+  int n = pick_rows(dm, s, rows, want);
+  for (int i = 0; i < n; i++) {
+    double err = check_attention(dm, st, step_no, rows[i]);
+    st->ref_rows++;
+    if (!(err <= st->max_err))
+      st->max_err = err;
+  }
+}
