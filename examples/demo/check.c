@@ -1,6 +1,8 @@
-/* m3s-demo: the checks of a step: top-k rows, padded rows, needle statistics and
- * the fp64 reference of the selection and the attention (see main.c). */
+/* m3s-demo: the checks of a step: top-k rows, padded rows, needle statistics,
+ * and the selection and attention of some rows against the fp64 reference the
+ * tests use (tests/ref.c: ref_select, ref_attention; see main.c). */
 #include "demo.h"
+#include "ref.h" /* the fp64 reference of the tests (m3s_ref) */
 
 static void fail(demo *dm, stats *st, const char *fmt, ...) {
   st->failures++;
@@ -17,10 +19,6 @@ static void fail(demo *dm, stats *st, const char *fmt, ...) {
 /* ------------------------------------------------------------------------
  * Checks
  * ---------------------------------------------------------------------- */
-static int64_t kv_elem(const demo *dm, int page, int g, int off) {
-  return page * dm->kv_stride[0] + g * dm->kv_stride[1] + off * dm->kv_stride[2];
-}
-
 static const int32_t *topk_row(const demo *dm, int row, int g) {
   return (const int32_t *)dm->topk_b.h + ((size_t)row * dm->hkv + g) * dm->topk;
 }
@@ -147,30 +145,40 @@ static void row_statistics(demo *dm, stats *st, int row) {
   }
 }
 
-/* Recompute the block scores of (row, g) in fp64 from the index cache and
- * check the library's choice is the top-k (up to SEL_TOL on near ties). */
-static void check_selection(demo *dm, stats *st, int step_no, int row, int g) {
+/* Row `row` of the step as a one-request fixture of the shared fp64
+ * reference (tests/ref.c, as the tests use it): one query token at the row's
+ * position, the request's block tables, the demo's host caches and the row's
+ * activations. qsl, qlen and seqlen are the fixture's host arrays. */
+static fixture row_fixture(const demo *dm, int row, int32_t *qsl, int32_t *qlen,
+                           int32_t *seqlen) {
   const request *rq = &dm->req[dm->row_req[row]];
+  fixture f;
+  memset(&f, 0, sizeof f);
+  f.sp.num_reqs = 1;
+  f.sp.act_dtype = f.sp.kv_dtype = f.sp.idx_dtype = M3S_BF16;
+  f.cfg = dm->cfg;
+  f.T = 1;
+  f.num_pages = dm->num_pages;
+  qsl[0] = 0, qsl[1] = 1, *qlen = 1, *seqlen = dm->row_pos[row] + 1;
+  f.qsl = qsl, f.qlens = qlen, f.seqlens = seqlen;
+  f.bt = rq->pages, f.ibt = rq->ipages; /* one request: row strides unused */
+  for (int d = 0; d < 3; d++)
+    f.kv.stride[d] = dm->kv_stride[d];
+  f.kv_mem = dm->kv.h, f.ic_mem = dm->ic.h;
+  f.q_mem = (uint16_t *)dm->q.h + (size_t)row * dm->hq * HD;
+  f.iq_mem = (uint16_t *)dm->iq.h + (size_t)row * dm->hkv * HD;
+  return f;
+}
+
+/* The library's top-k of (row, KV head g) against the reference block scores:
+ * no unselected (unforced) block may score more than SEL_TOL above a selected
+ * one (fp32 scores may order near-ties differently from fp64). */
+static void check_selection(demo *dm, stats *st, int step_no, const fixture *f, int row, int g) {
   int pos = dm->row_pos[row], nb = pos / BLK + 1;
   if (nb <= dm->topk)
     return; /* everything is selected; check_topk_row covered it */
-  const uint16_t *iq = (const uint16_t *)dm->iq.h + ((size_t)row * dm->hkv + g) * HD;
-  const uint16_t *ic = (const uint16_t *)dm->ic.h;
-  double qv[HD];
-  for (int d = 0; d < HD; d++)
-    qv[d] = bf(iq[d]);
-  for (int b = 0; b < nb; b++) {
-    double best = -INFINITY;
-    int last = pos - b * BLK + 1 < BLK ? pos - b * BLK + 1 : BLK;
-    for (int off = 0; off < last; off++) {
-      const uint16_t *key = ic + ((size_t)rq->ipages[b] * BLK + off) * HD;
-      double s = 0;
-      for (int d = 0; d < HD; d++)
-        s += qv[d] * bf(key[d]);
-      best = s > best ? s : best;
-    }
-    dm->ref_s[b] = best;
-  }
+  int32_t want[M3S_MAX_TOPK];
+  ref_select(f, 0, g, want, dm->ref_s);
   const int32_t *ids = topk_row(dm, row, g);
   double worst_in = INFINITY, best_out = -INFINITY;
   int worst_id = -1, best_id = -1;
@@ -192,63 +200,33 @@ static void check_selection(demo *dm, stats *st, int step_no, int row, int g) {
          step_no, row, g, dm->topk, worst_id, worst_in, best_id, best_out);
 }
 
-/* fp64 causal attention over the keys of the selected blocks of (row, every
- * head), read through the block table; returns the relative L2 error. */
+/* Every head of the row against the reference's causal attention over the
+ * keys of the blocks the library selected; returns the relative L2 error. */
 static double check_attention(demo *dm, stats *st, int step_no, int row) {
-  const request *rq = &dm->req[dm->row_req[row]];
   int pos = dm->row_pos[row], nb = pos / BLK + 1, kk = nb < dm->topk ? nb : dm->topk;
-  const uint16_t *kv = (const uint16_t *)dm->kv.h;
-  double num = 0, den = 0, scale = dm->cfg.softmax_scale;
+  int32_t qsl[2], qlen, seqlen;
+  fixture f = row_fixture(dm, row, qsl, &qlen, &seqlen);
+  const float *lse = (const float *)dm->lse.h + (size_t)row * dm->hq;
+  double num = 0, den = 0;
   for (int g = 0; g < dm->hkv; g++) {
     const int32_t *ids = topk_row(dm, row, g);
-    int nk = 0;
-    for (int a = 0; a < kk; a++) {
-      int id = ids[a];
-      if (id < 0 || id >= nb)
-        continue;
-      int last = pos - id * BLK + 1 < BLK ? pos - id * BLK + 1 : BLK;
-      for (int off = 0; off < last; off++, nk++) {
-        const uint16_t *e = kv + kv_elem(dm, rq->pages[id], g, off);
-        for (int d = 0; d < HD; d++) {
-          dm->ref_k[(size_t)nk * HD + d] = bf(e[d]);
-          dm->ref_v[(size_t)nk * HD + d] = bf(e[HD + d]);
-        }
-      }
-    }
     for (int h = g * dm->grp; h < (g + 1) * dm->grp; h++) {
-      const uint16_t *q = (const uint16_t *)dm->q.h + ((size_t)row * dm->hq + h) * HD;
       const uint16_t *o = (const uint16_t *)dm->out.h + ((size_t)row * dm->hq + h) * HD;
-      double qv[HD], ref[HD] = {0}, m = -INFINITY, sum = 0;
-      for (int d = 0; d < HD; d++)
-        qv[d] = bf(q[d]);
-      for (int j = 0; j < nk; j++) {
-        double s = 0;
-        for (int d = 0; d < HD; d++)
-          s += qv[d] * dm->ref_k[(size_t)j * HD + d];
-        dm->ref_p[j] = s * scale;
-        m = dm->ref_p[j] > m ? dm->ref_p[j] : m;
-      }
-      for (int j = 0; j < nk; j++) {
-        double p = exp(dm->ref_p[j] - m);
-        sum += p;
-        for (int d = 0; d < HD; d++)
-          ref[d] += p * dm->ref_v[(size_t)j * HD + d];
-      }
+      double ref[HD], lse_ref;
+      ref_attention(&f, 0, h, ids, kk, 1, ref, &lse_ref);
       for (int d = 0; d < HD; d++) {
-        ref[d] /= sum;
         double diff = bf(o[d]) - ref[d];
         num += diff * diff;
         den += ref[d] * ref[d];
       }
-      double lse_ref = m + log(sum);
-      double lerr = fabs((double)((const float *)dm->lse.h)[(size_t)row * dm->hq + h] - lse_ref);
+      double lerr = fabs((double)lse[h] - lse_ref);
       if (!(lerr <= LSE_TOL))
         fail(dm, st, "step %d row %d head %d: lse %.6f, reference %.6f", step_no, row, h,
-             (double)((const float *)dm->lse.h)[(size_t)row * dm->hq + h], lse_ref);
+             (double)lse[h], lse_ref);
       if (!(lerr <= st->max_lse_err))
         st->max_lse_err = lerr;
     }
-    check_selection(dm, st, step_no, row, g);
+    check_selection(dm, st, step_no, &f, row, g);
   }
   double err = den > 0 ? sqrt(num / den) : (num > 0 ? INFINITY : 0.0);
   if (!(err < REF_TOL))

@@ -4,10 +4,11 @@
  *   trace.c    setup, page pools and the scheduler of the serving trace
  *   needles.c  needles and the activations of a step
  *   step.c     one step through the library
- *   check.c    the checks and the fp64 reference
+ *   check.c    the checks, against the tests' fp64 reference (tests/ref.c)
  *   buf.c      host/device buffers
  *   util.c     random numbers, time, errors, bf16
- * Only include/m3sparse.h of the library is used. */
+ * Of the library only include/m3sparse.h is used; check.c also uses the
+ * fp64 reference of the tests (tests/ref.h, the m3s_ref target). */
 #ifndef M3S_DEMO_H
 #define M3S_DEMO_H
 
@@ -177,8 +178,8 @@ typedef struct {
   buf q, iq, k, v, ik, slots, islots, topk_b, out, lse;
   buf seq_lens, qsl, table, itable, ws;
   int32_t *row_req, *row_pos, *row_ask, *row_dec;
-  /* reference scratch */
-  double *ref_k, *ref_v, *ref_p, *ref_s;
+  /* reference block scores of one (row, KV head), max_blocks of them */
+  double *ref_s;
   int max_blocks;
   rng act, sched, samp;
   int fail_msgs;
@@ -189,7 +190,7 @@ typedef struct {
 int lib_error(const char *what, m3s_status st); /* prints the error; returns -1 (TRY) */
 uint64_t hash3(uint64_t a, uint64_t b, uint64_t c);
 int rng_int(rng *r, int n);
-float rng_normal(rng *r);
+float rng_gauss(rng *r);
 void rng_unit(rng *r, float *v, int n);
 double now_s(void);
 int out_of_memory(size_t bytes);

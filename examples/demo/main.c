@@ -51,8 +51,8 @@
  *  - every top-k row: min(16, nb) block ids, ascending, in [0, nb), the local
  *    block nb-1 included, -1 after them; padded rows all -1 with output 0 and
  *    lse -inf;
- *  - --check-rows rows of every step, every head, against an fp64 reference
- *    written here: the block scores and the top-k choice recomputed from the
+ *  - --check-rows rows of every step, every head, against the fp64 reference
+ *    of the tests (tests/ref.c): the block scores and the top-k choice recomputed from the
  *    index cache, and causal softmax attention over the keys of the selected
  *    blocks read from the K/V cache through the block table (relative L2 error
  *    of the output < 1e-2, lse within 1e-3).

@@ -28,7 +28,7 @@ int plant_needles(demo *dm, request *rq) {
     for (int g = 0; g < dm->hkv; g++) {
       rng_unit(&dm->act, nd->kdir + g * HD, HD);
       for (int d = 0; d < HD; d++)
-        nd->val[g * HD + d] = rng_normal(&dm->act);
+        nd->val[g * HD + d] = rng_gauss(&dm->act);
     }
   }
   /* Askers sit at least one whole block past the last needle. */
@@ -64,7 +64,7 @@ static int needle_at(const request *rq, int pos) {
 
 static void fill_bf16(rng *r, uint16_t *dst, int n, const float *dir, float amount) {
   for (int d = 0; d < n; d++) {
-    float x = rng_normal(r);
+    float x = rng_gauss(r);
     if (dir)
       x += amount * dir[d];
     dst[d] = to_bf16(x);
@@ -93,7 +93,7 @@ static void gen_row(demo *dm, int row, int r, int pos, int decode) {
     fill_bf16(&dm->act, k + g * HD, HD, nn ? nn->kdir + g * HD : NULL, NEEDLE_KEY);
     if (nn) {
       for (int d = 0; d < HD; d++)
-        v[g * HD + d] = to_bf16(nn->val[g * HD + d] + NEEDLE_VNOISE * rng_normal(&dm->act));
+        v[g * HD + d] = to_bf16(nn->val[g * HD + d] + NEEDLE_VNOISE * rng_gauss(&dm->act));
     } else {
       fill_bf16(&dm->act, v + g * HD, HD, NULL, 0.0f);
     }

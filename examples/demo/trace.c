@@ -125,13 +125,8 @@ int demo_init(demo *dm) {
   dm->row_pos = (int32_t *)xcalloc(T, sizeof(int32_t));
   dm->row_ask = (int32_t *)xcalloc(T, sizeof(int32_t));
   dm->row_dec = (int32_t *)xcalloc(T, sizeof(int32_t));
-  size_t maxkeys = (size_t)dm->topk * BLK;
-  dm->ref_k = (double *)xcalloc(maxkeys * HD, sizeof(double));
-  dm->ref_v = (double *)xcalloc(maxkeys * HD, sizeof(double));
-  dm->ref_p = (double *)xcalloc(maxkeys, sizeof(double));
   dm->ref_s = (double *)xcalloc((size_t)dm->max_blocks, sizeof(double));
-  if (!dm->row_req || !dm->row_pos || !dm->row_ask || !dm->row_dec || !dm->ref_k || !dm->ref_v ||
-      !dm->ref_p || !dm->ref_s)
+  if (!dm->row_req || !dm->row_pos || !dm->row_ask || !dm->row_dec || !dm->ref_s)
     return -1;
   return 0;
 }
@@ -159,9 +154,6 @@ void demo_free(demo *dm) {
   free(dm->row_pos);
   free(dm->row_ask);
   free(dm->row_dec);
-  free(dm->ref_k);
-  free(dm->ref_v);
-  free(dm->ref_p);
   free(dm->ref_s);
   m3s_context_destroy(dm->ctx);
 }

@@ -13,12 +13,12 @@ uint64_t hash3(uint64_t a, uint64_t b, uint64_t c) {
   return splitmix(&s);
 }
 
-static uint64_t rng_next(rng *r) { return splitmix(&r->s); }
-int rng_int(rng *r, int n) { return (int)(rng_next(r) % (uint64_t)n); }
+static uint64_t rng_draw(rng *r) { return splitmix(&r->s); }
+int rng_int(rng *r, int n) { return (int)(rng_draw(r) % (uint64_t)n); }
 
 /* Approximately N(0,1): sum of four 16-bit uniforms (Irwin-Hall), one draw. */
-float rng_normal(rng *r) {
-  uint64_t x = rng_next(r);
+float rng_gauss(rng *r) {
+  uint64_t x = rng_draw(r);
   float s = (float)(x & 0xFFFF) + (float)((x >> 16) & 0xFFFF) + (float)((x >> 32) & 0xFFFF) +
             (float)(x >> 48);
   return (s * (1.0f / 65536.0f) - 2.0f) * 1.7320508f;
@@ -27,7 +27,7 @@ float rng_normal(rng *r) {
 void rng_unit(rng *r, float *v, int n) {
   double ss = 0;
   for (int i = 0; i < n; i++) {
-    v[i] = rng_normal(r);
+    v[i] = rng_gauss(r);
     ss += (double)v[i] * v[i];
   }
   float inv = (float)(1.0 / sqrt(ss));
