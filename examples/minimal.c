@@ -19,7 +19,6 @@
 #define PAGES 3
 #define HQ 8
 #define HKV 1
-#define D 128
 
 /* bf16 is the upper half of an fp32; truncation is enough for test data. */
 static uint16_t bf16(float x) {
@@ -51,11 +50,14 @@ static int check(m3s_status st, const char *what) {
 }
 
 int main(void) {
-  static uint16_t kv_mem[PAGES][HKV][128][2 * D], ic_mem[PAGES][128][D];
-  static uint16_t k[TOKENS][HKV][D], v[TOKENS][HKV][D], ik[TOKENS][D];
-  static uint16_t q[TOKENS][HQ][D], iq[TOKENS][HKV][D], out[TOKENS][HQ][D];
+  static uint16_t kv_mem[PAGES][HKV][M3S_BLOCK_SIZE][2 * M3S_HEAD_DIM];
+  static uint16_t ic_mem[PAGES][M3S_BLOCK_SIZE][M3S_INDEX_DIM];
+  static uint16_t k[TOKENS][HKV][M3S_HEAD_DIM], v[TOKENS][HKV][M3S_HEAD_DIM],
+      ik[TOKENS][M3S_INDEX_DIM];
+  static uint16_t q[TOKENS][HQ][M3S_HEAD_DIM], iq[TOKENS][HKV][M3S_INDEX_DIM],
+      out[TOKENS][HQ][M3S_HEAD_DIM];
   static float lse[TOKENS][HQ];
-  static int32_t topk[TOKENS][HKV][16];
+  static int32_t topk[TOKENS][HKV][16]; /* cfg.topk = 16 */
   int64_t slots[TOKENS];
   int32_t table[1][PAGES] = {{2, 0, 1}}; /* logical page p of the request -> physical page */
   int32_t qsl[2] = {0, TOKENS}, seq_lens[1] = {TOKENS};
@@ -66,7 +68,7 @@ int main(void) {
   fill(&q[0][0][0], sizeof q / 2, &seed);
   fill(&iq[0][0][0], sizeof iq / 2, &seed);
   for (int t = 0; t < TOKENS; t++)
-    slots[t] = (int64_t)table[0][t / 128] * 128 + t % 128;
+    slots[t] = (int64_t)table[0][t / M3S_BLOCK_SIZE] * M3S_BLOCK_SIZE + t % M3S_BLOCK_SIZE;
 
   m3s_context *ctx = NULL;
   if (!check(m3s_context_create(-1, &ctx), "m3s_context_create")) /* -1: CPU; 0: CUDA 0 */
@@ -74,16 +76,20 @@ int main(void) {
   m3s_layer_config cfg = m3s_config_minimax_m3(8);
 
   /* views: data, dtype, ndim, shape, device (strides default to row-major) */
-  int64_t kv_shape[4] = {PAGES, HKV, 128, 2 * D}; /* K in [0, 128), V in [128, 256) */
+  /* a page holds 128 tokens x (K, V): K in [0, 128), V in [128, 256) */
+  int64_t kv_shape[4] = {PAGES, HKV, M3S_BLOCK_SIZE, 2 * M3S_HEAD_DIM};
   m3s_tensor kv = m3s_tensor_make(kv_mem, M3S_BF16, 4, kv_shape, M3S_HOST);
-  m3s_tensor ic = m3s_tensor_make(ic_mem, M3S_BF16, 3, (int64_t[]){PAGES, 128, D}, M3S_HOST);
-  m3s_tensor tk = m3s_tensor_make(k, M3S_BF16, 3, (int64_t[]){TOKENS, HKV, D}, M3S_HOST);
-  m3s_tensor tv = m3s_tensor_make(v, M3S_BF16, 3, (int64_t[]){TOKENS, HKV, D}, M3S_HOST);
-  m3s_tensor tik = m3s_tensor_make(ik, M3S_BF16, 2, (int64_t[]){TOKENS, D}, M3S_HOST);
+  m3s_tensor ic = m3s_tensor_make(ic_mem, M3S_BF16, 3,
+                                  (int64_t[]){PAGES, M3S_BLOCK_SIZE, M3S_INDEX_DIM}, M3S_HOST);
+  m3s_tensor tk = m3s_tensor_make(k, M3S_BF16, 3, (int64_t[]){TOKENS, HKV, M3S_HEAD_DIM}, M3S_HOST);
+  m3s_tensor tv = m3s_tensor_make(v, M3S_BF16, 3, (int64_t[]){TOKENS, HKV, M3S_HEAD_DIM}, M3S_HOST);
+  m3s_tensor tik = m3s_tensor_make(ik, M3S_BF16, 2, (int64_t[]){TOKENS, M3S_INDEX_DIM}, M3S_HOST);
   m3s_tensor ts = m3s_tensor_make(slots, M3S_I64, 1, (int64_t[]){TOKENS}, M3S_HOST);
-  m3s_tensor tq = m3s_tensor_make(q, M3S_BF16, 3, (int64_t[]){TOKENS, HQ, D}, M3S_HOST);
-  m3s_tensor tiq = m3s_tensor_make(iq, M3S_BF16, 3, (int64_t[]){TOKENS, HKV, D}, M3S_HOST);
-  m3s_tensor tout = m3s_tensor_make(out, M3S_BF16, 3, (int64_t[]){TOKENS, HQ, D}, M3S_HOST);
+  m3s_tensor tq = m3s_tensor_make(q, M3S_BF16, 3, (int64_t[]){TOKENS, HQ, M3S_HEAD_DIM}, M3S_HOST);
+  m3s_tensor tiq =
+      m3s_tensor_make(iq, M3S_BF16, 3, (int64_t[]){TOKENS, HKV, M3S_INDEX_DIM}, M3S_HOST);
+  m3s_tensor tout =
+      m3s_tensor_make(out, M3S_BF16, 3, (int64_t[]){TOKENS, HQ, M3S_HEAD_DIM}, M3S_HOST);
   m3s_tensor tlse = m3s_tensor_make(lse, M3S_F32, 2, (int64_t[]){TOKENS, HQ}, M3S_HOST);
   m3s_tensor ttopk = m3s_tensor_make(topk, M3S_I32, 3, (int64_t[]){TOKENS, HKV, 16}, M3S_HOST);
 

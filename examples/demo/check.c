@@ -30,7 +30,7 @@ static int is_forced(const demo *dm, int b, int nb) {
 /* Top-k row layout: min(K, nb) ascending ids in [0, nb), forced blocks in, -1 after. */
 static void check_topk_row(demo *dm, stats *st, int step_no, int row, int g) {
   const int32_t *ids = topk_row(dm, row, g);
-  int pos = dm->row_pos[row], nb = pos / BLK + 1, kk = nb < dm->topk ? nb : dm->topk;
+  int pos = dm->row_pos[row], nb = pos / M3S_BLOCK_SIZE + 1, kk = nb < dm->topk ? nb : dm->topk;
   const char *bad = NULL;
   for (int a = 0; a < dm->topk && !bad; a++) {
     if (a >= kk)
@@ -67,7 +67,7 @@ static void check_padded_row(demo *dm, stats *st, int step_no, int row) {
              row, a, g, topk_row(dm, row, g)[a]);
         return;
       }
-  const uint16_t *o = (const uint16_t *)dm->out.h + (size_t)row * dm->hq * HD;
+  const uint16_t *o = (const uint16_t *)dm->out.h + (size_t)row * dm->hq * M3S_HEAD_DIM;
   const float *l = (const float *)dm->lse.h + (size_t)row * dm->hq;
   for (int h = 0; h < dm->hq; h++) {
     if (!(isinf(l[h]) && l[h] < 0)) {
@@ -75,8 +75,8 @@ static void check_padded_row(demo *dm, stats *st, int step_no, int row) {
            (double)l[h]);
       return;
     }
-    for (int d = 0; d < HD; d++)
-      if (o[h * HD + d] != 0) {
+    for (int d = 0; d < M3S_HEAD_DIM; d++)
+      if (o[h * M3S_HEAD_DIM + d] != 0) {
         fail(dm, st, "step %d padded row %d: output of head %d is not 0", step_no, row, h);
         return;
       }
@@ -85,7 +85,7 @@ static void check_padded_row(demo *dm, stats *st, int step_no, int row) {
 
 static double cosine(const uint16_t *o, const float *v) {
   double dot = 0, a = 0, b = 0;
-  for (int d = 0; d < HD; d++) {
+  for (int d = 0; d < M3S_HEAD_DIM; d++) {
     double x = bf(o[d]);
     dot += x * v[d];
     a += x * x;
@@ -96,7 +96,7 @@ static double cosine(const uint16_t *o, const float *v) {
 
 /* Keys attended / keys visible, needle recall and cosines, for one real row. */
 static void row_statistics(demo *dm, stats *st, int row) {
-  int r = dm->row_req[row], pos = dm->row_pos[row], nb = pos / BLK + 1;
+  int r = dm->row_req[row], pos = dm->row_pos[row], nb = pos / M3S_BLOCK_SIZE + 1;
   int kk = nb < dm->topk ? nb : dm->topk, ask = dm->row_ask[row];
   const request *rq = &dm->req[r];
   for (int g = 0; g < dm->hkv; g++) {
@@ -107,7 +107,8 @@ static void row_statistics(demo *dm, stats *st, int row) {
       int id = ids[a];
       if (id < 0 || id >= nb)
         continue;
-      attended += pos - id * BLK + 1 < BLK ? pos - id * BLK + 1 : BLK;
+      attended += pos - id * M3S_BLOCK_SIZE + 1 < M3S_BLOCK_SIZE ? pos - id * M3S_BLOCK_SIZE + 1
+                                                                 : M3S_BLOCK_SIZE;
       hit |= ask != NO_ASK && id == rq->nd[ask].block;
     }
     double frac = (double)attended / (pos + 1);
@@ -129,11 +130,11 @@ static void row_statistics(demo *dm, stats *st, int row) {
     /* Cosine of each head's output with the needle's values: the asked one, or
      * for a token that does not ask, the needle it would ask by its position. */
     int which = ask != NO_ASK ? ask : rq->nneedles ? pos % rq->nneedles : -1;
-    if (which < 0 || pos < (rq->nd[which].block + 2) * BLK)
+    if (which < 0 || pos < (rq->nd[which].block + 2) * M3S_BLOCK_SIZE)
       continue;
     for (int h = g * dm->grp; h < (g + 1) * dm->grp; h++) {
-      double c = cosine((const uint16_t *)dm->out.h + ((size_t)row * dm->hq + h) * HD,
-                        rq->nd[which].val + g * HD);
+      double c = cosine((const uint16_t *)dm->out.h + ((size_t)row * dm->hq + h) * M3S_HEAD_DIM,
+                        rq->nd[which].val + g * M3S_HEAD_DIM);
       if (ask != NO_ASK) {
         st->cos_ask += c;
         st->n_cos_ask++;
@@ -165,8 +166,8 @@ static fixture row_fixture(const demo *dm, int row, int32_t *qsl, int32_t *qlen,
   for (int d = 0; d < 3; d++)
     f.kv.stride[d] = dm->kv_stride[d];
   f.kv_mem = dm->kv.h, f.ic_mem = dm->ic.h;
-  f.q_mem = (uint16_t *)dm->q.h + (size_t)row * dm->hq * HD;
-  f.iq_mem = (uint16_t *)dm->iq.h + (size_t)row * dm->hkv * HD;
+  f.q_mem = (uint16_t *)dm->q.h + (size_t)row * dm->hq * M3S_HEAD_DIM;
+  f.iq_mem = (uint16_t *)dm->iq.h + (size_t)row * dm->hkv * M3S_HEAD_DIM;
   return f;
 }
 
@@ -174,7 +175,7 @@ static fixture row_fixture(const demo *dm, int row, int32_t *qsl, int32_t *qlen,
  * no unselected (unforced) block may score more than SEL_TOL above a selected
  * one (fp32 scores may order near-ties differently from fp64). */
 static void check_selection(demo *dm, stats *st, int step_no, const fixture *f, int row, int g) {
-  int pos = dm->row_pos[row], nb = pos / BLK + 1;
+  int pos = dm->row_pos[row], nb = pos / M3S_BLOCK_SIZE + 1;
   if (nb <= dm->topk)
     return; /* everything is selected; check_topk_row covered it */
   int32_t want[M3S_MAX_TOPK];
@@ -203,7 +204,7 @@ static void check_selection(demo *dm, stats *st, int step_no, const fixture *f, 
 /* Every head of the row against the reference's causal attention over the
  * keys of the blocks the library selected; returns the relative L2 error. */
 static double check_attention(demo *dm, stats *st, int step_no, int row) {
-  int pos = dm->row_pos[row], nb = pos / BLK + 1, kk = nb < dm->topk ? nb : dm->topk;
+  int pos = dm->row_pos[row], nb = pos / M3S_BLOCK_SIZE + 1, kk = nb < dm->topk ? nb : dm->topk;
   int32_t qsl[2], qlen, seqlen;
   fixture f = row_fixture(dm, row, qsl, &qlen, &seqlen);
   const float *lse = (const float *)dm->lse.h + (size_t)row * dm->hq;
@@ -211,10 +212,10 @@ static double check_attention(demo *dm, stats *st, int step_no, int row) {
   for (int g = 0; g < dm->hkv; g++) {
     const int32_t *ids = topk_row(dm, row, g);
     for (int h = g * dm->grp; h < (g + 1) * dm->grp; h++) {
-      const uint16_t *o = (const uint16_t *)dm->out.h + ((size_t)row * dm->hq + h) * HD;
-      double ref[HD], lse_ref;
+      const uint16_t *o = (const uint16_t *)dm->out.h + ((size_t)row * dm->hq + h) * M3S_HEAD_DIM;
+      double ref[M3S_HEAD_DIM], lse_ref;
       ref_attention(&f, 0, h, ids, kk, 1, ref, &lse_ref);
-      for (int d = 0; d < HD; d++) {
+      for (int d = 0; d < M3S_HEAD_DIM; d++) {
         double diff = bf(o[d]) - ref[d];
         num += diff * diff;
         den += ref[d] * ref[d];

@@ -38,9 +38,7 @@
 
 #endif
 
-#define HD 128  /* head dim == index dim */
 
-#define BLK 128 /* block size == page size */
 
 #define MAX_REQUESTS 64
 
@@ -113,9 +111,9 @@ enum { REQ_WAITING, REQ_PREFILL, REQ_DECODE };
 typedef struct {
   int block;   /* logical block of the needle in its request */
   int off;     /* its passage: tokens [off, off + NEEDLE_TOKENS) of the block */
-  float u[HD]; /* unit index direction */
-  float *kdir; /* [Hkv][HD] unit key directions */
-  float *val;  /* [Hkv][HD] value vectors */
+  float u[M3S_HEAD_DIM]; /* unit index direction */
+  float *kdir; /* [Hkv][M3S_HEAD_DIM] unit key directions */
+  float *val;  /* [Hkv][M3S_HEAD_DIM] value vectors */
 } needle;
 
 typedef struct {

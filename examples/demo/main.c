@@ -218,7 +218,7 @@ static void print_header(const demo *dm) {
   printf("m3s-demo (m3sparse %s): MiniMax-M3 sparse layer, %s: %d q heads / %d KV head%s "
          "(G = %d), top-%d of %d-token blocks, local %d\n",
          m3s_version(), o->tp == 1 ? "all heads (TP1)" : "one TP rank", dm->hq, dm->hkv,
-         dm->hkv > 1 ? "s" : "", dm->grp, dm->topk, BLK, dm->cfg.local_blocks);
+         dm->hkv > 1 ? "s" : "", dm->grp, dm->topk, M3S_BLOCK_SIZE, dm->cfg.local_blocks);
   printf("  caches: bf16 K/V %lld pages %s (%.1f MiB) + bf16 index (%.1f MiB), pages handed "
          "out in shuffled order\n",
          (long long)dm->num_pages, o->token_major ? "token-major" : "head-major", kv_mib, ic_mib);
@@ -235,8 +235,8 @@ static void print_header(const demo *dm) {
     for (int i = 0; i < rq->nneedles; i++)
       len += (size_t)snprintf(nb + len, sizeof nb - len, "%s%d", i ? ", " : "", rq->nd[i].block);
     printf("  r%d: prompt %d tokens (%d blocks)%s, needle blocks: %s\n", r, rq->prompt_len,
-           (rq->prompt_len + BLK - 1) / BLK, r == dm->late ? ", arrives late" : "",
-           rq->nneedles ? nb : "none");
+           (rq->prompt_len + M3S_BLOCK_SIZE - 1) / M3S_BLOCK_SIZE,
+           r == dm->late ? ", arrives late" : "", rq->nneedles ? nb : "none");
   }
 }
 
@@ -281,8 +281,8 @@ static void print_summary(const demo *dm, double wall) {
   printf("  keys attended / keys visible: prefill rows %.1f%%, decode rows %.1f%% "
          "(at most %d x %d = %d keys per row and KV head)\n",
          t->n_att_pf ? 100.0 * t->att_pf / (double)t->n_att_pf : 0.0,
-         t->n_att_dec ? 100.0 * t->att_dec / (double)t->n_att_dec : 0.0, dm->topk, BLK,
-         dm->topk * BLK);
+         t->n_att_dec ? 100.0 * t->att_dec / (double)t->n_att_dec : 0.0, dm->topk, M3S_BLOCK_SIZE,
+         dm->topk * M3S_BLOCK_SIZE);
   if (t->ask_pairs) {
     printf("  needle recall: %lld/%lld asking (token, KV head) pairs = %.1f%%", t->ask_hits,
            t->ask_pairs, 100.0 * (double)t->ask_hits / (double)t->ask_pairs);

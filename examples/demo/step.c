@@ -85,10 +85,12 @@ static int build_batches(demo *dm, const sched_step *s, const m3s_step_plan *p, 
 
 static int upload_activations(demo *dm, int T) {
   size_t t = (size_t)T;
-  return buf_upload(&dm->q, t * dm->hq * HD * 2) || buf_upload(&dm->iq, t * dm->hkv * HD * 2) ||
-                 buf_upload(&dm->k, t * dm->hkv * HD * 2) ||
-                 buf_upload(&dm->v, t * dm->hkv * HD * 2) || buf_upload(&dm->ik, t * HD * 2) ||
-                 buf_upload(&dm->slots, t * 8) || buf_upload(&dm->islots, t * 8)
+  return buf_upload(&dm->q, t * dm->hq * M3S_HEAD_DIM * 2) ||
+                 buf_upload(&dm->iq, t * dm->hkv * M3S_HEAD_DIM * 2) ||
+                 buf_upload(&dm->k, t * dm->hkv * M3S_HEAD_DIM * 2) ||
+                 buf_upload(&dm->v, t * dm->hkv * M3S_HEAD_DIM * 2) ||
+                 buf_upload(&dm->ik, t * M3S_HEAD_DIM * 2) || buf_upload(&dm->slots, t * 8) ||
+                 buf_upload(&dm->islots, t * 8)
              ? -1
              : 0;
 }
@@ -96,7 +98,8 @@ static int upload_activations(demo *dm, int T) {
 static int download_results(demo *dm, int T, int caches) {
   size_t t = (size_t)T;
   if (buf_download(&dm->topk_b, t * dm->hkv * dm->topk * 4) ||
-      buf_download(&dm->out, t * dm->hq * HD * 2) || buf_download(&dm->lse, t * dm->hq * 4))
+      buf_download(&dm->out, t * dm->hq * M3S_HEAD_DIM * 2) ||
+      buf_download(&dm->lse, t * dm->hq * 4))
     return -1;
   if (caches && (buf_download(&dm->kv, dm->kv.bytes) || buf_download(&dm->ic, dm->ic.bytes)))
     return -1;
@@ -106,18 +109,18 @@ static int download_results(demo *dm, int T, int caches) {
 /* Insert + forward through the library; *ms is their wall time. */
 static int layer_step(demo *dm, const m3s_step_plan *p, const m3s_step *step, double *ms) {
   int64_t T = p->num_tokens, H = dm->hkv;
-  int64_t kvshape[4] = {dm->num_pages, H, BLK, 2 * HD};
+  int64_t kvshape[4] = {dm->num_pages, H, M3S_BLOCK_SIZE, 2 * M3S_HEAD_DIM};
   m3s_tensor kv = m3s_tensor_strided(dm->kv.d, M3S_BF16, 4, kvshape, dm->kv_stride, buf_device());
-  m3s_tensor ic = view(&dm->ic, M3S_BF16, 3, dm->num_pages, BLK, HD);
-  m3s_tensor q = view(&dm->q, M3S_BF16, 3, T, dm->hq, HD);
-  m3s_tensor iq = view(&dm->iq, M3S_BF16, 3, T, H, HD);
-  m3s_tensor k = view(&dm->k, M3S_BF16, 3, T, H, HD);
-  m3s_tensor v = view(&dm->v, M3S_BF16, 3, T, H, HD);
-  m3s_tensor ik = view(&dm->ik, M3S_BF16, 2, T, HD, 0);
+  m3s_tensor ic = view(&dm->ic, M3S_BF16, 3, dm->num_pages, M3S_BLOCK_SIZE, M3S_HEAD_DIM);
+  m3s_tensor q = view(&dm->q, M3S_BF16, 3, T, dm->hq, M3S_HEAD_DIM);
+  m3s_tensor iq = view(&dm->iq, M3S_BF16, 3, T, H, M3S_HEAD_DIM);
+  m3s_tensor k = view(&dm->k, M3S_BF16, 3, T, H, M3S_HEAD_DIM);
+  m3s_tensor v = view(&dm->v, M3S_BF16, 3, T, H, M3S_HEAD_DIM);
+  m3s_tensor ik = view(&dm->ik, M3S_BF16, 2, T, M3S_HEAD_DIM, 0);
   m3s_tensor slots = view(&dm->slots, M3S_I64, 1, T, 0, 0);
   m3s_tensor islots = view(&dm->islots, M3S_I64, 1, T, 0, 0);
   m3s_tensor topk = view(&dm->topk_b, M3S_I32, 3, T, H, dm->topk);
-  m3s_tensor out = view(&dm->out, M3S_BF16, 3, T, dm->hq, HD);
+  m3s_tensor out = view(&dm->out, M3S_BF16, 3, T, dm->hq, M3S_HEAD_DIM);
   m3s_tensor lse = view(&dm->lse, M3S_F32, 2, T, dm->hq, 0);
   if (p->workspace_bytes > dm->ws.bytes) {
     buf_free(&dm->ws);

@@ -22,7 +22,7 @@ static int pool_take(page_pool *p) { return p->n > 0 ? p->ids[--p->n] : -1; }
 
 /* Make sure request r has pages for positions [0, upto). */
 int ensure_pages(demo *dm, request *rq, int upto) {
-  while ((int64_t)rq->npages * BLK < upto) {
+  while ((int64_t)rq->npages * M3S_BLOCK_SIZE < upto) {
     if (rq->npages == rq->cap_pages) {
       fflush(stdout);
       fprintf(stderr, "m3s-demo: internal error: request outgrew its block table\n");
@@ -83,7 +83,7 @@ int demo_init(demo *dm) {
   dm->ccap = 1;
   for (int r = 0; r < dm->nreq; r++) {
     request *rq = &dm->req[r];
-    rq->cap_pages = (int)((rq->prompt_len + extra + BLK - 1) / BLK);
+    rq->cap_pages = (int)((rq->prompt_len + extra + M3S_BLOCK_SIZE - 1) / M3S_BLOCK_SIZE);
     dm->ccap = rq->cap_pages > dm->ccap ? rq->cap_pages : dm->ccap;
     dm->num_pages += rq->cap_pages;
     rq->pages = (int32_t *)xcalloc((size_t)rq->cap_pages, sizeof(int32_t));
@@ -97,15 +97,17 @@ int demo_init(demo *dm) {
   /* Caches (zeroed) and shuffled free lists. */
   int64_t P = dm->num_pages, H = dm->hkv;
   if (o->token_major) { /* storage [P, 128, Hkv, 256], viewed as [P, Hkv, 128, 256] */
-    int64_t s[4] = {BLK * H * 2 * HD, 2 * HD, H * 2 * HD, 1};
+    int64_t s[4] = {M3S_BLOCK_SIZE * H * 2 * M3S_HEAD_DIM, 2 * M3S_HEAD_DIM, H * 2 * M3S_HEAD_DIM,
+                    1};
     memcpy(dm->kv_stride, s, sizeof s);
   } else {
-    int64_t s[4] = {H * BLK * 2 * HD, BLK * 2 * HD, 2 * HD, 1};
+    int64_t s[4] = {H * M3S_BLOCK_SIZE * 2 * M3S_HEAD_DIM, M3S_BLOCK_SIZE * 2 * M3S_HEAD_DIM,
+                    2 * M3S_HEAD_DIM, 1};
     memcpy(dm->kv_stride, s, sizeof s);
   }
-  if (buf_alloc(&dm->kv, (size_t)(P * H * BLK * 2 * HD) * 2) ||
-      buf_alloc(&dm->ic, (size_t)(P * BLK * HD) * 2) || pool_init(&dm->main_pool, P, &dm->sched) ||
-      pool_init(&dm->index_pool, P, &dm->sched))
+  if (buf_alloc(&dm->kv, (size_t)(P * H * M3S_BLOCK_SIZE * 2 * M3S_HEAD_DIM) * 2) ||
+      buf_alloc(&dm->ic, (size_t)(P * M3S_BLOCK_SIZE * M3S_HEAD_DIM) * 2) ||
+      pool_init(&dm->main_pool, P, &dm->sched) || pool_init(&dm->index_pool, P, &dm->sched))
     return -1;
 
   /* Whole-step buffers. */
@@ -113,11 +115,13 @@ int demo_init(demo *dm) {
   int dec_rows = dm->ecap * (1 + o->spec_tokens);
   dm->tcap = o->chunk > dec_rows ? o->chunk : dec_rows;
   size_t T = (size_t)dm->tcap, E = (size_t)dm->ecap;
-  if (buf_alloc(&dm->q, T * dm->hq * HD * 2) || buf_alloc(&dm->iq, T * dm->hkv * HD * 2) ||
-      buf_alloc(&dm->k, T * dm->hkv * HD * 2) || buf_alloc(&dm->v, T * dm->hkv * HD * 2) ||
-      buf_alloc(&dm->ik, T * HD * 2) || buf_alloc(&dm->slots, T * 8) ||
+  if (buf_alloc(&dm->q, T * dm->hq * M3S_HEAD_DIM * 2) ||
+      buf_alloc(&dm->iq, T * dm->hkv * M3S_HEAD_DIM * 2) ||
+      buf_alloc(&dm->k, T * dm->hkv * M3S_HEAD_DIM * 2) ||
+      buf_alloc(&dm->v, T * dm->hkv * M3S_HEAD_DIM * 2) ||
+      buf_alloc(&dm->ik, T * M3S_HEAD_DIM * 2) || buf_alloc(&dm->slots, T * 8) ||
       buf_alloc(&dm->islots, T * 8) || buf_alloc(&dm->topk_b, T * dm->hkv * dm->topk * 4) ||
-      buf_alloc(&dm->out, T * dm->hq * HD * 2) || buf_alloc(&dm->lse, T * dm->hq * 4) ||
+      buf_alloc(&dm->out, T * dm->hq * M3S_HEAD_DIM * 2) || buf_alloc(&dm->lse, T * dm->hq * 4) ||
       buf_alloc(&dm->seq_lens, E * 4) || buf_alloc(&dm->qsl, (E + 1) * 4) ||
       buf_alloc(&dm->table, E * dm->ccap * 4) || buf_alloc(&dm->itable, E * dm->ccap * 4))
     return -1;
