@@ -23,7 +23,7 @@ test: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
 
 format:
-	clang-format -i include/*.h src/*/*.c src/*/*.h src/cuda/*.cu tests/*.c tests/*.h examples/*.c
+	clang-format -i include/*.h src/*/*.c src/*/*.h src/cuda/*.cu tests/*.c tests/*.h examples/*.c examples/demo/*.c examples/demo/*.h
 
 clean:
 	rm -rf $(BUILD)

@@ -1,6 +1,6 @@
 /* m3s-bench device helpers: hash-based random fill (no cuRAND) of bf16 and
  * fp8 e4m3 buffers with N(0, scale^2) values, and a spin kernel that holds a
- * stream while the host enqueues the timed replays. Called from m3s_bench.c
+ * stream while the host enqueues the timed replays. Called from run.c
  * through the extern "C" functions below; each returns a cudaError_t as int. */
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>

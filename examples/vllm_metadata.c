@@ -34,7 +34,6 @@
 #define MAX_PAGES 64  /* vLLM's max_num_blocks_per_req: block table columns */
 #define NUM_PAGES 128 /* pages of each cache group */
 #define SPEC 2        /* num_speculative_tokens */
-#define D 128
 
 #define TRY(call)                                                                                  \
   do {                                                                                             \
@@ -81,12 +80,13 @@ static const int needle_pos[4] = {700, -1, 1000, -1};             /* per request
 /* The K/V (Hkv heads) and index key of token (r, pos), written at row t. */
 static void gen_kv(int r, int pos, int t, int hkv, uint16_t *k, uint16_t *v, uint16_t *ik) {
   int needle = pos == needle_pos[r];
-  for (int i = 0; i < hkv * D; i++) {
-    k[(size_t)t * hkv * D + i] = bf16(needle ? (i % D == 0 ? 16.0f : 0.0f) : noise(r, pos, 1, i));
-    v[(size_t)t * hkv * D + i] = bf16(needle ? 0.5f : noise(r, pos, 2, i));
+  for (int i = 0; i < hkv * M3S_HEAD_DIM; i++) {
+    k[(size_t)t * hkv * M3S_HEAD_DIM + i] =
+        bf16(needle ? (i % M3S_HEAD_DIM == 0 ? 16.0f : 0.0f) : noise(r, pos, 1, i));
+    v[(size_t)t * hkv * M3S_HEAD_DIM + i] = bf16(needle ? 0.5f : noise(r, pos, 2, i));
   }
-  for (int i = 0; i < D; i++)
-    ik[(size_t)t * D + i] = bf16(needle ? (i == 0 ? 16.0f : 0.0f) : noise(r, pos, 3, i));
+  for (int i = 0; i < M3S_HEAD_DIM; i++)
+    ik[(size_t)t * M3S_HEAD_DIM + i] = bf16(needle ? (i == 0 ? 16.0f : 0.0f) : noise(r, pos, 3, i));
 }
 
 int main(void) {
@@ -124,24 +124,28 @@ int main(void) {
     }
 
   /* ---- caches: main token-major [P, 128, Hkv, 256], index [P, 128, 128] ------ */
-  uint16_t *kv_mem = calloc((size_t)NUM_PAGES * 128 * hkv * 2 * D, 2);
-  uint16_t *ic_mem = calloc((size_t)NUM_PAGES * 128 * D, 2);
-  int64_t kv_shape[4] = {NUM_PAGES, hkv, 128, 2 * D};
-  int64_t kv_stride[4] = {(int64_t)128 * hkv * 2 * D, 2 * D, (int64_t)hkv * 2 * D, 1};
+  uint16_t *kv_mem = calloc((size_t)NUM_PAGES * 128 * hkv * 2 * M3S_HEAD_DIM, 2);
+  uint16_t *ic_mem = calloc((size_t)NUM_PAGES * 128 * M3S_HEAD_DIM, 2);
+  int64_t kv_shape[4] = {NUM_PAGES, hkv, 128, 2 * M3S_HEAD_DIM};
+  int64_t kv_stride[4] = {(int64_t)128 * hkv * 2 * M3S_HEAD_DIM, 2 * M3S_HEAD_DIM,
+                          (int64_t)hkv * 2 * M3S_HEAD_DIM, 1};
   m3s_tensor kv = m3s_tensor_strided(kv_mem, M3S_BF16, 4, kv_shape, kv_stride, M3S_HOST);
-  m3s_tensor ic = m3s_tensor_make(ic_mem, M3S_BF16, 3, (int64_t[]){NUM_PAGES, 128, D}, M3S_HOST);
+  m3s_tensor ic =
+      m3s_tensor_make(ic_mem, M3S_BF16, 3, (int64_t[]){NUM_PAGES, 128, M3S_HEAD_DIM}, M3S_HOST);
 
   /* ---- inserts: the cached context (earlier steps), then this step's tokens --- */
   int hist = 0;
   for (int r = 0; r < NREQ; r++)
     hist += seq_lens_h[r] ? seq_lens_h[r] - query_lens[r] : 0;
   int rows = hist > T ? hist : T;
-  uint16_t *k = calloc((size_t)rows * hkv * D, 2), *v = calloc((size_t)rows * hkv * D, 2);
-  uint16_t *ik = calloc((size_t)rows * D, 2);
+  uint16_t *k = calloc((size_t)rows * hkv * M3S_HEAD_DIM, 2),
+           *v = calloc((size_t)rows * hkv * M3S_HEAD_DIM, 2);
+  uint16_t *ik = calloc((size_t)rows * M3S_HEAD_DIM, 2);
   int64_t *slot = malloc((size_t)rows * sizeof *slot);   /* main group: int64 (vLLM) */
   int32_t *islot = malloc((size_t)rows * sizeof *islot); /* index group: int32 works too */
-  uint16_t *q = calloc((size_t)T * hq * D, 2), *iq = calloc((size_t)T * hkv * D, 2);
-  uint16_t *out = malloc((size_t)T * hq * D * 2);
+  uint16_t *q = calloc((size_t)T * hq * M3S_HEAD_DIM, 2),
+           *iq = calloc((size_t)T * hkv * M3S_HEAD_DIM, 2);
+  uint16_t *out = malloc((size_t)T * hq * M3S_HEAD_DIM * 2);
   float *lse = malloc((size_t)T * hq * sizeof *lse);
   int32_t *topk = malloc((size_t)T * hkv * K * sizeof *topk);
   if (!kv_mem || !ic_mem || !k || !v || !ik || !slot || !islot || !q || !iq || !out || !lse ||
@@ -161,17 +165,19 @@ int main(void) {
         slot[t] = (int64_t)bt[r][pos / 128] * 128 + pos % 128;
         islot[t] = ibt[r][pos / 128] * 128 + pos % 128;
         int ask = needle_pos[r] >= 0; /* requests 0 and 2 look for their needle */
-        for (int i = 0; pass && i < hq * D; i++)
-          q[(size_t)t * hq * D + i] = bf16(ask && i % D == 0 ? 16.0f : noise(r, pos, 4, i));
-        for (int i = 0; pass && i < hkv * D; i++)
-          iq[(size_t)t * hkv * D + i] =
-              bf16(ask ? (i % D == 0 ? 2.0f : 0.5f * noise(r, pos, 5, i)) : noise(r, pos, 5, i));
+        for (int i = 0; pass && i < hq * M3S_HEAD_DIM; i++)
+          q[(size_t)t * hq * M3S_HEAD_DIM + i] =
+              bf16(ask && i % M3S_HEAD_DIM == 0 ? 16.0f : noise(r, pos, 4, i));
+        for (int i = 0; pass && i < hkv * M3S_HEAD_DIM; i++)
+          iq[(size_t)t * hkv * M3S_HEAD_DIM + i] =
+              bf16(ask ? (i % M3S_HEAD_DIM == 0 ? 2.0f : 0.5f * noise(r, pos, 5, i))
+                       : noise(r, pos, 5, i));
       }
     }
     int64_t n = t;
-    m3s_tensor kt = m3s_tensor_make(k, M3S_BF16, 3, (int64_t[]){n, hkv, D}, M3S_HOST);
-    m3s_tensor vt = m3s_tensor_make(v, M3S_BF16, 3, (int64_t[]){n, hkv, D}, M3S_HOST);
-    m3s_tensor ikt = m3s_tensor_make(ik, M3S_BF16, 2, (int64_t[]){n, D}, M3S_HOST);
+    m3s_tensor kt = m3s_tensor_make(k, M3S_BF16, 3, (int64_t[]){n, hkv, M3S_HEAD_DIM}, M3S_HOST);
+    m3s_tensor vt = m3s_tensor_make(v, M3S_BF16, 3, (int64_t[]){n, hkv, M3S_HEAD_DIM}, M3S_HOST);
+    m3s_tensor ikt = m3s_tensor_make(ik, M3S_BF16, 2, (int64_t[]){n, M3S_HEAD_DIM}, M3S_HOST);
     m3s_tensor st = m3s_tensor_make(slot, M3S_I64, 1, &n, M3S_HOST);
     m3s_tensor ist = m3s_tensor_make(islot, M3S_I32, 1, &n, M3S_HOST);
     TRY(m3s_cache_insert(ctx, &kt, &vt, &st, &kv, NULL, NULL));
@@ -215,13 +221,13 @@ int main(void) {
   m3s_exec ex = {ws, ws_bytes, NULL};
 
   /* ---- the layer: indexer top-k + sparse attention, decode then prefill ----- */
-  m3s_tensor qt = m3s_tensor_make(q, M3S_BF16, 3, (int64_t[]){T, hq, D}, M3S_HOST);
-  m3s_tensor iqt = m3s_tensor_make(iq, M3S_BF16, 3, (int64_t[]){T, hkv, D}, M3S_HOST);
+  m3s_tensor qt = m3s_tensor_make(q, M3S_BF16, 3, (int64_t[]){T, hq, M3S_HEAD_DIM}, M3S_HOST);
+  m3s_tensor iqt = m3s_tensor_make(iq, M3S_BF16, 3, (int64_t[]){T, hkv, M3S_HEAD_DIM}, M3S_HOST);
   m3s_tensor tkt = m3s_tensor_make(topk, M3S_I32, 3, (int64_t[]){T, hkv, K}, M3S_HOST);
-  m3s_tensor ot = m3s_tensor_make(out, M3S_BF16, 3, (int64_t[]){T, hq, D}, M3S_HOST);
+  m3s_tensor ot = m3s_tensor_make(out, M3S_BF16, 3, (int64_t[]){T, hq, M3S_HEAD_DIM}, M3S_HOST);
   m3s_tensor lt = m3s_tensor_make(lse, M3S_F32, 2, (int64_t[]){T, hq}, M3S_HOST);
   memset(topk, 0x5A, (size_t)T * hkv * K * sizeof *topk); /* garbage: must be overwritten */
-  memset(out, 0x5A, (size_t)T * hq * D * 2);
+  memset(out, 0x5A, (size_t)T * hq * M3S_HEAD_DIM * 2);
   TRY(m3s_step_forward(ctx, &cfg, &step, &qt, &iqt, &kv, NULL, &ic, &tkt, &ot, &lt, &ex));
 
   /* ---- print and check ------------------------------------------------------ */
@@ -256,8 +262,8 @@ int main(void) {
       for (int h = 0; h < hq; h++) {
         float l = lse[(size_t)t * hq + h];
         EXPECT(pad ? (isinf(l) && l < 0) : isfinite(l), "row %d head %d: lse %g", t, h, l);
-        for (int d = 0; d < D; d++) {
-          uint16_t o = out[((size_t)t * hq + h) * D + d];
+        for (int d = 0; d < M3S_HEAD_DIM; d++) {
+          uint16_t o = out[((size_t)t * hq + h) * M3S_HEAD_DIM + d];
           EXPECT(!pad || o == 0, "padded row %d head %d: output not 0", t, h);
           EXPECT(pad || isfinite(f32(o)), "row %d head %d: output not finite", t, h);
           EXPECT(needle_pos[r] < 0 || fabsf(f32(o) - 0.5f) < 0.05f,
@@ -268,7 +274,7 @@ int main(void) {
     }
   printf("requests 0 and 2 read their needles: out[0][0][0] = %.3f, out[45][31][127] = %.3f "
          "(value 0.5)\n",
-         f32(out[0]), f32(out[(size_t)46 * hq * D - 1]));
+         f32(out[0]), f32(out[(size_t)46 * hq * M3S_HEAD_DIM - 1]));
 
   free(ws), free(kv_mem), free(ic_mem), free(k), free(v), free(ik), free(slot), free(islot);
   free(q), free(iq), free(out), free(lse), free(topk);

@@ -47,6 +47,17 @@
 extern "C" {
 #endif
 
+/* Every function of this header is exported from the shared library and
+ * nothing else is (the library is built with hidden visibility by default;
+ * the test abi_exports compares `nm -D` with this header). */
+#if defined(_WIN32)
+#define M3S_API
+#elif defined(__GNUC__)
+#define M3S_API __attribute__((visibility("default")))
+#else
+#define M3S_API
+#endif
+
 /* ---------------------------------------------------------------------------
  * Versioning (as in sqlite3.h: a string, a number, and functions returning the
  * values of the library actually linked, to detect header/library mismatch).
@@ -58,8 +69,8 @@ extern "C" {
 /* MAJOR*1000000 + MINOR*1000 + PATCH */
 #define M3S_VERSION_NUMBER 1000
 
-const char *m3s_version(void); /* == M3S_VERSION of the linked library */
-int m3s_version_number(void);  /* == M3S_VERSION_NUMBER of the linked library */
+M3S_API const char *m3s_version(void); /* == M3S_VERSION of the linked library */
+M3S_API int m3s_version_number(void);  /* == M3S_VERSION_NUMBER of the linked library */
 
 /* ---------------------------------------------------------------------------
  * Status codes and errors
@@ -83,11 +94,11 @@ typedef enum m3s_status {
 } m3s_status;
 
 /* Short constant English text for a status ("M3S_ERR_SHAPE: ..."). Never NULL. */
-const char *m3s_status_string(m3s_status s);
+M3S_API const char *m3s_status_string(m3s_status s);
 
 /* Detailed text of the last failure on the calling thread: names the argument,
  * the rule and the value seen. "" when the last call succeeded. Never NULL. */
-const char *m3s_last_error(void);
+M3S_API const char *m3s_last_error(void);
 
 /* ---------------------------------------------------------------------------
  * Tensor views
@@ -115,19 +126,20 @@ typedef struct m3s_tensor {
 } m3s_tensor;
 
 /* Size in bytes of one element of dtype (0 for an unknown value). */
-size_t m3s_dtype_size(m3s_dtype dt);
+M3S_API size_t m3s_dtype_size(m3s_dtype dt);
 /* Name such as "bf16" ("?" for an unknown value). */
-const char *m3s_dtype_name(m3s_dtype dt);
+M3S_API const char *m3s_dtype_name(m3s_dtype dt);
 
 /* A contiguous (row-major) view. ndim <= M3S_MAX_DIMS. */
-m3s_tensor m3s_tensor_make(void *data, m3s_dtype dt, int ndim, const int64_t *shape, int device);
+M3S_API m3s_tensor m3s_tensor_make(void *data, m3s_dtype dt, int ndim, const int64_t *shape,
+                                   int device);
 /* A view with explicit strides (in elements). */
-m3s_tensor m3s_tensor_strided(void *data, m3s_dtype dt, int ndim, const int64_t *shape,
-                              const int64_t *stride, int device);
+M3S_API m3s_tensor m3s_tensor_strided(void *data, m3s_dtype dt, int ndim, const int64_t *shape,
+                                      const int64_t *stride, int device);
 /* Rows [start, start+len) of dimension 0 of t (no copy). Used to cut the decode
  * and prefill parts out of whole-step tensors. Out-of-range arguments give a
  * view with data == NULL and ndim == -1, which every function rejects. */
-m3s_tensor m3s_tensor_narrow(const m3s_tensor *t, int64_t start, int64_t len);
+M3S_API m3s_tensor m3s_tensor_narrow(const m3s_tensor *t, int64_t start, int64_t len);
 
 /* ---------------------------------------------------------------------------
  * Layer configuration
@@ -152,9 +164,9 @@ typedef struct m3s_layer_config {
 
 /* The MiniMax-M3 layer for one tensor-parallel rank: tp_size 1, 2, 4 or 8
  * gives Hq/Hkv = 64/4, 32/2, 16/1, 8/1; K 16, init 0, local 1, scale
- * 1/sqrt(128). Any other tp_size gives a config with num_q_heads == 0, which
- * every function rejects. */
-m3s_layer_config m3s_config_minimax_m3(int tp_size);
+ * 1/sqrt(128). Any other tp_size gives a config with no heads (num_q_heads ==
+ * num_kv_heads == 0), which every function rejects naming the tp_size rule. */
+M3S_API m3s_layer_config m3s_config_minimax_m3(int tp_size);
 
 /* ---------------------------------------------------------------------------
  * Context (one per device; all state of the library lives here)
@@ -164,16 +176,16 @@ typedef struct m3s_context m3s_context;
 /* device < 0: the CPU reference backend (needs no CUDA at all).
  * device >= 0: the CUDA backend on that device ordinal (M3S_ERR_UNSUPPORTED in
  * builds without CUDA). */
-m3s_status m3s_context_create(int device, m3s_context **out_ctx);
+M3S_API m3s_status m3s_context_create(int device, m3s_context **out_ctx);
 /* NULL is a no-op. */
-void m3s_context_destroy(m3s_context *ctx);
+M3S_API void m3s_context_destroy(m3s_context *ctx);
 /* The device of the context (< 0 for the CPU). -2 for NULL. */
-int m3s_context_device(const m3s_context *ctx);
+M3S_API int m3s_context_device(const m3s_context *ctx);
 
 /* Logging: off by default. level 0 = off, 1 = errors, 2 = info, 3 = debug.
  * Messages go to the callback (or stderr when it is NULL). */
 typedef void (*m3s_log_fn)(int level, const char *msg, void *user);
-m3s_status m3s_context_set_logging(m3s_context *ctx, int level, m3s_log_fn fn, void *user);
+M3S_API m3s_status m3s_context_set_logging(m3s_context *ctx, int level, m3s_log_fn fn, void *user);
 
 /* Context options (m3s_context_set_option / m3s_context_get_option).
  *
@@ -195,9 +207,10 @@ typedef enum {
 
 /* M3S_ERR_INVALID for an unknown option or a value outside its range (the
  * option keeps its value). */
-m3s_status m3s_context_set_option(m3s_context *ctx, m3s_option opt, int64_t value);
+M3S_API m3s_status m3s_context_set_option(m3s_context *ctx, m3s_option opt, int64_t value);
 /* *out_value = the option's current value. */
-m3s_status m3s_context_get_option(const m3s_context *ctx, m3s_option opt, int64_t *out_value);
+M3S_API m3s_status m3s_context_get_option(const m3s_context *ctx, m3s_option opt,
+                                          int64_t *out_value);
 
 /* Execution resources of one call: the caller's stream (a cudaStream_t; NULL
  * = legacy default stream; ignored on the CPU) and workspace (device memory on a
@@ -291,14 +304,14 @@ typedef struct m3s_step_plan {
   size_t workspace_bytes; /* for m3s_step_forward on this context */
 } m3s_step_plan;
 
-m3s_status m3s_plan_step(const m3s_context *ctx, const m3s_layer_config *cfg,
-                         const m3s_step_desc *desc, m3s_step_plan *out_plan);
+M3S_API m3s_status m3s_plan_step(const m3s_context *ctx, const m3s_layer_config *cfg,
+                                 const m3s_step_desc *desc, m3s_step_plan *out_plan);
 
 /* Workspace needed by m3s_index_topk / m3s_sparse_attention / m3s_step_forward
  * for batches of at most max_tokens rows and sequences of at most max_seq_len
  * tokens on this context (0 is a valid answer). */
-m3s_status m3s_workspace_size(const m3s_context *ctx, const m3s_layer_config *cfg,
-                              int64_t max_tokens, int64_t max_seq_len, size_t *out_bytes);
+M3S_API m3s_status m3s_workspace_size(const m3s_context *ctx, const m3s_layer_config *cfg,
+                                      int64_t max_tokens, int64_t max_seq_len, size_t *out_bytes);
 
 /* ---------------------------------------------------------------------------
  * Caches
@@ -334,17 +347,17 @@ typedef struct m3s_kv_scales {
  *   scales:        see above (only for fp8 caches).
  * Two tokens mapping to the same slot: the later row wins (CPU); undefined
  * order on CUDA -- engines never do this. */
-m3s_status m3s_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_tensor *v,
-                            const m3s_tensor *slot_mapping, m3s_tensor *kv_cache,
-                            const m3s_kv_scales *scales, const m3s_exec *exec);
+M3S_API m3s_status m3s_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_tensor *v,
+                                    const m3s_tensor *slot_mapping, m3s_tensor *kv_cache,
+                                    const m3s_kv_scales *scales, const m3s_exec *exec);
 
 /* Insert index keys.
  *   ik:            [T, 128] bf16 or f16
  *   slot_mapping:  [T] i64 or i32, as above
  *   index_cache:   [P, 128, 128] bf16 or e4m3, contiguous */
-m3s_status m3s_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
-                                  const m3s_tensor *slot_mapping, m3s_tensor *index_cache,
-                                  const m3s_exec *exec);
+M3S_API m3s_status m3s_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
+                                          const m3s_tensor *slot_mapping, m3s_tensor *index_cache,
+                                          const m3s_exec *exec);
 
 /* ---------------------------------------------------------------------------
  * Index scoring and block selection (SPEC section 3)
@@ -358,9 +371,10 @@ m3s_status m3s_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
  * highest S (ties: lower block id); the min(K, nb) ids in ascending order, then
  * -1. NaN scores rank below every real score. Padded requests: all -1.
  * ------------------------------------------------------------------------- */
-m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
-                          const m3s_tensor *iq, const m3s_tensor *index_cache, m3s_tensor *topk,
-                          const m3s_exec *exec);
+M3S_API m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg,
+                                  const m3s_batch *batch, const m3s_tensor *iq,
+                                  const m3s_tensor *index_cache, m3s_tensor *topk,
+                                  const m3s_exec *exec);
 
 /* ---------------------------------------------------------------------------
  * Block-sparse GQA attention (SPEC section 4)
@@ -375,11 +389,11 @@ m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg, const m
  *   lse:       NULL or [T, Hq] f32 (natural log); a row with no visible key
  *              gets out = 0 and lse = -inf.
  * Query head h uses KV head h / G. Keys: j in a selected block, j <= pos. */
-m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
-                                const m3s_batch *batch, const m3s_tensor *q,
-                                const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
-                                const m3s_tensor *topk, m3s_tensor *out, m3s_tensor *lse,
-                                const m3s_exec *exec);
+M3S_API m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                                        const m3s_batch *batch, const m3s_tensor *q,
+                                        const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                        const m3s_tensor *topk, m3s_tensor *out, m3s_tensor *lse,
+                                        const m3s_exec *exec);
 
 /* ---------------------------------------------------------------------------
  * One layer step: index top-k, then attention, for the decode part and the
@@ -388,11 +402,11 @@ m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
  * T = decode.num_tokens + prefill.num_tokens (decode rows first). Cache insert
  * is separate (engines insert before attention).
  * ------------------------------------------------------------------------- */
-m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_step *step,
-                            const m3s_tensor *q, const m3s_tensor *iq, const m3s_tensor *kv_cache,
-                            const m3s_kv_scales *scales, const m3s_tensor *index_cache,
-                            m3s_tensor *topk, m3s_tensor *out, m3s_tensor *lse,
-                            const m3s_exec *exec);
+M3S_API m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg,
+                                    const m3s_step *step, const m3s_tensor *q, const m3s_tensor *iq,
+                                    const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                    const m3s_tensor *index_cache, m3s_tensor *topk,
+                                    m3s_tensor *out, m3s_tensor *lse, const m3s_exec *exec);
 
 /* ---------------------------------------------------------------------------
  * Key-centric (KV-outer) schedule, SPEC section 7.
@@ -412,11 +426,13 @@ m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg, const
  *   q_count:    out, i32 [T, Hkv]: valid selections of (t, g) (ids in [0, nb)
  *               among the first min(K, nb(t)) entries), 0 for padded rows
  * ------------------------------------------------------------------------- */
-m3s_status m3s_k2q_csr_rows(const m3s_context *ctx, const m3s_batch *batch, int64_t *out_rows);
+M3S_API m3s_status m3s_k2q_csr_rows(const m3s_context *ctx, const m3s_batch *batch,
+                                    int64_t *out_rows);
 
-m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
-                             const m3s_tensor *topk, m3s_tensor *row_ptr, m3s_tensor *q_indices,
-                             m3s_tensor *q_slot, m3s_tensor *q_count, const m3s_exec *exec);
+M3S_API m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
+                                     const m3s_batch *batch, const m3s_tensor *topk,
+                                     m3s_tensor *row_ptr, m3s_tensor *q_indices, m3s_tensor *q_slot,
+                                     m3s_tensor *q_count, const m3s_exec *exec);
 
 /* Attention of every (block, query) pair of the CSR: for each query row t, head
  * h and slot k < q_count[t][h/G], the partial result over the keys of that one
@@ -424,20 +440,21 @@ m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg, cons
  *   part_out:  out, f32 [T, Hq, K, 128]  (normalised within the block)
  *   part_lse:  out, f32 [T, Hq, K]       (-inf when the block has no visible key)
  * Slots k >= q_count are left untouched. */
-m3s_status m3s_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
-                             const m3s_tensor *q, const m3s_tensor *kv_cache,
-                             const m3s_kv_scales *scales, const m3s_tensor *row_ptr,
-                             const m3s_tensor *q_indices, const m3s_tensor *q_slot,
-                             m3s_tensor *part_out, m3s_tensor *part_lse, const m3s_exec *exec);
+M3S_API m3s_status m3s_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                                     const m3s_batch *batch, const m3s_tensor *q,
+                                     const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                     const m3s_tensor *row_ptr, const m3s_tensor *q_indices,
+                                     const m3s_tensor *q_slot, m3s_tensor *part_out,
+                                     m3s_tensor *part_lse, const m3s_exec *exec);
 
 /* Combine per-slot partials into the attention result:
  *   part_out [T, Hq, K, 128] f32, part_lse [T, Hq, K] f32, q_count [T, Hkv] i32
  *   out [T, Hq, 128] bf16/f16, lse NULL or [T, Hq] f32.
  * The partials are merged in slot order 0..q_count-1 (deterministic). */
-m3s_status m3s_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
-                                const m3s_tensor *part_out, const m3s_tensor *part_lse,
-                                const m3s_tensor *q_count, m3s_tensor *out, m3s_tensor *lse,
-                                const m3s_exec *exec);
+M3S_API m3s_status m3s_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
+                                        const m3s_tensor *part_out, const m3s_tensor *part_lse,
+                                        const m3s_tensor *q_count, m3s_tensor *out, m3s_tensor *lse,
+                                        const m3s_exec *exec);
 
 /* ---------------------------------------------------------------------------
  * Merge of two partial attention results over disjoint key sets (e.g. two
@@ -447,9 +464,10 @@ m3s_status m3s_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
  *   lse = log(exp(lse_a) + exp(lse_b)); out = weights of each side.
  * Both sides -inf: out 0, lse -inf. out may alias out_a or out_b exactly.
  * ------------------------------------------------------------------------- */
-m3s_status m3s_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a, const m3s_tensor *lse_a,
-                                 const m3s_tensor *out_b, const m3s_tensor *lse_b, m3s_tensor *out,
-                                 m3s_tensor *lse, const m3s_exec *exec);
+M3S_API m3s_status m3s_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
+                                         const m3s_tensor *lse_a, const m3s_tensor *out_b,
+                                         const m3s_tensor *lse_b, m3s_tensor *out, m3s_tensor *lse,
+                                         const m3s_exec *exec);
 
 /* ---------------------------------------------------------------------------
  * Support query (SPEC section 8)
@@ -487,11 +505,11 @@ typedef struct m3s_support_info {
 
 /* Fills *info; returns M3S_OK whenever the arguments themselves are valid
  * (an unsupported combination is reported through info->supported == 0). */
-m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg,
-                             const m3s_support_query *query, m3s_support_info *info);
+M3S_API m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg,
+                                     const m3s_support_query *query, m3s_support_info *info);
 
 /* Validates a layer config alone (same checks every operation makes). */
-m3s_status m3s_config_validate(const m3s_layer_config *cfg);
+M3S_API m3s_status m3s_config_validate(const m3s_layer_config *cfg);
 
 #ifdef __cplusplus
 }

@@ -7,7 +7,9 @@
  *   - a request alone == the same request inside a larger batch (different
  *     num_tokens and max_seq_len), under M3S_OPT_BATCH_INVARIANT; on CUDA
  *     the test also reports whether the default mode differs (not promised)
- * Each compares top-k, output and lse bytes. */
+ * Each compares top-k, output and lse bytes. Built twice: test_invariance
+ * (CPU context) and, with M3S_INVARIANCE_GPU, test_gpu_invariance (CUDA
+ * context; tests/CMakeLists.txt). */
 #include "ref.h"
 
 #include <stdio.h>

@@ -14,6 +14,7 @@ import glob
 import os
 import sys
 import threading
+import warnings
 
 # ---------------------------------------------------------------------------
 # Constants (header values)
@@ -321,6 +322,22 @@ def _declare(lib):
     return lib
 
 
+def _warn_if_shadowing(loaded):
+    """A copy inside the package (left by an earlier ``pip install``, also via
+    setuptools' ``python/build``) is tried before the repository's builds:
+    say so when one of those is newer than the copy that was loaded."""
+    if os.environ.get("M3SPARSE_LIB") or os.path.dirname(loaded) != _PKG_DIR:
+        return
+    newer = [p for p in candidate_paths()
+             if os.path.dirname(p) != _PKG_DIR and os.path.isfile(p)
+             and os.path.getmtime(p) > os.path.getmtime(loaded)]
+    if newer:
+        warnings.warn(
+            "m3sparse: loaded the package's copy %s, but %s is newer: the copy may be stale "
+            "(remove it, and python/build, before `pip install ./python` again, or set "
+            "M3SPARSE_LIB)" % (loaded, newer[0]), RuntimeWarning, stacklevel=3)
+
+
 def load_library(path=None):
     """Load (once) and return the ctypes handle of libm3sparse. ``path``
     overrides the search (see ``candidate_paths``)."""
@@ -340,6 +357,8 @@ def load_library(path=None):
                 continue
             _declare(lib)
             _lib, _lib_path = lib, os.path.abspath(p)
+            if not path:
+                _warn_if_shadowing(_lib_path)
             return lib
         raise LibraryNotFound(
             "m3sparse: could not load libm3sparse. Build it (cmake -S . -B build && cmake "

@@ -9,12 +9,6 @@
 
 #define NO_TABLE (-2)  /* m3s_check_batch: this block table is not used */
 
-#ifndef M3S_WITH_CUDA
-static m3s_status unsupported_cuda(const char *fn) {
-  return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "this build of m3sparse has no CUDA backend");
-}
-#endif
-
 static m3s_status begin(const char *fn, const m3s_context *ctx, const m3s_layer_config *cfg,
                         m3s_vctx *v) {
   m3s_status st;
@@ -24,12 +18,10 @@ static m3s_status begin(const char *fn, const m3s_context *ctx, const m3s_layer_
   if (cfg && (st = m3s_check_config(fn, cfg)))
     return st;
   v->fn = fn;
+  v->part = NULL;
   v->device = ctx->device;
-#ifdef M3S_WITH_CUDA
-  if (ctx->device >= 0)
-    return m3s_cuda_check_device(ctx, fn);
-#endif
-  return M3S_OK;
+  v->host_values = ctx->ops->host_values;
+  return ctx->ops->check_device ? ctx->ops->check_device(ctx, fn) : M3S_OK;
 }
 
 static m3s_status begin_cfg(const char *fn, const m3s_context *ctx, const m3s_layer_config *cfg,
@@ -59,7 +51,7 @@ static const m3s_kv_scales *fp8_scales(const m3s_kv_scales *s, const m3s_tensor 
 
 /* Values of the slot mapping (host data only): slot < P*128 or negative. */
 static m3s_status check_slots(const m3s_vctx *v, const m3s_tensor *slots, int64_t num_pages) {
-  if (v->device >= 0)
+  if (!v->host_values)
     return M3S_OK;
   int64_t limit = num_pages * M3S_BLOCK_SIZE;
   for (int64_t i = 0; i < slots->shape[0]; i++) {
@@ -67,7 +59,7 @@ static m3s_status check_slots(const m3s_vctx *v, const m3s_tensor *slots, int64_
                     ? ((const int64_t *)slots->data)[i * slots->stride[0]]
                     : ((const int32_t *)slots->data)[i * slots->stride[0]];
     if (s >= limit)
-      return m3s_fail(M3S_ERR_RANGE, v->fn,
+      return m3s_vfail(v, M3S_ERR_RANGE,
                       "slot_mapping[%lld] = %lld is beyond the cache (%lld pages x 128 = %lld "
                       "slots; negative slots skip a token)",
                       (long long)i, (long long)s, (long long)num_pages, (long long)limit);
@@ -108,13 +100,7 @@ m3s_status m3s_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_ten
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
   scales = fp8_scales(scales, kv_cache);
-  if (ctx->device >= 0)
-#ifdef M3S_WITH_CUDA
-    return m3s_cuda_cache_insert(ctx, k, v_, slot_mapping, kv_cache, scales, exec);
-#else
-    return unsupported_cuda(v.fn);
-#endif
-  return m3s_cpu_cache_insert(k, v_, slot_mapping, kv_cache, scales);
+  return ctx->ops->cache_insert(ctx, k, v_, slot_mapping, kv_cache, scales, exec);
 }
 
 static m3s_status check_index_cache(const m3s_vctx *v, const m3s_tensor *ic) {
@@ -141,13 +127,7 @@ m3s_status m3s_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
       (st = check_slots(&v, slot_mapping, index_cache->shape[0])) ||
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
-  if (ctx->device >= 0)
-#ifdef M3S_WITH_CUDA
-    return m3s_cuda_index_cache_insert(ctx, ik, slot_mapping, index_cache, exec);
-#else
-    return unsupported_cuda(v.fn);
-#endif
-  return m3s_cpu_index_cache_insert(ik, slot_mapping, index_cache);
+  return ctx->ops->index_cache_insert(ctx, ik, slot_mapping, index_cache, exec);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -187,20 +167,14 @@ m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg, const m
       (st = validate_topk(&v, cfg, batch, iq, index_cache, topk)) ||
       (st = check_workspace(&v, ctx, cfg, batch, exec)))
     return st;
-  if (ctx->device >= 0)
-#ifdef M3S_WITH_CUDA
-    return m3s_cuda_index_topk(ctx, cfg, batch, iq, index_cache, topk, exec);
-#else
-    return unsupported_cuda(v.fn);
-#endif
-  return m3s_cpu_index_topk(cfg, batch, iq, index_cache, topk);
+  return ctx->ops->index_topk(ctx, cfg, batch, iq, index_cache, topk, exec);
 }
 
 /* Host values of a top-k buffer as attention reads them: the first
  * min(K, nb(t)) entries of each non-padded row are -1 or distinct ids < nb(t). */
 static m3s_status check_topk_values(const m3s_vctx *v, const m3s_layer_config *cfg,
                                     const m3s_batch *b, const m3s_tensor *topk) {
-  if (v->device >= 0)
+  if (!v->host_values)
     return M3S_OK;
   const int32_t *base = (const int32_t *)topk->data;
   for (int r = 0; r < b->num_reqs; r++) {
@@ -217,13 +191,13 @@ static m3s_status check_topk_values(const m3s_vctx *v, const m3s_layer_config *c
           if (id == -1)
             continue;
           if (id < 0 || id >= nb)
-            return m3s_fail(M3S_ERR_RANGE, v->fn,
+            return m3s_vfail(v, M3S_ERR_RANGE,
                             "topk[%lld][%d][%lld] = %d is not a visible block (-1 or 0 <= id < "
                             "nb = %lld)",
                             (long long)(row0 + i), g, (long long)a, id, (long long)nb);
           for (int64_t c = 0; c < a; c++)
             if (row[c * topk->stride[2]] == id)
-              return m3s_fail(M3S_ERR_RANGE, v->fn,
+              return m3s_vfail(v, M3S_ERR_RANGE,
                               "topk[%lld][%d] selects block %d twice (slots %lld and %lld)",
                               (long long)(row0 + i), g, id, (long long)c, (long long)a);
         }
@@ -293,13 +267,7 @@ m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
       (st = check_workspace(&v, ctx, cfg, batch, exec)))
     return st;
   scales = fp8_scales(scales, kv_cache);
-  if (ctx->device >= 0)
-#ifdef M3S_WITH_CUDA
-    return m3s_cuda_sparse_attention(ctx, cfg, batch, q, kv_cache, scales, topk, out, lse, exec);
-#else
-    return unsupported_cuda(v.fn);
-#endif
-  return m3s_cpu_sparse_attention(cfg, batch, q, kv_cache, scales, topk, out, lse);
+  return ctx->ops->sparse_attention(ctx, cfg, batch, q, kv_cache, scales, topk, out, lse, exec);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -308,22 +276,43 @@ typedef struct {
   m3s_tensor q, iq, topk, out, lse;
 } step_part;
 
-static m3s_status cut_part(const m3s_vctx *v, const char *part, int64_t row0, int64_t rows,
-                           const m3s_tensor *q, const m3s_tensor *iq, const m3s_tensor *topk,
-                           const m3s_tensor *out, const m3s_tensor *lse, step_part *p) {
+/* Rows [row0, row0 + rows) of the whole-step tensors, whose dimension 0 the
+ * step has checked against decode.num_tokens + prefill.num_tokens. */
+static void cut_part(int64_t row0, int64_t rows, const m3s_tensor *q, const m3s_tensor *iq,
+                     const m3s_tensor *topk, const m3s_tensor *out, const m3s_tensor *lse,
+                     step_part *p) {
   p->q = m3s_tensor_narrow(q, row0, rows);
   p->iq = m3s_tensor_narrow(iq, row0, rows);
   p->topk = m3s_tensor_narrow(topk, row0, rows);
   p->out = m3s_tensor_narrow(out, row0, rows);
   if (lse)
     p->lse = m3s_tensor_narrow(lse, row0, rows);
-  if (p->q.ndim < 0 || p->iq.ndim < 0 || p->topk.ndim < 0 || p->out.ndim < 0 ||
-      (lse && p->lse.ndim < 0))
-    return m3s_fail(M3S_ERR_SHAPE, v->fn,
-                    "the %s part needs rows [%lld, %lld) of q, iq, topk, out and lse; a tensor "
-                    "is shorter",
-                    part, (long long)row0, (long long)(row0 + rows));
-  return M3S_OK;
+}
+
+/* The whole-step tensors and the caches both parts share, checked before the
+ * parts, so that an error names a part only for what is the part's own: its
+ * batch and its workspace. */
+static m3s_status validate_step_tensors(const m3s_vctx *v, const m3s_layer_config *cfg, int64_t t,
+                                        const m3s_tensor *q, const m3s_tensor *iq,
+                                        const m3s_tensor *kv, const m3s_kv_scales *scales,
+                                        const m3s_tensor *ic, const m3s_tensor *topk,
+                                        const m3s_tensor *out, const m3s_tensor *lse) {
+  const char *rows = "decode.num_tokens + prefill.num_tokens";
+  m3s_status st;
+  if ((st = m3s_check_tensor(v, "q", q, 3, M3S_ACT_MASK)) ||
+      (st = m3s_check_dim(v, "q", q, 0, t, rows)) ||
+      (st = m3s_check_dim(v, "q", q, 1, cfg->num_q_heads, "cfg.num_q_heads")) ||
+      (st = m3s_check_dim(v, "q", q, 2, M3S_HEAD_DIM, "head_dim")) ||
+      (st = m3s_check_tensor(v, "iq", iq, 3, M3S_ACT_MASK)) ||
+      (st = m3s_check_dim(v, "iq", iq, 0, t, rows)) ||
+      (st = m3s_check_dim(v, "iq", iq, 1, cfg->num_kv_heads, "cfg.num_kv_heads (index heads)")) ||
+      (st = m3s_check_dim(v, "iq", iq, 2, M3S_INDEX_DIM, "index_dim")) ||
+      (st = check_topk_shape(v, "topk", topk, cfg, t, true)) ||
+      (st = check_out_lse(v, out, lse, t, cfg->num_q_heads, M3S_MASK(q->dtype), rows)))
+    return st;
+  if ((st = check_index_cache(v, ic)))
+    return st;
+  return check_kv_cache(v, cfg, kv, scales);
 }
 
 m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_step *step,
@@ -336,35 +325,26 @@ m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg, const
   if ((st = begin_cfg("m3s_step_forward", ctx, cfg, &v)))
     return st;
   if (!step)
-    return m3s_fail(M3S_ERR_NULL, v.fn, "argument 'step' is NULL");
+    return m3s_vfail(&v, M3S_ERR_NULL, "argument 'step' is NULL");
   const m3s_batch *parts[2] = {&step->decode, &step->prefill};
   const char *names[2] = {"decode", "prefill"};
   int64_t td = step->decode.num_tokens, tp = step->prefill.num_tokens;
   if (td < 0 || tp < 0)
-    return m3s_fail(M3S_ERR_BATCH, v.fn, "decode.num_tokens (%lld) and prefill.num_tokens "
-                    "(%lld) must be >= 0", (long long)td, (long long)tp);
-  if ((st = m3s_check_tensor(&v, "q", q, 3, M3S_ACT_MASK)) ||
-      (st = m3s_check_dim(&v, "q", q, 0, td + tp, "decode.num_tokens + prefill.num_tokens")) ||
-      (st = m3s_check_tensor(&v, "iq", iq, 3, M3S_ACT_MASK)) ||
-      (st = m3s_check_dim(&v, "iq", iq, 0, td + tp, "decode.num_tokens + prefill.num_tokens")) ||
-      (st = check_topk_shape(&v, "topk", topk, cfg, td + tp, true)) ||
-      (st = check_out_lse(&v, out, lse, td + tp, cfg->num_q_heads, M3S_MASK(q->dtype),
-                          "decode.num_tokens + prefill.num_tokens")))
+    return m3s_vfail(&v, M3S_ERR_BATCH,
+                     "decode.num_tokens (%lld) and prefill.num_tokens (%lld) must be >= 0",
+                     (long long)td, (long long)tp);
+  if ((st = validate_step_tensors(&v, cfg, td + tp, q, iq, kv_cache, scales, index_cache, topk,
+                                  out, lse)))
     return st;
   step_part pp[2];
   for (int i = 0; i < 2; i++) {
-    int64_t row0 = i == 0 ? 0 : td, rows = i == 0 ? td : tp;
-    if ((st = cut_part(&v, names[i], row0, rows, q, iq, topk, out, lse, &pp[i])) ||
-        (st = validate_topk(&v, cfg, parts[i], &pp[i].iq, index_cache, &pp[i].topk)) ||
+    v.part = names[i];
+    cut_part(i == 0 ? 0 : td, i == 0 ? td : tp, q, iq, topk, out, lse, &pp[i]);
+    if ((st = validate_topk(&v, cfg, parts[i], &pp[i].iq, index_cache, &pp[i].topk)) ||
         (st = validate_attn(&v, cfg, parts[i], &pp[i].q, kv_cache, scales, &pp[i].topk,
                             &pp[i].out, lse ? &pp[i].lse : NULL, false)) ||
-        (st = check_workspace(&v, ctx, cfg, parts[i], exec))) {
-      char inner[512];
-      const char *msg = m3s_last_error();
-      size_t skip = strlen(v.fn) + 2; /* the inner text starts with "fn: " */
-      snprintf(inner, sizeof inner, "%s", strncmp(msg, v.fn, strlen(v.fn)) == 0 ? msg + skip : msg);
-      return m3s_fail(st, v.fn, "%s part: %s", names[i], inner);
-    }
+        (st = check_workspace(&v, ctx, cfg, parts[i], exec)))
+      return st;
   }
   /* The parts run one after the other on the same stream, so they share the
    * workspace. */
@@ -372,22 +352,11 @@ m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg, const
   for (int i = 0; i < 2; i++) {
     if (parts[i]->num_tokens == 0)
       continue;
-    if (ctx->device >= 0) {
-#ifdef M3S_WITH_CUDA
-      if ((st = m3s_cuda_index_topk(ctx, cfg, parts[i], &pp[i].iq, index_cache, &pp[i].topk,
-                                    exec)) ||
-          (st = m3s_cuda_sparse_attention(ctx, cfg, parts[i], &pp[i].q, kv_cache, scales,
-                                          &pp[i].topk, &pp[i].out, lse ? &pp[i].lse : NULL,
-                                          exec)))
-        return st;
-      continue;
-#else
-      return unsupported_cuda(v.fn);
-#endif
-    }
-    if ((st = m3s_cpu_index_topk(cfg, parts[i], &pp[i].iq, index_cache, &pp[i].topk)) ||
-        (st = m3s_cpu_sparse_attention(cfg, parts[i], &pp[i].q, kv_cache, scales, &pp[i].topk,
-                                       &pp[i].out, lse ? &pp[i].lse : NULL)))
+    if ((st = ctx->ops->index_topk(ctx, cfg, parts[i], &pp[i].iq, index_cache, &pp[i].topk,
+                                   exec)) ||
+        (st = ctx->ops->sparse_attention(ctx, cfg, parts[i], &pp[i].q, kv_cache, scales,
+                                         &pp[i].topk, &pp[i].out, lse ? &pp[i].lse : NULL,
+                                         exec)))
       return st;
   }
   return M3S_OK;
@@ -409,9 +378,9 @@ m3s_status m3s_k2q_csr_rows(const m3s_context *ctx, const m3s_batch *batch, int6
       (st = m3s_check_batch(&v, "batch", batch, NO_TABLE, NO_TABLE)))
     return st;
   if (!out_rows)
-    return m3s_fail(M3S_ERR_NULL, v.fn, "argument 'out_rows' is NULL");
-  if (ctx->device >= 0)
-    return m3s_fail(M3S_ERR_UNSUPPORTED, v.fn,
+    return m3s_vfail(&v, M3S_ERR_NULL, "argument 'out_rows' is NULL");
+  if (!v.host_values)
+    return m3s_vfail(&v, M3S_ERR_UNSUPPORTED,
                     "the batch lives on the device; take the row count from the host "
                     "(m3s_step_plan.csr_rows)");
   *out_rows = host_csr_rows(batch);
@@ -426,6 +395,21 @@ static m3s_status check_i32_2d(const m3s_vctx *v, const char *name, const m3s_te
       (st = m3s_check_dim(v, name, t, 0, d0, w0)) || (st = m3s_check_dim(v, name, t, 1, d1, w1)))
     return st;
   return output ? m3s_check_contiguous(v, name, t) : M3S_OK;
+}
+
+/* Host batches only (the row count of a device batch is the caller's to
+ * give): row_ptr holds one entry per CSR row plus one. */
+static m3s_status check_csr_row_count(const m3s_vctx *v, const m3s_batch *b,
+                                      const m3s_tensor *row_ptr) {
+  if (!v->host_values)
+    return M3S_OK;
+  int64_t rows = host_csr_rows(b);
+  if (rows == row_ptr->shape[1] - 1)
+    return M3S_OK;
+  return m3s_vfail(v, M3S_ERR_SHAPE,
+                   "argument 'row_ptr': shape[1] must be rows + 1 = %lld (sum of ceil(seq_len "
+                   "/ 128)), got %lld",
+                   (long long)(rows + 1), (long long)row_ptr->shape[1]);
 }
 
 m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
@@ -443,7 +427,7 @@ m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
       (st = m3s_check_dim(&v, "row_ptr", row_ptr, 0, hkv, "cfg.num_kv_heads")))
     return st;
   if (row_ptr->shape[1] < 1)
-    return m3s_fail(M3S_ERR_SHAPE, v.fn, "argument 'row_ptr': shape[1] must be rows + 1 >= 1");
+    return m3s_vfail(&v, M3S_ERR_SHAPE, "argument 'row_ptr': shape[1] must be rows + 1 >= 1");
   if ((st = check_i32_2d(&v, "row_ptr", row_ptr, hkv, "cfg.num_kv_heads", row_ptr->shape[1],
                          "rows + 1", true)) ||
       (st = check_i32_2d(&v, "q_indices", q_indices, hkv, "cfg.num_kv_heads", tk,
@@ -455,23 +439,12 @@ m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
   if (tk > INT32_MAX)
-    return m3s_fail(M3S_ERR_SHAPE, v.fn, "num_tokens * topk = %lld exceeds int32 indices",
+    return m3s_vfail(&v, M3S_ERR_SHAPE, "num_tokens * topk = %lld exceeds int32 indices",
                     (long long)tk);
-  if (ctx->device >= 0)
-#ifdef M3S_WITH_CUDA
-    return m3s_cuda_build_k2q_csr(ctx, cfg, batch, topk, row_ptr, q_indices, q_slot, q_count, exec);
-#else
-    return unsupported_cuda(v.fn);
-#endif
-  int64_t rows = host_csr_rows(batch);
-  if (rows != row_ptr->shape[1] - 1)
-    return m3s_fail(M3S_ERR_SHAPE, v.fn,
-                    "argument 'row_ptr': shape[1] must be rows + 1 = %lld (sum of ceil(seq_len "
-                    "/ 128)), got %lld",
-                    (long long)(rows + 1), (long long)row_ptr->shape[1]);
-  if ((st = check_topk_values(&v, cfg, batch, topk)))
+  if ((st = check_csr_row_count(&v, batch, row_ptr)) ||
+      (st = check_topk_values(&v, cfg, batch, topk)))
     return st;
-  return m3s_cpu_build_k2q_csr(cfg, batch, topk, row_ptr, q_indices, q_slot, q_count);
+  return ctx->ops->build_k2q_csr(ctx, cfg, batch, topk, row_ptr, q_indices, q_slot, q_count, exec);
 }
 
 /* Host values of a CSR: monotone row_ptr within T*K; every entry names a query
@@ -479,11 +452,11 @@ m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
 static m3s_status check_csr_values(const m3s_vctx *v, const m3s_layer_config *cfg,
                                    const m3s_batch *b, const m3s_tensor *row_ptr,
                                    const m3s_tensor *qi, const m3s_tensor *qs) {
-  if (v->device >= 0)
+  if (!v->host_values)
     return M3S_OK;
   int64_t rows = row_ptr->shape[1] - 1, cap = qi->shape[1];
   if (rows != host_csr_rows(b))
-    return m3s_fail(M3S_ERR_SHAPE, v->fn,
+    return m3s_vfail(v, M3S_ERR_SHAPE,
                     "argument 'row_ptr': shape[1] must be rows + 1 = %lld, got %lld",
                     (long long)(host_csr_rows(b) + 1), (long long)row_ptr->shape[1]);
   for (int g = 0; g < cfg->num_kv_heads; g++) {
@@ -493,20 +466,20 @@ static m3s_status check_csr_values(const m3s_vctx *v, const m3s_layer_config *cf
     const int32_t *qq = m3s_numel(qi) ? (const int32_t *)qi->data + g * qi->stride[0] : NULL;
     const int32_t *ss = m3s_numel(qs) ? (const int32_t *)qs->data + g * qs->stride[0] : NULL;
     if (rp[0] != 0)
-      return m3s_fail(M3S_ERR_RANGE, v->fn, "row_ptr[%d][0] must be 0, got %d", g, rp[0]);
+      return m3s_vfail(v, M3S_ERR_RANGE, "row_ptr[%d][0] must be 0, got %d", g, rp[0]);
     int64_t row = 0;
     for (int r = 0; r < b->num_reqs; r++) {
       int64_t nbr = m3s_ceil_div(m3s_batch_seqlen(b, r), M3S_BLOCK_SIZE);
       int64_t lo = m3s_batch_row0(b, r), hi = lo + m3s_batch_qlen(b, r);
       for (int64_t blk = 0; blk < nbr; blk++, row++) {
         if (rp[row + 1] < rp[row] || rp[row + 1] > cap)
-          return m3s_fail(M3S_ERR_RANGE, v->fn,
+          return m3s_vfail(v, M3S_ERR_RANGE,
                           "row_ptr[%d][%lld] = %d must be in [row_ptr[%d][%lld] = %d, %lld]", g,
                           (long long)(row + 1), rp[row + 1], g, (long long)row, rp[row],
                           (long long)cap);
         for (int64_t e = rp[row]; e < rp[row + 1]; e++)
           if (qq[e] < lo || qq[e] >= hi || ss[e] < 0 || ss[e] >= cfg->topk)
-            return m3s_fail(M3S_ERR_RANGE, v->fn,
+            return m3s_vfail(v, M3S_ERR_RANGE,
                             "q_indices/q_slot[%d][%lld] = (query %d, slot %d): the query must "
                             "belong to request %d (rows [%lld, %lld)) and the slot be < %d",
                             g, (long long)e, qq[e], ss[e], r, (long long)lo, (long long)hi,
@@ -554,19 +527,27 @@ m3s_status m3s_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
   if (row_ptr->shape[1] < 1)
-    return m3s_fail(M3S_ERR_SHAPE, v.fn, "argument 'row_ptr': shape[1] must be rows + 1 >= 1");
+    return m3s_vfail(&v, M3S_ERR_SHAPE, "argument 'row_ptr': shape[1] must be rows + 1 >= 1");
   scales = fp8_scales(scales, kv_cache);
-  if (ctx->device >= 0)
-#ifdef M3S_WITH_CUDA
-    return m3s_cuda_k2q_attention(ctx, cfg, batch, q, kv_cache, scales, row_ptr, q_indices, q_slot,
-                                  part_out, part_lse, exec);
-#else
-    return unsupported_cuda(v.fn);
-#endif
   if ((st = check_csr_values(&v, cfg, batch, row_ptr, q_indices, q_slot)))
     return st;
-  return m3s_cpu_k2q_attention(cfg, batch, q, kv_cache, scales, row_ptr, q_indices, q_slot,
-                               part_out, part_lse);
+  return ctx->ops->k2q_attention(ctx, cfg, batch, q, kv_cache, scales, row_ptr, q_indices, q_slot,
+                                 part_out, part_lse, exec);
+}
+
+/* Host values of q_count: each a slot count in [0, K]. */
+static m3s_status check_q_count_values(const m3s_vctx *v, const m3s_layer_config *cfg,
+                                       const m3s_tensor *q_count) {
+  if (!v->host_values)
+    return M3S_OK;
+  for (int64_t i = 0; i < q_count->shape[0]; i++)
+    for (int g = 0; g < cfg->num_kv_heads; g++) {
+      int32_t c = ((const int32_t *)q_count->data)[i * q_count->stride[0] + g];
+      if (c < 0 || c > cfg->topk)
+        return m3s_vfail(v, M3S_ERR_RANGE, "q_count[%lld][%d] = %d must be in [0, %d]",
+                         (long long)i, g, c, cfg->topk);
+    }
+  return M3S_OK;
 }
 
 m3s_status m3s_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
@@ -591,20 +572,9 @@ m3s_status m3s_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
       (st = check_out_lse(&v, out, lse, t, hq, M3S_ACT_MASK, "part_out.shape[0] (T)")) ||
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
-  if (ctx->device >= 0)
-#ifdef M3S_WITH_CUDA
-    return m3s_cuda_combine_partials(ctx, cfg, part_out, part_lse, q_count, out, lse, exec);
-#else
-    return unsupported_cuda(v.fn);
-#endif
-  for (int64_t i = 0; i < t; i++)
-    for (int g = 0; g < cfg->num_kv_heads; g++) {
-      int32_t c = ((const int32_t *)q_count->data)[i * q_count->stride[0] + g];
-      if (c < 0 || c > k)
-        return m3s_fail(M3S_ERR_RANGE, v.fn, "q_count[%lld][%d] = %d must be in [0, %lld]",
-                        (long long)i, g, c, (long long)k);
-    }
-  return m3s_cpu_combine_partials(cfg, part_out, part_lse, q_count, out, lse);
+  if ((st = check_q_count_values(&v, cfg, q_count)))
+    return st;
+  return ctx->ops->combine_partials(ctx, cfg, part_out, part_lse, q_count, out, lse, exec);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -637,43 +607,10 @@ m3s_status m3s_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
       (st = check_out_lse(&v, out, lse, t, h, M3S_ACT_MASK | M3S_MASK(M3S_F32), "T")) ||
       (st = m3s_check_exec(&v, exec, 0)))
     return st;
-  if (ctx->device >= 0)
-#ifdef M3S_WITH_CUDA
-    return m3s_cuda_merge_attn_states(ctx, out_a, lse_a, out_b, lse_b, out, lse, exec);
-#else
-    return unsupported_cuda(v.fn);
-#endif
-  return m3s_cpu_merge_attn_states(out_a, lse_a, out_b, lse_b, out, lse);
+  return ctx->ops->merge_attn_states(ctx, out_a, lse_a, out_b, lse_b, out, lse, exec);
 }
 
 /* ------------------------------------------------------------------------ */
-
-static const char *op_kernel_cpu(m3s_op op) {
-  switch (op) {
-  case M3S_OP_CACHE_INSERT: return "cpu_cache_insert";
-  case M3S_OP_INDEX_INSERT: return "cpu_index_cache_insert";
-  case M3S_OP_INDEX_TOPK: return "cpu_index_topk_streaming";
-  case M3S_OP_ATTENTION_DECODE: return "cpu_sparse_attention_rowwise";
-  case M3S_OP_ATTENTION_PREFILL: return "cpu_sparse_attention_rowwise";
-  case M3S_OP_K2Q: return "cpu_k2q_csr";
-  case M3S_OP_MERGE: return "cpu_merge_attn_states";
-  }
-  return "";
-}
-
-/* What the CUDA backend runs (sm_90a and sm_80 builds alike). */
-static const char *op_kernel_cuda(m3s_op op) {
-  switch (op) {
-  case M3S_OP_CACHE_INSERT: return "cuda_insert_kv_kernel";
-  case M3S_OP_INDEX_INSERT: return "cuda_insert_index_kernel";
-  case M3S_OP_INDEX_TOPK: return "cuda_topk_score_fp32_fixed_order+select";
-  case M3S_OP_ATTENTION_DECODE: return "cuda_attention_mma_sync_splitk";
-  case M3S_OP_ATTENTION_PREFILL: return "cuda_attention_mma_sync";
-  case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_attention_simt";
-  case M3S_OP_MERGE: return "cuda_merge_attn_states";
-  }
-  return "";
-}
 
 m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg,
                              const m3s_support_query *query, m3s_support_info *info) {
@@ -682,10 +619,10 @@ m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg
   if ((st = begin_cfg("m3s_query_support", ctx, cfg, &v)))
     return st;
   if (!query || !info)
-    return m3s_fail(M3S_ERR_NULL, v.fn, "argument '%s' is NULL", query ? "info" : "query");
+    return m3s_vfail(&v, M3S_ERR_NULL, "argument '%s' is NULL", query ? "info" : "query");
   if ((unsigned)query->op > (unsigned)M3S_OP_MERGE ||
       (unsigned)query->layout > (unsigned)M3S_LAYOUT_STRIDED)
-    return m3s_fail(M3S_ERR_INVALID, v.fn, "query.op (%d) or query.layout (%d) is not an enum value",
+    return m3s_vfail(&v, M3S_ERR_INVALID, "query.op (%d) or query.layout (%d) is not an enum value",
                     (int)query->op, (int)query->layout);
   memset(info, 0, sizeof *info);
   const char *why = NULL;
@@ -701,7 +638,6 @@ m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg
     return M3S_OK;
   }
   info->supported = 1;
-  snprintf(info->kernel, sizeof info->kernel, "%s",
-           ctx->device >= 0 ? op_kernel_cuda(query->op) : op_kernel_cpu(query->op));
+  snprintf(info->kernel, sizeof info->kernel, "%s", ctx->ops->kernel(ctx, query->op));
   return M3S_OK;
 }

@@ -1,34 +1,43 @@
-/* Contexts: one per device, holding all library state (logging settings and
- * the backend's own state). device < 0 selects the CPU reference backend. */
+/* Contexts: one per device, holding all library state (logging settings, the
+ * backend's operations table and its own state). The table is chosen here,
+ * once: device < 0 selects the CPU reference backend, device >= 0 the CUDA
+ * backend in builds that have it. */
 #include "internal.h"
 
 #include <stdlib.h>
+
+/* NULL when this build has no backend for the device. */
+static const m3s_backend_ops *backend_for(int device) {
+  if (device < 0)
+    return &m3s_cpu_ops;
+#ifdef M3S_WITH_CUDA
+  return &m3s_cuda_ops;
+#else
+  return NULL;
+#endif
+}
 
 m3s_status m3s_context_create(int device, m3s_context **out_ctx) {
   const char *fn = "m3s_context_create";
   m3s_clear_error();
   if (!out_ctx)
     return m3s_fail(M3S_ERR_NULL, fn, "argument 'out_ctx' is NULL");
-#ifndef M3S_WITH_CUDA
-  if (device >= 0)
+  const m3s_backend_ops *ops = backend_for(device);
+  if (!ops)
     return m3s_fail(M3S_ERR_UNSUPPORTED, fn,
                     "device %d requested but this build of m3sparse has no CUDA backend "
                     "(rebuild with the CUDA toolkit present)",
                     device);
-#endif
   m3s_context *ctx = (m3s_context *)calloc(1, sizeof *ctx);
   if (!ctx)
     return m3s_fail(M3S_ERR_NO_MEMORY, fn, "could not allocate %zu bytes", sizeof *ctx);
   ctx->device = device < 0 ? M3S_HOST : device;
-#ifdef M3S_WITH_CUDA
-  if (device >= 0) {
-    m3s_status st = m3s_cuda_context_init(ctx);
-    if (st) {
-      free(ctx);
-      return st;
-    }
+  ctx->ops = ops;
+  m3s_status st = ops->init ? ops->init(ctx) : M3S_OK;
+  if (st) {
+    free(ctx);
+    return st;
   }
-#endif
   *out_ctx = ctx;
   return M3S_OK;
 }
@@ -36,10 +45,8 @@ m3s_status m3s_context_create(int device, m3s_context **out_ctx) {
 void m3s_context_destroy(m3s_context *ctx) {
   if (!ctx)
     return;
-#ifdef M3S_WITH_CUDA
-  if (ctx->device >= 0)
-    m3s_cuda_context_fini(ctx);
-#endif
+  if (ctx->ops->fini)
+    ctx->ops->fini(ctx);
   free(ctx);
 }
 

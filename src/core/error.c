@@ -45,6 +45,18 @@ m3s_status m3s_fail(m3s_status st, const char *fn, const char *fmt, ...) {
   return st;
 }
 
+m3s_status m3s_vfail(const m3s_vctx *v, m3s_status st, const char *fmt, ...) {
+  int n = v->part ? snprintf(tl_error, sizeof tl_error, "%s: %s part: ", v->fn, v->part)
+                  : snprintf(tl_error, sizeof tl_error, "%s: ", v->fn);
+  if (n < 0 || n >= (int)sizeof tl_error)
+    return st;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(tl_error + n, sizeof tl_error - (size_t)n, fmt, ap);
+  va_end(ap);
+  return st;
+}
+
 void m3s_log(const m3s_context *ctx, int level, const char *fmt, ...) {
   if (!ctx || level > ctx->log_level || level <= 0)
     return;

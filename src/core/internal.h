@@ -14,6 +14,7 @@ extern "C" {
 
 struct m3s_context {
   int device;           /* < 0: CPU backend; >= 0: CUDA ordinal */
+  const struct m3s_backend_ops *ops; /* chosen once by m3s_context_create */
   int log_level;
   m3s_log_fn log_fn;
   void *log_user;
@@ -39,8 +40,18 @@ void m3s_log(const m3s_context *ctx, int level, const char *fmt, ...)
  * Each returns M3S_OK or records an error naming fn and the argument. */
 typedef struct {
   const char *fn;   /* public function name, for messages */
+  const char *part; /* m3s_step_forward: "decode" or "prefill" while a part's
+                     * own arguments are checked; NULL otherwise */
   int device;       /* where every tensor must live */
+  int host_values;  /* the backend reads host memory: check index values too */
 } m3s_vctx;
+
+/* m3s_fail for a validation context: "fn: [part part: ]message". */
+m3s_status m3s_vfail(const m3s_vctx *v, m3s_status st, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
 
 int64_t m3s_numel(const m3s_tensor *t);
 /* Checks pointer, ndim, dtype (one of the mask bits 1u << dtype), device,

@@ -106,15 +106,6 @@ m3s_status m3s_workspace_size(const m3s_context *ctx, const m3s_layer_config *cf
     return m3s_fail(M3S_ERR_INVALID, fn,
                     "max_tokens (%lld) and max_seq_len (%lld) must be >= 0",
                     (long long)max_tokens, (long long)max_seq_len);
-  /* The CPU backend works in registers and stack tiles; no scratch. The CUDA
-   * operations of a step run one after the other on one stream and share it. */
-  *out_bytes = 0;
-#ifdef M3S_WITH_CUDA
-  if (ctx->device >= 0) {
-    size_t a = m3s_cuda_topk_workspace(ctx, cfg, max_tokens, max_seq_len);
-    size_t b = m3s_cuda_attention_workspace(ctx, cfg, max_tokens, max_seq_len);
-    *out_bytes = a > b ? a : b;
-  }
-#endif
+  *out_bytes = ctx->ops->workspace(ctx, cfg, max_tokens, max_seq_len);
   return M3S_OK;
 }

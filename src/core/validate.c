@@ -39,9 +39,9 @@ static const char *dev_name(int dev, char *buf, size_t n) {
 m3s_status m3s_check_tensor(const m3s_vctx *v, const char *name, const m3s_tensor *t, int ndim,
                             unsigned dtype_mask) {
   if (!t)
-    return m3s_fail(M3S_ERR_NULL, v->fn, "argument '%s' is NULL", name);
+    return m3s_vfail(v, M3S_ERR_NULL, "argument '%s' is NULL", name);
   if (t->ndim != ndim)
-    return m3s_fail(M3S_ERR_SHAPE, v->fn, "argument '%s' must have %d dimensions, got %d", name,
+    return m3s_vfail(v, M3S_ERR_SHAPE, "argument '%s' must have %d dimensions, got %d", name,
                     ndim, t->ndim);
   if ((unsigned)t->dtype > (unsigned)M3S_I64 || !(dtype_mask & M3S_MASK(t->dtype))) {
     char list[96] = "";
@@ -50,13 +50,13 @@ m3s_status m3s_check_tensor(const m3s_vctx *v, const char *name, const m3s_tenso
       if (dtype_mask & M3S_MASK(d))
         len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", len ? "/" : "",
                                 m3s_dtype_name((m3s_dtype)d));
-    return m3s_fail(M3S_ERR_DTYPE, v->fn, "argument '%s' must have dtype %s, got %s (%d)", name,
+    return m3s_vfail(v, M3S_ERR_DTYPE, "argument '%s' must have dtype %s, got %s (%d)", name,
                     list, m3s_dtype_name(t->dtype), (int)t->dtype);
   }
   bool same_side = (t->device < 0) == (v->device < 0) && (v->device < 0 || t->device == v->device);
   if (!same_side) {
     char a[24], b[24];
-    return m3s_fail(M3S_ERR_DEVICE, v->fn,
+    return m3s_vfail(v, M3S_ERR_DEVICE,
                     "argument '%s' lives on %s but the context runs on %s", name,
                     dev_name(t->device, a, sizeof a), dev_name(v->device, b, sizeof b));
   }
@@ -65,16 +65,16 @@ m3s_status m3s_check_tensor(const m3s_vctx *v, const char *name, const m3s_tenso
   bool empty = false;
   for (int i = 0; i < ndim; i++) {
     if (t->shape[i] < 0)
-      return m3s_fail(M3S_ERR_SHAPE, v->fn, "argument '%s': shape[%d] must be >= 0, got %lld",
+      return m3s_vfail(v, M3S_ERR_SHAPE, "argument '%s': shape[%d] must be >= 0, got %lld",
                       name, i, (long long)t->shape[i]);
     if (t->stride[i] < 0)
-      return m3s_fail(M3S_ERR_LAYOUT, v->fn, "argument '%s': stride[%d] must be >= 0, got %lld",
+      return m3s_vfail(v, M3S_ERR_LAYOUT, "argument '%s': stride[%d] must be >= 0, got %lld",
                       name, i, (long long)t->stride[i]);
     if (t->shape[i] == 0)
       empty = true;
   }
   if (ndim > 0 && t->stride[ndim - 1] != 1 && t->shape[ndim - 1] > 1)
-    return m3s_fail(M3S_ERR_LAYOUT, v->fn,
+    return m3s_vfail(v, M3S_ERR_LAYOUT,
                     "argument '%s': innermost stride must be 1, got %lld", name,
                     (long long)t->stride[ndim - 1]);
   if (empty)
@@ -82,12 +82,12 @@ m3s_status m3s_check_tensor(const m3s_vctx *v, const char *name, const m3s_tenso
   for (int i = 0; i < ndim; i++) {
     int64_t ext = t->shape[i] - 1;
     if (ext > 0 && t->stride[i] > (INT64_MAX / esize - max_off) / ext)
-      return m3s_fail(M3S_ERR_LAYOUT, v->fn,
+      return m3s_vfail(v, M3S_ERR_LAYOUT,
                       "argument '%s': shape x strides exceed the 64-bit address range", name);
     max_off += ext * t->stride[i];
   }
   if (!t->data)
-    return m3s_fail(M3S_ERR_NULL, v->fn, "argument '%s' has data == NULL but %lld elements",
+    return m3s_vfail(v, M3S_ERR_NULL, "argument '%s' has data == NULL but %lld elements",
                     name, (long long)m3s_numel(t));
   return M3S_OK;
 }
@@ -96,7 +96,7 @@ m3s_status m3s_check_dim(const m3s_vctx *v, const char *name, const m3s_tensor *
                          int64_t want, const char *what) {
   if (t->shape[dim] == want)
     return M3S_OK;
-  return m3s_fail(M3S_ERR_SHAPE, v->fn, "argument '%s': shape[%d] must equal %s (%lld), got %lld",
+  return m3s_vfail(v, M3S_ERR_SHAPE, "argument '%s': shape[%d] must equal %s (%lld), got %lld",
                   name, dim, what, (long long)want, (long long)t->shape[dim]);
 }
 
@@ -123,7 +123,7 @@ m3s_status m3s_check_no_self_overlap(const m3s_vctx *v, const char *name, const 
   for (int i = 0; i < n; i++) {
     int d = order[i];
     if (t->stride[d] < span)
-      return m3s_fail(M3S_ERR_LAYOUT, v->fn,
+      return m3s_vfail(v, M3S_ERR_LAYOUT,
                       "output '%s' overlaps itself: stride[%d] = %lld is smaller than the %lld "
                       "elements spanned by the inner dimensions",
                       name, d, (long long)t->stride[d], (long long)span);
@@ -140,7 +140,7 @@ m3s_status m3s_check_contiguous(const m3s_vctx *v, const char *name, const m3s_t
   int64_t want = 1;
   for (int i = t->ndim - 1; i >= 0; i--) {
     if (t->shape[i] > 1 && t->stride[i] != want)
-      return m3s_fail(M3S_ERR_LAYOUT, v->fn,
+      return m3s_vfail(v, M3S_ERR_LAYOUT,
                       "argument '%s' must be contiguous: stride[%d] must be %lld, got %lld", name,
                       i, (long long)want, (long long)t->stride[i]);
     want *= t->shape[i];
@@ -157,6 +157,13 @@ m3s_status m3s_check_ctx(const char *fn, const m3s_context *ctx) {
 m3s_status m3s_check_config(const char *fn, const m3s_layer_config *c) {
   if (!c)
     return m3s_fail(M3S_ERR_NULL, fn, "argument 'cfg' is NULL");
+  /* What m3s_config_minimax_m3 returns for a tp_size it does not know: name
+   * that cause rather than the first zero field. */
+  if (c->num_q_heads == 0 && c->num_kv_heads == 0)
+    return m3s_fail(M3S_ERR_INVALID, fn,
+                    "cfg.num_q_heads and cfg.num_kv_heads are 0: an unsupported tensor-parallel "
+                    "size (m3s_config_minimax_m3 takes tp_size 1, 2, 4 or 8), or a config "
+                    "never filled in");
   if (c->head_dim != M3S_HEAD_DIM)
     return m3s_fail(M3S_ERR_INVALID, fn, "cfg.head_dim must be 128, got %d", c->head_dim);
   if (c->index_dim != M3S_INDEX_DIM)
@@ -204,12 +211,12 @@ static m3s_status check_table(const m3s_vctx *v, const char *name, const m3s_ten
     return st;
   if ((st = m3s_check_dim(v, name, tab, 0, b->num_reqs, "batch.num_reqs")))
     return st;
-  if (v->device >= 0)
+  if (!v->host_values)
     return M3S_OK;
   for (int r = 0; r < b->num_reqs; r++) {
     int64_t pages = m3s_ceil_div(m3s_batch_seqlen(b, r), M3S_BLOCK_SIZE);
     if (pages > tab->shape[1])
-      return m3s_fail(M3S_ERR_RANGE, v->fn,
+      return m3s_vfail(v, M3S_ERR_RANGE,
                       "'%s': request %d needs %lld pages (seq_len %lld) but the table has %lld "
                       "columns",
                       name, r, (long long)pages, (long long)m3s_batch_seqlen(b, r),
@@ -219,7 +226,7 @@ static m3s_status check_table(const m3s_vctx *v, const char *name, const m3s_ten
     for (int64_t p = 0; p < pages; p++) {
       int32_t page = m3s_batch_page(tab, r, p);
       if (page < 0 || page >= num_pages)
-        return m3s_fail(M3S_ERR_RANGE, v->fn,
+        return m3s_vfail(v, M3S_ERR_RANGE,
                         "'%s'[%d][%lld] = %d is not a page of the cache (0 <= page < %lld)", name,
                         r, (long long)p, page, (long long)num_pages);
     }
@@ -231,22 +238,22 @@ static m3s_status check_batch_values(const m3s_vctx *v, const char *name, const 
   if (b->uniform_q_len == 0) {
     int32_t q0 = read_i32(&b->query_start_loc, 0);
     if (q0 < 0)
-      return m3s_fail(M3S_ERR_BATCH, v->fn, "%s.query_start_loc[0] must be >= 0, got %d", name,
+      return m3s_vfail(v, M3S_ERR_BATCH, "%s.query_start_loc[0] must be >= 0, got %d", name,
                       q0);
     for (int r = 0; r < b->num_reqs; r++) {
       int32_t a = read_i32(&b->query_start_loc, r), c = read_i32(&b->query_start_loc, r + 1);
       if (c < a)
-        return m3s_fail(M3S_ERR_BATCH, v->fn,
+        return m3s_vfail(v, M3S_ERR_BATCH,
                         "%s.query_start_loc must be non-decreasing: [%d] = %d > [%d] = %d", name,
                         r, a, r + 1, c);
       if (c - a > b->max_q_len)
-        return m3s_fail(M3S_ERR_BATCH, v->fn,
+        return m3s_vfail(v, M3S_ERR_BATCH,
                         "%s: request %d has %d query tokens, more than max_q_len = %d", name, r,
                         c - a, b->max_q_len);
     }
     int64_t total = (int64_t)read_i32(&b->query_start_loc, b->num_reqs) - q0;
     if (total != b->num_tokens)
-      return m3s_fail(M3S_ERR_BATCH, v->fn,
+      return m3s_vfail(v, M3S_ERR_BATCH,
                       "%s: query_start_loc spans %lld tokens but num_tokens = %d", name,
                       (long long)total, b->num_tokens);
   }
@@ -254,11 +261,11 @@ static m3s_status check_batch_values(const m3s_vctx *v, const char *name, const 
     int32_t s = read_i32(&b->seq_lens, r);
     int64_t n = m3s_batch_qlen(b, r);
     if (s < 0 || s > b->max_seq_len)
-      return m3s_fail(M3S_ERR_BATCH, v->fn,
+      return m3s_vfail(v, M3S_ERR_BATCH,
                       "%s.seq_lens[%d] = %d must be in [0, max_seq_len = %lld]", name, r, s,
                       (long long)b->max_seq_len);
     if (s != 0 && s < n)
-      return m3s_fail(M3S_ERR_BATCH, v->fn,
+      return m3s_vfail(v, M3S_ERR_BATCH,
                       "%s.seq_lens[%d] = %d is smaller than the request's %lld query tokens "
                       "(seq_len counts cached + new tokens; 0 marks a padded request)",
                       name, r, s, (long long)n);
@@ -270,10 +277,10 @@ m3s_status m3s_check_batch(const m3s_vctx *v, const char *name, const m3s_batch 
                            int64_t num_pages_main, int64_t num_pages_index) {
   m3s_status st;
   if (!b)
-    return m3s_fail(M3S_ERR_NULL, v->fn, "argument '%s' is NULL", name);
+    return m3s_vfail(v, M3S_ERR_NULL, "argument '%s' is NULL", name);
   if (b->num_reqs < 0 || b->num_tokens < 0 || b->uniform_q_len < 0 || b->max_q_len < 0 ||
       b->max_seq_len < 0)
-    return m3s_fail(M3S_ERR_BATCH, v->fn,
+    return m3s_vfail(v, M3S_ERR_BATCH,
                     "%s: num_reqs (%d), num_tokens (%d), uniform_q_len (%d), max_q_len (%d) and "
                     "max_seq_len (%lld) must be >= 0",
                     name, b->num_reqs, b->num_tokens, b->uniform_q_len, b->max_q_len,
@@ -282,16 +289,16 @@ m3s_status m3s_check_batch(const m3s_vctx *v, const char *name, const m3s_batch 
   if (b->num_reqs == 0 && b->num_tokens == 0)
     return M3S_OK;
   if (b->max_seq_len > ((int64_t)1 << 30))
-    return m3s_fail(M3S_ERR_BATCH, v->fn, "%s.max_seq_len = %lld exceeds 2^30 tokens", name,
+    return m3s_vfail(v, M3S_ERR_BATCH, "%s.max_seq_len = %lld exceeds 2^30 tokens", name,
                     (long long)b->max_seq_len);
   if (b->uniform_q_len > 0) {
     if ((int64_t)b->num_reqs * b->uniform_q_len != b->num_tokens)
-      return m3s_fail(M3S_ERR_BATCH, v->fn,
+      return m3s_vfail(v, M3S_ERR_BATCH,
                       "%s: uniform batch needs num_tokens == num_reqs * uniform_q_len (%d * %d), "
                       "got %d",
                       name, b->num_reqs, b->uniform_q_len, b->num_tokens);
     if (b->max_q_len != b->uniform_q_len)
-      return m3s_fail(M3S_ERR_BATCH, v->fn,
+      return m3s_vfail(v, M3S_ERR_BATCH,
                       "%s: uniform batch needs max_q_len == uniform_q_len (%d), got %d", name,
                       b->uniform_q_len, b->max_q_len);
   } else {
@@ -306,7 +313,7 @@ m3s_status m3s_check_batch(const m3s_vctx *v, const char *name, const m3s_batch 
     return st;
   if ((st = m3s_check_dim(v, "batch.seq_lens", &b->seq_lens, 0, b->num_reqs, "batch.num_reqs")))
     return st;
-  if (v->device < 0 && (st = check_batch_values(v, name, b)))
+  if (v->host_values && (st = check_batch_values(v, name, b)))
     return st;
   if (num_pages_main != -2 &&
       (st = check_table(v, "batch.block_table", &b->block_table, b, num_pages_main)))
@@ -320,7 +327,7 @@ m3s_status m3s_check_batch(const m3s_vctx *v, const char *name, const m3s_batch 
 static m3s_status check_one_scale(const m3s_vctx *v, const char *name, const m3s_tensor *s,
                                   int64_t num_slots, int num_kv_heads) {
   if (s->ndim < 0 || s->ndim > M3S_MAX_DIMS)
-    return m3s_fail(M3S_ERR_SHAPE, v->fn, "scale '%s' is not a valid view (ndim %d)", name,
+    return m3s_vfail(v, M3S_ERR_SHAPE, "scale '%s' is not a valid view (ndim %d)", name,
                     s->ndim);
   if (!s->data)
     return M3S_OK;
@@ -328,7 +335,7 @@ static m3s_status check_one_scale(const m3s_vctx *v, const char *name, const m3s
     return m3s_check_tensor(v, name, s, s->ndim, M3S_MASK(M3S_F32));
   m3s_status st = m3s_check_tensor(v, name, s, 2, M3S_MASK(M3S_F32));
   if (st)
-    return m3s_fail(st, v->fn,
+    return m3s_vfail(v, st,
                     "scale '%s' must be a scalar (ndim 0 or shape [1]) or [Hkv, P*128] f32; "
                     "got ndim %d",
                     name, s->ndim);
@@ -355,10 +362,10 @@ m3s_status m3s_check_exec(const m3s_vctx *v, const m3s_exec *e, size_t need) {
   if (need == 0)
     return M3S_OK;
   if (!e || !e->workspace || have < need)
-    return m3s_fail(M3S_ERR_WORKSPACE, v->fn,
+    return m3s_vfail(v, M3S_ERR_WORKSPACE,
                     "workspace of %zu bytes is needed, got %zu bytes at %p", need, have,
                     e ? e->workspace : NULL);
-  if (v->device >= 0 && ((uintptr_t)e->workspace & 255u) != 0)
-    return m3s_fail(M3S_ERR_LAYOUT, v->fn, "workspace %p must be 256-byte aligned", e->workspace);
+  if (!v->host_values && ((uintptr_t)e->workspace & 255u) != 0)
+    return m3s_vfail(v, M3S_ERR_LAYOUT, "workspace %p must be 256-byte aligned", e->workspace);
   return M3S_OK;
 }

@@ -64,10 +64,12 @@ static void attend_row(const attn_args *a, int r, int64_t i, int g, int h0, int 
   }
 }
 
-m3s_status m3s_cpu_sparse_attention(const m3s_layer_config *cfg, const m3s_batch *batch,
-                                    const m3s_tensor *q, const m3s_tensor *kv_cache,
-                                    const m3s_kv_scales *scales, const m3s_tensor *topk,
-                                    m3s_tensor *out, m3s_tensor *lse) {
+m3s_status m3s_cpu_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                                    const m3s_batch *batch, const m3s_tensor *q,
+                                    const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                    const m3s_tensor *topk, m3s_tensor *out, m3s_tensor *lse,
+                                    const m3s_exec *exec) {
+  (void)ctx, (void)exec; /* the CPU backend keeps no state and has no stream */
   attn_args a = {cfg, batch, q, kv_cache, topk, scales, out, lse};
   int G = cfg->num_q_heads / cfg->num_kv_heads;
   int nchunk = (G + HCHUNK - 1) / HCHUNK;

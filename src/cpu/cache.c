@@ -3,9 +3,10 @@
  * token. Tokens are written in row order, so a repeated slot keeps the last. */
 #include "common.h"
 
-m3s_status m3s_cpu_cache_insert(const m3s_tensor *k, const m3s_tensor *v,
+m3s_status m3s_cpu_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_tensor *v,
                                 const m3s_tensor *slot_mapping, m3s_tensor *kv_cache,
-                                const m3s_kv_scales *scales) {
+                                const m3s_kv_scales *scales, const m3s_exec *exec) {
+  (void)ctx, (void)exec; /* the CPU backend keeps no state and has no stream */
   const m3s_tensor *ks = scales ? &scales->k_scale : NULL;
   const m3s_tensor *vs = scales ? &scales->v_scale : NULL;
   int64_t hkv = kv_cache->shape[1];
@@ -28,8 +29,10 @@ m3s_status m3s_cpu_cache_insert(const m3s_tensor *k, const m3s_tensor *v,
   return M3S_OK;
 }
 
-m3s_status m3s_cpu_index_cache_insert(const m3s_tensor *ik, const m3s_tensor *slot_mapping,
-                                      m3s_tensor *index_cache) {
+m3s_status m3s_cpu_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
+                                      const m3s_tensor *slot_mapping, m3s_tensor *index_cache,
+                                      const m3s_exec *exec) {
+  (void)ctx, (void)exec; /* the CPU backend keeps no state and has no stream */
   float row[M3S_INDEX_DIM];
   for (int64_t i = 0; i < ik->shape[0]; i++) {
     int64_t slot = cpu_slot_at(slot_mapping, i);

@@ -14,6 +14,42 @@
 #include <string.h>
 
 
+/* The operations (one file each; the table in ops.c). Signatures are those of
+ * m3s_backend_ops (src/core/backend.h). */
+m3s_status m3s_cpu_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_tensor *v,
+                                const m3s_tensor *slot_mapping, m3s_tensor *kv_cache,
+                                const m3s_kv_scales *scales, const m3s_exec *exec);
+m3s_status m3s_cpu_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
+                                      const m3s_tensor *slot_mapping, m3s_tensor *index_cache,
+                                      const m3s_exec *exec);
+m3s_status m3s_cpu_index_topk(m3s_context *ctx, const m3s_layer_config *cfg,
+                              const m3s_batch *batch, const m3s_tensor *iq,
+                              const m3s_tensor *index_cache, m3s_tensor *topk,
+                              const m3s_exec *exec);
+m3s_status m3s_cpu_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                                    const m3s_batch *batch, const m3s_tensor *q,
+                                    const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                    const m3s_tensor *topk, m3s_tensor *out, m3s_tensor *lse,
+                                    const m3s_exec *exec);
+m3s_status m3s_cpu_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
+                                 const m3s_batch *batch, const m3s_tensor *topk,
+                                 m3s_tensor *row_ptr, m3s_tensor *q_indices, m3s_tensor *q_slot,
+                                 m3s_tensor *q_count, const m3s_exec *exec);
+m3s_status m3s_cpu_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                                 const m3s_batch *batch, const m3s_tensor *q,
+                                 const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                 const m3s_tensor *row_ptr, const m3s_tensor *q_indices,
+                                 const m3s_tensor *q_slot, m3s_tensor *part_out,
+                                 m3s_tensor *part_lse, const m3s_exec *exec);
+m3s_status m3s_cpu_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
+                                    const m3s_tensor *part_out, const m3s_tensor *part_lse,
+                                    const m3s_tensor *q_count, m3s_tensor *out, m3s_tensor *lse,
+                                    const m3s_exec *exec);
+m3s_status m3s_cpu_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
+                                     const m3s_tensor *lse_a, const m3s_tensor *out_b,
+                                     const m3s_tensor *lse_b, m3s_tensor *out, m3s_tensor *lse,
+                                     const m3s_exec *exec);
+
 /* Converts n contiguous elements of dtype dt at element offset off of base
  * into fp32 (fp8 values multiplied by scale). */
 static inline void cpu_load_f32(const void *base, m3s_dtype dt, int64_t off, int n, float scale,

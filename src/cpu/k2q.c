@@ -4,9 +4,11 @@
  * (merge.c combines them). */
 #include "tile.h"
 
-m3s_status m3s_cpu_build_k2q_csr(const m3s_layer_config *cfg, const m3s_batch *batch,
-                                 const m3s_tensor *topk, m3s_tensor *row_ptr,
-                                 m3s_tensor *q_indices, m3s_tensor *q_slot, m3s_tensor *q_count) {
+m3s_status m3s_cpu_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
+                                 const m3s_batch *batch, const m3s_tensor *topk,
+                                 m3s_tensor *row_ptr, m3s_tensor *q_indices, m3s_tensor *q_slot,
+                                 m3s_tensor *q_count, const m3s_exec *exec) {
+  (void)ctx, (void)exec; /* the CPU backend keeps no state and has no stream */
   /* Counting sort by row: pass 1 counts entries per row into row_ptr[row+1],
    * a prefix sum turns counts into starts, pass 2 places entries. Query rows
    * are visited in ascending order, so each row's list comes out ascending. */
@@ -78,11 +80,13 @@ static void row_owner(const m3s_batch *b, int64_t row, int *r_out, int64_t *blk_
   *blk_out = -1;
 }
 
-m3s_status m3s_cpu_k2q_attention(const m3s_layer_config *cfg, const m3s_batch *batch,
-                                 const m3s_tensor *q, const m3s_tensor *kv_cache,
-                                 const m3s_kv_scales *scales, const m3s_tensor *row_ptr,
-                                 const m3s_tensor *q_indices, const m3s_tensor *q_slot,
-                                 m3s_tensor *part_out, m3s_tensor *part_lse) {
+m3s_status m3s_cpu_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                                 const m3s_batch *batch, const m3s_tensor *q,
+                                 const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                 const m3s_tensor *row_ptr, const m3s_tensor *q_indices,
+                                 const m3s_tensor *q_slot, m3s_tensor *part_out,
+                                 m3s_tensor *part_lse, const m3s_exec *exec) {
+  (void)ctx, (void)exec; /* the CPU backend keeps no state and has no stream */
   int64_t rows = row_ptr->shape[1] - 1, items = rows * cfg->num_kv_heads;
   int G = cfg->num_q_heads / cfg->num_kv_heads;
 #pragma omp parallel for schedule(dynamic, 1)

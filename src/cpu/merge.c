@@ -26,9 +26,11 @@ static void merge_states(int n, const float *const *outs, const float *lses, flo
   *lse_out = mx + logf(sum);
 }
 
-m3s_status m3s_cpu_combine_partials(const m3s_layer_config *cfg, const m3s_tensor *part_out,
-                                    const m3s_tensor *part_lse, const m3s_tensor *q_count,
-                                    m3s_tensor *out, m3s_tensor *lse) {
+m3s_status m3s_cpu_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
+                                    const m3s_tensor *part_out, const m3s_tensor *part_lse,
+                                    const m3s_tensor *q_count, m3s_tensor *out, m3s_tensor *lse,
+                                    const m3s_exec *exec) {
+  (void)ctx, (void)exec; /* the CPU backend keeps no state and has no stream */
   int64_t T = part_out->shape[0];
   int Hq = cfg->num_q_heads, G = Hq / cfg->num_kv_heads;
 #pragma omp parallel for schedule(static)
@@ -55,9 +57,11 @@ m3s_status m3s_cpu_combine_partials(const m3s_layer_config *cfg, const m3s_tenso
   return M3S_OK;
 }
 
-m3s_status m3s_cpu_merge_attn_states(const m3s_tensor *out_a, const m3s_tensor *lse_a,
-                                     const m3s_tensor *out_b, const m3s_tensor *lse_b,
-                                     m3s_tensor *out, m3s_tensor *lse) {
+m3s_status m3s_cpu_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
+                                     const m3s_tensor *lse_a, const m3s_tensor *out_b,
+                                     const m3s_tensor *lse_b, m3s_tensor *out, m3s_tensor *lse,
+                                     const m3s_exec *exec) {
+  (void)ctx, (void)exec; /* the CPU backend keeps no state and has no stream */
   int64_t T = out_a->shape[0], H = out_a->shape[1];
 #pragma omp parallel for schedule(static)
   for (int64_t it = 0; it < T * H; it++) {

@@ -155,9 +155,10 @@ static void fill_minus_one(const m3s_layer_config *cfg, m3s_tensor *topk, int64_
             -1;
 }
 
-m3s_status m3s_cpu_index_topk(const m3s_layer_config *cfg, const m3s_batch *batch,
-                              const m3s_tensor *iq, const m3s_tensor *index_cache,
-                              m3s_tensor *topk) {
+m3s_status m3s_cpu_index_topk(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
+                              const m3s_tensor *iq, const m3s_tensor *index_cache, m3s_tensor *topk,
+                              const m3s_exec *exec) {
+  (void)ctx, (void)exec; /* the CPU backend keeps no state and has no stream */
   for (int r = 0; r < batch->num_reqs; r++)
     if (m3s_batch_seqlen(batch, r) == 0)
       fill_minus_one(cfg, topk, m3s_batch_row0(batch, r), m3s_batch_qlen(batch, r));

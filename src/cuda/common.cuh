@@ -28,6 +28,52 @@
 #include <stdint.h>
 
 
+/* ---- the operations (one file each; the table in ops.cu). Signatures are
+ * those of m3s_backend_ops (src/core/backend.h). ---- */
+extern "C" {
+m3s_status m3s_cuda_context_init(m3s_context *ctx);
+void m3s_cuda_context_fini(m3s_context *ctx);
+int m3s_cuda_num_sms(const m3s_context *ctx);
+m3s_status m3s_cuda_check_device(const m3s_context *ctx, const char *fn);
+m3s_status m3s_cuda_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_tensor *v,
+                                 const m3s_tensor *slot_mapping, m3s_tensor *kv_cache,
+                                 const m3s_kv_scales *scales, const m3s_exec *exec);
+m3s_status m3s_cuda_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
+                                       const m3s_tensor *slot_mapping, m3s_tensor *index_cache,
+                                       const m3s_exec *exec);
+size_t m3s_cuda_topk_workspace(const m3s_context *ctx, const m3s_layer_config *cfg,
+                               int64_t max_tokens, int64_t max_seq_len);
+m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_config *cfg,
+                               const m3s_batch *batch, const m3s_tensor *iq,
+                               const m3s_tensor *index_cache, m3s_tensor *topk,
+                               const m3s_exec *exec);
+size_t m3s_cuda_attention_workspace(const m3s_context *ctx, const m3s_layer_config *cfg,
+                                    int64_t max_tokens, int64_t max_seq_len);
+m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                                     const m3s_batch *batch, const m3s_tensor *q,
+                                     const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                     const m3s_tensor *topk, m3s_tensor *out, m3s_tensor *lse,
+                                     const m3s_exec *exec);
+m3s_status m3s_cuda_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *cfg,
+                                  const m3s_batch *batch, const m3s_tensor *topk,
+                                  m3s_tensor *row_ptr, m3s_tensor *q_indices, m3s_tensor *q_slot,
+                                  m3s_tensor *q_count, const m3s_exec *exec);
+m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
+                                  const m3s_batch *batch, const m3s_tensor *q,
+                                  const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
+                                  const m3s_tensor *row_ptr, const m3s_tensor *q_indices,
+                                  const m3s_tensor *q_slot, m3s_tensor *part_out,
+                                  m3s_tensor *part_lse, const m3s_exec *exec);
+m3s_status m3s_cuda_combine_partials(m3s_context *ctx, const m3s_layer_config *cfg,
+                                     const m3s_tensor *part_out, const m3s_tensor *part_lse,
+                                     const m3s_tensor *q_count, m3s_tensor *out, m3s_tensor *lse,
+                                     const m3s_exec *exec);
+m3s_status m3s_cuda_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
+                                      const m3s_tensor *lse_a, const m3s_tensor *out_b,
+                                      const m3s_tensor *lse_b, m3s_tensor *out, m3s_tensor *lse,
+                                      const m3s_exec *exec);
+}
+
 typedef struct {
   int num_reqs;
   int num_tokens;

@@ -1,0 +1,112 @@
+/* m3s-bench: the measured ceilings: an HBM copy and a bf16 cuBLAS GEMM. */
+#include "bench.h"
+
+static int cublas_ok(cublasStatus_t s, const char *what) {
+  if (s == CUBLAS_STATUS_SUCCESS)
+    return 1;
+  fprintf(stderr, "m3s-bench: %s: %s\n", what, cublasGetStatusString(s));
+  return 0;
+}
+
+int cuda_ok(cudaError_t e, const char *what) {
+  if (e == cudaSuccess)
+    return 1;
+  fprintf(stderr, "m3s-bench: %s: %s\n", what, cudaGetErrorString(e));
+  return 0;
+}
+
+#define CEIL_REPS 20
+
+/* HBM copy: read + write bytes over the median time of a large D2D copy. */
+double measure_copy(bench *B) {
+  size_t freeb = 0, total = 0;
+  if (!cuda_ok(cudaMemGetInfo(&freeb, &total), "cudaMemGetInfo"))
+    return 0;
+  size_t n = (size_t)2 << 30;
+  while (n > ((size_t)64 << 20) && 2 * n + ((size_t)1 << 30) > freeb)
+    n /= 2;
+  void *src = NULL, *dst = NULL;
+  cudaEvent_t ev[2 * CEIL_REPS] = {0};
+  double t[CEIL_REPS], gbps = 0;
+  int ok = cuda_ok(cudaMalloc(&src, n), "cudaMalloc (copy src)") &&
+           cuda_ok(cudaMalloc(&dst, n), "cudaMalloc (copy dst)") &&
+           cuda_ok((cudaError_t)m3sb_fill_bf16(src, n / 2, 77, 1.0f, B->stream), "fill") &&
+           cuda_ok((cudaError_t)m3sb_fill_bf16(dst, n / 2, 78, 1.0f, B->stream), "fill");
+  for (int i = 0; ok && i < 2 * CEIL_REPS; i++)
+    ok = cuda_ok(cudaEventCreate(&ev[i]), "cudaEventCreate");
+  for (int i = 0; ok && i < 3; i++)
+    ok = cuda_ok(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, B->stream), "copy");
+  for (int i = 0; ok && i < CEIL_REPS; i++)
+    ok = cuda_ok(cudaEventRecord(ev[2 * i], B->stream), "cudaEventRecord") &&
+         cuda_ok(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, B->stream), "copy") &&
+         cuda_ok(cudaEventRecord(ev[2 * i + 1], B->stream), "cudaEventRecord");
+  ok = ok && cuda_ok(cudaStreamSynchronize(B->stream), "copy sync");
+  for (int i = 0; ok && i < CEIL_REPS; i++) {
+    float ms = 0;
+    ok = cuda_ok(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]), "cudaEventElapsedTime");
+    t[i] = ms * 1e-3;
+  }
+  if (ok)
+    gbps = 2.0 * (double)n / median_of(t, CEIL_REPS) / 1e9;
+  for (int i = 0; i < 2 * CEIL_REPS; i++)
+    if (ev[i])
+      cudaEventDestroy(ev[i]);
+  cudaFree(src);
+  cudaFree(dst);
+  if (ok)
+    printf("ceiling: HBM copy %.0f GB/s (cudaMemcpy D2D of %.2f GiB, read+write, median of %d)\n",
+           gbps, (double)n / GIB, CEIL_REPS);
+  return gbps;
+}
+
+/* bf16 GEMM: cublasGemmEx n^3, bf16 in/out, fp32 compute, median. */
+double measure_gemm(bench *B) {
+  int n = B->o.gemm_n;
+  size_t bytes = (size_t)n * n * 2;
+  void *a = NULL, *b = NULL, *c = NULL;
+  cublasHandle_t h = NULL;
+  cudaEvent_t ev[2 * CEIL_REPS] = {0};
+  double t[CEIL_REPS], tf = 0;
+  float alpha = 1.0f, beta = 0.0f;
+  int ok = cuda_ok(cudaMalloc(&a, bytes), "cudaMalloc (gemm A)") &&
+           cuda_ok(cudaMalloc(&b, bytes), "cudaMalloc (gemm B)") &&
+           cuda_ok(cudaMalloc(&c, bytes), "cudaMalloc (gemm C)") &&
+           cuda_ok((cudaError_t)m3sb_fill_bf16(a, bytes / 2, 91, 1.0f, B->stream), "fill") &&
+           cuda_ok((cudaError_t)m3sb_fill_bf16(b, bytes / 2, 92, 1.0f, B->stream), "fill") &&
+           cuda_ok((cudaError_t)m3sb_fill_bf16(c, bytes / 2, 93, 1.0f, B->stream), "fill") &&
+           cublas_ok(cublasCreate(&h), "cublasCreate") &&
+           cublas_ok(cublasSetStream(h, B->stream), "cublasSetStream");
+  for (int i = 0; ok && i < 2 * CEIL_REPS; i++)
+    ok = cuda_ok(cudaEventCreate(&ev[i]), "cudaEventCreate");
+  for (int i = 0; ok && i < 3 + CEIL_REPS; i++) {
+    int timed = i >= 3, k = i - 3;
+    if (timed)
+      ok = cuda_ok(cudaEventRecord(ev[2 * k], B->stream), "cudaEventRecord");
+    ok = ok && cublas_ok(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF,
+                                      n, b, CUDA_R_16BF, n, &beta, c, CUDA_R_16BF, n,
+                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                         "cublasGemmEx");
+    if (ok && timed)
+      ok = cuda_ok(cudaEventRecord(ev[2 * k + 1], B->stream), "cudaEventRecord");
+  }
+  ok = ok && cuda_ok(cudaStreamSynchronize(B->stream), "gemm sync");
+  for (int i = 0; ok && i < CEIL_REPS; i++) {
+    float ms = 0;
+    ok = cuda_ok(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]), "cudaEventElapsedTime");
+    t[i] = ms * 1e-3;
+  }
+  if (ok)
+    tf = 2.0 * (double)n * n * n / median_of(t, CEIL_REPS) / 1e12;
+  for (int i = 0; i < 2 * CEIL_REPS; i++)
+    if (ev[i])
+      cudaEventDestroy(ev[i]);
+  if (h)
+    cublasDestroy(h);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  if (ok)
+    printf("ceiling: bf16 GEMM %.0f TFLOP/s (cublasGemmEx %d^3, fp32 compute, median of %d)\n", tf,
+           n, CEIL_REPS);
+  return tf;
+}

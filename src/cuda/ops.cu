@@ -1,0 +1,47 @@
+/* The CUDA backend's operations table (src/core/backend.h): device memory,
+ * so index values are guarded inside the kernels instead of validated by the
+ * core; the context holds the device's properties (context.cu). */
+#include "common.cuh"
+
+/* The operations of a step run one after the other on one stream: one
+ * workspace serves both. */
+static size_t cuda_workspace(const m3s_context *ctx, const m3s_layer_config *cfg,
+                             int64_t max_tokens, int64_t max_seq_len) {
+  size_t a = m3s_cuda_topk_workspace(ctx, cfg, max_tokens, max_seq_len);
+  size_t b = m3s_cuda_attention_workspace(ctx, cfg, max_tokens, max_seq_len);
+  return a > b ? a : b;
+}
+
+/* What runs (sm_90a and sm_80 builds alike). */
+static const char *cuda_kernel(const m3s_context *ctx, m3s_op op) {
+  (void)ctx;
+  switch (op) {
+  case M3S_OP_CACHE_INSERT: return "cuda_insert_kv_kernel";
+  case M3S_OP_INDEX_INSERT: return "cuda_insert_index_kernel";
+  case M3S_OP_INDEX_TOPK: return "cuda_topk_score_fp32_fixed_order+select";
+  case M3S_OP_ATTENTION_DECODE: return "cuda_attention_mma_sync_splitk";
+  case M3S_OP_ATTENTION_PREFILL: return "cuda_attention_mma_sync";
+  case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_attention_simt";
+  case M3S_OP_MERGE: return "cuda_merge_attn_states";
+  }
+  return "";
+}
+
+/* Designated initialisers are C++20; positional, in the order of
+ * m3s_backend_ops. */
+extern "C" const m3s_backend_ops m3s_cuda_ops = {
+    0,                            /* host_values */
+    m3s_cuda_context_init,        /* init */
+    m3s_cuda_context_fini,        /* fini */
+    m3s_cuda_check_device,        /* check_device */
+    cuda_workspace,               /* workspace */
+    cuda_kernel,                  /* kernel */
+    m3s_cuda_cache_insert,        /* cache_insert */
+    m3s_cuda_index_cache_insert,  /* index_cache_insert */
+    m3s_cuda_index_topk,          /* index_topk */
+    m3s_cuda_sparse_attention,    /* sparse_attention */
+    m3s_cuda_build_k2q_csr,       /* build_k2q_csr */
+    m3s_cuda_k2q_attention,       /* k2q_attention */
+    m3s_cuda_combine_partials,    /* combine_partials */
+    m3s_cuda_merge_attn_states,   /* merge_attn_states */
+};
