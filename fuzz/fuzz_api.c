@@ -2259,6 +2259,28 @@ static void fill_slots(const targ *sl, int64_t T, int64_t P, int64_t *slots, int
     tseti(sl, I4(i, 0, 0, 0), slots[i]);
 }
 
+/* The token count T is a dimension every per-token operand of an insert
+ * shares (ik / k / v dim 0, the slot mapping). A shape mutation of one of
+ * them is a mismatch the API must reject, but when every one of them got the
+ * same mutation of that dimension and nothing else, the operands agree again:
+ * the call is a valid insert of the new count (an empty insert when it is 0)
+ * and must succeed. Returns the count the call really has and, in that case,
+ * clears the failure bits those shape mutations set (*ex[i] holds only what
+ * mk set for a[i]); otherwise returns T and leaves them. */
+static int64_t agreed_token_count(const targ *const *a, int *const *ex, int n, int64_t T) {
+  int64_t t2 = a[0]->t.shape[0];
+  for (int i = 0; i < n; i++) {
+    if (a[i]->mut != M_SHAPE || a[i]->t.ndim != a[i]->ndim || a[i]->t.shape[0] != t2)
+      return T;
+    for (int d = 1; d < a[i]->ndim; d++)
+      if (a[i]->t.shape[d] != a[i]->shape[d])
+        return T; /* another dimension was mutated: still a mismatch */
+  }
+  for (int i = 0; i < n; i++)
+    *ex[i] = 0;
+  return t2;
+}
+
 static void op_cache_insert(void) {
   int ex = 0;
   int hkv = 1 + rpick(4), T = rpick(10), P = rpick(5);
@@ -2272,10 +2294,17 @@ static void op_cache_insert(void) {
   tspec ssl = {"slot_mapping", sdt, MASK(M3S_I32) | MASK(M3S_I64), 1, {T}, 0, 0, 0, 1, 8, NULL, 0};
   tspec skv = {"kv_cache", cdt, KV_MASK, 4, {P, hkv, BS, 2 * D}, 1, 0, 1u, 1, 8, PERM_TM, 0};
   targ k, v, sl, kv;
-  mk(&k, &sk, &ex);
-  mk(&v, &sv, &ex);
-  mk(&sl, &ssl, &ex);
+  int ex_k = 0, ex_v = 0, ex_sl = 0;
+  mk(&k, &sk, &ex_k);
+  mk(&v, &sv, &ex_v);
+  mk(&sl, &ssl, &ex_sl);
   mk(&kv, &skv, &ex);
+  {
+    const targ *tok[3] = {&k, &v, &sl};
+    int *tex[3] = {&ex_k, &ex_v, &ex_sl};
+    T = (int)agreed_token_count(tok, tex, 3, T);
+    ex |= ex_k | ex_v | ex_sl;
+  }
   scl_t sc;
   gen_scales(&sc, cdt, hkv, P, nice, &ex);
   int64_t slots[16];
@@ -2338,9 +2367,19 @@ static void op_index_insert(void) {
   tspec ssl = {"slot_mapping", sdt, MASK(M3S_I32) | MASK(M3S_I64), 1, {T}, 0, 0, 0, 1, 8, NULL, 0};
   tspec sic = {"index_cache", idt, IDX_MASK, 3, {P, BS, D}, 1, 1, 1u, 1, 8, NULL, 0};
   targ ik, sl, ic;
-  mk(&ik, &sk, &ex);
-  mk(&sl, &ssl, &ex);
+  int ex_ik = 0, ex_sl = 0;
+  mk(&ik, &sk, &ex_ik);
+  mk(&sl, &ssl, &ex_sl);
   mk(&ic, &sic, &ex);
+  {
+    /* regression seed fuzz/corpus/regress-harness-empty-index-insert: ik
+     * and slot_mapping both shrunk from 1 token to 0 (a valid empty insert)
+     * was once expected to fail */
+    const targ *tok[2] = {&ik, &sl};
+    int *tex[2] = {&ex_ik, &ex_sl};
+    T = (int)agreed_token_count(tok, tex, 2, T);
+    ex |= ex_ik | ex_sl;
+  }
   int64_t slots[16];
   fill_slots(&sl, T, P, slots, &ex);
   fill_act(&ik, nice, 0);

@@ -39,13 +39,46 @@ void store_elem(void *base, m3s_dtype dt, int64_t off, float v) {
   }
 }
 
+/* The reference decodes the stored codes itself, from the format
+ * definitions, not with the backend's converter (src/cpu/convert.c, whose
+ * fp8 tables the CPU backend reads): a wrong decode table in the backend
+ * then shows as a reference mismatch in every test that uses the format, not
+ * only in test_convert. (Encoding -- store_elem, used to make test data --
+ * still goes through the backend's converter: whatever codes it writes, the
+ * reference reads them independently.) */
+static double dec_sign(unsigned s, double v) { return s ? -v : v; }
+static double dec_bf16(uint16_t h) {
+  unsigned e = (h >> 7) & 0xFF, m = h & 0x7F;
+  if (e == 0xFF)
+    return m ? NAN : dec_sign(h >> 15, INFINITY);
+  return dec_sign(h >> 15, e ? ldexp(128 + m, (int)e - 134) : ldexp(m, -133));
+}
+static double dec_f16(uint16_t h) {
+  unsigned e = (h >> 10) & 0x1F, m = h & 0x3FF;
+  if (e == 0x1F)
+    return m ? NAN : dec_sign(h >> 15, INFINITY);
+  return dec_sign(h >> 15, e ? ldexp(1024 + m, (int)e - 25) : ldexp(m, -24));
+}
+static double dec_e4m3(uint8_t b) { /* no infinities; S.1111.111 is NaN */
+  unsigned e = (b >> 3) & 0xF, m = b & 7;
+  if (e == 0xF && m == 7)
+    return NAN;
+  return dec_sign(b >> 7, e ? ldexp(8 + m, (int)e - 10) : ldexp(m, -9));
+}
+static double dec_e5m2(uint8_t b) {
+  unsigned e = (b >> 2) & 0x1F, m = b & 3;
+  if (e == 0x1F)
+    return m ? NAN : dec_sign(b >> 7, INFINITY);
+  return dec_sign(b >> 7, e ? ldexp(4 + m, (int)e - 17) : ldexp(m, -16));
+}
+
 double load_elem(const void *base, m3s_dtype dt, int64_t off) {
   switch (dt) {
-  case M3S_BF16: return m3s_bf16_to_f32(((const uint16_t *)base)[off]);
-  case M3S_F16: return m3s_f16_to_f32(((const uint16_t *)base)[off]);
+  case M3S_BF16: return dec_bf16(((const uint16_t *)base)[off]);
+  case M3S_F16: return dec_f16(((const uint16_t *)base)[off]);
   case M3S_F32: return ((const float *)base)[off];
-  case M3S_E4M3: return m3s_e4m3_to_f32(((const uint8_t *)base)[off]);
-  case M3S_E5M2: return m3s_e5m2_to_f32(((const uint8_t *)base)[off]);
+  case M3S_E4M3: return dec_e4m3(((const uint8_t *)base)[off]);
+  case M3S_E5M2: return dec_e5m2(((const uint8_t *)base)[off]);
   default: return 0.0;
   }
 }

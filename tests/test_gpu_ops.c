@@ -492,6 +492,7 @@ typedef struct {
   int uniform, qsl_base, topk_head_major, token_major, scale_mode, holes, sink;
   m3s_dtype kv;
   const char *name;
+  int logits; /* 0, or an FX_LOGITS_* mode of fx_large_logits (tests/ref.h) */
 } k2q_case;
 
 /* Verbose mode: times CSR build, k2q attention and combine on the GPU (the
@@ -562,6 +563,8 @@ static void run_k2q_case(const k2q_case *kc, int run) {
   s.seed = 900 + (uint64_t)run;
   fixture f;
   fx_init(&f, &s);
+  if (kc->logits)
+    fx_large_logits(&f, kc->logits);
   fx_poison(&f);
   int ok = m3s_index_topk(g_cpu, &f.cfg, &f.batch, &f.iq, &f.ic, &f.topk, NULL) == M3S_OK;
   if (kc->sink)
@@ -611,13 +614,13 @@ static void test_k2q(void) {
   static const int32_t ql5[] = {3000, 5000}, sl5[] = {3000, 5000};
   static const int32_t ql6[] = {3, 1}, sl6[] = {300, 130};
   k2q_case cases[] = {
-      {2, 5, ql1, sl1, 0, 0, 0, 0, 0, 0, 0, M3S_BF16, "k2q_tp2_prefill_bf16"},
-      {8, 3, ql2, sl2, 0, 5, 1, 1, 2, 0, 0, M3S_E4M3, "k2q_tp8_e4m3_per_slot_headmajor_topk"},
-      {8, 3, ql2, sl2, 0, 5, 1, 0, 0, 1, 0, M3S_BF16, "k2q_tp8_csr_with_minus_one_holes"},
-      {1, 5, ql3, sl3, 1, 0, 0, 1, 0, 0, 0, M3S_BF16, "k2q_tp1_uniform_decode_qlen2"},
-      {2, 2, ql4, sl4, 0, 0, 0, 1, 1, 0, 0, M3S_E4M3, "k2q_tp2_e4m3_scalar_token_major"},
-      {8, 2, ql5, sl5, 0, 0, 0, 0, 0, 0, 1, M3S_BF16, "k2q_tp8_sink_rows_of_3000_and_5000"},
-      {8, 2, ql6, sl6, 0, 0, 0, 1, 2, 0, 0, M3S_E5M2, "k2q_tp8_tiny_e5m2"}, /* racecheck-sized */
+      {2, 5, ql1, sl1, 0, 0, 0, 0, 0, 0, 0, M3S_BF16, "k2q_tp2_prefill_bf16", 0},
+      {8, 3, ql2, sl2, 0, 5, 1, 1, 2, 0, 0, M3S_E4M3, "k2q_tp8_e4m3_per_slot_headmajor_topk", 0},
+      {8, 3, ql2, sl2, 0, 5, 1, 0, 0, 1, 0, M3S_BF16, "k2q_tp8_csr_with_minus_one_holes", 0},
+      {1, 5, ql3, sl3, 1, 0, 0, 1, 0, 0, 0, M3S_BF16, "k2q_tp1_uniform_decode_qlen2", 0},
+      {2, 2, ql4, sl4, 0, 0, 0, 1, 1, 0, 0, M3S_E4M3, "k2q_tp2_e4m3_scalar_token_major", 0},
+      {8, 2, ql5, sl5, 0, 0, 0, 0, 0, 0, 1, M3S_BF16, "k2q_tp8_sink_rows_of_3000_and_5000", 0},
+      {8, 2, ql6, sl6, 0, 0, 0, 1, 2, 0, 0, M3S_E5M2, "k2q_tp8_tiny_e5m2", 0}, /* racecheck-sized */
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
     run_k2q_case(&cases[i], (int)i);
@@ -630,8 +633,24 @@ static void test_k2q(void) {
     qlm[r] = r % 3 == 0 ? 0 : 1 + (int)(rng_next(&rng) % 3);
     slm[r] = r % 11 == 4 ? 0 : qlm[r] + (int)(rng_next(&rng) % (r % 50 == 7 ? 600 : 120));
   }
-  k2q_case many = {8, NR, qlm, slm, 0, 3, 0, 1, 2, 0, 0, M3S_E4M3, "k2q_tp8_700_requests_e4m3"};
+  k2q_case many = {8, NR, qlm, slm, 0, 3, 0, 1, 2, 0, 0, M3S_E4M3, "k2q_tp8_700_requests_e4m3", 0};
   run_k2q_case(&many, 9);
+  /* large logits (|q.k * scale| in the hundreds: fx_large_logits) through
+   * the k2q partials and the combine: the modes whose logits fp32 holds to
+   * the partials' 1e-4 comparison (one dominant key, all equal, e4m3
+   * extremes under a scale) */
+  k2q_case large[] = {
+      {1, 5, ql3, sl3, 1, 0, 0, 1, 0, 0, 0, M3S_BF16, "k2q_large_logits_dominant_key_tp1",
+       FX_LOGITS_DOMINANT},
+      {8, 3, ql2, sl2, 0, 5, 0, 0, 0, 0, 0, M3S_BF16, "k2q_large_logits_all_equal_minus362_tp8",
+       FX_LOGITS_EQUAL_NEG},
+      {2, 2, ql4, sl4, 0, 0, 0, 1, 0, 0, 0, M3S_BF16, "k2q_large_logits_all_equal_plus181_tp2",
+       FX_LOGITS_EQUAL_POS},
+      {2, 2, ql4, sl4, 0, 0, 0, 0, 1, 0, 0, M3S_E4M3, "k2q_large_logits_e4m3_extremes_tp2",
+       FX_LOGITS_FP8_MAX},
+  };
+  for (size_t i = 0; i < sizeof large / sizeof large[0]; i++)
+    run_k2q_case(&large[i], 10 + (int)i);
 }
 
 /* ---------------------------------------------------------------------------
