@@ -349,12 +349,12 @@ int main(int argc, char **argv) {
     printf("m3s-bench: M3S_OPT_BATCH_INVARIANT on (attention never splits a row)\n");
   }
   if (o->topk_path) {
-    /* the test hook of src/cuda/sm90/topk_tc.h (process-wide) */
+    /* the test hook of src/cuda/sm90/topk_tc.h (per context) */
     m3s_topk_tc_hooks h;
     memset(&h, 0, sizeof h);
     h.exact_only = o->topk_path == 1;
     h.wgmma = o->topk_path == 2;
-    m3s_topk_tc_set_hooks(&h);
+    m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s\n", o->topk_path == 1 ? "exact (CUDA cores)"
                                                             : "certified, wgmma score kernel");
   }

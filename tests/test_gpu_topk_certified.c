@@ -110,10 +110,10 @@ static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int 
   h.wgmma = wgmma;
   if (!gpu_put(g_stats, st, sizeof *st) || !gpu_fx_poison(g, f))
     return -1;
-  m3s_topk_tc_set_hooks(&h);
+  m3s_topk_tc_set_hooks(g_gpu, &h);
   m3s_status s =
       m3s_index_topk(g_gpu, &f->cfg, &g->batch, &g->iq_t, &g->ic_t, &g->topk_t, &g->exec);
-  m3s_topk_tc_set_hooks(NULL);
+  m3s_topk_tc_set_hooks(g_gpu, NULL);
   int synced = gpu_sync();
   if (s != M3S_OK)
     fprintf(stderr, "%s: cuda m3s_index_topk: %s\n", name, m3s_last_error());
@@ -450,7 +450,7 @@ static void test_graph(void) {
   memset(&h, 0, sizeof h);
   h.stats = g_stats;
   h.wgmma = g_wg;
-  m3s_topk_tc_set_hooks(&h);
+  m3s_topk_tc_set_hooks(g_gpu, &h);
   int ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess;
   g.exec.stream = stream;
   ok = ok && cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess;
@@ -481,7 +481,7 @@ static void test_graph(void) {
     CHECK(cs.pairs > 0, "graph: the certified path ran");
   }
   printf("  %-38s %-5s %s\n", name, g_wg ? "wgmma" : "mma", ok ? "3 replays" : "FAILED");
-  m3s_topk_tc_set_hooks(NULL);
+  m3s_topk_tc_set_hooks(g_gpu, NULL);
   if (gexec)
     cudaGraphExecDestroy(gexec);
   if (graph)

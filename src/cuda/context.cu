@@ -6,14 +6,17 @@
  * live in cache.cu, topk.cu (with topk_decode.cu), attention.cu, k2q.cu and
  * merge.cu. */
 #include "common.cuh"
+#include "sm90/topk_tc.h"
 #include "topk_decode.cuh"
 
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
   int sm_major;
   int sm_minor;
   int num_sms;
+  m3s_topk_tc_hooks topk_hooks; /* test switches of the certified top-k */
 } cuda_state;
 
 /* Kernel attributes belong to the device that is current when they are set:
@@ -78,6 +81,23 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
 extern "C" void m3s_cuda_context_fini(m3s_context *ctx) {
   free(ctx->backend_state);
   ctx->backend_state = NULL;
+}
+
+extern "C" void m3s_topk_tc_set_hooks(m3s_context *ctx, const m3s_topk_tc_hooks *hooks) {
+  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  if (!st)
+    return;
+  if (hooks)
+    st->topk_hooks = *hooks;
+  else
+    memset(&st->topk_hooks, 0, sizeof st->topk_hooks);
+}
+
+extern "C" m3s_topk_tc_hooks m3s_cuda_topk_hooks(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  m3s_topk_tc_hooks h;
+  memset(&h, 0, sizeof h);
+  return st ? st->topk_hooks : h;
 }
 
 extern "C" int m3s_cuda_num_sms(const m3s_context *ctx) {

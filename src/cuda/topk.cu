@@ -476,7 +476,7 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
   if (plan.pairs == 0)
     return M3S_OK;
   /* prefill / ragged batches: certified re-scoring on tensor cores */
-  if (m3s_topk_tc_eligible(cfg, batch, iq, index_cache))
+  if (m3s_topk_tc_eligible(ctx, cfg, batch, iq, index_cache))
     return m3s_topk_tc_run(ctx, cfg, batch, iq, index_cache, topk, exec);
   size_t need = plan_bytes(&plan);
   if (need && (!exec || !exec->workspace || exec->workspace_bytes < need))

@@ -68,14 +68,6 @@
 #define TC_C (1200.0f * 0x1p-24f)
 #define TC_ABS 0x1p-118f
 
-static m3s_topk_tc_hooks g_hooks;
-
-extern "C" void m3s_topk_tc_set_hooks(const m3s_topk_tc_hooks *hooks) {
-  if (hooks)
-    g_hooks = *hooks;
-  else
-    memset(&g_hooks, 0, sizeof g_hooks);
-}
 
 /* ---------------------------------------------------------------------------
  * Host planning
@@ -119,9 +111,10 @@ extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max
   return (n + 255) & ~(size_t)255;
 }
 
-extern "C" int m3s_topk_tc_eligible(const m3s_layer_config *cfg, const m3s_batch *batch,
-                                    const m3s_tensor *iq, const m3s_tensor *index_cache) {
-  if (g_hooks.exact_only || batch->uniform_q_len > 0 || batch->max_q_len < TC_MIN_ROWS)
+extern "C" int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_config *cfg,
+                                    const m3s_batch *batch, const m3s_tensor *iq,
+                                    const m3s_tensor *index_cache) {
+  if (m3s_cuda_topk_hooks(ctx).exact_only || batch->uniform_q_len > 0 || batch->max_q_len < TC_MIN_ROWS)
     return 0;
   if (iq->dtype != M3S_BF16 || (index_cache->dtype != M3S_BF16 && index_cache->dtype != M3S_E4M3))
     return 0;
@@ -913,7 +906,8 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   const int e4m3 = index_cache->dtype == M3S_E4M3;
   /* the wgmma variant (test hook, sm_90 devices only) */
   int wg = 0;
-  if (g_hooks.wgmma) {
+  const m3s_topk_tc_hooks hooks = m3s_cuda_topk_hooks(ctx);
+  if (hooks.wgmma) {
     int dev = 0, major = 0;
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess)
@@ -961,9 +955,9 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.topk = cfg->topk;
   se.init = cfg->init_blocks;
   se.local = cfg->local_blocks;
-  se.no_rescore = g_hooks.no_rescore;
-  se.measure = g_hooks.measure;
-  se.stats = g_hooks.stats;
+  se.no_rescore = hooks.no_rescore;
+  se.measure = hooks.measure;
+  se.stats = hooks.stats;
 
   const int64_t sms = m3s_cuda_num_sms(ctx);
   for (int64_t row0 = 0; row0 < plan.rows; row0 += plan.chunk_rows) {

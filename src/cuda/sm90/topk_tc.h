@@ -27,8 +27,9 @@ typedef struct {
   unsigned int unused;
 } m3s_topk_tc_stats;
 
-/* Process-wide switches for tests; all zero = the library's default. Not for
- * concurrent use with other calls (set between calls, like a context option).
+/* Switches for tests, per CUDA context; all zero = the library's default. Not
+ * for concurrent use with other calls on the context (set between calls, like
+ * a context option).
  *  exact_only: every batch takes the exact CUDA-core path (cuda_topk.cu).
  *  no_rescore: uncertain blocks are decided by S~ instead of their reference
  *              score (breaks exactness: the test proves re-scoring matters).
@@ -45,14 +46,19 @@ typedef struct {
   int wgmma;
 } m3s_topk_tc_hooks;
 
-/* NULL restores the defaults. */
-void m3s_topk_tc_set_hooks(const m3s_topk_tc_hooks *hooks);
+/* NULL restores the defaults; a CPU context ignores the call. Internal (not
+ * exported): tests and m3s-bench link m3sparse_internal. Defined in
+ * src/cuda/context.cu, which keeps the hooks in the context's CUDA state. */
+void m3s_topk_tc_set_hooks(m3s_context *ctx, const m3s_topk_tc_hooks *hooks);
+/* The context's hooks (all zero for a context without CUDA state). */
+m3s_topk_tc_hooks m3s_cuda_topk_hooks(const m3s_context *ctx);
 
 /* Backend internals (called from cuda_topk.cu). */
 size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max_tokens, int64_t max_seq_len);
 /* 1 when this call takes the certified path (host-only facts: the batch
  * form, dtypes, alignment, bounds and the hooks). */
-int m3s_topk_tc_eligible(const m3s_layer_config *cfg, const m3s_batch *batch, const m3s_tensor *iq,
+int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_config *cfg,
+                         const m3s_batch *batch, const m3s_tensor *iq,
                          const m3s_tensor *index_cache);
 m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
                            const m3s_tensor *iq, const m3s_tensor *index_cache, m3s_tensor *topk,
