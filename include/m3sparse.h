@@ -175,7 +175,10 @@ typedef struct m3s_context m3s_context;
 
 /* device < 0: the CPU reference backend (needs no CUDA at all).
  * device >= 0: the CUDA backend on that device ordinal (M3S_ERR_UNSUPPORTED in
- * builds without CUDA). */
+ * builds without CUDA; M3S_ERR_CUDA "no CUDA device" on a machine without a
+ * usable GPU, or when the kernels' launch attributes cannot be set on it).
+ * Creation is where the library allocates (host memory; on CUDA also inside
+ * the runtime): run calls do not. */
 M3S_API m3s_status m3s_context_create(int device, m3s_context **out_ctx);
 /* NULL is a no-op. */
 M3S_API void m3s_context_destroy(m3s_context *ctx);

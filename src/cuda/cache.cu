@@ -98,17 +98,27 @@ extern "C" m3s_status m3s_cuda_cache_insert(m3s_context *ctx, const m3s_tensor *
   return m3s_cuda_check_launch("m3s_cache_insert", "insert_kv_kernel");
 }
 
-static __global__ void insert_index_kernel(const void *ik, m3s_dtype ik_dt, int64_t ik_s0,
-                                    const void *slots, int slots_i64, int64_t slot_s0,
-                                    void *cache, m3s_dtype c_dt, int64_t num_slots,
-                                    int64_t tokens) {
+typedef struct {
+  const void *ik;
+  m3s_dtype ik_dt;
+  int64_t ik_s0;
+  const void *slots;
+  int slots_i64;
+  int64_t slot_s0;
+  void *cache;
+  m3s_dtype c_dt;
+  int64_t num_slots; /* P * 128 */
+  int64_t tokens;
+} index_insert_args;
+
+static __global__ void insert_index_kernel(index_insert_args a) {
   int d = threadIdx.x;
-  for (int64_t i = blockIdx.x; i < tokens; i += gridDim.x) {
-    int64_t slot = slot_at(slots, slots_i64, slot_s0, i);
-    if (slot < 0 || slot >= num_slots)
+  for (int64_t i = blockIdx.x; i < a.tokens; i += gridDim.x) {
+    int64_t slot = slot_at(a.slots, a.slots_i64, a.slot_s0, i);
+    if (slot < 0 || slot >= a.num_slots)
       continue;
     /* e4m3 index keys have no scale: a saturating cast */
-    m3s_st(cache, c_dt, slot * M3S_INDEX_DIM + d, m3s_ld(ik, ik_dt, i * ik_s0 + d));
+    m3s_st(a.cache, a.c_dt, slot * M3S_INDEX_DIM + d, m3s_ld(a.ik, a.ik_dt, i * a.ik_s0 + d));
   }
 }
 
@@ -116,12 +126,20 @@ extern "C" m3s_status m3s_cuda_index_cache_insert(m3s_context *ctx, const m3s_te
                                                   const m3s_tensor *slot_mapping,
                                                   m3s_tensor *index_cache, const m3s_exec *exec) {
   (void)ctx;
-  int64_t tokens = ik->shape[0], num_slots = index_cache->shape[0] * M3S_BLOCK_SIZE;
-  if (tokens == 0 || num_slots == 0)
+  index_insert_args a;
+  a.ik = ik->data;
+  a.ik_dt = ik->dtype;
+  a.ik_s0 = ik->stride[0];
+  a.slots = slot_mapping->data;
+  a.slots_i64 = slot_mapping->dtype == M3S_I64;
+  a.slot_s0 = slot_mapping->stride[0];
+  a.cache = index_cache->data;
+  a.c_dt = index_cache->dtype;
+  a.num_slots = index_cache->shape[0] * M3S_BLOCK_SIZE;
+  a.tokens = ik->shape[0];
+  if (a.tokens == 0 || a.num_slots == 0)
     return M3S_OK;
-  insert_index_kernel<<<m3s_grid_cap(tokens, INT32_MAX), INSERT_THREADS, 0,
-                        m3s_cuda_stream(exec)>>>(
-      ik->data, ik->dtype, ik->stride[0], slot_mapping->data, slot_mapping->dtype == M3S_I64,
-      slot_mapping->stride[0], index_cache->data, index_cache->dtype, num_slots, tokens);
+  insert_index_kernel<<<m3s_grid_cap(a.tokens, INT32_MAX), INSERT_THREADS, 0,
+                        m3s_cuda_stream(exec)>>>(a);
   return m3s_cuda_check_launch("m3s_index_cache_insert", "insert_index_kernel");
 }
