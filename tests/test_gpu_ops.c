@@ -1,4 +1,4 @@
-/* GPU tests of src/cuda/cuda_k2q.cu: cache inserts, the k2q CSR build, k2q
+/* GPU tests of src/cuda/k2q.cu: cache inserts, the k2q CSR build, k2q
  * attention + combine, and the merge of two attention states. Every case runs
  * the CUDA context and the CPU context on the same fresh random inputs:
  *   - inserts: whole caches byte-identical (every cache dtype, scalar and

@@ -197,7 +197,7 @@ static void bug5(void) {
   printf("       m3s_build_k2q_csr(empty batch, q_indices [1, 0] data NULL) = %d %s\n", (int)st,
          m3s_last_error());
   report(5, st != M3S_OK, "the empty call itself is accepted");
-  ub_only(5, "m3s_cpu_build_k2q_csr (src/cpu/cpu_attention.c)");
+  ub_only(5, "m3s_cpu_build_k2q_csr (src/cpu/k2q.c)");
 }
 
 /* Bug 6: the view constructors do unchecked int64 arithmetic on the caller's

@@ -32,6 +32,8 @@ static m3s_status prepare_kernels(const m3s_context *ctx, const char *fn) {
     err = m3s_cuda_k2q_prepare();
   if (err == cudaSuccess)
     err = m3s_cuda_topk_decode_prepare();
+  if (err == cudaSuccess)
+    err = m3s_topk_tc_prepare();
   if (prev != ctx->device)
     cudaSetDevice(prev); /* best effort: the caller's device was valid before */
   if (err == cudaSuccess)

@@ -1,7 +1,7 @@
 /* CUDA backend: lightning-indexer top-k by certified re-scoring (SPEC
  * section 3, "reference scores and exact selection"). The selection equals the
- * CPU backend's (src/cpu/cpu_topk.c) bit for bit; only the way to get there
- * differs from the exact CUDA-core path of src/cuda/cuda_topk.cu.
+ * CPU backend's (src/cpu/topk.c) bit for bit; only the way to get there
+ * differs from the exact CUDA-core path of src/cuda/topk.cu.
  *
  * Per chunk of rows [row0, row0 + nrows) two launches on exec->stream:
  *  1. tc_score_kernel<E4M3, WG>  grid (ceil(nrows / 128), Hkv, gy), 256
@@ -891,6 +891,22 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
  * Host entry
  * ------------------------------------------------------------------------- */
 
+/* Raises the dynamic shared-memory limit of the four score kernels; called
+ * once per context by context.cu (cudaFuncSetAttribute allocates host memory
+ * inside the CUDA runtime, and run calls allocate nothing). */
+extern "C" cudaError_t m3s_topk_tc_prepare(void) {
+  void (*k[4])(m3s_cuda_batch, tc_score_args) = {
+      tc_score_kernel<false, false>, tc_score_kernel<true, false>, tc_score_kernel<false, true>,
+      tc_score_kernel<true, true>};
+  for (int i = 0; i < 4; i++) {
+    cudaError_t err =
+        cudaFuncSetAttribute(k[i], cudaFuncAttributeMaxDynamicSharedMemorySize, TC_SMEM_BYTES);
+    if (err != cudaSuccess)
+      return err;
+  }
+  return cudaSuccess;
+}
+
 extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *cfg,
                                       const m3s_batch *batch, const m3s_tensor *iq,
                                       const m3s_tensor *index_cache, m3s_tensor *topk,
@@ -919,11 +935,6 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   void (*score)(m3s_cuda_batch, tc_score_args) =
       e4m3 ? (wg ? tc_score_kernel<true, true> : tc_score_kernel<true, false>)
            : (wg ? tc_score_kernel<false, true> : tc_score_kernel<false, false>);
-  cudaError_t err =
-      cudaFuncSetAttribute(score, cudaFuncAttributeMaxDynamicSharedMemorySize, TC_SMEM_BYTES);
-  if (err != cudaSuccess)
-    return m3s_fail(M3S_ERR_CUDA, fn, "cudaFuncSetAttribute(tc_score_kernel, %d B shared): %s",
-                    TC_SMEM_BYTES, cudaGetErrorString(err));
 
   tc_score_args sa;
   sa.iq = (const uint16_t *)iq->data;

@@ -1,5 +1,5 @@
 /* Certified re-scoring top-k of the CUDA backend (src/cuda/sm90/topk_tc.cu):
- * the host entry points that src/cuda/cuda_topk.cu dispatches to, and a
+ * the host entry points that src/cuda/topk.cu dispatches to, and a
  * test-only hook (tests/test_gpu_topk_certified.c) that switches the path or
  * its re-scoring and collects counters in a caller-owned device buffer.
  * Plain C, included by C tests and by the CUDA sources. */
@@ -30,7 +30,7 @@ typedef struct {
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
  * for concurrent use with other calls on the context (set between calls, like
  * a context option).
- *  exact_only: every batch takes the exact CUDA-core path (cuda_topk.cu).
+ *  exact_only: every batch takes the exact CUDA-core path (topk.cu).
  *  no_rescore: uncertain blocks are decided by S~ instead of their reference
  *              score (breaks exactness: the test proves re-scoring matters).
  *  measure:    re-score every candidate and record |S~ - S| / E (slow).
@@ -53,13 +53,17 @@ void m3s_topk_tc_set_hooks(m3s_context *ctx, const m3s_topk_tc_hooks *hooks);
 /* The context's hooks (all zero for a context without CUDA state). */
 m3s_topk_tc_hooks m3s_cuda_topk_hooks(const m3s_context *ctx);
 
-/* Backend internals (called from cuda_topk.cu). */
+/* Backend internals (called from topk.cu; the prepare call from
+ * context.cu, once per context). */
 size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max_tokens, int64_t max_seq_len);
 /* 1 when this call takes the certified path (host-only facts: the batch
  * form, dtypes, alignment, bounds and the hooks). */
 int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_config *cfg,
                          const m3s_batch *batch, const m3s_tensor *iq,
                          const m3s_tensor *index_cache);
+#ifdef __CUDACC__
+cudaError_t m3s_topk_tc_prepare(void);
+#endif
 m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
                            const m3s_tensor *iq, const m3s_tensor *index_cache, m3s_tensor *topk,
                            const m3s_exec *exec);
