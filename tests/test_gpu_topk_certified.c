@@ -22,7 +22,10 @@
  * block, a permutation of one multiset of wide-exponent values), wide
  * exponent cancellation, subnormal keys against large queries, overflowing
  * products, NaN and Inf keys and queries, page ids out of range; and the
- * certified path captured in a CUDA graph, replayed with new inputs.
+ * certified path captured in a CUDA graph, replayed with new inputs. Uniform
+ * decode batches (q_len 1..4, TP shapes, e4m3, K = 64, and the adversarial
+ * mutations above) take the certified streaming decode kernel
+ * (src/cuda/topk_decode.cu) and the same selection.
  *
  * On an sm_90 device the cases run twice, on the same inputs: first with the
  * default mma.sync score kernel, then with the wgmma variant (hook; skipped
@@ -425,6 +428,54 @@ static void test_adversarial(void) {
   run_case("guard_page_ids_out_of_range", spec_of(m3s_config_minimax_m3(2), 4, qg, sg), &gp);
 }
 
+/* Uniform decode batches: the certified streaming kernel of
+ * src/cuda/topk_decode.cu writes (S~, E), the same selection decides. */
+static fx_spec decode_spec(m3s_layer_config c, int nreq, int q, const int32_t *sl) {
+  static int32_t ql[64];
+  for (int r = 0; r < nreq; r++)
+    ql[r] = q;
+  fx_spec s = spec_of(c, nreq, ql, sl);
+  s.uniform = 1;
+  return s;
+}
+
+static void test_decode(void) {
+  static const int32_t sl[] = {3000, 40000, 2100, 17000, 9000, 128 * 40, 2049, 33333};
+  case_mods both = {NULL, NULL, 0, 1};
+  run_case("decode_q1_tp1_ragged", decode_spec(m3s_config_minimax_m3(1), 8, 1, sl), &both);
+  fx_spec e = decode_spec(m3s_config_minimax_m3(1), 6, 4, sl);
+  e.idx_dtype = M3S_E4M3;
+  run_case("decode_q4_tp1_e4m3", e, &both);
+  run_case("decode_q2_tp8_k64", decode_spec(cfg_of(8, 1, 64, 0, 1), 5, 2, sl + 1), NULL);
+  run_case("decode_q3_tp4_init2_local0",
+           decode_spec(cfg_of(16, 1, 16, 2, 0), 4, 3, sl + 2), NULL);
+  static const int32_t sa[] = {8192, 8192, 6000, 7000};
+  case_mods lb = {last_bit, NULL, 1, 0};
+  run_case("decode_last_bit_permuted_multiset_hkv1",
+           decode_spec(m3s_config_minimax_m3(4), 4, 2, sa), &lb);
+  case_mods eq = {equal_maxima, NULL, 0, 0};
+  run_case("decode_equal_maxima_tp1", decode_spec(m3s_config_minimax_m3(1), 4, 1, sa), &eq);
+  case_mods cw = {cancel_wide, NULL, 0, 0};
+  run_case("decode_cancel_wide_exponents_tp2", decode_spec(m3s_config_minimax_m3(2), 4, 4, sa),
+           &cw);
+  case_mods sn = {subnormal_keys, NULL, 0, 0};
+  run_case("decode_subnormal_keys_tp4", decode_spec(m3s_config_minimax_m3(4), 4, 1, sa), &sn);
+  case_mods ov = {overflow_keys, NULL, 0, 0};
+  run_case("decode_overflowing_products_tp4", decode_spec(m3s_config_minimax_m3(4), 4, 2, sa),
+           &ov);
+  static const int32_t sn_[] = {30 * 128, 40 * 128 + 5, 5000};
+  case_mods ni = {nan_inf, NULL, 0, 0};
+  for (int e4 = 0; e4 < 2; e4++) {
+    fx_spec n = decode_spec(m3s_config_minimax_m3(1), 3, 4, sn_);
+    n.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
+    run_case(e4 ? "decode_nan_keys_e4m3_q4" : "decode_nan_inf_keys_and_query_bf16_q4", n, &ni);
+  }
+  static const int32_t sg[] = {3000, 2500, 2200, 2600};
+  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0};
+  run_case("decode_guard_page_ids_out_of_range",
+           decode_spec(m3s_config_minimax_m3(2), 4, 2, sg), &gp);
+}
+
 /* The certified path captured once in a CUDA graph on a non-default stream,
  * replayed with new queries and keys: equal to the CPU each time. */
 static void test_graph(void) {
@@ -526,6 +577,7 @@ int main(void) {
     fflush(stdout);
     g_seed = seed0;
     test_adversarial();
+    test_decode();
     test_k_variants();
     test_prefill_shapes();
     test_graph();

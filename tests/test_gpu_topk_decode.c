@@ -1,18 +1,22 @@
-/* The streaming decode index top-k (src/cuda/topk_decode.cu) against the CPU
- * backend: m3s_index_topk on a CUDA context must give the CPU's top-k bytes,
- * entry for entry, on fresh random continuous inputs (the kernel computes
- * every score in the CPU's fixed fp32 order, so the results are equal by
- * construction, not within a tolerance).
+/* The decode index top-k of the CUDA backend (src/cuda/topk_decode.cu: the
+ * certified tensor-core streaming kernel and the exact streaming kernel)
+ * against the CPU backend: m3s_index_topk on a CUDA context must give the
+ * CPU's top-k bytes, entry for entry, on fresh random continuous inputs.
  *
  * Inputs are lean (no main cache, unlike tests/ref.h's fixtures, so 128
  * requests of up to 32K tokens stay cheap): one shared random index cache per
  * format, bf16 and e4m3, whose first pages hold NaN and +-Inf keys (page 0
  * all NaN), and per case random block tables over it, random queries and a
- * uniform decode batch. Each case runs the CPU, then the CUDA context twice
- * with poisoned top-k rows and workspace: on the 16-byte aligned cache (the
- * streaming kernel) and on a copy one element off 16-byte alignment (topk.cu's
- * general score kernel, which the streaming one declines there): both must
- * equal the CPU. Guard zones around every device buffer catch stray writes.
+ * uniform decode batch. Each case runs the CPU, then the CUDA context three
+ * ways with poisoned top-k rows and workspace, all of which must equal the
+ * CPU: the default on the 16-byte aligned cache (the certified streaming
+ * kernel + certified selection when q_len x Hkv <= 16, the exact streaming
+ * kernel otherwise; the certified pair count is printed and must be > 0
+ * when the certified path covers the case), the exact streaming kernel
+ * forced through the test hook (src/cuda/sm90/topk_tc.h), and a copy of the
+ * cache one element off 16-byte alignment (topk.cu's general score kernel,
+ * which both streaming kernels decline there). Guard zones around every
+ * device buffer catch stray writes.
  *
  * Cases: TP1 q_len 1 at 128 requests of 4K..32K with ragged seq_lens, one
  * 128K request, a skewed batch (one 128K request among 4K ones), q_len 2..8
@@ -24,6 +28,7 @@
  *
  * M3S_TEST_QUICK=1 skips the large cases. */
 #define _POSIX_C_SOURCE 199309L
+#include "cuda/sm90/topk_tc.h"
 #include "gpu_util.h"
 
 #include <cuda_runtime_api.h>
@@ -36,6 +41,7 @@
 
 static m3s_context *g_cpu, *g_gpu;
 static int g_quick;
+static m3s_topk_tc_stats *g_stats; /* device counters of the certified selection */
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 
 static uint64_t next_u64(void) {
@@ -168,19 +174,30 @@ static long compare(const int32_t *want, const int32_t *got, size_t n, const cha
   return bad;
 }
 
-/* One CUDA run on the cache view `ic_view`; 1 when it ran and downloaded. */
+/* One CUDA run on the cache view `ic_view` (exact: the exact_only hook);
+ * 1 when it ran and downloaded, with the certified path's counters in *st. */
 static int run_gpu(const dcase *c, m3s_batch *db, const m3s_tensor *diq, const m3s_tensor *ic_view,
-                   m3s_tensor *dtk, void *ws, size_t ws_bytes, int32_t *got, size_t n) {
+                   m3s_tensor *dtk, void *ws, size_t ws_bytes, int32_t *got, size_t n, int exact,
+                   m3s_topk_tc_stats *st) {
   m3s_exec ex = {ws, ws_bytes, NULL};
+  memset(st, 0, sizeof *st);
   int ok = cudaMemset(dtk->data, 0x7f, n * sizeof(int32_t)) == cudaSuccess &&
-           (!ws || cudaMemset(ws, 0x7f, ws_bytes) == cudaSuccess); /* S poison: 3.4e38 */
+           (!ws || cudaMemset(ws, 0x7f, ws_bytes) == cudaSuccess) && /* S poison: 3.4e38 */
+           gpu_put(g_stats, st, sizeof *st);
   if (!CHECK(ok, c->name))
     return 0;
-  m3s_status st = m3s_index_topk(g_gpu, &c->cfg, db, diq, ic_view, dtk, &ex);
-  if (st != M3S_OK)
+  m3s_topk_tc_hooks h;
+  memset(&h, 0, sizeof h);
+  h.exact_only = exact;
+  h.stats = g_stats;
+  m3s_topk_tc_set_hooks(g_gpu, &h);
+  m3s_status s = m3s_index_topk(g_gpu, &c->cfg, db, diq, ic_view, dtk, &ex);
+  m3s_topk_tc_set_hooks(g_gpu, NULL);
+  if (s != M3S_OK)
     fprintf(stderr, "%s: cuda m3s_index_topk: %s\n", c->name, m3s_last_error());
-  ok = CHECK(st == M3S_OK, c->name) && CHECK(gpu_sync(), c->name) &&
-       CHECK(gpu_get(got, dtk->data, n * sizeof(int32_t)), c->name);
+  ok = CHECK(s == M3S_OK, c->name) && CHECK(gpu_sync(), c->name) &&
+       CHECK(gpu_get(got, dtk->data, n * sizeof(int32_t)), c->name) &&
+       CHECK(gpu_get(st, g_stats, sizeof *st), c->name);
   return ok && gpu_guards_check();
 }
 
@@ -265,8 +282,15 @@ static void run_case(const dcase *c) {
   void *diqm = gpu_dup(iq, sizeof(uint16_t) * (size_t)T * hkv * 128);
   int32_t *dtkm = gpu_dup(NULL, sizeof(int32_t) * n);
   void *ws = ws_bytes ? gpu_dup(NULL, ws_bytes) : NULL;
-  long bad_new = -1, bad_old = -1;
+  long bad_new = -1, bad_exact = -1, bad_old = -1;
+  m3s_topk_tc_stats cs, xs, os_;
+  memset(&cs, 0, sizeof cs);
   double t3 = 0, t4 = 0;
+  /* the certified path covers q_len x Hkv <= 16 (bf16 queries, aligned cache)
+   * and counts the pairs it selected for, those with nb > K */
+  int covered = q * hkv <= 16, scored = 0;
+  for (int r = 0; r < R; r++)
+    scored |= c->seq[r] >= q && blocks_of_seq(c->seq[r]) > K;
   if (CHECK(st == M3S_OK && dseq && dqsl && dtab && diqm && dtkm && (ws || !ws_bytes), c->name)) {
     m3s_batch db = hb;
     db.query_start_loc = m3s_tensor_make(dqsl, M3S_I32, 1, &r1, 0);
@@ -279,18 +303,29 @@ static void run_case(const dcase *c) {
     m3s_tensor dodd =
         m3s_tensor_make(c->ic->dev_odd + (c->ic->dt == M3S_BF16 ? 2 : 1), c->ic->dt, 3, icsh, 0);
     t3 = gpu_now_ms();
-    if (run_gpu(c, &db, &diq, &dic, &dtk, ws, ws_bytes, got, n)) {
+    if (run_gpu(c, &db, &diq, &dic, &dtk, ws, ws_bytes, got, n, 0, &cs)) {
       t4 = gpu_now_ms();
-      bad_new = compare(want, got, n, "streaming kernel", c->name, hkv, K);
+      bad_new = compare(want, got, n, covered ? "certified streaming" : "exact streaming",
+                        c->name, hkv, K);
       CHECK(bad_new == 0, c->name);
+      if (covered && scored)
+        CHECK(cs.pairs > 0, "the certified decode path ran");
+      if (!covered)
+        CHECK(cs.pairs == 0, "q_len x Hkv > 16: the exact path ran");
     }
-    if (run_gpu(c, &db, &diq, &dodd, &dtk, ws, ws_bytes, got, n)) {
+    if (run_gpu(c, &db, &diq, &dic, &dtk, ws, ws_bytes, got, n, 1, &xs)) {
+      bad_exact = compare(want, got, n, "exact streaming (hook)", c->name, hkv, K);
+      CHECK(bad_exact == 0 && xs.pairs == 0, c->name);
+    }
+    if (run_gpu(c, &db, &diq, &dodd, &dtk, ws, ws_bytes, got, n, 0, &os_)) {
       bad_old = compare(want, got, n, "general score kernel", c->name, hkv, K);
-      CHECK(bad_old == 0, c->name);
+      CHECK(bad_old == 0 && os_.pairs == 0, c->name);
     }
   }
-  printf("  %-46s T %6d  ws %10zu B  cpu %8.1f ms  cuda %7.2f ms  (total %.0f ms)%s\n", c->name, T,
-         ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0, bad_new || bad_old ? "  MISMATCH" : "");
+  printf("  %-46s T %6d  ws %10zu B  cpu %8.1f ms  cuda %7.2f ms  certified pairs %6llu "
+         "re-scored %7llu / %9llu  (total %.0f ms)%s\n",
+         c->name, T, ws_bytes, t2 - t1, t4 - t3, cs.pairs, cs.rescored, cs.candidates,
+         gpu_now_ms() - t0, bad_new || bad_exact || bad_old ? "  MISMATCH" : "");
   gpu_free(dseq);
   gpu_free(dqsl);
   gpu_free(dtab);
@@ -474,11 +509,13 @@ int main(void) {
     m3s_context_destroy(g_gpu);
     return 1;
   }
+  g_stats = gpu_dup(NULL, sizeof *g_stats);
   double t0 = gpu_now_ms();
   /* 4096 pages each (128 MiB bf16): block tables draw pages at random, with
    * repeats, so the cache need not hold every request's pages */
   int64_t pages = g_quick ? 512 : 4096;
-  int ok = CHECK(icache_init(&g_bf16, M3S_BF16, pages), "bf16 index cache") &&
+  int ok = CHECK(g_stats != NULL, "stats buffer") &&
+           CHECK(icache_init(&g_bf16, M3S_BF16, pages), "bf16 index cache") &&
            CHECK(icache_init(&g_e4m3, M3S_E4M3, pages), "e4m3 index cache");
   printf("  caches ready in %.0f ms\n", gpu_now_ms() - t0);
   if (ok) {
@@ -490,6 +527,7 @@ int main(void) {
   }
   icache_free(&g_bf16);
   icache_free(&g_e4m3);
+  gpu_free(g_stats);
   printf("test_gpu_topk_decode: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

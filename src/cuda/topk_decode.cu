@@ -50,6 +50,7 @@
  * Measured: not yet measured (prediction in docs/perf-notes.md, "Decode
  * indexer: streaming exact kernel (design, prediction)"). */
 #include "topk_decode.cuh"
+#include "sm90/topk_tc.cuh"
 
 #include <stdint.h>
 
@@ -115,7 +116,7 @@ typedef struct {
  * the request scores nothing (padded or inconsistent, or nb <= K). The same
  * validity as m3s_row_lookup for the rows of a uniform batch (num_tokens ==
  * num_reqs * q_len, checked on the host). */
-static __device__ __forceinline__ int64_t request_end(const dec_params &p, int r) {
+template <class P> static __device__ __forceinline__ int64_t request_end(const P &p, int r) {
   int64_t seq = p.b.seq_lens[r * p.b.seq_stride];
   if (seq <= 0 || seq < p.qlen || seq > p.b.max_seq_len)
     return -1;
@@ -124,7 +125,7 @@ static __device__ __forceinline__ int64_t request_end(const dec_params &p, int r
 }
 
 /* From c.item on, the first of this CTA's items with blocks. */
-static __device__ void cursor_seek(const dec_params &p, dec_cursor &c) {
+template <class P> static __device__ void cursor_seek(const P &p, dec_cursor &c) {
   for (; c.item < p.items; c.item += gridDim.x) {
     int r = (int)(c.item % p.b.num_reqs);
     int64_t lo = p.init + (c.item / p.b.num_reqs) * p.split;
@@ -139,7 +140,7 @@ static __device__ void cursor_seek(const dec_params &p, dec_cursor &c) {
   }
 }
 
-static __device__ __forceinline__ void cursor_next(const dec_params &p, dec_cursor &c) {
+template <class P> static __device__ __forceinline__ void cursor_next(const P &p, dec_cursor &c) {
   if (c.item >= p.items || ++c.blk < c.end)
     return;
   c.item += gridDim.x;
@@ -410,6 +411,292 @@ static __global__ void __launch_bounds__(DEC_THREADS, dec_min_ctas<E4, NP>())
 }
 
 /* ---------------------------------------------------------------------------
+ * Certified variant: (S~, E) on tensor cores
+ * ------------------------------------------------------------------------- */
+
+/* Shared-memory page of the certified kernel: key rows unpadded (bf16 256 B,
+ * e4m3 128 B), 16-byte pieces XOR-swizzled by the key's low bits so that the
+ * fragment loads below are free of bank conflicts: lane (g, c) of a warp
+ * reads, for k32 chunk s, the 16 bytes (bf16) or 8 bytes (e4m3) of dims
+ * 32 s + 8 c .. + 7 of its key; bf16 unit 4 s + c of key n sits at unit
+ * (4 s + c) ^ 4 (n & 1) (the two keys of an 8-lane phase use opposite halves
+ * of the 128-byte bank line), e4m3 8-byte unit 4 s + c at (4 s + c) ^
+ * 4 (n & 3) (the four keys of a 16-lane phase use four 32-byte quarters). */
+template <bool E4> struct tcd_fmt {
+  static constexpr int key_bytes = E4 ? 128 : 256;
+  static constexpr int stage = M3S_BLOCK_SIZE * key_bytes;
+  static constexpr int row_pieces = key_bytes / 16;
+  static constexpr int pieces = M3S_BLOCK_SIZE * row_pieces / DEC_THREADS; /* per thread */
+};
+
+template <bool E4> static constexpr size_t tcd_smem_bytes() {
+  return (size_t)DEC_STAGES * tcd_fmt<E4>::stage;
+}
+
+/* Byte offset of 16-byte piece `piece` of key n in a page. */
+template <bool E4> static __device__ __forceinline__ int tcd_piece_off(int n, int piece) {
+  return E4 ? n * 128 + (piece ^ ((n & 3) << 1)) * 16 : n * 256 + (piece ^ ((n & 1) << 2)) * 16;
+}
+
+typedef struct {
+  m3s_cuda_batch b;
+  const uint16_t *iq; /* bf16 [T, Hkv, 128] with strides iq_s0, iq_s1, 1 */
+  int64_t iq_s0, iq_s1;
+  const unsigned char *ic; /* [num_pages, 128, 128] bf16 or e4m3, 16-byte aligned */
+  int64_t num_pages;
+  float2 *ws;     /* (S~, E) [num_reqs * pairs][max_nb] */
+  int64_t max_nb; /* row stride of ws */
+  int64_t split;  /* U: candidate blocks per item */
+  int64_t items;
+  int qlen, hkv, pairs, topk, init, local;
+} tcd_params;
+
+typedef struct {
+  float red[DEC_WARPS][16]; /* per-warp block maxima S~ of each pair */
+  float wnk[DEC_WARPS];     /* per-warp largest key norm (upper bound) */
+  float qn[16];             /* query norms of the request's pairs (upper bounds) */
+  int64_t pos[DEC_MAX_QLEN];
+  int64_t nb[DEC_MAX_QLEN];
+  int page[DEC_STAGES];
+} tcd_small;
+
+template <bool E4>
+static __device__ void tcd_issue_page(const tcd_params &p, const dec_cursor &c,
+                                      unsigned char *stage, int *page_slot) {
+  typedef tcd_fmt<E4> F;
+  if (c.item < p.items) {
+    int64_t page = m3s_page(p.b.ibt, p.b.ibt_s0, p.b.ibt_s1, p.b.ibt_cols, c.r, c.blk, p.num_pages);
+    if (threadIdx.x == 0)
+      *page_slot = page >= 0 ? 0 : -1;
+    if (page >= 0) {
+      const unsigned char *src = p.ic + page * (int64_t)F::stage;
+#pragma unroll
+      for (int m = 0; m < F::pieces; m++) {
+        int piece = threadIdx.x + m * DEC_THREADS;
+        int n = piece / F::row_pieces, col = piece % F::row_pieces;
+        cp_async16(stage + tcd_piece_off<E4>(n, col), src + (int64_t)piece * 16);
+      }
+    }
+  }
+  cp_async_commit();
+}
+
+/* Row i of the warp's A operand (pair i of request r, zero when i >= pairs):
+ * the 16 bytes of dims 32 s + 8 c .. + 7 for each chunk s, as bf16 pairs. */
+static __device__ __forceinline__ void tcd_query_row(const tcd_params &p, int r, int i, int c,
+                                                     uint32_t (&w)[4][4]) {
+#pragma unroll
+  for (int s = 0; s < 4; s++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      w[s][e] = 0;
+  if (i >= p.pairs)
+    return;
+  const uint16_t *q =
+      p.iq + ((int64_t)r * p.qlen + i / p.hkv) * p.iq_s0 + (int64_t)(i % p.hkv) * p.iq_s1;
+#pragma unroll
+  for (int s = 0; s < 4; s++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      int d = 32 * s + 8 * c + 2 * e;
+      w[s][e] = (uint32_t)q[d] | ((uint32_t)q[d + 1] << 16);
+    }
+}
+
+/* Every thread: request r's token positions and query norms into s; every
+ * warp: its A fragments af[k-step][4] (the k order of a lane's B words, see
+ * tcd_key_words: k-step 2 s takes dims 8 c + {0,1} and {2,3} of chunk s,
+ * k-step 2 s + 1 dims {4,5} and {6,7}; the same permutation of k on both
+ * operands leaves every dot unchanged). */
+static __device__ void tcd_stage_request(const tcd_params &p, int r, tcd_small &s,
+                                         uint32_t (&af)[8][4]) {
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  if (tid < p.qlen) {
+    m3s_row_info ri = m3s_row_lookup(p.b, (int64_t)r * p.qlen + tid);
+    int64_t nb = ri.valid ? ri.pos / M3S_BLOCK_SIZE + 1 : 0;
+    s.pos[tid] = ri.pos;
+    s.nb[tid] = nb > p.topk ? nb : 0;
+  }
+  {
+    /* 16 threads per pair, 8 dims each, every operation rounded up */
+    int i = tid >> 4, part = tid & 15;
+    float sq = 0.0f;
+    if (i < p.pairs) {
+      const uint16_t *q =
+          p.iq + ((int64_t)r * p.qlen + i / p.hkv) * p.iq_s0 + (int64_t)(i % p.hkv) * p.iq_s1;
+      uint32_t u[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        u[e] = (uint32_t)q[8 * part + 2 * e] | ((uint32_t)q[8 * part + 2 * e + 1] << 16);
+      sq = tc_sumsq8_ru(make_uint4(u[0], u[1], u[2], u[3]), 0.0f);
+    }
+#pragma unroll
+    for (int o = 1; o < 16; o <<= 1)
+      sq = __fadd_ru(sq, __shfl_xor_sync(FULL_MASK, sq, o));
+    float nq = __fsqrt_ru(sq);
+    if (part == 0 && i < 16)
+      s.qn[i] = isnan(nq) ? INFINITY : nq;
+  }
+  uint32_t lo[4][4], hi[4][4];
+  tcd_query_row(p, r, g, c, lo);
+  tcd_query_row(p, r, g + 8, c, hi);
+#pragma unroll
+  for (int ch = 0; ch < 4; ch++) {
+    af[2 * ch][0] = lo[ch][0];
+    af[2 * ch][1] = hi[ch][0];
+    af[2 * ch][2] = lo[ch][1];
+    af[2 * ch][3] = hi[ch][1];
+    af[2 * ch + 1][0] = lo[ch][2];
+    af[2 * ch + 1][1] = hi[ch][2];
+    af[2 * ch + 1][2] = lo[ch][3];
+    af[2 * ch + 1][3] = hi[ch][3];
+  }
+}
+
+/* Key n's dims 32 ch + 8 c .. + 7 as four bf16 pairs (e4m3 widened exactly). */
+template <bool E4>
+static __device__ __forceinline__ void tcd_key_words(const unsigned char *page, int n, int ch,
+                                                     int c, uint32_t (&w)[4]) {
+  if (!E4) {
+    uint4 v = *(const uint4 *)(page + tcd_piece_off<false>(n, 4 * ch + c));
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  } else {
+    int unit = (4 * ch + c) ^ ((n & 3) << 2);
+    uint2 v = *(const uint2 *)(page + n * 128 + unit * 8);
+    w[0] = tc_e4m3x2_to_bf16x2((uint16_t)(v.x & 0xffffu));
+    w[1] = tc_e4m3x2_to_bf16x2((uint16_t)(v.x >> 16));
+    w[2] = tc_e4m3x2_to_bf16x2((uint16_t)(v.y & 0xffffu));
+    w[3] = tc_e4m3x2_to_bf16x2((uint16_t)(v.y >> 16));
+  }
+}
+
+/* Every thread: (S~, E) of block c.blk (keys in ring slot `page`) for each
+ * pair of request c.r that needs it. Warp w takes keys 16 w .. 16 w + 15 as
+ * two n8 tiles; rows are the pairs (padded to 16). */
+template <bool E4>
+static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
+                                       const unsigned char *page, const uint32_t (&af)[8][4],
+                                       tcd_small &s) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, cq = lane & 3;
+  float acc[2][4];
+  float sq[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    const int n = 16 * warp + 8 * j + g;
+    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+    for (int ch = 0; ch < 4; ch++) {
+      uint32_t w[4];
+      tcd_key_words<E4>(page, n, ch, cq, w);
+      tc_mma_bf16(acc[j], af[2 * ch], w[0], w[1]);
+      tc_mma_bf16(acc[j], af[2 * ch + 1], w[2], w[3]);
+      sq[j] = tc_sumsq8_ru(make_uint4(w[0], w[1], w[2], w[3]), sq[j]);
+    }
+  }
+  /* largest key norm of the warp's 16 keys (rounded up; NaN -> inf) */
+  float nk = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    float t = __fadd_ru(sq[j], __shfl_xor_sync(FULL_MASK, sq[j], 1));
+    t = __fadd_ru(t, __shfl_xor_sync(FULL_MASK, t, 2));
+    t = __fsqrt_ru(t);
+    nk = fmaxf(nk, isnan(t) ? INFINITY : t);
+  }
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1)
+    nk = fmaxf(nk, __shfl_xor_sync(FULL_MASK, nk, o));
+  /* causal mask and row max over the visible keys; NaN dots are ignored
+   * (their key norm is NaN, so E is infinite) */
+  const int rlo = g, rhi = g + 8;
+  const int64_t base = c.blk * M3S_BLOCK_SIZE + 16 * warp + 2 * cq;
+  const int64_t plo = rlo < p.pairs ? s.pos[rlo / p.hkv] : -1;
+  const int64_t phi = rhi < p.pairs ? s.pos[rhi / p.hkv] : -1;
+  float mlo = -INFINITY, mhi = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 2; j++)
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      int64_t kp = base + 8 * j + e;
+      if (kp <= plo)
+        mlo = fmaxf(mlo, acc[j][e]);
+      if (kp <= phi)
+        mhi = fmaxf(mhi, acc[j][2 + e]);
+    }
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) {
+    mlo = fmaxf(mlo, __shfl_xor_sync(FULL_MASK, mlo, o));
+    mhi = fmaxf(mhi, __shfl_xor_sync(FULL_MASK, mhi, o));
+  }
+  if (cq == 0) {
+    s.red[warp][rlo] = mlo;
+    s.red[warp][rhi] = mhi;
+  }
+  if (lane == 0)
+    s.wnk[warp] = nk;
+  __syncthreads();
+  if (tid < p.pairs && tid < 16) {
+    int64_t nbt = s.nb[tid / p.hkv];
+    if (nbt > 0 && c.blk >= p.init && c.blk < nbt - p.local) {
+      float m = s.red[0][tid], k = s.wnk[0];
+#pragma unroll
+      for (int w = 1; w < DEC_WARPS; w++) {
+        m = fmaxf(m, s.red[w][tid]);
+        k = fmaxf(k, s.wnk[w]);
+      }
+      p.ws[((int64_t)c.r * p.pairs + tid) * p.max_nb + c.blk] = make_float2(m, tc_bound(s.qn[tid], k));
+    }
+  }
+}
+
+/* Persistent streaming kernel of the certified path: the items, ring and
+ * cursor of decode_score_kernel, tensor-core scores instead of the reference
+ * dots. At most 16 pairs per request (one m16 tile). */
+template <bool E4>
+static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_params p) {
+  typedef tcd_fmt<E4> F;
+  extern __shared__ __align__(128) unsigned char tsm[];
+  __shared__ tcd_small s;
+  dec_cursor pf, cs;
+  pf.item = blockIdx.x;
+  cursor_seek(p, pf);
+  cs = pf;
+#pragma unroll 1
+  for (int st = 0; st < DEC_STAGES - 1; st++) {
+    tcd_issue_page<E4>(p, pf, tsm + st * F::stage, &s.page[st]);
+    cursor_next(p, pf);
+  }
+  uint32_t af[8][4];
+  int staged = -1, stage = 0;
+  while (cs.item < p.items) {
+    int ahead = (stage + DEC_STAGES - 1) % DEC_STAGES;
+    tcd_issue_page<E4>(p, pf, tsm + ahead * F::stage, &s.page[ahead]);
+    cursor_next(p, pf);
+    if (cs.r != staged) {
+      tcd_stage_request(p, cs.r, s, af);
+      staged = cs.r;
+    }
+    cp_async_wait<DEC_STAGES - 1>();
+    __syncthreads();
+    if (s.page[stage] >= 0) {
+      tcd_score_block<E4>(p, cs, tsm + stage * F::stage, af, s);
+    } else if (threadIdx.x < p.pairs && threadIdx.x < 16) {
+      /* page id out of range: (NaN, inf), as the prefill kernel */
+      int64_t nbt = s.nb[threadIdx.x / p.hkv];
+      if (nbt > 0 && cs.blk >= p.init && cs.blk < nbt - p.local)
+        p.ws[((int64_t)cs.r * p.pairs + threadIdx.x) * p.max_nb + cs.blk] =
+            make_float2(NAN, INFINITY);
+    }
+    __syncthreads();
+    cursor_next(p, cs);
+    stage = (stage + 1) % DEC_STAGES;
+  }
+  cp_async_wait<0>();
+}
+
+/* ---------------------------------------------------------------------------
  * Host
  * ------------------------------------------------------------------------- */
 
@@ -437,8 +724,31 @@ static cudaError_t dec_device_fits(int e4, int *fits) {
   return err;
 }
 
+/* The certified kernel's shared memory fits the device's per-block limit. */
+static cudaError_t tcd_device_fits(int e4, int *fits) {
+  int dev = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  size_t need = (e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>()) + sizeof(tcd_small);
+  *fits = err == cudaSuccess && (size_t)optin >= need;
+  return err;
+}
+
 extern "C" cudaError_t m3s_cuda_topk_decode_prepare(void) {
   static const int nps[4] = {1, 2, 4, 8};
+  for (int e4 = 0; e4 < 2; e4++) {
+    int fits = 0;
+    cudaError_t err = tcd_device_fits(e4, &fits);
+    if (err != cudaSuccess)
+      return err;
+    if (fits)
+      err = cudaFuncSetAttribute(e4 ? decode_tc_kernel<true> : decode_tc_kernel<false>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)(e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>()));
+    if (err != cudaSuccess)
+      return err;
+  }
   for (int e4 = 0; e4 < 2; e4++) {
     int fits = 0;
     cudaError_t err = dec_device_fits(e4, &fits);
@@ -534,4 +844,57 @@ m3s_status m3s_cuda_topk_decode_scores(m3s_context *ctx, const m3s_layer_config 
   if (st == M3S_OK)
     *ran = 1;
   return st;
+}
+
+/* ---------------------------------------------------------------------------
+ * Host: the certified variant
+ * ------------------------------------------------------------------------- */
+
+extern "C" int m3s_cuda_topk_decode_tc_covers(const m3s_layer_config *cfg, const m3s_batch *batch,
+                                              const m3s_tensor *iq,
+                                              const m3s_tensor *index_cache) {
+  int qlen = batch->uniform_q_len, hkv = cfg->num_kv_heads;
+  m3s_dtype dt = index_cache->dtype;
+  if (qlen < 1 || qlen > DEC_MAX_QLEN || hkv < 1 || hkv * qlen > 16 || iq->dtype != M3S_BF16 ||
+      (dt != M3S_BF16 && dt != M3S_E4M3) || ((uintptr_t)index_cache->data & 15) != 0 ||
+      (int64_t)batch->num_reqs * qlen != batch->num_tokens || batch->num_reqs < 1)
+    return 0;
+  int fits = 0;
+  return tcd_device_fits(dt == M3S_E4M3, &fits) == cudaSuccess && fits;
+}
+
+extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s_layer_config *cfg,
+                                                     const m3s_batch *batch, const m3s_tensor *iq,
+                                                     const m3s_tensor *index_cache, float2 *ws,
+                                                     int64_t max_nb, cudaStream_t stream) {
+  const char *fn = "m3s_index_topk";
+  const int e4 = index_cache->dtype == M3S_E4M3;
+  void (*kern)(tcd_params) = e4 ? decode_tc_kernel<true> : decode_tc_kernel<false>;
+  size_t smem = e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>();
+  int per_sm = 0;
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, DEC_THREADS, smem);
+  if (err != cudaSuccess)
+    return m3s_fail(M3S_ERR_CUDA, fn, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
+                    cudaGetErrorString(err));
+  per_sm = per_sm > 0 ? per_sm : 1;
+  tcd_params p;
+  p.b = m3s_cuda_batch_of(batch);
+  p.iq = (const uint16_t *)iq->data;
+  p.iq_s0 = iq->stride[0];
+  p.iq_s1 = iq->stride[1];
+  p.ic = (const unsigned char *)index_cache->data;
+  p.num_pages = index_cache->shape[0];
+  p.ws = ws;
+  p.max_nb = max_nb;
+  p.qlen = batch->uniform_q_len;
+  p.hkv = cfg->num_kv_heads;
+  p.pairs = p.qlen * p.hkv;
+  p.topk = cfg->topk;
+  p.init = cfg->init_blocks;
+  p.local = cfg->local_blocks;
+  int64_t grid = 1;
+  plan_split(batch->num_reqs, max_nb - cfg->init_blocks, (int64_t)per_sm * m3s_cuda_num_sms(ctx),
+             &p.split, &p.items, &grid);
+  kern<<<m3s_grid_cap(grid, INT32_MAX), DEC_THREADS, smem, stream>>>(p);
+  return m3s_cuda_check_launch(fn, "decode_tc_kernel");
 }

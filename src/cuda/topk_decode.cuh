@@ -15,6 +15,21 @@ m3s_status m3s_cuda_topk_decode_scores(m3s_context *ctx, const m3s_layer_config 
                                        const m3s_tensor *index_cache, float *ws, int64_t max_nb,
                                        cudaStream_t stream, int *ran);
 
+/* Host: 1 when the certified streaming kernel covers this uniform decode
+ * batch (q_len <= 8, q_len x Hkv <= 16, bf16 index queries, bf16 or e4m3
+ * index cache at a 16-byte aligned address, shared memory on the device). */
+extern "C" int m3s_cuda_topk_decode_tc_covers(const m3s_layer_config *cfg, const m3s_batch *batch,
+                                              const m3s_tensor *iq,
+                                              const m3s_tensor *index_cache);
+
+/* Host: launches it: (S~, E) of every candidate block of every (token, head)
+ * pair at ws[(r * q_len * Hkv + pair) * max_nb + block], pair = token *
+ * Hkv + head (the certified selection's layout, topk_tc.cu). */
+extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s_layer_config *cfg,
+                                                     const m3s_batch *batch, const m3s_tensor *iq,
+                                                     const m3s_tensor *index_cache, float2 *ws,
+                                                     int64_t max_nb, cudaStream_t stream);
+
 /* Host, once per context with its device current: raises the kernels'
  * dynamic shared-memory limit where the device has enough. */
 extern "C" cudaError_t m3s_cuda_topk_decode_prepare(void);

@@ -47,7 +47,9 @@
  * Registers / spills (ptxas, sm_90a): see docs/perf-notes.md. Measured: not
  * yet measured. */
 #include "../common.cuh"
+#include "topk_tc.cuh"
 #include "topk_tc.h"
+#include "../topk_decode.cuh"
 
 #include <stdint.h>
 #include <string.h>
@@ -62,11 +64,6 @@
 #define TC_WS_BUDGET ((int64_t)128 << 20)
 #define TC_FULL 0xffffffffu
 
-/* E = TC_C * |q| * |k| + TC_ABS * (|q| + |k| + 1), see docs/perf-notes.md:
- * 128 u for the reference order, 8 x 128 u for the tensor cores, u = 2^-24,
- * rounded up to 1200 u. */
-#define TC_C (1200.0f * 0x1p-24f)
-#define TC_ABS 0x1p-118f
 
 
 /* ---------------------------------------------------------------------------
@@ -114,7 +111,15 @@ extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max
 extern "C" int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_config *cfg,
                                     const m3s_batch *batch, const m3s_tensor *iq,
                                     const m3s_tensor *index_cache) {
-  if (m3s_cuda_topk_hooks(ctx).exact_only || batch->uniform_q_len > 0 || batch->max_q_len < TC_MIN_ROWS)
+  if (m3s_cuda_topk_hooks(ctx).exact_only)
+    return 0;
+  if (batch->uniform_q_len > 0) {
+    /* decode: the streaming certified kernel, every row in one chunk */
+    tc_plan p = tc_plan_of(cfg, batch->num_tokens, batch->max_seq_len);
+    return p.ok && p.chunk_rows >= p.rows &&
+           m3s_cuda_topk_decode_tc_covers(cfg, batch, iq, index_cache);
+  }
+  if (batch->max_q_len < TC_MIN_ROWS)
     return 0;
   if (iq->dtype != M3S_BF16 || (index_cache->dtype != M3S_BF16 && index_cache->dtype != M3S_E4M3))
     return 0;
@@ -134,27 +139,7 @@ __device__ __forceinline__ int tc_is_candidate(int64_t b, int64_t nb, int init, 
   return b >= init && b < nb - local;
 }
 
-/* The bound E for a row of query norm nq and a block of largest key norm nk
- * (both upper bounds, never NaN); infinite when the product is not safely
- * below the fp32 range (this also covers NaN and Inf inputs). */
-__device__ __forceinline__ float tc_bound(float nq, float nk) {
-  float p = __fmul_ru(nq, nk);
-  if (!(p <= 0x1p126f))
-    return INFINITY;
-  return __fadd_ru(__fmul_ru(TC_C, p), __fmul_ru(TC_ABS, __fadd_ru(__fadd_ru(nq, nk), 1.0f)));
-}
 
-/* Sum of squares of 8 bf16 (packed in a uint4), rounded up, added to s. */
-__device__ __forceinline__ float tc_sumsq8_ru(uint4 w, float s) {
-  uint32_t u[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int e = 0; e < 4; e++) {
-    float lo = __uint_as_float(u[e] << 16), hi = __uint_as_float(u[e] & 0xffff0000u);
-    s = __fmaf_ru(lo, lo, s);
-    s = __fmaf_ru(hi, hi, s);
-  }
-  return s;
-}
 
 __device__ __forceinline__ uint32_t tc_smem_addr(const void *p) {
   return (uint32_t)__cvta_generic_to_shared(p);
@@ -180,12 +165,6 @@ __device__ __forceinline__ void tc_ldmatrix_x4(uint32_t addr, uint32_t &r0, uint
                : "r"(addr));
 }
 
-__device__ __forceinline__ void tc_mma_bf16(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 /* Byte offset of element (key n, dim k) of a key tile in the wgmma layout:
  * K-major, no swizzle, 8x8 core matrices of 128 contiguous bytes; the 16
@@ -256,13 +235,6 @@ __device__ __forceinline__ void tc_fence_proxy_async() {
 #endif
 }
 
-/* Two e4m3 codes (low byte first) as two bf16 in one word, exactly (through
- * fp16, as the exact path widens them; NaN stays NaN). */
-__device__ __forceinline__ uint32_t tc_e4m3x2_to_bf16x2(uint16_t pair) {
-  float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
-  __nv_bfloat162 h = __floats2bfloat162_rn(f.x, f.y);
-  return *(uint32_t *)&h;
-}
 
 /* ---------------------------------------------------------------------------
  * Kernel 1: approximate block scores S~ and bounds E on tensor cores
@@ -577,6 +549,7 @@ typedef struct {
   int64_t row0, npairs;
   int hkv, topk, init, local;
   int no_rescore, measure;
+  int all_scored; /* decode: every row has (S~, E) entries, whatever its request's length */
   m3s_topk_tc_stats *stats;
 } tc_select_args;
 
@@ -882,7 +855,8 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     for (int d = lane; d < M3S_INDEX_DIM; d += 32)
       qsh[warp][d] = __uint_as_float((uint32_t)a.iq[t * a.iq_s0 + g * a.iq_s1 + d] << 16);
     __syncwarp();
-    tc_select_pair(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, nb, ri.n < TC_MIN_ROWS, qsh[warp],
+    tc_select_pair(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, nb, !a.all_scored && ri.n < TC_MIN_ROWS,
+                   qsh[warp],
                    selsh[warp], out);
   }
 }
@@ -969,6 +943,23 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.no_rescore = hooks.no_rescore;
   se.measure = hooks.measure;
   se.stats = hooks.stats;
+  se.all_scored = 0;
+
+  if (batch->uniform_q_len > 0) {
+    /* Decode (one chunk, m3s_topk_tc_eligible): (S~, E) streamed by the
+     * certified kernel of topk_decode.cu, then the same selection. */
+    m3s_status st = m3s_cuda_topk_decode_tc_scores(ctx, cfg, batch, iq, index_cache, sa.ws,
+                                                   plan.max_nb, stream);
+    if (st)
+      return st;
+    se.row0 = 0;
+    se.npairs = plan.rows * hkv;
+    se.all_scored = 1;
+    int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
+    tc_select_kernel<<<(unsigned)(ctas < INT32_MAX ? ctas : INT32_MAX), TC_SEL_WARPS * 32, 0,
+                       stream>>>(cb, se);
+    return m3s_cuda_check_launch(fn, "tc_select_kernel");
+  }
 
   const int64_t sms = m3s_cuda_num_sms(ctx);
   for (int64_t row0 = 0; row0 < plan.rows; row0 += plan.chunk_rows) {

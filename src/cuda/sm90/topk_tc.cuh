@@ -1,0 +1,55 @@
+/* Device pieces shared by the certified top-k's score kernels: the prefill
+ * tile kernel (topk_tc.cu) and the streaming decode kernel (../topk_decode.cu):
+ * the error bound E of docs/perf-notes.md ("Certified re-scoring: the
+ * bound"), rounded-up norms, the bf16 mma.sync and the exact e4m3 widening. */
+#ifndef M3S_CUDA_TOPK_TC_CUH
+#define M3S_CUDA_TOPK_TC_CUH
+
+#include "../common.cuh"
+
+#include <stdint.h>
+
+/* E = TC_C * |q| * |k| + TC_ABS * (|q| + |k| + 1), see docs/perf-notes.md:
+ * 128 u for the reference order, 8 x 128 u for the tensor cores, u = 2^-24,
+ * rounded up to 1200 u. */
+#define TC_C (1200.0f * 0x1p-24f)
+#define TC_ABS 0x1p-118f
+
+/* The bound E for a row of query norm nq and a block of largest key norm nk
+ * (both upper bounds, never NaN); infinite when the product is not safely
+ * below the fp32 range (this also covers NaN and Inf inputs). */
+static __device__ __forceinline__ float tc_bound(float nq, float nk) {
+  float p = __fmul_ru(nq, nk);
+  if (!(p <= 0x1p126f))
+    return INFINITY;
+  return __fadd_ru(__fmul_ru(TC_C, p), __fmul_ru(TC_ABS, __fadd_ru(__fadd_ru(nq, nk), 1.0f)));
+}
+
+/* Sum of squares of 8 bf16 (packed in a uint4), rounded up, added to s. */
+static __device__ __forceinline__ float tc_sumsq8_ru(uint4 w, float s) {
+  uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    float lo = __uint_as_float(u[e] << 16), hi = __uint_as_float(u[e] & 0xffff0000u);
+    s = __fmaf_ru(lo, lo, s);
+    s = __fmaf_ru(hi, hi, s);
+  }
+  return s;
+}
+
+static __device__ __forceinline__ void tc_mma_bf16(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two e4m3 codes (low byte first) as two bf16 in one word, exactly (through
+ * fp16, as the exact path widens them; NaN stays NaN). */
+static __device__ __forceinline__ uint32_t tc_e4m3x2_to_bf16x2(uint16_t pair) {
+  float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+  __nv_bfloat162 h = __floats2bfloat162_rn(f.x, f.y);
+  return *(uint32_t *)&h;
+}
+
+#endif
