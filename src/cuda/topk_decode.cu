@@ -427,10 +427,13 @@ template <bool E4> struct tcd_fmt {
   static constexpr int stage = M3S_BLOCK_SIZE * key_bytes;
   static constexpr int row_pieces = key_bytes / 16;
   static constexpr int pieces = M3S_BLOCK_SIZE * row_pieces / DEC_THREADS; /* per thread */
+  /* ring depth: 96 KB of pages per CTA either way (two CTAs per SM), so an
+   * e4m3 CTA keeps as many bytes in flight as a bf16 one */
+  static constexpr int stages = E4 ? 6 : 3;
 };
 
 template <bool E4> static constexpr size_t tcd_smem_bytes() {
-  return (size_t)DEC_STAGES * tcd_fmt<E4>::stage;
+  return (size_t)tcd_fmt<E4>::stages * tcd_fmt<E4>::stage;
 }
 
 /* Byte offset of 16-byte piece `piece` of key n in a page. */
@@ -457,7 +460,7 @@ typedef struct {
   float qn[16];             /* query norms of the request's pairs (upper bounds) */
   int64_t pos[DEC_MAX_QLEN];
   int64_t nb[DEC_MAX_QLEN];
-  int page[DEC_STAGES];
+  int page[6]; /* >= tcd_fmt<E4>::stages */
 } tcd_small;
 
 template <bool E4>
@@ -581,16 +584,15 @@ static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
                                        const unsigned char *page, const uint32_t (&af)[8][4],
                                        tcd_small &s) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, cq = lane & 3;
-  float acc[2][4];
+  /* the two n8 tiles interleaved: two independent mma chains */
+  float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
   float sq[2] = {0.0f, 0.0f};
 #pragma unroll
-  for (int j = 0; j < 2; j++) {
-    const int n = 16 * warp + 8 * j + g;
-    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  for (int ch = 0; ch < 4; ch++) {
 #pragma unroll
-    for (int ch = 0; ch < 4; ch++) {
+    for (int j = 0; j < 2; j++) {
       uint32_t w[4];
-      tcd_key_words<E4>(page, n, ch, cq, w);
+      tcd_key_words<E4>(page, 16 * warp + 8 * j + g, ch, cq, w);
       tc_mma_bf16(acc[j], af[2 * ch], w[0], w[1]);
       tc_mma_bf16(acc[j], af[2 * ch + 1], w[2], w[3]);
       sq[j] = tc_sumsq8_ru(make_uint4(w[0], w[1], w[2], w[3]), sq[j]);
@@ -653,7 +655,8 @@ static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
 
 /* Persistent streaming kernel of the certified path: the items, ring and
  * cursor of decode_score_kernel, tensor-core scores instead of the reference
- * dots. At most 16 pairs per request (one m16 tile). */
+ * dots. At most 16 pairs per request (one m16 tile). Ring depth per format
+ * (tcd_fmt::stages). */
 template <bool E4>
 static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_params p) {
   typedef tcd_fmt<E4> F;
@@ -664,21 +667,21 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
   cursor_seek(p, pf);
   cs = pf;
 #pragma unroll 1
-  for (int st = 0; st < DEC_STAGES - 1; st++) {
+  for (int st = 0; st < F::stages - 1; st++) {
     tcd_issue_page<E4>(p, pf, tsm + st * F::stage, &s.page[st]);
     cursor_next(p, pf);
   }
   uint32_t af[8][4];
   int staged = -1, stage = 0;
   while (cs.item < p.items) {
-    int ahead = (stage + DEC_STAGES - 1) % DEC_STAGES;
+    int ahead = (stage + F::stages - 1) % F::stages;
     tcd_issue_page<E4>(p, pf, tsm + ahead * F::stage, &s.page[ahead]);
     cursor_next(p, pf);
     if (cs.r != staged) {
       tcd_stage_request(p, cs.r, s, af);
       staged = cs.r;
     }
-    cp_async_wait<DEC_STAGES - 1>();
+    cp_async_wait<F::stages - 1>();
     __syncthreads();
     if (s.page[stage] >= 0) {
       tcd_score_block<E4>(p, cs, tsm + stage * F::stage, af, s);
@@ -691,7 +694,7 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
     }
     __syncthreads();
     cursor_next(p, cs);
-    stage = (stage + 1) % DEC_STAGES;
+    stage = (stage + 1) % F::stages;
   }
   cp_async_wait<0>();
 }
