@@ -584,32 +584,48 @@ static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
                                        const unsigned char *page, const uint32_t (&af)[8][4],
                                        tcd_small &s) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, cq = lane & 3;
-  /* the two n8 tiles interleaved: two independent mma chains */
+  /* Scores: the two n8 tiles interleaved (two independent mma chains).
+   * Key norms on the tensor cores too: with the warp's 16 keys as the A
+   * operand (rows g and g + 8 are this lane's tile-0 and tile-1 words: the
+   * A and B fragment layouts share the (row, k) assignment), gram[j] holds
+   * the Gram block of the 16 keys against tile j's 8, whose diagonal is the
+   * squared norm of each key. */
   float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-  float sq[2] = {0.0f, 0.0f};
+  float gram[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
   for (int ch = 0; ch < 4; ch++) {
+    uint32_t w[2][4];
 #pragma unroll
-    for (int j = 0; j < 2; j++) {
-      uint32_t w[4];
-      tcd_key_words<E4>(page, 16 * warp + 8 * j + g, ch, cq, w);
-      tc_mma_bf16(acc[j], af[2 * ch], w[0], w[1]);
-      tc_mma_bf16(acc[j], af[2 * ch + 1], w[2], w[3]);
-      sq[j] = tc_sumsq8_ru(make_uint4(w[0], w[1], w[2], w[3]), sq[j]);
+    for (int j = 0; j < 2; j++)
+      tcd_key_words<E4>(page, 16 * warp + 8 * j + g, ch, cq, w[j]);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        tc_mma_bf16(acc[j], af[2 * ch + h], w[j][2 * h], w[j][2 * h + 1]);
+        tc_mma_bf16_r(gram[j], w[0][2 * h], w[1][2 * h], w[0][2 * h + 1], w[1][2 * h + 1],
+                      w[j][2 * h], w[j][2 * h + 1]);
+      }
     }
   }
-  /* largest key norm of the warp's 16 keys (rounded up; NaN -> inf) */
+  /* Largest key norm of the warp's 16 keys, an upper bound: key g of tile j
+   * sits on the diagonal in lane (g, g / 2), element 2 j + (g & 1). The
+   * products k_d^2 are exact; on the tensor-core model of the bound the fp32
+   * sum G of 128 positive terms is >= (1 - 1024 u) sum k_d^2, so sum k_d^2 <=
+   * G (1 + 2^-10); 2^-119 covers products that a flushing tensor core drops
+   * (128 below 2^-126). NaN -> inf. */
   float nk = 0.0f;
+  if (cq == (g >> 1)) {
 #pragma unroll
-  for (int j = 0; j < 2; j++) {
-    float t = __fadd_ru(sq[j], __shfl_xor_sync(FULL_MASK, sq[j], 1));
-    t = __fadd_ru(t, __shfl_xor_sync(FULL_MASK, t, 2));
-    t = __fsqrt_ru(t);
-    nk = fmaxf(nk, isnan(t) ? INFINITY : t);
+    for (int j = 0; j < 2; j++) {
+      float d = (g & 1) ? gram[j][2 * j + 1] : gram[j][2 * j];
+      nk = fmaxf(nk, isnan(d) ? INFINITY : d);
+    }
   }
 #pragma unroll
-  for (int o = 4; o < 32; o <<= 1)
+  for (int o = 1; o < 32; o <<= 1)
     nk = fmaxf(nk, __shfl_xor_sync(FULL_MASK, nk, o));
+  nk = __fsqrt_ru(__fmaf_ru(nk, 1.0f + 0x1p-10f, 0x1p-119f));
   /* causal mask and row max over the visible keys; NaN dots are ignored
    * (their key norm is NaN, so E is infinite) */
   const int rlo = g, rhi = g + 8;

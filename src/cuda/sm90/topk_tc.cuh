@@ -37,6 +37,17 @@ static __device__ __forceinline__ float tc_sumsq8_ru(uint4 w, float s) {
   return s;
 }
 
+/* c += A (the m16n8k16 A fragment a0..a3) x B (b0, b1), bf16 in, fp32
+ * accumulate. */
+static __device__ __forceinline__ void tc_mma_bf16_r(float *c, uint32_t a0, uint32_t a1,
+                                                     uint32_t a2, uint32_t a3, uint32_t b0,
+                                                     uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 static __device__ __forceinline__ void tc_mma_bf16(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
