@@ -91,6 +91,12 @@ race_groups() { # test -> one "filter [flags]" per line
     test_gpu_invariance) printf '%s\n' head_major,shuffled decode_equals,spec_decode \
       chunked repeatable request_alone ;;
     test_gpu_offsets64) printf '%s\n' +bf16_head_major +e4m3_token_major ;;
+    test_gpu_topk_certified) printf '%s\n' last_bit_permuted_multiset_hkv1,equal_maxima_tp1 \
+      last_bit_permuted_multiset_k64 cancel_wide_exponents_tp2,subnormal_keys_large \
+      overflowing_products_tp4,nan_inf_keys_and,nan_keys_e4m3,guard_page_ids \
+      decode_q,decode_last,decode_equal \
+      decode_cancel,decode_subnormal,decode_overflow,decode_nan,decode_guard k64_,k16_ \
+      ragged_padded,short_requests,e4m3_index,graph_capture ;;
     *) echo "" ;;
   esac
 }
@@ -101,8 +107,8 @@ san_list() {
     return
   fi
   for tool in ${M3S_SAN_TOOLS:-memcheck racecheck initcheck synccheck}; do
-    for t in test_gpu_topk test_gpu_attention test_gpu_ops test_gpu_graph test_gpu_invariance \
-      test_gpu_offsets64 test_gpu_threads; do
+    for t in test_gpu_topk test_gpu_topk_decode test_gpu_topk_certified test_gpu_attention \
+      test_gpu_ops test_gpu_graph test_gpu_invariance test_gpu_offsets64 test_gpu_threads; do
       [ -x "$BUILD/tests/$t" ] || continue
       if [ "$tool" = racecheck ]; then
         race_groups "$t" | while read -r f; do echo "$tool $t $f"; done
