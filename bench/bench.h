@@ -127,6 +127,7 @@ typedef struct {
   size_t pool_bytes;
   int dead; /* a sticky CUDA error: no further case can run */
   double t0;
+  void *tc_stats; /* device m3s_topk_tc_stats: re-scored fraction of the first call */
 } bench;
 
 #define CU(call)                                                                                  \

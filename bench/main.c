@@ -358,6 +358,10 @@ int main(int argc, char **argv) {
     printf("m3s-bench: top-k path %s\n", o->topk_path == 1 ? "exact (CUDA cores)"
                                                             : "certified, wgmma score kernel");
   }
+  if (cudaMalloc(&B.tc_stats, sizeof(m3s_topk_tc_stats)) != cudaSuccess) {
+    cudaGetLastError();
+    B.tc_stats = NULL; /* no re-scored counts, the timings still run */
+  }
   int failed = 0;
 
   /* ceilings */
@@ -434,6 +438,8 @@ int main(int argc, char **argv) {
   print_table(&B, now_s() - B.t0);
   if (B.pool)
     cudaFree(B.pool);
+  if (B.tc_stats)
+    cudaFree(B.tc_stats);
   cudaStreamDestroy(B.stream);
   m3s_context_destroy(B.ctx);
   return failed ? 1 : 0;

@@ -1,6 +1,7 @@
 /* m3s-bench: the device state of a case and its timing: inputs, batches, one
  * call of the case's operation, CUDA-graph capture and replays (run_case). */
 #include "bench.h"
+#include "cuda/sm90/topk_tc.h"
 
 int set_cuda_err(case_result *res, cudaError_t e, const char *what, int line) {
   if (e == cudaSuccess)
@@ -295,7 +296,30 @@ void run_case(bench *B, case_result *res) {
   for (int i = 0; i < cs.nev; i++)
     CU(cudaEventCreate(&cs.ev[i]));
   {
+    /* the first call counts what the certified top-k re-scored (test hook,
+     * the context's path kept); the timed calls run without counters */
+    m3s_topk_tc_stats ts;
+    memset(&ts, 0, sizeof ts);
+    int counted = B->tc_stats && op_uses_idx(g->c.op) &&
+                  cudaMemcpy(B->tc_stats, &ts, sizeof ts, cudaMemcpyHostToDevice) == cudaSuccess;
+    m3s_topk_tc_hooks h;
+    memset(&h, 0, sizeof h);
+    h.exact_only = o->topk_path == 1;
+    h.wgmma = o->topk_path == 2;
+    if (counted) {
+      h.stats = (m3s_topk_tc_stats *)B->tc_stats;
+      m3s_topk_tc_set_hooks(B->ctx, &h);
+    }
     m3s_status st = run_op(B, &cs, 0);
+    if (counted) {
+      h.stats = NULL;
+      m3s_topk_tc_set_hooks(B->ctx, &h);
+      if (st == M3S_OK &&
+          cudaMemcpy(&ts, B->tc_stats, sizeof ts, cudaMemcpyDeviceToHost) == cudaSuccess &&
+          ts.candidates > 0)
+        snprintf(res->note, sizeof res->note, "re-scored %llu of %llu candidate blocks (%.3f%%)",
+                 ts.rescored, ts.candidates, 100.0 * (double)ts.rescored / (double)ts.candidates);
+    }
     if (st == M3S_ERR_UNSUPPORTED) {
       res->status = RES_UNSUPPORTED;
       snprintf(res->note, sizeof res->note, "%s", m3s_last_error());
