@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerate the seed corpus fuzz/corpus/ (run after changing the decoder in
-fuzz_api.c; the committed seeds are only meaningful for the decoder they were
+"""Regenerate the seed corpus fuzz/corpus/ (run after changing the decoder,
+fuzz/*.c; the committed seeds are only meaningful for the decoder they were
 made with).
 
     python3 fuzz/make_corpus.py build-fuzz/m3s-fuzz
