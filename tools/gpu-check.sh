@@ -18,7 +18,8 @@
 #   M3S_SAN_LONG=1 also runs the long racecheck groups (see race_groups);
 #   M3S_SAN_ONLY="tool test [filter [flags]];..." replaces the sanitizer run list
 #   (e.g. one long racecheck case alone); M3S_NO_BUILD=1 uses $BUILD as it is
-#   (a build carried from elsewhere; tests run from it need LD_LIBRARY_PATH).
+#   (a build carried from elsewhere; tests run from it need LD_LIBRARY_PATH);
+#   M3S_CTEST_JOBS (default 4) tests run at a time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -47,7 +48,7 @@ has() { case " $phases " in *" $1 "*) return 0 ;; esac; return 1; }
 ctest_rc=0
 san_rc=0 # any sanitizer run that is not clean or skipped (errors, timeout, crash)
 if has tests; then
-  ctest --test-dir "$BUILD" -V -j 4 --timeout 900 >"$OUT/ctest.log" 2>&1
+  ctest --test-dir "$BUILD" -V -j "${M3S_CTEST_JOBS:-4}" --timeout 900 >"$OUT/ctest.log" 2>&1
   ctest_rc=$?
   # on a machine with a card, a skipped GPU test is a failure (the tests skip
   # only when they find no GPU; test_gpu_offsets64 also without 14 GiB free)
