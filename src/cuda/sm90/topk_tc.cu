@@ -586,7 +586,8 @@ __device__ __forceinline__ void tc_interval(float2 e, float &lo, float &up) {
 /* What a candidate entry ranks by, per query kind. */
 enum { TC_BY_UPPER = 0, TC_BY_LOWER = 1, TC_BY_EXACT = 2 };
 
-__device__ __forceinline__ unsigned long long tc_key_of(float2 e, int64_t b, int kind) {
+__device__ __forceinline__ unsigned long long tc_entry_key(const float2 *W, int64_t b, int kind) {
+  float2 e = W[b];
   if (kind == TC_BY_EXACT)
     return e.y < 0.0f ? tc_key(tc_ord(e.x), b) : 0ull;
   float lo, up;
@@ -603,43 +604,31 @@ __device__ __forceinline__ unsigned long long tc_warp_max(unsigned long long v) 
   return v;
 }
 
-#define TC_CACHE 4  /* keys each lane keeps between rescans */
-#define TC_BATCH 8  /* entries a lane loads before it ranks them */
+#define TC_CACHE 4 /* keys each lane keeps between rescans */
 
 /* The TC_CACHE best keys below `limit` of this lane's candidates
- * b = lo + lane + 32 i < hi, descending, 0 for none. The entries are loaded
- * TC_BATCH at a time, all loads first: one memory latency per batch instead
- * of one per entry (the first scan of a pair reads its row from L2). */
+ * b = lo + lane + 32 i < hi, descending, 0 for none. */
 __device__ __forceinline__ void tc_best_below(const float2 *W, int64_t lo, int64_t hi, int kind,
                                               unsigned long long limit,
                                               unsigned long long (&c)[TC_CACHE]) {
 #pragma unroll
   for (int i = 0; i < TC_CACHE; i++)
     c[i] = 0;
-  for (int64_t b0 = lo + (threadIdx.x & 31); b0 < hi; b0 += 32 * TC_BATCH) {
-    float2 e[TC_BATCH];
+  for (int64_t b = lo + (threadIdx.x & 31); b < hi; b += 32) {
+    unsigned long long k = tc_entry_key(W, b, kind);
+    if (k >= limit || k <= c[TC_CACHE - 1])
+      continue;
+      /* insertion into the descending list */
 #pragma unroll
-    for (int u = 0; u < TC_BATCH; u++)
-      e[u] = b0 + 32 * u < hi ? W[b0 + 32 * u] : make_float2(NAN, -1.0f);
-#pragma unroll
-    for (int u = 0; u < TC_BATCH; u++) {
-      if (b0 + 32 * u >= hi)
-        continue;
-      unsigned long long k = tc_key_of(e[u], b0 + 32 * u, kind);
-      if (k >= limit || k <= c[TC_CACHE - 1])
-        continue;
-        /* insertion into the descending list */
-#pragma unroll
-      for (int i = TC_CACHE - 1; i > 0; i--) {
-        if (k > c[i - 1]) {
-          c[i] = c[i - 1];
-        } else {
-          c[i] = k > c[i] ? k : c[i];
-          k = 0;
-        }
+    for (int i = TC_CACHE - 1; i > 0; i--) {
+      if (k > c[i - 1]) {
+        c[i] = c[i - 1];
+      } else {
+        c[i] = k > c[i] ? k : c[i];
+        k = 0;
       }
-      c[0] = k > c[0] ? k : c[0];
     }
+    c[0] = k > c[0] ? k : c[0];
   }
 }
 
@@ -690,7 +679,7 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
 #pragma unroll
     for (int l = 0; l < 8; l++)
       acc[m][l] = 0.0f;
-#pragma unroll 4 /* 16 key loads per lane in flight */
+#pragma unroll 2
   for (int i = 0; i < M3S_INDEX_DIM; i += 8) {
 #pragma unroll
     for (int m = 0; m < 4; m++) {
