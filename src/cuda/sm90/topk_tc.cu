@@ -40,9 +40,12 @@
  * overwrites the entries it re-scores with (S, -1).
  *
  * Eligible calls (m3s_topk_tc_eligible): query-start-loc batches (prefill,
- * ragged, max_q_len >= TC_MIN_ROWS; uniform decode keeps the exact path),
- * bf16 index queries, bf16 or e4m3 index cache 16-byte aligned, max_nb > K,
- * a chunk that fits the budget.
+ * ragged, max_q_len >= TC_MIN_ROWS), bf16 index queries, bf16 or e4m3 index
+ * cache 16-byte aligned, max_nb > K, a chunk that fits the budget; and
+ * uniform decode batches that ../topk_decode.cu's certified streaming kernel
+ * covers (q_len x Hkv <= 16, every row in one chunk): that kernel writes
+ * (S~, E) in place of phase 1, then the same selection runs with
+ * all_scored = 1.
  *
  * Registers / spills (ptxas, sm_90a): see docs/perf-notes.md. Measured: not
  * yet measured. */
