@@ -111,6 +111,7 @@ static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int 
   h.measure = mode == RUN_MEASURE;
   h.stats = g_stats;
   h.wgmma = wgmma;
+  h.decode_any = 1; /* the decode fixtures are smaller than the default's threshold */
   if (!gpu_put(g_stats, st, sizeof *st) || !gpu_fx_poison(g, f))
     return -1;
   m3s_topk_tc_set_hooks(g_gpu, &h);
@@ -501,6 +502,7 @@ static void test_graph(void) {
   memset(&h, 0, sizeof h);
   h.stats = g_stats;
   h.wgmma = g_wg;
+  h.decode_any = 1;
   m3s_topk_tc_set_hooks(g_gpu, &h);
   int ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess;
   g.exec.stream = stream;

@@ -9,11 +9,13 @@
  * all NaN), and per case random block tables over it, random queries and a
  * uniform decode batch. Each case runs the CPU, then the CUDA context three
  * ways with poisoned top-k rows and workspace, all of which must equal the
- * CPU: the default on the 16-byte aligned cache (the certified streaming
- * kernel + certified selection when q_len x Hkv <= 16, the exact streaming
- * kernel otherwise; the certified pair count is printed and must be > 0
- * when the certified path covers the case), the exact streaming kernel
- * forced through the test hook (src/cuda/sm90/topk_tc.h), and a copy of the
+ * CPU: on the 16-byte aligned cache with the test hook decode_any
+ * (src/cuda/sm90/topk_tc.h: the certified streaming kernel + certified
+ * selection wherever they cover the case, q_len x Hkv <= 16, also below the
+ * batch size where they are the default; the exact streaming kernel
+ * otherwise; the certified pair count is printed and must be > 0 when the
+ * certified path covers the case), the exact streaming kernel forced
+ * through the hook (exact_only), and a copy of the
  * cache one element off 16-byte alignment (topk.cu's general score kernel,
  * which both streaming kernels decline there). Guard zones around every
  * device buffer catch stray writes.
@@ -189,6 +191,7 @@ static int run_gpu(const dcase *c, m3s_batch *db, const m3s_tensor *diq, const m
   m3s_topk_tc_hooks h;
   memset(&h, 0, sizeof h);
   h.exact_only = exact;
+  h.decode_any = !exact; /* the certified kernel wherever it covers the case */
   h.stats = g_stats;
   m3s_topk_tc_set_hooks(g_gpu, &h);
   m3s_status s = m3s_index_topk(g_gpu, &c->cfg, db, diq, ic_view, dtk, &ex);

@@ -64,6 +64,7 @@
 #define TC_SMEM_BYTES (3 * TC_TILE_BYTES) /* query tile + two key buffers */
 #define TC_SEL_WARPS 4
 #define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
+#define TC_DEC_MIN_REQS 16 /* decode batches below this keep the exact streaming kernel */
 #define TC_WS_BUDGET ((int64_t)128 << 20)
 #define TC_FULL 0xffffffffu
 
@@ -114,10 +115,16 @@ extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max
 extern "C" int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_config *cfg,
                                     const m3s_batch *batch, const m3s_tensor *iq,
                                     const m3s_tensor *index_cache) {
-  if (m3s_cuda_topk_hooks(ctx).exact_only)
+  const m3s_topk_tc_hooks hooks = m3s_cuda_topk_hooks(ctx);
+  if (hooks.exact_only)
     return 0;
   if (batch->uniform_q_len > 0) {
-    /* decode: the streaming certified kernel, every row in one chunk */
+    /* decode: the streaming certified kernel, every row in one chunk; small
+     * batches and one (token, head) pair per request stay on the exact
+     * streaming kernel, which measured faster there (docs/perf-notes.md) */
+    if (!hooks.decode_any && (batch->num_reqs < TC_DEC_MIN_REQS ||
+                              (int64_t)cfg->num_kv_heads * batch->uniform_q_len < 2))
+      return 0;
     tc_plan p = tc_plan_of(cfg, batch->num_tokens, batch->max_seq_len);
     return p.ok && p.chunk_rows >= p.rows &&
            m3s_cuda_topk_decode_tc_covers(cfg, batch, iq, index_cache);

@@ -37,13 +37,18 @@ typedef struct {
  *  stats:      device pointer, or NULL.
  *  wgmma:      score with the sm_90a wgmma kernel variant instead of
  *              mma.sync (ignored on other devices); not yet the default
- *              because it has not run on a GPU yet. */
+ *              because it has not run on a GPU yet.
+ *  decode_any: uniform decode batches take the certified streaming kernel
+ *              whenever it covers them, also below the batch size and pair
+ *              count from which it is the default (the tests' small
+ *              fixtures). */
 typedef struct {
   int exact_only;
   int no_rescore;
   int measure;
   m3s_topk_tc_stats *stats;
   int wgmma;
+  int decode_any;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults; a CPU context ignores the call. Internal (not
