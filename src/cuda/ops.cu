@@ -19,7 +19,8 @@ static const char *cuda_kernel(const m3s_context *ctx, m3s_op op) {
   case M3S_OP_CACHE_INSERT: return "cuda_insert_kv_kernel";
   case M3S_OP_INDEX_INSERT: return "cuda_insert_index_kernel";
   case M3S_OP_INDEX_TOPK:
-    return "topk_tc_certified(prefill)/topk_decode_tc_certified(decode)+certified_select";
+    /* fits m3s_support.kernel (63 characters) */
+    return "topk_tc_certified+select;decode:tc_stream(>=16 reqs)|stream";
   case M3S_OP_ATTENTION_DECODE: return "cuda_attention_mma_sync_splitk";
   case M3S_OP_ATTENTION_PREFILL: return "cuda_attention_mma_sync";
   case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_attention_simt";
