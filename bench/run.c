@@ -302,10 +302,7 @@ void run_case(bench *B, case_result *res) {
     memset(&ts, 0, sizeof ts);
     int counted = B->tc_stats && op_uses_idx(g->c.op) &&
                   cudaMemcpy(B->tc_stats, &ts, sizeof ts, cudaMemcpyHostToDevice) == cudaSuccess;
-    m3s_topk_tc_hooks h;
-    memset(&h, 0, sizeof h);
-    h.exact_only = o->topk_path == 1;
-    h.wgmma = o->topk_path == 2;
+    m3s_topk_tc_hooks h = m3s_cuda_topk_hooks(B->ctx);
     if (counted) {
       h.stats = (m3s_topk_tc_stats *)B->tc_stats;
       m3s_topk_tc_set_hooks(B->ctx, &h);

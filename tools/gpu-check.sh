@@ -202,12 +202,13 @@ fi
   echo
   echo "| test | result | checks |"
   echo "|---|---|---|"
-  # ctest -V prefixes each test's output with its number: map numbers to
-  # names, then print each test's result and its own "N passed, N failed" line
+  # ctest -V prefixes each test's output with its number: print each test's
+  # name and result (from its "Test #N: name" line) and its own
+  # "N passed, N failed" line
   [ -f "$OUT/ctest.log" ] && awk '
-    /^[0-9]+: Test command: / { n = $1; sub(":", "", n); name[n] = $NF; sub(".*/", "", name[n]) }
     /^[0-9]+: [0-9]+ passed, [0-9]+ failed/ { n = $1; sub(":", "", n); $1 = ""; counts[n] = $0 }
-    /Test +#[0-9]+: / { match($0, /#[0-9]+/); n = substr($0, RSTART + 1, RLENGTH - 1);
+    /Test +#[0-9]+: / { match($0, /#[0-9]+: /); n = substr($0, RSTART + 1, RLENGTH - 3);
+                        name[n] = substr($0, RSTART + RLENGTH); sub(/ .*/, "", name[n]);
                         res[n] = ($0 ~ /Passed/) ? "Passed" : (($0 ~ /Skipped|Not Run/) ? "Skipped" : "FAILED");
                         t[n] = $(NF - 1) }
     END { for (i = 1; i <= 64; i++) if (i in res) printf "| %s | %s (%s s) | %s |\n", name[i], res[i], t[i], counts[i] }

@@ -245,8 +245,8 @@ static __device__ __forceinline__ int exact_products(const dec_params &p, const 
 }
 
 /* Block blk is a candidate of pair pp (token pp / Hkv). */
-static __device__ __forceinline__ int pair_needs(const dec_params &p, const dec_small &s, int pp,
-                                                 int64_t blk) {
+template <class P, class S>
+static __device__ __forceinline__ int pair_needs(const P &p, const S &s, int pp, int64_t blk) {
   int64_t nb = s.nb[pp / p.hkv];
   return nb > 0 && blk >= p.init && blk < nb - p.local;
 }
@@ -439,6 +439,9 @@ template <bool E4> struct tcd_fmt {
    * e4m3 CTA keeps as many bytes in flight as a bf16 one */
   static constexpr int stages = E4 ? 6 : 3;
 };
+#define TCD_MAX_STAGES 6 /* the deepest tcd_fmt ring */
+static_assert(tcd_fmt<true>::stages <= TCD_MAX_STAGES && tcd_fmt<false>::stages <= TCD_MAX_STAGES,
+              "tcd_small.page holds one entry per ring slot");
 
 template <bool E4> static constexpr size_t tcd_smem_bytes() {
   return (size_t)tcd_fmt<E4>::stages * tcd_fmt<E4>::stage;
@@ -468,7 +471,7 @@ typedef struct {
   float qn[16];             /* query norms of the request's pairs (upper bounds) */
   int64_t pos[DEC_MAX_QLEN];
   int64_t nb[DEC_MAX_QLEN];
-  int page[6]; /* >= tcd_fmt<E4>::stages */
+  int page[TCD_MAX_STAGES];
 } tcd_small;
 
 template <bool E4>
@@ -514,8 +517,8 @@ static __device__ __forceinline__ void tcd_query_row(const tcd_params &p, int r,
     }
 }
 
-/* Every thread: request r's token positions and query norms into s; every
- * warp: its A fragments af[k-step][4] (the k order of a lane's B words, see
+/* Every thread: request r's token positions into s, warp 0 its query norms;
+ * every warp: its A fragments af[k-step][4] (the k order of a lane's B words, see
  * tcd_key_words: k-step 2 s takes dims 8 c + {0,1} and {2,3} of chunk s,
  * k-step 2 s + 1 dims {4,5} and {6,7}; the same permutation of k on both
  * operands leaves every dot unchanged). */
@@ -528,29 +531,27 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, tcd_small &
     s.pos[tid] = ri.pos;
     s.nb[tid] = nb > p.topk ? nb : 0;
   }
-  {
-    /* 16 threads per pair, 8 dims each, every operation rounded up */
-    int i = tid >> 4, part = tid & 15;
-    float sq = 0.0f;
-    if (i < p.pairs) {
-      const uint16_t *q =
-          p.iq + ((int64_t)r * p.qlen + i / p.hkv) * p.iq_s0 + (int64_t)(i % p.hkv) * p.iq_s1;
-      uint32_t u[4];
-#pragma unroll
-      for (int e = 0; e < 4; e++)
-        u[e] = (uint32_t)q[8 * part + 2 * e] | ((uint32_t)q[8 * part + 2 * e + 1] << 16);
-      sq = tc_sumsq8_ru(make_uint4(u[0], u[1], u[2], u[3]), 0.0f);
-    }
-#pragma unroll
-    for (int o = 1; o < 16; o <<= 1)
-      sq = __fadd_ru(sq, __shfl_xor_sync(FULL_MASK, sq, o));
-    float nq = __fsqrt_ru(sq);
-    if (part == 0 && i < 16)
-      s.qn[i] = isnan(nq) ? INFINITY : nq;
-  }
   uint32_t lo[4][4], hi[4][4];
   tcd_query_row(p, r, g, c, lo);
   tcd_query_row(p, r, g + 8, c, hi);
+  /* query norms from the same registers: a lane holds 32 dims of rows g and
+   * g + 8, the 4 lanes of a quad the whole rows; every operation rounded up */
+  float sq_lo = 0.0f, sq_hi = 0.0f;
+#pragma unroll
+  for (int ch = 0; ch < 4; ch++) {
+    sq_lo = tc_sumsq8_ru(make_uint4(lo[ch][0], lo[ch][1], lo[ch][2], lo[ch][3]), sq_lo);
+    sq_hi = tc_sumsq8_ru(make_uint4(hi[ch][0], hi[ch][1], hi[ch][2], hi[ch][3]), sq_hi);
+  }
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) {
+    sq_lo = __fadd_ru(sq_lo, __shfl_xor_sync(FULL_MASK, sq_lo, o));
+    sq_hi = __fadd_ru(sq_hi, __shfl_xor_sync(FULL_MASK, sq_hi, o));
+  }
+  if (tid < 32 && c == 0) {
+    float nlo = __fsqrt_ru(sq_lo), nhi = __fsqrt_ru(sq_hi);
+    s.qn[g] = isnan(nlo) ? INFINITY : nlo;
+    s.qn[g + 8] = isnan(nhi) ? INFINITY : nhi;
+  }
 #pragma unroll
   for (int ch = 0; ch < 4; ch++) {
     af[2 * ch][0] = lo[ch][0];
@@ -663,17 +664,14 @@ static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
   if (lane == 0)
     s.wnk[warp] = nk;
   __syncthreads();
-  if (tid < p.pairs && tid < 16) {
-    int64_t nbt = s.nb[tid / p.hkv];
-    if (nbt > 0 && c.blk >= p.init && c.blk < nbt - p.local) {
-      float m = s.red[0][tid], k = s.wnk[0];
+  if (tid < p.pairs && pair_needs(p, s, tid, c.blk)) {
+    float m = s.red[0][tid], k = s.wnk[0];
 #pragma unroll
-      for (int w = 1; w < DEC_WARPS; w++) {
-        m = fmaxf(m, s.red[w][tid]);
-        k = fmaxf(k, s.wnk[w]);
-      }
-      p.ws[((int64_t)c.r * p.pairs + tid) * p.max_nb + c.blk] = make_float2(m, tc_bound(s.qn[tid], k));
+    for (int w = 1; w < DEC_WARPS; w++) {
+      m = fmaxf(m, s.red[w][tid]);
+      k = fmaxf(k, s.wnk[w]);
     }
+    p.ws[((int64_t)c.r * p.pairs + tid) * p.max_nb + c.blk] = make_float2(m, tc_bound(s.qn[tid], k));
   }
 }
 
@@ -709,12 +707,10 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
     __syncthreads();
     if (s.page[stage] >= 0) {
       tcd_score_block<E4>(p, cs, tsm + stage * F::stage, af, s);
-    } else if (threadIdx.x < p.pairs && threadIdx.x < 16) {
+    } else if (threadIdx.x < p.pairs && pair_needs(p, s, threadIdx.x, cs.blk)) {
       /* page id out of range: (NaN, inf), as the prefill kernel */
-      int64_t nbt = s.nb[threadIdx.x / p.hkv];
-      if (nbt > 0 && cs.blk >= p.init && cs.blk < nbt - p.local)
-        p.ws[((int64_t)cs.r * p.pairs + threadIdx.x) * p.max_nb + cs.blk] =
-            make_float2(NAN, INFINITY);
+      p.ws[((int64_t)cs.r * p.pairs + threadIdx.x) * p.max_nb + cs.blk] =
+          make_float2(NAN, INFINITY);
     }
     __syncthreads();
     cursor_next(p, cs);
@@ -738,28 +734,28 @@ static dec_kernel_fn kernel_of(int e4, int np) {
   }
 }
 
-/* The device's per-block shared-memory opt-in limit covers the largest
- * request of format e4. */
-static cudaError_t dec_device_fits(int e4, int *fits) {
+/* `need` bytes of shared memory (dynamic + static) fit the current device's
+ * per-block opt-in limit. */
+static cudaError_t device_fits(size_t need, int *fits) {
   int dev = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess)
     err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  size_t need = (e4 ? dec_smem_bytes<true>(DEC_MAX_PAIRS) : dec_smem_bytes<false>(DEC_MAX_PAIRS)) +
-                sizeof(dec_small);
   *fits = err == cudaSuccess && (size_t)optin >= need;
   return err;
 }
 
-/* The certified kernel's shared memory fits the device's per-block limit. */
+/* The exact kernel for the largest request of format e4. */
+static cudaError_t dec_device_fits(int e4, int *fits) {
+  return device_fits((e4 ? dec_smem_bytes<true>(DEC_MAX_PAIRS) : dec_smem_bytes<false>(DEC_MAX_PAIRS)) +
+                         sizeof(dec_small),
+                     fits);
+}
+
+/* The certified kernel of format e4. */
 static cudaError_t tcd_device_fits(int e4, int *fits) {
-  int dev = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  size_t need = (e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>()) + sizeof(tcd_small);
-  *fits = err == cudaSuccess && (size_t)optin >= need;
-  return err;
+  return device_fits((e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>()) + sizeof(tcd_small),
+                     fits);
 }
 
 extern "C" cudaError_t m3s_cuda_topk_decode_prepare(void) {

@@ -891,6 +891,15 @@ extern "C" cudaError_t m3s_topk_tc_prepare(void) {
   return cudaSuccess;
 }
 
+/* Phase 2 over se.npairs (row, head) pairs from se.row0: a warp per pair. */
+static m3s_status tc_launch_select(const m3s_cuda_batch &cb, const tc_select_args &se,
+                                   cudaStream_t stream, const char *fn) {
+  int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
+  tc_select_kernel<<<(unsigned)(ctas < INT32_MAX ? ctas : INT32_MAX), TC_SEL_WARPS * 32, 0,
+                     stream>>>(cb, se);
+  return m3s_cuda_check_launch(fn, "tc_select_kernel");
+}
+
 extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *cfg,
                                       const m3s_batch *batch, const m3s_tensor *iq,
                                       const m3s_tensor *index_cache, m3s_tensor *topk,
@@ -965,10 +974,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     se.row0 = 0;
     se.npairs = plan.rows * hkv;
     se.all_scored = 1;
-    int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
-    tc_select_kernel<<<(unsigned)(ctas < INT32_MAX ? ctas : INT32_MAX), TC_SEL_WARPS * 32, 0,
-                       stream>>>(cb, se);
-    return m3s_cuda_check_launch(fn, "tc_select_kernel");
+    return tc_launch_select(cb, se, stream, fn);
   }
 
   const int64_t sms = m3s_cuda_num_sms(ctx);
@@ -993,10 +999,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */
-    int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
-    tc_select_kernel<<<(unsigned)(ctas < INT32_MAX ? ctas : INT32_MAX), TC_SEL_WARPS * 32, 0,
-                       stream>>>(cb, se);
-    st = m3s_cuda_check_launch(fn, "tc_select_kernel");
+    st = tc_launch_select(cb, se, stream, fn);
     if (st)
       return st;
   }
