@@ -90,9 +90,9 @@ static void usage(FILE *f) {
 "  --sets N          force N input sets per case\n"
 "  --no-graph        time eager calls instead of graph replays\n"
 "  --batch-invariant set M3S_OPT_BATCH_INVARIANT on the context (no split-K)\n"
-"  --topk-path P     default (prefill: certified re-scoring, mma.sync), exact\n"
-"                    (the CUDA-core path for every batch) or wgmma (certified,\n"
-"                    wgmma score kernel on sm_90)\n"
+"  --topk-path P     default (certified re-scoring; prefill scores with TMA +\n"
+"                    wgmma on sm_90 for a bf16 index cache), exact (the CUDA-core\n"
+"                    path for every batch) or mma (certified, mma.sync scores)\n"
 "  --budget SEC      stop starting cases after SEC seconds                   [420]\n"
 "  --case-budget SEC fewer reps/sets when a case would take longer          [20]\n"
 "  --mem-gb G        cap of the cache pool (default: free memory less buffers)\n"
@@ -239,10 +239,10 @@ static int parse_args(int argc, char **argv, options *o) {
         o->topk_path = 0;
       else if (strcmp(optarg, "exact") == 0)
         o->topk_path = 1;
-      else if (strcmp(optarg, "wgmma") == 0)
+      else if (strcmp(optarg, "mma") == 0)
         o->topk_path = 2;
       else {
-        fprintf(stderr, "m3s-bench: --topk-path must be default, exact or wgmma\n");
+        fprintf(stderr, "m3s-bench: --topk-path must be default, exact or mma\n");
         return 0;
       }
       break;
@@ -353,10 +353,10 @@ int main(int argc, char **argv) {
     m3s_topk_tc_hooks h;
     memset(&h, 0, sizeof h);
     h.exact_only = o->topk_path == 1;
-    h.wgmma = o->topk_path == 2;
+    h.mma_sync = o->topk_path == 2;
     m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s\n", o->topk_path == 1 ? "exact (CUDA cores)"
-                                                            : "certified, wgmma score kernel");
+                                                            : "certified, mma.sync score kernel");
   }
   if (cudaMalloc(&B.tc_stats, sizeof(m3s_topk_tc_stats)) != cudaSuccess) {
     cudaGetLastError();

@@ -28,8 +28,10 @@
  * (src/cuda/topk_decode.cu) and the same selection.
  *
  * On an sm_90 device the cases run twice, on the same inputs: first with the
- * default mma.sync score kernel, then with the wgmma variant (hook; skipped
- * with M3S_TEST_WGMMA=0), each with its own measured |S~ - S| / E.
+ * default score kernels (prefill with a bf16 index cache: the TMA + wgmma
+ * kernel), then with the mma.sync kernel forced (hook; skipped with
+ * M3S_TEST_MMA_SYNC=0), each with its own measured |S~ - S| / E. Elsewhere
+ * the default is the mma.sync kernel and one pass runs.
  *
  * M3S_TEST_QUICK=1 skips the large cases. */
 #include "cuda/sm90/topk_tc.h"
@@ -47,7 +49,7 @@ static int g_quick;
 static uint64_t g_seed = 20261202;
 static m3s_topk_tc_stats *g_stats; /* device */
 static float g_max_ratio[2];
-static int g_wg; /* this pass: 0 mma.sync (the default), 1 wgmma (test hook) */
+static int g_mma; /* this pass: 0 the default kernels, 1 mma.sync forced (test hook) */
 
 static m3s_layer_config cfg_of(int hq, int hkv, int k, int init, int local) {
   m3s_layer_config c = m3s_config_minimax_m3(1);
@@ -101,7 +103,7 @@ enum { RUN_CERTIFIED, RUN_MEASURE, RUN_NO_RESCORE, RUN_EXACT };
 
 /* One CUDA run with the hook set for mode; returns mismatches against
  * expect (-1 when the run failed), stats in *st. */
-static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int wgmma,
+static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int mma_sync,
                     const char *name, m3s_topk_tc_stats *st) {
   memset(st, 0, sizeof *st);
   m3s_topk_tc_hooks h;
@@ -110,7 +112,7 @@ static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int 
   h.no_rescore = mode == RUN_NO_RESCORE;
   h.measure = mode == RUN_MEASURE;
   h.stats = g_stats;
-  h.wgmma = wgmma;
+  h.mma_sync = mma_sync;
   h.decode_any = 1; /* the decode fixtures are smaller than the default's threshold */
   if (!gpu_put(g_stats, st, sizeof *st) || !gpu_fx_poison(g, f))
     return -1;
@@ -158,33 +160,33 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   if (!CHECK(ok, name)) {
     fprintf(stderr, "%s: device setup failed\n", name);
   } else {
-    const int wg = g_wg;
+    const int mma = g_mma;
     m3s_topk_tc_stats cs, ms, ns;
     double t2 = gpu_now_ms();
-    long bad = run_gpu(&f, &g, expect, RUN_CERTIFIED, wg, name, &cs);
+    long bad = run_gpu(&f, &g, expect, RUN_CERTIFIED, mma, name, &cs);
     double t3 = gpu_now_ms();
     CHECK(bad == 0, name);
     CHECK(cs.pairs > 0, "the certified path ran");
-    long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, wg, name, &ms);
+    long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
     CHECK(mbad == 0, name);
     CHECK(ms.violations == 0, "measure: |S~ - S| <= E for every candidate");
     if (ms.violations)
       fprintf(stderr, "%s: %llu bound violations\n", name, ms.violations);
     float ratio = ratio_of(&ms);
-    g_max_ratio[wg] = ratio > g_max_ratio[wg] ? ratio : g_max_ratio[wg];
+    g_max_ratio[mma] = ratio > g_max_ratio[mma] ? ratio : g_max_ratio[mma];
     long nbad = 0;
     if (mods && mods->adversarial) {
-      nbad = run_gpu(&f, &g, expect, RUN_NO_RESCORE, wg, name, &ns);
+      nbad = run_gpu(&f, &g, expect, RUN_NO_RESCORE, mma, name, &ns);
       CHECK(nbad > 0, "re-scoring off must change the selection of an adversarial case");
     }
-    if (mods && mods->exact_too && !wg) {
+    if (mods && mods->exact_too && !mma) {
       m3s_topk_tc_stats es;
       CHECK(run_gpu(&f, &g, expect, RUN_EXACT, 0, name, &es) == 0, name);
       CHECK(es.pairs == 0, "exact_only: the certified path did not run");
     }
     printf("  %-38s %-5s T %5d  pairs %7llu  re-scored %9llu / %9llu (%.4f)  max|S~-S|/E "
            "%.3g%s  cpu %6.0f ms  cuda %6.2f ms%s\n",
-           name, wg ? "wgmma" : "mma", f.T, cs.pairs, cs.rescored, cs.candidates,
+           name, mma ? "mma" : "dflt", f.T, cs.pairs, cs.rescored, cs.candidates,
            cs.candidates ? (double)cs.rescored / (double)cs.candidates : 0.0, ratio,
            mods && mods->adversarial ? (nbad > 0 ? "  no-rescore breaks" : "  NO-RESCORE EQUAL")
                                      : "",
@@ -501,7 +503,7 @@ static void test_graph(void) {
   m3s_topk_tc_hooks h;
   memset(&h, 0, sizeof h);
   h.stats = g_stats;
-  h.wgmma = g_wg;
+  h.mma_sync = g_mma;
   h.decode_any = 1;
   m3s_topk_tc_set_hooks(g_gpu, &h);
   int ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess;
@@ -533,7 +535,7 @@ static void test_graph(void) {
     CHECK(ok && count_mismatches(&f, expect, name, 1) == 0, msg);
     CHECK(cs.pairs > 0, "graph: the certified path ran");
   }
-  printf("  %-38s %-5s %s\n", name, g_wg ? "wgmma" : "mma", ok ? "3 replays" : "FAILED");
+  printf("  %-38s %-5s %s\n", name, g_mma ? "mma" : "dflt", ok ? "3 replays" : "FAILED");
   m3s_topk_tc_set_hooks(g_gpu, NULL);
   if (gexec)
     cudaGraphExecDestroy(gexec);
@@ -562,20 +564,20 @@ int main(void) {
     m3s_context_destroy(g_gpu);
     return TEST_FINISH();
   }
-  /* pass 0: the default mma.sync kernel; pass 1 (sm_90 only, unless
-   * M3S_TEST_WGMMA=0): the wgmma variant on the same inputs, after every
-   * default result is printed */
+  /* pass 0: the default kernels; pass 1 (sm_90 only, unless
+   * M3S_TEST_MMA_SYNC=0): the mma.sync score kernel forced on the same
+   * inputs, after every default result is printed */
   int dev = 0, major = 0, passes = 1;
   if (cudaGetDevice(&dev) == cudaSuccess &&
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
       major == 9) {
-    const char *env = getenv("M3S_TEST_WGMMA");
+    const char *env = getenv("M3S_TEST_MMA_SYNC");
     passes = env && strcmp(env, "0") == 0 ? 1 : 2;
   }
   double t0 = gpu_now_ms();
   const uint64_t seed0 = g_seed;
-  for (g_wg = 0; g_wg < passes; g_wg++) {
-    printf("%s score kernel:\n", g_wg ? "wgmma" : "mma.sync");
+  for (g_mma = 0; g_mma < passes; g_mma++) {
+    printf("%s score kernels:\n", g_mma ? "mma.sync forced" : "default");
     fflush(stdout);
     g_seed = seed0;
     test_adversarial();
@@ -584,7 +586,7 @@ int main(void) {
     test_prefill_shapes();
     test_graph();
   }
-  printf("test_gpu_topk_certified: largest |S~ - S| / E seen: mma.sync %.4g, wgmma %.4g%s "
+  printf("test_gpu_topk_certified: largest |S~ - S| / E seen: default %.4g, mma.sync %.4g%s "
          "(must be <= 1); %.1f s%s\n",
          g_max_ratio[0], g_max_ratio[1], passes == 2 ? "" : " (not run)",
          (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");

@@ -34,6 +34,10 @@ extern "C" {
 m3s_status m3s_cuda_context_init(m3s_context *ctx);
 void m3s_cuda_context_fini(m3s_context *ctx);
 int m3s_cuda_num_sms(const m3s_context *ctx);
+int m3s_cuda_sm_major(const m3s_context *ctx);
+/* cuTensorMapEncodeTiled from the driver (found once per context through the
+ * runtime, so the library does not link libcuda), or NULL. */
+void *m3s_cuda_tmap_encoder(const m3s_context *ctx);
 m3s_status m3s_cuda_check_device(const m3s_context *ctx, const char *fn);
 m3s_status m3s_cuda_cache_insert(m3s_context *ctx, const m3s_tensor *k, const m3s_tensor *v,
                                  const m3s_tensor *slot_mapping, m3s_tensor *kv_cache,

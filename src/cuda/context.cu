@@ -16,6 +16,7 @@ typedef struct {
   int sm_major;
   int sm_minor;
   int num_sms;
+  void *tmap_encode; /* cuTensorMapEncodeTiled, or NULL */
   m3s_topk_tc_hooks topk_hooks; /* test switches of the certified top-k */
 } cuda_state;
 
@@ -42,6 +43,20 @@ static m3s_status prepare_kernels(const m3s_context *ctx, const char *fn) {
                   "could not raise the shared-memory limit of the attention and top-k kernels "
                   "on device %d: %s",
                   ctx->device, cudaGetErrorString(err));
+}
+
+/* The driver's tensor-map encoder for the TMA kernels, or NULL when the
+ * driver lacks it (those kernels are then not used). */
+static void *tmap_encoder(void) {
+  void *fn = NULL;
+  cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+  if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                       &q) != cudaSuccess ||
+      q != cudaDriverEntryPointSuccess) {
+    cudaGetLastError();
+    return NULL;
+  }
+  return fn;
 }
 
 extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
@@ -74,6 +89,7 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   st->sm_major = prop.major;
   st->sm_minor = prop.minor;
   st->num_sms = prop.multiProcessorCount;
+  st->tmap_encode = tmap_encoder();
   ctx->backend_state = st;
   m3s_log(ctx, 2, "CUDA context on device %d (%s, sm_%d%d, %d SMs)", ctx->device, prop.name,
           prop.major, prop.minor, prop.multiProcessorCount);
@@ -105,6 +121,16 @@ extern "C" m3s_topk_tc_hooks m3s_cuda_topk_hooks(const m3s_context *ctx) {
 extern "C" int m3s_cuda_num_sms(const m3s_context *ctx) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
   return st ? st->num_sms : 132;
+}
+
+extern "C" int m3s_cuda_sm_major(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st ? st->sm_major : 0;
+}
+
+extern "C" void *m3s_cuda_tmap_encoder(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st ? st->tmap_encode : NULL;
 }
 
 /* Kernels launch on the calling thread's current device; a context bound to

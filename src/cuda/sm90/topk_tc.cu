@@ -54,6 +54,9 @@
 #include "topk_tc.h"
 #include "../topk_decode.cuh"
 
+#include <cuda.h> /* CUtensorMap (types only: the encoder comes from the runtime) */
+#include <cudaTypedefs.h>
+
 #include <stdint.h>
 #include <string.h>
 
@@ -176,19 +179,15 @@ __device__ __forceinline__ void tc_ldmatrix_x4(uint32_t addr, uint32_t &r0, uint
 }
 
 
-/* Byte offset of element (key n, dim k) of a key tile in the wgmma layout:
- * K-major, no swizzle, 8x8 core matrices of 128 contiguous bytes; the 16
- * core matrices of 8 keys along k are adjacent (LBO 128 B), groups of 8 keys
- * 2048 B apart (SBO). */
-__device__ __forceinline__ int tc_wg_off(int n, int k) {
-  return (n >> 3) * 2048 + (k >> 3) * 128 + (n & 7) * 16 + (k & 7) * 2;
-}
-
-/* wgmma shared-memory matrix descriptor (no swizzle): start address,
- * leading byte offset 128, stride byte offset 2048, all in 16-byte units. */
-__device__ __forceinline__ unsigned long long tc_wg_desc(const void *p) {
-  return (unsigned long long)((tc_smem_addr(p) & 0x3FFFF) >> 4) |
-         ((unsigned long long)(128 >> 4) << 16) | ((unsigned long long)(2048 >> 4) << 32);
+/* wgmma shared-memory matrix descriptor of a K-major tile in the 128-byte
+ * swizzle TMA writes (rows of 128 B, 16-byte pieces XOR-ed with the row's low
+ * 3 bits, 1024-byte aligned atoms of 8 rows): start address, leading offset
+ * unused (1), stride offset 1024 B between 8-row groups, layout SWIZZLE_128B,
+ * all addresses in 16-byte units. A k-step of 16 dims inside the atom is the
+ * start address plus 32 B. */
+__device__ __forceinline__ unsigned long long tc_wg_desc_sw128(uint32_t saddr) {
+  return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) |
+         ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
 }
 
 /* d (64 fp32, the m64n128 accumulator fragment of this warp) += A (this
@@ -270,23 +269,14 @@ typedef struct {
 } tc_score_smem;
 
 /* Issues the cp.async copies of block page `page` into `dst`: raw e4m3
- * [128][128]; bf16 in the wgmma layout (tc_wg_off) when WG, else rows padded
- * to TC_PAD elements. */
-template <bool E4M3, bool WG>
+ * [128][128]; bf16 rows padded to TC_PAD elements. */
+template <bool E4M3>
 __device__ __forceinline__ void tc_issue_block(const tc_score_args &a, int64_t page, void *dst) {
   if (E4M3) {
     const uint8_t *src = (const uint8_t *)a.ic + page * M3S_BLOCK_SIZE * M3S_INDEX_DIM;
     uint8_t *d = (uint8_t *)dst;
     for (int c = threadIdx.x; c < M3S_BLOCK_SIZE * M3S_INDEX_DIM / 16; c += TC_THREADS)
       tc_cp_async16(d + c * 16, src + c * 16);
-  } else if (WG) {
-    /* 8 consecutive threads fill one 128-byte core matrix */
-    const uint16_t *src = (const uint16_t *)a.ic + page * M3S_BLOCK_SIZE * M3S_INDEX_DIM;
-    unsigned char *d = (unsigned char *)dst;
-    for (int c = threadIdx.x; c < M3S_BLOCK_SIZE * M3S_INDEX_DIM / 8; c += TC_THREADS) {
-      int key = (c & 7) + 8 * (c >> 7), ch = (c >> 3) & 15;
-      tc_cp_async16(d + tc_wg_off(key, ch * 8), src + key * M3S_INDEX_DIM + ch * 8);
-    }
   } else {
     const uint16_t *src = (const uint16_t *)a.ic + page * M3S_BLOCK_SIZE * M3S_INDEX_DIM;
     uint16_t *d = (uint16_t *)dst;
@@ -297,24 +287,53 @@ __device__ __forceinline__ void tc_issue_block(const tc_score_args &a, int64_t p
   }
 }
 
-template <bool E4M3, bool WG>
-static __global__ void __launch_bounds__(TC_THREADS, 2)
-    tc_score_kernel(m3s_cuda_batch bt, tc_score_args a) {
-  extern __shared__ __align__(16) unsigned char tc_dyn[];
-  __shared__ tc_score_smem s;
-  uint16_t *qs = (uint16_t *)tc_dyn;
-  /* bf16: two padded key tiles; e4m3: two raw 16 KiB blocks, then the
-   * widened tile kt */
-  unsigned char *const buf0 = tc_dyn + TC_TILE_BYTES;
-  const int buf_step = E4M3 ? M3S_BLOCK_SIZE * M3S_INDEX_DIM : TC_TILE_BYTES; /* buffer i at buf0 + i * step */
-  uint16_t *kt = (uint16_t *)(tc_dyn + TC_TILE_BYTES + 2 * M3S_BLOCK_SIZE * M3S_INDEX_DIM);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
-  const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TC_ROWS; /* heavy tiles first */
-  const int g = blockIdx.y;
-  const int n = (int)(a.nrows - tile0 < TC_ROWS ? a.nrows - tile0 : TC_ROWS);
+/* Row maxima of a warp's 16 x 128 score fragment (the m16n8k16 / wgmma
+ * m64n128 accumulator layout: acc[j][0..1] row lo, acc[j][2..3] row hi,
+ * keys 8j + 2 (lane & 3) + {0, 1}) over the keys visible to rows at pos_lo /
+ * pos_hi in block b; -inf when none is. NaN dots are ignored (E is infinite
+ * then). Every lane of a quad gets its rows' maxima. */
+__device__ __forceinline__ void tc_row_max(const float (&acc)[16][4], int64_t pos_lo,
+                                           int64_t pos_hi, int64_t b, int lane, float &m_lo,
+                                           float &m_hi) {
+  /* last visible key slot of each row, clamped to [-1, 127] */
+  int64_t l64_lo = pos_lo - b * M3S_BLOCK_SIZE, l64_hi = pos_hi - b * M3S_BLOCK_SIZE;
+  const int lim_lo = (int)(l64_lo < -1 ? -1 : (l64_lo > 127 ? 127 : l64_lo));
+  const int lim_hi = (int)(l64_hi < -1 ? -1 : (l64_hi > 127 ? 127 : l64_hi));
+  m_lo = m_hi = -INFINITY;
+  if (lim_lo == 127 && lim_hi == 127) {
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+      m_lo = fmaxf(m_lo, fmaxf(acc[j][0], acc[j][1]));
+      m_hi = fmaxf(m_hi, fmaxf(acc[j][2], acc[j][3]));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        int key = 8 * j + (lane & 3) * 2 + e;
+        if (key <= lim_lo)
+          m_lo = fmaxf(m_lo, acc[j][e]);
+        if (key <= lim_hi)
+          m_hi = fmaxf(m_hi, acc[j][2 + e]);
+      }
+  }
+  m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 1));
+  m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 2));
+  m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 1));
+  m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 2));
+}
 
-  /* Phase 1: rows, runs, queries (bf16) and their norms */
+/* Phase 1 of both score kernels: the 128 rows of the tile (request, or -1
+ * when the row needs no scores; position; the end of its run of rows of one
+ * request), the bf16 queries into qs (rows of TC_PAD elements), their norms
+ * (upper bounds, inf for non-finite) and this warp's A fragments (its 16
+ * rows, all 128 dims). The caller synchronises before qs is reused. */
+template <class Smem>
+__device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const tc_score_args &a,
+                                                 Smem &s, uint16_t *qs, int64_t tile0, int n,
+                                                 int g, uint32_t (&af)[8][4]) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (tid < TC_ROWS) {
     int req = -1;
     int64_t pos = 0;
@@ -358,13 +377,52 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
       s.qn[i] = isnan(nq) ? INFINITY : nq;
   }
   /* A fragments of the warp's 16 rows, all 128 dims */
-  uint32_t af[8][4];
 #pragma unroll
   for (int ks = 0; ks < 8; ks++) {
     int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = ks * 16 + (lane >> 4) * 8;
     tc_ldmatrix_x4(tc_smem_addr(qs + row * TC_PAD + col), af[ks][0], af[ks][1], af[ks][2],
                    af[ks][3]);
   }
+}
+
+/* (S~, E) of block b for the quad's two rows r_lo and r_lo + 8 (where they
+ * belong to the run and b is one of their candidates); (NaN, inf) for a page
+ * id out of range. Lanes with (lane & 3) == 0 call it. */
+template <class Smem>
+__device__ __forceinline__ void tc_store_rows(const tc_score_args &a, const Smem &s,
+                                              int64_t tile0, int g, int r_lo, int in_lo,
+                                              int in_hi, int64_t b, int bad, float m_lo,
+                                              float m_hi, float nk) {
+  int rows[2] = {r_lo, r_lo + 8}, in[2] = {in_lo, in_hi};
+  float m[2] = {m_lo, m_hi};
+#pragma unroll
+  for (int h = 0; h < 2; h++)
+    if (in[h] && tc_is_candidate(b, tc_blocks_of(s.pos[rows[h]]), a.init, a.local)) {
+      float2 v = bad ? make_float2(NAN, INFINITY) : make_float2(m[h], tc_bound(s.qn[rows[h]], nk));
+      a.ws[((tile0 + rows[h]) * a.hkv + g) * a.max_nb + b] = v;
+    }
+}
+
+template <bool E4M3>
+static __global__ void __launch_bounds__(TC_THREADS, 2)
+    tc_score_kernel(m3s_cuda_batch bt, tc_score_args a) {
+  extern __shared__ __align__(16) unsigned char tc_dyn[];
+  __shared__ tc_score_smem s;
+  uint16_t *qs = (uint16_t *)tc_dyn;
+  /* bf16: two padded key tiles; e4m3: two raw 16 KiB blocks, then the
+   * widened tile kt */
+  unsigned char *const buf0 = tc_dyn + TC_TILE_BYTES;
+  const int buf_step = E4M3 ? M3S_BLOCK_SIZE * M3S_INDEX_DIM : TC_TILE_BYTES; /* buffer i at buf0 + i * step */
+  uint16_t *kt = (uint16_t *)(tc_dyn + TC_TILE_BYTES + 2 * M3S_BLOCK_SIZE * M3S_INDEX_DIM);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
+  const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TC_ROWS; /* heavy tiles first */
+  const int g = blockIdx.y;
+  const int n = (int)(a.nrows - tile0 < TC_ROWS ? a.nrows - tile0 : TC_ROWS);
+
+  /* Phase 1: rows, runs, queries and their norms, the A fragments */
+  uint32_t af[8][4];
+  tc_tile_prologue(bt, a, s, qs, tile0, n, g, af);
   __syncthreads();
 
   /* Phase 2: runs of one request; per run the candidate blocks of this CTA */
@@ -380,7 +438,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
     const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
     int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
     if (page >= 0)
-      tc_issue_block<E4M3, WG>(a, page, buf0);
+      tc_issue_block<E4M3>(a, page, buf0);
     tc_cp_commit();
     /* results of the previous block, written after the next barrier */
     int64_t prev_b = -1;
@@ -389,30 +447,20 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
     int it = 0;
     for (; b < hi; b += gridDim.z, it++) {
       tc_cp_wait_all();
-      if (WG)
-        tc_fence_proxy_async();
       __syncthreads(); /* block b landed; every warp is done with block b - gz */
       if (prev_b >= 0 && (lane & 3) == 0) {
         float nk = 0.0f;
 #pragma unroll
         for (int w = 0; w < TC_THREADS / 32; w++)
           nk = fmaxf(nk, s.wnk[(it - 1) & 1][w]);
-        int rows[2] = {r_lo, r_hi}, in[2] = {in_lo, in_hi};
-        float m[2] = {pm_lo, pm_hi};
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-          if (in[h] && tc_is_candidate(prev_b, tc_blocks_of(s.pos[rows[h]]), a.init, a.local)) {
-            float2 v = prev_bad ? make_float2(NAN, INFINITY)
-                                : make_float2(m[h], tc_bound(s.qn[rows[h]], nk));
-            a.ws[((tile0 + rows[h]) * a.hkv + g) * a.max_nb + prev_b] = v;
-          }
+        tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, prev_b, prev_bad, pm_lo, pm_hi, nk);
       }
       const int64_t bn = b + gridDim.z;
       int64_t next_page = -1;
       if (bn < hi) {
         next_page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, bn, a.num_pages);
         if (next_page >= 0)
-          tc_issue_block<E4M3, WG>(a, next_page, buf0 + ((it + 1) & 1) * buf_step);
+          tc_issue_block<E4M3>(a, next_page, buf0 + ((it + 1) & 1) * buf_step);
       }
       tc_cp_commit();
       const int bad = page < 0; /* uniform over the CTA */
@@ -427,15 +475,10 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
           for (int e = 0; e < 8; e++)
             o[e] = tc_e4m3x2_to_bf16x2((uint16_t)(u[e / 2] >> (16 * (e % 2))));
           int key = c >> 3, k0 = (c & 7) * 16;
-          uint16_t *dst0 =
-              WG ? (uint16_t *)((unsigned char *)kt + tc_wg_off(key, k0)) : kt + key * TC_PAD + k0;
-          uint16_t *dst1 =
-              WG ? (uint16_t *)((unsigned char *)kt + tc_wg_off(key, k0 + 8)) : dst0 + 8;
-          *(uint4 *)dst0 = make_uint4(o[0], o[1], o[2], o[3]);
-          *(uint4 *)dst1 = make_uint4(o[4], o[5], o[6], o[7]);
+          uint16_t *dst = kt + key * TC_PAD + k0;
+          *(uint4 *)dst = make_uint4(o[0], o[1], o[2], o[3]);
+          *(uint4 *)(dst + 8) = make_uint4(o[4], o[5], o[6], o[7]);
         }
-        if (WG)
-          tc_fence_proxy_async();
         __syncthreads();
         tile = kt;
       }
@@ -446,12 +489,8 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
           int key = tid >> 1, h = tid & 1;
           float sq = 0.0f;
 #pragma unroll
-          for (int v = 0; v < 8; v++) {
-            const uint16_t *p = WG ? (const uint16_t *)((const unsigned char *)tile +
-                                                        tc_wg_off(key, h * 64 + v * 8))
-                                   : tile + key * TC_PAD + h * 64 + v * 8;
-            sq = tc_sumsq8_ru(*(const uint4 *)p, sq);
-          }
+          for (int v = 0; v < 8; v++)
+            sq = tc_sumsq8_ru(*(const uint4 *)(tile + key * TC_PAD + h * 64 + v * 8), sq);
           sq = __fadd_ru(sq, __shfl_xor_sync(TC_FULL, sq, 1));
           float nk = __fsqrt_ru(sq);
           nk = isnan(nk) ? INFINITY : nk;
@@ -466,54 +505,19 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
 #pragma unroll
         for (int j = 0; j < 16; j++)
           acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        if (WG) {
-          /* two warpgroups of 64 rows, each m64n128k16 x 8 */
-          tc_wg_fence();
 #pragma unroll
-          for (int ks = 0; ks < 8; ks++)
-            tc_wgmma_bf16(&acc[0][0], af[ks], tc_wg_desc((const unsigned char *)tile + ks * 256));
-          tc_wg_commit_wait();
-        } else {
+        for (int ks = 0; ks < 8; ks++) {
 #pragma unroll
-          for (int ks = 0; ks < 8; ks++) {
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-              int key = 16 * j + (lane & 7) + ((lane >> 4) & 1) * 8;
-              int col = ks * 16 + ((lane >> 3) & 1) * 8;
-              uint32_t b0, b1, b2, b3;
-              tc_ldmatrix_x4(tc_smem_addr(tile + key * TC_PAD + col), b0, b1, b2, b3);
-              tc_mma_bf16(acc[2 * j], af[ks], b0, b1);
-              tc_mma_bf16(acc[2 * j + 1], af[ks], b2, b3);
-            }
+          for (int j = 0; j < 8; j++) {
+            int key = 16 * j + (lane & 7) + ((lane >> 4) & 1) * 8;
+            int col = ks * 16 + ((lane >> 3) & 1) * 8;
+            uint32_t b0, b1, b2, b3;
+            tc_ldmatrix_x4(tc_smem_addr(tile + key * TC_PAD + col), b0, b1, b2, b3);
+            tc_mma_bf16(acc[2 * j], af[ks], b0, b1);
+            tc_mma_bf16(acc[2 * j + 1], af[ks], b2, b3);
           }
         }
-        /* causal mask and row max; NaN dots are ignored (E is infinite then) */
-        /* last visible key slot of each row, clamped to [-1, 127] */
-        int64_t l64_lo = s.pos[r_lo] - b * M3S_BLOCK_SIZE, l64_hi = s.pos[r_hi] - b * M3S_BLOCK_SIZE;
-        const int lim_lo = (int)(l64_lo < -1 ? -1 : (l64_lo > 127 ? 127 : l64_lo));
-        const int lim_hi = (int)(l64_hi < -1 ? -1 : (l64_hi > 127 ? 127 : l64_hi));
-        if (lim_lo == 127 && lim_hi == 127) {
-#pragma unroll
-          for (int j = 0; j < 16; j++) {
-            m_lo = fmaxf(m_lo, fmaxf(acc[j][0], acc[j][1]));
-            m_hi = fmaxf(m_hi, fmaxf(acc[j][2], acc[j][3]));
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < 16; j++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-              int key = 8 * j + (lane & 3) * 2 + e;
-              if (key <= lim_lo)
-                m_lo = fmaxf(m_lo, acc[j][e]);
-              if (key <= lim_hi)
-                m_hi = fmaxf(m_hi, acc[j][2 + e]);
-            }
-        }
-        m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 1));
-        m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 2));
-        m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 1));
-        m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 2));
+        tc_row_max(acc, s.pos[r_lo], s.pos[r_hi], b, lane, m_lo, m_hi);
       }
       prev_b = b;
       prev_bad = bad;
@@ -528,18 +532,218 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
 #pragma unroll
       for (int w = 0; w < TC_THREADS / 32; w++)
         nk = fmaxf(nk, s.wnk[(it - 1) & 1][w]);
-      int rows[2] = {r_lo, r_hi}, in[2] = {in_lo, in_hi};
-      float m[2] = {pm_lo, pm_hi};
-#pragma unroll
-      for (int h = 0; h < 2; h++)
-        if (in[h] && tc_is_candidate(prev_b, tc_blocks_of(s.pos[rows[h]]), a.init, a.local)) {
-          float2 v = prev_bad ? make_float2(NAN, INFINITY)
-                              : make_float2(m[h], tc_bound(s.qn[rows[h]], nk));
-          a.ws[((tile0 + rows[h]) * a.hkv + g) * a.max_nb + prev_b] = v;
-        }
+      tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, prev_b, prev_bad, pm_lo, pm_hi, nk);
     }
     __syncthreads(); /* the next run reuses the buffers and wnk */
   }
+}
+
+/* ---------------------------------------------------------------------------
+ * Kernel 1, sm_90a variant for a bf16 index cache: TMA ring + wgmma
+ *
+ * Same grid, tiles, runs and outputs as tc_score_kernel; what differs is how
+ * a block reaches the tensor cores. Thread 0 issues TMA copies of key pages
+ * (a 2-D tensor map over the cache as [P * 128 keys][128 dims], two boxes of
+ * 64 dims x 128 keys per page, 128-byte swizzle) into a TW_STAGES-deep ring
+ * guarded by mbarriers (full: the bytes landed; empty: all 8 warps are done
+ * with the stage), so no CTA-wide barrier sits in the block loop and the two
+ * warpgroups (64 rows each) drift freely. Each warpgroup multiplies its rows
+ * (A from registers) by the 128 keys with 8 wgmma.m64n128k16 reading B
+ * straight from the swizzled stage (a quarter of the shared-memory traffic of
+ * the mma.sync kernel's per-warp ldmatrix). Key norms: each warp computes 16
+ * keys' norms from the stage (2 threads per key, conflict-free over the
+ * swizzle) and publishes its maximum through a third mbarrier (normed). */
+#define TW_STAGES 3
+#define TW_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
+#define TW_STAGE_BYTES (2 * TW_HALF_BYTES)
+#define TW_SMEM_BYTES (TW_STAGES * TW_STAGE_BYTES + 1024) /* + slack for 1024-byte alignment */
+
+typedef struct {
+  unsigned long long full[TW_STAGES], empty[TW_STAGES], normed[TW_STAGES];
+  float nkw[TW_STAGES][TC_THREADS / 32]; /* per warp: largest key norm of its 16 keys */
+  int64_t pos[TC_ROWS];
+  int req[TC_ROWS];
+  int run_end[TC_ROWS];
+  float qn[TC_ROWS];
+} tw_smem;
+
+__device__ __forceinline__ void tw_bar_init(unsigned long long *bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(tc_smem_addr(bar)), "r"(count)
+               : "memory");
+}
+
+__device__ __forceinline__ void tw_bar_arrive(unsigned long long *bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(tc_smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void tw_bar_arrive_tx(unsigned long long *bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(tc_smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+/* Waits until the phase of parity `parity` of the barrier has completed. */
+__device__ __forceinline__ void tw_bar_wait(unsigned long long *bar, unsigned parity) {
+  asm volatile("{\n.reg .pred p;\nTW_WAIT:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+               "@!p bra TW_WAIT;\n}\n" ::"r"(tc_smem_addr(bar)),
+               "r"(parity)
+               : "memory");
+}
+
+__device__ __forceinline__ void tw_tma_load(void *dst, const CUtensorMap *map, int c0, int c1,
+                                            unsigned long long *bar) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes "
+               "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(tc_smem_addr(dst)),
+               "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(tc_smem_addr(bar))
+               : "memory");
+#else
+  (void)dst;
+  (void)map;
+  (void)c0;
+  (void)c1;
+  (void)bar;
+  __trap();
+#endif
+}
+
+/* Thread 0: fills the stage of the CTA's i-th block (block b of request r)
+ * once every warp has released that stage's previous use. A page id out of
+ * range loads nothing; the plain arrive still completes the phase and the
+ * consumers see the same page id. */
+__device__ __forceinline__ void tw_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
+                                           const CUtensorMap *map, tw_smem &s,
+                                           unsigned char *ring, int r, int64_t b, uint32_t i) {
+  const uint32_t st = i % TW_STAGES, use = i / TW_STAGES;
+  if (use > 0)
+    tw_bar_wait(&s.empty[st], (use - 1) & 1);
+  int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+  if (page < 0) {
+    tw_bar_arrive(&s.full[st]);
+    return;
+  }
+  unsigned char *dst = ring + st * TW_STAGE_BYTES;
+  tw_bar_arrive_tx(&s.full[st], TW_STAGE_BYTES);
+  tw_tma_load(dst, map, 0, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
+  tw_tma_load(dst + TW_HALF_BYTES, map, 64, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
+}
+
+static __global__ void __launch_bounds__(TC_THREADS, 2)
+    tc_score_tma_kernel(m3s_cuda_batch bt, tc_score_args a, const __grid_constant__ CUtensorMap map) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap(); /* launched on sm_90 devices only */
+#else
+  extern __shared__ __align__(16) unsigned char tc_dyn[];
+  __shared__ tw_smem s;
+  const uint32_t base = tc_smem_addr(tc_dyn);
+  unsigned char *const ring = tc_dyn + ((1024u - (base & 1023u)) & 1023u);
+  uint16_t *qs = (uint16_t *)ring; /* the query tile, before the first copy */
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
+  const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TC_ROWS; /* heavy tiles first */
+  const int g = blockIdx.y;
+  const int n = (int)(a.nrows - tile0 < TC_ROWS ? a.nrows - tile0 : TC_ROWS);
+
+  /* Phase 1: rows, runs, queries, norms, A fragments; the ring's barriers */
+  uint32_t af[8][4];
+  tc_tile_prologue(bt, a, s, qs, tile0, n, g, af);
+  if (tid == 0) {
+    for (int i = 0; i < TW_STAGES; i++) {
+      tw_bar_init(&s.full[i], 1);
+      tw_bar_init(&s.empty[i], TC_THREADS / 32);
+      tw_bar_init(&s.normed[i], TC_THREADS / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  tc_fence_proxy_async(); /* the query tile's generic accesses before TMA overwrites it */
+  __syncthreads();
+
+  /* Phase 2: per run, the CTA's candidate blocks through the ring; i counts
+   * the CTA's blocks over all runs, so stage and phase follow from it */
+  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+  /* this thread's key for the norms: warp w covers keys 16w..16w+15, lanes
+   * l and l ^ 8 share a key (dims 0-63 / 64-127); each quarter-warp reads 8
+   * keys with distinct swizzle phases (no bank conflicts) */
+  const int nkey = warp * 16 + (lane & 7) + 8 * (lane >> 4), nhalf = (lane >> 3) & 1;
+  uint32_t it = 0;
+  for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
+    const int p1 = s.run_end[p0], r = s.req[p0];
+    if (r < 0)
+      continue;
+    const int64_t hi = tc_blocks_of(s.pos[p1 - 1]) - a.local;
+    const int64_t b0 = a.init + blockIdx.z, gz = gridDim.z;
+    if (b0 >= hi)
+      continue;
+    const int64_t nblk = (hi - b0 + gz - 1) / gz;
+    const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
+    if (tid == 0)
+      for (int64_t j = 0; j < nblk && j < TW_STAGES; j++)
+        tw_produce(bt, a, &map, s, ring, r, b0 + j * gz, it + (uint32_t)j);
+    for (int64_t j = 0; j < nblk; j++) {
+      const uint32_t i = it + (uint32_t)j, st = i % TW_STAGES, ph = (i / TW_STAGES) & 1;
+      const int64_t b = b0 + j * gz;
+      /* refill the stage the previous block used (every warp is past it or
+       * nearly so), keeping TW_STAGES - 1 copies in flight */
+      if (tid == 0 && j >= 1 && j - 1 + TW_STAGES < nblk)
+        tw_produce(bt, a, &map, s, ring, r, b0 + (j - 1 + TW_STAGES) * gz, i - 1 + TW_STAGES);
+      tw_bar_wait(&s.full[st], ph);
+      const int bad =
+          m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages) < 0;
+      const unsigned char *tile = ring + st * TW_STAGE_BYTES;
+      /* key norms of this warp's 16 keys, rounded up */
+      float nk = 0.0f;
+      if (!bad) {
+        const unsigned char *row = tile + nhalf * TW_HALF_BYTES + nkey * 128;
+        float sq = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 8; c++)
+          sq = tc_sumsq8_ru(*(const uint4 *)(row + ((c ^ (nkey & 7)) << 4)), sq);
+        sq = __fadd_ru(sq, __shfl_xor_sync(TC_FULL, sq, 8));
+        nk = __fsqrt_ru(sq);
+        nk = isnan(nk) ? INFINITY : nk;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+          nk = fmaxf(nk, __shfl_xor_sync(TC_FULL, nk, o));
+      }
+      if (lane == 0) {
+        s.nkw[st][warp] = nk;
+        tw_bar_arrive(&s.normed[st]);
+      }
+      /* S~: this warpgroup's 64 rows x 128 keys */
+      float acc[16][4];
+#pragma unroll
+      for (int jj = 0; jj < 16; jj++)
+        acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.0f;
+      if (!bad) {
+        tc_wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < 8; ks++)
+          tc_wgmma_bf16(&acc[0][0], af[ks],
+                        tc_wg_desc_sw128(tc_smem_addr(tile + (ks >> 2) * TW_HALF_BYTES +
+                                                      (ks & 3) * 32)));
+        tc_wg_commit_wait();
+      }
+      tw_bar_wait(&s.normed[st], ph);
+      nk = 0.0f;
+#pragma unroll
+      for (int w = 0; w < TC_THREADS / 32; w++)
+        nk = fmaxf(nk, s.nkw[st][w]);
+      /* this thread is done with the stage: its reads (generic and async
+       * proxy) come before the refill's TMA writes */
+      tc_fence_proxy_async();
+      __syncwarp();
+      if (lane == 0)
+        tw_bar_arrive(&s.empty[st]);
+      float m_lo = -INFINITY, m_hi = -INFINITY;
+      if (!bad)
+        tc_row_max(acc, s.pos[r_lo], s.pos[r_hi], b, lane, m_lo, m_hi);
+      if ((lane & 3) == 0)
+        tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
+    }
+    it += (uint32_t)nblk;
+  }
+#endif
 }
 
 /* ---------------------------------------------------------------------------
@@ -593,16 +797,25 @@ __device__ __forceinline__ void tc_interval(float2 e, float &lo, float &up) {
   }
 }
 
-/* What a candidate entry ranks by, per query kind. */
-enum { TC_BY_UPPER = 0, TC_BY_LOWER = 1, TC_BY_EXACT = 2 };
+/* What a candidate entry ranks by, per query kind: the approximate score S~
+ * of an entry with a finite interval (0, below everything, for a whole-line
+ * one), or the reference score S of a re-scored entry (0 for the others). */
+enum { TC_BY_CENTRE = 0, TC_BY_EXACT = 1 };
+
+__device__ __forceinline__ int tc_whole_line(float2 e) {
+  return isnan(e.x) || !(e.y < INFINITY);
+}
 
 __device__ __forceinline__ unsigned long long tc_entry_key(const float2 *W, int64_t b, int kind) {
   float2 e = W[b];
   if (kind == TC_BY_EXACT)
     return e.y < 0.0f ? tc_key(tc_ord(e.x), b) : 0ull;
-  float lo, up;
-  tc_interval(e, lo, up);
-  return tc_key(tc_ord(kind == TC_BY_UPPER ? up : lo), b);
+  return tc_whole_line(e) ? 0ull : tc_key(tc_ord(e.x), b);
+}
+
+/* The float whose tc_ord is ord (ord != 0). */
+__device__ __forceinline__ float tc_unord(uint32_t ord) {
+  return __uint_as_float((ord & 0x80000000u) ? (ord & 0x7fffffffu) : ~ord);
 }
 
 __device__ __forceinline__ unsigned long long tc_warp_max(unsigned long long v) {
@@ -642,12 +855,15 @@ __device__ __forceinline__ void tc_best_below(const float2 *W, int64_t lo, int64
   }
 }
 
-/* The n-th largest key (n >= 1) over the candidates (0 when n == 0); every
- * lane gets it. With emit != NULL, lane 0 stores the ids of the first n keys
- * at emit[0..n). A lane rescans its candidates only when it has supplied
- * TC_CACHE winners since its last scan. */
+/* The n-th largest key (n >= 1) over the candidates (0 when n == 0 or
+ * fewer exist); every lane gets it, and the m1-th and m2-th largest in *k1
+ * and *k2 where those are not NULL (1 <= m <= n). With emit != NULL, lane 0 stores the ids of the
+ * first n keys at emit[0..n). A lane rescans its candidates only when it has
+ * supplied TC_CACHE winners since its last scan. */
 static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int64_t hi, int kind,
-                                                int n, int32_t *emit) {
+                                                int n, int32_t *emit, int m1 = 0,
+                                                unsigned long long *k1 = NULL, int m2 = 0,
+                                                unsigned long long *k2 = NULL) {
   unsigned long long c[TC_CACHE], w = 0;
   if (n <= 0)
     return 0;
@@ -656,6 +872,10 @@ static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int
     w = tc_warp_max(c[0]);
     if (emit && (threadIdx.x & 31) == 0)
       emit[k] = tc_id_of(w);
+    if (k1 && k + 1 == m1)
+      *k1 = w;
+    if (k2 && k + 1 == m2)
+      *k2 = w;
     if (c[0] == w && w != 0) {
 #pragma unroll
       for (int i = 0; i < TC_CACHE - 1; i++)
@@ -734,7 +954,8 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
   return best;
 }
 
-/* One pair with nb > K; the whole warp calls it. sel: K slots of this warp.
+/* One pair with nb > K; the whole warp calls it. sel: K slots of this warp;
+ * qlist: 32 slots for the uncertain blocks.
  *
  * Why this is the reference selection. Let C = [init, nb - local) be the
  * candidates, W = K - init - local the slots they fill (|C| > W since nb > K),
@@ -756,13 +977,20 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
  * that is the same, because L_b > u* puts U_b above u* and U_b < l* puts
  * L_b below l*.) The counting uses only L <= U, so the slots never overflow,
  * whatever the hardware did; exactness needs S_b in [L_b, U_b].
+ * Any u' >= u* and l' <= l* keep all of this true (In and Out only shrink,
+ * Q grows), and such a pair costs one ranking instead of two: with E' the
+ * largest E of the finite intervals, f of them and n_inf whole-line ones,
+ * U'_b = S~_b + E' (rounded up) >= U_b, so the (W+1)-th largest U' is >= u*:
+ * +inf when n_inf > W, else S~ of rank W+1-n_inf among the finite ones, plus
+ * E' (rounded up); likewise l' = S~ of rank W among the finite ones minus E'
+ * (rounded down), or -inf when f < W. Both ranks come from one pass over S~.
  * Rows of short requests (exact != 0, fewer than TC_MIN_ROWS query rows: the
  * score kernel skips them, a 128-row tensor-core tile would be mostly idle)
  * score every candidate here in the reference order and select on those
  * scores directly. */
 static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_args &a, float2 *W,
                                       int r, int64_t pos, int64_t nb, int exact, const float *q,
-                                      int32_t *sel, int32_t *out) {
+                                      int32_t *sel, int32_t *qlist, int32_t *out) {
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
   const int64_t lo = a.init, hi = nb - a.local;
@@ -773,6 +1001,7 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
   const int nsel = a.init + a.local;
   unsigned long long cand = 0, resc = 0, viol = 0;
   uint32_t max_ratio = 0;
+  int nq = 0; /* uncertain blocks listed in qlist (more than 32: not listed) */
   if (want > 0 && exact) {
     for (int64_t b = lo; b < hi; b++) {
       float sx = tc_exact_block(bt, a, r, b, pos, q);
@@ -783,8 +1012,30 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
     __syncwarp(); /* the entries are visible to the warp */
     tc_nth_key(W, lo, hi, TC_BY_EXACT, want, sel + nsel);
   } else if (want > 0) {
-    const uint32_t u_star = (uint32_t)(tc_nth_key(W, lo, hi, TC_BY_UPPER, want + 1, NULL) >> 32);
-    const uint32_t l_star = (uint32_t)(tc_nth_key(W, lo, hi, TC_BY_LOWER, want, NULL) >> 32);
+    /* thresholds u' and l' (see above) from one ranking of S~ */
+    int n_inf = 0;
+    float e_max = 0.0f;
+    for (int64_t b = lo + lane; b < hi; b += 32) {
+      float2 e = W[b];
+      if (tc_whole_line(e))
+        n_inf++;
+      else
+        e_max = fmaxf(e_max, e.y);
+    }
+    n_inf = __reduce_add_sync(TC_FULL, n_inf);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      e_max = fmaxf(e_max, __shfl_xor_sync(TC_FULL, e_max, o));
+    const int f = (int)(hi - lo) - n_inf;
+    const int need_l = f >= want ? want : 0, need_u = n_inf > want ? 0 : want + 1 - n_inf;
+    unsigned long long k_l = 0, k_u = 0;
+    tc_nth_key(W, lo, hi, TC_BY_CENTRE, need_l > need_u ? need_l : need_u, NULL, need_l, &k_l,
+               need_u, &k_u);
+    /* (k == 0 cannot happen, since need <= f; the fallbacks keep the slots
+     * from overflowing whatever the entries hold) */
+    const float u_p = k_u ? __fadd_ru(tc_unord((uint32_t)(k_u >> 32)), e_max) : INFINITY;
+    const float l_p = k_l ? __fsub_rd(tc_unord((uint32_t)(k_l >> 32)), e_max) : -INFINITY;
+    const uint32_t u_star = tc_ord(u_p), l_star = tc_ord(l_p);
     int n_in = 0;
     for (int64_t base = lo; base < hi; base += 32) {
       int64_t b = base + lane;
@@ -801,7 +1052,10 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
       uint32_t all_mask = __ballot_sync(TC_FULL, b < hi);
       if (is_in)
         sel[nsel + n_in + __popc(in_mask & ((1u << lane) - 1u))] = (int32_t)b;
+      if (is_q && nq + __popc(q_mask & ((1u << lane) - 1u)) < 32)
+        qlist[nq + __popc(q_mask & ((1u << lane) - 1u))] = (int32_t)b;
       n_in += __popc(in_mask);
+      nq += __popc(q_mask);
       cand += __popc(all_mask);
       resc += __popc(q_mask);
       /* re-score Q (measure: every candidate, only Q is rewritten) */
@@ -822,8 +1076,24 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
           W[base + j] = make_float2(sx, -1.0f);
       }
     }
-    __syncwarp(); /* the rewritten entries and sel[] are visible to the warp */
-    tc_nth_key(W, lo, hi, TC_BY_EXACT, want - n_in, sel + nsel + n_in);
+    __syncwarp(); /* the rewritten entries, sel[] and qlist[] are visible to the warp */
+    const int rest = want - n_in;
+    if (nq <= 32) {
+      /* the best `rest` of Q by reference score: each lane ranks its entry */
+      unsigned long long k = 0;
+      int32_t id = -1;
+      if (lane < nq) {
+        id = qlist[lane];
+        k = tc_key(tc_ord(W[id].x), id);
+      }
+      int rank = 0;
+      for (int j = 0; j < nq; j++)
+        rank += __shfl_sync(TC_FULL, k, j) > k;
+      if (lane < nq && rank < rest)
+        sel[nsel + n_in + rank] = id;
+    } else {
+      tc_nth_key(W, lo, hi, TC_BY_EXACT, rest, sel + nsel + n_in);
+    }
   }
   __syncwarp();
   /* ascending order by rank (ids are distinct) */
@@ -850,6 +1120,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     tc_select_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ float qsh[TC_SEL_WARPS][M3S_INDEX_DIM];
   __shared__ int32_t selsh[TC_SEL_WARPS][M3S_MAX_TOPK];
+  __shared__ int32_t qlsh[TC_SEL_WARPS][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
@@ -867,7 +1138,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     __syncwarp();
     tc_select_pair(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, nb, !a.all_scored && ri.n < TC_MIN_ROWS,
                    qsh[warp],
-                   selsh[warp], out);
+                   selsh[warp], qlsh[warp], out);
   }
 }
 
@@ -875,20 +1146,39 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
  * Host entry
  * ------------------------------------------------------------------------- */
 
-/* Raises the dynamic shared-memory limit of the four score kernels; called
- * once per context by context.cu (cudaFuncSetAttribute allocates host memory
+/* Raises the dynamic shared-memory limit of the score kernels; called once
+ * per context by context.cu (cudaFuncSetAttribute allocates host memory
  * inside the CUDA runtime, and run calls allocate nothing). */
 extern "C" cudaError_t m3s_topk_tc_prepare(void) {
-  void (*k[4])(m3s_cuda_batch, tc_score_args) = {
-      tc_score_kernel<false, false>, tc_score_kernel<true, false>, tc_score_kernel<false, true>,
-      tc_score_kernel<true, true>};
-  for (int i = 0; i < 4; i++) {
+  void (*k[2])(m3s_cuda_batch, tc_score_args) = {tc_score_kernel<false>, tc_score_kernel<true>};
+  for (int i = 0; i < 2; i++) {
     cudaError_t err =
         cudaFuncSetAttribute(k[i], cudaFuncAttributeMaxDynamicSharedMemorySize, TC_SMEM_BYTES);
     if (err != cudaSuccess)
       return err;
   }
-  return cudaSuccess;
+  return cudaFuncSetAttribute(tc_score_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              TW_SMEM_BYTES);
+}
+
+/* The tensor map of a bf16 index cache for tc_score_tma_kernel: the cache as
+ * [P * 128 keys][128 dims], boxes of 64 dims x 128 keys, 128-byte swizzle.
+ * 0 when the TMA kernel does not apply (not an sm_90 device, no encoder, an
+ * e4m3 cache, the mma_sync hook, key rows beyond the int32 coordinates). */
+static int tc_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache,
+                      const m3s_topk_tc_hooks &hooks, CUtensorMap *map) {
+  PFN_cuTensorMapEncodeTiled_v12000 enc =
+      (PFN_cuTensorMapEncodeTiled_v12000)m3s_cuda_tmap_encoder(ctx);
+  const int64_t keys = index_cache->shape[0] * M3S_BLOCK_SIZE;
+  if (hooks.mma_sync || !enc || m3s_cuda_sm_major(ctx) != 9 || index_cache->dtype != M3S_BF16 ||
+      keys > INT32_MAX)
+    return 0;
+  cuuint64_t dims[2] = {M3S_INDEX_DIM, (cuuint64_t)keys};
+  cuuint64_t strides[1] = {M3S_INDEX_DIM * sizeof(uint16_t)};
+  cuuint32_t box[2] = {64, M3S_BLOCK_SIZE}, step[2] = {1, 1};
+  return enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, index_cache->data, dims, strides, box, step,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 /* Phase 2 over se.npairs (row, head) pairs from se.row0: a warp per pair. */
@@ -913,22 +1203,9 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   cudaStream_t stream = (cudaStream_t)exec->stream;
   m3s_cuda_batch cb = m3s_cuda_batch_of(batch);
   const int e4m3 = index_cache->dtype == M3S_E4M3;
-  /* the wgmma variant (test hook, sm_90 devices only) */
-  int wg = 0;
   const m3s_topk_tc_hooks hooks = m3s_cuda_topk_hooks(ctx);
-  if (hooks.wgmma) {
-    int dev = 0, major = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess)
-      e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    if (e != cudaSuccess)
-      return m3s_fail(M3S_ERR_CUDA, fn, "compute capability query: %s", cudaGetErrorString(e));
-    wg = major == 9;
-  }
   void (*score)(m3s_cuda_batch, tc_score_args) =
-      e4m3 ? (wg ? tc_score_kernel<true, true> : tc_score_kernel<true, false>)
-           : (wg ? tc_score_kernel<false, true> : tc_score_kernel<false, false>);
-
+      e4m3 ? tc_score_kernel<true> : tc_score_kernel<false>;
   tc_score_args sa;
   sa.iq = (const uint16_t *)iq->data;
   sa.iq_s0 = iq->stride[0];
@@ -978,6 +1255,8 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   }
 
   const int64_t sms = m3s_cuda_num_sms(ctx);
+  CUtensorMap map;
+  const int tma = tc_tma_map(ctx, index_cache, hooks, &map);
   for (int64_t row0 = 0; row0 < plan.rows; row0 += plan.chunk_rows) {
     int64_t n = plan.rows - row0 < plan.chunk_rows ? plan.rows - row0 : plan.chunk_rows;
     sa.row0 = se.row0 = row0;
@@ -994,8 +1273,11 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
       return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld row tiles x %d heads exceed the grid limit",
                       (long long)tiles, hkv);
     dim3 grid((unsigned)tiles, (unsigned)hkv, (unsigned)gy);
-    score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
-    m3s_status st = m3s_cuda_check_launch(fn, "tc_score_kernel");
+    if (tma)
+      tc_score_tma_kernel<<<grid, TC_THREADS, TW_SMEM_BYTES, stream>>>(cb, sa, map);
+    else
+      score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
+    m3s_status st = m3s_cuda_check_launch(fn, tma ? "tc_score_tma_kernel" : "tc_score_kernel");
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */

@@ -35,9 +35,9 @@ typedef struct {
  *              score (breaks exactness: the test proves re-scoring matters).
  *  measure:    re-score every candidate and record |S~ - S| / E (slow).
  *  stats:      device pointer, or NULL.
- *  wgmma:      score with the sm_90a wgmma kernel variant instead of
- *              mma.sync (ignored on other devices); not yet the default
- *              because it has not run on a GPU yet.
+ *  mma_sync:   prefill scores with the mma.sync kernel also where the
+ *              default is the sm_90a TMA + wgmma kernel (bf16 index cache
+ *              on an sm_90 device), so the tests cover both.
  *  decode_any: uniform decode batches take the certified streaming kernel
  *              whenever it covers them, also below the batch size and pair
  *              count from which it is the default (the tests' small
@@ -47,7 +47,7 @@ typedef struct {
   int no_rescore;
   int measure;
   m3s_topk_tc_stats *stats;
-  int wgmma;
+  int mma_sync;
   int decode_any;
 } m3s_topk_tc_hooks;
 
