@@ -14,13 +14,14 @@ static size_t cuda_workspace(const m3s_context *ctx, const m3s_layer_config *cfg
 
 /* What runs (sm_90a and sm_80 builds alike). */
 static const char *cuda_kernel(const m3s_context *ctx, m3s_op op) {
-  (void)ctx;
   switch (op) {
   case M3S_OP_CACHE_INSERT: return "cuda_insert_kv_kernel";
   case M3S_OP_INDEX_INSERT: return "cuda_insert_index_kernel";
   case M3S_OP_INDEX_TOPK:
-    /* fits m3s_support.kernel (63 characters) */
-    return "topk_tc_certified+select;decode:tc_stream(>=16 reqs)|stream";
+    /* fits m3s_support.kernel (63 characters); prefill scores with TMA +
+     * wgmma on sm_90 for a bf16 index cache (sm90/topk_tc.cu) */
+    return m3s_cuda_sm_major(ctx) == 9 ? "tc_tma_wgmma(bf16)|tc_mma+select;decode:tc_stream(>=16)|stream"
+                                       : "topk_tc_certified+select;decode:tc_stream(>=16 reqs)|stream";
   case M3S_OP_ATTENTION_DECODE: return "cuda_attention_mma_sync_splitk";
   case M3S_OP_ATTENTION_PREFILL: return "cuda_attention_mma_sync";
   case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_attention_simt";
