@@ -265,16 +265,14 @@ void mk_batch(bat *B, int uses_main, int uses_idx, int allow_null, int *ex);
 int64_t bpos(const bat *B, int r, int64_t i);
 void gen_scales(scl_t *S_, m3s_dtype cdt, int hkv, int64_t P, int nice, int *ex);
 double scale_at(const scl_t *S_, int is_v, int64_t g, int64_t slot);
-int ranks_before(double sa, int a, double sb, int b);
-int forced(const m3s_layer_config *c, int64_t b, int64_t nb);
 double *decode_ic(const targ *ic, int64_t P);
 int ref_topk(const m3s_layer_config *c, const bat *B, const targ *iq, const double *ic,
                     int64_t row_base, int r, int64_t i, int g, int32_t *ids);
 void check_topk_rows(const m3s_layer_config *c, const bat *B, const targ *iq, const targ *ic,
                             const targ *tk, int64_t row_base, int exact);
 void attn_decode(attn_in *A);
-int64_t ref_attend(const attn_in *A, int r, int64_t pos, int64_t t, int h,
-                          const int32_t *ids, int n, double *out, double *lse);
+int64_t ref_attend(const attn_in *A, int r, int64_t pos, int64_t t, int h0, int nh,
+                   const int32_t *ids, int n, double *out, double *lse);
 void check_attn_rows(attn_in *A, const targ *out, const targ *lse, int numeric);
 void fill_topk_input(int hkv, int K, const bat *B, const targ *tk, int64_t row_base,
                             int *ex);

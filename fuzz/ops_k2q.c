@@ -185,6 +185,8 @@ void op_k2q_attention(void) {
       attn_in A = {&F.C.c, &B, &F.q, &F.kv, NULL, &F.sc, 0, NULL};
       int numeric = F.nice && F.C.nice && F.sc.nice && !g_alias_in;
       attn_decode(&A);
+      double *ref_o = (double *)malloc(sizeof(double) * (size_t)G * (D + 1)),
+             *ref_l = ref_o + G * D;
       for (int g = 0; g < hkv; g++)
         for (int64_t row = 0; row < R; row++)
           for (int64_t x = E.rp[g * (R + 1) + row]; x < E.rp[g * (R + 1) + row + 1]; x++) {
@@ -192,13 +194,13 @@ void op_k2q_attention(void) {
             int r = (int)E.row_req[row];
             int32_t id = (int32_t)E.row_blk[row];
             int64_t pos = bpos(&B, r, t - B.row0[r]);
+            int64_t nk = ref_attend(&A, r, pos, t, g * G, G, &id, 1, ref_o, ref_l);
             for (int h = g * G; h < (g + 1) * G; h++) {
               for (int d = 0; d < D; d++)
                 allow_idx(&po, I4(t, h, slot, d));
               allow_idx(&pl, I4(t, h, slot, 0));
-              double ro[D], rl;
-              int64_t nk = ref_attend(&A, r, pos, t, h, &id, 1, ro, &rl);
-              double gl = tgetf(&pl, I4(t, h, slot, 0)), e2 = 0, r2 = 0;
+              const double *ro = ref_o + (h - g * G) * D;
+              double rl = ref_l[h - g * G], gl = tgetf(&pl, I4(t, h, slot, 0)), e2 = 0, r2 = 0;
               for (int d = 0; d < D; d++) {
                 double dd = tgetf(&po, I4(t, h, slot, d)) - ro[d];
                 e2 += dd * dd;
@@ -221,6 +223,7 @@ void op_k2q_attention(void) {
             }
           }
       check_allowed();
+      free(ref_o);
       free(A.kvd);
     }
   }

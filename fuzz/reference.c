@@ -1,23 +1,12 @@
 /* reference.c -- the fp64 references of SPEC 3-4 over the harness's own tensor
- * views: rank order, index top-k, attention. */
+ * views: index top-k and attention, the mathematics from tests/ref_core.c (the
+ * tests' reference uses the same), the rows from the views. */
 #include "fuzz.h"
+
+#include "ref_core.h"
 
 /* fp64 references                                                          */
 /* ======================================================================== */
-/* rank order of SPEC 3: higher score first, NaN below every real score, equal
- * scores by lower block id */
-int ranks_before(double sa, int a, double sb, int b) {
-  if (isnan(sa) != isnan(sb))
-    return isnan(sb);
-  if (!isnan(sa) && sa != sb)
-    return sa > sb;
-  return a < b;
-}
-
-int forced(const m3s_layer_config *c, int64_t b, int64_t nb) {
-  return b < c->init_blocks || b >= nb - c->local_blocks;
-}
-
 /* The index cache decoded once, [P][128][128] (pages of the nominal pool). */
 double *decode_ic(const targ *ic, int64_t P) {
   double *v = (double *)malloc(sizeof(double) * (size_t)(P * BS * D + 1));
@@ -27,62 +16,21 @@ double *decode_ic(const targ *ic, int64_t P) {
   return v;
 }
 
-/* Reference selection of row (request r, index i), index head g. */
+/* Reference selection of row (request r, index i), index head g: only the
+ * blocks that compete for the budget are scored. */
 int ref_topk(const m3s_layer_config *c, const bat *B, const targ *iq, const double *ic,
-                    int64_t row_base, int r, int64_t i, int g, int32_t *ids) {
+             int64_t row_base, int r, int64_t i, int g, int32_t *ids) {
   int64_t pos = bpos(B, r, i);
   if (pos < 0)
     return 0;
-  int64_t nb = pos / BS + 1, L = pos + 1;
-  int n = 0;
-  if (nb <= c->topk) {
-    for (int64_t b = 0; b < nb; b++)
-      ids[n++] = (int32_t)b;
-    return n;
-  }
-  static double sc[MAX_COLS];
-  static int cand[MAX_COLS];
-  int nc = 0;
-  int64_t t = row_base + B->row0[r] + i;
-  double q[D];
-  row_get(iq, I4(t, g, 0, 0), D, q);
-  for (int64_t b = 0; b < nb; b++) {
-    if (forced(c, b, nb)) {
-      ids[n++] = (int32_t)b;
-      continue;
-    }
-    int64_t page = B->ibt[r][b];
-    double best = NAN;
-    for (int64_t j = b * BS; j < (b + 1) * BS && j < L; j++) {
-      double s = 0;
-      const double *k = ic + (page * BS + j % BS) * D;
-      for (int d = 0; d < D; d++)
-        s += q[d] * k[d];
-      if (!isnan(s) && (isnan(best) || s > best))
-        best = s;
-    }
-    sc[b] = best;
-    cand[nc++] = (int)b;
-  }
-  /* selection sort of the candidates by rank */
-  int want = c->topk - n;
-  for (int k = 0; k < want && k < nc; k++) {
-    int bi = k;
-    for (int x = k + 1; x < nc; x++)
-      if (ranks_before(sc[cand[x]], cand[x], sc[cand[bi]], cand[bi]))
-        bi = x;
-    int tmp = cand[k];
-    cand[k] = cand[bi];
-    cand[bi] = tmp;
-    ids[n++] = cand[k];
-  }
-  for (int x = 1; x < n; x++)
-    for (int y = x; y > 0 && ids[y] < ids[y - 1]; y--) {
-      int32_t tmp = ids[y];
-      ids[y] = ids[y - 1];
-      ids[y - 1] = tmp;
-    }
-  return n;
+  int64_t nb = pos / BS + 1;
+  double q[D], sc[MAX_COLS];
+  row_get(iq, I4(row_base + B->row0[r] + i, g, 0, 0), D, q);
+  for (int64_t b = 0; b < nb; b++)
+    sc[b] = ref_competes(c, b, nb)
+                ? ref_block_max(q, ic + (int64_t)B->ibt[r][b] * BS * D, ref_block_keys(b, pos))
+                : NAN;
+  return ref_select_blocks(c, nb, sc, ids);
 }
 
 /* Checks the top-k rows of a batch (rows row_base + ...) : the SPEC 3 format
@@ -117,7 +65,7 @@ void check_topk_rows(const m3s_layer_config *c, const bat *B, const targ *iq, co
           }
         }
         for (int64_t b = 0; b < nb; b++)
-          if (forced(c, b, nb)) {
+          if (ref_forced(c, b, nb)) {
             int found = 0;
             for (int k = 0; k < kk; k++)
               found |= got[k] == b;
@@ -163,51 +111,31 @@ void attn_decode(attn_in *A) {
     }
 }
 
-/* fp64 attention over the keys j <= pos of the blocks in ids[0..n). Returns
- * the number of keys. */
-int64_t ref_attend(const attn_in *A, int r, int64_t pos, int64_t t, int h,
-                          const int32_t *ids, int n, double *out, double *lse) {
-  int G = A->c->num_q_heads / A->c->num_kv_heads, g = h / G;
-  double q[D], m = -INFINITY;
-  row_get(A->q, I4(t, h, 0, 0), D, q);
-  static double sc[M3S_MAX_TOPK * BS];
-  static int64_t slot_of[M3S_MAX_TOPK * BS], page_of[M3S_MAX_TOPK * BS];
-  int64_t nk = 0, hkv = A->c->num_kv_heads;
-  for (int k = 0; k < n; k++) {
-    if (ids[k] < 0)
-      continue;
-    int64_t page = A->B->bt[r][ids[k]];
-    for (int64_t j = (int64_t)ids[k] * BS; j < ((int64_t)ids[k] + 1) * BS && j <= pos; j++) {
-      int64_t off = j % BS;
-      const float *kr = A->kvd + ((page * hkv + g) * BS + off) * 2 * D;
-      double s = 0;
-      for (int d = 0; d < D; d++)
-        s += q[d] * kr[d];
-      s *= (double)A->c->softmax_scale;
-      sc[nk] = s;
-      slot_of[nk] = off;
-      page_of[nk] = page;
-      nk++;
-      m = s > m ? s : m;
-    }
-  }
+/* The decoded K/V rows of request r, KV head g, for ref_attend_blocks. */
+typedef struct {
+  const attn_in *A;
+  int r, g;
+} kvd_rows;
+
+static void kvd_row(void *user, int64_t j, int is_v, double *row) {
+  const kvd_rows *k = user;
+  int64_t page = k->A->B->bt[k->r][j / BS], hkv = k->A->c->num_kv_heads;
+  const float *src = k->A->kvd + ((page * hkv + k->g) * BS + j % BS) * 2 * D + (is_v ? D : 0);
   for (int d = 0; d < D; d++)
-    out[d] = 0;
-  if (nk == 0) {
-    *lse = -INFINITY;
-    return 0;
-  }
-  double l = 0;
-  for (int64_t x = 0; x < nk; x++) {
-    double p = exp(sc[x] - m);
-    l += p;
-    const float *vr = A->kvd + ((page_of[x] * hkv + g) * BS + slot_of[x]) * 2 * D + D;
-    for (int d = 0; d < D; d++)
-      out[d] += p * vr[d];
-  }
-  for (int d = 0; d < D; d++)
-    out[d] /= l;
-  *lse = m + log(l);
+    row[d] = src[d];
+}
+
+/* fp64 attention of the query heads [h0, h0 + nh) of row t (one KV head's)
+ * over the keys j <= pos of the blocks in ids[0..n), after attn_decode:
+ * out [nh][D], lse [nh]. Returns the number of keys. */
+int64_t ref_attend(const attn_in *A, int r, int64_t pos, int64_t t, int h0, int nh,
+                   const int32_t *ids, int n, double *out, double *lse) {
+  kvd_rows k = {A, r, h0 / (A->c->num_q_heads / A->c->num_kv_heads)};
+  double *q = malloc(sizeof(double) * (size_t)nh * D);
+  for (int h = 0; h < nh; h++)
+    row_get(A->q, I4(t, h0 + h, 0, 0), D, q + h * D);
+  int64_t nk = ref_attend_blocks(q, nh, A->c->softmax_scale, pos, ids, n, kvd_row, &k, out, lse);
+  free(q);
   return nk;
 }
 
@@ -218,61 +146,66 @@ void check_attn_rows(attn_in *A, const targ *out, const targ *lse, int numeric) 
   const m3s_layer_config *c = A->c;
   const bat *B = A->B;
   int K = c->topk, G = c->num_q_heads / c->num_kv_heads;
-  double err2 = 0, ref2 = 0;
+  double err2 = 0, ref2 = 0, *ref_o = malloc(sizeof(double) * (size_t)G * (D + 1)),
+         *ref_l = ref_o + G * D;
   for (int r = 0; r < B->num_reqs; r++)
     for (int64_t i = 0; i < B->n[r]; i++) {
       int64_t t = A->row_base + B->row0[r] + i, pos = bpos(B, r, i);
-      for (int h = 0; h < c->num_q_heads; h++) {
+      for (int g = 0; g < c->num_kv_heads; g++) {
         int32_t ids[M3S_MAX_TOPK];
-        int n = 0;
+        int n = 0, empty = 1;
         if (pos >= 0) {
           int64_t nb = pos / BS + 1, kk = nb < K ? nb : K;
           for (int k = 0; k < kk; k++)
-            ids[n++] = (int32_t)tgeti(A->tk, I4(t, h / G, k, 0));
+            ids[n++] = (int32_t)tgeti(A->tk, I4(t, g, k, 0));
         }
-        int empty = 1;
         for (int k = 0; k < n; k++)
           empty &= ids[k] < 0;
-        if (empty) {
-          for (int d = 0; d < D; d++)
-            if (tgetf(out, I4(t, h, d, 0)) != 0)
-              die("attention row %lld head %d has no visible key but out[%d] = %g", (long long)t, h,
-                  d, tgetf(out, I4(t, h, d, 0)));
-          if (lse && lse->p && !(tgetf(lse, I4(t, h, 0, 0)) == -INFINITY))
-            die("attention row %lld head %d has no visible key but lse = %g", (long long)t, h,
-                tgetf(lse, I4(t, h, 0, 0)));
-          continue;
-        }
-        if (!numeric)
-          continue;
-        double ro[D], rl;
-        ref_attend(A, r, pos, t, h, ids, n, ro, &rl);
-        S.ref_rows++;
-        double re2 = 0, rr2 = 0, go[D];
-        row_get(out, I4(t, h, 0, 0), D, go);
-        for (int d = 0; d < D; d++) {
-          double e = go[d] - ro[d];
-          re2 += e * e;
-          rr2 += ro[d] * ro[d];
-        }
-        err2 += re2;
-        ref2 += rr2;
-        if (!(re2 <= 2.5e-3 * rr2 + 1e-6 * D))
-          die("attention row %lld (request %d, pos %lld) head %d: rel L2 error %.3g vs fp64 "
-              "(abs %.3g)",
-              (long long)t, r, (long long)pos, h, sqrt(re2 / (rr2 + 1e-300)), sqrt(re2));
-        if (lse && lse->p) {
-          double gl = tgetf(lse, I4(t, h, 0, 0));
-          if (!(fabs(gl - rl) <= 1e-3 * (1 + fabs(rl))))
-            die("attention row %lld (request %d, pos %lld) head %d: lse %.9g, fp64 reference "
-                "%.9g",
-                (long long)t, r, (long long)pos, h, gl, rl);
+        if (!empty && numeric) /* the KV head's query heads in one pass over the keys */
+          ref_attend(A, r, pos, t, g * G, G, ids, n, ref_o, ref_l);
+        for (int h = g * G; h < (g + 1) * G; h++) {
+          if (empty) {
+            for (int d = 0; d < D; d++)
+              if (tgetf(out, I4(t, h, d, 0)) != 0)
+                die("attention row %lld head %d has no visible key but out[%d] = %g", (long long)t,
+                    h, d, tgetf(out, I4(t, h, d, 0)));
+            if (lse && lse->p && !(tgetf(lse, I4(t, h, 0, 0)) == -INFINITY))
+              die("attention row %lld head %d has no visible key but lse = %g", (long long)t, h,
+                  tgetf(lse, I4(t, h, 0, 0)));
+            continue;
+          }
+          if (!numeric)
+            continue;
+          const double *ro = ref_o + (h - g * G) * D;
+          double rl = ref_l[h - g * G];
+          S.ref_rows++;
+          double re2 = 0, rr2 = 0, go[D];
+          row_get(out, I4(t, h, 0, 0), D, go);
+          for (int d = 0; d < D; d++) {
+            double e = go[d] - ro[d];
+            re2 += e * e;
+            rr2 += ro[d] * ro[d];
+          }
+          err2 += re2;
+          ref2 += rr2;
+          if (!(re2 <= 2.5e-3 * rr2 + 1e-6 * D))
+            die("attention row %lld (request %d, pos %lld) head %d: rel L2 error %.3g vs fp64 "
+                "(abs %.3g)",
+                (long long)t, r, (long long)pos, h, sqrt(re2 / (rr2 + 1e-300)), sqrt(re2));
+          if (lse && lse->p) {
+            double gl = tgetf(lse, I4(t, h, 0, 0));
+            if (!(fabs(gl - rl) <= 1e-3 * (1 + fabs(rl))))
+              die("attention row %lld (request %d, pos %lld) head %d: lse %.9g, fp64 reference "
+                  "%.9g",
+                  (long long)t, r, (long long)pos, h, gl, rl);
+          }
         }
       }
     }
   if (!(err2 <= 1e-4 * ref2 + 1e-10))
     die("attention: global rel L2 error %.3g vs the fp64 reference (limit 1e-2)",
         sqrt(err2 / (ref2 + 1e-300)));
+  free(ref_o);
   free(A->kvd);
   A->kvd = NULL;
 }

@@ -1,6 +1,8 @@
 /* Test fixtures and the fp64 reference (see ref.h). */
 #include "ref.h"
 
+#include "ref_core.h"
+
 #include "cpu/convert.h"
 
 #include <math.h>
@@ -451,26 +453,6 @@ double ref_kv(const fixture *f, int r, int64_t p, int g, int d, int is_v) {
   return v;
 }
 
-typedef struct {
-  double s;
-  int32_t id;
-} cand;
-
-static int cand_cmp(const void *a, const void *b) {
-  const cand *x = a, *y = b;
-  int nx = isnan(x->s), ny = isnan(y->s);
-  if (nx != ny)
-    return nx - ny; /* NaN last */
-  if (!nx && x->s != y->s)
-    return x->s > y->s ? -1 : 1;
-  return (x->id > y->id) - (x->id < y->id);
-}
-
-static int int_cmp(const void *a, const void *b) {
-  int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-  return (x > y) - (x < y);
-}
-
 int ref_select(const fixture *f, int t, int g, int32_t *ids, double *scores_out) {
   const m3s_layer_config *c = &f->cfg;
   for (int k = 0; k < c->topk; k++)
@@ -480,146 +462,57 @@ int ref_select(const fixture *f, int t, int g, int32_t *ids, double *scores_out)
   if (pos < 0)
     return 0;
   int64_t nb = pos / B + 1;
-  cand *cs = malloc(sizeof(cand) * (size_t)nb);
-  double q[D];
+  double *scores = scores_out ? scores_out : malloc(sizeof(double) * (size_t)nb);
+  double *keys = malloc(sizeof(double) * B * D), q[D];
   for (int d = 0; d < D; d++)
     q[d] = load_elem(f->iq_mem, f->sp.act_dtype, ((int64_t)t * c->num_kv_heads + g) * D + d);
-  int n = 0, nforced = 0;
-  int32_t forced[M3S_MAX_TOPK * 2];
   for (int64_t b = 0; b < nb; b++) {
-    double best = NAN;
-    for (int64_t j = b * B; j < (b + 1) * B && j <= pos; j++) {
-      double s = 0;
+    int n = ref_block_keys(b, pos);
+    for (int j = 0; j < n; j++)
       for (int d = 0; d < D; d++)
-        s += q[d] * ref_index_key(f, r, j, d);
-      if (!isnan(s) && (isnan(best) || s > best))
-        best = s;
-    }
-    if (scores_out)
-      scores_out[b] = best;
-    if (b < c->init_blocks || b >= nb - c->local_blocks)
-      forced[nforced++] = (int32_t)b;
-    else
-      cs[n++] = (cand){best, (int32_t)b};
+        keys[j * D + d] = ref_index_key(f, r, b * B + j, d);
+    scores[b] = ref_block_max(q, keys, n);
   }
-  int64_t budget = nb < c->topk ? nb : c->topk;
-  qsort(cs, (size_t)n, sizeof *cs, cand_cmp);
-  int m = 0;
-  for (int k = 0; k < nforced; k++)
-    ids[m++] = forced[k];
-  for (int k = 0; m < budget && k < n; k++)
-    ids[m++] = cs[k].id;
-  qsort(ids, (size_t)m, sizeof *ids, int_cmp);
-  free(cs);
+  int m = ref_select_blocks(c, nb, scores, ids);
+  free(keys);
+  if (!scores_out)
+    free(scores);
   return m;
+}
+
+/* The K/V rows of request r, KV head g, for ref_attend_blocks. */
+typedef struct {
+  const fixture *f;
+  int r, g;
+} kv_rows;
+
+static void kv_row(void *user, int64_t j, int is_v, double *row) {
+  const kv_rows *k = user;
+  for (int d = 0; d < D; d++)
+    row[d] = ref_kv(k->f, k->r, j, k->g, d, is_v);
+}
+
+/* The reference for query heads [h0, h0 + nh) of KV head g at row t, sharing
+ * the key loads: out[nh][D], lse[nh]. */
+static void ref_attention_heads(const fixture *f, int t, int g, int h0, int nh, const int32_t *sel,
+                                int n, int masked, double *out, double *lse) {
+  const m3s_layer_config *c = &f->cfg;
+  int i;
+  kv_rows k = {f, fx_request_of_row(f, t, &i), g};
+  double *q = malloc(sizeof(double) * (size_t)nh * D);
+  for (int h = 0; h < nh; h++)
+    for (int d = 0; d < D; d++)
+      q[h * D + d] =
+          load_elem(f->q_mem, f->sp.act_dtype, ((int64_t)t * c->num_q_heads + h0 + h) * D + d);
+  ref_attend_blocks(q, nh, c->softmax_scale, fx_pos(f, t), masked ? sel : NULL, n, kv_row, &k, out,
+                    lse);
+  free(q);
 }
 
 void ref_attention(const fixture *f, int t, int h, const int32_t *sel, int n, int masked,
                    double *out, double *lse) {
-  const m3s_layer_config *c = &f->cfg;
-  int G = c->num_q_heads / c->num_kv_heads, g = h / G;
-  int i, r = fx_request_of_row(f, t, &i);
-  int64_t pos = fx_pos(f, t);
-  for (int d = 0; d < D; d++)
-    out[d] = 0;
-  *lse = -INFINITY;
-  if (pos < 0)
-    return;
-  double q[D];
-  for (int d = 0; d < D; d++)
-    q[d] = load_elem(f->q_mem, f->sp.act_dtype, ((int64_t)t * c->num_q_heads + h) * D + d);
-  /* Full causal score row over keys 0..pos; keys of unselected blocks masked. */
-  double *s = malloc(sizeof(double) * (size_t)(pos + 1));
-  double mx = -INFINITY;
-  for (int64_t j = 0; j <= pos; j++) {
-    int in = !masked;
-    for (int k = 0; k < n && !in; k++)
-      in = sel[k] >= 0 && sel[k] == j / B;
-    if (!in) {
-      s[j] = -INFINITY;
-      continue;
-    }
-    double dot = 0;
-    for (int d = 0; d < D; d++)
-      dot += q[d] * ref_kv(f, r, j, g, d, 0);
-    s[j] = dot * c->softmax_scale;
-    mx = s[j] > mx ? s[j] : mx;
-  }
-  if (mx == -INFINITY) {
-    free(s);
-    return;
-  }
-  double sum = 0;
-  for (int64_t j = 0; j <= pos; j++) {
-    if (s[j] == -INFINITY)
-      continue;
-    double p = exp(s[j] - mx);
-    sum += p;
-    for (int d = 0; d < D; d++)
-      out[d] += p * ref_kv(f, r, j, g, d, 1);
-  }
-  for (int d = 0; d < D; d++)
-    out[d] /= sum;
-  *lse = mx + log(sum);
-  free(s);
-}
-
-/* Reference for every head of KV head g at row t, sharing the key gather:
- * out[h_local][d], lse[h_local]. */
-static void ref_attention_group(const fixture *f, int t, int g, const int32_t *sel, int n,
-                                int masked, double *out, double *lse) {
-  const m3s_layer_config *c = &f->cfg;
-  int G = c->num_q_heads / c->num_kv_heads;
-  int i, r = fx_request_of_row(f, t, &i);
-  int64_t pos = fx_pos(f, t);
-  for (int h = 0; h < G; h++) {
-    lse[h] = -INFINITY;
-    for (int d = 0; d < D; d++)
-      out[h * D + d] = 0;
-  }
-  if (pos < 0)
-    return;
-  int64_t nk = 0;
-  double *kk = malloc(sizeof(double) * (size_t)(pos + 1) * D);
-  double *vv = malloc(sizeof(double) * (size_t)(pos + 1) * D);
-  for (int64_t j = 0; j <= pos; j++) {
-    int in = !masked;
-    for (int k = 0; k < n && !in; k++)
-      in = sel[k] >= 0 && sel[k] == j / B;
-    if (!in)
-      continue;
-    for (int d = 0; d < D; d++) {
-      kk[nk * D + d] = ref_kv(f, r, j, g, d, 0);
-      vv[nk * D + d] = ref_kv(f, r, j, g, d, 1);
-    }
-    nk++;
-  }
-  double *s = malloc(sizeof(double) * (size_t)(nk + 1));
-  for (int h = 0; h < G && nk > 0; h++) {
-    double q[D], mx = -INFINITY, sum = 0;
-    for (int d = 0; d < D; d++)
-      q[d] =
-          load_elem(f->q_mem, f->sp.act_dtype, ((int64_t)t * c->num_q_heads + g * G + h) * D + d);
-    for (int64_t j = 0; j < nk; j++) {
-      double dot = 0;
-      for (int d = 0; d < D; d++)
-        dot += q[d] * kk[j * D + d];
-      s[j] = dot * c->softmax_scale;
-      mx = s[j] > mx ? s[j] : mx;
-    }
-    for (int64_t j = 0; j < nk; j++) {
-      double p = exp(s[j] - mx);
-      sum += p;
-      for (int d = 0; d < D; d++)
-        out[h * D + d] += p * vv[j * D + d];
-    }
-    for (int d = 0; d < D; d++)
-      out[h * D + d] /= sum;
-    lse[h] = mx + log(sum);
-  }
-  free(s);
-  free(kk);
-  free(vv);
+  int G = f->cfg.num_q_heads / f->cfg.num_kv_heads;
+  ref_attention_heads(f, t, h / G, h, 1, sel, n, masked, out, lse);
 }
 
 double check_attention_vs_ref(const fixture *f, int masked, const char *name) {
@@ -657,7 +550,7 @@ double check_attention_vs_ref(const fixture *f, int masked, const char *name) {
       int32_t sel[M3S_MAX_TOPK];
       for (int k = 0; k < kk; k++)
         sel[k] = *fx_topk_at(f, t, g, k);
-      ref_attention_group(f, t, g, sel, kk, masked, ref, rl);
+      ref_attention_heads(f, t, g, g * G, G, sel, kk, masked, ref, rl);
       for (int hl = 0; hl < G; hl++) {
         int h = g * G + hl;
         double e2 = 0, r2 = 0;
@@ -752,16 +645,14 @@ int check_topk_vs_fp64_rows(const fixture *f, const char *name, int max_rows) {
             why = "no -1 after the selected ids";
           }
         }
-        for (int64_t b = 0; b < nb && !why; b++) {
-          int forced = b < c->init_blocks || b >= nb - c->local_blocks;
-          if (forced && !sel[b])
+        for (int64_t b = 0; b < nb && !why; b++)
+          if (ref_forced(c, b, nb) && !sel[b])
             why = "a forced block is missing";
-        }
         for (int64_t b = 0; b < nb && !why; b++) {
-          if (!sel[b] || b < c->init_blocks || b >= nb - c->local_blocks)
+          if (!sel[b] || ref_forced(c, b, nb))
             continue;
           for (int64_t u = 0; u < nb && !why; u++) {
-            if (sel[u] || u < c->init_blocks || u >= nb - c->local_blocks)
+            if (sel[u] || ref_forced(c, u, nb))
               continue;
             double sb = scores[b], su = scores[u];
             if (isnan(sb) && !isnan(su))

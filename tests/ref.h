@@ -3,9 +3,10 @@
  * A fixture owns random caches (every page filled, so stray reads of wrong
  * pages or future keys change results), shuffled block tables, a batch and
  * random activations. The reference functions re-derive everything from the
- * SPEC text with a different code path from the backend: fp64 sums, a full
- * causal score matrix with the unselected blocks masked, sorting instead of
- * streaming selection. */
+ * SPEC text with a different code path from the backend: the stored codes
+ * decoded from the format definitions, then the fp64 mathematics of
+ * ref_core.h (shared with the fuzzer): fp64 sums, every block scored, the
+ * selection by rank over all of them. */
 #ifndef M3S_TEST_REF_H
 #define M3S_TEST_REF_H
 

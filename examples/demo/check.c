@@ -2,7 +2,8 @@
  * and the selection and attention of some rows against the fp64 reference the
  * tests use (tests/ref.c: ref_select, ref_attention; see main.c). */
 #include "demo.h"
-#include "ref.h" /* the fp64 reference of the tests (m3s_ref) */
+#include "ref.h"      /* the fp64 reference of the tests (m3s_ref) */
+#include "ref_core.h" /* its SPEC 3 rules: ref_forced */
 
 static void fail(demo *dm, stats *st, const char *fmt, ...) {
   st->failures++;
@@ -23,10 +24,6 @@ static const int32_t *topk_row(const demo *dm, int row, int g) {
   return (const int32_t *)dm->topk_b.h + ((size_t)row * dm->hkv + g) * dm->topk;
 }
 
-static int is_forced(const demo *dm, int b, int nb) {
-  return b < dm->cfg.init_blocks || b >= nb - dm->cfg.local_blocks;
-}
-
 /* Top-k row layout: min(K, nb) ascending ids in [0, nb), forced blocks in, -1 after. */
 static void check_topk_row(demo *dm, stats *st, int step_no, int row, int g) {
   const int32_t *ids = topk_row(dm, row, g);
@@ -42,7 +39,7 @@ static void check_topk_row(demo *dm, stats *st, int step_no, int row, int g) {
   }
   int forced = 0, found = 0;
   for (int b = 0; b < nb && !bad; b++)
-    if (is_forced(dm, b, nb)) {
+    if (ref_forced(&dm->cfg, b, nb)) {
       forced++;
       for (int a = 0; a < kk; a++)
         found += ids[a] == b;
@@ -187,7 +184,7 @@ static void check_selection(demo *dm, stats *st, int step_no, const fixture *f, 
     int in = 0;
     for (int a = 0; a < dm->topk; a++)
       in |= ids[a] == b;
-    if (is_forced(dm, b, nb))
+    if (ref_forced(&dm->cfg, b, nb))
       continue;
     if (in && dm->ref_s[b] < worst_in)
       worst_in = dm->ref_s[b], worst_id = b;
