@@ -555,7 +555,9 @@ M3S_API m3s_status m3s_cp_local_block(const m3s_cp *cp, int64_t block, int64_t *
  *      (nothing is scored then);
  *   2. when nb > K, the best `want` owned non-forced blocks, best first, in
  *      the SPEC 3 rank order (higher score, NaN below every real score, equal
- *      scores: lower id), with their reference scores S(b) (fp32, may be NaN);
+ *      scores: lower id), with their reference scores S(b) (fp32; NaN written
+ *      as the quiet NaN 0x7fc00000 and -0 as +0, so every backend writes the
+ *      same bits);
  *   3. id -1 with score -inf in the remaining entries.
  * Padded requests: every entry -1 / -inf. Each of the global best `want`
  * non-forced blocks is among its owner's best `want`, so the cp x K
@@ -581,7 +583,8 @@ M3S_API m3s_status m3s_index_topk_candidates(m3s_context *ctx, const m3s_layer_c
  * not read); the ids ascending, then -1. Padded rows: all -1. Candidates with
  * id -1 are holes. Other ids must be < nb, owned by the rank that sent them
  * and not repeated in its row: the CPU backend checks this (M3S_ERR_RANGE
- * naming the entry). No workspace. */
+ * naming the entry), the CUDA backend skips ids outside [0, nb) or of another
+ * rank. No workspace. */
 M3S_API m3s_status m3s_merge_topk_candidates(m3s_context *ctx, const m3s_layer_config *cfg,
                                              const m3s_batch *batch, const m3s_tensor *cand_ids,
                                              const m3s_tensor *cand_scores, m3s_tensor *topk,

@@ -1,6 +1,7 @@
 /* Context-parallel fixtures (see cp_fixture.h). */
 #include "cp_fixture.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -199,4 +200,34 @@ m3s_tensor cp_slice(const m3s_tensor *t, int64_t i) {
   }
   s.device = t->device;
   return s;
+}
+
+static m3s_status report(m3s_status st, const char *what, int rank) {
+  if (st != M3S_OK)
+    fprintf(stderr, "  %s (rank %d): %s\n", what, rank, m3s_last_error());
+  return st;
+}
+
+m3s_status cp_chain(m3s_context *ctx, const fixture *f, const cp_rank *rk, cp_exchange *x,
+                    m3s_tensor *topk, m3s_tensor *out, m3s_tensor *lse, const m3s_exec *e) {
+  m3s_status st = M3S_OK;
+  for (int n = 0; n < x->n && !st; n++) {
+    m3s_tensor ids = cp_slice(&x->ids, n), sc = cp_slice(&x->scores, n);
+    st = report(
+        m3s_index_topk_candidates(ctx, &f->cfg, &rk[n].batch, &f->iq, &rk[n].ic, &ids, &sc, e),
+        "m3s_index_topk_candidates", n);
+  }
+  for (int n = 0; n < x->n && !st; n++) {
+    m3s_tensor o = cp_slice(&x->outs, n), l = cp_slice(&x->lses, n);
+    st = report(m3s_merge_topk_candidates(ctx, &f->cfg, &rk[n].batch, &x->ids, &x->scores, topk, e),
+                "m3s_merge_topk_candidates", n);
+    if (!st)
+      st = report(m3s_sparse_attention(ctx, &f->cfg, &rk[n].batch, &f->q, &rk[n].kv, &rk[n].scales,
+                                       topk, &o, &l, e),
+                  "m3s_sparse_attention", n);
+  }
+  if (!st)
+    st = report(m3s_merge_attn_states_n(ctx, &x->outs, &x->lses, out, lse, e),
+                "m3s_merge_attn_states_n", 0);
+  return st;
 }

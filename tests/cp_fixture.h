@@ -53,4 +53,13 @@ void cp_exchange_poison(cp_exchange *x);
 /* Entry [i] of dimension 0 as a view with one dimension less. */
 m3s_tensor cp_slice(const m3s_tensor *t, int64_t i);
 
+/* One context-parallel step on ctx, every view on ctx's side (f: q, iq and
+ * the config; rk[n]: rank n's caches and batch; x: the gathered buffers): the
+ * candidates of every rank into its slice of x, then for each rank the merge
+ * into topk and its attention into its slice of x.outs / x.lses, then the
+ * N-way merge into out / lse. The first failing status, with the rank, is
+ * printed. */
+m3s_status cp_chain(m3s_context *ctx, const fixture *f, const cp_rank *rk, cp_exchange *x,
+                    m3s_tensor *topk, m3s_tensor *out, m3s_tensor *lse, const m3s_exec *e);
+
 #endif

@@ -96,12 +96,17 @@ static inline int64_t m3s_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / 
 
 /* ---- context parallel (SPEC section 10; formulas of m3s_cp) ----
  * For a validated m3s_cp. cp_size 0 and 1 both mean one rank owning every
- * block at its own column. */
+ * block at its own column. The CUDA kernels use the same functions (M3S_HD). */
+#ifdef __CUDACC__
+#define M3S_HD __host__ __device__
+#else
+#define M3S_HD
+#endif
 static inline bool m3s_cp_active(const m3s_cp *cp) { return cp->cp_size > 1; }
-static inline int m3s_cp_owner(const m3s_cp *cp, int64_t b) {
+static inline M3S_HD int m3s_cp_owner(const m3s_cp *cp, int64_t b) {
   return cp->cp_size > 1 ? (int)((b / cp->blocks_per_interleave) % cp->cp_size) : 0;
 }
-static inline int64_t m3s_cp_column(const m3s_cp *cp, int64_t b) {
+static inline M3S_HD int64_t m3s_cp_column(const m3s_cp *cp, int64_t b) {
   if (cp->cp_size <= 1)
     return b;
   int64_t i = cp->blocks_per_interleave;

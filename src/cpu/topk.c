@@ -113,9 +113,11 @@ static void write_candidates(const m3s_layer_config *cfg, const m3s_cp *cp, cons
       ids[n * ids_stride] = (int32_t)b;
       scores[n++ * scores_stride] = INFINITY;
     }
+  /* NaN as the quiet NaN 0x7fc00000 and -0 as +0, as every backend writes
+   * them (block maxima may differ there, never in rank) */
   for (int i = 0; i < s->have; i++) {
     ids[n * ids_stride] = s->best[i].id;
-    scores[n++ * scores_stride] = s->best[i].score;
+    scores[n++ * scores_stride] = isnan(s->best[i].score) ? NAN : s->best[i].score + 0.0f;
   }
   for (; n < cfg->topk; n++) {
     ids[n * ids_stride] = -1;
