@@ -246,13 +246,44 @@ typedef struct m3s_exec {
  *   - block_table[r][p] is the physical page of request r's logical page p of
  *     the main K/V cache; index_block_table the same for the index cache (it may
  *     be the same tensor). Both i32 [num_reqs, max_pages], any row stride;
- *     entries for pages beyond the sequence are never read.
+ *     entries for pages beyond the sequence are never read. Under context
+ *     parallel (cp below) both list only the rank's own pages.
  * All tensors of a batch live where the context runs; their contents are read
  * on the device (graph-safe). num_tokens, max_q_len and max_seq_len are host
  * upper bounds used for grid sizes and workspace; the CPU checks them against
  * the data, the CUDA backend trusts them (it clamps, never reads out of
  * bounds).
  * ------------------------------------------------------------------------- */
+#define M3S_MAX_CP_SIZE 64 /* largest supported number of context-parallel ranks */
+
+/* Context parallel (SPEC section 10): a long context split over cp_size
+ * ranks. The 128-token blocks of every request are owned round-robin, in
+ * groups of I = blocks_per_interleave consecutive blocks:
+ *     owner(b)  = (b / I) % cp_size
+ *     column(b) = (b / (I * cp_size)) * I + b % I      (on the owner)
+ * Rank cp_rank holds only its own blocks, in both caches, and the batch's
+ * block tables list only them: block_table[r][column(b)] is the page of
+ * request r's logical block b on its owner (index_block_table likewise). A
+ * request of n blocks needs ceil(n / (I * cp_size)) * I columns at most
+ * (m3s_cp_local_block computes column(b)). Everything else of the batch is
+ * the same on every rank: query rows, query_start_loc and seq_lens stay the
+ * GLOBAL ones (positions, causality and forced blocks are global), and so do
+ * the queries; top-k ids are always global logical block numbers.
+ *
+ * A zero-initialised m3s_cp means no context parallel and behaves as one rank
+ * ({1, 0, I}: column(b) = b for any I), so existing callers that zero the
+ * batch or use designated initialisers keep their meaning. It is a member of
+ * the batch, not an argument of the operations, because it says how the
+ * batch's block tables are read: it travels with them, every operation that
+ * takes a batch validates it, and the operations that need the whole cache
+ * (m3s_index_topk, m3s_step_forward, m3s_k2q_attention) refuse cp_size > 1
+ * instead of reading a rank's tables as if they were whole. */
+typedef struct m3s_cp {
+  int cp_size;               /* ranks, 0..M3S_MAX_CP_SIZE (0: no context parallel) */
+  int cp_rank;               /* this rank, 0 <= cp_rank < max(cp_size, 1) */
+  int blocks_per_interleave; /* I >= 1 (0 is accepted only with cp_size == 0) */
+} m3s_cp;
+
 typedef struct m3s_batch {
   int num_reqs;                 /* >= 0 */
   int num_tokens;               /* rows of the query tensors of this batch */
@@ -263,6 +294,7 @@ typedef struct m3s_batch {
   m3s_tensor seq_lens;          /* i32 [num_reqs] */
   m3s_tensor block_table;       /* i32 [num_reqs, max_pages] for the main K/V cache */
   m3s_tensor index_block_table; /* i32 [num_reqs, max_pages'] for the index cache */
+  m3s_cp cp;                    /* context parallel; zero: none */
 } m3s_batch;
 
 /* A forward step in engine order: decode requests first (rows [0, Td)), then
@@ -373,6 +405,8 @@ M3S_API m3s_status m3s_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik
  * of block b of dot(iq[t,r], ik[j]) (fp32); forced init/local blocks, then the
  * highest S (ties: lower block id); the min(K, nb) ids in ascending order, then
  * -1. NaN scores rank below every real score. Padded requests: all -1.
+ * The selection needs the whole index cache: a batch with batch.cp.cp_size > 1
+ * is M3S_ERR_INVALID (a rank runs m3s_index_topk_candidates instead).
  * ------------------------------------------------------------------------- */
 M3S_API m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg,
                                   const m3s_batch *batch, const m3s_tensor *iq,
@@ -391,7 +425,12 @@ M3S_API m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg,
  *   out:       [T, Hq, 128], same dtype as q
  *   lse:       NULL or [T, Hq] f32 (natural log); a row with no visible key
  *              gets out = 0 and lse = -inf.
- * Query head h uses KV head h / G. Keys: j in a selected block, j <= pos. */
+ * Query head h uses KV head h / G. Keys: j in a selected block, j <= pos.
+ * Context parallel (batch.cp.cp_size > 1): the top-k holds the global
+ * selection (m3s_merge_topk_candidates); only the selected blocks that
+ * cp_rank owns are read, at their rank-local columns, the others are skipped.
+ * out and lse are then the rank's partial result (a row that owns none of its
+ * blocks: out 0, lse -inf), to be combined by m3s_merge_attn_states_n. */
 M3S_API m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
                                         const m3s_batch *batch, const m3s_tensor *q,
                                         const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
@@ -403,7 +442,9 @@ M3S_API m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config
  * prefill part of a step. Whole-step tensors: q [T, Hq, 128], iq [T, Hkv, 128],
  * topk [T, Hkv, K] (written), out [T, Hq, 128], lse NULL or [T, Hq], with
  * T = decode.num_tokens + prefill.num_tokens (decode rows first). Cache insert
- * is separate (engines insert before attention).
+ * is separate (engines insert before attention). A part with cp.cp_size > 1 is
+ * M3S_ERR_INVALID: under context parallel the ranks exchange candidates
+ * between top-k and attention (section "Context parallel" below).
  * ------------------------------------------------------------------------- */
 M3S_API m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cfg,
                                     const m3s_step *step, const m3s_tensor *q, const m3s_tensor *iq,
@@ -442,7 +483,8 @@ M3S_API m3s_status m3s_build_k2q_csr(m3s_context *ctx, const m3s_layer_config *c
  * block:
  *   part_out:  out, f32 [T, Hq, K, 128]  (normalised within the block)
  *   part_lse:  out, f32 [T, Hq, K]       (-inf when the block has no visible key)
- * Slots k >= q_count are left untouched. */
+ * Slots k >= q_count are left untouched. Context-parallel batches
+ * (batch.cp.cp_size > 1) are M3S_ERR_UNSUPPORTED: use m3s_sparse_attention. */
 M3S_API m3s_status m3s_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
                                      const m3s_batch *batch, const m3s_tensor *q,
                                      const m3s_tensor *kv_cache, const m3s_kv_scales *scales,
@@ -473,6 +515,94 @@ M3S_API m3s_status m3s_merge_attn_states(m3s_context *ctx, const m3s_tensor *out
                                          const m3s_exec *exec);
 
 /* ---------------------------------------------------------------------------
+ * Context parallel (SPEC section 10; the layout rules are those of m3s_cp)
+ *
+ * One step of a sparse layer on cp ranks. Each rank has its own context,
+ * caches and batch (batch.cp = {cp_size, its rank, I}, its block tables) and
+ * the same q, iq, seq_lens and query_start_loc as every other rank:
+ *   1. m3s_index_topk_candidates: the rank's K candidates per (token, KV head)
+ *      with their scores;
+ *   2. the engine all-gathers ids and scores along a new leading dimension
+ *      ([cp, T, Hkv, K] each; one all-gather when both are views of one
+ *      buffer, see docs/integration.md);
+ *   3. m3s_merge_topk_candidates on every rank: the global selection,
+ *      bit-identical to m3s_index_topk on the whole cache;
+ *   4. m3s_sparse_attention with the rank's batch: the rank's partial out/lse;
+ *   5. the engine all-gathers out and lse ([cp, T, Hq, 128], [cp, T, Hq]);
+ *      m3s_merge_attn_states_n gives the layer's output (equal to the
+ *      single-GPU attention within rounding).
+ * All five are graph-safe like the rest of the API: the exchanged sizes
+ * depend only on T, Hkv, Hq, K and cp_size.
+ * ------------------------------------------------------------------------- */
+
+/* *out_column = column(block) of m3s_cp in the block tables of rank
+ * cp->cp_rank, or -1 when another rank owns the block. A host helper for
+ * building rank-local block tables and slot mappings (slot = page * 128 +
+ * offset of the page at that column); M3S_ERR_INVALID for a bad cp or a
+ * negative block. */
+M3S_API m3s_status m3s_cp_local_block(const m3s_cp *cp, int64_t block, int64_t *out_column);
+
+/* Step 1: the candidates of one rank for the global top-k.
+ *   iq:                 [T, Hkv, 128] bf16 or f16 (every rank the same)
+ *   index_cache:        [P, 128, 128] bf16 or e4m3: the rank's pages, listed by
+ *                       batch.index_block_table at the columns of m3s_cp
+ *   cand_ids (out):     [T, Hkv, K] i32, any strides with innermost 1
+ *   cand_scores (out):  [T, Hkv, K] f32, any strides with innermost 1
+ * Row (t, r), with nb visible blocks (global), forced blocks F (SPEC 3:
+ * b < init or b >= nb - local) and want = min(K, nb) - |F|, holds in order:
+ *   1. the owned blocks selected whatever the scores, ascending, score +inf:
+ *      the owned forced blocks, or every owned visible block when nb <= K
+ *      (nothing is scored then);
+ *   2. when nb > K, the best `want` owned non-forced blocks, best first, in
+ *      the SPEC 3 rank order (higher score, NaN below every real score, equal
+ *      scores: lower id), with their reference scores S(b) (fp32; NaN written
+ *      as the quiet NaN 0x7fc00000 and -0 as +0, so every backend writes the
+ *      same bits);
+ *   3. id -1 with score -inf in the remaining entries.
+ * Padded requests: every entry -1 / -inf. Each of the global best `want`
+ * non-forced blocks is among its owner's best `want`, so the cp x K
+ * candidates contain the selection; a block's score is the fp32 value that
+ * m3s_index_topk ranks on the whole cache. batch.cp may be zero (one rank).
+ * Workspace: as m3s_index_topk. */
+M3S_API m3s_status m3s_index_topk_candidates(m3s_context *ctx, const m3s_layer_config *cfg,
+                                             const m3s_batch *batch, const m3s_tensor *iq,
+                                             const m3s_tensor *index_cache, m3s_tensor *cand_ids,
+                                             m3s_tensor *cand_scores, const m3s_exec *exec);
+
+/* Step 3: the global top-k from the all-gathered candidates.
+ *   batch:        any rank's batch (its query_start_loc, seq_lens and cp are
+ *                 read; not its block tables)
+ *   cand_ids:     [N, T, Hkv, K] i32 with N = max(batch.cp.cp_size, 1): rank
+ *                 n's cand_ids at [n] (any strides, innermost 1)
+ *   cand_scores:  [N, T, Hkv, K] f32, rank n's cand_scores at [n]
+ *   topk (out):   [T, Hkv, K] i32, any strides with innermost 1
+ * Every row as m3s_index_topk writes it on the whole cache: the forced blocks
+ * (all of them, known from nb: the forced entries of the candidates are not
+ * needed and are skipped), then the best min(K, nb) - |F| other candidates in
+ * the SPEC 3 rank order; when nb <= K every visible block (the candidates are
+ * not read); the ids ascending, then -1. Padded rows: all -1. Candidates with
+ * id -1 are holes. Other ids must be < nb, owned by the rank that sent them
+ * and not repeated in its row: the CPU backend checks this (M3S_ERR_RANGE
+ * naming the entry), the CUDA backend skips ids outside [0, nb) or of another
+ * rank. No workspace. */
+M3S_API m3s_status m3s_merge_topk_candidates(m3s_context *ctx, const m3s_layer_config *cfg,
+                                             const m3s_batch *batch, const m3s_tensor *cand_ids,
+                                             const m3s_tensor *cand_scores, m3s_tensor *topk,
+                                             const m3s_exec *exec);
+
+/* Step 5: merge of N partial attention results over disjoint key sets
+ * (m3s_merge_attn_states for N ranks, with the same conventions):
+ *   outs:  [N, T, H, 128] bf16/f16/f32, 1 <= N <= M3S_MAX_CP_SIZE
+ *   lses:  [N, T, H] f32
+ *   out:   [T, H, 128] bf16/f16/f32; lse: NULL or [T, H] f32.
+ *   lse = log(sum_n exp(lses[n])); out = sum_n exp(lses[n] - lse) * outs[n],
+ *   summed in the order n = 0..N-1 (deterministic). Every lses[n] -inf:
+ *   out 0, lse -inf. out may alias one outs[n] exactly. No workspace. */
+M3S_API m3s_status m3s_merge_attn_states_n(m3s_context *ctx, const m3s_tensor *outs,
+                                           const m3s_tensor *lses, m3s_tensor *out,
+                                           m3s_tensor *lse, const m3s_exec *exec);
+
+/* ---------------------------------------------------------------------------
  * Support query (SPEC section 8)
  * ------------------------------------------------------------------------- */
 typedef enum m3s_op {
@@ -482,7 +612,11 @@ typedef enum m3s_op {
   M3S_OP_ATTENTION_DECODE = 3,
   M3S_OP_ATTENTION_PREFILL = 4,
   M3S_OP_K2Q = 5,
-  M3S_OP_MERGE = 6
+  M3S_OP_MERGE = 6,
+  M3S_OP_INDEX_TOPK_CANDIDATES = 7,  /* m3s_index_topk_candidates */
+  M3S_OP_MERGE_TOPK_CANDIDATES = 8,  /* m3s_merge_topk_candidates */
+  M3S_OP_ATTENTION_CP = 9,           /* m3s_sparse_attention with batch.cp.cp_size > 1 */
+  M3S_OP_MERGE_N = 10                /* m3s_merge_attn_states_n */
 } m3s_op;
 
 typedef enum m3s_cache_layout {
@@ -507,7 +641,9 @@ typedef struct m3s_support_info {
 } m3s_support_info;
 
 /* Fills *info; returns M3S_OK whenever the arguments themselves are valid
- * (an unsupported combination is reported through info->supported == 0). */
+ * (an unsupported combination is reported through info->supported == 0, as is
+ * an operation the context's backend does not implement, with the reason:
+ * the operations that answer M3S_ERR_UNSUPPORTED when called). */
 M3S_API m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg,
                                      const m3s_support_query *query, m3s_support_info *info);
 

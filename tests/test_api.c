@@ -564,6 +564,15 @@ static void batch_cases(const op_t *op, size_t boff, const char *pfx, int64_t nu
   BC_RESET();
   b->max_seq_len = ((int64_t)1 << 30) + 1;
   BC_RUN(M3S_ERR_BATCH, "max_seq_len", "max_seq_len = 2^30 + 1");
+  BC_RESET();
+  b->cp.cp_size = -1;
+  BC_RUN(M3S_ERR_INVALID, "cp.cp_size", "cp.cp_size = -1");
+  BC_RESET();
+  b->cp = (m3s_cp){2, 2, 1};
+  BC_RUN(M3S_ERR_INVALID, "cp.cp_rank", "cp.cp_rank == cp.cp_size");
+  BC_RESET();
+  b->cp = (m3s_cp){2, 0, 0};
+  BC_RUN(M3S_ERR_INVALID, "cp.blocks_per_interleave", "cp.blocks_per_interleave = 0");
   if (b0->uniform_q_len > 0) {
     BC_RESET();
     b->uniform_q_len += 1;

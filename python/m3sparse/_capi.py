@@ -74,6 +74,10 @@ M3S_OP_ATTENTION_DECODE = 3
 M3S_OP_ATTENTION_PREFILL = 4
 M3S_OP_K2Q = 5
 M3S_OP_MERGE = 6
+M3S_OP_INDEX_TOPK_CANDIDATES = 7
+M3S_OP_MERGE_TOPK_CANDIDATES = 8
+M3S_OP_ATTENTION_CP = 9
+M3S_OP_MERGE_N = 10
 
 M3S_LAYOUT_HEAD_MAJOR = 0
 M3S_LAYOUT_TOKEN_MAJOR = 1
@@ -130,6 +134,14 @@ class m3s_exec(ctypes.Structure):
     ]
 
 
+class m3s_cp(ctypes.Structure):
+    _fields_ = [
+        ("cp_size", ctypes.c_int),
+        ("cp_rank", ctypes.c_int),
+        ("blocks_per_interleave", ctypes.c_int),
+    ]
+
+
 class m3s_batch(ctypes.Structure):
     _fields_ = [
         ("num_reqs", ctypes.c_int),
@@ -141,6 +153,7 @@ class m3s_batch(ctypes.Structure):
         ("seq_lens", m3s_tensor),
         ("block_table", m3s_tensor),
         ("index_block_table", m3s_tensor),
+        ("cp", m3s_cp),
     ]
 
 
@@ -212,6 +225,7 @@ STRUCTS = {
     "m3s_tensor": m3s_tensor,
     "m3s_layer_config": m3s_layer_config,
     "m3s_exec": m3s_exec,
+    "m3s_cp": m3s_cp,
     "m3s_batch": m3s_batch,
     "m3s_step": m3s_step,
     "m3s_step_desc": m3s_step_desc,
@@ -312,6 +326,10 @@ def _declare(lib):
         "m3s_k2q_attention": (c.c_int, [CTX, CFG, B, T, T, SC, T, T, T, T, T, EX]),
         "m3s_combine_partials": (c.c_int, [CTX, CFG, T, T, T, T, T, EX]),
         "m3s_merge_attn_states": (c.c_int, [CTX, T, T, T, T, T, T, EX]),
+        "m3s_cp_local_block": (c.c_int, [c.POINTER(m3s_cp), c.c_int64, c.POINTER(c.c_int64)]),
+        "m3s_index_topk_candidates": (c.c_int, [CTX, CFG, B, T, T, T, T, EX]),
+        "m3s_merge_topk_candidates": (c.c_int, [CTX, CFG, B, T, T, T, EX]),
+        "m3s_merge_attn_states_n": (c.c_int, [CTX, T, T, T, T, EX]),
         "m3s_query_support": (c.c_int, [CTX, CFG, c.POINTER(m3s_support_query),
                                         c.POINTER(m3s_support_info)]),
     }

@@ -304,11 +304,15 @@ class Batch:
     num_tokens, max_q_len, max_seq_len: host bounds; derived from host data
                        when the metadata lives on the host, required (except
                        max_q_len, which defaults to num_tokens) on a device.
+    cp:                context parallel (m3s_cp): None, or (cp_size, cp_rank,
+                       blocks_per_interleave); the block tables then list
+                       only this rank's blocks (SPEC section 10)
     """
 
     def __init__(self, seq_lens, block_table=None, index_block_table=None, *,
                  query_start_loc=None, uniform_q_len=0, num_tokens=None, max_q_len=None,
-                 max_seq_len=None, num_reqs=None):
+                 max_seq_len=None, num_reqs=None, cp=None):
+        self.cp = tuple(int(x) for x in cp) if cp is not None else (0, 0, 0)
         self.seq_lens = seq_lens
         self.block_table = block_table
         self.index_block_table = index_block_table if index_block_table is not None \
@@ -363,6 +367,7 @@ class Batch:
         b.uniform_q_len = self.uniform_q_len
         b.max_q_len = self.max_q_len
         b.max_seq_len = self.max_seq_len
+        b.cp = C.m3s_cp(*self.cp)
         for field in ("query_start_loc", "seq_lens", "block_table", "index_block_table"):
             x = getattr(self, field)
             if x is None:
@@ -458,7 +463,9 @@ _OPS = {"cache_insert": C.M3S_OP_CACHE_INSERT, "index_insert": C.M3S_OP_INDEX_IN
         "index_cache_insert": C.M3S_OP_INDEX_INSERT, "index_topk": C.M3S_OP_INDEX_TOPK,
         "attention_decode": C.M3S_OP_ATTENTION_DECODE,
         "attention_prefill": C.M3S_OP_ATTENTION_PREFILL, "k2q": C.M3S_OP_K2Q,
-        "merge": C.M3S_OP_MERGE}
+        "merge": C.M3S_OP_MERGE, "index_topk_candidates": C.M3S_OP_INDEX_TOPK_CANDIDATES,
+        "merge_topk_candidates": C.M3S_OP_MERGE_TOPK_CANDIDATES,
+        "attention_cp": C.M3S_OP_ATTENTION_CP, "merge_n": C.M3S_OP_MERGE_N}
 _LAYOUTS = {"head_major": C.M3S_LAYOUT_HEAD_MAJOR, "token_major": C.M3S_LAYOUT_TOKEN_MAJOR,
             "strided": C.M3S_LAYOUT_STRIDED}
 
@@ -801,6 +808,43 @@ class Context:
         ex = self._exec(workspace, stream, keep)
         _check(lib().m3s_merge_attn_states(self.handle, *map(_ptr, a), ctypes.byref(ex)),
                "m3s_merge_attn_states")
+        return out, lse
+
+    # -- context parallel (SPEC section 10) --
+    def index_topk_candidates(self, cfg, batch, iq, index_cache, cand_ids, cand_scores, *,
+                              act_dtype=None, index_dtype=None, workspace=None, stream=None):
+        """This rank's candidates: cand_ids [T, Hkv, K] i32, cand_scores [T, Hkv, K] f32."""
+        keep = []
+        b = batch._c(keep)
+        a = [_opt(iq, "iq", act_dtype), _opt(index_cache, "index_cache", index_dtype),
+             _opt(cand_ids, "cand_ids"), _opt(cand_scores, "cand_scores")]
+        ex = self._exec(workspace, stream, keep, self._need(cfg, batch))
+        _check(lib().m3s_index_topk_candidates(self.handle, ctypes.byref(cfg), ctypes.byref(b),
+                                               *map(_ptr, a), ctypes.byref(ex)),
+               "m3s_index_topk_candidates")
+        return cand_ids, cand_scores
+
+    def merge_topk_candidates(self, cfg, batch, cand_ids, cand_scores, topk, *, workspace=None,
+                              stream=None):
+        """The global top-k from the all-gathered [cp, T, Hkv, K] candidates."""
+        keep = []
+        b = batch._c(keep)
+        a = [_opt(cand_ids, "cand_ids"), _opt(cand_scores, "cand_scores"), _opt(topk, "topk")]
+        ex = self._exec(workspace, stream, keep)
+        _check(lib().m3s_merge_topk_candidates(self.handle, ctypes.byref(cfg), ctypes.byref(b),
+                                               *map(_ptr, a), ctypes.byref(ex)),
+               "m3s_merge_topk_candidates")
+        return topk
+
+    def merge_attn_states_n(self, outs, lses, out, lse=None, *, act_dtype=None, workspace=None,
+                            stream=None):
+        """out/lse of N partial results outs [N, T, H, 128], lses [N, T, H]."""
+        keep = []
+        a = [_opt(outs, "outs", act_dtype), _opt(lses, "lses"), _opt(out, "out", act_dtype),
+             _opt(lse, "lse")]
+        ex = self._exec(workspace, stream, keep)
+        _check(lib().m3s_merge_attn_states_n(self.handle, *map(_ptr, a), ctypes.byref(ex)),
+               "m3s_merge_attn_states_n")
         return out, lse
 
 

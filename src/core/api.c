@@ -33,6 +33,14 @@ static m3s_status begin_cfg(const char *fn, const m3s_context *ctx, const m3s_la
   return begin(fn, ctx, cfg, v);
 }
 
+/* A context-parallel operation the context's backend does not implement. */
+static m3s_status not_implemented(const m3s_vctx *v, const m3s_context *ctx, const char *what) {
+  return m3s_vfail(v, M3S_ERR_UNSUPPORTED,
+                   "context parallel (%s) is not implemented by the %s backend yet "
+                   "(m3s_query_support reports it); the CPU backend has it",
+                   what, ctx->device < 0 ? "CPU" : "CUDA");
+}
+
 static m3s_status check_workspace(const m3s_vctx *v, const m3s_context *ctx,
                                   const m3s_layer_config *cfg, const m3s_batch *b,
                                   const m3s_exec *e) {
@@ -132,20 +140,28 @@ m3s_status m3s_index_cache_insert(m3s_context *ctx, const m3s_tensor *ik,
 
 /* ------------------------------------------------------------------------ */
 
-static m3s_status check_topk_shape(const m3s_vctx *v, const char *name, const m3s_tensor *topk,
-                                   const m3s_layer_config *cfg, int64_t t, bool output) {
+/* A [T, Hkv, K] tensor of the given dtype: top-k rows or candidate rows. */
+static m3s_status check_rows_tkk(const m3s_vctx *v, const char *name, const m3s_tensor *t,
+                                 m3s_dtype dt, const m3s_layer_config *cfg, int64_t rows,
+                                 bool output) {
   m3s_status st;
-  if ((st = m3s_check_tensor(v, name, topk, 3, M3S_MASK(M3S_I32))) ||
-      (st = m3s_check_dim(v, name, topk, 0, t, "batch.num_tokens")) ||
-      (st = m3s_check_dim(v, name, topk, 1, cfg->num_kv_heads, "cfg.num_kv_heads")) ||
-      (st = m3s_check_dim(v, name, topk, 2, cfg->topk, "cfg.topk")))
+  if ((st = m3s_check_tensor(v, name, t, 3, M3S_MASK(dt))) ||
+      (st = m3s_check_dim(v, name, t, 0, rows, "batch.num_tokens")) ||
+      (st = m3s_check_dim(v, name, t, 1, cfg->num_kv_heads, "cfg.num_kv_heads")) ||
+      (st = m3s_check_dim(v, name, t, 2, cfg->topk, "cfg.topk")))
     return st;
-  return output ? m3s_check_no_self_overlap(v, name, topk) : M3S_OK;
+  return output ? m3s_check_no_self_overlap(v, name, t) : M3S_OK;
 }
 
-static m3s_status validate_topk(const m3s_vctx *v, const m3s_layer_config *cfg,
-                                const m3s_batch *b, const m3s_tensor *iq, const m3s_tensor *ic,
-                                const m3s_tensor *topk) {
+static m3s_status check_topk_shape(const m3s_vctx *v, const char *name, const m3s_tensor *topk,
+                                   const m3s_layer_config *cfg, int64_t t, bool output) {
+  return check_rows_tkk(v, name, topk, M3S_I32, cfg, t, output);
+}
+
+/* The index cache, the batch (its index table) and iq of a scoring call. */
+static m3s_status validate_scoring(const m3s_vctx *v, const m3s_layer_config *cfg,
+                                   const m3s_batch *b, const m3s_tensor *iq,
+                                   const m3s_tensor *ic) {
   m3s_status st;
   if ((st = check_index_cache(v, ic)) ||
       (st = m3s_check_batch(v, "batch", b, NO_TABLE, ic->shape[0])))
@@ -155,7 +171,29 @@ static m3s_status validate_topk(const m3s_vctx *v, const m3s_layer_config *cfg,
       (st = m3s_check_dim(v, "iq", iq, 1, cfg->num_kv_heads, "cfg.num_kv_heads (index heads)")) ||
       (st = m3s_check_dim(v, "iq", iq, 2, M3S_INDEX_DIM, "index_dim")))
     return st;
-  return check_topk_shape(v, "topk", topk, cfg, b->num_tokens, true);
+  return M3S_OK;
+}
+
+/* The whole-cache selection cannot run on a context-parallel rank, whose
+ * index table lists only its own blocks. */
+static m3s_status refuse_cp(const m3s_vctx *v, const m3s_batch *b) {
+  if (!m3s_cp_active(&b->cp))
+    return M3S_OK;
+  return m3s_vfail(v, M3S_ERR_INVALID,
+                   "batch.cp.cp_size = %d: the top-k selection needs the whole index cache; a "
+                   "context-parallel rank runs m3s_index_topk_candidates, all-gathers the "
+                   "candidates and selects with m3s_merge_topk_candidates",
+                   b->cp.cp_size);
+}
+
+static m3s_status validate_topk(const m3s_vctx *v, const m3s_layer_config *cfg,
+                                const m3s_batch *b, const m3s_tensor *iq, const m3s_tensor *ic,
+                                const m3s_tensor *topk) {
+  m3s_status st;
+  if ((st = validate_scoring(v, cfg, b, iq, ic)) ||
+      (st = check_topk_shape(v, "topk", topk, cfg, b->num_tokens, true)))
+    return st;
+  return refuse_cp(v, b);
 }
 
 m3s_status m3s_index_topk(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
@@ -266,6 +304,8 @@ m3s_status m3s_sparse_attention(m3s_context *ctx, const m3s_layer_config *cfg,
       (st = validate_attn(&v, cfg, batch, q, kv_cache, scales, topk, out, lse, true)) ||
       (st = check_workspace(&v, ctx, cfg, batch, exec)))
     return st;
+  if (m3s_cp_active(&batch->cp) && !ctx->ops->cp_attention)
+    return not_implemented(&v, ctx, "m3s_sparse_attention with batch.cp.cp_size > 1");
   scales = fp8_scales(scales, kv_cache);
   return ctx->ops->sparse_attention(ctx, cfg, batch, q, kv_cache, scales, topk, out, lse, exec);
 }
@@ -528,6 +568,11 @@ m3s_status m3s_k2q_attention(m3s_context *ctx, const m3s_layer_config *cfg,
     return st;
   if (row_ptr->shape[1] < 1)
     return m3s_vfail(&v, M3S_ERR_SHAPE, "argument 'row_ptr': shape[1] must be rows + 1 >= 1");
+  if (m3s_cp_active(&batch->cp))
+    return m3s_vfail(&v, M3S_ERR_UNSUPPORTED,
+                     "batch.cp.cp_size = %d: the k2q path does not take context-parallel "
+                     "batches; use m3s_sparse_attention",
+                     batch->cp.cp_size);
   scales = fp8_scales(scales, kv_cache);
   if ((st = check_csr_values(&v, cfg, batch, row_ptr, q_indices, q_slot)))
     return st;
@@ -610,7 +655,166 @@ m3s_status m3s_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
   return ctx->ops->merge_attn_states(ctx, out_a, lse_a, out_b, lse_b, out, lse, exec);
 }
 
+/* ------------------------------------------------------------------------
+ * Context parallel (SPEC section 10)
+ * ---------------------------------------------------------------------- */
+
+m3s_status m3s_cp_local_block(const m3s_cp *cp, int64_t block, int64_t *out_column) {
+  m3s_vctx v = {"m3s_cp_local_block", NULL, M3S_HOST, 1};
+  m3s_status st;
+  m3s_clear_error();
+  if (!cp || !out_column)
+    return m3s_vfail(&v, M3S_ERR_NULL, "argument '%s' is NULL", cp ? "out_column" : "cp");
+  if ((st = m3s_check_cp(&v, "cp", cp)))
+    return st;
+  if (block < 0)
+    return m3s_vfail(&v, M3S_ERR_INVALID, "block must be >= 0, got %lld", (long long)block);
+  *out_column = m3s_cp_owner(cp, block) == cp->cp_rank ? m3s_cp_column(cp, block) : -1;
+  return M3S_OK;
+}
+
+m3s_status m3s_index_topk_candidates(m3s_context *ctx, const m3s_layer_config *cfg,
+                                     const m3s_batch *batch, const m3s_tensor *iq,
+                                     const m3s_tensor *index_cache, m3s_tensor *cand_ids,
+                                     m3s_tensor *cand_scores, const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin_cfg("m3s_index_topk_candidates", ctx, cfg, &v)) ||
+      (st = validate_scoring(&v, cfg, batch, iq, index_cache)) ||
+      (st = check_rows_tkk(&v, "cand_ids", cand_ids, M3S_I32, cfg, batch->num_tokens, true)) ||
+      (st = check_rows_tkk(&v, "cand_scores", cand_scores, M3S_F32, cfg, batch->num_tokens,
+                           true)) ||
+      (st = check_workspace(&v, ctx, cfg, batch, exec)))
+    return st;
+  if (!ctx->ops->index_topk_candidates)
+    return not_implemented(&v, ctx, "m3s_index_topk_candidates");
+  return ctx->ops->index_topk_candidates(ctx, cfg, batch, iq, index_cache, cand_ids, cand_scores,
+                                         exec);
+}
+
+/* [N, T, Hkv, K] candidates of the N ranks. */
+static m3s_status check_candidates(const m3s_vctx *v, const char *name, const m3s_tensor *t,
+                                   m3s_dtype dt, const m3s_layer_config *cfg,
+                                   const m3s_batch *b) {
+  int64_t ranks = b->cp.cp_size > 1 ? b->cp.cp_size : 1;
+  m3s_status st;
+  if ((st = m3s_check_tensor(v, name, t, 4, M3S_MASK(dt))) ||
+      (st = m3s_check_dim(v, name, t, 0, ranks, "max(batch.cp.cp_size, 1), the number of ranks")) ||
+      (st = m3s_check_dim(v, name, t, 1, b->num_tokens, "batch.num_tokens")) ||
+      (st = m3s_check_dim(v, name, t, 2, cfg->num_kv_heads, "cfg.num_kv_heads")))
+    return st;
+  return m3s_check_dim(v, name, t, 3, cfg->topk, "cfg.topk");
+}
+
+/* Host values of the candidates the merge reads (rows with nb > K): -1 or a
+ * visible block owned by the sending rank, at most once per row. */
+static m3s_status check_candidate_values(const m3s_vctx *v, const m3s_layer_config *cfg,
+                                         const m3s_batch *b, const m3s_tensor *ids) {
+  if (!v->host_values)
+    return M3S_OK;
+  const int32_t *base = (const int32_t *)ids->data;
+  for (int r = 0; r < b->num_reqs; r++) {
+    int64_t s = m3s_batch_seqlen(b, r), n = m3s_batch_qlen(b, r), row0 = m3s_batch_row0(b, r);
+    for (int64_t i = 0; i < n && s > 0; i++) {
+      int64_t t = row0 + i, nb = (s - n + i) / M3S_BLOCK_SIZE + 1;
+      if (nb <= cfg->topk)
+        continue;
+      for (int64_t rank = 0; rank < ids->shape[0]; rank++)
+        for (int g = 0; g < cfg->num_kv_heads; g++) {
+          const int32_t *row =
+              base + rank * ids->stride[0] + t * ids->stride[1] + g * ids->stride[2];
+          for (int a = 0; a < cfg->topk; a++) {
+            int32_t id = row[a * ids->stride[3]];
+            if (id == -1)
+              continue;
+            if (id < 0 || id >= nb)
+              return m3s_vfail(v, M3S_ERR_RANGE,
+                               "cand_ids[%lld][%lld][%d][%d] = %d is not a visible block (-1 or "
+                               "0 <= id < nb = %lld)",
+                               (long long)rank, (long long)t, g, a, id, (long long)nb);
+            if (m3s_cp_owner(&b->cp, id) != rank)
+              return m3s_vfail(v, M3S_ERR_RANGE,
+                               "cand_ids[%lld][%lld][%d][%d] = %d: block %d belongs to rank %d "
+                               "(batch.cp: cp_size %d, blocks_per_interleave %d), not to the "
+                               "rank %lld that sent it",
+                               (long long)rank, (long long)t, g, a, id, id,
+                               m3s_cp_owner(&b->cp, id), b->cp.cp_size,
+                               b->cp.blocks_per_interleave, (long long)rank);
+            for (int c = 0; c < a; c++)
+              if (row[c * ids->stride[3]] == id)
+                return m3s_vfail(v, M3S_ERR_RANGE,
+                                 "cand_ids[%lld][%lld][%d] holds block %d twice (entries %d and "
+                                 "%d)",
+                                 (long long)rank, (long long)t, g, id, c, a);
+          }
+        }
+    }
+  }
+  return M3S_OK;
+}
+
+m3s_status m3s_merge_topk_candidates(m3s_context *ctx, const m3s_layer_config *cfg,
+                                     const m3s_batch *batch, const m3s_tensor *cand_ids,
+                                     const m3s_tensor *cand_scores, m3s_tensor *topk,
+                                     const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  if ((st = begin_cfg("m3s_merge_topk_candidates", ctx, cfg, &v)) ||
+      (st = m3s_check_batch(&v, "batch", batch, NO_TABLE, NO_TABLE)) ||
+      (st = check_candidates(&v, "cand_ids", cand_ids, M3S_I32, cfg, batch)) ||
+      (st = check_candidates(&v, "cand_scores", cand_scores, M3S_F32, cfg, batch)) ||
+      (st = check_topk_shape(&v, "topk", topk, cfg, batch->num_tokens, true)) ||
+      (st = m3s_check_exec(&v, exec, 0)) ||
+      (st = check_candidate_values(&v, cfg, batch, cand_ids)))
+    return st;
+  if (!ctx->ops->merge_topk_candidates)
+    return not_implemented(&v, ctx, "m3s_merge_topk_candidates");
+  return ctx->ops->merge_topk_candidates(ctx, cfg, batch, cand_ids, cand_scores, topk, exec);
+}
+
+m3s_status m3s_merge_attn_states_n(m3s_context *ctx, const m3s_tensor *outs,
+                                   const m3s_tensor *lses, m3s_tensor *out, m3s_tensor *lse,
+                                   const m3s_exec *exec) {
+  m3s_vctx v;
+  m3s_status st;
+  unsigned mask = M3S_ACT_MASK | M3S_MASK(M3S_F32);
+  if ((st = begin("m3s_merge_attn_states_n", ctx, NULL, &v)) ||
+      (st = m3s_check_tensor(&v, "outs", outs, 4, mask)))
+    return st;
+  int64_t n = outs->shape[0], t = outs->shape[1], h = outs->shape[2];
+  if (n < 1 || n > M3S_MAX_CP_SIZE)
+    return m3s_vfail(&v, M3S_ERR_SHAPE,
+                     "argument 'outs': shape[0] (the number of partial results) must be in "
+                     "[1, %d], got %lld",
+                     M3S_MAX_CP_SIZE, (long long)n);
+  if ((st = m3s_check_dim(&v, "outs", outs, 3, M3S_HEAD_DIM, "head_dim")) ||
+      (st = m3s_check_tensor(&v, "lses", lses, 3, M3S_MASK(M3S_F32))) ||
+      (st = m3s_check_dim(&v, "lses", lses, 0, n, "outs.shape[0] (N)")) ||
+      (st = m3s_check_dim(&v, "lses", lses, 1, t, "outs.shape[1] (T)")) ||
+      (st = m3s_check_dim(&v, "lses", lses, 2, h, "outs.shape[2] (H)")) ||
+      (st = check_out_lse(&v, out, lse, t, h, mask, "outs.shape[1] (T)")) ||
+      (st = m3s_check_exec(&v, exec, 0)))
+    return st;
+  if (!ctx->ops->merge_attn_states_n)
+    return not_implemented(&v, ctx, "m3s_merge_attn_states_n");
+  return ctx->ops->merge_attn_states_n(ctx, outs, lses, out, lse, exec);
+}
+
 /* ------------------------------------------------------------------------ */
+
+/* Why the context's backend cannot run op (NULL: it can). */
+static const char *missing_op(const m3s_backend_ops *ops, m3s_op op) {
+  switch (op) {
+  case M3S_OP_INDEX_TOPK_CANDIDATES:
+    return ops->index_topk_candidates ? NULL : "m3s_index_topk_candidates";
+  case M3S_OP_MERGE_TOPK_CANDIDATES:
+    return ops->merge_topk_candidates ? NULL : "m3s_merge_topk_candidates";
+  case M3S_OP_ATTENTION_CP:
+    return ops->cp_attention ? NULL : "m3s_sparse_attention with batch.cp.cp_size > 1";
+  case M3S_OP_MERGE_N: return ops->merge_attn_states_n ? NULL : "m3s_merge_attn_states_n";
+  default: return NULL;
+  }
+}
 
 m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg,
                              const m3s_support_query *query, m3s_support_info *info) {
@@ -620,7 +824,7 @@ m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg
     return st;
   if (!query || !info)
     return m3s_vfail(&v, M3S_ERR_NULL, "argument '%s' is NULL", query ? "info" : "query");
-  if ((unsigned)query->op > (unsigned)M3S_OP_MERGE ||
+  if ((unsigned)query->op > (unsigned)M3S_OP_MERGE_N ||
       (unsigned)query->layout > (unsigned)M3S_LAYOUT_STRIDED)
     return m3s_vfail(&v, M3S_ERR_INVALID, "query.op (%d) or query.layout (%d) is not an enum value",
                     (int)query->op, (int)query->layout);
@@ -635,6 +839,13 @@ m3s_status m3s_query_support(const m3s_context *ctx, const m3s_layer_config *cfg
     why = "index_dtype must be bf16 or e4m3";
   if (why) {
     snprintf(info->reason, sizeof info->reason, "%s", why);
+    return M3S_OK;
+  }
+  const char *missing = missing_op(ctx->ops, query->op);
+  if (missing) {
+    snprintf(info->reason, sizeof info->reason,
+             "context parallel (%s) is not implemented by the %s backend yet", missing,
+             ctx->device < 0 ? "CPU" : "CUDA");
     return M3S_OK;
   }
   info->supported = 1;

@@ -62,6 +62,22 @@ typedef struct m3s_backend_ops {
                                   const m3s_tensor *lse_a, const m3s_tensor *out_b,
                                   const m3s_tensor *lse_b, m3s_tensor *out, m3s_tensor *lse,
                                   const m3s_exec *exec);
+  /* Context parallel (SPEC section 10). A NULL entry is an operation the
+   * backend does not implement: the core answers M3S_ERR_UNSUPPORTED and
+   * m3s_query_support reports it. sparse_attention is given batches with
+   * cp_size > 1 only when cp_attention is nonzero. */
+  m3s_status (*index_topk_candidates)(m3s_context *ctx, const m3s_layer_config *cfg,
+                                      const m3s_batch *batch, const m3s_tensor *iq,
+                                      const m3s_tensor *index_cache, m3s_tensor *cand_ids,
+                                      m3s_tensor *cand_scores, const m3s_exec *exec);
+  m3s_status (*merge_topk_candidates)(m3s_context *ctx, const m3s_layer_config *cfg,
+                                      const m3s_batch *batch, const m3s_tensor *cand_ids,
+                                      const m3s_tensor *cand_scores, m3s_tensor *topk,
+                                      const m3s_exec *exec);
+  m3s_status (*merge_attn_states_n)(m3s_context *ctx, const m3s_tensor *outs,
+                                    const m3s_tensor *lses, m3s_tensor *out, m3s_tensor *lse,
+                                    const m3s_exec *exec);
+  int cp_attention;
 } m3s_backend_ops;
 
 /* src/cpu/ops.c */

@@ -73,6 +73,8 @@ m3s_status m3s_check_ctx(const char *fn, const m3s_context *ctx);
  * the table altogether (the operation does not read it). */
 m3s_status m3s_check_batch(const m3s_vctx *v, const char *name, const m3s_batch *b,
                            int64_t num_pages_main, int64_t num_pages_index);
+/* The rules of m3s_cp; name is how messages call it ("batch.cp", "cp"). */
+m3s_status m3s_check_cp(const m3s_vctx *v, const char *name, const m3s_cp *cp);
 m3s_status m3s_check_scales(const m3s_vctx *v, const m3s_kv_scales *s, const m3s_tensor *cache,
                             int num_kv_heads);
 m3s_status m3s_check_exec(const m3s_vctx *v, const m3s_exec *e, size_t need);
@@ -91,6 +93,34 @@ int64_t m3s_batch_seqlen(const m3s_batch *b, int r);
 int32_t m3s_batch_page(const m3s_tensor *table, int r, int64_t logical_page);
 
 static inline int64_t m3s_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* ---- context parallel (SPEC section 10; formulas of m3s_cp) ----
+ * For a validated m3s_cp. cp_size 0 and 1 both mean one rank owning every
+ * block at its own column. The CUDA kernels use the same functions (M3S_HD). */
+#ifdef __CUDACC__
+#define M3S_HD __host__ __device__
+#else
+#define M3S_HD
+#endif
+static inline bool m3s_cp_active(const m3s_cp *cp) { return cp->cp_size > 1; }
+static inline M3S_HD int m3s_cp_owner(const m3s_cp *cp, int64_t b) {
+  return cp->cp_size > 1 ? (int)((b / cp->blocks_per_interleave) % cp->cp_size) : 0;
+}
+static inline M3S_HD int64_t m3s_cp_column(const m3s_cp *cp, int64_t b) {
+  if (cp->cp_size <= 1)
+    return b;
+  int64_t i = cp->blocks_per_interleave;
+  return b / (i * cp->cp_size) * i + b % i;
+}
+/* Blocks among [0, nblocks) that rank cp->cp_rank owns: the block-table
+ * columns a request of nblocks blocks uses on that rank. */
+static inline int64_t m3s_cp_columns(const m3s_cp *cp, int64_t nblocks) {
+  if (cp->cp_size <= 1)
+    return nblocks;
+  int64_t i = cp->blocks_per_interleave, span = i * cp->cp_size;
+  int64_t rest = nblocks % span - (int64_t)cp->cp_rank * i;
+  return nblocks / span * i + (rest < 0 ? 0 : rest > i ? i : rest);
+}
 
 /* ---- backends ---- */
 #include "backend.h"

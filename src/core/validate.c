@@ -7,9 +7,10 @@
  *  - outputs: no two indices map to the same element;
  *  - configs: the numbers of SPEC section 1 (D = Di = B = 128, Hq % Hkv == 0,
  *    1 <= K <= M3S_MAX_TOPK, init/local >= 0, scale finite and > 0);
- *  - batches: shapes and, when the context is the CPU (host data), every value
- *    (monotone query_start_loc, 0 <= seq_len <= max_seq_len, seq_len >= n_r
- *    unless padded, pages covered by the block tables, page ids < P). */
+ *  - batches: shapes, the context-parallel fields and, when the context is
+ *    the CPU (host data), every value (monotone query_start_loc, 0 <= seq_len
+ *    <= max_seq_len, seq_len >= n_r unless padded, pages covered by the block
+ *    tables -- the rank's own under context parallel -- page ids < P). */
 #include "internal.h"
 
 #include <math.h>
@@ -214,12 +215,13 @@ static m3s_status check_table(const m3s_vctx *v, const char *name, const m3s_ten
   if (!v->host_values)
     return M3S_OK;
   for (int r = 0; r < b->num_reqs; r++) {
-    int64_t pages = m3s_ceil_div(m3s_batch_seqlen(b, r), M3S_BLOCK_SIZE);
+    int64_t pages = m3s_cp_columns(&b->cp, m3s_ceil_div(m3s_batch_seqlen(b, r), M3S_BLOCK_SIZE));
     if (pages > tab->shape[1])
       return m3s_vfail(v, M3S_ERR_RANGE,
-                      "'%s': request %d needs %lld pages (seq_len %lld) but the table has %lld "
+                      "'%s': request %d needs %lld pages (seq_len %lld%s) but the table has %lld "
                       "columns",
                       name, r, (long long)pages, (long long)m3s_batch_seqlen(b, r),
+                      m3s_cp_active(&b->cp) ? ", the blocks this context-parallel rank owns" : "",
                       (long long)tab->shape[1]);
     if (num_pages < 0)
       continue;
@@ -273,11 +275,32 @@ static m3s_status check_batch_values(const m3s_vctx *v, const char *name, const 
   return M3S_OK;
 }
 
+m3s_status m3s_check_cp(const m3s_vctx *v, const char *name, const m3s_cp *cp) {
+  if (cp->cp_size < 0 || cp->cp_size > M3S_MAX_CP_SIZE)
+    return m3s_vfail(v, M3S_ERR_INVALID,
+                     "%s.cp_size must be in [0, %d] (0: no context parallel), got %d", name,
+                     M3S_MAX_CP_SIZE, cp->cp_size);
+  int ranks = cp->cp_size > 1 ? cp->cp_size : 1;
+  if (cp->cp_rank < 0 || cp->cp_rank >= ranks)
+    return m3s_vfail(v, M3S_ERR_INVALID, "%s.cp_rank must be in [0, %d) (cp_size %d), got %d",
+                     name, ranks, cp->cp_size, cp->cp_rank);
+  if (cp->blocks_per_interleave < (cp->cp_size > 0 ? 1 : 0))
+    return m3s_vfail(v, M3S_ERR_INVALID,
+                     "%s.blocks_per_interleave must be >= 1 (0 only with cp_size 0), got %d "
+                     "(cp_size %d)",
+                     name, cp->blocks_per_interleave, cp->cp_size);
+  return M3S_OK;
+}
+
 m3s_status m3s_check_batch(const m3s_vctx *v, const char *name, const m3s_batch *b,
                            int64_t num_pages_main, int64_t num_pages_index) {
   m3s_status st;
+  char cp_name[64];
   if (!b)
     return m3s_vfail(v, M3S_ERR_NULL, "argument '%s' is NULL", name);
+  snprintf(cp_name, sizeof cp_name, "%s.cp", name);
+  if ((st = m3s_check_cp(v, cp_name, &b->cp)))
+    return st;
   if (b->num_reqs < 0 || b->num_tokens < 0 || b->uniform_q_len < 0 || b->max_q_len < 0 ||
       b->max_seq_len < 0)
     return m3s_vfail(v, M3S_ERR_BATCH,

@@ -3,7 +3,10 @@
  * Attention for (query row t, KV head g): the selected blocks are visited in
  * ascending block id (so a score-ordered top-k row gives the same bits as an
  * ascending one); each block's visible keys (j <= pos) are converted to fp32
- * once per head chunk and consumed with the online softmax of tile.h. */
+ * once per head chunk and consumed with the online softmax of tile.h.
+ * Context parallel (SPEC section 10): only the selected blocks this rank
+ * owns are visited, at their rank-local block-table columns; the result is
+ * the rank's partial state (a row that owns none stores out 0, lse -inf). */
 #include "tile.h"
 
 /* Valid selected ids of a top-k row (first min(K, nb), -1 skipped), ascending. */
@@ -49,9 +52,11 @@ static void attend_row(const attn_args *a, int r, int64_t i, int g, int h0, int 
     int nsel = selected_blocks(cfg, a->topk, t, g, nb, ids);
     load_q(a->q, t, hq0, nh, q);
     for (int k = 0; k < nsel; k++) {
+      if (m3s_cp_owner(&a->b->cp, ids[k]) != a->b->cp.cp_rank)
+        continue;
       int64_t nk = pos + 1 - (int64_t)ids[k] * M3S_BLOCK_SIZE;
       nk = nk > M3S_BLOCK_SIZE ? M3S_BLOCK_SIZE : nk;
-      load_tile(a->kv, a->sc, a->b, r, g, ids[k], (int)nk, &tile);
+      load_tile(a->kv, a->sc, a->b, r, g, m3s_cp_column(&a->b->cp, ids[k]), (int)nk, &tile);
       attend_tile(&st, q, &tile, (int)nk, cfg->softmax_scale);
     }
   }

@@ -49,6 +49,17 @@ m3s_status m3s_cpu_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
                                      const m3s_tensor *lse_a, const m3s_tensor *out_b,
                                      const m3s_tensor *lse_b, m3s_tensor *out, m3s_tensor *lse,
                                      const m3s_exec *exec);
+m3s_status m3s_cpu_index_topk_candidates(m3s_context *ctx, const m3s_layer_config *cfg,
+                                         const m3s_batch *batch, const m3s_tensor *iq,
+                                         const m3s_tensor *index_cache, m3s_tensor *cand_ids,
+                                         m3s_tensor *cand_scores, const m3s_exec *exec);
+m3s_status m3s_cpu_merge_topk_candidates(m3s_context *ctx, const m3s_layer_config *cfg,
+                                         const m3s_batch *batch, const m3s_tensor *cand_ids,
+                                         const m3s_tensor *cand_scores, m3s_tensor *topk,
+                                         const m3s_exec *exec);
+m3s_status m3s_cpu_merge_attn_states_n(m3s_context *ctx, const m3s_tensor *outs,
+                                       const m3s_tensor *lses, m3s_tensor *out, m3s_tensor *lse,
+                                       const m3s_exec *exec);
 
 /* Converts n contiguous elements of dtype dt at element offset off of base
  * into fp32 (fp8 values multiplied by scale). */

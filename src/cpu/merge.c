@@ -1,5 +1,5 @@
 /* CPU reference: merges of attention states by their lse: the combine of the
- * k2q path's per-slot partials and the merge of two partial results. */
+ * k2q path's per-slot partials and the merges of two or N partial results. */
 #include "common.h"
 
 /* Merges n states (row pointers to fp32 outputs and their lse) into out/lse,
@@ -75,6 +75,35 @@ m3s_status m3s_cpu_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
     lses[1] = ((const float *)lse_b->data)[t * lse_b->stride[0] + h * lse_b->stride[1]];
     const float *ptrs[2] = {a, b};
     merge_states(2, ptrs, lses, row, &l);
+    cpu_store(out->data, out->dtype, t * out->stride[0] + h * out->stride[1], M3S_HEAD_DIM, 1.0f,
+              row);
+    if (lse)
+      ((float *)lse->data)[t * lse->stride[0] + h * lse->stride[1]] = l;
+  }
+  return M3S_OK;
+}
+
+m3s_status m3s_cpu_merge_attn_states_n(m3s_context *ctx, const m3s_tensor *outs,
+                                       const m3s_tensor *lses, m3s_tensor *out, m3s_tensor *lse,
+                                       const m3s_exec *exec) {
+  (void)ctx, (void)exec; /* the CPU backend keeps no state and has no stream */
+  int n = (int)outs->shape[0];
+  int64_t T = outs->shape[1], H = outs->shape[2];
+#pragma omp parallel for schedule(static)
+  for (int64_t it = 0; it < T * H; it++) {
+    int64_t t = it / H, h = it % H;
+    float parts[M3S_MAX_CP_SIZE][M3S_HEAD_DIM], ls[M3S_MAX_CP_SIZE], row[M3S_HEAD_DIM], l;
+    const float *ptrs[M3S_MAX_CP_SIZE];
+    /* every input is read before out is written: out may alias one outs[i] */
+    for (int i = 0; i < n; i++) {
+      cpu_load_f32(outs->data, outs->dtype,
+                   i * outs->stride[0] + t * outs->stride[1] + h * outs->stride[2], M3S_HEAD_DIM,
+                   1.0f, parts[i]);
+      ptrs[i] = parts[i];
+      ls[i] = ((const float *)lses->data)[i * lses->stride[0] + t * lses->stride[1] +
+                                          h * lses->stride[2]];
+    }
+    merge_states(n, ptrs, ls, row, &l);
     cpu_store(out->data, out->dtype, t * out->stride[0] + h * out->stride[1], M3S_HEAD_DIM, 1.0f,
               row);
     if (lse)

@@ -18,6 +18,10 @@ static const char *cpu_kernel(const m3s_context *ctx, m3s_op op) {
   case M3S_OP_ATTENTION_PREFILL: return "cpu_sparse_attention_rowwise";
   case M3S_OP_K2Q: return "cpu_k2q_csr";
   case M3S_OP_MERGE: return "cpu_merge_attn_states";
+  case M3S_OP_INDEX_TOPK_CANDIDATES: return "cpu_index_topk_candidates_streaming";
+  case M3S_OP_MERGE_TOPK_CANDIDATES: return "cpu_merge_topk_candidates";
+  case M3S_OP_ATTENTION_CP: return "cpu_sparse_attention_rowwise";
+  case M3S_OP_MERGE_N: return "cpu_merge_attn_states_n";
   }
   return "";
 }
@@ -37,4 +41,8 @@ const m3s_backend_ops m3s_cpu_ops = {
     .k2q_attention = m3s_cpu_k2q_attention,
     .combine_partials = m3s_cpu_combine_partials,
     .merge_attn_states = m3s_cpu_merge_attn_states,
+    .index_topk_candidates = m3s_cpu_index_topk_candidates,
+    .merge_topk_candidates = m3s_cpu_merge_topk_candidates,
+    .merge_attn_states_n = m3s_cpu_merge_attn_states_n,
+    .cp_attention = 1,
 };

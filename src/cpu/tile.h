@@ -33,10 +33,11 @@ static inline void state_init(attn_state *s, int nh) {
   }
 }
 
-/* Keys [0, nk) of logical block blk of request r, KV head g. */
+/* Keys [0, nk) of the block at column col of request r's block-table row
+ * (the logical block itself without context parallel), KV head g. */
 static inline void load_tile(const m3s_tensor *kv, const m3s_kv_scales *sc, const m3s_batch *b,
-                             int r, int g, int64_t blk, int nk, kv_tile *tile) {
-  int64_t page = m3s_batch_page(&b->block_table, r, blk);
+                             int r, int g, int64_t col, int nk, kv_tile *tile) {
+  int64_t page = m3s_batch_page(&b->block_table, r, col);
   const m3s_tensor *ks = sc ? &sc->k_scale : NULL, *vs = sc ? &sc->v_scale : NULL;
   for (int j = 0; j < nk; j++) {
     int64_t off = page * kv->stride[0] + g * kv->stride[1] + j * kv->stride[2];

@@ -11,9 +11,11 @@
  *    G > 16 takes ceil(G/16) chunks, each its own CTA), so a CTA reads each
  *    selected K/V block once for all its heads.
  *      1. Selection: the first min(K, nb) top-k entries of (t, g) are read;
- *         -1, ids outside [0, nb) and blocks whose page id is out of range
- *         are dropped; the rest are sorted ascending (rank sort), so the
- *         result does not depend on the order of the ids in the row.
+ *         -1, ids outside [0, nb), blocks another context-parallel rank owns
+ *         (batch.cp: the others are read at their rank-local columns) and
+ *         blocks whose page id is out of range are dropped; the rest are
+ *         sorted ascending (rank sort), so the result does not depend on the
+ *         order of the ids in the row.
  *      2. Split s takes sorted positions [s*per, (s+1)*per) with
  *         per = ceil(n / nsplit) (n valid blocks).
  *      3. Streaming: warp w owns keys [32w, 32w+32) of every block, in two
@@ -227,7 +229,7 @@ static __device__ int select_blocks(const attn_params &p, const m3s_row_info &ri
     int id = p.topk[t * p.tk_s0 + g * p.tk_s1 + tid * p.tk_s2];
     int64_t page = -1;
     if (id >= 0 && id < nb)
-      page = m3s_page(p.b.bt, p.b.bt_s0, p.b.bt_s1, p.b.bt_cols, ri.r, id, p.num_pages);
+      page = m3s_cp_page(p.b, p.b.bt, p.b.bt_s0, p.b.bt_s1, p.b.bt_cols, ri.r, id, p.num_pages);
     sel->raw_id[tid] = page >= 0 ? id : -1;
     sel->raw_page[tid] = page;
   }

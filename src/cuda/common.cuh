@@ -76,6 +76,17 @@ m3s_status m3s_cuda_merge_attn_states(m3s_context *ctx, const m3s_tensor *out_a,
                                       const m3s_tensor *lse_a, const m3s_tensor *out_b,
                                       const m3s_tensor *lse_b, m3s_tensor *out, m3s_tensor *lse,
                                       const m3s_exec *exec);
+m3s_status m3s_cuda_index_topk_candidates(m3s_context *ctx, const m3s_layer_config *cfg,
+                                          const m3s_batch *batch, const m3s_tensor *iq,
+                                          const m3s_tensor *index_cache, m3s_tensor *cand_ids,
+                                          m3s_tensor *cand_scores, const m3s_exec *exec);
+m3s_status m3s_cuda_merge_topk_candidates(m3s_context *ctx, const m3s_layer_config *cfg,
+                                          const m3s_batch *batch, const m3s_tensor *cand_ids,
+                                          const m3s_tensor *cand_scores, m3s_tensor *topk,
+                                          const m3s_exec *exec);
+m3s_status m3s_cuda_merge_attn_states_n(m3s_context *ctx, const m3s_tensor *outs,
+                                        const m3s_tensor *lses, m3s_tensor *out, m3s_tensor *lse,
+                                        const m3s_exec *exec);
 }
 
 typedef struct {
@@ -92,6 +103,7 @@ typedef struct {
   int64_t bt_s0, bt_s1, bt_cols;
   const int32_t *ibt;          /* index block table */
   int64_t ibt_s0, ibt_s1, ibt_cols;
+  m3s_cp cp;                   /* context parallel: the tables list cp.cp_rank's blocks */
 } m3s_cuda_batch;
 
 /* Host: fills the device-side view of a validated batch. */
@@ -114,6 +126,7 @@ static inline m3s_cuda_batch m3s_cuda_batch_of(const m3s_batch *b) {
   c.ibt_s0 = c.ibt ? b->index_block_table.stride[0] : 0;
   c.ibt_s1 = c.ibt ? b->index_block_table.stride[1] : 0;
   c.ibt_cols = c.ibt ? b->index_block_table.shape[1] : 0;
+  c.cp = b->cp;
   return c;
 }
 
@@ -174,6 +187,17 @@ static __device__ __forceinline__ int64_t m3s_page(const int32_t *tab, int64_t s
     return -1;
   int64_t page = tab[r * s0 + p * s1];
   return (page >= 0 && page < num_pages) ? page : -1;
+}
+
+/* Page of logical block blk of request r in a block table of the batch's
+ * rank (m3s_cp: the owner's column), or -1 when another rank owns the block
+ * or the page id is out of range. */
+static __device__ __forceinline__ int64_t m3s_cp_page(const m3s_cuda_batch &b, const int32_t *tab,
+                                                      int64_t s0, int64_t s1, int64_t cols, int r,
+                                                      int64_t blk, int64_t num_pages) {
+  if (m3s_cp_owner(&b.cp, blk) != b.cp.cp_rank)
+    return -1;
+  return m3s_page(tab, s0, s1, cols, r, m3s_cp_column(&b.cp, blk), num_pages);
 }
 
 static __device__ __forceinline__ float m3s_ld(const void *base, m3s_dtype dt, int64_t off) {

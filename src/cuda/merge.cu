@@ -1,13 +1,14 @@
 /* CUDA backend: merges of attention states by their lse: the combine of the
- * k2q path's per-slot partials and the merge of two attention states. fp32,
- * as the CPU reference (src/cpu/merge.c), but not bit-identical to it
- * (expf/logf differ).
+ * k2q path's per-slot partials and the merges of two or N attention states
+ * (context parallel: one per rank). fp32, as the CPU reference
+ * (src/cpu/merge.c), but not bit-identical to it (expf/logf differ).
  *
  * Every launch goes to exec->stream (legacy stream 0 when exec is NULL); no
  * allocation, no synchronisation, no workspace.
  *
- * Kernels and launch shapes: combine_kernel, merge_kernel: a warp per (t, h),
- * 256 threads per CTA. Guard: q_count values outside [0, K] are clamped. */
+ * Kernels and launch shapes: combine_kernel, merge_kernel, merge_n_kernel: a
+ * warp per (t, h), 256 threads per CTA. Guard: q_count values outside [0, K]
+ * are clamped. */
 #include "common.cuh"
 
 #define WARP_THREADS 256
@@ -187,4 +188,87 @@ extern "C" m3s_status m3s_cuda_merge_attn_states(m3s_context *ctx, const m3s_ten
                     "%lld rows exceed the grid limit", (long long)warps);
   merge_kernel<<<(unsigned)blocks, WARP_THREADS, 0, m3s_cuda_stream(exec)>>>(a);
   return m3s_cuda_check_launch("m3s_merge_attn_states", "merge_kernel");
+}
+
+typedef struct {
+  const void *outs;
+  m3s_dtype outs_dt;
+  int64_t o_s0, o_s1, o_s2;
+  const float *lses;
+  int64_t l_s0, l_s1, l_s2;
+  void *out;
+  m3s_dtype out_dt;
+  int64_t out_s0, out_s1;
+  float *lse;
+  int64_t lse_s0, lse_s1;
+  int64_t n, tokens, heads;
+} merge_n_args;
+
+/* A warp per (t, h): the N states merged in order 0..N-1, weights
+ * e^(lse_i - max) over their sum (as the CPU). out may alias one outs[i]
+ * exactly: each lane reads its own elements of every state before writing
+ * them. */
+static __global__ void merge_n_kernel(merge_n_args a) {
+  int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  int lane = threadIdx.x & 31;
+  if (w >= a.tokens * a.heads)
+    return;
+  int64_t t = w / a.heads, h = w % a.heads;
+  const float *l = a.lses + t * a.l_s1 + h * a.l_s2;
+  int64_t o = t * a.o_s1 + h * a.o_s2 + lane;
+  float mx = -INFINITY, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, lse = -INFINITY;
+  for (int64_t i = 0; i < a.n; i++)
+    mx = l[i * a.l_s0] > mx ? l[i * a.l_s0] : mx;
+  if (mx != -INFINITY) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < a.n; i++) {
+      float wi = expf(l[i * a.l_s0] - mx);
+      sum += wi;
+      for (int e = 0; e < 4; e++)
+        acc[e] += wi * m3s_ld(a.outs, a.outs_dt, i * a.o_s0 + o + 32 * e);
+    }
+    for (int e = 0; e < 4; e++)
+      acc[e] /= sum;
+    lse = mx + logf(sum);
+  }
+  __syncwarp();
+  for (int e = 0; e < 4; e++)
+    m3s_st(a.out, a.out_dt, t * a.out_s0 + h * a.out_s1 + lane + 32 * e, acc[e]);
+  if (a.lse && lane == 0)
+    a.lse[t * a.lse_s0 + h * a.lse_s1] = lse;
+}
+
+extern "C" m3s_status m3s_cuda_merge_attn_states_n(m3s_context *ctx, const m3s_tensor *outs,
+                                                   const m3s_tensor *lses, m3s_tensor *out,
+                                                   m3s_tensor *lse, const m3s_exec *exec) {
+  (void)ctx;
+  merge_n_args a;
+  a.outs = outs->data;
+  a.outs_dt = outs->dtype;
+  a.o_s0 = outs->stride[0];
+  a.o_s1 = outs->stride[1];
+  a.o_s2 = outs->stride[2];
+  a.lses = (const float *)lses->data;
+  a.l_s0 = lses->stride[0];
+  a.l_s1 = lses->stride[1];
+  a.l_s2 = lses->stride[2];
+  a.out = out->data;
+  a.out_dt = out->dtype;
+  a.out_s0 = out->stride[0];
+  a.out_s1 = out->stride[1];
+  a.lse = lse ? (float *)lse->data : NULL;
+  a.lse_s0 = lse ? lse->stride[0] : 0;
+  a.lse_s1 = lse ? lse->stride[1] : 0;
+  a.n = outs->shape[0];
+  a.tokens = outs->shape[1];
+  a.heads = outs->shape[2];
+  int64_t warps = a.tokens * a.heads;
+  if (warps == 0)
+    return M3S_OK;
+  int64_t blocks = (warps * 32 + WARP_THREADS - 1) / WARP_THREADS;
+  if (blocks > INT32_MAX)
+    return m3s_fail(M3S_ERR_UNSUPPORTED, "m3s_merge_attn_states_n",
+                    "%lld rows exceed the grid limit", (long long)warps);
+  merge_n_kernel<<<(unsigned)blocks, WARP_THREADS, 0, m3s_cuda_stream(exec)>>>(a);
+  return m3s_cuda_check_launch("m3s_merge_attn_states_n", "merge_n_kernel");
 }

@@ -26,6 +26,10 @@ static const char *cuda_kernel(const m3s_context *ctx, m3s_op op) {
   case M3S_OP_ATTENTION_PREFILL: return "cuda_attention_mma_sync";
   case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_attention_simt";
   case M3S_OP_MERGE: return "cuda_merge_attn_states";
+  case M3S_OP_INDEX_TOPK_CANDIDATES: return "score_kernel+candidate_kernel (exact)";
+  case M3S_OP_MERGE_TOPK_CANDIDATES: return "merge_cand_kernel";
+  case M3S_OP_ATTENTION_CP: return "cuda_attention_mma_sync_splitk";
+  case M3S_OP_MERGE_N: return "cuda_merge_attn_states_n";
   }
   return "";
 }
@@ -47,4 +51,8 @@ extern "C" const m3s_backend_ops m3s_cuda_ops = {
     m3s_cuda_k2q_attention,       /* k2q_attention */
     m3s_cuda_combine_partials,    /* combine_partials */
     m3s_cuda_merge_attn_states,   /* merge_attn_states */
+    m3s_cuda_index_topk_candidates, /* index_topk_candidates */
+    m3s_cuda_merge_topk_candidates, /* merge_topk_candidates */
+    m3s_cuda_merge_attn_states_n,   /* merge_attn_states_n */
+    1,                              /* cp_attention */
 };

@@ -261,10 +261,12 @@ static __device__ void score_run(const m3s_cuda_batch &b, const score_args &a, i
                                  int p0, int p1, int64_t blk, score_smem *s) {
   int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int r = s->req[p0];
-  /* nb grows along the run, so the last pair needs the block if any does */
-  if (!is_candidate(blk, blocks_of(s->pos[p1 - 1]), a.init, a.local))
+  /* nb grows along the run, so the last pair needs the block if any does;
+   * a context-parallel rank scores only its own blocks */
+  if (!is_candidate(blk, blocks_of(s->pos[p1 - 1]), a.init, a.local) ||
+      m3s_cp_owner(&b.cp, blk) != b.cp.cp_rank)
     return;
-  int64_t page = m3s_page(b.ibt, b.ibt_s0, b.ibt_s1, b.ibt_cols, r, blk, a.num_pages);
+  int64_t page = m3s_cp_page(b, b.ibt, b.ibt_s0, b.ibt_s1, b.ibt_cols, r, blk, a.num_pages);
   float *S = a.ws + (tile0 + p0) * a.max_nb + blk;
   int np = p1 - p0;
   if (page < 0) {
@@ -320,6 +322,8 @@ typedef struct {
   int64_t max_nb;
   int32_t *out;
   int64_t o_s0, o_s1, o_s2;
+  float *score;                /* candidates: their scores; NULL for the selection */
+  int64_t s_s0, s_s1, s_s2;
   int64_t pair0, npairs;
   int hkv, topk, init, local;
 } select_args;
@@ -340,11 +344,14 @@ static __device__ __forceinline__ int32_t id_of(unsigned long long key) {
 }
 
 /* Best key below `limit` among this thread's candidates
- * b = lo + tid, lo + tid + SEL_THREADS, ... < hi; 0 when none. */
+ * b = lo + tid, lo + tid + SEL_THREADS, ... < hi that cp's rank owns (all
+ * without context parallel); 0 when none. */
 static __device__ unsigned long long best_below(const float *S, int64_t lo, int64_t hi,
-                                         unsigned long long limit) {
+                                         unsigned long long limit, const m3s_cp &cp) {
   unsigned long long best = 0;
   for (int64_t bk = lo + threadIdx.x; bk < hi; bk += SEL_THREADS) {
+    if (m3s_cp_owner(&cp, bk) != cp.cp_rank)
+      continue;
     unsigned long long key = rank_key(S[bk], bk);
     if (key < limit && key > best)
       best = key;
@@ -387,13 +394,14 @@ static __device__ void select_row(const select_args &a, const float *S, int64_t 
     sel[tid] = (int32_t)(nb - a.local + (tid - a.init));
   /* Phase 2: want rounds over the candidates [init, nb - local) */
   int64_t lo = a.init, hi = nb - a.local;
-  unsigned long long mine = best_below(S, lo, hi, ~0ull);
+  const m3s_cp every = {0, 0, 0};
+  unsigned long long mine = best_below(S, lo, hi, ~0ull, every);
   for (int k = 0; k < want; k++) {
     unsigned long long w = cta_max_key(mine, red, &res);
     if (tid == 0)
       sel[a.init + a.local + k] = id_of(w);
     if (mine == w)
-      mine = best_below(S, lo, hi, w);
+      mine = best_below(S, lo, hi, w, every);
   }
   __syncthreads();
   /* Phase 3: ascending order by rank (ids are distinct) */
@@ -421,6 +429,178 @@ static __global__ void __launch_bounds__(SEL_THREADS)
       continue;
     }
     select_row(a, a.ws + lp * a.max_nb, nb, out);
+  }
+}
+
+/* A candidate's score as every backend writes it: NaN as the quiet NaN
+ * 0x7fc00000, -0 as +0 (the block maxima may differ there, not the rank). */
+static __device__ __forceinline__ float canonical(float s) {
+  return isnan(s) ? __int_as_float(0x7fc00000) : __fadd_rn(s, 0.0f);
+}
+
+/* Writes the owned blocks of [lo, hi) at entries n, n + 1, ... with score
+ * +inf; returns the next entry. */
+static __device__ int emit_owned(const m3s_cuda_batch &b, const select_args &a, int64_t lo,
+                                 int64_t hi, int n, int32_t *ids, float *sc) {
+  for (int64_t bk = lo; bk < hi; bk++)
+    if (m3s_cp_owner(&b.cp, bk) == b.cp.cp_rank) {
+      ids[n * a.o_s2] = (int32_t)bk;
+      sc[n++ * a.s_s2] = INFINITY;
+    }
+  return n;
+}
+
+/* Context parallel: the candidates of the batch's rank for one pair (nb
+ * visible blocks, nb >= 1): the owned blocks selected whatever the scores
+ * (score +inf), then when nb > K the best want owned non-forced blocks,
+ * best first, with their scores, then -1 / -inf. Every thread of the CTA
+ * calls it. */
+static __device__ void candidate_row(const m3s_cuda_batch &b, const select_args &a,
+                                     const float *S, int64_t nb, int32_t *ids, float *sc) {
+  __shared__ unsigned long long red[SEL_WARPS], res;
+  __shared__ int fixed;
+  int tid = threadIdx.x;
+  if (tid == 0) {
+    /* every block when nb <= K, else the init blocks then the local ones
+     * (disjoint: init + local <= K < nb) */
+    int n = 0;
+    n = emit_owned(b, a, 0, nb <= a.topk ? nb : a.init, n, ids, sc);
+    n = emit_owned(b, a, nb <= a.topk ? nb : nb - a.local, nb, n, ids, sc);
+    fixed = n;
+  }
+  __syncthreads();
+  int n = fixed;
+  if (nb > a.topk) {
+    int64_t lo = a.init, hi = nb - a.local;
+    unsigned long long mine = best_below(S, lo, hi, ~0ull, b.cp);
+    for (int want = a.topk - a.init - a.local; want > 0; want--) {
+      unsigned long long w = cta_max_key(mine, red, &res);
+      if (w == 0)
+        break; /* the rank owns no more candidates (uniform over the CTA) */
+      if (tid == 0) {
+        ids[n * a.o_s2] = id_of(w);
+        sc[n * a.s_s2] = canonical(S[id_of(w)]);
+      }
+      n++;
+      if (mine == w)
+        mine = best_below(S, lo, hi, w, b.cp);
+    }
+  }
+  for (int k = n + tid; k < a.topk; k += SEL_THREADS) {
+    ids[k * a.o_s2] = -1;
+    sc[k * a.s_s2] = -INFINITY;
+  }
+  __syncthreads();
+}
+
+static __global__ void __launch_bounds__(SEL_THREADS)
+    candidate_kernel(m3s_cuda_batch b, select_args a) {
+  for (int64_t lp = blockIdx.x; lp < a.npairs; lp += gridDim.x) {
+    int64_t gp = a.pair0 + lp, t = gp / a.hkv, g = gp % a.hkv;
+    int32_t *ids = a.out + t * a.o_s0 + g * a.o_s1;
+    float *sc = a.score + t * a.s_s0 + g * a.s_s1;
+    m3s_row_info ri = m3s_row_lookup(b, t);
+    if (!ri.valid) {
+      for (int k = threadIdx.x; k < a.topk; k += SEL_THREADS) {
+        ids[k * a.o_s2] = -1;
+        sc[k * a.s_s2] = -INFINITY;
+      }
+      continue;
+    }
+    candidate_row(b, a, a.ws ? a.ws + lp * a.max_nb : NULL, blocks_of(ri.pos), ids, sc);
+  }
+}
+
+/* ---------------------------------------------------------------------------
+ * Context parallel: merge of the ranks' candidates
+ * ------------------------------------------------------------------------- */
+
+typedef struct {
+  const int32_t *ids;
+  int64_t i_s0, i_s1, i_s2, i_s3;
+  const float *sc;
+  int64_t c_s0, c_s1, c_s2, c_s3;
+  int64_t ranks;
+  int32_t *out;
+  int64_t o_s0, o_s1, o_s2;
+  int64_t npairs;
+  int hkv, topk, init, local;
+} merge_cand_args;
+
+/* Best key below `limit` among this thread's entries e = tid, tid +
+ * SEL_THREADS, ... < ranks * K of pair (t, g): non-forced ids in [0, nb)
+ * owned by the rank that sent them (others are skipped: device data is not
+ * validated); 0 when none. */
+static __device__ unsigned long long cand_best_below(const m3s_cuda_batch &b,
+                                                     const merge_cand_args &a, int64_t t, int g,
+                                                     int64_t nb, unsigned long long limit) {
+  unsigned long long best = 0;
+  for (int64_t e = threadIdx.x; e < a.ranks * a.topk; e += SEL_THREADS) {
+    int64_t n = e / a.topk, k = e % a.topk;
+    int32_t id = a.ids[n * a.i_s0 + t * a.i_s1 + g * a.i_s2 + k * a.i_s3];
+    if (id < 0 || id >= nb || !is_candidate(id, nb, a.init, a.local) ||
+        m3s_cp_owner(&b.cp, id) != n)
+      continue;
+    unsigned long long key = rank_key(a.sc[n * a.c_s0 + t * a.c_s1 + g * a.c_s2 + k * a.c_s3], id);
+    if (key < limit && key > best)
+      best = key;
+  }
+  return best;
+}
+
+/* One pair with nb > K: forced blocks plus want rounds of argmax over every
+ * rank's candidates, written as select_row writes (a round that finds none,
+ * possible only for candidates that break the contract, gives -1, placed
+ * after the ids). Every thread of the CTA calls it. */
+static __device__ void merge_cand_row(const m3s_cuda_batch &b, const merge_cand_args &a,
+                                      int64_t t, int g, int64_t nb, int32_t *out) {
+  __shared__ unsigned long long red[SEL_WARPS], res;
+  __shared__ int32_t sel[M3S_MAX_TOPK];
+  int tid = threadIdx.x, want = a.topk - a.init - a.local;
+  if (tid < a.init)
+    sel[tid] = tid;
+  else if (tid < a.init + a.local)
+    sel[tid] = (int32_t)(nb - a.local + (tid - a.init));
+  unsigned long long mine = cand_best_below(b, a, t, g, nb, ~0ull);
+  for (int k = 0; k < want; k++) {
+    unsigned long long w = cta_max_key(mine, red, &res);
+    if (tid == 0)
+      sel[a.init + a.local + k] = w ? id_of(w) : -1;
+    if (w && mine == w)
+      mine = cand_best_below(b, a, t, g, nb, w);
+  }
+  __syncthreads();
+  if (tid < a.topk) {
+    int32_t id = sel[tid];
+    int slot = 0;
+    if (id >= 0) {
+      /* a repeated id (possible only for candidates that break the
+       * contract) still gets a slot of its own */
+      for (int i = 0; i < a.topk; i++)
+        slot += sel[i] >= 0 && (sel[i] < id || (sel[i] == id && i < tid));
+    } else {
+      for (int i = 0; i < a.topk; i++)
+        slot += sel[i] >= 0 || (sel[i] < 0 && i < tid);
+    }
+    out[slot * a.o_s2] = id;
+  }
+  __syncthreads();
+}
+
+static __global__ void __launch_bounds__(SEL_THREADS)
+    merge_cand_kernel(m3s_cuda_batch b, merge_cand_args a) {
+  for (int64_t p = blockIdx.x; p < a.npairs; p += gridDim.x) {
+    int64_t t = p / a.hkv;
+    int g = (int)(p % a.hkv);
+    int32_t *out = a.out + t * a.o_s0 + g * a.o_s1;
+    m3s_row_info ri = m3s_row_lookup(b, t);
+    int64_t nb = ri.valid ? blocks_of(ri.pos) : 0;
+    if (nb <= a.topk) {
+      for (int k = threadIdx.x; k < a.topk; k += SEL_THREADS)
+        out[k * a.o_s2] = k < nb ? k : -1;
+      continue;
+    }
+    merge_cand_row(b, a, t, g, nb, out);
   }
 }
 
@@ -467,17 +647,17 @@ static int64_t score_grid_y(int64_t tiles, int64_t max_nb, int64_t sms, int64_t 
   return best_gy;
 }
 
-extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_config *cfg,
-                                          const m3s_batch *batch, const m3s_tensor *iq,
-                                          const m3s_tensor *index_cache, m3s_tensor *topk,
-                                          const m3s_exec *exec) {
-  const char *fn = "m3s_index_topk";
+/* The exact path (score_kernel, then select_kernel or, for the candidates
+ * of a context-parallel rank, candidate_kernel), chunk by chunk. cand_scores
+ * NULL: the selection into out; otherwise the candidates into out and
+ * cand_scores. */
+static m3s_status exact_topk(const char *fn, m3s_context *ctx, const m3s_layer_config *cfg,
+                             const m3s_batch *batch, const m3s_tensor *iq,
+                             const m3s_tensor *index_cache, m3s_tensor *out,
+                             m3s_tensor *cand_scores, const m3s_exec *exec) {
   topk_plan plan = plan_of(cfg, batch->num_tokens, batch->max_seq_len);
   if (plan.pairs == 0)
     return M3S_OK;
-  /* prefill / ragged batches: certified re-scoring on tensor cores */
-  if (m3s_topk_tc_eligible(ctx, cfg, batch, iq, index_cache))
-    return m3s_topk_tc_run(ctx, cfg, batch, iq, index_cache, topk, exec);
   size_t need = plan_bytes(&plan);
   if (need && (!exec || !exec->workspace || exec->workspace_bytes < need))
     return m3s_fail(M3S_ERR_WORKSPACE, fn, "the CUDA top-k needs %zu bytes of workspace", need);
@@ -503,10 +683,14 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
   select_args se;
   se.ws = sa.ws;
   se.max_nb = plan.max_nb;
-  se.out = (int32_t *)topk->data;
-  se.o_s0 = topk->stride[0];
-  se.o_s1 = topk->stride[1];
-  se.o_s2 = topk->stride[2];
+  se.out = (int32_t *)out->data;
+  se.o_s0 = out->stride[0];
+  se.o_s1 = out->stride[1];
+  se.o_s2 = out->stride[2];
+  se.score = cand_scores ? (float *)cand_scores->data : NULL;
+  se.s_s0 = cand_scores ? cand_scores->stride[0] : 0;
+  se.s_s1 = cand_scores ? cand_scores->stride[1] : 0;
+  se.s_s2 = cand_scores ? cand_scores->stride[2] : 0;
   se.hkv = sa.hkv;
   se.topk = sa.topk;
   se.init = sa.init;
@@ -523,7 +707,7 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
     per_sm = per_sm > 0 ? per_sm : 1; /* current device == the context's (checked) */
   }
   int streamed = 0; /* scores written by the decode kernel (topk_decode.cu) */
-  if (plan.score && plan.chunk_pairs >= plan.pairs) {
+  if (plan.score && plan.chunk_pairs >= plan.pairs && !cand_scores) {
     m3s_status st = m3s_cuda_topk_decode_scores(ctx, cfg, batch, iq, index_cache, sa.ws,
                                                 plan.max_nb, stream, &streamed);
     if (st)
@@ -546,11 +730,74 @@ extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_conf
       if (st)
         return st;
     }
-    /* Phase 2: selection and output rows */
-    select_kernel<<<cap_u(n, INT32_MAX), SEL_THREADS, 0, stream>>>(cb, se);
-    m3s_status st = m3s_cuda_check_launch(fn, "select_kernel");
+    /* Phase 2: selection (or candidates) and output rows */
+    if (cand_scores)
+      candidate_kernel<<<cap_u(n, INT32_MAX), SEL_THREADS, 0, stream>>>(cb, se);
+    else
+      select_kernel<<<cap_u(n, INT32_MAX), SEL_THREADS, 0, stream>>>(cb, se);
+    m3s_status st =
+        m3s_cuda_check_launch(fn, cand_scores ? "candidate_kernel" : "select_kernel");
     if (st)
       return st;
   }
   return M3S_OK;
+}
+
+extern "C" m3s_status m3s_cuda_index_topk(m3s_context *ctx, const m3s_layer_config *cfg,
+                                          const m3s_batch *batch, const m3s_tensor *iq,
+                                          const m3s_tensor *index_cache, m3s_tensor *topk,
+                                          const m3s_exec *exec) {
+  /* prefill / ragged batches: certified re-scoring on tensor cores */
+  if (batch->num_tokens > 0 && m3s_topk_tc_eligible(ctx, cfg, batch, iq, index_cache))
+    return m3s_topk_tc_run(ctx, cfg, batch, iq, index_cache, topk, exec);
+  return exact_topk("m3s_index_topk", ctx, cfg, batch, iq, index_cache, topk, NULL, exec);
+}
+
+/* Context parallel: the reference scores come from score_kernel (the CPU's
+ * order, bit for bit); the certified tensor-core path and the streaming
+ * decode kernel are not used, since they do not produce the scores of every
+ * candidate they rank. */
+extern "C" m3s_status m3s_cuda_index_topk_candidates(m3s_context *ctx,
+                                                     const m3s_layer_config *cfg,
+                                                     const m3s_batch *batch, const m3s_tensor *iq,
+                                                     const m3s_tensor *index_cache,
+                                                     m3s_tensor *cand_ids, m3s_tensor *cand_scores,
+                                                     const m3s_exec *exec) {
+  return exact_topk("m3s_index_topk_candidates", ctx, cfg, batch, iq, index_cache, cand_ids,
+                    cand_scores, exec);
+}
+
+extern "C" m3s_status m3s_cuda_merge_topk_candidates(m3s_context *ctx,
+                                                     const m3s_layer_config *cfg,
+                                                     const m3s_batch *batch,
+                                                     const m3s_tensor *cand_ids,
+                                                     const m3s_tensor *cand_scores,
+                                                     m3s_tensor *topk, const m3s_exec *exec) {
+  (void)ctx;
+  merge_cand_args a;
+  a.ids = (const int32_t *)cand_ids->data;
+  a.i_s0 = cand_ids->stride[0];
+  a.i_s1 = cand_ids->stride[1];
+  a.i_s2 = cand_ids->stride[2];
+  a.i_s3 = cand_ids->stride[3];
+  a.sc = (const float *)cand_scores->data;
+  a.c_s0 = cand_scores->stride[0];
+  a.c_s1 = cand_scores->stride[1];
+  a.c_s2 = cand_scores->stride[2];
+  a.c_s3 = cand_scores->stride[3];
+  a.ranks = cand_ids->shape[0];
+  a.out = (int32_t *)topk->data;
+  a.o_s0 = topk->stride[0];
+  a.o_s1 = topk->stride[1];
+  a.o_s2 = topk->stride[2];
+  a.npairs = (int64_t)batch->num_tokens * cfg->num_kv_heads;
+  a.hkv = cfg->num_kv_heads;
+  a.topk = cfg->topk;
+  a.init = cfg->init_blocks;
+  a.local = cfg->local_blocks;
+  if (a.npairs == 0)
+    return M3S_OK;
+  merge_cand_kernel<<<cap_u(a.npairs, INT32_MAX), SEL_THREADS, 0, m3s_cuda_stream(exec)>>>(
+      m3s_cuda_batch_of(batch), a);
+  return m3s_cuda_check_launch("m3s_merge_topk_candidates", "merge_cand_kernel");
 }
