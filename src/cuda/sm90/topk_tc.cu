@@ -66,6 +66,7 @@
 #define TC_TILE_BYTES (TC_ROWS * TC_PAD * 2)
 #define TC_SMEM_BYTES (3 * TC_TILE_BYTES) /* query tile + two key buffers */
 #define TC_SEL_WARPS 4
+#define TC_SEL_CACHE 1024 /* candidate entries a selection warp copies into shared memory */
 #define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
 #define TC_DEC_MIN_REQS 16 /* decode batches below this keep the exact streaming kernel */
 #define TC_WS_BUDGET ((int64_t)128 << 20)
@@ -671,18 +672,19 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
     const int p1 = s.run_end[p0], r = s.req[p0];
     if (r < 0)
       continue;
-    const int64_t hi = tc_blocks_of(s.pos[p1 - 1]) - a.local;
-    const int64_t b0 = a.init + blockIdx.z, gz = gridDim.z;
+    /* block ids fit 32 bits: positions come from int32 seq_lens */
+    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
+    const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
     if (b0 >= hi)
       continue;
-    const int64_t nblk = (hi - b0 + gz - 1) / gz;
+    const int nblk = (hi - b0 + gz - 1) / gz;
     const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
     if (tid == 0)
-      for (int64_t j = 0; j < nblk && j < TW_STAGES; j++)
+      for (int j = 0; j < nblk && j < TW_STAGES; j++)
         tw_produce(bt, a, &map, s, ring, r, b0 + j * gz, it + (uint32_t)j);
-    for (int64_t j = 0; j < nblk; j++) {
+    for (int j = 0; j < nblk; j++) {
       const uint32_t i = it + (uint32_t)j, st = i % TW_STAGES, ph = (i / TW_STAGES) & 1;
-      const int64_t b = b0 + j * gz;
+      const int b = b0 + j * gz;
       /* refill the stage the previous block used (every warp is past it or
        * nearly so), keeping TW_STAGES - 1 copies in flight */
       if (tid == 0 && j >= 1 && j - 1 + TW_STAGES < nblk)
@@ -1121,6 +1123,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
   __shared__ float qsh[TC_SEL_WARPS][M3S_INDEX_DIM];
   __shared__ int32_t selsh[TC_SEL_WARPS][M3S_MAX_TOPK];
   __shared__ int32_t qlsh[TC_SEL_WARPS][32];
+  __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
@@ -1135,10 +1138,28 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     }
     for (int d = lane; d < M3S_INDEX_DIM; d += 32)
       qsh[warp][d] = __uint_as_float((uint32_t)a.iq[t * a.iq_s0 + g * a.iq_s1 + d] << 16);
+    const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
+    float2 *W = a.ws + lp * a.max_nb;
+    if (nb - a.local <= TC_SEL_CACHE) {
+      /* the pair's entries read once, 8 loads in flight per lane, then every
+       * ranking pass reads shared memory (the passes are latency-bound) */
+      float2 *c = wsh[warp];
+      const int64_t lo = a.init, hi = nb - a.local;
+      for (int64_t b0 = lo; !exact && b0 < hi; b0 += 32 * 8) {
+        float2 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++)
+          if (b0 + lane + 32 * u < hi)
+            v[u] = __ldcg(W + b0 + lane + 32 * u);
+#pragma unroll
+        for (int u = 0; u < 8; u++)
+          if (b0 + lane + 32 * u < hi)
+            c[b0 + lane + 32 * u] = v[u];
+      }
+      W = c;
+    }
     __syncwarp();
-    tc_select_pair(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, nb, !a.all_scored && ri.n < TC_MIN_ROWS,
-                   qsh[warp],
-                   selsh[warp], qlsh[warp], out);
+    tc_select_pair(bt, a, W, ri.r, ri.pos, nb, exact, qsh[warp], selsh[warp], qlsh[warp], out);
   }
 }
 
