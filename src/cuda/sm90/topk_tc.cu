@@ -551,17 +551,18 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
  * warpgroups (64 rows each) drift freely. Each warpgroup multiplies its rows
  * (A from registers) by the 128 keys with 8 wgmma.m64n128k16 reading B
  * straight from the swizzled stage (a quarter of the shared-memory traffic of
- * the mma.sync kernel's per-warp ldmatrix). Key norms: each warp computes 16
- * keys' norms from the stage (2 threads per key, conflict-free over the
- * swizzle) and publishes its maximum through a third mbarrier (normed). */
+ * the mma.sync kernel's per-warp ldmatrix). Key norms: each warpgroup
+ * computes all 128 keys' norms from the stage (a key per thread, conflict-
+ * free over the swizzle) and combines its 4 warps' maxima behind a named
+ * barrier of its own, so the warpgroups never wait for each other. */
 #define TW_STAGES 3
 #define TW_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
 #define TW_STAGE_BYTES (2 * TW_HALF_BYTES)
 #define TW_SMEM_BYTES (TW_STAGES * TW_STAGE_BYTES + 1024) /* + slack for 1024-byte alignment */
 
 typedef struct {
-  unsigned long long full[TW_STAGES], empty[TW_STAGES], normed[TW_STAGES];
-  float nkw[TW_STAGES][TC_THREADS / 32]; /* per warp: largest key norm of its 16 keys */
+  unsigned long long full[TW_STAGES], empty[TW_STAGES];
+  float nkw[TW_STAGES][TC_THREADS / 32]; /* per warp: largest norm of its 32 keys */
   int64_t pos[TC_ROWS];
   int req[TC_ROWS];
   int run_end[TC_ROWS];
@@ -653,7 +654,6 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
     for (int i = 0; i < TW_STAGES; i++) {
       tw_bar_init(&s.full[i], 1);
       tw_bar_init(&s.empty[i], TC_THREADS / 32);
-      tw_bar_init(&s.normed[i], TC_THREADS / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -663,10 +663,10 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
   /* Phase 2: per run, the CTA's candidate blocks through the ring; i counts
    * the CTA's blocks over all runs, so stage and phase follow from it */
   const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
-  /* this thread's key for the norms: warp w covers keys 16w..16w+15, lanes
-   * l and l ^ 8 share a key (dims 0-63 / 64-127); each quarter-warp reads 8
-   * keys with distinct swizzle phases (no bank conflicts) */
-  const int nkey = warp * 16 + (lane & 7) + 8 * (lane >> 4), nhalf = (lane >> 3) & 1;
+  /* this thread's key for the norms: warp w of a warpgroup covers keys
+   * 32w..32w+31; each quarter-warp reads 8 keys with distinct swizzle phases
+   * (no bank conflicts) */
+  const int wg = warp >> 2, nkey = (warp & 3) * 32 + lane;
   uint32_t it = 0;
   for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
     const int p1 = s.run_end[p0], r = s.req[p0];
@@ -693,25 +693,26 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
       const int bad =
           m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages) < 0;
       const unsigned char *tile = ring + st * TW_STAGE_BYTES;
-      /* key norms of this warp's 16 keys, rounded up */
+      /* key norms of this warp's 32 keys, rounded up */
       float nk = 0.0f;
       if (!bad) {
-        const unsigned char *row = tile + nhalf * TW_HALF_BYTES + nkey * 128;
+        const unsigned char *row = tile + nkey * 128;
         float sq = 0.0f;
 #pragma unroll
-        for (int c = 0; c < 8; c++)
-          sq = tc_sumsq8_ru(*(const uint4 *)(row + ((c ^ (nkey & 7)) << 4)), sq);
-        sq = __fadd_ru(sq, __shfl_xor_sync(TC_FULL, sq, 8));
+        for (int c = 0; c < 16; c++)
+          sq = tc_sumsq8_ru(
+              *(const uint4 *)(row + (c >> 3) * TW_HALF_BYTES + (((c & 7) ^ (nkey & 7)) << 4)),
+              sq);
         nk = __fsqrt_ru(sq);
         nk = isnan(nk) ? INFINITY : nk;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1)
           nk = fmaxf(nk, __shfl_xor_sync(TC_FULL, nk, o));
       }
-      if (lane == 0) {
+      /* a stage's slots are rewritten TW_STAGES blocks later, after the
+       * warpgroup's next barrier, so one barrier per block suffices */
+      if (lane == 0)
         s.nkw[st][warp] = nk;
-        tw_bar_arrive(&s.normed[st]);
-      }
       /* S~: this warpgroup's 64 rows x 128 keys */
       float acc[16][4];
 #pragma unroll
@@ -726,11 +727,16 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
                                                       (ks & 3) * 32)));
         tc_wg_commit_wait();
       }
-      tw_bar_wait(&s.normed[st], ph);
+      /* this warpgroup's norms (constant barrier ids: ptxas reserves all 16
+       * for a register id) */
+      if (wg == 0)
+        asm volatile("bar.sync 1, 128;\n" ::: "memory");
+      else
+        asm volatile("bar.sync 2, 128;\n" ::: "memory");
       nk = 0.0f;
 #pragma unroll
-      for (int w = 0; w < TC_THREADS / 32; w++)
-        nk = fmaxf(nk, s.nkw[st][w]);
+      for (int w = 0; w < 4; w++)
+        nk = fmaxf(nk, s.nkw[st][4 * wg + w]);
       /* this thread is done with the stage: its reads (generic and async
        * proxy) come before the refill's TMA writes */
       tc_fence_proxy_async();
