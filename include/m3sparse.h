@@ -61,13 +61,16 @@ extern "C" {
 /* ---------------------------------------------------------------------------
  * Versioning (as in sqlite3.h: a string, a number, and functions returning the
  * values of the library actually linked, to detect header/library mismatch).
+ * Before 1.0 a minor version may change struct layouts: 0.2.0 added the
+ * trailing m3s_batch.cp (context parallel), so code built against 0.1 must
+ * be rebuilt.
  * ------------------------------------------------------------------------- */
 #define M3S_VERSION_MAJOR 0
-#define M3S_VERSION_MINOR 1
+#define M3S_VERSION_MINOR 2
 #define M3S_VERSION_PATCH 0
-#define M3S_VERSION "0.1.0"
+#define M3S_VERSION "0.2.0"
 /* MAJOR*1000000 + MINOR*1000 + PATCH */
-#define M3S_VERSION_NUMBER 1000
+#define M3S_VERSION_NUMBER 2000
 
 M3S_API const char *m3s_version(void); /* == M3S_VERSION of the linked library */
 M3S_API int m3s_version_number(void);  /* == M3S_VERSION_NUMBER of the linked library */

@@ -36,7 +36,7 @@ from .core import (  # noqa: F401
     version_number, status_string, dtype_size, last_error,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 HAS_TORCH = False
 TORCH_IMPORT_ERROR = None

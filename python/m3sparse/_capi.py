@@ -19,7 +19,7 @@ import warnings
 # ---------------------------------------------------------------------------
 # Constants (header values)
 # ---------------------------------------------------------------------------
-M3S_VERSION_NUMBER = 1000  # the header this binding mirrors (0.1.0)
+M3S_VERSION_NUMBER = 2000  # the header this binding mirrors (0.2.0)
 
 M3S_OK = 0
 M3S_ERR_NULL = 1

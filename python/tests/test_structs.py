@@ -97,7 +97,7 @@ def test_struct_layout_matches_compiled_header(tmp_path):
 # ---- round trips through the library -------------------------------------
 def test_version_matches_header():
     assert m3s.version_number() == C.M3S_VERSION_NUMBER
-    assert m3s.version() == "0.1.0"
+    assert m3s.version() == "0.2.0"
     assert m3s.dtype_size("bf16") == 2 and m3s.dtype_size("e5m2") == 1
     assert m3s.dtype_size("i64") == 8
 
