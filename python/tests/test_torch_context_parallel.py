@@ -7,7 +7,12 @@ Checked: the merged top-k is bit-identical to index_topk on the whole cache
 (and to the numpy fp64 reference), the N-way merge of the ranks' partial
 attention matches the unsplit sparse_attention (rel L2 < 1e-2, lse within
 1e-3); out-variants and allocating variants agree; opcheck and fake-tensor
-shapes; torch.compile traces the chain."""
+shapes; torch.compile traces the chain; and examples/context_parallel.py runs
+under torchrun on 2 processes with the gloo backend."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -21,6 +26,10 @@ pytestmark = pytest.mark.skipif(not m3s.HAS_TORCH,
                                 reason="torch integration disabled: %r"
                                 % (getattr(m3s, "TORCH_IMPORT_ERROR", None),))
 ops = torch.ops.m3sparse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
+EXAMPLE = os.path.join(REPO_ROOT, "examples", "context_parallel.py")
 
 CASES = {
     # ragged: a decode row, a padded request, a chunked prefill, a short prefill (nb <= K)
@@ -256,4 +265,45 @@ def test_compile_traces_thecp_chain():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(tc.iq, tc.q)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# the example, under torchrun with gloo
+# ---------------------------------------------------------------------------
+def test_example_runs_under_torchrun_gloo():
+    """examples/context_parallel.py --cpu on 2 processes (torch.distributed
+    with gloo, launched by torchrun): decode steps and a chunked prefill, each
+    checked against the single-rank result on rank 0 by the example itself
+    (it exits non-zero on a mismatch)."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    if not dist.is_gloo_available():
+        pytest.skip("torch.distributed has no gloo backend in this torch build")
+    try:
+        import torch.distributed.run  # noqa: F401  (torchrun's module)
+    except ImportError as e:
+        pytest.skip("torchrun (torch.distributed.run) cannot be imported: %s" % (e,))
+    assert os.path.exists(EXAMPLE), EXAMPLE
+    env = dict(os.environ)
+    pkg = os.path.join(REPO_ROOT, "python")
+    env["PYTHONPATH"] = pkg + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    lib = m3s.library_path()                # the library these tests loaded
+    if lib:
+        env["M3SPARSE_LIB"] = lib
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           EXAMPLE, "--cpu", "--context-len", "3000", "--chunk", "1024", "--decode-steps", "3"]
+    try:
+        r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail("the example did not finish in 600 s:\n%s" % (e.stdout,))
+    log = r.stdout + r.stderr
+    if r.returncode != 0 and ("errno: 97" in log or "Address family not supported" in log
+                              or "Cannot assign requested address" in log):
+        pytest.skip("gloo cannot open a local socket here:\n" + log[-2000:])
+    assert r.returncode == 0, "exit %d\n%s" % (r.returncode, log[-6000:])
+    assert "top-k bit-identical" in r.stdout and "PASS" in r.stdout, log[-6000:]
+    assert "prefill" in r.stdout and "decode" in r.stdout
 
