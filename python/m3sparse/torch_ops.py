@@ -23,6 +23,28 @@ with scratch from torch's caching allocator; none synchronises):
                      kv_dtype=-1, index_dtype=-1)
     step_forward(...same without topk, out, lse..., topk=16, ...) -> (out, lse, topk)
 
+Context parallel (SPEC section 10; one rank's calls, the all-gathers are the
+caller's, e.g. torch.distributed; examples/context_parallel.py runs the chain):
+
+    index_topk_candidates_out(iq, index_cache, seq_lens, index_block_table,
+                              query_start_loc?, cand_ids!, cand_scores!, uniform_q_len,
+                              max_q_len, max_seq_len, cp_size, cp_rank,
+                              blocks_per_interleave=1, init_blocks=0, local_blocks=1,
+                              index_dtype=-1)
+    index_topk_candidates(...same without cand_ids, cand_scores..., topk=16, ...)
+        -> (cand_ids [T, Hkv, K] i32, cand_scores [T, Hkv, K] f32)
+    merge_topk_candidates_out(cand_ids, cand_scores, seq_lens, query_start_loc?, topk!,
+                              uniform_q_len, max_q_len, max_seq_len,
+                              blocks_per_interleave=1, init_blocks=0, local_blocks=1)
+    merge_topk_candidates(...same without topk...) -> topk [T, Hkv, K] i32
+    sparse_attention_cp_out(q, kv_cache, topk, seq_lens, block_table, query_start_loc?,
+                            out!, lse!, k_scale?, v_scale?, uniform_q_len, max_q_len,
+                            max_seq_len, cp_size, cp_rank, blocks_per_interleave=1,
+                            softmax_scale=0.0, kv_dtype=-1)
+    sparse_attention_cp(...same without out, lse...) -> (out, lse)
+    merge_attn_states_n_out(outs, lses, out!, lse!?)
+    merge_attn_states_n(outs, lses) -> (out, lse)
+
 Conventions: ``uniform_q_len > 0`` is a uniform decode batch (query_start_loc
 unused, may be None); 0 a ragged batch (query_start_loc required).
 ``max_q_len <= 0`` means "use the token count" (a valid upper bound).
@@ -34,6 +56,11 @@ step_forward: the metadata tensors describe the whole step (num_reqs =
 seq_lens.shape[0], query_start_loc [num_reqs + 1]); the first num_decodes
 requests are the uniform decode part (decode_q_len rows each), the rest the
 prefill part, as ``m3s_plan_step`` splits them.
+Context parallel: (cp_size, cp_rank, blocks_per_interleave) is the rank's
+m3s_cp; its block tables list only its own blocks (column
+(b // (I*cp)) * I + b % I, ``m3s_cp_local_block``), while the query rows,
+seq_lens and query_start_loc are the global ones. merge_topk_candidates takes
+cp_size from cand_ids.shape[0] (the gathered ranks).
 """
 
 import math
@@ -136,7 +163,7 @@ def _cfg(hq, hkv, k, init_blocks, local_blocks, softmax_scale):
 
 
 def _batch(seq_lens, block_table, index_block_table, query_start_loc, uniform_q_len,
-           num_tokens, max_q_len, max_seq_len):
+           num_tokens, max_q_len, max_seq_len, cp=None):
     num_reqs = int(seq_lens.shape[0])
     if uniform_q_len > 0:
         max_q_len = uniform_q_len
@@ -148,7 +175,7 @@ def _batch(seq_lens, block_table, index_block_table, query_start_loc, uniform_q_
                       query_start_loc=query_start_loc if uniform_q_len <= 0 else None,
                       uniform_q_len=max(0, int(uniform_q_len)), num_tokens=int(num_tokens),
                       max_q_len=int(max_q_len), max_seq_len=int(max_seq_len),
-                      num_reqs=num_reqs)
+                      num_reqs=num_reqs, cp=cp)
 
 
 def _index_topk_impl(iq, index_cache, seq_lens, index_block_table, query_start_loc, topk,
@@ -165,15 +192,50 @@ def _index_topk_impl(iq, index_cache, seq_lens, index_block_table, query_start_l
 
 def _attention_impl(q, kv_cache, topk, seq_lens, block_table, query_start_loc, out, lse,
                     k_scale, v_scale, uniform_q_len, max_q_len, max_seq_len, softmax_scale,
-                    kv_dtype):
+                    kv_dtype, cp=None):
     hq, hkv, k = int(q.shape[1]), int(kv_cache.shape[1]), int(topk.shape[2])
     cfg = _cfg(hq, hkv, k, 0, 0, softmax_scale)
     b = _batch(seq_lens, block_table, None, query_start_loc, uniform_q_len, q.shape[0],
-               max_q_len, max_seq_len)
+               max_q_len, max_seq_len, cp)
     with _on_device(q):
         _ctx(q).sparse_attention(cfg, b, _v(q, "q"), _v(kv_cache, "kv_cache", kv_dtype),
                                  _v(topk, "topk"), _v(out, "out"), _v(lse, "lse"),
                                  _scales(k_scale, v_scale))
+
+
+def _candidates_impl(iq, index_cache, seq_lens, index_block_table, query_start_loc,
+                     cand_ids, cand_scores, uniform_q_len, max_q_len, max_seq_len, cp_size,
+                     cp_rank, blocks_per_interleave, init_blocks, local_blocks, index_dtype):
+    hkv, k = int(iq.shape[1]), int(cand_ids.shape[2])
+    cfg = _cfg(hkv, hkv, k, init_blocks, local_blocks, 1.0)
+    b = _batch(seq_lens, None, index_block_table, query_start_loc, uniform_q_len,
+               iq.shape[0], max_q_len, max_seq_len, (cp_size, cp_rank, blocks_per_interleave))
+    with _on_device(iq):
+        _ctx(iq).index_topk_candidates(cfg, b, _v(iq, "iq"),
+                                       _v(index_cache, "index_cache", index_dtype),
+                                       _v(cand_ids, "cand_ids"), _v(cand_scores, "cand_scores"))
+
+
+def _merge_candidates_impl(cand_ids, cand_scores, seq_lens, query_start_loc, topk,
+                           uniform_q_len, max_q_len, max_seq_len, blocks_per_interleave,
+                           init_blocks, local_blocks):
+    if cand_ids.dim() != 4:
+        raise ValueError("m3sparse.merge_topk_candidates: cand_ids must be [cp, T, Hkv, K], "
+                         "got shape %s" % (tuple(cand_ids.shape),))
+    hkv, k = int(topk.shape[1]), int(topk.shape[2])
+    cfg = _cfg(hkv, hkv, k, init_blocks, local_blocks, 1.0)
+    # the merge reads the batch's lengths and cp (ownership), not its block tables
+    b = _batch(seq_lens, None, None, query_start_loc, uniform_q_len, topk.shape[0],
+               max_q_len, max_seq_len, (int(cand_ids.shape[0]), 0, blocks_per_interleave))
+    with _on_device(topk):
+        _ctx(topk).merge_topk_candidates(cfg, b, _v(cand_ids, "cand_ids"),
+                                         _v(cand_scores, "cand_scores"), _v(topk, "topk"))
+
+
+def _merge_n_impl(outs, lses, out, lse):
+    with _on_device(outs):
+        _ctx(outs).merge_attn_states_n(_v(outs, "outs"), _v(lses, "lses"), _v(out, "out"),
+                                       _v(lse, "lse") if lse is not None else None)
 
 
 def _step_impl(q, iq, kv_cache, index_cache, query_start_loc, seq_lens, block_table,
@@ -365,6 +427,180 @@ def _register():
         T, hq = q.shape[0], q.shape[1]
         return (q.new_empty(q.shape), q.new_empty((T, hq), dtype=torch.float32),
                 q.new_empty((T, kv_cache.shape[1], topk), dtype=torch.int32))
+
+    # -- context parallel (SPEC section 10) ---------------------------------
+    @custom_op("m3sparse::index_topk_candidates_out", mutates_args=("cand_ids", "cand_scores"))
+    def index_topk_candidates_out(iq: Tensor, index_cache: Tensor, seq_lens: Tensor,
+                                  index_block_table: Tensor, query_start_loc: Optional[Tensor],
+                                  cand_ids: Tensor, cand_scores: Tensor, uniform_q_len: int,
+                                  max_q_len: int, max_seq_len: int, cp_size: int, cp_rank: int,
+                                  blocks_per_interleave: int = 1, init_blocks: int = 0,
+                                  local_blocks: int = 1, index_dtype: int = -1) -> None:
+        """Step 1 of a context-parallel layer: this rank's top-k candidates.
+
+        iq [T, Hkv, 128] bf16/f16 (the global rows, the same on every rank);
+        index_cache [P, 128, 128] bf16/e4m3 holding the rank's pages;
+        index_block_table i32 [R, cols]: the rank's own blocks only (block b at
+        column (b // (I*cp)) * I + b % I); seq_lens i32 [R] and query_start_loc
+        i32 [R + 1] global. Writes cand_ids [T, Hkv, K] i32 and cand_scores
+        [T, Hkv, K] f32 (any strides, innermost 1: e.g. two views of one
+        [T, Hkv, 2, K] buffer, so one all-gather moves both): the owned forced
+        blocks (score +inf), then the rank's best owned blocks with their
+        scores, then -1 / -inf."""
+        _candidates_impl(iq, index_cache, seq_lens, index_block_table, query_start_loc,
+                         cand_ids, cand_scores, uniform_q_len, max_q_len, max_seq_len, cp_size,
+                         cp_rank, blocks_per_interleave, init_blocks, local_blocks, index_dtype)
+
+    @index_topk_candidates_out.register_fake
+    def _(iq, index_cache, seq_lens, index_block_table, query_start_loc, cand_ids, cand_scores,
+          uniform_q_len, max_q_len, max_seq_len, cp_size, cp_rank, blocks_per_interleave=1,
+          init_blocks=0, local_blocks=1, index_dtype=-1):
+        return None
+
+    @custom_op("m3sparse::index_topk_candidates", mutates_args=())
+    def index_topk_candidates(iq: Tensor, index_cache: Tensor, seq_lens: Tensor,
+                              index_block_table: Tensor, query_start_loc: Optional[Tensor],
+                              uniform_q_len: int, max_q_len: int, max_seq_len: int,
+                              cp_size: int, cp_rank: int, blocks_per_interleave: int = 1,
+                              topk: int = 16, init_blocks: int = 0, local_blocks: int = 1,
+                              index_dtype: int = -1) -> Tuple[Tensor, Tensor]:
+        """index_topk_candidates_out allocating its outputs: returns
+        (cand_ids [T, Hkv, topk] i32, cand_scores [T, Hkv, topk] f32)."""
+        shape = (iq.shape[0], iq.shape[1], topk)
+        ids = torch.empty(shape, dtype=torch.int32, device=iq.device)
+        scores = torch.empty(shape, dtype=torch.float32, device=iq.device)
+        _candidates_impl(iq, index_cache, seq_lens, index_block_table, query_start_loc, ids,
+                         scores, uniform_q_len, max_q_len, max_seq_len, cp_size, cp_rank,
+                         blocks_per_interleave, init_blocks, local_blocks, index_dtype)
+        return ids, scores
+
+    @index_topk_candidates.register_fake
+    def _(iq, index_cache, seq_lens, index_block_table, query_start_loc, uniform_q_len,
+          max_q_len, max_seq_len, cp_size, cp_rank, blocks_per_interleave=1, topk=16,
+          init_blocks=0, local_blocks=1, index_dtype=-1):
+        shape = (iq.shape[0], iq.shape[1], topk)
+        return (iq.new_empty(shape, dtype=torch.int32),
+                iq.new_empty(shape, dtype=torch.float32))
+
+    @custom_op("m3sparse::merge_topk_candidates_out", mutates_args=("topk",))
+    def merge_topk_candidates_out(cand_ids: Tensor, cand_scores: Tensor, seq_lens: Tensor,
+                                  query_start_loc: Optional[Tensor], topk: Tensor,
+                                  uniform_q_len: int, max_q_len: int, max_seq_len: int,
+                                  blocks_per_interleave: int = 1, init_blocks: int = 0,
+                                  local_blocks: int = 1) -> None:
+        """Step 3: the global top-k from the all-gathered candidates.
+
+        cand_ids [cp, T, Hkv, K] i32 and cand_scores [cp, T, Hkv, K] f32 (rank
+        n's candidates at [n]; cp is taken from shape[0]); seq_lens,
+        query_start_loc: the global batch (any rank's). Writes topk [T, Hkv, K]
+        i32 exactly as index_topk writes it on the whole cache (the same bits on
+        every rank)."""
+        _merge_candidates_impl(cand_ids, cand_scores, seq_lens, query_start_loc, topk,
+                               uniform_q_len, max_q_len, max_seq_len, blocks_per_interleave,
+                               init_blocks, local_blocks)
+
+    @merge_topk_candidates_out.register_fake
+    def _(cand_ids, cand_scores, seq_lens, query_start_loc, topk, uniform_q_len, max_q_len,
+          max_seq_len, blocks_per_interleave=1, init_blocks=0, local_blocks=1):
+        return None
+
+    @custom_op("m3sparse::merge_topk_candidates", mutates_args=())
+    def merge_topk_candidates(cand_ids: Tensor, cand_scores: Tensor, seq_lens: Tensor,
+                              query_start_loc: Optional[Tensor], uniform_q_len: int,
+                              max_q_len: int, max_seq_len: int, blocks_per_interleave: int = 1,
+                              init_blocks: int = 0, local_blocks: int = 1) -> Tensor:
+        """merge_topk_candidates_out allocating topk [T, Hkv, K] i32 (T, Hkv, K
+        from cand_ids [cp, T, Hkv, K])."""
+        out = torch.empty(tuple(cand_ids.shape[1:]), dtype=torch.int32,
+                          device=cand_ids.device)
+        _merge_candidates_impl(cand_ids, cand_scores, seq_lens, query_start_loc, out,
+                               uniform_q_len, max_q_len, max_seq_len, blocks_per_interleave,
+                               init_blocks, local_blocks)
+        return out
+
+    @merge_topk_candidates.register_fake
+    def _(cand_ids, cand_scores, seq_lens, query_start_loc, uniform_q_len, max_q_len,
+          max_seq_len, blocks_per_interleave=1, init_blocks=0, local_blocks=1):
+        return cand_ids.new_empty(tuple(cand_ids.shape[1:]), dtype=torch.int32)
+
+    @custom_op("m3sparse::sparse_attention_cp_out", mutates_args=("out", "lse"))
+    def sparse_attention_cp_out(q: Tensor, kv_cache: Tensor, topk: Tensor, seq_lens: Tensor,
+                                block_table: Tensor, query_start_loc: Optional[Tensor],
+                                out: Tensor, lse: Tensor, k_scale: Optional[Tensor],
+                                v_scale: Optional[Tensor], uniform_q_len: int, max_q_len: int,
+                                max_seq_len: int, cp_size: int, cp_rank: int,
+                                blocks_per_interleave: int = 1, softmax_scale: float = 0.0,
+                                kv_dtype: int = -1) -> None:
+        """Step 4: this rank's partial attention over the selected blocks it owns.
+
+        q [T, Hq, 128] bf16/f16 (global rows); kv_cache [P, Hkv, 128, 256] with
+        the rank's pages; topk [T, Hkv, K] i32 (the merged, global selection);
+        block_table i32 [R, cols]: the rank's blocks only. Writes out [T, Hq, 128]
+        (q's dtype) and lse [T, Hq] f32: the partial over the rank's keys (a row
+        owning none of its blocks: out 0, lse -inf), for merge_attn_states_n."""
+        _attention_impl(q, kv_cache, topk, seq_lens, block_table, query_start_loc, out, lse,
+                        k_scale, v_scale, uniform_q_len, max_q_len, max_seq_len, softmax_scale,
+                        kv_dtype, (cp_size, cp_rank, blocks_per_interleave))
+
+    @sparse_attention_cp_out.register_fake
+    def _(q, kv_cache, topk, seq_lens, block_table, query_start_loc, out, lse, k_scale,
+          v_scale, uniform_q_len, max_q_len, max_seq_len, cp_size, cp_rank,
+          blocks_per_interleave=1, softmax_scale=0.0, kv_dtype=-1):
+        return None
+
+    @custom_op("m3sparse::sparse_attention_cp", mutates_args=())
+    def sparse_attention_cp(q: Tensor, kv_cache: Tensor, topk: Tensor, seq_lens: Tensor,
+                            block_table: Tensor, query_start_loc: Optional[Tensor],
+                            k_scale: Optional[Tensor], v_scale: Optional[Tensor],
+                            uniform_q_len: int, max_q_len: int, max_seq_len: int, cp_size: int,
+                            cp_rank: int, blocks_per_interleave: int = 1,
+                            softmax_scale: float = 0.0,
+                            kv_dtype: int = -1) -> Tuple[Tensor, Tensor]:
+        """sparse_attention_cp_out allocating (out [T, Hq, 128] q's dtype,
+        lse [T, Hq] f32): the rank's partial result and its lse."""
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device)
+        _attention_impl(q, kv_cache, topk, seq_lens, block_table, query_start_loc, out, lse,
+                        k_scale, v_scale, uniform_q_len, max_q_len, max_seq_len, softmax_scale,
+                        kv_dtype, (cp_size, cp_rank, blocks_per_interleave))
+        return out, lse
+
+    @sparse_attention_cp.register_fake
+    def _(q, kv_cache, topk, seq_lens, block_table, query_start_loc, k_scale, v_scale,
+          uniform_q_len, max_q_len, max_seq_len, cp_size, cp_rank, blocks_per_interleave=1,
+          softmax_scale=0.0, kv_dtype=-1):
+        return (q.new_empty(q.shape),
+                q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32))
+
+    @custom_op("m3sparse::merge_attn_states_n_out", mutates_args=("out", "lse"))
+    def merge_attn_states_n_out(outs: Tensor, lses: Tensor, out: Tensor,
+                                lse: Optional[Tensor]) -> None:
+        """Step 5: merge N partial attention results over disjoint key sets.
+
+        outs [N, T, H, 128] bf16/f16/f32, lses [N, T, H] f32 (e.g. the
+        all-gathered partials of the cp ranks). Writes out [T, H, 128]
+        (bf16/f16/f32) and lse [T, H] f32 (or None): lse = log sum_n
+        exp(lses[n]), out = sum_n exp(lses[n] - lse) outs[n], in the order
+        n = 0..N-1; rows with every lses[n] = -inf get out 0, lse -inf."""
+        _merge_n_impl(outs, lses, out, lse)
+
+    @merge_attn_states_n_out.register_fake
+    def _(outs, lses, out, lse):
+        return None
+
+    @custom_op("m3sparse::merge_attn_states_n", mutates_args=())
+    def merge_attn_states_n(outs: Tensor, lses: Tensor) -> Tuple[Tensor, Tensor]:
+        """merge_attn_states_n_out allocating (out [T, H, 128] in outs' dtype,
+        lse [T, H] f32)."""
+        out = torch.empty(tuple(outs.shape[1:]), dtype=outs.dtype, device=outs.device)
+        lse = torch.empty(tuple(lses.shape[1:]), dtype=torch.float32, device=outs.device)
+        _merge_n_impl(outs, lses, out, lse)
+        return out, lse
+
+    @merge_attn_states_n.register_fake
+    def _(outs, lses):
+        return (outs.new_empty(tuple(outs.shape[1:])),
+                lses.new_empty(tuple(lses.shape[1:]), dtype=torch.float32))
 
 
 if not _already_registered():

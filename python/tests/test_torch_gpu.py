@@ -1,8 +1,10 @@
 """torch integration on CUDA tensors (skipped without torch or CUDA):
 opcheck of every operator, CUDA vs the CPU path (top-k exact, attention rel
 L2 < 1e-2), a plain-torch fp64 implementation of SPEC sections 3-4, CUDA-graph
-capture and replay with new contents (bit-identical to eager runs) and
-torch.compile tracing of the layer."""
+capture and replay with new contents (bit-identical to eager runs),
+torch.compile tracing of the layer, and the context-parallel operators with
+ranks simulated in one process (CUDA vs CPU vs the whole cache, opcheck, a
+captured chain)."""
 import zlib
 
 import numpy as np
@@ -12,7 +14,8 @@ torch = pytest.importorskip("torch")
 
 import m3sparse as m3s  # noqa: E402
 from m3s_reference import Case, check_attention, ref_attention, ref_topk  # noqa: E402
-from torch_helpers import TorchCase, rel_l2, torch_reference  # noqa: E402
+from torch_helpers import (RankCaches, TorchCase, cp_chain, rel_l2,  # noqa: E402
+                           torch_reference, whole_layer)
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
@@ -344,3 +347,109 @@ def test_batch_invariant_option(cuda_context):
     assert torch.equal(bits(out1), bits(out[:1]))
     assert torch.equal(bits(lse1), bits(lse[:1]))
     assert torch.isfinite(lse1).all()
+
+
+# ---------------------------------------------------------------------------
+# Context parallel (SPEC section 10), ranks simulated on one GPU
+# ---------------------------------------------------------------------------
+CP_CASES = {
+    "ragged_tp4_cp3_i2": (dict(hq=16, hkv=2, topk=6, init=1, local=1, qsl_base=2,
+                               reqs=[(1, 2500), (0, 0), (9, 1300), (2, 100)]), 3, 2),
+    "spec_decode_token_major_cp2": (dict(hq=8, hkv=1, topk=16, init=0, local=1, uniform=True,
+                                         token_major=True,
+                                         reqs=[(2, 3000), (2, 0), (2, 1100), (2, 2)]), 2, 1),
+    "tp1_prefill_cp4": (dict(hq=64, hkv=4, topk=16, init=0, local=1,
+                             reqs=[(100, 3200), (9, 2600)]), 4, 1),
+    "e4m3_per_slot_cp2": (dict(hq=16, hkv=1, topk=16, init=0, local=1, kv="e4m3",
+                               scale_mode=2, idx="e4m3", reqs=[(1, 2300), (20, 1900)]), 2, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CP_CASES))
+def test_cp_ops_cuda_match_cpu_and_whole_cache(name):
+    kw, cp, interleave = CP_CASES[name]
+    case = Case(seed=zlib.crc32(name.encode()) % 1000, **kw)
+    res = {}
+    for d in ("cpu", dev()):
+        tc = TorchCase(case, d)
+        ranks = [RankCaches(tc, cp, n, interleave, seed=n) for n in range(cp)]
+        res[str(d)] = (whole_layer(case, tc), cp_chain(case, tc, ranks, interleave))
+    torch.cuda.synchronize()
+    (w_tk, w_out, w_lse), (g_topks, g_out, g_lse) = res[str(dev())]
+    (_, _, _), (c_topks, c_out, c_lse) = res["cpu"]
+    want = ref_topk(case)
+    for tk in g_topks:   # every rank: the whole-cache CUDA top-k, the CPU's, the reference
+        assert torch.equal(tk, w_tk) and torch.equal(tk.cpu(), c_topks[0])
+        assert np.array_equal(tk.cpu().numpy(), want)
+    assert rel_l2(g_out, w_out) < 1e-2 and rel_l2(g_out.cpu(), c_out) < 1e-2
+    fin = torch.isfinite(w_lse)
+    assert torch.equal(torch.isfinite(g_lse), fin)
+    assert (g_lse[fin] - w_lse[fin]).abs().max() < 1e-3
+    check_attention(case, g_out.cpu().float().numpy(), g_lse.cpu().numpy(),
+                    *ref_attention(case, want))
+
+
+def test_opcheck_cp_ops_cuda():
+    case = Case(hq=8, hkv=2, topk=4, init=0, local=1, seed=54, uniform=True,
+                reqs=[(1, 1300), (1, 0), (1, 700)])
+    tc = TorchCase(case, dev())
+    cp, I, msl, K, T, hq = 2, 1, case.max_seq_len, case.K, case.T, case.hq
+    ranks = [RankCaches(tc, cp, n, I) for n in range(cp)]
+    c = [ops.index_topk_candidates(tc.iq, rk.index_cache, tc.seq_lens, rk.index_block_table,
+                                   None, 1, 1, msl, cp, n, I, K) for n, rk in enumerate(ranks)]
+    ids, scores = torch.stack([x[0] for x in c]), torch.stack([x[1] for x in c])
+    tk = ops.merge_topk_candidates(ids, scores, tc.seq_lens, None, 1, 1, msl, I)
+    rk = ranks[1]
+    oc = torch.library.opcheck
+    oc(ops.index_topk_candidates.default, (tc.iq, rk.index_cache, tc.seq_lens,
+                                           rk.index_block_table, None, 1, 1, msl, cp, 1, I, K))
+    oc(ops.index_topk_candidates_out.default,
+       (tc.iq, rk.index_cache, tc.seq_lens, rk.index_block_table, None,
+        torch.empty_like(c[1][0]), torch.empty_like(c[1][1]), 1, 1, msl, cp, 1, I))
+    oc(ops.merge_topk_candidates.default, (ids, scores, tc.seq_lens, None, 1, 1, msl, I))
+    oc(ops.merge_topk_candidates_out.default,
+       (ids, scores, tc.seq_lens, None, torch.empty_like(tk), 1, 1, msl, I))
+    oc(ops.sparse_attention_cp.default, (tc.q, rk.kv_cache, tk, tc.seq_lens, rk.block_table,
+                                         None, None, None, 1, 1, msl, cp, 1, I))
+    oc(ops.sparse_attention_cp_out.default,
+       (tc.q, rk.kv_cache, tk, tc.seq_lens, rk.block_table, None, torch.empty_like(tc.q),
+        torch.empty((T, hq), device=dev()), None, None, 1, 1, msl, cp, 1, I))
+    outs = torch.randn((cp, T, hq, 128), device=dev()).bfloat16()
+    lses = torch.randn((cp, T, hq), device=dev())
+    oc(ops.merge_attn_states_n.default, (outs, lses))
+    oc(ops.merge_attn_states_n_out.default, (outs, lses, torch.empty_like(tc.q),
+                                             torch.empty((T, hq), device=dev())))
+
+
+def test_cuda_graph_of_cp_chain():
+    """The whole chain (torch.stack standing in for the all-gathers) captured
+    once, replayed with new queries and seq_lens: bit-identical to eager."""
+    kw, cp, interleave = CP_CASES["spec_decode_token_major_cp2"]
+    case = Case(seed=55, **kw)
+    tc = TorchCase(case, dev())
+    ranks = [RankCaches(tc, cp, n, interleave, seed=n) for n in range(cp)]
+
+    def f():
+        topks, out, lse = cp_chain(case, tc, ranks, interleave)
+        return topks[0], out, lse
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = f()
+    tc.q.copy_(torch.randn_like(tc.q, dtype=torch.float32).bfloat16())
+    tc.iq.copy_(torch.randn_like(tc.iq, dtype=torch.float32).bfloat16())
+    # new seq_lens within each request's blocks (the padded request stays padded)
+    tc.seq_lens.copy_(torch.tensor([2900, 0, 1030, 2], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = f()
+    for a, e in zip(static, eager):
+        assert torch.equal(bits(a), bits(e))
+    w_tk, w_out, _ = whole_layer(case, tc)   # and the replay is the whole-cache layer
+    assert torch.equal(static[0], w_tk)
+    assert rel_l2(static[1], w_out) < 1e-2

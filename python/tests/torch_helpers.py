@@ -122,3 +122,119 @@ def torch_reference(q, iq, kv_cache, index_cache, block_table, index_block_table
 def rel_l2(a, b):
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# ---------------------------------------------------------------------------
+# context parallel (SPEC section 10)
+# ---------------------------------------------------------------------------
+def cp_owner(b, cp_size, interleave):
+    return (b // interleave) % cp_size
+
+
+def cp_column(b, cp_size, interleave):
+    return (b // (interleave * cp_size)) * interleave + b % interleave
+
+
+def _take_pages(cache, pages):
+    """cache[pages] (contiguous); fp8 caches are gathered as bytes."""
+    if cache.element_size() == 1:
+        return cache.view(torch.uint8)[pages].contiguous().view(cache.dtype)
+    return cache[pages].contiguous()
+
+
+class RankCaches:
+    """One context-parallel rank's share of a TorchCase: caches holding only
+    the pages of the blocks the rank owns (copied from the whole caches, in a
+    shuffled order, plus a garbage page), and block tables listing them at
+    their rank-local columns (other entries: a page id that is never read).
+    Everything else (queries, seq_lens, query_start_loc) stays global."""
+
+    def __init__(self, tc, cp_size, rank, interleave=1, seed=0):
+        case = tc.case
+        dev = tc.device
+        self.cp = (cp_size, rank, interleave)
+        owned = []                                  # (request, block)
+        for r, s in enumerate(case.seq_lens.tolist()):
+            for b in range(-(-int(s) // B)):
+                if cp_owner(b, cp_size, interleave) == rank:
+                    owned.append((r, b))
+        npg = len(owned) + 1                        # + one garbage page
+        perm = torch.randperm(npg, generator=torch.Generator().manual_seed(seed)).tolist()
+        cols = max([1] + [cp_column(b, cp_size, interleave) + 1 for _, b in owned])
+        never = 1 << 30
+        bt = torch.full((case.R, cols), never, dtype=torch.int32)
+        ibt = torch.full((case.R, cols), never, dtype=torch.int32)
+        kv_src, ic_src = [], []
+        for i, (r, b) in enumerate(owned):
+            local = perm[i]
+            bt[r, cp_column(b, cp_size, interleave)] = local
+            ibt[r, cp_column(b, cp_size, interleave)] = local
+        order = [None] * npg                        # local page -> (whole kv page, index page)
+        for i, (r, b) in enumerate(owned):
+            order[perm[i]] = (int(case.block_table[r, b]), int(case.index_block_table[r, b]))
+        order[perm[-1]] = (0, 0)                    # garbage: some other request's page
+        kv_src = torch.tensor([o[0] for o in order], device=dev)
+        ic_src = torch.tensor([o[1] for o in order], device=dev)
+        self.kv_cache = _take_pages(tc.kv_cache, kv_src)       # [npg, Hkv, 128, 256]
+        self.index_cache = _take_pages(tc.index_cache, ic_src)   # [npg, 128, 128]
+        self.k_scale = self.v_scale = None
+        if tc.k_scale is not None:
+            if tc.k_scale.numel() == 1:
+                self.k_scale, self.v_scale = tc.k_scale, tc.v_scale
+            else:                                   # per-slot [Hkv, P*128]: cut the pages
+                hkv = tc.k_scale.shape[0]
+                self.k_scale, self.v_scale = (
+                    s.view(hkv, -1, B)[:, kv_src].reshape(hkv, -1).contiguous()
+                    for s in (tc.k_scale, tc.v_scale))
+        self.block_table = bt.to(dev)
+        self.index_block_table = ibt.to(dev)
+
+
+ops = torch.ops.m3sparse  # resolved at call time (`import m3sparse` registers the ops)
+
+
+def batch_meta(case, tc):
+    """(query_start_loc or None, uniform_q_len) of the case's batch."""
+    if case.uniform:
+        return None, case.q_len
+    return tc.query_start_loc, 0
+
+
+def whole_layer(case, tc):
+    """index_topk + sparse_attention on the whole cache: (topk, out, lse)."""
+    qsl, uq = batch_meta(case, tc)
+    tk = ops.index_topk(tc.iq, tc.index_cache, tc.seq_lens, tc.index_block_table, qsl, uq, 0,
+                        case.max_seq_len, case.K, case.init, case.local)
+    out, lse = ops.sparse_attention(tc.q, tc.kv_cache, tk, tc.seq_lens, tc.block_table, qsl,
+                                    tc.k_scale, tc.v_scale, uq, 0, case.max_seq_len, case.scale)
+    return tk, out, lse
+
+
+def cp_chain(case, tc, ranks, interleave):
+    """The SPEC 10 chain over simulated ranks (RankCaches), torch.stack standing
+    in for the all-gathers; returns (the merged topk of each rank, out, lse)."""
+    qsl, uq = batch_meta(case, tc)
+    msl = case.max_seq_len
+    cp = len(ranks)
+    # 1. candidates: each rank scores only its own blocks
+    cands = [ops.index_topk_candidates(tc.iq, rk.index_cache, tc.seq_lens, rk.index_block_table,
+                                       qsl, uq, 0, msl, cp, n, interleave, case.K, case.init,
+                                       case.local)
+             for n, rk in enumerate(ranks)]
+    # 2. "all-gather": [cp, T, Hkv, K]
+    all_ids = torch.stack([c[0] for c in cands])
+    all_scores = torch.stack([c[1] for c in cands])
+    # 3. merge on every rank, 4. partial attention on every rank
+    topks, outs, lses = [], [], []
+    for n, rk in enumerate(ranks):
+        tk = ops.merge_topk_candidates(all_ids, all_scores, tc.seq_lens, qsl, uq, 0, msl,
+                                       interleave, case.init, case.local)
+        o, lse = ops.sparse_attention_cp(tc.q, rk.kv_cache, tk, tc.seq_lens, rk.block_table,
+                                         qsl, rk.k_scale, rk.v_scale, uq, 0, msl, cp, n,
+                                         interleave, case.scale)
+        topks.append(tk)
+        outs.append(o)
+        lses.append(lse)
+    # 5. "all-gather" of the partials, N-way merge
+    out, lse = ops.merge_attn_states_n(torch.stack(outs), torch.stack(lses))
+    return topks, out, lse
