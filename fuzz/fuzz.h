@@ -7,6 +7,7 @@
 
 #include "m3sparse.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -48,11 +49,25 @@ enum {
   OP_NARROW,
   OP_MISC,
   OP_CHAIN,
+  OP_CP_LOCAL,    /* m3s_cp_local_block */
+  OP_CANDS,       /* m3s_index_topk_candidates */
+  OP_MERGE_CANDS, /* ranks' candidates -> m3s_merge_topk_candidates vs m3s_index_topk */
+  OP_MERGE_N,     /* m3s_merge_attn_states_n */
   NOPS
+};
+
+/* What an active context-parallel batch.cp (cp_size > 1) means for the
+ * operation a batch is made for (bat.cp_pol, read by mk_batch). */
+enum {
+  CP_NONE,   /* batch.cp stays zero */
+  CP_REFUSE, /* m3s_index_topk, m3s_step_forward: M3S_ERR_INVALID */
+  CP_RANK,   /* honoured: the block tables are the rank's (columns of m3s_cp) */
+  CP_UNSUP,  /* m3s_k2q_attention: M3S_ERR_UNSUPPORTED */
+  CP_ANY     /* the block tables are not read: accepted, output unchanged */
 };
 typedef struct {
   unsigned long long inputs, skipped, calls, ok, rejected, must_ok, must_fail, any, ref_rows, indep,
-      op_calls[NOPS], op_rej[NOPS];
+      cp_active_ok, op_calls[NOPS], op_rej[NOPS];
   double op_sec[NOPS];
 } fuzz_stats;
 
@@ -138,6 +153,16 @@ typedef struct {
   m3s_batch b;
   const m3s_batch *p;
   int chaos; /* values changed so that validity is unknown */
+  /* context parallel: the policy (CP_*, set before mk_batch), the cp passed,
+   * whether it is valid with cp_size > 1 (then the tables passed are the
+   * rank's: lbt / libt, lcols / licols columns; bt / ibt stay the whole
+   * request's logical -> page maps the references use), and the status the
+   * header prescribes for this cp when nothing else is wrong (0: none) */
+  int cp_pol, cp_pct, cp_on;
+  m3s_status cp_status;
+  m3s_cp cp;
+  int lcols, licols;
+  int32_t lbt[MAX_REQS][MAX_COLS], libt[MAX_REQS][MAX_COLS];
 } bat;
 
 typedef struct {
@@ -155,7 +180,8 @@ typedef struct {
   const targ *q, *kv, *tk;
   const scl_t *sc;
   int64_t row_base;
-  float *kvd; /* decoded cache with scales applied, [P][Hkv][128][256] */
+  float *kvd;       /* decoded cache with scales applied, [P][Hkv][128][256] */
+  const m3s_cp *cp; /* NULL or the batch's cp: only owned blocks are attended */
 } attn_in;
 
 static const int PERM_HM[4] = {1, 0, 2, 3}; /* top-k stored head-major [Hkv, T, K] */
@@ -291,7 +317,7 @@ int pick_req(const bat *B);
 void op_index_topk(void);
 void mk_q_kv(attn_fx *F, int64_t T, int64_t P, int *ex);
 void mk_out_lse(attn_fx *F, int64_t T, int *ex);
-void attn_one_batch(attn_fx *F, bat *B, int *ex);
+void attn_one_batch(attn_fx *F, bat *B, int *ex, int cp_pol);
 void op_attention(void);
 void op_step(void);
 void fill_slots(const targ *sl, int64_t T, int64_t P, int64_t *slots, int *ex);
@@ -315,5 +341,17 @@ void op_misc(void);
 int ref_count_decodes(int n, const int32_t *ql, int spec);
 void op_plan(void);
 void op_chain(void);
+/* context parallel (gen.c, ops_cp.c) */
+int gen_cp(m3s_cp *cp, int pct);
+int cp_owns(const m3s_cp *cp, int64_t b);
+int64_t cp_owned_count(const m3s_cp *cp, int64_t nb);
+int cp_ex(const bat *B);
+void cp_check(const bat *B, int ex, m3s_status st);
+void poison_unowned(const bat *B, const targ *cache, int hkv, int is_index);
+m3s_tensor tslice(const m3s_tensor *t, int64_t i);
+void op_cp_local(void);
+void op_candidates(void);
+void op_merge_candidates(void);
+void op_merge_n(void);
 
 #endif

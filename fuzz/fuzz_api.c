@@ -42,6 +42,13 @@
  *      alone (through m3s_tensor_narrow views, which also exercises
  *      query_start_loc[0] != 0), and m3s_step_forward equals separate
  *      m3s_index_topk + m3s_sparse_attention calls on its two parts bit for bit.
+ *   9. context parallel (ops_cp.c; batch.cp from gen.c): candidate rows of
+ *      m3s_index_topk_candidates have the header's form (exact against fp64 on
+ *      nice data); m3s_merge_topk_candidates of every simulated rank's
+ *      candidates equals m3s_index_topk on the whole cache bit for bit;
+ *      m3s_merge_attn_states_n agrees with an fp64 N-way merge; a rank's
+ *      m3s_sparse_attention attends only its own blocks; the whole-cache ops
+ *      refuse cp_size > 1 with the documented status.
  *
  * Sizes stay tiny (T <= 64, Hq <= 16, contexts <= 3000 tokens, a work budget)
  * so one execution takes milliseconds.
@@ -59,7 +66,7 @@
  * fp64 number codec; tensors.c guarded buffers and tensor arguments;
  * protocol.c the call protocol (invariants 2-6); gen.c configs, batches and
  * fp8 scales; reference.c the fp64 references (invariant 7); ops_*.c one
- * decoder per operation. */
+ * decoder per operation (ops_cp.c: context parallel). */
 #include "fuzz.h"
 
 /* ======================================================================== */
@@ -110,6 +117,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   case OP_MERGE: op_merge(); break;
   case OP_NARROW: op_narrow(); break;
   case OP_MISC: op_misc(); break;
+  case OP_CP_LOCAL: op_cp_local(); break;
+  case OP_CANDS: op_candidates(); break;
+  case OP_MERGE_CANDS: op_merge_candidates(); break;
+  case OP_MERGE_N: op_merge_n(); break;
   default: op_chain(); break;
   }
   if (g_skip)

@@ -230,9 +230,161 @@ void assign_pages(bat **list, int n) {
   free(iperm);
 }
 
+/* ======================================================================== */
+/* context parallel (SPEC section 10)                                       */
+/* ======================================================================== */
+
+/* A batch.cp: zero with probability 1 - pct %; otherwise one rank spelled
+ * {1, 0, I} / {0, 0, I}, 2..64 ranks (small interleaves, or huge ones), or
+ * a value the header rules out (cp_size outside [0, 64], cp_rank outside
+ * [0, max(cp_size, 1)), blocks_per_interleave < 1, or 0 with cp_size > 0).
+ * Returns 1 when the API must accept it. */
+int gen_cp(m3s_cp *cp, int pct) {
+  memset(cp, 0, sizeof *cp);
+  if (!rchance(pct))
+    return 1;
+  int kind = rpick(12);
+  switch (kind) {
+  case 0: *cp = (m3s_cp){1, 0, 1 + rpick(4)}; return 1;
+  case 1: *cp = (m3s_cp){0, 0, rchance(30) ? INT_MAX : rpick(3)}; return 1;
+  case 2:
+  case 3:
+  case 4:
+  case 5:
+  case 6: {
+    int n = kind == 6 ? 2 + rpick(M3S_MAX_CP_SIZE - 1) : 2 + rpick(3);
+    int il = 1 + rpick(3);
+    if (rchance(10))
+      il = rchance(50) ? INT_MAX - rpick(3) : 1 << (4 + rpick(26));
+    *cp = (m3s_cp){n, rpick(n), il};
+    return 1;
+  }
+  case 7: /* cp_size out of range */
+    cp->cp_size = rchance(50)   ? M3S_MAX_CP_SIZE + 1 + rpick(2)
+                  : rchance(50) ? -1 - rpick(3)
+                  : rchance(50) ? INT_MIN
+                                : INT_MAX;
+    cp->blocks_per_interleave = 1 + rpick(2);
+    return 0;
+  case 8:
+  case 9: { /* cp_rank out of range */
+    int n = rpick(6);
+    cp->cp_size = n;
+    cp->blocks_per_interleave = 1 + rpick(2);
+    cp->cp_rank = rchance(50) ? (n > 1 ? n : 1) + rpick(3) : rchance(80) ? -1 - rpick(3) : INT_MIN;
+    return 0;
+  }
+  case 10: /* interleave 0 or negative with ranks */
+    cp->cp_size = 1 + rpick(4);
+    cp->cp_rank = rpick(cp->cp_size);
+    cp->blocks_per_interleave = rchance(50) ? 0 : rchance(80) ? -1 - rpick(3) : INT_MIN;
+    return 0;
+  default: /* negative interleave without ranks */
+    cp->cp_size = 0;
+    cp->blocks_per_interleave = -1 - rpick(3);
+    return 0;
+  }
+}
+
+/* The harness's own ownership rule, from the header: block b belongs to rank
+ * (b / I) % cp_size; cp_size 0 and 1 mean one rank owning every block. */
+int cp_owns(const m3s_cp *cp, int64_t b) {
+  if (cp->cp_size <= 1)
+    return 1;
+  return (b / cp->blocks_per_interleave) % cp->cp_size == cp->cp_rank;
+}
+
+/* Blocks of [0, nb) the rank owns, counted (not from the column formula). */
+int64_t cp_owned_count(const m3s_cp *cp, int64_t nb) {
+  int64_t n = 0;
+  for (int64_t b = 0; b < nb; b++)
+    n += cp_owns(cp, b);
+  return n;
+}
+
+/* The failure bit a batch's cp adds to the expectation. */
+int cp_ex(const bat *B) { return B->cp_status ? EX_FAIL : 0; }
+
+/* With nothing else wrong with the call (ex == 0), a cp the header rules out
+ * or an operation that refuses an active cp must give the documented status. */
+void cp_check(const bat *B, int ex, m3s_status st) {
+  if (st == M3S_OK && B->cp_on && !ex)
+    S.cp_active_ok++;
+  if (!ex && B->cp_status && st != B->cp_status)
+    die("batch.cp {cp_size %d, cp_rank %d, blocks_per_interleave %d}: status %d, the header "
+        "prescribes %d (%s)",
+        B->cp.cp_size, B->cp.cp_rank, B->cp.blocks_per_interleave, (int)st, (int)B->cp_status,
+        m3s_status_string(B->cp_status));
+}
+
+/* NaN in every page of a block the rank does not own (pages of the batch's
+ * requests only): a read of one shows in the fp64 comparison. */
+void poison_unowned(const bat *B, const targ *cache, int hkv, int is_index) {
+  if (!B->cp_on || !cache->b || cache->broken || cache->t.ndim != cache->ndim)
+    return;
+  size_t es = esz(cache->t.dtype);
+  for (int r = 0; r < B->num_reqs; r++)
+    for (int64_t b = 0; b < need_pages(B->s[r]); b++) {
+      if (cp_owns(&B->cp, b))
+        continue;
+      int64_t page = is_index ? B->ibt[r][b] : B->bt[r][b];
+      for (int g = 0; g < (is_index ? 1 : hkv); g++)
+        for (int j = 0; j < BS; j++) {
+          unsigned char *p = is_index ? trow(cache, I4(page, j, 0, 0), D)
+                                      : trow(cache, I4(page, g, j, 0), 2 * D);
+          for (int d = 0; p && d < (is_index ? D : 2 * D); d++)
+            put_nan(p + (size_t)d * es, cache->t.dtype);
+        }
+    }
+}
+
+/* batch.cp from the policy; with a valid cp_size > 1 the rank-local tables:
+ * owned block b of request r at the column counted over the owned blocks
+ * before it, junk (-7, or anything) in every other column. */
+static void mk_batch_cp(bat *B) {
+  B->cp_on = 0;
+  B->cp_status = M3S_OK;
+  memset(&B->cp, 0, sizeof B->cp);
+  if (B->cp_pol == CP_NONE)
+    return;
+  if (!gen_cp(&B->cp, B->cp_pct ? B->cp_pct : 20)) {
+    B->cp_status = M3S_ERR_INVALID;
+    return;
+  }
+  if (B->cp.cp_size <= 1)
+    return;
+  B->cp_on = 1;
+  if (B->cp_pol == CP_REFUSE)
+    B->cp_status = M3S_ERR_INVALID;
+  else if (B->cp_pol == CP_UNSUP)
+    B->cp_status = M3S_ERR_UNSUPPORTED;
+  int64_t mp = 0;
+  for (int r = 0; r < B->num_reqs; r++) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < need_pages(B->s[r]); b++)
+      if (cp_owns(&B->cp, b)) {
+        B->lbt[r][n] = B->bt[r][b];
+        B->libt[r][n++] = B->ibt[r][b];
+      }
+    mp = n > mp ? n : mp;
+    for (int64_t c = n; c < MAX_COLS; c++) {
+      int32_t junk = rndn(2) ? -7 : (int32_t)rnd();
+      B->lbt[r][c] = junk;
+      B->libt[r][c] = B->same_table ? junk : rndn(2) ? -7 : (int32_t)rnd();
+    }
+  }
+  B->lcols = (int)mp + (rchance(30) ? rpick(3) : 0);
+  B->licols = B->same_table ? B->lcols : (int)mp + (rchance(30) ? rpick(3) : 0);
+}
+
 /* Tensors of a batch, mutations of its counts and values. */
 void mk_batch(bat *B, int uses_main, int uses_idx, int allow_null, int *ex) {
   int nonempty = B->num_reqs > 0 || B->T > 0;
+  mk_batch_cp(B);
+  /* the tables passed: the whole request's, or the rank's under cp */
+  int32_t(*tb)[MAX_COLS] = B->cp_on ? B->lbt : B->bt;
+  int32_t(*itb)[MAX_COLS] = B->cp_on ? B->libt : B->ibt;
+  int *cols = B->cp_on ? &B->lcols : &B->cols, *icols = B->cp_on ? &B->licols : &B->icols;
   int mutate = rchance(12);
   int kind = mutate ? rpick(16) : -1;
   if (kind == 15)
@@ -240,12 +392,15 @@ void mk_batch(bat *B, int uses_main, int uses_idx, int allow_null, int *ex) {
   int nr = B->num_reqs;
   /* count and value mutations that the API must reject */
   int maxn = 0, maxs = 0, rn2 = -1, rpage = -1;
+  int64_t ncols[MAX_REQS], maxc = 0; /* table columns each request needs */
   for (int r = 0; r < nr; r++) {
     maxn = B->n[r] > maxn ? B->n[r] : maxn;
     maxs = B->s[r] > maxs ? B->s[r] : maxs;
+    ncols[r] = B->cp_on ? cp_owned_count(&B->cp, need_pages(B->s[r])) : need_pages(B->s[r]);
+    maxc = ncols[r] > maxc ? ncols[r] : maxc;
     if (B->n[r] >= 2 && B->s[r] > 0)
       rn2 = r;
-    if (B->s[r] > 0)
+    if (ncols[r] > 0)
       rpage = r;
   }
   int neg_count = 0;
@@ -303,23 +458,22 @@ void mk_batch(bat *B, int uses_main, int uses_idx, int allow_null, int *ex) {
   case 8:
   case 9:
     if (rpage >= 0 && (kind == 8 ? uses_main : uses_idx)) {
-      int c = rpick((int)need_pages(B->s[rpage]));
+      int c = rpick((int)ncols[rpage]);
       int64_t bad = rchance(50) ? -1 - rpick(10) : (kind == 8 ? B->P : B->Pi) + rpick(10);
       if (kind == 8 || B->same_table)
-        B->bt[rpage][c] = (int32_t)bad;
+        tb[rpage][c] = (int32_t)bad;
       if (kind == 9 || B->same_table)
-        B->ibt[rpage][c] = (int32_t)bad;
+        itb[rpage][c] = (int32_t)bad;
       *ex |= EX_FAIL;
     }
     break;
   case 10:
   case 11:
-    if (maxs >= 1 && (kind == 10 ? uses_main : uses_idx)) {
-      int64_t mp = need_pages(maxs);
+    if (maxc >= 1 && (kind == 10 ? uses_main : uses_idx)) {
       if (kind == 10 || B->same_table)
-        B->cols = (int)mp - 1;
+        *cols = (int)maxc - 1;
       if (kind == 11 || B->same_table)
-        B->icols = (int)mp - 1;
+        *icols = (int)maxc - 1;
       *ex |= EX_FAIL;
     }
     break;
@@ -337,7 +491,7 @@ void mk_batch(bat *B, int uses_main, int uses_idx, int allow_null, int *ex) {
               M3S_I32,
               MASK(M3S_I32),
               2,
-              {nr, B->cols},
+              {nr, *cols},
               0,
               0,
               2u,
@@ -345,7 +499,7 @@ void mk_batch(bat *B, int uses_main, int uses_idx, int allow_null, int *ex) {
               mp,
               NULL,
               0};
-  tspec sit = {"batch.index_block_table", M3S_I32, MASK(M3S_I32), 2, {nr, B->icols}, 0, 0, 2u,
+  tspec sit = {"batch.index_block_table", M3S_I32, MASK(M3S_I32), 2, {nr, *icols}, 0, 0, 2u,
                nonempty && uses_idx,      mp,      NULL,          0};
   mk(&B->tq, &sq, ex);
   mk(&B->ts, &ss, ex);
@@ -358,11 +512,11 @@ void mk_batch(bat *B, int uses_main, int uses_idx, int allow_null, int *ex) {
     tseti(&B->tq, I4(r, 0, 0, 0), B->qsl[r]);
   for (int r = 0; r < nr; r++) {
     tseti(&B->ts, I4(r, 0, 0, 0), B->s[r]);
-    for (int c = 0; c < B->cols; c++)
-      tseti(&B->tt, I4(r, c, 0, 0), B->bt[r][c]);
+    for (int c = 0; c < *cols; c++)
+      tseti(&B->tt, I4(r, c, 0, 0), tb[r][c]);
     if (!B->same_table)
-      for (int c = 0; c < B->icols; c++)
-        tseti(&B->tit, I4(r, c, 0, 0), B->ibt[r][c]);
+      for (int c = 0; c < *icols; c++)
+        tseti(&B->tit, I4(r, c, 0, 0), itb[r][c]);
   }
   if (B->chaos) { /* random values in the batch's index tensors: any status */
     *ex |= EX_ANY;
@@ -383,6 +537,7 @@ void mk_batch(bat *B, int uses_main, int uses_idx, int allow_null, int *ex) {
   b->uniform_q_len = B->uniform ? B->q_len : 0;
   b->max_q_len = B->max_q_len;
   b->max_seq_len = B->max_seq_len;
+  b->cp = B->cp;
   if (B->tq.p)
     b->query_start_loc = B->tq.t;
   if (B->ts.p)

@@ -16,15 +16,18 @@ import os, random, re, shutil, subprocess, sys, tempfile
 
 OPS = ["plan_step", "cache_insert", "index_cache_insert", "index_topk", "sparse_attention",
        "step_forward", "build_k2q_csr", "k2q_attention", "combine_partials",
-       "merge_attn_states", "tensor_narrow", "misc", "k2q_chain"]
+       "merge_attn_states", "tensor_narrow", "misc", "k2q_chain", "cp_local_block",
+       "index_topk_candidates", "merge_topk_candidates", "merge_attn_states_n"]
 WANT_OK, WANT_FAIL = 1, 1
-BIG = {3, 4, 5, 7, 12}  # top-k, attention, step, k2q, chain: two accepted seeds
+# top-k, attention, step, k2q, chain, candidates, candidates merge: two accepted seeds
+BIG = {3, 4, 5, 7, 12, 14, 15}
+NOPS = len(OPS)  # the first input byte picks the operation: byte % NOPS
 
 def candidate(rng, op):
     n = rng.choice([24, 48, 96, 200, 400, 700])
     pz = rng.choice([0.6, 0.85, 0.95])
     body = bytes(0 if rng.random() < pz else rng.randrange(256) for _ in range(n))
-    return bytes([op + 13 * rng.randrange(19)]) + body
+    return bytes([op + NOPS * rng.randrange(256 // NOPS)]) + body
 
 def main():
     fuzzer = sys.argv[1]

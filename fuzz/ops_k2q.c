@@ -10,6 +10,7 @@ void op_csr(void) {
   gen_batch_desc(&B, 0, hq, hkv, K);
   bat *L[1] = {&B};
   assign_pages(L, 1);
+  B.cp_pol = CP_ANY; /* the CSR does not read the block tables */
   mk_batch(&B, 0, 0, 1, &ex);
   int64_t R = 0;
   for (int r = 0; r < B.num_reqs; r++)
@@ -33,8 +34,9 @@ void op_csr(void) {
   if (g_skip)
     return;
   OUTPUTS(&rp, &qi, &qs, &qc);
-  m3s_status st = CALL("m3s_build_k2q_csr", ex,
+  m3s_status st = CALL("m3s_build_k2q_csr", ex | cp_ex(&B),
                        m3s_build_k2q_csr(ctx, C.p, B.p, tk.p, rp.p, qi.p, qs.p, qc.p, e));
+  cp_check(&B, ex, st);
   if (st)
     return;
   if (ex) {
@@ -80,7 +82,7 @@ void op_k2q_attention(void) {
   int ex = 0;
   attn_fx F;
   bat B;
-  attn_one_batch(&F, &B, &ex);
+  attn_one_batch(&F, &B, &ex, CP_UNSUP);
   fill_kv(&B, &F.kv, F.hkv, F.nice, 1);
   int hkv = F.hkv, K = F.K, hq = F.hq, G = hq / hkv;
   /* host selections: distinct ids < nb(t) (or, "odd", any block of the request) */
@@ -174,15 +176,16 @@ void op_k2q_attention(void) {
   }
   OUTPUTS(&po, &pl);
   m3s_status st = CALL(
-      "m3s_k2q_attention", ex,
+      "m3s_k2q_attention", ex | cp_ex(&B),
       m3s_k2q_attention(ctx, F.C.p, B.p, F.q.p, F.kv.p, F.sc.p, rp.p, qi.p, qs.p, po.p, pl.p, e));
+  cp_check(&B, ex, st);
   if (st == M3S_OK) {
     if (ex) {
       allow_view(&po);
       allow_view(&pl);
       check_allowed();
     } else {
-      attn_in A = {&F.C.c, &B, &F.q, &F.kv, NULL, &F.sc, 0, NULL};
+      attn_in A = {&F.C.c, &B, &F.q, &F.kv, NULL, &F.sc, 0, NULL, NULL};
       int numeric = F.nice && F.C.nice && F.sc.nice && !g_alias_in;
       attn_decode(&A);
       double *ref_o = (double *)malloc(sizeof(double) * (size_t)G * (D + 1)),

@@ -113,7 +113,7 @@ void op_misc(void) {
     gen_cfg(&C, &ex);
     m3s_support_query q;
     memset(&q, 0, sizeof q);
-    q.op = (m3s_op)(!rchance(20) ? rpick(7) : (int)rb32());
+    q.op = (m3s_op)(!rchance(20) ? rpick(M3S_OP_MERGE_N + 1) : (int)rb32());
     q.act_dtype = (m3s_dtype)(!rchance(20) ? rpick(7) : (int)rb32());
     q.kv_dtype = (m3s_dtype)(!rchance(20) ? rpick(7) : (int)rb32());
     q.index_dtype = (m3s_dtype)(!rchance(20) ? rpick(7) : (int)rb32());
@@ -129,7 +129,7 @@ void op_misc(void) {
       qp = NULL, ex |= EX_FAIL;
     if (rchance(5))
       ip = NULL, ex |= EX_FAIL;
-    if ((unsigned)q.op > 6u || (unsigned)q.layout > 2u)
+    if ((unsigned)q.op > (unsigned)M3S_OP_MERGE_N || (unsigned)q.layout > 2u)
       ex |= EX_FAIL;
     m3s_context *ctx = pick_ctx(&ex);
     for (int i = 0; i < g_nb; i++)
@@ -187,6 +187,7 @@ void op_misc(void) {
     gen_batch_desc(&B, 0, 4, 1, 4);
     bat *L[1] = {&B};
     assign_pages(L, 1);
+    B.cp_pol = CP_ANY; /* rows are global under cp too */
     mk_batch(&B, 0, 0, 1, &ex);
     buf_t *ob = balloc("out_rows", sizeof(int64_t));
     int64_t *op = (int64_t *)ob->data;
@@ -197,7 +198,8 @@ void op_misc(void) {
       return;
     for (int i = 0; i < g_nb; i++)
       g_b[i].out = &g_b[i] == ob;
-    m3s_status st = CALL("m3s_k2q_csr_rows", ex, m3s_k2q_csr_rows(ctx, B.p, op));
+    m3s_status st = CALL("m3s_k2q_csr_rows", ex | cp_ex(&B), m3s_k2q_csr_rows(ctx, B.p, op));
+    cp_check(&B, ex, st);
     if (st == M3S_OK) {
       memset(ob->allow = (unsigned char *)calloc(ob->bytes, 1), 1, ob->bytes);
       check_allowed();

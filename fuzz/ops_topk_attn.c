@@ -88,6 +88,7 @@ void op_index_topk(void) {
   assign_pages(L, 1);
   int nice = !rchance(20), inject = nice && rchance(25);
   m3s_dtype adt = rchance(30) ? M3S_F16 : M3S_BF16, idt = rchance(30) ? M3S_E4M3 : M3S_BF16;
+  B.cp_pol = CP_REFUSE; /* a rank's table is not the whole cache */
   mk_batch(&B, 0, 1, 1, &ex);
   tspec siq = {"iq", adt, ACT, 3, {B.T, hkv, D}, 0, 0, 0, 1, 8, NULL, 0};
   tspec sic = {"index_cache", idt, IDX_MASK, 3, {B.Pi, BS, D}, 0, 1, 1u, 1, 8, NULL, 0};
@@ -103,7 +104,9 @@ void op_index_topk(void) {
   if (g_skip)
     return;
   OUTPUTS(&tk);
-  m3s_status st = CALL("m3s_index_topk", ex, m3s_index_topk(ctx, C.p, B.p, iq.p, ic.p, tk.p, e));
+  m3s_status st =
+      CALL("m3s_index_topk", ex | cp_ex(&B), m3s_index_topk(ctx, C.p, B.p, iq.p, ic.p, tk.p, e));
+  cp_check(&B, ex, st);
   if (st)
     return;
   allow_view(&tk);
@@ -161,7 +164,7 @@ void mk_out_lse(attn_fx *F, int64_t T, int *ex) {
 
 /* Config, one batch (pages assigned, tensors made) and q / kv for the
  * attention-shaped operations; input bytes are read in this fixed order. */
-void attn_one_batch(attn_fx *F, bat *B, int *ex) {
+void attn_one_batch(attn_fx *F, bat *B, int *ex, int cp_pol) {
   memset(F, 0, sizeof *F);
   gen_cfg(&F->C, ex);
   safe_dims(&F->C.c, &F->hq, &F->hkv, &F->K);
@@ -169,6 +172,7 @@ void attn_one_batch(attn_fx *F, bat *B, int *ex) {
   bat *L[1] = {B};
   assign_pages(L, 1);
   F->nice = !rchance(20);
+  B->cp_pol = cp_pol;
   mk_batch(B, 1, 0, 1, ex);
   mk_q_kv(F, B->T, B->P, ex);
 }
@@ -177,11 +181,13 @@ void op_attention(void) {
   int ex = 0;
   attn_fx F;
   bat B;
-  attn_one_batch(&F, &B, &ex);
+  attn_one_batch(&F, &B, &ex, CP_RANK);
   tspec stk = {"topk", M3S_I32, MASK(M3S_I32), 3, {B.T, F.hkv, F.K}, 0, 0, 0, 1, 8, PERM_HM, 0};
   mk(&F.tk, &stk, &ex);
   mk_out_lse(&F, B.T, &ex);
   fill_kv(&B, &F.kv, F.hkv, F.nice, 1);
+  if (F.nice) /* a rank reads only its own blocks */
+    poison_unowned(&B, &F.kv, F.hkv, 0);
   fill_topk_input(F.hkv, F.K, &B, &F.tk, 0, &ex);
   m3s_context *ctx = pick_ctx(&ex);
   const m3s_exec *e = pick_exec();
@@ -189,8 +195,9 @@ void op_attention(void) {
     return;
   OUTPUTS(&F.out, &F.lse);
   m3s_status st = CALL(
-      "m3s_sparse_attention", ex,
+      "m3s_sparse_attention", ex | cp_ex(&B),
       m3s_sparse_attention(ctx, F.C.p, B.p, F.q.p, F.kv.p, F.sc.p, F.tk.p, F.out.p, F.lse.p, e));
+  cp_check(&B, ex, st);
   if (st)
     return;
   allow_view(&F.out);
@@ -198,7 +205,8 @@ void op_attention(void) {
   check_allowed();
   if (ex)
     return;
-  attn_in A = {&F.C.c, &B, &F.q, &F.kv, &F.tk, &F.sc, 0, NULL};
+  /* under cp: the rank's partial result, over the selected blocks it owns */
+  attn_in A = {&F.C.c, &B, &F.q, &F.kv, &F.tk, &F.sc, 0, NULL, &B.b.cp};
   check_attn_rows(&A, &F.out, &F.lse, F.nice && F.C.nice && F.sc.nice && !g_alias_in);
   int r = pick_req(&B);
   if (r >= 0 && B.num_reqs > 1 && rndn(5) < 2) {
@@ -239,6 +247,7 @@ void op_step(void) {
   assign_pages(L, 2);
   F.nice = !rchance(20);
   int inject = F.nice && rchance(20);
+  Dc.cp_pol = Pf.cp_pol = CP_REFUSE;
   mk_batch(&Dc, 1, 1, 0, &ex);
   mk_batch(&Pf, 1, 1, 0, &ex);
   int64_t T = Dc.T + Pf.T;
@@ -266,9 +275,11 @@ void op_step(void) {
   if (g_skip)
     return;
   OUTPUTS(&F.tk, &F.out, &F.lse);
-  m3s_status st = CALL("m3s_step_forward", ex,
+  m3s_status st = CALL("m3s_step_forward", ex | cp_ex(&Dc) | cp_ex(&Pf),
                        m3s_step_forward(ctx, F.C.p, sp, F.q.p, iq.p, F.kv.p, F.sc.p, ic.p, F.tk.p,
                                         F.out.p, F.lse.p, e));
+  cp_check(&Dc, ex, st); /* (both parts' cp statuses are M3S_ERR_INVALID) */
+  cp_check(&Pf, ex, st);
   if (st)
     return;
   allow_view(&F.tk);
@@ -283,7 +294,7 @@ void op_step(void) {
   int64_t base[2] = {0, Dc.T};
   for (int k = 0; k < 2; k++) {
     check_topk_rows(&F.C.c, parts[k], &iq, &ic, &F.tk, base[k], exact);
-    attn_in A = {&F.C.c, parts[k], &F.q, &F.kv, &F.tk, &F.sc, base[k], NULL};
+    attn_in A = {&F.C.c, parts[k], &F.q, &F.kv, &F.tk, &F.sc, base[k], NULL, NULL};
     check_attn_rows(&A, &F.out, &F.lse, numeric);
   }
   if (rndn(5) < 2) { /* equals separate calls on the two parts, bit for bit */

@@ -159,6 +159,10 @@ void check_attn_rows(attn_in *A, const targ *out, const targ *lse, int numeric) 
           for (int k = 0; k < kk; k++)
             ids[n++] = (int32_t)tgeti(A->tk, I4(t, g, k, 0));
         }
+        if (A->cp) /* a context-parallel rank attends only the selected blocks it owns */
+          for (int k = 0; k < n; k++)
+            if (ids[k] >= 0 && !cp_owns(A->cp, ids[k]))
+              ids[k] = -1;
         for (int k = 0; k < n; k++)
           empty &= ids[k] < 0;
         if (!empty && numeric) /* the KV head's query heads in one pass over the keys */

@@ -28,7 +28,8 @@ void die(const char *fmt, ...) {
 const char *k_opname[NOPS] = {
     "plan_step",     "cache_insert",  "index_cache_insert", "index_topk",       "sparse_attention",
     "step_forward",  "build_k2q_csr", "k2q_attention",      "combine_partials", "merge_attn_states",
-    "tensor_narrow", "misc",          "k2q_chain"};
+    "tensor_narrow", "misc",          "k2q_chain",          "cp_local_block",   "index_topk_candidates",
+    "merge_topk_candidates", "merge_attn_states_n"};
 const char *g_stats_path;
 
 void write_stats(void) {
@@ -42,6 +43,7 @@ void write_stats(void) {
   fprintf(f, "expected_ok %llu\nexpected_fail %llu\nexpected_any %llu\n", S.must_ok, S.must_fail,
           S.any);
   fprintf(f, "reference_rows_checked %llu\nbatch_independence_checks %llu\n", S.ref_rows, S.indep);
+  fprintf(f, "cp_active_accepted %llu\n", S.cp_active_ok);
   for (int i = 0; i < NOPS; i++)
     fprintf(f, "op %-20s calls %llu rejected %llu seconds %.1f\n", k_opname[i], S.op_calls[i],
             S.op_rej[i], S.op_sec[i]);
