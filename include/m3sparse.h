@@ -587,7 +587,9 @@ M3S_API m3s_status m3s_index_topk_candidates(m3s_context *ctx, const m3s_layer_c
  * id -1 are holes. Other ids must be < nb, owned by the rank that sent them
  * and not repeated in its row: the CPU backend checks this (M3S_ERR_RANGE
  * naming the entry), the CUDA backend skips ids outside [0, nb) or of another
- * rank. No workspace. */
+ * rank. The order of the candidates inside a row does not matter (the merge
+ * ranks them by score and id), so an engine may reorder or compact them.
+ * No workspace. */
 M3S_API m3s_status m3s_merge_topk_candidates(m3s_context *ctx, const m3s_layer_config *cfg,
                                              const m3s_batch *batch, const m3s_tensor *cand_ids,
                                              const m3s_tensor *cand_scores, m3s_tensor *topk,
