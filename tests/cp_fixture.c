@@ -5,6 +5,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+const int32_t CP_MIX_QL[5] = {1, 37, 1, 3, 1};
+const int32_t CP_MIX_SL[5] = {5000, 3100, 0, 200, 1};
+const int32_t CP_SPEC_QL[4] = {4, 4, 4, 4};
+const int32_t CP_SPEC_SL[4] = {2600, 0, 700, 4100};
+
 #define B 128
 #define D 128
 

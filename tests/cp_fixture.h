@@ -46,6 +46,13 @@ typedef struct {
   m3s_tensor ids, scores, outs, lses;
 } cp_exchange;
 
+/* The batches both context-parallel tests run. A mixed step: a decode row deep
+ * in a 40-block context, a 37-token prefill chunk behind a 3063-token prefix,
+ * a padded request, a 2-block request with 3 new tokens (shorter than cp
+ * blocks for cp >= 3) and a 1-token request. Speculative decode, q_len 4, with
+ * a padded request. */
+extern const int32_t CP_MIX_QL[5], CP_MIX_SL[5], CP_SPEC_QL[4], CP_SPEC_SL[4];
+
 void cp_exchange_init(cp_exchange *x, const fixture *f, int n, int packed);
 void cp_exchange_free(cp_exchange *x);
 /* Fills every byte of the exchange buffers with a NaN / 0x7fffffff pattern. */

@@ -178,6 +178,16 @@ static void shuffle(int32_t *a, int64_t n, uint64_t *rng) {
 
 static float grid_value(uint64_t *rng) { return (float)((int)(rng_next(rng) % 9) - 4) / 4.0f; }
 
+m3s_layer_config fx_cfg(int hq, int hkv, int k, int init, int local) {
+  m3s_layer_config c = m3s_config_minimax_m3(1);
+  c.num_q_heads = hq;
+  c.num_kv_heads = hkv;
+  c.topk = k;
+  c.init_blocks = init;
+  c.local_blocks = local;
+  return c;
+}
+
 fx_spec fx_spec_default(m3s_layer_config cfg, int nreq, const int32_t *ql, const int32_t *sl,
                         uint64_t seed) {
   fx_spec s;

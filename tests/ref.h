@@ -53,6 +53,8 @@ float rng_normal(uint64_t *s);
 
 /* A spec with bf16 activations and caches, head-major cache, no scales and
  * continuous values; tests override the fields they vary. */
+/* The TP1 MiniMax-M3 config with the given heads, top-k and forced blocks. */
+m3s_layer_config fx_cfg(int hq, int hkv, int k, int init, int local);
 fx_spec fx_spec_default(m3s_layer_config cfg, int nreq, const int32_t *ql, const int32_t *sl,
                         uint64_t seed);
 void fx_init(fixture *f, const fx_spec *sp);

@@ -26,24 +26,6 @@
 
 static m3s_context *g_ctx;
 
-static m3s_layer_config cfg_of(int hq, int hkv, int k, int init, int local) {
-  m3s_layer_config c = m3s_config_minimax_m3(1);
-  c.num_q_heads = hq;
-  c.num_kv_heads = hkv;
-  c.topk = k;
-  c.init_blocks = init;
-  c.local_blocks = local;
-  return c;
-}
-
-/* A mixed step: a decode row deep in a 40-block context, a 37-token prefill
- * chunk behind a 3063-token prefix, a padded request, a 2-block request with 3
- * new tokens (shorter than cp blocks for cp >= 3) and a 1-token request. */
-static const int32_t MIX_QL[] = {1, 37, 1, 3, 1};
-static const int32_t MIX_SL[] = {5000, 3100, 0, 200, 1};
-/* Speculative decode, q_len 4, with a padded request. */
-static const int32_t SPEC_QL[] = {4, 4, 4, 4};
-static const int32_t SPEC_SL[] = {2600, 0, 700, 4100};
 
 enum { TIES_NONE, TIES_NAN, TIES_EQUAL, TIES_SIGNED_ZERO, TIES_GRID };
 
@@ -57,8 +39,8 @@ typedef struct {
 } cp_case;
 
 static fixture make_fixture(const cp_case *c, uint64_t seed) {
-  fx_spec s = c->uniform ? fx_spec_default(c->cfg, 4, SPEC_QL, SPEC_SL, seed)
-                         : fx_spec_default(c->cfg, 5, MIX_QL, MIX_SL, seed);
+  fx_spec s = c->uniform ? fx_spec_default(c->cfg, 4, CP_SPEC_QL, CP_SPEC_SL, seed)
+                         : fx_spec_default(c->cfg, 5, CP_MIX_QL, CP_MIX_SL, seed);
   s.uniform = c->uniform;
   s.qsl_base = c->uniform ? 0 : 3;
   s.extra_pages = 2;
@@ -295,7 +277,7 @@ static void test_cp_splits(void) {
   const int sizes[] = {2, 3, 4, 8};
   cp_case cases[] = {
       {.name = "m3_tp8_mixed", .cfg = m3s_config_minimax_m3(8)},
-      {.name = "hkv2_k6_init1_local2_mixed_packed", .cfg = cfg_of(8, 2, 6, 1, 2), .packed = 1},
+      {.name = "hkv2_k6_init1_local2_mixed_packed", .cfg = fx_cfg(8, 2, 6, 1, 2), .packed = 1},
       {.name = "m3_tp2_spec_decode_q4", .cfg = m3s_config_minimax_m3(2), .uniform = 1},
   };
   for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
@@ -310,16 +292,16 @@ static void test_cp_ties_and_formats(void) {
     cp_case c;
     int cp, il;
   } cases[] = {
-      {{.name = "nan_scores", .cfg = cfg_of(8, 2, 16, 0, 1), .ties = TIES_NAN}, 3, 2},
-      {{.name = "nan_scores_init2", .cfg = cfg_of(4, 1, 8, 2, 1), .ties = TIES_NAN, .packed = 1},
+      {{.name = "nan_scores", .cfg = fx_cfg(8, 2, 16, 0, 1), .ties = TIES_NAN}, 3, 2},
+      {{.name = "nan_scores_init2", .cfg = fx_cfg(4, 1, 8, 2, 1), .ties = TIES_NAN, .packed = 1},
        4,
        1},
-      {{.name = "equal_scores", .cfg = cfg_of(8, 2, 16, 0, 1), .ties = TIES_EQUAL}, 4, 1},
-      {{.name = "equal_scores_k5", .cfg = cfg_of(4, 2, 5, 1, 1), .ties = TIES_EQUAL}, 8, 2},
-      {{.name = "signed_zero_scores", .cfg = cfg_of(4, 1, 6, 0, 2), .ties = TIES_SIGNED_ZERO},
+      {{.name = "equal_scores", .cfg = fx_cfg(8, 2, 16, 0, 1), .ties = TIES_EQUAL}, 4, 1},
+      {{.name = "equal_scores_k5", .cfg = fx_cfg(4, 2, 5, 1, 1), .ties = TIES_EQUAL}, 8, 2},
+      {{.name = "signed_zero_scores", .cfg = fx_cfg(4, 1, 6, 0, 2), .ties = TIES_SIGNED_ZERO},
        3,
        1},
-      {{.name = "grid_scores", .cfg = cfg_of(8, 1, 4, 0, 1), .ties = TIES_GRID}, 2, 3},
+      {{.name = "grid_scores", .cfg = fx_cfg(8, 1, 4, 0, 1), .ties = TIES_GRID}, 2, 3},
       {{.name = "e4m3_caches_per_slot_scales_token_major",
         .cfg = m3s_config_minimax_m3(4),
         .kv_dtype = M3S_E4M3,
@@ -347,7 +329,7 @@ static void test_cp_ties_and_formats(void) {
  * one-way merge: the same top-k, and a one-way N merge is the identity up to
  * the output rounding. */
 static void test_cp_one_rank(void) {
-  cp_case c = {.name = "one_rank", .cfg = cfg_of(8, 2, 6, 1, 1)};
+  cp_case c = {.name = "one_rank", .cfg = fx_cfg(8, 2, 6, 1, 1)};
   fixture f = make_fixture(&c, 5);
   size_t tk_bytes = sizeof(int32_t) * (size_t)(f.T * 2 * 6);
   int32_t *want = malloc(tk_bytes);
@@ -538,7 +520,7 @@ typedef struct {
 } bad_env;
 
 static void bad_env_init(bad_env *e) {
-  cp_case c = {.name = "bad", .cfg = cfg_of(4, 2, 4, 0, 1)};
+  cp_case c = {.name = "bad", .cfg = fx_cfg(4, 2, 4, 0, 1)};
   e->f = make_fixture(&c, 77);
   for (int n = 0; n < 2; n++)
     cp_rank_init(&e->rk[n], &e->f, 2, n, 1, 3);

@@ -25,23 +25,6 @@
 static m3s_context *g_gpu, *g_cpu;
 static cudaStream_t g_stream;
 
-static m3s_layer_config cfg_of(int hq, int hkv, int k, int init, int local) {
-  m3s_layer_config c = m3s_config_minimax_m3(1);
-  c.num_q_heads = hq;
-  c.num_kv_heads = hkv;
-  c.topk = k;
-  c.init_blocks = init;
-  c.local_blocks = local;
-  return c;
-}
-
-/* The batches of test_context_parallel.c: a mixed step (decode deep in a
- * 40-block context, a prefill chunk, a padded request, a 2-block request, a
- * 1-token request) and a speculative decode step (q_len 4, one padded). */
-static const int32_t MIX_QL[] = {1, 37, 1, 3, 1};
-static const int32_t MIX_SL[] = {5000, 3100, 0, 200, 1};
-static const int32_t SPEC_QL[] = {4, 4, 4, 4};
-static const int32_t SPEC_SL[] = {2600, 0, 700, 4100};
 
 typedef struct {
   const char *name;
@@ -53,8 +36,8 @@ typedef struct {
 } gcase;
 
 static fixture make_fixture(const gcase *c, uint64_t seed) {
-  fx_spec s = c->uniform ? fx_spec_default(c->cfg, 4, SPEC_QL, SPEC_SL, seed)
-                         : fx_spec_default(c->cfg, 5, MIX_QL, MIX_SL, seed);
+  fx_spec s = c->uniform ? fx_spec_default(c->cfg, 4, CP_SPEC_QL, CP_SPEC_SL, seed)
+                         : fx_spec_default(c->cfg, 5, CP_MIX_QL, CP_MIX_SL, seed);
   s.uniform = c->uniform;
   s.qsl_base = c->uniform ? 0 : 3;
   s.extra_pages = 2;
@@ -307,7 +290,7 @@ static void run_case(const gcase *c) {
 
 static void test_cases(void) {
   const m3s_layer_config tp8 = m3s_config_minimax_m3(8), tp2 = m3s_config_minimax_m3(2);
-  const m3s_layer_config mixed = cfg_of(8, 2, 6, 1, 2);
+  const m3s_layer_config mixed = fx_cfg(8, 2, 6, 1, 2);
   const gcase cases[] = {
       {.name = "m3_tp8_mixed", .cfg = tp8, .cp = 2, .il = 1},
       {.name = "m3_tp8_mixed", .cfg = tp8, .cp = 3, .il = 2},
@@ -317,8 +300,8 @@ static void test_cases(void) {
       {.name = "hkv2_k6_init1_local2_packed", .cfg = mixed, .packed = 1, .cp = 8, .il = 1},
       {.name = "m3_tp2_spec_decode_q4", .cfg = tp2, .uniform = 1, .cp = 2, .il = 2},
       {.name = "m3_tp2_spec_decode_q4", .cfg = tp2, .uniform = 1, .cp = 4, .il = 1},
-      {.name = "nan_scores", .cfg = cfg_of(8, 2, 16, 0, 1), .nan_keys = 1, .cp = 3, .il = 2},
-      {.name = "equal_scores", .cfg = cfg_of(4, 2, 5, 1, 1), .equal_keys = 1, .cp = 4, .il = 1},
+      {.name = "nan_scores", .cfg = fx_cfg(8, 2, 16, 0, 1), .nan_keys = 1, .cp = 3, .il = 2},
+      {.name = "equal_scores", .cfg = fx_cfg(4, 2, 5, 1, 1), .equal_keys = 1, .cp = 4, .il = 1},
       {.name = "e4m3_caches_per_slot_scales_token_major",
        .cfg = m3s_config_minimax_m3(4),
        .kv_dtype = M3S_E4M3,

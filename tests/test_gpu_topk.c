@@ -29,16 +29,6 @@ static m3s_context *g_cpu, *g_gpu;
 static int g_quick;
 static uint64_t g_seed = 20261101;
 
-static m3s_layer_config cfg_of(int hq, int hkv, int k, int init, int local) {
-  m3s_layer_config c = m3s_config_minimax_m3(1);
-  c.num_q_heads = hq;
-  c.num_kv_heads = hkv;
-  c.topk = k;
-  c.init_blocks = init;
-  c.local_blocks = local;
-  return c;
-}
-
 static m3s_layer_config tp_cfg(int tp) {
   m3s_layer_config c = m3s_config_minimax_m3(tp);
   return c;
@@ -304,7 +294,7 @@ static void test_forced_and_k(void) {
   } v[] = {{16, 2, 1}, {16, 0, 3}, {8, 3, 4},  {16, 0, 0},  {1, 0, 1},
            {1, 0, 0},  {64, 0, 1}, {64, 4, 2}, {64, 60, 4}, {5, 5, 0}};
   for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
-    fx_spec s = spec_of(cfg_of(32, 2, v[i].k, v[i].init, v[i].local), 3, ql, sl);
+    fx_spec s = spec_of(fx_cfg(32, 2, v[i].k, v[i].init, v[i].local), 3, ql, sl);
     s.grid = (int)(i & 1);
     char name[96];
     snprintf(name, sizeof name, "forced_k%d_init%d_local%d_%s", v[i].k, v[i].init, v[i].local,
@@ -327,7 +317,7 @@ static void test_nan_and_ties(void) {
   fx_spec t = spec_of(tp_cfg(2), 3, ql, sl);
   run_case("all_scores_tie", t, &ties);
   case_mods zeros = {signed_zero_ties, NULL, 0};
-  run_case("zero_scores_tie_k64", spec_of(cfg_of(8, 1, 64, 0, 1), 3, ql, sl), &zeros);
+  run_case("zero_scores_tie_k64", spec_of(fx_cfg(8, 1, 64, 0, 1), 3, ql, sl), &zeros);
 }
 
 static void test_short_contexts_no_workspace(void) {
@@ -359,7 +349,7 @@ static void test_one_million(void) {
     return;
   static const int32_t ql[] = {4};
   static const int32_t sl[] = {1048576};
-  fx_spec s = spec_of(cfg_of(8, 1, 64, 0, 1), 1, ql, sl);
+  fx_spec s = spec_of(fx_cfg(8, 1, 64, 0, 1), 1, ql, sl);
   s.uniform = 1;
   s.grid = 0;
   run_case("decode_1M_tp8_qlen4_k64_continuous", s, NULL);

@@ -51,16 +51,6 @@ static m3s_topk_tc_stats *g_stats; /* device */
 static float g_max_ratio[2];
 static int g_mma; /* this pass: 0 the default kernels, 1 mma.sync forced (test hook) */
 
-static m3s_layer_config cfg_of(int hq, int hkv, int k, int init, int local) {
-  m3s_layer_config c = m3s_config_minimax_m3(1);
-  c.num_q_heads = hq;
-  c.num_kv_heads = hkv;
-  c.topk = k;
-  c.init_blocks = init;
-  c.local_blocks = local;
-  return c;
-}
-
 static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
   fx_spec s = fx_spec_default(c, nreq, ql, sl, g_seed++);
   s.kv_dtype = M3S_E4M3; /* unused by the indexer: the smallest main cache */
@@ -394,11 +384,11 @@ static void test_prefill_shapes(void) {
 static void test_k_variants(void) {
   static const int32_t ql[] = {1500};
   static const int32_t sl[] = {20000};
-  run_case("k64_tp8", spec_of(cfg_of(8, 1, 64, 0, 1), 1, ql, sl), NULL);
+  run_case("k64_tp8", spec_of(fx_cfg(8, 1, 64, 0, 1), 1, ql, sl), NULL);
   static const int32_t ql2[] = {700, 300};
   static const int32_t sl2[] = {12000, 9000};
-  run_case("k64_init4_local2_hkv2", spec_of(cfg_of(32, 2, 64, 4, 2), 2, ql2, sl2), NULL);
-  run_case("k16_init2_local0_hkv4", spec_of(cfg_of(64, 4, 16, 2, 0), 2, ql2, sl2), NULL);
+  run_case("k64_init4_local2_hkv2", spec_of(fx_cfg(32, 2, 64, 4, 2), 2, ql2, sl2), NULL);
+  run_case("k16_init2_local0_hkv4", spec_of(fx_cfg(64, 4, 16, 2, 0), 2, ql2, sl2), NULL);
 }
 
 static void test_adversarial(void) {
@@ -408,7 +398,7 @@ static void test_adversarial(void) {
   run_case("last_bit_permuted_multiset_hkv1", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &lb);
   static const int32_t ql64[] = {256, 256, 256};
   static const int32_t sl64[] = {16384, 12000, 10000}; /* nb > 64 */
-  run_case("last_bit_permuted_multiset_k64", spec_of(cfg_of(8, 1, 64, 0, 1), 3, ql64, sl64), &lb);
+  run_case("last_bit_permuted_multiset_k64", spec_of(fx_cfg(8, 1, 64, 0, 1), 3, ql64, sl64), &lb);
   case_mods eq = {equal_maxima, NULL, 0, 0};
   run_case("equal_maxima_tp1", spec_of(m3s_config_minimax_m3(1), 4, ql, sl), &eq);
   case_mods cw = {cancel_wide, NULL, 0, 0};
@@ -449,9 +439,9 @@ static void test_decode(void) {
   fx_spec e = decode_spec(m3s_config_minimax_m3(1), 6, 4, sl);
   e.idx_dtype = M3S_E4M3;
   run_case("decode_q4_tp1_e4m3", e, &both);
-  run_case("decode_q2_tp8_k64", decode_spec(cfg_of(8, 1, 64, 0, 1), 5, 2, sl + 1), NULL);
+  run_case("decode_q2_tp8_k64", decode_spec(fx_cfg(8, 1, 64, 0, 1), 5, 2, sl + 1), NULL);
   run_case("decode_q3_tp4_init2_local0",
-           decode_spec(cfg_of(16, 1, 16, 2, 0), 4, 3, sl + 2), NULL);
+           decode_spec(fx_cfg(16, 1, 16, 2, 0), 4, 3, sl + 2), NULL);
   static const int32_t sa[] = {8192, 8192, 6000, 7000};
   case_mods lb = {last_bit, NULL, 1, 0};
   run_case("decode_last_bit_permuted_multiset_hkv1",

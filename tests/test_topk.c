@@ -14,16 +14,6 @@
 
 static m3s_context *g_ctx;
 
-static m3s_layer_config cfg_of(int hq, int hkv, int k, int init, int local) {
-  m3s_layer_config c = m3s_config_minimax_m3(1);
-  c.num_q_heads = hq;
-  c.num_kv_heads = hkv;
-  c.topk = k;
-  c.init_blocks = init;
-  c.local_blocks = local;
-  return c;
-}
-
 static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
   fx_spec s = fx_spec_default(c, nreq, ql, sl, 1234);
   s.grid = 1;
@@ -50,7 +40,7 @@ static void topk_case(const char *name, fx_spec s) {
 static void test_spec3_edge_positions(void) {
   /* prefill rows cover: query in block 0 (pos 0..127), nb == K, nb == K+1,
    * partial last block; decode rows at those exact boundaries */
-  m3s_layer_config c = cfg_of(16, 2, 16, 0, 1);
+  m3s_layer_config c = fx_cfg(16, 2, 16, 0, 1);
   int32_t ql[] = {2200, 1, 1, 1, 1, 1};
   int32_t sl[] = {2200, 1, 16 * 128, 16 * 128 + 1, 17 * 128, 17 * 128 + 5};
   topk_case("spec3_edges_block0_nb_eq_K_nb_eq_K_plus_1_partial_block", spec_of(c, 6, ql, sl));
@@ -59,7 +49,7 @@ static void test_spec3_edge_positions(void) {
 static void test_spec3_tp_shapes(void) {
   int shapes[][2] = {{64, 4}, {32, 2}, {16, 1}, {8, 1}};
   for (int i = 0; i < 4; i++) {
-    m3s_layer_config c = cfg_of(shapes[i][0], shapes[i][1], 16, 0, 1);
+    m3s_layer_config c = fx_cfg(shapes[i][0], shapes[i][1], 16, 0, 1);
     int32_t ql[] = {1, 1, 300};
     int32_t sl[] = {3000, 4500, 2600};
     char name[96];
@@ -71,18 +61,18 @@ static void test_spec3_tp_shapes(void) {
 static void test_spec3_init_local(void) {
   int32_t ql[] = {40, 1};
   int32_t sl[] = {3000, 5000};
-  topk_case("spec3_init_blocks_2_local_1", spec_of(cfg_of(8, 1, 16, 2, 1), 2, ql, sl));
-  topk_case("spec3_local_blocks_3", spec_of(cfg_of(8, 1, 16, 0, 3), 2, ql, sl));
-  topk_case("spec3_init_3_local_4_topk_8", spec_of(cfg_of(8, 1, 8, 3, 4), 2, ql, sl));
-  topk_case("spec3_no_forced_blocks", spec_of(cfg_of(8, 1, 16, 0, 0), 2, ql, sl));
-  topk_case("spec3_topk_1_local_1", spec_of(cfg_of(8, 1, 1, 0, 1), 2, ql, sl));
-  topk_case("spec3_topk_max", spec_of(cfg_of(8, 1, M3S_MAX_TOPK, 0, 1), 2, ql, (int32_t[]){9000, 9000}));
+  topk_case("spec3_init_blocks_2_local_1", spec_of(fx_cfg(8, 1, 16, 2, 1), 2, ql, sl));
+  topk_case("spec3_local_blocks_3", spec_of(fx_cfg(8, 1, 16, 0, 3), 2, ql, sl));
+  topk_case("spec3_init_3_local_4_topk_8", spec_of(fx_cfg(8, 1, 8, 3, 4), 2, ql, sl));
+  topk_case("spec3_no_forced_blocks", spec_of(fx_cfg(8, 1, 16, 0, 0), 2, ql, sl));
+  topk_case("spec3_topk_1_local_1", spec_of(fx_cfg(8, 1, 1, 0, 1), 2, ql, sl));
+  topk_case("spec3_topk_max", spec_of(fx_cfg(8, 1, M3S_MAX_TOPK, 0, 1), 2, ql, (int32_t[]){9000, 9000}));
 }
 
 static void test_spec3_e4m3_index_cache(void) {
   int32_t ql[] = {1, 64};
   int32_t sl[] = {4000, 3100};
-  fx_spec s = spec_of(cfg_of(32, 2, 16, 0, 1), 2, ql, sl);
+  fx_spec s = spec_of(fx_cfg(32, 2, 16, 0, 1), 2, ql, sl);
   s.idx_dtype = M3S_E4M3;
   topk_case("spec3_e4m3_index_cache", s);
   s.act_dtype = M3S_F16;
@@ -94,7 +84,7 @@ static void test_spec3_ties_lower_id_wins(void) {
    * ids must win (plus the forced local block). */
   int32_t ql[] = {1};
   int32_t sl[] = {40 * 128 + 7};
-  fx_spec s = spec_of(cfg_of(8, 1, 16, 0, 1), 1, ql, sl);
+  fx_spec s = spec_of(fx_cfg(8, 1, 16, 0, 1), 1, ql, sl);
   fixture f;
   fx_init(&f, &s);
   for (int64_t i = 0; i < f.num_pages * 128 * 128; i++)
@@ -115,7 +105,7 @@ static void test_spec3_nan_scores_rank_last(void) {
    * a single NaN key inside a block is ignored by the max. */
   int32_t ql[] = {1, 1};
   int32_t sl[] = {30 * 128, 12 * 128};
-  fx_spec s = spec_of(cfg_of(8, 1, 16, 0, 1), 2, ql, sl);
+  fx_spec s = spec_of(fx_cfg(8, 1, 16, 0, 1), 2, ql, sl);
   fixture f;
   fx_init(&f, &s);
   /* request 0: NaN-poison logical blocks 0..9 entirely (their pages), and one
@@ -152,7 +142,7 @@ static void test_spec3_nan_scores_rank_last(void) {
 static void test_spec3_padded_rows_all_minus_one(void) {
   int32_t ql[] = {4, 4, 4};
   int32_t sl[] = {3000, 0, 700};
-  fx_spec s = spec_of(cfg_of(16, 2, 16, 0, 1), 3, ql, sl);
+  fx_spec s = spec_of(fx_cfg(16, 2, 16, 0, 1), 3, ql, sl);
   s.uniform = 1;
   fixture f;
   fx_init(&f, &s);
@@ -172,7 +162,7 @@ static void test_spec3_short_context_selects_all(void) {
   int32_t ql[] = {1, 1, 100};
   int32_t sl[] = {1, 16 * 128, 100};
   fixture f;
-  fx_spec s = spec_of(cfg_of(8, 1, 16, 0, 1), 3, ql, sl);
+  fx_spec s = spec_of(fx_cfg(8, 1, 16, 0, 1), 3, ql, sl);
   fx_init(&f, &s);
   if (CHECK(run_topk(&f) == M3S_OK, "short run")) {
     int ok = *fx_topk_at(&f, 0, 0, 0) == 0 && *fx_topk_at(&f, 0, 0, 1) == -1;
@@ -186,7 +176,7 @@ static void test_spec3_short_context_selects_all(void) {
 static void test_spec3_head_major_topk_view(void) {
   int32_t ql[] = {1, 200};
   int32_t sl[] = {5000, 2500};
-  fx_spec s = spec_of(cfg_of(32, 2, 16, 0, 1), 2, ql, sl);
+  fx_spec s = spec_of(fx_cfg(32, 2, 16, 0, 1), 2, ql, sl);
   s.topk_head_major = 1;
   s.qsl_base = 17;
   topk_case("spec3_head_major_topk_buffer_and_sliced_query_start_loc", s);
@@ -197,7 +187,7 @@ static void test_spec3_head_major_topk_view(void) {
 static void test_spec3_continuous_optimal_within_rounding(void) {
   int32_t ql[] = {1, 1, 150};
   int32_t sl[] = {6000, 8000, 4000};
-  fx_spec s = spec_of(cfg_of(64, 4, 16, 0, 1), 3, ql, sl);
+  fx_spec s = spec_of(fx_cfg(64, 4, 16, 0, 1), 3, ql, sl);
   s.grid = 0;
   fixture f;
   fx_init(&f, &s);
@@ -269,7 +259,7 @@ static void test_spec3_gpu_shapes_vs_fp64(void) {
     int k, init, local, grid;
   } v[] = {{64, 60, 4, 1}, {64, 60, 4, 0}, {64, 4, 2, 0}, {5, 5, 0, 1}};
   for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
-    fx_spec s = spec_of(cfg_of(32, 2, v[i].k, v[i].init, v[i].local), 3, ql, sl);
+    fx_spec s = spec_of(fx_cfg(32, 2, v[i].k, v[i].init, v[i].local), 3, ql, sl);
     s.grid = v[i].grid;
     char name[96];
     snprintf(name, sizeof name, "spec3_forced_k%d_init%d_local%d_%s_vs_fp64", v[i].k, v[i].init,
@@ -279,20 +269,20 @@ static void test_spec3_gpu_shapes_vs_fp64(void) {
   int32_t nql[] = {1, 1, 30};
   int32_t nsl[] = {30 * 128, 40 * 128 + 5, 3000};
   for (int e4 = 0; e4 < 2; e4++) {
-    fx_spec s = spec_of(cfg_of(16, 1, 16, 0, 1), 3, nql, nsl);
+    fx_spec s = spec_of(fx_cfg(16, 1, 16, 0, 1), 3, nql, nsl);
     s.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
     s.grid = 0;
     cpu_case(e4 ? "spec3_nan_keys_e4m3_vs_fp64" : "spec3_nan_keys_bf16_vs_fp64", s,
              fx_nan_index_keys, 64);
   }
-  cpu_case("spec3_zero_scores_tie_k64_vs_fp64", spec_of(cfg_of(8, 1, 64, 0, 1), 3, nql, nsl),
+  cpu_case("spec3_zero_scores_tie_k64_vs_fp64", spec_of(fx_cfg(8, 1, 64, 0, 1), 3, nql, nsl),
            fx_signed_zero_index_keys, 64);
-  fx_spec e = spec_of(cfg_of(16, 2, 16, 0, 1), 3, nql, nsl);
+  fx_spec e = spec_of(fx_cfg(16, 2, 16, 0, 1), 3, nql, nsl);
   e.idx_dtype = M3S_E4M3;
   cpu_case("spec3_zero_scores_tie_e4m3_vs_fp64", e, fx_signed_zero_index_keys, 64);
   int32_t mql[] = {4};
   int32_t msl[] = {1048576};
-  fx_spec m = spec_of(cfg_of(8, 1, 64, 0, 1), 1, mql, msl);
+  fx_spec m = spec_of(fx_cfg(8, 1, 64, 0, 1), 1, mql, msl);
   m.uniform = 1;
   m.grid = 0;
   m.kv_dtype = M3S_E4M3; /* unused by the indexer: the smallest main cache */
