@@ -72,6 +72,7 @@
 #define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
 #define TC_DEC_MIN_REQS 16 /* decode batches below this keep the exact streaming kernel */
 #define TC_WS_BUDGET ((int64_t)128 << 20)
+#define TC_NORM_BUDGET ((int64_t)64 << 20) /* key norms of the TMA kernel, beyond: mma.sync */
 #define TC_FULL 0xffffffffu
 
 
@@ -106,8 +107,19 @@ static size_t tc_plan_bytes(const tc_plan *p, int hkv) {
   return (n + 255) & ~(size_t)255;
 }
 
-/* min(all entries, budget): an upper bound of tc_plan_bytes for the same
- * bounds that never decreases when the bounds grow. */
+/* The key-norm table of tc_norm_kernel: a slot of max_nb floats per request
+ * with >= TC_MIN_ROWS query rows, at slot = (its first row) / TC_MIN_ROWS
+ * (such requests start at least TC_MIN_ROWS rows apart, so slots are
+ * distinct): ceil(rows / TC_MIN_ROWS) x max_nb. */
+static size_t tc_norm_bytes(const tc_plan *p) {
+  size_t n = (size_t)((p->rows + TC_MIN_ROWS - 1) / TC_MIN_ROWS) * (size_t)p->max_nb * sizeof(float);
+  return (n + 255) & ~(size_t)255;
+}
+
+/* min(all entries, budget) plus the norm table when it fits its budget: an
+ * upper bound of what a call with these bounds uses, never decreasing when
+ * the bounds grow (a call given less than its norm table falls back to the
+ * mma.sync score kernel). */
 extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max_tokens,
                                         int64_t max_seq_len) {
   tc_plan p = tc_plan_of(cfg, max_tokens, max_seq_len);
@@ -115,7 +127,8 @@ extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max
     return 0;
   size_t all = (size_t)p.rows * (size_t)cfg->num_kv_heads * (size_t)p.max_nb * sizeof(float2);
   size_t n = all < (size_t)TC_WS_BUDGET ? all : (size_t)TC_WS_BUDGET;
-  return (n + 255) & ~(size_t)255;
+  size_t norms = tc_norm_bytes(&p);
+  return ((n + 255) & ~(size_t)255) + (norms < (size_t)TC_NORM_BUDGET ? norms : (size_t)TC_NORM_BUDGET);
 }
 
 extern "C" int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_config *cfg,
@@ -261,6 +274,9 @@ typedef struct {
   int64_t max_nb;
   int64_t row0, nrows; /* this chunk's rows */
   int hkv, topk, init, local;
+  /* tc_score_tma_kernel: the largest key norm of block b of request r at
+   * norms[slot(r) * max_nb + b] (tc_norm_kernel); NULL for tc_score_kernel */
+  float *norms;
 } tc_score_args;
 
 typedef struct {
@@ -542,6 +558,63 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
 }
 
 /* ---------------------------------------------------------------------------
+ * Kernel 0 (with tc_score_tma_kernel): the largest key norm of every
+ * candidate block of every request the score kernels cover, once per block
+ * (the score kernel visits a block once per row tile and head).
+ *
+ * Grid (num_reqs, ceil(max_nb / 8)), 256 threads: warp w of CTA (r, y) takes
+ * block b = 8y + w of request r when r has >= TC_MIN_ROWS query rows and b is
+ * a candidate of its last row; a lane takes keys lane + 32m (m = 0..3), each
+ * a sum of squares rounded up (tc_sumsq8_ru, as the in-kernel norms), NaN ->
+ * inf. Written at norms[tc_norm_slot(r) * max_nb + b]; a page id outside
+ * [0, P) is left alone (the score kernel writes (NaN, inf) for it).
+ * ------------------------------------------------------------------------- */
+
+/* The norm-table slot of request r (query-start-loc batches): its first row
+ * over TC_MIN_ROWS. */
+__device__ __forceinline__ int64_t tc_norm_slot(const m3s_cuda_batch &bt, int r) {
+  return ((int64_t)bt.qsl[(int64_t)r * bt.qsl_stride] - bt.qsl[0]) / TC_MIN_ROWS;
+}
+
+static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_batch bt,
+                                                                    tc_score_args a) {
+  const int r = blockIdx.x, lane = threadIdx.x & 31;
+  const int64_t b = (int64_t)blockIdx.y * (TC_THREADS / 32) + (threadIdx.x >> 5);
+  const int64_t t0 = (int64_t)bt.qsl[(int64_t)r * bt.qsl_stride] - bt.qsl[0];
+  const int64_t n = (int64_t)bt.qsl[(int64_t)(r + 1) * bt.qsl_stride] - bt.qsl[(int64_t)r * bt.qsl_stride];
+  const int64_t seq = bt.seq_lens[(int64_t)r * bt.seq_stride];
+  if (n < TC_MIN_ROWS || seq <= 0 || t0 < 0 || t0 >= bt.num_tokens || b >= a.max_nb)
+    return;
+  const int64_t nb = tc_blocks_of(seq - 1);
+  if (nb <= a.topk || !tc_is_candidate(b, nb, a.init, a.local))
+    return;
+  const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+  if (page < 0)
+    return;
+  const uint16_t *keys = (const uint16_t *)a.ic + page * M3S_BLOCK_SIZE * M3S_INDEX_DIM;
+  float nk = 0.0f;
+#pragma unroll
+  for (int m = 0; m < 4; m++) {
+    const uint4 *row = (const uint4 *)(keys + (lane + 32 * m) * M3S_INDEX_DIM);
+    uint4 w[16];
+#pragma unroll
+    for (int c = 0; c < 16; c++)
+      w[c] = __ldg(row + c);
+    float sq = 0.0f;
+#pragma unroll
+    for (int c = 0; c < 16; c++)
+      sq = tc_sumsq8_ru(w[c], sq);
+    float k = __fsqrt_ru(sq);
+    nk = fmaxf(nk, isnan(k) ? INFINITY : k);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    nk = fmaxf(nk, __shfl_xor_sync(TC_FULL, nk, o));
+  if (lane == 0)
+    a.norms[tc_norm_slot(bt, r) * a.max_nb + b] = nk;
+}
+
+/* ---------------------------------------------------------------------------
  * Kernel 1, sm_90a variant for a bf16 index cache: TMA ring + wgmma
  *
  * Same grid, tiles, runs and outputs as tc_score_kernel; what differs is how
@@ -553,10 +626,10 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
  * warpgroups (64 rows each) drift freely. Each warpgroup multiplies its rows
  * (A from registers) by the 128 keys with 8 wgmma.m64n128k16 reading B
  * straight from the swizzled stage (a quarter of the shared-memory traffic of
- * the mma.sync kernel's per-warp ldmatrix). Key norms: each warpgroup
- * computes all 128 keys' norms from the stage (a key per thread, conflict-
- * free over the swizzle) and combines its 4 warps' maxima behind a named
- * barrier of its own, so the warpgroups never wait for each other. */
+ * the mma.sync kernel's per-warp ldmatrix). Key norms: read from the table
+ * tc_norm_kernel fills before (once per block instead of once per CTA that
+ * visits it), so the warpgroups never exchange anything and never wait for
+ * each other. */
 #define TW_STAGES 3
 #define TW_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
 #define TW_STAGE_BYTES (2 * TW_HALF_BYTES)
@@ -564,7 +637,6 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
 
 typedef struct {
   unsigned long long full[TW_STAGES], empty[TW_STAGES];
-  float nkw[TW_STAGES][TC_THREADS / 32]; /* per warp: largest norm of its 32 keys */
   int64_t pos[TC_ROWS];
   int req[TC_ROWS];
   int run_end[TC_ROWS];
@@ -665,10 +737,6 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
   /* Phase 2: per run, the CTA's candidate blocks through the ring; i counts
    * the CTA's blocks over all runs, so stage and phase follow from it */
   const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
-  /* this thread's key for the norms: warp w of a warpgroup covers keys
-   * 32w..32w+31; each quarter-warp reads 8 keys with distinct swizzle phases
-   * (no bank conflicts) */
-  const int wg = warp >> 2, nkey = (warp & 3) * 32 + lane;
   uint32_t it = 0;
   for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
     const int p1 = s.run_end[p0], r = s.req[p0];
@@ -681,6 +749,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
       continue;
     const int nblk = (hi - b0 + gz - 1) / gz;
     const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
+    const float *nrow = a.norms + tc_norm_slot(bt, r) * a.max_nb;
     if (tid == 0)
       for (int j = 0; j < nblk && j < TW_STAGES; j++)
         tw_produce(bt, a, &map, s, ring, r, b0 + j * gz, it + (uint32_t)j);
@@ -695,26 +764,6 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
       const int bad =
           m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages) < 0;
       const unsigned char *tile = ring + st * TW_STAGE_BYTES;
-      /* key norms of this warp's 32 keys, rounded up */
-      float nk = 0.0f;
-      if (!bad) {
-        const unsigned char *row = tile + nkey * 128;
-        float sq = 0.0f;
-#pragma unroll
-        for (int c = 0; c < 16; c++)
-          sq = tc_sumsq8_ru(
-              *(const uint4 *)(row + (c >> 3) * TW_HALF_BYTES + (((c & 7) ^ (nkey & 7)) << 4)),
-              sq);
-        nk = __fsqrt_ru(sq);
-        nk = isnan(nk) ? INFINITY : nk;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-          nk = fmaxf(nk, __shfl_xor_sync(TC_FULL, nk, o));
-      }
-      /* a stage's slots are rewritten TW_STAGES blocks later, after the
-       * warpgroup's next barrier, so one barrier per block suffices */
-      if (lane == 0)
-        s.nkw[st][warp] = nk;
       /* S~: this warpgroup's 64 rows x 128 keys */
       float acc[16][4];
 #pragma unroll
@@ -729,16 +778,8 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
                                                       (ks & 3) * 32)));
         tc_wg_commit_wait();
       }
-      /* this warpgroup's norms (constant barrier ids: ptxas reserves all 16
-       * for a register id) */
-      if (wg == 0)
-        asm volatile("bar.sync 1, 128;\n" ::: "memory");
-      else
-        asm volatile("bar.sync 2, 128;\n" ::: "memory");
-      nk = 0.0f;
-#pragma unroll
-      for (int w = 0; w < 4; w++)
-        nk = fmaxf(nk, s.nkw[st][4 * wg + w]);
+      /* the block's largest key norm, from the pre-pass */
+      const float nk = b < a.max_nb ? nrow[b] : INFINITY;
       /* this thread is done with the stage: its reads (generic and async
        * proxy) come before the refill's TMA writes */
       tc_fence_proxy_async();
@@ -1247,6 +1288,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   sa.topk = cfg->topk;
   sa.init = cfg->init_blocks;
   sa.local = cfg->local_blocks;
+  sa.norms = NULL;
 
   tc_select_args se;
   se.ws = sa.ws;
@@ -1284,8 +1326,23 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   }
 
   const int64_t sms = m3s_cuda_num_sms(ctx);
+  /* the TMA kernel reads its key norms from a table after the (S~, E)
+   * entries: only with room for it in the budget and the workspace given,
+   * and a grid for the pre-pass; else the mma.sync kernel */
   CUtensorMap map;
-  const int tma = tc_tma_map(ctx, index_cache, hooks, &map);
+  const size_t norm_bytes = tc_norm_bytes(&plan);
+  const int64_t norm_gy = (plan.max_nb + TC_THREADS / 32 - 1) / (TC_THREADS / 32);
+  const int tma = norm_bytes <= (size_t)TC_NORM_BUDGET && exec->workspace_bytes >= need + norm_bytes &&
+                  norm_gy <= 65535 && batch->num_reqs > 0 &&
+                  tc_tma_map(ctx, index_cache, hooks, &map);
+  if (tma) {
+    sa.norms = (float *)((unsigned char *)exec->workspace + need);
+    tc_norm_kernel<<<dim3((unsigned)batch->num_reqs, (unsigned)norm_gy), TC_THREADS, 0, stream>>>(cb,
+                                                                                                  sa);
+    m3s_status st = m3s_cuda_check_launch(fn, "tc_norm_kernel");
+    if (st)
+      return st;
+  }
   for (int64_t row0 = 0; row0 < plan.rows; row0 += plan.chunk_rows) {
     int64_t n = plan.rows - row0 < plan.chunk_rows ? plan.rows - row0 : plan.chunk_rows;
     sa.row0 = se.row0 = row0;
