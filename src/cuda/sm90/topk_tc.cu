@@ -869,13 +869,13 @@ __device__ __forceinline__ float tc_unord(uint32_t ord) {
   return __uint_as_float((ord & 0x80000000u) ? (ord & 0x7fffffffu) : ~ord);
 }
 
+/* The warp's largest 64-bit key: the largest high word, then the largest low
+ * word among the lanes that hold it (two redux.sync instead of five rounds of
+ * two 32-bit shuffles and a 64-bit compare). */
 __device__ __forceinline__ unsigned long long tc_warp_max(unsigned long long v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    unsigned long long n = __shfl_xor_sync(TC_FULL, v, o);
-    v = n > v ? n : v;
-  }
-  return v;
+  const uint32_t hi = __reduce_max_sync(TC_FULL, (uint32_t)(v >> 32));
+  const uint32_t lo = __reduce_max_sync(TC_FULL, (uint32_t)(v >> 32) == hi ? (uint32_t)v : 0u);
+  return ((unsigned long long)hi << 32) | lo;
 }
 
 #define TC_CACHE 4 /* keys each lane keeps between rescans */
