@@ -37,7 +37,8 @@
  * Workspace: float2 (S~, E) [chunk_rows * Hkv][max_nb], entry
  * ((t - row0) * Hkv + g) * max_nb + b; chunk_rows = the most rows whose
  * entries fit TC_WS_BUDGET (a multiple of 128 when >= 128). The selection
- * overwrites the entries it re-scores with (S, -1).
+ * overwrites the entries it re-scores with (S, -1) when more than 32 of a
+ * pair's blocks are uncertain (else their scores stay in registers).
  *
  * Eligible calls (m3s_topk_tc_eligible): query-start-loc batches (prefill,
  * ragged, max_q_len >= TC_MIN_ROWS), bf16 index queries, bf16 or e4m3 index
@@ -1126,7 +1127,7 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
  * scores directly. */
 static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_args &a, float2 *W,
                                       int r, int64_t pos, int64_t nb, int exact, const float *q,
-                                      int32_t *sel, int32_t *qlist, int32_t *out) {
+                                      int32_t *sel, int32_t *qlist, int *cnt, int32_t *out) {
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
   const int64_t lo = a.init, hi = nb - a.local;
@@ -1171,56 +1172,53 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
      * from overflowing whatever the entries hold) */
     const float u_p = k_u ? __fadd_ru(tc_unord((uint32_t)(k_u >> 32)), e_max) : INFINITY;
     const float l_p = k_l ? __fsub_rd(tc_unord((uint32_t)(k_l >> 32)), e_max) : -INFINITY;
-    const uint32_t u_star = tc_ord(u_p), l_star = tc_ord(l_p);
-    int n_in = 0;
-    for (int64_t base = lo; base < hi; base += 32) {
-      int64_t b = base + lane;
-      int is_in = 0, is_q = 0;
-      float2 e = make_float2(0.0f, 0.0f);
-      if (b < hi) {
-        e = W[b];
-        float l, u;
-        tc_interval(e, l, u);
-        is_in = tc_ord(l) > u_star;
-        is_q = !is_in && !(tc_ord(u) < l_star);
-      }
-      uint32_t in_mask = __ballot_sync(TC_FULL, is_in), q_mask = __ballot_sync(TC_FULL, is_q);
-      uint32_t all_mask = __ballot_sync(TC_FULL, b < hi);
-      if (is_in)
-        sel[nsel + n_in + __popc(in_mask & ((1u << lane) - 1u))] = (int32_t)b;
-      if (is_q && nq + __popc(q_mask & ((1u << lane) - 1u)) < 32)
-        qlist[nq + __popc(q_mask & ((1u << lane) - 1u))] = (int32_t)b;
-      n_in += __popc(in_mask);
-      nq += __popc(q_mask);
-      cand += __popc(all_mask);
-      resc += __popc(q_mask);
-      /* re-score Q (measure: every candidate, only Q is rewritten) */
-      for (uint32_t m = a.measure ? all_mask : q_mask; m; m &= m - 1) {
-        int j = __ffs(m) - 1;
-        float2 ej = W[base + j];
-        int qj = (q_mask >> j) & 1;
-        float sx = (qj && a.no_rescore) ? ej.x : tc_exact_block(bt, a, r, base + j, pos, q);
-        if (a.measure && ej.y < INFINITY && !isnan(ej.x)) {
-          float diff = fabsf(ej.x - sx);
-          if (!(diff <= ej.y))
-            viol++;
-          else if (ej.y > 0.0f)
-            max_ratio = max(max_ratio, __float_as_uint(diff / ej.y));
-        }
-        __syncwarp();
-        if (qj && lane == 0)
-          W[base + j] = make_float2(sx, -1.0f);
+    /* test hook: every candidate's bound against its reference score,
+     * before any entry is rewritten */
+    for (int64_t b = lo; a.measure && b < hi; b++) {
+      float2 e = W[b];
+      float sx = tc_exact_block(bt, a, r, b, pos, q);
+      if (e.y < INFINITY && !isnan(e.x)) {
+        float diff = fabsf(e.x - sx);
+        if (!(diff <= e.y))
+          viol++;
+        else if (e.y > 0.0f)
+          max_ratio = max(max_ratio, __float_as_uint(diff / e.y));
       }
     }
-    __syncwarp(); /* the rewritten entries, sel[] and qlist[] are visible to the warp */
+    /* In and Q, each lane on its own entries: both are short (In <= W), so
+     * a shared counter bumped per member is cheaper than ballots per 32
+     * entries. Plain float compares stand for the rank order here: the
+     * bounds are never NaN and -0 ranks as +0 in both. */
+    if (lane == 0)
+      cnt[0] = cnt[1] = 0;
+    __syncwarp();
+    for (int64_t b = lo + lane; b < hi; b += 32) {
+      float l, u;
+      tc_interval(W[b], l, u);
+      if (l > u_p) {
+        sel[nsel + atomicAdd(&cnt[0], 1)] = (int32_t)b;
+      } else if (!(u < l_p)) {
+        int j = atomicAdd(&cnt[1], 1);
+        if (j < 32)
+          qlist[j] = (int32_t)b;
+      }
+    }
+    __syncwarp(); /* sel[], qlist[] and the counts are visible to the warp */
+    const int n_in = cnt[0];
+    nq = cnt[1];
+    cand = (unsigned long long)(hi - lo);
+    resc = (unsigned long long)nq;
     const int rest = want - n_in;
     if (nq <= 32) {
-      /* the best `rest` of Q by reference score: each lane ranks its entry */
+      /* re-score Q; lane j keeps the key of qlist[j], then each lane ranks
+       * its own among them and the best `rest` fill the slots */
       unsigned long long k = 0;
-      int32_t id = -1;
-      if (lane < nq) {
-        id = qlist[lane];
-        k = tc_key(tc_ord(W[id].x), id);
+      const int32_t id = lane < nq ? qlist[lane] : -1;
+      for (int j = 0; j < nq; j++) {
+        const int32_t bj = qlist[j];
+        float sx = a.no_rescore ? W[bj].x : tc_exact_block(bt, a, r, bj, pos, q);
+        if (lane == j)
+          k = tc_key(tc_ord(sx), bj);
       }
       int rank = 0;
       for (int j = 0; j < nq; j++)
@@ -1228,6 +1226,24 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
       if (lane < nq && rank < rest)
         sel[nsel + n_in + rank] = id;
     } else {
+      /* more than 32 uncertain blocks (adversarial ties): re-score each in
+       * place as (S, -1), then rank the re-scored ones */
+      for (int64_t base = lo; base < hi; base += 32) {
+        int is_q = 0;
+        if (base + lane < hi) {
+          float l, u;
+          tc_interval(W[base + lane], l, u);
+          is_q = !(l > u_p) && !(u < l_p);
+        }
+        for (uint32_t m = __ballot_sync(TC_FULL, is_q); m; m &= m - 1) {
+          const int64_t bj = base + __ffs(m) - 1;
+          float sx = a.no_rescore ? W[bj].x : tc_exact_block(bt, a, r, bj, pos, q);
+          __syncwarp();
+          if (lane == 0)
+            W[bj] = make_float2(sx, -1.0f);
+        }
+      }
+      __syncwarp();
       tc_nth_key(W, lo, hi, TC_BY_EXACT, rest, sel + nsel + n_in);
     }
   }
@@ -1257,6 +1273,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
   __shared__ float qsh[TC_SEL_WARPS][M3S_INDEX_DIM];
   __shared__ int32_t selsh[TC_SEL_WARPS][M3S_MAX_TOPK];
   __shared__ int32_t qlsh[TC_SEL_WARPS][32];
+  __shared__ int cntsh[TC_SEL_WARPS][2];
   __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
@@ -1293,7 +1310,8 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
       W = c;
     }
     __syncwarp();
-    tc_select_pair(bt, a, W, ri.r, ri.pos, nb, exact, qsh[warp], selsh[warp], qlsh[warp], out);
+    tc_select_pair(bt, a, W, ri.r, ri.pos, nb, exact, qsh[warp], selsh[warp], qlsh[warp], cntsh[warp],
+                   out);
   }
 }
 
