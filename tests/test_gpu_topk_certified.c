@@ -23,9 +23,10 @@
  * exponent cancellation, subnormal keys against large queries, overflowing
  * products, NaN and Inf keys and queries, page ids out of range; and the
  * certified path captured in a CUDA graph, replayed with new inputs. Uniform
- * decode batches (q_len 1..4, TP shapes, e4m3, K = 64, and the adversarial
- * mutations above) take the certified streaming decode kernel
- * (src/cuda/topk_decode.cu) and the same selection.
+ * decode batches (q_len 1..4, TP shapes, e4m3, K = 64, the adversarial
+ * mutations above, and queries over a wide exponent range or all tiny, with
+ * zero, NaN and huge rows: the e4m3 kernel's fp16 scaling) take the certified
+ * streaming decode kernel (src/cuda/topk_decode.cu) and the same selection.
  *
  * On an sm_90 device the cases run twice, on the same inputs: first with the
  * default score kernels (prefill with a bf16 index cache: the TMA + wgmma
@@ -325,6 +326,33 @@ static void nan_inf(fixture *f) {
   ((uint16_t *)f->iq_mem)[q_off(f, t2, 0) + 17] = 0x7F80;
 }
 
+/* Queries +-2^[-110, 13] (1e-33 .. 1.6e4): the e4m3 decode path scales each
+ * row by 2^s from its largest element and rounds it to fp16, where the small
+ * elements become subnormals or 0; row 1 head 0 all zero, row 2 head 0 with
+ * a NaN element, row 3 head 0 with the largest finite bf16 (overflowing
+ * dots). */
+static void wide_queries(fixture *f) {
+  uint64_t rng = f->sp.seed * 17 + 9;
+  for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_kv_heads * 128; i++)
+    store_elem(f->iq_mem, f->sp.act_dtype, i, wide_value(&rng, -110, 13));
+  for (int d = 0; d < 128; d++)
+    store_elem(f->iq_mem, f->sp.act_dtype, q_off(f, 1, 0) + d, 0.0f);
+  ((uint16_t *)f->iq_mem)[q_off(f, 2, 0) + 9] = 0x7FC0;
+  ((uint16_t *)f->iq_mem)[q_off(f, 3, 0) + 50] = 0x7F7F;
+}
+
+/* Every query element tiny, which the e4m3 decode path scales up (by at most
+ * 2^126): rows alternately +-2^[-105, -95] (about 1e-30) and bf16
+ * subnormals +-2^[-133, -127]. */
+static void tiny_queries(fixture *f) {
+  uint64_t rng = f->sp.seed * 19 + 11;
+  for (int t = 0; t < f->T; t++)
+    for (int g = 0; g < f->cfg.num_kv_heads; g++)
+      for (int d = 0; d < 128; d++)
+        store_elem(f->iq_mem, f->sp.act_dtype, q_off(f, t, g) + d,
+                   t & 1 ? wide_value(&rng, -133, -127) : wide_value(&rng, -105, -95));
+}
+
 /* Request 0's index-table entries of blocks 5 and 7 point outside the cache
  * on the device; the CPU sees NaN keys there instead (the same scores). */
 static void guard_pages_host(fixture *f) {
@@ -462,6 +490,16 @@ static void test_decode(void) {
     fx_spec n = decode_spec(m3s_config_minimax_m3(1), 3, 4, sn_);
     n.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
     run_case(e4 ? "decode_nan_keys_e4m3_q4" : "decode_nan_inf_keys_and_query_bf16_q4", n, &ni);
+  }
+  case_mods wq = {wide_queries, NULL, 0, 0}, tq = {tiny_queries, NULL, 0, 0};
+  for (int e4 = 0; e4 < 2; e4++) {
+    fx_spec w = decode_spec(m3s_config_minimax_m3(2), 4, 2, sa);
+    w.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
+    run_case(e4 ? "decode_wide_exponent_queries_e4m3_q2" : "decode_wide_exponent_queries_bf16_q2",
+             w, &wq);
+    fx_spec t = decode_spec(m3s_config_minimax_m3(1), 4, 2, sa);
+    t.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
+    run_case(e4 ? "decode_tiny_queries_e4m3_q2" : "decode_tiny_queries_bf16_q2", t, &tq);
   }
   static const int32_t sg[] = {3000, 2500, 2200, 2600};
   case_mods gp = {guard_pages_host, guard_pages_device, 0, 0};

@@ -25,8 +25,11 @@
  * at Hkv 1, 2, 4 (every pair-group width of the kernel), e4m3 caches, padded
  * requests, rows with nb <= K next to scored ones, a batch with nothing to
  * score, a max_seq_len bound above the batch, K = 64 and forced-block
- * variants, NaN/Inf keys, and page ids out of range on the device (the CPU
- * sees NaN pages there, which score as the GPU's out-of-range blocks do).
+ * variants, NaN/Inf keys, queries at the edges of the exact e4m3 range, over
+ * a wide exponent range (with a zero row and a huge one) and all tiny (the
+ * certified e4m3 kernel's fp16 scaling), and page ids out of range on the
+ * device (the CPU sees NaN pages there, which score as the GPU's out-of-range
+ * blocks do).
  *
  * M3S_TEST_QUICK=1 skips the large cases. */
 #define _POSIX_C_SOURCE 199309L
@@ -34,6 +37,7 @@
 #include "gpu_util.h"
 
 #include <cuda_runtime_api.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,6 +63,17 @@ static uint16_t rand_bf16(uint32_t x) {
   uint32_t u;
   memcpy(&u, &f, sizeof u);
   return (uint16_t)(u >> 16);
+}
+
+/* +-2^e (1 + m / 128) as bf16 bits, e uniform in [e0, e1] (below 2^-126 a
+ * subnormal, low bits cut). */
+static uint16_t wide_bf16(int e0, int e1) {
+  uint64_t x = next_u64();
+  int e = e0 + (int)(x % (uint64_t)(e1 - e0 + 1));
+  float f = ldexpf(1.0f + (float)((x >> 16) % 128) / 128.0f, e);
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return (uint16_t)((u >> 16) | (x >> 40 & 1 ? 0x8000u : 0u));
 }
 
 /* ---- the shared index caches ------------------------------------------- */
@@ -158,8 +173,13 @@ typedef struct {
 enum {
   MOD_OOR_PAGES = 1,  /* request 0's blocks 5 and 7 out of range on the device */
   MOD_NAN_TABLES = 2, /* every request's blocks 1..6 on the special pages */
-  MOD_Q_EDGES = 4     /* one query element of requests 1..6 at the edges of the
+  MOD_Q_EDGES = 4,    /* one query element of requests 1..6 at the edges of the
                          range where e4m3 products are exact (topk_decode.cu) */
+  MOD_Q_WIDE = 8,     /* queries +-2^[-110, 13]; request 1's first row all zero,
+                         request 2's with the largest finite bf16 */
+  MOD_Q_TINY = 16     /* queries of odd requests bf16 subnormals, the others
+                         about 1e-30 (the certified e4m3 kernel scales rows by
+                         2^s into fp16's range: subnormals, flushes, s = 126) */
 };
 
 static int64_t blocks_of_seq(int32_t s) { return (s + 127) / 128; }
@@ -245,6 +265,19 @@ static void run_case(const dcase *c) {
     static const uint16_t edge[6] = {0x7B00, 0x0480, 0x0500, 0x7AFF, 0x7FC0, 0x0001};
     for (int r = 1; r <= 6 && r < R; r++)
       iq[(size_t)r * q * hkv * 128 + 37] = edge[r - 1];
+  }
+  if (c->mods & (MOD_Q_WIDE | MOD_Q_TINY)) {
+    size_t per_req = (size_t)q * hkv * 128;
+    for (size_t i = 0; i < (size_t)T * hkv * 128; i++) {
+      if (c->mods & MOD_Q_WIDE)
+        iq[i] = wide_bf16(-110, 13);
+      else
+        iq[i] = i / per_req & 1 ? wide_bf16(-133, -127) : wide_bf16(-105, -95);
+    }
+    if ((c->mods & MOD_Q_WIDE) && R > 2) {
+      memset(iq + per_req, 0, 128 * sizeof(uint16_t));
+      iq[2 * per_req + 50] = 0x7F7F;
+    }
   }
 
   /* host views */
@@ -484,6 +517,26 @@ static void test_nan_inf_and_guards(void) {
                e4 ? &g_e4m3 : &g_bf16,
                MOD_Q_EDGES};
     run_case(&c);
+  }
+  for (int e4 = 0; e4 < 2; e4++) {
+    dcase w = {e4 ? "wide_exponent_queries_e4m3_tp2_q2" : "wide_exponent_queries_bf16_tp2_q2",
+               m3s_config_minimax_m3(2),
+               8,
+               2,
+               s,
+               0,
+               e4 ? &g_e4m3 : &g_bf16,
+               MOD_Q_WIDE};
+    run_case(&w);
+    dcase t = {e4 ? "tiny_queries_e4m3_tp1_q1" : "tiny_queries_bf16_tp1_q1",
+               m3s_config_minimax_m3(1),
+               8,
+               1,
+               s,
+               0,
+               e4 ? &g_e4m3 : &g_bf16,
+               MOD_Q_TINY};
+    run_case(&t);
   }
   s = (int32_t *)ragged(8, 6000, 1500); /* request 0 (the bad ids) has 47 blocks */
   for (int e4 = 0; e4 < 2; e4++) {

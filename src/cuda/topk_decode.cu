@@ -51,16 +51,47 @@
  * ring for uniform decode batches with bf16 queries and q_len x Hkv <= 16;
  * tensor-core scores S~ (mma.sync m16n8k16, the request's pairs as rows),
  * key norms from the Gram diagonal, (S~, E) for the certified selection of
- * sm90/topk_tc.cu, which dispatches to it.
+ * sm90/topk_tc.cu, which dispatches to it. bf16 cache: bf16 mma, E =
+ * tc_bound (docs/perf-notes.md, "Certified re-scoring: the bound").
+ *
+ * e4m3 cache: fp16 mma. Every e4m3 code is exactly an fp16 value (4
+ * significant bits, exponents 2^-9 .. 2^8), so a key pair widens with one
+ * cvt.rn.f16x2.e4m3x2 (the bf16 operands took e4m3 -> fp16 -> fp32 -> bf16,
+ * four instructions per pair: the per-block work this kernel was bound by).
+ * The bf16 query row q is scaled by 2^s, s from its largest |q_d| (that
+ * element into [2^14, 2^15), below fp16's 65504; s <= 126), exactly, and
+ * rounded to fp16, q': exact from fp16's smallest normal 2^-14 up, below it
+ * off by at most 2^-25 (fp16 subnormal) and by less than 2^-14 even if
+ * something flushes it, which is the figure used. Products q'_d k_d are
+ * exact in fp32 (11 x 4 significant bits) and the mma accumulates in fp32
+ * in 8 k-steps of 16, the tensor-core model of the bound; S~ = acc 2^-s.
+ * In scaled units (nq' >= |q'|, nk >= |k|, A = sum |q_d k_d|, S the
+ * reference dot, s the exact one):
+ *   |acc - q'.k| <= tc_bound(nq', nk) (the bound's points 3, 5 on q');
+ *   |q'.k - 2^s s| < 2^-14 sum |k_d| <= 2^-14 sqrt(128) nk;
+ *   2^s |s - S| <= 128 u 2^s A + 2^s 2^-143, with 2^s A <= (nq' + 2^-14
+ *   sqrt(128)) nk: the C = 1200 u of tc_bound covers 128 u nq' nk next to
+ *   the tensor cores' 1024 u, the rest is below 2^-17 of the term above.
+ * So E = (tc_bound(nq', nk) + 12 * 2^-14 nk) 2^-s + 2^-118, every operation
+ * rounded up (tcd_bound_e4; the 2^-118 unscaled covers the reference's
+ * subnormal products, 2^-143, and the rounding of a subnormal S~, 2^-150),
+ * infinite unless 2^-s nq' nk <= 2^125: then |q| |k| < 2^126 (|q| <= 2^-s
+ * (nq' + 2^-14 sqrt(128)), and nq' >= 2^14 unless s = 126) and, as in
+ * tc_bound, no partial sum of either order and no S~ overflows. The scaled
+ * side never overflows (|q'| < 2^15 sqrt(128), e4m3 below 2^9). An Inf or
+ * NaN query element makes nq' infinite or NaN, so E = inf (whole line, as
+ * for bf16); an e4m3 NaN code widens to an fp16 NaN, so nk = inf.
  *
  * Measured (NVIDIA H200, docs/perf-notes.md, "Decode indexer: ..."): the
  * exact kernel 1.89 ms at 128 requests x 128K (2.3 TB/s, arithmetic-bound);
  * the certified one 1.11 ms there (80.7% of DRAM peak, latency-bound with 16
- * warps per SM), 3.2x faster at q_len 4, not faster for e4m3 or one request. */
+ * warps per SM), 3.2x faster at q_len 4, not faster for e4m3 (bf16 operands,
+ * before the fp16 path above, which is not yet measured) or one request. */
 #include "topk_decode.cuh"
 #include "sm90/topk_tc.cuh"
 
 #include <stdint.h>
+#include <type_traits>
 
 #define FULL_MASK 0xffffffffu
 #define DEC_THREADS 256 /* two threads per key slot of a block */
@@ -474,6 +505,14 @@ typedef struct {
   int page[TCD_MAX_STAGES];
 } tcd_small;
 
+/* e4m3: also each pair's 2^-s, which undoes the scaling of its fp16 query
+ * (a separate type, so the bf16 kernel's shared layout stays as it was) */
+struct tcd_small_e4 : tcd_small {
+  float qs[16];
+};
+template <bool E4>
+using tcd_small_of = typename std::conditional<E4, tcd_small_e4, tcd_small>::type;
+
 template <bool E4>
 static __device__ void tcd_issue_page(const tcd_params &p, const dec_cursor &c,
                                       unsigned char *stage, int *page_slot) {
@@ -517,13 +556,99 @@ static __device__ __forceinline__ void tcd_query_row(const tcd_params &p, int r,
     }
 }
 
+/* e4m3 cache: fp16 operands. Every e4m3 code is exactly an fp16 value, so a
+ * key pair widens with one cvt.rn.f16x2.e4m3x2 and the mma runs on fp16; the
+ * bf16 query is scaled by 2^s into fp16's range (tcd_stage_request) and S~, E
+ * scaled back (tcd_score_block). Why this is exact up to E: file-top comment. */
+
+/* Four e4m3 codes (low byte first) as two words of two fp16 each, exactly
+ * (NaN stays NaN). sm_89+: one cvt.rn.f16x2.e4m3x2 per pair, the high pair
+ * read in place (ptxas selects the register's upper half, no shift);
+ * __nv_cvt_fp8x2_to_halfraw2 is the same instruction, but taking v >> 16
+ * costs a shift per pair. */
+static __device__ __forceinline__ void tcd_e4m3x4_to_f16x4(uint32_t v, uint32_t &lo, uint32_t &hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\t"
+      "cvt.rn.f16x2.e4m3x2 %0, l;\n\tcvt.rn.f16x2.e4m3x2 %1, h;\n\t}"
+      : "=r"(lo), "=r"(hi)
+      : "r"(v));
+#else
+  __half2_raw l = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xffffu), __NV_E4M3);
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v >> 16), __NV_E4M3);
+  lo = (uint32_t)l.x | (uint32_t)l.y << 16;
+  hi = (uint32_t)h.x | (uint32_t)h.y << 16;
+#endif
+}
+
+/* 2^e as a float, for e in [-126, 127]. */
+static __device__ __forceinline__ float tcd_pow2(int e) { return __int_as_float((127 + e) << 23); }
+
+/* The scale exponent s of a query row whose largest |q_d| has bf16 bits m
+ * (sign cleared; Inf and NaN compare above every finite value): its largest
+ * element times 2^s lies in [2^14, 2^15), below fp16's largest finite 65504.
+ * s <= 126 keeps 2^s and 2^-s normal floats (rows below 2^-112 are scaled
+ * less than that, still in range). */
+static __device__ __forceinline__ int tcd_query_shift(uint32_t m) {
+  return min(141 - (int)(m >> 7), 126);
+}
+
+/* A pair of bf16 (one word) times `scale` = 2^s, rounded to fp16. The
+ * product is exact in fp32 down to 2^-126, and 8 significant bits fit fp16's
+ * 11, so the result is exact from fp16's smallest normal 2^-14 up; below it
+ * (an fp16 subnormal, or 0) it is off by at most 2^-25, and by less than 2^-14
+ * even where a subnormal is flushed. */
+static __device__ __forceinline__ uint32_t tcd_bf16x2_to_f16x2(uint32_t w, float scale) {
+  __half2_raw h = __floats2half2_rn(__fmul_rn(__uint_as_float(w << 16), scale),
+                                    __fmul_rn(__uint_as_float(w & 0xffff0000u), scale));
+  return (uint32_t)h.x | (uint32_t)h.y << 16;
+}
+
+/* Sum of squares of 8 fp16 (four words), rounded up, added to s (the squares
+ * themselves are exact in fp32). */
+static __device__ __forceinline__ float tcd_sumsq8_f16_ru(const uint32_t (&w)[4], float s) {
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    __half2_raw r;
+    r.x = (unsigned short)(w[e] & 0xffffu);
+    r.y = (unsigned short)(w[e] >> 16);
+    float2 f = __half22float2(__half2(r));
+    s = __fmaf_ru(f.x, f.x, s);
+    s = __fmaf_ru(f.y, f.y, s);
+  }
+  return s;
+}
+
+/* c += A x B, fp16 in, fp32 accumulate: the bf16 mma's fragment layout. */
+static __device__ __forceinline__ void tcd_mma_f16(float *c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                                   uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* E of an e4m3 pair for its block (derivation: file-top comment): nq bounds
+ * the norm of the pair's scaled fp16 query, nk the block's key norms, unscale
+ * = 2^-s. Scaled: tc_bound(nq, nk) for the tensor-core dot of the fp16 query,
+ * plus 12 * 2^-14 nk (>= 2^-14 sqrt(128) |k| (1 + 2^-17)) for the query's
+ * rounding to fp16; then times 2^-s, plus 2^-118 unscaled. Infinite unless
+ * 2^-s nq nk <= 2^125. */
+static __device__ __forceinline__ float tcd_bound_e4(float nq, float nk, float unscale) {
+  if (!(__fmul_ru(__fmul_ru(nq, nk), unscale) <= 0x1p125f))
+    return INFINITY;
+  float e = __fadd_ru(tc_bound(nq, nk), __fmul_ru(0x1.8p-11f, nk));
+  return __fadd_ru(__fmul_ru(e, unscale), 0x1p-118f);
+}
+
 /* Every thread: request r's token positions into s, warp 0 its query norms;
  * every warp: its A fragments af[k-step][4] (the k order of a lane's B words, see
  * tcd_key_words: k-step 2 s takes dims 8 c + {0,1} and {2,3} of chunk s,
  * k-step 2 s + 1 dims {4,5} and {6,7}; the same permutation of k on both
- * operands leaves every dot unchanged). */
-static __device__ void tcd_stage_request(const tcd_params &p, int r, tcd_small &s,
-                                         uint32_t (&af)[8][4]) {
+ * operands leaves every dot unchanged). e4m3: the fragments are the rows
+ * scaled by 2^s as fp16, their norms those of the fp16 rows, and warp 0
+ * writes each pair's 2^-s. */
+template <bool E4, class S>
+static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s, uint32_t (&af)[8][4]) {
   const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
   if (tid < p.qlen) {
     m3s_row_info ri = m3s_row_lookup(p.b, (int64_t)r * p.qlen + tid);
@@ -534,13 +659,48 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, tcd_small &
   uint32_t lo[4][4], hi[4][4];
   tcd_query_row(p, r, g, c, lo);
   tcd_query_row(p, r, g + 8, c, hi);
+  if constexpr (E4) {
+    /* each row's largest |q_d| (the quad's maximum: a lane holds 32 dims of
+     * rows g and g + 8), its shift s, the row times 2^s as fp16 */
+    uint32_t mlo = 0, mhi = 0;
+#pragma unroll
+    for (int ch = 0; ch < 4; ch++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        mlo = max(mlo, max(lo[ch][e] & 0x7fffu, lo[ch][e] >> 16 & 0x7fffu));
+        mhi = max(mhi, max(hi[ch][e] & 0x7fffu, hi[ch][e] >> 16 & 0x7fffu));
+      }
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+      mlo = max(mlo, __shfl_xor_sync(FULL_MASK, mlo, o));
+      mhi = max(mhi, __shfl_xor_sync(FULL_MASK, mhi, o));
+    }
+    const int slo = tcd_query_shift(mlo), shi = tcd_query_shift(mhi);
+    const float flo = tcd_pow2(slo), fhi = tcd_pow2(shi);
+#pragma unroll
+    for (int ch = 0; ch < 4; ch++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        lo[ch][e] = tcd_bf16x2_to_f16x2(lo[ch][e], flo);
+        hi[ch][e] = tcd_bf16x2_to_f16x2(hi[ch][e], fhi);
+      }
+    if (tid < 32 && c == 0) {
+      s.qs[g] = tcd_pow2(-slo);
+      s.qs[g + 8] = tcd_pow2(-shi);
+    }
+  }
   /* query norms from the same registers: a lane holds 32 dims of rows g and
    * g + 8, the 4 lanes of a quad the whole rows; every operation rounded up */
   float sq_lo = 0.0f, sq_hi = 0.0f;
 #pragma unroll
   for (int ch = 0; ch < 4; ch++) {
-    sq_lo = tc_sumsq8_ru(make_uint4(lo[ch][0], lo[ch][1], lo[ch][2], lo[ch][3]), sq_lo);
-    sq_hi = tc_sumsq8_ru(make_uint4(hi[ch][0], hi[ch][1], hi[ch][2], hi[ch][3]), sq_hi);
+    if (E4) {
+      sq_lo = tcd_sumsq8_f16_ru(lo[ch], sq_lo);
+      sq_hi = tcd_sumsq8_f16_ru(hi[ch], sq_hi);
+    } else {
+      sq_lo = tc_sumsq8_ru(make_uint4(lo[ch][0], lo[ch][1], lo[ch][2], lo[ch][3]), sq_lo);
+      sq_hi = tc_sumsq8_ru(make_uint4(hi[ch][0], hi[ch][1], hi[ch][2], hi[ch][3]), sq_hi);
+    }
   }
 #pragma unroll
   for (int o = 1; o < 4; o <<= 1) {
@@ -565,7 +725,8 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, tcd_small &
   }
 }
 
-/* Key n's dims 32 ch + 8 c .. + 7 as four bf16 pairs (e4m3 widened exactly). */
+/* Key n's dims 32 ch + 8 c .. + 7 as four bf16 pairs (e4m3: fp16 pairs,
+ * exact). */
 template <bool E4>
 static __device__ __forceinline__ void tcd_key_words(const unsigned char *page, int n, int ch,
                                                      int c, uint32_t (&w)[4]) {
@@ -578,20 +739,18 @@ static __device__ __forceinline__ void tcd_key_words(const unsigned char *page, 
   } else {
     int unit = (4 * ch + c) ^ ((n & 3) << 2);
     uint2 v = *(const uint2 *)(page + n * 128 + unit * 8);
-    w[0] = tc_e4m3x2_to_bf16x2((uint16_t)(v.x & 0xffffu));
-    w[1] = tc_e4m3x2_to_bf16x2((uint16_t)(v.x >> 16));
-    w[2] = tc_e4m3x2_to_bf16x2((uint16_t)(v.y & 0xffffu));
-    w[3] = tc_e4m3x2_to_bf16x2((uint16_t)(v.y >> 16));
+    tcd_e4m3x4_to_f16x4(v.x, w[0], w[1]);
+    tcd_e4m3x4_to_f16x4(v.y, w[2], w[3]);
   }
 }
 
 /* Every thread: (S~, E) of block c.blk (keys in ring slot `page`) for each
  * pair of request c.r that needs it. Warp w takes keys 16 w .. 16 w + 15 as
  * two n8 tiles; rows are the pairs (padded to 16). */
-template <bool E4>
+template <bool E4, class S>
 static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
                                        const unsigned char *page, const uint32_t (&af)[8][4],
-                                       tcd_small &s) {
+                                       S &s) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, cq = lane & 3;
   /* Scores: the two n8 tiles interleaved (two independent mma chains).
    * Key norms on the tensor cores too: with the warp's 16 keys as the A
@@ -611,18 +770,26 @@ static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
     for (int h = 0; h < 2; h++) {
 #pragma unroll
       for (int j = 0; j < 2; j++) {
-        tc_mma_bf16(acc[j], af[2 * ch + h], w[j][2 * h], w[j][2 * h + 1]);
-        tc_mma_bf16_r(gram[j], w[0][2 * h], w[1][2 * h], w[0][2 * h + 1], w[1][2 * h + 1],
+        if (E4) {
+          const uint32_t *a = af[2 * ch + h];
+          tcd_mma_f16(acc[j], a[0], a[1], a[2], a[3], w[j][2 * h], w[j][2 * h + 1]);
+          tcd_mma_f16(gram[j], w[0][2 * h], w[1][2 * h], w[0][2 * h + 1], w[1][2 * h + 1],
                       w[j][2 * h], w[j][2 * h + 1]);
+        } else {
+          tc_mma_bf16(acc[j], af[2 * ch + h], w[j][2 * h], w[j][2 * h + 1]);
+          tc_mma_bf16_r(gram[j], w[0][2 * h], w[1][2 * h], w[0][2 * h + 1], w[1][2 * h + 1],
+                        w[j][2 * h], w[j][2 * h + 1]);
+        }
       }
     }
   }
   /* Largest key norm of the warp's 16 keys, an upper bound: key g of tile j
    * sits on the diagonal in lane (g, g / 2), element 2 j + (g & 1). The
-   * products k_d^2 are exact; on the tensor-core model of the bound the fp32
-   * sum G of 128 positive terms is >= (1 - 1024 u) sum k_d^2, so sum k_d^2 <=
-   * G (1 + 2^-10); 2^-119 covers products that a flushing tensor core drops
-   * (128 below 2^-126). NaN -> inf. */
+   * products k_d^2 are exact (bf16, or e4m3 as fp16 in the f16 mma); on the
+   * tensor-core model of the bound the fp32 sum G of 128 positive terms is >=
+   * (1 - 1024 u) sum k_d^2, so sum k_d^2 <= G (1 + 2^-10); 2^-119 covers
+   * products that a flushing tensor core drops (128 below 2^-126; an e4m3
+   * square is at least 2^-18). NaN -> inf. */
   float nk = 0.0f;
   if (cq == (g >> 1)) {
 #pragma unroll
@@ -671,7 +838,14 @@ static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
       m = fmaxf(m, s.red[w][tid]);
       k = fmaxf(k, s.wnk[w]);
     }
-    p.ws[((int64_t)c.r * p.pairs + tid) * p.max_nb + c.blk] = make_float2(m, tc_bound(s.qn[tid], k));
+    float e;
+    if constexpr (E4) { /* back to unscaled units; S~ exact unless subnormal (then within 2^-150) */
+      m = __fmul_rn(m, s.qs[tid]);
+      e = tcd_bound_e4(s.qn[tid], k, s.qs[tid]);
+    } else {
+      e = tc_bound(s.qn[tid], k);
+    }
+    p.ws[((int64_t)c.r * p.pairs + tid) * p.max_nb + c.blk] = make_float2(m, e);
   }
 }
 
@@ -683,7 +857,7 @@ template <bool E4>
 static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_params p) {
   typedef tcd_fmt<E4> F;
   extern __shared__ __align__(128) unsigned char tsm[];
-  __shared__ tcd_small s;
+  __shared__ tcd_small_of<E4> s;
   dec_cursor pf, cs;
   pf.item = blockIdx.x;
   cursor_seek(p, pf);
@@ -700,7 +874,7 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
     tcd_issue_page<E4>(p, pf, tsm + ahead * F::stage, &s.page[ahead]);
     cursor_next(p, pf);
     if (cs.r != staged) {
-      tcd_stage_request(p, cs.r, s, af);
+      tcd_stage_request<E4>(p, cs.r, s, af);
       staged = cs.r;
     }
     cp_async_wait<F::stages - 1>();
@@ -754,7 +928,8 @@ static cudaError_t dec_device_fits(int e4, int *fits) {
 
 /* The certified kernel of format e4. */
 static cudaError_t tcd_device_fits(int e4, int *fits) {
-  return device_fits((e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>()) + sizeof(tcd_small),
+  return device_fits((e4 ? tcd_smem_bytes<true>() + sizeof(tcd_small_e4)
+                         : tcd_smem_bytes<false>() + sizeof(tcd_small)),
                      fits);
 }
 
