@@ -763,11 +763,12 @@ __device__ __forceinline__ void tw_produce(const m3s_cuda_batch &bt, const tc_sc
 
 /* Thread 0: the runs that need blocks from this CTA, each with its count of
  * blocks, as one sequence (block ids fit 32 bits: positions come from int32
- * seq_lens). */
+ * seq_lens). The bound on k never binds (TW_MAX_RUNS); it keeps the table in
+ * bounds whatever the batch holds. */
 __device__ __forceinline__ void tw_list_runs(const tc_score_args &a, tw_smem &s, int n) {
   int k = 0, cum = 0;
   const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
-  for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
+  for (int p0 = 0; p0 < n && k < TW_MAX_RUNS; p0 = s.run_end[p0]) {
     const int p1 = s.run_end[p0];
     const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
     if (s.req[p0] < 0 || b0 >= hi)
