@@ -21,9 +21,11 @@
  *     and the row's query norm give the bound E of docs/perf-notes.md
  *     ("Certified re-scoring: the bound"); (S~, E) goes to the workspace. A
  *     page id outside [0, P) gives (NaN, inf).
- *     On sm_90 with a bf16 index cache, tc_score_tma_kernel does the same
- *     work with a TMA ring and wgmma (its own comment below); the hook
- *     mma_sync forces this kernel there.
+ *     On sm_90 with a bf16 index cache, tc_norm_kernel first writes each
+ *     candidate block's largest key norm to a table, then
+ *     tc_score_tma_kernel does the same work on 256-row tiles with a TMA
+ *     ring and wgmma (its own comment below); the hook mma_sync forces
+ *     this kernel there, as does a workspace without room for the table.
  *  2. tc_select_kernel  a warp per (row, head) pair, 4 warps per CTA: forced
  *     blocks, then the certified selection of select_pair (the proof is
  *     there): intervals [S~ - E, S~ + E], blocks surely in, surely out, and
@@ -48,8 +50,9 @@
  * (S~, E) in place of phase 1, then the same selection runs with
  * all_scored = 1.
  *
- * Registers / spills (ptxas, sm_90a): 128 registers each; the TMA kernel
- * spills 32 bytes. Measured (H200, fresh 64K prompt, docs/perf-notes.md):
+ * Registers / spills (ptxas, sm_90a): 128 each for the mma.sync score and
+ * the selection kernels (2 and 4 CTAs per SM), 232 for the TMA kernel (one
+ * CTA per SM); no spills. Measured (H200, fresh 64K prompt, docs/perf-notes.md):
  * scores ~9.5 ms with mma.sync, ~6.4 ms with TMA + wgmma (b10fcd5), the
  * selection ~2.2 ms; the whole top-k 8.5-9.8 ms against vLLM's 6.9. */
 #include "../common.cuh"
