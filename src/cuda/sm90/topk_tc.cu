@@ -23,9 +23,9 @@
  *     page id outside [0, P) gives (NaN, inf).
  *     On sm_90 with a bf16 index cache, tc_norm_kernel first writes each
  *     candidate block's largest key norm to a table, then
- *     tc_score_tma_kernel does the same work on 256-row tiles with a TMA
- *     ring and wgmma (its own comment below); the hook mma_sync forces
- *     this kernel there, as does a workspace without room for the table.
+ *     tc_score_tma_kernel does the same work with a TMA ring and wgmma (its
+ *     own comment below); the hook mma_sync forces this kernel there, as
+ *     does a workspace without room for the table.
  *  2. tc_select_kernel  a warp per (row, head) pair, 4 warps per CTA: forced
  *     blocks, then the certified selection of select_pair (the proof is
  *     there): intervals [S~ - E, S~ + E], blocks surely in, surely out, and
@@ -50,9 +50,9 @@
  * (S~, E) in place of phase 1, then the same selection runs with
  * all_scored = 1.
  *
- * Registers / spills (ptxas, sm_90a): 128 each for the mma.sync score and
- * the selection kernels (2 and 4 CTAs per SM), 232 for the TMA kernel (one
- * CTA per SM); no spills. Measured (H200, fresh 64K prompt, docs/perf-notes.md):
+ * Registers / spills (ptxas, sm_90a): 128 registers each; the TMA kernel
+ * spills 32 bytes (a 256-row, one-CTA-per-SM variant without spills measured
+ * slower, docs/perf-notes.md). Measured (H200, fresh 64K prompt, docs/perf-notes.md):
  * scores ~9.5 ms with mma.sync, ~6.4 ms with TMA + wgmma (b10fcd5), the
  * selection ~2.2 ms; the whole top-k 8.5-9.8 ms against vLLM's 6.9. */
 #include "../common.cuh"
@@ -210,12 +210,9 @@ __device__ __forceinline__ unsigned long long tc_wg_desc_sw128(uint32_t saddr) {
          ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-/* d (64 fp32, the m64n128 accumulator fragment of this warp) = A (this
+/* d (64 fp32, the m64n128 accumulator fragment of this warp) += A (this
  * warp's 16 rows, registers, the mma.m16n8k16 A layout) x B (128 keys x 16
- * dims at desc), plus d when ACC (without it d's old values are not read, so
- * nothing has to zero them). sm_90a only; the caller fences, commits and
- * waits. */
-template <int ACC>
+ * dims at desc). sm_90a only; the caller fences, commits and waits. */
 __device__ __forceinline__ void tc_wgmma_bf16(float *d, const uint32_t *a,
                                               unsigned long long desc) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -237,7 +234,7 @@ __device__ __forceinline__ void tc_wgmma_bf16(float *d, const uint32_t *a,
                  "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),
                  "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),
                  "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACC));
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
 #else
   (void)d;
   (void)a;
@@ -350,46 +347,37 @@ __device__ __forceinline__ void tc_row_max(const float (&acc)[16][4], int64_t po
   m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 2));
 }
 
-/* The first of the 16 rows whose A fragments warp `warp` holds for m64
- * slice h of a ROWS-row tile: the mma.sync kernel (128 rows) gives warp w rows
- * 16w..16w+15; the TMA kernel (256 rows) gives warpgroup v rows 128v..128v+127
- * as two m64 slices, of which its warp w & 3 holds 16 rows each. */
-template <int ROWS>
-__device__ __forceinline__ int tc_frag_row0(int warp, int h) {
-  return ROWS == TC_ROWS ? warp * 16 : (warp >> 2) * 128 + h * 64 + (warp & 3) * 16;
-}
-
-/* Phase 1 of both score kernels: the ROWS rows of the tile (request, or -1
+/* Phase 1 of both score kernels: the 128 rows of the tile (request, or -1
  * when the row needs no scores; position; the end of its run of rows of one
  * request), the bf16 queries into qs (rows of TC_PAD elements), their norms
- * (upper bounds, inf for non-finite) and this warp's A fragments (NS slices
- * of 16 rows, all 128 dims). The caller synchronises before qs is reused. */
-template <int ROWS, int NS, class Smem>
+ * (upper bounds, inf for non-finite) and this warp's A fragments (its 16
+ * rows, all 128 dims). The caller synchronises before qs is reused. */
+template <class Smem>
 __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const tc_score_args &a,
                                                  Smem &s, uint16_t *qs, int64_t tile0, int n,
-                                                 int g, uint32_t (&af)[NS][8][4]) {
+                                                 int g, uint32_t (&af)[8][4]) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int i = tid; i < ROWS; i += TC_THREADS) {
+  if (tid < TC_ROWS) {
     int req = -1;
     int64_t pos = 0;
-    if (i < n) {
-      m3s_row_info ri = m3s_row_lookup(bt, a.row0 + tile0 + i);
+    if (tid < n) {
+      m3s_row_info ri = m3s_row_lookup(bt, a.row0 + tile0 + tid);
       if (ri.valid && ri.n >= TC_MIN_ROWS && tc_blocks_of(ri.pos) > a.topk) {
         req = ri.r;
         pos = ri.pos;
       }
     }
-    s.req[i] = req;
-    s.pos[i] = pos;
+    s.req[tid] = req;
+    s.pos[tid] = pos;
   }
   __syncthreads();
-  for (int i = tid; i < ROWS; i += TC_THREADS) {
-    int e = i + 1;
-    while (e < n && s.req[e] == s.req[i])
+  if (tid < TC_ROWS) {
+    int e = tid + 1;
+    while (e < n && s.req[e] == s.req[tid])
       e++;
-    s.run_end[i] = e;
+    s.run_end[tid] = e;
   }
-  for (int e = tid; e < ROWS * (M3S_INDEX_DIM / 2); e += TC_THREADS) {
+  for (int e = tid; e < TC_ROWS * (M3S_INDEX_DIM / 2); e += TC_THREADS) {
     int i = e / (M3S_INDEX_DIM / 2), d = 2 * (e % (M3S_INDEX_DIM / 2));
     uint32_t w = 0;
     if (s.req[i] >= 0) {
@@ -399,9 +387,9 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
     *(uint32_t *)(qs + i * TC_PAD + d) = w;
   }
   __syncthreads();
-  for (int i0 = 0; i0 < ROWS; i0 += TC_THREADS / 2) {
+  {
     /* two threads per row, 64 elements each */
-    int i = i0 + (tid >> 1), h = tid & 1;
+    int i = tid >> 1, h = tid & 1;
     float sq = 0.0f;
 #pragma unroll
     for (int v = 0; v < 8; v++)
@@ -411,16 +399,13 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
     if (h == 0)
       s.qn[i] = isnan(nq) ? INFINITY : nq;
   }
-  /* A fragments of the warp's rows, all 128 dims */
+  /* A fragments of the warp's 16 rows, all 128 dims */
 #pragma unroll
-  for (int h = 0; h < NS; h++)
-#pragma unroll
-    for (int ks = 0; ks < 8; ks++) {
-      int row = tc_frag_row0<ROWS>(warp, h) + (lane & 7) + ((lane >> 3) & 1) * 8,
-          col = ks * 16 + (lane >> 4) * 8;
-      tc_ldmatrix_x4(tc_smem_addr(qs + row * TC_PAD + col), af[h][ks][0], af[h][ks][1],
-                     af[h][ks][2], af[h][ks][3]);
-    }
+  for (int ks = 0; ks < 8; ks++) {
+    int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = ks * 16 + (lane >> 4) * 8;
+    tc_ldmatrix_x4(tc_smem_addr(qs + row * TC_PAD + col), af[ks][0], af[ks][1], af[ks][2],
+                   af[ks][3]);
+  }
 }
 
 /* (S~, E) of block b for the quad's two rows r_lo and r_lo + 8 (where they
@@ -459,8 +444,8 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
   const int n = (int)(a.nrows - tile0 < TC_ROWS ? a.nrows - tile0 : TC_ROWS);
 
   /* Phase 1: rows, runs, queries and their norms, the A fragments */
-  uint32_t af[1][8][4];
-  tc_tile_prologue<TC_ROWS, 1>(bt, a, s, qs, tile0, n, g, af);
+  uint32_t af[8][4];
+  tc_tile_prologue(bt, a, s, qs, tile0, n, g, af);
   __syncthreads();
 
   /* Phase 2: runs of one request; per run the candidate blocks of this CTA */
@@ -551,8 +536,8 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
             int col = ks * 16 + ((lane >> 3) & 1) * 8;
             uint32_t b0, b1, b2, b3;
             tc_ldmatrix_x4(tc_smem_addr(tile + key * TC_PAD + col), b0, b1, b2, b3);
-            tc_mma_bf16(acc[2 * j], af[0][ks], b0, b1);
-            tc_mma_bf16(acc[2 * j + 1], af[0][ks], b2, b3);
+            tc_mma_bf16(acc[2 * j], af[ks], b0, b1);
+            tc_mma_bf16(acc[2 * j + 1], af[ks], b2, b3);
           }
         }
         tc_row_max(acc, s.pos[r_lo], s.pos[r_hi], b, lane, m_lo, m_hi);
@@ -636,43 +621,30 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 /* ---------------------------------------------------------------------------
  * Kernel 1, sm_90a variant for a bf16 index cache: TMA ring + wgmma
  *
- * Same outputs as tc_score_kernel, on tiles of TW_ROWS = 256 rows (one CTA
- * per SM, 8 warps, up to 255 registers each): every key block that reaches
- * shared memory is multiplied against twice the rows of the 128-row kernel,
- * which halves the L2 traffic, the copies and the barrier work per score, and
- * the register budget holds both slices' accumulators without spills.
- *
- * The CTA's blocks, over all its runs, form one sequence i = 0 .. total - 1
- * (run k: blocks b = init + z + j gz of request run_r[k], i = run_cum[k] + j),
- * streamed through a TW_STAGES-deep ring of TMA copies (a 2-D tensor map over
- * the cache as [P * 128 keys][128 dims], two boxes of 64 dims x 128 keys per
- * page, 128-byte swizzle) guarded per stage by an mbarrier (full: the bytes
- * landed) and a counter of the warps done with it. Thread 0 issues the first
- * TW_STAGES copies; after that the last warp to finish with a stage refills
- * it with block i + TW_STAGES, so nobody ever waits for a free stage and the
- * two warpgroups drift apart by up to the ring's depth. Warpgroup v
- * multiplies its 128 rows (two m64 slices, A from registers) by the 128 keys
- * with 2 x 8 wgmma.m64n128k16 reading B straight from the swizzled stage.
- * Key norms come from the table tc_norm_kernel fills before. */
-#define TW_ROWS 256
-#define TW_STAGES 6
+ * Same grid, tiles, runs and outputs as tc_score_kernel; what differs is how
+ * a block reaches the tensor cores. Thread 0 issues TMA copies of key pages
+ * (a 2-D tensor map over the cache as [P * 128 keys][128 dims], two boxes of
+ * 64 dims x 128 keys per page, 128-byte swizzle) into a TW_STAGES-deep ring
+ * guarded by mbarriers (full: the bytes landed; empty: all 8 warps are done
+ * with the stage), so no CTA-wide barrier sits in the block loop and the two
+ * warpgroups (64 rows each) drift freely. Each warpgroup multiplies its rows
+ * (A from registers) by the 128 keys with 8 wgmma.m64n128k16 reading B
+ * straight from the swizzled stage (a quarter of the shared-memory traffic of
+ * the mma.sync kernel's per-warp ldmatrix). Key norms: read from the table
+ * tc_norm_kernel fills before (once per block instead of once per CTA that
+ * visits it), so the warpgroups never exchange anything and never wait for
+ * each other. */
+#define TW_STAGES 3
 #define TW_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
 #define TW_STAGE_BYTES (2 * TW_HALF_BYTES)
 #define TW_SMEM_BYTES (TW_STAGES * TW_STAGE_BYTES + 1024) /* + slack for 1024-byte alignment */
-/* requests with scores have >= TC_MIN_ROWS rows, so a tile holds at most
- * this many runs (two of them cut by the tile's edges) */
-#define TW_MAX_RUNS (TW_ROWS / TC_MIN_ROWS + 2)
 
 typedef struct {
-  unsigned long long full[TW_STAGES];
-  unsigned done[TW_STAGES]; /* warps finished with the stage's current block */
-  int nruns;
-  int run_r[TW_MAX_RUNS], run_p0[TW_MAX_RUNS], run_p1[TW_MAX_RUNS];
-  int run_cum[TW_MAX_RUNS + 1]; /* blocks of the CTA before run k */
-  int64_t pos[TW_ROWS];
-  int req[TW_ROWS];
-  int run_end[TW_ROWS];
-  float qn[TW_ROWS];
+  unsigned long long full[TW_STAGES], empty[TW_STAGES];
+  int64_t pos[TC_ROWS];
+  int req[TC_ROWS];
+  int run_end[TC_ROWS];
+  float qn[TC_ROWS];
 } tw_smem;
 
 __device__ __forceinline__ void tw_bar_init(unsigned long long *bar, unsigned count) {
@@ -699,18 +671,6 @@ __device__ __forceinline__ void tw_bar_wait(unsigned long long *bar, unsigned pa
                : "memory");
 }
 
-/* Counts one more warp done with a stage; returns the count before. Release
- * orders the warp's reads of the stage (its wgmma have completed) before the
- * refill the last warp issues; acquire makes that warp see the others'. */
-__device__ __forceinline__ unsigned tw_done_add(unsigned *cnt) {
-  unsigned old;
-  asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n"
-               : "=r"(old)
-               : "r"(tc_smem_addr(cnt))
-               : "memory");
-  return old;
-}
-
 __device__ __forceinline__ void tw_tma_load(void *dst, const CUtensorMap *map, int c0, int c1,
                                             unsigned long long *bar) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -728,32 +688,17 @@ __device__ __forceinline__ void tw_tma_load(void *dst, const CUtensorMap *map, i
 #endif
 }
 
-/* Keeps the compiler from touching the accumulators between the wgmma that
- * write them and the wait that completes them. */
-__device__ __forceinline__ void tw_fence_acc(float (&acc)[16][4]) {
-#pragma unroll
-  for (int j = 0; j < 16; j++)
-    asm volatile("" : "+f"(acc[j][0]), "+f"(acc[j][1]), "+f"(acc[j][2]), "+f"(acc[j][3])::"memory");
-}
-
-/* Block b of run k's request for the CTA's i-th block. */
-__device__ __forceinline__ int tw_block_of(const tw_smem &s, const tc_score_args &a, int i, int &k) {
-  k = 0;
-  while (s.run_cum[k + 1] <= i)
-    k++;
-  return a.init + (int)blockIdx.z + (i - s.run_cum[k]) * (int)gridDim.z;
-}
-
-/* Fills the stage of the CTA's i-th block (its previous block is done). A
- * page id out of range loads nothing; the plain arrive still completes the
- * phase and the consumers see the same page id. */
+/* Thread 0: fills the stage of the CTA's i-th block (block b of request r)
+ * once every warp has released that stage's previous use. A page id out of
+ * range loads nothing; the plain arrive still completes the phase and the
+ * consumers see the same page id. */
 __device__ __forceinline__ void tw_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
                                            const CUtensorMap *map, tw_smem &s,
-                                           unsigned char *ring, int i) {
-  int k;
-  const int b = tw_block_of(s, a, i, k);
-  const int st = i % TW_STAGES;
-  const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, s.run_r[k], b, a.num_pages);
+                                           unsigned char *ring, int r, int64_t b, uint32_t i) {
+  const uint32_t st = i % TW_STAGES, use = i / TW_STAGES;
+  if (use > 0)
+    tw_bar_wait(&s.empty[st], (use - 1) & 1);
+  int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
   if (page < 0) {
     tw_bar_arrive(&s.full[st]);
     return;
@@ -764,30 +709,7 @@ __device__ __forceinline__ void tw_produce(const m3s_cuda_batch &bt, const tc_sc
   tw_tma_load(dst + TW_HALF_BYTES, map, 64, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
 }
 
-/* Thread 0: the runs that need blocks from this CTA, each with its count of
- * blocks, as one sequence (block ids fit 32 bits: positions come from int32
- * seq_lens). The bound on k never binds (TW_MAX_RUNS); it keeps the table in
- * bounds whatever the batch holds. */
-__device__ __forceinline__ void tw_list_runs(const tc_score_args &a, tw_smem &s, int n) {
-  int k = 0, cum = 0;
-  const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
-  for (int p0 = 0; p0 < n && k < TW_MAX_RUNS; p0 = s.run_end[p0]) {
-    const int p1 = s.run_end[p0];
-    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
-    if (s.req[p0] < 0 || b0 >= hi)
-      continue;
-    s.run_r[k] = s.req[p0];
-    s.run_p0[k] = p0;
-    s.run_p1[k] = p1;
-    s.run_cum[k] = cum;
-    cum += (hi - b0 + gz - 1) / gz;
-    k++;
-  }
-  s.nruns = k;
-  s.run_cum[k] = cum;
-}
-
-static __global__ void __launch_bounds__(TC_THREADS, 1)
+static __global__ void __launch_bounds__(TC_THREADS, 2)
     tc_score_tma_kernel(m3s_cuda_batch bt, tc_score_args a, const __grid_constant__ CUtensorMap map) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap(); /* launched on sm_90 devices only */
@@ -798,91 +720,83 @@ static __global__ void __launch_bounds__(TC_THREADS, 1)
   unsigned char *const ring = tc_dyn + ((1024u - (base & 1023u)) & 1023u);
   uint16_t *qs = (uint16_t *)ring; /* the query tile, before the first copy */
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t tiles = (a.nrows + TW_ROWS - 1) / TW_ROWS;
-  const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TW_ROWS; /* heavy tiles first */
+  const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
+  const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TC_ROWS; /* heavy tiles first */
   const int g = blockIdx.y;
-  const int n = (int)(a.nrows - tile0 < TW_ROWS ? a.nrows - tile0 : TW_ROWS);
+  const int n = (int)(a.nrows - tile0 < TC_ROWS ? a.nrows - tile0 : TC_ROWS);
 
   /* Phase 1: rows, runs, queries, norms, A fragments; the ring's barriers */
-  uint32_t af[2][8][4];
-  tc_tile_prologue<TW_ROWS, 2>(bt, a, s, qs, tile0, n, g, af);
-  __syncthreads(); /* run_end */
+  uint32_t af[8][4];
+  tc_tile_prologue(bt, a, s, qs, tile0, n, g, af);
   if (tid == 0) {
-    tw_list_runs(a, s, n);
     for (int i = 0; i < TW_STAGES; i++) {
       tw_bar_init(&s.full[i], 1);
-      s.done[i] = 0;
+      tw_bar_init(&s.empty[i], TC_THREADS / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   tc_fence_proxy_async(); /* the query tile's generic accesses before TMA overwrites it */
   __syncthreads();
-  const int total = s.run_cum[s.nruns];
-  if (tid == 0)
-    for (int i = 0; i < total && i < TW_STAGES; i++)
-      tw_produce(bt, a, &map, s, ring, i);
 
-  /* Phase 2: the CTA's blocks in sequence; this thread's rows r_lo[h] and
-   * r_lo[h] + 8 of slice h */
-  int r_lo[2];
+  /* Phase 2: per run, the CTA's candidate blocks through the ring; i counts
+   * the CTA's blocks over all runs, so stage and phase follow from it */
+  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+  uint32_t it = 0;
+  for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
+    const int p1 = s.run_end[p0], r = s.req[p0];
+    if (r < 0)
+      continue;
+    /* block ids fit 32 bits: positions come from int32 seq_lens */
+    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
+    const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
+    if (b0 >= hi)
+      continue;
+    const int nblk = (hi - b0 + gz - 1) / gz;
+    const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
+    const float *nrow = a.norms + tc_norm_slot(bt, r) * a.max_nb;
+    if (tid == 0)
+      for (int j = 0; j < nblk && j < TW_STAGES; j++)
+        tw_produce(bt, a, &map, s, ring, r, b0 + j * gz, it + (uint32_t)j);
+    for (int j = 0; j < nblk; j++) {
+      const uint32_t i = it + (uint32_t)j, st = i % TW_STAGES, ph = (i / TW_STAGES) & 1;
+      const int b = b0 + j * gz;
+      /* refill the stage the previous block used (every warp is past it or
+       * nearly so), keeping TW_STAGES - 1 copies in flight */
+      if (tid == 0 && j >= 1 && j - 1 + TW_STAGES < nblk)
+        tw_produce(bt, a, &map, s, ring, r, b0 + (j - 1 + TW_STAGES) * gz, i - 1 + TW_STAGES);
+      tw_bar_wait(&s.full[st], ph);
+      const int bad =
+          m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages) < 0;
+      const unsigned char *tile = ring + st * TW_STAGE_BYTES;
+      /* S~: this warpgroup's 64 rows x 128 keys */
+      float acc[16][4];
 #pragma unroll
-  for (int h = 0; h < 2; h++)
-    r_lo[h] = tc_frag_row0<TW_ROWS>(warp, h) + (lane >> 2);
-  int k = -1, r = 0, next_run = 0, in_lo[2] = {0, 0}, in_hi[2] = {0, 0};
-  const float *nrow = a.norms;
-  for (int i = 0; i < total; i++) {
-    if (i == next_run) {
-      /* the next run (every run listed has at least one block) */
-      k++;
-      r = s.run_r[k];
-      next_run = s.run_cum[k + 1];
-      const int p0 = s.run_p0[k], p1 = s.run_p1[k];
+      for (int jj = 0; jj < 16; jj++)
+        acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.0f;
+      if (!bad) {
+        tc_wg_fence();
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        in_lo[h] = r_lo[h] >= p0 && r_lo[h] < p1;
-        in_hi[h] = r_lo[h] + 8 >= p0 && r_lo[h] + 8 < p1;
+        for (int ks = 0; ks < 8; ks++)
+          tc_wgmma_bf16(&acc[0][0], af[ks],
+                        tc_wg_desc_sw128(tc_smem_addr(tile + (ks >> 2) * TW_HALF_BYTES +
+                                                      (ks & 3) * 32)));
+        tc_wg_commit_wait();
       }
-      nrow = a.norms + tc_norm_slot(bt, r) * a.max_nb;
-    }
-    const int b = a.init + (int)blockIdx.z + (i - s.run_cum[k]) * (int)gridDim.z;
-    const int st = i % TW_STAGES;
-    tw_bar_wait(&s.full[st], (unsigned)(i / TW_STAGES) & 1u);
-    const int bad = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages) < 0;
-    const unsigned char *tile = ring + st * TW_STAGE_BYTES;
-    /* S~: this warpgroup's 128 rows x 128 keys, two m64 slices */
-    float acc[2][16][4];
-    if (!bad) {
-      tc_wg_fence();
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        tc_wgmma_bf16<0>(&acc[h][0][0], af[h][0], tc_wg_desc_sw128(tc_smem_addr(tile)));
-#pragma unroll
-        for (int ks = 1; ks < 8; ks++)
-          tc_wgmma_bf16<1>(&acc[h][0][0], af[h][ks],
-                           tc_wg_desc_sw128(tc_smem_addr(tile + (ks >> 2) * TW_HALF_BYTES +
-                                                         (ks & 3) * 32)));
-      }
-      tc_wg_commit_wait();
-      tw_fence_acc(acc[0]);
-      tw_fence_acc(acc[1]);
-    }
-    /* this warp is done with the stage; the last of the 8 refills it */
-    __syncwarp();
-    if (lane == 0 && tw_done_add(&s.done[st]) == TC_THREADS / 32 - 1) {
-      atomicExch(&s.done[st], 0u);
-      if (i + TW_STAGES < total)
-        tw_produce(bt, a, &map, s, ring, i + TW_STAGES);
-    }
-    /* the block's largest key norm, from the pre-pass */
-    const float nk = b < a.max_nb ? nrow[b] : INFINITY;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
+      /* the block's largest key norm, from the pre-pass */
+      const float nk = b < a.max_nb ? nrow[b] : INFINITY;
+      /* this thread is done with the stage: its reads (generic and async
+       * proxy) come before the refill's TMA writes */
+      tc_fence_proxy_async();
+      __syncwarp();
+      if (lane == 0)
+        tw_bar_arrive(&s.empty[st]);
       float m_lo = -INFINITY, m_hi = -INFINITY;
       if (!bad)
-        tc_row_max(acc[h], s.pos[r_lo[h]], s.pos[r_lo[h] + 8], b, lane, m_lo, m_hi);
+        tc_row_max(acc, s.pos[r_lo], s.pos[r_hi], b, lane, m_lo, m_hi);
       if ((lane & 3) == 0)
-        tc_store_rows(a, s, tile0, g, r_lo[h], in_lo[h], in_hi[h], b, bad, m_lo, m_hi, nk);
+        tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
     }
+    it += (uint32_t)nblk;
   }
 #endif
 }
@@ -1455,12 +1369,10 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     sa.row0 = se.row0 = row0;
     sa.nrows = n;
     se.npairs = n * hkv;
-    /* Phase 1: (S~, E) of the chunk. About 4 CTAs per SM in all (the TMA
-     * kernel: 3 of its CTAs, one resident per SM); a CTA takes every gy-th
-     * candidate block of its tile. */
-    const int64_t rows_per_cta = tma ? TW_ROWS : TC_ROWS, ctas = tma ? 3 * sms : 4 * sms;
-    int64_t tiles = (n + rows_per_cta - 1) / rows_per_cta;
-    int64_t gy = (ctas + tiles * hkv - 1) / (tiles * hkv);
+    /* Phase 1: (S~, E) of the chunk. About 4 CTAs per SM in all; a CTA
+     * takes every gy-th candidate block of its tile. */
+    int64_t tiles = (n + TC_ROWS - 1) / TC_ROWS;
+    int64_t gy = (4 * sms + tiles * hkv - 1) / (tiles * hkv);
     gy = gy < 1 ? 1 : gy;
     gy = gy < plan.max_nb ? gy : plan.max_nb;
     gy = gy < 65535 ? gy : 65535;
