@@ -491,65 +491,31 @@ static void test_k_and_forced(void) {
   }
 }
 
-static void test_nan_inf_and_guards(void) {
-  int32_t *s = (int32_t *)ragged(8, 1500, 6000);
+/* The case on the bf16 and on the e4m3 index cache: "<stem>_bf16<tail>"
+ * and "<stem>_e4m3<tail>". */
+static void run_both_formats(const char *stem, const char *tail, m3s_layer_config cfg, int R,
+                             int qlen, const int32_t *seq, int mods) {
   for (int e4 = 0; e4 < 2; e4++) {
-    dcase c = {e4 ? "nan_inf_keys_e4m3_tp1_q3" : "nan_inf_keys_bf16_tp1_q3",
-               cfg_k(1, 4, 0, 1),
-               8,
-               3,
-               s,
-               0,
-               e4 ? &g_e4m3 : &g_bf16,
-               MOD_NAN_TABLES};
+    char name[96];
+    snprintf(name, sizeof name, "%s_%s%s", stem, e4 ? "e4m3" : "bf16", tail);
+    dcase c = {name, cfg, R, qlen, seq, 0, e4 ? &g_e4m3 : &g_bf16, mods};
     run_case(&c);
   }
+}
+
+static void test_nan_inf_and_guards(void) {
+  int32_t *s = (int32_t *)ragged(8, 1500, 6000);
+  run_both_formats("nan_inf_keys", "_tp1_q3", cfg_k(1, 4, 0, 1), 8, 3, s, MOD_NAN_TABLES);
   dcase k1 = {
       "nan_inf_keys_k1_no_forced_tp8_q1", cfg_k(8, 1, 0, 0), 8, 1, s, 0, &g_bf16, MOD_NAN_TABLES};
   run_case(&k1);
-  for (int e4 = 0; e4 < 2; e4++) {
-    dcase c = {e4 ? "query_range_edges_e4m3_tp1_q2" : "query_range_edges_bf16_tp1_q2",
-               m3s_config_minimax_m3(1),
-               8,
-               2,
-               s,
-               0,
-               e4 ? &g_e4m3 : &g_bf16,
-               MOD_Q_EDGES};
-    run_case(&c);
-  }
-  for (int e4 = 0; e4 < 2; e4++) {
-    dcase w = {e4 ? "wide_exponent_queries_e4m3_tp2_q2" : "wide_exponent_queries_bf16_tp2_q2",
-               m3s_config_minimax_m3(2),
-               8,
-               2,
-               s,
-               0,
-               e4 ? &g_e4m3 : &g_bf16,
-               MOD_Q_WIDE};
-    run_case(&w);
-    dcase t = {e4 ? "tiny_queries_e4m3_tp1_q1" : "tiny_queries_bf16_tp1_q1",
-               m3s_config_minimax_m3(1),
-               8,
-               1,
-               s,
-               0,
-               e4 ? &g_e4m3 : &g_bf16,
-               MOD_Q_TINY};
-    run_case(&t);
-  }
+  run_both_formats("query_range_edges", "_tp1_q2", m3s_config_minimax_m3(1), 8, 2, s, MOD_Q_EDGES);
+  run_both_formats("wide_exponent_queries", "_tp2_q2", m3s_config_minimax_m3(2), 8, 2, s,
+                   MOD_Q_WIDE);
+  run_both_formats("tiny_queries", "_tp1_q1", m3s_config_minimax_m3(1), 8, 1, s, MOD_Q_TINY);
   s = (int32_t *)ragged(8, 6000, 1500); /* request 0 (the bad ids) has 47 blocks */
-  for (int e4 = 0; e4 < 2; e4++) {
-    dcase c = {e4 ? "page_ids_out_of_range_score_nan_e4m3" : "page_ids_out_of_range_score_nan_bf16",
-               m3s_config_minimax_m3(1),
-               8,
-               2,
-               s,
-               0,
-               e4 ? &g_e4m3 : &g_bf16,
-               MOD_OOR_PAGES};
-    run_case(&c);
-  }
+  run_both_formats("page_ids_out_of_range_score_nan", "", m3s_config_minimax_m3(1), 8, 2, s,
+                   MOD_OOR_PAGES);
 }
 
 int main(void) {
