@@ -52,9 +52,11 @@
  *
  * Registers / spills (ptxas, sm_90a): 128 registers each; the TMA kernel
  * spills 32 bytes (a 256-row, one-CTA-per-SM variant without spills measured
- * slower, docs/perf-notes.md). Measured (H200, fresh 64K prompt, docs/perf-notes.md):
- * scores ~9.5 ms with mma.sync, ~6.4 ms with TMA + wgmma (b10fcd5), the
- * selection ~2.2 ms; the whole top-k 8.5-9.8 ms against vLLM's 6.9. */
+ * slower, docs/perf-notes.md). Measured (H200, fresh 64K prompt,
+ * docs/perf-notes.md): scores ~9.5 ms with mma.sync, ~6.4 ms with TMA +
+ * wgmma (b10fcd5, before the norm pre-pass); the selection 1.78 ms over the
+ * 8 chunks (ncu, 369d402, the selection code of 5ef0622); the whole top-k
+ * 7.70 ms at 5ef0622 against vLLM's 6.77 (peer run). */
 #include "../common.cuh"
 #include "topk_tc.cuh"
 #include "topk_tc.h"
@@ -861,6 +863,18 @@ __device__ __forceinline__ int tc_whole_line(float2 e) {
   return isnan(e.x) || !(e.y < INFINITY);
 }
 
+/* Where an entry's interval puts its block against the thresholds u', l' of
+ * tc_select_pair: surely in, uncertain (Q), or surely out. Plain float
+ * compares stand for the rank order: the bounds are never NaN and -0 ranks
+ * as +0 in both. */
+enum { TC_OUT = 0, TC_IN = 1, TC_UNSURE = 2 };
+
+__device__ __forceinline__ int tc_class(float2 e, float u_p, float l_p) {
+  float l, u;
+  tc_interval(e, l, u);
+  return l > u_p ? TC_IN : (u < l_p ? TC_OUT : TC_UNSURE);
+}
+
 __device__ __forceinline__ unsigned long long tc_entry_key(const float2 *W, int64_t b, int kind) {
   float2 e = W[b];
   if (kind == TC_BY_EXACT)
@@ -1105,17 +1119,15 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
     }
     /* In and Q, each lane on its own entries: both are short (In <= W), so
      * a shared counter bumped per member is cheaper than ballots per 32
-     * entries. Plain float compares stand for the rank order here: the
-     * bounds are never NaN and -0 ranks as +0 in both. */
+     * entries */
     if (lane == 0)
       cnt[0] = cnt[1] = 0;
     __syncwarp();
     for (int64_t b = lo + lane; b < hi; b += 32) {
-      float l, u;
-      tc_interval(W[b], l, u);
-      if (l > u_p) {
+      const int c = tc_class(W[b], u_p, l_p);
+      if (c == TC_IN) {
         sel[nsel + atomicAdd(&cnt[0], 1)] = (int32_t)b;
-      } else if (!(u < l_p)) {
+      } else if (c == TC_UNSURE) {
         int j = atomicAdd(&cnt[1], 1);
         if (j < 32)
           qlist[j] = (int32_t)b;
@@ -1147,12 +1159,7 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
       /* more than 32 uncertain blocks (adversarial ties): re-score each in
        * place as (S, -1), then rank the re-scored ones */
       for (int64_t base = lo; base < hi; base += 32) {
-        int is_q = 0;
-        if (base + lane < hi) {
-          float l, u;
-          tc_interval(W[base + lane], l, u);
-          is_q = !(l > u_p) && !(u < l_p);
-        }
+        const int is_q = base + lane < hi && tc_class(W[base + lane], u_p, l_p) == TC_UNSURE;
         for (uint32_t m = __ballot_sync(TC_FULL, is_q); m; m &= m - 1) {
           const int64_t bj = base + __ffs(m) - 1;
           float sx = a.no_rescore ? W[bj].x : tc_exact_block(bt, a, r, bj, pos, q);
