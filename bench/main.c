@@ -48,6 +48,7 @@
  */
 /* This file: the command line and main. The other files: see bench.h. */
 #include "bench.h"
+#include "cuda/sm90/attention_tma.h"
 #include "cuda/sm90/topk_tc.h"
 
 static void usage(FILE *f) {
@@ -93,6 +94,8 @@ static void usage(FILE *f) {
 "  --topk-path P     default (certified re-scoring; prefill scores with TMA +\n"
 "                    wgmma on sm_90 for a bf16 index cache), exact (the CUDA-core\n"
 "                    path for every batch) or mma (certified, mma.sync scores)\n"
+"  --attn-path P     default (the persistent TMA kernel on sm_90 for 16-bit\n"
+"                    caches of q's dtype) or generic (the cp.async kernel always)\n"
 "  --budget SEC      stop starting cases after SEC seconds                   [420]\n"
 "  --case-budget SEC fewer reps/sets when a case would take longer          [20]\n"
 "  --mem-gb G        cap of the cache pool (default: free memory less buffers)\n"
@@ -112,7 +115,7 @@ static int parse_args(int argc, char **argv, options *o) {
   enum {
     O_ALL = 256, O_FULL, O_OPS, O_TP, O_BS, O_QLEN, O_CTX, O_PCTX, O_CHUNK, O_KV, O_IDX, O_LIST,
     O_TM, O_LSE, O_SEL, O_REPS, O_WARM, O_MAXSETS, O_SETS, O_NOGRAPH, O_BUDGET, O_CBUDGET,
-    O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV, O_SKEW, O_TOPKPATH
+    O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV, O_SKEW, O_TOPKPATH, O_ATTNPATH
   };
   static const struct option lo[] = {
       {"all", no_argument, 0, O_ALL},           {"full", no_argument, 0, O_FULL},
@@ -131,7 +134,8 @@ static int parse_args(int argc, char **argv, options *o) {
       {"gemm", required_argument, 0, O_GEMM},   {"gemm-n", required_argument, 0, O_GEMMN},
       {"csv", required_argument, 0, O_CSV},     {"help", no_argument, 0, 'h'},
       {"batch-invariant", no_argument, 0, O_BINV}, {"skew", required_argument, 0, O_SKEW},
-      {"topk-path", required_argument, 0, O_TOPKPATH}, {0, 0, 0, 0}};
+      {"topk-path", required_argument, 0, O_TOPKPATH},
+      {"attn-path", required_argument, 0, O_ATTNPATH}, {0, 0, 0, 0}};
   memset(o, 0, sizeof *o);
   o->tps[0] = 1, o->tps[1] = 8, o->ntp = 2;
   o->bss[0] = 1, o->bss[1] = 32, o->bss[2] = 128, o->nbs = 3;
@@ -246,6 +250,14 @@ static int parse_args(int argc, char **argv, options *o) {
         return 0;
       }
       break;
+    case O_ATTNPATH:
+      if (strcmp(optarg, "default") == 0 || strcmp(optarg, "generic") == 0) {
+        o->attn_generic = strcmp(optarg, "generic") == 0;
+      } else {
+        fprintf(stderr, "m3s-bench: --attn-path must be default or generic\n");
+        return 0;
+      }
+      break;
     case O_CSV: o->csv = optarg; break;
     default:
       fprintf(stderr, "m3s-bench: see --help\n");
@@ -357,6 +369,11 @@ int main(int argc, char **argv) {
     m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s\n", o->topk_path == 1 ? "exact (CUDA cores)"
                                                             : "certified, mma.sync score kernel");
+  }
+  if (o->attn_generic) {
+    /* the path switch of src/cuda/sm90/attention_tma.h (per context) */
+    m3s_attention_set_generic(B.ctx, 1);
+    printf("m3s-bench: attention on the generic kernel\n");
   }
   if (cudaMalloc(&B.tc_stats, sizeof(m3s_topk_tc_stats)) != cudaSuccess) {
     cudaGetLastError();

@@ -24,8 +24,13 @@
  * M3S_TEST_QUICK=1 skips the large cases (for compute-sanitizer runs);
  * M3S_TEST_FILTER=text runs only the cases whose name contains text;
  * M3S_TEST_TIME=1 also times each case's CUDA call (cudaEvent, 20 runs) and
- * adds a batch-64 decode case. */
+ * adds a batch-64 decode case.
+ *
+ * On an sm_90 device every case the TMA kernel (src/cuda/sm90/attention_tma.cu)
+ * takes runs twice: on it, then on the generic kernel (the path switch of
+ * src/cuda/sm90/attention_tma.h); an unfiltered run fails if no case took it. */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
+#include "cuda/sm90/attention_tma.h"
 #include "gpu_util.h"
 
 #include <cuda_runtime_api.h>
@@ -38,6 +43,7 @@
 static m3s_context *g_cpu, *g_gpu;
 static int g_quick;
 static int g_time;
+static int g_tma_cases; /* cases the sm_90 TMA kernel ran (then the generic one too) */
 static uint64_t g_seed = 20261107;
 
 static m3s_layer_config cfg_of(int hq, int hkv, int k) {
@@ -136,6 +142,53 @@ static int gpu_run(fixture *f, gpu_fx *g, const int32_t *dev_topk, int with_lse,
   return gpu_fx_download(g, f);
 }
 
+/* One device path on the case: run, check against the fp64 reference and
+ * the CPU output (cpu_out, or NULL), all-zero rows when mods ask, then
+ * determinism (same bytes again) and lse == NULL (same output bits). Returns
+ * 0 when the device run itself failed. */
+static int device_checks(fixture *f, gpu_fx *g, const int32_t *dev_topk, const int32_t *ref_topk,
+                         const void *cpu_out, const case_mods *mods, const char *case_name,
+                         const char *path, double *ref_err, double *cpu_err) {
+  char name[160];
+  snprintf(name, sizeof name, "%s [%s]", case_name, path);
+  size_t ob = out_bytes(f), ln = lse_count(f), tb = topk_bytes(f);
+  void *out1 = malloc(ob + 2);
+  float *lse1 = malloc(sizeof(float) * (ln + 1));
+  int ok = out1 && lse1 && gpu_run(f, g, dev_topk, 1, name);
+  if (!CHECK(ok, name)) {
+    fprintf(stderr, "%s: device run failed\n", name);
+    free(out1);
+    free(lse1);
+    return 0;
+  }
+  memcpy(out1, f->out_mem, ob);
+  memcpy(lse1, f->lse_mem, sizeof(float) * ln);
+  memcpy(f->topk_mem, ref_topk, tb);
+  *ref_err = check_attention_vs_ref(f, 1, name);
+  *cpu_err = cpu_out ? out_rel_l2(f, out1, cpu_out) : 0.0;
+  if (cpu_out && !CHECK(*cpu_err < 1e-2, name))
+    fprintf(stderr, "%s: CUDA vs CPU rel L2 %.3g\n", name, *cpu_err);
+  if (mods && mods->all_zero) {
+    int zero = 1;
+    for (size_t i = 0; i < ob / 2; i++)
+      zero &= ((const uint16_t *)out1)[i] == 0;
+    for (size_t i = 0; i < ln; i++)
+      zero &= isinf(lse1[i]) && lse1[i] < 0;
+    CHECK(zero, name);
+  }
+  ok = gpu_run(f, g, dev_topk, 1, name);
+  if (!CHECK(ok && memcmp(out1, f->out_mem, ob) == 0 &&
+                 memcmp(lse1, f->lse_mem, sizeof(float) * ln) == 0,
+             name))
+    fprintf(stderr, "%s: second run differs (determinism)\n", name);
+  ok = gpu_run(f, g, dev_topk, 0, name);
+  if (!CHECK(ok && memcmp(out1, f->out_mem, ob) == 0, name))
+    fprintf(stderr, "%s: output differs when lse is NULL\n", name);
+  free(out1);
+  free(lse1);
+  return 1;
+}
+
 static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   fixture f;
   gpu_fx g;
@@ -153,10 +206,9 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   }
   if (mods && mods->topk_host)
     mods->topk_host(&f);
-  size_t ob = out_bytes(&f), ln = lse_count(&f), tb = topk_bytes(&f);
+  size_t ob = out_bytes(&f), tb = topk_bytes(&f);
   int32_t *dev_topk = malloc(tb + 4), *ref_topk = malloc(tb + 4);
-  void *cpu_out = malloc(ob + 2), *out1 = malloc(ob + 2);
-  float *lse1 = malloc(sizeof(float) * (ln + 1));
+  void *cpu_out = malloc(ob + 2);
   memcpy(dev_topk, f.topk_mem, tb);
   memcpy(ref_topk, f.topk_mem, tb);
   /* CPU backend */
@@ -170,54 +222,34 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     memcpy(cpu_out, f.out_mem, ob);
   }
   double t2 = gpu_now_ms();
-  /* CUDA backend */
+  /* CUDA backend: the default path, then the generic kernel */
   int ok = gpu_fx_upload(&g, &f, g_gpu);
   if (ok && mods && mods->device)
     ok = mods->device(&f, &g, ref_topk);
   double t3 = gpu_now_ms();
-  ok = ok && gpu_run(&f, &g, dev_topk, 1, name);
+  const int tma = ok && m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t);
+  g_tma_cases += tma;
+  double ref_err = 0.0, cpu_err = 0.0;
+  ok = ok && device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name,
+                           tma ? "tma" : "generic", &ref_err, &cpu_err);
   double t4 = gpu_now_ms();
-  if (!CHECK(ok, name)) {
-    fprintf(stderr, "%s: device run failed\n", name);
-    goto done;
+  if (ok && tma) {
+    double ref2 = 0.0, cpu2 = 0.0;
+    m3s_attention_set_generic(g_gpu, 1);
+    device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name, "generic",
+                  &ref2, &cpu2);
+    m3s_attention_set_generic(g_gpu, 0);
   }
-  memcpy(out1, f.out_mem, ob);
-  memcpy(lse1, f.lse_mem, sizeof(float) * ln);
-  memcpy(f.topk_mem, ref_topk, tb);
-  double ref_err = check_attention_vs_ref(&f, 1, name);
-  double cpu_err = have_cpu ? out_rel_l2(&f, out1, cpu_out) : 0.0;
-  if (have_cpu && !CHECK(cpu_err < 1e-2, name))
-    fprintf(stderr, "%s: CUDA vs CPU rel L2 %.3g\n", name, cpu_err);
-  if (mods && mods->all_zero) {
-    int zero = 1;
-    for (size_t i = 0; i < ob / 2; i++)
-      zero &= ((const uint16_t *)out1)[i] == 0;
-    for (size_t i = 0; i < ln; i++)
-      zero &= isinf(lse1[i]) && lse1[i] < 0;
-    CHECK(zero, name);
-  }
-  /* determinism: same bytes again */
-  ok = gpu_run(&f, &g, dev_topk, 1, name);
-  if (!CHECK(ok && memcmp(out1, f.out_mem, ob) == 0 &&
-                 memcmp(lse1, f.lse_mem, sizeof(float) * ln) == 0,
-             name))
-    fprintf(stderr, "%s: second run differs (determinism)\n", name);
-  /* lse == NULL: same output bits */
-  ok = gpu_run(&f, &g, dev_topk, 0, name);
-  if (!CHECK(ok && memcmp(out1, f.out_mem, ob) == 0, name))
-    fprintf(stderr, "%s: output differs when lse is NULL\n", name);
-  if (g_time)
+  if (ok && g_time)
     time_case(&f, &g, dev_topk, name);
   printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f "
-         "ms)\n",
-         name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0);
-done:
+         "ms)%s\n",
+         name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0,
+         tma ? "  tma+generic" : "");
   gpu_fx_free(&g);
   free(dev_topk);
   free(ref_topk);
   free(cpu_out);
-  free(out1);
-  free(lse1);
   fx_free(&f);
 }
 
@@ -470,21 +502,31 @@ static void test_group_and_k(void) {
   }
 }
 
+/* Each form twice: with a 60-token prefill row (the generic kernel) and as
+ * one-row-per-request decode (the sm_90 TMA kernel where it runs). */
 static void test_topk_forms(void) {
-  static const int32_t ql[] = {1, 1, 60};
+  static const int32_t ql[2][3] = {{1, 1, 60}, {1, 1, 1}};
   static const int32_t sl[] = {3000, 2600, 2500};
   case_mods desc = {topk_descending, NULL, 0, 0};
   case_mods holes = {topk_holes, NULL, 0, 0};
   case_mods none = {topk_all_minus_one, NULL, 0, 1};
   case_mods oob = {topk_out_of_range, NULL, 1, 0};
-  run_case("topk_descending_rows_tp4", spec_of(m3s_config_minimax_m3(4), 3, ql, sl), &desc);
-  run_case("topk_minus_one_holes_tp2", spec_of(m3s_config_minimax_m3(2), 3, ql, sl), &holes);
-  run_case("topk_all_minus_one_zero_out_tp1", spec_of(m3s_config_minimax_m3(1), 3, ql, sl), &none);
-  run_case("guard_topk_ids_out_of_range_skipped_tp8", spec_of(m3s_config_minimax_m3(8), 3, ql, sl),
-           &oob);
-  fx_spec hm = spec_of(m3s_config_minimax_m3(2), 3, ql, sl);
-  hm.topk_head_major = 1;
-  run_case("topk_head_major_view_descending_tp2", hm, &desc);
+  for (int d = 0; d < 2; d++) {
+    const char *sfx = d ? "_decode_q1" : "";
+    char n[96];
+    snprintf(n, sizeof n, "topk_descending_rows_tp4%s", sfx);
+    run_case(n, spec_of(m3s_config_minimax_m3(4), 3, ql[d], sl), &desc);
+    snprintf(n, sizeof n, "topk_minus_one_holes_tp2%s", sfx);
+    run_case(n, spec_of(m3s_config_minimax_m3(2), 3, ql[d], sl), &holes);
+    snprintf(n, sizeof n, "topk_all_minus_one_zero_out_tp1%s", sfx);
+    run_case(n, spec_of(m3s_config_minimax_m3(1), 3, ql[d], sl), &none);
+    snprintf(n, sizeof n, "guard_topk_ids_out_of_range_skipped_tp8%s", sfx);
+    run_case(n, spec_of(m3s_config_minimax_m3(8), 3, ql[d], sl), &oob);
+    fx_spec hm = spec_of(m3s_config_minimax_m3(2), 3, ql[d], sl);
+    hm.topk_head_major = 1;
+    snprintf(n, sizeof n, "topk_head_major_view_descending_tp2%s", sfx);
+    run_case(n, hm, &desc);
+  }
 }
 
 /* ---- large logits ---------------------------------------------------------
@@ -537,12 +579,15 @@ static void test_large_logits(void) {
 }
 
 static void test_guards(void) {
-  static const int32_t ql[] = {3, 2, 4, 1};
+  static const int32_t ql[] = {3, 2, 4, 1}, ql1[] = {1, 1, 1, 1};
   static const int32_t sl[] = {3000, 2500, 2200, 2600};
   case_mods m = {guard_rows_host, guard_device, 1, 0};
   fx_spec s = spec_of(m3s_config_minimax_m3(2), 4, ql, sl);
   s.qsl_base = 4;
   run_case("guard_bad_pages_and_seq_lens_tp2", s, &m);
+  fx_spec d = spec_of(m3s_config_minimax_m3(1), 4, ql1, sl);
+  d.qsl_base = 4;
+  run_case("guard_bad_pages_and_seq_lens_decode_q1_tp1", d, &m);
 }
 
 int main(void) {
@@ -567,6 +612,13 @@ int main(void) {
   test_prefill();
   test_long_decode();
   /* CUDA-graph capture: covered by tests/test_gpu_graph.c */
+  struct cudaDeviceProp prop;
+  int dev = 0;
+  const char *filter = getenv("M3S_TEST_FILTER");
+  if (cudaGetDevice(&dev) == cudaSuccess && cudaGetDeviceProperties(&prop, dev) == cudaSuccess &&
+      prop.major == 9 && !(filter && filter[0]))
+    CHECK(g_tma_cases > 0, "the sm_90 TMA attention kernel ran on some case");
+  printf("test_gpu_attention: %d cases on the TMA kernel (and the generic one)\n", g_tma_cases);
   printf("test_gpu_attention: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

@@ -2,7 +2,8 @@
  *   - head-major cache == token-major cache
  *   - physical pages shuffled (caches and block tables permuted) == original
  *   - a decode token == the same token as a 1-token prefill
- *   - spec decode with q_len 4 == the 4 positions done as separate decodes
+ *   - spec decode with q_len 4 == the 4 positions done as separate decodes,
+ *     under M3S_OPT_BATCH_INVARIANT (CUDA: the default mode is reported)
  *   - chunked prefill (prefix, then chunk) == one-shot prefill
  *   - a request alone == the same request inside a larger batch (different
  *     num_tokens and max_seq_len), under M3S_OPT_BATCH_INVARIANT; on CUDA
@@ -229,7 +230,13 @@ static void test_invariance_decode_equals_one_token_prefill(void) {
   fx_free(&f);
 }
 
-static void test_invariance_spec_decode_equals_separate_positions(void) {
+/* Spec decode with q_len 4 against the 4 positions as separate 1-token
+ * decode requests. The two batches differ in max_q_len, a host bound: under
+ * M3S_OPT_BATCH_INVARIANT the rows must keep their bits; in the default
+ * mode CUDA may pick another attention kernel by max_q_len (the sm_90 TMA
+ * kernel runs max_q_len 1 batches), so there it is reported, not checked
+ * (the CPU keeps the bits in both modes). */
+static int spec_vs_separate(int invariant, int *differs) {
   int32_t ql[] = {4};
   int32_t sl[] = {16 * 128 + 2}; /* the 4 positions straddle a block boundary */
   fixture f;
@@ -237,7 +244,8 @@ static void test_invariance_spec_decode_equals_separate_positions(void) {
   s.uniform = 1;
   fx_init(&f, &s);
   fx_poison(&f);
-  int ok = run_rows(&f, &f.batch, 0, 1) == M3S_OK;
+  int ok = m3s_context_set_option(g_ctx, M3S_OPT_BATCH_INVARIANT, invariant) == M3S_OK;
+  ok = ok && run_rows(&f, &f.batch, 0, 1) == M3S_OK;
   result r0;
   save(&f, &r0);
   /* 4 single-token decode requests at positions s-4..s-1, sharing the table */
@@ -254,9 +262,27 @@ static void test_invariance_spec_decode_equals_separate_positions(void) {
   b.index_block_table.stride[0] = 0;
   fx_poison(&f);
   ok = ok && run_rows(&f, &b, 0, 1) == M3S_OK;
-  CHECK(ok && same(&f, &r0), "invariance_spec_decode_qlen4_equals_four_separate_positions");
+  *differs = ok && !same(&f, &r0);
+  ok = m3s_context_set_option(g_ctx, M3S_OPT_BATCH_INVARIANT, 0) == M3S_OK && ok;
   drop(&r0);
   fx_free(&f);
+  return ok;
+}
+
+static void test_invariance_spec_decode_equals_separate_positions(void) {
+  int differs = 1;
+  int ok = spec_vs_separate(1, &differs);
+  CHECK(ok && !differs,
+        "invariance_spec_decode_qlen4_equals_four_separate_positions_when_batch_invariant");
+  ok = spec_vs_separate(0, &differs);
+  CHECK(ok, "spec_decode_default_mode_runs");
+#ifndef M3S_INVARIANCE_GPU
+  CHECK(!differs, "cpu_spec_decode_equals_separate_positions_in_default_mode");
+#else
+  if (ok && differs)
+    printf("note: default mode, spec decode vs separate positions: last bits differ (another "
+           "kernel for max_q_len 1; not promised)\n");
+#endif
 }
 
 static void test_invariance_chunked_prefill_equals_one_shot(void) {

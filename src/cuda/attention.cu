@@ -61,7 +61,8 @@
  * launches only on exec->stream (stream 0 when exec is NULL).
  *
  * measured: not yet. */
-#include "common.cuh"
+#include "attention.cuh"
+#include "sm90/attention_tma.h"
 
 #include <string.h>
 
@@ -75,35 +76,6 @@
 #define STAGE_BYTES (TILE_BYTES + SCALE_BYTES)
 #define WARP_BYTES (2 * STAGE_BYTES)
 #define ATT_SMEM (ATT_WARPS * WARP_BYTES)     /* 66560 */
-#define ACC_STRIDE 136                        /* floats per row of the merge scratch */
-#define HEADS_PER_CTA 16
-#define LOG2E 1.4426950408889634f
-#define LN2 0.6931471805599453f
-
-enum { KV_DIRECT = 0, KV_CONVERT16 = 1, KV_E4M3 = 2, KV_E5M2 = 3 };
-
-typedef struct {
-  m3s_cuda_batch b;
-  const void *q;
-  int64_t q_s0, q_s1;
-  void *out;
-  int64_t out_s0, out_s1;
-  float *lse;
-  int64_t lse_s0, lse_s1;
-  m3s_dtype act;  /* q / out dtype */
-  int q_convert;  /* q is bf16 but the mma runs in f16 (f16 cache) */
-  const unsigned char *kv;
-  int64_t kv_s0, kv_s1, kv_s2; /* in elements */
-  int64_t num_pages;
-  int kv_mode, kv_esize, vec16;
-  m3s_cuda_scales sc;
-  const int32_t *topk;
-  int64_t tk_s0, tk_s1, tk_s2;
-  int hq, hkv, group, topk_k, nchunk, nsplit;
-  float scale_log2; /* softmax_scale * log2(e) */
-  float *ws_o, *ws_ml;
-} attn_params;
-
 typedef struct {
   int raw_id[M3S_MAX_TOPK];
   int id[M3S_MAX_TOPK];
@@ -113,10 +85,6 @@ typedef struct {
 } cta_selection;
 
 /* ---- PTX wrappers ------------------------------------------------------ */
-
-static __device__ __forceinline__ uint32_t smem_addr(const void *p) {
-  return (uint32_t)__cvta_generic_to_shared(p);
-}
 
 static __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
@@ -142,51 +110,7 @@ static __device__ __forceinline__ void cp_async_wait_all(void) {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-static __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-/* d += a * b, m16n8k16, fp32 accumulate; F16 picks the f16 or bf16 form. */
-template <bool F16>
-static __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0,
-                                         uint32_t b1) {
-  if (F16)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /* ---- small conversions ---------------------------------------------------- */
-
-/* Two floats -> packed 16-bit pair (RNE), low half = lo. f16 saturates to
- * +-65504 so a large dequantised value cannot become inf. */
-template <bool F16>
-static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if (F16) {
-    lo = fminf(fmaxf(lo, -65504.0f), 65504.0f);
-    hi = fminf(fmaxf(hi, -65504.0f), 65504.0f);
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *(uint32_t *)&h;
-  }
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *(uint32_t *)&v;
-}
 
 /* Packed pair of the OTHER 16-bit dtype -> two floats. */
 template <bool F16>
@@ -210,8 +134,6 @@ static __device__ __forceinline__ uint32_t ld_act_pair(const void *base, int64_t
   const uint16_t *p = (const uint16_t *)base + off;
   return (uint32_t)p[0] | ((uint32_t)p[1] << 16);
 }
-
-static __device__ __forceinline__ float neg_inf(void) { return -INFINITY; }
 
 /* ---- phase 1: selection --------------------------------------------------- */
 
@@ -355,82 +277,6 @@ static __device__ __forceinline__ void convert16(unsigned char *stage, int lane)
 
 /* ---- phase 3: one unit on tensor cores ------------------------------------ */
 
-typedef struct {
-  float m[2];   /* running max (log2 units) of rows lane/4 and lane/4 + 8 */
-  float l[2];   /* this thread's part of the running sum */
-  float acc[16][4];
-} warp_state;
-
-/* kscale: per-key k scales of the unit (fp8 per-slot) or NULL; scale_log2
- * already holds a scalar k scale. */
-template <bool F16>
-static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t (&qa)[8][4],
-                                                   int nvis, const float *kscale, float scale_log2,
-                                                   warp_state &ws, int lane) {
-  const int row = lane & 7, mi = lane >> 3, t4 = lane & 3;
-  float s[2][4];
-#pragma unroll
-  for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++)
-      s[nt][e] = 0.0f;
-  /* S = Q K^T: matrices (keys 0-7 | 8-15) x (dims lo | hi) of k-step ks */
-  const uint32_t kaddr = tile + ((mi >> 1) * 8 + row) * ROW_BYTES;
-#pragma unroll
-  for (int ks = 0; ks < 8; ks++) {
-    uint32_t b[4];
-    ldsm_x4(b, kaddr + (((2 * ks + (mi & 1)) ^ row) << 4));
-    mma16816<F16>(s[0], qa[ks], b[0], b[1]);
-    mma16816<F16>(s[1], qa[ks], b[2], b[3]);
-  }
-  /* mask keys after pos, scale, row max over the quad */
-  float mx[2] = {neg_inf(), neg_inf()};
-#pragma unroll
-  for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      int col = nt * 8 + 2 * t4 + (e & 1);
-      float x = kscale ? s[nt][e] * kscale[col] : s[nt][e];
-      s[nt][e] = col < nvis ? x * scale_log2 : neg_inf();
-      mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-    }
-  float alpha[2];
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    float m_new = fmaxf(ws.m[r], mx[r]); /* finite: key kbase is visible */
-    alpha[r] = exp2f(ws.m[r] - m_new);
-    ws.m[r] = m_new;
-    ws.l[r] *= alpha[r];
-  }
-#pragma unroll
-  for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      s[nt][e] = exp2f(s[nt][e] - ws.m[e >> 1]);
-      ws.l[e >> 1] += s[nt][e];
-    }
-#pragma unroll
-  for (int dt = 0; dt < 16; dt++) {
-    ws.acc[dt][0] *= alpha[0];
-    ws.acc[dt][1] *= alpha[0];
-    ws.acc[dt][2] *= alpha[1];
-    ws.acc[dt][3] *= alpha[1];
-  }
-  /* O += P V: P's C layout is the A layout of a 16x16 operand */
-  uint32_t pa[4] = {pack2<F16>(s[0][0], s[0][1]), pack2<F16>(s[0][2], s[0][3]),
-                    pack2<F16>(s[1][0], s[1][1]), pack2<F16>(s[1][2], s[1][3])};
-  const uint32_t vaddr = tile + ((mi & 1) * 8 + row) * ROW_BYTES;
-#pragma unroll
-  for (int dp = 0; dp < 8; dp++) {
-    uint32_t b[4];
-    ldsm_x4_trans(b, vaddr + (((16 + 2 * dp + (mi >> 1)) ^ row) << 4));
-    mma16816<F16>(ws.acc[2 * dp], pa, b[0], b[1]);
-    mma16816<F16>(ws.acc[2 * dp + 1], pa, b[2], b[3]);
-  }
-}
-
 /* Q rows h0 + lane/4 (+8) as A fragments of the 8 k-steps (zero padding for
  * rows >= nh); bf16 q is converted when the mma runs in f16. */
 template <bool F16>
@@ -506,7 +352,7 @@ static __device__ void warp_stream(const attn_params &p, const cta_selection *se
     }
     int kbase = 32 * warp + 16 * (u & 1);
     const float *kscale = p.sc.k_per_slot ? (const float *)(cur + TILE_BYTES) : NULL;
-    attend_unit<F16>(smem_addr(cur), qa, block_keys(sel, b0 + (u >> 1), pos) - kbase, kscale,
+    attend_unit<F16, ROW_BYTES, 128>(smem_addr(cur), qa, block_keys(sel, b0 + (u >> 1), pos) - kbase, kscale,
                      sl2, ws, lane);
     __syncwarp(); /* every lane is done with `cur` before it is refilled */
     stage ^= 1;
@@ -516,31 +362,6 @@ static __device__ void warp_stream(const attn_params &p, const cta_selection *se
 }
 
 /* ---- phase 4: merge of the warp states, output ------------------------------ */
-
-/* Warp w's state into its own region of shared memory (no CTA barrier
- * needed before: the region is the warp's own stage memory). */
-static __device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s, float *ml_s,
-                                                   int lane) {
-  int g4 = lane >> 2, t4 = lane & 3;
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    ws.l[r] += __shfl_xor_sync(0xffffffffu, ws.l[r], 1);
-    ws.l[r] += __shfl_xor_sync(0xffffffffu, ws.l[r], 2);
-  }
-#pragma unroll
-  for (int dt = 0; dt < 16; dt++) {
-    *(float2 *)&acc_s[g4 * ACC_STRIDE + dt * 8 + 2 * t4] =
-        make_float2(ws.acc[dt][0], ws.acc[dt][1]);
-    *(float2 *)&acc_s[(g4 + 8) * ACC_STRIDE + dt * 8 + 2 * t4] =
-        make_float2(ws.acc[dt][2], ws.acc[dt][3]);
-  }
-  if (t4 == 0) {
-    ml_s[g4] = ws.m[0];
-    ml_s[8 + g4] = ws.m[1];
-    ml_s[16 + g4] = ws.l[0];
-    ml_s[24 + g4] = ws.l[1];
-  }
-}
 
 static __device__ __forceinline__ float *warp_acc(unsigned char *smem, int w) {
   return (float *)(smem + w * WARP_BYTES);
@@ -699,6 +520,28 @@ static int plan_split(const m3s_context *ctx, const m3s_layer_config *cfg, int64
   return (int)m3s_ceil_div(kmax, per);
 }
 
+/* Split factor of the persistent TMA kernel (one CTA per SM walking a range
+ * of items): items are balanced over the SMs already when there are at
+ * least as many as SMs, so only fewer rows split, to about one item per SM.
+ * Never more than plan_split's (the workspace query sizes for that). */
+static int plan_split_tma(const m3s_context *ctx, const m3s_layer_config *cfg, int64_t T,
+                          int64_t max_seq_len) {
+  if (ctx->batch_invariant)
+    return 1;
+  int64_t items = T * cfg->num_kv_heads * head_chunks(cfg);
+  int64_t kmax = m3s_ceil_div(max_seq_len, M3S_BLOCK_SIZE);
+  if (kmax > cfg->topk)
+    kmax = cfg->topk;
+  int64_t sms = m3s_cuda_num_sms(ctx);
+  if (items <= 0 || kmax <= 1 || items >= sms)
+    return 1;
+  int64_t s = m3s_ceil_div(sms, items);
+  if (s > kmax)
+    s = kmax;
+  int64_t per = m3s_ceil_div(kmax, s);
+  return (int)m3s_ceil_div(kmax, per);
+}
+
 static size_t split_bytes(const m3s_layer_config *cfg, int64_t T, int nsplit) {
   if (nsplit <= 1)
     return 0;
@@ -813,7 +656,9 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
 
   /* split factor from host bounds; the core checked the workspace against
    * m3s_cuda_attention_workspace for these bounds (fallback: no split) */
-  int nsplit = plan_split(ctx, cfg, T, batch->max_seq_len);
+  const int tma = m3s_attention_tma_eligible(ctx, batch, q, kv_cache);
+  int nsplit = tma ? plan_split_tma(ctx, cfg, T, batch->max_seq_len)
+                   : plan_split(ctx, cfg, T, batch->max_seq_len);
   size_t need = split_bytes(cfg, T, nsplit);
   if (nsplit > 1 && (!exec || !exec->workspace || exec->workspace_bytes < need))
     nsplit = 1;
@@ -824,6 +669,12 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
     p.ws_ml = (float *)((char *)exec->workspace + align256(units * M3S_HEAD_DIM * sizeof(float)));
   }
 
+  if (tma) {
+    m3s_status st = m3s_attention_tma_launch(ctx, p, q, kv_cache, stream, fn);
+    if (st != M3S_OK || nsplit == 1)
+      return st;
+    return m3s_cuda_attention_merge(p, stream, fn);
+  }
   int64_t ctas = T * p.hkv * p.nchunk;
   if (ctas > 0x7fffffff)
     return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld rows x %d KV heads exceed one CUDA grid",
@@ -833,8 +684,13 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
                                                      : launch_attn<false>(p, grid, stream);
   if (st != M3S_OK || nsplit == 1)
     return st;
-  /* nsplit > 1 only when T * Hkv * chunks < 2 * SMs, so this grid is small */
-  int64_t rows = T * p.hq;
+  return m3s_cuda_attention_merge(p, stream, fn);
+}
+
+/* nsplit > 1 only when the rows give fewer CTAs than the GPU holds, so this
+ * grid is small */
+m3s_status m3s_cuda_attention_merge(const attn_params &p, cudaStream_t stream, const char *fn) {
+  int64_t rows = p.b.num_tokens * p.hq;
   if (m3s_ceil_div(rows, 4) > INT32_MAX)
     return m3s_fail(M3S_ERR_INTERNAL, fn, "merge grid of %lld rows exceeds one CUDA grid",
                     (long long)rows);

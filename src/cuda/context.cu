@@ -6,6 +6,7 @@
  * live in cache.cu, topk.cu (with topk_decode.cu), attention.cu, k2q.cu and
  * merge.cu. */
 #include "common.cuh"
+#include "sm90/attention_tma.h"
 #include "sm90/topk_tc.h"
 #include "topk_decode.cuh"
 
@@ -18,6 +19,7 @@ typedef struct {
   int num_sms;
   void *tmap_encode; /* cuTensorMapEncodeTiled, or NULL */
   m3s_topk_tc_hooks topk_hooks; /* test switches of the certified top-k */
+  int attn_generic;              /* test switch: attention on the generic kernel */
 } cuda_state;
 
 /* Kernel attributes belong to the device that is current when they are set:
@@ -35,6 +37,8 @@ static m3s_status prepare_kernels(const m3s_context *ctx, const char *fn) {
     err = m3s_cuda_topk_decode_prepare();
   if (err == cudaSuccess)
     err = m3s_topk_tc_prepare();
+  if (err == cudaSuccess)
+    err = m3s_attention_tma_prepare();
   if (prev != ctx->device)
     cudaSetDevice(prev); /* best effort: the caller's device was valid before */
   if (err == cudaSuccess)
@@ -116,6 +120,17 @@ extern "C" m3s_topk_tc_hooks m3s_cuda_topk_hooks(const m3s_context *ctx) {
   m3s_topk_tc_hooks h;
   memset(&h, 0, sizeof h);
   return st ? st->topk_hooks : h;
+}
+
+extern "C" void m3s_attention_set_generic(m3s_context *ctx, int generic) {
+  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  if (st)
+    st->attn_generic = generic != 0;
+}
+
+extern "C" int m3s_cuda_attention_generic(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st ? st->attn_generic : 0;
 }
 
 extern "C" int m3s_cuda_num_sms(const m3s_context *ctx) {

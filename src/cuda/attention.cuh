@@ -1,0 +1,221 @@
+/* Device pieces shared by the two sparse-attention kernels of the CUDA
+ * backend: the generic one (attention.cu, sm_80 and up, cp.async) and the
+ * Hopper one (sm90/attention_tma.cu, TMA, persistent): the parameter block,
+ * the mma.sync / ldmatrix wrappers and one unit of 16 keys on tensor cores
+ * (S = Q K^T, online softmax in the exp2 domain, O += P V), whose tile
+ * layout is a template parameter. */
+#ifndef M3S_CUDA_ATTENTION_CUH
+#define M3S_CUDA_ATTENTION_CUH
+
+#include "common.cuh"
+
+#include <stdint.h>
+
+#define ACC_STRIDE 136                        /* floats per row of the merge scratch */
+#define HEADS_PER_CTA 16
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+enum { KV_DIRECT = 0, KV_CONVERT16 = 1, KV_E4M3 = 2, KV_E5M2 = 3 };
+
+typedef struct {
+  m3s_cuda_batch b;
+  const void *q;
+  int64_t q_s0, q_s1;
+  void *out;
+  int64_t out_s0, out_s1;
+  float *lse;
+  int64_t lse_s0, lse_s1;
+  m3s_dtype act;  /* q / out dtype */
+  int q_convert;  /* q is bf16 but the mma runs in f16 (f16 cache) */
+  const unsigned char *kv;
+  int64_t kv_s0, kv_s1, kv_s2; /* in elements */
+  int64_t num_pages;
+  int kv_mode, kv_esize, vec16;
+  m3s_cuda_scales sc;
+  const int32_t *topk;
+  int64_t tk_s0, tk_s1, tk_s2;
+  int hq, hkv, group, topk_k, nchunk, nsplit;
+  float scale_log2; /* softmax_scale * log2(e) */
+  float *ws_o, *ws_ml;
+} attn_params;
+
+/* ---- PTX wrappers ------------------------------------------------------ */
+
+static __device__ __forceinline__ uint32_t smem_addr(const void *p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+static __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+/* d += a * b, m16n8k16, fp32 accumulate; F16 picks the f16 or bf16 form. */
+template <bool F16>
+static __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1) {
+  if (F16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two floats -> packed 16-bit pair (RNE), low half = lo. f16 saturates to
+ * +-65504 so a large dequantised value cannot become inf. */
+template <bool F16>
+static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if (F16) {
+    lo = fminf(fmaxf(lo, -65504.0f), 65504.0f);
+    hi = fminf(fmaxf(hi, -65504.0f), 65504.0f);
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *(uint32_t *)&h;
+  }
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *(uint32_t *)&v;
+}
+
+static __device__ __forceinline__ float neg_inf(void) { return -INFINITY; }
+
+
+/* ---- one unit of 16 keys on tensor cores ----------------------------------- */
+
+typedef struct {
+  float m[2];   /* running max (log2 units) of rows lane/4 and lane/4 + 8 */
+  float l[2];   /* this thread's part of the running sum */
+  float acc[16][4];
+} warp_state;
+
+/* Byte offset of 16-byte chunk c (0..31: K in 0..15, V in 16..31) of key
+ * row kr in a unit tile whose key rows are RS bytes apart and whose 128-byte
+ * segments (chunks 8s..8s+7) are SS bytes apart; chunks are XOR-swizzled by
+ * kr & 7 inside their segment, so the 8 rows an ldmatrix reads hit 8
+ * different bank groups. The generic kernel's rows are whole 512-byte rows
+ * (RS 512, SS 128); the TMA kernel's segments are separate 128-byte-row
+ * boxes (RS 128, SS 2048), the layout of the TMA's 128-byte swizzle. */
+template <int RS, int SS>
+static __device__ __forceinline__ uint32_t unit_chunk(int kr, int c) {
+  return (uint32_t)(kr * RS + (c >> 3) * SS + (((c & 7) ^ (kr & 7)) << 4));
+}
+
+/* One unit of 16 keys against the 16 query rows of qa: online softmax into
+ * ws. kscale: per-key k scales of the unit (fp8 per-slot) or NULL;
+ * scale_log2 already holds a scalar k scale. RS, SS: the tile layout
+ * (unit_chunk). */
+template <bool F16, int RS, int SS>
+static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t (&qa)[8][4],
+                                                   int nvis, const float *kscale, float scale_log2,
+                                                   warp_state &ws, int lane) {
+  const int row = lane & 7, mi = lane >> 3, t4 = lane & 3;
+  float s[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      s[nt][e] = 0.0f;
+  /* S = Q K^T: matrices (keys 0-7 | 8-15) x (dims lo | hi) of k-step ks */
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++) {
+    uint32_t b[4];
+    ldsm_x4(b, tile + unit_chunk<RS, SS>((mi >> 1) * 8 + row, 2 * ks + (mi & 1)));
+    mma16816<F16>(s[0], qa[ks], b[0], b[1]);
+    mma16816<F16>(s[1], qa[ks], b[2], b[3]);
+  }
+  /* mask keys after pos, scale, row max over the quad */
+  float mx[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      int col = nt * 8 + 2 * t4 + (e & 1);
+      float x = kscale ? s[nt][e] * kscale[col] : s[nt][e];
+      s[nt][e] = col < nvis ? x * scale_log2 : neg_inf();
+      mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+    }
+  float alpha[2];
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    float m_new = fmaxf(ws.m[r], mx[r]); /* finite: key kbase is visible */
+    alpha[r] = exp2f(ws.m[r] - m_new);
+    ws.m[r] = m_new;
+    ws.l[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      s[nt][e] = exp2f(s[nt][e] - ws.m[e >> 1]);
+      ws.l[e >> 1] += s[nt][e];
+    }
+#pragma unroll
+  for (int dt = 0; dt < 16; dt++) {
+    ws.acc[dt][0] *= alpha[0];
+    ws.acc[dt][1] *= alpha[0];
+    ws.acc[dt][2] *= alpha[1];
+    ws.acc[dt][3] *= alpha[1];
+  }
+  /* O += P V: P's C layout is the A layout of a 16x16 operand */
+  uint32_t pa[4] = {pack2<F16>(s[0][0], s[0][1]), pack2<F16>(s[0][2], s[0][3]),
+                    pack2<F16>(s[1][0], s[1][1]), pack2<F16>(s[1][2], s[1][3])};
+#pragma unroll
+  for (int dp = 0; dp < 8; dp++) {
+    uint32_t b[4];
+    ldsm_x4_trans(b, tile + unit_chunk<RS, SS>((mi & 1) * 8 + row, 16 + 2 * dp + (mi >> 1)));
+    mma16816<F16>(ws.acc[2 * dp], pa, b[0], b[1]);
+    mma16816<F16>(ws.acc[2 * dp + 1], pa, b[2], b[3]);
+  }
+}
+
+/* A warp's state into its region of shared memory: acc [16][ACC_STRIDE],
+ * then m of rows 0..15 and l of rows 0..15 (l summed over the quad). */
+static __device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s, float *ml_s,
+                                                   int lane) {
+  int g4 = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    ws.l[r] += __shfl_xor_sync(0xffffffffu, ws.l[r], 1);
+    ws.l[r] += __shfl_xor_sync(0xffffffffu, ws.l[r], 2);
+  }
+#pragma unroll
+  for (int dt = 0; dt < 16; dt++) {
+    *(float2 *)&acc_s[g4 * ACC_STRIDE + dt * 8 + 2 * t4] =
+        make_float2(ws.acc[dt][0], ws.acc[dt][1]);
+    *(float2 *)&acc_s[(g4 + 8) * ACC_STRIDE + dt * 8 + 2 * t4] =
+        make_float2(ws.acc[dt][2], ws.acc[dt][3]);
+  }
+  if (t4 == 0) {
+    ml_s[g4] = ws.m[0];
+    ml_s[8 + g4] = ws.m[1];
+    ml_s[16 + g4] = ws.l[0];
+    ml_s[24 + g4] = ws.l[1];
+  }
+}
+
+/* Host side of attention.cu that the TMA path shares: the merge of nsplit
+ * partials (launched when p.nsplit > 1). */
+m3s_status m3s_cuda_attention_merge(const attn_params &p, cudaStream_t stream, const char *fn);
+
+/* sm90/attention_tma.cu: the persistent TMA kernel over p (p.nsplit and
+ * the workspace already set); the caller launches the merge after it. */
+m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p,
+                                    const m3s_tensor *q, const m3s_tensor *kv,
+                                    cudaStream_t stream, const char *fn);
+
+#endif

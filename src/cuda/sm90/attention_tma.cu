@@ -1,0 +1,450 @@
+/* CUDA backend, sm_90a: block-sparse GQA attention (SPEC section 4) as a
+ * persistent kernel fed by TMA, for 16-bit caches of the activation dtype.
+ *
+ * Why: the generic kernel (../attention.cu) runs one CTA per (row, KV head,
+ * head chunk, split) with a two-stage cp.async pipeline per warp. At 128
+ * decode requests it reached 72% of DRAM bandwidth (ncu, H200, 2001c4d):
+ * 48% of its warp stalls wait on the cp.async of the next unit, and its 512
+ * CTAs fill 1.29 waves of 396 slots, so the last third of the time runs on
+ * a partial wave. Here each SM runs one CTA that walks a contiguous range of
+ * work items with a producer that runs ahead across item boundaries, so no
+ * SM idles on a tail and no CTA starts with an empty pipeline.
+ *
+ * What the kernel does
+ *  - Work items are (row t, KV head g, chunk of 16 query heads, split s),
+ *    numbered with the split fastest; CTA c takes items c, c + grid,
+ *    c + 2 grid, ...: the CTAs work on neighbouring items at the same time,
+ *    so blocks that neighbouring rows share (speculative tokens, the 128
+ *    tokens of a prefill query block) are read from L2 once they are in it
+ *    (contiguous ranges per CTA measured 1.7x slower at q_len 4 and 1.5x at
+ *    8K prefill: every row re-read its blocks from DRAM). One CTA per SM
+ *    (~208 KiB of shared memory); grid = min(I, SMs).
+ *  - Warp 8 produces. Per item, the warp reads the row's top-k entries,
+ *    drops -1, ids outside [0, nb), blocks another context-parallel rank
+ *    owns and out-of-range pages (as the generic kernel), sorts the rest
+ *    ascending and takes split s's range of them. Lane 0 publishes the
+ *    item (row, heads, block count, visible keys of the last block) in one
+ *    of two descriptor slots and loads the item's 16 query heads by TMA
+ *    into the slot's Q tile, then, block by block, units 0..7 (unit u: keys
+ *    16u..16u+15, K and V) into the ring of 2 slots of consumer warp u: four TMA boxes of 16 keys x 64 elements (128-byte swizzle)
+ *    through a 4-D tensor map [pages][Hkv][128 slots][256] whose strides
+ *    are the caller's, so head-major and token-major caches both work.
+ *    Units past the last visible key are not loaded.
+ *  - Warps 0-7 consume. Warp w takes the item's Q from the descriptor into
+ *    mma fragments, releases the descriptor, then runs attend_unit
+ *    (../attention.cuh: S = Q K^T on mma.sync, fp32 online softmax, O += P
+ *    V) on each of its units in block order; keys after pos are masked and
+ *    their V rows zeroed in shared memory first (the cache there may hold
+ *    anything). The item's eight warp states merge in fixed order 0..7
+ *    through shared memory (two named barriers of the consumers) and are
+ *    written: out (q's dtype, RNE) and lse, or the partial of split s for
+ *    ../attention.cu's merge kernel. The producer is not held by this: it
+ *    fills the next units meanwhile.
+ *  Warp w always handles keys 16w..16w+15 of each block and the merge
+ *  order is fixed, so an item's result does not depend on which CTA ran it
+ *  or on the rest of the batch (M3S_OPT_BATCH_INVARIANT holds with
+ *  nsplit 1).
+ *
+ * Barriers: full[slot] (1 arrive + 8 KiB of TMA bytes), empty[slot]
+ * (consumer lane 0), dfull[d] (producer lane 0 + the Q bytes), dempty[d]
+ * (one arrive per consumer warp). Phases follow from per-warp unit counters
+ * and the item counter, which producer and consumers advance alike.
+ *
+ * Graph-safe: no allocation, no synchronisation, lengths and selections read
+ * on the device; the tensor maps are encoded on the host per call from the
+ * tensors' pointers and strides (kernel parameters).
+ *
+ * measured: see docs/perf-notes.md ("Decode attention: a persistent TMA
+ * kernel"). */
+#include "../attention.cuh"
+#include "attention_tma.h"
+#include "tma.cuh"
+
+#include <cudaTypedefs.h>
+
+#include <string.h>
+
+/* Consumer warp w takes unit w of each block (keys 16w..16w+15) in a ring
+ * of AT_RING slots (4 warps with rings of 5 measured the same, 2026-12-03). */
+#define AT_CWARPS 8
+#define AT_RING 2
+#define AT_THREADS ((AT_CWARPS + 1) * 32)     /* + one producer warp */
+#define AT_UNITS 8                            /* units of 16 keys per block, one per warp */
+static_assert(AT_UNITS == AT_CWARPS, "consumer warp w takes unit w of every block");
+#define AT_SLOTS (AT_CWARPS * AT_RING)
+#define AT_SEG_BYTES 2048                     /* 16 keys x 128 bytes: one TMA box */
+#define AT_UNIT_BYTES (4 * AT_SEG_BYTES)      /* 16 keys x (K | V), 16-bit */
+#define AT_QTILE_BYTES (2 * AT_SEG_BYTES)     /* 16 heads x 128 dims */
+#define AT_DESC 2                             /* items between producer and consumers */
+#define AT_ML 32                              /* m, l of 16 rows after each acc */
+
+typedef struct {
+  int64_t t;
+  int h0, nh, split;
+  int n;         /* blocks of the item's range */
+  int nvis_last; /* visible keys of its last block (the others have 128) */
+} at_item;
+
+typedef struct {
+  unsigned char ring[AT_SLOTS][AT_UNIT_BYTES]; /* first: 1024-byte aligned */
+  unsigned char qtile[AT_DESC][AT_QTILE_BYTES];
+  float scratch[AT_CWARPS][HEADS_PER_CTA * ACC_STRIDE + AT_ML];
+  at_item item[AT_DESC];
+  unsigned long long full[AT_SLOTS], empty[AT_SLOTS], dfull[AT_DESC], dempty[AT_DESC];
+  int raw_id[M3S_MAX_TOPK];
+  int id[M3S_MAX_TOPK];
+  int64_t raw_page[M3S_MAX_TOPK];
+  int64_t page[M3S_MAX_TOPK];
+} at_smem;
+
+#define AT_SMEM_BYTES (sizeof(at_smem) + 1024) /* + the alignment of the base */
+
+static __device__ __forceinline__ void at_consumer_sync(void) {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(AT_CWARPS * 32) : "memory");
+}
+
+/* ---- the producer warp ----------------------------------------------------- */
+
+/* Sorted valid selection of (t, g) into s.id / s.page; returns its size.
+ * Every lane of the producer warp calls it. */
+static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, int64_t t, int g,
+                                at_smem &s, int lane) {
+  int kk = 0;
+  int64_t nb = 0;
+  if (ri.valid) {
+    nb = ri.pos / M3S_BLOCK_SIZE + 1;
+    kk = (int)(nb < p.topk_k ? nb : p.topk_k);
+  }
+  for (int e = lane; e < kk; e += 32) {
+    int id = p.topk[t * p.tk_s0 + g * p.tk_s1 + e * p.tk_s2];
+    int64_t page = -1;
+    if (id >= 0 && id < nb)
+      page = m3s_cp_page(p.b, p.b.bt, p.b.bt_s0, p.b.bt_s1, p.b.bt_cols, ri.r, id, p.num_pages);
+    s.raw_id[e] = page >= 0 ? id : -1;
+    s.raw_page[e] = page;
+  }
+  __syncwarp();
+  int n = 0;
+  for (int e = lane; e < kk; e += 32) {
+    const int id = s.raw_id[e];
+    if (id < 0)
+      continue;
+    int rank = 0;
+    for (int j = 0; j < kk; j++) {
+      int o = s.raw_id[j];
+      rank += o >= 0 && (o < id || (o == id && j < e));
+    }
+    s.id[rank] = id;
+    s.page[rank] = s.raw_page[e];
+  }
+  for (int base = 0; base < kk; base += 32)
+    n += __popc(__ballot_sync(0xffffffffu, base + lane < kk && s.raw_id[base + lane] >= 0));
+  __syncwarp();
+  return n;
+}
+
+static __device__ __forceinline__ void at_item_of(const attn_params &p, int64_t i, int64_t &t,
+                                                  int &g, int &chunk, int &split) {
+  split = (int)(i % p.nsplit);
+  i /= p.nsplit;
+  chunk = (int)(i % p.nchunk);
+  i /= p.nchunk;
+  g = (int)(i % p.hkv);
+  t = i / p.hkv;
+}
+
+/* Lane 0 issues everything, in the order the consumers use it (block by
+ * block, unit 0..7), so one wait at a time: lanes that each waited on their
+ * own warp's slots ran their spin loops one divergent path at a time and
+ * kept the ring half empty (ncu: consumers 54% of their stalls on full
+ * slots, DRAM at 78%). */
+static __device__ void at_produce(const attn_params &p, const CUtensorMap *kv_map,
+                                  const CUtensorMap *q_map, int qbox, at_smem &s, int64_t items,
+                                  int lane) {
+  uint32_t c[AT_CWARPS]; /* units loaded so far for each consumer warp */
+#pragma unroll
+  for (int w = 0; w < AT_CWARPS; w++)
+    c[w] = 0;
+  uint32_t k = 0;
+  for (int64_t i = blockIdx.x; i < items; i += gridDim.x, k++) {
+    const uint32_t d = k % AT_DESC;
+    int64_t t;
+    int g, chunk, split;
+    at_item_of(p, i, t, g, chunk, split);
+    const m3s_row_info ri = m3s_row_lookup(p.b, t);
+    const int n = at_select(p, ri, t, g, s, lane);
+    const int per = (n + p.nsplit - 1) / p.nsplit;
+    const int b0 = min(n, split * per), b1 = min(n, b0 + per);
+    if (lane == 0) {
+      int nvis_last = 0;
+      if (b1 > b0) {
+        int64_t nk = ri.pos + 1 - (int64_t)s.id[b1 - 1] * M3S_BLOCK_SIZE;
+        nvis_last = nk > M3S_BLOCK_SIZE ? M3S_BLOCK_SIZE : (int)nk;
+      }
+      const int h0 = g * p.group + chunk * HEADS_PER_CTA;
+      sm90_bar_wait(&s.dempty[d], ((k / AT_DESC) & 1) ^ 1);
+      at_item it = {t, h0, min(HEADS_PER_CTA, p.group - chunk * HEADS_PER_CTA), split, b1 - b0,
+                    nvis_last};
+      s.item[d] = it;
+      if (b1 > b0) {
+        sm90_bar_arrive_tx(&s.dfull[d], 2u * (uint32_t)qbox * 128u);
+        sm90_tma_load_3d(s.qtile[d], q_map, 0, h0, (int)t, &s.dfull[d]);
+        sm90_tma_load_3d(s.qtile[d] + AT_SEG_BYTES, q_map, 64, h0, (int)t, &s.dfull[d]);
+      } else {
+        sm90_bar_arrive(&s.dfull[d]);
+      }
+      for (int bi = b0; bi < b1; bi++) {
+        const int nv = bi == b1 - 1 ? nvis_last : M3S_BLOCK_SIZE;
+        const int page = (int)s.page[bi];
+#pragma unroll
+        for (int u = 0; u < AT_UNITS; u++) {
+          if (16 * u >= nv)
+            break;
+          const int slot = u * AT_RING + (int)(c[u] % AT_RING);
+          sm90_bar_wait(&s.empty[slot], ((c[u] / AT_RING) & 1) ^ 1);
+          sm90_bar_arrive_tx(&s.full[slot], AT_UNIT_BYTES);
+#pragma unroll
+          for (int seg = 0; seg < 4; seg++)
+            sm90_tma_load_4d(s.ring[slot] + seg * AT_SEG_BYTES, kv_map, seg * 64, 16 * u, g, page,
+                             &s.full[slot]);
+          c[u]++;
+        }
+      }
+    }
+    __syncwarp(); /* s.id / s.page are rewritten by the next item */
+  }
+}
+
+/* ---- the consumer warps ---------------------------------------------------- */
+
+/* The Q tile (two boxes of 16 heads x 64 dims, 128-byte swizzle) as the A
+ * fragments of the 8 k-steps: matrices (rows 0-7 | 8-15) x (k lo | hi). */
+static __device__ __forceinline__ void at_load_q(uint32_t (&qa)[8][4], const unsigned char *tile,
+                                                 int lane) {
+  const int row = (lane & 7) + 8 * ((lane >> 3) & 1);
+  const uint32_t base = smem_addr(tile);
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++)
+    ldsm_x4(qa[ks], base + unit_chunk<128, AT_SEG_BYTES>(row, 2 * ks + (lane >> 4)));
+}
+
+/* Zeroes the V rows of keys nv..15 of a unit (the cache past pos may hold
+ * NaN, and P = 0 times NaN is NaN); then the rows are visible to the warp
+ * and ordered before the next TMA write of the slot. */
+static __device__ __forceinline__ void at_zero_tail(unsigned char *unit, int nv, int lane) {
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int e = 32 * j + lane, kr = e >> 4, seg = 2 + ((e >> 3) & 1), ch = e & 7;
+    if (kr >= nv)
+      *(uint4 *)(unit + seg * AT_SEG_BYTES + kr * 128 + ch * 16) = make_uint4(0, 0, 0, 0);
+  }
+  sm90_fence_proxy_async();
+  __syncwarp();
+}
+
+/* The item's eight warp states, merged in warp order, written out. */
+static __device__ void at_store(const attn_params &p, const at_smem &s, const at_item &it) {
+  const int tid = threadIdx.x;
+  for (int pidx = tid; pidx < HEADS_PER_CTA * 64; pidx += AT_CWARPS * 32) {
+    const int r = pidx >> 6, d = (pidx & 63) * 2;
+    if (r >= it.nh)
+      continue;
+    float mx = neg_inf();
+#pragma unroll
+    for (int w = 0; w < AT_CWARPS; w++)
+      mx = fmaxf(mx, s.scratch[w][HEADS_PER_CTA * ACC_STRIDE + r]);
+    float l = 0.0f, o0 = 0.0f, o1 = 0.0f;
+    if (mx != neg_inf()) {
+#pragma unroll
+      for (int w = 0; w < AT_CWARPS; w++) {
+        const float *sw = s.scratch[w];
+        const float a = exp2f(sw[HEADS_PER_CTA * ACC_STRIDE + r] - mx);
+        l += sw[HEADS_PER_CTA * ACC_STRIDE + 16 + r] * a;
+        o0 += sw[r * ACC_STRIDE + d] * a;
+        o1 += sw[r * ACC_STRIDE + d + 1] * a;
+      }
+    }
+    const int64_t h = it.h0 + r, t = it.t;
+    if (p.nsplit == 1) {
+      const float v0 = l > 0.0f ? o0 / l : 0.0f, v1 = l > 0.0f ? o1 / l : 0.0f;
+      const int64_t off = t * p.out_s0 + h * p.out_s1 + d;
+      m3s_st(p.out, p.act, off, v0);
+      m3s_st(p.out, p.act, off + 1, v1);
+      if (d == 0 && p.lse)
+        p.lse[t * p.lse_s0 + h * p.lse_s1] = l > 0.0f ? (mx + log2f(l)) * LN2 : neg_inf();
+    } else {
+      const int64_t idx = (t * p.hq + h) * p.nsplit + it.split;
+      *(float2 *)&p.ws_o[idx * M3S_HEAD_DIM + d] = make_float2(o0, o1);
+      if (d == 0)
+        *(float2 *)&p.ws_ml[idx * 2] = make_float2(l > 0.0f ? mx : neg_inf(), l);
+    }
+  }
+}
+
+template <bool F16>
+static __device__ void at_consume(const attn_params &p, at_smem &s, int64_t items, int warp,
+                                  int lane) {
+  uint32_t c = 0; /* units consumed so far by this warp */
+  uint32_t k = 0;
+  for (int64_t i = blockIdx.x; i < items; i += gridDim.x, k++) {
+    const uint32_t d = k % AT_DESC;
+    sm90_bar_wait(&s.dfull[d], (k / AT_DESC) & 1);
+    const at_item it = s.item[d];
+    uint32_t qa[8][4];
+    if (it.n > 0)
+      at_load_q(qa, s.qtile[d], lane);
+    __syncwarp();
+    if (lane == 0)
+      sm90_bar_arrive(&s.dempty[d]);
+
+    warp_state ws;
+    ws.m[0] = ws.m[1] = neg_inf();
+    ws.l[0] = ws.l[1] = 0.0f;
+#pragma unroll
+    for (int dt = 0; dt < 16; dt++)
+      ws.acc[dt][0] = ws.acc[dt][1] = ws.acc[dt][2] = ws.acc[dt][3] = 0.0f;
+    for (int bi = 0; bi < it.n; bi++) {
+      const int nv = (bi == it.n - 1 ? it.nvis_last : M3S_BLOCK_SIZE) - 16 * warp;
+      if (nv <= 0)
+        continue;
+      const int slot = warp * AT_RING + (int)(c % AT_RING);
+      sm90_bar_wait(&s.full[slot], (c / AT_RING) & 1);
+      if (nv < 16)
+        at_zero_tail(s.ring[slot], nv, lane);
+      attend_unit<F16, 128, AT_SEG_BYTES>(smem_addr(s.ring[slot]), qa, nv, NULL, p.scale_log2, ws,
+                                          lane);
+      __syncwarp(); /* every lane's ldmatrix of the slot is done */
+      if (lane == 0)
+        sm90_bar_arrive(&s.empty[slot]);
+      c++;
+    }
+
+    stash_state(ws, s.scratch[warp], s.scratch[warp] + HEADS_PER_CTA * ACC_STRIDE, lane);
+    at_consumer_sync();
+    at_store(p, s, it);
+    at_consumer_sync(); /* the scratch is rewritten by the next item */
+  }
+}
+
+template <bool F16>
+static __global__ void __launch_bounds__(AT_THREADS, 1)
+    attn_tma_kernel(const attn_params p, const __grid_constant__ CUtensorMap kv_map,
+                    const __grid_constant__ CUtensorMap q_map, int64_t items, int qbox) {
+  extern __shared__ unsigned char at_raw[];
+  at_smem &s = *(at_smem *)(((uintptr_t)at_raw + 1023) & ~(uintptr_t)1023);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < AT_SLOTS; i++) {
+      sm90_bar_init(&s.full[i], 1);
+      sm90_bar_init(&s.empty[i], 1);
+    }
+    for (int i = 0; i < AT_DESC; i++) {
+      sm90_bar_init(&s.dfull[i], 1);
+      sm90_bar_init(&s.dempty[i], AT_CWARPS);
+    }
+  }
+  /* rows qbox..15 of the Q tiles are never loaded: zero padding */
+  for (int i = threadIdx.x; i < AT_DESC * AT_QTILE_BYTES / 16; i += AT_THREADS)
+    ((uint4 *)s.qtile)[i] = make_uint4(0, 0, 0, 0);
+  sm90_fence_proxy_async();
+  __syncthreads();
+
+  if (warp == AT_CWARPS)
+    at_produce(p, &kv_map, &q_map, qbox, s, items, lane);
+  else
+    at_consume<F16>(p, s, items, warp, lane);
+}
+
+/* ---- host ---------------------------------------------------------------------- */
+
+static int aligned16(const void *ptr) { return (uintptr_t)ptr % 16 == 0; }
+
+/* Query heads per Q box: the group, at most one chunk of 16. */
+static int at_qbox(int64_t group) { return group < HEADS_PER_CTA ? (int)group : HEADS_PER_CTA; }
+
+extern "C" cudaError_t m3s_attention_tma_prepare(void) {
+  cudaError_t err = cudaFuncSetAttribute(
+      attn_tma_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)AT_SMEM_BYTES);
+  if (err != cudaSuccess)
+    return err;
+  return cudaFuncSetAttribute(attn_tma_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)AT_SMEM_BYTES);
+}
+
+/* The cache as [pages][Hkv][128 slots][256] with the caller's strides, boxes
+ * of 64 elements x 16 slots; q as [T][Hq][128], boxes of 64 dims x qbox
+ * heads. Both with the 128-byte swizzle of unit_chunk<128, 2048>. */
+static int at_maps(const m3s_context *ctx, const m3s_tensor *q, const m3s_tensor *kv, int qbox,
+                   CUtensorMap *kv_map, CUtensorMap *q_map) {
+  PFN_cuTensorMapEncodeTiled_v12000 enc =
+      (PFN_cuTensorMapEncodeTiled_v12000)m3s_cuda_tmap_encoder(ctx);
+  const CUtensorMapDataType dt =
+      q->dtype == M3S_F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const cuuint32_t step[4] = {1, 1, 1, 1};
+  cuuint64_t kdims[4] = {2 * M3S_HEAD_DIM, M3S_BLOCK_SIZE, (cuuint64_t)kv->shape[1],
+                         (cuuint64_t)kv->shape[0]};
+  cuuint64_t kstr[3] = {(cuuint64_t)kv->stride[2] * 2, (cuuint64_t)kv->stride[1] * 2,
+                        (cuuint64_t)kv->stride[0] * 2};
+  cuuint32_t kbox[4] = {64, 16, 1, 1};
+  if (enc(kv_map, dt, 4, kv->data, kdims, kstr, kbox, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
+          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return 0;
+  cuuint64_t qdims[3] = {M3S_HEAD_DIM, (cuuint64_t)q->shape[1], (cuuint64_t)q->shape[0]};
+  cuuint64_t qstr[2] = {(cuuint64_t)q->stride[1] * 2, (cuuint64_t)q->stride[0] * 2};
+  cuuint32_t qb[3] = {64, (cuuint32_t)qbox, 1};
+  return enc(q_map, dt, 3, q->data, qdims, qstr, qb, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+extern "C" int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batch *batch,
+                                          const m3s_tensor *q, const m3s_tensor *kv) {
+  if (m3s_cuda_attention_generic(ctx) || m3s_cuda_sm_major(ctx) != 9 ||
+      !m3s_cuda_tmap_encoder(ctx))
+    return 0;
+  /* One query row per request: where rows share blocks (speculative tokens,
+   * prefill), the generic kernel's three CTAs per SM on neighbouring rows
+   * read them from L2 and measured faster (perf-notes, 2026-12-03). The
+   * choice follows a host bound, so under M3S_OPT_BATCH_INVARIANT every
+   * batch takes the generic kernel (a row's bits must not depend on it). */
+  if (ctx->batch_invariant || batch->max_q_len != 1)
+    return 0;
+  if (kv->dtype != q->dtype || (q->dtype != M3S_BF16 && q->dtype != M3S_F16))
+    return 0;
+  /* TMA: 16-byte aligned base and strides, int32 coordinates; and the
+   * driver must accept both maps (the launch encodes them again, alike) */
+  if (!(aligned16(kv->data) && aligned16(q->data) && kv->stride[3] == 1 && q->stride[2] == 1 &&
+        kv->stride[0] % 8 == 0 && kv->stride[1] % 8 == 0 && kv->stride[2] % 8 == 0 &&
+        q->stride[0] % 8 == 0 && q->stride[1] % 8 == 0 && kv->shape[0] <= INT32_MAX &&
+        q->shape[0] <= INT32_MAX && q->shape[1] <= INT32_MAX && kv->shape[1] > 0))
+    return 0;
+  CUtensorMap kv_map, q_map;
+  return at_maps(ctx, q, kv, at_qbox(q->shape[1] / kv->shape[1]), &kv_map, &q_map);
+}
+
+
+
+m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p,
+                                    const m3s_tensor *q, const m3s_tensor *kv,
+                                    cudaStream_t stream, const char *fn) {
+  const int qbox = at_qbox(p.group);
+  CUtensorMap kv_map, q_map;
+  if (!at_maps(ctx, q, kv, qbox, &kv_map, &q_map)) /* eligible() encoded them already */
+    return m3s_fail(M3S_ERR_INTERNAL, fn,
+                    "cuTensorMapEncodeTiled refused the K/V cache or q (strides %lld, %lld, "
+                    "%lld elements)",
+                    (long long)kv->stride[0], (long long)kv->stride[1], (long long)kv->stride[2]);
+  const int64_t items = (int64_t)p.b.num_tokens * p.hkv * p.nchunk * p.nsplit;
+  const int64_t sms = m3s_cuda_num_sms(ctx);
+  const unsigned grid = (unsigned)(items < sms ? items : sms);
+  if (grid == 0)
+    return M3S_OK;
+  if (q->dtype == M3S_F16)
+    attn_tma_kernel<true><<<grid, AT_THREADS, AT_SMEM_BYTES, stream>>>(p, kv_map, q_map, items,
+                                                                         qbox);
+  else
+    attn_tma_kernel<false><<<grid, AT_THREADS, AT_SMEM_BYTES, stream>>>(p, kv_map, q_map, items,
+                                                                          qbox);
+  return m3s_cuda_check_launch(fn, "attn_tma_kernel");
+}

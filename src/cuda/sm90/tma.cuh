@@ -1,0 +1,113 @@
+/* Hopper (sm_90a) building blocks shared by the TMA kernels of the CUDA
+ * backend (topk_tc.cu, attention_tma.cu): shared-memory mbarriers and tiled
+ * TMA loads that complete on them. Built for sm_90a only; elsewhere the
+ * loads trap (the launchers never pick these kernels off sm_90). */
+#ifndef M3S_CUDA_SM90_TMA_CUH
+#define M3S_CUDA_SM90_TMA_CUH
+
+#include <cuda.h> /* CUtensorMap (types only: the encoder comes from the runtime) */
+
+#include <stdint.h>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define M3S_SM90_TMA 1
+#else
+#define M3S_SM90_TMA 0
+#endif
+
+static __device__ __forceinline__ uint32_t sm90_smem(const void *p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+static __device__ __forceinline__ void sm90_bar_init(unsigned long long *bar, unsigned count) {
+#if M3S_SM90_TMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(sm90_smem(bar)), "r"(count)
+               : "memory");
+#else
+  (void)bar, (void)count;
+#endif
+}
+
+static __device__ __forceinline__ void sm90_bar_arrive(unsigned long long *bar) {
+#if M3S_SM90_TMA
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(sm90_smem(bar)) : "memory");
+#else
+  (void)bar;
+#endif
+}
+
+/* Arrives and adds `bytes` to the transaction count the phase waits for. */
+static __device__ __forceinline__ void sm90_bar_arrive_tx(unsigned long long *bar, unsigned bytes) {
+#if M3S_SM90_TMA
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(sm90_smem(bar)),
+               "r"(bytes)
+               : "memory");
+#else
+  (void)bar, (void)bytes;
+#endif
+}
+
+/* Waits until the phase of parity `parity` of the barrier has completed (on
+ * a fresh barrier, parity 1 counts as completed). */
+static __device__ __forceinline__ void sm90_bar_wait(unsigned long long *bar, unsigned parity) {
+#if M3S_SM90_TMA
+  asm volatile("{\n.reg .pred p;\nSM90_WAIT:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+               "@!p bra SM90_WAIT;\n}\n" ::"r"(sm90_smem(bar)),
+               "r"(parity)
+               : "memory");
+#else
+  (void)bar, (void)parity;
+#endif
+}
+
+/* Orders this thread's generic-proxy shared-memory accesses before later
+ * async-proxy ones (wgmma reads, TMA writes) of the same memory. */
+static __device__ __forceinline__ void sm90_fence_proxy_async() {
+#if M3S_SM90_TMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void sm90_tma_load_2d(void *dst, const CUtensorMap *map, int c0,
+                                                        int c1, unsigned long long *bar) {
+#if M3S_SM90_TMA
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes "
+               "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(sm90_smem(dst)),
+               "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(sm90_smem(bar))
+               : "memory");
+#else
+  (void)dst, (void)map, (void)c0, (void)c1, (void)bar;
+  __trap();
+#endif
+}
+
+static __device__ __forceinline__ void sm90_tma_load_3d(void *dst, const CUtensorMap *map, int c0,
+                                                        int c1, int c2, unsigned long long *bar) {
+#if M3S_SM90_TMA
+  asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes "
+               "[%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(sm90_smem(dst)),
+               "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(c2), "r"(sm90_smem(bar))
+               : "memory");
+#else
+  (void)dst, (void)map, (void)c0, (void)c1, (void)c2, (void)bar;
+  __trap();
+#endif
+}
+
+static __device__ __forceinline__ void sm90_tma_load_4d(void *dst, const CUtensorMap *map, int c0,
+                                                        int c1, int c2, int c3,
+                                                        unsigned long long *bar) {
+#if M3S_SM90_TMA
+  asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes "
+               "[%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(sm90_smem(dst)),
+               "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+               "r"(sm90_smem(bar))
+               : "memory");
+#else
+  (void)dst, (void)map, (void)c0, (void)c1, (void)c2, (void)c3, (void)bar;
+  __trap();
+#endif
+}
+
+#endif
