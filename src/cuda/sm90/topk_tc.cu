@@ -60,6 +60,7 @@
 #include "../common.cuh"
 #include "topk_tc.cuh"
 #include "topk_tc.h"
+#include "tma.cuh"
 #include "../topk_decode.cuh"
 
 #include <cuda.h> /* CUtensorMap (types only: the encoder comes from the runtime) */
@@ -257,15 +258,6 @@ __device__ __forceinline__ void tc_wg_commit_wait() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
-
-/* Makes this thread's generic-proxy shared-memory writes (cp.async, st)
- * visible to the async proxy (wgmma) after the next barrier. */
-__device__ __forceinline__ void tc_fence_proxy_async() {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-
 
 /* ---------------------------------------------------------------------------
  * Kernel 1: approximate block scores S~ and bounds E on tensor cores
@@ -649,47 +641,6 @@ typedef struct {
   float qn[TC_ROWS];
 } tw_smem;
 
-__device__ __forceinline__ void tw_bar_init(unsigned long long *bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(tc_smem_addr(bar)), "r"(count)
-               : "memory");
-}
-
-__device__ __forceinline__ void tw_bar_arrive(unsigned long long *bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(tc_smem_addr(bar)) : "memory");
-}
-
-__device__ __forceinline__ void tw_bar_arrive_tx(unsigned long long *bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(tc_smem_addr(bar)),
-               "r"(bytes)
-               : "memory");
-}
-
-/* Waits until the phase of parity `parity` of the barrier has completed. */
-__device__ __forceinline__ void tw_bar_wait(unsigned long long *bar, unsigned parity) {
-  asm volatile("{\n.reg .pred p;\nTW_WAIT:\n"
-               "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-               "@!p bra TW_WAIT;\n}\n" ::"r"(tc_smem_addr(bar)),
-               "r"(parity)
-               : "memory");
-}
-
-__device__ __forceinline__ void tw_tma_load(void *dst, const CUtensorMap *map, int c0, int c1,
-                                            unsigned long long *bar) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes "
-               "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(tc_smem_addr(dst)),
-               "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(tc_smem_addr(bar))
-               : "memory");
-#else
-  (void)dst;
-  (void)map;
-  (void)c0;
-  (void)c1;
-  (void)bar;
-  __trap();
-#endif
-}
-
 /* Thread 0: fills the stage of the CTA's i-th block (block b of request r)
  * once every warp has released that stage's previous use. A page id out of
  * range loads nothing; the plain arrive still completes the phase and the
@@ -699,16 +650,16 @@ __device__ __forceinline__ void tw_produce(const m3s_cuda_batch &bt, const tc_sc
                                            unsigned char *ring, int r, int64_t b, uint32_t i) {
   const uint32_t st = i % TW_STAGES, use = i / TW_STAGES;
   if (use > 0)
-    tw_bar_wait(&s.empty[st], (use - 1) & 1);
+    sm90_bar_wait(&s.empty[st], (use - 1) & 1);
   int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
   if (page < 0) {
-    tw_bar_arrive(&s.full[st]);
+    sm90_bar_arrive(&s.full[st]);
     return;
   }
   unsigned char *dst = ring + st * TW_STAGE_BYTES;
-  tw_bar_arrive_tx(&s.full[st], TW_STAGE_BYTES);
-  tw_tma_load(dst, map, 0, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
-  tw_tma_load(dst + TW_HALF_BYTES, map, 64, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
+  sm90_bar_arrive_tx(&s.full[st], TW_STAGE_BYTES);
+  sm90_tma_load_2d(dst, map, 0, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
+  sm90_tma_load_2d(dst + TW_HALF_BYTES, map, 64, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
 }
 
 static __global__ void __launch_bounds__(TC_THREADS, 2)
@@ -732,12 +683,12 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
   tc_tile_prologue(bt, a, s, qs, tile0, n, g, af);
   if (tid == 0) {
     for (int i = 0; i < TW_STAGES; i++) {
-      tw_bar_init(&s.full[i], 1);
-      tw_bar_init(&s.empty[i], TC_THREADS / 32);
+      sm90_bar_init(&s.full[i], 1);
+      sm90_bar_init(&s.empty[i], TC_THREADS / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  tc_fence_proxy_async(); /* the query tile's generic accesses before TMA overwrites it */
+  sm90_fence_proxy_async(); /* the query tile's generic accesses before TMA overwrites it */
   __syncthreads();
 
   /* Phase 2: per run, the CTA's candidate blocks through the ring; i counts
@@ -766,7 +717,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
        * nearly so), keeping TW_STAGES - 1 copies in flight */
       if (tid == 0 && j >= 1 && j - 1 + TW_STAGES < nblk)
         tw_produce(bt, a, &map, s, ring, r, b0 + (j - 1 + TW_STAGES) * gz, i - 1 + TW_STAGES);
-      tw_bar_wait(&s.full[st], ph);
+      sm90_bar_wait(&s.full[st], ph);
       const int bad =
           m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages) < 0;
       const unsigned char *tile = ring + st * TW_STAGE_BYTES;
@@ -788,10 +739,10 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
       const float nk = b < a.max_nb ? nrow[b] : INFINITY;
       /* this thread is done with the stage: its reads (generic and async
        * proxy) come before the refill's TMA writes */
-      tc_fence_proxy_async();
+      sm90_fence_proxy_async();
       __syncwarp();
       if (lane == 0)
-        tw_bar_arrive(&s.empty[st]);
+        sm90_bar_arrive(&s.empty[st]);
       float m_lo = -INFINITY, m_hi = -INFINITY;
       if (!bad)
         tc_row_max(acc, s.pos[r_lo], s.pos[r_hi], b, lane, m_lo, m_hi);
