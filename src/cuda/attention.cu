@@ -444,11 +444,7 @@ static __global__ void __launch_bounds__(ATT_THREADS) attn_kernel(const attn_par
 
   /* phase 3: stream the units of this warp */
   warp_state ws;
-  ws.m[0] = ws.m[1] = neg_inf();
-  ws.l[0] = ws.l[1] = 0.0f;
-#pragma unroll
-  for (int dt = 0; dt < 16; dt++)
-    ws.acc[dt][0] = ws.acc[dt][1] = ws.acc[dt][2] = ws.acc[dt][3] = 0.0f;
+  warp_state_init(ws);
   unsigned char *wbuf = smem + warp * WARP_BYTES;
   if (b0 < b1) {
     uint32_t qa[8][4];
@@ -509,46 +505,40 @@ static int head_chunks(const m3s_layer_config *cfg) {
 }
 
 /* Split factor of a batch of T rows with sequences <= max_seq_len (host
- * bounds only). Always 1 under M3S_OPT_BATCH_INVARIANT: a split merges
- * partials in another association, so the bits would depend on the batch. */
-static int plan_split(const m3s_context *ctx, const m3s_layer_config *cfg, int64_t T,
-                      int64_t max_seq_len) {
-  if (ctx->batch_invariant)
-    return 1;
-  int64_t ctas = T * cfg->num_kv_heads * head_chunks(cfg);
-  int64_t kmax = m3s_ceil_div(max_seq_len, M3S_BLOCK_SIZE);
-  if (kmax > cfg->topk)
-    kmax = cfg->topk;
-  int64_t target = 2 * (int64_t)m3s_cuda_num_sms(ctx);
-  if (ctas <= 0 || kmax <= 1 || ctas >= target)
-    return 1;
-  int64_t s = m3s_ceil_div(target, ctas);
-  if (s > kmax)
-    s = kmax;
-  int64_t per = m3s_ceil_div(kmax, s);
-  return (int)m3s_ceil_div(kmax, per);
-}
-
-/* Split factor of the persistent TMA kernel (one CTA per SM walking a range
- * of items): items are balanced over the SMs already when there are at
- * least as many as SMs, so only fewer rows split, to about one item per SM.
- * Never more than plan_split's (the workspace query sizes for that). */
-static int plan_split_tma(const m3s_context *ctx, const m3s_layer_config *cfg, int64_t T,
-                          int64_t max_seq_len) {
+ * bounds only), so that about `target` work items run. Always 1 under
+ * M3S_OPT_BATCH_INVARIANT: a split merges partials in another association,
+ * so the bits would depend on the batch. */
+static int plan_split_to(const m3s_context *ctx, const m3s_layer_config *cfg, int64_t T,
+                         int64_t max_seq_len, int64_t target) {
   if (ctx->batch_invariant)
     return 1;
   int64_t items = T * cfg->num_kv_heads * head_chunks(cfg);
   int64_t kmax = m3s_ceil_div(max_seq_len, M3S_BLOCK_SIZE);
   if (kmax > cfg->topk)
     kmax = cfg->topk;
-  int64_t sms = m3s_cuda_num_sms(ctx);
-  if (items <= 0 || kmax <= 1 || items >= sms)
+  if (items <= 0 || kmax <= 1 || items >= target)
     return 1;
-  int64_t s = m3s_ceil_div(sms, items);
+  int64_t s = m3s_ceil_div(target, items);
   if (s > kmax)
     s = kmax;
   int64_t per = m3s_ceil_div(kmax, s);
   return (int)m3s_ceil_div(kmax, per);
+}
+
+/* The generic kernel: about 2 CTAs per SM (3 fit). */
+static int plan_split(const m3s_context *ctx, const m3s_layer_config *cfg, int64_t T,
+                      int64_t max_seq_len) {
+  return plan_split_to(ctx, cfg, T, max_seq_len, 2 * (int64_t)m3s_cuda_num_sms(ctx));
+}
+
+/* The persistent TMA kernel (one CTA per SM walking items): items are
+ * balanced over the SMs already when there are at least as many as SMs, so
+ * only fewer rows split, to about one item per SM. Never more than
+ * plan_split's (the workspace query sizes for that; the factor grows with
+ * the target). */
+static int plan_split_tma(const m3s_context *ctx, const m3s_layer_config *cfg, int64_t T,
+                          int64_t max_seq_len) {
+  return plan_split_to(ctx, cfg, T, max_seq_len, m3s_cuda_num_sms(ctx));
 }
 
 static size_t split_bytes(const m3s_layer_config *cfg, int64_t T, int nsplit) {

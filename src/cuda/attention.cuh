@@ -101,6 +101,15 @@ typedef struct {
   float acc[16][4];
 } warp_state;
 
+/* Empty state: m = -inf, l = 0, acc = 0. */
+static __device__ __forceinline__ void warp_state_init(warp_state &ws) {
+  ws.m[0] = ws.m[1] = neg_inf();
+  ws.l[0] = ws.l[1] = 0.0f;
+#pragma unroll
+  for (int dt = 0; dt < 16; dt++)
+    ws.acc[dt][0] = ws.acc[dt][1] = ws.acc[dt][2] = ws.acc[dt][3] = 0.0f;
+}
+
 /* Byte offset of 16-byte chunk c (0..31: K in 0..15, V in 16..31) of key
  * row kr in a unit tile whose key rows are RS bytes apart and whose 128-byte
  * segments (chunks 8s..8s+7) are SS bytes apart; chunks are XOR-swizzled by

@@ -298,11 +298,7 @@ static __device__ void at_consume(const attn_params &p, at_smem &s, int64_t item
       sm90_bar_arrive(&s.dempty[d]);
 
     warp_state ws;
-    ws.m[0] = ws.m[1] = neg_inf();
-    ws.l[0] = ws.l[1] = 0.0f;
-#pragma unroll
-    for (int dt = 0; dt < 16; dt++)
-      ws.acc[dt][0] = ws.acc[dt][1] = ws.acc[dt][2] = ws.acc[dt][3] = 0.0f;
+    warp_state_init(ws);
     for (int bi = 0; bi < it.n; bi++) {
       const int nv = (bi == it.n - 1 ? it.nvis_last : M3S_BLOCK_SIZE) - 16 * warp;
       if (nv <= 0)
