@@ -1,4 +1,5 @@
-/* m3s-bench: the measured ceilings: an HBM copy and a bf16 cuBLAS GEMM. */
+/* m3s-bench: the measured ceilings: an HBM copy, a bf16 cuBLAS GEMM, and
+ * the launch floor of a CUDA graph (empty kernels). */
 #include "bench.h"
 
 static int cublas_ok(cublasStatus_t s, const char *what) {
@@ -109,4 +110,63 @@ double measure_gemm(bench *B) {
     printf("ceiling: bf16 GEMM %.0f TFLOP/s (cublasGemmEx %d^3, fp32 compute, median of %d)\n", tf,
            n, CEIL_REPS);
   return tf;
+}
+
+/* Launch floor: a CUDA graph of n empty kernels (n = 1, 2, 4), replayed
+ * LAUNCH_REPS times back to back between two events (a 2 ms spin first, so
+ * that the host has enqueued them all before the first event), per replay;
+ * median of CEIL_REPS such batches. What a decode step of n kernels costs with no work
+ * in them (issue 15: batch-1 decode within 2x of this plus its bytes). */
+#define LAUNCH_REPS 100
+
+static double launch_floor_of(bench *B, int n) {
+  cudaGraph_t graph = NULL;
+  cudaGraphExec_t exec = NULL;
+  cudaEvent_t e0 = NULL, e1 = NULL;
+  double t[CEIL_REPS], us = 0;
+  int ok = cuda_ok(cudaStreamBeginCapture(B->stream, cudaStreamCaptureModeThreadLocal),
+                   "cudaStreamBeginCapture");
+  for (int i = 0; ok && i < n; i++)
+    ok = cuda_ok((cudaError_t)m3sb_empty(B->stream), "empty kernel");
+  cudaError_t end = cudaStreamEndCapture(B->stream, &graph);
+  ok = ok && cuda_ok(end, "cudaStreamEndCapture") &&
+       cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate") &&
+       cuda_ok(cudaEventCreate(&e0), "cudaEventCreate") &&
+       cuda_ok(cudaEventCreate(&e1), "cudaEventCreate");
+  for (int i = 0; ok && i < 10; i++)
+    ok = cuda_ok(cudaGraphLaunch(exec, B->stream), "cudaGraphLaunch");
+  for (int r = 0; ok && r < CEIL_REPS; r++) {
+    ok = cuda_ok(cudaStreamSynchronize(B->stream), "sync") &&
+         cuda_ok((cudaError_t)m3sb_spin(2000000, B->stream), "spin") &&
+         cuda_ok(cudaEventRecord(e0, B->stream), "cudaEventRecord");
+    for (int i = 0; ok && i < LAUNCH_REPS; i++)
+      ok = cuda_ok(cudaGraphLaunch(exec, B->stream), "cudaGraphLaunch");
+    float ms = 0;
+    ok = ok && cuda_ok(cudaEventRecord(e1, B->stream), "cudaEventRecord") &&
+         cuda_ok(cudaEventSynchronize(e1), "cudaEventSynchronize") &&
+         cuda_ok(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime");
+    t[r] = ms * 1e3 / LAUNCH_REPS;
+  }
+  if (ok)
+    us = median_of(t, CEIL_REPS);
+  if (e0)
+    cudaEventDestroy(e0);
+  if (e1)
+    cudaEventDestroy(e1);
+  if (exec)
+    cudaGraphExecDestroy(exec);
+  if (graph)
+    cudaGraphDestroy(graph);
+  return us;
+}
+
+int measure_launch_floor(bench *B) {
+  static const int ns[3] = {1, 2, 4};
+  for (int i = 0; i < 3; i++)
+    if ((B->launch_us[i] = launch_floor_of(B, ns[i])) <= 0)
+      return 0;
+  printf("ceiling: launch floor %.2f / %.2f / %.2f us per graph replay of 1 / 2 / 4 empty "
+         "kernels (%d replays back to back, median of %d)\n",
+         B->launch_us[0], B->launch_us[1], B->launch_us[2], LAUNCH_REPS, CEIL_REPS);
+  return 1;
 }

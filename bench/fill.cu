@@ -1,6 +1,7 @@
 /* m3s-bench device helpers: hash-based random fill (no cuRAND) of bf16 and
- * fp8 e4m3 buffers with N(0, scale^2) values, and a spin kernel that holds a
- * stream while the host enqueues the timed replays. Called from run.c
+ * fp8 e4m3 buffers with N(0, scale^2) values, a spin kernel that holds a
+ * stream while the host enqueues the timed replays, and an empty kernel for
+ * the launch floor. Called from run.c
  * through the extern "C" functions below; each returns a cudaError_t as int. */
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -45,6 +46,8 @@ __global__ void spin_kernel(unsigned long long ns) {
   } while (t - t0 < ns);
 }
 
+__global__ void empty_kernel(void) {}
+
 unsigned grid_for(size_t n) {
   size_t blocks = (n + 255) / 256;
   if (blocks > 65536)
@@ -71,5 +74,11 @@ extern "C" int m3sb_fill_e4m3(void *p, size_t n, uint64_t seed, float scale, voi
 
 extern "C" int m3sb_spin(unsigned long long ns, void *stream) {
   spin_kernel<<<1, 1, 0, (cudaStream_t)stream>>>(ns);
+  return (int)cudaGetLastError();
+}
+
+/* One launch of an empty kernel (one CTA of 32 threads): the launch floor. */
+extern "C" int m3sb_empty(void *stream) {
+  empty_kernel<<<1, 32, 0, (cudaStream_t)stream>>>();
   return (int)cudaGetLastError();
 }
