@@ -43,6 +43,8 @@ int m3sb_fill_e4m3(void *p, size_t n, uint64_t seed, float scale, void *stream);
 
 int m3sb_spin(unsigned long long ns, void *stream);
 int m3sb_empty(void *stream);
+int m3sb_gather_pages(const void *pool, uint64_t npages, uint64_t nread, uint64_t seed,
+                      void *sink, void *stream);
 
 #define EXIT_NO_GPU 77
 
@@ -125,6 +127,7 @@ typedef struct {
   char card[288];
   double l2;
   double hbm_gbps, gemm_tflops; /* 0 if not measured */
+  double gather_gbps;           /* random 64 KiB page reads, GB/s; 0 if not measured */
   double launch_us[3];          /* graph of 1, 2, 4 empty kernels, us per replay; 0 if not measured */
   void *pool;
   size_t pool_bytes;
@@ -205,6 +208,7 @@ int cuda_ok(cudaError_t e, const char *what);
 double measure_copy(bench *B);
 double measure_gemm(bench *B);
 int measure_launch_floor(bench *B);
+double measure_gather(bench *B);
 
 /* ---- report.c ---- */
 void print_case_line(const bench *B, int i, const case_result *r);

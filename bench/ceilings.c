@@ -1,5 +1,6 @@
-/* m3s-bench: the measured ceilings: an HBM copy, a bf16 cuBLAS GEMM, and
- * the launch floor of a CUDA graph (empty kernels). */
+/* m3s-bench: the measured ceilings: an HBM copy, random 64 KiB page reads
+ * (the gather pattern of paged attention), a bf16 cuBLAS GEMM, and the
+ * launch floor of a CUDA graph (empty kernels). */
 #include "bench.h"
 
 static int cublas_ok(cublasStatus_t s, const char *what) {
@@ -57,6 +58,59 @@ double measure_copy(bench *B) {
   if (ok)
     printf("ceiling: HBM copy %.0f GB/s (cudaMemcpy D2D of %.2f GiB, read+write, median of %d)\n",
            gbps, (double)n / GIB, CEIL_REPS);
+  return gbps;
+}
+
+/* Random page reads: GATHER_PAGES pages of 64 KiB (512 MiB, the bytes of
+ * decode attention at 128 requests x 4 KV heads x 16 blocks) at hashed
+ * random indices of a pool beyond L2, read-only GB/s over the median time.
+ * Decode attention reads this pattern, so this, not the sequential copy, is
+ * what its kernels can reach. */
+#define GATHER_PAGES 8192
+
+double measure_gather(bench *B) {
+  size_t freeb = 0, total = 0;
+  if (!cuda_ok(cudaMemGetInfo(&freeb, &total), "cudaMemGetInfo"))
+    return 0;
+  size_t n = (size_t)2 << 30;
+  while (n > ((size_t)256 << 20) && n + ((size_t)1 << 30) > freeb)
+    n /= 2;
+  void *pool = NULL, *sink = NULL;
+  cudaEvent_t ev[2 * CEIL_REPS] = {0};
+  double t[CEIL_REPS], gbps = 0;
+  int ok = cuda_ok(cudaMalloc(&pool, n), "cudaMalloc (gather pool)") &&
+           cuda_ok(cudaMalloc(&sink, 16), "cudaMalloc (gather sink)") &&
+           cuda_ok((cudaError_t)m3sb_fill_bf16(pool, n / 2, 79, 1.0f, B->stream), "fill");
+  const uint64_t npages = n >> 16;
+  for (int i = 0; ok && i < 2 * CEIL_REPS; i++)
+    ok = cuda_ok(cudaEventCreate(&ev[i]), "cudaEventCreate");
+  for (int i = 0; ok && i < 3 + CEIL_REPS; i++) {
+    int timed = i >= 3, k = i - 3;
+    if (timed)
+      ok = cuda_ok(cudaEventRecord(ev[2 * k], B->stream), "cudaEventRecord");
+    ok = ok && cuda_ok((cudaError_t)m3sb_gather_pages(pool, npages, GATHER_PAGES, 1000 + i, sink,
+                                                       B->stream),
+                       "gather");
+    if (ok && timed)
+      ok = cuda_ok(cudaEventRecord(ev[2 * k + 1], B->stream), "cudaEventRecord");
+  }
+  ok = ok && cuda_ok(cudaStreamSynchronize(B->stream), "gather sync");
+  for (int i = 0; ok && i < CEIL_REPS; i++) {
+    float ms = 0;
+    ok = cuda_ok(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]), "cudaEventElapsedTime");
+    t[i] = ms * 1e-3;
+  }
+  if (ok)
+    gbps = (double)GATHER_PAGES * 65536.0 / median_of(t, CEIL_REPS) / 1e9;
+  for (int i = 0; i < 2 * CEIL_REPS; i++)
+    if (ev[i])
+      cudaEventDestroy(ev[i]);
+  cudaFree(pool);
+  cudaFree(sink);
+  if (ok)
+    printf("ceiling: random 64 KiB page reads %.0f GB/s (read only, %d pages of a %.2f GiB pool, "
+           "median of %d)\n",
+           gbps, GATHER_PAGES, (double)n / GIB, CEIL_REPS);
   return gbps;
 }
 

@@ -1,7 +1,7 @@
 /* m3s-bench device helpers: hash-based random fill (no cuRAND) of bf16 and
  * fp8 e4m3 buffers with N(0, scale^2) values, a spin kernel that holds a
- * stream while the host enqueues the timed replays, and an empty kernel for
- * the launch floor. Called from run.c
+ * stream while the host enqueues the timed replays, an empty kernel for the
+ * launch floor and a random-page read for the gather ceiling. Called from run.c
  * through the extern "C" functions below; each returns a cudaError_t as int. */
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -48,6 +48,28 @@ __global__ void spin_kernel(unsigned long long ns) {
 
 __global__ void empty_kernel(void) {}
 
+/* Reads nread pages of 64 KiB at hashed random page indices of a pool of
+ * npages (256 threads, 16 loads of 16 bytes each in flight per page). The
+ * xor of every word reaches memory only on a value no fill produces, which
+ * keeps the loads without writing. */
+__global__ void __launch_bounds__(256) gather_pages_kernel(const uint4 *pool, uint64_t npages,
+                                                           uint64_t nread, uint64_t seed,
+                                                           unsigned *sink) {
+  unsigned acc = 0;
+  for (uint64_t i = blockIdx.x; i < nread; i += gridDim.x) {
+    const uint4 *pg = pool + (mix64(seed ^ i) % npages) * 4096;
+    uint4 v[16];
+#pragma unroll
+    for (int k = 0; k < 16; k++)
+      v[k] = __ldcs(pg + k * 256 + threadIdx.x);
+#pragma unroll
+    for (int k = 0; k < 16; k++)
+      acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+  }
+  if (acc == 0x9e3779b9u)
+    sink[0] = acc;
+}
+
 unsigned grid_for(size_t n) {
   size_t blocks = (n + 255) / 256;
   if (blocks > 65536)
@@ -80,5 +102,24 @@ extern "C" int m3sb_spin(unsigned long long ns, void *stream) {
 /* One launch of an empty kernel (one CTA of 32 threads): the launch floor. */
 extern "C" int m3sb_empty(void *stream) {
   empty_kernel<<<1, 32, 0, (cudaStream_t)stream>>>();
+  return (int)cudaGetLastError();
+}
+
+/* nread random 64 KiB pages of a pool of npages: the read pattern of paged
+ * sparse attention (one page per selected block and KV head). */
+extern "C" int m3sb_gather_pages(const void *pool, uint64_t npages, uint64_t nread, uint64_t seed,
+                                 void *sink, void *stream) {
+  /* every CTA resident at once: a grid of whole waves */
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gather_pages_kernel, 256, 0);
+  if (e != cudaSuccess)
+    return (int)e;
+  unsigned grid = (unsigned)(sms * (per_sm > 0 ? per_sm : 1));
+  gather_pages_kernel<<<grid, 256, 0, (cudaStream_t)stream>>>((const uint4 *)pool, npages, nread,
+                                                                seed, (unsigned *)sink);
   return (int)cudaGetLastError();
 }

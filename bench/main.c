@@ -100,8 +100,8 @@ static void usage(FILE *f) {
 "  --case-budget SEC fewer reps/sets when a case would take longer          [20]\n"
 "  --mem-gb G        cap of the cache pool (default: free memory less buffers)\n"
 "  --device N        CUDA device                                               [0]\n"
-"  --no-ceilings     skip the copy and GEMM ceilings and the launch floor (or\n"
-"                    give --hbm GBPS and --gemm TFLOPS to use known values)\n"
+"  --no-ceilings     skip the ceilings (copy, random page reads, GEMM, launch\n"
+"                    floor; or give --hbm GBPS and --gemm TFLOPS to use known values)\n"
 "  --gemm-n N        GEMM size of the ceiling                               [8192]\n"
 "  --csv FILE        also write every case, full numbers, as CSV\n"
 "  -h, --help        this text\n"
@@ -389,6 +389,8 @@ int main(int argc, char **argv) {
   if (o->gemm_override > 0)
     B.gemm_tflops = o->gemm_override;
   else if (!o->no_ceilings && (B.gemm_tflops = measure_gemm(&B)) <= 0)
+    failed = 1;
+  if (!o->no_ceilings && (B.gather_gbps = measure_gather(&B)) <= 0)
     failed = 1;
   if (!o->no_ceilings && !measure_launch_floor(&B))
     failed = 1;

@@ -42,11 +42,16 @@ void print_table(const bench *B, double wall) {
     printf("%.0f GB/s", B->hbm_gbps);
   else
     printf("n/a");
+  if (B->gather_gbps > 0)
+    printf(", random 64 KiB page reads %.0f GB/s", B->gather_gbps);
   printf(", bf16 GEMM ");
   if (B->gemm_tflops > 0)
-    printf("%.0f TFLOP/s\n", B->gemm_tflops);
+    printf("%.0f TFLOP/s", B->gemm_tflops);
   else
-    printf("n/a\n");
+    printf("n/a");
+  if (B->launch_us[0] > 0)
+    printf(", launch floor %.2f us (graph of 1 empty kernel)", B->launch_us[0]);
+  printf("\n");
   printf("| case | shape | median us | GB/s | %%HBM | TFLOP/s | %%GEMM |\n");
   printf("|---|---|---:|---:|---:|---:|---:|\n");
   for (int i = 0; i < g_ncases; i++) {
