@@ -425,8 +425,6 @@ extern "C" int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batc
   return at_maps(ctx, q, kv, at_qbox(q->shape[1] / kv->shape[1]), &kv_map, &q_map);
 }
 
-
-
 m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p,
                                     const m3s_tensor *q, const m3s_tensor *kv,
                                     cudaStream_t stream, const char *fn) {
