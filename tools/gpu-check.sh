@@ -92,6 +92,9 @@ race_groups() { # test -> one "filter [flags]" per line
     test_gpu_invariance) printf '%s\n' head_major,shuffled decode_equals,spec_decode \
       chunked repeatable request_alone ;;
     test_gpu_offsets64) printf '%s\n' +bf16_head_major +e4m3_token_major ;;
+    test_gpu_context_parallel) printf '%s\n' m3_tp8_mixed_cp2,m3_tp8_mixed_cp3 \
+      m3_tp8_mixed_cp4,m3_tp8_mixed_cp8 hkv2_k6 m3_tp2_spec nan_scores,equal_scores \
+      e4m3_caches,e5m2_scalar ;;
     test_gpu_topk_certified) printf '%s\n' last_bit_permuted_multiset_hkv1,equal_maxima_tp1 \
       last_bit_permuted_multiset_k64 cancel_wide_exponents_tp2,subnormal_keys_large \
       overflowing_products_tp4,nan_inf_keys_and,nan_keys_e4m3,guard_page_ids \
@@ -109,7 +112,8 @@ san_list() {
   fi
   for tool in ${M3S_SAN_TOOLS:-memcheck racecheck initcheck synccheck}; do
     for t in test_gpu_topk test_gpu_topk_decode test_gpu_topk_certified test_gpu_attention \
-      test_gpu_ops test_gpu_graph test_gpu_invariance test_gpu_offsets64 test_gpu_threads; do
+      test_gpu_ops test_gpu_graph test_gpu_invariance test_gpu_offsets64 test_gpu_threads \
+      test_gpu_context_parallel; do
       [ -x "$BUILD/tests/$t" ] || continue
       if [ "$tool" = racecheck ]; then
         race_groups "$t" | while read -r f; do echo "$tool $t $f"; done
