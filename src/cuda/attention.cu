@@ -284,7 +284,7 @@ static __device__ __forceinline__ void convert16(unsigned char *stage, int lane)
   }
 }
 
-/* ---- phase 3: one unit on tensor cores ------------------------------------ */
+/* ---- phase 3: Q fragments and the warp's stream (attend_unit: attention.cuh) - */
 
 /* Q rows h0 + lane/4 (+8) as A fragments of the 8 k-steps (zero padding for
  * rows >= nh); bf16 q is converted when the mma runs in f16. */
@@ -361,8 +361,9 @@ static __device__ void warp_stream(const attn_params &p, const cta_selection *se
     }
     int kbase = 32 * warp + 16 * (u & 1);
     const float *kscale = p.sc.k_per_slot ? (const float *)(cur + TILE_BYTES) : NULL;
-    attend_unit<F16, ROW_BYTES, 128>(smem_addr(cur), qa, block_keys(sel, b0 + (u >> 1), pos) - kbase, kscale,
-                     sl2, ws, lane);
+    attend_unit<F16, ROW_BYTES, 128>(smem_addr(cur), qa,
+                                     block_keys(sel, b0 + (u >> 1), pos) - kbase, kscale, sl2, ws,
+                                     lane);
     __syncwarp(); /* every lane is done with `cur` before it is refilled */
     stage ^= 1;
     u = un;
