@@ -226,6 +226,8 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   int ok = gpu_fx_upload(&g, &f, g_gpu);
   if (ok && mods && mods->device)
     ok = mods->device(&f, &g, ref_topk);
+  if (!CHECK(ok, name))
+    fprintf(stderr, "%s: device upload failed\n", name);
   double t3 = gpu_now_ms();
   const int tma = ok && m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t);
   g_tma_cases += tma;
