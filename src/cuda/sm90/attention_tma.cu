@@ -344,6 +344,7 @@ static __global__ void __launch_bounds__(AT_THREADS, 1)
       sm90_bar_init(&s.dfull[i], 1);
       sm90_bar_init(&s.dempty[i], AT_CWARPS);
     }
+    sm90_fence_barrier_init();
   }
   /* rows qbox..15 of the Q tiles are never loaded: zero padding */
   for (int i = threadIdx.x; i < AT_DESC * AT_QTILE_BYTES / 16; i += AT_THREADS)

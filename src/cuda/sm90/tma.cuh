@@ -61,6 +61,14 @@ static __device__ __forceinline__ void sm90_bar_wait(unsigned long long *bar, un
 #endif
 }
 
+/* Makes this thread's mbarrier.init visible to the async proxy (the TMA
+ * completing transactions on the barriers) before the next CTA barrier. */
+static __device__ __forceinline__ void sm90_fence_barrier_init() {
+#if M3S_SM90_TMA
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
 /* Orders this thread's generic-proxy shared-memory accesses before later
  * async-proxy ones (wgmma reads, TMA writes) of the same memory. */
 static __device__ __forceinline__ void sm90_fence_proxy_async() {

@@ -686,7 +686,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
       sm90_bar_init(&s.full[i], 1);
       sm90_bar_init(&s.empty[i], TC_THREADS / 32);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    sm90_fence_barrier_init();
   }
   sm90_fence_proxy_async(); /* the query tile's generic accesses before TMA overwrites it */
   __syncthreads();
