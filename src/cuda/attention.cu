@@ -386,39 +386,8 @@ static __device__ void store_rows(const attn_params &p, unsigned char *smem, int
 #pragma unroll 1
   for (int i = 0; i < HEADS_PER_CTA * 64 / ATT_THREADS; i++) {
     int pidx = i * ATT_THREADS + tid, r = pidx >> 6, d = (pidx & 63) * 2;
-    if (r >= nh)
-      continue;
-    float mw[ATT_WARPS], mx = neg_inf();
-#pragma unroll
-    for (int w = 0; w < ATT_WARPS; w++) {
-      mw[w] = warp_ml(smem, w)[r];
-      mx = fmaxf(mx, mw[w]);
-    }
-    float l = 0.0f, o0 = 0.0f, o1 = 0.0f;
-    if (mx != neg_inf()) {
-#pragma unroll
-      for (int w = 0; w < ATT_WARPS; w++) {
-        float a = exp2f(mw[w] - mx);
-        const float *acc = warp_acc(smem, w) + r * ACC_STRIDE + d;
-        l += warp_ml(smem, w)[16 + r] * a;
-        o0 += acc[0] * a;
-        o1 += acc[1] * a;
-      }
-    }
-    int64_t h = h0 + r;
-    if (p.nsplit == 1) {
-      float v0 = l > 0.0f ? o0 / l : 0.0f, v1 = l > 0.0f ? o1 / l : 0.0f;
-      int64_t off = t * p.out_s0 + h * p.out_s1 + d;
-      m3s_st(p.out, p.act, off, v0);
-      m3s_st(p.out, p.act, off + 1, v1);
-      if (d == 0 && p.lse)
-        p.lse[t * p.lse_s0 + h * p.lse_s1] = l > 0.0f ? (mx + log2f(l)) * LN2 : neg_inf();
-    } else {
-      int64_t idx = (t * p.hq + h) * p.nsplit + split;
-      *(float2 *)&p.ws_o[idx * M3S_HEAD_DIM + d] = make_float2(o0, o1);
-      if (d == 0)
-        *(float2 *)&p.ws_ml[idx * 2] = make_float2(l > 0.0f ? mx : neg_inf(), l);
-    }
+    if (r < nh)
+      store_merged_pair<ATT_WARPS>(p, warp_acc(smem, 0), WARP_BYTES / 4, t, h0 + r, r, d, split);
   }
 }
 

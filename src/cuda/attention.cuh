@@ -217,6 +217,47 @@ static __device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s,
   }
 }
 
+/* Output dims d, d + 1 of head h (row r of the CTA's 16) from NW warp
+ * states stashed by stash_state at base + w * stride floats, merged in warp
+ * order 0..NW-1; written as out (q's dtype, RNE) and lse when p.nsplit == 1,
+ * else as split's partial (unnormalised acc, (m, l)) for the merge kernel. */
+template <int NW>
+static __device__ __forceinline__ void store_merged_pair(const attn_params &p, const float *base,
+                                                         int stride, int64_t t, int64_t h, int r,
+                                                         int d, int split) {
+  const float *ml = base + HEADS_PER_CTA * ACC_STRIDE;
+  float mw[NW], mx = neg_inf();
+#pragma unroll
+  for (int w = 0; w < NW; w++) {
+    mw[w] = ml[w * stride + r];
+    mx = fmaxf(mx, mw[w]);
+  }
+  float l = 0.0f, o0 = 0.0f, o1 = 0.0f;
+  if (mx != neg_inf()) {
+#pragma unroll
+    for (int w = 0; w < NW; w++) {
+      float a = exp2f(mw[w] - mx);
+      const float *acc = base + w * stride + r * ACC_STRIDE + d;
+      l += ml[w * stride + 16 + r] * a;
+      o0 += acc[0] * a;
+      o1 += acc[1] * a;
+    }
+  }
+  if (p.nsplit == 1) {
+    float v0 = l > 0.0f ? o0 / l : 0.0f, v1 = l > 0.0f ? o1 / l : 0.0f;
+    int64_t off = t * p.out_s0 + h * p.out_s1 + d;
+    m3s_st(p.out, p.act, off, v0);
+    m3s_st(p.out, p.act, off + 1, v1);
+    if (d == 0 && p.lse)
+      p.lse[t * p.lse_s0 + h * p.lse_s1] = l > 0.0f ? (mx + log2f(l)) * LN2 : neg_inf();
+  } else {
+    int64_t idx = (t * p.hq + h) * p.nsplit + split;
+    *(float2 *)&p.ws_o[idx * M3S_HEAD_DIM + d] = make_float2(o0, o1);
+    if (d == 0)
+      *(float2 *)&p.ws_ml[idx * 2] = make_float2(l > 0.0f ? mx : neg_inf(), l);
+  }
+}
+
 /* Host side of attention.cu that the TMA path shares: the merge of nsplit
  * partials (launched when p.nsplit > 1). */
 m3s_status m3s_cuda_attention_merge(const attn_params &p, cudaStream_t stream, const char *fn);

@@ -250,40 +250,11 @@ static __device__ __forceinline__ void at_zero_tail(unsigned char *unit, int nv,
 
 /* The item's eight warp states, merged in warp order, written out. */
 static __device__ void at_store(const attn_params &p, const at_smem &s, const at_item &it) {
-  const int tid = threadIdx.x;
-  for (int pidx = tid; pidx < HEADS_PER_CTA * 64; pidx += AT_CWARPS * 32) {
+  for (int pidx = threadIdx.x; pidx < HEADS_PER_CTA * 64; pidx += AT_CWARPS * 32) {
     const int r = pidx >> 6, d = (pidx & 63) * 2;
-    if (r >= it.nh)
-      continue;
-    float mx = neg_inf();
-#pragma unroll
-    for (int w = 0; w < AT_CWARPS; w++)
-      mx = fmaxf(mx, s.scratch[w][HEADS_PER_CTA * ACC_STRIDE + r]);
-    float l = 0.0f, o0 = 0.0f, o1 = 0.0f;
-    if (mx != neg_inf()) {
-#pragma unroll
-      for (int w = 0; w < AT_CWARPS; w++) {
-        const float *sw = s.scratch[w];
-        const float a = exp2f(sw[HEADS_PER_CTA * ACC_STRIDE + r] - mx);
-        l += sw[HEADS_PER_CTA * ACC_STRIDE + 16 + r] * a;
-        o0 += sw[r * ACC_STRIDE + d] * a;
-        o1 += sw[r * ACC_STRIDE + d + 1] * a;
-      }
-    }
-    const int64_t h = it.h0 + r, t = it.t;
-    if (p.nsplit == 1) {
-      const float v0 = l > 0.0f ? o0 / l : 0.0f, v1 = l > 0.0f ? o1 / l : 0.0f;
-      const int64_t off = t * p.out_s0 + h * p.out_s1 + d;
-      m3s_st(p.out, p.act, off, v0);
-      m3s_st(p.out, p.act, off + 1, v1);
-      if (d == 0 && p.lse)
-        p.lse[t * p.lse_s0 + h * p.lse_s1] = l > 0.0f ? (mx + log2f(l)) * LN2 : neg_inf();
-    } else {
-      const int64_t idx = (t * p.hq + h) * p.nsplit + it.split;
-      *(float2 *)&p.ws_o[idx * M3S_HEAD_DIM + d] = make_float2(o0, o1);
-      if (d == 0)
-        *(float2 *)&p.ws_ml[idx * 2] = make_float2(l > 0.0f ? mx : neg_inf(), l);
-    }
+    if (r < it.nh)
+      store_merged_pair<AT_CWARPS>(p, s.scratch[0], HEADS_PER_CTA * ACC_STRIDE + AT_ML, it.t,
+                                   it.h0 + r, r, d, it.split);
   }
 }
 
