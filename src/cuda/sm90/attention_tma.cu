@@ -56,7 +56,7 @@
  * on the device; the tensor maps are encoded on the host per call from the
  * tensors' pointers and strides (kernel parameters).
  *
- * Registers: 152, no spills (ptxas, sm_90a). Measured (H200, m3s-bench,
+ * Registers: 153, no spills (ptxas, sm_90a). Measured (H200, m3s-bench,
  * docs/perf-notes.md "Decode attention: a persistent TMA kernel"): 128
  * requests x 32K TP1 142.7 us against the generic kernel's 152-163 in the
  * same runs (~87% of the copy ceiling; peer: 0.153 ms against vLLM's
