@@ -625,7 +625,8 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
 
   /* split factor from host bounds; the core checked the workspace against
    * m3s_cuda_attention_workspace for these bounds (fallback: no split) */
-  const int tma = m3s_attention_tma_eligible(ctx, batch, q, kv_cache);
+  m3s_attn_tma_maps maps;
+  const int tma = m3s_attention_tma_plan(ctx, batch, q, kv_cache, &maps);
   int nsplit = tma ? plan_split_tma(ctx, cfg, T, batch->max_seq_len)
                    : plan_split(ctx, cfg, T, batch->max_seq_len);
   size_t need = split_bytes(cfg, T, nsplit);
@@ -639,7 +640,7 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
   }
 
   if (tma) {
-    m3s_status st = m3s_attention_tma_launch(ctx, p, q, kv_cache, stream, fn);
+    m3s_status st = m3s_attention_tma_launch(ctx, p, maps, q->dtype == M3S_F16, stream, fn);
     if (st != M3S_OK || nsplit == 1)
       return st;
     return m3s_cuda_attention_merge(p, stream, fn);

@@ -9,6 +9,8 @@
 
 #include "common.cuh"
 
+#include <cuda.h> /* CUtensorMap (types only) */
+
 #include <stdint.h>
 
 #define ACC_STRIDE 136                        /* floats per row of the merge scratch */
@@ -262,10 +264,23 @@ static __device__ __forceinline__ void store_merged_pair(const attn_params &p, c
  * partials (launched when p.nsplit > 1). */
 m3s_status m3s_cuda_attention_merge(const attn_params &p, cudaStream_t stream, const char *fn);
 
-/* sm90/attention_tma.cu: the persistent TMA kernel over p (p.nsplit and
- * the workspace already set); the caller launches the merge after it. */
+/* sm90/attention_tma.cu. The tensor maps of one call's K/V cache and q,
+ * encoded on the host (kernel parameters). */
+typedef struct {
+  CUtensorMap kv, q;
+  int qbox; /* query heads per Q box */
+} m3s_attn_tma_maps;
+
+/* 1 when the persistent TMA kernel runs this call (the conditions of
+ * m3s_attention_tma_eligible, which wraps it); then maps holds its tensor
+ * maps, encoded once here. */
+int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const m3s_tensor *q,
+                           const m3s_tensor *kv, m3s_attn_tma_maps *maps);
+/* The kernel over p (p.nsplit and the workspace already set) with the maps
+ * of m3s_attention_tma_plan; f16: q and the cache are f16 (else bf16). The
+ * caller launches the merge after it. */
 m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p,
-                                    const m3s_tensor *q, const m3s_tensor *kv,
-                                    cudaStream_t stream, const char *fn);
+                                    const m3s_attn_tma_maps &maps, bool f16, cudaStream_t stream,
+                                    const char *fn);
 
 #endif

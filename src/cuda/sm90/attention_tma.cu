@@ -372,8 +372,8 @@ static int at_maps(const m3s_context *ctx, const m3s_tensor *q, const m3s_tensor
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-extern "C" int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batch *batch,
-                                          const m3s_tensor *q, const m3s_tensor *kv) {
+int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const m3s_tensor *q,
+                           const m3s_tensor *kv, m3s_attn_tma_maps *maps) {
   if (m3s_cuda_attention_generic(ctx) || m3s_cuda_sm_major(ctx) != 9 ||
       !m3s_cuda_tmap_encoder(ctx))
     return 0;
@@ -387,36 +387,35 @@ extern "C" int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batc
   if (kv->dtype != q->dtype || (q->dtype != M3S_BF16 && q->dtype != M3S_F16))
     return 0;
   /* TMA: 16-byte aligned base and strides, int32 coordinates; and the
-   * driver must accept both maps (the launch encodes them again, alike) */
+   * driver must accept both maps */
   if (!(aligned16(kv->data) && aligned16(q->data) && kv->stride[3] == 1 && q->stride[2] == 1 &&
         kv->stride[0] % 8 == 0 && kv->stride[1] % 8 == 0 && kv->stride[2] % 8 == 0 &&
         q->stride[0] % 8 == 0 && q->stride[1] % 8 == 0 && kv->shape[0] <= INT32_MAX &&
         q->shape[0] <= INT32_MAX && q->shape[1] <= INT32_MAX && kv->shape[1] > 0))
     return 0;
-  CUtensorMap kv_map, q_map;
-  return at_maps(ctx, q, kv, at_qbox(q->shape[1] / kv->shape[1]), &kv_map, &q_map);
+  maps->qbox = at_qbox(q->shape[1] / kv->shape[1]);
+  return at_maps(ctx, q, kv, maps->qbox, &maps->kv, &maps->q);
+}
+
+extern "C" int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batch *batch,
+                                          const m3s_tensor *q, const m3s_tensor *kv) {
+  m3s_attn_tma_maps maps;
+  return m3s_attention_tma_plan(ctx, batch, q, kv, &maps);
 }
 
 m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p,
-                                    const m3s_tensor *q, const m3s_tensor *kv,
-                                    cudaStream_t stream, const char *fn) {
-  const int qbox = at_qbox(p.group);
-  CUtensorMap kv_map, q_map;
-  if (!at_maps(ctx, q, kv, qbox, &kv_map, &q_map)) /* eligible() encoded them already */
-    return m3s_fail(M3S_ERR_INTERNAL, fn,
-                    "cuTensorMapEncodeTiled refused the K/V cache or q (strides %lld, %lld, "
-                    "%lld elements)",
-                    (long long)kv->stride[0], (long long)kv->stride[1], (long long)kv->stride[2]);
+                                    const m3s_attn_tma_maps &maps, bool f16, cudaStream_t stream,
+                                    const char *fn) {
   const int64_t items = (int64_t)p.b.num_tokens * p.hkv * p.nchunk * p.nsplit;
   const int64_t sms = m3s_cuda_num_sms(ctx);
   const unsigned grid = (unsigned)(items < sms ? items : sms);
   if (grid == 0)
     return M3S_OK;
-  if (q->dtype == M3S_F16)
-    attn_tma_kernel<true><<<grid, AT_THREADS, AT_SMEM_BYTES, stream>>>(p, kv_map, q_map, items,
-                                                                         qbox);
+  if (f16)
+    attn_tma_kernel<true><<<grid, AT_THREADS, AT_SMEM_BYTES, stream>>>(p, maps.kv, maps.q, items,
+                                                                         maps.qbox);
   else
-    attn_tma_kernel<false><<<grid, AT_THREADS, AT_SMEM_BYTES, stream>>>(p, kv_map, q_map, items,
-                                                                          qbox);
+    attn_tma_kernel<false><<<grid, AT_THREADS, AT_SMEM_BYTES, stream>>>(p, maps.kv, maps.q, items,
+                                                                          maps.qbox);
   return m3s_cuda_check_launch(fn, "attn_tma_kernel");
 }
