@@ -59,7 +59,7 @@
  * Registers: 153, no spills (ptxas, sm_90a). Measured (H200, m3s-bench,
  * docs/perf-notes.md "Decode attention: a persistent TMA kernel"): 128
  * requests x 32K TP1 142.7 us against the generic kernel's 152-163 in the
- * same runs (~87% of the copy ceiling; peer: 0.153 ms against vLLM's
+ * same runs (~89% of the copy ceiling; peer: 0.153 ms against vLLM's
  * 0.147); equal at 1 and 32 requests; slower where rows share blocks
  * (q_len 4, prefill), hence the dispatch rule. */
 #include "../attention.cuh"
