@@ -68,8 +68,6 @@
 
 #include <cudaTypedefs.h>
 
-#include <string.h>
-
 /* Consumer warp w takes unit w of each block (keys 16w..16w+15) in a ring
  * of AT_RING slots (4 warps with rings of 5 measured the same, 2026-12-03). */
 #define AT_CWARPS 8
