@@ -229,7 +229,7 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   if (!CHECK(ok, name))
     fprintf(stderr, "%s: device upload failed\n", name);
   double t3 = gpu_now_ms();
-  const int tma = ok && m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t);
+  const int tma = ok && m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t, &g.scales);
   g_tma_cases += tma;
   double ref_err = 0.0, cpu_err = 0.0;
   ok = ok && device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name,
@@ -369,8 +369,12 @@ static void test_tp_decode(void) {
     }
 }
 
+/* Every activation / cache dtype pair and scale form, as q_len 4 batches
+ * (generic kernel) and as one-row decode batches (on sm_90 the TMA kernel,
+ * fp8 caches included, and the generic one): 17 blocks with a partial last
+ * one, an empty request, 2 and 1 blocks. */
 static void test_dtypes(void) {
-  static const int32_t ql[] = {4, 4, 4, 4};
+  static const int32_t ql4[] = {4, 4, 4, 4}, ql1[] = {1, 1, 1, 1};
   static const int32_t sl[] = {2051, 0, 130, 4};
   struct {
     m3s_dtype act, kv;
@@ -386,15 +390,20 @@ static void test_dtypes(void) {
            {M3S_BF16, M3S_E5M2, 1, "qlen4_e5m2_scalar_scales"},
            {M3S_F16, M3S_E5M2, 2, "qlen4_f16_act_e5m2_per_slot_scales"},
            {M3S_BF16, M3S_E5M2, 0, "qlen4_e5m2_no_scale"}};
-  for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
-    fx_spec s = spec_of(m3s_config_minimax_m3(i % 3 == 2 ? 1 : 2), 4, ql, sl);
-    s.uniform = 1;
-    s.act_dtype = c[i].act;
-    s.kv_dtype = c[i].kv;
-    s.scale_mode = c[i].scale;
-    s.token_major = (int)(i & 1);
-    run_case(c[i].name, s, NULL);
-  }
+  for (int q1 = 0; q1 < 2; q1++)
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+      int tp = i % 3 == 2 ? 1 : q1 ? 8 : 2;
+      fx_spec s = spec_of(m3s_config_minimax_m3(tp), 4, q1 ? ql1 : ql4, sl);
+      s.uniform = 1;
+      s.act_dtype = c[i].act;
+      s.kv_dtype = c[i].kv;
+      s.scale_mode = c[i].scale;
+      s.token_major = (int)((i + q1) & 1);
+      char name[96];
+      snprintf(name, sizeof name, "%s%s_tp%d", q1 ? "decode_q1_" : "", c[i].name + (q1 ? 6 : 0),
+               tp);
+      run_case(name, s, NULL);
+    }
 }
 
 static void test_spec_decode_and_ragged(void) {

@@ -83,7 +83,7 @@ san_rows=""
 # not fail the run but is never reported as clean.
 race_groups() { # test -> one "filter [flags]" per line
   case $1 in
-    test_gpu_attention) printf '%s\n' decode_tp qlen4_ uniform_,ragged_ g32,g12,g1_mha k64,k8 \
+    test_gpu_attention) printf '%s\n' decode_tp decode_q1_ qlen4_ uniform_,ragged_ g32,g12,g1_mha k64,k8 \
       topk_,guard_ mixed_prefill,prefill_257 large_logits ;;
     test_gpu_ops) printf '%s\n' insert k2q_tp1,k2q_tp2_e4m3 k2q_tp8_700,k2q_tp8_csr \
       k2q_tp8_e4m3,k2q_tp8_tiny k2q_tp2_prefill_bf16 merge k2q_large_logits \

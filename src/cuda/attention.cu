@@ -132,13 +132,6 @@ static __device__ __forceinline__ float2 unpack_other(uint32_t x) {
   return __half22float2(h);
 }
 
-static __device__ __forceinline__ float2 fp8x2_to_float2(uint16_t x, int mode) {
-  __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)x,
-                                             mode == KV_E4M3 ? __NV_E4M3 : __NV_E5M2);
-  __half2 h = *(__half2 *)&r;
-  return __half22float2(h);
-}
-
 static __device__ __forceinline__ uint32_t ld_act_pair(const void *base, int64_t off) {
   const uint16_t *p = (const uint16_t *)base + off;
   return (uint32_t)p[0] | ((uint32_t)p[1] << 16);
@@ -253,14 +246,8 @@ static __device__ __forceinline__ void dequant_fp8(unsigned char *stage, int mod
     uint4 raw = *(const uint4 *)(stage + FP8_RAW_OFF + kr * 256 + rc * 16);
     float s = part ? (v_per_slot ? sc[16 + kr] : vs) : 1.0f;
     __syncwarp();
-    uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w}, o[8];
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      float2 a = fp8x2_to_float2((uint16_t)(w[j] & 0xffff), mode);
-      float2 b = fp8x2_to_float2((uint16_t)(w[j] >> 16), mode);
-      o[2 * j] = pack2<F16>(a.x * s, a.y * s);
-      o[2 * j + 1] = pack2<F16>(b.x * s, b.y * s);
-    }
+    uint32_t o[8];
+    fp8_chunk_to16<F16>(raw, mode, s, o);
     unsigned char *row = stage + kr * ROW_BYTES;
     *(uint4 *)(row + (((2 * rc) ^ (kr & 7)) << 4)) = make_uint4(o[0], o[1], o[2], o[3]);
     *(uint4 *)(row + (((2 * rc + 1) ^ (kr & 7)) << 4)) = make_uint4(o[4], o[5], o[6], o[7]);
@@ -626,7 +613,7 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
   /* split factor from host bounds; the core checked the workspace against
    * m3s_cuda_attention_workspace for these bounds (fallback: no split) */
   m3s_attn_tma_maps maps;
-  const int tma = m3s_attention_tma_plan(ctx, batch, q, kv_cache, &maps);
+  const int tma = m3s_attention_tma_plan(ctx, batch, q, kv_cache, scales, &maps);
   int nsplit = tma ? plan_split_tma(ctx, cfg, T, batch->max_seq_len)
                    : plan_split(ctx, cfg, T, batch->max_seq_len);
   size_t need = split_bytes(cfg, T, nsplit);

@@ -94,6 +94,29 @@ static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 static __device__ __forceinline__ float neg_inf(void) { return -INFINITY; }
 
+static __device__ __forceinline__ float2 fp8x2_to_float2(uint16_t x, int mode) {
+  __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)x,
+                                             mode == KV_E4M3 ? __NV_E4M3 : __NV_E5M2);
+  __half2 h = *(__half2 *)&r;
+  return __half22float2(h);
+}
+
+/* 16 fp8 values (one 16-byte chunk) times s -> 16 values of the mma dtype
+ * (RNE), o[0..3] the first 8 and o[4..7] the last 8. With s = 1 (K) the
+ * values are exact: every fp8 value is a bf16 and an f16. */
+template <bool F16>
+static __device__ __forceinline__ void fp8_chunk_to16(uint4 raw, int mode, float s,
+                                                      uint32_t (&o)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    float2 a = fp8x2_to_float2((uint16_t)(w[j] & 0xffff), mode);
+    float2 b = fp8x2_to_float2((uint16_t)(w[j] >> 16), mode);
+    o[2 * j] = pack2<F16>(a.x * s, a.y * s);
+    o[2 * j + 1] = pack2<F16>(b.x * s, b.y * s);
+  }
+}
+
 
 /* ---- one unit of 16 keys on tensor cores ----------------------------------- */
 
@@ -275,10 +298,11 @@ typedef struct {
  * m3s_attention_tma_eligible, which wraps it); then maps holds its tensor
  * maps, encoded once here. */
 int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const m3s_tensor *q,
-                           const m3s_tensor *kv, m3s_attn_tma_maps *maps);
+                           const m3s_tensor *kv, const m3s_kv_scales *scales,
+                           m3s_attn_tma_maps *maps);
 /* The kernel over p (p.nsplit and the workspace already set) with the maps
- * of m3s_attention_tma_plan; f16: q and the cache are f16 (else bf16). The
- * caller launches the merge after it. */
+ * of m3s_attention_tma_plan; f16: q is f16 (else bf16; the cache is q's
+ * dtype or fp8, p.kv_esize == 1). The caller launches the merge after it. */
 m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p,
                                     const m3s_attn_tma_maps &maps, bool f16, cudaStream_t stream,
                                     const char *fn);

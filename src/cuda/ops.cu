@@ -27,7 +27,7 @@ static const char *cuda_kernel(const m3s_context *ctx, m3s_op op) {
   case M3S_OP_ATTENTION_DECODE:
   case M3S_OP_ATTENTION_PREFILL:
   case M3S_OP_ATTENTION_CP:
-    return m3s_cuda_sm_major(ctx) == 9 ? "attn_tma_persistent(q_len 1, 16-bit kv)|attn_mma_sync_splitk"
+    return m3s_cuda_sm_major(ctx) == 9 ? "attn_tma_persistent(q_len 1)|attn_mma_sync_splitk"
                                        : "cuda_attention_mma_sync_splitk";
   case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_attention_simt";
   case M3S_OP_MERGE: return "cuda_merge_attn_states";

@@ -69,16 +69,29 @@
 #include <cudaTypedefs.h>
 
 /* Consumer warp w takes unit w of each block (keys 16w..16w+15) in a ring
- * of AT_RING slots (4 warps with rings of 5 measured the same, 2026-12-03). */
+ * of slots (4 warps with rings of 5 measured the same as 8 with rings of 2,
+ * 2026-12-03). */
 #define AT_CWARPS 8
-#define AT_RING 2
 #define AT_THREADS ((AT_CWARPS + 1) * 32)     /* + one producer warp */
 #define AT_UNITS 8                            /* units of 16 keys per block, one per warp */
 static_assert(AT_UNITS == AT_CWARPS, "consumer warp w takes unit w of every block");
-#define AT_SLOTS (AT_CWARPS * AT_RING)
 #define AT_SEG_BYTES 2048                     /* 16 keys x 128 bytes: one TMA box */
-#define AT_UNIT_BYTES (4 * AT_SEG_BYTES)      /* 16 keys x (K | V), 16-bit */
+#define AT_TILE_BYTES (4 * AT_SEG_BYTES)      /* 16 keys x (K | V), 16-bit */
 #define AT_QTILE_BYTES (2 * AT_SEG_BYTES)     /* 16 heads x 128 dims */
+
+/* A ring slot holds one unit as the cache stores it: 16-bit, four boxes of
+ * 64 elements, read in place; or fp8, two boxes of 128, which the consumer
+ * converts into a 16-bit tile of its own (in its merge scratch) before it
+ * releases the slot. fp8 slots are half the size, so each warp's ring is
+ * twice as deep: the same 128 KiB in flight per SM. */
+template <bool FP8>
+struct at_geom {
+  static constexpr int boxes = FP8 ? 2 : 4;
+  static constexpr int ring = FP8 ? 4 : 2;
+  static constexpr int slots = AT_CWARPS * ring;
+  static constexpr int unit_bytes = boxes * AT_SEG_BYTES;
+  static constexpr int box_elems = FP8 ? 128 : 64;
+};
 #define AT_DESC 2                             /* items between producer and consumers */
 #define AT_ML 32                              /* m, l of 16 rows after each acc */
 
@@ -89,19 +102,33 @@ typedef struct {
   int nvis_last; /* visible keys of its last block (the others have 128) */
 } at_item;
 
-typedef struct {
-  unsigned char ring[AT_SLOTS][AT_UNIT_BYTES]; /* first: 1024-byte aligned */
+#define AT_SCRATCH_FLOATS (HEADS_PER_CTA * ACC_STRIDE + AT_ML)
+/* fp8: the converted tile of warp w lives in scratch[w] (free until the
+ * warp's state is stashed after its last unit of the item), with the unit's
+ * per-slot k scales behind it */
+#define AT_KSCALE_OFF AT_TILE_BYTES
+static_assert(AT_TILE_BYTES + 16 * 4 <= AT_SCRATCH_FLOATS * 4, "fp8 tile fits the scratch");
+static_assert(AT_SCRATCH_FLOATS * 4 % 128 == 0, "tiles start on 128-byte rows");
+
+template <bool FP8>
+struct at_smem {
+  /* first: 1024-byte aligned (the 128-byte swizzle repeats every 1 KiB) */
+  unsigned char ring[at_geom<FP8>::slots][at_geom<FP8>::unit_bytes];
   unsigned char qtile[AT_DESC][AT_QTILE_BYTES];
-  float scratch[AT_CWARPS][HEADS_PER_CTA * ACC_STRIDE + AT_ML];
+  float scratch[AT_CWARPS][AT_SCRATCH_FLOATS];
+  float scales[FP8 ? at_geom<FP8>::slots : 1][32]; /* fp8 per-slot: k 0..15, v 16..31 */
   at_item item[AT_DESC];
-  unsigned long long full[AT_SLOTS], empty[AT_SLOTS], dfull[AT_DESC], dempty[AT_DESC];
+  unsigned long long full[at_geom<FP8>::slots], empty[at_geom<FP8>::slots];
+  unsigned long long dfull[AT_DESC], dempty[AT_DESC];
   int raw_id[M3S_MAX_TOPK];
   int id[M3S_MAX_TOPK];
   int64_t raw_page[M3S_MAX_TOPK];
   int64_t page[M3S_MAX_TOPK];
-} at_smem;
+};
 
-#define AT_SMEM_BYTES (sizeof(at_smem) + 1024) /* + the alignment of the base */
+/* + the alignment of the base */
+template <bool FP8>
+static constexpr size_t at_smem_bytes() { return sizeof(at_smem<FP8>) + 1024; }
 
 static __device__ __forceinline__ void at_consumer_sync(void) {
   asm volatile("bar.sync 1, %0;\n" ::"n"(AT_CWARPS * 32) : "memory");
@@ -111,8 +138,9 @@ static __device__ __forceinline__ void at_consumer_sync(void) {
 
 /* Sorted valid selection of (t, g) into s.id / s.page; returns its size.
  * Every lane of the producer warp calls it. */
+template <class S>
 static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, int64_t t, int g,
-                                at_smem &s, int lane) {
+                                S &s, int lane) {
   int kk = 0;
   int64_t nb = 0;
   if (ri.valid) {
@@ -162,9 +190,13 @@ static __device__ __forceinline__ void at_item_of(const attn_params &p, int64_t 
  * own warp's slots ran their spin loops one divergent path at a time and
  * kept the ring half empty (ncu: consumers 54% of their stalls on full
  * slots, DRAM at 78%). */
+template <bool FP8>
 static __device__ void at_produce(const attn_params &p, const CUtensorMap *kv_map,
-                                  const CUtensorMap *q_map, int qbox, at_smem &s, int64_t items,
-                                  int lane) {
+                                  const CUtensorMap *q_map, int qbox, at_smem<FP8> &s,
+                                  int64_t items, int lane) {
+  typedef at_geom<FP8> G;
+  const bool kps = FP8 && p.sc.k_per_slot, vps = FP8 && p.sc.v_per_slot;
+  const uint32_t tx = G::unit_bytes + 64u * (kps + vps);
   uint32_t c[AT_CWARPS]; /* units loaded so far for each consumer warp */
 #pragma unroll
   for (int w = 0; w < AT_CWARPS; w++)
@@ -204,13 +236,22 @@ static __device__ void at_produce(const attn_params &p, const CUtensorMap *kv_ma
         for (int u = 0; u < AT_UNITS; u++) {
           if (16 * u >= nv)
             break;
-          const int slot = u * AT_RING + (int)(c[u] % AT_RING);
-          sm90_bar_wait(&s.empty[slot], ((c[u] / AT_RING) & 1) ^ 1);
-          sm90_bar_arrive_tx(&s.full[slot], AT_UNIT_BYTES);
+          const int slot = u * G::ring + (int)(c[u] % G::ring);
+          sm90_bar_wait(&s.empty[slot], ((c[u] / G::ring) & 1) ^ 1);
+          sm90_bar_arrive_tx(&s.full[slot], tx);
 #pragma unroll
-          for (int seg = 0; seg < 4; seg++)
-            sm90_tma_load_4d(s.ring[slot] + seg * AT_SEG_BYTES, kv_map, seg * 64, 16 * u, g, page,
-                             &s.full[slot]);
+          for (int seg = 0; seg < G::boxes; seg++)
+            sm90_tma_load_4d(s.ring[slot] + seg * AT_SEG_BYTES, kv_map, seg * G::box_elems,
+                             16 * u, g, page, &s.full[slot]);
+          /* per-slot scales of the unit's 16 keys (contiguous slots: see
+           * m3s_attention_tma_plan) */
+          const int64_t slot0 = (int64_t)page * M3S_BLOCK_SIZE + 16 * u;
+          if (kps)
+            sm90_bulk_load(s.scales[FP8 ? slot : 0], p.sc.k + g * p.sc.k_s0 + slot0, 64,
+                           &s.full[slot]);
+          if (vps)
+            sm90_bulk_load(s.scales[FP8 ? slot : 0] + 16, p.sc.v + g * p.sc.v_s0 + slot0, 64,
+                           &s.full[slot]);
           c[u]++;
         }
       }
@@ -246,19 +287,59 @@ static __device__ __forceinline__ void at_zero_tail(unsigned char *unit, int nv,
   __syncwarp();
 }
 
-/* The item's eight warp states, merged in warp order, written out. */
-static __device__ void at_store(const attn_params &p, const at_smem &s, const at_item &it) {
-  for (int pidx = threadIdx.x; pidx < HEADS_PER_CTA * 64; pidx += AT_CWARPS * 32) {
-    const int r = pidx >> 6, d = (pidx & 63) * 2;
-    if (r < it.nh)
-      store_merged_pair<AT_CWARPS>(p, s.scratch[0], HEADS_PER_CTA * ACC_STRIDE + AT_ML, it.t,
-                                   it.h0 + r, r, d, it.split);
+/* An fp8 unit (two boxes of 16 keys x 128 bytes, 128-byte swizzle) into
+ * the warp's 16-bit tile (unit_chunk<128, AT_SEG_BYTES>), with the same
+ * conversions as the generic kernel's dequant_fp8: K unscaled (exact), V
+ * times its scale (RNE); V rows of keys nv..15 (past pos: the cache there
+ * may hold anything) are zeros. The per-slot k scales go behind the tile.
+ * Lane l takes chunk l & 15 (K 0-7, V 8-15) of keys 2i + l / 16. */
+template <bool F16>
+static __device__ __forceinline__ void at_dequant(const attn_params &p, const unsigned char *unit,
+                                                  const float *sc, unsigned char *tile, int nv,
+                                                  float vs, int lane) {
+  if (p.sc.k_per_slot && lane < 16)
+    ((float *)(tile + AT_KSCALE_OFF))[lane] = sc[lane];
+  const int c = lane & 15, part = c >> 3, cc = c & 7;
+#pragma unroll 2
+  for (int i = 0; i < 8; i++) {
+    const int kr = 2 * i + (lane >> 4);
+    const bool dead = part && kr >= nv;
+    uint4 raw = *(const uint4 *)(unit + part * AT_SEG_BYTES + kr * 128 + ((cc ^ (kr & 7)) << 4));
+    float f = part ? (p.sc.v_per_slot ? sc[16 + kr] : vs) : 1.0f;
+    if (dead) {
+      raw = make_uint4(0, 0, 0, 0);
+      f = 0.0f;
+    }
+    uint32_t o[8];
+    fp8_chunk_to16<F16>(raw, p.kv_mode, f, o);
+    const int q = 16 * part + 2 * cc;
+    *(uint4 *)(tile + unit_chunk<128, AT_SEG_BYTES>(kr, q)) = make_uint4(o[0], o[1], o[2], o[3]);
+    *(uint4 *)(tile + unit_chunk<128, AT_SEG_BYTES>(kr, q + 1)) =
+        make_uint4(o[4], o[5], o[6], o[7]);
   }
 }
 
-template <bool F16>
-static __device__ void at_consume(const attn_params &p, at_smem &s, int64_t items, int warp,
+/* The item's eight warp states, merged in warp order, written out. */
+template <class S>
+static __device__ void at_store(const attn_params &p, const S &s, const at_item &it) {
+  for (int pidx = threadIdx.x; pidx < HEADS_PER_CTA * 64; pidx += AT_CWARPS * 32) {
+    const int r = pidx >> 6, d = (pidx & 63) * 2;
+    if (r < it.nh)
+      store_merged_pair<AT_CWARPS>(p, s.scratch[0], AT_SCRATCH_FLOATS, it.t, it.h0 + r, r, d,
+                                   it.split);
+  }
+}
+
+template <bool F16, bool FP8>
+static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t items, int warp,
                                   int lane) {
+  typedef at_geom<FP8> G;
+  /* scalar fp8 scales: k folds into the score scale, v into the conversion */
+  const float ks = FP8 && p.sc.k && !p.sc.k_per_slot ? p.sc.k[0] : 1.0f;
+  const float vs = FP8 && p.sc.v && !p.sc.v_per_slot ? p.sc.v[0] : 1.0f;
+  const float sl2 = p.scale_log2 * ks;
+  unsigned char *tile = (unsigned char *)s.scratch[warp];
+  const float *kscale = FP8 && p.sc.k_per_slot ? (const float *)(tile + AT_KSCALE_OFF) : NULL;
   uint32_t c = 0; /* units consumed so far by this warp */
   uint32_t k = 0;
   for (int64_t i = blockIdx.x; i < items; i += gridDim.x, k++) {
@@ -278,15 +359,23 @@ static __device__ void at_consume(const attn_params &p, at_smem &s, int64_t item
       const int nv = (bi == it.n - 1 ? it.nvis_last : M3S_BLOCK_SIZE) - 16 * warp;
       if (nv <= 0)
         continue;
-      const int slot = warp * AT_RING + (int)(c % AT_RING);
-      sm90_bar_wait(&s.full[slot], (c / AT_RING) & 1);
-      if (nv < 16)
-        at_zero_tail(s.ring[slot], nv, lane);
-      attend_unit<F16, 128, AT_SEG_BYTES>(smem_addr(s.ring[slot]), qa, nv, NULL, p.scale_log2, ws,
-                                          lane);
-      __syncwarp(); /* every lane's ldmatrix of the slot is done */
-      if (lane == 0)
-        sm90_bar_arrive(&s.empty[slot]);
+      const int slot = warp * G::ring + (int)(c % G::ring);
+      sm90_bar_wait(&s.full[slot], (c / G::ring) & 1);
+      if (FP8) {
+        at_dequant<F16>(p, s.ring[slot], s.scales[FP8 ? slot : 0], tile, nv, vs, lane);
+        __syncwarp(); /* the slot is read and the tile written by every lane */
+        if (lane == 0)
+          sm90_bar_arrive(&s.empty[slot]);
+        attend_unit<F16, 128, AT_SEG_BYTES>(smem_addr(tile), qa, nv, kscale, sl2, ws, lane);
+        __syncwarp(); /* every lane's ldmatrix of the tile is done */
+      } else {
+        if (nv < 16)
+          at_zero_tail(s.ring[slot], nv, lane);
+        attend_unit<F16, 128, AT_SEG_BYTES>(smem_addr(s.ring[slot]), qa, nv, NULL, sl2, ws, lane);
+        __syncwarp(); /* every lane's ldmatrix of the slot is done */
+        if (lane == 0)
+          sm90_bar_arrive(&s.empty[slot]);
+      }
       c++;
     }
 
@@ -297,15 +386,15 @@ static __device__ void at_consume(const attn_params &p, at_smem &s, int64_t item
   }
 }
 
-template <bool F16>
+template <bool F16, bool FP8>
 static __global__ void __launch_bounds__(AT_THREADS, 1)
     attn_tma_kernel(const attn_params p, const __grid_constant__ CUtensorMap kv_map,
                     const __grid_constant__ CUtensorMap q_map, int64_t items, int qbox) {
   extern __shared__ unsigned char at_raw[];
-  at_smem &s = *(at_smem *)(((uintptr_t)at_raw + 1023) & ~(uintptr_t)1023);
+  at_smem<FP8> &s = *(at_smem<FP8> *)(((uintptr_t)at_raw + 1023) & ~(uintptr_t)1023);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
-    for (int i = 0; i < AT_SLOTS; i++) {
+    for (int i = 0; i < at_geom<FP8>::slots; i++) {
       sm90_bar_init(&s.full[i], 1);
       sm90_bar_init(&s.empty[i], 1);
     }
@@ -322,9 +411,9 @@ static __global__ void __launch_bounds__(AT_THREADS, 1)
   __syncthreads();
 
   if (warp == AT_CWARPS)
-    at_produce(p, &kv_map, &q_map, qbox, s, items, lane);
+    at_produce<FP8>(p, &kv_map, &q_map, qbox, s, items, lane);
   else
-    at_consume<F16>(p, s, items, warp, lane);
+    at_consume<F16, FP8>(p, s, items, warp, lane);
 }
 
 /* ---- host ---------------------------------------------------------------------- */
@@ -334,44 +423,63 @@ static int aligned16(const void *ptr) { return (uintptr_t)ptr % 16 == 0; }
 /* Query heads per Q box: the group, at most one chunk of 16. */
 static int at_qbox(int64_t group) { return group < HEADS_PER_CTA ? (int)group : HEADS_PER_CTA; }
 
+template <bool F16, bool FP8>
+static cudaError_t at_prepare_one(void) {
+  return cudaFuncSetAttribute(attn_tma_kernel<F16, FP8>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)at_smem_bytes<FP8>());
+}
+
 extern "C" cudaError_t m3s_attention_tma_prepare(void) {
-  cudaError_t err = cudaFuncSetAttribute(
-      attn_tma_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)AT_SMEM_BYTES);
-  if (err != cudaSuccess)
-    return err;
-  return cudaFuncSetAttribute(attn_tma_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)AT_SMEM_BYTES);
+  cudaError_t err = at_prepare_one<true, false>();
+  if (err == cudaSuccess)
+    err = at_prepare_one<false, false>();
+  if (err == cudaSuccess)
+    err = at_prepare_one<true, true>();
+  if (err == cudaSuccess)
+    err = at_prepare_one<false, true>();
+  return err;
 }
 
 /* The cache as [pages][Hkv][128 slots][256] with the caller's strides, boxes
- * of 64 elements x 16 slots; q as [T][Hq][128], boxes of 64 dims x qbox
- * heads. Both with the 128-byte swizzle of unit_chunk<128, 2048>. */
+ * of 128 bytes (64 16-bit elements or 128 fp8) x 16 slots; q as
+ * [T][Hq][128], boxes of 64 dims x qbox heads. Both with the 128-byte
+ * swizzle of unit_chunk<128, 2048>. */
 static int at_maps(const m3s_context *ctx, const m3s_tensor *q, const m3s_tensor *kv, int qbox,
                    CUtensorMap *kv_map, CUtensorMap *q_map) {
   PFN_cuTensorMapEncodeTiled_v12000 enc =
       (PFN_cuTensorMapEncodeTiled_v12000)m3s_cuda_tmap_encoder(ctx);
-  const CUtensorMapDataType dt =
+  const CUtensorMapDataType qdt =
       q->dtype == M3S_F16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const size_t es = m3s_dtype_size(kv->dtype);
+  const CUtensorMapDataType kdt = es == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : qdt;
   const cuuint32_t step[4] = {1, 1, 1, 1};
   cuuint64_t kdims[4] = {2 * M3S_HEAD_DIM, M3S_BLOCK_SIZE, (cuuint64_t)kv->shape[1],
                          (cuuint64_t)kv->shape[0]};
-  cuuint64_t kstr[3] = {(cuuint64_t)kv->stride[2] * 2, (cuuint64_t)kv->stride[1] * 2,
-                        (cuuint64_t)kv->stride[0] * 2};
-  cuuint32_t kbox[4] = {64, 16, 1, 1};
-  if (enc(kv_map, dt, 4, kv->data, kdims, kstr, kbox, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
+  cuuint64_t kstr[3] = {(cuuint64_t)kv->stride[2] * es, (cuuint64_t)kv->stride[1] * es,
+                        (cuuint64_t)kv->stride[0] * es};
+  cuuint32_t kbox[4] = {(cuuint32_t)(128 / es), 16, 1, 1};
+  if (enc(kv_map, kdt, 4, kv->data, kdims, kstr, kbox, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return 0;
   cuuint64_t qdims[3] = {M3S_HEAD_DIM, (cuuint64_t)q->shape[1], (cuuint64_t)q->shape[0]};
   cuuint64_t qstr[2] = {(cuuint64_t)q->stride[1] * 2, (cuuint64_t)q->stride[0] * 2};
   cuuint32_t qb[3] = {64, (cuuint32_t)qbox, 1};
-  return enc(q_map, dt, 3, q->data, qdims, qstr, qb, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
+  return enc(q_map, qdt, 3, q->data, qdims, qstr, qb, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+/* A per-slot scale tensor [Hkv][P * 128] the producer can bulk-copy 16 slots
+ * of: contiguous slots, 16-byte aligned base and head stride. */
+static int at_scale_ok(const float *base, int per_slot, int64_t s0, int64_t s1) {
+  return !base || !per_slot || (aligned16(base) && s1 == 1 && s0 % 4 == 0);
+}
+
 int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const m3s_tensor *q,
-                           const m3s_tensor *kv, m3s_attn_tma_maps *maps) {
+                           const m3s_tensor *kv, const m3s_kv_scales *scales,
+                           m3s_attn_tma_maps *maps) {
   if (m3s_cuda_attention_generic(ctx) || m3s_cuda_sm_major(ctx) != 9 ||
       !m3s_cuda_tmap_encoder(ctx))
     return 0;
@@ -382,23 +490,37 @@ int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const
    * batch takes the generic kernel (a row's bits must not depend on it). */
   if (ctx->batch_invariant || batch->max_q_len != 1)
     return 0;
-  if (kv->dtype != q->dtype || (q->dtype != M3S_BF16 && q->dtype != M3S_F16))
+  const bool fp8 = kv->dtype == M3S_E4M3 || kv->dtype == M3S_E5M2;
+  if ((q->dtype != M3S_BF16 && q->dtype != M3S_F16) || (!fp8 && kv->dtype != q->dtype))
     return 0;
   /* TMA: 16-byte aligned base and strides, int32 coordinates; and the
    * driver must accept both maps */
+  const int64_t kvec = fp8 ? 16 : 8;
   if (!(aligned16(kv->data) && aligned16(q->data) && kv->stride[3] == 1 && q->stride[2] == 1 &&
-        kv->stride[0] % 8 == 0 && kv->stride[1] % 8 == 0 && kv->stride[2] % 8 == 0 &&
+        kv->stride[0] % kvec == 0 && kv->stride[1] % kvec == 0 && kv->stride[2] % kvec == 0 &&
         q->stride[0] % 8 == 0 && q->stride[1] % 8 == 0 && kv->shape[0] <= INT32_MAX &&
         q->shape[0] <= INT32_MAX && q->shape[1] <= INT32_MAX && kv->shape[1] > 0))
+    return 0;
+  const m3s_cuda_scales sc = m3s_cuda_scales_of(scales, kv->dtype);
+  if (!at_scale_ok(sc.k, sc.k_per_slot, sc.k_s0, sc.k_s1) ||
+      !at_scale_ok(sc.v, sc.v_per_slot, sc.v_s0, sc.v_s1))
     return 0;
   maps->qbox = at_qbox(q->shape[1] / kv->shape[1]);
   return at_maps(ctx, q, kv, maps->qbox, &maps->kv, &maps->q);
 }
 
 extern "C" int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batch *batch,
-                                          const m3s_tensor *q, const m3s_tensor *kv) {
+                                          const m3s_tensor *q, const m3s_tensor *kv,
+                                          const m3s_kv_scales *scales) {
   m3s_attn_tma_maps maps;
-  return m3s_attention_tma_plan(ctx, batch, q, kv, &maps);
+  return m3s_attention_tma_plan(ctx, batch, q, kv, scales, &maps);
+}
+
+template <bool F16, bool FP8>
+static void at_launch(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
+                      int64_t items, cudaStream_t stream) {
+  attn_tma_kernel<F16, FP8><<<grid, AT_THREADS, at_smem_bytes<FP8>(), stream>>>(
+      p, maps.kv, maps.q, items, maps.qbox);
 }
 
 m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p,
@@ -409,11 +531,14 @@ m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p
   const unsigned grid = (unsigned)(items < sms ? items : sms);
   if (grid == 0)
     return M3S_OK;
-  if (f16)
-    attn_tma_kernel<true><<<grid, AT_THREADS, AT_SMEM_BYTES, stream>>>(p, maps.kv, maps.q, items,
-                                                                         maps.qbox);
+  const bool fp8 = p.kv_esize == 1;
+  if (f16 && fp8)
+    at_launch<true, true>(p, maps, grid, items, stream);
+  else if (f16)
+    at_launch<true, false>(p, maps, grid, items, stream);
+  else if (fp8)
+    at_launch<false, true>(p, maps, grid, items, stream);
   else
-    attn_tma_kernel<false><<<grid, AT_THREADS, AT_SMEM_BYTES, stream>>>(p, maps.kv, maps.q, items,
-                                                                          maps.qbox);
+    at_launch<false, false>(p, maps, grid, items, stream);
   return m3s_cuda_check_launch(fn, "attn_tma_kernel");
 }

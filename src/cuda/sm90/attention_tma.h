@@ -21,12 +21,14 @@ void m3s_attention_set_generic(m3s_context *ctx, int generic);
 int m3s_cuda_attention_generic(const m3s_context *ctx);
 
 /* 1 when the TMA kernel runs this call: decode with one query row per
- * request (batch->max_q_len == 1), M3S_OPT_BATCH_INVARIANT off, an sm_90 device with the driver's
- * tensor-map encoder, a bf16 or f16 cache of q's dtype, 16-byte aligned
- * bases and strides, int32 coordinates, tensor maps the driver accepts,
- * and the switch above off (host facts only). */
+ * request (batch->max_q_len == 1), M3S_OPT_BATCH_INVARIANT off, an sm_90
+ * device with the driver's tensor-map encoder, a cache of q's dtype (bf16 or
+ * f16) or an e4m3 / e5m2 cache, 16-byte aligned bases and strides, per-slot
+ * scales with contiguous slots and a 16-byte aligned base and head stride,
+ * int32 coordinates, tensor maps the driver accepts, and the switch above
+ * off (host facts only). */
 int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batch *batch, const m3s_tensor *q,
-                               const m3s_tensor *kv);
+                               const m3s_tensor *kv, const m3s_kv_scales *scales);
 
 #ifdef __CUDACC__
 cudaError_t m3s_attention_tma_prepare(void);

@@ -1,6 +1,6 @@
 /* Hopper (sm_90a) building blocks shared by the TMA kernels of the CUDA
- * backend (topk_tc.cu, attention_tma.cu): shared-memory mbarriers and tiled
- * TMA loads that complete on them. Built for sm_90a only; elsewhere the
+ * backend (topk_tc.cu, attention_tma.cu): shared-memory mbarriers, tiled
+ * TMA loads and plain bulk copies that complete on them. Built for sm_90a only; elsewhere the
  * loads trap (the launchers never pick these kernels off sm_90). */
 #ifndef M3S_CUDA_SM90_TMA_CUH
 #define M3S_CUDA_SM90_TMA_CUH
@@ -114,6 +114,20 @@ static __device__ __forceinline__ void sm90_tma_load_4d(void *dst, const CUtenso
                : "memory");
 #else
   (void)dst, (void)map, (void)c0, (void)c1, (void)c2, (void)c3, (void)bar;
+  __trap();
+#endif
+}
+
+/* bytes (a multiple of 16) from global src (16-byte aligned) to dst. */
+static __device__ __forceinline__ void sm90_bulk_load(void *dst, const void *src, unsigned bytes,
+                                                      unsigned long long *bar) {
+#if M3S_SM90_TMA
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
+               "[%0], [%1], %2, [%3];\n" ::"r"(sm90_smem(dst)),
+               "l"((unsigned long long)src), "r"(bytes), "r"(sm90_smem(bar))
+               : "memory");
+#else
+  (void)dst, (void)src, (void)bytes, (void)bar;
   __trap();
 #endif
 }
