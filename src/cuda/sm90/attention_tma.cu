@@ -1,7 +1,8 @@
 /* CUDA backend, sm_90a: block-sparse GQA attention (SPEC section 4) as a
  * persistent kernel fed by TMA, for decode batches with one query row per
- * request (max_q_len 1) and a 16-bit cache of the activation dtype
- * (m3s_attention_tma_eligible; ../attention.cu dispatches).
+ * request (max_q_len 1) and a cache of the activation dtype (bf16, f16) or
+ * fp8 (e4m3, e5m2; scalar or per-slot scales) (m3s_attention_tma_eligible;
+ * ../attention.cu dispatches).
  *
  * Why: the generic kernel (../attention.cu) runs one CTA per (row, KV head,
  * head chunk, split) with a two-stage cp.async pipeline per warp. At 128
@@ -18,7 +19,7 @@
  *    c + 2 grid, ...: the CTAs work on neighbouring items at the same time,
  *    so blocks that neighbouring rows share are read from L2 once they are
  *    in it (contiguous ranges per CTA measured 1.3x slower at q_len 4 and
- *    1.1x at 8K prefill). One CTA per SM (~208 KiB of shared memory);
+ *    1.1x at 8K prefill). One CTA per SM (~210 KiB of shared memory);
  *    grid = min(I, SMs).
  *  - Warp 8 produces. Per item, the warp reads the row's top-k entries,
  *    drops -1, ids outside [0, nb), blocks another context-parallel rank
@@ -26,37 +27,44 @@
  *    ascending and takes split s's range of them. Lane 0 publishes the item
  *    (row, heads, block count, visible keys of the last block) in one of
  *    two descriptor slots, loads the item's 16 query heads by TMA into the
- *    slot's Q tile, then, block by block, units 0..7 (unit u: keys
- *    16u..16u+15, K and V) into the ring of 2 slots of consumer warp u:
- *    four TMA boxes of 16 keys x 64 elements (128-byte swizzle) through a
- *    4-D tensor map [pages][Hkv][128 slots][256] with the caller's strides,
- *    so head-major and token-major caches both work. Units past the last
- *    visible key are not loaded.
+ *    slot's Q tile, then, block by block, the K/V rows into a ring of 4
+ *    slots of 32 KiB: a 16-bit block as two halves of 64 keys (four TMA
+ *    boxes of 64 keys x 64 elements each), an fp8 block whole (two boxes of
+ *    128 keys x 128 bytes), 128-byte swizzle, through a 4-D tensor map
+ *    [pages][Hkv][128 slots][256] with the caller's strides, so head-major
+ *    and token-major caches both work; per-slot fp8 scales of the block by
+ *    two 512-byte bulk copies on the same barrier. A half past the last
+ *    visible key is not loaded.
  *  - Warps 0-7 consume. Warp w takes the item's Q from the descriptor into
  *    mma fragments, releases the descriptor, then runs attend_unit
  *    (../attention.cuh: S = Q K^T on mma.sync, fp32 online softmax, O += P
- *    V) on its unit of each block in block order; keys after pos are masked
- *    and their V rows zeroed in shared memory first (the cache there may
- *    hold anything). The item's eight warp states merge in fixed order 0..7
+ *    V) on its unit (keys 16w..16w+15) of each block in block order: in
+ *    place for a 16-bit cache, from a 16-bit copy for fp8 (K exact, V times
+ *    its scale: the generic kernel's conversions); keys after pos are
+ *    masked and their V rows zeroed first (the cache there may hold
+ *    anything). The item's eight warp states merge in fixed order 0..7
  *    through shared memory (two named barriers of the consumers) and are
  *    written: out (q's dtype, RNE) and lse, or the partial of split s for
  *    ../attention.cu's merge kernel. The producer is not held by this: it
- *    fills the next units meanwhile.
+ *    fills the next slots meanwhile.
  *  Warp w always handles keys 16w..16w+15 of each block and the merge order
  *  is fixed, so an item's result does not depend on which CTA ran it; the
  *  choice of this kernel follows max_q_len, a host bound, so under
  *  M3S_OPT_BATCH_INVARIANT it is not used.
  *
- * Barriers: full[slot] (1 arrive + 8 KiB of TMA bytes), empty[slot]
- * (consumer lane 0), dfull[d] (producer lane 0 + the Q bytes), dempty[d]
- * (one arrive per consumer warp). Phases follow from per-warp unit counters
- * and the item counter, which producer and consumers advance alike.
+ * Barriers: full[slot] (1 arrive + 32 KiB of TMA bytes, + the scales),
+ * empty[slot] (one arrive per consumer warp of the slot: 4 for a 16-bit
+ * half, 8 for an fp8 block; every such warp waits and releases, keys or
+ * not), dfull[d] (producer lane 0 + the Q bytes), dempty[d] (one arrive per
+ * consumer warp). Phases follow from the block and item counters, which
+ * producer and consumers advance alike.
  *
  * Graph-safe: no allocation, no synchronisation, lengths and selections read
  * on the device; the tensor maps are encoded on the host per call from the
  * tensors' pointers and strides (kernel parameters).
  *
- * Registers: 153, no spills (ptxas, sm_90a). Measured (H200, m3s-bench,
+ * Registers: 155 (16-bit), 166-168 (fp8), no spills (ptxas, sm_90a).
+ * Measured, with a slot per (warp, unit of 16 keys), (H200, m3s-bench,
  * docs/perf-notes.md "Decode attention: a persistent TMA kernel"): 128
  * requests x 32K TP1 142.7 us against the generic kernel's 152-163 in the
  * same runs (~89% of the copy ceiling; peer: 0.153 ms against vLLM's
@@ -68,32 +76,40 @@
 
 #include <cudaTypedefs.h>
 
-/* Consumer warp w takes unit w of each block (keys 16w..16w+15) in a ring
- * of slots (4 warps with rings of 5 measured the same as 8 with rings of 2,
- * 2026-12-03). */
+/* Consumer warp w takes keys 16w..16w+15 ("its unit") of every block. */
 #define AT_CWARPS 8
 #define AT_THREADS ((AT_CWARPS + 1) * 32)     /* + one producer warp */
-#define AT_UNITS 8                            /* units of 16 keys per block, one per warp */
-static_assert(AT_UNITS == AT_CWARPS, "consumer warp w takes unit w of every block");
-#define AT_SEG_BYTES 2048                     /* 16 keys x 128 bytes: one TMA box */
-#define AT_TILE_BYTES (4 * AT_SEG_BYTES)      /* 16 keys x (K | V), 16-bit */
-#define AT_QTILE_BYTES (2 * AT_SEG_BYTES)     /* 16 heads x 128 dims */
-
-/* A ring slot holds one unit as the cache stores it: 16-bit, four boxes of
- * 64 elements, read in place; or fp8, two boxes of 128, which the consumer
- * converts into a 16-bit tile of its own (in its merge scratch) before it
- * releases the slot. fp8 slots are half the size, so each warp's ring is
- * twice as deep: the same 128 KiB in flight per SM. */
-template <bool FP8>
-struct at_geom {
-  static constexpr int boxes = FP8 ? 2 : 4;
-  static constexpr int ring = FP8 ? 4 : 2;
-  static constexpr int slots = AT_CWARPS * ring;
-  static constexpr int unit_bytes = boxes * AT_SEG_BYTES;
-  static constexpr int box_elems = FP8 ? 128 : 64;
-};
+#define AT_UNIT_BYTES 2048                    /* 16 keys x 128 bytes of one box */
+#define AT_TILE_BYTES (4 * AT_UNIT_BYTES)     /* 16 keys x (K | V), 16-bit */
+#define AT_QTILE_BYTES (2 * AT_UNIT_BYTES)    /* 16 heads x 128 dims */
+#define AT_RING 4                             /* slots of 32 KiB: 128 KiB in flight */
 #define AT_DESC 2                             /* items between producer and consumers */
 #define AT_ML 32                              /* m, l of 16 rows after each acc */
+
+/* A slot holds the keys of one block (fp8) or half a block (16-bit), as
+ * the cache stores them: 128-byte columns of the key rows (K | V), one TMA
+ * box each (rows x 128 bytes, 128-byte swizzle), so warp w's unit is the
+ * 2 KiB at row 16 (w % warps_per_slot) of every box. Earlier versions used a
+ * slot per (warp, unit of 16 keys); a slot per 32 KiB cuts the producer's
+ * barrier waits and TMA issues per byte by 4 (16-bit) and 8 (fp8): fp8 ran
+ * no faster than 16-bit there, at the same number of units. A 16-bit slot
+ * is read in place; the consumer converts its fp8 unit into a 16-bit tile
+ * of its own (in its merge scratch, free until the item's end) and
+ * releases the slot. */
+template <bool FP8>
+struct at_geom {
+  static constexpr int spb = FP8 ? 1 : 2;                  /* slots per block */
+  static constexpr int rows = M3S_BLOCK_SIZE / spb;        /* keys per slot */
+  static constexpr int boxes = FP8 ? 2 : 4;                /* 128-byte columns of a row */
+  static constexpr int box_elems = FP8 ? 128 : 64;
+  static constexpr int box_bytes = rows * 128;
+  static constexpr int slot_bytes = boxes * box_bytes;
+  static constexpr int warps_per_slot = AT_CWARPS / spb;
+};
+static_assert(at_geom<true>::slot_bytes == 32768 && at_geom<false>::slot_bytes == 32768,
+              "32 KiB slots");
+static_assert(AT_RING % 2 == 0, "a 16-bit block's two halves keep their slot parity");
+static_assert(AT_CWARPS * 16 == M3S_BLOCK_SIZE, "one unit per warp and block");
 
 typedef struct {
   int64_t t;
@@ -113,12 +129,12 @@ static_assert(AT_SCRATCH_FLOATS * 4 % 128 == 0, "tiles start on 128-byte rows");
 template <bool FP8>
 struct at_smem {
   /* first: 1024-byte aligned (the 128-byte swizzle repeats every 1 KiB) */
-  unsigned char ring[at_geom<FP8>::slots][at_geom<FP8>::unit_bytes];
+  unsigned char ring[AT_RING][at_geom<FP8>::slot_bytes];
   unsigned char qtile[AT_DESC][AT_QTILE_BYTES];
   float scratch[AT_CWARPS][AT_SCRATCH_FLOATS];
-  float scales[FP8 ? at_geom<FP8>::slots : 1][32]; /* fp8 per-slot: k 0..15, v 16..31 */
+  float scales[FP8 ? AT_RING : 1][2 * M3S_BLOCK_SIZE]; /* fp8 per-slot: k, then v */
   at_item item[AT_DESC];
-  unsigned long long full[at_geom<FP8>::slots], empty[at_geom<FP8>::slots];
+  unsigned long long full[AT_RING], empty[AT_RING];
   unsigned long long dfull[AT_DESC], dempty[AT_DESC];
   int raw_id[M3S_MAX_TOPK];
   int id[M3S_MAX_TOPK];
@@ -186,7 +202,7 @@ static __device__ __forceinline__ void at_item_of(const attn_params &p, int64_t 
 }
 
 /* Lane 0 issues everything, in the order the consumers use it (block by
- * block, unit 0..7), so one wait at a time: lanes that each waited on their
+ * block, half by half), so one wait at a time: lanes that each waited on their
  * own warp's slots ran their spin loops one divergent path at a time and
  * kept the ring half empty (ncu: consumers 54% of their stalls on full
  * slots, DRAM at 78%). */
@@ -196,11 +212,8 @@ static __device__ void at_produce(const attn_params &p, const CUtensorMap *kv_ma
                                   int64_t items, int lane) {
   typedef at_geom<FP8> G;
   const bool kps = FP8 && p.sc.k_per_slot, vps = FP8 && p.sc.v_per_slot;
-  const uint32_t tx = G::unit_bytes + 64u * (kps + vps);
-  uint32_t c[AT_CWARPS]; /* units loaded so far for each consumer warp */
-#pragma unroll
-  for (int w = 0; w < AT_CWARPS; w++)
-    c[w] = 0;
+  const uint32_t tx = G::slot_bytes + 512u * (kps + vps);
+  uint32_t nf = 0; /* slots filled so far */
   uint32_t k = 0;
   for (int64_t i = blockIdx.x; i < items; i += gridDim.x, k++) {
     const uint32_t d = k % AT_DESC;
@@ -225,34 +238,36 @@ static __device__ void at_produce(const attn_params &p, const CUtensorMap *kv_ma
       if (b1 > b0) {
         sm90_bar_arrive_tx(&s.dfull[d], 2u * (uint32_t)qbox * 128u);
         sm90_tma_load_3d(s.qtile[d], q_map, 0, h0, (int)t, &s.dfull[d]);
-        sm90_tma_load_3d(s.qtile[d] + AT_SEG_BYTES, q_map, 64, h0, (int)t, &s.dfull[d]);
+        sm90_tma_load_3d(s.qtile[d] + AT_UNIT_BYTES, q_map, 64, h0, (int)t, &s.dfull[d]);
       } else {
         sm90_bar_arrive(&s.dfull[d]);
       }
       for (int bi = b0; bi < b1; bi++) {
         const int nv = bi == b1 - 1 ? nvis_last : M3S_BLOCK_SIZE;
         const int page = (int)s.page[bi];
-#pragma unroll
-        for (int u = 0; u < AT_UNITS; u++) {
-          if (16 * u >= nv)
-            break;
-          const int slot = u * G::ring + (int)(c[u] % G::ring);
-          sm90_bar_wait(&s.empty[slot], ((c[u] / G::ring) & 1) ^ 1);
+        for (int h = 0; h < G::spb; h++, nf++) {
+          const int slot = (int)(nf % AT_RING);
+          sm90_bar_wait(&s.empty[slot], ((nf / AT_RING) & 1) ^ 1);
+          /* a half past the last visible key is not loaded; its consumers
+           * still pass through the slot */
+          if (G::rows * h >= nv) {
+            sm90_bar_arrive(&s.full[slot]);
+            continue;
+          }
           sm90_bar_arrive_tx(&s.full[slot], tx);
 #pragma unroll
           for (int seg = 0; seg < G::boxes; seg++)
-            sm90_tma_load_4d(s.ring[slot] + seg * AT_SEG_BYTES, kv_map, seg * G::box_elems,
-                             16 * u, g, page, &s.full[slot]);
-          /* per-slot scales of the unit's 16 keys (contiguous slots: see
+            sm90_tma_load_4d(s.ring[slot] + seg * G::box_bytes, kv_map, seg * G::box_elems,
+                             G::rows * h, g, page, &s.full[slot]);
+          /* per-slot scales of the block's 128 keys (contiguous slots: see
            * m3s_attention_tma_plan) */
-          const int64_t slot0 = (int64_t)page * M3S_BLOCK_SIZE + 16 * u;
+          const int64_t slot0 = (int64_t)page * M3S_BLOCK_SIZE;
           if (kps)
-            sm90_bulk_load(s.scales[FP8 ? slot : 0], p.sc.k + g * p.sc.k_s0 + slot0, 64,
+            sm90_bulk_load(s.scales[FP8 ? slot : 0], p.sc.k + g * p.sc.k_s0 + slot0, 512,
                            &s.full[slot]);
           if (vps)
-            sm90_bulk_load(s.scales[FP8 ? slot : 0] + 16, p.sc.v + g * p.sc.v_s0 + slot0, 64,
-                           &s.full[slot]);
-          c[u]++;
+            sm90_bulk_load(s.scales[FP8 ? slot : 0] + M3S_BLOCK_SIZE,
+                           p.sc.v + g * p.sc.v_s0 + slot0, 512, &s.full[slot]);
         }
       }
     }
@@ -270,42 +285,45 @@ static __device__ __forceinline__ void at_load_q(uint32_t (&qa)[8][4], const uns
   const uint32_t base = smem_addr(tile);
 #pragma unroll
   for (int ks = 0; ks < 8; ks++)
-    ldsm_x4(qa[ks], base + unit_chunk<128, AT_SEG_BYTES>(row, 2 * ks + (lane >> 4)));
+    ldsm_x4(qa[ks], base + unit_chunk<128, AT_UNIT_BYTES>(row, 2 * ks + (lane >> 4)));
 }
 
 /* Zeroes the V rows of keys nv..15 of a unit (the cache past pos may hold
  * NaN, and P = 0 times NaN is NaN); then the rows are visible to the warp
  * and ordered before the next TMA write of the slot. */
+template <int SS>
 static __device__ __forceinline__ void at_zero_tail(unsigned char *unit, int nv, int lane) {
 #pragma unroll
   for (int j = 0; j < 8; j++) {
     const int e = 32 * j + lane, kr = e >> 4, seg = 2 + ((e >> 3) & 1), ch = e & 7;
     if (kr >= nv)
-      *(uint4 *)(unit + seg * AT_SEG_BYTES + kr * 128 + ch * 16) = make_uint4(0, 0, 0, 0);
+      *(uint4 *)(unit + seg * SS + kr * 128 + ch * 16) = make_uint4(0, 0, 0, 0);
   }
   sm90_fence_proxy_async();
   __syncwarp();
 }
 
-/* An fp8 unit (two boxes of 16 keys x 128 bytes, 128-byte swizzle) into
- * the warp's 16-bit tile (unit_chunk<128, AT_SEG_BYTES>), with the same
+/* An fp8 unit (16 key rows of the K box and of the V box, SS bytes apart,
+ * 128-byte swizzle) into the warp's 16-bit tile (unit_chunk<128,
+ * AT_UNIT_BYTES>), with the same
  * conversions as the generic kernel's dequant_fp8: K unscaled (exact), V
  * times its scale (RNE); V rows of keys nv..15 (past pos: the cache there
  * may hold anything) are zeros. The per-slot k scales go behind the tile.
  * Lane l takes chunk l & 15 (K 0-7, V 8-15) of keys 2i + l / 16. */
-template <bool F16>
+template <bool F16, int SS>
 static __device__ __forceinline__ void at_dequant(const attn_params &p, const unsigned char *unit,
-                                                  const float *sc, unsigned char *tile, int nv,
-                                                  float vs, int lane) {
+                                                  const float *ksc, const float *vsc,
+                                                  unsigned char *tile, int nv, float vs,
+                                                  int lane) {
   if (p.sc.k_per_slot && lane < 16)
-    ((float *)(tile + AT_KSCALE_OFF))[lane] = sc[lane];
+    ((float *)(tile + AT_KSCALE_OFF))[lane] = ksc[lane];
   const int c = lane & 15, part = c >> 3, cc = c & 7;
 #pragma unroll 2
   for (int i = 0; i < 8; i++) {
     const int kr = 2 * i + (lane >> 4);
     const bool dead = part && kr >= nv;
-    uint4 raw = *(const uint4 *)(unit + part * AT_SEG_BYTES + kr * 128 + ((cc ^ (kr & 7)) << 4));
-    float f = part ? (p.sc.v_per_slot ? sc[16 + kr] : vs) : 1.0f;
+    uint4 raw = *(const uint4 *)(unit + part * SS + kr * 128 + ((cc ^ (kr & 7)) << 4));
+    float f = part ? (p.sc.v_per_slot ? vsc[kr] : vs) : 1.0f;
     if (dead) {
       raw = make_uint4(0, 0, 0, 0);
       f = 0.0f;
@@ -313,8 +331,8 @@ static __device__ __forceinline__ void at_dequant(const attn_params &p, const un
     uint32_t o[8];
     fp8_chunk_to16<F16>(raw, p.kv_mode, f, o);
     const int q = 16 * part + 2 * cc;
-    *(uint4 *)(tile + unit_chunk<128, AT_SEG_BYTES>(kr, q)) = make_uint4(o[0], o[1], o[2], o[3]);
-    *(uint4 *)(tile + unit_chunk<128, AT_SEG_BYTES>(kr, q + 1)) =
+    *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q)) = make_uint4(o[0], o[1], o[2], o[3]);
+    *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q + 1)) =
         make_uint4(o[4], o[5], o[6], o[7]);
   }
 }
@@ -340,7 +358,9 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
   const float sl2 = p.scale_log2 * ks;
   unsigned char *tile = (unsigned char *)s.scratch[warp];
   const float *kscale = FP8 && p.sc.k_per_slot ? (const float *)(tile + AT_KSCALE_OFF) : NULL;
-  uint32_t c = 0; /* units consumed so far by this warp */
+  /* the warp's slots: half h of every block, its unit at row 16 uw */
+  const int h = warp / G::warps_per_slot, uw = warp % G::warps_per_slot;
+  uint32_t nb = 0; /* blocks consumed so far */
   uint32_t k = 0;
   for (int64_t i = blockIdx.x; i < items; i += gridDim.x, k++) {
     const uint32_t d = k % AT_DESC;
@@ -355,28 +375,33 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
 
     warp_state ws;
     warp_state_init(ws);
-    for (int bi = 0; bi < it.n; bi++) {
+    for (int bi = 0; bi < it.n; bi++, nb++) {
       const int nv = (bi == it.n - 1 ? it.nvis_last : M3S_BLOCK_SIZE) - 16 * warp;
-      if (nv <= 0)
-        continue;
-      const int slot = warp * G::ring + (int)(c % G::ring);
-      sm90_bar_wait(&s.full[slot], (c / G::ring) & 1);
-      if (FP8) {
-        at_dequant<F16>(p, s.ring[slot], s.scales[FP8 ? slot : 0], tile, nv, vs, lane);
+      const uint32_t seq = nb * G::spb + h;
+      const int slot = (int)(seq % AT_RING);
+      /* every warp of the slot waits and releases, keys or not: a release
+       * before the fill would count toward the slot's previous use */
+      sm90_bar_wait(&s.full[slot], (seq / AT_RING) & 1);
+      unsigned char *unit = s.ring[slot] + uw * AT_UNIT_BYTES;
+      if (nv <= 0) {
+        __syncwarp();
+      } else if (FP8) {
+        const float *sc = s.scales[FP8 ? slot : 0] + 16 * uw;
+        at_dequant<F16, G::box_bytes>(p, unit, sc, sc + M3S_BLOCK_SIZE, tile, nv, vs, lane);
         __syncwarp(); /* the slot is read and the tile written by every lane */
         if (lane == 0)
           sm90_bar_arrive(&s.empty[slot]);
-        attend_unit<F16, 128, AT_SEG_BYTES>(smem_addr(tile), qa, nv, kscale, sl2, ws, lane);
+        attend_unit<F16, 128, AT_UNIT_BYTES>(smem_addr(tile), qa, nv, kscale, sl2, ws, lane);
         __syncwarp(); /* every lane's ldmatrix of the tile is done */
+        continue;
       } else {
         if (nv < 16)
-          at_zero_tail(s.ring[slot], nv, lane);
-        attend_unit<F16, 128, AT_SEG_BYTES>(smem_addr(s.ring[slot]), qa, nv, NULL, sl2, ws, lane);
+          at_zero_tail<G::box_bytes>(unit, nv, lane);
+        attend_unit<F16, 128, G::box_bytes>(smem_addr(unit), qa, nv, NULL, sl2, ws, lane);
         __syncwarp(); /* every lane's ldmatrix of the slot is done */
-        if (lane == 0)
-          sm90_bar_arrive(&s.empty[slot]);
       }
-      c++;
+      if (lane == 0)
+        sm90_bar_arrive(&s.empty[slot]);
     }
 
     stash_state(ws, s.scratch[warp], s.scratch[warp] + HEADS_PER_CTA * ACC_STRIDE, lane);
@@ -394,9 +419,9 @@ static __global__ void __launch_bounds__(AT_THREADS, 1)
   at_smem<FP8> &s = *(at_smem<FP8> *)(((uintptr_t)at_raw + 1023) & ~(uintptr_t)1023);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
-    for (int i = 0; i < at_geom<FP8>::slots; i++) {
+    for (int i = 0; i < AT_RING; i++) {
       sm90_bar_init(&s.full[i], 1);
-      sm90_bar_init(&s.empty[i], 1);
+      sm90_bar_init(&s.empty[i], at_geom<FP8>::warps_per_slot);
     }
     for (int i = 0; i < AT_DESC; i++) {
       sm90_bar_init(&s.dfull[i], 1);
@@ -442,7 +467,7 @@ extern "C" cudaError_t m3s_attention_tma_prepare(void) {
 }
 
 /* The cache as [pages][Hkv][128 slots][256] with the caller's strides, boxes
- * of 128 bytes (64 16-bit elements or 128 fp8) x 16 slots; q as
+ * of 128 bytes (64 16-bit elements or 128 fp8) x at_geom::rows slots; q as
  * [T][Hq][128], boxes of 64 dims x qbox heads. Both with the 128-byte
  * swizzle of unit_chunk<128, 2048>. */
 static int at_maps(const m3s_context *ctx, const m3s_tensor *q, const m3s_tensor *kv, int qbox,
@@ -458,7 +483,8 @@ static int at_maps(const m3s_context *ctx, const m3s_tensor *q, const m3s_tensor
                          (cuuint64_t)kv->shape[0]};
   cuuint64_t kstr[3] = {(cuuint64_t)kv->stride[2] * es, (cuuint64_t)kv->stride[1] * es,
                         (cuuint64_t)kv->stride[0] * es};
-  cuuint32_t kbox[4] = {(cuuint32_t)(128 / es), 16, 1, 1};
+  cuuint32_t kbox[4] = {(cuuint32_t)(128 / es),
+                        (cuuint32_t)(es == 1 ? at_geom<true>::rows : at_geom<false>::rows), 1, 1};
   if (enc(kv_map, kdt, 4, kv->data, kdims, kstr, kbox, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
