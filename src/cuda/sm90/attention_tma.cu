@@ -310,7 +310,7 @@ static __device__ __forceinline__ void at_zero_tail(unsigned char *unit, int nv,
  * times its scale (RNE); V rows of keys nv..15 (past pos: the cache there
  * may hold anything) are zeros. The per-slot k scales go behind the tile.
  * Lane l takes chunk l & 15 (K 0-7, V 8-15) of keys 2i + l / 16. */
-template <bool F16, int SS>
+template <bool F16, int SS, int MODE>
 static __device__ __forceinline__ void at_dequant(const attn_params &p, const unsigned char *unit,
                                                   const float *ksc, const float *vsc,
                                                   unsigned char *tile, int nv, float vs,
@@ -318,7 +318,7 @@ static __device__ __forceinline__ void at_dequant(const attn_params &p, const un
   if (p.sc.k_per_slot && lane < 16)
     ((float *)(tile + AT_KSCALE_OFF))[lane] = ksc[lane];
   const int c = lane & 15, part = c >> 3, cc = c & 7;
-#pragma unroll 2
+#pragma unroll 4
   for (int i = 0; i < 8; i++) {
     const int kr = 2 * i + (lane >> 4);
     const bool dead = part && kr >= nv;
@@ -329,7 +329,7 @@ static __device__ __forceinline__ void at_dequant(const attn_params &p, const un
       f = 0.0f;
     }
     uint32_t o[8];
-    fp8_chunk_to16<F16>(raw, p.kv_mode, f, o);
+    fp8_chunk_to16<F16>(raw, MODE, f, o);
     const int q = 16 * part + 2 * cc;
     *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q)) = make_uint4(o[0], o[1], o[2], o[3]);
     *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q + 1)) =
@@ -348,7 +348,9 @@ static __device__ void at_store(const attn_params &p, const S &s, const at_item 
   }
 }
 
-template <bool F16, bool FP8>
+/* KVM: KV_DIRECT (a cache of q's dtype), KV_E4M3 or KV_E5M2, a template
+ * parameter so that the conversion unpacks one fp8 format, not both. */
+template <bool F16, int KVM, bool FP8 = KVM != KV_DIRECT>
 static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t items, int warp,
                                   int lane) {
   typedef at_geom<FP8> G;
@@ -387,7 +389,7 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
         __syncwarp();
       } else if (FP8) {
         const float *sc = s.scales[FP8 ? slot : 0] + 16 * uw;
-        at_dequant<F16, G::box_bytes>(p, unit, sc, sc + M3S_BLOCK_SIZE, tile, nv, vs, lane);
+        at_dequant<F16, G::box_bytes, KVM>(p, unit, sc, sc + M3S_BLOCK_SIZE, tile, nv, vs, lane);
         __syncwarp(); /* the slot is read and the tile written by every lane */
         if (lane == 0)
           sm90_bar_arrive(&s.empty[slot]);
@@ -411,7 +413,7 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
   }
 }
 
-template <bool F16, bool FP8>
+template <bool F16, int KVM, bool FP8 = KVM != KV_DIRECT>
 static __global__ void __launch_bounds__(AT_THREADS, 1)
     attn_tma_kernel(const attn_params p, const __grid_constant__ CUtensorMap kv_map,
                     const __grid_constant__ CUtensorMap q_map, int64_t items, int qbox) {
@@ -438,7 +440,7 @@ static __global__ void __launch_bounds__(AT_THREADS, 1)
   if (warp == AT_CWARPS)
     at_produce<FP8>(p, &kv_map, &q_map, qbox, s, items, lane);
   else
-    at_consume<F16, FP8>(p, s, items, warp, lane);
+    at_consume<F16, KVM>(p, s, items, warp, lane);
 }
 
 /* ---- host ---------------------------------------------------------------------- */
@@ -448,22 +450,22 @@ static int aligned16(const void *ptr) { return (uintptr_t)ptr % 16 == 0; }
 /* Query heads per Q box: the group, at most one chunk of 16. */
 static int at_qbox(int64_t group) { return group < HEADS_PER_CTA ? (int)group : HEADS_PER_CTA; }
 
-template <bool F16, bool FP8>
+template <bool F16, int KVM>
 static cudaError_t at_prepare_one(void) {
-  return cudaFuncSetAttribute(attn_tma_kernel<F16, FP8>,
+  return cudaFuncSetAttribute(attn_tma_kernel<F16, KVM>,
                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)at_smem_bytes<FP8>());
+                              (int)at_smem_bytes<KVM != KV_DIRECT>());
 }
 
 extern "C" cudaError_t m3s_attention_tma_prepare(void) {
-  cudaError_t err = at_prepare_one<true, false>();
-  if (err == cudaSuccess)
-    err = at_prepare_one<false, false>();
-  if (err == cudaSuccess)
-    err = at_prepare_one<true, true>();
-  if (err == cudaSuccess)
-    err = at_prepare_one<false, true>();
-  return err;
+  const cudaError_t err[6] = {
+      at_prepare_one<true, KV_DIRECT>(), at_prepare_one<false, KV_DIRECT>(),
+      at_prepare_one<true, KV_E4M3>(),   at_prepare_one<false, KV_E4M3>(),
+      at_prepare_one<true, KV_E5M2>(),   at_prepare_one<false, KV_E5M2>()};
+  for (int i = 0; i < 6; i++)
+    if (err[i] != cudaSuccess)
+      return err[i];
+  return cudaSuccess;
 }
 
 /* The cache as [pages][Hkv][128 slots][256] with the caller's strides, boxes
@@ -542,10 +544,10 @@ extern "C" int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batc
   return m3s_attention_tma_plan(ctx, batch, q, kv, scales, &maps);
 }
 
-template <bool F16, bool FP8>
+template <bool F16, int KVM>
 static void at_launch(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
                       int64_t items, cudaStream_t stream) {
-  attn_tma_kernel<F16, FP8><<<grid, AT_THREADS, at_smem_bytes<FP8>(), stream>>>(
+  attn_tma_kernel<F16, KVM><<<grid, AT_THREADS, at_smem_bytes<KVM != KV_DIRECT>(), stream>>>(
       p, maps.kv, maps.q, items, maps.qbox);
 }
 
@@ -557,14 +559,16 @@ m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p
   const unsigned grid = (unsigned)(items < sms ? items : sms);
   if (grid == 0)
     return M3S_OK;
-  const bool fp8 = p.kv_esize == 1;
-  if (f16 && fp8)
-    at_launch<true, true>(p, maps, grid, items, stream);
-  else if (f16)
-    at_launch<true, false>(p, maps, grid, items, stream);
-  else if (fp8)
-    at_launch<false, true>(p, maps, grid, items, stream);
+  /* a 16-bit cache here is q's dtype (m3s_attention_tma_plan) */
+  const int kvm = p.kv_esize == 1 ? p.kv_mode : KV_DIRECT;
+  if (kvm == KV_E4M3)
+    f16 ? at_launch<true, KV_E4M3>(p, maps, grid, items, stream)
+        : at_launch<false, KV_E4M3>(p, maps, grid, items, stream);
+  else if (kvm == KV_E5M2)
+    f16 ? at_launch<true, KV_E5M2>(p, maps, grid, items, stream)
+        : at_launch<false, KV_E5M2>(p, maps, grid, items, stream);
   else
-    at_launch<false, false>(p, maps, grid, items, stream);
+    f16 ? at_launch<true, KV_DIRECT>(p, maps, grid, items, stream)
+        : at_launch<false, KV_DIRECT>(p, maps, grid, items, stream);
   return m3s_cuda_check_launch(fn, "attn_tma_kernel");
 }
