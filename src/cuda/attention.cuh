@@ -101,6 +101,27 @@ static __device__ __forceinline__ float2 fp8x2_to_float2(uint16_t x, int mode) {
   return __half22float2(h);
 }
 
+/* 16 fp8 values (one 16-byte chunk), unscaled -> 16 values of the mma
+ * dtype, exactly (every fp8 value is a bf16 and an f16); f16 straight from
+ * the hardware unpack. o[0..3] the first 8, o[4..7] the last 8. */
+template <bool F16, int MODE>
+static __device__ __forceinline__ void fp8_chunk_exact(uint4 raw, uint32_t (&o)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int j = 0; j < 4; j++)
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+      __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[j] >> (16 * hf)),
+                                                 MODE == KV_E4M3 ? __NV_E4M3 : __NV_E5M2);
+      if (F16) {
+        o[2 * j + hf] = (uint32_t)r.x | ((uint32_t)r.y << 16);
+      } else {
+        float2 f = __half22float2(*(__half2 *)&r);
+        o[2 * j + hf] = pack2<false>(f.x, f.y);
+      }
+    }
+}
+
 /* 16 fp8 values (one 16-byte chunk) times s -> 16 values of the mma dtype
  * (RNE), o[0..3] the first 8 and o[4..7] the last 8. With s = 1 (K) the
  * values are exact: every fp8 value is a bf16 and an f16. */
@@ -150,8 +171,10 @@ static __device__ __forceinline__ uint32_t unit_chunk(int kr, int c) {
 /* One unit of 16 keys against the 16 query rows of qa: online softmax into
  * ws. kscale: per-key k scales of the unit (fp8 per-slot) or NULL;
  * scale_log2 already holds a scalar k scale. RS, SS: the tile layout
- * (unit_chunk). */
-template <bool F16, int RS, int SS>
+ * (unit_chunk). F16V: the dtype of V and P in O += P V (f16 for an fp8
+ * cache's unscaled V, whose values are all f16; P in [0, 1] keeps 11 bits
+ * there), by default the mma dtype of S. */
+template <bool F16, int RS, int SS, bool F16V = F16>
 static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t (&qa)[8][4],
                                                    int nvis, const float *kscale, float scale_log2,
                                                    warp_state &ws, int lane) {
@@ -206,14 +229,14 @@ static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t
     ws.acc[dt][3] *= alpha[1];
   }
   /* O += P V: P's C layout is the A layout of a 16x16 operand */
-  uint32_t pa[4] = {pack2<F16>(s[0][0], s[0][1]), pack2<F16>(s[0][2], s[0][3]),
-                    pack2<F16>(s[1][0], s[1][1]), pack2<F16>(s[1][2], s[1][3])};
+  uint32_t pa[4] = {pack2<F16V>(s[0][0], s[0][1]), pack2<F16V>(s[0][2], s[0][3]),
+                    pack2<F16V>(s[1][0], s[1][1]), pack2<F16V>(s[1][2], s[1][3])};
 #pragma unroll
   for (int dp = 0; dp < 8; dp++) {
     uint32_t b[4];
     ldsm_x4_trans(b, tile + unit_chunk<RS, SS>((mi & 1) * 8 + row, 16 + 2 * dp + (mi >> 1)));
-    mma16816<F16>(ws.acc[2 * dp], pa, b[0], b[1]);
-    mma16816<F16>(ws.acc[2 * dp + 1], pa, b[2], b[3]);
+    mma16816<F16V>(ws.acc[2 * dp], pa, b[0], b[1]);
+    mma16816<F16V>(ws.acc[2 * dp + 1], pa, b[2], b[3]);
   }
 }
 

@@ -305,36 +305,61 @@ static __device__ __forceinline__ void at_zero_tail(unsigned char *unit, int nv,
 
 /* An fp8 unit (16 key rows of the K box and of the V box, SS bytes apart,
  * 128-byte swizzle) into the warp's 16-bit tile (unit_chunk<128,
- * AT_UNIT_BYTES>), with the same
- * conversions as the generic kernel's dequant_fp8: K unscaled (exact), V
- * times its scale (RNE); V rows of keys nv..15 (past pos: the cache there
- * may hold anything) are zeros. The per-slot k scales go behind the tile.
- * Lane l takes chunk l & 15 (K 0-7, V 8-15) of keys 2i + l / 16. */
-template <bool F16, int SS, int MODE>
+ * AT_UNIT_BYTES>). K exact in the mma dtype (its scale multiplies the fp32
+ * score). V: with VF16, exact in f16 and unscaled (a scalar v scale
+ * multiplies the output); otherwise times its per-slot scale, rounded to
+ * the mma dtype (RNE), as the generic kernel's dequant_fp8. V rows of keys
+ * nv..15 (past pos: the cache there may hold anything) are zeros. The
+ * per-slot k scales go behind the tile. Four passes over K, then four over
+ * V (lanes never diverge on the part); a pass: lane l takes chunk l & 7 of
+ * key 4i + l / 8. */
+template <bool F16, int SS, int MODE, bool VF16>
 static __device__ __forceinline__ void at_dequant(const attn_params &p, const unsigned char *unit,
                                                   const float *ksc, const float *vsc,
-                                                  unsigned char *tile, int nv, float vs,
-                                                  int lane) {
+                                                  unsigned char *tile, int nv, int lane) {
   if (p.sc.k_per_slot && lane < 16)
     ((float *)(tile + AT_KSCALE_OFF))[lane] = ksc[lane];
-  const int c = lane & 15, part = c >> 3, cc = c & 7;
+  const int cc = lane & 7;
+#pragma unroll
+  for (int part = 0; part < 2; part++)
 #pragma unroll 4
-  for (int i = 0; i < 8; i++) {
-    const int kr = 2 * i + (lane >> 4);
-    const bool dead = part && kr >= nv;
-    uint4 raw = *(const uint4 *)(unit + part * SS + kr * 128 + ((cc ^ (kr & 7)) << 4));
-    float f = part ? (p.sc.v_per_slot ? vsc[kr] : vs) : 1.0f;
-    if (dead) {
-      raw = make_uint4(0, 0, 0, 0);
-      f = 0.0f;
+    for (int i = 0; i < 4; i++) {
+      const int kr = 4 * i + (lane >> 3);
+      uint4 raw = *(const uint4 *)(unit + part * SS + kr * 128 + ((cc ^ (kr & 7)) << 4));
+      uint32_t o[8];
+      if (part == 0) {
+        fp8_chunk_exact<F16, MODE>(raw, o);
+      } else {
+        if (kr >= nv)
+          raw = make_uint4(0, 0, 0, 0);
+        if (VF16)
+          fp8_chunk_exact<true, MODE>(raw, o);
+        else
+          fp8_chunk_to16<F16>(raw, MODE, kr >= nv ? 0.0f : vsc[kr], o);
+      }
+      const int q = 16 * part + 2 * cc;
+      *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q)) =
+          make_uint4(o[0], o[1], o[2], o[3]);
+      *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q + 1)) =
+          make_uint4(o[4], o[5], o[6], o[7]);
     }
-    uint32_t o[8];
-    fp8_chunk_to16<F16>(raw, MODE, f, o);
-    const int q = 16 * part + 2 * cc;
-    *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q)) = make_uint4(o[0], o[1], o[2], o[3]);
-    *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q + 1)) =
-        make_uint4(o[4], o[5], o[6], o[7]);
-  }
+}
+
+/* One fp8 unit: converted, the slot released, attended. */
+template <bool F16, int SS, int MODE, bool VF16>
+static __device__ __forceinline__ void at_fp8_unit(const attn_params &p, const unsigned char *unit,
+                                                   const float *sc, unsigned char *tile,
+                                                   unsigned long long *empty,
+                                                   const uint32_t (&qa)[8][4], int nv,
+                                                   const float *kscale, float sl2, warp_state &ws,
+                                                   int lane) {
+  at_dequant<F16, SS, MODE, VF16>(p, unit, sc, sc + M3S_BLOCK_SIZE, tile, nv, lane);
+  __syncwarp(); /* the slot is read and the tile written by every lane */
+  if (lane == 0)
+    sm90_bar_arrive(empty);
+  attend_unit<F16, 128, AT_UNIT_BYTES, VF16 || F16>(smem_addr(tile), qa, nv, kscale, sl2, ws,
+                                                    lane);
+  __syncwarp(); /* every lane's ldmatrix of the tile is done */
 }
 
 /* The item's eight warp states, merged in warp order, written out. */
@@ -354,7 +379,8 @@ template <bool F16, int KVM, bool FP8 = KVM != KV_DIRECT>
 static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t items, int warp,
                                   int lane) {
   typedef at_geom<FP8> G;
-  /* scalar fp8 scales: k folds into the score scale, v into the conversion */
+  /* scalar fp8 scales: k folds into the score scale, v multiplies the
+   * output (V is converted unscaled) */
   const float ks = FP8 && p.sc.k && !p.sc.k_per_slot ? p.sc.k[0] : 1.0f;
   const float vs = FP8 && p.sc.v && !p.sc.v_per_slot ? p.sc.v[0] : 1.0f;
   const float sl2 = p.scale_log2 * ks;
@@ -389,12 +415,12 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
         __syncwarp();
       } else if (FP8) {
         const float *sc = s.scales[FP8 ? slot : 0] + 16 * uw;
-        at_dequant<F16, G::box_bytes, KVM>(p, unit, sc, sc + M3S_BLOCK_SIZE, tile, nv, vs, lane);
-        __syncwarp(); /* the slot is read and the tile written by every lane */
-        if (lane == 0)
-          sm90_bar_arrive(&s.empty[slot]);
-        attend_unit<F16, 128, AT_UNIT_BYTES>(smem_addr(tile), qa, nv, kscale, sl2, ws, lane);
-        __syncwarp(); /* every lane's ldmatrix of the tile is done */
+        if (p.sc.v_per_slot)
+          at_fp8_unit<F16, G::box_bytes, KVM, false>(p, unit, sc, tile, &s.empty[slot], qa, nv,
+                                                     kscale, sl2, ws, lane);
+        else
+          at_fp8_unit<F16, G::box_bytes, KVM, true>(p, unit, sc, tile, &s.empty[slot], qa, nv,
+                                                    kscale, sl2, ws, lane);
         continue;
       } else {
         if (nv < 16)
@@ -406,6 +432,13 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
         sm90_bar_arrive(&s.empty[slot]);
     }
 
+    /* a scalar v scale of an fp8 cache, left out of V (at_dequant) */
+    if (FP8 && vs != 1.0f)
+#pragma unroll
+      for (int dt = 0; dt < 16; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          ws.acc[dt][e] *= vs;
     stash_state(ws, s.scratch[warp], s.scratch[warp] + HEADS_PER_CTA * ACC_STRIDE, lane);
     at_consumer_sync();
     at_store(p, s, it);
