@@ -39,10 +39,11 @@
  *    mma fragments, releases the descriptor, then runs attend_unit
  *    (../attention.cuh: S = Q K^T on mma.sync, fp32 online softmax, O += P
  *    V) on its unit (keys 16w..16w+15) of each block in block order: in
- *    place for a 16-bit cache, from a 16-bit copy for fp8 (K exact, V times
- *    its scale: the generic kernel's conversions); keys after pos are
- *    masked and their V rows zeroed first (the cache there may hold
- *    anything). The item's eight warp states merge in fixed order 0..7
+ *    place for a 16-bit cache, from a 16-bit copy for fp8 (K exact in the
+ *    mma dtype; V exact in f16 with P V in f16 and a scalar v scale on the
+ *    output, or, with per-slot v scales, times its scale in the mma dtype);
+ *    keys after pos are masked and their V rows zeroed first (the cache
+ *    there may hold anything). The item's eight warp states merge in fixed order 0..7
  *    through shared memory (two named barriers of the consumers) and are
  *    written: out (q's dtype, RNE) and lse, or the partial of split s for
  *    ../attention.cu's merge kernel. The producer is not held by this: it
