@@ -380,16 +380,16 @@ static void test_dtypes(void) {
     m3s_dtype act, kv;
     int scale;
     const char *name;
-  } c[] = {{M3S_F16, M3S_F16, 0, "qlen4_f16_act_f16_cache"},
-           {M3S_BF16, M3S_F16, 0, "qlen4_bf16_act_f16_cache"},
-           {M3S_F16, M3S_BF16, 0, "qlen4_f16_act_bf16_cache"},
-           {M3S_BF16, M3S_E4M3, 0, "qlen4_e4m3_no_scale"},
-           {M3S_BF16, M3S_E4M3, 1, "qlen4_e4m3_scalar_scales"},
-           {M3S_BF16, M3S_E4M3, 2, "qlen4_e4m3_per_slot_scales"},
-           {M3S_F16, M3S_E4M3, 2, "qlen4_f16_act_e4m3_per_slot_scales"},
-           {M3S_BF16, M3S_E5M2, 1, "qlen4_e5m2_scalar_scales"},
-           {M3S_F16, M3S_E5M2, 2, "qlen4_f16_act_e5m2_per_slot_scales"},
-           {M3S_BF16, M3S_E5M2, 0, "qlen4_e5m2_no_scale"}};
+  } c[] = {{M3S_F16, M3S_F16, 0, "f16_act_f16_cache"},
+           {M3S_BF16, M3S_F16, 0, "bf16_act_f16_cache"},
+           {M3S_F16, M3S_BF16, 0, "f16_act_bf16_cache"},
+           {M3S_BF16, M3S_E4M3, 0, "e4m3_no_scale"},
+           {M3S_BF16, M3S_E4M3, 1, "e4m3_scalar_scales"},
+           {M3S_BF16, M3S_E4M3, 2, "e4m3_per_slot_scales"},
+           {M3S_F16, M3S_E4M3, 2, "f16_act_e4m3_per_slot_scales"},
+           {M3S_BF16, M3S_E5M2, 1, "e5m2_scalar_scales"},
+           {M3S_F16, M3S_E5M2, 2, "f16_act_e5m2_per_slot_scales"},
+           {M3S_BF16, M3S_E5M2, 0, "e5m2_no_scale"}};
   for (int q1 = 0; q1 < 2; q1++)
     for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
       int tp = i % 3 == 2 ? 1 : q1 ? 8 : 2;
@@ -400,8 +400,7 @@ static void test_dtypes(void) {
       s.scale_mode = c[i].scale;
       s.token_major = (int)((i + q1) & 1);
       char name[96];
-      snprintf(name, sizeof name, "%s%s_tp%d", q1 ? "decode_q1_" : "", c[i].name + (q1 ? 6 : 0),
-               tp);
+      snprintf(name, sizeof name, "%s_%s_tp%d", q1 ? "decode_q1" : "qlen4", c[i].name, tp);
       run_case(name, s, NULL);
     }
 }

@@ -94,11 +94,15 @@ static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 static __device__ __forceinline__ float neg_inf(void) { return -INFINITY; }
 
-static __device__ __forceinline__ float2 fp8x2_to_float2(uint16_t x, int mode) {
+/* Two fp8 values (KV_E4M3 or KV_E5M2) -> f16 pair, exact. */
+static __device__ __forceinline__ __half2 fp8x2_to_half2(uint16_t x, int mode) {
   __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)x,
                                              mode == KV_E4M3 ? __NV_E4M3 : __NV_E5M2);
-  __half2 h = *(__half2 *)&r;
-  return __half22float2(h);
+  return *(__half2 *)&r;
+}
+
+static __device__ __forceinline__ float2 fp8x2_to_float2(uint16_t x, int mode) {
+  return __half22float2(fp8x2_to_half2(x, mode));
 }
 
 /* 16 fp8 values (one 16-byte chunk), unscaled -> 16 values of the mma
@@ -111,12 +115,11 @@ static __device__ __forceinline__ void fp8_chunk_exact(uint4 raw, uint32_t (&o)[
   for (int j = 0; j < 4; j++)
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
-      __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[j] >> (16 * hf)),
-                                                 MODE == KV_E4M3 ? __NV_E4M3 : __NV_E5M2);
+      const __half2 h = fp8x2_to_half2((uint16_t)(w[j] >> (16 * hf)), MODE);
       if (F16) {
-        o[2 * j + hf] = (uint32_t)r.x | ((uint32_t)r.y << 16);
+        o[2 * j + hf] = *(const uint32_t *)&h;
       } else {
-        float2 f = __half22float2(*(__half2 *)&r);
+        const float2 f = __half22float2(h);
         o[2 * j + hf] = pack2<false>(f.x, f.y);
       }
     }

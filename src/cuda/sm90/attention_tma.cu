@@ -43,11 +43,11 @@
  *    mma dtype; V exact in f16 with P V in f16 and a scalar v scale on the
  *    output, or, with per-slot v scales, times its scale in the mma dtype);
  *    keys after pos are masked and their V rows zeroed first (the cache
- *    there may hold anything). The item's eight warp states merge in fixed order 0..7
- *    through shared memory (two named barriers of the consumers) and are
- *    written: out (q's dtype, RNE) and lse, or the partial of split s for
- *    ../attention.cu's merge kernel. The producer is not held by this: it
- *    fills the next slots meanwhile.
+ *    there may hold anything). The item's eight warp states merge in fixed
+ *    order 0..7 through shared memory (two named barriers of the consumers)
+ *    and are written: out (q's dtype, RNE) and lse, or the partial of split
+ *    s for ../attention.cu's merge kernel. The producer is not held by
+ *    this: it fills the next slots meanwhile.
  *  Warp w always handles keys 16w..16w+15 of each block and the merge order
  *  is fixed, so an item's result does not depend on which CTA ran it; the
  *  choice of this kernel follows max_q_len, a host bound, so under
@@ -65,12 +65,13 @@
  * tensors' pointers and strides (kernel parameters).
  *
  * Registers: 155 (16-bit), 166-168 (fp8), no spills (ptxas, sm_90a).
- * Measured, with a slot per (warp, unit of 16 keys), (H200, m3s-bench,
- * docs/perf-notes.md "Decode attention: a persistent TMA kernel"): 128
- * requests x 32K TP1 142.7 us against the generic kernel's 152-163 in the
- * same runs (~89% of the copy ceiling; peer: 0.153 ms against vLLM's
- * 0.147); equal at 1 and 32 requests; slower where rows share blocks
- * (q_len 4, prefill), hence the dispatch rule. */
+ * Measured (H200, m3s-bench, docs/perf-notes.md "Decode attention: a
+ * persistent TMA kernel" and "fp8 caches on the TMA kernel"): 128 requests
+ * x 32K TP1 138.2 us bf16 (generic kernel 155.2 in the same run; 87% of the
+ * random page-read ceiling) and 119.8 us e4m3 (generic 147.1); peer at
+ * 7c155e4: attn 0.149 ms bf16 and 0.125 ms e4m3 against vLLM's 0.147 and
+ * 0.188. Equal to the generic kernel at 1 and 32 bf16 requests; slower
+ * where rows share blocks (q_len 4, prefill), hence the dispatch rule. */
 #include "../attention.cuh"
 #include "attention_tma.h"
 #include "tma.cuh"
@@ -533,8 +534,9 @@ static int at_maps(const m3s_context *ctx, const m3s_tensor *q, const m3s_tensor
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/* A per-slot scale tensor [Hkv][P * 128] the producer can bulk-copy 16 slots
- * of: contiguous slots, 16-byte aligned base and head stride. */
+/* A per-slot scale tensor [Hkv][P * 128] the producer can bulk-copy a
+ * block's 128 slots of: contiguous slots, 16-byte aligned base and head
+ * stride. */
 static int at_scale_ok(const float *base, int per_slot, int64_t s0, int64_t s1) {
   return !base || !per_slot || (aligned16(base) && s1 == 1 && s0 % 4 == 0);
 }
