@@ -405,6 +405,47 @@ static void test_dtypes(void) {
     }
 }
 
+/* q rows the TMA kernel's f16 S = Q K^T must not take for bf16 q on an fp8
+ * cache (they do not convert to f16 exactly), beside rows that take it:
+ * rows 4i + 1 times 2^-20 (bits below f16's subnormals), rows 4i + 2 with
+ * dim 0 of every head at +-2^17 (beyond f16's range; a dominant logit). */
+static void q_beyond_f16(fixture *f) {
+  const int64_t hq = f->cfg.num_q_heads;
+  for (int t = 0; t < f->T; t++)
+    for (int64_t h = 0; h < hq; h++)
+      for (int d = 0; d < 128; d++) {
+        const int64_t off = ((int64_t)t * hq + h) * 128 + d;
+        const double v = load_elem(f->q_mem, f->sp.act_dtype, off);
+        if (t % 4 == 1)
+          store_elem(f->q_mem, f->sp.act_dtype, off, (float)ldexp(v, -20));
+        else if (t % 4 == 2 && d == 0)
+          store_elem(f->q_mem, f->sp.act_dtype, off, h & 1 ? -131072.0f : 131072.0f);
+      }
+}
+
+/* One-row decode, bf16 q, fp8 caches without per-slot v scales (the TMA
+ * kernel's f16 S form where q allows it): rows on both forms in a batch. */
+static void test_q_beyond_f16(void) {
+  static const int32_t ql[] = {1, 1, 1, 1, 1, 1, 1, 1};
+  static const int32_t sl[] = {2051, 3000, 130, 2600, 4, 1700, 129, 2300};
+  struct {
+    m3s_dtype kv;
+    int scale, tp;
+    const char *name;
+  } c[] = {{M3S_E4M3, 1, 1, "decode_q1_fp8_q_beyond_f16_e4m3_scalar_tp1"},
+           {M3S_E4M3, 0, 8, "decode_q1_fp8_q_beyond_f16_e4m3_no_scale_tp8"},
+           {M3S_E5M2, 1, 2, "decode_q1_fp8_q_beyond_f16_e5m2_scalar_tp2"}};
+  case_mods m = {q_beyond_f16, NULL, 0, 0};
+  for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+    fx_spec s = spec_of(m3s_config_minimax_m3(c[i].tp), 8, ql, sl);
+    s.uniform = 1;
+    s.kv_dtype = c[i].kv;
+    s.scale_mode = c[i].scale;
+    s.token_major = (int)(i & 1);
+    run_case(c[i].name, s, &m);
+  }
+}
+
 static void test_spec_decode_and_ragged(void) {
   static const int32_t ql[] = {4, 4, 4, 4, 4};
   static const int32_t sl[] = {3000, 4, 0, 700, 129};
@@ -614,6 +655,7 @@ int main(void) {
   double t0 = gpu_now_ms();
   test_tp_decode();
   test_dtypes();
+  test_q_beyond_f16();
   test_spec_decode_and_ragged();
   test_group_and_k();
   test_topk_forms();

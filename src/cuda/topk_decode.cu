@@ -463,18 +463,32 @@ static __global__ void __launch_bounds__(DEC_THREADS, dec_min_ctas<E4, NP>())
  * (4 s + c) ^ 4 (n & 1) (the two keys of an 8-lane phase use opposite halves
  * of the 128-byte bank line), e4m3 8-byte unit 4 s + c at (4 s + c) ^
  * 4 (n & 3) (the four keys of a 16-lane phase use four 32-byte quarters). */
+#ifndef TCD_STEP_E4
+#define TCD_STEP_E4 2 /* e4m3 blocks per step */
+#endif
+#ifndef TCD_STEP_BF16
+#define TCD_STEP_BF16 1
+#endif
 template <bool E4> struct tcd_fmt {
   static constexpr int key_bytes = E4 ? 128 : 256;
-  static constexpr int stage = M3S_BLOCK_SIZE * key_bytes;
+  static constexpr int page = M3S_BLOCK_SIZE * key_bytes;
   static constexpr int row_pieces = key_bytes / 16;
   static constexpr int pieces = M3S_BLOCK_SIZE * row_pieces / DEC_THREADS; /* per thread */
-  /* ring depth: 96 KB of pages per CTA either way (two CTAs per SM), so an
-   * e4m3 CTA keeps as many bytes in flight as a bf16 one */
-  static constexpr int stages = E4 ? 6 : 3;
+  /* A step is nb consecutive blocks of one item, scored between one pair of
+   * CTA barriers: the per-step cost (barriers, reductions, the exposed
+   * latency of 16 warps per SM) is what bound the kernel, not the bytes
+   * (e4m3 took the bf16 time for half the bytes with one block per step). */
+  static constexpr int nb = E4 ? TCD_STEP_E4 : TCD_STEP_BF16;
+  static constexpr int stage = nb * page;
+  /* ring depth: 96 KB of pages per CTA (two CTAs per SM), at least two
+   * steps */
+  static constexpr int stages = 96 * 1024 / stage > 2 ? 96 * 1024 / stage : 2;
 };
-#define TCD_MAX_STAGES 6 /* the deepest tcd_fmt ring */
-static_assert(tcd_fmt<true>::stages <= TCD_MAX_STAGES && tcd_fmt<false>::stages <= TCD_MAX_STAGES,
-              "tcd_small.page holds one entry per ring slot");
+#define TCD_MAX_SLOTS 8 /* ring slots x blocks per step, largest tcd_fmt */
+static_assert(tcd_fmt<true>::stages * tcd_fmt<true>::nb <= TCD_MAX_SLOTS &&
+                  tcd_fmt<false>::stages * tcd_fmt<false>::nb <= TCD_MAX_SLOTS &&
+                  tcd_fmt<true>::nb <= 4 && tcd_fmt<false>::nb <= 4,
+              "tcd_small holds one page entry per ring block and reductions of 4 blocks");
 
 template <bool E4> static constexpr size_t tcd_smem_bytes() {
   return (size_t)tcd_fmt<E4>::stages * tcd_fmt<E4>::stage;
@@ -499,12 +513,12 @@ typedef struct {
 } tcd_params;
 
 typedef struct {
-  float red[DEC_WARPS][16]; /* per-warp block maxima S~ of each pair */
-  float wnk[DEC_WARPS];     /* per-warp largest key norm (upper bound) */
-  float qn[16];             /* query norms of the request's pairs (upper bounds) */
+  float red[4][DEC_WARPS][16]; /* per step block, per warp: block maxima S~ of each pair */
+  float wnk[4][DEC_WARPS];     /* per step block, per warp: largest key norm (upper bound) */
+  float qn[16];                /* query norms of the request's pairs (upper bounds) */
   int64_t pos[DEC_MAX_QLEN];
   int64_t nb[DEC_MAX_QLEN];
-  int page[TCD_MAX_STAGES];
+  int page[TCD_MAX_SLOTS]; /* per ring block: 0 loaded, -1 page id out of range */
 } tcd_small;
 
 /* e4m3: also each pair's 2^-s, which undoes the scaling of its fp16 query
@@ -515,25 +529,47 @@ struct tcd_small_e4 : tcd_small {
 template <bool E4>
 using tcd_small_of = typename std::conditional<E4, tcd_small_e4, tcd_small>::type;
 
+/* Every thread: its pieces of the step's pages (blocks c.blk .. + nb - 1 of
+ * the item, those before c.end) into ring slot `stage`, one commit group. */
 template <bool E4>
-static __device__ void tcd_issue_page(const tcd_params &p, const dec_cursor &c,
+static __device__ void tcd_issue_step(const tcd_params &p, const dec_cursor &c,
                                       unsigned char *stage, int *page_slot) {
   typedef tcd_fmt<E4> F;
   if (c.item < p.items) {
-    int64_t page = m3s_page(p.b.ibt, p.b.ibt_s0, p.b.ibt_s1, p.b.ibt_cols, c.r, c.blk, p.num_pages);
-    if (threadIdx.x == 0)
-      *page_slot = page >= 0 ? 0 : -1;
-    if (page >= 0) {
-      const unsigned char *src = p.ic + page * (int64_t)F::stage;
 #pragma unroll
-      for (int m = 0; m < F::pieces; m++) {
-        int piece = threadIdx.x + m * DEC_THREADS;
-        int n = piece / F::row_pieces, col = piece % F::row_pieces;
-        cp_async16(stage + tcd_piece_off<E4>(n, col), src + (int64_t)piece * 16);
+    for (int j = 0; j < F::nb; j++) {
+      const int64_t blk = c.blk + j;
+      const int64_t page =
+          blk < c.end ? m3s_page(p.b.ibt, p.b.ibt_s0, p.b.ibt_s1, p.b.ibt_cols, c.r, blk,
+                                 p.num_pages)
+                      : -1;
+      if (threadIdx.x == 0)
+        page_slot[j] = page >= 0 ? 0 : -1;
+      if (page >= 0) {
+        const unsigned char *src = p.ic + page * (int64_t)F::page;
+#pragma unroll
+        for (int m = 0; m < F::pieces; m++) {
+          int piece = threadIdx.x + m * DEC_THREADS;
+          int n = piece / F::row_pieces, col = piece % F::row_pieces;
+          cp_async16(stage + j * F::page + tcd_piece_off<E4>(n, col), src + (int64_t)piece * 16);
+        }
       }
     }
   }
   cp_async_commit();
+}
+
+/* c advanced by n blocks: within its item, or to the CTA's next item with
+ * blocks. */
+template <class P>
+static __device__ __forceinline__ void cursor_advance(const P &p, dec_cursor &c, int n) {
+  if (c.item >= p.items)
+    return;
+  c.blk += n;
+  if (c.blk < c.end)
+    return;
+  c.item += gridDim.x;
+  cursor_seek(p, c);
 }
 
 /* Row i of the warp's A operand (pair i of request r, zero when i >= pairs):
@@ -561,7 +597,7 @@ static __device__ __forceinline__ void tcd_query_row(const tcd_params &p, int r,
 /* e4m3 cache: fp16 operands. Every e4m3 code is exactly an fp16 value, so a
  * key pair widens with one cvt.rn.f16x2.e4m3x2 and the mma runs on fp16; the
  * bf16 query is scaled by 2^s into fp16's range (tcd_stage_request) and S~, E
- * scaled back (tcd_score_block). Why this is exact up to E: file-top comment. */
+ * scaled back (tcd_write_step). Why this is exact up to E: file-top comment. */
 
 /* Four e4m3 codes (low byte first) as two words of two fp16 each, exactly
  * (NaN stays NaN). sm_89+: one cvt.rn.f16x2.e4m3x2 per pair, the high pair
@@ -746,13 +782,14 @@ static __device__ __forceinline__ void tcd_key_words(const unsigned char *page, 
   }
 }
 
-/* Every thread: (S~, E) of block c.blk (keys in ring slot `page`) for each
- * pair of request c.r that needs it. Warp w takes keys 16 w .. 16 w + 15 as
- * two n8 tiles; rows are the pairs (padded to 16). */
+/* Every warp: its partial (S~ maxima, key norm) of block blk (keys in
+ * `page`) into s.red[b][warp], s.wnk[b][warp]. Warp w takes keys 16 w ..
+ * 16 w + 15 as two n8 tiles; rows are the pairs (padded to 16). A page that
+ * was not loaded gives garbage here, which tcd_write_step ignores. */
 template <bool E4, class S>
-static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
-                                       const unsigned char *page, const uint32_t (&af)[8][4],
-                                       S &s) {
+static __device__ __forceinline__ void tcd_block_partial(const tcd_params &p, int64_t blk, int b,
+                                                         const unsigned char *page,
+                                                         const uint32_t (&af)[8][4], S &s) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, cq = lane & 3;
   /* Scores: the two n8 tiles interleaved (two independent mma chains).
    * Key norms on the tensor cores too: with the warp's 16 keys as the A
@@ -807,7 +844,7 @@ static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
   /* causal mask and row max over the visible keys; NaN dots are ignored
    * (their key norm is NaN, so E is infinite) */
   const int rlo = g, rhi = g + 8;
-  const int64_t base = c.blk * M3S_BLOCK_SIZE + 16 * warp + 2 * cq;
+  const int64_t base = blk * M3S_BLOCK_SIZE + 16 * warp + 2 * cq;
   const int64_t plo = rlo < p.pairs ? s.pos[rlo / p.hkv] : -1;
   const int64_t phi = rhi < p.pairs ? s.pos[rhi / p.hkv] : -1;
   float mlo = -INFINITY, mhi = -INFINITY;
@@ -827,34 +864,47 @@ static __device__ void tcd_score_block(const tcd_params &p, const dec_cursor &c,
     mhi = fmaxf(mhi, __shfl_xor_sync(FULL_MASK, mhi, o));
   }
   if (cq == 0) {
-    s.red[warp][rlo] = mlo;
-    s.red[warp][rhi] = mhi;
+    s.red[b][warp][rlo] = mlo;
+    s.red[b][warp][rhi] = mhi;
   }
   if (lane == 0)
-    s.wnk[warp] = nk;
-  __syncthreads();
-  if (tid < p.pairs && pair_needs(p, s, tid, c.blk)) {
-    float m = s.red[0][tid], k = s.wnk[0];
-#pragma unroll
-    for (int w = 1; w < DEC_WARPS; w++) {
-      m = fmaxf(m, s.red[w][tid]);
-      k = fmaxf(k, s.wnk[w]);
-    }
-    float e;
-    if constexpr (E4) { /* back to unscaled units; S~ exact unless subnormal (then within 2^-150) */
-      m = __fmul_rn(m, s.qs[tid]);
-      e = tcd_bound_e4(s.qn[tid], k, s.qs[tid]);
-    } else {
-      e = tc_bound(s.qn[tid], k);
-    }
-    p.ws[((int64_t)c.r * p.pairs + tid) * p.max_nb + c.blk] = make_float2(m, e);
-  }
+    s.wnk[b][warp] = nk;
 }
 
-/* Persistent streaming kernel of the certified path: the items, ring and
- * cursor of decode_score_kernel, tensor-core scores instead of the reference
- * dots. At most 16 pairs per request (one m16 tile). Ring depth per format
- * (tcd_fmt::stages). */
+/* After a CTA barrier: thread b * pairs + i writes (S~, E) of the step's
+ * block b for pair i of request c.r, if the block is the item's and the pair
+ * needs it; a page id out of range gives (NaN, inf), as the prefill kernel. */
+template <bool E4, class S>
+static __device__ __forceinline__ void tcd_write_step(const tcd_params &p, const dec_cursor &c,
+                                                      const int *page_ok, const S &s) {
+  const int tid = threadIdx.x;
+  if (tid >= tcd_fmt<E4>::nb * p.pairs)
+    return;
+  const int b = tid / p.pairs, i = tid - b * p.pairs;
+  const int64_t blk = c.blk + b;
+  if (blk >= c.end || !pair_needs(p, s, i, blk))
+    return;
+  float2 out = make_float2(NAN, INFINITY);
+  if (page_ok[b] >= 0) {
+    float m = s.red[b][0][i], k = s.wnk[b][0];
+#pragma unroll
+    for (int w = 1; w < DEC_WARPS; w++) {
+      m = fmaxf(m, s.red[b][w][i]);
+      k = fmaxf(k, s.wnk[b][w]);
+    }
+    if constexpr (E4) { /* back to unscaled units; S~ exact unless subnormal (then within 2^-150) */
+      out = make_float2(__fmul_rn(m, s.qs[i]), tcd_bound_e4(s.qn[i], k, s.qs[i]));
+    } else {
+      out = make_float2(m, tc_bound(s.qn[i], k));
+    }
+  }
+  p.ws[((int64_t)c.r * p.pairs + i) * p.max_nb + blk] = out;
+}
+
+/* Persistent streaming kernel of the certified path: the items and cursor of
+ * decode_score_kernel, tensor-core scores instead of the reference dots,
+ * steps of tcd_fmt::nb blocks through a ring of tcd_fmt::stages steps. At
+ * most 16 pairs per request (one m16 tile). */
 template <bool E4>
 static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_params p) {
   typedef tcd_fmt<E4> F;
@@ -866,30 +916,29 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
   cs = pf;
 #pragma unroll 1
   for (int st = 0; st < F::stages - 1; st++) {
-    tcd_issue_page<E4>(p, pf, tsm + st * F::stage, &s.page[st]);
-    cursor_next(p, pf);
+    tcd_issue_step<E4>(p, pf, tsm + st * F::stage, &s.page[st * F::nb]);
+    cursor_advance(p, pf, F::nb);
   }
   uint32_t af[8][4];
   int staged = -1, stage = 0;
   while (cs.item < p.items) {
     int ahead = (stage + F::stages - 1) % F::stages;
-    tcd_issue_page<E4>(p, pf, tsm + ahead * F::stage, &s.page[ahead]);
-    cursor_next(p, pf);
+    tcd_issue_step<E4>(p, pf, tsm + ahead * F::stage, &s.page[ahead * F::nb]);
+    cursor_advance(p, pf, F::nb);
     if (cs.r != staged) {
       tcd_stage_request<E4>(p, cs.r, s, af);
       staged = cs.r;
     }
     cp_async_wait<F::stages - 1>();
     __syncthreads();
-    if (s.page[stage] >= 0) {
-      tcd_score_block<E4>(p, cs, tsm + stage * F::stage, af, s);
-    } else if (threadIdx.x < p.pairs && pair_needs(p, s, threadIdx.x, cs.blk)) {
-      /* page id out of range: (NaN, inf), as the prefill kernel */
-      p.ws[((int64_t)cs.r * p.pairs + threadIdx.x) * p.max_nb + cs.blk] =
-          make_float2(NAN, INFINITY);
-    }
+#pragma unroll
+    for (int b = 0; b < F::nb; b++)
+      tcd_block_partial<E4>(p, cs.blk + b, b, tsm + stage * F::stage + b * F::page, af, s);
+    __syncthreads(); /* partials complete; the slot is free for the next issue */
+    tcd_write_step<E4>(p, cs, &s.page[stage * F::nb], s);
+    /* s.page, s.red and the request's s.pos / s.qn / s.qs are rewritten next */
     __syncthreads();
-    cursor_next(p, cs);
+    cursor_advance(p, cs, F::nb);
     stage = (stage + 1) % F::stages;
   }
   cp_async_wait<0>();
@@ -968,17 +1017,18 @@ extern "C" cudaError_t m3s_cuda_topk_decode_prepare(void) {
   return cudaSuccess;
 }
 
-/* Blocks per item U and the grid: minimise rounds x (U + 1) (each item also
- * stages its request's queries, about one block of work), rounds = items per
- * CTA of a grid of min(items, slots), over U = 1, 2, 4, ..., DEC_MAX_SPLIT;
- * equal costs take the larger U (fewer items). All from host bounds. */
-static void plan_split(int64_t reqs, int64_t cand, int64_t slots, int64_t *split, int64_t *items,
-                       int64_t *grid) {
+/* Blocks per item U and the grid: minimise rounds x (steps + 1) (steps:
+ * ceil(U / step), step the kernel's blocks per step; each item also stages
+ * its request's queries, about one step of work), rounds = items per CTA of
+ * a grid of min(items, slots), over U = 1, 2, 4, ..., DEC_MAX_SPLIT; equal
+ * costs take the larger U (fewer items). All from host bounds. */
+static void plan_split(int64_t reqs, int64_t cand, int64_t slots, int64_t step, int64_t *split,
+                       int64_t *items, int64_t *grid) {
   int64_t best = INT64_MAX;
   for (int64_t u = 1; u <= DEC_MAX_SPLIT; u *= 2) {
     int64_t n = reqs * ((cand + u - 1) / u);
     int64_t g = n < slots ? n : slots;
-    int64_t cost = (n + g - 1) / g * (u + 1);
+    int64_t cost = (n + g - 1) / g * ((u + step - 1) / step + 1);
     if (cost <= best) {
       best = cost;
       *split = u;
@@ -1038,7 +1088,7 @@ m3s_status m3s_cuda_topk_decode_scores(m3s_context *ctx, const m3s_layer_config 
   p.short_q = iq->dtype == M3S_BF16 || iq->dtype == M3S_F16;
   int64_t grid = 1;
   plan_split(batch->num_reqs, max_nb - cfg->init_blocks, (int64_t)per_sm * m3s_cuda_num_sms(ctx),
-             &p.split, &p.items, &grid);
+             1, &p.split, &p.items, &grid);
   kern<<<m3s_grid_cap(grid, INT32_MAX), DEC_THREADS, smem, stream>>>(p);
   m3s_status st = m3s_cuda_check_launch(fn, "decode_score_kernel");
   if (st == M3S_OK)
@@ -1094,7 +1144,7 @@ extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s
   p.local = cfg->local_blocks;
   int64_t grid = 1;
   plan_split(batch->num_reqs, max_nb - cfg->init_blocks, (int64_t)per_sm * m3s_cuda_num_sms(ctx),
-             &p.split, &p.items, &grid);
+             e4 ? tcd_fmt<true>::nb : tcd_fmt<false>::nb, &p.split, &p.items, &grid);
   kern<<<m3s_grid_cap(grid, INT32_MAX), DEC_THREADS, smem, stream>>>(p);
   return m3s_cuda_check_launch(fn, "decode_tc_kernel");
 }

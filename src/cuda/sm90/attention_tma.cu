@@ -41,7 +41,9 @@
  *    V) on its unit (keys 16w..16w+15) of each block in block order: in
  *    place for a 16-bit cache, from a 16-bit copy for fp8 (K exact in the
  *    mma dtype; V exact in f16 with P V in f16 and a scalar v scale on the
- *    output, or, with per-slot v scales, times its scale in the mma dtype);
+ *    output, or, with per-slot v scales, times its scale in the mma dtype;
+ *    with bf16 q and f16 V, S = Q K^T runs in f16 and K is converted to f16
+ *    for every item whose Q tile is exactly f16, at_q_to_f16);
  *    keys after pos are masked and their V rows zeroed first (the cache
  *    there may hold anything). The item's eight warp states merge in fixed
  *    order 0..7 through shared memory (two named barriers of the consumers)
@@ -364,6 +366,36 @@ static __device__ __forceinline__ void at_fp8_unit(const attn_params &p, const u
   __syncwarp(); /* every lane's ldmatrix of the tile is done */
 }
 
+/* bf16 Q fragments to f16 when every value of the warp's copy of the item's
+ * Q tile converts exactly (and then every warp's does: they hold the same
+ * tile); returns whether it did. S = Q K^T of an fp8 cache then runs in f16,
+ * where K needs one unpack per pair instead of four instructions through
+ * fp32; the products are the same numbers (exact in fp32 in both forms).
+ * The choice depends only on the item's values, so it is the same wherever
+ * the item runs. */
+static __device__ __forceinline__ bool at_q_to_f16(uint32_t (&qa)[8][4]) {
+  uint32_t qh[8][4];
+  bool exact = true;
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const float2 f = __bfloat1622float2(*(const __nv_bfloat162 *)&qa[ks][r]);
+      const __half2 h = __float22half2_rn(f);
+      const float2 b = __half22float2(h);
+      exact &= b.x == f.x && b.y == f.y; /* NaN: not exact */
+      qh[ks][r] = *(const uint32_t *)&h;
+    }
+  if (!__all_sync(0xffffffffu, exact))
+    return false;
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++)
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+      qa[ks][r] = qh[ks][r];
+  return true;
+}
+
 /* The item's eight warp states, merged in warp order, written out. */
 template <class S>
 static __device__ void at_store(const attn_params &p, const S &s, const at_item &it) {
@@ -397,8 +429,14 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
     sm90_bar_wait(&s.dfull[d], (k / AT_DESC) & 1);
     const at_item it = s.item[d];
     uint32_t qa[8][4];
-    if (it.n > 0)
+    /* S in f16 for an fp8 cache whose V is f16 (no per-slot v scales): q
+     * already f16, or bf16 values that all are f16s */
+    bool qk16 = F16;
+    if (it.n > 0) {
       at_load_q(qa, s.qtile[d], lane);
+      if (!F16 && FP8 && !p.sc.v_per_slot)
+        qk16 = at_q_to_f16(qa);
+    }
     __syncwarp();
     if (lane == 0)
       sm90_bar_arrive(&s.dempty[d]);
@@ -420,9 +458,12 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
         if (p.sc.v_per_slot)
           at_fp8_unit<F16, G::box_bytes, KVM, false>(p, unit, sc, tile, &s.empty[slot], qa, nv,
                                                      kscale, sl2, ws, lane);
+        else if (qk16)
+          at_fp8_unit<true, G::box_bytes, KVM, true>(p, unit, sc, tile, &s.empty[slot], qa, nv,
+                                                     kscale, sl2, ws, lane);
         else
-          at_fp8_unit<F16, G::box_bytes, KVM, true>(p, unit, sc, tile, &s.empty[slot], qa, nv,
-                                                    kscale, sl2, ws, lane);
+          at_fp8_unit<false, G::box_bytes, KVM, true>(p, unit, sc, tile, &s.empty[slot], qa, nv,
+                                                      kscale, sl2, ws, lane);
         continue;
       } else {
         if (nv < 16)
