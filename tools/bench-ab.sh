@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# A/B timing of two builds of the library with one benchmark binary: runs
-# m3s-bench ROUNDS times with the old library and the new one alternately
-# (order old-new, new-old, old-new, ... so drift favours neither side), then
-# prints per case each side's medians and new/old of the best of each. Use it
-# to record a change's gain in docs/perf-notes.md.
-# Usage: OLD_LIB=dir-with-old-libm3sparse.so.0 [NEW_LIB=build] [BENCH=build/bench/m3s-bench]
+# A/B timing of two builds: runs each build's own m3s-bench ROUNDS times,
+# alternately (order old-new, new-old, old-new, ... so drift favours neither
+# side), then prints per case each side's medians and new/old of the best of
+# each. Use it to record a change's gain in docs/perf-notes.md.
+# m3s-bench links the library statically (m3sparse_internal, for its test
+# hooks), so the two sides must be two benchmark binaries: swapping
+# libm3sparse.so under one binary (LD_LIBRARY_PATH) would time one build twice.
+# Usage: OLD_BENCH=old-build/bench/m3s-bench [NEW_BENCH=build/bench/m3s-bench]
 #        [ROUNDS=2] [OUT=dir] tools/bench-ab.sh BENCH-ARGS...
-# Example: OLD_LIB=oldlib tools/bench-ab.sh --ops topk --tp 1,8 --bs 1,32,128 --ctx 32K,128K
+# Example (old = the commit before, built beside the new tree):
+#   git worktree add /tmp/old HEAD~1 && cmake -S /tmp/old -B /tmp/old/build -DM3S_CUDA=ON &&
+#   cmake --build /tmp/old/build -j --target m3s-bench &&
+#   OLD_BENCH=/tmp/old/build/bench/m3s-bench tools/bench-ab.sh --ops topk --tp 1,8 --ctx 32K,128K
 set -euo pipefail
-: "${OLD_LIB:?OLD_LIB must name a directory holding the old libm3sparse.so.0}"
-NEW_LIB=${NEW_LIB:-build}
-BENCH=${BENCH:-build/bench/m3s-bench}
+: "${OLD_BENCH:?OLD_BENCH must name the m3s-bench of the old build}"
+NEW_BENCH=${NEW_BENCH:-build/bench/m3s-bench}
 ROUNDS=${ROUNDS:-2}
 OUT=${OUT:-ab-out}
-for lib in "$OLD_LIB" "$NEW_LIB"; do
-  # a missing library would silently load the bench's own (RUNPATH) instead
-  [ -e "$lib/libm3sparse.so.0" ] || { echo "bench-ab: no $lib/libm3sparse.so.0"; exit 1; }
+for b in "$OLD_BENCH" "$NEW_BENCH"; do
+  [ -x "$b" ] || { echo "bench-ab: no executable $b"; exit 1; }
 done
+if cmp -s "$OLD_BENCH" "$NEW_BENCH"; then
+  echo "bench-ab: $OLD_BENCH and $NEW_BENCH are the same binary"
+  exit 1
+fi
 mkdir -p "$OUT"
 run_side() { # old|new round BENCH-ARGS...
-  local side=$1 round=$2 lib=$OLD_LIB log="$OUT/bench_$1_$2.log"
+  local side=$1 round=$2 bench=$OLD_BENCH log="$OUT/bench_$1_$2.log"
   shift 2
-  [ "$side" = new ] && lib=$NEW_LIB
-  if ! LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$BENCH" "$@" >"$log" 2>&1; then
+  [ "$side" = new ] && bench=$NEW_BENCH
+  if ! "$bench" "$@" >"$log" 2>&1; then
     tail -20 "$log"
     echo "bench-ab: the $side run of round $round failed (log: $log)"
     exit 1
