@@ -512,22 +512,32 @@ typedef struct {
   int qlen, hkv, pairs, topk, init, local;
 } tcd_params;
 
+/* The staged request: its tokens' positions and blocks, its pairs' query
+ * norms (upper bounds) */
 typedef struct {
-  float red[4][DEC_WARPS][16]; /* per step block, per warp: block maxima S~ of each pair */
-  float wnk[4][DEC_WARPS];     /* per step block, per warp: largest key norm (upper bound) */
-  float qn[16];                /* query norms of the request's pairs (upper bounds) */
+  float qn[16];
   int64_t pos[DEC_MAX_QLEN];
-  int64_t nb[DEC_MAX_QLEN];
-  int page[TCD_MAX_SLOTS]; /* per ring block: 0 loaded, -1 page id out of range */
-} tcd_small;
+  int64_t nb[DEC_MAX_QLEN]; /* 0 when the token scores nothing */
+} tcd_req;
 
-/* e4m3: also each pair's 2^-s, which undoes the scaling of its fp16 query
- * (a separate type, so the bf16 kernel's shared layout stays as it was) */
-struct tcd_small_e4 : tcd_small {
+/* e4m3: also each pair's 2^-s, which undoes the scaling of its fp16 query */
+struct tcd_req_e4 : tcd_req {
   float qs[16];
 };
-template <bool E4>
-using tcd_small_of = typename std::conditional<E4, tcd_small_e4, tcd_small>::type;
+template <bool E4> using tcd_req_of = typename std::conditional<E4, tcd_req_e4, tcd_req>::type;
+
+/* Two CTA barriers per step: (1) the step's pages and the staged request are
+ * visible, (2) the warps' partials are complete and the ring slot is free.
+ * The few threads that write the step's results after (2) race with nothing
+ * the other warps do before the next (1): the request is double-buffered (a
+ * new one is staged into the other buffer), each writer read its page flag
+ * before (2), and red / wnk are rewritten only after the next (1). */
+template <bool E4> struct tcd_small {
+  float red[4][DEC_WARPS][16]; /* per step block, per warp: block maxima S~ of each pair */
+  float wnk[4][DEC_WARPS];     /* per step block, per warp: largest key norm (upper bound) */
+  tcd_req_of<E4> req[2];
+  int page[TCD_MAX_SLOTS]; /* per ring block: 0 loaded, -1 page id out of range */
+};
 
 /* Every thread: its pieces of the step's pages (blocks c.blk .. + nb - 1 of
  * the item, those before c.end) into ring slot `stage`, one commit group. */
@@ -786,10 +796,11 @@ static __device__ __forceinline__ void tcd_key_words(const unsigned char *page, 
  * `page`) into s.red[b][warp], s.wnk[b][warp]. Warp w takes keys 16 w ..
  * 16 w + 15 as two n8 tiles; rows are the pairs (padded to 16). A page that
  * was not loaded gives garbage here, which tcd_write_step ignores. */
-template <bool E4, class S>
+template <bool E4, class S, class R>
 static __device__ __forceinline__ void tcd_block_partial(const tcd_params &p, int64_t blk, int b,
                                                          const unsigned char *page,
-                                                         const uint32_t (&af)[8][4], S &s) {
+                                                         const uint32_t (&af)[8][4], const R &rq,
+                                                         S &s) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, cq = lane & 3;
   /* Scores: the two n8 tiles interleaved (two independent mma chains).
    * Key norms on the tensor cores too: with the warp's 16 keys as the A
@@ -845,8 +856,8 @@ static __device__ __forceinline__ void tcd_block_partial(const tcd_params &p, in
    * (their key norm is NaN, so E is infinite) */
   const int rlo = g, rhi = g + 8;
   const int64_t base = blk * M3S_BLOCK_SIZE + 16 * warp + 2 * cq;
-  const int64_t plo = rlo < p.pairs ? s.pos[rlo / p.hkv] : -1;
-  const int64_t phi = rhi < p.pairs ? s.pos[rhi / p.hkv] : -1;
+  const int64_t plo = rlo < p.pairs ? rq.pos[rlo / p.hkv] : -1;
+  const int64_t phi = rhi < p.pairs ? rq.pos[rhi / p.hkv] : -1;
   float mlo = -INFINITY, mhi = -INFINITY;
 #pragma unroll
   for (int j = 0; j < 2; j++)
@@ -871,21 +882,23 @@ static __device__ __forceinline__ void tcd_block_partial(const tcd_params &p, in
     s.wnk[b][warp] = nk;
 }
 
-/* After a CTA barrier: thread b * pairs + i writes (S~, E) of the step's
- * block b for pair i of request c.r, if the block is the item's and the pair
- * needs it; a page id out of range gives (NaN, inf), as the prefill kernel. */
-template <bool E4, class S>
+/* After the partials' barrier: thread b * pairs + i writes (S~, E) of the
+ * step's block b for pair i of request c.r (rq), if the block is the item's
+ * and the pair needs it; page_ok < 0 (the block's page id out of range, read
+ * by the thread before the barrier) gives (NaN, inf), as the prefill
+ * kernel. */
+template <bool E4, class S, class R>
 static __device__ __forceinline__ void tcd_write_step(const tcd_params &p, const dec_cursor &c,
-                                                      const int *page_ok, const S &s) {
+                                                      int page_ok, const R &rq, const S &s) {
   const int tid = threadIdx.x;
   if (tid >= tcd_fmt<E4>::nb * p.pairs)
     return;
   const int b = tid / p.pairs, i = tid - b * p.pairs;
   const int64_t blk = c.blk + b;
-  if (blk >= c.end || !pair_needs(p, s, i, blk))
+  if (blk >= c.end || !pair_needs(p, rq, i, blk))
     return;
   float2 out = make_float2(NAN, INFINITY);
-  if (page_ok[b] >= 0) {
+  if (page_ok >= 0) {
     float m = s.red[b][0][i], k = s.wnk[b][0];
 #pragma unroll
     for (int w = 1; w < DEC_WARPS; w++) {
@@ -893,9 +906,9 @@ static __device__ __forceinline__ void tcd_write_step(const tcd_params &p, const
       k = fmaxf(k, s.wnk[b][w]);
     }
     if constexpr (E4) { /* back to unscaled units; S~ exact unless subnormal (then within 2^-150) */
-      out = make_float2(__fmul_rn(m, s.qs[i]), tcd_bound_e4(s.qn[i], k, s.qs[i]));
+      out = make_float2(__fmul_rn(m, rq.qs[i]), tcd_bound_e4(rq.qn[i], k, rq.qs[i]));
     } else {
-      out = make_float2(m, tc_bound(s.qn[i], k));
+      out = make_float2(m, tc_bound(rq.qn[i], k));
     }
   }
   p.ws[((int64_t)c.r * p.pairs + i) * p.max_nb + blk] = out;
@@ -909,7 +922,7 @@ template <bool E4>
 static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_params p) {
   typedef tcd_fmt<E4> F;
   extern __shared__ __align__(128) unsigned char tsm[];
-  __shared__ tcd_small_of<E4> s;
+  __shared__ tcd_small<E4> s;
   dec_cursor pf, cs;
   pf.item = blockIdx.x;
   cursor_seek(p, pf);
@@ -920,24 +933,26 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
     cursor_advance(p, pf, F::nb);
   }
   uint32_t af[8][4];
-  int staged = -1, stage = 0;
+  int staged = -1, stage = 0, rb = 1;
   while (cs.item < p.items) {
     int ahead = (stage + F::stages - 1) % F::stages;
     tcd_issue_step<E4>(p, pf, tsm + ahead * F::stage, &s.page[ahead * F::nb]);
     cursor_advance(p, pf, F::nb);
     if (cs.r != staged) {
-      tcd_stage_request<E4>(p, cs.r, s, af);
+      rb ^= 1;
+      tcd_stage_request<E4>(p, cs.r, s.req[rb], af);
       staged = cs.r;
     }
     cp_async_wait<F::stages - 1>();
-    __syncthreads();
+    __syncthreads(); /* (1) */
+    const int page_ok =
+        threadIdx.x < F::nb * p.pairs ? s.page[stage * F::nb + threadIdx.x / p.pairs] : -1;
 #pragma unroll
     for (int b = 0; b < F::nb; b++)
-      tcd_block_partial<E4>(p, cs.blk + b, b, tsm + stage * F::stage + b * F::page, af, s);
-    __syncthreads(); /* partials complete; the slot is free for the next issue */
-    tcd_write_step<E4>(p, cs, &s.page[stage * F::nb], s);
-    /* s.page, s.red and the request's s.pos / s.qn / s.qs are rewritten next */
-    __syncthreads();
+      tcd_block_partial<E4>(p, cs.blk + b, b, tsm + stage * F::stage + b * F::page, af,
+                            s.req[rb], s);
+    __syncthreads(); /* (2) */
+    tcd_write_step<E4>(p, cs, page_ok, s.req[rb], s);
     cursor_advance(p, cs, F::nb);
     stage = (stage + 1) % F::stages;
   }
@@ -979,8 +994,8 @@ static cudaError_t dec_device_fits(int e4, int *fits) {
 
 /* The certified kernel of format e4. */
 static cudaError_t tcd_device_fits(int e4, int *fits) {
-  return device_fits((e4 ? tcd_smem_bytes<true>() + sizeof(tcd_small_e4)
-                         : tcd_smem_bytes<false>() + sizeof(tcd_small)),
+  return device_fits((e4 ? tcd_smem_bytes<true>() + sizeof(tcd_small<true>)
+                         : tcd_smem_bytes<false>() + sizeof(tcd_small<false>)),
                      fits);
 }
 
