@@ -47,8 +47,9 @@
  * have no items (select_kernel writes their -1 rows); every read and write is
  * in bounds for any table contents.
  *
- * Certified variant (decode_tc_kernel<E4>, below): the same items, grid and
- * ring for uniform decode batches with bf16 queries and q_len x Hkv <= 16;
+ * Certified variant (decode_tc_kernel<E4>, below): the same items and grid,
+ * a ring of steps of tcd_fmt::nb blocks (e4m3 2, bf16 1) between two CTA
+ * barriers, for uniform decode batches with bf16 queries and q_len x Hkv <= 16;
  * tensor-core scores S~ (mma.sync m16n8k16, the request's pairs as rows),
  * key norms from the Gram diagonal, (S~, E) for the certified selection of
  * sm90/topk_tc.cu, which dispatches to it. bf16 cache: bf16 mma, E =
@@ -84,11 +85,12 @@
  *
  * Measured (NVIDIA H200, docs/perf-notes.md, "Decode indexer: ..."): the
  * exact kernel 1.89 ms at 128 requests x 128K (2.3 TB/s, arithmetic-bound);
- * the certified one 1.11 ms there (80.7% of DRAM peak, latency-bound with 16
- * warps per SM), 3.2x faster at q_len 4, not faster for one request; with
- * an e4m3 cache 1.10 ms on the fp16 path above (1.23 on bf16 operands, 5ef0622):
- * the same time as bf16 for half the bytes, so per-block work shared by both
- * formats binds there, not the widening. */
+ * the certified one 1.16 ms there (08eba29, m3s-bench), 3.2x faster than the
+ * exact one at q_len 4, not faster for one request; with an e4m3 cache 0.97
+ * ms (1.10 with one block per step, 1.23 on bf16 operands). ncu at 08eba29,
+ * e4m3: 0.54 issued warps per scheduler at 16 warps per SM, ~430 warp
+ * instructions per warp and block, of which the Gram norms' operand moves are
+ * the largest share: instruction issue at low occupancy binds, not bytes. */
 #include "topk_decode.cuh"
 #include "sm90/topk_tc.cuh"
 
