@@ -407,8 +407,10 @@ static void test_dtypes(void) {
 
 /* q rows the TMA kernel's f16 S = Q K^T must not take for bf16 q on an fp8
  * cache (they do not convert to f16 exactly), beside rows that take it:
- * rows 4i + 1 times 2^-20 (bits below f16's subnormals), rows 4i + 2 with
- * dim 0 of every head at +-2^17 (beyond f16's range; a dominant logit). */
+ * rows 4i + 1 times 2^-20 (bits below f16's subnormals: they run the bf16
+ * fallback, though their near-uniform softmax would hide a rounding of q),
+ * rows 4i + 2 with dim 0 of every head at +-2^17 (beyond f16's range, a
+ * dominant logit: an f16 q there is inf and fails the fp64 check). */
 static void q_beyond_f16(fixture *f) {
   const int64_t hq = f->cfg.num_q_heads;
   for (int t = 0; t < f->T; t++)

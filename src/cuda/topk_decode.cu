@@ -183,8 +183,14 @@ template <class P> static __device__ void cursor_seek(const P &p, dec_cursor &c)
   }
 }
 
-template <class P> static __device__ __forceinline__ void cursor_next(const P &p, dec_cursor &c) {
-  if (c.item >= p.items || ++c.blk < c.end)
+/* c advanced by n blocks: within its item, or to the CTA's next item with
+ * blocks. */
+template <class P>
+static __device__ __forceinline__ void cursor_advance(const P &p, dec_cursor &c, int n) {
+  if (c.item >= p.items)
+    return;
+  c.blk += n;
+  if (c.blk < c.end)
     return;
   c.item += gridDim.x;
   cursor_seek(p, c);
@@ -426,14 +432,14 @@ static __global__ void __launch_bounds__(DEC_THREADS, dec_min_ctas<E4, NP>())
 #pragma unroll 1
   for (int st = 0; st < DEC_STAGES - 1; st++) {
     issue_page<E4>(p, pf, dsm + st * F::stage, &s.page[st]);
-    cursor_next(p, pf);
+    cursor_advance(p, pf, 1);
   }
   int staged = -1, stage = 0;
   while (cs.item < p.items) {
     /* the slot scored one step ago is free (the barrier closing that step) */
     int ahead = (stage + DEC_STAGES - 1) % DEC_STAGES;
     issue_page<E4>(p, pf, dsm + ahead * F::stage, &s.page[ahead]);
-    cursor_next(p, pf);
+    cursor_advance(p, pf, 1);
     if (cs.r != staged) {
       stage_request(p, cs.r, s, q);
       staged = cs.r;
@@ -447,7 +453,7 @@ static __global__ void __launch_bounds__(DEC_THREADS, dec_min_ctas<E4, NP>())
       p.ws[((int64_t)cs.r * p.pairs + threadIdx.x) * p.max_nb + cs.blk] = NAN;
     }
     __syncthreads();
-    cursor_next(p, cs);
+    cursor_advance(p, cs, 1);
     stage = (stage + 1) % DEC_STAGES;
   }
   cp_async_wait<0>();
@@ -465,8 +471,9 @@ static __global__ void __launch_bounds__(DEC_THREADS, dec_min_ctas<E4, NP>())
  * (4 s + c) ^ 4 (n & 1) (the two keys of an 8-lane phase use opposite halves
  * of the 128-byte bank line), e4m3 8-byte unit 4 s + c at (4 s + c) ^
  * 4 (n & 3) (the four keys of a 16-lane phase use four 32-byte quarters). */
+/* blocks per step; -D overrides are for A/B builds (perf-notes) */
 #ifndef TCD_STEP_E4
-#define TCD_STEP_E4 2 /* e4m3 blocks per step */
+#define TCD_STEP_E4 2
 #endif
 #ifndef TCD_STEP_BF16
 #define TCD_STEP_BF16 1
@@ -487,10 +494,11 @@ template <bool E4> struct tcd_fmt {
   static constexpr int stages = 96 * 1024 / stage > 2 ? 96 * 1024 / stage : 2;
 };
 #define TCD_MAX_SLOTS 8 /* ring slots x blocks per step, largest tcd_fmt */
+#define TCD_MAX_NB 4    /* blocks per step, largest tcd_fmt */
 static_assert(tcd_fmt<true>::stages * tcd_fmt<true>::nb <= TCD_MAX_SLOTS &&
                   tcd_fmt<false>::stages * tcd_fmt<false>::nb <= TCD_MAX_SLOTS &&
-                  tcd_fmt<true>::nb <= 4 && tcd_fmt<false>::nb <= 4,
-              "tcd_small holds one page entry per ring block and reductions of 4 blocks");
+                  tcd_fmt<true>::nb <= TCD_MAX_NB && tcd_fmt<false>::nb <= TCD_MAX_NB,
+              "tcd_small holds one page entry per ring block and one reduction per step block");
 
 template <bool E4> static constexpr size_t tcd_smem_bytes() {
   return (size_t)tcd_fmt<E4>::stages * tcd_fmt<E4>::stage;
@@ -535,8 +543,8 @@ template <bool E4> using tcd_req_of = typename std::conditional<E4, tcd_req_e4, 
  * new one is staged into the other buffer), each writer read its page flag
  * before (2), and red / wnk are rewritten only after the next (1). */
 template <bool E4> struct tcd_small {
-  float red[4][DEC_WARPS][16]; /* per step block, per warp: block maxima S~ of each pair */
-  float wnk[4][DEC_WARPS];     /* per step block, per warp: largest key norm (upper bound) */
+  float red[TCD_MAX_NB][DEC_WARPS][16]; /* per step block, per warp: block maxima S~ per pair */
+  float wnk[TCD_MAX_NB][DEC_WARPS];     /* per step block, per warp: largest key norm (bound) */
   tcd_req_of<E4> req[2];
   int page[TCD_MAX_SLOTS]; /* per ring block: 0 loaded, -1 page id out of range */
 };
@@ -569,19 +577,6 @@ static __device__ void tcd_issue_step(const tcd_params &p, const dec_cursor &c,
     }
   }
   cp_async_commit();
-}
-
-/* c advanced by n blocks: within its item, or to the CTA's next item with
- * blocks. */
-template <class P>
-static __device__ __forceinline__ void cursor_advance(const P &p, dec_cursor &c, int n) {
-  if (c.item >= p.items)
-    return;
-  c.blk += n;
-  if (c.blk < c.end)
-    return;
-  c.item += gridDim.x;
-  cursor_seek(p, c);
 }
 
 /* Row i of the warp's A operand (pair i of request r, zero when i >= pairs):
