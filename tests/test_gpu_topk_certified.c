@@ -467,6 +467,12 @@ static void test_decode(void) {
   fx_spec e = decode_spec(m3s_config_minimax_m3(1), 6, 4, sl);
   e.idx_dtype = M3S_E4M3;
   run_case("decode_q4_tp1_e4m3", e, &both);
+  /* 12 pairs: the kernel's second n8 tile of pairs, partly filled */
+  for (int e4 = 0; e4 < 2; e4++) {
+    fx_spec t = decode_spec(m3s_config_minimax_m3(1), 5, 3, sl + 3);
+    t.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
+    run_case(e4 ? "decode_q3_tp1_e4m3" : "decode_q3_tp1", t, NULL);
+  }
   run_case("decode_q2_tp8_k64", decode_spec(fx_cfg(8, 1, 64, 0, 1), 5, 2, sl + 1), NULL);
   run_case("decode_q3_tp4_init2_local0",
            decode_spec(fx_cfg(16, 1, 16, 2, 0), 4, 3, sl + 2), NULL);

@@ -50,9 +50,11 @@
  * Certified variant (decode_tc_kernel<E4>, below): the same items and grid,
  * a ring of steps of tcd_fmt::nb blocks (e4m3 2, bf16 1) between two CTA
  * barriers, for uniform decode batches with bf16 queries and q_len x Hkv <= 16;
- * tensor-core scores S~ (mma.sync m16n8k16, the request's pairs as rows),
- * key norms from the Gram diagonal, (S~, E) for the certified selection of
- * sm90/topk_tc.cu, which dispatches to it. bf16 cache: bf16 mma, E =
+ * tensor-core scores S~ as S^T = K Q^T (mma.sync m16n8k16, a warp's 16 keys
+ * as the rows, the request's pairs as one or two n8 tiles of columns), key
+ * norms from the diagonal of m16n8k8 Gram tiles whose operands are runs of
+ * the same key registers (no operand moves), (S~, E) for the certified
+ * selection of sm90/topk_tc.cu, which dispatches to it. bf16 cache: bf16 mma, E =
  * tc_bound (docs/perf-notes.md, "Certified re-scoring: the bound").
  *
  * e4m3 cache: fp16 mma. Every e4m3 code is exactly an fp16 value (4
@@ -85,12 +87,13 @@
  *
  * Measured (NVIDIA H200, docs/perf-notes.md, "Decode indexer: ..."): the
  * exact kernel 1.89 ms at 128 requests x 128K (2.3 TB/s, arithmetic-bound);
- * the certified one 1.16 ms there (08eba29, m3s-bench), 3.2x faster than the
- * exact one at q_len 4, not faster for one request; with an e4m3 cache 0.97
- * ms (1.10 with one block per step, 1.23 on bf16 operands). ncu at 08eba29,
- * e4m3: 0.54 issued warps per scheduler at 16 warps per SM, ~430 warp
- * instructions per warp and block, of which the Gram norms' operand moves are
- * the largest share: instruction issue at low occupancy binds, not bytes. */
+ * the certified one 1.06 ms there (m3s-bench, 2026-12-03 session 7), 3.2x
+ * faster than the exact one at q_len 4 (before this layout), not faster for
+ * one request; with an e4m3 cache 0.77 ms (0.96 with the pairs as the mma
+ * rows, whose Gram operands took ~88 register moves per block). ncu, e4m3:
+ * 61% of DRAM bandwidth, 0.53 issued warps per scheduler at 16 warps per SM,
+ * ~333 warp instructions per warp and block, ~40% of them outside the
+ * scoring (cursor, page table, cp.async issue, barriers, writes). */
 #include "topk_decode.cuh"
 #include "sm90/topk_tc.cuh"
 
@@ -465,12 +468,13 @@ static __global__ void __launch_bounds__(DEC_THREADS, dec_min_ctas<E4, NP>())
 
 /* Shared-memory page of the certified kernel: key rows unpadded (bf16 256 B,
  * e4m3 128 B), 16-byte pieces XOR-swizzled by the key's low bits so that the
- * fragment loads below are free of bank conflicts: lane (g, c) of a warp
- * reads, for k32 chunk s, the 16 bytes (bf16) or 8 bytes (e4m3) of dims
- * 32 s + 8 c .. + 7 of its key; bf16 unit 4 s + c of key n sits at unit
- * (4 s + c) ^ 4 (n & 1) (the two keys of an 8-lane phase use opposite halves
- * of the 128-byte bank line), e4m3 8-byte unit 4 s + c at (4 s + c) ^
- * 4 (n & 3) (the four keys of a 16-lane phase use four 32-byte quarters). */
+ * fragment loads below are free of bank conflicts. bf16: warp w reads its 16
+ * keys with ldmatrix, eight key rows of one 16-byte piece per 8x8 matrix;
+ * piece x of key n sits at x ^ (n & 7), so the eight rows fall in eight
+ * distinct 16-byte bank groups. e4m3: lane (g, c) reads, for k32 chunk s,
+ * the 8 bytes of dims 32 s + 8 c .. + 7 of its key; 8-byte unit 4 s + c of
+ * key n sits at unit (4 s + c) ^ 4 (n & 3) (the four keys of a 16-lane phase
+ * use four 32-byte quarters). */
 /* blocks per step; -D overrides are for A/B builds (perf-notes) */
 #ifndef TCD_STEP_E4
 #define TCD_STEP_E4 2
@@ -506,7 +510,7 @@ template <bool E4> static constexpr size_t tcd_smem_bytes() {
 
 /* Byte offset of 16-byte piece `piece` of key n in a page. */
 template <bool E4> static __device__ __forceinline__ int tcd_piece_off(int n, int piece) {
-  return E4 ? n * 128 + (piece ^ ((n & 3) << 1)) * 16 : n * 256 + (piece ^ ((n & 1) << 2)) * 16;
+  return E4 ? n * 128 + (piece ^ ((n & 3) << 1)) * 16 : n * 256 + (piece ^ (n & 7)) * 16;
 }
 
 typedef struct {
@@ -523,9 +527,10 @@ typedef struct {
 } tcd_params;
 
 /* The staged request: its tokens' positions and blocks, its pairs' query
- * norms (upper bounds) */
+ * norms (upper bounds) and positions (-1 past the pairs) */
 typedef struct {
   float qn[16];
+  int64_t ppos[16];
   int64_t pos[DEC_MAX_QLEN];
   int64_t nb[DEC_MAX_QLEN]; /* 0 when the token scores nothing */
 } tcd_req;
@@ -579,25 +584,34 @@ static __device__ void tcd_issue_step(const tcd_params &p, const dec_cursor &c,
   cp_async_commit();
 }
 
-/* Row i of the warp's A operand (pair i of request r, zero when i >= pairs):
- * the 16 bytes of dims 32 s + 8 c .. + 7 for each chunk s, as bf16 pairs. */
+/* The dims that lane c's words hold in k16 step x of both mma operands:
+ * word hh (k slots 2c, 2c + 1, plus 8 for hh = 1) holds dims tcd_dim(x, hh, c)
+ * and + 1. Keys and queries use the same permutation of k, which leaves
+ * every dot unchanged. bf16: ldmatrix's order, 16 consecutive dims per
+ * step; e4m3: the 8 bytes of dims 32 s + 8 c .. + 7 that one load gives a
+ * lane serve steps 2 s and 2 s + 1. */
+template <bool E4> static __device__ __forceinline__ int tcd_dim(int x, int hh, int c) {
+  return E4 ? 32 * (x >> 1) + 8 * c + 4 * (x & 1) + 2 * hh : 16 * x + 8 * hh + 2 * c;
+}
+
+/* Pair i of request r as lane c's B words (bf16 pairs, zero when i >=
+ * pairs): w[x][hh] holds dims tcd_dim(x, hh, c) and + 1. */
+template <bool E4>
 static __device__ __forceinline__ void tcd_query_row(const tcd_params &p, int r, int i, int c,
-                                                     uint32_t (&w)[4][4]) {
+                                                     uint32_t (&w)[8][2]) {
 #pragma unroll
-  for (int s = 0; s < 4; s++)
-#pragma unroll
-    for (int e = 0; e < 4; e++)
-      w[s][e] = 0;
+  for (int x = 0; x < 8; x++)
+    w[x][0] = w[x][1] = 0;
   if (i >= p.pairs)
     return;
   const uint16_t *q =
       p.iq + ((int64_t)r * p.qlen + i / p.hkv) * p.iq_s0 + (int64_t)(i % p.hkv) * p.iq_s1;
 #pragma unroll
-  for (int s = 0; s < 4; s++)
+  for (int x = 0; x < 8; x++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-      int d = 32 * s + 8 * c + 2 * e;
-      w[s][e] = (uint32_t)q[d] | ((uint32_t)q[d + 1] << 16);
+    for (int hh = 0; hh < 2; hh++) {
+      int d = tcd_dim<E4>(x, hh, c);
+      w[x][hh] = (uint32_t)q[d] | ((uint32_t)q[d + 1] << 16);
     }
 }
 
@@ -648,28 +662,55 @@ static __device__ __forceinline__ uint32_t tcd_bf16x2_to_f16x2(uint32_t w, float
   return (uint32_t)h.x | (uint32_t)h.y << 16;
 }
 
-/* Sum of squares of 8 fp16 (four words), rounded up, added to s (the squares
- * themselves are exact in fp32). */
-static __device__ __forceinline__ float tcd_sumsq8_f16_ru(const uint32_t (&w)[4], float s) {
-#pragma unroll
-  for (int e = 0; e < 4; e++) {
+/* The squares of a word's two values (bf16, or fp16 for E4; exact in
+ * fp32) added to s, rounded up. */
+template <bool E4> static __device__ __forceinline__ float tcd_sumsq2_ru(uint32_t w, float s) {
+  float lo, hi;
+  if (E4) {
     __half2_raw r;
-    r.x = (unsigned short)(w[e] & 0xffffu);
-    r.y = (unsigned short)(w[e] >> 16);
+    r.x = (unsigned short)(w & 0xffffu);
+    r.y = (unsigned short)(w >> 16);
     float2 f = __half22float2(__half2(r));
-    s = __fmaf_ru(f.x, f.x, s);
-    s = __fmaf_ru(f.y, f.y, s);
+    lo = f.x;
+    hi = f.y;
+  } else {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
   }
-  return s;
+  return __fmaf_ru(hi, hi, __fmaf_ru(lo, lo, s));
 }
 
-/* c += A x B, fp16 in, fp32 accumulate: the bf16 mma's fragment layout. */
-static __device__ __forceinline__ void tcd_mma_f16(float *c, uint32_t a0, uint32_t a1, uint32_t a2,
-                                                   uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+/* c += A x B, m16n8k16, fp32 accumulate; fp16 operands for F16, else
+ * bf16. */
+template <bool F16>
+static __device__ __forceinline__ void tcd_mma_k16(float (&c)[4], const uint32_t (&a)[4],
+                                                   uint32_t b0, uint32_t b1) {
+  if (F16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* c += A x B, m16n8k8 (A: a0 rows 0-7, a1 rows 8-15; B: one word). */
+template <bool F16>
+static __device__ __forceinline__ void tcd_mma_k8(float (&c)[4], uint32_t a0, uint32_t a1,
+                                                  uint32_t b) {
+  if (F16)
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b));
+  else
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b));
 }
 
 /* E of an e4m3 pair for its block (derivation: file-top comment): nq bounds
@@ -685,15 +726,15 @@ static __device__ __forceinline__ float tcd_bound_e4(float nq, float nk, float u
   return __fadd_ru(__fmul_ru(e, unscale), 0x1p-118f);
 }
 
-/* Every thread: request r's token positions into s, warp 0 its query norms;
- * every warp: its A fragments af[k-step][4] (the k order of a lane's B words, see
- * tcd_key_words: k-step 2 s takes dims 8 c + {0,1} and {2,3} of chunk s,
- * k-step 2 s + 1 dims {4,5} and {6,7}; the same permutation of k on both
- * operands leaves every dot unchanged). e4m3: the fragments are the rows
- * scaled by 2^s as fp16, their norms those of the fp16 rows, and warp 0
- * writes each pair's 2^-s. */
-template <bool E4, class S>
-static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s, uint32_t (&af)[8][4]) {
+/* Every thread: request r's token and pair positions into s, warp 0 its
+ * pairs' query norms; every warp: its B fragments bq[n8 tile][k16 step][2],
+ * tile nt holding pairs 8 nt .. 8 nt + 7 as its columns (lane (g, c): pair
+ * 8 nt + g, the dims of tcd_dim). e4m3: the fragments are the rows scaled
+ * by 2^s as fp16, their norms those of the fp16 rows, and warp 0 writes each
+ * pair's 2^-s. */
+template <bool E4, int NT, class S>
+static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s,
+                                         uint32_t (&bq)[NT][8][2]) {
   const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
   if (tid < p.qlen) {
     m3s_row_info ri = m3s_row_lookup(p.b, (int64_t)r * p.qlen + tid);
@@ -701,179 +742,192 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s, uint3
     s.pos[tid] = ri.pos;
     s.nb[tid] = nb > p.topk ? nb : 0;
   }
-  uint32_t lo[4][4], hi[4][4];
-  tcd_query_row(p, r, g, c, lo);
-  tcd_query_row(p, r, g + 8, c, hi);
-  if constexpr (E4) {
-    /* each row's largest |q_d| (the quad's maximum: a lane holds 32 dims of
-     * rows g and g + 8), its shift s, the row times 2^s as fp16 */
-    uint32_t mlo = 0, mhi = 0;
+  if (tid >= 32 && tid < 48) {
+    const int i = tid - 32;
+    s.ppos[i] = i < p.pairs ? m3s_row_lookup(p.b, (int64_t)r * p.qlen + i / p.hkv).pos : -1;
+  }
 #pragma unroll
-    for (int ch = 0; ch < 4; ch++)
+  for (int nt = 0; nt < NT; nt++) {
+    const int i = 8 * nt + g;
+    uint32_t(&w)[8][2] = bq[nt];
+    tcd_query_row<E4>(p, r, i, c, w);
+    if constexpr (E4) {
+      /* the row's largest |q_d| (the quad's maximum: a lane holds 32 dims
+       * of pair i), its shift s, the row times 2^s as fp16 */
+      uint32_t m = 0;
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        mlo = max(mlo, max(lo[ch][e] & 0x7fffu, lo[ch][e] >> 16 & 0x7fffu));
-        mhi = max(mhi, max(hi[ch][e] & 0x7fffu, hi[ch][e] >> 16 & 0x7fffu));
-      }
+      for (int x = 0; x < 8; x++)
 #pragma unroll
-    for (int o = 1; o < 4; o <<= 1) {
-      mlo = max(mlo, __shfl_xor_sync(FULL_MASK, mlo, o));
-      mhi = max(mhi, __shfl_xor_sync(FULL_MASK, mhi, o));
+        for (int hh = 0; hh < 2; hh++)
+          m = max(m, max(w[x][hh] & 0x7fffu, w[x][hh] >> 16 & 0x7fffu));
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1)
+        m = max(m, __shfl_xor_sync(FULL_MASK, m, o));
+      const int sh = tcd_query_shift(m);
+      const float f = tcd_pow2(sh);
+#pragma unroll
+      for (int x = 0; x < 8; x++)
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++)
+          w[x][hh] = tcd_bf16x2_to_f16x2(w[x][hh], f);
+      if (tid < 32 && c == 0)
+        s.qs[i] = tcd_pow2(-sh);
     }
-    const int slo = tcd_query_shift(mlo), shi = tcd_query_shift(mhi);
-    const float flo = tcd_pow2(slo), fhi = tcd_pow2(shi);
+    /* the norm from the same registers (the 4 lanes of a quad hold the
+     * whole row), every operation rounded up */
+    float sq = 0.0f;
 #pragma unroll
-    for (int ch = 0; ch < 4; ch++)
+    for (int x = 0; x < 8; x++)
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        lo[ch][e] = tcd_bf16x2_to_f16x2(lo[ch][e], flo);
-        hi[ch][e] = tcd_bf16x2_to_f16x2(hi[ch][e], fhi);
-      }
+      for (int hh = 0; hh < 2; hh++)
+        sq = tcd_sumsq2_ru<E4>(w[x][hh], sq);
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1)
+      sq = __fadd_ru(sq, __shfl_xor_sync(FULL_MASK, sq, o));
     if (tid < 32 && c == 0) {
-      s.qs[g] = tcd_pow2(-slo);
-      s.qs[g + 8] = tcd_pow2(-shi);
+      float n = __fsqrt_ru(sq);
+      s.qn[i] = isnan(n) ? INFINITY : n;
     }
-  }
-  /* query norms from the same registers: a lane holds 32 dims of rows g and
-   * g + 8, the 4 lanes of a quad the whole rows; every operation rounded up */
-  float sq_lo = 0.0f, sq_hi = 0.0f;
-#pragma unroll
-  for (int ch = 0; ch < 4; ch++) {
-    if (E4) {
-      sq_lo = tcd_sumsq8_f16_ru(lo[ch], sq_lo);
-      sq_hi = tcd_sumsq8_f16_ru(hi[ch], sq_hi);
-    } else {
-      sq_lo = tc_sumsq8_ru(make_uint4(lo[ch][0], lo[ch][1], lo[ch][2], lo[ch][3]), sq_lo);
-      sq_hi = tc_sumsq8_ru(make_uint4(hi[ch][0], hi[ch][1], hi[ch][2], hi[ch][3]), sq_hi);
-    }
-  }
-#pragma unroll
-  for (int o = 1; o < 4; o <<= 1) {
-    sq_lo = __fadd_ru(sq_lo, __shfl_xor_sync(FULL_MASK, sq_lo, o));
-    sq_hi = __fadd_ru(sq_hi, __shfl_xor_sync(FULL_MASK, sq_hi, o));
-  }
-  if (tid < 32 && c == 0) {
-    float nlo = __fsqrt_ru(sq_lo), nhi = __fsqrt_ru(sq_hi);
-    s.qn[g] = isnan(nlo) ? INFINITY : nlo;
-    s.qn[g + 8] = isnan(nhi) ? INFINITY : nhi;
-  }
-#pragma unroll
-  for (int ch = 0; ch < 4; ch++) {
-    af[2 * ch][0] = lo[ch][0];
-    af[2 * ch][1] = hi[ch][0];
-    af[2 * ch][2] = lo[ch][1];
-    af[2 * ch][3] = hi[ch][1];
-    af[2 * ch + 1][0] = lo[ch][2];
-    af[2 * ch + 1][1] = hi[ch][2];
-    af[2 * ch + 1][2] = lo[ch][3];
-    af[2 * ch + 1][3] = hi[ch][3];
   }
 }
 
-/* Key n's dims 32 ch + 8 c .. + 7 as four bf16 pairs (e4m3: fp16 pairs,
- * exact). */
+/* Lane offsets of the key fragment loads in a page (tcd_piece_off). bf16:
+ * the row that lane l gives ldmatrix for k16 step x = 4 a + b is at ko[b] +
+ * 128 a (matrix l / 8: keys + 8 for odd, dims + 8 for the upper two; row
+ * l % 8). e4m3: the 8 bytes of k32 chunk s of key 16 w + g at ko[s], of key
+ * 16 w + 8 + g at ko[s] + 1024. */
+template <bool E4> static __device__ __forceinline__ void tcd_lane_offsets(uint32_t (&ko)[4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    if (E4) {
+      const int n = 16 * warp + (lane >> 2);
+      ko[i] = n * 128 + (((4 * i + (lane & 3)) ^ ((n & 3) << 2)) * 8);
+    } else {
+      const int m = lane >> 3, n = 16 * warp + 8 * (m & 1) + (lane & 7);
+      ko[i] = tcd_piece_off<false>(n, 2 * i + (m >> 1));
+    }
+  }
+}
+
+/* The A fragment of k16 step x of the warp's 16 keys (rows g, g + 8 = keys
+ * 16 w + g, 16 w + 8 + g; a[0], a[1] at dims tcd_dim(x, 0, c), a[2], a[3] at
+ * tcd_dim(x, 1, c)). bf16: one ldmatrix.x4. e4m3: the chunk's two 8-byte
+ * loads and four cvt per even step, kept in k[2][4] for the odd one; each
+ * cvt writes its word where the fragment needs it, so no operand moves. */
 template <bool E4>
-static __device__ __forceinline__ void tcd_key_words(const unsigned char *page, int n, int ch,
-                                                     int c, uint32_t (&w)[4]) {
-  if (!E4) {
-    uint4 v = *(const uint4 *)(page + tcd_piece_off<false>(n, 4 * ch + c));
-    w[0] = v.x;
-    w[1] = v.y;
-    w[2] = v.z;
-    w[3] = v.w;
+static __device__ __forceinline__ void tcd_key_quad(const unsigned char *page,
+                                                    const uint32_t (&ko)[4], int x,
+                                                    uint32_t (&k)[2][4], uint32_t (&a)[4]) {
+  if constexpr (E4) {
+    if ((x & 1) == 0) {
+      uint2 v0 = *(const uint2 *)(page + ko[x >> 1]);
+      uint2 v1 = *(const uint2 *)(page + ko[x >> 1] + 1024);
+      tcd_e4m3x4_to_f16x4(v0.x, k[0][0], k[0][1]);
+      tcd_e4m3x4_to_f16x4(v0.y, k[0][2], k[0][3]);
+      tcd_e4m3x4_to_f16x4(v1.x, k[1][0], k[1][1]);
+      tcd_e4m3x4_to_f16x4(v1.y, k[1][2], k[1][3]);
+    }
+    const int h = x & 1;
+    a[0] = k[0][2 * h];
+    a[1] = k[1][2 * h];
+    a[2] = k[0][2 * h + 1];
+    a[3] = k[1][2 * h + 1];
   } else {
-    int unit = (4 * ch + c) ^ ((n & 3) << 2);
-    uint2 v = *(const uint2 *)(page + n * 128 + unit * 8);
-    tcd_e4m3x4_to_f16x4(v.x, w[0], w[1]);
-    tcd_e4m3x4_to_f16x4(v.y, w[2], w[3]);
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(page) + ko[x & 3] + 128 * (x >> 2);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(addr));
   }
 }
 
 /* Every warp: its partial (S~ maxima, key norm) of block blk (keys in
- * `page`) into s.red[b][warp], s.wnk[b][warp]. Warp w takes keys 16 w ..
- * 16 w + 15 as two n8 tiles; rows are the pairs (padded to 16). A page that
- * was not loaded gives garbage here, which tcd_write_step ignores. */
-template <bool E4, class S, class R>
-static __device__ __forceinline__ void tcd_block_partial(const tcd_params &p, int64_t blk, int b,
+ * `page`) into s.red[b][warp], s.wnk[b][warp]. Keys are the rows: S^T = K
+ * Q^T with warp w's keys 16 w .. 16 w + 15 as the m16 A operand and the
+ * pairs as NT n8 tiles of B. A page that was not loaded gives garbage here,
+ * which tcd_write_step ignores. */
+template <bool E4, int NT, class S, class R>
+static __device__ __forceinline__ void tcd_block_partial(int64_t blk, int b,
                                                          const unsigned char *page,
-                                                         const uint32_t (&af)[8][4], const R &rq,
-                                                         S &s) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, cq = lane & 3;
-  /* Scores: the two n8 tiles interleaved (two independent mma chains).
-   * Key norms on the tensor cores too: with the warp's 16 keys as the A
-   * operand (rows g and g + 8 are this lane's tile-0 and tile-1 words: the
-   * A and B fragment layouts share the (row, k) assignment), gram[j] holds
-   * the Gram block of the 16 keys against tile j's 8, whose diagonal is the
-   * squared norm of each key. */
-  float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-  float gram[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                                                         const uint32_t (&ko)[4],
+                                                         const uint32_t (&bq)[NT][8][2],
+                                                         const R &rq, S &s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, cq = lane & 3;
+  /* Scores, and the key norms on the tensor cores too: m16n8k8 Gram tiles
+   * with A = {a0, a1} or {a2, a3} (keys g, g + 8 at the same dims) and B
+   * one of those words: gram[hh][j] is the Gram block of the 16 keys against
+   * tile j's 8 (keys 8 j .. 8 j + 7), over the dims of word hh, whose
+   * diagonal is a partial squared norm of each key. Every operand is a run
+   * of the quad a, so no register moves (the m16n8k16 Gram of the previous
+   * layout needed ~88 per block). */
+  float acc[NT][4], gram[2][2][4];
 #pragma unroll
-  for (int ch = 0; ch < 4; ch++) {
-    uint32_t w[2][4];
+  for (int e = 0; e < 4; e++) {
 #pragma unroll
-    for (int j = 0; j < 2; j++)
-      tcd_key_words<E4>(page, 16 * warp + 8 * j + g, ch, cq, w[j]);
+    for (int nt = 0; nt < NT; nt++)
+      acc[nt][e] = 0.0f;
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
+    for (int j = 0; j < 4; j++)
+      gram[j >> 1][j & 1][e] = 0.0f;
+  }
+  uint32_t k[2][4];
 #pragma unroll
-      for (int j = 0; j < 2; j++) {
-        if (E4) {
-          const uint32_t *a = af[2 * ch + h];
-          tcd_mma_f16(acc[j], a[0], a[1], a[2], a[3], w[j][2 * h], w[j][2 * h + 1]);
-          tcd_mma_f16(gram[j], w[0][2 * h], w[1][2 * h], w[0][2 * h + 1], w[1][2 * h + 1],
-                      w[j][2 * h], w[j][2 * h + 1]);
-        } else {
-          tc_mma_bf16(acc[j], af[2 * ch + h], w[j][2 * h], w[j][2 * h + 1]);
-          tc_mma_bf16_r(gram[j], w[0][2 * h], w[1][2 * h], w[0][2 * h + 1], w[1][2 * h + 1],
-                        w[j][2 * h], w[j][2 * h + 1]);
-        }
-      }
-    }
+  for (int x = 0; x < 8; x++) {
+    uint32_t a[4];
+    tcd_key_quad<E4>(page, ko, x, k, a);
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+      tcd_mma_k16<E4>(acc[nt], a, bq[nt][x][0], bq[nt][x][1]);
+    tcd_mma_k8<E4>(gram[0][0], a[0], a[1], a[0]);
+    tcd_mma_k8<E4>(gram[0][1], a[0], a[1], a[1]);
+    tcd_mma_k8<E4>(gram[1][0], a[2], a[3], a[2]);
+    tcd_mma_k8<E4>(gram[1][1], a[2], a[3], a[3]);
   }
   /* Largest key norm of the warp's 16 keys, an upper bound: key g of tile j
    * sits on the diagonal in lane (g, g / 2), element 2 j + (g & 1). The
-   * products k_d^2 are exact (bf16, or e4m3 as fp16 in the f16 mma); on the
-   * tensor-core model of the bound the fp32 sum G of 128 positive terms is >=
-   * (1 - 1024 u) sum k_d^2, so sum k_d^2 <= G (1 + 2^-10); 2^-119 covers
-   * products that a flushing tensor core drops (128 below 2^-126; an e4m3
-   * square is at least 2^-18). NaN -> inf. */
+   * products k_d^2 are exact (bf16, or e4m3 as fp16); on the tensor-core
+   * model of the bound each half's fp32 sum of 64 positive terms in 8 k8
+   * steps is >= (1 - 160 u) of its exact sum (docs/perf-notes.md, the k8
+   * model), so their sum G, rounded up, has sum k_d^2 <= G (1 + 2^-10);
+   * 2^-119 covers products that a flushing tensor core drops (128 below
+   * 2^-126; an e4m3 square is at least 2^-18). NaN -> inf. The warp maximum
+   * of these non-negative floats is that of their bits. */
   float nk = 0.0f;
   if (cq == (g >> 1)) {
 #pragma unroll
     for (int j = 0; j < 2; j++) {
-      float d = (g & 1) ? gram[j][2 * j + 1] : gram[j][2 * j];
+      float d = (g & 1) ? __fadd_ru(gram[0][j][2 * j + 1], gram[1][j][2 * j + 1])
+                        : __fadd_ru(gram[0][j][2 * j], gram[1][j][2 * j]);
       nk = fmaxf(nk, isnan(d) ? INFINITY : d);
     }
   }
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1)
-    nk = fmaxf(nk, __shfl_xor_sync(FULL_MASK, nk, o));
+  nk = __uint_as_float(__reduce_max_sync(FULL_MASK, __float_as_uint(nk)));
   nk = __fsqrt_ru(__fmaf_ru(nk, 1.0f + 0x1p-10f, 0x1p-119f));
-  /* causal mask and row max over the visible keys; NaN dots are ignored
-   * (their key norm is NaN, so E is infinite) */
-  const int rlo = g, rhi = g + 8;
-  const int64_t base = blk * M3S_BLOCK_SIZE + 16 * warp + 2 * cq;
-  const int64_t plo = rlo < p.pairs ? rq.pos[rlo / p.hkv] : -1;
-  const int64_t phi = rhi < p.pairs ? rq.pos[rhi / p.hkv] : -1;
-  float mlo = -INFINITY, mhi = -INFINITY;
+  /* Causal mask and column (pair) maxima over the visible keys; NaN dots are
+   * ignored (their key norm is NaN, so E is infinite). Lane (g, c) holds
+   * keys g, g + 8 of pairs 8 nt + 2 c, + 1 (elements e, 2 + e). */
+  const int64_t base = blk * M3S_BLOCK_SIZE + 16 * warp;
 #pragma unroll
-  for (int j = 0; j < 2; j++)
+  for (int nt = 0; nt < NT; nt++) {
+    float m[2];
 #pragma unroll
     for (int e = 0; e < 2; e++) {
-      int64_t kp = base + 8 * j + e;
-      if (kp <= plo)
-        mlo = fmaxf(mlo, acc[j][e]);
-      if (kp <= phi)
-        mhi = fmaxf(mhi, acc[j][2 + e]);
+      const int64_t lim = rq.ppos[8 * nt + 2 * cq + e] - base; /* visible: key row <= lim */
+      m[e] = -INFINITY;
+      if (g <= lim)
+        m[e] = fmaxf(m[e], acc[nt][e]);
+      if (g + 8 <= lim)
+        m[e] = fmaxf(m[e], acc[nt][2 + e]);
     }
 #pragma unroll
-  for (int o = 1; o < 4; o <<= 1) {
-    mlo = fmaxf(mlo, __shfl_xor_sync(FULL_MASK, mlo, o));
-    mhi = fmaxf(mhi, __shfl_xor_sync(FULL_MASK, mhi, o));
-  }
-  if (cq == 0) {
-    s.red[b][warp][rlo] = mlo;
-    s.red[b][warp][rhi] = mhi;
+    for (int o = 4; o < 32; o <<= 1)
+#pragma unroll
+      for (int e = 0; e < 2; e++)
+        m[e] = fmaxf(m[e], __shfl_xor_sync(FULL_MASK, m[e], o));
+    if (g == 0) {
+      s.red[b][warp][8 * nt + 2 * cq] = m[0];
+      s.red[b][warp][8 * nt + 2 * cq + 1] = m[1];
+    }
   }
   if (lane == 0)
     s.wnk[b][warp] = nk;
@@ -914,8 +968,8 @@ static __device__ __forceinline__ void tcd_write_step(const tcd_params &p, const
 /* Persistent streaming kernel of the certified path: the items and cursor of
  * decode_score_kernel, tensor-core scores instead of the reference dots,
  * steps of tcd_fmt::nb blocks through a ring of tcd_fmt::stages steps. At
- * most 16 pairs per request (one m16 tile). */
-template <bool E4>
+ * most 8 NT pairs per request (NT n8 tiles). */
+template <bool E4, int NT>
 static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_params p) {
   typedef tcd_fmt<E4> F;
   extern __shared__ __align__(128) unsigned char tsm[];
@@ -929,7 +983,8 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
     tcd_issue_step<E4>(p, pf, tsm + st * F::stage, &s.page[st * F::nb]);
     cursor_advance(p, pf, F::nb);
   }
-  uint32_t af[8][4];
+  uint32_t ko[4], bq[NT][8][2];
+  tcd_lane_offsets<E4>(ko);
   int staged = -1, stage = 0, rb = 1;
   while (cs.item < p.items) {
     int ahead = (stage + F::stages - 1) % F::stages;
@@ -937,7 +992,7 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
     cursor_advance(p, pf, F::nb);
     if (cs.r != staged) {
       rb ^= 1;
-      tcd_stage_request<E4>(p, cs.r, s.req[rb], af);
+      tcd_stage_request<E4, NT>(p, cs.r, s.req[rb], bq);
       staged = cs.r;
     }
     cp_async_wait<F::stages - 1>();
@@ -946,8 +1001,8 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
         threadIdx.x < F::nb * p.pairs ? s.page[stage * F::nb + threadIdx.x / p.pairs] : -1;
 #pragma unroll
     for (int b = 0; b < F::nb; b++)
-      tcd_block_partial<E4>(p, cs.blk + b, b, tsm + stage * F::stage + b * F::page, af,
-                            s.req[rb], s);
+      tcd_block_partial<E4, NT>(cs.blk + b, b, tsm + stage * F::stage + b * F::page, ko, bq,
+                                s.req[rb], s);
     __syncthreads(); /* (2) */
     tcd_write_step<E4>(p, cs, page_ok, s.req[rb], s);
     cursor_advance(p, cs, F::nb);
@@ -989,6 +1044,13 @@ static cudaError_t dec_device_fits(int e4, int *fits) {
                      fits);
 }
 
+/* The certified kernel of format e4 for up to 8 nt pairs. */
+static void (*tcd_kernel_of(int e4, int nt))(tcd_params) {
+  if (e4)
+    return nt == 1 ? decode_tc_kernel<true, 1> : decode_tc_kernel<true, 2>;
+  return nt == 1 ? decode_tc_kernel<false, 1> : decode_tc_kernel<false, 2>;
+}
+
 /* The certified kernel of format e4. */
 static cudaError_t tcd_device_fits(int e4, int *fits) {
   return device_fits((e4 ? tcd_smem_bytes<true>() + sizeof(tcd_small<true>)
@@ -1003,9 +1065,8 @@ extern "C" cudaError_t m3s_cuda_topk_decode_prepare(void) {
     cudaError_t err = tcd_device_fits(e4, &fits);
     if (err != cudaSuccess)
       return err;
-    if (fits)
-      err = cudaFuncSetAttribute(e4 ? decode_tc_kernel<true> : decode_tc_kernel<false>,
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+    for (int nt = 1; fits && nt <= 2 && err == cudaSuccess; nt++)
+      err = cudaFuncSetAttribute(tcd_kernel_of(e4, nt), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  (int)(e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>()));
     if (err != cudaSuccess)
       return err;
@@ -1131,7 +1192,8 @@ extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s
                                                      int64_t max_nb, cudaStream_t stream) {
   const char *fn = "m3s_index_topk";
   const int e4 = index_cache->dtype == M3S_E4M3;
-  void (*kern)(tcd_params) = e4 ? decode_tc_kernel<true> : decode_tc_kernel<false>;
+  void (*kern)(tcd_params) =
+      tcd_kernel_of(e4, batch->uniform_q_len * cfg->num_kv_heads <= 8 ? 1 : 2);
   size_t smem = e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>();
   int per_sm = 0;
   cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, DEC_THREADS, smem);
