@@ -236,6 +236,17 @@ static __device__ __forceinline__ void m3s_st(void *base, m3s_dtype dt, int64_t 
   }
 }
 
+/* The warp's largest 64-bit value, in every lane: the largest high word,
+ * then the largest low word among the lanes that hold it (two redux.sync
+ * instead of five rounds of two 32-bit shuffles and a 64-bit compare). The
+ * top-k selections rank (score, id) keys with it. */
+static __device__ __forceinline__ unsigned long long m3s_warp_max_u64(unsigned long long v) {
+  const uint32_t hi = __reduce_max_sync(0xffffffffu, (uint32_t)(v >> 32));
+  const uint32_t lo =
+      __reduce_max_sync(0xffffffffu, (uint32_t)(v >> 32) == hi ? (uint32_t)v : 0u);
+  return ((unsigned long long)hi << 32) | lo;
+}
+
 /* The CPU backend's dot product, bit for bit (see the file comment). */
 static_assert(M3S_HEAD_DIM == 128 && M3S_INDEX_DIM == 128,
               "m3s_dot128_fixed serves attention and index scores alike");

@@ -554,31 +554,45 @@ template <bool E4> struct tcd_small {
   int page[TCD_MAX_SLOTS]; /* per ring block: 0 loaded, -1 page id out of range */
 };
 
-/* Every thread: its pieces of the step's pages (blocks c.blk .. + nb - 1 of
- * the item, those before c.end) into ring slot `stage`, one commit group. */
+/* The page ids of the step at c (blocks c.blk .. + nb - 1 of the item, -1
+ * past c.end, past the items or out of range). Loaded one step before
+ * tcd_issue_step uses them, so the block-table load's latency hides behind
+ * a step of scoring (waiting on it was the largest stall of the copy issue,
+ * ncu, H200, 2026-12-03). */
 template <bool E4>
-static __device__ void tcd_issue_step(const tcd_params &p, const dec_cursor &c,
+static __device__ __forceinline__ void tcd_pages(const tcd_params &p, const dec_cursor &c,
+                                                 int64_t (&pg)[tcd_fmt<E4>::nb]) {
+#pragma unroll
+  for (int j = 0; j < tcd_fmt<E4>::nb; j++)
+    pg[j] = c.item < p.items && c.blk + j < c.end
+                ? m3s_page(p.b.ibt, p.b.ibt_s0, p.b.ibt_s1, p.b.ibt_cols, c.r, c.blk + j,
+                           p.num_pages)
+                : -1;
+}
+
+/* Every thread: its pieces of the step's pages pg (tcd_pages) into ring slot
+ * `stage`, one commit group; thread 0 marks each block loaded (0) or not
+ * (-1). Thread t copies pieces t + DEC_THREADS m of a page: key rows
+ * DEC_THREADS / row_pieces apart, a multiple of 8, so the swizzle is the same
+ * for all m and both offsets step by constants. */
+template <bool E4>
+static __device__ void tcd_issue_step(const int64_t (&pg)[tcd_fmt<E4>::nb], const tcd_params &p,
                                       unsigned char *stage, int *page_slot) {
   typedef tcd_fmt<E4> F;
-  if (c.item < p.items) {
+  static_assert((DEC_THREADS / F::row_pieces) % 8 == 0, "one swizzle for all of a thread's pieces");
+  const int t = threadIdx.x;
+  const int dst0 = tcd_piece_off<E4>(t / F::row_pieces, t % F::row_pieces);
 #pragma unroll
-    for (int j = 0; j < F::nb; j++) {
-      const int64_t blk = c.blk + j;
-      const int64_t page =
-          blk < c.end ? m3s_page(p.b.ibt, p.b.ibt_s0, p.b.ibt_s1, p.b.ibt_cols, c.r, blk,
-                                 p.num_pages)
-                      : -1;
-      if (threadIdx.x == 0)
-        page_slot[j] = page >= 0 ? 0 : -1;
-      if (page >= 0) {
-        const unsigned char *src = p.ic + page * (int64_t)F::page;
+  for (int j = 0; j < F::nb; j++) {
+    if (t == 0)
+      page_slot[j] = pg[j] >= 0 ? 0 : -1;
+    if (pg[j] >= 0) {
+      const unsigned char *src = p.ic + pg[j] * (int64_t)F::page + 16 * t;
+      unsigned char *dst = stage + j * F::page + dst0;
 #pragma unroll
-        for (int m = 0; m < F::pieces; m++) {
-          int piece = threadIdx.x + m * DEC_THREADS;
-          int n = piece / F::row_pieces, col = piece % F::row_pieces;
-          cp_async16(stage + j * F::page + tcd_piece_off<E4>(n, col), src + (int64_t)piece * 16);
-        }
-      }
+      for (int m = 0; m < F::pieces; m++)
+        cp_async16(dst + m * (DEC_THREADS / F::row_pieces) * F::key_bytes,
+                   src + m * DEC_THREADS * 16);
     }
   }
   cp_async_commit();
@@ -933,36 +947,51 @@ static __device__ __forceinline__ void tcd_block_partial(int64_t blk, int b,
     s.wnk[b][warp] = nk;
 }
 
-/* After the partials' barrier: thread b * pairs + i writes (S~, E) of the
- * step's block b for pair i of request c.r (rq), if the block is the item's
- * and the pair needs it; page_ok < 0 (the block's page id out of range, read
- * by the thread before the barrier) gives (NaN, inf), as the prefill
- * kernel. */
+/* Thread b * pairs + i's role in tcd_write_step: step block b, pair i and
+ * its token (b = -1: no role). Fixed for the kernel, so the divisions run
+ * once. */
+typedef struct {
+  int b, i, tok;
+} tcd_writer;
+
+template <bool E4> static __device__ tcd_writer tcd_writer_of(const tcd_params &p) {
+  tcd_writer w = {-1, 0, 0};
+  if ((int)threadIdx.x < tcd_fmt<E4>::nb * p.pairs) {
+    w.b = threadIdx.x / p.pairs;
+    w.i = threadIdx.x - w.b * p.pairs;
+    w.tok = w.i / p.hkv;
+  }
+  return w;
+}
+
+/* After the partials' barrier: writer w puts (S~, E) of the step's block
+ * w.b for pair w.i of request c.r (rq), if the block is the item's and the
+ * pair needs it; page_ok < 0 (the block's page id out of range, read by the
+ * thread before the barrier) gives (NaN, inf), as the prefill kernel. */
 template <bool E4, class S, class R>
 static __device__ __forceinline__ void tcd_write_step(const tcd_params &p, const dec_cursor &c,
-                                                      int page_ok, const R &rq, const S &s) {
-  const int tid = threadIdx.x;
-  if (tid >= tcd_fmt<E4>::nb * p.pairs)
+                                                      const tcd_writer &w, int page_ok, const R &rq,
+                                                      const S &s) {
+  if (w.b < 0)
     return;
-  const int b = tid / p.pairs, i = tid - b * p.pairs;
-  const int64_t blk = c.blk + b;
-  if (blk >= c.end || !pair_needs(p, rq, i, blk))
+  const int64_t blk = c.blk + w.b, nb = rq.nb[w.tok];
+  if (blk >= c.end || nb <= 0 || blk < p.init || blk >= nb - p.local)
     return;
   float2 out = make_float2(NAN, INFINITY);
   if (page_ok >= 0) {
-    float m = s.red[b][0][i], k = s.wnk[b][0];
+    float m = s.red[w.b][0][w.i], k = s.wnk[w.b][0];
 #pragma unroll
-    for (int w = 1; w < DEC_WARPS; w++) {
-      m = fmaxf(m, s.red[b][w][i]);
-      k = fmaxf(k, s.wnk[b][w]);
+    for (int v = 1; v < DEC_WARPS; v++) {
+      m = fmaxf(m, s.red[w.b][v][w.i]);
+      k = fmaxf(k, s.wnk[w.b][v]);
     }
     if constexpr (E4) { /* back to unscaled units; S~ exact unless subnormal (then within 2^-150) */
-      out = make_float2(__fmul_rn(m, rq.qs[i]), tcd_bound_e4(rq.qn[i], k, rq.qs[i]));
+      out = make_float2(__fmul_rn(m, rq.qs[w.i]), tcd_bound_e4(rq.qn[w.i], k, rq.qs[w.i]));
     } else {
-      out = make_float2(m, tc_bound(rq.qn[i], k));
+      out = make_float2(m, tc_bound(rq.qn[w.i], k));
     }
   }
-  p.ws[((int64_t)c.r * p.pairs + i) * p.max_nb + blk] = out;
+  p.ws[((int64_t)c.r * p.pairs + w.i) * p.max_nb + blk] = out;
 }
 
 /* Persistent streaming kernel of the certified path: the items and cursor of
@@ -978,18 +1007,23 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
   pf.item = blockIdx.x;
   cursor_seek(p, pf);
   cs = pf;
+  int64_t pg[F::nb];
 #pragma unroll 1
   for (int st = 0; st < F::stages - 1; st++) {
-    tcd_issue_step<E4>(p, pf, tsm + st * F::stage, &s.page[st * F::nb]);
+    tcd_pages<E4>(p, pf, pg);
+    tcd_issue_step<E4>(pg, p, tsm + st * F::stage, &s.page[st * F::nb]);
     cursor_advance(p, pf, F::nb);
   }
+  tcd_pages<E4>(p, pf, pg);
   uint32_t ko[4], bq[NT][8][2];
   tcd_lane_offsets<E4>(ko);
+  const tcd_writer wr = tcd_writer_of<E4>(p);
   int staged = -1, stage = 0, rb = 1;
   while (cs.item < p.items) {
     int ahead = (stage + F::stages - 1) % F::stages;
-    tcd_issue_step<E4>(p, pf, tsm + ahead * F::stage, &s.page[ahead * F::nb]);
+    tcd_issue_step<E4>(pg, p, tsm + ahead * F::stage, &s.page[ahead * F::nb]);
     cursor_advance(p, pf, F::nb);
+    tcd_pages<E4>(p, pf, pg);
     if (cs.r != staged) {
       rb ^= 1;
       tcd_stage_request<E4, NT>(p, cs.r, s.req[rb], bq);
@@ -997,14 +1031,13 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
     }
     cp_async_wait<F::stages - 1>();
     __syncthreads(); /* (1) */
-    const int page_ok =
-        threadIdx.x < F::nb * p.pairs ? s.page[stage * F::nb + threadIdx.x / p.pairs] : -1;
+    const int page_ok = wr.b >= 0 ? s.page[stage * F::nb + wr.b] : -1;
 #pragma unroll
     for (int b = 0; b < F::nb; b++)
       tcd_block_partial<E4, NT>(cs.blk + b, b, tsm + stage * F::stage + b * F::page, ko, bq,
                                 s.req[rb], s);
     __syncthreads(); /* (2) */
-    tcd_write_step<E4>(p, cs, page_ok, s.req[rb], s);
+    tcd_write_step<E4>(p, cs, wr, page_ok, s.req[rb], s);
     cursor_advance(p, cs, F::nb);
     stage = (stage + 1) % F::stages;
   }

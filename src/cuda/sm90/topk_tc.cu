@@ -838,15 +838,6 @@ __device__ __forceinline__ float tc_unord(uint32_t ord) {
   return __uint_as_float((ord & 0x80000000u) ? (ord & 0x7fffffffu) : ~ord);
 }
 
-/* The warp's largest 64-bit key: the largest high word, then the largest low
- * word among the lanes that hold it (two redux.sync instead of five rounds of
- * two 32-bit shuffles and a 64-bit compare). */
-__device__ __forceinline__ unsigned long long tc_warp_max(unsigned long long v) {
-  const uint32_t hi = __reduce_max_sync(TC_FULL, (uint32_t)(v >> 32));
-  const uint32_t lo = __reduce_max_sync(TC_FULL, (uint32_t)(v >> 32) == hi ? (uint32_t)v : 0u);
-  return ((unsigned long long)hi << 32) | lo;
-}
-
 #define TC_CACHE 4 /* keys each lane keeps between rescans */
 
 /* The TC_CACHE best keys below `limit` of this lane's candidates
@@ -889,7 +880,7 @@ static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int
     return 0;
   tc_best_below(W, lo, hi, kind, ~0ull, c);
   for (int k = 0; k < n; k++) {
-    w = tc_warp_max(c[0]);
+    w = m3s_warp_max_u64(c[0]);
     if (emit && (threadIdx.x & 31) == 0)
       emit[k] = tc_id_of(w);
     if (k1 && k + 1 == m1)
@@ -972,6 +963,25 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
   for (int o = 16; o > 0; o >>= 1)
     best = fmaxf(best, __shfl_xor_sync(TC_FULL, best, o));
   return best;
+}
+
+/* Starts loading block b's index-key page into L2 (sm_90: one bulk
+ * prefetch), so that a later tc_exact_block of it waits on L2, not DRAM: a
+ * re-score streams its 16 or 32 KB with 8 loads in flight per lane, about 8
+ * DRAM round trips, which made it half of a small decode batch's selection
+ * time (ncu, 16 x 32K, H200, 2026-12-03). */
+__device__ __forceinline__ void tc_prefetch_block(const m3s_cuda_batch &bt, const tc_select_args &a,
+                                                  int r, int64_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+  if (page < 0)
+    return;
+  const unsigned bytes = M3S_BLOCK_SIZE * M3S_INDEX_DIM * (a.e4m3 ? 1 : 2);
+  const char *src = (const char *)a.ic + page * (int64_t)bytes;
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
+#else
+  (void)bt, (void)a, (void)r, (void)b;
+#endif
 }
 
 /* One pair with nb > K; the whole warp calls it. sel: K slots of this warp;
@@ -1095,6 +1105,8 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
        * its own among them and the best `rest` fill the slots */
       unsigned long long k = 0;
       const int32_t id = lane < nq ? qlist[lane] : -1;
+      if (id >= 0 && !a.no_rescore)
+        tc_prefetch_block(bt, a, r, id);
       for (int j = 0; j < nq; j++) {
         const int32_t bj = qlist[j];
         float sx = a.no_rescore ? W[bj].x : tc_exact_block(bt, a, r, bj, pos, q);
@@ -1111,6 +1123,8 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
        * place as (S, -1), then rank the re-scored ones */
       for (int64_t base = lo; base < hi; base += 32) {
         const int is_q = base + lane < hi && tc_class(W[base + lane], u_p, l_p) == TC_UNSURE;
+        if (is_q && !a.no_rescore)
+          tc_prefetch_block(bt, a, r, base + lane);
         for (uint32_t m = __ballot_sync(TC_FULL, is_q); m; m &= m - 1) {
           const int64_t bj = base + __ffs(m) - 1;
           float sx = a.no_rescore ? W[bj].x : tc_exact_block(bt, a, r, bj, pos, q);
