@@ -24,12 +24,13 @@
  *     Skipped entirely when max_nb <= K (then no row has anything to score).
  *  2. select_kernel  grid min(n, 2^31-1), SEL_THREADS = 256, a CTA per pair
  *     (grid-stride). nb <= K: ids 0..nb-1 then -1; padded/invalid rows: all
- *     -1. Otherwise the forced blocks, then want = K - init - local rounds of
- *     a CTA-wide argmax over the candidates [init, nb - local) under the
- *     total order encoded as one 64-bit key (ordered score bits << 32 | ~id,
- *     NaN -> 0): each thread keeps the best key of its own candidates that
- *     ranks after the previous pick, and only the owner of a pick rescans.
- *     The K ids are written in ascending order by rank.
+ *     -1. Otherwise the forced blocks, then the best want = K - init - local
+ *     of the candidates [init, nb - local) under the total order encoded as
+ *     one 64-bit key (ordered score bits << 32 | ~id, NaN -> 0): each warp
+ *     takes the best want of its own candidates (want rounds of a warp
+ *     maximum over keys its lanes keep in registers), then warp 0 the best
+ *     want of those (select_row). The K ids are written in ascending order
+ *     by rank.
  * Uniform decode batches whose pairs fit one chunk go to the streaming decode
  * score kernel of topk_decode.cu instead of score_kernel (same S entries, same
  * bits; it declines the shapes it does not cover), then select_kernel.
