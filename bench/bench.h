@@ -98,7 +98,7 @@ typedef struct {
   int idxs[MAX_LIST], nidx;
   int skew;
   int token_major, lse, sel_token, no_graph, no_ceilings, batch_invariant;
-  int topk_path; /* 0 default, 1 exact CUDA-core, 2 certified with wgmma */
+  int topk_path; /* 0 default, 1 exact CUDA-core, 2 certified mma.sync, 3 certified decode for any batch */
   int attn_generic; /* 1: attention on the generic kernel (--attn-path generic) */
   int reps, warmup, max_sets, sets_force, device, gemm_n;
   double budget_s, case_budget_s, mem_gb, hbm_override, gemm_override;

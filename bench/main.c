@@ -93,7 +93,9 @@ static void usage(FILE *f) {
 "  --batch-invariant set M3S_OPT_BATCH_INVARIANT on the context (no split-K)\n"
 "  --topk-path P     default (certified re-scoring; prefill scores with TMA +\n"
 "                    wgmma on sm_90 for a bf16 index cache), exact (the CUDA-core\n"
-"                    path for every batch) or mma (certified, mma.sync scores)\n"
+"                    path for every batch), mma (certified, mma.sync scores) or\n"
+"                    certified (decode: the certified streaming kernel also for\n"
+"                    batches under 16 requests and one pair per request)\n"
 "  --attn-path P     default (the persistent TMA kernel on sm_90 for 16-bit\n"
 "                    caches of q's dtype) or generic (the cp.async kernel always)\n"
 "  --budget SEC      stop starting cases after SEC seconds                   [420]\n"
@@ -245,8 +247,10 @@ static int parse_args(int argc, char **argv, options *o) {
         o->topk_path = 1;
       else if (strcmp(optarg, "mma") == 0)
         o->topk_path = 2;
+      else if (strcmp(optarg, "certified") == 0)
+        o->topk_path = 3;
       else {
-        fprintf(stderr, "m3s-bench: --topk-path must be default, exact or mma\n");
+        fprintf(stderr, "m3s-bench: --topk-path must be default, exact, mma or certified\n");
         return 0;
       }
       break;
@@ -366,9 +370,12 @@ int main(int argc, char **argv) {
     memset(&h, 0, sizeof h);
     h.exact_only = o->topk_path == 1;
     h.mma_sync = o->topk_path == 2;
+    h.decode_any = o->topk_path == 3;
     m3s_topk_tc_set_hooks(B.ctx, &h);
-    printf("m3s-bench: top-k path %s\n", o->topk_path == 1 ? "exact (CUDA cores)"
-                                                            : "certified, mma.sync score kernel");
+    printf("m3s-bench: top-k path %s\n",
+           o->topk_path == 1   ? "exact (CUDA cores)"
+           : o->topk_path == 2 ? "certified, mma.sync score kernel"
+                               : "certified, every decode batch on the streaming kernel");
   }
   if (o->attn_generic) {
     /* the path switch of src/cuda/sm90/attention_tma.h (per context) */
