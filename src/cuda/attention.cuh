@@ -1,13 +1,14 @@
 /* Device pieces shared by the two sparse-attention kernels of the CUDA
  * backend: the generic one (attention.cu, sm_80 and up, cp.async) and the
  * Hopper one (sm90/attention_tma.cu, TMA, persistent): the parameter block,
- * the mma.sync / ldmatrix wrappers and one unit of 16 keys on tensor cores
+ * a packing helper and one unit of 16 keys on tensor cores
  * (S = Q K^T, online softmax in the exp2 domain, O += P V), whose tile
  * layout is a template parameter. */
 #ifndef M3S_CUDA_ATTENTION_CUH
 #define M3S_CUDA_ATTENTION_CUH
 
 #include "common.cuh"
+#include "mma.cuh"
 
 #include <cuda.h> /* CUtensorMap (types only) */
 
@@ -42,41 +43,7 @@ typedef struct {
   float *ws_o, *ws_ml;
 } attn_params;
 
-/* ---- PTX wrappers ------------------------------------------------------ */
-
-static __device__ __forceinline__ uint32_t smem_addr(const void *p) {
-  return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-static __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-/* d += a * b, m16n8k16, fp32 accumulate; F16 picks the f16 or bf16 form. */
-template <bool F16>
-static __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0,
-                                         uint32_t b1) {
-  if (F16)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+/* ---- packing ------------------------------------------------------------ */
 
 /* Two floats -> packed 16-bit pair (RNE), low half = lo. f16 saturates to
  * +-65504 so a large dequantised value cannot become inf. */

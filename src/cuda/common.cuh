@@ -247,6 +247,43 @@ static __device__ __forceinline__ unsigned long long m3s_warp_max_u64(unsigned l
   return ((unsigned long long)hi << 32) | lo;
 }
 
+/* Descending lists of the N largest 64-bit keys a lane has kept (0: an
+ * empty place), for the selections' rounds of a warp maximum.
+ * m3s_keylist_insert adds key k (> 0) and returns 1 when a key fell off the
+ * end (k itself or the last one kept); m3s_keylist_pop drops the first key if
+ * it is the round's winner w and returns 1 when that emptied the list (the
+ * lane then rescans its candidates below w). */
+template <int N>
+static __device__ __forceinline__ int m3s_keylist_insert(unsigned long long k,
+                                                         unsigned long long (&c)[N]) {
+  if (k <= c[N - 1])
+    return 1;
+  const int dropped = c[N - 1] != 0;
+#pragma unroll
+  for (int i = N - 1; i > 0; i--) {
+    if (k > c[i - 1]) {
+      c[i] = c[i - 1];
+    } else {
+      c[i] = k > c[i] ? k : c[i];
+      k = 0;
+    }
+  }
+  c[0] = k > c[0] ? k : c[0];
+  return dropped;
+}
+
+template <int N>
+static __device__ __forceinline__ int m3s_keylist_pop(unsigned long long w,
+                                                    unsigned long long (&c)[N]) {
+  if (c[0] != w || w == 0)
+    return 0;
+#pragma unroll
+  for (int i = 0; i < N - 1; i++)
+    c[i] = c[i + 1];
+  c[N - 1] = 0;
+  return c[0] == 0;
+}
+
 /* The CPU backend's dot product, bit for bit (see the file comment). */
 static_assert(M3S_HEAD_DIM == 128 && M3S_INDEX_DIM == 128,
               "m3s_dot128_fixed serves attention and index scores alike");

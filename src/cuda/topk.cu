@@ -384,26 +384,6 @@ static __device__ unsigned long long cta_max_key(unsigned long long v, unsigned 
 
 #define SEL_CACHE 4 /* keys each thread keeps between rescans */
 
-/* Inserts key k (> 0) into the descending list c; 1 when a key fell off
- * the list's end (k itself, or the last one). */
-static __device__ __forceinline__ int cache_insert(unsigned long long k,
-                                                   unsigned long long (&c)[SEL_CACHE]) {
-  if (k <= c[SEL_CACHE - 1])
-    return 1;
-  const int dropped = c[SEL_CACHE - 1] != 0;
-#pragma unroll
-  for (int i = SEL_CACHE - 1; i > 0; i--) {
-    if (k > c[i - 1]) {
-      c[i] = c[i - 1];
-    } else {
-      c[i] = k > c[i] ? k : c[i];
-      k = 0;
-    }
-  }
-  c[0] = k > c[0] ? k : c[0];
-  return dropped;
-}
-
 /* The SEL_CACHE best keys below `limit` of this thread's candidates
  * b = lo + tid, lo + tid + SEL_THREADS, ... < hi, descending, 0 for none;
  * returns 1 when it left some out (a later rescan can find more). */
@@ -416,7 +396,7 @@ static __device__ int scores_below(const float *S, int64_t lo, int64_t hi,
   for (int64_t bk = lo + threadIdx.x; bk < hi; bk += SEL_THREADS) {
     unsigned long long key = rank_key(S[bk], bk);
     if (key < limit)
-      more |= cache_insert(key, c);
+      more |= m3s_keylist_insert(key, c);
   }
   return more;
 }
@@ -430,7 +410,7 @@ static __device__ int keys_below(const unsigned long long *keys, int n, unsigned
   int more = 0;
   for (int j = threadIdx.x & 31; j < n; j += 32)
     if (keys[j] != 0 && keys[j] < limit)
-      more |= cache_insert(keys[j], c);
+      more |= m3s_keylist_insert(keys[j], c);
   return more;
 }
 
@@ -460,14 +440,8 @@ static __device__ void select_row(const select_args &a, const float *S, int64_t 
     const unsigned long long w = m3s_warp_max_u64(c[0]);
     if (lane == 0)
       wkeys[warp * want + k] = w;
-    if (c[0] == w && w != 0) {
-#pragma unroll
-      for (int i = 0; i < SEL_CACHE - 1; i++)
-        c[i] = c[i + 1];
-      c[SEL_CACHE - 1] = 0;
-      if (c[0] == 0 && more) /* a rescan is a round trip to global memory */
-        more = scores_below(S, lo, hi, w, c);
-    }
+    if (m3s_keylist_pop(w, c) && more) /* a rescan is a round trip to global memory */
+      more = scores_below(S, lo, hi, w, c);
   }
   __syncthreads();
   /* Phase 3: warp 0, the best want of the warps' winners */
@@ -477,14 +451,8 @@ static __device__ void select_row(const select_args &a, const float *S, int64_t 
       const unsigned long long w = m3s_warp_max_u64(c[0]);
       if (lane == 0)
         sel[a.init + a.local + k] = id_of(w);
-      if (c[0] == w && w != 0) {
-#pragma unroll
-        for (int i = 0; i < SEL_CACHE - 1; i++)
-          c[i] = c[i + 1];
-        c[SEL_CACHE - 1] = 0;
-        if (c[0] == 0 && more)
-          more = keys_below(wkeys, SEL_WARPS * want, w, c);
-      }
+      if (m3s_keylist_pop(w, c) && more)
+        more = keys_below(wkeys, SEL_WARPS * want, w, c);
     }
   }
   __syncthreads();

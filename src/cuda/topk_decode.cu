@@ -94,6 +94,7 @@
  * 61% of DRAM bandwidth, 0.53 issued warps per scheduler at 16 warps per SM,
  * ~333 warp instructions per warp and block, ~40% of them outside the
  * scoring (cursor, page table, cp.async issue, barriers, writes). */
+#include "mma.cuh"
 #include "topk_decode.cuh"
 #include "sm90/topk_tc.cuh"
 
@@ -526,12 +527,11 @@ typedef struct {
   int qlen, hkv, pairs, topk, init, local;
 } tcd_params;
 
-/* The staged request: its tokens' positions and blocks, its pairs' query
- * norms (upper bounds) and positions (-1 past the pairs) */
+/* The staged request: its tokens' blocks, its pairs' query norms (upper
+ * bounds) and positions (-1 past the pairs) */
 typedef struct {
   float qn[16];
   int64_t ppos[16];
-  int64_t pos[DEC_MAX_QLEN];
   int64_t nb[DEC_MAX_QLEN]; /* 0 when the token scores nothing */
 } tcd_req;
 
@@ -694,39 +694,6 @@ template <bool E4> static __device__ __forceinline__ float tcd_sumsq2_ru(uint32_
   return __fmaf_ru(hi, hi, __fmaf_ru(lo, lo, s));
 }
 
-/* c += A x B, m16n8k16, fp32 accumulate; fp16 operands for F16, else
- * bf16. */
-template <bool F16>
-static __device__ __forceinline__ void tcd_mma_k16(float (&c)[4], const uint32_t (&a)[4],
-                                                   uint32_t b0, uint32_t b1) {
-  if (F16)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/* c += A x B, m16n8k8 (A: a0 rows 0-7, a1 rows 8-15; B: one word). */
-template <bool F16>
-static __device__ __forceinline__ void tcd_mma_k8(float (&c)[4], uint32_t a0, uint32_t a1,
-                                                  uint32_t b) {
-  if (F16)
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(b));
-  else
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(b));
-}
-
 /* E of an e4m3 pair for its block (derivation: file-top comment): nq bounds
  * the norm of the pair's scaled fp16 query, nk the block's key norms, unscale
  * = 2^-s. Scaled: tc_bound(nq, nk) for the tensor-core dot of the fp16 query,
@@ -740,7 +707,7 @@ static __device__ __forceinline__ float tcd_bound_e4(float nq, float nk, float u
   return __fadd_ru(__fmul_ru(e, unscale), 0x1p-118f);
 }
 
-/* Every thread: request r's token and pair positions into s, warp 0 its
+/* Every thread: request r's token blocks and pair positions into s, warp 0 its
  * pairs' query norms; every warp: its B fragments bq[n8 tile][k16 step][2],
  * tile nt holding pairs 8 nt .. 8 nt + 7 as its columns (lane (g, c): pair
  * 8 nt + g, the dims of tcd_dim). e4m3: the fragments are the rows scaled
@@ -753,7 +720,6 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s,
   if (tid < p.qlen) {
     m3s_row_info ri = m3s_row_lookup(p.b, (int64_t)r * p.qlen + tid);
     int64_t nb = ri.valid ? ri.pos / M3S_BLOCK_SIZE + 1 : 0;
-    s.pos[tid] = ri.pos;
     s.nb[tid] = nb > p.topk ? nb : 0;
   }
   if (tid >= 32 && tid < 48) {
@@ -848,10 +814,7 @@ static __device__ __forceinline__ void tcd_key_quad(const unsigned char *page,
     a[2] = k[0][2 * h + 1];
     a[3] = k[1][2 * h + 1];
   } else {
-    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(page) + ko[x & 3] + 128 * (x >> 2);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                 : "r"(addr));
+    ldsm_x4(a, smem_addr(page) + ko[x & 3] + 128 * (x >> 2));
   }
 }
 
@@ -891,11 +854,11 @@ static __device__ __forceinline__ void tcd_block_partial(int64_t blk, int b,
     tcd_key_quad<E4>(page, ko, x, k, a);
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
-      tcd_mma_k16<E4>(acc[nt], a, bq[nt][x][0], bq[nt][x][1]);
-    tcd_mma_k8<E4>(gram[0][0], a[0], a[1], a[0]);
-    tcd_mma_k8<E4>(gram[0][1], a[0], a[1], a[1]);
-    tcd_mma_k8<E4>(gram[1][0], a[2], a[3], a[2]);
-    tcd_mma_k8<E4>(gram[1][1], a[2], a[3], a[3]);
+      mma16816<E4>(acc[nt], a, bq[nt][x][0], bq[nt][x][1]);
+    mma1688<E4>(gram[0][0], a[0], a[1], a[0]);
+    mma1688<E4>(gram[0][1], a[0], a[1], a[1]);
+    mma1688<E4>(gram[1][0], a[2], a[3], a[2]);
+    mma1688<E4>(gram[1][1], a[2], a[3], a[3]);
   }
   /* Largest key norm of the warp's 16 keys, an upper bound: key g of tile j
    * sits on the diagonal in lane (g, g / 2), element 2 j + (g & 1). The

@@ -58,6 +58,7 @@
  * 8 chunks (ncu, 369d402, the selection code of 5ef0622); the whole top-k
  * 7.70 ms at 5ef0622 against vLLM's 6.77 (peer run). */
 #include "../common.cuh"
+#include "../mma.cuh"
 #include "topk_tc.cuh"
 #include "topk_tc.h"
 #include "tma.cuh"
@@ -530,8 +531,8 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
             int col = ks * 16 + ((lane >> 3) & 1) * 8;
             uint32_t b0, b1, b2, b3;
             tc_ldmatrix_x4(tc_smem_addr(tile + key * TC_PAD + col), b0, b1, b2, b3);
-            tc_mma_bf16(acc[2 * j], af[ks], b0, b1);
-            tc_mma_bf16(acc[2 * j + 1], af[ks], b2, b3);
+            mma16816<false>(acc[2 * j], af[ks], b0, b1);
+            mma16816<false>(acc[2 * j + 1], af[ks], b2, b3);
           }
         }
         tc_row_max(acc, s.pos[r_lo], s.pos[r_hi], b, lane, m_lo, m_hi);
@@ -849,20 +850,9 @@ __device__ __forceinline__ void tc_best_below(const float2 *W, int64_t lo, int64
   for (int i = 0; i < TC_CACHE; i++)
     c[i] = 0;
   for (int64_t b = lo + (threadIdx.x & 31); b < hi; b += 32) {
-    unsigned long long k = tc_entry_key(W, b, kind);
-    if (k >= limit || k <= c[TC_CACHE - 1])
-      continue;
-      /* insertion into the descending list */
-#pragma unroll
-    for (int i = TC_CACHE - 1; i > 0; i--) {
-      if (k > c[i - 1]) {
-        c[i] = c[i - 1];
-      } else {
-        c[i] = k > c[i] ? k : c[i];
-        k = 0;
-      }
-    }
-    c[0] = k > c[0] ? k : c[0];
+    const unsigned long long k = tc_entry_key(W, b, kind);
+    if (k < limit)
+      m3s_keylist_insert(k, c);
   }
 }
 
@@ -887,14 +877,8 @@ static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int
       *k1 = w;
     if (k2 && k + 1 == m2)
       *k2 = w;
-    if (c[0] == w && w != 0) {
-#pragma unroll
-      for (int i = 0; i < TC_CACHE - 1; i++)
-        c[i] = c[i + 1];
-      c[TC_CACHE - 1] = 0;
-      if (c[0] == 0)
-        tc_best_below(W, lo, hi, kind, w, c);
-    }
+    if (m3s_keylist_pop(w, c))
+      tc_best_below(W, lo, hi, kind, w, c);
   }
   return w;
 }

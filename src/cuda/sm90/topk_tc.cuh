@@ -1,8 +1,8 @@
 /* Device pieces of the certified top-k's score kernels: the error bound E of
  * docs/perf-notes.md ("Certified re-scoring: the bound"), which the prefill
  * tile kernel (topk_tc.cu) and the streaming decode kernel
- * (../topk_decode.cu) share; rounded-up norms, the bf16 mma.sync and the
- * exact e4m3 widening of the prefill kernel. */
+ * (../topk_decode.cu) share; rounded-up norms and the exact e4m3 widening
+ * of the prefill kernel. */
 #ifndef M3S_CUDA_TOPK_TC_CUH
 #define M3S_CUDA_TOPK_TC_CUH
 
@@ -36,15 +36,6 @@ static __device__ __forceinline__ float tc_sumsq8_ru(uint4 w, float s) {
     s = __fmaf_ru(hi, hi, s);
   }
   return s;
-}
-
-/* c += A (the m16n8k16 A fragment a[0..3]) x B (b0, b1), bf16 in, fp32
- * accumulate. */
-static __device__ __forceinline__ void tc_mma_bf16(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 /* Two e4m3 codes (low byte first) as two bf16 in one word, exactly (through
