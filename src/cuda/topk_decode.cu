@@ -87,13 +87,14 @@
  *
  * Measured (NVIDIA H200, docs/perf-notes.md, "Decode indexer: ..."): the
  * exact kernel 1.89 ms at 128 requests x 128K (2.3 TB/s, arithmetic-bound);
- * the certified one 1.06 ms there (m3s-bench, 2026-12-03 session 7), 3.2x
- * faster than the exact one at q_len 4 (before this layout), not faster for
- * one request; with an e4m3 cache 0.77 ms (0.96 with the pairs as the mma
- * rows, whose Gram operands took ~88 register moves per block). ncu, e4m3:
- * 61% of DRAM bandwidth, 0.53 issued warps per scheduler at 16 warps per SM,
- * ~333 warp instructions per warp and block, ~40% of them outside the
- * scoring (cursor, page table, cp.async issue, barriers, writes). */
+ * the certified one 1.03 ms there (m3s-bench, 88c5726; 4.17 TB/s, the copy
+ * ceiling), 3.2x faster than the exact one at q_len 4 (before this layout),
+ * not faster for one request; with an e4m3 cache 0.71 ms (0.96 with the
+ * pairs as the mma rows, whose Gram operands took ~88 register moves per
+ * block). ncu, e4m3, before the copy issue was trimmed (e3a7075): 61% of DRAM
+ * bandwidth, 0.53 issued warps per scheduler at 16 warps per SM, ~333 warp
+ * instructions per warp and block, ~40% of them outside the scoring (cursor,
+ * page table, cp.async issue, barriers, writes). */
 #include "mma.cuh"
 #include "topk_decode.cuh"
 #include "sm90/topk_tc.cuh"
