@@ -816,7 +816,7 @@ __device__ __forceinline__ int tc_whole_line(float2 e) {
 }
 
 /* Where an entry's interval puts its block against the thresholds u', l' of
- * tc_select_pair: surely in, uncertain (Q), or surely out. Plain float
+ * tc_select_classify: surely in, uncertain (Q), or surely out. Plain float
  * compares stand for the rank order: the bounds are never NaN and -0 ranks
  * as +0 in both. */
 enum { TC_OUT = 0, TC_IN = 1, TC_UNSURE = 2 };
@@ -968,8 +968,11 @@ __device__ __forceinline__ void tc_prefetch_block(const m3s_cuda_batch &bt, cons
 #endif
 }
 
-/* One pair with nb > K; the whole warp calls it. sel: K slots of this warp;
- * qlist: 32 slots for the uncertain blocks.
+/* The certified selection of one pair with nb > K, in three phases
+ * (tc_select_classify, tc_select_rescore, tc_select_finish; the two kernels
+ * below run them by one warp, or the re-scores by the CTA's warps). sel: K
+ * slots; qlist: 32 slots for the uncertain blocks, qsc their reference
+ * scores.
  *
  * Why this is the reference selection. Let C = [init, nb - local) be the
  * candidates, W = K - init - local the slots they fill (|C| > W since nb > K),
@@ -1002,20 +1005,50 @@ __device__ __forceinline__ void tc_prefetch_block(const m3s_cuda_batch &bt, cons
  * score kernel skips them, a 128-row tensor-core tile would be mostly idle)
  * score every candidate here in the reference order and select on those
  * scores directly. */
-static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_args &a, float2 *W,
-                                      int r, int64_t pos, int64_t nb, int exact, const float *q,
-                                      int32_t *sel, int32_t *qlist, int *cnt, int32_t *out) {
+
+/* Where a pair's selection stands between its phases (tc_select_classify,
+ * tc_select_rescore, tc_select_finish). */
+typedef struct {
+  int nsel; /* forced blocks, at sel[0, nsel) */
+  int n_in; /* surely in, at sel[nsel, nsel + n_in) */
+  int nq;   /* uncertain; listed in qlist[0, nq) when nq <= 32 */
+  int done; /* sel[] complete (nothing to choose, exact rows, more than 32 uncertain) */
+} tc_sel_state;
+
+/* The test hook's counts of one pair (lane 0). */
+static __device__ void tc_add_stats(const tc_select_args &a, unsigned long long cand,
+                                    unsigned long long resc, unsigned long long viol,
+                                    uint32_t max_ratio) {
+  if (!a.stats || (threadIdx.x & 31) != 0)
+    return;
+  atomicAdd(&a.stats->pairs, 1ull);
+  atomicAdd(&a.stats->candidates, cand);
+  atomicAdd(&a.stats->rescored, resc);
+  if (viol)
+    atomicAdd(&a.stats->violations, viol);
+  if (max_ratio)
+    atomicMax(&a.stats->max_ratio_bits, max_ratio);
+}
+
+/* Phase 1 of one pair (the whole warp calls it): forced blocks, then either
+ * the whole exact selection (rows of short requests), or the thresholds, In
+ * and the uncertain list Q; more than 32 uncertain blocks are re-scored and
+ * ranked here too. The pair's stats are counted here. */
+static __device__ __forceinline__ tc_sel_state tc_select_classify(const m3s_cuda_batch &bt,
+                                                  const tc_select_args &a, float2 *W, int r,
+                                                  int64_t pos, int64_t nb, int exact,
+                                                  const float *q, int32_t *sel, int32_t *qlist,
+                                                  int *cnt) {
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
   const int64_t lo = a.init, hi = nb - a.local;
+  tc_sel_state st = {a.init + a.local, 0, 0, 1};
+  unsigned long long cand = 0, resc = 0, viol = 0;
+  uint32_t max_ratio = 0;
   for (int k = lane; k < a.init; k += 32)
     sel[k] = k;
   for (int k = lane; k < a.local; k += 32)
     sel[a.init + k] = (int32_t)(nb - a.local + k);
-  const int nsel = a.init + a.local;
-  unsigned long long cand = 0, resc = 0, viol = 0;
-  uint32_t max_ratio = 0;
-  int nq = 0; /* uncertain blocks listed in qlist (more than 32: not listed) */
   if (want > 0 && exact) {
     for (int64_t b = lo; b < hi; b++) {
       float sx = tc_exact_block(bt, a, r, b, pos, q);
@@ -1024,9 +1057,10 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
     }
     cand = resc = (unsigned long long)(hi - lo);
     __syncwarp(); /* the entries are visible to the warp */
-    tc_nth_key(W, lo, hi, TC_BY_EXACT, want, sel + nsel);
+    tc_nth_key(W, lo, hi, TC_BY_EXACT, want, sel + st.nsel);
   } else if (want > 0) {
-    /* thresholds u' and l' (see above) from one ranking of S~ */
+    /* thresholds u' and l' (see the proof above) from one ranking
+     * of S~ */
     int n_inf = 0;
     float e_max = 0.0f;
     for (int64_t b = lo + lane; b < hi; b += 32) {
@@ -1071,7 +1105,7 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
     for (int64_t b = lo + lane; b < hi; b += 32) {
       const int c = tc_class(W[b], u_p, l_p);
       if (c == TC_IN) {
-        sel[nsel + atomicAdd(&cnt[0], 1)] = (int32_t)b;
+        sel[st.nsel + atomicAdd(&cnt[0], 1)] = (int32_t)b;
       } else if (c == TC_UNSURE) {
         int j = atomicAdd(&cnt[1], 1);
         if (j < 32)
@@ -1079,30 +1113,12 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
       }
     }
     __syncwarp(); /* sel[], qlist[] and the counts are visible to the warp */
-    const int n_in = cnt[0];
-    nq = cnt[1];
+    st.n_in = cnt[0];
+    st.nq = cnt[1];
     cand = (unsigned long long)(hi - lo);
-    resc = (unsigned long long)nq;
-    const int rest = want - n_in;
-    if (nq <= 32) {
-      /* re-score Q; lane j keeps the key of qlist[j], then each lane ranks
-       * its own among them and the best `rest` fill the slots */
-      unsigned long long k = 0;
-      const int32_t id = lane < nq ? qlist[lane] : -1;
-      if (id >= 0 && !a.no_rescore)
-        tc_prefetch_block(bt, a, r, id);
-      for (int j = 0; j < nq; j++) {
-        const int32_t bj = qlist[j];
-        float sx = a.no_rescore ? W[bj].x : tc_exact_block(bt, a, r, bj, pos, q);
-        if (lane == j)
-          k = tc_key(tc_ord(sx), bj);
-      }
-      int rank = 0;
-      for (int j = 0; j < nq; j++)
-        rank += __shfl_sync(TC_FULL, k, j) > k;
-      if (lane < nq && rank < rest)
-        sel[nsel + n_in + rank] = id;
-    } else {
+    resc = (unsigned long long)st.nq;
+    st.done = st.nq > 32;
+    if (st.done) {
       /* more than 32 uncertain blocks (adversarial ties): re-score each in
        * place as (S, -1), then rank the re-scored ones */
       for (int64_t base = lo; base < hi; base += 32) {
@@ -1118,8 +1134,50 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
         }
       }
       __syncwarp();
-      tc_nth_key(W, lo, hi, TC_BY_EXACT, rest, sel + nsel + n_in);
+      tc_nth_key(W, lo, hi, TC_BY_EXACT, want - st.n_in, sel + st.nsel + st.n_in);
     }
+  }
+  tc_add_stats(a, cand, resc, viol, max_ratio);
+  return st;
+}
+
+/* Phase 2 (a warp): the reference scores of the listed uncertain blocks
+ * j = j0, j0 + step, ... < nq into qsc[j] (their pages first prefetched
+ * into L2, all at once). */
+static __device__ __forceinline__ void tc_select_rescore(const m3s_cuda_batch &bt, const tc_select_args &a,
+                                         const float2 *W, int r, int64_t pos, const float *q,
+                                         const int32_t *qlist, int nq, int j0, int step,
+                                         float *qsc) {
+  const int lane = threadIdx.x & 31;
+  const int jl = j0 + lane * step;
+  if (jl < nq && !a.no_rescore)
+    tc_prefetch_block(bt, a, r, qlist[jl]);
+  for (int j = j0; j < nq; j += step) {
+    const int32_t bj = qlist[j];
+    float sx = a.no_rescore ? W[bj].x : tc_exact_block(bt, a, r, bj, pos, q);
+    if (lane == 0)
+      qsc[j] = sx;
+  }
+}
+
+/* Phase 3 (the whole warp, qsc visible to it): the best of Q fill the
+ * remaining slots unless phase 1 finished, then the K ids in ascending
+ * order. */
+static __device__ __forceinline__ void tc_select_finish(const tc_select_args &a, const tc_sel_state &st,
+                                        int32_t *sel, const int32_t *qlist, const float *qsc,
+                                        int32_t *out) {
+  const int lane = threadIdx.x & 31;
+  if (!st.done) {
+    /* lane j keeps the key of qlist[j], then each lane ranks its own among
+     * them and the best `rest` fill the slots */
+    const int rest = a.topk - st.nsel - st.n_in;
+    const int32_t id = lane < st.nq ? qlist[lane] : -1;
+    const unsigned long long k = lane < st.nq ? tc_key(tc_ord(qsc[lane]), id) : 0ull;
+    int rank = 0;
+    for (int j = 0; j < st.nq; j++)
+      rank += __shfl_sync(TC_FULL, k, j) > k;
+    if (lane < st.nq && rank < rest)
+      sel[st.nsel + st.n_in + rank] = id;
   }
   __syncwarp();
   /* ascending order by rank (ids are distinct) */
@@ -1130,62 +1188,137 @@ static __device__ void tc_select_pair(const m3s_cuda_batch &bt, const tc_select_
       rank += sel[i] < id;
     out[rank * a.o_s2] = id;
   }
-  if (a.stats && lane == 0) {
-    atomicAdd(&a.stats->pairs, 1ull);
-    atomicAdd(&a.stats->candidates, cand);
-    atomicAdd(&a.stats->rescored, resc);
-    if (viol)
-      atomicAdd(&a.stats->violations, viol);
-  }
-  if (a.stats && lane == 0 && max_ratio)
-    atomicMax(&a.stats->max_ratio_bits, max_ratio);
   __syncwarp(); /* sel[] is reused by the warp's next pair */
 }
 
+/* A pair's row: its request and position, its output row, its blocks nb
+ * (0 for padded and invalid rows). */
+static __device__ int64_t tc_pair_row(const m3s_cuda_batch &bt, const tc_select_args &a,
+                                      int64_t lp, m3s_row_info &ri, int32_t *&out) {
+  const int64_t t = a.row0 + lp / a.hkv, g = lp % a.hkv;
+  out = a.out + t * a.o_s0 + g * a.o_s1;
+  ri = m3s_row_lookup(bt, t);
+  return ri.valid ? tc_blocks_of(ri.pos) : 0;
+}
+
+/* The answer when nb <= K (a warp): every visible block, then -1. */
+static __device__ void tc_write_all(const tc_select_args &a, int64_t nb, int32_t *out) {
+  for (int k = threadIdx.x & 31; k < a.topk; k += 32)
+    out[k * a.o_s2] = k < nb ? k : -1;
+}
+
+/* The pair's query as fp32 into q (threads i of n). */
+static __device__ void tc_stage_query(const tc_select_args &a, int64_t lp, float *q, int i, int n) {
+  const int64_t t = a.row0 + lp / a.hkv, g = lp % a.hkv;
+  for (int d = i; d < M3S_INDEX_DIM; d += n)
+    q[d] = __uint_as_float((uint32_t)a.iq[t * a.iq_s0 + g * a.iq_s1 + d] << 16);
+}
+
+/* The pair's entries W[init, nb - local) copied to c by threads i of n, 8
+ * loads in flight per thread (every ranking pass then reads shared memory;
+ * the passes are latency-bound). */
+static __device__ void tc_copy_entries(const tc_select_args &a, const float2 *W, int64_t nb,
+                                       float2 *c, int i, int n) {
+  const int64_t lo = a.init, hi = nb - a.local;
+  for (int64_t b0 = lo; b0 < hi; b0 += (int64_t)n * 8) {
+    float2 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++)
+      if (b0 + i + n * u < hi)
+        v[u] = __ldcg(W + b0 + i + n * u);
+#pragma unroll
+    for (int u = 0; u < 8; u++)
+      if (b0 + i + n * u < hi)
+        c[b0 + i + n * u] = v[u];
+  }
+}
+
+/* One pair per warp, TC_SEL_WARPS pairs per CTA (batches with many pairs). */
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     tc_select_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ float qsh[TC_SEL_WARPS][M3S_INDEX_DIM];
   __shared__ int32_t selsh[TC_SEL_WARPS][M3S_MAX_TOPK];
   __shared__ int32_t qlsh[TC_SEL_WARPS][32];
+  __shared__ float qscsh[TC_SEL_WARPS][32];
   __shared__ int cntsh[TC_SEL_WARPS][2];
   __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
-    int64_t t = a.row0 + lp / a.hkv, g = lp % a.hkv;
-    int32_t *out = a.out + t * a.o_s0 + g * a.o_s1;
-    m3s_row_info ri = m3s_row_lookup(bt, t);
-    int64_t nb = ri.valid ? tc_blocks_of(ri.pos) : 0;
+    m3s_row_info ri;
+    int32_t *out;
+    const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
     if (nb <= a.topk) {
-      for (int k = lane; k < a.topk; k += 32)
-        out[k * a.o_s2] = k < nb ? k : -1;
+      tc_write_all(a, nb, out);
       continue;
     }
-    for (int d = lane; d < M3S_INDEX_DIM; d += 32)
-      qsh[warp][d] = __uint_as_float((uint32_t)a.iq[t * a.iq_s0 + g * a.iq_s1 + d] << 16);
+    tc_stage_query(a, lp, qsh[warp], lane, 32);
     const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
     float2 *W = a.ws + lp * a.max_nb;
-    if (nb - a.local <= TC_SEL_CACHE) {
-      /* the pair's entries read once, 8 loads in flight per lane, then every
-       * ranking pass reads shared memory (the passes are latency-bound) */
-      float2 *c = wsh[warp];
-      const int64_t lo = a.init, hi = nb - a.local;
-      for (int64_t b0 = lo; !exact && b0 < hi; b0 += 32 * 8) {
-        float2 v[8];
-#pragma unroll
-        for (int u = 0; u < 8; u++)
-          if (b0 + lane + 32 * u < hi)
-            v[u] = __ldcg(W + b0 + lane + 32 * u);
-#pragma unroll
-        for (int u = 0; u < 8; u++)
-          if (b0 + lane + 32 * u < hi)
-            c[b0 + lane + 32 * u] = v[u];
-      }
-      W = c;
+    if (nb - a.local <= TC_SEL_CACHE && !exact) {
+      tc_copy_entries(a, W, nb, wsh[warp], lane, 32);
+      W = wsh[warp];
     }
     __syncwarp();
-    tc_select_pair(bt, a, W, ri.r, ri.pos, nb, exact, qsh[warp], selsh[warp], qlsh[warp], cntsh[warp],
-                   out);
+    tc_sel_state st = tc_select_classify(bt, a, W, ri.r, ri.pos, nb, exact, qsh[warp],
+                                         selsh[warp], qlsh[warp], cntsh[warp]);
+    if (!st.done)
+      tc_select_rescore(bt, a, W, ri.r, ri.pos, qsh[warp], qlsh[warp], st.nq, 0, 1, qscsh[warp]);
+    __syncwarp();
+    tc_select_finish(a, st, selsh[warp], qlsh[warp], qscsh[warp], out);
+  }
+}
+
+/* One pair per CTA (batches with few pairs, where the pairs alone would
+ * leave most SMs idle): warp 0 ranks; the uncertain blocks' exact re-scores,
+ * the selection's longest part at small batches (a quarter of the pairs
+ * re-score one block or more at 16 x 32K, about five each for one 128K
+ * request), are shared by the CTA's warps. Same result as tc_select_kernel:
+ * the phases are the same functions. At most one CTA per SM (no more pairs
+ * than SMs), so registers are not capped for occupancy (175, no spills; the
+ * warp-per-pair kernel keeps 128 with 16 bytes of spills outside its
+ * loops). */
+static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, 1)
+    tc_select_wide_kernel(m3s_cuda_batch bt, tc_select_args a) {
+  __shared__ float qsh[M3S_INDEX_DIM];
+  __shared__ int32_t selsh[M3S_MAX_TOPK];
+  __shared__ int32_t qlsh[32];
+  __shared__ float qscsh[32];
+  __shared__ int cntsh[2];
+  __shared__ float2 wsh[TC_SEL_CACHE];
+  __shared__ tc_sel_state stsh;
+  const int warp = threadIdx.x >> 5;
+  for (int64_t lp = blockIdx.x; lp < a.npairs; lp += gridDim.x) {
+    m3s_row_info ri;
+    int32_t *out;
+    const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
+    if (nb <= a.topk) { /* uniform over the CTA */
+      if (warp == 0)
+        tc_write_all(a, nb, out);
+      continue;
+    }
+    tc_stage_query(a, lp, qsh, threadIdx.x, TC_SEL_WARPS * 32);
+    const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
+    float2 *W = a.ws + lp * a.max_nb;
+    if (nb - a.local <= TC_SEL_CACHE && !exact) {
+      tc_copy_entries(a, W, nb, wsh, threadIdx.x, TC_SEL_WARPS * 32);
+      W = wsh;
+    }
+    __syncthreads(); /* q and the entries are visible to every warp */
+    if (warp == 0) {
+      tc_sel_state st = tc_select_classify(bt, a, W, ri.r, ri.pos, nb, exact, qsh, selsh, qlsh,
+                                           cntsh);
+      if ((threadIdx.x & 31) == 0)
+        stsh = st;
+    }
+    __syncthreads(); /* the state and the list */
+    const tc_sel_state st = stsh;
+    if (!st.done)
+      tc_select_rescore(bt, a, W, ri.r, ri.pos, qsh, qlsh, st.nq, warp, TC_SEL_WARPS, qscsh);
+    __syncthreads(); /* the scores */
+    if (warp == 0)
+      tc_select_finish(a, st, selsh, qlsh, qscsh, out);
+    __syncthreads(); /* the shared arrays are reused by the next pair */
   }
 }
 
@@ -1228,9 +1361,15 @@ static int tc_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache,
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/* Phase 2 over se.npairs (row, head) pairs from se.row0: a warp per pair. */
-static m3s_status tc_launch_select(const m3s_cuda_batch &cb, const tc_select_args &se,
-                                   cudaStream_t stream, const char *fn) {
+/* Phase 2 over se.npairs (row, head) pairs from se.row0: a warp per pair, or
+ * a CTA per pair when there are no more pairs than SMs (host bounds only). */
+static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
+                                   const tc_select_args &se, cudaStream_t stream,
+                                   const char *fn) {
+  if (se.npairs <= (int64_t)m3s_cuda_num_sms(ctx)) {
+    tc_select_wide_kernel<<<(unsigned)se.npairs, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
+    return m3s_cuda_check_launch(fn, "tc_select_wide_kernel");
+  }
   int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
   tc_select_kernel<<<(unsigned)(ctas < INT32_MAX ? ctas : INT32_MAX), TC_SEL_WARPS * 32, 0,
                      stream>>>(cb, se);
@@ -1299,7 +1438,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     se.row0 = 0;
     se.npairs = plan.rows * hkv;
     se.all_scored = 1;
-    return tc_launch_select(cb, se, stream, fn);
+    return tc_launch_select(ctx, cb, se, stream, fn);
   }
 
   const int64_t sms = m3s_cuda_num_sms(ctx);
@@ -1344,7 +1483,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */
-    st = tc_launch_select(cb, se, stream, fn);
+    st = tc_launch_select(ctx, cb, se, stream, fn);
     if (st)
       return st;
   }
