@@ -156,10 +156,23 @@ static __device__ __forceinline__ void at_consumer_sync(void) {
 
 /* ---- the producer warp ----------------------------------------------------- */
 
-/* Sorted valid selection of (t, g) into s.id / s.page; returns its size.
- * Every lane of the producer warp calls it. */
+/* The top-k entries e = lane and lane + 32 of (t, g) (K <= 64), read
+ * before the row's lookup so that the two loads overlap. */
+static __device__ __forceinline__ void at_topk_ids(const attn_params &p, int64_t t, int g,
+                                                   int lane, int (&ids)[2]) {
+  static_assert(M3S_MAX_TOPK <= 64, "two entries per lane");
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    const int e = lane + 32 * j;
+    ids[j] = e < p.topk_k ? p.topk[t * p.tk_s0 + g * p.tk_s1 + e * p.tk_s2] : -1;
+  }
+}
+
+/* Sorted valid selection of (t, g) into s.id / s.page from its entries ids
+ * (at_topk_ids); returns its size. Every lane of the producer warp calls
+ * it. */
 template <class S>
-static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, int64_t t, int g,
+static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, const int (&ids)[2],
                                 S &s, int lane) {
   int kk = 0;
   int64_t nb = 0;
@@ -167,8 +180,12 @@ static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, in
     nb = ri.pos / M3S_BLOCK_SIZE + 1;
     kk = (int)(nb < p.topk_k ? nb : p.topk_k);
   }
-  for (int e = lane; e < kk; e += 32) {
-    int id = p.topk[t * p.tk_s0 + g * p.tk_s1 + e * p.tk_s2];
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    const int e = lane + 32 * j;
+    if (e >= kk)
+      continue;
+    const int id = ids[j];
     int64_t page = -1;
     if (id >= 0 && id < nb)
       page = m3s_cp_page(p.b, p.b.bt, p.b.bt_s0, p.b.bt_s1, p.b.bt_cols, ri.r, id, p.num_pages);
@@ -209,7 +226,12 @@ static __device__ __forceinline__ void at_item_of(const attn_params &p, int64_t 
  * block, half by half), so one wait at a time: lanes that each waited on their
  * own warp's slots ran their spin loops one divergent path at a time and
  * kept the ring half empty (ncu: consumers 54% of their stalls on full
- * slots, DRAM at 78%). */
+ * slots, DRAM at 78%). An item's Q tile is requested before its selection
+ * is read (it needs only the item's row and heads), and its top-k entries
+ * before the row's lookup: at batch 1, where every CTA has one item, these
+ * round trips were in series with the K/V loads. The descriptor's barrier
+ * completes on the Q bytes and lane 0's arrival after it wrote the
+ * descriptor. */
 template <bool FP8>
 static __device__ void at_produce(const attn_params &p, const CUtensorMap *kv_map,
                                   const CUtensorMap *q_map, int qbox, at_smem<FP8> &s,
@@ -224,8 +246,17 @@ static __device__ void at_produce(const attn_params &p, const CUtensorMap *kv_ma
     int64_t t;
     int g, chunk, split;
     at_item_of(p, i, t, g, chunk, split);
+    const int h0 = g * p.group + chunk * HEADS_PER_CTA;
+    if (lane == 0) {
+      sm90_bar_wait(&s.dempty[d], ((k / AT_DESC) & 1) ^ 1);
+      sm90_bar_expect_tx(&s.dfull[d], 2u * (uint32_t)qbox * 128u);
+      sm90_tma_load_3d(s.qtile[d], q_map, 0, h0, (int)t, &s.dfull[d]);
+      sm90_tma_load_3d(s.qtile[d] + AT_UNIT_BYTES, q_map, 64, h0, (int)t, &s.dfull[d]);
+    }
+    int ids[2];
+    at_topk_ids(p, t, g, lane, ids);
     const m3s_row_info ri = m3s_row_lookup(p.b, t);
-    const int n = at_select(p, ri, t, g, s, lane);
+    const int n = at_select(p, ri, ids, s, lane);
     const int per = (n + p.nsplit - 1) / p.nsplit;
     const int b0 = min(n, split * per), b1 = min(n, b0 + per);
     if (lane == 0) {
@@ -234,18 +265,10 @@ static __device__ void at_produce(const attn_params &p, const CUtensorMap *kv_ma
         int64_t nk = ri.pos + 1 - (int64_t)s.id[b1 - 1] * M3S_BLOCK_SIZE;
         nvis_last = nk > M3S_BLOCK_SIZE ? M3S_BLOCK_SIZE : (int)nk;
       }
-      const int h0 = g * p.group + chunk * HEADS_PER_CTA;
-      sm90_bar_wait(&s.dempty[d], ((k / AT_DESC) & 1) ^ 1);
       at_item it = {t, h0, min(HEADS_PER_CTA, p.group - chunk * HEADS_PER_CTA), split, b1 - b0,
                     nvis_last};
       s.item[d] = it;
-      if (b1 > b0) {
-        sm90_bar_arrive_tx(&s.dfull[d], 2u * (uint32_t)qbox * 128u);
-        sm90_tma_load_3d(s.qtile[d], q_map, 0, h0, (int)t, &s.dfull[d]);
-        sm90_tma_load_3d(s.qtile[d] + AT_UNIT_BYTES, q_map, 64, h0, (int)t, &s.dfull[d]);
-      } else {
-        sm90_bar_arrive(&s.dfull[d]);
-      }
+      sm90_bar_arrive(&s.dfull[d]);
       for (int bi = b0; bi < b1; bi++) {
         const int nv = bi == b1 - 1 ? nvis_last : M3S_BLOCK_SIZE;
         const int page = (int)s.page[bi];

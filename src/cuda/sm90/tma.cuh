@@ -47,6 +47,19 @@ static __device__ __forceinline__ void sm90_bar_arrive_tx(unsigned long long *ba
 #endif
 }
 
+/* Adds `bytes` to the transaction count the current phase waits for,
+ * without arriving (the arrival comes later, e.g. once the data it
+ * describes is written). */
+static __device__ __forceinline__ void sm90_bar_expect_tx(unsigned long long *bar, unsigned bytes) {
+#if M3S_SM90_TMA
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(sm90_smem(bar)),
+               "r"(bytes)
+               : "memory");
+#else
+  (void)bar, (void)bytes;
+#endif
+}
+
 /* Waits until the phase of parity `parity` of the barrier has completed (on
  * a fresh barrier, parity 1 counts as completed). */
 static __device__ __forceinline__ void sm90_bar_wait(unsigned long long *bar, unsigned parity) {
