@@ -1275,7 +1275,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
  * re-score one block or more at 16 x 32K, about five each for one 128K
  * request), are shared by the CTA's warps. Same result as tc_select_kernel:
  * the phases are the same functions. At most one CTA per SM (no more pairs
- * than SMs), so registers are not capped for occupancy (175, no spills; the
+ * than SMs), so registers are not capped for occupancy (168, no spills; the
  * warp-per-pair kernel keeps 128 with 16 bytes of spills outside its
  * loops). */
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, 1)
