@@ -385,8 +385,8 @@ static __global__ void __launch_bounds__(ATT_THREADS) attn_kernel(const attn_par
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunk = (int)(blockIdx.x % p.nchunk);
   const int64_t tg = blockIdx.x / p.nchunk;
-  const int g = (int)(tg % p.hkv);
-  const int64_t t = tg / p.hkv;
+  const int g = (int)(tg / p.b.num_tokens);
+  const int64_t t = tg % p.b.num_tokens;
   const int split = blockIdx.y;
   const int h0 = g * p.group + chunk * HEADS_PER_CTA;
   const int nh = min(HEADS_PER_CTA, p.group - chunk * HEADS_PER_CTA);
