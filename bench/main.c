@@ -95,7 +95,7 @@ static void usage(FILE *f) {
 "                    wgmma on sm_90 for a bf16 index cache), exact (the CUDA-core\n"
 "                    path for every batch), mma (certified, mma.sync scores) or\n"
 "                    certified (decode: the certified streaming kernel also for\n"
-"                    batches under 16 requests and one pair per request)\n"
+"                    the small batches the dispatch keeps on the exact kernel)\n"
 "  --attn-path P     default (the persistent TMA kernel on sm_90 for 16-bit\n"
 "                    caches of q's dtype) or generic (the cp.async kernel always)\n"
 "  --budget SEC      stop starting cases after SEC seconds                   [420]\n"

@@ -78,7 +78,15 @@
 #define TC_SEL_WARPS 4
 #define TC_SEL_CACHE 1024 /* candidate entries a selection warp copies into shared memory */
 #define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
-#define TC_DEC_MIN_REQS 16 /* decode batches below this keep the exact streaming kernel */
+/* Decode batches with fewer (token, KV head) pairs than this keep the exact
+ * streaming kernel: below it the fixed-order scores of a few pairs cost less
+ * than the certified kernel's score + selection chain (m3s-bench, H200,
+ * docs/perf-notes.md "Small decode batches: measured"). Long contexts cross
+ * over earlier. One pair per request at many requests stays exact too. */
+#define TC_DEC_MIN_PAIRS 32
+#define TC_DEC_MIN_PAIRS_LONG 16
+#define TC_DEC_LONG_CTX 65536
+#define TC_DEC_ONE_PAIR_MAX_REQS 64
 #define TC_WS_BUDGET ((int64_t)128 << 20)
 #define TC_NORM_BUDGET ((int64_t)64 << 20) /* key norms of the TMA kernel, beyond: mma.sync */
 #define TC_FULL 0xffffffffu
@@ -139,6 +147,14 @@ extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max
   return ((n + 255) & ~(size_t)255) + (norms < (size_t)TC_NORM_BUDGET ? norms : (size_t)TC_NORM_BUDGET);
 }
 
+static int tc_decode_pays(const m3s_layer_config *cfg, const m3s_batch *batch) {
+  const int64_t per_req = (int64_t)cfg->num_kv_heads * batch->uniform_q_len;
+  const int64_t pairs = (int64_t)batch->num_reqs * per_req;
+  if (per_req < 2 && batch->num_reqs >= TC_DEC_ONE_PAIR_MAX_REQS)
+    return 0;
+  return pairs >= (batch->max_seq_len >= TC_DEC_LONG_CTX ? TC_DEC_MIN_PAIRS_LONG : TC_DEC_MIN_PAIRS);
+}
+
 extern "C" int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_config *cfg,
                                     const m3s_batch *batch, const m3s_tensor *iq,
                                     const m3s_tensor *index_cache) {
@@ -146,11 +162,9 @@ extern "C" int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_conf
   if (hooks.exact_only)
     return 0;
   if (batch->uniform_q_len > 0) {
-    /* decode: the streaming certified kernel, every row in one chunk; small
-     * batches and one (token, head) pair per request stay on the exact
-     * streaming kernel, which measured faster there (docs/perf-notes.md) */
-    if (!hooks.decode_any && (batch->num_reqs < TC_DEC_MIN_REQS ||
-                              (int64_t)cfg->num_kv_heads * batch->uniform_q_len < 2))
+    /* decode: the streaming certified kernel, every row in one chunk; the
+     * batches the exact streaming kernel does faster stay there */
+    if (!hooks.decode_any && !tc_decode_pays(cfg, batch))
       return 0;
     tc_plan p = tc_plan_of(cfg, batch->num_tokens, batch->max_seq_len);
     return p.ok && p.chunk_rows >= p.rows &&
