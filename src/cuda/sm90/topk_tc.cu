@@ -82,11 +82,10 @@
  * streaming kernel: below it the fixed-order scores of a few pairs cost less
  * than the certified kernel's score + selection chain (m3s-bench, H200,
  * docs/perf-notes.md "Small decode batches: measured"). Long contexts cross
- * over earlier. One pair per request at many requests stays exact too. */
+ * over earlier. */
 #define TC_DEC_MIN_PAIRS 32
 #define TC_DEC_MIN_PAIRS_LONG 16
 #define TC_DEC_LONG_CTX 65536
-#define TC_DEC_ONE_PAIR_MAX_REQS 64
 #define TC_WS_BUDGET ((int64_t)128 << 20)
 #define TC_NORM_BUDGET ((int64_t)64 << 20) /* key norms of the TMA kernel, beyond: mma.sync */
 #define TC_FULL 0xffffffffu
@@ -148,10 +147,7 @@ extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max
 }
 
 static int tc_decode_pays(const m3s_layer_config *cfg, const m3s_batch *batch) {
-  const int64_t per_req = (int64_t)cfg->num_kv_heads * batch->uniform_q_len;
-  const int64_t pairs = (int64_t)batch->num_reqs * per_req;
-  if (per_req < 2 && batch->num_reqs >= TC_DEC_ONE_PAIR_MAX_REQS)
-    return 0;
+  const int64_t pairs = (int64_t)batch->num_reqs * cfg->num_kv_heads * batch->uniform_q_len;
   return pairs >= (batch->max_seq_len >= TC_DEC_LONG_CTX ? TC_DEC_MIN_PAIRS_LONG : TC_DEC_MIN_PAIRS);
 }
 
