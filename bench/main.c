@@ -96,8 +96,11 @@ static void usage(FILE *f) {
 "                    path for every batch), mma (certified, mma.sync scores) or\n"
 "                    certified (decode: the certified streaming kernel also for\n"
 "                    the small batches the dispatch keeps on the exact kernel)\n"
-"  --attn-path P     default (the persistent TMA kernel on sm_90 for 16-bit\n"
-"                    caches of q's dtype) or generic (the cp.async kernel always)\n"
+"  --attn-path P     default (sm_90: the persistent TMA kernel for one row per\n"
+"                    request, the union kernel for prefill and speculative\n"
+"                    batches with a cache of q's dtype, contexts <= 32K and work\n"
+"                    for >= half the SMs), generic (the cp.async kernel always)\n"
+"                    or union (the union kernel for every batch it can run)\n"
 "  --budget SEC      stop starting cases after SEC seconds                   [420]\n"
 "  --case-budget SEC fewer reps/sets when a case would take longer          [20]\n"
 "  --mem-gb G        cap of the cache pool (default: free memory less buffers)\n"
@@ -255,10 +258,12 @@ static int parse_args(int argc, char **argv, options *o) {
       }
       break;
     case O_ATTNPATH:
-      if (strcmp(optarg, "default") == 0 || strcmp(optarg, "generic") == 0) {
+      if (strcmp(optarg, "default") == 0 || strcmp(optarg, "generic") == 0 ||
+          strcmp(optarg, "union") == 0) {
         o->attn_generic = strcmp(optarg, "generic") == 0;
+        o->attn_union = strcmp(optarg, "union") == 0;
       } else {
-        fprintf(stderr, "m3s-bench: --attn-path must be default or generic\n");
+        fprintf(stderr, "m3s-bench: --attn-path must be default, generic or union\n");
         return 0;
       }
       break;
@@ -381,6 +386,10 @@ int main(int argc, char **argv) {
     /* the path switch of src/cuda/sm90/attention_tma.h (per context) */
     m3s_attention_set_generic(B.ctx, 1);
     printf("m3s-bench: attention on the generic kernel\n");
+  }
+  if (o->attn_union) {
+    m3s_attention_set_union_any(B.ctx, 1);
+    printf("m3s-bench: attention on the union kernel wherever it can run\n");
   }
   if (cudaMalloc(&B.tc_stats, sizeof(m3s_topk_tc_stats)) != cudaSuccess) {
     cudaGetLastError();

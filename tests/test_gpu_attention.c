@@ -43,7 +43,8 @@
 static m3s_context *g_cpu, *g_gpu;
 static int g_quick;
 static int g_time;
-static int g_tma_cases; /* cases the sm_90 TMA kernel ran (then the generic one too) */
+static int g_tma_cases;   /* cases the sm_90 persistent kernel ran (then the generic one too) */
+static int g_union_cases; /* cases the sm_90 union kernel ran (by default or forced) */
 static uint64_t g_seed = 20261107;
 
 static m3s_layer_config cfg_of(int hq, int hkv, int k) {
@@ -229,25 +230,41 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   if (!CHECK(ok, name))
     fprintf(stderr, "%s: device upload failed\n", name);
   double t3 = gpu_now_ms();
-  const int tma = ok && m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t, &g.scales);
-  g_tma_cases += tma;
+  static const char *const kernel_name[] = {"generic", "tma", "union"};
+  const int kind =
+      ok ? m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t, &g.scales) : 0;
+  g_tma_cases += kind == M3S_ATTN_PERSISTENT;
+  g_union_cases += kind == M3S_ATTN_UNION;
   double ref_err = 0.0, cpu_err = 0.0;
   ok = ok && device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name,
-                           tma ? "tma" : "generic", &ref_err, &cpu_err);
+                           kernel_name[kind], &ref_err, &cpu_err);
   double t4 = gpu_now_ms();
-  if (ok && tma) {
-    double ref2 = 0.0, cpu2 = 0.0;
+  double ref2 = 0.0, cpu2 = 0.0;
+  if (ok && kind != M3S_ATTN_GENERIC) {
     m3s_attention_set_generic(g_gpu, 1);
     device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name, "generic",
                   &ref2, &cpu2);
     m3s_attention_set_generic(g_gpu, 0);
   }
+  /* the union kernel on every batch it can run, however small */
+  int forced = 0;
+  if (ok && kind != M3S_ATTN_UNION) {
+    m3s_attention_set_union_any(g_gpu, 1);
+    forced = m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t, &g.scales) ==
+             M3S_ATTN_UNION;
+    if (forced)
+      device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name,
+                    "union (forced)", &ref2, &cpu2);
+    m3s_attention_set_union_any(g_gpu, 0);
+    g_union_cases += forced;
+  }
   if (ok && g_time)
     time_case(&f, &g, dev_topk, name);
   printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f "
-         "ms)%s\n",
+         "ms)  %s%s%s\n",
          name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0,
-         tma ? "  tma+generic" : "");
+         kernel_name[kind], kind != M3S_ATTN_GENERIC ? "+generic" : "",
+         forced ? "+union" : "");
   gpu_fx_free(&g);
   free(dev_topk);
   free(ref_topk);
@@ -487,6 +504,18 @@ static void test_prefill(void) {
   s2.kv_dtype = M3S_F16;
   s2.topk_head_major = 1;
   run_case("prefill_257_tp8_f16_head_major_topk", s2, NULL);
+  /* many short requests in one group of the union kernel's 8 rows, rows of
+   * requests without new tokens between them, prompts shorter than a block */
+  static const int32_t qlr[] = {3, 1, 0, 5, 2, 7, 1, 0, 1, 9, 4, 130};
+  static const int32_t slr[] = {3, 2900, 0, 1000, 2, 7, 129, 50, 5000, 300, 260, 130};
+  fx_spec r = spec_of(m3s_config_minimax_m3(1), 12, qlr, slr);
+  r.token_major = 1;
+  r.qsl_base = 1;
+  run_case("prefill_ragged_short_requests_tp1_bf16_token_major", r, NULL);
+  fx_spec r8 = spec_of(m3s_config_minimax_m3(8), 12, qlr, slr);
+  r8.act_dtype = M3S_F16;
+  r8.kv_dtype = M3S_F16;
+  run_case("prefill_ragged_short_requests_tp8_f16", r8, NULL);
   if (g_quick)
     return;
   static const int32_t ql3[] = {1, 1000};
@@ -670,9 +699,13 @@ int main(void) {
   int dev = 0;
   const char *filter = getenv("M3S_TEST_FILTER");
   if (cudaGetDevice(&dev) == cudaSuccess && cudaGetDeviceProperties(&prop, dev) == cudaSuccess &&
-      prop.major == 9 && !(filter && filter[0]))
-    CHECK(g_tma_cases > 0, "the sm_90 TMA attention kernel ran on some case");
-  printf("test_gpu_attention: %d cases on the TMA kernel (and the generic one)\n", g_tma_cases);
+      prop.major == 9 && !(filter && filter[0])) {
+    CHECK(g_tma_cases > 0, "the sm_90 persistent attention kernel ran on some case");
+    CHECK(g_union_cases > 0, "the sm_90 union attention kernel ran on some case");
+  }
+  printf("test_gpu_attention: %d cases on the persistent kernel, %d on the union kernel (and "
+         "the generic one)\n",
+         g_tma_cases, g_union_cases);
   printf("test_gpu_attention: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

@@ -61,11 +61,14 @@
  *  m3s_cuda_attention_workspace reports the largest need of any batch of at
  *  most max_tokens rows (the need is not monotonic in T).
  *
- * Which kernel: on an sm_90 device, batches with one query row per request
- * (max_q_len 1) and a 16-bit cache of q's dtype go to the persistent TMA
- * kernel (sm90/attention_tma.cu: same items, same merge kernel and
- * workspace layout, its own split plan plan_split_tma); everything else, and
- * every batch under M3S_OPT_BATCH_INVARIANT, runs attn_kernel here.
+ * Which kernel (m3s_attention_tma_plan): on an sm_90 device, batches with
+ * one query row per request (max_q_len 1) and a cache of q's dtype or fp8 go
+ * to the persistent TMA kernel (sm90/attention_tma.cu: same items, same
+ * merge kernel and workspace layout, its own split plan plan_split_tma);
+ * batches with several rows per request, a cache of q's dtype and enough
+ * rows go to the union kernel (sm90/attention_union.cu: no split, no
+ * workspace); everything else, and every batch under
+ * M3S_OPT_BATCH_INVARIANT, runs attn_kernel here.
  *
  * Graph-safe: no allocation, no synchronisation, no host read of device data,
  * launches only on exec->stream (stream 0 when exec is NULL).
@@ -121,24 +124,6 @@ static __device__ __forceinline__ void cp_async_wait_prev(void) {
 
 static __device__ __forceinline__ void cp_async_wait_all(void) {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-
-/* ---- small conversions ---------------------------------------------------- */
-
-/* Packed pair of the OTHER 16-bit dtype -> two floats. */
-template <bool F16>
-static __device__ __forceinline__ float2 unpack_other(uint32_t x) {
-  if (F16) { /* other = bf16 */
-    __nv_bfloat162 v = *(__nv_bfloat162 *)&x;
-    return __bfloat1622float2(v);
-  }
-  __half2 h = *(__half2 *)&x;
-  return __half22float2(h);
-}
-
-static __device__ __forceinline__ uint32_t ld_act_pair(const void *base, int64_t off) {
-  const uint16_t *p = (const uint16_t *)base + off;
-  return (uint32_t)p[0] | ((uint32_t)p[1] << 16);
 }
 
 /* ---- phase 1: selection --------------------------------------------------- */
@@ -275,34 +260,7 @@ static __device__ __forceinline__ void convert16(unsigned char *stage, int lane)
   }
 }
 
-/* ---- phase 3: Q fragments and the warp's stream (attend_unit: attention.cuh) - */
-
-/* Q rows h0 + lane/4 (+8) as A fragments of the 8 k-steps (zero padding for
- * rows >= nh); bf16 q is converted when the mma runs in f16. */
-template <bool F16>
-static __device__ __forceinline__ void load_q(const attn_params &p, int64_t t, int h0, int nh,
-                                       uint32_t (&qa)[8][4], int lane) {
-  int g4 = lane >> 2, t4 = lane & 3;
-#pragma unroll
-  for (int hi = 0; hi < 2; hi++) {
-    int r = g4 + 8 * hi;
-    int64_t base = t * p.q_s0 + (int64_t)(h0 + r) * p.q_s1;
-#pragma unroll
-    for (int ks = 0; ks < 8; ks++) {
-      int k = 16 * ks + 2 * t4;
-      qa[ks][hi] = r < nh ? ld_act_pair(p.q, base + k) : 0u;
-      qa[ks][2 + hi] = r < nh ? ld_act_pair(p.q, base + k + 8) : 0u;
-    }
-  }
-  if (F16 && p.q_convert)
-#pragma unroll
-    for (int ks = 0; ks < 8; ks++)
-#pragma unroll
-      for (int i = 0; i < 4; i++) {
-        float2 f = unpack_other<F16>(qa[ks][i]);
-        qa[ks][i] = pack2<F16>(f.x, f.y);
-      }
-}
+/* ---- phase 3: the warp's stream (load_q, attend_unit: attention.cuh) ------- */
 
 /* Visible keys of sorted position bi: min(128, pos + 1 - 128 * id). */
 static __device__ __forceinline__ int block_keys(const cta_selection *sel, int bi, int64_t pos) {
@@ -635,7 +593,10 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
   /* split factor from host bounds; the core checked the workspace against
    * m3s_cuda_attention_workspace for these bounds (fallback: no split) */
   m3s_attn_tma_maps maps;
-  const int tma = m3s_attention_tma_plan(ctx, batch, q, kv_cache, scales, &maps);
+  const int kind = m3s_attention_tma_plan(ctx, batch, q, kv_cache, scales, &maps);
+  if (kind == M3S_ATTN_UNION)
+    return m3s_attention_union_launch(p, maps, q->dtype == M3S_F16, stream, fn);
+  const int tma = kind == M3S_ATTN_PERSISTENT;
   int nsplit = tma ? plan_split_tma(ctx, cfg, T, batch->max_seq_len)
                    : plan_split(ctx, cfg, T, batch->max_seq_len);
   size_t need = split_bytes(cfg, T, nsplit);

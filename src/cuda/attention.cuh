@@ -109,6 +109,51 @@ static __device__ __forceinline__ void fp8_chunk_to16(uint4 raw, int mode, float
 }
 
 
+/* ---- q -------------------------------------------------------------------- */
+
+/* Packed pair of the OTHER 16-bit dtype -> two floats. */
+template <bool F16>
+static __device__ __forceinline__ float2 unpack_other(uint32_t x) {
+  if (F16) { /* other = bf16 */
+    __nv_bfloat162 v = *(__nv_bfloat162 *)&x;
+    return __bfloat1622float2(v);
+  }
+  __half2 h = *(__half2 *)&x;
+  return __half22float2(h);
+}
+
+static __device__ __forceinline__ uint32_t ld_act_pair(const void *base, int64_t off) {
+  const uint16_t *p = (const uint16_t *)base + off;
+  return (uint32_t)p[0] | ((uint32_t)p[1] << 16);
+}
+
+/* Q rows h0 + lane/4 (+8) as A fragments of the 8 k-steps (zero padding for
+ * rows >= nh); bf16 q is converted when the mma runs in f16. */
+template <bool F16>
+static __device__ __forceinline__ void load_q(const attn_params &p, int64_t t, int h0, int nh,
+                                       uint32_t (&qa)[8][4], int lane) {
+  int g4 = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int hi = 0; hi < 2; hi++) {
+    int r = g4 + 8 * hi;
+    int64_t base = t * p.q_s0 + (int64_t)(h0 + r) * p.q_s1;
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++) {
+      int k = 16 * ks + 2 * t4;
+      qa[ks][hi] = r < nh ? ld_act_pair(p.q, base + k) : 0u;
+      qa[ks][2 + hi] = r < nh ? ld_act_pair(p.q, base + k + 8) : 0u;
+    }
+  }
+  if (F16 && p.q_convert)
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        float2 f = unpack_other<F16>(qa[ks][i]);
+        qa[ks][i] = pack2<F16>(f.x, f.y);
+      }
+}
+
 /* ---- one unit of 16 keys on tensor cores ----------------------------------- */
 
 typedef struct {
@@ -287,17 +332,23 @@ typedef struct {
   int qbox; /* query heads per Q box */
 } m3s_attn_tma_maps;
 
-/* 1 when the persistent TMA kernel runs this call (the conditions of
- * m3s_attention_tma_eligible, which wraps it); then maps holds its tensor
- * maps, encoded once here. */
+/* The kernel that runs this call (M3S_ATTN_*: the conditions of
+ * m3s_attention_tma_eligible, which wraps it); for the TMA kernels, maps
+ * then holds their tensor maps, encoded once here. */
 int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const m3s_tensor *q,
                            const m3s_tensor *kv, const m3s_kv_scales *scales,
                            m3s_attn_tma_maps *maps);
-/* The kernel over p (p.nsplit and the workspace already set) with the maps
- * of m3s_attention_tma_plan; f16: q is f16 (else bf16; the cache is q's
- * dtype or fp8, p.kv_esize == 1). The caller launches the merge after it. */
+/* The persistent kernel over p (p.nsplit and the workspace already set)
+ * with the maps of m3s_attention_tma_plan; f16: q is f16 (else bf16; the
+ * cache is q's dtype or fp8, p.kv_esize == 1). The caller launches the
+ * merge after it. */
 m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p,
                                     const m3s_attn_tma_maps &maps, bool f16, cudaStream_t stream,
                                     const char *fn);
+/* The union kernel (sm90/attention_union.cu) over p (p.nsplit == 1: it
+ * writes out and lse itself) with the K/V map of m3s_attention_tma_plan;
+ * f16: q and the cache are f16 (else bf16). */
+m3s_status m3s_attention_union_launch(const attn_params &p, const m3s_attn_tma_maps &maps,
+                                      bool f16, cudaStream_t stream, const char *fn);
 
 #endif

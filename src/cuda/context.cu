@@ -20,6 +20,7 @@ typedef struct {
   void *tmap_encode; /* cuTensorMapEncodeTiled, or NULL */
   m3s_topk_tc_hooks topk_hooks; /* test switches of the certified top-k */
   int attn_generic;              /* test switch: attention on the generic kernel */
+  int attn_union_any;            /* test switch: the union kernel without its size rule */
 } cuda_state;
 
 /* Kernel attributes belong to the device that is current when they are set:
@@ -39,6 +40,8 @@ static m3s_status prepare_kernels(const m3s_context *ctx, const char *fn) {
     err = m3s_topk_tc_prepare();
   if (err == cudaSuccess)
     err = m3s_attention_tma_prepare();
+  if (err == cudaSuccess)
+    err = m3s_attention_union_prepare();
   if (prev != ctx->device)
     cudaSetDevice(prev); /* best effort: the caller's device was valid before */
   if (err == cudaSuccess)
@@ -131,6 +134,17 @@ extern "C" void m3s_attention_set_generic(m3s_context *ctx, int generic) {
 extern "C" int m3s_cuda_attention_generic(const m3s_context *ctx) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
   return st ? st->attn_generic : 0;
+}
+
+extern "C" void m3s_attention_set_union_any(m3s_context *ctx, int any) {
+  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  if (st)
+    st->attn_union_any = any != 0;
+}
+
+extern "C" int m3s_cuda_attention_union_any(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st ? st->attn_union_any : 0;
 }
 
 extern "C" int m3s_cuda_num_sms(const m3s_context *ctx) {

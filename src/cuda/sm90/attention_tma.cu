@@ -605,24 +605,15 @@ static int at_scale_ok(const float *base, int per_slot, int64_t s0, int64_t s1) 
   return !base || !per_slot || (aligned16(base) && s1 == 1 && s0 % 4 == 0);
 }
 
-int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const m3s_tensor *q,
-                           const m3s_tensor *kv, const m3s_kv_scales *scales,
-                           m3s_attn_tma_maps *maps) {
-  if (m3s_cuda_attention_generic(ctx) || m3s_cuda_sm_major(ctx) != 9 ||
-      !m3s_cuda_tmap_encoder(ctx))
-    return 0;
-  /* One query row per request: where rows share blocks (speculative tokens,
-   * prefill), the generic kernel's three CTAs per SM on neighbouring rows
-   * read them from L2 and measured faster (perf-notes, 2026-12-03). The
-   * choice follows a host bound, so under M3S_OPT_BATCH_INVARIANT every
-   * batch takes the generic kernel (a row's bits must not depend on it). */
-  if (ctx->batch_invariant || batch->max_q_len != 1)
-    return 0;
+/* What both TMA kernels need of the call's tensors: bf16 / f16 q, a cache
+ * of q's dtype or (fp8_ok) e4m3 / e5m2, 16-byte aligned bases and strides,
+ * int32 coordinates, per-slot scales the producer can bulk-copy. */
+static int at_tensors_ok(const m3s_tensor *q, const m3s_tensor *kv, const m3s_kv_scales *scales,
+                         bool fp8_ok) {
   const bool fp8 = kv->dtype == M3S_E4M3 || kv->dtype == M3S_E5M2;
-  if ((q->dtype != M3S_BF16 && q->dtype != M3S_F16) || (!fp8 && kv->dtype != q->dtype))
+  if ((q->dtype != M3S_BF16 && q->dtype != M3S_F16) || (fp8 && !fp8_ok) ||
+      (!fp8 && kv->dtype != q->dtype))
     return 0;
-  /* TMA: 16-byte aligned base and strides, int32 coordinates; and the
-   * driver must accept both maps */
   const int64_t kvec = fp8 ? 16 : 8;
   if (!(aligned16(kv->data) && aligned16(q->data) && kv->stride[3] == 1 && q->stride[2] == 1 &&
         kv->stride[0] % kvec == 0 && kv->stride[1] % kvec == 0 && kv->stride[2] % kvec == 0 &&
@@ -630,11 +621,33 @@ int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const
         q->shape[0] <= INT32_MAX && q->shape[1] <= INT32_MAX && kv->shape[1] > 0))
     return 0;
   const m3s_cuda_scales sc = m3s_cuda_scales_of(scales, kv->dtype);
-  if (!at_scale_ok(sc.k, sc.k_per_slot, sc.k_s0, sc.k_s1) ||
-      !at_scale_ok(sc.v, sc.v_per_slot, sc.v_s0, sc.v_s1))
-    return 0;
+  return at_scale_ok(sc.k, sc.k_per_slot, sc.k_s0, sc.k_s1) &&
+         at_scale_ok(sc.v, sc.v_per_slot, sc.v_s0, sc.v_s1);
+}
+
+int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const m3s_tensor *q,
+                           const m3s_tensor *kv, const m3s_kv_scales *scales,
+                           m3s_attn_tma_maps *maps) {
+  /* The choice follows host bounds, so under M3S_OPT_BATCH_INVARIANT every
+   * batch takes the generic kernel (a row's bits must not depend on it). */
+  if (m3s_cuda_attention_generic(ctx) || ctx->batch_invariant || m3s_cuda_sm_major(ctx) != 9 ||
+      !m3s_cuda_tmap_encoder(ctx))
+    return M3S_ATTN_GENERIC;
+  int kind;
+  if (batch->max_q_len == 1) {
+    if (!at_tensors_ok(q, kv, scales, true))
+      return M3S_ATTN_GENERIC;
+    kind = M3S_ATTN_PERSISTENT;
+  } else {
+    /* rows that share blocks (prefill, speculative tokens): the union
+     * kernel (sm90/attention_union.cu), 16-bit caches of q's dtype */
+    if (!at_tensors_ok(q, kv, scales, false) ||
+        !m3s_attention_union_pays(ctx, batch, q->shape[1] / kv->shape[1], kv->shape[1]))
+      return M3S_ATTN_GENERIC;
+    kind = M3S_ATTN_UNION;
+  }
   maps->qbox = at_qbox(q->shape[1] / kv->shape[1]);
-  return at_maps(ctx, q, kv, maps->qbox, &maps->kv, &maps->q);
+  return at_maps(ctx, q, kv, maps->qbox, &maps->kv, &maps->q) ? kind : M3S_ATTN_GENERIC;
 }
 
 extern "C" int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batch *batch,

@@ -1,7 +1,8 @@
 /* The Hopper sparse-attention path of the CUDA backend
- * (src/cuda/sm90/attention_tma.cu): when it applies, and a switch for tests
- * and the benchmark that sends every call to the generic kernel
- * (src/cuda/attention.cu) instead. Plain C, included by C tests and the
+ * (src/cuda/sm90/attention_tma.cu, sm90/attention_union.cu): which kernel
+ * runs a call, and switches for tests and the benchmark that send every call
+ * to the generic kernel (src/cuda/attention.cu) or every batch it can run to
+ * the union kernel. Plain C, included by C tests and the
  * CUDA sources. */
 #ifndef M3S_CUDA_ATTENTION_TMA_H
 #define M3S_CUDA_ATTENTION_TMA_H
@@ -20,18 +21,43 @@ extern "C" {
 void m3s_attention_set_generic(m3s_context *ctx, int generic);
 int m3s_cuda_attention_generic(const m3s_context *ctx);
 
-/* 1 when the TMA kernel runs this call: decode with one query row per
- * request (batch->max_q_len == 1), M3S_OPT_BATCH_INVARIANT off, an sm_90
- * device with the driver's tensor-map encoder, a cache of q's dtype (bf16 or
- * f16) or an e4m3 / e5m2 cache, 16-byte aligned bases and strides, per-slot
- * scales with contiguous slots and a 16-byte aligned base and head stride,
- * int32 coordinates, tensor maps the driver accepts, and the switch above
- * off (host facts only). */
+/* any != 0: the union kernel takes every batch it can run, however few
+ * work items it has (the default rule, m3s_attention_union_pays, leaves
+ * small batches to the generic kernel); for tests and m3s-bench, like the
+ * switch above. */
+void m3s_attention_set_union_any(m3s_context *ctx, int any);
+int m3s_cuda_attention_union_any(const m3s_context *ctx);
+
+/* Which kernel runs a call (m3s_attention_tma_eligible). */
+enum {
+  M3S_ATTN_GENERIC = 0,    /* src/cuda/attention.cu, cp.async, any device */
+  M3S_ATTN_PERSISTENT = 1, /* sm90/attention_tma.cu: one query row per request */
+  M3S_ATTN_UNION = 2       /* sm90/attention_union.cu: rows that share blocks */
+};
+
+/* The kernel that runs this call (host facts only): M3S_ATTN_PERSISTENT
+ * for decode with one query row per request (batch->max_q_len == 1) and a
+ * cache of q's dtype (bf16 or f16) or an e4m3 / e5m2 cache;
+ * M3S_ATTN_UNION for batches with max_q_len > 1, a cache of q's dtype, and
+ * the shape of m3s_attention_union_pays; both need
+ * M3S_OPT_BATCH_INVARIANT off, an sm_90 device with the driver's
+ * tensor-map encoder, 16-byte aligned bases and strides, per-slot scales
+ * with contiguous slots and a 16-byte aligned base and head stride, int32
+ * coordinates, tensor maps the driver accepts, and the generic switch off.
+ * M3S_ATTN_GENERIC otherwise. */
 int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batch *batch, const m3s_tensor *q,
                                const m3s_tensor *kv, const m3s_kv_scales *scales);
 
+/* 1 when the union kernel pays for a batch of batch->num_tokens rows with
+ * `group` query heads per KV head and hkv KV heads: work items for at least
+ * half the SMs and contexts up to 32K (batch->max_seq_len); or the switch
+ * above is on. Defined in sm90/attention_union.cu. */
+int m3s_attention_union_pays(const m3s_context *ctx, const m3s_batch *batch, int64_t group,
+                             int64_t hkv);
+
 #ifdef __CUDACC__
 cudaError_t m3s_attention_tma_prepare(void);
+cudaError_t m3s_attention_union_prepare(void);
 #endif
 
 #ifdef __cplusplus

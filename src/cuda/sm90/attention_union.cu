@@ -1,0 +1,496 @@
+/* CUDA backend, sm_90a: block-sparse GQA attention (SPEC section 4) for
+ * batches whose rows share blocks (prefill, chunked prefill, speculative
+ * decode: max_q_len > 1) on a 16-bit cache of q's dtype: the union kernel
+ * (../attention.cu dispatches through m3s_attention_tma_plan).
+ *
+ * Why: the generic kernel runs a CTA per (row, KV head), so a block that
+ * the 8 neighbouring rows of one KV head all selected (their own local
+ * block, at least) is read through L2 8 times. At 64K tokens that is 275 GB
+ * of L2 traffic, which binds it (ncu, H200: L2 at 70% of its peak, tensor
+ * pipes 18% active; docs/perf-notes.md, "Prefill attention, next"). Here a
+ * CTA owns AU_TOKENS consecutive rows of one KV head and reads the union of
+ * their selections once; each row still computes only its own blocks.
+ *
+ * What the kernel does (one CTA per item (KV head g, head chunk, group of
+ * AU_TOKENS rows), head-major so that the CTAs in flight read one KV head's
+ * blocks; 8 consumer warps + 1 producer warp; one CTA per SM)
+ *  1. Selections: consumer warp w reads row t0 + w's first min(K, nb)
+ *     top-k entries and drops what the generic kernel drops (-1, ids
+ *     outside [0, nb), blocks another context-parallel rank owns, page ids
+ *     out of range); then sorts the rest by key = (first warp of the group
+ *     with the same request) << 24 | block id, so that rows of one request
+ *     list a block under the same key and every row visits its blocks in
+ *     ascending id, as the CPU reference does. Duplicate ids stay (visited
+ *     twice, as there).
+ *  2. Producer: merges the 8 sorted lists (lane w holds row w's cursor; a
+ *     warp minimum per step), and for each key of the union loads the
+ *     block's halves of 64 keys that any of its rows sees (a half past
+ *     every such row's pos is not loaded) by TMA into a ring of AU_RING
+ *     slots of 32 KiB (four boxes of 64 keys x 128 bytes, 128-byte swizzle,
+ *     the persistent kernel's 4-D map of the cache), and queues a
+ *     descriptor: the rows that selected the block (a bit each), its id,
+ *     the half, the slot. A last descriptor marks the end.
+ *  3. Consumers: warp w holds row w's 16 query heads (the m16 rows of
+ *     mma.sync; rows >= G are zero padding) as A fragments, reads every
+ *     descriptor, and only where its bit is set waits for the slot and
+ *     attends to the half's keys in
+ *     steps of 32 (au_attend_step: S = Q K^T on mma.sync, fp32 online softmax
+ *     in the exp2 domain, O += P V), keys after pos masked and their V
+ *     values zeroed in registers (the slot is shared: it cannot be
+ *     zeroed); then releases the slot. A row's state is never split or
+ *     merged: the epilogue writes out (q's dtype, RNE) and lse from the
+ *     warp's registers. Rows with no visible key give out = 0, lse = -inf.
+ *  A row's result depends on its own selection and the cache only, not on
+ *  its neighbours (its blocks in ascending id, 32 keys at a time); the
+ *  kernel's choice follows host bounds, so under M3S_OPT_BATCH_INVARIANT it
+ *  is not used.
+ *
+ * Queues: the descriptors (AU_DESC entries: dfull, the producer's arrive
+ * once it wrote one; dempty, one arrive per consumer warp once it read it:
+ * every warp reads every descriptor, in order) and the slots (full: the
+ * producer's arrive + 32 KiB of TMA bytes; empty: one arrive by the last of
+ * the slot's rows done with it, counted down in users[slot]). A warp waits
+ * only on the slots of its own blocks and never holds a slot it does not
+ * read: with a full[]/empty[] pair that every warp had to pass, each slot
+ * was refilled at the pace of the CTA's slowest warp, and on per-row random
+ * selections (most blocks read by one or two rows) the warps idled. Slots
+ * are filled in order, each once its previous rows are done; a
+ * descriptor carries its slot's phase parity (the slot cannot move on
+ * before the warp that reads it). Phases follow from the counters, which
+ * producer and consumers advance alike.
+ *
+ * Graph-safe: no allocation, no synchronisation, lengths and selections read
+ * on the device; the tensor map is encoded on the host per call (a kernel
+ * parameter).
+ *
+ * Load balance: every row computes exactly its own blocks; a warp may run
+ * AU_DESC halves ahead of the slowest one, and AU_RING halves are resident.
+ */
+#include "../attention.cuh"
+#include "attention_tma.h"
+#include "tma.cuh"
+
+#define AU_TOKENS 8                           /* rows per CTA = consumer warps */
+#define AU_THREADS ((AU_TOKENS + 1) * 32)     /* + one producer warp */
+#define AU_HALF 64                            /* keys per slot */
+#define AU_BOX_BYTES (AU_HALF * 128)          /* 64 keys x 128 bytes */
+#define AU_SLOT_BYTES (4 * AU_BOX_BYTES)      /* 64 keys x (K | V), 16-bit */
+#define AU_STEP 32                            /* keys per softmax step */
+#define AU_GROUPS (AU_STEP / 16)              /* key groups of 16 per step */
+#define AU_RING 6                             /* slots of 32 KiB: 192 KiB in flight */
+#define AU_DESC 32                            /* descriptors in the queue */
+#define AU_ID_BITS 24                         /* block ids: pos < 2^31 */
+#define AU_END 0x200u                         /* descriptor: no more slots */
+
+static_assert(AU_TOKENS <= 8 && (1 << (32 - AU_ID_BITS)) >= AU_TOKENS, "keys fit 32 bits");
+
+struct au_smem {
+  /* first: 1024-byte aligned (the 128-byte swizzle repeats every 1 KiB) */
+  unsigned char ring[AU_RING][AU_SLOT_BYTES];
+  uint32_t key[AU_TOKENS][M3S_MAX_TOPK]; /* sorted selection keys of each row */
+  int32_t page[AU_TOKENS][M3S_MAX_TOPK];
+  int32_t raw_id[AU_TOKENS][M3S_MAX_TOPK];
+  int32_t raw_page[AU_TOKENS][M3S_MAX_TOPK];
+  int64_t pos[AU_TOKENS];
+  int req[AU_TOKENS];
+  int n[AU_TOKENS];
+  /* descriptor queue, in union order */
+  uint32_t dmask[AU_DESC]; /* rows (bits 0..7), half (bit 8), AU_END */
+  int32_t did[AU_DESC];    /* block id */
+  uint32_t dslot[AU_DESC]; /* slot (bits 0..7), its fill's phase parity (bit 8) */
+  int users[AU_RING];      /* rows that still have to read the slot */
+  unsigned long long full[AU_RING], empty[AU_RING];
+  unsigned long long dfull[AU_DESC], dempty[AU_DESC];
+};
+
+static constexpr size_t au_smem_bytes() { return sizeof(au_smem) + 1024; }
+
+/* ---- phase 1: the rows' selections ------------------------------------------ */
+
+/* Row t's valid entries into s.raw_id / s.raw_page [w] (-1 for dropped
+ * ones), the entry count into s.n[w], its request and pos. */
+static __device__ void au_gather(const attn_params &p, const m3s_row_info &ri, int64_t t, int g,
+                                 au_smem &s, int w, int lane) {
+  static_assert(M3S_MAX_TOPK <= 64, "two entries per lane");
+  int kk = 0;
+  int64_t nb = 0;
+  if (ri.valid) {
+    nb = ri.pos / M3S_BLOCK_SIZE + 1;
+    kk = (int)(nb < p.topk_k ? nb : p.topk_k);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    const int e = lane + 32 * j;
+    if (e >= kk)
+      continue;
+    const int id = p.topk[t * p.tk_s0 + g * p.tk_s1 + e * p.tk_s2];
+    int64_t page = -1;
+    if (id >= 0 && id < nb)
+      page = m3s_cp_page(p.b, p.b.bt, p.b.bt_s0, p.b.bt_s1, p.b.bt_cols, ri.r, id, p.num_pages);
+    s.raw_id[w][e] = page >= 0 ? id : -1;
+    s.raw_page[w][e] = (int32_t)page;
+  }
+  if (lane == 0) {
+    s.n[w] = kk;
+    s.req[w] = ri.valid ? ri.r : -1 - w; /* a row without keys matches none */
+    s.pos[w] = ri.pos;
+  }
+}
+
+/* Row w's valid entries sorted by key into s.key / s.page [w]; s.n[w]
+ * becomes their count. After a CTA barrier that follows au_gather. */
+static __device__ void au_sort(au_smem &s, int w, int lane) {
+  int first = w;
+  for (int o = 0; o < w; o++)
+    if (s.req[o] == s.req[w]) {
+      first = o;
+      break;
+    }
+  const int kk = s.n[w];
+  const int32_t *raw = s.raw_id[w];
+  for (int e = lane; e < kk; e += 32) {
+    const int id = raw[e];
+    if (id < 0)
+      continue;
+    int rank = 0;
+    for (int j = 0; j < kk; j++) {
+      const int o = raw[j];
+      rank += o >= 0 && (o < id || (o == id && j < e));
+    }
+    s.key[w][rank] = ((uint32_t)first << AU_ID_BITS) | (uint32_t)id;
+    s.page[w][rank] = s.raw_page[w][e];
+  }
+  int n = 0;
+  for (int base = 0; base < kk; base += 32)
+    n += __popc(__ballot_sync(0xffffffffu, base + lane < kk && raw[base + lane] >= 0));
+  __syncwarp(); /* every lane read s.n[w] */
+  if (lane == 0)
+    s.n[w] = n;
+}
+
+/* ---- phase 2: the producer warp ------------------------------------------ */
+
+/* Visible keys of block id for a row at pos: min(128, pos + 1 - 128 id). */
+static __device__ __forceinline__ int au_visible(int64_t pos, int id) {
+  const int64_t nk = pos + 1 - (int64_t)id * M3S_BLOCK_SIZE;
+  return nk > M3S_BLOCK_SIZE ? M3S_BLOCK_SIZE : (int)nk;
+}
+
+/* One merge step per union key: the smallest head key of the rows' lists,
+ * the rows whose head it is (they advance), the most keys any of them sees
+ * and the page (the same for all of them: one request, one id). Lane 0
+ * issues, per half that any of the rows sees: a slot (in fill order, once
+ * the rows of its previous fill are done with it), the copies, then the
+ * descriptor. */
+static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem &s, int lane) {
+  const int n = lane < AU_TOKENS ? s.n[lane] : 0;
+  const int64_t pos = lane < AU_TOKENS ? s.pos[lane] : 0;
+  int cur = 0;
+  uint32_t nf = 0, nd = 0; /* slots filled, descriptors written */
+  for (;;) {
+    const uint32_t head = cur < n ? s.key[lane][cur] : 0xffffffffu;
+    const uint32_t key = __reduce_min_sync(0xffffffffu, head);
+    if (key == 0xffffffffu)
+      break;
+    const bool mine = head == key;
+    const uint32_t rows = __ballot_sync(0xffffffffu, mine);
+    const int id = (int)(key & ((1u << AU_ID_BITS) - 1));
+    const int nv = __reduce_max_sync(0xffffffffu, mine ? au_visible(pos, id) : 0);
+    const int page = __shfl_sync(0xffffffffu, mine ? s.page[lane][cur] : 0, __ffs(rows) - 1);
+    cur += mine;
+    if (lane == 0)
+      for (int h = 0; h * AU_HALF < nv; h++, nf++, nd++) {
+        const int slot = (int)(nf % AU_RING), d = (int)(nd % AU_DESC);
+        const uint32_t par = (nf / AU_RING) & 1;
+        sm90_bar_wait(&s.empty[slot], par ^ 1);
+        s.users[slot] = __popc(rows);
+        sm90_bar_arrive_tx(&s.full[slot], AU_SLOT_BYTES);
+#pragma unroll
+        for (int seg = 0; seg < 4; seg++)
+          sm90_tma_load_4d(s.ring[slot] + seg * AU_BOX_BYTES, kv_map, seg * 64, AU_HALF * h, g,
+                           page, &s.full[slot]);
+        sm90_bar_wait(&s.dempty[d], ((nd / AU_DESC) & 1) ^ 1);
+        s.dmask[d] = rows | ((uint32_t)h << 8);
+        s.did[d] = id;
+        s.dslot[d] = (uint32_t)slot | (par << 8);
+        sm90_bar_arrive(&s.dfull[d]);
+      }
+    __syncwarp();
+  }
+  if (lane == 0) {
+    const int d = (int)(nd % AU_DESC);
+    sm90_bar_wait(&s.dempty[d], ((nd / AU_DESC) & 1) ^ 1);
+    s.dmask[d] = AU_END;
+    sm90_bar_arrive(&s.dfull[d]);
+  }
+}
+
+/* ---- phase 3: the consumer warps ------------------------------------------- */
+
+/* out (q's dtype, RNE) and lse of row t, heads h0 .. h0 + nh - 1, from the
+ * warp's state. */
+template <bool F16>
+static __device__ void au_store(const attn_params &p, warp_state &ws, int64_t t, int h0, int nh,
+                                int lane) {
+  const int g4 = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    ws.l[r] += __shfl_xor_sync(0xffffffffu, ws.l[r], 1);
+    ws.l[r] += __shfl_xor_sync(0xffffffffu, ws.l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int row = g4 + 8 * r;
+    if (row >= nh)
+      continue;
+    const float l = ws.l[r];
+    const int64_t h = h0 + row;
+    /* 16-bit stores: the caller's strides need not be even */
+    uint16_t *out = (uint16_t *)p.out + t * p.out_s0 + h * p.out_s1 + 2 * t4;
+#pragma unroll
+    for (int dt = 0; dt < 16; dt++) {
+      const float v0 = l > 0.0f ? ws.acc[dt][2 * r] / l : 0.0f;
+      const float v1 = l > 0.0f ? ws.acc[dt][2 * r + 1] / l : 0.0f;
+      const uint32_t v = pack2<F16>(v0, v1);
+      out[dt * 8] = (uint16_t)v;
+      out[dt * 8 + 1] = (uint16_t)(v >> 16);
+    }
+    if (t4 == 0 && p.lse)
+      p.lse[t * p.lse_s0 + h * p.lse_s1] = l > 0.0f ? (ws.m[r] + log2f(l)) * LN2 : neg_inf();
+  }
+}
+
+/* AU_STEP keys of a half (rows of the slot's four 128-byte boxes from
+ * tile on, 128-byte swizzle) against the warp's 16 query rows: online
+ * softmax into ws, keys >= nv masked (their S to -inf, their V values to zero in registers: the slot is
+ * shared with rows that see them, so it cannot be zeroed, and P = 0 times a
+ * NaN the cache holds past pos would be NaN). One softmax step per 32 keys,
+ * not per 16 (attend_unit): the S phase has 4 independent accumulator
+ * chains instead of 2, for the two or three warps per SM sub-partition
+ * (measured: 16-key units ran at ~1100 cycles each with 2 warps per
+ * sub-partition). 64-key steps needed more than the 168 registers that 9
+ * warps leave (spills). */
+template <bool F16, bool MASK>
+static __device__ __forceinline__ void au_attend_step(uint32_t tile, const uint32_t (&qa)[8][4],
+                                                      int nv, float sl2, warp_state &ws,
+                                                      int lane) {
+  const int row = lane & 7, mi = lane >> 3, t4 = lane & 3;
+  float s[2 * AU_GROUPS][4];
+#pragma unroll
+  for (int nt = 0; nt < 2 * AU_GROUPS; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      s[nt][e] = 0.0f;
+  /* S = Q K^T: key group j (keys 16j..16j+15) x k-step ks */
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++)
+#pragma unroll
+    for (int j = 0; j < AU_GROUPS; j++) {
+      uint32_t b[4];
+      ldsm_x4(b, tile + unit_chunk<128, AU_BOX_BYTES>(16 * j + (mi >> 1) * 8 + row,
+                                                      2 * ks + (mi & 1)));
+      mma16816<F16>(s[2 * j], qa[ks], b[0], b[1]);
+      mma16816<F16>(s[2 * j + 1], qa[ks], b[2], b[3]);
+    }
+  float mx[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+  for (int nt = 0; nt < 2 * AU_GROUPS; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int col = nt * 8 + 2 * t4 + (e & 1);
+      s[nt][e] = !MASK || col < nv ? s[nt][e] * sl2 : neg_inf();
+      mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+    }
+  float alpha[2];
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(ws.m[r], mx[r]); /* finite: key 0 is visible */
+    alpha[r] = exp2f(ws.m[r] - m_new);
+    ws.m[r] = m_new;
+    ws.l[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2 * AU_GROUPS; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      s[nt][e] = exp2f(s[nt][e] - ws.m[e >> 1]);
+      ws.l[e >> 1] += s[nt][e];
+    }
+#pragma unroll
+  for (int dt = 0; dt < 16; dt++) {
+    ws.acc[dt][0] *= alpha[0];
+    ws.acc[dt][1] *= alpha[0];
+    ws.acc[dt][2] *= alpha[1];
+    ws.acc[dt][3] *= alpha[1];
+  }
+  /* O += P V: P's C layout is the A layout of a 16 x 16 operand per key
+   * group; V's B fragments b[0], b[2] hold keys 2 t4, 2 t4 + 1 of the
+   * group, b[1], b[3] keys 8 + 2 t4, 9 + 2 t4 (low half first) */
+  uint32_t pa[AU_GROUPS][4];
+#pragma unroll
+  for (int j = 0; j < AU_GROUPS; j++) {
+    pa[j][0] = pack2<F16>(s[2 * j][0], s[2 * j][1]);
+    pa[j][1] = pack2<F16>(s[2 * j][2], s[2 * j][3]);
+    pa[j][2] = pack2<F16>(s[2 * j + 1][0], s[2 * j + 1][1]);
+    pa[j][3] = pack2<F16>(s[2 * j + 1][2], s[2 * j + 1][3]);
+  }
+#pragma unroll
+  for (int dp = 0; dp < 8; dp++)
+#pragma unroll
+    for (int j = 0; j < AU_GROUPS; j++) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, tile + unit_chunk<128, AU_BOX_BYTES>(16 * j + (mi & 1) * 8 + row,
+                                                            16 + 2 * dp + (mi >> 1)));
+      if (MASK) {
+        const int k0 = 16 * j + 2 * t4;
+        const uint32_t m0 = (k0 < nv ? 0x0000ffffu : 0u) | (k0 + 1 < nv ? 0xffff0000u : 0u);
+        const uint32_t m1 = (k0 + 8 < nv ? 0x0000ffffu : 0u) | (k0 + 9 < nv ? 0xffff0000u : 0u);
+        b[0] &= m0;
+        b[1] &= m1;
+        b[2] &= m0;
+        b[3] &= m1;
+      }
+      mma16816<F16>(ws.acc[2 * dp], pa[j], b[0], b[1]);
+      mma16816<F16>(ws.acc[2 * dp + 1], pa[j], b[2], b[3]);
+    }
+}
+
+template <bool F16>
+static __device__ void au_consume(const attn_params &p, au_smem &s, int64_t t, int h0, int nh,
+                                  int w, int lane) {
+  const bool live = t < p.b.num_tokens;
+  uint32_t qa[8][4];
+  if (live)
+    load_q<F16>(p, t, h0, nh, qa, lane);
+  const int64_t pos = s.pos[w];
+  warp_state ws;
+  warp_state_init(ws);
+  for (uint32_t i = 0;; i++) {
+    const int d = (int)(i % AU_DESC);
+    sm90_bar_wait(&s.dfull[d], (i / AU_DESC) & 1);
+    const uint32_t dm = s.dmask[d], ds = s.dslot[d];
+    const int id = s.did[d];
+    __syncwarp(); /* every lane read the descriptor */
+    if (lane == 0)
+      sm90_bar_arrive(&s.dempty[d]);
+    if (dm & AU_END)
+      break;
+    if (!((dm >> w) & 1))
+      continue;
+    /* the slot cannot be refilled before this row releases it: its phase
+     * is the descriptor's */
+    const int slot = (int)(ds & 0xff);
+    sm90_bar_wait(&s.full[slot], (ds >> 8) & 1);
+    const int nv = au_visible(pos, id) - AU_HALF * (int)((dm >> 8) & 1);
+    const uint32_t half = smem_addr(s.ring[slot]);
+#pragma unroll 1
+    for (int k0 = 0; k0 < AU_HALF && k0 < nv; k0 += AU_STEP) {
+      const uint32_t tile = half + k0 * 128;
+      if (nv - k0 >= AU_STEP)
+        au_attend_step<F16, false>(tile, qa, AU_STEP, p.scale_log2, ws, lane);
+      else
+        au_attend_step<F16, true>(tile, qa, nv - k0, p.scale_log2, ws, lane);
+    }
+    __syncwarp(); /* every lane's ldmatrix of the slot is done */
+    /* the last of the slot's rows frees it: the fences order every such
+     * row's reads before the arrive that lets the producer refill it */
+    if (lane == 0) {
+      __threadfence_block();
+      if (atomicSub(&s.users[slot], 1) == 1) {
+        __threadfence_block();
+        sm90_bar_arrive(&s.empty[slot]);
+      }
+    }
+  }
+  if (live)
+    au_store<F16>(p, ws, t, h0, nh, lane);
+}
+
+template <bool F16>
+static __global__ void __launch_bounds__(AU_THREADS, 1)
+    attn_union_kernel(const attn_params p, const __grid_constant__ CUtensorMap kv_map,
+                      int64_t groups) {
+  extern __shared__ unsigned char au_raw[];
+  au_smem &s = *(au_smem *)(((uintptr_t)au_raw + 1023) & ~(uintptr_t)1023);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int64_t x = blockIdx.x;
+  const int64_t grp = x % groups;
+  x /= groups;
+  const int chunk = (int)(x % p.nchunk), g = (int)(x / p.nchunk);
+  const int h0 = g * p.group + chunk * HEADS_PER_CTA;
+  const int nh = min(HEADS_PER_CTA, p.group - chunk * HEADS_PER_CTA);
+  const int64_t t = grp * AU_TOKENS + warp;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < AU_RING; i++) {
+      sm90_bar_init(&s.full[i], 1);
+      sm90_bar_init(&s.empty[i], 1);
+    }
+    for (int i = 0; i < AU_DESC; i++) {
+      sm90_bar_init(&s.dfull[i], 1);
+      sm90_bar_init(&s.dempty[i], AU_TOKENS);
+    }
+    sm90_fence_barrier_init();
+  }
+  if (warp < AU_TOKENS)
+    au_gather(p, m3s_row_lookup(p.b, t), t, g, s, warp, lane);
+  __syncthreads();
+  if (warp < AU_TOKENS)
+    au_sort(s, warp, lane);
+  __syncthreads();
+  if (warp == AU_TOKENS)
+    au_produce(&kv_map, g, s, lane);
+  else
+    au_consume<F16>(p, s, t, h0, nh, warp, lane);
+}
+
+/* ---- host ---------------------------------------------------------------------- */
+
+extern "C" cudaError_t m3s_attention_union_prepare(void) {
+  cudaError_t err = cudaFuncSetAttribute(
+      attn_union_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)au_smem_bytes());
+  if (err != cudaSuccess)
+    return err;
+  return cudaFuncSetAttribute(attn_union_kernel<false>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)au_smem_bytes());
+}
+
+static int64_t au_items(int64_t rows, int64_t group, int64_t hkv) {
+  const int64_t chunks = (group + HEADS_PER_CTA - 1) / HEADS_PER_CTA;
+  return (rows + AU_TOKENS - 1) / AU_TOKENS * hkv * chunks;
+}
+
+/* Measured (H200, m3s-bench, docs/perf-notes.md "the union kernel"): on
+ * rows that draw their blocks independently (the peer's inputs), the union
+ * kernel beats the generic one up to 32K tokens of context (8K 1.51x, 16K
+ * 1.27x, 32K 1.10x), ties at a 64K prompt and loses behind long prefixes
+ * (4K new behind 60K: 0.87x), where a row group's union is large and the
+ * ring turns over at the pace of L2 latency plus compute; with neighbours
+ * sharing their draws it wins everywhere (64K prompt 1.88x). The rule keeps
+ * the independent-draw measurements: up to 32K of context. Speculative
+ * decode (q_len 4, 64 requests x 32K, 128 items) 1.28x; with a quarter of
+ * the SMs busy (32 items) 2.3x slower: at least half the SMs. */
+#define AU_MAX_SEQ (32 * 1024)
+
+extern "C" int m3s_attention_union_pays(const m3s_context *ctx, const m3s_batch *batch,
+                                        int64_t group, int64_t hkv) {
+  const int64_t items = au_items(batch->num_tokens, group, hkv);
+  if (items <= 0 || items > INT32_MAX)
+    return 0;
+  if (m3s_cuda_attention_union_any(ctx))
+    return 1;
+  /* one CTA per SM and no split */
+  return 2 * items >= m3s_cuda_num_sms(ctx) && batch->max_seq_len <= AU_MAX_SEQ;
+}
+
+m3s_status m3s_attention_union_launch(const attn_params &p, const m3s_attn_tma_maps &maps,
+                                      bool f16, cudaStream_t stream, const char *fn) {
+  const int64_t groups = (p.b.num_tokens + AU_TOKENS - 1) / AU_TOKENS;
+  const unsigned grid = (unsigned)au_items(p.b.num_tokens, p.group, p.hkv);
+  if (f16)
+    attn_union_kernel<true><<<grid, AU_THREADS, au_smem_bytes(), stream>>>(p, maps.kv, groups);
+  else
+    attn_union_kernel<false><<<grid, AU_THREADS, au_smem_bytes(), stream>>>(p, maps.kv, groups);
+  return m3s_cuda_check_launch(fn, "attn_union_kernel");
+}
