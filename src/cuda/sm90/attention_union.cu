@@ -370,9 +370,20 @@ static __device__ void au_consume(const attn_params &p, au_smem &s, int64_t t, i
   for (uint32_t i = 0;; i++) {
     const int d = (int)(i % AU_DESC);
     sm90_bar_wait(&s.dfull[d], (i / AU_DESC) & 1);
-    const uint32_t dm = s.dmask[d], ds = s.dslot[d];
-    const int id = s.did[d];
-    __syncwarp(); /* every lane read the descriptor */
+    /* lane 0 reads the descriptor and releases it once the values are in
+     * registers (the shuffles consume them): loads of every lane still in
+     * flight at lane 0's arrive raced with the producer's next write of
+     * the entry (compute-sanitizer racecheck) */
+    uint32_t dm = 0, ds = 0;
+    int id = 0;
+    if (lane == 0) {
+      dm = s.dmask[d];
+      ds = s.dslot[d];
+      id = s.did[d];
+    }
+    dm = __shfl_sync(0xffffffffu, dm, 0);
+    ds = __shfl_sync(0xffffffffu, ds, 0);
+    id = __shfl_sync(0xffffffffu, id, 0);
     if (lane == 0)
       sm90_bar_arrive(&s.dempty[d]);
     if (dm & AU_END)
