@@ -360,6 +360,10 @@ def main():
     # every rank exits with rank 0's verdict
     flag = torch.tensor([len(failures)], dtype=torch.int32, device=device)
     dist.broadcast(flag, src=0)
+    # both ranks past every collective before either tears down: rank 1 once
+    # aborted in gloo's teardown ("terminate called without an active
+    # exception") after rank 0 had already closed its side (CI, 2026-12-04)
+    dist.barrier()
     dist.destroy_process_group()
     return 1 if int(flag) else 0
 
