@@ -98,7 +98,7 @@ static void usage(FILE *f) {
 "                    the small batches the dispatch keeps on the exact kernel)\n"
 "  --attn-path P     default (sm_90: the persistent TMA kernel for one row per\n"
 "                    request, the union kernel for prefill and speculative\n"
-"                    batches with a cache of q's dtype, contexts <= 32K and work\n"
+"                    batches with contexts <= 32K and work\n"
 "                    for >= half the SMs), generic (the cp.async kernel always)\n"
 "                    or union (the union kernel for every batch it can run)\n"
 "  --budget SEC      stop starting cases after SEC seconds                   [420]\n"

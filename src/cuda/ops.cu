@@ -24,13 +24,12 @@ static const char *cuda_kernel(const m3s_context *ctx, m3s_op op) {
                                        : "topk_tc_certified+select;decode:tc_stream(>=16 reqs)|stream";
   /* sm_90: the persistent TMA kernel for one query row per request
    * (sm90/attention_tma.cu), the union kernel for rows that share blocks
-   * and a 16-bit cache of q's dtype (sm90/attention_union.cu), else the
-   * generic one */
+   * (sm90/attention_union.cu), else the generic one */
   case M3S_OP_ATTENTION_DECODE:
   case M3S_OP_ATTENTION_PREFILL:
   case M3S_OP_ATTENTION_CP:
     return m3s_cuda_sm_major(ctx) == 9
-               ? "attn_tma_persistent(q_len 1)|attn_tma_union(16-bit)|mma_splitk"
+               ? "attn_tma_persistent(q_len 1)|attn_tma_union(q_len>1)|mma_splitk"
                : "cuda_attention_mma_sync_splitk";
   case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_attention_simt";
   case M3S_OP_MERGE: return "cuda_merge_attn_states";

@@ -75,6 +75,7 @@
  * 0.188. Equal to the generic kernel at 1 and 32 bf16 requests; slower
  * where rows share blocks (q_len 4, prefill), hence the dispatch rule. */
 #include "../attention.cuh"
+#include "attention_fp8.cuh"
 #include "attention_tma.h"
 #include "tma.cuh"
 
@@ -83,8 +84,6 @@
 /* Consumer warp w takes keys 16w..16w+15 ("its unit") of every block. */
 #define AT_CWARPS 8
 #define AT_THREADS ((AT_CWARPS + 1) * 32)     /* + one producer warp */
-#define AT_UNIT_BYTES 2048                    /* 16 keys x 128 bytes of one box */
-#define AT_TILE_BYTES (4 * AT_UNIT_BYTES)     /* 16 keys x (K | V), 16-bit */
 #define AT_QTILE_BYTES (2 * AT_UNIT_BYTES)    /* 16 heads x 128 dims */
 #define AT_RING 4                             /* slots of 32 KiB: 128 KiB in flight */
 #define AT_DESC 2                             /* items between producer and consumers */
@@ -126,7 +125,6 @@ typedef struct {
 /* fp8: the converted tile of warp w lives in scratch[w] (free until the
  * warp's state is stashed after its last unit of the item), with the unit's
  * per-slot k scales behind it */
-#define AT_KSCALE_OFF AT_TILE_BYTES
 static_assert(AT_TILE_BYTES + 16 * 4 <= AT_SCRATCH_FLOATS * 4, "fp8 tile fits the scratch");
 static_assert(AT_SCRATCH_FLOATS * 4 % 128 == 0, "tiles start on 128-byte rows");
 
@@ -330,48 +328,6 @@ static __device__ __forceinline__ void at_zero_tail(unsigned char *unit, int nv,
   __syncwarp();
 }
 
-/* An fp8 unit (16 key rows of the K box and of the V box, SS bytes apart,
- * 128-byte swizzle) into the warp's 16-bit tile (unit_chunk<128,
- * AT_UNIT_BYTES>). K exact in the mma dtype (its scale multiplies the fp32
- * score). V: with VF16, exact in f16 and unscaled (a scalar v scale
- * multiplies the output); otherwise times its per-slot scale, rounded to
- * the mma dtype (RNE), as the generic kernel's dequant_fp8. V rows of keys
- * nv..15 (past pos: the cache there may hold anything) are zeros. The
- * per-slot k scales go behind the tile. Four passes over K, then four over
- * V (lanes never diverge on the part); a pass: lane l takes chunk l & 7 of
- * key 4i + l / 8. */
-template <bool F16, int SS, int MODE, bool VF16>
-static __device__ __forceinline__ void at_dequant(const attn_params &p, const unsigned char *unit,
-                                                  const float *ksc, const float *vsc,
-                                                  unsigned char *tile, int nv, int lane) {
-  if (p.sc.k_per_slot && lane < 16)
-    ((float *)(tile + AT_KSCALE_OFF))[lane] = ksc[lane];
-  const int cc = lane & 7;
-#pragma unroll
-  for (int part = 0; part < 2; part++)
-#pragma unroll 4
-    for (int i = 0; i < 4; i++) {
-      const int kr = 4 * i + (lane >> 3);
-      uint4 raw = *(const uint4 *)(unit + part * SS + kr * 128 + ((cc ^ (kr & 7)) << 4));
-      uint32_t o[8];
-      if (part == 0) {
-        fp8_chunk_exact<F16, MODE>(raw, o);
-      } else {
-        if (kr >= nv)
-          raw = make_uint4(0, 0, 0, 0);
-        if (VF16)
-          fp8_chunk_exact<true, MODE>(raw, o);
-        else
-          fp8_chunk_to16<F16>(raw, MODE, kr >= nv ? 0.0f : vsc[kr], o);
-      }
-      const int q = 16 * part + 2 * cc;
-      *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q)) =
-          make_uint4(o[0], o[1], o[2], o[3]);
-      *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q + 1)) =
-          make_uint4(o[4], o[5], o[6], o[7]);
-    }
-}
-
 /* One fp8 unit: converted, the slot released, attended. */
 template <bool F16, int SS, int MODE, bool VF16>
 static __device__ __forceinline__ void at_fp8_unit(const attn_params &p, const unsigned char *unit,
@@ -387,36 +343,6 @@ static __device__ __forceinline__ void at_fp8_unit(const attn_params &p, const u
   attend_unit<F16, 128, AT_UNIT_BYTES, VF16 || F16>(smem_addr(tile), qa, nv, kscale, sl2, ws,
                                                     lane);
   __syncwarp(); /* every lane's ldmatrix of the tile is done */
-}
-
-/* bf16 Q fragments to f16 when every value of the warp's copy of the item's
- * Q tile converts exactly (and then every warp's does: they hold the same
- * tile); returns whether it did. S = Q K^T of an fp8 cache then runs in f16,
- * where K needs one unpack per pair instead of four instructions through
- * fp32; the products are the same numbers (exact in fp32 in both forms).
- * The choice depends only on the item's values, so it is the same wherever
- * the item runs. */
-static __device__ __forceinline__ bool at_q_to_f16(uint32_t (&qa)[8][4]) {
-  uint32_t qh[8][4];
-  bool exact = true;
-#pragma unroll
-  for (int ks = 0; ks < 8; ks++)
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const float2 f = __bfloat1622float2(*(const __nv_bfloat162 *)&qa[ks][r]);
-      const __half2 h = __float22half2_rn(f);
-      const float2 b = __half22float2(h);
-      exact &= b.x == f.x && b.y == f.y; /* NaN: not exact */
-      qh[ks][r] = *(const uint32_t *)&h;
-    }
-  if (!__all_sync(0xffffffffu, exact))
-    return false;
-#pragma unroll
-  for (int ks = 0; ks < 8; ks++)
-#pragma unroll
-    for (int r = 0; r < 4; r++)
-      qa[ks][r] = qh[ks][r];
-  return true;
 }
 
 /* The item's eight warp states, merged in warp order, written out. */
@@ -640,8 +566,8 @@ int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const
     kind = M3S_ATTN_PERSISTENT;
   } else {
     /* rows that share blocks (prefill, speculative tokens): the union
-     * kernel (sm90/attention_union.cu), 16-bit caches of q's dtype */
-    if (!at_tensors_ok(q, kv, scales, false) ||
+     * kernel (sm90/attention_union.cu) */
+    if (!at_tensors_ok(q, kv, scales, true) ||
         !m3s_attention_union_pays(ctx, batch, q->shape[1] / kv->shape[1], kv->shape[1]))
       return M3S_ATTN_GENERIC;
     kind = M3S_ATTN_UNION;

@@ -1,7 +1,8 @@
 /* CUDA backend, sm_90a: block-sparse GQA attention (SPEC section 4) for
  * batches whose rows share blocks (prefill, chunked prefill, speculative
- * decode: max_q_len > 1) on a 16-bit cache of q's dtype: the union kernel
- * (../attention.cu dispatches through m3s_attention_tma_plan).
+ * decode: max_q_len > 1) on a 16-bit cache of q's dtype or an e4m3 / e5m2
+ * cache (scalar or per-slot scales): the union kernel (../attention.cu
+ * dispatches through m3s_attention_tma_plan).
  *
  * Why: the generic kernel runs a CTA per (row, KV head), so a block that
  * the 8 neighbouring rows of one KV head all selected (their own local
@@ -23,25 +24,31 @@
  *     ascending id, as the CPU reference does. Duplicate ids stay (visited
  *     twice, as there).
  *  2. Producer: merges the 8 sorted lists (lane w holds row w's cursor; a
- *     warp minimum per step), and for each key of the union loads the
- *     block's halves of 64 keys that any of its rows sees (a half past
- *     every such row's pos is not loaded) by TMA into a ring of AU_RING
- *     slots of 32 KiB (four boxes of 64 keys x 128 bytes, 128-byte swizzle,
- *     the persistent kernel's 4-D map of the cache), and queues a
- *     descriptor: the rows that selected the block (a bit each), its id,
- *     the half, the slot. A last descriptor marks the end.
+ *     warp minimum per step), and for each key of the union loads by TMA
+ *     (128-byte swizzle, the persistent kernel's 4-D map of the cache) into
+ *     a ring of slots of 32 KiB (au_geom): for a 16-bit cache the block's
+ *     halves of 64 keys that any of its rows sees (a half past every such
+ *     row's pos is not loaded), 6 slots; for fp8 the whole block and its
+ *     per-slot scales, 4 slots; and queues a descriptor per slot: the rows
+ *     that selected the block (a bit each), its id, the half, the slot. A
+ *     last descriptor marks the end.
  *  3. Consumers: warp w holds row w's 16 query heads (the m16 rows of
  *     mma.sync; rows >= G are zero padding) as A fragments, reads every
  *     descriptor, and only where its bit is set waits for the slot and
- *     attends to the half's keys in
- *     steps of 32 (au_attend_step: S = Q K^T on mma.sync, fp32 online softmax
- *     in the exp2 domain, O += P V), keys after pos masked and their V
- *     values zeroed in registers (the slot is shared: it cannot be
- *     zeroed); then releases the slot. A row's state is never split or
+ *     attends to its keys: a 16-bit half in place, in steps of 32 keys
+ *     (au_attend_step: S = Q K^T on mma.sync, fp32 online softmax in the
+ *     exp2 domain, O += P V), keys after pos masked and their V values
+ *     zeroed in registers (the slot is shared: it cannot be zeroed); an
+ *     fp8 block 16 keys at a time, each unit converted into the warp's own
+ *     16-bit tile first (as the persistent kernel does, attention_fp8.cuh:
+ *     K exact, V exact in f16 or times its per-slot scale, V rows past pos
+ *     zero; a scalar k scale folds into the score scale, a scalar v scale
+ *     multiplies the output), the slot released right after the last
+ *     unit's conversion (a 16-bit slot after the last step). A row's state is never split or
  *     merged: the epilogue writes out (q's dtype, RNE) and lse from the
  *     warp's registers. Rows with no visible key give out = 0, lse = -inf.
  *  A row's result depends on its own selection and the cache only, not on
- *  its neighbours (its blocks in ascending id, 32 keys at a time); the
+ *  its neighbours (its blocks in ascending id, 32 or 16 keys at a time); the
  *  kernel's choice follows host bounds, so under M3S_OPT_BATCH_INVARIANT it
  *  is not used.
  *
@@ -64,29 +71,55 @@
  * parameter).
  *
  * Load balance: every row computes exactly its own blocks; a warp may run
- * AU_DESC halves ahead of the slowest one, and AU_RING halves are resident.
+ * AU_DESC slots ahead of the slowest one, and 6 16-bit halves or 4 fp8
+ * blocks are resident.
  */
 #include "../attention.cuh"
+#include "attention_fp8.cuh"
 #include "attention_tma.h"
 #include "tma.cuh"
 
 #define AU_TOKENS 8                           /* rows per CTA = consumer warps */
 #define AU_THREADS ((AU_TOKENS + 1) * 32)     /* + one producer warp */
-#define AU_HALF 64                            /* keys per slot */
-#define AU_BOX_BYTES (AU_HALF * 128)          /* 64 keys x 128 bytes */
-#define AU_SLOT_BYTES (4 * AU_BOX_BYTES)      /* 64 keys x (K | V), 16-bit */
-#define AU_STEP 32                            /* keys per softmax step */
+#define AU_HALF 64                            /* keys per 16-bit slot */
+#define AU_SLOT_BYTES 32768                   /* half a 16-bit block, a whole fp8 one */
+#define AU_STEP 32                            /* keys per softmax step (16-bit) */
 #define AU_GROUPS (AU_STEP / 16)              /* key groups of 16 per step */
-#define AU_RING 6                             /* slots of 32 KiB: 192 KiB in flight */
 #define AU_DESC 32                            /* descriptors in the queue */
 #define AU_ID_BITS 24                         /* block ids: pos < 2^31 */
 #define AU_END 0x200u                         /* descriptor: no more slots */
 
 static_assert(AU_TOKENS <= 8 && (1 << (32 - AU_ID_BITS)) >= AU_TOKENS, "keys fit 32 bits");
 
+/* A 16-bit slot holds half a block (64 keys: four boxes of 64 keys x 128
+ * bytes), read in place; an fp8 slot a whole block (two boxes of 128 keys
+ * x 128 bytes, + its per-slot scales), converted by each row's warp into
+ * a 16-bit tile of its own, 16 keys at a time (attention_fp8.cuh), so the
+ * fp8 ring gives up two slots for the eight tiles and still holds four
+ * blocks to the 16-bit ring's three. */
+template <bool FP8>
+struct au_geom {
+  static constexpr int rows = FP8 ? M3S_BLOCK_SIZE : AU_HALF; /* keys per slot */
+  static constexpr int boxes = FP8 ? 2 : 4;
+  static constexpr int box_elems = FP8 ? 128 : 64;
+  static constexpr int box_bytes = rows * 128;
+  static constexpr int ring = FP8 ? 4 : 6;
+  static constexpr int tiles = FP8 ? AU_TOKENS : 0;
+};
+static_assert(au_geom<true>::boxes * au_geom<true>::box_bytes == AU_SLOT_BYTES &&
+                  au_geom<false>::boxes * au_geom<false>::box_bytes == AU_SLOT_BYTES,
+              "32 KiB slots");
+
+/* a warp's fp8 tile: 16 keys x (K | V) in 16 bits, its k scales behind */
+#define AU_TILE_STRIDE (AT_TILE_BYTES + 128)
+
+template <bool FP8>
 struct au_smem {
+  typedef au_geom<FP8> G;
   /* first: 1024-byte aligned (the 128-byte swizzle repeats every 1 KiB) */
-  unsigned char ring[AU_RING][AU_SLOT_BYTES];
+  unsigned char ring[G::ring][AU_SLOT_BYTES];
+  unsigned char tile[FP8 ? G::tiles : 1][FP8 ? AU_TILE_STRIDE : 16];
+  float scales[FP8 ? G::ring : 1][FP8 ? 2 * M3S_BLOCK_SIZE : 4]; /* per-slot: k, then v */
   uint32_t key[AU_TOKENS][M3S_MAX_TOPK]; /* sorted selection keys of each row */
   int32_t page[AU_TOKENS][M3S_MAX_TOPK];
   int32_t raw_id[AU_TOKENS][M3S_MAX_TOPK];
@@ -98,19 +131,21 @@ struct au_smem {
   uint32_t dmask[AU_DESC]; /* rows (bits 0..7), half (bit 8), AU_END */
   int32_t did[AU_DESC];    /* block id */
   uint32_t dslot[AU_DESC]; /* slot (bits 0..7), its fill's phase parity (bit 8) */
-  int users[AU_RING];      /* rows that still have to read the slot */
-  unsigned long long full[AU_RING], empty[AU_RING];
+  int users[G::ring];      /* rows that still have to read the slot */
+  unsigned long long full[G::ring], empty[G::ring];
   unsigned long long dfull[AU_DESC], dempty[AU_DESC];
 };
 
-static constexpr size_t au_smem_bytes() { return sizeof(au_smem) + 1024; }
+template <bool FP8>
+static constexpr size_t au_smem_bytes() { return sizeof(au_smem<FP8>) + 1024; }
 
 /* ---- phase 1: the rows' selections ------------------------------------------ */
 
 /* Row t's valid entries into s.raw_id / s.raw_page [w] (-1 for dropped
  * ones), the entry count into s.n[w], its request and pos. */
+template <class S>
 static __device__ void au_gather(const attn_params &p, const m3s_row_info &ri, int64_t t, int g,
-                                 au_smem &s, int w, int lane) {
+                                 S &s, int w, int lane) {
   static_assert(M3S_MAX_TOPK <= 64, "two entries per lane");
   int kk = 0;
   int64_t nb = 0;
@@ -139,7 +174,8 @@ static __device__ void au_gather(const attn_params &p, const m3s_row_info &ri, i
 
 /* Row w's valid entries sorted by key into s.key / s.page [w]; s.n[w]
  * becomes their count. After a CTA barrier that follows au_gather. */
-static __device__ void au_sort(au_smem &s, int w, int lane) {
+template <class S>
+static __device__ void au_sort(S &s, int w, int lane) {
   int first = w;
   for (int o = 0; o < w; o++)
     if (s.req[o] == s.req[w]) {
@@ -182,7 +218,12 @@ static __device__ __forceinline__ int au_visible(int64_t pos, int id) {
  * issues, per half that any of the rows sees: a slot (in fill order, once
  * the rows of its previous fill are done with it), the copies, then the
  * descriptor. */
-static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem &s, int lane) {
+template <bool FP8>
+static __device__ void au_produce(const attn_params &p, const CUtensorMap *kv_map, int g,
+                                  au_smem<FP8> &s, int lane) {
+  typedef au_geom<FP8> G;
+  const bool kps = FP8 && p.sc.k_per_slot, vps = FP8 && p.sc.v_per_slot;
+  const uint32_t tx = AU_SLOT_BYTES + 512u * (kps + vps);
   const int n = lane < AU_TOKENS ? s.n[lane] : 0;
   const int64_t pos = lane < AU_TOKENS ? s.pos[lane] : 0;
   int cur = 0;
@@ -199,16 +240,26 @@ static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem &s, 
     const int page = __shfl_sync(0xffffffffu, mine ? s.page[lane][cur] : 0, __ffs(rows) - 1);
     cur += mine;
     if (lane == 0)
-      for (int h = 0; h * AU_HALF < nv; h++, nf++, nd++) {
-        const int slot = (int)(nf % AU_RING), d = (int)(nd % AU_DESC);
-        const uint32_t par = (nf / AU_RING) & 1;
+      for (int h = 0; h * G::rows < nv; h++, nf++, nd++) {
+        const int slot = (int)(nf % G::ring), d = (int)(nd % AU_DESC);
+        const uint32_t par = (nf / G::ring) & 1;
         sm90_bar_wait(&s.empty[slot], par ^ 1);
         s.users[slot] = __popc(rows);
-        sm90_bar_arrive_tx(&s.full[slot], AU_SLOT_BYTES);
+        sm90_bar_arrive_tx(&s.full[slot], tx);
 #pragma unroll
-        for (int seg = 0; seg < 4; seg++)
-          sm90_tma_load_4d(s.ring[slot] + seg * AU_BOX_BYTES, kv_map, seg * 64, AU_HALF * h, g,
-                           page, &s.full[slot]);
+        for (int seg = 0; seg < G::boxes; seg++)
+          sm90_tma_load_4d(s.ring[slot] + seg * G::box_bytes, kv_map, seg * G::box_elems,
+                           G::rows * h, g, page, &s.full[slot]);
+        /* per-slot scales of the block's 128 keys (contiguous slots: see
+         * m3s_attention_tma_plan) */
+        if constexpr (FP8) {
+          const int64_t slot0 = (int64_t)page * M3S_BLOCK_SIZE;
+          if (kps)
+            sm90_bulk_load(s.scales[slot], p.sc.k + g * p.sc.k_s0 + slot0, 512, &s.full[slot]);
+          if (vps)
+            sm90_bulk_load(s.scales[slot] + M3S_BLOCK_SIZE, p.sc.v + g * p.sc.v_s0 + slot0, 512,
+                           &s.full[slot]);
+        }
         sm90_bar_wait(&s.dempty[d], ((nd / AU_DESC) & 1) ^ 1);
         s.dmask[d] = rows | ((uint32_t)h << 8);
         s.did[d] = id;
@@ -287,7 +338,7 @@ static __device__ __forceinline__ void au_attend_step(uint32_t tile, const uint3
 #pragma unroll
     for (int j = 0; j < AU_GROUPS; j++) {
       uint32_t b[4];
-      ldsm_x4(b, tile + unit_chunk<128, AU_BOX_BYTES>(16 * j + (mi >> 1) * 8 + row,
+      ldsm_x4(b, tile + unit_chunk<128, au_geom<false>::box_bytes>(16 * j + (mi >> 1) * 8 + row,
                                                       2 * ks + (mi & 1)));
       mma16816<F16>(s[2 * j], qa[ks], b[0], b[1]);
       mma16816<F16>(s[2 * j + 1], qa[ks], b[2], b[3]);
@@ -341,7 +392,7 @@ static __device__ __forceinline__ void au_attend_step(uint32_t tile, const uint3
 #pragma unroll
     for (int j = 0; j < AU_GROUPS; j++) {
       uint32_t b[4];
-      ldsm_x4_trans(b, tile + unit_chunk<128, AU_BOX_BYTES>(16 * j + (mi & 1) * 8 + row,
+      ldsm_x4_trans(b, tile + unit_chunk<128, au_geom<false>::box_bytes>(16 * j + (mi & 1) * 8 + row,
                                                             16 + 2 * dp + (mi >> 1)));
       if (MASK) {
         const int k0 = 16 * j + 2 * t4;
@@ -357,13 +408,79 @@ static __device__ __forceinline__ void au_attend_step(uint32_t tile, const uint3
     }
 }
 
+/* The last of a slot's rows frees it (lane 0, after the warp's reads of
+ * the slot are done): the fences order every such row's reads before the
+ * arrive that lets the producer refill it. */
+template <class S>
+static __device__ __forceinline__ void au_release(S &s, int slot, int lane) {
+  if (lane == 0) {
+    __threadfence_block();
+    if (atomicSub(&s.users[slot], 1) == 1) {
+      __threadfence_block();
+      sm90_bar_arrive(&s.empty[slot]);
+    }
+  }
+}
+
+/* A 16-bit half read in place, in softmax steps of AU_STEP keys; nv of its
+ * keys visible. */
 template <bool F16>
-static __device__ void au_consume(const attn_params &p, au_smem &s, int64_t t, int h0, int nh,
-                                  int w, int lane) {
+static __device__ __forceinline__ void au_half16(uint32_t half, const uint32_t (&qa)[8][4], int nv,
+                                                 float sl2, warp_state &ws, int lane) {
+#pragma unroll 1
+  for (int k0 = 0; k0 < AU_HALF && k0 < nv; k0 += AU_STEP) {
+    const uint32_t tile = half + k0 * 128;
+    if (nv - k0 >= AU_STEP)
+      au_attend_step<F16, false>(tile, qa, AU_STEP, sl2, ws, lane);
+    else
+      au_attend_step<F16, true>(tile, qa, nv - k0, sl2, ws, lane);
+  }
+}
+
+/* An fp8 block, 16 keys at a time: unit u converted into the warp's tile
+ * (at_dequant: K exact in the mma dtype; V exact in f16 with VF16, else
+ * times its per-slot scale in the mma dtype; V rows past nv zero), the slot
+ * released after the last unit's conversion, then attend_unit on the tile.
+ * MF16: the mma dtype of S is f16. */
+template <bool MF16, int KVM, bool VF16>
+static __device__ __forceinline__ void au_block8(const attn_params &p, au_smem<true> &s, int slot,
+                                                 int nv, const uint32_t (&qa)[8][4], float sl2,
+                                                 warp_state &ws, int w, int lane) {
+  unsigned char *tile = s.tile[w];
+  const float *kscale = p.sc.k_per_slot ? (const float *)(tile + AT_KSCALE_OFF) : NULL;
+  const int nu = (nv + 15) / 16;
+#pragma unroll 1
+  for (int u = 0; u < nu; u++) {
+    const float *sc = s.scales[slot] + 16 * u;
+    const int nvu = min(16, nv - 16 * u);
+    at_dequant<MF16, au_geom<true>::box_bytes, KVM, VF16>(
+        p, s.ring[slot] + u * AT_UNIT_BYTES, sc, sc + M3S_BLOCK_SIZE, tile, nvu, lane);
+    __syncwarp(); /* the unit is read and the tile written by every lane */
+    if (u == nu - 1)
+      au_release(s, slot, lane);
+    attend_unit<MF16, 128, AT_UNIT_BYTES, VF16 || MF16>(smem_addr(tile), qa, nvu, kscale, sl2,
+                                                          ws, lane);
+    __syncwarp(); /* every lane's ldmatrix of the tile is done */
+  }
+}
+
+/* KVM: KV_DIRECT (a 16-bit cache of q's dtype), KV_E4M3 or KV_E5M2. */
+template <bool F16, int KVM, bool FP8 = KVM != KV_DIRECT>
+static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t t, int h0,
+                                  int nh, int w, int lane) {
   const bool live = t < p.b.num_tokens;
   uint32_t qa[8][4];
   if (live)
     load_q<F16>(p, t, h0, nh, qa, lane);
+  /* scalar fp8 scales: k folds into the score scale, v multiplies the
+   * output (V is converted unscaled); S in f16 for an fp8 cache whose V is
+   * f16 (no per-slot v scales) when q is f16 or its bf16 values all are */
+  const float ks = FP8 && p.sc.k && !p.sc.k_per_slot ? p.sc.k[0] : 1.0f;
+  const float vs = FP8 && p.sc.v && !p.sc.v_per_slot ? p.sc.v[0] : 1.0f;
+  const float sl2 = p.scale_log2 * ks;
+  bool qk16 = F16;
+  if (FP8 && !F16 && live && !p.sc.v_per_slot)
+    qk16 = at_q_to_f16(qa);
   const int64_t pos = s.pos[w];
   warp_state ws;
   warp_state_init(ws);
@@ -394,37 +511,35 @@ static __device__ void au_consume(const attn_params &p, au_smem &s, int64_t t, i
      * is the descriptor's */
     const int slot = (int)(ds & 0xff);
     sm90_bar_wait(&s.full[slot], (ds >> 8) & 1);
-    const int nv = au_visible(pos, id) - AU_HALF * (int)((dm >> 8) & 1);
-    const uint32_t half = smem_addr(s.ring[slot]);
-#pragma unroll 1
-    for (int k0 = 0; k0 < AU_HALF && k0 < nv; k0 += AU_STEP) {
-      const uint32_t tile = half + k0 * 128;
-      if (nv - k0 >= AU_STEP)
-        au_attend_step<F16, false>(tile, qa, AU_STEP, p.scale_log2, ws, lane);
-      else
-        au_attend_step<F16, true>(tile, qa, nv - k0, p.scale_log2, ws, lane);
-    }
-    __syncwarp(); /* every lane's ldmatrix of the slot is done */
-    /* the last of the slot's rows frees it: the fences order every such
-     * row's reads before the arrive that lets the producer refill it */
-    if (lane == 0) {
-      __threadfence_block();
-      if (atomicSub(&s.users[slot], 1) == 1) {
-        __threadfence_block();
-        sm90_bar_arrive(&s.empty[slot]);
-      }
+    const int nv = au_visible(pos, id) - au_geom<FP8>::rows * (int)((dm >> 8) & 1);
+    if constexpr (!FP8) {
+      au_half16<F16>(smem_addr(s.ring[slot]), qa, min(nv, AU_HALF), sl2, ws, lane);
+      __syncwarp(); /* every lane's ldmatrix of the slot is done */
+      au_release(s, slot, lane);
+    } else if (p.sc.v_per_slot) {
+      au_block8<F16, KVM, false>(p, s, slot, nv, qa, sl2, ws, w, lane);
+    } else if (qk16) {
+      au_block8<true, KVM, true>(p, s, slot, nv, qa, sl2, ws, w, lane);
+    } else {
+      au_block8<false, KVM, true>(p, s, slot, nv, qa, sl2, ws, w, lane);
     }
   }
+  if (FP8 && vs != 1.0f)
+#pragma unroll
+    for (int dt = 0; dt < 16; dt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        ws.acc[dt][e] *= vs;
   if (live)
     au_store<F16>(p, ws, t, h0, nh, lane);
 }
 
-template <bool F16>
+template <bool F16, int KVM, bool FP8 = KVM != KV_DIRECT>
 static __global__ void __launch_bounds__(AU_THREADS, 1)
     attn_union_kernel(const attn_params p, const __grid_constant__ CUtensorMap kv_map,
                       int64_t groups) {
   extern __shared__ unsigned char au_raw[];
-  au_smem &s = *(au_smem *)(((uintptr_t)au_raw + 1023) & ~(uintptr_t)1023);
+  au_smem<FP8> &s = *(au_smem<FP8> *)(((uintptr_t)au_raw + 1023) & ~(uintptr_t)1023);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int64_t x = blockIdx.x;
   const int64_t grp = x % groups;
@@ -434,7 +549,7 @@ static __global__ void __launch_bounds__(AU_THREADS, 1)
   const int nh = min(HEADS_PER_CTA, p.group - chunk * HEADS_PER_CTA);
   const int64_t t = grp * AU_TOKENS + warp;
   if (threadIdx.x == 0) {
-    for (int i = 0; i < AU_RING; i++) {
+    for (int i = 0; i < au_geom<FP8>::ring; i++) {
       sm90_bar_init(&s.full[i], 1);
       sm90_bar_init(&s.empty[i], 1);
     }
@@ -451,20 +566,29 @@ static __global__ void __launch_bounds__(AU_THREADS, 1)
     au_sort(s, warp, lane);
   __syncthreads();
   if (warp == AU_TOKENS)
-    au_produce(&kv_map, g, s, lane);
+    au_produce<FP8>(p, &kv_map, g, s, lane);
   else
-    au_consume<F16>(p, s, t, h0, nh, warp, lane);
+    au_consume<F16, KVM>(p, s, t, h0, nh, warp, lane);
 }
 
 /* ---- host ---------------------------------------------------------------------- */
 
+template <bool F16, int KVM>
+static cudaError_t au_prepare_one(void) {
+  return cudaFuncSetAttribute(attn_union_kernel<F16, KVM>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)au_smem_bytes<KVM != KV_DIRECT>());
+}
+
 extern "C" cudaError_t m3s_attention_union_prepare(void) {
-  cudaError_t err = cudaFuncSetAttribute(
-      attn_union_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)au_smem_bytes());
-  if (err != cudaSuccess)
-    return err;
-  return cudaFuncSetAttribute(attn_union_kernel<false>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)au_smem_bytes());
+  const cudaError_t err[6] = {
+      au_prepare_one<true, KV_DIRECT>(), au_prepare_one<false, KV_DIRECT>(),
+      au_prepare_one<true, KV_E4M3>(),   au_prepare_one<false, KV_E4M3>(),
+      au_prepare_one<true, KV_E5M2>(),   au_prepare_one<false, KV_E5M2>()};
+  for (int i = 0; i < 6; i++)
+    if (err[i] != cudaSuccess)
+      return err[i];
+  return cudaSuccess;
 }
 
 static int64_t au_items(int64_t rows, int64_t group, int64_t hkv) {
@@ -495,13 +619,27 @@ extern "C" int m3s_attention_union_pays(const m3s_context *ctx, const m3s_batch 
   return 2 * items >= m3s_cuda_num_sms(ctx) && batch->max_seq_len <= AU_MAX_SEQ;
 }
 
+template <bool F16, int KVM>
+static void au_launch(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
+                      int64_t groups, cudaStream_t stream) {
+  attn_union_kernel<F16, KVM><<<grid, AU_THREADS, au_smem_bytes<KVM != KV_DIRECT>(), stream>>>(
+      p, maps.kv, groups);
+}
+
 m3s_status m3s_attention_union_launch(const attn_params &p, const m3s_attn_tma_maps &maps,
                                       bool f16, cudaStream_t stream, const char *fn) {
   const int64_t groups = (p.b.num_tokens + AU_TOKENS - 1) / AU_TOKENS;
   const unsigned grid = (unsigned)au_items(p.b.num_tokens, p.group, p.hkv);
-  if (f16)
-    attn_union_kernel<true><<<grid, AU_THREADS, au_smem_bytes(), stream>>>(p, maps.kv, groups);
+  /* a 16-bit cache here is q's dtype (m3s_attention_tma_plan) */
+  const int kvm = p.kv_esize == 1 ? p.kv_mode : KV_DIRECT;
+  if (kvm == KV_E4M3)
+    f16 ? au_launch<true, KV_E4M3>(p, maps, grid, groups, stream)
+        : au_launch<false, KV_E4M3>(p, maps, grid, groups, stream);
+  else if (kvm == KV_E5M2)
+    f16 ? au_launch<true, KV_E5M2>(p, maps, grid, groups, stream)
+        : au_launch<false, KV_E5M2>(p, maps, grid, groups, stream);
   else
-    attn_union_kernel<false><<<grid, AU_THREADS, au_smem_bytes(), stream>>>(p, maps.kv, groups);
+    f16 ? au_launch<true, KV_DIRECT>(p, maps, grid, groups, stream)
+        : au_launch<false, KV_DIRECT>(p, maps, grid, groups, stream);
   return m3s_cuda_check_launch(fn, "attn_union_kernel");
 }
