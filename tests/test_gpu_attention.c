@@ -26,9 +26,12 @@
  * M3S_TEST_TIME=1 also times each case's CUDA call (cudaEvent, 20 runs) and
  * adds a batch-64 decode case.
  *
- * On an sm_90 device every case the TMA kernel (src/cuda/sm90/attention_tma.cu)
- * takes runs twice: on it, then on the generic kernel (the path switch of
- * src/cuda/sm90/attention_tma.h); an unfiltered run fails if no case took it. */
+ * On an sm_90 device every case a TMA kernel takes (the persistent one,
+ * src/cuda/sm90/attention_tma.cu, or the union one, attention_union.cu) also
+ * runs on the generic kernel (the path switches of
+ * src/cuda/sm90/attention_tma.h), and every case the union kernel can run
+ * (max_q_len > 1; fp8 caches included) runs on it too, by default or forced
+ * past its size rule; an unfiltered run fails if either kernel took no case. */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include "cuda/sm90/attention_tma.h"
 #include "gpu_util.h"

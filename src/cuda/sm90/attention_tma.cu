@@ -566,8 +566,10 @@ int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const
     kind = M3S_ATTN_PERSISTENT;
   } else {
     /* rows that share blocks (prefill, speculative tokens): the union
-     * kernel (sm90/attention_union.cu) */
-    if (!at_tensors_ok(q, kv, scales, true) ||
+     * kernel (sm90/attention_union.cu); its fp8 path only under the union
+     * switch until it is measured on a GPU (perf-notes, "Union kernel on
+     * fp8 caches") */
+    if (!at_tensors_ok(q, kv, scales, m3s_cuda_attention_union_any(ctx)) ||
         !m3s_attention_union_pays(ctx, batch, q->shape[1] / kv->shape[1], kv->shape[1]))
       return M3S_ATTN_GENERIC;
     kind = M3S_ATTN_UNION;

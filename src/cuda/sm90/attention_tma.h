@@ -38,8 +38,9 @@ enum {
 /* The kernel that runs this call (host facts only): M3S_ATTN_PERSISTENT
  * for decode with one query row per request (batch->max_q_len == 1) and a
  * cache of q's dtype (bf16 or f16) or an e4m3 / e5m2 cache;
- * M3S_ATTN_UNION for batches with max_q_len > 1 (the same caches) and the
- * shape of m3s_attention_union_pays; both need
+ * M3S_ATTN_UNION for batches with max_q_len > 1, a cache of q's dtype (fp8
+ * too under the union switch above) and the shape of
+ * m3s_attention_union_pays; both need
  * M3S_OPT_BATCH_INVARIANT off, an sm_90 device with the driver's
  * tensor-map encoder, 16-byte aligned bases and strides, per-slot scales
  * with contiguous slots and a 16-byte aligned base and head stride, int32
