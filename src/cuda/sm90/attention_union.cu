@@ -44,9 +44,10 @@
  *     K exact, V exact in f16 or times its per-slot scale, V rows past pos
  *     zero; a scalar k scale folds into the score scale, a scalar v scale
  *     multiplies the output), the slot released right after the last
- *     unit's conversion (a 16-bit slot after the last step). A row's state is never split or
- *     merged: the epilogue writes out (q's dtype, RNE) and lse from the
- *     warp's registers. Rows with no visible key give out = 0, lse = -inf.
+ *     unit's conversion (a 16-bit slot after the last step). A row's state
+ *     is never split or merged: the epilogue writes out (q's dtype, RNE) and
+ *     lse from the warp's registers. Rows with no visible key give out = 0,
+ *     lse = -inf.
  *  A row's result depends on its own selection and the cache only, not on
  *  its neighbours (its blocks in ascending id, 32 or 16 keys at a time); the
  *  kernel's choice follows host bounds, so under M3S_OPT_BATCH_INVARIANT it
@@ -58,13 +59,12 @@
  * producer's arrive + 32 KiB of TMA bytes; empty: one arrive by the last of
  * the slot's rows done with it, counted down in users[slot]). A warp waits
  * only on the slots of its own blocks and never holds a slot it does not
- * read: with a full[]/empty[] pair that every warp had to pass, each slot
- * was refilled at the pace of the CTA's slowest warp, and on per-row random
- * selections (most blocks read by one or two rows) the warps idled. Slots
- * are filled in order, each once its previous rows are done; a
- * descriptor carries its slot's phase parity (the slot cannot move on
- * before the warp that reads it). Phases follow from the counters, which
- * producer and consumers advance alike.
+ * read (an earlier version had every warp pass every slot; it measured the
+ * same, 36.3 against 36.5 ms at 64K: what limits large unions is the ring's
+ * residency, below). Slots are filled in order, each once its previous rows
+ * are done; a descriptor carries its slot's phase parity (the slot cannot
+ * move on before the warp that reads it). Phases follow from the counters,
+ * which producer and consumers advance alike.
  *
  * Graph-safe: no allocation, no synchronisation, lengths and selections read
  * on the device; the tensor map is encoded on the host per call (a kernel
@@ -73,7 +73,20 @@
  * Load balance: every row computes exactly its own blocks; a warp may run
  * AU_DESC slots ahead of the slowest one, and 6 16-bit halves or 4 fp8
  * blocks are resident.
- */
+ *
+ * Registers: 168 (the most 9 warps leave: 3 of them share one SM
+ * sub-partition's registers), no spills but 4 bytes in the f16 16-bit
+ * variant (ptxas, sm_90a).
+ * Measured (H200, m3s-bench, graph replays, bf16, against the generic
+ * kernel; docs/perf-notes.md "Measured: the union kernel"): 8K prompt with
+ * independent per-row draws 2.77 ms (4.18), 16K 6.90 (8.73), 32K 16.2
+ * (17.9), 64K 36.5 (36.4), 4K behind 60K 2.69 (2.33); rows of a query block
+ * sharing their draw: 8K 2.24 (4.14), 64K 19.3 (36.3). Where a group's
+ * union is large the ring turns over at the pace of L2 latency plus
+ * compute with only 192 KiB resident (hence the 32K rule of
+ * m3s_attention_union_pays); ncu: ~2 warps per scheduler, 0.3-0.5 issued
+ * per cycle, tensor pipe 26%: latency-bound. The fp8 path has not run on a
+ * GPU yet and is reached only through the union switch. */
 #include "../attention.cuh"
 #include "attention_fp8.cuh"
 #include "attention_tma.h"
