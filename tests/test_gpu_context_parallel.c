@@ -10,10 +10,15 @@
  *   - the N-way merge within rel L2 1e-2 (lse 1e-3) of the CPU's and of the
  *     fp64 reference;
  *   - a decode step captured in a CUDA graph replays to the eager bits.
+ * Cases marked union_any run the GPU chain with the union attention kernel
+ * forced past its size rule (src/cuda/sm90/attention_tma.h), so its
+ * context-parallel filter (blocks other ranks own dropped, the rank-local
+ * columns read) is checked too; on other devices the switch changes nothing.
  * Outputs and exchange buffers are poisoned before each run; every device
  * buffer sits between guard zones (gpu_util.h). Exit 77 (skip) without a
  * GPU. */
 #include "cp_fixture.h"
+#include "cuda/sm90/attention_tma.h"
 #include "gpu_util.h"
 
 #include <cuda_runtime_api.h>
@@ -33,6 +38,7 @@ typedef struct {
   m3s_dtype kv_dtype, idx_dtype;
   int scale_mode, token_major, topk_head_major, packed;
   int cp, il;
+  int union_any; /* the union attention kernel forced (sm_90) */
 } gcase;
 
 static fixture make_fixture(const gcase *c, uint64_t seed) {
@@ -210,7 +216,8 @@ static void graph_replay(const char *name, fixture *f, gpu_fx *g, const cp_rank 
 
 static void run_case(const gcase *c) {
   char name[160], msg[400];
-  snprintf(name, sizeof name, "%s_cp%d_il%d", c->name, c->cp, c->il);
+  snprintf(name, sizeof name, "%s_cp%d_il%d%s", c->name, c->cp, c->il,
+           c->union_any ? "_union" : "");
   if (!test_selected(name))
     return;
   fixture f = make_fixture(c, 300 + (uint64_t)c->cp * 10 + (uint64_t)c->il);
@@ -241,6 +248,7 @@ static void run_case(const gcase *c) {
   ok = ok && CHECK(dev_exchange_upload(&xd, &xpoison), name);
   m3s_exec ex = {g.ws, g.ws_bytes, g_stream};
   fixture fv = gpu_fx_views(&f, &g);
+  m3s_attention_set_union_any(g_gpu, c->union_any);
   if (ok)
     ok = CHECK(cp_chain(g_gpu, &fv, dv, &xd, &fv.topk, &fv.out, &fv.lse, &ex) == M3S_OK, name);
   ok = ok && CHECK(cudaStreamSynchronize(g_stream) == cudaSuccess && gpu_fx_download(&g, &f) &&
@@ -271,6 +279,7 @@ static void run_case(const gcase *c) {
     if (c->uniform)
       graph_replay(name, &f, &g, dv, &xd, &xpoison, &ex);
   }
+  m3s_attention_set_union_any(g_gpu, 0);
   CHECK(gpu_guards_check(), name);
   drop(&cpu);
   dev_exchange_free(&xd);
@@ -300,6 +309,11 @@ static void test_cases(void) {
       {.name = "hkv2_k6_init1_local2_packed", .cfg = mixed, .packed = 1, .cp = 8, .il = 1},
       {.name = "m3_tp2_spec_decode_q4", .cfg = tp2, .uniform = 1, .cp = 2, .il = 2},
       {.name = "m3_tp2_spec_decode_q4", .cfg = tp2, .uniform = 1, .cp = 4, .il = 1},
+      {.name = "m3_tp8_mixed", .cfg = tp8, .cp = 3, .il = 2, .union_any = 1},
+      {.name = "m3_tp2_spec_decode_q4", .cfg = tp2, .uniform = 1, .cp = 2, .il = 2,
+       .union_any = 1},
+      {.name = "hkv2_k6_init1_local2_packed", .cfg = mixed, .packed = 1, .cp = 3, .il = 1,
+       .union_any = 1},
       {.name = "nan_scores", .cfg = fx_cfg(8, 2, 16, 0, 1), .nan_keys = 1, .cp = 3, .il = 2},
       {.name = "equal_scores", .cfg = fx_cfg(4, 2, 5, 1, 1), .equal_keys = 1, .cp = 4, .il = 1},
       {.name = "e4m3_caches_per_slot_scales_token_major",
