@@ -183,40 +183,52 @@ static __device__ __forceinline__ uint32_t unit_chunk(int kr, int c) {
   return (uint32_t)(kr * RS + (c >> 3) * SS + (((c & 7) ^ (kr & 7)) << 4));
 }
 
-/* One unit of 16 keys against the 16 query rows of qa: online softmax into
- * ws. kscale: per-key k scales of the unit (fp8 per-slot) or NULL;
- * scale_log2 already holds a scalar k scale. RS, SS: the tile layout
- * (unit_chunk). F16V: the dtype of V and P in O += P V (f16 for an fp8
- * cache's unscaled V, whose values are all f16; P in [0, 1] keeps 11 bits
- * there), by default the mma dtype of S. */
-template <bool F16, int RS, int SS, bool F16V = F16>
+/* How attend_unit treats keys >= nvis: MASK_S sets their scores to -inf
+ * (the caller zeroed their V rows in the tile); MASK_SV also takes their V
+ * values as zero in registers (a tile shared with warps that see them
+ * cannot be zeroed, and P = 0 times a NaN the cache holds past pos would be
+ * NaN); MASK_NONE: every key is visible. */
+enum { MASK_NONE = 0, MASK_S = 1, MASK_SV = 2 };
+
+/* NG groups of 16 keys (one unit: NG = 1) against the 16 query rows of qa:
+ * one online-softmax step into ws. kscale: per-key k scales of the unit
+ * (fp8 per-slot) or NULL; scale_log2 already holds a scalar k scale. RS,
+ * SS: the tile layout (unit_chunk). F16V: the dtype of V and P in O += P V
+ * (f16 for an fp8 cache's unscaled V, whose values are all f16; P in [0, 1]
+ * keeps 11 bits there), by default the mma dtype of S. Several groups per
+ * step give the S phase 2 NG independent accumulator chains, for kernels
+ * with few warps per SM sub-partition (sm90/attention_union.cu). */
+template <bool F16, int RS, int SS, bool F16V = F16, int NG = 1, int MASK = MASK_S>
 static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t (&qa)[8][4],
                                                    int nvis, const float *kscale, float scale_log2,
                                                    warp_state &ws, int lane) {
   const int row = lane & 7, mi = lane >> 3, t4 = lane & 3;
-  float s[2][4];
+  float s[2 * NG][4];
 #pragma unroll
-  for (int nt = 0; nt < 2; nt++)
+  for (int nt = 0; nt < 2 * NG; nt++)
 #pragma unroll
     for (int e = 0; e < 4; e++)
       s[nt][e] = 0.0f;
-  /* S = Q K^T: matrices (keys 0-7 | 8-15) x (dims lo | hi) of k-step ks */
+  /* S = Q K^T: matrices (keys 16j + 0-7 | 8-15) x (dims lo | hi) of k-step
+   * ks */
 #pragma unroll
-  for (int ks = 0; ks < 8; ks++) {
-    uint32_t b[4];
-    ldsm_x4(b, tile + unit_chunk<RS, SS>((mi >> 1) * 8 + row, 2 * ks + (mi & 1)));
-    mma16816<F16>(s[0], qa[ks], b[0], b[1]);
-    mma16816<F16>(s[1], qa[ks], b[2], b[3]);
-  }
+  for (int ks = 0; ks < 8; ks++)
+#pragma unroll
+    for (int j = 0; j < NG; j++) {
+      uint32_t b[4];
+      ldsm_x4(b, tile + unit_chunk<RS, SS>(16 * j + (mi >> 1) * 8 + row, 2 * ks + (mi & 1)));
+      mma16816<F16>(s[2 * j], qa[ks], b[0], b[1]);
+      mma16816<F16>(s[2 * j + 1], qa[ks], b[2], b[3]);
+    }
   /* mask keys after pos, scale, row max over the quad */
   float mx[2] = {neg_inf(), neg_inf()};
 #pragma unroll
-  for (int nt = 0; nt < 2; nt++)
+  for (int nt = 0; nt < 2 * NG; nt++)
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       int col = nt * 8 + 2 * t4 + (e & 1);
       float x = kscale ? s[nt][e] * kscale[col] : s[nt][e];
-      s[nt][e] = col < nvis ? x * scale_log2 : neg_inf();
+      s[nt][e] = MASK == MASK_NONE || col < nvis ? x * scale_log2 : neg_inf();
       mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
     }
   float alpha[2];
@@ -230,7 +242,7 @@ static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t
     ws.l[r] *= alpha[r];
   }
 #pragma unroll
-  for (int nt = 0; nt < 2; nt++)
+  for (int nt = 0; nt < 2 * NG; nt++)
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       s[nt][e] = exp2f(s[nt][e] - ws.m[e >> 1]);
@@ -243,16 +255,36 @@ static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t
     ws.acc[dt][2] *= alpha[1];
     ws.acc[dt][3] *= alpha[1];
   }
-  /* O += P V: P's C layout is the A layout of a 16x16 operand */
-  uint32_t pa[4] = {pack2<F16V>(s[0][0], s[0][1]), pack2<F16V>(s[0][2], s[0][3]),
-                    pack2<F16V>(s[1][0], s[1][1]), pack2<F16V>(s[1][2], s[1][3])};
+  /* O += P V: P's C layout is the A layout of a 16x16 operand per group;
+   * V's B fragments b[0], b[2] hold keys 2 t4, 2 t4 + 1 of the group, b[1],
+   * b[3] keys 8 + 2 t4, 9 + 2 t4 (low half first) */
+  uint32_t pa[NG][4];
 #pragma unroll
-  for (int dp = 0; dp < 8; dp++) {
-    uint32_t b[4];
-    ldsm_x4_trans(b, tile + unit_chunk<RS, SS>((mi & 1) * 8 + row, 16 + 2 * dp + (mi >> 1)));
-    mma16816<F16V>(ws.acc[2 * dp], pa, b[0], b[1]);
-    mma16816<F16V>(ws.acc[2 * dp + 1], pa, b[2], b[3]);
+  for (int j = 0; j < NG; j++) {
+    pa[j][0] = pack2<F16V>(s[2 * j][0], s[2 * j][1]);
+    pa[j][1] = pack2<F16V>(s[2 * j][2], s[2 * j][3]);
+    pa[j][2] = pack2<F16V>(s[2 * j + 1][0], s[2 * j + 1][1]);
+    pa[j][3] = pack2<F16V>(s[2 * j + 1][2], s[2 * j + 1][3]);
   }
+#pragma unroll
+  for (int dp = 0; dp < 8; dp++)
+#pragma unroll
+    for (int j = 0; j < NG; j++) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, tile + unit_chunk<RS, SS>(16 * j + (mi & 1) * 8 + row,
+                                                 16 + 2 * dp + (mi >> 1)));
+      if (MASK == MASK_SV) {
+        const int k0 = 16 * j + 2 * t4;
+        const uint32_t m0 = (k0 < nvis ? 0x0000ffffu : 0u) | (k0 + 1 < nvis ? 0xffff0000u : 0u);
+        const uint32_t m1 = (k0 + 8 < nvis ? 0x0000ffffu : 0u) | (k0 + 9 < nvis ? 0xffff0000u : 0u);
+        b[0] &= m0;
+        b[1] &= m1;
+        b[2] &= m0;
+        b[3] &= m1;
+      }
+      mma16816<F16V>(ws.acc[2 * dp], pa[j], b[0], b[1]);
+      mma16816<F16V>(ws.acc[2 * dp + 1], pa[j], b[2], b[3]);
+    }
 }
 
 /* A warp's state into its region of shared memory: acc [16][ACC_STRIDE],

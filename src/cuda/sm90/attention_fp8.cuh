@@ -1,8 +1,9 @@
-/* fp8 K/V units for the sm_90a attention kernels (attention_tma.cu,
+/* Pieces shared by the sm_90a attention kernels (attention_tma.cu,
  * attention_union.cu): an fp8 unit of 16 keys, as TMA lands it (128-byte
  * swizzle), converted into a warp's own 16-bit tile for attend_unit
- * (../attention.cuh), and the bf16 -> f16 Q test that lets S = Q K^T of an
- * fp8 cache run in f16. */
+ * (../attention.cuh); the bf16 -> f16 Q test that lets S = Q K^T of an fp8
+ * cache run in f16; and the host's choice of a kernel instantiation by q's
+ * dtype and the cache mode. */
 #ifndef M3S_CUDA_SM90_ATTENTION_FP8_CUH
 #define M3S_CUDA_SM90_ATTENTION_FP8_CUH
 
@@ -82,6 +83,40 @@ static __device__ __forceinline__ bool at_q_to_f16(uint32_t (&qa)[8][4]) {
     for (int r = 0; r < 4; r++)
       qa[ks][r] = qh[ks][r];
   return true;
+}
+
+/* ---- host: one instantiation per (q dtype, cache mode) ------------------- */
+
+/* The cache mode of a call whose 16-bit cache is q's dtype (the TMA
+ * kernels' condition): KV_DIRECT, KV_E4M3 or KV_E5M2. */
+static inline int at_kv_mode(const attn_params &p) {
+  return p.kv_esize == 1 ? p.kv_mode : KV_DIRECT;
+}
+
+/* K<F16, KVM>::run(a...) for f16 (q is f16, else bf16) and the call's cache
+ * mode: the kernels unpack one fp8 format each, a template parameter. */
+template <template <bool, int> class K, class... A>
+static void at_run_mode(bool f16, const attn_params &p, A... a) {
+  const int kvm = at_kv_mode(p);
+  if (kvm == KV_E4M3)
+    f16 ? K<true, KV_E4M3>::run(p, a...) : K<false, KV_E4M3>::run(p, a...);
+  else if (kvm == KV_E5M2)
+    f16 ? K<true, KV_E5M2>::run(p, a...) : K<false, KV_E5M2>::run(p, a...);
+  else
+    f16 ? K<true, KV_DIRECT>::run(p, a...) : K<false, KV_DIRECT>::run(p, a...);
+}
+
+/* K<F16, KVM>::prepare() (the shared-memory limit of one instantiation) for
+ * all six; the first error. */
+template <template <bool, int> class K>
+static cudaError_t at_prepare_modes(void) {
+  const cudaError_t err[6] = {K<true, KV_DIRECT>::prepare(), K<false, KV_DIRECT>::prepare(),
+                              K<true, KV_E4M3>::prepare(),   K<false, KV_E4M3>::prepare(),
+                              K<true, KV_E5M2>::prepare(),   K<false, KV_E5M2>::prepare()};
+  for (int i = 0; i < 6; i++)
+    if (err[i] != cudaSuccess)
+      return err[i];
+  return cudaSuccess;
 }
 
 #endif

@@ -475,27 +475,27 @@ static int aligned16(const void *ptr) { return (uintptr_t)ptr % 16 == 0; }
 /* Query heads per Q box: the group, at most one chunk of 16. */
 static int at_qbox(int64_t group) { return group < HEADS_PER_CTA ? (int)group : HEADS_PER_CTA; }
 
+/* One instantiation of the kernel, for at_prepare_modes / at_run_mode. */
 template <bool F16, int KVM>
-static cudaError_t at_prepare_one(void) {
-  return cudaFuncSetAttribute(attn_tma_kernel<F16, KVM>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)at_smem_bytes<KVM != KV_DIRECT>());
-}
+struct at_kernel {
+  static cudaError_t prepare(void) {
+    return cudaFuncSetAttribute(attn_tma_kernel<F16, KVM>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)at_smem_bytes<KVM != KV_DIRECT>());
+  }
+  static void run(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
+                  int64_t items, cudaStream_t stream) {
+    attn_tma_kernel<F16, KVM><<<grid, AT_THREADS, at_smem_bytes<KVM != KV_DIRECT>(), stream>>>(
+        p, maps.kv, maps.q, items, maps.qbox);
+  }
+};
 
-extern "C" cudaError_t m3s_attention_tma_prepare(void) {
-  const cudaError_t err[6] = {
-      at_prepare_one<true, KV_DIRECT>(), at_prepare_one<false, KV_DIRECT>(),
-      at_prepare_one<true, KV_E4M3>(),   at_prepare_one<false, KV_E4M3>(),
-      at_prepare_one<true, KV_E5M2>(),   at_prepare_one<false, KV_E5M2>()};
-  for (int i = 0; i < 6; i++)
-    if (err[i] != cudaSuccess)
-      return err[i];
-  return cudaSuccess;
-}
+extern "C" cudaError_t m3s_attention_tma_prepare(void) { return at_prepare_modes<at_kernel>(); }
 
 /* The cache as [pages][Hkv][128 slots][256] with the caller's strides, boxes
  * of 128 bytes (64 16-bit elements or 128 fp8) x at_geom::rows slots; q as
- * [T][Hq][128], boxes of 64 dims x qbox heads. Both with the 128-byte
+ * [T][Hq][128], boxes of 64 dims x qbox heads (not encoded when q_map is
+ * NULL). Both with the 128-byte
  * swizzle of unit_chunk<128, 2048>. */
 static int at_maps(const m3s_context *ctx, const m3s_tensor *q, const m3s_tensor *kv, int qbox,
                    CUtensorMap *kv_map, CUtensorMap *q_map) {
@@ -516,6 +516,8 @@ static int at_maps(const m3s_context *ctx, const m3s_tensor *q, const m3s_tensor
           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return 0;
+  if (!q_map) /* the union kernel loads q itself */
+    return 1;
   cuuint64_t qdims[3] = {M3S_HEAD_DIM, (cuuint64_t)q->shape[1], (cuuint64_t)q->shape[0]};
   cuuint64_t qstr[2] = {(cuuint64_t)q->stride[1] * 2, (cuuint64_t)q->stride[0] * 2};
   cuuint32_t qb[3] = {64, (cuuint32_t)qbox, 1};
@@ -575,7 +577,9 @@ int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const
     kind = M3S_ATTN_UNION;
   }
   maps->qbox = at_qbox(q->shape[1] / kv->shape[1]);
-  return at_maps(ctx, q, kv, maps->qbox, &maps->kv, &maps->q) ? kind : M3S_ATTN_GENERIC;
+  return at_maps(ctx, q, kv, maps->qbox, &maps->kv, kind == M3S_ATTN_UNION ? NULL : &maps->q)
+             ? kind
+             : M3S_ATTN_GENERIC;
 }
 
 extern "C" int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batch *batch,
@@ -583,13 +587,6 @@ extern "C" int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batc
                                           const m3s_kv_scales *scales) {
   m3s_attn_tma_maps maps;
   return m3s_attention_tma_plan(ctx, batch, q, kv, scales, &maps);
-}
-
-template <bool F16, int KVM>
-static void at_launch(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
-                      int64_t items, cudaStream_t stream) {
-  attn_tma_kernel<F16, KVM><<<grid, AT_THREADS, at_smem_bytes<KVM != KV_DIRECT>(), stream>>>(
-      p, maps.kv, maps.q, items, maps.qbox);
 }
 
 m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p,
@@ -600,16 +597,6 @@ m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p
   const unsigned grid = (unsigned)(items < sms ? items : sms);
   if (grid == 0)
     return M3S_OK;
-  /* a 16-bit cache here is q's dtype (m3s_attention_tma_plan) */
-  const int kvm = p.kv_esize == 1 ? p.kv_mode : KV_DIRECT;
-  if (kvm == KV_E4M3)
-    f16 ? at_launch<true, KV_E4M3>(p, maps, grid, items, stream)
-        : at_launch<false, KV_E4M3>(p, maps, grid, items, stream);
-  else if (kvm == KV_E5M2)
-    f16 ? at_launch<true, KV_E5M2>(p, maps, grid, items, stream)
-        : at_launch<false, KV_E5M2>(p, maps, grid, items, stream);
-  else
-    f16 ? at_launch<true, KV_DIRECT>(p, maps, grid, items, stream)
-        : at_launch<false, KV_DIRECT>(p, maps, grid, items, stream);
+  at_run_mode<at_kernel>(f16, p, maps, grid, items, stream);
   return m3s_cuda_check_launch(fn, "attn_tma_kernel");
 }

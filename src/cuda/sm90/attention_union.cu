@@ -36,9 +36,9 @@
  *     mma.sync; rows >= G are zero padding) as A fragments, reads every
  *     descriptor, and only where its bit is set waits for the slot and
  *     attends to its keys: a 16-bit half in place, in steps of 32 keys
- *     (au_attend_step: S = Q K^T on mma.sync, fp32 online softmax in the
- *     exp2 domain, O += P V), keys after pos masked and their V values
- *     zeroed in registers (the slot is shared: it cannot be zeroed); an
+ *     (attend_unit with two key groups: S = Q K^T on mma.sync, fp32 online
+ *     softmax in the exp2 domain, O += P V), keys after pos masked and
+ *     their V values zeroed in registers (the slot is shared); an
  *     fp8 block 16 keys at a time, each unit converted into the warp's own
  *     16-bit tile first (as the persistent kernel does, attention_fp8.cuh:
  *     K exact, V exact in f16 or times its per-slot scale, V rows past pos
@@ -324,103 +324,6 @@ static __device__ void au_store(const attn_params &p, warp_state &ws, int64_t t,
   }
 }
 
-/* AU_STEP keys of a half (rows of the slot's four 128-byte boxes from
- * tile on, 128-byte swizzle) against the warp's 16 query rows: online
- * softmax into ws, keys >= nv masked (their S to -inf, their V values to zero in registers: the slot is
- * shared with rows that see them, so it cannot be zeroed, and P = 0 times a
- * NaN the cache holds past pos would be NaN). One softmax step per 32 keys,
- * not per 16 (attend_unit): the S phase has 4 independent accumulator
- * chains instead of 2, for the two or three warps per SM sub-partition
- * (measured: 16-key units ran at ~1100 cycles each with 2 warps per
- * sub-partition). 64-key steps needed more than the 168 registers that 9
- * warps leave (spills). */
-template <bool F16, bool MASK>
-static __device__ __forceinline__ void au_attend_step(uint32_t tile, const uint32_t (&qa)[8][4],
-                                                      int nv, float sl2, warp_state &ws,
-                                                      int lane) {
-  const int row = lane & 7, mi = lane >> 3, t4 = lane & 3;
-  float s[2 * AU_GROUPS][4];
-#pragma unroll
-  for (int nt = 0; nt < 2 * AU_GROUPS; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++)
-      s[nt][e] = 0.0f;
-  /* S = Q K^T: key group j (keys 16j..16j+15) x k-step ks */
-#pragma unroll
-  for (int ks = 0; ks < 8; ks++)
-#pragma unroll
-    for (int j = 0; j < AU_GROUPS; j++) {
-      uint32_t b[4];
-      ldsm_x4(b, tile + unit_chunk<128, au_geom<false>::box_bytes>(16 * j + (mi >> 1) * 8 + row,
-                                                      2 * ks + (mi & 1)));
-      mma16816<F16>(s[2 * j], qa[ks], b[0], b[1]);
-      mma16816<F16>(s[2 * j + 1], qa[ks], b[2], b[3]);
-    }
-  float mx[2] = {neg_inf(), neg_inf()};
-#pragma unroll
-  for (int nt = 0; nt < 2 * AU_GROUPS; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const int col = nt * 8 + 2 * t4 + (e & 1);
-      s[nt][e] = !MASK || col < nv ? s[nt][e] * sl2 : neg_inf();
-      mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-    }
-  float alpha[2];
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float m_new = fmaxf(ws.m[r], mx[r]); /* finite: key 0 is visible */
-    alpha[r] = exp2f(ws.m[r] - m_new);
-    ws.m[r] = m_new;
-    ws.l[r] *= alpha[r];
-  }
-#pragma unroll
-  for (int nt = 0; nt < 2 * AU_GROUPS; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      s[nt][e] = exp2f(s[nt][e] - ws.m[e >> 1]);
-      ws.l[e >> 1] += s[nt][e];
-    }
-#pragma unroll
-  for (int dt = 0; dt < 16; dt++) {
-    ws.acc[dt][0] *= alpha[0];
-    ws.acc[dt][1] *= alpha[0];
-    ws.acc[dt][2] *= alpha[1];
-    ws.acc[dt][3] *= alpha[1];
-  }
-  /* O += P V: P's C layout is the A layout of a 16 x 16 operand per key
-   * group; V's B fragments b[0], b[2] hold keys 2 t4, 2 t4 + 1 of the
-   * group, b[1], b[3] keys 8 + 2 t4, 9 + 2 t4 (low half first) */
-  uint32_t pa[AU_GROUPS][4];
-#pragma unroll
-  for (int j = 0; j < AU_GROUPS; j++) {
-    pa[j][0] = pack2<F16>(s[2 * j][0], s[2 * j][1]);
-    pa[j][1] = pack2<F16>(s[2 * j][2], s[2 * j][3]);
-    pa[j][2] = pack2<F16>(s[2 * j + 1][0], s[2 * j + 1][1]);
-    pa[j][3] = pack2<F16>(s[2 * j + 1][2], s[2 * j + 1][3]);
-  }
-#pragma unroll
-  for (int dp = 0; dp < 8; dp++)
-#pragma unroll
-    for (int j = 0; j < AU_GROUPS; j++) {
-      uint32_t b[4];
-      ldsm_x4_trans(b, tile + unit_chunk<128, au_geom<false>::box_bytes>(16 * j + (mi & 1) * 8 + row,
-                                                            16 + 2 * dp + (mi >> 1)));
-      if (MASK) {
-        const int k0 = 16 * j + 2 * t4;
-        const uint32_t m0 = (k0 < nv ? 0x0000ffffu : 0u) | (k0 + 1 < nv ? 0xffff0000u : 0u);
-        const uint32_t m1 = (k0 + 8 < nv ? 0x0000ffffu : 0u) | (k0 + 9 < nv ? 0xffff0000u : 0u);
-        b[0] &= m0;
-        b[1] &= m1;
-        b[2] &= m0;
-        b[3] &= m1;
-      }
-      mma16816<F16>(ws.acc[2 * dp], pa[j], b[0], b[1]);
-      mma16816<F16>(ws.acc[2 * dp + 1], pa[j], b[2], b[3]);
-    }
-}
-
 /* The last of a slot's rows frees it (lane 0, after the warp's reads of
  * the slot are done): the fences order every such row's reads before the
  * arrive that lets the producer refill it. */
@@ -435,18 +338,27 @@ static __device__ __forceinline__ void au_release(S &s, int slot, int lane) {
   }
 }
 
-/* A 16-bit half read in place, in softmax steps of AU_STEP keys; nv of its
- * keys visible. */
+/* A 16-bit half read in place, in softmax steps of AU_STEP keys (the S
+ * phase then has 4 independent accumulator chains instead of a unit's 2,
+ * for the two or three warps per SM sub-partition: with 16-key units the
+ * 64K shared-draw case took ~1100 cycles per unit and warp, and 32-key
+ * steps took it from 19.9 to 19.1 ms; 64-key steps needed
+ * more than the 168 registers that 9 warps leave, and spilled); nv of its
+ * keys visible, the rest masked in registers (MASK_SV: the slot is shared
+ * with rows that see them). */
 template <bool F16>
 static __device__ __forceinline__ void au_half16(uint32_t half, const uint32_t (&qa)[8][4], int nv,
                                                  float sl2, warp_state &ws, int lane) {
+  typedef au_geom<false> G;
 #pragma unroll 1
   for (int k0 = 0; k0 < AU_HALF && k0 < nv; k0 += AU_STEP) {
     const uint32_t tile = half + k0 * 128;
     if (nv - k0 >= AU_STEP)
-      au_attend_step<F16, false>(tile, qa, AU_STEP, sl2, ws, lane);
+      attend_unit<F16, 128, G::box_bytes, F16, AU_GROUPS, MASK_NONE>(tile, qa, AU_STEP, NULL, sl2,
+                                                                     ws, lane);
     else
-      au_attend_step<F16, true>(tile, qa, nv - k0, sl2, ws, lane);
+      attend_unit<F16, 128, G::box_bytes, F16, AU_GROUPS, MASK_SV>(tile, qa, nv - k0, NULL, sl2,
+                                                                   ws, lane);
   }
 }
 
@@ -586,23 +498,22 @@ static __global__ void __launch_bounds__(AU_THREADS, 1)
 
 /* ---- host ---------------------------------------------------------------------- */
 
+/* One instantiation of the kernel, for at_prepare_modes / at_run_mode. */
 template <bool F16, int KVM>
-static cudaError_t au_prepare_one(void) {
-  return cudaFuncSetAttribute(attn_union_kernel<F16, KVM>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)au_smem_bytes<KVM != KV_DIRECT>());
-}
+struct au_kernel {
+  static cudaError_t prepare(void) {
+    return cudaFuncSetAttribute(attn_union_kernel<F16, KVM>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)au_smem_bytes<KVM != KV_DIRECT>());
+  }
+  static void run(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
+                  int64_t groups, cudaStream_t stream) {
+    attn_union_kernel<F16, KVM><<<grid, AU_THREADS, au_smem_bytes<KVM != KV_DIRECT>(), stream>>>(
+        p, maps.kv, groups);
+  }
+};
 
-extern "C" cudaError_t m3s_attention_union_prepare(void) {
-  const cudaError_t err[6] = {
-      au_prepare_one<true, KV_DIRECT>(), au_prepare_one<false, KV_DIRECT>(),
-      au_prepare_one<true, KV_E4M3>(),   au_prepare_one<false, KV_E4M3>(),
-      au_prepare_one<true, KV_E5M2>(),   au_prepare_one<false, KV_E5M2>()};
-  for (int i = 0; i < 6; i++)
-    if (err[i] != cudaSuccess)
-      return err[i];
-  return cudaSuccess;
-}
+extern "C" cudaError_t m3s_attention_union_prepare(void) { return at_prepare_modes<au_kernel>(); }
 
 static int64_t au_items(int64_t rows, int64_t group, int64_t hkv) {
   const int64_t chunks = (group + HEADS_PER_CTA - 1) / HEADS_PER_CTA;
@@ -632,27 +543,10 @@ extern "C" int m3s_attention_union_pays(const m3s_context *ctx, const m3s_batch 
   return 2 * items >= m3s_cuda_num_sms(ctx) && batch->max_seq_len <= AU_MAX_SEQ;
 }
 
-template <bool F16, int KVM>
-static void au_launch(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
-                      int64_t groups, cudaStream_t stream) {
-  attn_union_kernel<F16, KVM><<<grid, AU_THREADS, au_smem_bytes<KVM != KV_DIRECT>(), stream>>>(
-      p, maps.kv, groups);
-}
-
 m3s_status m3s_attention_union_launch(const attn_params &p, const m3s_attn_tma_maps &maps,
                                       bool f16, cudaStream_t stream, const char *fn) {
   const int64_t groups = (p.b.num_tokens + AU_TOKENS - 1) / AU_TOKENS;
   const unsigned grid = (unsigned)au_items(p.b.num_tokens, p.group, p.hkv);
-  /* a 16-bit cache here is q's dtype (m3s_attention_tma_plan) */
-  const int kvm = p.kv_esize == 1 ? p.kv_mode : KV_DIRECT;
-  if (kvm == KV_E4M3)
-    f16 ? au_launch<true, KV_E4M3>(p, maps, grid, groups, stream)
-        : au_launch<false, KV_E4M3>(p, maps, grid, groups, stream);
-  else if (kvm == KV_E5M2)
-    f16 ? au_launch<true, KV_E5M2>(p, maps, grid, groups, stream)
-        : au_launch<false, KV_E5M2>(p, maps, grid, groups, stream);
-  else
-    f16 ? au_launch<true, KV_DIRECT>(p, maps, grid, groups, stream)
-        : au_launch<false, KV_DIRECT>(p, maps, grid, groups, stream);
+  at_run_mode<au_kernel>(f16, p, maps, grid, groups, stream);
   return m3s_cuda_check_launch(fn, "attn_union_kernel");
 }
