@@ -1,5 +1,6 @@
 /* Pieces shared by the sm_90a attention kernels (attention_tma.cu,
- * attention_union.cu): an fp8 unit of 16 keys, as TMA lands it (128-byte
+ * attention_union.cu): a row's selection, read and sorted by one warp; an
+ * fp8 unit of 16 keys, as TMA lands it (128-byte
  * swizzle), converted into a warp's own 16-bit tile for attend_unit
  * (../attention.cuh); the bf16 -> f16 Q test that lets S = Q K^T of an fp8
  * cache run in f16; and the host's choice of a kernel instantiation by q's
@@ -13,6 +14,68 @@
 #define AT_TILE_BYTES (4 * AT_UNIT_BYTES)     /* 16 keys x (K | V), 16-bit */
 /* the unit's per-slot k scales go behind the tile */
 #define AT_KSCALE_OFF AT_TILE_BYTES
+
+/* ---- a row's selection ---------------------------------------------------- */
+
+/* The top-k entries e = lane and lane + 32 of (t, g) (K <= 64), read
+ * before the row's lookup so that the two loads overlap. */
+static __device__ __forceinline__ void at_topk_ids(const attn_params &p, int64_t t, int g,
+                                                   int lane, int (&ids)[2]) {
+  static_assert(M3S_MAX_TOPK <= 64, "two entries per lane");
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    const int e = lane + 32 * j;
+    ids[j] = e < p.topk_k ? p.topk[t * p.tk_s0 + g * p.tk_s1 + e * p.tk_s2] : -1;
+  }
+}
+
+/* Sorted valid selection of (t, g) into s.id / s.page from its entries ids
+ * (at_topk_ids): what the generic kernel drops is dropped (-1, ids outside
+ * [0, nb), blocks another context-parallel rank owns, page ids out of
+ * range), the rest ascending by id, duplicates kept; returns its size.
+ * Every lane of one warp calls it. */
+template <class S>
+static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, const int (&ids)[2],
+                                S &s, int lane) {
+  int kk = 0;
+  int64_t nb = 0;
+  if (ri.valid) {
+    nb = ri.pos / M3S_BLOCK_SIZE + 1;
+    kk = (int)(nb < p.topk_k ? nb : p.topk_k);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    const int e = lane + 32 * j;
+    if (e >= kk)
+      continue;
+    const int id = ids[j];
+    int64_t page = -1;
+    if (id >= 0 && id < nb)
+      page = m3s_cp_page(p.b, p.b.bt, p.b.bt_s0, p.b.bt_s1, p.b.bt_cols, ri.r, id, p.num_pages);
+    s.raw_id[e] = page >= 0 ? id : -1;
+    s.raw_page[e] = page;
+  }
+  __syncwarp();
+  int n = 0;
+  for (int e = lane; e < kk; e += 32) {
+    const int id = s.raw_id[e];
+    if (id < 0)
+      continue;
+    int rank = 0;
+    for (int j = 0; j < kk; j++) {
+      int o = s.raw_id[j];
+      rank += o >= 0 && (o < id || (o == id && j < e));
+    }
+    s.id[rank] = id;
+    s.page[rank] = s.raw_page[e];
+  }
+  for (int base = 0; base < kk; base += 32)
+    n += __popc(__ballot_sync(0xffffffffu, base + lane < kk && s.raw_id[base + lane] >= 0));
+  __syncwarp();
+  return n;
+}
+
+/* ---- fp8 units -------------------------------------------------------------- */
 
 /* An fp8 unit (16 key rows of the K box and of the V box, SS bytes apart,
  * 128-byte swizzle) into the warp's 16-bit tile (unit_chunk<128,

@@ -15,16 +15,15 @@
  * What the kernel does (one CTA per item (KV head g, head chunk, group of
  * AU_TOKENS rows), head-major so that the CTAs in flight read one KV head's
  * blocks; 8 consumer warps + 1 producer warp; one CTA per SM)
- *  1. Selections: consumer warp w reads row t0 + w's first min(K, nb)
- *     top-k entries and drops what the generic kernel drops (-1, ids
- *     outside [0, nb), blocks another context-parallel rank owns, page ids
- *     out of range); then sorts the rest by key = (first warp of the group
- *     with the same request) << 24 | block id, so that rows of one request
- *     list a block under the same key and every row visits its blocks in
- *     ascending id, as the CPU reference does. Duplicate ids stay (visited
- *     twice, as there).
- *  2. Producer: merges the 8 sorted lists (lane w holds row w's cursor; a
- *     warp minimum per step), and for each key of the union loads by TMA
+ *  1. Selections: consumer warp w reads row t0 + w's selection as the
+ *     persistent kernel does (at_select, attention_fp8.cuh: what the
+ *     generic kernel drops is dropped, the rest ascending by id, so every
+ *     row visits its blocks in ascending id, as the CPU reference does;
+ *     duplicate ids stay, visited twice, as there).
+ *  2. Producer: merges the 8 sorted lists under key = (first row of the
+ *     group with the same request) << 24 | block id, so that rows of one
+ *     request list a block under the same key (lane w holds row w's
+ *     cursor; a warp minimum per step), and for each key of the union loads by TMA
  *     (128-byte swizzle, the persistent kernel's 4-D map of the cache) into
  *     a ring of slots of 32 KiB (au_geom): for a 16-bit cache the block's
  *     halves of 64 keys that any of its rows sees (a half past every such
@@ -75,8 +74,10 @@
  * blocks are resident.
  *
  * Registers: 168 (the most 9 warps leave: 3 of them share one SM
- * sub-partition's registers), no spills but 4 bytes in the f16 16-bit
- * variant (ptxas, sm_90a).
+ * sub-partition's registers); the fp8 variants do not spill, the 16-bit
+ * ones 12 bytes (ptxas, sm_90a, since the selection moved to at_select:
+ * three local loads per descriptor, outside the mma steps; the measured
+ * version had 0 and 4 bytes).
  * Measured (H200, m3s-bench, graph replays, bf16, against the generic
  * kernel; docs/perf-notes.md "Measured: the union kernel"): 8K prompt with
  * independent per-row draws 2.77 ms (4.18), 16K 6.90 (8.73), 32K 16.2
@@ -126,6 +127,14 @@ static_assert(au_geom<true>::boxes * au_geom<true>::box_bytes == AU_SLOT_BYTES &
 /* a warp's fp8 tile: 16 keys x (K | V) in 16 bits, its k scales behind */
 #define AU_TILE_STRIDE (AT_TILE_BYTES + 128)
 
+/* One row's selection, at_select's layout. */
+typedef struct {
+  int raw_id[M3S_MAX_TOPK];
+  int id[M3S_MAX_TOPK];
+  int64_t raw_page[M3S_MAX_TOPK];
+  int64_t page[M3S_MAX_TOPK];
+} au_row;
+
 template <bool FP8>
 struct au_smem {
   typedef au_geom<FP8> G;
@@ -133,10 +142,7 @@ struct au_smem {
   unsigned char ring[G::ring][AU_SLOT_BYTES];
   unsigned char tile[FP8 ? G::tiles : 1][FP8 ? AU_TILE_STRIDE : 16];
   float scales[FP8 ? G::ring : 1][FP8 ? 2 * M3S_BLOCK_SIZE : 4]; /* per-slot: k, then v */
-  uint32_t key[AU_TOKENS][M3S_MAX_TOPK]; /* sorted selection keys of each row */
-  int32_t page[AU_TOKENS][M3S_MAX_TOPK];
-  int32_t raw_id[AU_TOKENS][M3S_MAX_TOPK];
-  int32_t raw_page[AU_TOKENS][M3S_MAX_TOPK];
+  au_row row[AU_TOKENS]; /* each row's sorted selection (at_select) */
   int64_t pos[AU_TOKENS];
   int req[AU_TOKENS];
   int n[AU_TOKENS];
@@ -154,67 +160,19 @@ static constexpr size_t au_smem_bytes() { return sizeof(au_smem<FP8>) + 1024; }
 
 /* ---- phase 1: the rows' selections ------------------------------------------ */
 
-/* Row t's valid entries into s.raw_id / s.raw_page [w] (-1 for dropped
- * ones), the entry count into s.n[w], its request and pos. */
+/* Row t's sorted selection into s.row[w] (at_select), its size, request
+ * and pos. */
 template <class S>
-static __device__ void au_gather(const attn_params &p, const m3s_row_info &ri, int64_t t, int g,
-                                 S &s, int w, int lane) {
-  static_assert(M3S_MAX_TOPK <= 64, "two entries per lane");
-  int kk = 0;
-  int64_t nb = 0;
-  if (ri.valid) {
-    nb = ri.pos / M3S_BLOCK_SIZE + 1;
-    kk = (int)(nb < p.topk_k ? nb : p.topk_k);
-  }
-#pragma unroll
-  for (int j = 0; j < 2; j++) {
-    const int e = lane + 32 * j;
-    if (e >= kk)
-      continue;
-    const int id = p.topk[t * p.tk_s0 + g * p.tk_s1 + e * p.tk_s2];
-    int64_t page = -1;
-    if (id >= 0 && id < nb)
-      page = m3s_cp_page(p.b, p.b.bt, p.b.bt_s0, p.b.bt_s1, p.b.bt_cols, ri.r, id, p.num_pages);
-    s.raw_id[w][e] = page >= 0 ? id : -1;
-    s.raw_page[w][e] = (int32_t)page;
-  }
+static __device__ void au_select(const attn_params &p, int64_t t, int g, S &s, int w, int lane) {
+  int ids[2];
+  at_topk_ids(p, t, g, lane, ids);
+  const m3s_row_info ri = m3s_row_lookup(p.b, t);
+  const int n = at_select(p, ri, ids, s.row[w], lane);
   if (lane == 0) {
-    s.n[w] = kk;
+    s.n[w] = n;
     s.req[w] = ri.valid ? ri.r : -1 - w; /* a row without keys matches none */
     s.pos[w] = ri.pos;
   }
-}
-
-/* Row w's valid entries sorted by key into s.key / s.page [w]; s.n[w]
- * becomes their count. After a CTA barrier that follows au_gather. */
-template <class S>
-static __device__ void au_sort(S &s, int w, int lane) {
-  int first = w;
-  for (int o = 0; o < w; o++)
-    if (s.req[o] == s.req[w]) {
-      first = o;
-      break;
-    }
-  const int kk = s.n[w];
-  const int32_t *raw = s.raw_id[w];
-  for (int e = lane; e < kk; e += 32) {
-    const int id = raw[e];
-    if (id < 0)
-      continue;
-    int rank = 0;
-    for (int j = 0; j < kk; j++) {
-      const int o = raw[j];
-      rank += o >= 0 && (o < id || (o == id && j < e));
-    }
-    s.key[w][rank] = ((uint32_t)first << AU_ID_BITS) | (uint32_t)id;
-    s.page[w][rank] = s.raw_page[w][e];
-  }
-  int n = 0;
-  for (int base = 0; base < kk; base += 32)
-    n += __popc(__ballot_sync(0xffffffffu, base + lane < kk && raw[base + lane] >= 0));
-  __syncwarp(); /* every lane read s.n[w] */
-  if (lane == 0)
-    s.n[w] = n;
 }
 
 /* ---- phase 2: the producer warp ------------------------------------------ */
@@ -239,10 +197,19 @@ static __device__ void au_produce(const attn_params &p, const CUtensorMap *kv_ma
   const uint32_t tx = AU_SLOT_BYTES + 512u * (kps + vps);
   const int n = lane < AU_TOKENS ? s.n[lane] : 0;
   const int64_t pos = lane < AU_TOKENS ? s.pos[lane] : 0;
+  /* a row's keys: (the group's first row of its request) << AU_ID_BITS |
+   * block id, so that rows of one request list a block under the same key */
+  uint32_t first = lane;
+  for (int o = 0; o < lane && lane < AU_TOKENS; o++)
+    if (s.req[o] == s.req[lane]) {
+      first = o;
+      break;
+    }
   int cur = 0;
   uint32_t nf = 0, nd = 0; /* slots filled, descriptors written */
   for (;;) {
-    const uint32_t head = cur < n ? s.key[lane][cur] : 0xffffffffu;
+    const uint32_t head =
+        cur < n ? (first << AU_ID_BITS) | (uint32_t)s.row[lane].id[cur] : 0xffffffffu;
     const uint32_t key = __reduce_min_sync(0xffffffffu, head);
     if (key == 0xffffffffu)
       break;
@@ -250,7 +217,8 @@ static __device__ void au_produce(const attn_params &p, const CUtensorMap *kv_ma
     const uint32_t rows = __ballot_sync(0xffffffffu, mine);
     const int id = (int)(key & ((1u << AU_ID_BITS) - 1));
     const int nv = __reduce_max_sync(0xffffffffu, mine ? au_visible(pos, id) : 0);
-    const int page = __shfl_sync(0xffffffffu, mine ? s.page[lane][cur] : 0, __ffs(rows) - 1);
+    const int page =
+        __shfl_sync(0xffffffffu, mine ? (int)s.row[lane].page[cur] : 0, __ffs(rows) - 1);
     cur += mine;
     if (lane == 0)
       for (int h = 0; h * G::rows < nv; h++, nf++, nd++) {
@@ -485,10 +453,7 @@ static __global__ void __launch_bounds__(AU_THREADS, 1)
     sm90_fence_barrier_init();
   }
   if (warp < AU_TOKENS)
-    au_gather(p, m3s_row_lookup(p.b, t), t, g, s, warp, lane);
-  __syncthreads();
-  if (warp < AU_TOKENS)
-    au_sort(s, warp, lane);
+    au_select(p, t, g, s, warp, lane);
   __syncthreads();
   if (warp == AU_TOKENS)
     au_produce<FP8>(p, &kv_map, g, s, lane);
