@@ -17,6 +17,14 @@ double gpu_now_ms(void) {
   return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
+int gpu_sm_major(void) {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return 0;
+  return major;
+}
+
 int gpu_env_flag(const char *name) {
   const char *v = getenv(name);
   return v && v[0] && strcmp(v, "0") != 0;

@@ -55,6 +55,10 @@ double gpu_now_ms(void);
  * (M3S_TEST_QUICK, M3S_TEST_TIME). */
 int gpu_env_flag(const char *name);
 
+/* The current device's compute-capability major (9 on Hopper), 0 when it
+ * cannot be read. */
+int gpu_sm_major(void);
+
 /* cudaMalloc + cudaMemcpy of n bytes (NULL on failure); host may be NULL.
  * The buffer sits between two 4 KiB guard zones of canary bytes. */
 void *gpu_dup(const void *host, size_t n);

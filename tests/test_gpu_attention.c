@@ -698,11 +698,8 @@ int main(void) {
   test_prefill();
   test_long_decode();
   /* CUDA-graph capture: covered by tests/test_gpu_graph.c */
-  struct cudaDeviceProp prop;
-  int dev = 0;
   const char *filter = getenv("M3S_TEST_FILTER");
-  if (cudaGetDevice(&dev) == cudaSuccess && cudaGetDeviceProperties(&prop, dev) == cudaSuccess &&
-      prop.major == 9 && !(filter && filter[0])) {
+  if (gpu_sm_major() == 9 && !(filter && filter[0])) {
     CHECK(g_tma_cases > 0, "the sm_90 persistent attention kernel ran on some case");
     CHECK(g_union_cases > 0, "the sm_90 union attention kernel ran on some case");
   }

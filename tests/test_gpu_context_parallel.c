@@ -13,7 +13,8 @@
  * Cases marked union_any run the GPU chain with the union attention kernel
  * forced past its size rule (src/cuda/sm90/attention_tma.h), so its
  * context-parallel filter (blocks other ranks own dropped, the rank-local
- * columns read) is checked too; on other devices the switch changes nothing.
+ * columns read) is checked too (on sm_90 the case fails if the kernel does
+ * not take it); on other devices the switch changes nothing.
  * Outputs and exchange buffers are poisoned before each run; every device
  * buffer sits between guard zones (gpu_util.h). Exit 77 (skip) without a
  * GPU. */
@@ -249,6 +250,12 @@ static void run_case(const gcase *c) {
   m3s_exec ex = {g.ws, g.ws_bytes, g_stream};
   fixture fv = gpu_fx_views(&f, &g);
   m3s_attention_set_union_any(g_gpu, c->union_any);
+  if (ok && c->union_any && gpu_sm_major() == 9) {
+    snprintf(msg, sizeof msg, "%s: the union attention kernel runs the ranks' attention", name);
+    CHECK(m3s_attention_tma_eligible(g_gpu, &dv[0].batch, &fv.q, &dv[0].kv, &dv[0].scales) ==
+              M3S_ATTN_UNION,
+          msg);
+  }
   if (ok)
     ok = CHECK(cp_chain(g_gpu, &fv, dv, &xd, &fv.topk, &fv.out, &fv.lse, &ex) == M3S_OK, name);
   ok = ok && CHECK(cudaStreamSynchronize(g_stream) == cudaSuccess && gpu_fx_download(&g, &f) &&
