@@ -96,6 +96,8 @@ static void usage(FILE *f) {
 "                    path for every batch), mma (certified, mma.sync scores) or\n"
 "                    certified (decode: the certified streaming kernel also for\n"
 "                    the small batches the dispatch keeps on the exact kernel)\n"
+"                    or rounds (certified, the selection by warp-maximum rounds\n"
+"                    also where the register selection is the default)\n"
 "  --attn-path P     default (sm_90: the persistent TMA kernel for one row per\n"
 "                    request, the union kernel for prefill and speculative\n"
 "                    batches with a 16-bit cache of q's dtype, contexts <= 32K\n"
@@ -253,8 +255,11 @@ static int parse_args(int argc, char **argv, options *o) {
         o->topk_path = 2;
       else if (strcmp(optarg, "certified") == 0)
         o->topk_path = 3;
+      else if (strcmp(optarg, "rounds") == 0)
+        o->topk_path = 4;
       else {
-        fprintf(stderr, "m3s-bench: --topk-path must be default, exact, mma or certified\n");
+        fprintf(stderr,
+                "m3s-bench: --topk-path must be default, exact, mma, certified or rounds\n");
         return 0;
       }
       break;
@@ -377,11 +382,13 @@ int main(int argc, char **argv) {
     h.exact_only = o->topk_path == 1;
     h.mma_sync = o->topk_path == 2;
     h.decode_any = o->topk_path == 3;
+    h.rounds_select = o->topk_path == 4;
     m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s\n",
            o->topk_path == 1   ? "exact (CUDA cores)"
            : o->topk_path == 2 ? "certified, mma.sync score kernel"
-                               : "certified, every decode batch on the streaming kernel");
+           : o->topk_path == 3 ? "certified, every decode batch on the streaming kernel"
+                               : "certified, selection by warp-maximum rounds");
   }
   if (o->attn_generic) {
     /* the path switch of src/cuda/sm90/attention_tma.h (per context) */

@@ -51,6 +51,7 @@ static uint64_t g_seed = 20261202;
 static m3s_topk_tc_stats *g_stats; /* device */
 static float g_max_ratio[2];
 static int g_mma; /* this pass: 0 the default kernels, 1 mma.sync forced (test hook) */
+static unsigned long long g_reg_pairs; /* pairs the register selection decided (certified runs) */
 
 static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
   fx_spec s = fx_spec_default(c, nreq, ql, sl, g_seed++);
@@ -158,6 +159,7 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     double t3 = gpu_now_ms();
     CHECK(bad == 0, name);
     CHECK(cs.pairs > 0, "the certified path ran");
+    g_reg_pairs += cs.reg_pairs;
     long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
     CHECK(mbad == 0, name);
     CHECK(ms.violations == 0, "measure: |S~ - S| <= E for every candidate");
@@ -175,9 +177,9 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
       CHECK(run_gpu(&f, &g, expect, RUN_EXACT, 0, name, &es) == 0, name);
       CHECK(es.pairs == 0, "exact_only: the certified path did not run");
     }
-    printf("  %-38s %-5s T %5d  pairs %7llu  re-scored %9llu / %9llu (%.4f)  max|S~-S|/E "
-           "%.3g%s  cpu %6.0f ms  cuda %6.2f ms%s\n",
-           name, mma ? "mma" : "dflt", f.T, cs.pairs, cs.rescored, cs.candidates,
+    printf("  %-38s %-5s T %5d  pairs %7llu (reg %7u)  re-scored %9llu / %9llu (%.4f)  "
+           "max|S~-S|/E %.3g%s  cpu %6.0f ms  cuda %6.2f ms%s\n",
+           name, mma ? "mma" : "dflt", f.T, cs.pairs, cs.reg_pairs, cs.rescored, cs.candidates,
            cs.candidates ? (double)cs.rescored / (double)cs.candidates : 0.0, ratio,
            mods && mods->adversarial ? (nbad > 0 ? "  no-rescore breaks" : "  NO-RESCORE EQUAL")
                                      : "",
@@ -624,6 +626,12 @@ int main(void) {
          "(must be <= 1); %.1f s%s\n",
          g_max_ratio[0], g_max_ratio[1], passes == 2 ? "" : " (not run)",
          (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
+  /* the fixtures with at most 128 candidates per pair and more pairs than
+   * SMs take the register selection; a filtered run may select none */
+  const char *filter = getenv("M3S_TEST_FILTER");
+  if (!filter || !*filter)
+    CHECK(g_reg_pairs > 0, "the register selection (tc_select_reg_kernel) decided pairs");
+  printf("test_gpu_topk_certified: %llu pairs decided by the register selection\n", g_reg_pairs);
   gpu_free(g_stats);
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

@@ -33,12 +33,20 @@
  *     (m3s_dot128_fixed, streamed), then the tie rule on reference scores.
  *     Rows of requests with fewer than TC_MIN_ROWS query rows (decode rows in
  *     a ragged batch) have every candidate scored that way instead.
+ *     Prefill chunks whose pairs have at most 128 candidates (contexts up to
+ *     16K) run it in two launches instead: tc_select_reg_kernel<R> keeps a
+ *     pair's entries in registers, takes the thresholds from one bitonic
+ *     sort and decides every pair with no uncertain block (~88% of a random
+ *     8K prompt's); tc_select_deferred_kernel runs the per-pair code above
+ *     on the rest, listed in the workspace.
  * Grids and workspace come from host bounds only (num_tokens, max_seq_len,
- * Hkv, K, the SM count): graph-safe; no allocation, no synchronisation.
+ * Hkv, K, the SM count): graph-safe; no allocation, no synchronisation (the
+ * deferred-pair count is zeroed by a cudaMemsetAsync on the stream).
  *
  * Workspace: float2 (S~, E) [chunk_rows * Hkv][max_nb], entry
  * ((t - row0) * Hkv + g) * max_nb + b; chunk_rows = the most rows whose
- * entries fit TC_WS_BUDGET (a multiple of 128 when >= 128). The selection
+ * entries fit TC_WS_BUDGET (a multiple of 128 when >= 128); then the
+ * deferred-pair list (int32 count + chunk_rows * Hkv indices). The selection
  * overwrites the entries it re-scores with (S, -1) when more than 32 of a
  * pair's blocks are uncertain (else their scores stay in registers).
  *
@@ -56,7 +64,9 @@
  * docs/perf-notes.md): scores ~9.5 ms with mma.sync, ~6.4 ms with TMA +
  * wgmma (b10fcd5, before the norm pre-pass); the selection 1.78 ms over the
  * 8 chunks (ncu, 369d402, the selection code of 5ef0622); the whole top-k
- * 7.70 ms at 5ef0622 against vLLM's 6.77 (peer run). */
+ * 7.70 ms at 5ef0622 against vLLM's 6.77 (peer run). The register selection
+ * (2026-12-04): selection of the 8K prompt 142 -> 28 + 76 us, top-k 310 ->
+ * 261 us (m3s-bench). */
 #include "../common.cuh"
 #include "../mma.cuh"
 #include "topk_tc.cuh"
@@ -77,6 +87,8 @@
 #define TC_SMEM_BYTES (3 * TC_TILE_BYTES) /* query tile + two key buffers */
 #define TC_SEL_WARPS 4
 #define TC_SEL_CACHE 1024 /* candidate entries a selection warp copies into shared memory */
+#define TC_SEL_CTAS_PER_SM 4 /* resident selection CTAs per SM (128 registers) */
+#define TC_REG_CTAS_PER_SM 8 /* the same for tc_select_reg_kernel (64 registers) */
 #define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
 /* Decode batches with fewer (token, KV head) pairs than this keep the exact
  * streaming kernel: below it the fixed-order scores of a few pairs cost less
@@ -117,9 +129,17 @@ static tc_plan tc_plan_of(const m3s_layer_config *cfg, int64_t tokens, int64_t m
   return p;
 }
 
+/* The deferred-pair list of tc_select_reg_kernel: a count, then up to one
+ * pair index per (row, head) of a chunk. */
+static size_t tc_list_bytes(int64_t chunk_rows, int hkv) {
+  size_t n = ((size_t)chunk_rows * (size_t)hkv + 1) * sizeof(int32_t);
+  return (n + 255) & ~(size_t)255;
+}
+
+/* The (S~, E) entries of a chunk, then its deferred-pair list. */
 static size_t tc_plan_bytes(const tc_plan *p, int hkv) {
   size_t n = (size_t)p->chunk_rows * (size_t)hkv * (size_t)p->max_nb * sizeof(float2);
-  return (n + 255) & ~(size_t)255;
+  return ((n + 255) & ~(size_t)255) + tc_list_bytes(p->chunk_rows, hkv);
 }
 
 /* The key-norm table of tc_norm_kernel: a slot of max_nb floats per request
@@ -143,7 +163,8 @@ extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max
   size_t all = (size_t)p.rows * (size_t)cfg->num_kv_heads * (size_t)p.max_nb * sizeof(float2);
   size_t n = all < (size_t)TC_WS_BUDGET ? all : (size_t)TC_WS_BUDGET;
   size_t norms = tc_norm_bytes(&p);
-  return ((n + 255) & ~(size_t)255) + (norms < (size_t)TC_NORM_BUDGET ? norms : (size_t)TC_NORM_BUDGET);
+  return ((n + 255) & ~(size_t)255) + tc_list_bytes(p.chunk_rows, cfg->num_kv_heads) +
+         (norms < (size_t)TC_NORM_BUDGET ? norms : (size_t)TC_NORM_BUDGET);
 }
 
 static int tc_decode_pays(const m3s_layer_config *cfg, const m3s_batch *batch) {
@@ -783,6 +804,7 @@ typedef struct {
   int hkv, topk, init, local;
   int no_rescore, measure;
   int all_scored; /* decode: every row has (S~, E) entries, whatever its request's length */
+  int32_t *list;  /* tc_select_reg_kernel's deferred pairs: count, then indices */
   m3s_topk_tc_stats *stats;
 } tc_select_args;
 
@@ -1243,6 +1265,40 @@ static __device__ void tc_copy_entries(const tc_select_args &a, const float2 *W,
   }
 }
 
+/* Shared memory of one selection warp for the per-pair code below. */
+typedef struct {
+  float *q;       /* M3S_INDEX_DIM */
+  int32_t *sel;   /* M3S_MAX_TOPK */
+  int32_t *qlist; /* 32 */
+  float *qsc;     /* 32 */
+  int *cnt;       /* 2 */
+} tc_warp_smem;
+
+/* One pair with nb > K by one warp, the three phases in turn; wcache (room
+ * for TC_SEL_CACHE entries) or NULL: the entries are read from the
+ * workspace. */
+static __device__ __forceinline__ void tc_select_one(const m3s_cuda_batch &bt,
+                                                     const tc_select_args &a, int64_t lp,
+                                                     const m3s_row_info &ri, int64_t nb,
+                                                     int32_t *out, const tc_warp_smem &sm,
+                                                     float2 *wcache) {
+  const int lane = threadIdx.x & 31;
+  tc_stage_query(a, lp, sm.q, lane, 32);
+  const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
+  float2 *W = a.ws + lp * a.max_nb;
+  if (wcache && nb - a.local <= TC_SEL_CACHE && !exact) {
+    tc_copy_entries(a, W, nb, wcache, lane, 32);
+    W = wcache;
+  }
+  __syncwarp();
+  tc_sel_state st =
+      tc_select_classify(bt, a, W, ri.r, ri.pos, nb, exact, sm.q, sm.sel, sm.qlist, sm.cnt);
+  if (!st.done)
+    tc_select_rescore(bt, a, W, ri.r, ri.pos, sm.q, sm.qlist, st.nq, 0, 1, sm.qsc);
+  __syncwarp();
+  tc_select_finish(a, st, sm.sel, sm.qlist, sm.qsc, out);
+}
+
 /* One pair per warp, TC_SEL_WARPS pairs per CTA (batches with many pairs). */
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     tc_select_kernel(m3s_cuda_batch bt, tc_select_args a) {
@@ -1252,9 +1308,155 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
   __shared__ float qscsh[TC_SEL_WARPS][32];
   __shared__ int cntsh[TC_SEL_WARPS][2];
   __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warp = threadIdx.x >> 5;
+  const tc_warp_smem sm = {qsh[warp], selsh[warp], qlsh[warp], qscsh[warp], cntsh[warp]};
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
+    m3s_row_info ri;
+    int32_t *out;
+    const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
+    if (nb <= a.topk)
+      tc_write_all(a, nb, out);
+    else
+      tc_select_one(bt, a, lp, ri, nb, out, sm, wsh[warp]);
+  }
+}
+
+/* The selection with a pair's candidates in registers (tc_select_reg_kernel):
+ * entry j = lane + 32 i of the candidates [init, nb - local) in slot i of
+ * this lane, R slots (32 R >= candidates). */
+
+/* Sorts the warp's 32 R values descending, position lane * R + i in v[i]:
+ * a bitonic network, shuffles for the stages whose partner is in another
+ * lane. Every lane calls it. */
+template <int R>
+__device__ __forceinline__ void tc_sort_desc(uint32_t (&v)[R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int k = 2; k <= 32 * R; k <<= 1) {
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      uint32_t t[R];
+#pragma unroll
+      for (int i = 0; i < R; i++) {
+        const int x = lane * R + i;
+        const uint32_t p = j >= R ? __shfl_xor_sync(TC_FULL, v[i], j / R) : v[i ^ (j % R)];
+        /* the lower position of a pair keeps the larger value in the blocks
+         * that end up descending ((x & k) == 0), the smaller in the others */
+        const bool keep_max = ((x & j) == 0) == ((x & k) == 0);
+        t[i] = keep_max ? max(v[i], p) : min(v[i], p);
+      }
+#pragma unroll
+      for (int i = 0; i < R; i++)
+        v[i] = t[i];
+    }
+  }
+}
+
+/* Position p of the sorted values (every lane calls it, p uniform). */
+template <int R>
+__device__ __forceinline__ uint32_t tc_sorted_at(const uint32_t (&v)[R], int p) {
+  uint32_t mine = v[0];
+#pragma unroll
+  for (int i = 1; i < R; i++)
+    mine = p % R == i ? v[i] : mine;
+  return __shfl_sync(TC_FULL, mine, p / R);
+}
+
+/* One pair with init + local < K < nb and n <= 32 R candidates, entries e
+ * (slot i of this lane: candidate lane + 32 i), by one warp, when no block
+ * is uncertain: the selection of tc_select_classify / _finish (the same
+ * thresholds u', l' and sets, so the same answer), with the two order
+ * statistics of S~ from one sort instead of W + 1 rounds of a warp maximum,
+ * In by ballots, and the K ids written in ascending order by prefix counts
+ * over the candidates' order (lane + 32 i ascends with i, then lane).
+ * Returns 0, having written nothing, when a block is uncertain: the pair
+ * then needs exact re-scores, which tc_select_deferred_kernel does. */
+template <int R>
+static __device__ __forceinline__ int tc_select_reg(const tc_select_args &a, int64_t nb,
+                                                    int32_t *out, const float2 (&e)[R]) {
+  const int lane = threadIdx.x & 31;
+  const int want = a.topk - a.init - a.local;
+  const int lo = a.init, n = (int)(nb - a.local) - lo; /* want < n <= 32 R */
+  uint32_t key[R];
+  int n_inf = 0;
+  uint32_t e_bits = 0;
+#pragma unroll
+  for (int i = 0; i < R; i++) {
+    const int j = lane + 32 * i;
+    const bool whole = j < n && tc_whole_line(e[i]);
+    const bool finite = j < n && !whole;
+    n_inf += __popc(__ballot_sync(TC_FULL, whole));
+    key[i] = finite ? tc_ord(e[i].x) : 0u;
+    e_bits = finite && e[i].y > 0.0f ? max(e_bits, __float_as_uint(e[i].y)) : e_bits;
+  }
+  /* a whole-line entry is always uncertain */
+  if (n_inf > 0)
+    return 0;
+  /* thresholds u' and l' as in tc_select_classify: the want-th and
+   * (want + 1)-th largest S~ (missing entries sort last, as 0) */
+  const float e_max = __uint_as_float(__reduce_max_sync(TC_FULL, e_bits));
+  tc_sort_desc<R>(key);
+  const uint32_t k_l = tc_sorted_at<R>(key, want - 1);
+  const uint32_t k_u = tc_sorted_at<R>(key, want);
+  const float u_p = __fadd_ru(tc_unord(k_u), e_max);
+  const float l_p = __fsub_rd(tc_unord(k_l), e_max);
+  int cls[R];
+  bool unsure = false;
+#pragma unroll
+  for (int i = 0; i < R; i++) {
+    cls[i] = lane + 32 * i < n ? tc_class(e[i], u_p, l_p) : TC_OUT;
+    unsure |= cls[i] == TC_UNSURE;
+  }
+  if (__any_sync(TC_FULL, unsure))
+    return 0;
+  tc_add_stats(a, (unsigned long long)n, 0, 0, 0);
+  if (a.stats && lane == 0)
+    atomicAdd(&a.stats->reg_pairs, 1u);
+  /* no uncertain block: In is the whole top W */
+  const uint32_t lt = (1u << lane) - 1u;
+  for (int k = lane; k < a.init; k += 32)
+    out[k * a.o_s2] = k;
+  for (int k = lane; k < a.local; k += 32)
+    out[(a.topk - a.local + k) * a.o_s2] = (int32_t)(nb - a.local + k);
+  int pos = a.init;
+#pragma unroll
+  for (int i = 0; i < R; i++) {
+    const uint32_t m = __ballot_sync(TC_FULL, cls[i] == TC_IN);
+    if (cls[i] == TC_IN)
+      out[(pos + __popc(m & lt)) * a.o_s2] = lo + lane + 32 * i;
+    pos += __popc(m);
+  }
+  return 1;
+}
+
+/* Phase 2 for chunks whose pairs have at most 32 R candidates (contexts up
+ * to 32 R + init + local blocks), a warp per pair, with no shared memory:
+ * each lane keeps its R entries in registers (tc_select_reg). Pairs it does
+ * not decide (an uncertain or whole-line block, short requests scored
+ * exactly, the measure hook, no candidate slots) are appended to the
+ * deferred list (a.list: count, then pair indices; the count zeroed before
+ * the launch) for tc_select_deferred_kernel, so this kernel carries neither
+ * the exact re-scoring nor the per-pair code, and fits TC_REG_CTAS_PER_SM
+ * CTAs per SM. */
+template <int R>
+static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
+    tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  /* candidate slots of a workspace row (the host picked 32 R >= this - local) */
+  const int64_t cand = a.max_nb - a.init;
+  for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
+       lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
+    /* the entries first: they do not depend on the row lookup's dependent
+     * loads (entries past the pair's candidates are in its workspace row
+     * and ignored) */
+    float2 e[R];
+    const float2 *W = a.ws + lp * a.max_nb + a.init;
+#pragma unroll
+    for (int i = 0; i < R; i++) {
+      const int j = lane + 32 * i;
+      e[i] = j < cand ? __ldcg(W + j) : make_float2(0.0f, 0.0f);
+    }
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
@@ -1262,20 +1464,33 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
       tc_write_all(a, nb, out);
       continue;
     }
-    tc_stage_query(a, lp, qsh[warp], lane, 32);
-    const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
-    float2 *W = a.ws + lp * a.max_nb;
-    if (nb - a.local <= TC_SEL_CACHE && !exact) {
-      tc_copy_entries(a, W, nb, wsh[warp], lane, 32);
-      W = wsh[warp];
-    }
-    __syncwarp();
-    tc_sel_state st = tc_select_classify(bt, a, W, ri.r, ri.pos, nb, exact, qsh[warp],
-                                         selsh[warp], qlsh[warp], cntsh[warp]);
-    if (!st.done)
-      tc_select_rescore(bt, a, W, ri.r, ri.pos, qsh[warp], qlsh[warp], st.nq, 0, 1, qscsh[warp]);
-    __syncwarp();
-    tc_select_finish(a, st, selsh[warp], qlsh[warp], qscsh[warp], out);
+    const int covered = !a.measure && ri.n >= TC_MIN_ROWS && a.topk > a.init + a.local &&
+                        nb - a.local - a.init <= 32 * R;
+    if ((!covered || !tc_select_reg<R>(a, nb, out, e)) && lane == 0)
+      a.list[1 + atomicAdd(a.list, 1)] = (int32_t)lp;
+  }
+}
+
+/* The pairs tc_select_reg_kernel deferred, by tc_select_one: warp w of the
+ * grid takes list entries w, w + warps, ... (a few per warp: they are ~12%
+ * of a random 8K prompt's pairs, each with exact re-scores). */
+static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
+    tc_select_deferred_kernel(m3s_cuda_batch bt, tc_select_args a) {
+  __shared__ float qsh[TC_SEL_WARPS][M3S_INDEX_DIM];
+  __shared__ int32_t selsh[TC_SEL_WARPS][M3S_MAX_TOPK];
+  __shared__ int32_t qlsh[TC_SEL_WARPS][32];
+  __shared__ float qscsh[TC_SEL_WARPS][32];
+  __shared__ int cntsh[TC_SEL_WARPS][2];
+  __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
+  const int warp = threadIdx.x >> 5;
+  const tc_warp_smem sm = {qsh[warp], selsh[warp], qlsh[warp], qscsh[warp], cntsh[warp]};
+  const int n = __ldcg(a.list);
+  for (int k = blockIdx.x * TC_SEL_WARPS + warp; k < n; k += gridDim.x * TC_SEL_WARPS) {
+    const int64_t lp = __ldcg(a.list + 1 + k);
+    m3s_row_info ri;
+    int32_t *out;
+    const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
+    tc_select_one(bt, a, lp, ri, nb, out, sm, wsh[warp]);
   }
 }
 
@@ -1374,16 +1589,46 @@ static int tc_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache,
 /* Phase 2 over se.npairs (row, head) pairs from se.row0: a warp per pair, or
  * a CTA per pair when there are no more pairs than SMs (host bounds only). */
 static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
-                                   const tc_select_args &se, cudaStream_t stream,
+                                   const tc_select_args &se, int rounds, cudaStream_t stream,
                                    const char *fn) {
   if (se.npairs <= (int64_t)m3s_cuda_num_sms(ctx)) {
     tc_select_wide_kernel<<<(unsigned)se.npairs, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
     return m3s_cuda_check_launch(fn, "tc_select_wide_kernel");
   }
-  int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
-  tc_select_kernel<<<(unsigned)(ctas < INT32_MAX ? ctas : INT32_MAX), TC_SEL_WARPS * 32, 0,
-                     stream>>>(cb, se);
-  return m3s_cuda_check_launch(fn, "tc_select_kernel");
+  /* one resident wave of CTAs, each warp looping over pairs: a CTA per 4
+   * pairs made the CTA launches the limit (ncu, 8K prompt: 15% of the warp
+   * slots active where 25% fit) */
+  const int64_t sms = m3s_cuda_num_sms(ctx);
+  const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
+  /* candidates per pair at most: the blocks of max_seq_len less the forced;
+   * decode batches (every row scored) keep the rounds kernel */
+  const int64_t cand = se.max_nb - se.init - se.local;
+  const int r = rounds || se.all_scored ? 0 : cand <= 32 ? 1 : cand <= 64 ? 2 : cand <= 128 ? 4 : 0;
+  if (!r) {
+    const int64_t wave = sms * TC_SEL_CTAS_PER_SM;
+    tc_select_kernel<<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(cb,
+                                                                                            se);
+    return m3s_cuda_check_launch(fn, "tc_select_kernel");
+  }
+  const int64_t wave = sms * TC_REG_CTAS_PER_SM;
+  const unsigned grid = (unsigned)(ctas < wave ? ctas : wave);
+  cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
+  if (err != cudaSuccess)
+    return m3s_fail(M3S_ERR_CUDA, fn, "clearing the deferred-pair count failed: %s",
+                    cudaGetErrorString(err));
+  if (r == 1)
+    tc_select_reg_kernel<1><<<grid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
+  else if (r == 2)
+    tc_select_reg_kernel<2><<<grid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
+  else
+    tc_select_reg_kernel<4><<<grid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
+  m3s_status st = m3s_cuda_check_launch(fn, "tc_select_reg_kernel");
+  if (st)
+    return st;
+  /* the deferred pairs (their count is on the device): a resident wave */
+  tc_select_deferred_kernel<<<(unsigned)(sms * TC_SEL_CTAS_PER_SM), TC_SEL_WARPS * 32, 0,
+                              stream>>>(cb, se);
+  return m3s_cuda_check_launch(fn, "tc_select_deferred_kernel");
 }
 
 extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *cfg,
@@ -1437,6 +1682,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.measure = hooks.measure;
   se.stats = hooks.stats;
   se.all_scored = 0;
+  se.list = (int32_t *)((unsigned char *)exec->workspace + need - tc_list_bytes(plan.chunk_rows, hkv));
 
   if (batch->uniform_q_len > 0) {
     /* Decode (one chunk, m3s_topk_tc_eligible): (S~, E) streamed by the
@@ -1448,7 +1694,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     se.row0 = 0;
     se.npairs = plan.rows * hkv;
     se.all_scored = 1;
-    return tc_launch_select(ctx, cb, se, stream, fn);
+    return tc_launch_select(ctx, cb, se, hooks.rounds_select, stream, fn);
   }
 
   const int64_t sms = m3s_cuda_num_sms(ctx);
@@ -1493,7 +1739,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */
-    st = tc_launch_select(ctx, cb, se, stream, fn);
+    st = tc_launch_select(ctx, cb, se, hooks.rounds_select, stream, fn);
     if (st)
       return st;
   }

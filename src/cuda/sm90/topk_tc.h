@@ -24,7 +24,7 @@ typedef struct {
   unsigned long long rescored;   /* candidates re-scored in the reference order */
   unsigned long long violations; /* measure mode: |S~ - S| > E (must stay 0) */
   unsigned int max_ratio_bits;
-  unsigned int unused;
+  unsigned int reg_pairs; /* pairs decided by the register selection (tc_select_reg) */
 } m3s_topk_tc_stats;
 
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
@@ -41,7 +41,11 @@ typedef struct {
  *  decode_any: uniform decode batches take the certified streaming kernel
  *              whenever it covers them, also below the batch size and pair
  *              count from which it is the default (the tests' small
- *              fixtures). */
+ *              fixtures).
+ *  rounds_select: the prefill selection by rounds of a warp maximum with the
+ *              entries in shared memory (tc_select_kernel) also where the
+ *              register selection (tc_select_reg_kernel, at most 128
+ *              candidates per pair) is the default: for A/B timings. */
 typedef struct {
   int exact_only;
   int no_rescore;
@@ -49,6 +53,7 @@ typedef struct {
   m3s_topk_tc_stats *stats;
   int mma_sync;
   int decode_any;
+  int rounds_select;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults; a CPU context ignores the call. Internal (not
