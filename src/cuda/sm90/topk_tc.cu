@@ -37,8 +37,9 @@
  *     16K) run it in two launches instead: tc_select_reg_kernel<R> keeps a
  *     pair's entries in registers, takes the thresholds from one bitonic
  *     sort and decides every pair with no uncertain block (~88% of a random
- *     8K prompt's); tc_select_deferred_kernel runs the per-pair code above
- *     on the rest, listed in the workspace.
+ *     8K prompt's); tc_select_deferred_kernel takes the rest, listed in the
+ *     workspace: the same register path with the exact re-scores, or the
+ *     per-pair code above (more than 32 uncertain blocks, short requests).
  * Grids and workspace come from host bounds only (num_tokens, max_seq_len,
  * Hkv, K, the SM count): graph-safe; no allocation, no synchronisation (the
  * deferred-pair count is zeroed by a cudaMemsetAsync on the stream).
@@ -65,8 +66,8 @@
  * wgmma (b10fcd5, before the norm pre-pass); the selection 1.78 ms over the
  * 8 chunks (ncu, 369d402, the selection code of 5ef0622); the whole top-k
  * 7.70 ms at 5ef0622 against vLLM's 6.77 (peer run). The register selection
- * (2026-12-04): selection of the 8K prompt 142 -> 28 + 76 us, top-k 310 ->
- * 261 us (m3s-bench). */
+ * (2026-12-04): selection of the 8K prompt 142 -> 29 + 56 us, top-k 298 ->
+ * 250 us (m3s-bench). */
 #include "../common.cuh"
 #include "../mma.cuh"
 #include "topk_tc.cuh"
@@ -87,7 +88,7 @@
 #define TC_SMEM_BYTES (3 * TC_TILE_BYTES) /* query tile + two key buffers */
 #define TC_SEL_WARPS 4
 #define TC_SEL_CACHE 1024 /* candidate entries a selection warp copies into shared memory */
-#define TC_SEL_CTAS_PER_SM 4 /* resident selection CTAs per SM (128 registers) */
+#define TC_SEL_CTAS_PER_SM 4 /* resident per-pair selection CTAs per SM (128 registers) */
 #define TC_REG_CTAS_PER_SM 8 /* the same for tc_select_reg_kernel (64 registers) */
 #define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
 /* Decode batches with fewer (token, KV head) pairs than this keep the exact
@@ -1364,18 +1365,27 @@ __device__ __forceinline__ uint32_t tc_sorted_at(const uint32_t (&v)[R], int p) 
 }
 
 /* One pair with init + local < K < nb and n <= 32 R candidates, entries e
- * (slot i of this lane: candidate lane + 32 i), by one warp, when no block
- * is uncertain: the selection of tc_select_classify / _finish (the same
- * thresholds u', l' and sets, so the same answer), with the two order
- * statistics of S~ from one sort instead of W + 1 rounds of a warp maximum,
- * In by ballots, and the K ids written in ascending order by prefix counts
- * over the candidates' order (lane + 32 i ascends with i, then lane).
- * Returns 0, having written nothing, when a block is uncertain: the pair
- * then needs exact re-scores, which tc_select_deferred_kernel does. */
-template <int R>
-static __device__ __forceinline__ int tc_select_reg(const tc_select_args &a, int64_t nb,
-                                                    int32_t *out, const float2 (&e)[R]) {
+ * (slot i of this lane: candidate lane + 32 i), by one warp: the selection
+ * of tc_select_classify / _rescore / _finish (the same thresholds u', l',
+ * sets and tie rule, so the same answer), with the two order statistics of
+ * S~ from one sort instead of W + 1 rounds of a warp maximum, In and Q by
+ * ballots, and the K ids written in ascending order by prefix counts over
+ * the candidates' order (lane + 32 i ascends with i, then lane).
+ * Without RESCORE it returns 0, having written nothing, when a block is
+ * uncertain (tc_select_reg_kernel defers the pair); with RESCORE (the
+ * deferred pairs) the uncertain blocks, up to 32, are re-scored in the
+ * reference order (query qv: elements lane + 32 m) and ranked, and it
+ * returns 0 only for more than 32. */
+template <int R, bool RESCORE>
+static __device__ __forceinline__ int tc_select_reg(const m3s_cuda_batch &bt,
+                                                    const tc_select_args &a, int64_t lp,
+                                                    const m3s_row_info &ri, int64_t nb,
+                                                    int32_t *out, const float2 (&e)[R],
+                                                    const uint16_t (&qv)[4],
+                                                    const tc_warp_smem &sm,
+                                                    unsigned char *chosen) {
   const int lane = threadIdx.x & 31;
+  const uint32_t lt = (1u << lane) - 1u;
   const int want = a.topk - a.init - a.local;
   const int lo = a.init, n = (int)(nb - a.local) - lo; /* want < n <= 32 R */
   uint32_t key[R];
@@ -1391,30 +1401,58 @@ static __device__ __forceinline__ int tc_select_reg(const tc_select_args &a, int
     e_bits = finite && e[i].y > 0.0f ? max(e_bits, __float_as_uint(e[i].y)) : e_bits;
   }
   /* a whole-line entry is always uncertain */
-  if (n_inf > 0)
+  if (!RESCORE && n_inf > 0)
     return 0;
-  /* thresholds u' and l' as in tc_select_classify: the want-th and
-   * (want + 1)-th largest S~ (missing entries sort last, as 0) */
+  /* thresholds u' and l' as in tc_select_classify: the need_l-th and
+   * need_u-th largest S~ among the finite entries (whole-line and missing
+   * entries sort last, as 0) */
   const float e_max = __uint_as_float(__reduce_max_sync(TC_FULL, e_bits));
+  const int f = n - n_inf;
+  const int need_l = f >= want ? want : 0, need_u = n_inf > want ? 0 : want + 1 - n_inf;
   tc_sort_desc<R>(key);
-  const uint32_t k_l = tc_sorted_at<R>(key, want - 1);
-  const uint32_t k_u = tc_sorted_at<R>(key, want);
-  const float u_p = __fadd_ru(tc_unord(k_u), e_max);
-  const float l_p = __fsub_rd(tc_unord(k_l), e_max);
-  int cls[R];
-  bool unsure = false;
+  const uint32_t k_l = need_l ? tc_sorted_at<R>(key, need_l - 1) : 0u;
+  const uint32_t k_u = need_u ? tc_sorted_at<R>(key, need_u - 1) : 0u;
+  const float u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
+  const float l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
+  int cls[R], n_in = 0, nq = 0;
 #pragma unroll
   for (int i = 0; i < R; i++) {
     cls[i] = lane + 32 * i < n ? tc_class(e[i], u_p, l_p) : TC_OUT;
-    unsure |= cls[i] == TC_UNSURE;
+    n_in += __popc(__ballot_sync(TC_FULL, cls[i] == TC_IN));
+    nq += __popc(__ballot_sync(TC_FULL, cls[i] == TC_UNSURE));
   }
-  if (__any_sync(TC_FULL, unsure))
+  if (nq > (RESCORE ? 32 : 0))
     return 0;
-  tc_add_stats(a, (unsigned long long)n, 0, 0, 0);
+  tc_add_stats(a, (unsigned long long)n, (unsigned long long)nq, 0, 0);
   if (a.stats && lane == 0)
     atomicAdd(&a.stats->reg_pairs, 1u);
-  /* no uncertain block: In is the whole top W */
-  const uint32_t lt = (1u << lane) - 1u;
+  if (RESCORE && nq > 0) {
+    /* Q listed in the candidates' order, re-scored, ranked on reference
+     * scores; the best want - n_in of them are chosen */
+    int base = 0;
+#pragma unroll
+    for (int i = 0; i < R; i++) {
+      const uint32_t m = __ballot_sync(TC_FULL, cls[i] == TC_UNSURE);
+      if (cls[i] == TC_UNSURE)
+        sm.qlist[base + __popc(m & lt)] = lo + lane + 32 * i;
+      base += __popc(m);
+    }
+#pragma unroll
+    for (int m = 0; m < 4; m++)
+      sm.q[lane + 32 * m] = __uint_as_float((uint32_t)qv[m] << 16);
+    __syncwarp(); /* the list and the query */
+    tc_select_rescore(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, sm.q, sm.qlist, nq, 0, 1,
+                      sm.qsc);
+    __syncwarp(); /* the reference scores */
+    const int32_t id = lane < nq ? sm.qlist[lane] : -1;
+    const unsigned long long k = lane < nq ? tc_key(tc_ord(sm.qsc[lane]), id) : 0ull;
+    int rank = 0;
+    for (int j = 0; j < nq; j++)
+      rank += __shfl_sync(TC_FULL, k, j) > k;
+    if (lane < nq)
+      chosen[id - lo] = rank < want - n_in;
+    __syncwarp(); /* the choices */
+  }
   for (int k = lane; k < a.init; k += 32)
     out[k * a.o_s2] = k;
   for (int k = lane; k < a.local; k += 32)
@@ -1422,12 +1460,46 @@ static __device__ __forceinline__ int tc_select_reg(const tc_select_args &a, int
   int pos = a.init;
 #pragma unroll
   for (int i = 0; i < R; i++) {
-    const uint32_t m = __ballot_sync(TC_FULL, cls[i] == TC_IN);
-    if (cls[i] == TC_IN)
+    const bool in = cls[i] == TC_IN || (RESCORE && cls[i] == TC_UNSURE && chosen[lane + 32 * i]);
+    const uint32_t m = __ballot_sync(TC_FULL, in);
+    if (in)
       out[(pos + __popc(m & lt)) * a.o_s2] = lo + lane + 32 * i;
     pos += __popc(m);
   }
+  if (RESCORE)
+    __syncwarp(); /* the shared lists are reused by the warp's next pair */
   return 1;
+}
+
+/* A pair's entries (candidate slots of its workspace row, the host picked
+ * 32 R >= max_nb - init - local) into this lane's R slots, and its query's
+ * elements lane + 32 m: neither depends on the row lookup's dependent loads,
+ * so all are in flight together (entries past the pair's candidates are in
+ * its workspace row and ignored). */
+template <int R>
+__device__ __forceinline__ void tc_reg_load(const tc_select_args &a, int64_t lp, float2 (&e)[R],
+                                            uint16_t (&qv)[4], bool query) {
+  const int lane = threadIdx.x & 31;
+  const int64_t cand = a.max_nb - a.init;
+  const float2 *W = a.ws + lp * a.max_nb + a.init;
+#pragma unroll
+  for (int i = 0; i < R; i++) {
+    const int j = lane + 32 * i;
+    e[i] = j < cand ? __ldcg(W + j) : make_float2(0.0f, 0.0f);
+  }
+  static_assert(M3S_INDEX_DIM == 4 * 32, "four query elements per lane");
+  const int64_t t = a.row0 + lp / a.hkv, g = lp % a.hkv;
+#pragma unroll
+  for (int m = 0; m < 4; m++)
+    qv[m] = query ? a.iq[t * a.iq_s0 + g * a.iq_s1 + lane + 32 * m] : (uint16_t)0;
+}
+
+/* Whether tc_select_reg applies to a pair with nb > K. */
+template <int R>
+__device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a, const m3s_row_info &ri,
+                                              int64_t nb) {
+  return !a.measure && ri.n >= TC_MIN_ROWS && a.topk > a.init + a.local &&
+         nb - a.local - a.init <= 32 * R;
 }
 
 /* Phase 2 for chunks whose pairs have at most 32 R candidates (contexts up
@@ -1443,20 +1515,11 @@ template <int R>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  /* candidate slots of a workspace row (the host picked 32 R >= this - local) */
-  const int64_t cand = a.max_nb - a.init;
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
-    /* the entries first: they do not depend on the row lookup's dependent
-     * loads (entries past the pair's candidates are in its workspace row
-     * and ignored) */
     float2 e[R];
-    const float2 *W = a.ws + lp * a.max_nb + a.init;
-#pragma unroll
-    for (int i = 0; i < R; i++) {
-      const int j = lane + 32 * i;
-      e[i] = j < cand ? __ldcg(W + j) : make_float2(0.0f, 0.0f);
-    }
+    uint16_t qv[4];
+    tc_reg_load<R>(a, lp, e, qv, false);
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
@@ -1464,16 +1527,19 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
       tc_write_all(a, nb, out);
       continue;
     }
-    const int covered = !a.measure && ri.n >= TC_MIN_ROWS && a.topk > a.init + a.local &&
-                        nb - a.local - a.init <= 32 * R;
-    if ((!covered || !tc_select_reg<R>(a, nb, out, e)) && lane == 0)
+    const tc_warp_smem none = {NULL, NULL, NULL, NULL, NULL};
+    if ((!tc_reg_covers<R>(a, ri, nb) ||
+         !tc_select_reg<R, false>(bt, a, lp, ri, nb, out, e, qv, none, NULL)) &&
+        lane == 0)
       a.list[1 + atomicAdd(a.list, 1)] = (int32_t)lp;
   }
 }
 
-/* The pairs tc_select_reg_kernel deferred, by tc_select_one: warp w of the
- * grid takes list entries w, w + warps, ... (a few per warp: they are ~12%
- * of a random 8K prompt's pairs, each with exact re-scores). */
+/* The pairs tc_select_reg_kernel deferred: warp w of the grid takes list
+ * entries w, w + warps, ... (~12% of a random 8K prompt's pairs), each by
+ * tc_select_reg with the re-scores, or by tc_select_one (more than 32
+ * uncertain blocks, short requests scored exactly, the measure hook). */
+template <int R>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     tc_select_deferred_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ float qsh[TC_SEL_WARPS][M3S_INDEX_DIM];
@@ -1481,16 +1547,22 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
   __shared__ int32_t qlsh[TC_SEL_WARPS][32];
   __shared__ float qscsh[TC_SEL_WARPS][32];
   __shared__ int cntsh[TC_SEL_WARPS][2];
-  __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
+  __shared__ unsigned char chsh[TC_SEL_WARPS][32 * R];
+  __shared__ float2 wsh[TC_SEL_WARPS][32 * R];
   const int warp = threadIdx.x >> 5;
   const tc_warp_smem sm = {qsh[warp], selsh[warp], qlsh[warp], qscsh[warp], cntsh[warp]};
   const int n = __ldcg(a.list);
   for (int k = blockIdx.x * TC_SEL_WARPS + warp; k < n; k += gridDim.x * TC_SEL_WARPS) {
     const int64_t lp = __ldcg(a.list + 1 + k);
+    float2 e[R];
+    uint16_t qv[4];
+    tc_reg_load<R>(a, lp, e, qv, true);
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
-    tc_select_one(bt, a, lp, ri, nb, out, sm, wsh[warp]);
+    if (!tc_reg_covers<R>(a, ri, nb) ||
+        !tc_select_reg<R, true>(bt, a, lp, ri, nb, out, e, qv, sm, chsh[warp]))
+      tc_select_one(bt, a, lp, ri, nb, out, sm, nb - a.local <= 32 * R ? wsh[warp] : NULL);
   }
 }
 
@@ -1595,9 +1667,6 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
     tc_select_wide_kernel<<<(unsigned)se.npairs, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
     return m3s_cuda_check_launch(fn, "tc_select_wide_kernel");
   }
-  /* one resident wave of CTAs, each warp looping over pairs: a CTA per 4
-   * pairs made the CTA launches the limit (ncu, 8K prompt: 15% of the warp
-   * slots active where 25% fit) */
   const int64_t sms = m3s_cuda_num_sms(ctx);
   const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
   /* candidates per pair at most: the blocks of max_seq_len less the forced;
@@ -1605,11 +1674,13 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
   const int64_t cand = se.max_nb - se.init - se.local;
   const int r = rounds || se.all_scored ? 0 : cand <= 32 ? 1 : cand <= 64 ? 2 : cand <= 128 ? 4 : 0;
   if (!r) {
-    const int64_t wave = sms * TC_SEL_CTAS_PER_SM;
-    tc_select_kernel<<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(cb,
-                                                                                            se);
+    /* a CTA per 4 pairs (one resident wave looping measured 1-4% slower
+     * here: 8K 297 -> 309 us, 32K 2259 -> 2285) */
+    tc_select_kernel<<<(unsigned)(ctas < INT32_MAX ? ctas : INT32_MAX), TC_SEL_WARPS * 32, 0,
+                       stream>>>(cb, se);
     return m3s_cuda_check_launch(fn, "tc_select_kernel");
   }
+  /* the register kernel: one resident wave, each warp looping over pairs */
   const int64_t wave = sms * TC_REG_CTAS_PER_SM;
   const unsigned grid = (unsigned)(ctas < wave ? ctas : wave);
   cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
@@ -1626,8 +1697,13 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
   if (st)
     return st;
   /* the deferred pairs (their count is on the device): a resident wave */
-  tc_select_deferred_kernel<<<(unsigned)(sms * TC_SEL_CTAS_PER_SM), TC_SEL_WARPS * 32, 0,
-                              stream>>>(cb, se);
+  const unsigned dgrid = (unsigned)(sms * TC_SEL_CTAS_PER_SM);
+  if (r == 1)
+    tc_select_deferred_kernel<1><<<dgrid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
+  else if (r == 2)
+    tc_select_deferred_kernel<2><<<dgrid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
+  else
+    tc_select_deferred_kernel<4><<<dgrid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
   return m3s_cuda_check_launch(fn, "tc_select_deferred_kernel");
 }
 
