@@ -152,10 +152,12 @@ static size_t tc_norm_bytes(const tc_plan *p) {
   return (n + 255) & ~(size_t)255;
 }
 
-/* min(all entries, budget) plus the norm table when it fits its budget: an
- * upper bound of what a call with these bounds uses, never decreasing when
- * the bounds grow (a call given less than its norm table falls back to the
- * mma.sync score kernel). */
+/* min(all entries, budget), a deferred-pair list for every (row, head) of
+ * max_tokens (a call's chunk may hold more rows than the bounds' own chunk:
+ * a shorter max_seq_len gives longer chunks), plus the norm table when it
+ * fits its budget: an upper bound of what a call with these bounds uses,
+ * never decreasing when the bounds grow (a call given less than its norm
+ * table falls back to the mma.sync score kernel). */
 extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max_tokens,
                                         int64_t max_seq_len) {
   tc_plan p = tc_plan_of(cfg, max_tokens, max_seq_len);
@@ -164,7 +166,7 @@ extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max
   size_t all = (size_t)p.rows * (size_t)cfg->num_kv_heads * (size_t)p.max_nb * sizeof(float2);
   size_t n = all < (size_t)TC_WS_BUDGET ? all : (size_t)TC_WS_BUDGET;
   size_t norms = tc_norm_bytes(&p);
-  return ((n + 255) & ~(size_t)255) + tc_list_bytes(p.chunk_rows, cfg->num_kv_heads) +
+  return ((n + 255) & ~(size_t)255) + tc_list_bytes(p.rows, cfg->num_kv_heads) +
          (norms < (size_t)TC_NORM_BUDGET ? norms : (size_t)TC_NORM_BUDGET);
 }
 
