@@ -287,16 +287,32 @@ static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t
     }
 }
 
-/* A warp's state into its region of shared memory: acc [16][ACC_STRIDE],
- * then m of rows 0..15 and l of rows 0..15 (l summed over the quad). */
-static __device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s, float *ml_s,
-                                                   int lane) {
-  int g4 = lane >> 2, t4 = lane & 3;
+/* l of the lane's two rows summed over its quad (each lane holds the part
+ * of its own columns until the end). */
+static __device__ __forceinline__ void quad_sum_l(warp_state &ws) {
 #pragma unroll
   for (int r = 0; r < 2; r++) {
     ws.l[r] += __shfl_xor_sync(0xffffffffu, ws.l[r], 1);
     ws.l[r] += __shfl_xor_sync(0xffffffffu, ws.l[r], 2);
   }
+}
+
+/* acc times v: a scalar v scale of an fp8 cache, left out of V when it is
+ * dequantised (sm90/attention_fp8.cuh, at_dequant). */
+static __device__ __forceinline__ void scale_acc(warp_state &ws, float v) {
+#pragma unroll
+  for (int dt = 0; dt < 16; dt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      ws.acc[dt][e] *= v;
+}
+
+/* A warp's state into its region of shared memory: acc [16][ACC_STRIDE],
+ * then m of rows 0..15 and l of rows 0..15 (l summed over the quad). */
+static __device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s, float *ml_s,
+                                                   int lane) {
+  int g4 = lane >> 2, t4 = lane & 3;
+  quad_sum_l(ws);
 #pragma unroll
   for (int dt = 0; dt < 16; dt++) {
     *(float2 *)&acc_s[g4 * ACC_STRIDE + dt * 8 + 2 * t4] =

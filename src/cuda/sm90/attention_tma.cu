@@ -368,13 +368,8 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
         sm90_bar_arrive(&s.empty[slot]);
     }
 
-    /* a scalar v scale of an fp8 cache, left out of V (at_dequant) */
     if (FP8 && vs != 1.0f)
-#pragma unroll
-      for (int dt = 0; dt < 16; dt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-          ws.acc[dt][e] *= vs;
+      scale_acc(ws, vs);
     stash_state(ws, s.scratch[warp], s.scratch[warp] + HEADS_PER_CTA * ACC_STRIDE, lane);
     at_consumer_sync();
     at_store(p, s, it);

@@ -265,11 +265,7 @@ template <bool F16>
 static __device__ void au_store(const attn_params &p, warp_state &ws, int64_t t, int h0, int nh,
                                 int lane) {
   const int g4 = lane >> 2, t4 = lane & 3;
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    ws.l[r] += __shfl_xor_sync(0xffffffffu, ws.l[r], 1);
-    ws.l[r] += __shfl_xor_sync(0xffffffffu, ws.l[r], 2);
-  }
+  quad_sum_l(ws);
 #pragma unroll
   for (int r = 0; r < 2; r++) {
     const int row = g4 + 8 * r;
@@ -418,11 +414,7 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
     }
   }
   if (FP8 && vs != 1.0f)
-#pragma unroll
-    for (int dt = 0; dt < 16; dt++)
-#pragma unroll
-      for (int e = 0; e < 4; e++)
-        ws.acc[dt][e] *= vs;
+    scale_acc(ws, vs);
   if (live)
     au_store<F16>(p, ws, t, h0, nh, lane);
 }
