@@ -52,6 +52,9 @@ static m3s_topk_tc_stats *g_stats; /* device */
 static float g_max_ratio[2];
 static int g_mma; /* this pass: 0 the default kernels, 1 mma.sync forced (test hook) */
 static unsigned long long g_reg_pairs; /* pairs the register selection decided (certified runs) */
+/* certified runs whose every pair the register selection decided and that
+ * re-scored blocks: its re-scoring path ran */
+static int g_reg_rescored_runs;
 
 static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
   fx_spec s = fx_spec_default(c, nreq, ql, sl, g_seed++);
@@ -160,6 +163,7 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     CHECK(bad == 0, name);
     CHECK(cs.pairs > 0, "the certified path ran");
     g_reg_pairs += cs.reg_pairs;
+    g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
     long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
     CHECK(mbad == 0, name);
     CHECK(ms.violations == 0, "measure: |S~ - S| <= E for every candidate");
@@ -629,9 +633,13 @@ int main(void) {
   /* the fixtures with at most 128 candidates per pair and more pairs than
    * SMs take the register selection; a filtered run may select none */
   const char *filter = getenv("M3S_TEST_FILTER");
-  if (!filter || !*filter)
+  if (!filter || !*filter) {
     CHECK(g_reg_pairs > 0, "the register selection (tc_select_reg_kernel) decided pairs");
-  printf("test_gpu_topk_certified: %llu pairs decided by the register selection\n", g_reg_pairs);
+    CHECK(g_reg_rescored_runs > 0, "the register selection re-scored uncertain blocks");
+  }
+  printf("test_gpu_topk_certified: %llu pairs decided by the register selection, %d runs "
+         "re-scored on it alone\n",
+         g_reg_pairs, g_reg_rescored_runs);
   gpu_free(g_stats);
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

@@ -36,8 +36,10 @@
  *     Prefill chunks whose pairs have at most 128 candidates (contexts up to
  *     16K) run it in two launches instead: tc_select_reg_kernel<R> keeps a
  *     pair's entries in registers, takes the thresholds from one bitonic
- *     sort and decides every pair with no uncertain block (~88% of a random
- *     8K prompt's); tc_select_deferred_kernel takes the rest, listed in the
+ *     sort and decides every pair with no uncertain block (at least ~88% of
+ *     a random 8K prompt's: 2946 blocks re-scored over 24576 scored pairs
+ *     in test_gpu_topk_certified);
+ *     tc_select_deferred_kernel takes the rest, listed in the
  *     workspace: the same register path with the exact re-scores, or the
  *     per-pair code above (more than 32 uncertain blocks, short requests).
  * Grids and workspace come from host bounds only (num_tokens, max_seq_len,
@@ -1242,11 +1244,18 @@ static __device__ void tc_write_all(const tc_select_args &a, int64_t nb, int32_t
     out[k * a.o_s2] = k < nb ? k : -1;
 }
 
+/* The pair's bf16 query row. */
+static __device__ __forceinline__ const uint16_t *tc_query_of(const tc_select_args &a,
+                                                               int64_t lp) {
+  const int64_t t = a.row0 + lp / a.hkv, g = lp % a.hkv;
+  return a.iq + t * a.iq_s0 + g * a.iq_s1;
+}
+
 /* The pair's query as fp32 into q (threads i of n). */
 static __device__ void tc_stage_query(const tc_select_args &a, int64_t lp, float *q, int i, int n) {
-  const int64_t t = a.row0 + lp / a.hkv, g = lp % a.hkv;
+  const uint16_t *iq = tc_query_of(a, lp);
   for (int d = i; d < M3S_INDEX_DIM; d += n)
-    q[d] = __uint_as_float((uint32_t)a.iq[t * a.iq_s0 + g * a.iq_s1 + d] << 16);
+    q[d] = __uint_as_float((uint32_t)iq[d] << 16);
 }
 
 /* The pair's entries W[init, nb - local) copied to c by threads i of n, 8
@@ -1270,12 +1279,12 @@ static __device__ void tc_copy_entries(const tc_select_args &a, const float2 *W,
 
 /* Shared memory of one selection warp for the per-pair code below. */
 typedef struct {
-  float *q;       /* M3S_INDEX_DIM */
-  int32_t *sel;   /* M3S_MAX_TOPK */
-  int32_t *qlist; /* 32 */
-  float *qsc;     /* 32 */
-  int *cnt;       /* 2 */
-} tc_warp_smem;
+  float q[M3S_INDEX_DIM];
+  int32_t sel[M3S_MAX_TOPK];
+  int32_t qlist[32];
+  float qsc[32];
+  int cnt[2];
+} tc_warp_shared;
 
 /* One pair with nb > K by one warp, the three phases in turn; wcache (room
  * for TC_SEL_CACHE entries) or NULL: the entries are read from the
@@ -1283,7 +1292,7 @@ typedef struct {
 static __device__ __forceinline__ void tc_select_one(const m3s_cuda_batch &bt,
                                                      const tc_select_args &a, int64_t lp,
                                                      const m3s_row_info &ri, int64_t nb,
-                                                     int32_t *out, const tc_warp_smem &sm,
+                                                     int32_t *out, tc_warp_shared &sm,
                                                      float2 *wcache) {
   const int lane = threadIdx.x & 31;
   tc_stage_query(a, lp, sm.q, lane, 32);
@@ -1305,14 +1314,9 @@ static __device__ __forceinline__ void tc_select_one(const m3s_cuda_batch &bt,
 /* One pair per warp, TC_SEL_WARPS pairs per CTA (batches with many pairs). */
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     tc_select_kernel(m3s_cuda_batch bt, tc_select_args a) {
-  __shared__ float qsh[TC_SEL_WARPS][M3S_INDEX_DIM];
-  __shared__ int32_t selsh[TC_SEL_WARPS][M3S_MAX_TOPK];
-  __shared__ int32_t qlsh[TC_SEL_WARPS][32];
-  __shared__ float qscsh[TC_SEL_WARPS][32];
-  __shared__ int cntsh[TC_SEL_WARPS][2];
+  __shared__ tc_warp_shared sh[TC_SEL_WARPS];
   __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
   const int warp = threadIdx.x >> 5;
-  const tc_warp_smem sm = {qsh[warp], selsh[warp], qlsh[warp], qscsh[warp], cntsh[warp]};
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
     m3s_row_info ri;
@@ -1321,13 +1325,19 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     if (nb <= a.topk)
       tc_write_all(a, nb, out);
     else
-      tc_select_one(bt, a, lp, ri, nb, out, sm, wsh[warp]);
+      tc_select_one(bt, a, lp, ri, nb, out, sh[warp], wsh[warp]);
   }
 }
 
-/* The selection with a pair's candidates in registers (tc_select_reg_kernel):
- * entry j = lane + 32 i of the candidates [init, nb - local) in slot i of
- * this lane, R slots (32 R >= candidates). */
+/* The selection with a pair's candidates in registers (tc_select_reg_kernel,
+ * tc_select_deferred_kernel): candidate j = lane + 32 i of [init, nb -
+ * local) in slot i of this lane, R slots (32 R >= candidates). It is the
+ * selection of tc_select_classify / _rescore / _finish (the same thresholds
+ * u', l', sets and tie rule, so the same answer), with the two order
+ * statistics of S~ from one sort instead of W + 1 rounds of a warp maximum,
+ * In and Q by ballots, and the K ids written in ascending order by prefix
+ * counts over the candidates' order (lane + 32 i ascends with i, then
+ * lane). */
 
 /* Sorts the warp's 32 R values descending, position lane * R + i in v[i]:
  * a bitonic network, shuffles for the stages whose partner is in another
@@ -1366,30 +1376,40 @@ __device__ __forceinline__ uint32_t tc_sorted_at(const uint32_t (&v)[R], int p) 
   return __shfl_sync(TC_FULL, mine, p / R);
 }
 
-/* One pair with init + local < K < nb and n <= 32 R candidates, entries e
- * (slot i of this lane: candidate lane + 32 i), by one warp: the selection
- * of tc_select_classify / _rescore / _finish (the same thresholds u', l',
- * sets and tie rule, so the same answer), with the two order statistics of
- * S~ from one sort instead of W + 1 rounds of a warp maximum, In and Q by
- * ballots, and the K ids written in ascending order by prefix counts over
- * the candidates' order (lane + 32 i ascends with i, then lane).
- * Without RESCORE it returns 0, having written nothing, when a block is
- * uncertain (tc_select_reg_kernel defers the pair); with RESCORE (the
- * deferred pairs) the uncertain blocks, up to 32, are re-scored in the
- * reference order (query qv: elements lane + 32 m) and ranked, and it
- * returns 0 only for more than 32. */
-template <int R, bool RESCORE>
-static __device__ __forceinline__ int tc_select_reg(const m3s_cuda_batch &bt,
-                                                    const tc_select_args &a, int64_t lp,
-                                                    const m3s_row_info &ri, int64_t nb,
-                                                    int32_t *out, const float2 (&e)[R],
-                                                    const uint16_t (&qv)[4],
-                                                    const tc_warp_smem &sm,
-                                                    unsigned char *chosen) {
+/* A pair's entries (candidate slots of its workspace row; the host picked
+ * 32 R >= max_nb - init - local) into this lane's R slots. They do not
+ * depend on the row lookup's dependent loads, so the kernels issue them
+ * first (entries past the pair's candidates are in its row and ignored). */
+template <int R>
+__device__ __forceinline__ void tc_reg_load(const tc_select_args &a, int64_t lp, float2 (&e)[R]) {
   const int lane = threadIdx.x & 31;
-  const uint32_t lt = (1u << lane) - 1u;
+  const int64_t cand = a.max_nb - a.init;
+  const float2 *W = a.ws + lp * a.max_nb + a.init;
+#pragma unroll
+  for (int i = 0; i < R; i++) {
+    const int j = lane + 32 * i;
+    e[i] = j < cand ? __ldcg(W + j) : make_float2(0.0f, 0.0f);
+  }
+}
+
+/* Whether the register selection applies to a pair with nb > K. */
+template <int R>
+__device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a, const m3s_row_info &ri,
+                                              int64_t nb) {
+  return !a.measure && ri.n >= TC_MIN_ROWS && a.topk > a.init + a.local &&
+         nb - a.local - a.init <= 32 * R;
+}
+
+/* The classes of a covered pair's n candidates (entries e) against the
+ * thresholds u' and l' of tc_select_classify: the need_l-th and need_u-th
+ * largest S~ among the finite entries (whole-line and missing entries sort
+ * last, as 0) widened by the largest finite E. Counts In into n_in; returns
+ * the number of uncertain blocks (every whole-line entry is one). */
+template <int R>
+__device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
+                                               const float2 (&e)[R], int (&cls)[R], int &n_in) {
+  const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
-  const int lo = a.init, n = (int)(nb - a.local) - lo; /* want < n <= 32 R */
   uint32_t key[R];
   int n_inf = 0;
   uint32_t e_bits = 0;
@@ -1402,12 +1422,6 @@ static __device__ __forceinline__ int tc_select_reg(const m3s_cuda_batch &bt,
     key[i] = finite ? tc_ord(e[i].x) : 0u;
     e_bits = finite && e[i].y > 0.0f ? max(e_bits, __float_as_uint(e[i].y)) : e_bits;
   }
-  /* a whole-line entry is always uncertain */
-  if (!RESCORE && n_inf > 0)
-    return 0;
-  /* thresholds u' and l' as in tc_select_classify: the need_l-th and
-   * need_u-th largest S~ among the finite entries (whole-line and missing
-   * entries sort last, as 0) */
   const float e_max = __uint_as_float(__reduce_max_sync(TC_FULL, e_bits));
   const int f = n - n_inf;
   const int need_l = f >= want ? want : 0, need_u = n_inf > want ? 0 : want + 1 - n_inf;
@@ -1416,45 +1430,68 @@ static __device__ __forceinline__ int tc_select_reg(const m3s_cuda_batch &bt,
   const uint32_t k_u = need_u ? tc_sorted_at<R>(key, need_u - 1) : 0u;
   const float u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
   const float l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
-  int cls[R], n_in = 0, nq = 0;
+  int nq = 0;
+  n_in = 0;
 #pragma unroll
   for (int i = 0; i < R; i++) {
     cls[i] = lane + 32 * i < n ? tc_class(e[i], u_p, l_p) : TC_OUT;
     n_in += __popc(__ballot_sync(TC_FULL, cls[i] == TC_IN));
     nq += __popc(__ballot_sync(TC_FULL, cls[i] == TC_UNSURE));
   }
-  if (nq > (RESCORE ? 32 : 0))
-    return 0;
+  return nq;
+}
+
+/* The nq (1..32) uncertain blocks of a classified pair re-scored in the
+ * reference order (query elements lane + 32 m in qv) and ranked on those
+ * scores; chosen[j] of each (j = candidate index) says whether it is among
+ * the best want - n_in. */
+template <int R>
+__device__ __forceinline__ void tc_reg_rescore(const m3s_cuda_batch &bt, const tc_select_args &a,
+                                               int64_t lp, const m3s_row_info &ri,
+                                               const int (&cls)[R], int nq, int n_in,
+                                               const uint16_t (&qv)[4], tc_warp_shared &sm,
+                                               unsigned char *chosen) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t lt = (1u << lane) - 1u;
+  const int want = a.topk - a.init - a.local;
+  /* Q listed in the candidates' order */
+  int base = 0;
+#pragma unroll
+  for (int i = 0; i < R; i++) {
+    const uint32_t m = __ballot_sync(TC_FULL, cls[i] == TC_UNSURE);
+    if (cls[i] == TC_UNSURE)
+      sm.qlist[base + __popc(m & lt)] = a.init + lane + 32 * i;
+    base += __popc(m);
+  }
+#pragma unroll
+  for (int m = 0; m < 4; m++)
+    sm.q[lane + 32 * m] = __uint_as_float((uint32_t)qv[m] << 16);
+  __syncwarp(); /* the list and the query */
+  tc_select_rescore(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, sm.q, sm.qlist, nq, 0, 1,
+                    sm.qsc);
+  __syncwarp(); /* the reference scores */
+  const int32_t id = lane < nq ? sm.qlist[lane] : -1;
+  const unsigned long long k = lane < nq ? tc_key(tc_ord(sm.qsc[lane]), id) : 0ull;
+  int rank = 0;
+  for (int j = 0; j < nq; j++)
+    rank += __shfl_sync(TC_FULL, k, j) > k;
+  if (lane < nq)
+    chosen[id - a.init] = rank < want - n_in;
+  __syncwarp(); /* the choices */
+}
+
+/* The K ids of a decided pair in ascending order: the forced blocks, then
+ * In and the chosen uncertain blocks (chosen, read only for those) by
+ * prefix counts; the pair's stats counted. */
+template <int R>
+__device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb, int n, int nq,
+                                             const int (&cls)[R], const unsigned char *chosen,
+                                             int32_t *out) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t lt = (1u << lane) - 1u;
   tc_add_stats(a, (unsigned long long)n, (unsigned long long)nq, 0, 0);
   if (a.stats && lane == 0)
     atomicAdd(&a.stats->reg_pairs, 1u);
-  if (RESCORE && nq > 0) {
-    /* Q listed in the candidates' order, re-scored, ranked on reference
-     * scores; the best want - n_in of them are chosen */
-    int base = 0;
-#pragma unroll
-    for (int i = 0; i < R; i++) {
-      const uint32_t m = __ballot_sync(TC_FULL, cls[i] == TC_UNSURE);
-      if (cls[i] == TC_UNSURE)
-        sm.qlist[base + __popc(m & lt)] = lo + lane + 32 * i;
-      base += __popc(m);
-    }
-#pragma unroll
-    for (int m = 0; m < 4; m++)
-      sm.q[lane + 32 * m] = __uint_as_float((uint32_t)qv[m] << 16);
-    __syncwarp(); /* the list and the query */
-    tc_select_rescore(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, sm.q, sm.qlist, nq, 0, 1,
-                      sm.qsc);
-    __syncwarp(); /* the reference scores */
-    const int32_t id = lane < nq ? sm.qlist[lane] : -1;
-    const unsigned long long k = lane < nq ? tc_key(tc_ord(sm.qsc[lane]), id) : 0ull;
-    int rank = 0;
-    for (int j = 0; j < nq; j++)
-      rank += __shfl_sync(TC_FULL, k, j) > k;
-    if (lane < nq)
-      chosen[id - lo] = rank < want - n_in;
-    __syncwarp(); /* the choices */
-  }
   for (int k = lane; k < a.init; k += 32)
     out[k * a.o_s2] = k;
   for (int k = lane; k < a.local; k += 32)
@@ -1462,57 +1499,23 @@ static __device__ __forceinline__ int tc_select_reg(const m3s_cuda_batch &bt,
   int pos = a.init;
 #pragma unroll
   for (int i = 0; i < R; i++) {
-    const bool in = cls[i] == TC_IN || (RESCORE && cls[i] == TC_UNSURE && chosen[lane + 32 * i]);
+    const bool in = cls[i] == TC_IN || (cls[i] == TC_UNSURE && chosen[lane + 32 * i]);
     const uint32_t m = __ballot_sync(TC_FULL, in);
     if (in)
-      out[(pos + __popc(m & lt)) * a.o_s2] = lo + lane + 32 * i;
+      out[(pos + __popc(m & lt)) * a.o_s2] = a.init + lane + 32 * i;
     pos += __popc(m);
   }
-  if (RESCORE)
-    __syncwarp(); /* the shared lists are reused by the warp's next pair */
-  return 1;
-}
-
-/* A pair's entries (candidate slots of its workspace row, the host picked
- * 32 R >= max_nb - init - local) into this lane's R slots, and its query's
- * elements lane + 32 m: neither depends on the row lookup's dependent loads,
- * so all are in flight together (entries past the pair's candidates are in
- * its workspace row and ignored). */
-template <int R>
-__device__ __forceinline__ void tc_reg_load(const tc_select_args &a, int64_t lp, float2 (&e)[R],
-                                            uint16_t (&qv)[4], bool query) {
-  const int lane = threadIdx.x & 31;
-  const int64_t cand = a.max_nb - a.init;
-  const float2 *W = a.ws + lp * a.max_nb + a.init;
-#pragma unroll
-  for (int i = 0; i < R; i++) {
-    const int j = lane + 32 * i;
-    e[i] = j < cand ? __ldcg(W + j) : make_float2(0.0f, 0.0f);
-  }
-  static_assert(M3S_INDEX_DIM == 4 * 32, "four query elements per lane");
-  const int64_t t = a.row0 + lp / a.hkv, g = lp % a.hkv;
-#pragma unroll
-  for (int m = 0; m < 4; m++)
-    qv[m] = query ? a.iq[t * a.iq_s0 + g * a.iq_s1 + lane + 32 * m] : (uint16_t)0;
-}
-
-/* Whether tc_select_reg applies to a pair with nb > K. */
-template <int R>
-__device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a, const m3s_row_info &ri,
-                                              int64_t nb) {
-  return !a.measure && ri.n >= TC_MIN_ROWS && a.topk > a.init + a.local &&
-         nb - a.local - a.init <= 32 * R;
 }
 
 /* Phase 2 for chunks whose pairs have at most 32 R candidates (contexts up
  * to 32 R + init + local blocks), a warp per pair, with no shared memory:
- * each lane keeps its R entries in registers (tc_select_reg). Pairs it does
- * not decide (an uncertain or whole-line block, short requests scored
- * exactly, the measure hook, no candidate slots) are appended to the
- * deferred list (a.list: count, then pair indices; the count zeroed before
- * the launch) for tc_select_deferred_kernel, so this kernel carries neither
- * the exact re-scoring nor the per-pair code, and fits TC_REG_CTAS_PER_SM
- * CTAs per SM. */
+ * each lane keeps its R entries in registers. It decides the pairs with no
+ * uncertain block; the others (an uncertain or whole-line block, short
+ * requests scored exactly, the measure hook, no candidate slots) are
+ * appended to the deferred list (a.list: count, then pair indices; the
+ * count zeroed before the launch) for tc_select_deferred_kernel, so this
+ * kernel carries neither the exact re-scoring nor the per-pair code, and
+ * fits TC_REG_CTAS_PER_SM CTAs per SM. */
 template <int R>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
@@ -1520,8 +1523,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
     float2 e[R];
-    uint16_t qv[4];
-    tc_reg_load<R>(a, lp, e, qv, false);
+    tc_reg_load<R>(a, lp, e);
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
@@ -1529,42 +1531,53 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
       tc_write_all(a, nb, out);
       continue;
     }
-    const tc_warp_smem none = {NULL, NULL, NULL, NULL, NULL};
-    if ((!tc_reg_covers<R>(a, ri, nb) ||
-         !tc_select_reg<R, false>(bt, a, lp, ri, nb, out, e, qv, none, NULL)) &&
-        lane == 0)
+    const int n = (int)(nb - a.local - a.init);
+    int cls[R], n_in;
+    if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify<R>(a, n, e, cls, n_in) == 0)
+      tc_reg_write<R>(a, nb, n, 0, cls, NULL, out);
+    else if (lane == 0)
       a.list[1 + atomicAdd(a.list, 1)] = (int32_t)lp;
   }
 }
 
 /* The pairs tc_select_reg_kernel deferred: warp w of the grid takes list
- * entries w, w + warps, ... (~12% of a random 8K prompt's pairs), each by
- * tc_select_reg with the re-scores, or by tc_select_one (more than 32
+ * entries w, w + warps, ... (at most ~12% of a random 8K prompt's pairs),
+ * each re-scored in the register path, or by tc_select_one (more than 32
  * uncertain blocks, short requests scored exactly, the measure hook). */
 template <int R>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
     tc_select_deferred_kernel(m3s_cuda_batch bt, tc_select_args a) {
-  __shared__ float qsh[TC_SEL_WARPS][M3S_INDEX_DIM];
-  __shared__ int32_t selsh[TC_SEL_WARPS][M3S_MAX_TOPK];
-  __shared__ int32_t qlsh[TC_SEL_WARPS][32];
-  __shared__ float qscsh[TC_SEL_WARPS][32];
-  __shared__ int cntsh[TC_SEL_WARPS][2];
+  __shared__ tc_warp_shared sh[TC_SEL_WARPS];
   __shared__ unsigned char chsh[TC_SEL_WARPS][32 * R];
   __shared__ float2 wsh[TC_SEL_WARPS][32 * R];
-  const int warp = threadIdx.x >> 5;
-  const tc_warp_smem sm = {qsh[warp], selsh[warp], qlsh[warp], qscsh[warp], cntsh[warp]};
-  const int n = __ldcg(a.list);
-  for (int k = blockIdx.x * TC_SEL_WARPS + warp; k < n; k += gridDim.x * TC_SEL_WARPS) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int count = __ldcg(a.list);
+  for (int k = blockIdx.x * TC_SEL_WARPS + warp; k < count; k += gridDim.x * TC_SEL_WARPS) {
     const int64_t lp = __ldcg(a.list + 1 + k);
+    /* the entries and the query first, as in tc_select_reg_kernel */
     float2 e[R];
     uint16_t qv[4];
-    tc_reg_load<R>(a, lp, e, qv, true);
+    tc_reg_load<R>(a, lp, e);
+    static_assert(M3S_INDEX_DIM == 4 * 32, "four query elements per lane");
+    const uint16_t *iq = tc_query_of(a, lp);
+#pragma unroll
+    for (int m = 0; m < 4; m++)
+      qv[m] = iq[lane + 32 * m];
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
-    if (!tc_reg_covers<R>(a, ri, nb) ||
-        !tc_select_reg<R, true>(bt, a, lp, ri, nb, out, e, qv, sm, chsh[warp]))
-      tc_select_one(bt, a, lp, ri, nb, out, sm, nb - a.local <= 32 * R ? wsh[warp] : NULL);
+    const int n = (int)(nb - a.local - a.init);
+    int cls[R], n_in, nq = 33;
+    if (tc_reg_covers<R>(a, ri, nb))
+      nq = tc_reg_classify<R>(a, n, e, cls, n_in);
+    if (nq > 32) {
+      tc_select_one(bt, a, lp, ri, nb, out, sh[warp], nb - a.local <= 32 * R ? wsh[warp] : NULL);
+      continue;
+    }
+    if (nq > 0)
+      tc_reg_rescore<R>(bt, a, lp, ri, cls, nq, n_in, qv, sh[warp], chsh[warp]);
+    tc_reg_write<R>(a, nb, n, nq, cls, chsh[warp], out);
+    __syncwarp(); /* the shared lists are reused by the warp's next pair */
   }
 }
 
@@ -1660,6 +1673,28 @@ static int tc_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache,
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+/* The register selection of a chunk (at most 32 R candidates per pair):
+ * the deferred count zeroed, tc_select_reg_kernel<R> in one resident wave,
+ * then tc_select_deferred_kernel<R> in one over what it listed. */
+template <int R>
+static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_select_args &se,
+                                cudaStream_t stream, const char *fn) {
+  const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS,
+                wave = sms * TC_REG_CTAS_PER_SM;
+  cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
+  if (err != cudaSuccess)
+    return m3s_fail(M3S_ERR_CUDA, fn, "clearing the deferred-pair count failed: %s",
+                    cudaGetErrorString(err));
+  tc_select_reg_kernel<R><<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(
+      cb, se);
+  m3s_status st = m3s_cuda_check_launch(fn, "tc_select_reg_kernel");
+  if (st)
+    return st;
+  tc_select_deferred_kernel<R><<<(unsigned)(sms * TC_SEL_CTAS_PER_SM), TC_SEL_WARPS * 32, 0,
+                                 stream>>>(cb, se);
+  return m3s_cuda_check_launch(fn, "tc_select_deferred_kernel");
+}
+
 /* Phase 2 over se.npairs (row, head) pairs from se.row0: a warp per pair, or
  * a CTA per pair when there are no more pairs than SMs (host bounds only). */
 static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
@@ -1670,43 +1705,22 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
     return m3s_cuda_check_launch(fn, "tc_select_wide_kernel");
   }
   const int64_t sms = m3s_cuda_num_sms(ctx);
-  const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
   /* candidates per pair at most: the blocks of max_seq_len less the forced;
    * decode batches (every row scored) keep the rounds kernel */
   const int64_t cand = se.max_nb - se.init - se.local;
   const int r = rounds || se.all_scored ? 0 : cand <= 32 ? 1 : cand <= 64 ? 2 : cand <= 128 ? 4 : 0;
-  if (!r) {
-    /* a CTA per 4 pairs (one resident wave looping measured 1-4% slower
-     * here: 8K 297 -> 309 us, 32K 2259 -> 2285) */
-    tc_select_kernel<<<(unsigned)(ctas < INT32_MAX ? ctas : INT32_MAX), TC_SEL_WARPS * 32, 0,
-                       stream>>>(cb, se);
-    return m3s_cuda_check_launch(fn, "tc_select_kernel");
+  switch (r) {
+  case 1: return tc_launch_reg<1>(sms, cb, se, stream, fn);
+  case 2: return tc_launch_reg<2>(sms, cb, se, stream, fn);
+  case 4: return tc_launch_reg<4>(sms, cb, se, stream, fn);
+  default: break;
   }
-  /* the register kernel: one resident wave, each warp looping over pairs */
-  const int64_t wave = sms * TC_REG_CTAS_PER_SM;
-  const unsigned grid = (unsigned)(ctas < wave ? ctas : wave);
-  cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
-  if (err != cudaSuccess)
-    return m3s_fail(M3S_ERR_CUDA, fn, "clearing the deferred-pair count failed: %s",
-                    cudaGetErrorString(err));
-  if (r == 1)
-    tc_select_reg_kernel<1><<<grid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
-  else if (r == 2)
-    tc_select_reg_kernel<2><<<grid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
-  else
-    tc_select_reg_kernel<4><<<grid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
-  m3s_status st = m3s_cuda_check_launch(fn, "tc_select_reg_kernel");
-  if (st)
-    return st;
-  /* the deferred pairs (their count is on the device): a resident wave */
-  const unsigned dgrid = (unsigned)(sms * TC_SEL_CTAS_PER_SM);
-  if (r == 1)
-    tc_select_deferred_kernel<1><<<dgrid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
-  else if (r == 2)
-    tc_select_deferred_kernel<2><<<dgrid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
-  else
-    tc_select_deferred_kernel<4><<<dgrid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
-  return m3s_cuda_check_launch(fn, "tc_select_deferred_kernel");
+  /* a CTA per 4 pairs (one resident wave looping measured 1-4% slower
+   * here: 8K 297 -> 309 us, 32K 2259 -> 2285) */
+  const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
+  tc_select_kernel<<<(unsigned)(ctas < INT32_MAX ? ctas : INT32_MAX), TC_SEL_WARPS * 32, 0,
+                     stream>>>(cb, se);
+  return m3s_cuda_check_launch(fn, "tc_select_kernel");
 }
 
 extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *cfg,

@@ -24,7 +24,7 @@ typedef struct {
   unsigned long long rescored;   /* candidates re-scored in the reference order */
   unsigned long long violations; /* measure mode: |S~ - S| > E (must stay 0) */
   unsigned int max_ratio_bits;
-  unsigned int reg_pairs; /* pairs decided by the register selection (tc_select_reg) */
+  unsigned int reg_pairs; /* pairs decided by the register selection (tc_reg_write) */
 } m3s_topk_tc_stats;
 
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
