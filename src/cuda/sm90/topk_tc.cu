@@ -61,15 +61,20 @@
  * (S~, E) in place of phase 1, then the same selection runs with
  * all_scored = 1.
  *
- * Registers / spills (ptxas, sm_90a): 128 registers each; the TMA kernel
- * spills 32 bytes (a 256-row, one-CTA-per-SM variant without spills measured
- * slower, docs/perf-notes.md). Measured (H200, fresh 64K prompt,
+ * Registers / spills (ptxas, sm_90a): 128 registers each (the TMA kernel
+ * 126), no spills: the TMA kernel runs each block as two m64n64 halves
+ * through one 32-register accumulator (with one m64n128 accumulator it
+ * spilled 32-60 bytes and was 4-13% slower, docs/perf-notes.md). Measured (H200, fresh 64K prompt,
  * docs/perf-notes.md): scores ~9.5 ms with mma.sync, ~6.4 ms with TMA +
  * wgmma (b10fcd5, before the norm pre-pass); the selection 1.78 ms over the
  * 8 chunks (ncu, 369d402, the selection code of 5ef0622); the whole top-k
  * 7.70 ms at 5ef0622 against vLLM's 6.77 (peer run). The register selection
  * (2026-12-04): selection of the 8K prompt 142 -> 29 + 56 us, top-k 298 ->
- * 250 us (m3s-bench). */
+ * 250 us (m3s-bench). The score tile's prologue with 16-byte query loads and
+ * the runs from ballots, the per-block loads ahead of the matrix work and the
+ * m64n64 halves (2026-12-04): score kernel of the 8K prompt 158 -> 97 us,
+ * top-k 4K / 8K / 16K / 64K 116 / 249 / 730 / 7521 -> 78 / 194 / 607 /
+ * 6552 us, 4K behind 60K 973 -> 769 us (m3s-bench). */
 #include "../common.cuh"
 #include "../mma.cuh"
 #include "topk_tc.cuh"
@@ -250,30 +255,18 @@ __device__ __forceinline__ unsigned long long tc_wg_desc_sw128(uint32_t saddr) {
          ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-/* d (64 fp32, the m64n128 accumulator fragment of this warp) += A (this
- * warp's 16 rows, registers, the mma.m16n8k16 A layout) x B (128 keys x 16
+/* d (32 fp32, the m64n64 accumulator fragment of this warp: d[4j..4j+1] row
+ * lo, d[4j+2..4j+3] row hi, keys 8j + 2 (lane & 3) + {0, 1}) += A (this
+ * warp's 16 rows, registers, the mma.m16n8k16 A layout) x B (64 keys x 16
  * dims at desc). sm_90a only; the caller fences, commits and waits. */
-__device__ __forceinline__ void tc_wgmma_bf16(float *d, const uint32_t *a,
-                                              unsigned long long desc) {
+__device__ __forceinline__ void tc_wgmma_bf16_n64(float *d, const uint32_t *a,
+                                                  unsigned long long desc) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-               "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-                 "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),
-                 "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),
-                 "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-                 "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
-                 "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),
-                 "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
-                 "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-                 "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),
-                 "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),
-                 "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+               "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
 #else
   (void)d;
@@ -318,6 +311,7 @@ typedef struct {
   int64_t pos[TC_ROWS];
   int req[TC_ROWS]; /* request, or -1: the row needs no scores */
   int run_end[TC_ROWS];
+  uint32_t starts[TC_ROWS / 32]; /* rows that start a run, one bit each */
   float qn[TC_ROWS];             /* query norms (upper bounds; inf for non-finite) */
   float wnk[2][TC_THREADS / 32]; /* per warp: largest key norm of its 16 keys */
 } tc_score_smem;
@@ -378,16 +372,61 @@ __device__ __forceinline__ void tc_row_max(const float (&acc)[16][4], int64_t po
   m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 2));
 }
 
+/* tc_row_max's masked maximum over one m64n64 half (keys key0 ..
+ * key0 + 63), folded into m_lo / m_hi; no quad reduction. */
+__device__ __forceinline__ void tc_row_max_half(const float (&acc)[8][4], int64_t pos_lo,
+                                                int64_t pos_hi, int64_t b, int key0, int lane,
+                                                float &m_lo, float &m_hi) {
+  int64_t l64_lo = pos_lo - b * M3S_BLOCK_SIZE - key0, l64_hi = pos_hi - b * M3S_BLOCK_SIZE - key0;
+  const int lim_lo = (int)(l64_lo < -1 ? -1 : (l64_lo > 63 ? 63 : l64_lo));
+  const int lim_hi = (int)(l64_hi < -1 ? -1 : (l64_hi > 63 ? 63 : l64_hi));
+  if (lim_lo == 63 && lim_hi == 63) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      m_lo = fmaxf(m_lo, fmaxf(acc[j][0], acc[j][1]));
+      m_hi = fmaxf(m_hi, fmaxf(acc[j][2], acc[j][3]));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        int key = 8 * j + (lane & 3) * 2 + e;
+        if (key <= lim_lo)
+          m_lo = fmaxf(m_lo, acc[j][e]);
+        if (key <= lim_hi)
+          m_hi = fmaxf(m_hi, acc[j][2 + e]);
+      }
+  }
+}
+
 /* Phase 1 of both score kernels: the 128 rows of the tile (request, or -1
  * when the row needs no scores; position; the end of its run of rows of one
- * request), the bf16 queries into qs (rows of TC_PAD elements), their norms
- * (upper bounds, inf for non-finite) and this warp's A fragments (its 16
- * rows, all 128 dims). The caller synchronises before qs is reused. */
+ * request), the bf16 queries into qs (rows of TC_PAD elements; every row of
+ * the chunk is loaded, also those that need no scores: their products are
+ * never stored; rows past the chunk are zero), their norms (upper bounds, inf
+ * for non-finite) and this warp's A fragments (its 16 rows, all 128 dims).
+ * The query loads are issued before the row lookup's dependent round trips
+ * and, when the layout allows, 16 bytes at a time: the element-wise loads
+ * and the O(rows) run scan were ~30% of the 8K prompt's stall samples
+ * (ncu, docs/perf-notes.md). The caller synchronises before qs is reused or
+ * run_end / qn are read. */
 template <class Smem>
 __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const tc_score_args &a,
                                                  Smem &s, uint16_t *qs, int64_t tile0, int n,
                                                  int g, uint32_t (&af)[8][4]) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const uint16_t *const q0 = a.iq + (a.row0 + tile0) * a.iq_s0 + g * a.iq_s1;
+  const int vec = ((uintptr_t)a.iq & 15) == 0 && (a.iq_s0 & 7) == 0 && (a.iq_s1 & 7) == 0;
+  constexpr int QV = TC_ROWS * (M3S_INDEX_DIM / 8) / TC_THREADS; /* 16-byte pieces per thread */
+  uint4 qv[QV];
+#pragma unroll
+  for (int k = 0; k < QV; k++) {
+    const int c = tid + k * TC_THREADS, i = c / (M3S_INDEX_DIM / 8), d = (c % (M3S_INDEX_DIM / 8)) * 8;
+    qv[k] = make_uint4(0, 0, 0, 0);
+    if (vec && i < n)
+      qv[k] = *(const uint4 *)(q0 + i * a.iq_s0 + d);
+  }
   if (tid < TC_ROWS) {
     int req = -1;
     int64_t pos = 0;
@@ -401,23 +440,46 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
     s.req[tid] = req;
     s.pos[tid] = pos;
   }
+  if (vec) {
+#pragma unroll
+    for (int k = 0; k < QV; k++) {
+      const int c = tid + k * TC_THREADS, i = c / (M3S_INDEX_DIM / 8), d = (c % (M3S_INDEX_DIM / 8)) * 8;
+      *(uint4 *)(qs + i * TC_PAD + d) = qv[k];
+    }
+  } else {
+    for (int e = tid; e < TC_ROWS * (M3S_INDEX_DIM / 2); e += TC_THREADS) {
+      const int i = e / (M3S_INDEX_DIM / 2), d = 2 * (e % (M3S_INDEX_DIM / 2));
+      uint32_t w = 0;
+      if (i < n) {
+        const uint16_t *q = q0 + i * a.iq_s0 + d;
+        w = (uint32_t)q[0] | ((uint32_t)q[1] << 16);
+      }
+      *(uint32_t *)(qs + i * TC_PAD + d) = w;
+    }
+  }
+  __syncthreads();
+  /* runs: a row starts one where its request differs from the previous
+   * row's; rows past n count as starts so that every run ends by n */
+  if (tid < TC_ROWS) {
+    const int start = tid >= n || tid == 0 || s.req[tid] != s.req[tid - 1];
+    const uint32_t m = __ballot_sync(TC_FULL, start);
+    if (lane == 0)
+      s.starts[warp] = m;
+  }
   __syncthreads();
   if (tid < TC_ROWS) {
-    int e = tid + 1;
-    while (e < n && s.req[e] == s.req[tid])
-      e++;
-    s.run_end[tid] = e;
-  }
-  for (int e = tid; e < TC_ROWS * (M3S_INDEX_DIM / 2); e += TC_THREADS) {
-    int i = e / (M3S_INDEX_DIM / 2), d = 2 * (e % (M3S_INDEX_DIM / 2));
-    uint32_t w = 0;
-    if (s.req[i] >= 0) {
-      const uint16_t *q = a.iq + (a.row0 + tile0 + i) * a.iq_s0 + g * a.iq_s1 + d;
-      w = (uint32_t)q[0] | ((uint32_t)q[1] << 16);
+    int e = TC_ROWS;
+    for (int w = tid >> 5; w < TC_ROWS / 32; w++) {
+      uint32_t m = s.starts[w];
+      if (w == (tid >> 5))
+        m &= (lane == 31) ? 0u : (TC_FULL << (lane + 1));
+      if (m) {
+        e = w * 32 + __ffs(m) - 1;
+        break;
+      }
     }
-    *(uint32_t *)(qs + i * TC_PAD + d) = w;
+    s.run_end[tid] = e < n ? e : n;
   }
-  __syncthreads();
   {
     /* two threads per row, 64 elements each */
     int i = tid >> 1, h = tid & 1;
@@ -659,7 +721,7 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  * guarded by mbarriers (full: the bytes landed; empty: all 8 warps are done
  * with the stage), so no CTA-wide barrier sits in the block loop and the two
  * warpgroups (64 rows each) drift freely. Each warpgroup multiplies its rows
- * (A from registers) by the 128 keys with 8 wgmma.m64n128k16 reading B
+ * (A from registers) by the 128 keys with 2 x 8 wgmma.m64n64k16 reading B
  * straight from the swizzled stage (a quarter of the shared-memory traffic of
  * the mma.sync kernel's per-warp ldmatrix). Key norms: read from the table
  * tc_norm_kernel fills before (once per block instead of once per CTA that
@@ -675,20 +737,21 @@ typedef struct {
   int64_t pos[TC_ROWS];
   int req[TC_ROWS];
   int run_end[TC_ROWS];
+  uint32_t starts[TC_ROWS / 32];
   float qn[TC_ROWS];
 } tw_smem;
 
 /* Thread 0: fills the stage of the CTA's i-th block (block b of request r)
  * once every warp has released that stage's previous use. A page id out of
- * range loads nothing; the plain arrive still completes the phase and the
- * consumers see the same page id. */
+ * range loads nothing; the plain arrive still completes the phase, and the
+ * consumers, which check the page id themselves, store (NaN, inf) for it. */
 __device__ __forceinline__ void tw_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
                                            const CUtensorMap *map, tw_smem &s,
                                            unsigned char *ring, int r, int64_t b, uint32_t i) {
   const uint32_t st = i % TW_STAGES, use = i / TW_STAGES;
+  int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
   if (use > 0)
     sm90_bar_wait(&s.empty[st], (use - 1) & 1);
-  int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
   if (page < 0) {
     sm90_bar_arrive(&s.full[st]);
     return;
@@ -750,39 +813,51 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
     for (int j = 0; j < nblk; j++) {
       const uint32_t i = it + (uint32_t)j, st = i % TW_STAGES, ph = (i / TW_STAGES) & 1;
       const int b = b0 + j * gz;
+      /* the block's page check and largest key norm (from the pre-pass):
+       * loaded here, used after the matrix work, so their round trips hide
+       * under it instead of delaying it (they were ~9% of the 8K prompt's
+       * stall samples). A page out of range loaded nothing into the stage;
+       * the products of whatever it holds are not stored. */
+      const int bad = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages) < 0;
+      const float nk = b < a.max_nb ? nrow[b] : INFINITY;
       /* refill the stage the previous block used (every warp is past it or
        * nearly so), keeping TW_STAGES - 1 copies in flight */
       if (tid == 0 && j >= 1 && j - 1 + TW_STAGES < nblk)
         tw_produce(bt, a, &map, s, ring, r, b0 + (j - 1 + TW_STAGES) * gz, i - 1 + TW_STAGES);
       sm90_bar_wait(&s.full[st], ph);
-      const int bad =
-          m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages) < 0;
       const unsigned char *tile = ring + st * TW_STAGE_BYTES;
-      /* S~: this warpgroup's 64 rows x 128 keys */
-      float acc[16][4];
+      /* S~: this warpgroup's 64 rows x 128 keys, as two m64n64 halves
+       * through one 32-register accumulator */
+      float m_lo = -INFINITY, m_hi = -INFINITY;
 #pragma unroll
-      for (int jj = 0; jj < 16; jj++)
-        acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.0f;
-      if (!bad) {
+      for (int h = 0; h < 2; h++) {
+        float acc[8][4];
+#pragma unroll
+        for (int jj = 0; jj < 8; jj++)
+          acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.0f;
         tc_wg_fence();
 #pragma unroll
         for (int ks = 0; ks < 8; ks++)
-          tc_wgmma_bf16(&acc[0][0], af[ks],
-                        tc_wg_desc_sw128(tc_smem_addr(tile + (ks >> 2) * TW_HALF_BYTES +
-                                                      (ks & 3) * 32)));
+          tc_wgmma_bf16_n64(&acc[0][0], af[ks],
+                            tc_wg_desc_sw128(tc_smem_addr(tile + (ks >> 2) * TW_HALF_BYTES +
+                                                          (ks & 3) * 32 + h * 64 * 128)));
         tc_wg_commit_wait();
+        if (h == 1) {
+          /* this thread is done with the stage: its reads (generic and
+           * async proxy) come before the refill's TMA writes */
+          sm90_fence_proxy_async();
+          __syncwarp();
+          if (lane == 0)
+            sm90_bar_arrive(&s.empty[st]);
+        }
+        tc_row_max_half(acc, s.pos[r_lo], s.pos[r_hi], b, 64 * h, lane, m_lo, m_hi);
       }
-      /* the block's largest key norm, from the pre-pass */
-      const float nk = b < a.max_nb ? nrow[b] : INFINITY;
-      /* this thread is done with the stage: its reads (generic and async
-       * proxy) come before the refill's TMA writes */
-      sm90_fence_proxy_async();
-      __syncwarp();
-      if (lane == 0)
-        sm90_bar_arrive(&s.empty[st]);
-      float m_lo = -INFINITY, m_hi = -INFINITY;
-      if (!bad)
-        tc_row_max(acc, s.pos[r_lo], s.pos[r_hi], b, lane, m_lo, m_hi);
+      m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 1));
+      m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 2));
+      m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 1));
+      m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 2));
+      if (bad)
+        m_lo = m_hi = -INFINITY;
       if ((lane & 3) == 0)
         tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
     }
