@@ -108,6 +108,8 @@
 #define TC_DEC_LONG_CTX 65536
 #define TC_WS_BUDGET ((int64_t)128 << 20)
 #define TC_NORM_BUDGET ((int64_t)64 << 20) /* key norms of the TMA kernel, beyond: mma.sync */
+#define TC_NORM_WARPS (M3S_BLOCK_SIZE / 32)             /* warps per block in tc_norm_kernel */
+#define TC_NORM_BLOCKS (TC_THREADS / 32 / TC_NORM_WARPS) /* blocks per tc_norm_kernel CTA */
 #define TC_FULL 0xffffffffu
 
 
@@ -659,12 +661,16 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
  * candidate block of every request the score kernels cover, once per block
  * (the score kernel visits a block once per row tile and head).
  *
- * Grid (num_reqs, ceil(max_nb / 8)), 256 threads: warp w of CTA (r, y) takes
- * block b = 8y + w of request r when r has >= TC_MIN_ROWS query rows and b is
- * a candidate of its last row; a lane takes keys lane + 32m (m = 0..3), each
- * a sum of squares rounded up (tc_sumsq8_ru, as the in-kernel norms), NaN ->
- * inf. Written at norms[tc_norm_slot(r) * max_nb + b]; a page id outside
- * [0, P) is left alone (the score kernel writes (NaN, inf) for it).
+ * Grid (num_reqs, ceil(max_nb / TC_NORM_BLOCKS)), 256 threads: the warps
+ * 4j .. 4j + 3 of CTA (r, y) take block b = TC_NORM_BLOCKS y + j of request r
+ * when r has >= TC_MIN_ROWS query rows and b is a candidate of its last row,
+ * one key per lane (16 loads of 16 bytes in flight: one round trip per
+ * block; a warp per block with four keys per lane in turn took ~13 us for
+ * the 8K prompt's 64 blocks), each a sum of squares rounded up
+ * (tc_sumsq8_ru, as the in-kernel norms), NaN -> inf; the four warps'
+ * maxima meet in shared memory. Written at norms[tc_norm_slot(r) * max_nb +
+ * b]; a page id outside [0, P) is left alone (the score kernel writes (NaN,
+ * inf) for it).
  * ------------------------------------------------------------------------- */
 
 /* The norm-table slot of request r (query-start-loc batches): its first row
@@ -675,24 +681,23 @@ __device__ __forceinline__ int64_t tc_norm_slot(const m3s_cuda_batch &bt, int r)
 
 static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_batch bt,
                                                                     tc_score_args a) {
-  const int r = blockIdx.x, lane = threadIdx.x & 31;
-  const int64_t b = (int64_t)blockIdx.y * (TC_THREADS / 32) + (threadIdx.x >> 5);
+  __shared__ float part[TC_THREADS / 32];
+  const int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t b = (int64_t)blockIdx.y * TC_NORM_BLOCKS + warp / TC_NORM_WARPS;
+  const int key = (warp % TC_NORM_WARPS) * 32 + lane;
   const int64_t t0 = (int64_t)bt.qsl[(int64_t)r * bt.qsl_stride] - bt.qsl[0];
   const int64_t n = (int64_t)bt.qsl[(int64_t)(r + 1) * bt.qsl_stride] - bt.qsl[(int64_t)r * bt.qsl_stride];
   const int64_t seq = bt.seq_lens[(int64_t)r * bt.seq_stride];
-  if (n < TC_MIN_ROWS || seq <= 0 || t0 < 0 || t0 >= bt.num_tokens || b >= a.max_nb)
-    return;
-  const int64_t nb = tc_blocks_of(seq - 1);
-  if (nb <= a.topk || !tc_is_candidate(b, nb, a.init, a.local))
-    return;
-  const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
-  if (page < 0)
-    return;
-  const uint16_t *keys = (const uint16_t *)a.ic + page * M3S_BLOCK_SIZE * M3S_INDEX_DIM;
+  int64_t page = -1;
+  if (n >= TC_MIN_ROWS && seq > 0 && t0 >= 0 && t0 < bt.num_tokens && b < a.max_nb) {
+    const int64_t nb = tc_blocks_of(seq - 1);
+    if (nb > a.topk && tc_is_candidate(b, nb, a.init, a.local))
+      page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+  }
   float nk = 0.0f;
-#pragma unroll
-  for (int m = 0; m < 4; m++) {
-    const uint4 *row = (const uint4 *)(keys + (lane + 32 * m) * M3S_INDEX_DIM);
+  if (page >= 0) {
+    const uint4 *row = (const uint4 *)((const uint16_t *)a.ic +
+                                       (page * M3S_BLOCK_SIZE + key) * M3S_INDEX_DIM);
     uint4 w[16];
 #pragma unroll
     for (int c = 0; c < 16; c++)
@@ -701,14 +706,21 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 #pragma unroll
     for (int c = 0; c < 16; c++)
       sq = tc_sumsq8_ru(w[c], sq);
-    float k = __fsqrt_ru(sq);
-    nk = fmaxf(nk, isnan(k) ? INFINITY : k);
+    const float k = __fsqrt_ru(sq);
+    nk = isnan(k) ? INFINITY : k;
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1)
     nk = fmaxf(nk, __shfl_xor_sync(TC_FULL, nk, o));
   if (lane == 0)
+    part[warp] = nk;
+  __syncthreads();
+  if (page >= 0 && warp % TC_NORM_WARPS == 0 && lane == 0) {
+#pragma unroll
+    for (int w = 1; w < TC_NORM_WARPS; w++)
+      nk = fmaxf(nk, part[warp + w]);
     a.norms[tc_norm_slot(bt, r) * a.max_nb + b] = nk;
+  }
 }
 
 /* ---------------------------------------------------------------------------
@@ -1870,7 +1882,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
    * and a grid for the pre-pass; else the mma.sync kernel */
   CUtensorMap map;
   const size_t norm_bytes = tc_norm_bytes(&plan);
-  const int64_t norm_gy = (plan.max_nb + TC_THREADS / 32 - 1) / (TC_THREADS / 32);
+  const int64_t norm_gy = (plan.max_nb + TC_NORM_BLOCKS - 1) / TC_NORM_BLOCKS;
   const int tma = norm_bytes <= (size_t)TC_NORM_BUDGET && exec->workspace_bytes >= need + norm_bytes &&
                   norm_gy <= 65535 && batch->num_reqs > 0 &&
                   tc_tma_map(ctx, index_cache, hooks, &map);
