@@ -54,26 +54,18 @@ SPARSE_BLOCK_SIZE = 128
 _ops = torch.ops.m3sparse
 
 
-def _index_topk_out(*args):
-    """``torch.ops.m3sparse.index_topk_out`` while torch.compile traces (its
-    schema is what the compiler sees); in eager code the implementation
-    itself: the custom op's dispatcher hops (autograd, ADInplaceOrView, a
-    dynamo-disable wrapper) cost ~17 us of host time per call, and an eager
-    prefill top-k of a few thousand tokens is host-bound on an H200
-    (docs/perf-notes.md, session 11)."""
+def _run(op, impl, *args):
+    """``op`` (a ``torch.ops.m3sparse`` operator) while torch.compile traces
+    (its schema is what the compiler sees); in eager code ``impl``, the
+    operator's implementation, with the default dtype code: the custom op's
+    dispatcher hops (autograd, ADInplaceOrView, a dynamo-disable wrapper) cost
+    ~17 us of host time per call, and an eager prefill top-k of a few
+    thousand tokens is host-bound on an H200 (docs/perf-notes.md, session
+    11)."""
     if torch.compiler.is_compiling():
-        _ops.index_topk_out(*args)
+        op(*args)
     else:
-        torch_ops._index_topk_impl(*args, -1)
-
-
-def _sparse_attention_out(*args):
-    """``torch.ops.m3sparse.sparse_attention_out``, or its implementation in
-    eager code, as ``_index_topk_out``."""
-    if torch.compiler.is_compiling():
-        _ops.sparse_attention_out(*args)
-    else:
-        torch_ops._attention_impl(*args, -1)
+        impl(*args, -1)
 
 
 def _cdiv(a, b):
@@ -163,9 +155,9 @@ def minimax_m3_index_topk(score, cu_seqlens_q, prefix_lens, max_query_len, topk,
     hkv, total_q = int(s.shape[0]), int(s.shape[1])
     res, tm = _topk_out("minimax_m3_index_topk", out, hkv, total_q, int(topk), s.idx_q.device)
     if total_q:
-        _index_topk_out(s.idx_q, s.index_kv_cache, s.seq_lens, s.block_table, cu_seqlens_q, tm,
-                        0, int(max_query_len), s.max_seq_len, int(init_blocks),
-                        int(local_blocks))
+        _run(_ops.index_topk_out, torch_ops._index_topk_impl, s.idx_q, s.index_kv_cache,
+             s.seq_lens, s.block_table, cu_seqlens_q, tm, 0, int(max_query_len), s.max_seq_len,
+             int(init_blocks), int(local_blocks))
     return res
 
 
@@ -191,9 +183,9 @@ def minimax_m3_index_decode(idx_q, index_kv_cache, block_table, seq_lens, max_se
                          % (fn, total_q, seq_lens.shape[0], decode_query_len))
     res, tm = _topk_out(fn, out, num_kv_heads, total_q, int(topk), idx_q.device)
     if total_q:
-        _index_topk_out(idx_q, index_kv_cache, seq_lens, block_table, None, tm,
-                        int(decode_query_len), int(decode_query_len), int(max_seq_len),
-                        int(init_blocks), int(local_blocks))
+        _run(_ops.index_topk_out, torch_ops._index_topk_impl, idx_q, index_kv_cache, seq_lens,
+             block_table, None, tm, int(decode_query_len), int(decode_query_len),
+             int(max_seq_len), int(init_blocks), int(local_blocks))
     return res
 
 
@@ -230,10 +222,10 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
     if total_q == 0:
         return
     lse = torch.empty((total_q, q.shape[1]), dtype=torch.float32, device=q.device)
-    _sparse_attention_out(q, kv_cache, topk_idx.transpose(0, 1), seq_lens, block_table,
-                          cu_seqlens_q, output, lse, _scale(k_scale), _scale(v_scale), 0,
-                          int(max_query_len), int(block_table.shape[1]) * SPARSE_BLOCK_SIZE,
-                          float(sm_scale))
+    _run(_ops.sparse_attention_out, torch_ops._attention_impl, q, kv_cache,
+         topk_idx.transpose(0, 1), seq_lens, block_table, cu_seqlens_q, output, lse,
+         _scale(k_scale), _scale(v_scale), 0, int(max_query_len),
+         int(block_table.shape[1]) * SPARSE_BLOCK_SIZE, float(sm_scale))
 
 
 @torch.no_grad()
@@ -252,7 +244,7 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
     if total_q == 0:
         return
     lse = torch.empty((total_q, q.shape[1]), dtype=torch.float32, device=q.device)
-    _sparse_attention_out(q, kv_cache, topk_idx.transpose(0, 1), seq_lens, block_table,
-                          None, output, lse, _scale(k_scale), _scale(v_scale),
-                          int(decode_query_len), int(decode_query_len),
-                          int(block_table.shape[1]) * SPARSE_BLOCK_SIZE, float(sm_scale))
+    _run(_ops.sparse_attention_out, torch_ops._attention_impl, q, kv_cache,
+         topk_idx.transpose(0, 1), seq_lens, block_table, None, output, lse, _scale(k_scale),
+         _scale(v_scale), int(decode_query_len), int(decode_query_len),
+         int(block_table.shape[1]) * SPARSE_BLOCK_SIZE, float(sm_scale))

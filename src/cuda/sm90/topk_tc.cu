@@ -62,7 +62,7 @@
  * all_scored = 1.
  *
  * Registers / spills (ptxas, sm_90a): 128 registers each (the TMA kernel
- * 126), no spills: the TMA kernel runs each block as two m64n64 halves
+ * 124), no spills: the TMA kernel runs each block as two m64n64 halves
  * through one 32-register accumulator (with one m64n128 accumulator it
  * spilled 32-60 bytes and was 4-13% slower, docs/perf-notes.md). Measured (H200, fresh 64K prompt,
  * docs/perf-notes.md): scores ~9.5 ms with mma.sync, ~6.4 ms with TMA +
@@ -72,7 +72,7 @@
  * (2026-12-04): selection of the 8K prompt 142 -> 29 + 56 us, top-k 298 ->
  * 250 us (m3s-bench). The score tile's prologue with 16-byte query loads and
  * the runs from ballots, the per-block loads ahead of the matrix work and the
- * m64n64 halves (2026-12-04): score kernel of the 8K prompt 158 -> 97 us,
+ * m64n64 halves (2026-12-04): score kernel of the 8K prompt 158 -> 98 us,
  * top-k 4K / 8K / 16K / 64K 116 / 249 / 730 / 7521 -> 78 / 194 / 607 /
  * 6552 us, 4K behind 60K 973 -> 769 us (m3s-bench). */
 #include "../common.cuh"
@@ -337,28 +337,30 @@ __device__ __forceinline__ void tc_issue_block(const tc_score_args &a, int64_t p
   }
 }
 
-/* Row maxima of a warp's 16 x 128 score fragment (the m16n8k16 / wgmma
- * m64n128 accumulator layout: acc[j][0..1] row lo, acc[j][2..3] row hi,
- * keys 8j + 2 (lane & 3) + {0, 1}) over the keys visible to rows at pos_lo /
- * pos_hi in block b; -inf when none is. NaN dots are ignored (E is infinite
- * then). Every lane of a quad gets its rows' maxima. */
-__device__ __forceinline__ void tc_row_max(const float (&acc)[16][4], int64_t pos_lo,
-                                           int64_t pos_hi, int64_t b, int lane, float &m_lo,
-                                           float &m_hi) {
-  /* last visible key slot of each row, clamped to [-1, 127] */
-  int64_t l64_lo = pos_lo - b * M3S_BLOCK_SIZE, l64_hi = pos_hi - b * M3S_BLOCK_SIZE;
-  const int lim_lo = (int)(l64_lo < -1 ? -1 : (l64_lo > 127 ? 127 : l64_lo));
-  const int lim_hi = (int)(l64_hi < -1 ? -1 : (l64_hi > 127 ? 127 : l64_hi));
-  m_lo = m_hi = -INFINITY;
-  if (lim_lo == 127 && lim_hi == 127) {
+/* Row maxima of a warp's 16 x 8J score fragment (the m16n8k16 / wgmma
+ * accumulator layout: acc[j][0..1] row lo, acc[j][2..3] row hi, keys key0 +
+ * 8j + 2 (lane & 3) + {0, 1} of block b) over the keys visible to rows at
+ * pos_lo / pos_hi, folded into m_lo / m_hi (this lane's keys only: the
+ * quad's maxima come from tc_quad_max). NaN dots are ignored (E is infinite
+ * then). */
+template <int J>
+__device__ __forceinline__ void tc_row_fold(const float (&acc)[J][4], int64_t pos_lo,
+                                            int64_t pos_hi, int64_t b, int key0, int lane,
+                                            float &m_lo, float &m_hi) {
+  /* last visible key slot of each row, clamped to [-1, 8J - 1] */
+  const int last = 8 * J - 1;
+  int64_t l64_lo = pos_lo - b * M3S_BLOCK_SIZE - key0, l64_hi = pos_hi - b * M3S_BLOCK_SIZE - key0;
+  const int lim_lo = (int)(l64_lo < -1 ? -1 : (l64_lo > last ? last : l64_lo));
+  const int lim_hi = (int)(l64_hi < -1 ? -1 : (l64_hi > last ? last : l64_hi));
+  if (lim_lo == last && lim_hi == last) {
 #pragma unroll
-    for (int j = 0; j < 16; j++) {
+    for (int j = 0; j < J; j++) {
       m_lo = fmaxf(m_lo, fmaxf(acc[j][0], acc[j][1]));
       m_hi = fmaxf(m_hi, fmaxf(acc[j][2], acc[j][3]));
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 16; j++)
+    for (int j = 0; j < J; j++)
 #pragma unroll
       for (int e = 0; e < 2; e++) {
         int key = 8 * j + (lane & 3) * 2 + e;
@@ -368,38 +370,14 @@ __device__ __forceinline__ void tc_row_max(const float (&acc)[16][4], int64_t po
           m_hi = fmaxf(m_hi, acc[j][2 + e]);
       }
   }
+}
+
+/* The maxima of the quad's lanes, in every lane of the quad. */
+__device__ __forceinline__ void tc_quad_max(float &m_lo, float &m_hi) {
   m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 1));
   m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 2));
   m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 1));
   m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 2));
-}
-
-/* tc_row_max's masked maximum over one m64n64 half (keys key0 ..
- * key0 + 63), folded into m_lo / m_hi; no quad reduction. */
-__device__ __forceinline__ void tc_row_max_half(const float (&acc)[8][4], int64_t pos_lo,
-                                                int64_t pos_hi, int64_t b, int key0, int lane,
-                                                float &m_lo, float &m_hi) {
-  int64_t l64_lo = pos_lo - b * M3S_BLOCK_SIZE - key0, l64_hi = pos_hi - b * M3S_BLOCK_SIZE - key0;
-  const int lim_lo = (int)(l64_lo < -1 ? -1 : (l64_lo > 63 ? 63 : l64_lo));
-  const int lim_hi = (int)(l64_hi < -1 ? -1 : (l64_hi > 63 ? 63 : l64_hi));
-  if (lim_lo == 63 && lim_hi == 63) {
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-      m_lo = fmaxf(m_lo, fmaxf(acc[j][0], acc[j][1]));
-      m_hi = fmaxf(m_hi, fmaxf(acc[j][2], acc[j][3]));
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-#pragma unroll
-      for (int e = 0; e < 2; e++) {
-        int key = 8 * j + (lane & 3) * 2 + e;
-        if (key <= lim_lo)
-          m_lo = fmaxf(m_lo, acc[j][e]);
-        if (key <= lim_hi)
-          m_hi = fmaxf(m_hi, acc[j][2 + e]);
-      }
-  }
 }
 
 /* Phase 1 of both score kernels: the 128 rows of the tile (request, or -1
@@ -471,10 +449,9 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
   __syncthreads();
   if (tid < TC_ROWS) {
     int e = TC_ROWS;
-    for (int w = tid >> 5; w < TC_ROWS / 32; w++) {
-      uint32_t m = s.starts[w];
-      if (w == (tid >> 5))
-        m &= (lane == 31) ? 0u : (TC_FULL << (lane + 1));
+    for (int w = warp; w < TC_ROWS / 32; w++) {
+      /* starts after this row: in its own word, the bits above its lane */
+      const uint32_t m = s.starts[w] & (w == warp ? (TC_FULL << lane) << 1 : TC_FULL);
       if (m) {
         e = w * 32 + __ffs(m) - 1;
         break;
@@ -635,7 +612,8 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
             mma16816<false>(acc[2 * j + 1], af[ks], b2, b3);
           }
         }
-        tc_row_max(acc, s.pos[r_lo], s.pos[r_hi], b, lane, m_lo, m_hi);
+        tc_row_fold(acc, s.pos[r_lo], s.pos[r_hi], b, 0, lane, m_lo, m_hi);
+        tc_quad_max(m_lo, m_hi);
       }
       prev_b = b;
       prev_bad = bad;
@@ -862,14 +840,10 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
           if (lane == 0)
             sm90_bar_arrive(&s.empty[st]);
         }
-        tc_row_max_half(acc, s.pos[r_lo], s.pos[r_hi], b, 64 * h, lane, m_lo, m_hi);
+        tc_row_fold(acc, s.pos[r_lo], s.pos[r_hi], b, 64 * h, lane, m_lo, m_hi);
       }
-      m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 1));
-      m_lo = fmaxf(m_lo, __shfl_xor_sync(TC_FULL, m_lo, 2));
-      m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 1));
-      m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 2));
-      if (bad)
-        m_lo = m_hi = -INFINITY;
+      tc_quad_max(m_lo, m_hi);
+      /* a bad page's maxima are never stored: tc_store_rows writes (NaN, inf) */
       if ((lane & 3) == 0)
         tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
     }
