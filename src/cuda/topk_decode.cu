@@ -72,9 +72,9 @@
  * reference dot, s the exact one):
  *   |acc - q'.k| <= tc_bound(nq', nk) (the bound's points 3, 5 on q');
  *   |q'.k - 2^s s| < 2^-14 sum |k_d| <= 2^-14 sqrt(128) nk;
- *   2^s |s - S| <= 128 u 2^s A + 2^s 2^-143, with 2^s A <= (nq' + 2^-14
- *   sqrt(128)) nk: the C = 1200 u of tc_bound covers 128 u nq' nk next to
- *   the tensor cores' 1024 u, the rest is below 2^-17 of the term above.
+ *   2^s |s - S| <= 20 u 2^s A + 2^s 2^-143, with 2^s A <= (nq' + 2^-14
+ *   sqrt(128)) nk: the C = 600 u of tc_bound covers 20 u nq' nk next to
+ *   the tensor cores' 2 x 288 u, the rest is below 2^-17 of the term above.
  * So E = (tc_bound(nq', nk) + 12 * 2^-14 nk) 2^-s + 2^-118, every operation
  * rounded up (tcd_bound_e4; the 2^-118 unscaled covers the reference's
  * subnormal products, 2^-143, and the rounding of a subnormal S~, 2^-150),
