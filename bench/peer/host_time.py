@@ -19,6 +19,7 @@ behind a long sleep kernel, so the host never starves the GPU.
 
     python3 bench/peer/host_time.py [--cases prefill-4k,prefill-8k] [--n 50]
     python3 bench/peer/host_time.py --device cpu --cases prefill-4k   # smoke test
+    python3 bench/peer/host_time.py --cases prefill-4k --profile ours  # + cProfile
 
 --device cpu runs the m3sparse layers on the CPU backend (host time includes
 the computation; vLLM and gpu columns are skipped): a check of the tool
@@ -40,6 +41,9 @@ def parse():
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--lib", default="")
+    ap.add_argument("--profile", default="",
+                    help="a layer (vllm, ours, core, c): also print its cProfile, top 30 "
+                         "functions by own time over --n calls")
     return ap.parse_args()
 
 
@@ -104,6 +108,17 @@ def layers(x, ours_side, peer_side):
     return out
 
 
+def profile(fn, n):
+    import cProfile
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    pstats.Stats(pr, stream=sys.stdout).sort_stats("tottime").print_stats(30)
+
+
 def main():
     args = parse()
     import peer
@@ -130,6 +145,8 @@ def main():
                 g = gpu_us(torch, fn, args.n)
                 print("%-16s %-5s host %8.1f us/call   gpu %8.1f us/call" % (name, layer, h, g),
                       flush=True)
+                if layer == args.profile:
+                    profile(fn, args.n)
             else:
                 h = host_us(fn, max(1, args.n // 10))
                 print("%-16s %-5s host %8.1f us/call (cpu backend: includes the computation)"

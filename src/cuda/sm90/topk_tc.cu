@@ -1643,24 +1643,251 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
 }
 
 /* One pair per CTA (batches with few pairs, where the pairs alone would
- * leave most SMs idle): warp 0 ranks; the uncertain blocks' exact re-scores,
- * the selection's longest part at small batches (a quarter of the pairs
- * re-score one block or more at 16 x 32K, about five each for one 128K
- * request), are shared by the CTA's warps. Same result as tc_select_kernel:
- * the phases are the same functions. At most one CTA per SM (no more pairs
- * than SMs), so registers are not capped for occupancy (168, no spills; the
- * warp-per-pair kernel keeps 128 with 16 bytes of spills outside its
- * loops). */
-static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, 1)
+ * leave most SMs idle; at one 128K decode request the selection was the
+ * step's longest kernel, 19 us under ncu, its warps mostly waiting at the CTA
+ * barrier for warp 0's ranking). Every phase is spread over the CTA's
+ * TC_WIDE_WARPS warps: the thresholds u', l' of tc_select_classify come from a
+ * radix select of the candidates' S~ (tc_wide_ranks), the classification is
+ * one pass of all threads, and each uncertain block is re-scored by four
+ * warps, one key per lane (tc_exact_slice), so the re-scores of a pair take
+ * about one memory round trip. The same sets In, Q and the same reference
+ * scores as tc_select_classify / _rescore, so the same result; rows of short
+ * requests, pairs with nothing to choose, the test hook's measure mode and
+ * more than 32 uncertain blocks take those functions on warp 0 instead. At most one CTA per SM (no more
+ * pairs than SMs), so registers are not capped for occupancy. */
+#define TC_WIDE_WARPS 8
+#define TC_WIDE_THREADS (TC_WIDE_WARPS * 32)
+
+typedef struct {
+  float q[M3S_INDEX_DIM];
+  int32_t sel[M3S_MAX_TOPK];
+  int32_t qlist[32];
+  float qsc[32];
+  float part[32][4]; /* per uncertain block, per quarter of its keys */
+  uint32_t hist[2][2][256]; /* per pass parity (a pass clears the other), per rank */
+  uint32_t pre[2]; /* per rank: the value's digits found so far */
+  uint32_t left[2]; /* per rank: its rank among the values with that prefix, 0 = none */
+  int cnt[2];
+  int n_inf;
+  uint32_t e_max; /* bits of the largest finite E (non-negative) */
+  tc_sel_state st;
+} tc_wide_shared;
+
+/* The ordered S~ of an entry: 0 (below every real value) for a whole-line
+ * one. */
+static __device__ __forceinline__ uint32_t tc_centre_ord(float2 e) {
+  return tc_whole_line(e) ? 0u : tc_ord(e.x);
+}
+
+/* The CTA's radix select: the left[r]-th largest tc_centre_ord over the
+ * candidates W[lo, hi) for both ranks r at once, four 8-bit digits from the
+ * top, into pre[r]; 0 where left[r] == 0 (not wanted) or the rank falls on a
+ * whole-line entry or past the candidates (tc_nth_key's 0 key: an infinite
+ * threshold). Every thread calls it, with pre = 0 and left set. */
+static __device__ void tc_wide_ranks(const float2 *W, int64_t lo, int64_t hi, tc_wide_shared &sm) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+#pragma unroll 1
+  for (int pass = 0; pass < 4; pass++) {
+    const int shift = 24 - 8 * pass;
+    const uint32_t top = pass ? 0xffffffffu << (shift + 8) : 0u;
+    uint32_t(&hist)[2][256] = sm.hist[pass & 1];
+    for (int i = tid; i < 512; i += TC_WIDE_THREADS)
+      (&hist[0][0])[i] = 0;
+    __syncthreads(); /* the histograms are clear (the last pass read the other
+                      * pair), pre / left of the last pass visible */
+    const uint32_t p0 = sm.pre[0], p1 = sm.pre[1];
+    const int a0 = sm.left[0] != 0, a1 = sm.left[1] != 0;
+    for (int64_t b = lo + tid; b < hi; b += TC_WIDE_THREADS) {
+      const uint32_t k = tc_centre_ord(W[b]), d = (k >> shift) & 255u;
+      if (a0 && (k & top) == p0)
+        atomicAdd(&hist[0][d], 1u);
+      if (a1 && (k & top) == p1)
+        atomicAdd(&hist[1][d], 1u);
+    }
+    __syncthreads(); /* the histograms are complete */
+    if (warp < 2 && sm.left[warp] != 0) {
+      /* warp r: the digit where the count from the top reaches left[r];
+       * lane l holds bins 8 l .. 8 l + 7 */
+      uint32_t c[8], mine = 0;
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        c[j] = hist[warp][8 * lane + j];
+        mine += c[j];
+      }
+      uint32_t above = mine; /* then: the count of the lanes above */
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t v = __shfl_down_sync(TC_FULL, above, o);
+        if (lane + o < 32)
+          above += v;
+      }
+      above -= mine;
+      const uint32_t n = sm.left[warp];
+      int dig = -1;
+      uint32_t rest = 0, run = above;
+#pragma unroll
+      for (int j = 7; j >= 0; j--) {
+        if (dig < 0 && run < n && n <= run + c[j]) {
+          dig = 8 * lane + j;
+          rest = n - run;
+        }
+        run += c[j];
+      }
+      const unsigned found = __ballot_sync(TC_FULL, dig >= 0);
+      if (dig >= 0) {
+        sm.pre[warp] |= (uint32_t)dig << shift;
+        sm.left[warp] = rest;
+      } else if (!found && lane == 0) {
+        sm.pre[warp] = 0;
+        sm.left[warp] = 0;
+      }
+    }
+  }
+  __syncthreads(); /* pre is final */
+}
+
+/* The reference dot of this lane's key 32 s + lane of block b against q
+ * (m3s_dot128_fixed: the same fp32 operations in the same order as
+ * tc_exact_block), the warp's maximum over its visible keys, NaN dots ignored
+ * unless all are NaN; NaN for a page id out of range. Every lane calls it
+ * and gets the result. */
+static __device__ __forceinline__ float tc_exact_slice(const m3s_cuda_batch &bt,
+                                                       const tc_select_args &a, int r, int64_t b,
+                                                       int s, int64_t pos, const float *q) {
+  const int lane = threadIdx.x & 31, key = 32 * s + lane;
+  int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+  if (page < 0)
+    return NAN;
+  const int64_t off = (page * M3S_BLOCK_SIZE + key) * M3S_INDEX_DIM;
+  /* the whole key row in flight at once: 16 (bf16) or 8 (e4m3) 16-byte
+   * loads */
+  uint4 w[16];
+  if (a.e4m3) {
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+      w[i] = __ldg((const uint4 *)((const uint8_t *)a.ic + off) + i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+      w[i] = __ldg((const uint4 *)((const uint16_t *)a.ic + off) + i);
+  }
+  float acc[8];
+#pragma unroll
+  for (int l = 0; l < 8; l++)
+    acc[l] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < M3S_INDEX_DIM / 8; i++) {
+    float k[8];
+    if (a.e4m3) {
+      const uint4 v = w[i >> 1];
+      uint32_t u[2] = {(i & 1) ? v.z : v.x, (i & 1) ? v.w : v.y};
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        __nv_fp8x2_storage_t pr = (__nv_fp8x2_storage_t)(u[e / 2] >> (16 * (e % 2)));
+        float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pr, __NV_E4M3)));
+        k[2 * e] = f.x;
+        k[2 * e + 1] = f.y;
+      }
+    } else {
+      uint32_t u[4] = {w[i].x, w[i].y, w[i].z, w[i].w};
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        k[2 * e] = __uint_as_float(u[e] << 16);
+        k[2 * e + 1] = __uint_as_float(u[e] & 0xffff0000u);
+      }
+    }
+#pragma unroll
+    for (int l = 0; l < 8; l++)
+      acc[l] = __fadd_rn(acc[l], __fmul_rn(q[8 * i + l], k[l]));
+  }
+  const float d = __fadd_rn(__fadd_rn(__fadd_rn(acc[0], acc[4]), __fadd_rn(acc[1], acc[5])),
+                            __fadd_rn(__fadd_rn(acc[2], acc[6]), __fadd_rn(acc[3], acc[7])));
+  float best = b * M3S_BLOCK_SIZE + key <= pos ? d : NAN;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    best = fmaxf(best, __shfl_xor_sync(TC_FULL, best, o));
+  return best;
+}
+
+/* Phases 1 and 2 of a pair with nb > K and a finite selection to make
+ * (want > 0), by the whole CTA; sm.q and the entries W are staged, the
+ * forced blocks in sm.sel, sm.cnt zeroed. Returns the state for
+ * tc_select_finish, or done = -1 when more than 32 blocks are uncertain (the
+ * caller then runs tc_select_classify, which handles that). */
+static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt,
+                                                        const tc_select_args &a, const float2 *W,
+                                                        const m3s_row_info &ri, int64_t nb,
+                                                        tc_wide_shared &sm) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int want = a.topk - a.init - a.local;
+  const int64_t lo = a.init, hi = nb - a.local;
+  tc_sel_state st = {a.init + a.local, 0, 0, 0};
+  /* whole-line count and largest finite E (as tc_select_classify) */
+  int n_inf = 0;
+  uint32_t e_max = 0;
+  for (int64_t b = lo + tid; b < hi; b += TC_WIDE_THREADS) {
+    const float2 e = W[b];
+    if (tc_whole_line(e))
+      n_inf++;
+    else
+      e_max = max(e_max, __float_as_uint(e.y));
+  }
+  n_inf = __reduce_add_sync(TC_FULL, n_inf);
+  e_max = __reduce_max_sync(TC_FULL, e_max);
+  if (lane == 0) {
+    atomicAdd(&sm.n_inf, n_inf);
+    atomicMax(&sm.e_max, e_max);
+  }
+  __syncthreads(); /* the counts */
+  if (tid == 0) {
+    const int f = (int)(hi - lo) - sm.n_inf;
+    sm.left[0] = f >= want ? want : 0;                              /* l': rank W */
+    sm.left[1] = sm.n_inf > want ? 0 : want + 1 - sm.n_inf;          /* u': rank W + 1 - n_inf */
+    sm.pre[0] = sm.pre[1] = 0;
+  }
+  tc_wide_ranks(W, lo, hi, sm);
+  const float ef = __uint_as_float(sm.e_max);
+  const float l_p = sm.pre[0] ? __fsub_rd(tc_unord(sm.pre[0]), ef) : -INFINITY;
+  const float u_p = sm.pre[1] ? __fadd_ru(tc_unord(sm.pre[1]), ef) : INFINITY;
+  for (int64_t b = lo + tid; b < hi; b += TC_WIDE_THREADS) {
+    const int c = tc_class(W[b], u_p, l_p);
+    if (c == TC_IN) {
+      sm.sel[st.nsel + atomicAdd(&sm.cnt[0], 1)] = (int32_t)b;
+    } else if (c == TC_UNSURE) {
+      const int j = atomicAdd(&sm.cnt[1], 1);
+      if (j < 32)
+        sm.qlist[j] = (int32_t)b;
+    }
+  }
+  __syncthreads(); /* In, Q and their counts */
+  st.n_in = sm.cnt[0];
+  st.nq = sm.cnt[1];
+  if (st.nq > 32) {
+    st.done = -1;
+    return st;
+  }
+  if (!a.no_rescore)
+    for (int u = warp; u < 4 * st.nq; u += TC_WIDE_WARPS) {
+      const float v = tc_exact_slice(bt, a, ri.r, sm.qlist[u >> 2], u & 3, ri.pos, sm.q);
+      if (lane == 0)
+        sm.part[u >> 2][u & 3] = v;
+    }
+  __syncthreads(); /* the quarters' maxima */
+  if (tid < st.nq)
+    sm.qsc[tid] = a.no_rescore ? W[sm.qlist[tid]].x
+                               : fmaxf(fmaxf(sm.part[tid][0], sm.part[tid][1]),
+                                       fmaxf(sm.part[tid][2], sm.part[tid][3]));
+  if (warp == 0)
+    tc_add_stats(a, (unsigned long long)(hi - lo), (unsigned long long)st.nq, 0, 0);
+  __syncthreads(); /* the scores */
+  return st;
+}
+
+static __global__ void __launch_bounds__(TC_WIDE_THREADS, 1)
     tc_select_wide_kernel(m3s_cuda_batch bt, tc_select_args a) {
-  __shared__ float qsh[M3S_INDEX_DIM];
-  __shared__ int32_t selsh[M3S_MAX_TOPK];
-  __shared__ int32_t qlsh[32];
-  __shared__ float qscsh[32];
-  __shared__ int cntsh[2];
+  __shared__ tc_wide_shared sm;
   __shared__ float2 wsh[TC_SEL_CACHE];
-  __shared__ tc_sel_state stsh;
-  const int warp = threadIdx.x >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5;
   for (int64_t lp = blockIdx.x; lp < a.npairs; lp += gridDim.x) {
     m3s_row_info ri;
     int32_t *out;
@@ -1670,27 +1897,45 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, 1)
         tc_write_all(a, nb, out);
       continue;
     }
-    tc_stage_query(a, lp, qsh, threadIdx.x, TC_SEL_WARPS * 32);
+    tc_stage_query(a, lp, sm.q, tid, TC_WIDE_THREADS);
     const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
-    float2 *W = a.ws + lp * a.max_nb;
+    const float2 *W = a.ws + lp * a.max_nb;
     if (nb - a.local <= TC_SEL_CACHE && !exact) {
-      tc_copy_entries(a, W, nb, wsh, threadIdx.x, TC_SEL_WARPS * 32);
+      tc_copy_entries(a, W, nb, wsh, tid, TC_WIDE_THREADS);
       W = wsh;
     }
-    __syncthreads(); /* q and the entries are visible to every warp */
-    if (warp == 0) {
-      tc_sel_state st = tc_select_classify(bt, a, W, ri.r, ri.pos, nb, exact, qsh, selsh, qlsh,
-                                           cntsh);
-      if ((threadIdx.x & 31) == 0)
-        stsh = st;
+    for (int k = tid; k < a.init; k += TC_WIDE_THREADS)
+      sm.sel[k] = k;
+    for (int k = tid; k < a.local; k += TC_WIDE_THREADS)
+      sm.sel[a.init + k] = (int32_t)(nb - a.local + k);
+    if (tid == 0) {
+      sm.cnt[0] = sm.cnt[1] = 0;
+      sm.n_inf = 0;
+      sm.e_max = 0;
     }
-    __syncthreads(); /* the state and the list */
-    const tc_sel_state st = stsh;
-    if (!st.done)
-      tc_select_rescore(bt, a, W, ri.r, ri.pos, qsh, qlsh, st.nq, warp, TC_SEL_WARPS, qscsh);
-    __syncthreads(); /* the scores */
+    __syncthreads(); /* q, the entries, the forced blocks and the counters */
+    const int per_warp = exact || a.measure || a.topk - a.init - a.local <= 0;
+    tc_sel_state st = {0, 0, 0, -1};
+    if (!per_warp)
+      st = tc_wide_classify_rescore(bt, a, W, ri, nb, sm);
+    if (st.done < 0) {
+      /* the per-warp phases: warp 0 classifies (and finishes more than 32
+       * uncertain blocks itself), the warps share the re-scores */
+      if (warp == 0) {
+        st = tc_select_classify(bt, a, (float2 *)W, ri.r, ri.pos, nb, exact, sm.q, sm.sel,
+                                sm.qlist, sm.cnt);
+        if ((tid & 31) == 0)
+          sm.st = st;
+      }
+      __syncthreads(); /* the state and the list */
+      st = sm.st;
+      if (!st.done)
+        tc_select_rescore(bt, a, W, ri.r, ri.pos, sm.q, sm.qlist, st.nq, warp, TC_WIDE_WARPS,
+                          sm.qsc);
+      __syncthreads(); /* the scores */
+    }
     if (warp == 0)
-      tc_select_finish(a, st, selsh, qlsh, qscsh, out);
+      tc_select_finish(a, st, sm.sel, sm.qlist, sm.qsc, out);
     __syncthreads(); /* the shared arrays are reused by the next pair */
   }
 }
@@ -1762,7 +2007,7 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                                    const tc_select_args &se, int rounds, cudaStream_t stream,
                                    const char *fn) {
   if (se.npairs <= (int64_t)m3s_cuda_num_sms(ctx)) {
-    tc_select_wide_kernel<<<(unsigned)se.npairs, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
+    tc_select_wide_kernel<<<(unsigned)se.npairs, TC_WIDE_THREADS, 0, stream>>>(cb, se);
     return m3s_cuda_check_launch(fn, "tc_select_wide_kernel");
   }
   const int64_t sms = m3s_cuda_num_sms(ctx);
