@@ -1863,6 +1863,8 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
   st.n_in = sm.cnt[0];
   st.nq = sm.cnt[1];
   if (st.nq > 32) {
+    __syncthreads(); /* every thread has read the counts, which the caller's
+                      * tc_select_classify rewrites */
     st.done = -1;
     return st;
   }
