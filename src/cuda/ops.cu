@@ -20,7 +20,7 @@ static const char *cuda_kernel(const m3s_context *ctx, m3s_op op) {
   case M3S_OP_INDEX_TOPK:
     /* fits m3s_support.kernel (63 characters); prefill scores with TMA +
      * wgmma on sm_90 for a bf16 index cache (sm90/topk_tc.cu) */
-    return m3s_cuda_sm_major(ctx) == 9 ? "tc_tma_wgmma(bf16)|tc_mma+select;decode:tc_stream(>=4 pairs)|stream"
+    return m3s_cuda_sm_major(ctx) == 9 ? "tc_tma_wgmma(bf16)|tc_mma+select;decode:tc_stream(>=16 pairs or >=4 per request)|stream"
                                        : "topk_tc_certified+select;decode:tc_stream(>=16 reqs)|stream";
   /* sm_90: the persistent TMA kernel for one query row per request
    * (sm90/attention_tma.cu), the union kernel for rows that share blocks

@@ -100,11 +100,16 @@
 #define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
 /* Decode batches with fewer (token, KV head) pairs than this keep the exact
  * streaming kernel: below it the fixed-order scores of a few pairs cost less
- * than the certified kernel's score + selection chain. Since the CTA-wide
- * selection (tc_select_wide_kernel) the certified path is as fast or faster
- * from 4 pairs at 32K and 128K (m3s-bench, H200, docs/perf-notes.md, session
- * 12); fewer pairs were not measured with it. */
-#define TC_DEC_MIN_PAIRS 4
+ * than the certified kernel's score + selection chain (m3s-bench, H200,
+ * docs/perf-notes.md "Small decode batches: measured"). Long contexts cross
+ * over earlier, and since the CTA-wide selection (tc_select_wide_kernel)
+ * requests of TC_DEC_REQ_PAIRS pairs or more (Hkv x q_len) from one request
+ * (session 12: one TP1 request at 32K and 128K); requests of one pair still
+ * lose at 4 of them (TP8, 128K: 50.1 -> 53.5 us). */
+#define TC_DEC_MIN_PAIRS 32
+#define TC_DEC_MIN_PAIRS_LONG 16
+#define TC_DEC_LONG_CTX 65536
+#define TC_DEC_REQ_PAIRS 4
 #define TC_WS_BUDGET ((int64_t)128 << 20)
 #define TC_NORM_BUDGET ((int64_t)64 << 20) /* key norms of the TMA kernel, beyond: mma.sync */
 #define TC_NORM_WARPS (M3S_BLOCK_SIZE / 32)             /* warps per block in tc_norm_kernel */
@@ -180,7 +185,8 @@ extern "C" size_t m3s_topk_tc_workspace(const m3s_layer_config *cfg, int64_t max
 
 static int tc_decode_pays(const m3s_layer_config *cfg, const m3s_batch *batch) {
   const int64_t pairs = (int64_t)batch->num_reqs * cfg->num_kv_heads * batch->uniform_q_len;
-  return pairs >= TC_DEC_MIN_PAIRS;
+  return cfg->num_kv_heads * batch->uniform_q_len >= TC_DEC_REQ_PAIRS ||
+         pairs >= (batch->max_seq_len >= TC_DEC_LONG_CTX ? TC_DEC_MIN_PAIRS_LONG : TC_DEC_MIN_PAIRS);
 }
 
 extern "C" int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_config *cfg,
