@@ -48,6 +48,7 @@
  */
 /* This file: the command line and main. The other files: see bench.h. */
 #include "bench.h"
+#include "cuda/launch.h"
 #include "cuda/sm90/attention_tma.h"
 #include "cuda/sm90/topk_tc.h"
 
@@ -104,6 +105,8 @@ static void usage(FILE *f) {
 "                    and work for >= half the SMs), generic (the cp.async kernel\n"
 "                    always) or union (the union kernel for every batch it can\n"
 "                    run, fp8 caches included)\n"
+"  --pdl             programmatic dependent launch of the decode chain (sm_90;\n"
+"                    score, selection, attention and merge kernels)\n"
 "  --budget SEC      stop starting cases after SEC seconds                   [420]\n"
 "  --case-budget SEC fewer reps/sets when a case would take longer          [20]\n"
 "  --mem-gb G        cap of the cache pool (default: free memory less buffers)\n"
@@ -123,7 +126,8 @@ static int parse_args(int argc, char **argv, options *o) {
   enum {
     O_ALL = 256, O_FULL, O_OPS, O_TP, O_BS, O_QLEN, O_CTX, O_PCTX, O_CHUNK, O_KV, O_IDX, O_LIST,
     O_TM, O_LSE, O_SEL, O_REPS, O_WARM, O_MAXSETS, O_SETS, O_NOGRAPH, O_BUDGET, O_CBUDGET,
-    O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV, O_SKEW, O_TOPKPATH, O_ATTNPATH
+    O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV, O_SKEW, O_TOPKPATH, O_ATTNPATH,
+    O_PDL
   };
   static const struct option lo[] = {
       {"all", no_argument, 0, O_ALL},           {"full", no_argument, 0, O_FULL},
@@ -143,7 +147,8 @@ static int parse_args(int argc, char **argv, options *o) {
       {"csv", required_argument, 0, O_CSV},     {"help", no_argument, 0, 'h'},
       {"batch-invariant", no_argument, 0, O_BINV}, {"skew", required_argument, 0, O_SKEW},
       {"topk-path", required_argument, 0, O_TOPKPATH},
-      {"attn-path", required_argument, 0, O_ATTNPATH}, {0, 0, 0, 0}};
+      {"attn-path", required_argument, 0, O_ATTNPATH}, {"pdl", no_argument, 0, O_PDL},
+      {0, 0, 0, 0}};
   memset(o, 0, sizeof *o);
   o->tps[0] = 1, o->tps[1] = 8, o->ntp = 2;
   o->bss[0] = 1, o->bss[1] = 32, o->bss[2] = 128, o->nbs = 3;
@@ -246,6 +251,7 @@ static int parse_args(int argc, char **argv, options *o) {
     }
     case O_NOCEIL: o->no_ceilings = 1; break;
     case O_BINV: o->batch_invariant = 1; break;
+    case O_PDL: o->pdl = 1; break;
     case O_TOPKPATH:
       if (strcmp(optarg, "default") == 0)
         o->topk_path = 0;
@@ -398,6 +404,12 @@ int main(int argc, char **argv) {
   if (o->attn_union) {
     m3s_attention_set_union_any(B.ctx, 1);
     printf("m3s-bench: attention on the union kernel wherever it can run\n");
+  }
+  if (o->pdl) {
+    /* the launch switch of src/cuda/launch.h (per context) */
+    m3s_cuda_set_pdl(B.ctx, 1);
+    printf("m3s-bench: programmatic dependent launch %s\n",
+           m3s_cuda_pdl(B.ctx) ? "on" : "requested, not available (needs sm_90)");
   }
   if (cudaMalloc(&B.tc_stats, sizeof(m3s_topk_tc_stats)) != cudaSuccess) {
     cudaGetLastError();

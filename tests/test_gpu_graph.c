@@ -4,8 +4,11 @@
  * rows), block tables and caches. Every replay must give the same bytes as an
  * eager run on the same inputs; the top-k must equal the CPU backend's byte
  * for byte and the attention match the fp64 reference (rel L2 < 1e-2). Capture itself fails if the library
- * allocates, synchronises or reads device data on the host. */
+ * allocates, synchronises or reads device data on the host. The _pdl cases
+ * run the same with programmatic dependent launch of the decode chain
+ * (src/cuda/launch.h; on sm_90 only, where it must be on). */
 #include "gpu_util.h"
+#include "cuda/launch.h"
 
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -51,7 +54,14 @@ static void refresh_inputs(fixture *f, uint64_t *rng, const int32_t *seqs) {
 
 static int bytes_equal(const void *a, const void *b, size_t n) { return memcmp(a, b, n) == 0; }
 
-static void graph_case(int tp, int q_len, const char *name) {
+static void graph_case(int tp, int q_len, int pdl, const char *name) {
+  m3s_cuda_set_pdl(g_gpu, pdl);
+  if (pdl) {
+    int dev = 0, major = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    CHECK(m3s_cuda_pdl(g_gpu) == (major >= 9), "graph: PDL on exactly on sm_90 and later");
+  }
   /* capture-time bounds: the largest lengths any replay uses */
   int32_t maxs[6] = {3000, 2049, 129, 4096, 700, 1};
   int32_t ql[6];
@@ -132,6 +142,7 @@ static void graph_case(int tp, int q_len, const char *name) {
   free(et);
   gpu_fx_free(&g);
   fx_free(&f);
+  m3s_cuda_set_pdl(g_gpu, 0);
 }
 
 int main(void) {
@@ -140,9 +151,11 @@ int main(void) {
     return gpu_skip("test_gpu_graph", "no CUDA device");
   if (m3s_context_create(-1, &g_cpu) != M3S_OK)
     return 1;
-  graph_case(2, 1, "graph_decode_tp2_qlen1");
-  graph_case(8, 4, "graph_spec_decode_tp8_qlen4");
-  graph_case(1, 1, "graph_decode_tp1_qlen1");
+  graph_case(2, 1, 0, "graph_decode_tp2_qlen1");
+  graph_case(8, 4, 0, "graph_spec_decode_tp8_qlen4");
+  graph_case(1, 1, 0, "graph_decode_tp1_qlen1");
+  graph_case(1, 1, 1, "graph_decode_tp1_qlen1_pdl");
+  graph_case(8, 4, 1, "graph_spec_decode_tp8_qlen4_pdl");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);
   return TEST_FINISH();

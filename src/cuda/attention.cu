@@ -78,6 +78,7 @@
  * unit's cp.async, and the 512 CTAs fill 1.29 waves of 396 slots
  * (docs/perf-notes.md, "Decode attention: where the generic kernel loses"). */
 #include "attention.cuh"
+#include "launch.h"
 #include "sm90/attention_tma.h"
 
 #include <string.h>
@@ -387,6 +388,7 @@ static __global__ void __launch_bounds__(ATT_THREADS) attn_kernel(const attn_par
 static __global__ void __launch_bounds__(128) merge_kernel(const attn_params p, int64_t rows) {
   const int64_t wid = (int64_t)blockIdx.x * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
+  m3s_pdl_wait(); /* the partials come from the kernel before (launch.h) */
   if (wid >= rows)
     return;
   const int64_t t = wid / p.hq, h = wid % p.hq;
@@ -613,7 +615,7 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
     m3s_status st = m3s_attention_tma_launch(ctx, p, maps, q->dtype == M3S_F16, stream, fn);
     if (st != M3S_OK || nsplit == 1)
       return st;
-    return m3s_cuda_attention_merge(p, stream, fn);
+    return m3s_cuda_attention_merge(p, m3s_cuda_pdl(ctx), stream, fn);
   }
   int64_t ctas = T * p.hkv * p.nchunk;
   if (ctas > 0x7fffffff)
@@ -624,16 +626,17 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
                                                      : launch_attn<false>(p, grid, stream);
   if (st != M3S_OK || nsplit == 1)
     return st;
-  return m3s_cuda_attention_merge(p, stream, fn);
+  return m3s_cuda_attention_merge(p, 0, stream, fn);
 }
 
 /* nsplit > 1 only when the rows give fewer CTAs than the GPU holds, so this
  * grid is small */
-m3s_status m3s_cuda_attention_merge(const attn_params &p, cudaStream_t stream, const char *fn) {
+m3s_status m3s_cuda_attention_merge(const attn_params &p, int pdl, cudaStream_t stream,
+                                    const char *fn) {
   int64_t rows = p.b.num_tokens * p.hq;
   if (m3s_ceil_div(rows, 4) > INT32_MAX)
     return m3s_fail(M3S_ERR_INTERNAL, fn, "merge grid of %lld rows exceeds one CUDA grid",
                     (long long)rows);
-  merge_kernel<<<(unsigned)m3s_ceil_div(rows, 4), 128, 0, stream>>>(p, rows);
-  return m3s_cuda_check_launch(fn, "merge_kernel");
+  return m3s_launch(pdl, merge_kernel, dim3((unsigned)m3s_ceil_div(rows, 4)), dim3(128), 0, stream,
+                    fn, "merge_kernel", p, rows);
 }

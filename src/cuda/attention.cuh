@@ -370,8 +370,10 @@ static __device__ __forceinline__ void store_merged_pair(const attn_params &p, c
 }
 
 /* Host side of attention.cu that the TMA path shares: the merge of nsplit
- * partials (launched when p.nsplit > 1). */
-m3s_status m3s_cuda_attention_merge(const attn_params &p, cudaStream_t stream, const char *fn);
+ * partials (launched when p.nsplit > 1; with programmatic dependent launch
+ * when pdl != 0, launch.h). */
+m3s_status m3s_cuda_attention_merge(const attn_params &p, int pdl, cudaStream_t stream,
+                                    const char *fn);
 
 /* sm90/attention_tma.cu. The tensor maps of one call's K/V cache and q,
  * encoded on the host (kernel parameters). */

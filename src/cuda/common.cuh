@@ -358,4 +358,54 @@ static inline m3s_status m3s_cuda_check_launch(const char *fn, const char *kerne
   return M3S_OK;
 }
 
+/* ---- programmatic dependent launch (launch.h) ---- */
+
+/* Device: wait until the grids this one depends on have finished and their
+ * writes are visible. A kernel launched with m3s_launch(pdl = 1, ...) calls
+ * it before its first read of anything an earlier kernel wrote; without PDL
+ * (or before sm_90) it returns at once. */
+static __device__ __forceinline__ void m3s_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+/* Device: let the next kernel on the stream, if launched with PDL, start
+ * (it still waits for this grid's end in m3s_pdl_wait). Only in kernels
+ * whose whole grid is resident at once: a dependent that started early
+ * holds SM resources while it waits. */
+static __device__ __forceinline__ void m3s_pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+/* Host: launches kernel k, with programmatic stream serialisation when pdl
+ * != 0 (m3s_cuda_pdl); the launch's error (also left as the last error, as
+ * for <<< >>>). */
+template <typename... P, typename... A>
+static inline cudaError_t m3s_launch_ex(int pdl, void (*k)(P...), dim3 grid, dim3 block,
+                                        size_t smem, cudaStream_t stream, A &&...args) {
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = at;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, k, static_cast<A &&>(args)...);
+}
+
+/* Host: m3s_launch_ex, then the launch's status. */
+template <typename... P, typename... A>
+static inline m3s_status m3s_launch(int pdl, void (*k)(P...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream, const char *fn, const char *kernel,
+                                    A &&...args) {
+  (void)m3s_launch_ex(pdl, k, grid, block, smem, stream, static_cast<A &&>(args)...);
+  return m3s_cuda_check_launch(fn, kernel);
+}
+
 #endif

@@ -6,6 +6,7 @@
  * live in cache.cu, topk.cu (with topk_decode.cu), attention.cu, k2q.cu and
  * merge.cu. */
 #include "common.cuh"
+#include "launch.h"
 #include "sm90/attention_tma.h"
 #include "sm90/topk_tc.h"
 #include "topk_decode.cuh"
@@ -21,6 +22,7 @@ typedef struct {
   m3s_topk_tc_hooks topk_hooks; /* test switches of the certified top-k */
   int attn_generic;              /* test switch: attention on the generic kernel */
   int attn_union_any;            /* test switch: the union kernel without its size rule */
+  int pdl;                       /* test switch: programmatic dependent launch (launch.h) */
 } cuda_state;
 
 /* Kernel attributes belong to the device that is current when they are set:
@@ -145,6 +147,17 @@ extern "C" void m3s_attention_set_union_any(m3s_context *ctx, int any) {
 extern "C" int m3s_cuda_attention_union_any(const m3s_context *ctx) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
   return st ? st->attn_union_any : 0;
+}
+
+extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {
+  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  if (st)
+    st->pdl = on != 0;
+}
+
+extern "C" int m3s_cuda_pdl(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st && st->pdl && st->sm_major >= 9;
 }
 
 extern "C" int m3s_cuda_num_sms(const m3s_context *ctx) {

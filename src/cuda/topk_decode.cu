@@ -95,6 +95,7 @@
  * bandwidth, 0.53 issued warps per scheduler at 16 warps per SM, ~333 warp
  * instructions per warp and block, ~40% of them outside the scoring (cursor,
  * page table, cp.async issue, barriers, writes). */
+#include "launch.h"
 #include "mma.cuh"
 #include "topk_decode.cuh"
 #include "sm90/topk_tc.cuh"
@@ -967,6 +968,10 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
   typedef tcd_fmt<E4> F;
   extern __shared__ __align__(128) unsigned char tsm[];
   __shared__ tcd_small<E4> s;
+  /* PDL (launch.h): everything below may read what earlier kernels wrote;
+   * the grid is one resident wave, so the selection may start behind it */
+  m3s_pdl_wait();
+  m3s_pdl_trigger();
   dec_cursor pf, cs;
   pf.item = blockIdx.x;
   cursor_seek(p, pf);
@@ -1216,6 +1221,6 @@ extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s
   int64_t grid = 1;
   plan_split(batch->num_reqs, max_nb - cfg->init_blocks, (int64_t)per_sm * m3s_cuda_num_sms(ctx),
              e4 ? tcd_fmt<true>::nb : tcd_fmt<false>::nb, &p.split, &p.items, &grid);
-  kern<<<m3s_grid_cap(grid, INT32_MAX), DEC_THREADS, smem, stream>>>(p);
-  return m3s_cuda_check_launch(fn, "decode_tc_kernel");
+  return m3s_launch(m3s_cuda_pdl(ctx), kern, dim3(m3s_grid_cap(grid, INT32_MAX)), dim3(DEC_THREADS),
+                    smem, stream, fn, "decode_tc_kernel", p);
 }

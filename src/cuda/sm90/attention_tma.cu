@@ -75,6 +75,7 @@
  * 0.188. Equal to the generic kernel at 1 and 32 bf16 requests; slower
  * where rows share blocks (q_len 4, prefill), hence the dispatch rule. */
 #include "../attention.cuh"
+#include "../launch.h"
 #include "attention_fp8.cuh"
 #include "attention_tma.h"
 #include "tma.cuh"
@@ -399,6 +400,11 @@ static __global__ void __launch_bounds__(AT_THREADS, 1)
   for (int i = threadIdx.x; i < AT_DESC * AT_QTILE_BYTES / 16; i += AT_THREADS)
     ((uint4 *)s.qtile)[i] = make_uint4(0, 0, 0, 0);
   sm90_fence_proxy_async();
+  /* PDL (launch.h): the set-up above reads no global memory; the top-k and
+   * the rest may come from the kernel before. One CTA per SM at most, so
+   * the split merge may start behind this grid. */
+  m3s_pdl_wait();
+  m3s_pdl_trigger();
   __syncthreads();
 
   if (warp == AT_CWARPS)
@@ -423,9 +429,11 @@ struct at_kernel {
                                 (int)at_smem_bytes<KVM != KV_DIRECT>());
   }
   static void run(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
-                  int64_t items, cudaStream_t stream) {
-    attn_tma_kernel<F16, KVM><<<grid, AT_THREADS, at_smem_bytes<KVM != KV_DIRECT>(), stream>>>(
-        p, maps.kv, maps.q, items, maps.qbox);
+                  int64_t items, cudaStream_t stream, int pdl) {
+    /* its error is left as the last error, read by m3s_cuda_check_launch */
+    (void)m3s_launch_ex(pdl, attn_tma_kernel<F16, KVM>, dim3(grid), dim3(AT_THREADS),
+                        at_smem_bytes<KVM != KV_DIRECT>(), stream, p, maps.kv, maps.q, items,
+                        maps.qbox);
   }
 };
 
@@ -536,6 +544,6 @@ m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p
   const unsigned grid = (unsigned)(items < sms ? items : sms);
   if (grid == 0)
     return M3S_OK;
-  at_run_mode<at_kernel>(f16, p, maps, grid, items, stream);
+  at_run_mode<at_kernel>(f16, p, maps, grid, items, stream, m3s_cuda_pdl(ctx));
   return m3s_cuda_check_launch(fn, "attn_tma_kernel");
 }

@@ -76,6 +76,7 @@
  * top-k 4K / 8K / 16K / 64K 116 / 249 / 730 / 7521 -> 78 / 194 / 607 /
  * 6552 us, 4K behind 60K 973 -> 769 us (m3s-bench). */
 #include "../common.cuh"
+#include "../launch.h"
 #include "../mma.cuh"
 #include "topk_tc.cuh"
 #include "topk_tc.h"
@@ -1895,6 +1896,10 @@ static __global__ void __launch_bounds__(TC_WIDE_THREADS, 1)
   __shared__ tc_wide_shared sm;
   __shared__ float2 wsh[TC_SEL_CACHE];
   const int tid = threadIdx.x, warp = tid >> 5;
+  /* PDL (launch.h): the (S~, E) entries come from the kernel before; at most
+   * one CTA per SM, so the attention may start behind this grid */
+  m3s_pdl_wait();
+  m3s_pdl_trigger();
   for (int64_t lp = blockIdx.x; lp < a.npairs; lp += gridDim.x) {
     m3s_row_info ri;
     int32_t *out;
@@ -2014,8 +2019,8 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                                    const tc_select_args &se, int rounds, cudaStream_t stream,
                                    const char *fn) {
   if (se.npairs <= (int64_t)m3s_cuda_num_sms(ctx)) {
-    tc_select_wide_kernel<<<(unsigned)se.npairs, TC_WIDE_THREADS, 0, stream>>>(cb, se);
-    return m3s_cuda_check_launch(fn, "tc_select_wide_kernel");
+    return m3s_launch(m3s_cuda_pdl(ctx), tc_select_wide_kernel, dim3((unsigned)se.npairs),
+                      dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, se);
   }
   const int64_t sms = m3s_cuda_num_sms(ctx);
   /* candidates per pair at most: the blocks of max_seq_len less the forced;
