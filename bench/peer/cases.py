@@ -1,7 +1,8 @@
 """The peer benchmark's cases and their inputs (one M3 sparse layer, torch on
 the GPU). Inputs: random bf16 (never zeros); physical pages a random
 permutation of one pool; decode seq_len of request b = ctx - (37*b mod 128)
-(ragged last pages); prefill requests = (prefix, new tokens)."""
+(ragged last pages), ctx per request when the case lists them (a skewed
+batch); prefill requests = (prefix, new tokens)."""
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ class Spec:
     topk: int = 16
     bs: int = 1                    # decode: requests
     ctx: int = 0                   # decode: context per request (before the ragged cut)
+    ctxs: tuple = ()               # decode: one context per request instead (skewed batches)
     q_len: int = 1                 # decode: query rows per request (1 + speculative)
     reqs: tuple = ()               # prefill: ((prefix, new), ...)
     idx_dtype: str = "bf16"        # index cache: bf16 or e4m3
@@ -39,6 +41,9 @@ CASES = [
     Spec("decode-b128-ctx128k-idxe4m3", "decode", bs=128, ctx=K128, idx_dtype="e4m3"),
     Spec("decode-b128-ctx32k-kve4m3", "decode", bs=128, ctx=32768, kv_dtype="e4m3"),
     Spec("decode-b128-ctx32k-tp8", "decode", hq=8, hkv=1, bs=128, ctx=32768),
+    # issue 15's skewed batch: one long request among short ones
+    Spec("decode-skew-1x128k-63x4k", "decode", bs=64, ctxs=(K128,) + (4096,) * 63,
+         required=False),
     Spec("prefill-4k", "prefill", reqs=((0, 4096),), required=False),
     Spec("prefill-8k", "prefill", reqs=((0, 8192),)),
     Spec("prefill-16k", "prefill", reqs=((0, 16384),), required=False),
@@ -86,7 +91,8 @@ def build(spec, seed=0, device="cuda"):
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     if spec.kind == "decode":
-        seq = [spec.ctx - (37 * b) % 128 for b in range(spec.bs)]
+        ctxs = spec.ctxs or (spec.ctx,) * spec.bs
+        seq = [ctxs[b] - (37 * b) % 128 for b in range(spec.bs)]
         qlens = [spec.q_len] * spec.bs
     else:
         seq = [p + n for p, n in spec.reqs]
