@@ -23,27 +23,31 @@
  *  2. Producer: merges the 8 sorted lists under key = (first row of the
  *     group with the same request) << 24 | block id, so that rows of one
  *     request list a block under the same key (lane w holds row w's
- *     cursor; a warp minimum per step), and for each key of the union loads by TMA
- *     (128-byte swizzle, the persistent kernel's 4-D map of the cache) into
- *     a ring of slots of 32 KiB (au_geom): for a 16-bit cache the block's
+ *     cursor; a warp minimum per step), and for each key of the union fills
+ *     a ring of 16-bit half slots of 32 KiB (au_geom) with the block's
  *     halves of 64 keys that any of its rows sees (a half past every such
- *     row's pos is not loaded), 6 slots; for fp8 the whole block and its
- *     per-slot scales, 4 slots; and queues a descriptor per slot: the rows
- *     that selected the block (a bit each), its id, the half, the slot. A
- *     last descriptor marks the end.
+ *     row's pos is not filled): for a 16-bit cache by TMA (128-byte
+ *     swizzle, the persistent kernel's 4-D map of the cache), 6 slots; for
+ *     fp8 the whole block and its per-slot scales land by TMA in one of two
+ *     raw slots, one block ahead, and the warp converts the block once for
+ *     the CTA into the half slots (au_convert_half: K exact in q's dtype, V
+ *     exact or times its per-slot scale, the same 128-byte swizzle), 4
+ *     slots; and queues a descriptor per slot: the rows that selected the
+ *     block (a bit each), its id, the half, the slot. A last descriptor
+ *     marks the end.
  *  3. Consumers: warp w holds row w's 16 query heads (the m16 rows of
  *     mma.sync; rows >= G are zero padding) as A fragments, reads every
  *     descriptor, and only where its bit is set waits for the slot and
  *     attends to its keys: a 16-bit half in place, in steps of 32 keys
  *     (attend_unit with two key groups: S = Q K^T on mma.sync, fp32 online
  *     softmax in the exp2 domain, O += P V), keys after pos masked and
- *     their V values zeroed in registers (the slot is shared); an
- *     fp8 block 16 keys at a time, each unit converted into the warp's own
- *     16-bit tile first (as the persistent kernel does, attention_fp8.cuh:
- *     K exact, V exact in f16 or times its per-slot scale, V rows past pos
- *     zero; a scalar k scale folds into the score scale, a scalar v scale
- *     multiplies the output), the slot released right after the last
- *     unit's conversion (a 16-bit slot after the last step). A row's state
+ *     their V values zeroed in registers (the slot is shared), the same for
+ *     both cache kinds (an fp8 cache's per-slot k scales multiply the
+ *     scores, a scalar k scale folds into the score scale, a scalar v scale
+ *     multiplies the output); the slot released after the last step. Until
+ *     2026-12-04 every row's warp converted each fp8 block it read into a
+ *     16-bit tile of its own, 16 keys at a time: 6.11 ms for the 8K
+ *     prompt's e4m3 cache against 2.84 for bf16. A row's state
  *     is never split or merged: the epilogue writes out (q's dtype, RNE) and
  *     lse from the warp's registers. Rows with no visible key give out = 0,
  *     lse = -inf.
@@ -56,7 +60,9 @@
  * once it wrote one; dempty, one arrive per consumer warp once it read it:
  * every warp reads every descriptor, in order) and the slots (full: the
  * producer's arrive + 32 KiB of TMA bytes; empty: one arrive by the last of
- * the slot's rows done with it, counted down in users[slot]). A warp waits
+ * the slot's rows done with it, counted down in users[slot]; an fp8 half
+ * slot's full barrier completes on the producer's arrive after its
+ * conversion, a raw slot's, rfull, on its TMA bytes). A warp waits
  * only on the slots of its own blocks and never holds a slot it does not
  * read (an earlier version had every warp pass every slot; it measured the
  * same, 36.3 against 36.5 ms at 64K: what limits large unions is the ring's
@@ -74,10 +80,10 @@
  * blocks are resident.
  *
  * Registers: 168 (the most 9 warps leave: 3 of them share one SM
- * sub-partition's registers); the fp8 variants do not spill, the 16-bit
- * ones 12 bytes (ptxas, sm_90a, since the selection moved to at_select:
- * three local loads per descriptor, outside the mma steps; the measured
- * version had 0 and 4 bytes).
+ * sub-partition's registers); the 16-bit variants spill 12 bytes (ptxas,
+ * sm_90a, since the selection moved to at_select: three local loads per
+ * descriptor, outside the mma steps; the measured version had 4 bytes), the
+ * fp8 ones 32 bytes since the producer converts (not yet located).
  * Measured (H200, m3s-bench, graph replays, bf16, against the generic
  * kernel; docs/perf-notes.md "Measured: the union kernel"): 8K prompt with
  * independent per-row draws 2.77 ms (4.18), 16K 6.90 (8.73), 32K 16.2
@@ -86,8 +92,9 @@
  * union is large the ring turns over at the pace of L2 latency plus
  * compute with only 192 KiB resident (hence the 32K rule of
  * m3s_attention_union_pays); ncu: ~2 warps per scheduler, 0.3-0.5 issued
- * per cycle, tensor pipe 26%: latency-bound. The fp8 path has not run on a
- * GPU yet and is reached only through the union switch. */
+ * per cycle, tensor pipe 26%: latency-bound. The fp8 path is reached only
+ * through the union switch; its shared conversion (au_convert_half) has not
+ * run on a GPU yet (docs/perf-notes.md, session 12). */
 #include "../attention.cuh"
 #include "attention_fp8.cuh"
 #include "attention_tma.h"
@@ -105,27 +112,25 @@
 
 static_assert(AU_TOKENS <= 8 && (1 << (32 - AU_ID_BITS)) >= AU_TOKENS, "keys fit 32 bits");
 
-/* A 16-bit slot holds half a block (64 keys: four boxes of 64 keys x 128
- * bytes), read in place; an fp8 slot a whole block (two boxes of 128 keys
- * x 128 bytes, + its per-slot scales), converted by each row's warp into
- * a 16-bit tile of its own, 16 keys at a time (attention_fp8.cuh), so the
- * fp8 ring gives up two slots for the eight tiles and still holds four
- * blocks to the 16-bit ring's three. */
+/* The consumers read 16-bit halves of blocks (64 keys: four boxes of 64 keys
+ * x 128 bytes, the 128-byte swizzle) from a ring of slots. A 16-bit cache's
+ * half is such a slot as TMA lands it. An fp8 block lands whole in a raw
+ * staging slot (two boxes of 128 keys x 128 bytes, + its per-slot scales),
+ * and the producer warp converts it once for the CTA into the half slots
+ * (au_convert_half), so the fp8 ring holds four halves and two raw blocks.
+ * rows, boxes, box_elems, box_bytes: what one TMA load lands. */
 template <bool FP8>
 struct au_geom {
-  static constexpr int rows = FP8 ? M3S_BLOCK_SIZE : AU_HALF; /* keys per slot */
+  static constexpr int rows = FP8 ? M3S_BLOCK_SIZE : AU_HALF; /* keys per TMA load */
   static constexpr int boxes = FP8 ? 2 : 4;
   static constexpr int box_elems = FP8 ? 128 : 64;
   static constexpr int box_bytes = rows * 128;
-  static constexpr int ring = FP8 ? 4 : 6;
-  static constexpr int tiles = FP8 ? AU_TOKENS : 0;
+  static constexpr int ring = FP8 ? 4 : 6; /* 16-bit half slots */
+  static constexpr int raw = FP8 ? 2 : 0;  /* fp8 staging slots */
 };
 static_assert(au_geom<true>::boxes * au_geom<true>::box_bytes == AU_SLOT_BYTES &&
                   au_geom<false>::boxes * au_geom<false>::box_bytes == AU_SLOT_BYTES,
               "32 KiB slots");
-
-/* a warp's fp8 tile: 16 keys x (K | V) in 16 bits, its k scales behind */
-#define AU_TILE_STRIDE (AT_TILE_BYTES + 128)
 
 /* One row's selection, at_select's layout. */
 typedef struct {
@@ -140,8 +145,9 @@ struct au_smem {
   typedef au_geom<FP8> G;
   /* first: 1024-byte aligned (the 128-byte swizzle repeats every 1 KiB) */
   unsigned char ring[G::ring][AU_SLOT_BYTES];
-  unsigned char tile[FP8 ? G::tiles : 1][FP8 ? AU_TILE_STRIDE : 16];
-  float scales[FP8 ? G::ring : 1][FP8 ? 2 * M3S_BLOCK_SIZE : 4]; /* per-slot: k, then v */
+  unsigned char raw[FP8 ? G::raw : 1][FP8 ? AU_SLOT_BYTES : 16];
+  float scales[FP8 ? G::raw : 1][FP8 ? 2 * M3S_BLOCK_SIZE : 4]; /* per-slot: k, then v */
+  float hks[FP8 ? G::ring : 1][FP8 ? AU_HALF : 4];             /* a half's per-slot k scales */
   au_row row[AU_TOKENS]; /* each row's sorted selection (at_select) */
   int64_t pos[AU_TOKENS];
   int req[AU_TOKENS];
@@ -152,6 +158,7 @@ struct au_smem {
   uint32_t dslot[AU_DESC]; /* slot (bits 0..7), its fill's phase parity (bit 8) */
   int users[G::ring];      /* rows that still have to read the slot */
   unsigned long long full[G::ring], empty[G::ring];
+  unsigned long long rfull[FP8 ? G::raw : 1]; /* a raw slot's TMA bytes */
   unsigned long long dfull[AU_DESC], dempty[AU_DESC];
 };
 
@@ -183,78 +190,214 @@ static __device__ __forceinline__ int au_visible(int64_t pos, int id) {
   return nk > M3S_BLOCK_SIZE ? M3S_BLOCK_SIZE : (int)nk;
 }
 
-/* One merge step per union key: the smallest head key of the rows' lists,
- * the rows whose head it is (they advance), the most keys any of them sees
- * and the page (the same for all of them: one request, one id). Lane 0
- * issues, per half that any of the rows sees: a slot (in fill order, once
- * the rows of its previous fill are done with it), the copies, then the
- * descriptor. */
-template <bool FP8>
-static __device__ void au_produce(const attn_params &p, const CUtensorMap *kv_map, int g,
-                                  au_smem<FP8> &s, int lane) {
-  typedef au_geom<FP8> G;
-  const bool kps = FP8 && p.sc.k_per_slot, vps = FP8 && p.sc.v_per_slot;
-  const uint32_t tx = AU_SLOT_BYTES + 512u * (kps + vps);
-  const int n = lane < AU_TOKENS ? s.n[lane] : 0;
-  const int64_t pos = lane < AU_TOKENS ? s.pos[lane] : 0;
-  /* a row's keys: (the group's first row of its request) << AU_ID_BITS |
-   * block id, so that rows of one request list a block under the same key */
+/* The group's first row of row lane's request (lanes >= AU_TOKENS: lane):
+ * a row's keys are first << AU_ID_BITS | block id, so that rows of one
+ * request list a block under the same key. */
+template <class S>
+static __device__ __forceinline__ uint32_t au_first(const S &s, int lane) {
   uint32_t first = lane;
   for (int o = 0; o < lane && lane < AU_TOKENS; o++)
     if (s.req[o] == s.req[lane]) {
       first = o;
       break;
     }
+  return first;
+}
+
+/* One union block: the rows that selected it, its id, the most keys any of
+ * them sees, its page. */
+typedef struct {
+  uint32_t rows;
+  int id, nv, page;
+} au_blk;
+
+/* One merge step (every lane): the smallest head key of the rows' lists,
+ * the rows whose head it is (they advance cur), the most keys any of them
+ * sees and the page (the same for all of them: one request, one id); false
+ * when every list is done. */
+template <class S>
+static __device__ __forceinline__ bool au_next(const S &s, int n, int64_t pos, uint32_t first,
+                                               int &cur, au_blk &b, int lane) {
+  const uint32_t head =
+      cur < n ? (first << AU_ID_BITS) | (uint32_t)s.row[lane].id[cur] : 0xffffffffu;
+  const uint32_t key = __reduce_min_sync(0xffffffffu, head);
+  if (key == 0xffffffffu)
+    return false;
+  const bool mine = head == key;
+  b.rows = __ballot_sync(0xffffffffu, mine);
+  b.id = (int)(key & ((1u << AU_ID_BITS) - 1));
+  b.nv = __reduce_max_sync(0xffffffffu, mine ? au_visible(pos, b.id) : 0);
+  b.page = __shfl_sync(0xffffffffu, mine ? (int)s.row[lane].page[cur] : 0, __ffs(b.rows) - 1);
+  cur += mine;
+  return true;
+}
+
+/* Lane 0: descriptor nd (the rows, the half, the block id, the slot and its
+ * fill's phase parity) once the consumers have read its previous use. */
+template <class S>
+static __device__ __forceinline__ void au_publish(S &s, uint32_t nd, uint32_t rows, int h, int id,
+                                                  int slot, uint32_t par) {
+  const int d = (int)(nd % AU_DESC);
+  sm90_bar_wait(&s.dempty[d], ((nd / AU_DESC) & 1) ^ 1);
+  s.dmask[d] = rows | ((uint32_t)h << 8);
+  s.did[d] = id;
+  s.dslot[d] = (uint32_t)slot | (par << 8);
+  sm90_bar_arrive(&s.dfull[d]);
+}
+
+/* Lane 0: the last descriptor. */
+template <class S>
+static __device__ __forceinline__ void au_publish_end(S &s, uint32_t nd) {
+  const int d = (int)(nd % AU_DESC);
+  sm90_bar_wait(&s.dempty[d], ((nd / AU_DESC) & 1) ^ 1);
+  s.dmask[d] = AU_END;
+  sm90_bar_arrive(&s.dfull[d]);
+}
+
+/* 16-bit cache: per union block, lane 0 issues per half that any of its
+ * rows sees a slot (in fill order, once the rows of its previous fill are
+ * done with it), the TMA copies, then the descriptor. */
+static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem<false> &s, int lane) {
+  typedef au_geom<false> G;
+  const int n = lane < AU_TOKENS ? s.n[lane] : 0;
+  const int64_t pos = lane < AU_TOKENS ? s.pos[lane] : 0;
+  const uint32_t first = au_first(s, lane);
   int cur = 0;
   uint32_t nf = 0, nd = 0; /* slots filled, descriptors written */
-  for (;;) {
-    const uint32_t head =
-        cur < n ? (first << AU_ID_BITS) | (uint32_t)s.row[lane].id[cur] : 0xffffffffu;
-    const uint32_t key = __reduce_min_sync(0xffffffffu, head);
-    if (key == 0xffffffffu)
-      break;
-    const bool mine = head == key;
-    const uint32_t rows = __ballot_sync(0xffffffffu, mine);
-    const int id = (int)(key & ((1u << AU_ID_BITS) - 1));
-    const int nv = __reduce_max_sync(0xffffffffu, mine ? au_visible(pos, id) : 0);
-    const int page =
-        __shfl_sync(0xffffffffu, mine ? (int)s.row[lane].page[cur] : 0, __ffs(rows) - 1);
-    cur += mine;
+  au_blk b;
+  while (au_next(s, n, pos, first, cur, b, lane)) {
     if (lane == 0)
-      for (int h = 0; h * G::rows < nv; h++, nf++, nd++) {
-        const int slot = (int)(nf % G::ring), d = (int)(nd % AU_DESC);
+      for (int h = 0; h * G::rows < b.nv; h++, nf++, nd++) {
+        const int slot = (int)(nf % G::ring);
         const uint32_t par = (nf / G::ring) & 1;
         sm90_bar_wait(&s.empty[slot], par ^ 1);
-        s.users[slot] = __popc(rows);
-        sm90_bar_arrive_tx(&s.full[slot], tx);
+        s.users[slot] = __popc(b.rows);
+        sm90_bar_arrive_tx(&s.full[slot], AU_SLOT_BYTES);
 #pragma unroll
         for (int seg = 0; seg < G::boxes; seg++)
           sm90_tma_load_4d(s.ring[slot] + seg * G::box_bytes, kv_map, seg * G::box_elems,
-                           G::rows * h, g, page, &s.full[slot]);
-        /* per-slot scales of the block's 128 keys (contiguous slots: see
-         * m3s_attention_tma_plan) */
-        if constexpr (FP8) {
-          const int64_t slot0 = (int64_t)page * M3S_BLOCK_SIZE;
-          if (kps)
-            sm90_bulk_load(s.scales[slot], p.sc.k + g * p.sc.k_s0 + slot0, 512, &s.full[slot]);
-          if (vps)
-            sm90_bulk_load(s.scales[slot] + M3S_BLOCK_SIZE, p.sc.v + g * p.sc.v_s0 + slot0, 512,
-                           &s.full[slot]);
-        }
-        sm90_bar_wait(&s.dempty[d], ((nd / AU_DESC) & 1) ^ 1);
-        s.dmask[d] = rows | ((uint32_t)h << 8);
-        s.did[d] = id;
-        s.dslot[d] = (uint32_t)slot | (par << 8);
-        sm90_bar_arrive(&s.dfull[d]);
+                           G::rows * h, g, b.page, &s.full[slot]);
+        au_publish(s, nd, b.rows, h, b.id, slot, par);
       }
     __syncwarp();
   }
-  if (lane == 0) {
-    const int d = (int)(nd % AU_DESC);
-    sm90_bar_wait(&s.dempty[d], ((nd / AU_DESC) & 1) ^ 1);
-    s.dmask[d] = AU_END;
-    sm90_bar_arrive(&s.dfull[d]);
+  if (lane == 0)
+    au_publish_end(s, nd);
+}
+
+/* Half h (keys 64 h .. 64 h + 63) of the fp8 block in raw slot `raw`
+ * (scales rsc: k, then v) into the 16-bit half slot dst, as a 16-bit
+ * cache's half lands (unit_chunk<128, 8192>): K exact in q's dtype (every
+ * fp8 value is a bf16 and an f16), its per-slot k scales to ks (attend_unit
+ * multiplies the scores by them); V exact and unscaled (a scalar v scale
+ * multiplies the output) or, with per-slot v scales, times its scale in q's
+ * dtype (RNE), as the generic kernel's dequant_fp8. Keys past every row's
+ * pos are converted too: the consumers mask them in registers (MASK_SV).
+ * The producer warp; a pass: lane l takes chunk l & 7 of key 4 i + l / 8. */
+template <bool F16, int MODE>
+static __device__ __forceinline__ void au_convert_half(const attn_params &p,
+                                                       const unsigned char *raw, const float *rsc,
+                                                       int h, unsigned char *dst, float *ks,
+                                                       int lane) {
+  typedef au_geom<true> R;
+  typedef au_geom<false> H;
+  if (p.sc.k_per_slot)
+    for (int k = lane; k < AU_HALF; k += 32)
+      ks[k] = rsc[AU_HALF * h + k];
+  const bool vps = p.sc.v_per_slot;
+  const int cc = lane & 7;
+#pragma unroll 1
+  for (int part = 0; part < 2; part++)
+#pragma unroll 4
+    for (int i = 0; i < AU_HALF / 4; i++) {
+      const int kr = 4 * i + (lane >> 3), kb = AU_HALF * h + kr;
+      const uint4 w = *(const uint4 *)(raw + part * R::box_bytes + kb * 128 + ((cc ^ (kb & 7)) << 4));
+      uint32_t o[8];
+      if (part == 0 || !vps)
+        fp8_chunk_exact<F16, MODE>(w, o);
+      else
+        fp8_chunk_to16<F16>(w, MODE, rsc[M3S_BLOCK_SIZE + kb], o);
+      const int q = 16 * part + 2 * cc;
+      *(uint4 *)(dst + unit_chunk<128, H::box_bytes>(kr, q)) = make_uint4(o[0], o[1], o[2], o[3]);
+      *(uint4 *)(dst + unit_chunk<128, H::box_bytes>(kr, q + 1)) =
+          make_uint4(o[4], o[5], o[6], o[7]);
+    }
+}
+
+/* fp8 block b, landed (or landing) in raw slot nr % 2 as the nr-th raw load:
+ * per half that any of its rows sees, a half slot (in fill order, once the
+ * rows of its previous fill are done with it), the conversion by the whole
+ * warp, the slot's arrival, the descriptor. Then the raw slot may be
+ * reloaded: the proxy fence orders this warp's reads of it before the
+ * TMA's write. */
+template <bool F16, int MODE>
+static __device__ void au_convert_block(const attn_params &p, au_smem<true> &s, const au_blk &b,
+                                        uint32_t nr, uint32_t &nf, uint32_t &nd, int lane) {
+  typedef au_geom<true> G;
+  const int r = (int)(nr % G::raw);
+  sm90_bar_wait(&s.rfull[r], (nr / G::raw) & 1);
+  for (int h = 0; h * AU_HALF < b.nv; h++, nf++, nd++) {
+    const int slot = (int)(nf % G::ring);
+    const uint32_t par = (nf / G::ring) & 1;
+    sm90_bar_wait(&s.empty[slot], par ^ 1); /* every lane writes the slot */
+    if (lane == 0)
+      s.users[slot] = __popc(b.rows);
+    au_convert_half<F16, MODE>(p, s.raw[r], s.scales[r], h, s.ring[slot], s.hks[slot], lane);
+    __syncwarp(); /* every lane's writes before lane 0's arrive */
+    if (lane == 0) {
+      sm90_bar_arrive(&s.full[slot]);
+      au_publish(s, nd, b.rows, h, b.id, slot, par);
+    }
+    __syncwarp();
   }
+  sm90_fence_proxy_async();
+  __syncwarp();
+}
+
+/* fp8 cache: per union block, lane 0 loads the whole block and its
+ * per-slot scales by TMA into the next raw slot, then the warp converts the
+ * block before (so one load is always in flight behind the conversion) into
+ * half slots (au_convert_block). */
+template <bool F16, int MODE>
+static __device__ void au_produce8(const attn_params &p, const CUtensorMap *kv_map, int g,
+                                   au_smem<true> &s, int lane) {
+  typedef au_geom<true> G;
+  const bool kps = p.sc.k_per_slot, vps = p.sc.v_per_slot;
+  const uint32_t tx = AU_SLOT_BYTES + 512u * (kps + vps);
+  const int n = lane < AU_TOKENS ? s.n[lane] : 0;
+  const int64_t pos = lane < AU_TOKENS ? s.pos[lane] : 0;
+  const uint32_t first = au_first(s, lane);
+  int cur = 0;
+  uint32_t nf = 0, nd = 0, nr = 0; /* half slots filled, descriptors, raw loads */
+  au_blk prev, b;
+  bool more;
+  do {
+    more = au_next(s, n, pos, first, cur, b, lane);
+    if (more && lane == 0) {
+      /* raw slot nr % 2 last held load nr - 2, converted in an earlier step */
+      const int r = (int)(nr % G::raw);
+      sm90_bar_arrive_tx(&s.rfull[r], tx);
+#pragma unroll
+      for (int seg = 0; seg < G::boxes; seg++)
+        sm90_tma_load_4d(s.raw[r] + seg * G::box_bytes, kv_map, seg * G::box_elems, 0, g, b.page,
+                         &s.rfull[r]);
+      /* per-slot scales of the block's 128 keys (contiguous slots: see
+       * m3s_attention_tma_plan) */
+      const int64_t slot0 = (int64_t)b.page * M3S_BLOCK_SIZE;
+      if (kps)
+        sm90_bulk_load(s.scales[r], p.sc.k + g * p.sc.k_s0 + slot0, 512, &s.rfull[r]);
+      if (vps)
+        sm90_bulk_load(s.scales[r] + M3S_BLOCK_SIZE, p.sc.v + g * p.sc.v_s0 + slot0, 512,
+                       &s.rfull[r]);
+    }
+    __syncwarp();
+    if (nr > 0)
+      au_convert_block<F16, MODE>(p, s, prev, nr - 1, nf, nd, lane);
+    prev = b;
+    nr += more;
+  } while (more);
+  if (lane == 0)
+    au_publish_end(s, nd);
 }
 
 /* ---- phase 3: the consumer warps ------------------------------------------- */
@@ -309,47 +452,23 @@ static __device__ __forceinline__ void au_release(S &s, int slot, int lane) {
  * steps took it from 19.9 to 19.1 ms; 64-key steps needed
  * more than the 168 registers that 9 warps leave, and spilled); nv of its
  * keys visible, the rest masked in registers (MASK_SV: the slot is shared
- * with rows that see them). */
+ * with rows that see them). ks: the half's per-slot k scales (an fp8
+ * cache's) or NULL. */
 template <bool F16>
 static __device__ __forceinline__ void au_half16(uint32_t half, const uint32_t (&qa)[8][4], int nv,
-                                                 float sl2, warp_state &ws, int lane) {
+                                                 const float *ks, float sl2, warp_state &ws,
+                                                 int lane) {
   typedef au_geom<false> G;
 #pragma unroll 1
   for (int k0 = 0; k0 < AU_HALF && k0 < nv; k0 += AU_STEP) {
     const uint32_t tile = half + k0 * 128;
+    const float *kss = ks ? ks + k0 : NULL;
     if (nv - k0 >= AU_STEP)
-      attend_unit<F16, 128, G::box_bytes, F16, AU_GROUPS, MASK_NONE>(tile, qa, AU_STEP, NULL, sl2,
+      attend_unit<F16, 128, G::box_bytes, F16, AU_GROUPS, MASK_NONE>(tile, qa, AU_STEP, kss, sl2,
                                                                      ws, lane);
     else
-      attend_unit<F16, 128, G::box_bytes, F16, AU_GROUPS, MASK_SV>(tile, qa, nv - k0, NULL, sl2,
+      attend_unit<F16, 128, G::box_bytes, F16, AU_GROUPS, MASK_SV>(tile, qa, nv - k0, kss, sl2,
                                                                    ws, lane);
-  }
-}
-
-/* An fp8 block, 16 keys at a time: unit u converted into the warp's tile
- * (at_dequant: K exact in the mma dtype; V exact in f16 with VF16, else
- * times its per-slot scale in the mma dtype; V rows past nv zero), the slot
- * released after the last unit's conversion, then attend_unit on the tile.
- * MF16: the mma dtype of S is f16. */
-template <bool MF16, int KVM, bool VF16>
-static __device__ __forceinline__ void au_block8(const attn_params &p, au_smem<true> &s, int slot,
-                                                 int nv, const uint32_t (&qa)[8][4], float sl2,
-                                                 warp_state &ws, int w, int lane) {
-  unsigned char *tile = s.tile[w];
-  const float *kscale = p.sc.k_per_slot ? (const float *)(tile + AT_KSCALE_OFF) : NULL;
-  const int nu = (nv + 15) / 16;
-#pragma unroll 1
-  for (int u = 0; u < nu; u++) {
-    const float *sc = s.scales[slot] + 16 * u;
-    const int nvu = min(16, nv - 16 * u);
-    at_dequant<MF16, au_geom<true>::box_bytes, KVM, VF16>(
-        p, s.ring[slot] + u * AT_UNIT_BYTES, sc, sc + M3S_BLOCK_SIZE, tile, nvu, lane);
-    __syncwarp(); /* the unit is read and the tile written by every lane */
-    if (u == nu - 1)
-      au_release(s, slot, lane);
-    attend_unit<MF16, 128, AT_UNIT_BYTES, VF16 || MF16>(smem_addr(tile), qa, nvu, kscale, sl2,
-                                                          ws, lane);
-    __syncwarp(); /* every lane's ldmatrix of the tile is done */
   }
 }
 
@@ -362,14 +481,10 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
   if (live)
     load_q<F16>(p, t, h0, nh, qa, lane);
   /* scalar fp8 scales: k folds into the score scale, v multiplies the
-   * output (V is converted unscaled); S in f16 for an fp8 cache whose V is
-   * f16 (no per-slot v scales) when q is f16 or its bf16 values all are */
+   * output (V is converted unscaled); per-slot k scales come with the half */
   const float ks = FP8 && p.sc.k && !p.sc.k_per_slot ? p.sc.k[0] : 1.0f;
   const float vs = FP8 && p.sc.v && !p.sc.v_per_slot ? p.sc.v[0] : 1.0f;
   const float sl2 = p.scale_log2 * ks;
-  bool qk16 = F16;
-  if (FP8 && !F16 && live && !p.sc.v_per_slot)
-    qk16 = at_q_to_f16(qa);
   const int64_t pos = s.pos[w];
   warp_state ws;
   warp_state_init(ws);
@@ -400,18 +515,11 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
      * is the descriptor's */
     const int slot = (int)(ds & 0xff);
     sm90_bar_wait(&s.full[slot], (ds >> 8) & 1);
-    const int nv = au_visible(pos, id) - au_geom<FP8>::rows * (int)((dm >> 8) & 1);
-    if constexpr (!FP8) {
-      au_half16<F16>(smem_addr(s.ring[slot]), qa, min(nv, AU_HALF), sl2, ws, lane);
-      __syncwarp(); /* every lane's ldmatrix of the slot is done */
-      au_release(s, slot, lane);
-    } else if (p.sc.v_per_slot) {
-      au_block8<F16, KVM, false>(p, s, slot, nv, qa, sl2, ws, w, lane);
-    } else if (qk16) {
-      au_block8<true, KVM, true>(p, s, slot, nv, qa, sl2, ws, w, lane);
-    } else {
-      au_block8<false, KVM, true>(p, s, slot, nv, qa, sl2, ws, w, lane);
-    }
+    const int nv = au_visible(pos, id) - AU_HALF * (int)((dm >> 8) & 1);
+    au_half16<F16>(smem_addr(s.ring[slot]), qa, min(nv, AU_HALF),
+                   FP8 && p.sc.k_per_slot ? s.hks[slot] : NULL, sl2, ws, lane);
+    __syncwarp(); /* every lane's ldmatrix of the slot is done */
+    au_release(s, slot, lane);
   }
   if (FP8 && vs != 1.0f)
     scale_acc(ws, vs);
@@ -442,14 +550,19 @@ static __global__ void __launch_bounds__(AU_THREADS, 1)
       sm90_bar_init(&s.dfull[i], 1);
       sm90_bar_init(&s.dempty[i], AU_TOKENS);
     }
+    for (int i = 0; i < au_geom<FP8>::raw; i++)
+      sm90_bar_init(&s.rfull[i], 1);
     sm90_fence_barrier_init();
   }
   if (warp < AU_TOKENS)
     au_select(p, t, g, s, warp, lane);
   __syncthreads();
-  if (warp == AU_TOKENS)
-    au_produce<FP8>(p, &kv_map, g, s, lane);
-  else
+  if (warp == AU_TOKENS) {
+    if constexpr (FP8)
+      au_produce8<F16, KVM>(p, &kv_map, g, s, lane);
+    else
+      au_produce(&kv_map, g, s, lane);
+  } else
     au_consume<F16, KVM>(p, s, t, h0, nh, warp, lane);
 }
 
