@@ -1,10 +1,10 @@
-/* Pieces shared by the sm_90a attention kernels (attention_tma.cu,
- * attention_union.cu): a row's selection, read and sorted by one warp; an
- * fp8 unit of 16 keys, as TMA lands it (128-byte
- * swizzle), converted into a warp's own 16-bit tile for attend_unit
- * (../attention.cuh); the bf16 -> f16 Q test that lets S = Q K^T of an fp8
- * cache run in f16; and the host's choice of a kernel instantiation by q's
- * dtype and the cache mode. */
+/* Pieces of the sm_90a attention kernels (attention_tma.cu,
+ * attention_union.cu): a row's selection, read and sorted by one warp (both
+ * kernels); for the persistent kernel, an fp8 unit of 16 keys, as TMA lands
+ * it (128-byte swizzle), converted into a warp's own 16-bit tile for
+ * attend_unit (../attention.cuh), and the bf16 -> f16 Q test that lets
+ * S = Q K^T of an fp8 cache run in f16; and the host's choice of a kernel
+ * instantiation by q's dtype and the cache mode (both). */
 #ifndef M3S_CUDA_SM90_ATTENTION_FP8_CUH
 #define M3S_CUDA_SM90_ATTENTION_FP8_CUH
 
