@@ -21,7 +21,8 @@
  * device buffer catch stray writes.
  *
  * Cases: TP1 q_len 1 at 128 requests of 4K..32K with ragged seq_lens, one
- * 128K request, a skewed batch (one 128K request among 4K ones), q_len 2..8
+ * 128K request, one of 200K (more candidates than the selection caches), a
+ * skewed batch (one 128K request among 4K ones), q_len 2..8
  * at Hkv 1, 2, 4 (every pair-group width of the kernel), e4m3 caches, padded
  * requests, rows with nb <= K next to scored ones, a batch with nothing to
  * score, a max_seq_len bound above the batch, K = 64 and forced-block
@@ -411,6 +412,11 @@ static void test_large(void) {
   static const int32_t one[] = {131072};
   dcase c1 = {"tp1_q1_one_request_128k", m3s_config_minimax_m3(1), 1, 1, one, 0, &g_bf16, 0};
   run_case(&c1);
+  /* more candidates than the CTA-wide selection caches in shared memory
+   * (TC_SEL_CACHE 1024): its ranks and classes read the workspace */
+  static const int32_t one200[] = {200000};
+  dcase c1b = {"tp1_q1_one_request_200k", m3s_config_minimax_m3(1), 1, 1, one200, 0, &g_bf16, 0};
+  run_case(&c1b);
   static const int32_t one77[] = {131072 - 77};
   dcase c2 = {
       "tp8_q1_one_request_128k_minus_77", m3s_config_minimax_m3(8), 1, 1, one77, 0, &g_bf16, 0};
