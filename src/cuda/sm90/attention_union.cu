@@ -83,7 +83,8 @@
  * sub-partition's registers); the 16-bit variants spill 12 bytes (ptxas,
  * sm_90a, since the selection moved to at_select: three local loads per
  * descriptor, outside the mma steps; the measured version had 4 bytes), the
- * fp8 ones 32 bytes since the producer converts (not yet located).
+ * fp8 ones 32 (f16 q) and 48 bytes (bf16 q: two P V dtypes) since the
+ * producer converts (not yet located).
  * Measured (H200, m3s-bench, graph replays, bf16, against the generic
  * kernel; docs/perf-notes.md "Measured: the union kernel"): 8K prompt with
  * independent per-row draws 2.77 ms (4.18), 16K 6.90 (8.73), 32K 16.2
@@ -171,8 +172,9 @@ static constexpr size_t au_smem_bytes() { return sizeof(au_smem<FP8>) + 1024; }
  * and pos. */
 template <class S>
 static __device__ void au_select(const attn_params &p, int64_t t, int g, S &s, int w, int lane) {
-  int ids[2];
-  at_topk_ids(p, t, g, lane, ids);
+  int ids[2] = {-1, -1};
+  if (t < p.b.num_tokens) /* the last group's rows past the batch read nothing */
+    at_topk_ids(p, t, g, lane, ids);
   const m3s_row_info ri = m3s_row_lookup(p.b, t);
   const int n = at_select(p, ri, ids, s.row[w], lane);
   if (lane == 0) {
@@ -289,9 +291,10 @@ static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem<fals
  * (scales rsc: k, then v) into the 16-bit half slot dst, as a 16-bit
  * cache's half lands (unit_chunk<128, 8192>): K exact in q's dtype (every
  * fp8 value is a bf16 and an f16), its per-slot k scales to ks (attend_unit
- * multiplies the scores by them); V exact and unscaled (a scalar v scale
- * multiplies the output) or, with per-slot v scales, times its scale in q's
- * dtype (RNE), as the generic kernel's dequant_fp8. Keys past every row's
+ * multiplies the scores by them); V exact in f16 and unscaled (a scalar v
+ * scale multiplies the output; P V then runs in f16, P keeping 11 bits, as
+ * in the persistent kernel) or, with per-slot v scales, times its scale in
+ * q's dtype (RNE), as the generic kernel's dequant_fp8. Keys past every row's
  * pos are converted too: the consumers mask them in registers (MASK_SV).
  * The producer warp; a pass: lane l takes chunk l & 7 of key 4 i + l / 8. */
 template <bool F16, int MODE>
@@ -313,8 +316,10 @@ static __device__ __forceinline__ void au_convert_half(const attn_params &p,
       const int kr = 4 * i + (lane >> 3), kb = AU_HALF * h + kr;
       const uint4 w = *(const uint4 *)(raw + part * R::box_bytes + kb * 128 + ((cc ^ (kb & 7)) << 4));
       uint32_t o[8];
-      if (part == 0 || !vps)
+      if (part == 0)
         fp8_chunk_exact<F16, MODE>(w, o);
+      else if (!vps)
+        fp8_chunk_exact<true, MODE>(w, o);
       else
         fp8_chunk_to16<F16>(w, MODE, rsc[M3S_BLOCK_SIZE + kb], o);
       const int q = 16 * part + 2 * cc;
@@ -453,8 +458,8 @@ static __device__ __forceinline__ void au_release(S &s, int slot, int lane) {
  * more than the 168 registers that 9 warps leave, and spilled); nv of its
  * keys visible, the rest masked in registers (MASK_SV: the slot is shared
  * with rows that see them). ks: the half's per-slot k scales (an fp8
- * cache's) or NULL. */
-template <bool F16>
+ * cache's) or NULL; F16V: the dtype of V and P (attend_unit). */
+template <bool F16, bool F16V>
 static __device__ __forceinline__ void au_half16(uint32_t half, const uint32_t (&qa)[8][4], int nv,
                                                  const float *ks, float sl2, warp_state &ws,
                                                  int lane) {
@@ -464,11 +469,11 @@ static __device__ __forceinline__ void au_half16(uint32_t half, const uint32_t (
     const uint32_t tile = half + k0 * 128;
     const float *kss = ks ? ks + k0 : NULL;
     if (nv - k0 >= AU_STEP)
-      attend_unit<F16, 128, G::box_bytes, F16, AU_GROUPS, MASK_NONE>(tile, qa, AU_STEP, kss, sl2,
-                                                                     ws, lane);
+      attend_unit<F16, 128, G::box_bytes, F16V, AU_GROUPS, MASK_NONE>(tile, qa, AU_STEP, kss, sl2,
+                                                                      ws, lane);
     else
-      attend_unit<F16, 128, G::box_bytes, F16, AU_GROUPS, MASK_SV>(tile, qa, nv - k0, kss, sl2,
-                                                                   ws, lane);
+      attend_unit<F16, 128, G::box_bytes, F16V, AU_GROUPS, MASK_SV>(tile, qa, nv - k0, kss, sl2,
+                                                                    ws, lane);
   }
 }
 
@@ -516,8 +521,12 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
     const int slot = (int)(ds & 0xff);
     sm90_bar_wait(&s.full[slot], (ds >> 8) & 1);
     const int nv = au_visible(pos, id) - AU_HALF * (int)((dm >> 8) & 1);
-    au_half16<F16>(smem_addr(s.ring[slot]), qa, min(nv, AU_HALF),
-                   FP8 && p.sc.k_per_slot ? s.hks[slot] : NULL, sl2, ws, lane);
+    const uint32_t half = smem_addr(s.ring[slot]);
+    const float *hk = FP8 && p.sc.k_per_slot ? s.hks[slot] : NULL;
+    if (FP8 && !F16 && !p.sc.v_per_slot) /* V in f16 (au_convert_half) */
+      au_half16<false, true>(half, qa, min(nv, AU_HALF), hk, sl2, ws, lane);
+    else
+      au_half16<F16, F16>(half, qa, min(nv, AU_HALF), hk, sl2, ws, lane);
     __syncwarp(); /* every lane's ldmatrix of the slot is done */
     au_release(s, slot, lane);
   }
