@@ -6,7 +6,8 @@
  * for byte and the attention match the fp64 reference (rel L2 < 1e-2). Capture itself fails if the library
  * allocates, synchronises or reads device data on the host. The _pdl cases
  * run the same with programmatic dependent launch of the decode chain
- * (src/cuda/launch.h; on sm_90 only, where it must be on). */
+ * (src/cuda/launch.h; on sm_90 only, where it must be on, and the captured
+ * graph must hold programmatic edges). */
 #include "gpu_util.h"
 #include "cuda/launch.h"
 
@@ -54,13 +55,34 @@ static void refresh_inputs(fixture *f, uint64_t *rng, const int32_t *seqs) {
 
 static int bytes_equal(const void *a, const void *b, size_t n) { return memcmp(a, b, n) == 0; }
 
+/* Edges of the captured graph that are programmatic (a kernel launched with
+ * PDL behind another kernel); -1 when the query fails. */
+static int programmatic_edges(cudaGraph_t graph) {
+  size_t n = 0;
+  if (cudaGraphGetEdges(graph, NULL, NULL, NULL, &n) != cudaSuccess)
+    return -1;
+  cudaGraphNode_t *from = (cudaGraphNode_t *)calloc(n + 1, sizeof *from);
+  cudaGraphNode_t *to = (cudaGraphNode_t *)calloc(n + 1, sizeof *to);
+  cudaGraphEdgeData *ed = (cudaGraphEdgeData *)calloc(n + 1, sizeof *ed);
+  int count = -1;
+  if (from && to && ed && cudaGraphGetEdges(graph, from, to, ed, &n) == cudaSuccess) {
+    count = 0;
+    for (size_t i = 0; i < n; i++)
+      count += ed[i].type == cudaGraphDependencyTypeProgrammatic;
+  }
+  free(from);
+  free(to);
+  free(ed);
+  return count;
+}
+
 static void graph_case(int tp, int q_len, int pdl, const char *name) {
   m3s_cuda_set_pdl(g_gpu, pdl);
   if (pdl) {
     int dev = 0, major = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    CHECK(m3s_cuda_pdl(g_gpu) == (major >= 9), "graph: PDL on exactly on sm_90 and later");
+    CHECK(m3s_cuda_pdl(g_gpu) == (major == 9), "graph: PDL on exactly on sm_90");
   }
   /* capture-time bounds: the largest lengths any replay uses */
   int32_t maxs[6] = {3000, 2049, 129, 4096, 700, 1};
@@ -76,6 +98,7 @@ static void graph_case(int tp, int q_len, int pdl, const char *name) {
   gpu_fx g;
   if (!CHECK(gpu_fx_upload(&g, &f, g_gpu), "graph: upload")) {
     fx_free(&f);
+    m3s_cuda_set_pdl(g_gpu, 0);
     return;
   }
   cudaStream_t stream;
@@ -95,6 +118,8 @@ static void graph_case(int tp, int q_len, int pdl, const char *name) {
   ok = ok && cudaGraphInstantiate(&gexec, graph, 0) == cudaSuccess;
   if (!CHECK(ok, "graph: decode step captured and instantiated"))
     fprintf(stderr, "  status %d: %s\n", st, m3s_last_error());
+  if (ok && m3s_cuda_pdl(g_gpu))
+    CHECK(programmatic_edges(graph) > 0, "graph: the PDL launches left programmatic edges");
   /* replays: lengths grow by one token across block boundaries, padded rows */
   int32_t seqs[4][6] = {{2990, 2048, 128, 4000, 0, 1},
                         {2991, 2049, 129, 4001, 700, 0},

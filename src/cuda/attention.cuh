@@ -41,6 +41,7 @@ typedef struct {
   int hq, hkv, group, topk_k, nchunk, nsplit;
   float scale_log2; /* softmax_scale * log2(e) */
   float *ws_o, *ws_ml;
+  int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
 } attn_params;
 
 /* ---- packing ------------------------------------------------------------ */

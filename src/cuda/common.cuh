@@ -404,7 +404,11 @@ template <typename... P, typename... A>
 static inline m3s_status m3s_launch(int pdl, void (*k)(P...), dim3 grid, dim3 block, size_t smem,
                                     cudaStream_t stream, const char *fn, const char *kernel,
                                     A &&...args) {
-  (void)m3s_launch_ex(pdl, k, grid, block, smem, stream, static_cast<A &&>(args)...);
+  const cudaError_t err = m3s_launch_ex(pdl, k, grid, block, smem, stream, static_cast<A &&>(args)...);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError(); /* reported here; no sticky launch error left behind */
+    return m3s_fail(M3S_ERR_CUDA, fn, "launch of %s failed: %s", kernel, cudaGetErrorString(err));
+  }
   return m3s_cuda_check_launch(fn, kernel);
 }
 

@@ -157,7 +157,7 @@ extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {
 
 extern "C" int m3s_cuda_pdl(const m3s_context *ctx) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
-  return st && st->pdl && st->sm_major >= 9;
+  return st && st->pdl && st->sm_major == 9; /* the sm_90a code has the waits */
 }
 
 extern "C" int m3s_cuda_num_sms(const m3s_context *ctx) {

@@ -20,7 +20,8 @@ extern "C" {
  * the device has it (sm_90); not for concurrent use with calls on the
  * context. A CPU context ignores it. */
 void m3s_cuda_set_pdl(m3s_context *ctx, int on);
-/* Whether the context's launches use PDL (the switch and an sm_90 device). */
+/* Whether the context's launches use PDL (the switch and an sm_90 device:
+ * the sm_90a code has the grid-dependency waits). */
 int m3s_cuda_pdl(const m3s_context *ctx);
 
 #ifdef __cplusplus

@@ -527,6 +527,7 @@ typedef struct {
   int64_t split;  /* U: candidate blocks per item */
   int64_t items;
   int qlen, hkv, pairs, topk, init, local;
+  int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
 } tcd_params;
 
 /* The staged request: its tokens' blocks, its pairs' query norms (upper
@@ -971,7 +972,8 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
   /* PDL (launch.h): everything below may read what earlier kernels wrote;
    * the grid is one resident wave, so the selection may start behind it */
   m3s_pdl_wait();
-  m3s_pdl_trigger();
+  if (p.pdl)
+    m3s_pdl_trigger();
   dec_cursor pf, cs;
   pf.item = blockIdx.x;
   cursor_seek(p, pf);
@@ -1221,6 +1223,7 @@ extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s
   int64_t grid = 1;
   plan_split(batch->num_reqs, max_nb - cfg->init_blocks, (int64_t)per_sm * m3s_cuda_num_sms(ctx),
              e4 ? tcd_fmt<true>::nb : tcd_fmt<false>::nb, &p.split, &p.items, &grid);
-  return m3s_launch(m3s_cuda_pdl(ctx), kern, dim3(m3s_grid_cap(grid, INT32_MAX)), dim3(DEC_THREADS),
-                    smem, stream, fn, "decode_tc_kernel", p);
+  p.pdl = m3s_cuda_pdl(ctx);
+  return m3s_launch(p.pdl, kern, dim3(m3s_grid_cap(grid, INT32_MAX)), dim3(DEC_THREADS), smem,
+                    stream, fn, "decode_tc_kernel", p);
 }

@@ -404,7 +404,8 @@ static __global__ void __launch_bounds__(AT_THREADS, 1)
    * the rest may come from the kernel before. One CTA per SM at most, so
    * the split merge may start behind this grid. */
   m3s_pdl_wait();
-  m3s_pdl_trigger();
+  if (p.pdl)
+    m3s_pdl_trigger();
   __syncthreads();
 
   if (warp == AT_CWARPS)
@@ -544,6 +545,8 @@ m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p
   const unsigned grid = (unsigned)(items < sms ? items : sms);
   if (grid == 0)
     return M3S_OK;
-  at_run_mode<at_kernel>(f16, p, maps, grid, items, stream, m3s_cuda_pdl(ctx));
+  attn_params pp = p;
+  pp.pdl = m3s_cuda_pdl(ctx);
+  at_run_mode<at_kernel>(f16, pp, maps, grid, items, stream, pp.pdl);
   return m3s_cuda_check_launch(fn, "attn_tma_kernel");
 }

@@ -878,6 +878,7 @@ typedef struct {
   int all_scored; /* decode: every row has (S~, E) entries, whatever its request's length */
   int32_t *list;  /* tc_select_reg_kernel's deferred pairs: count, then indices */
   m3s_topk_tc_stats *stats;
+  int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
 } tc_select_args;
 
 /* The rank of (score, id) as one integer, larger = ranks first: ordered
@@ -1838,6 +1839,8 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
     else
       e_max = max(e_max, __float_as_uint(e.y));
   }
+  /* (E >= 2^-118 in every finite entry: nothing rewrote them yet, so their
+   * bits order as the values) */
   n_inf = __reduce_add_sync(TC_FULL, n_inf);
   e_max = __reduce_max_sync(TC_FULL, e_max);
   if (lane == 0) {
@@ -1899,7 +1902,8 @@ static __global__ void __launch_bounds__(TC_WIDE_THREADS, 1)
   /* PDL (launch.h): the (S~, E) entries come from the kernel before; at most
    * one CTA per SM, so the attention may start behind this grid */
   m3s_pdl_wait();
-  m3s_pdl_trigger();
+  if (a.pdl)
+    m3s_pdl_trigger();
   for (int64_t lp = blockIdx.x; lp < a.npairs; lp += gridDim.x) {
     m3s_row_info ri;
     int32_t *out;
@@ -2019,8 +2023,10 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                                    const tc_select_args &se, int rounds, cudaStream_t stream,
                                    const char *fn) {
   if (se.npairs <= (int64_t)m3s_cuda_num_sms(ctx)) {
-    return m3s_launch(m3s_cuda_pdl(ctx), tc_select_wide_kernel, dim3((unsigned)se.npairs),
-                      dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, se);
+    tc_select_args sw = se;
+    sw.pdl = m3s_cuda_pdl(ctx);
+    return m3s_launch(sw.pdl, tc_select_wide_kernel, dim3((unsigned)se.npairs),
+                      dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
   }
   const int64_t sms = m3s_cuda_num_sms(ctx);
   /* candidates per pair at most: the blocks of max_seq_len less the forced;
@@ -2092,6 +2098,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.measure = hooks.measure;
   se.stats = hooks.stats;
   se.all_scored = 0;
+  se.pdl = 0; /* set for the launches that take it (tc_launch_select) */
   se.list = (int32_t *)((unsigned char *)exec->workspace + need - tc_list_bytes(plan.chunk_rows, hkv));
 
   if (batch->uniform_q_len > 0) {
