@@ -180,6 +180,16 @@ def _resolve_dtype(native_name, itemsize, explicit, what):
                                                           C.DTYPE_NAMES[want]))
 
 
+# Descriptors of torch tensors already viewed, by everything they hold
+# (pointer, shape, strides, dtype and the dtype asked for, device): engines
+# pass the same caches, block tables and metadata buffers on every call, and
+# building an m3s_tensor field by field was ~40 us of the ~120 us host time
+# of an eager index top-k on the H200 machine (docs/perf-notes.md, session
+# 12). A hit returns a copy, so callers never share one. Cleared when full.
+_TORCH_VIEWS = {}
+_TORCH_VIEWS_MAX = 1024
+
+
 def view(x, dtype=None, *, name="tensor"):
     """A TensorView of a numpy array or a torch tensor (no copy).
 
@@ -191,6 +201,24 @@ def view(x, dtype=None, *, name="tensor"):
             raise TypeError("%s: view is %s, not %s" % (name, C.DTYPE_NAMES.get(x.c.dtype),
                                                         C.DTYPE_NAMES[dtype_code(dtype)]))
         return x
+    if _is_torch(x):
+        key = (x.data_ptr(), x.shape, x.stride(), x.dtype, dtype, x.get_device())
+        try:
+            c = _TORCH_VIEWS.get(key)
+        except TypeError:  # an unhashable dtype argument: no cache
+            key, c = None, None
+        if c is None:
+            c = _view_new(x, dtype, name).c
+            if key is not None:
+                if len(_TORCH_VIEWS) >= _TORCH_VIEWS_MAX:
+                    _TORCH_VIEWS.clear()
+                _TORCH_VIEWS[key] = c
+        return TensorView(C.m3s_tensor.from_buffer_copy(c), x)
+    return _view_new(x, dtype, name)
+
+
+def _view_new(x, dtype, name):
+    """view() without the cache."""
     if _is_torch(x):
         native = str(x.dtype)[len("torch."):]
         itemsize = x.element_size()

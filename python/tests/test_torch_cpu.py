@@ -42,6 +42,35 @@ def test_view_of_torch_tensors():
     assert m3s.torch_ops.cache_dtype_code("auto") == -1
 
 
+def test_view_cache_of_torch_tensors():
+    """view() keeps the descriptors of tensors it has seen (core._TORCH_VIEWS);
+    a hit must equal a fresh build, follow every field of its key and hand out
+    a copy."""
+    from m3sparse import core
+    t = torch.arange(24, dtype=torch.int32).reshape(4, 6)
+    a, b = m3s.view(t), m3s.view(t)
+    assert bytes(a.c) == bytes(b.c) and a.c is not b.c and b.obj is t
+    b.c.shape[0] = 99                      # a copy: the next view is unaffected
+    assert m3s.view(t).shape == (4, 6)
+    assert bytes(m3s.view(t).c) == bytes(core._view_new(t, None, "t").c)
+    for other in (t[1:], t.t(), t.view(6, 4), t.to(torch.int64), t[:, :3]):
+        v = m3s.view(other)
+        assert bytes(v.c) == bytes(core._view_new(other, None, "o").c)
+        assert (v.shape, v.stride) != (a.shape, a.stride) or v.c.data != a.c.data \
+            or v.dtype != a.dtype
+    u8 = torch.zeros(8, dtype=torch.uint8)
+    assert m3s.view(u8, "e4m3").dtype == m3s.M3S_E4M3
+    assert m3s.view(u8, "e5m2").dtype == m3s.M3S_E5M2   # the asked dtype is part of the key
+    with pytest.raises(TypeError):
+        m3s.view(u8)                       # errors are never cached
+    with pytest.raises(TypeError):
+        m3s.view(u8)
+    core._TORCH_VIEWS.clear()
+    for i in range(core._TORCH_VIEWS_MAX + 5):  # bounded
+        m3s.view(torch.zeros(i + 1))
+    assert len(core._TORCH_VIEWS) <= core._TORCH_VIEWS_MAX
+
+
 def _case(**kw):
     base = dict(hq=16, hkv=2, topk=8, init=0, local=1, seed=31,
                 reqs=[(2, 1500), (2, 0), (2, 700)], uniform=True)
