@@ -54,6 +54,13 @@ SPARSE_BLOCK_SIZE = 128
 _ops = torch.ops.m3sparse
 
 
+# The functions below run no differentiable torch operation (the library
+# writes their outputs), so they take no no_grad context: its enter / exit
+# cost ~4 us of host time per call on this project's CI machine, and an eager
+# prefill top-k of a few thousand tokens is host-bound (docs/perf-notes.md,
+# session 12).
+
+
 def _run(op, impl, *args):
     """``op`` (a ``torch.ops.m3sparse`` operator) while torch.compile traces
     (its schema is what the compiler sees); in eager code ``impl``, the
@@ -124,7 +131,6 @@ class IndexScore:
         return "IndexScore(shape=%s, max_seq_len=%d)" % (tuple(self.shape), self.max_seq_len)
 
 
-@torch.no_grad()
 def minimax_m3_index_score(idx_q, index_kv_cache, block_table, cu_seqlens_q, seq_lens,
                            prefix_lens, max_query_len, max_seq_len, num_kv_heads):
     """Prefill indexer, first half: records the arguments (see ``IndexScore``).
@@ -140,7 +146,6 @@ def minimax_m3_index_score(idx_q, index_kv_cache, block_table, cu_seqlens_q, seq
                       max_query_len, max_seq_len, num_kv_heads)
 
 
-@torch.no_grad()
 def minimax_m3_index_topk(score, cu_seqlens_q, prefix_lens, max_query_len, topk,
                           init_blocks, local_blocks, out=None):
     """Prefill indexer, second half: the top-``topk`` blocks per (token, KV
@@ -161,7 +166,6 @@ def minimax_m3_index_topk(score, cu_seqlens_q, prefix_lens, max_query_len, topk,
     return res
 
 
-@torch.no_grad()
 def minimax_m3_index_decode(idx_q, index_kv_cache, block_table, seq_lens, max_seq_len, topk,
                             init_blocks, local_blocks, num_kv_heads, decode_query_len,
                             max_decode_query_len, out=None, score_out=None):
@@ -206,7 +210,6 @@ def _scale(s):
     return None if s is None else (s.reshape(()) if s.numel() == 1 else s)
 
 
-@torch.no_grad()
 def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens,
                            prefix_lens, max_query_len, num_kv_heads, sm_scale, output,
                            k_scale=None, v_scale=None):
@@ -228,7 +231,6 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
          int(block_table.shape[1]) * SPARSE_BLOCK_SIZE, float(sm_scale))
 
 
-@torch.no_grad()
 def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads,
                                   sm_scale, output, decode_query_len, k_scale=None,
                                   v_scale=None):
