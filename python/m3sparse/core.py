@@ -183,9 +183,10 @@ def _resolve_dtype(native_name, itemsize, explicit, what):
 # Descriptors of torch tensors already viewed, by everything they hold
 # (pointer, shape, strides, dtype and the dtype asked for, device): engines
 # pass the same caches, block tables and metadata buffers on every call, and
-# building an m3s_tensor field by field was ~40 us of the ~120 us host time
-# of an eager index top-k on the H200 machine (docs/perf-notes.md, session
-# 12). A hit returns a copy, so callers never share one. Cleared when full.
+# building an m3s_tensor field by field led a cProfile of the eager index
+# top-k on the H200 machine (six per call, ~6.7 us each under the profiler;
+# docs/perf-notes.md, session 12). A hit returns a copy, so callers never
+# share one. Cleared when full.
 _TORCH_VIEWS = {}
 _TORCH_VIEWS_MAX = 1024
 

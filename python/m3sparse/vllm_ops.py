@@ -56,7 +56,7 @@ _ops = torch.ops.m3sparse
 
 # The functions below run no differentiable torch operation (the library
 # writes their outputs), so they take no no_grad context: its enter / exit
-# cost ~4 us of host time per call on this project's CI machine, and an eager
+# cost ~4 us of host time per call on a 2-core development machine, and an eager
 # prefill top-k of a few thousand tokens is host-bound (docs/perf-notes.md,
 # session 12).
 

@@ -284,6 +284,13 @@ static __device__ __forceinline__ int m3s_keylist_pop(unsigned long long w,
   return c[0] == 0;
 }
 
+/* The fixed tree that ends m3s_dot128_fixed: its eight partial sums into
+ * one. */
+static __device__ __forceinline__ float m3s_fold8(const float (&acc)[8]) {
+  return __fadd_rn(__fadd_rn(__fadd_rn(acc[0], acc[4]), __fadd_rn(acc[1], acc[5])),
+                   __fadd_rn(__fadd_rn(acc[2], acc[6]), __fadd_rn(acc[3], acc[7])));
+}
+
 /* The CPU backend's dot product, bit for bit (see the file comment). */
 static_assert(M3S_HEAD_DIM == 128 && M3S_INDEX_DIM == 128,
               "m3s_dot128_fixed serves attention and index scores alike");
@@ -294,8 +301,7 @@ static __device__ __forceinline__ float m3s_dot128_fixed(const float *a, const f
 #pragma unroll
     for (int l = 0; l < 8; l++)
       acc[l] = __fadd_rn(acc[l], __fmul_rn(a[i + l], b[i + l]));
-  return __fadd_rn(__fadd_rn(__fadd_rn(acc[0], acc[4]), __fadd_rn(acc[1], acc[5])),
-                   __fadd_rn(__fadd_rn(acc[2], acc[6]), __fadd_rn(acc[3], acc[7])));
+  return m3s_fold8(acc);
 }
 
 /* fp8 scale of (head h, slot) or 1 when absent; scalar when per_slot == 0. */

@@ -988,6 +988,35 @@ static __device__ unsigned long long tc_nth_key(const float2 *W, int64_t lo, int
   return w;
 }
 
+/* Eight key values of a reference re-score, exactly: e4m3 (the 8 bytes lo,
+ * hi) through fp16, which holds every e4m3 value; bf16 (a uint4) by shifts. */
+__device__ __forceinline__ void tc_keys8_e4m3(uint32_t lo, uint32_t hi, float (&k)[8]) {
+  const uint32_t u[2] = {lo, hi};
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    __nv_fp8x2_storage_t pr = (__nv_fp8x2_storage_t)(u[e / 2] >> (16 * (e % 2)));
+    float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pr, __NV_E4M3)));
+    k[2 * e] = f.x;
+    k[2 * e + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ void tc_keys8_bf16(uint4 w, float (&k)[8]) {
+  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    k[2 * e] = __uint_as_float(u[e] << 16);
+    k[2 * e + 1] = __uint_as_float(u[e] & 0xffff0000u);
+  }
+}
+
+/* One step of m3s_dot128_fixed: acc[l] += q[l] k[l], no FMA. */
+__device__ __forceinline__ void tc_mac8(float (&acc)[8], const float *q, const float (&k)[8]) {
+#pragma unroll
+  for (int l = 0; l < 8; l++)
+    acc[l] = __fadd_rn(acc[l], __fmul_rn(q[l], k[l]));
+}
+
 /* Reference score of block b for a row at position pos: the max over the
  * visible keys of m3s_dot128_fixed(q, k) (the same fp32 operations in the
  * same order per key, each key streamed 8 elements at a time, 4 keys per lane
@@ -1017,34 +1046,17 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
       float k[8];
       if (a.e4m3) {
         uint2 w = __ldg((const uint2 *)((const uint8_t *)a.ic + o));
-        uint32_t u[2] = {w.x, w.y};
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          __nv_fp8x2_storage_t pr = (__nv_fp8x2_storage_t)(u[e / 2] >> (16 * (e % 2)));
-          float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pr, __NV_E4M3)));
-          k[2 * e] = f.x;
-          k[2 * e + 1] = f.y;
-        }
+        tc_keys8_e4m3(w.x, w.y, k);
       } else {
-        uint4 w = __ldg((const uint4 *)((const uint16_t *)a.ic + o));
-        uint32_t u[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          k[2 * e] = __uint_as_float(u[e] << 16);
-          k[2 * e + 1] = __uint_as_float(u[e] & 0xffff0000u);
-        }
+        tc_keys8_bf16(__ldg((const uint4 *)((const uint16_t *)a.ic + o)), k);
       }
-#pragma unroll
-      for (int l = 0; l < 8; l++)
-        acc[m][l] = __fadd_rn(acc[m][l], __fmul_rn(q[i + l], k[l]));
+      tc_mac8(acc[m], q + i, k);
     }
   }
   float best = NAN;
 #pragma unroll
   for (int m = 0; m < 4; m++) {
-    float d =
-        __fadd_rn(__fadd_rn(__fadd_rn(acc[m][0], acc[m][4]), __fadd_rn(acc[m][1], acc[m][5])),
-                  __fadd_rn(__fadd_rn(acc[m][2], acc[m][6]), __fadd_rn(acc[m][3], acc[m][7])));
+    const float d = m3s_fold8(acc[m]);
     if (b * M3S_BLOCK_SIZE + lane + 32 * m <= pos)
       best = fmaxf(best, d);
   }
@@ -1117,7 +1129,8 @@ typedef struct {
   int nsel; /* forced blocks, at sel[0, nsel) */
   int n_in; /* surely in, at sel[nsel, nsel + n_in) */
   int nq;   /* uncertain; listed in qlist[0, nq) when nq <= 32 */
-  int done; /* sel[] complete (nothing to choose, exact rows, more than 32 uncertain) */
+  int done; /* sel[] complete (nothing to choose, exact rows, more than 32 uncertain);
+             * -1 from tc_wide_classify_rescore: left to tc_select_classify */
 } tc_sel_state;
 
 /* The test hook's counts of one pair (lane 0). */
@@ -1754,8 +1767,8 @@ static __device__ void tc_wide_ranks(const float2 *W, int64_t lo, int64_t hi, tc
 }
 
 /* The reference dot of this lane's key 32 s + lane of block b against q
- * (m3s_dot128_fixed: the same fp32 operations in the same order as
- * tc_exact_block), the warp's maximum over its visible keys, NaN dots ignored
+ * (m3s_dot128_fixed: tc_exact_block's operations, tc_keys8_* and tc_mac8,
+ * in the same order), the warp's maximum over its visible keys, NaN dots ignored
  * unless all are NaN; NaN for a page id out of range. Every lane calls it
  * and gets the result. */
 static __device__ __forceinline__ float tc_exact_slice(const m3s_cuda_batch &bt,
@@ -1787,28 +1800,13 @@ static __device__ __forceinline__ float tc_exact_slice(const m3s_cuda_batch &bt,
     float k[8];
     if (a.e4m3) {
       const uint4 v = w[i >> 1];
-      uint32_t u[2] = {(i & 1) ? v.z : v.x, (i & 1) ? v.w : v.y};
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        __nv_fp8x2_storage_t pr = (__nv_fp8x2_storage_t)(u[e / 2] >> (16 * (e % 2)));
-        float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pr, __NV_E4M3)));
-        k[2 * e] = f.x;
-        k[2 * e + 1] = f.y;
-      }
+      tc_keys8_e4m3((i & 1) ? v.z : v.x, (i & 1) ? v.w : v.y, k);
     } else {
-      uint32_t u[4] = {w[i].x, w[i].y, w[i].z, w[i].w};
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        k[2 * e] = __uint_as_float(u[e] << 16);
-        k[2 * e + 1] = __uint_as_float(u[e] & 0xffff0000u);
-      }
+      tc_keys8_bf16(w[i], k);
     }
-#pragma unroll
-    for (int l = 0; l < 8; l++)
-      acc[l] = __fadd_rn(acc[l], __fmul_rn(q[8 * i + l], k[l]));
+    tc_mac8(acc, q + 8 * i, k);
   }
-  const float d = __fadd_rn(__fadd_rn(__fadd_rn(acc[0], acc[4]), __fadd_rn(acc[1], acc[5])),
-                            __fadd_rn(__fadd_rn(acc[2], acc[6]), __fadd_rn(acc[3], acc[7])));
+  const float d = m3s_fold8(acc);
   float best = b * M3S_BLOCK_SIZE + key <= pos ? d : NAN;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1)
