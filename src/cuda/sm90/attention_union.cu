@@ -14,7 +14,8 @@
  *
  * What the kernel does (one CTA per item (KV head g, head chunk, group of
  * AU_TOKENS rows), head-major so that the CTAs in flight read one KV head's
- * blocks; 8 consumer warps + 1 producer warp; one CTA per SM)
+ * blocks; 8 consumer warps + 1 producer warp, 4 for an fp8 cache; one CTA
+ * per SM)
  *  1. Selections: consumer warp w reads row t0 + w's selection as the
  *     persistent kernel does (at_select, attention_fp8.cuh: what the
  *     generic kernel drops is dropped, the rest ascending by id, so every
@@ -29,8 +30,9 @@
  *     row's pos is not filled): for a 16-bit cache by TMA (128-byte
  *     swizzle, the persistent kernel's 4-D map of the cache), 6 slots; for
  *     fp8 the whole block and its per-slot scales land by TMA in one of two
- *     raw slots, one block ahead, and the warp converts the block once for
- *     the CTA into the half slots (au_convert_half: K exact in q's dtype, V
+ *     raw slots, one block ahead, and the 4 producer warps (each walking
+ *     the same merge) convert the block once for the CTA into the half
+ *     slots, 16 keys of a half each (au_convert_half: K exact in q's dtype, V
  *     exact or times its per-slot scale, the same 128-byte swizzle), 4
  *     slots; and queues a descriptor per slot: the rows that selected the
  *     block (a bit each), its id, the half, the slot. A last descriptor
@@ -61,8 +63,9 @@
  * every warp reads every descriptor, in order) and the slots (full: the
  * producer's arrive + 32 KiB of TMA bytes; empty: one arrive by the last of
  * the slot's rows done with it, counted down in users[slot]; an fp8 half
- * slot's full barrier completes on the producer's arrive after its
- * conversion, a raw slot's, rfull, on its TMA bytes). A warp waits
+ * slot's full barrier completes on the arrives of all 128 converting
+ * threads, each after its own stores; a raw slot's, rfull, on its TMA
+ * bytes, and its rempty on the 128 threads' arrives after their reads). A warp waits
  * only on the slots of its own blocks and never holds a slot it does not
  * read (an earlier version had every warp pass every slot; it measured the
  * same, 36.3 against 36.5 ms at 64K: what limits large unions is the ring's
@@ -93,16 +96,17 @@
  * union is large the ring turns over at the pace of L2 latency plus
  * compute with only 192 KiB resident (hence the 32K rule of
  * m3s_attention_union_pays); ncu: ~2 warps per scheduler, 0.3-0.5 issued
- * per cycle, tensor pipe 26%: latency-bound. The fp8 path is reached only
- * through the union switch; its shared conversion (au_convert_half) has not
- * run on a GPU yet (docs/perf-notes.md, session 12). */
+ * per cycle, tensor pipe 26%: latency-bound. fp8 (8K prompt, e4m3, per-row
+ * draws): with one converting warp 8.07 ms, against 6.59 on the generic
+ * kernel and 2.86 for bf16 (docs/perf-notes.md, session 13); hence 4. The
+ * fp8 path is reached only through the union switch. */
 #include "../attention.cuh"
 #include "attention_fp8.cuh"
 #include "attention_tma.h"
 #include "tma.cuh"
 
 #define AU_TOKENS 8                           /* rows per CTA = consumer warps */
-#define AU_THREADS ((AU_TOKENS + 1) * 32)     /* + one producer warp */
+#define AU_CONV 4                             /* fp8: producer warps that convert */
 #define AU_HALF 64                            /* keys per 16-bit slot */
 #define AU_SLOT_BYTES 32768                   /* half a 16-bit block, a whole fp8 one */
 #define AU_STEP 32                            /* keys per softmax step (16-bit) */
@@ -110,6 +114,12 @@
 #define AU_DESC 32                            /* descriptors in the queue */
 #define AU_ID_BITS 24                         /* block ids: pos < 2^31 */
 #define AU_END 0x200u                         /* descriptor: no more slots */
+
+/* Threads: the consumer warps and one producer warp, or for an fp8 cache
+ * AU_CONV producer warps that convert (one of them also loads). 12 warps
+ * leave 168 registers as 9 do (65536 / 384, rounded down to 8). */
+template <bool FP8>
+static constexpr int au_threads() { return (AU_TOKENS + (FP8 ? AU_CONV : 1)) * 32; }
 
 static_assert(AU_TOKENS <= 8 && (1 << (32 - AU_ID_BITS)) >= AU_TOKENS, "keys fit 32 bits");
 
@@ -159,7 +169,8 @@ struct au_smem {
   uint32_t dslot[AU_DESC]; /* slot (bits 0..7), its fill's phase parity (bit 8) */
   int users[G::ring];      /* rows that still have to read the slot */
   unsigned long long full[G::ring], empty[G::ring];
-  unsigned long long rfull[FP8 ? G::raw : 1]; /* a raw slot's TMA bytes */
+  unsigned long long rfull[FP8 ? G::raw : 1];  /* a raw slot's TMA bytes */
+  unsigned long long rempty[FP8 ? G::raw : 1]; /* every converting thread done with it */
   unsigned long long dfull[AU_DESC], dempty[AU_DESC];
 };
 
@@ -296,23 +307,24 @@ static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem<fals
  * in the persistent kernel) or, with per-slot v scales, times its scale in
  * q's dtype (RNE), as the generic kernel's dequant_fp8. Keys past every row's
  * pos are converted too: the consumers mask them in registers (MASK_SV).
- * The producer warp; a pass: lane l takes chunk l & 7 of key 4 i + l / 8. */
+ * Converting warp cw (of AU_CONV) takes keys 16 cw .. 16 cw + 15 of the
+ * half; a pass: lane l takes chunk l & 7 of key 4 i + l / 8. */
 template <bool F16, int MODE>
 static __device__ __forceinline__ void au_convert_half(const attn_params &p,
                                                        const unsigned char *raw, const float *rsc,
                                                        int h, unsigned char *dst, float *ks,
-                                                       int lane) {
+                                                       int cw, int lane) {
   typedef au_geom<true> R;
   typedef au_geom<false> H;
-  if (p.sc.k_per_slot)
-    for (int k = lane; k < AU_HALF; k += 32)
-      ks[k] = rsc[AU_HALF * h + k];
+  constexpr int keys = AU_HALF / AU_CONV; /* per converting warp */
+  if (p.sc.k_per_slot && lane < keys)
+    ks[keys * cw + lane] = rsc[AU_HALF * h + keys * cw + lane];
   const bool vps = p.sc.v_per_slot;
   const int cc = lane & 7;
 #pragma unroll 1
   for (int part = 0; part < 2; part++)
-#pragma unroll 4
-    for (int i = 0; i < AU_HALF / 4; i++) {
+#pragma unroll
+    for (int i = keys / 4 * cw; i < keys / 4 * (cw + 1); i++) {
       const int kr = 4 * i + (lane >> 3), kb = AU_HALF * h + kr;
       const uint4 w = *(const uint4 *)(raw + part * R::box_bytes + kb * 128 + ((cc ^ (kb & 7)) << 4));
       uint32_t o[8];
@@ -331,41 +343,43 @@ static __device__ __forceinline__ void au_convert_half(const attn_params &p,
 
 /* fp8 block b, landed (or landing) in raw slot nr % 2 as the nr-th raw load:
  * per half that any of its rows sees, a half slot (in fill order, once the
- * rows of its previous fill are done with it), the conversion by the whole
- * warp, the slot's arrival, the descriptor. Then the raw slot may be
- * reloaded: the proxy fence orders this warp's reads of it before the
- * TMA's write. */
+ * rows of its previous fill are done with it), the conversion by the
+ * AU_CONV warps (cw: this one), every converting thread's arrival on the
+ * slot (each arrives for its own writes), and by warp 0 of them the
+ * descriptor. Then every converting thread frees the raw slot for its
+ * reload (rempty): the proxy fence orders its reads before the TMA's
+ * write. */
 template <bool F16, int MODE>
 static __device__ void au_convert_block(const attn_params &p, au_smem<true> &s, const au_blk &b,
-                                        uint32_t nr, uint32_t &nf, uint32_t &nd, int lane) {
+                                        uint32_t nr, uint32_t &nf, uint32_t &nd, int cw,
+                                        int lane) {
   typedef au_geom<true> G;
   const int r = (int)(nr % G::raw);
   sm90_bar_wait(&s.rfull[r], (nr / G::raw) & 1);
   for (int h = 0; h * AU_HALF < b.nv; h++, nf++, nd++) {
     const int slot = (int)(nf % G::ring);
     const uint32_t par = (nf / G::ring) & 1;
-    sm90_bar_wait(&s.empty[slot], par ^ 1); /* every lane writes the slot */
-    if (lane == 0)
+    sm90_bar_wait(&s.empty[slot], par ^ 1);
+    if (cw == 0 && lane == 0)
       s.users[slot] = __popc(b.rows);
-    au_convert_half<F16, MODE>(p, s.raw[r], s.scales[r], h, s.ring[slot], s.hks[slot], lane);
-    __syncwarp(); /* every lane's writes before lane 0's arrive */
-    if (lane == 0) {
-      sm90_bar_arrive(&s.full[slot]);
+    au_convert_half<F16, MODE>(p, s.raw[r], s.scales[r], h, s.ring[slot], s.hks[slot], cw, lane);
+    sm90_bar_arrive(&s.full[slot]);
+    if (cw == 0 && lane == 0)
       au_publish(s, nd, b.rows, h, b.id, slot, par);
-    }
-    __syncwarp();
   }
   sm90_fence_proxy_async();
-  __syncwarp();
+  sm90_bar_arrive(&s.rempty[r]);
 }
 
-/* fp8 cache: per union block, lane 0 loads the whole block and its
- * per-slot scales by TMA into the next raw slot, then the warp converts the
- * block before (so one load is always in flight behind the conversion) into
- * half slots (au_convert_block). */
+/* fp8 cache: every converting warp cw walks the union (the same merge,
+ * from the rows' selections); per union block, lane 0 of warp 0 loads the
+ * whole block and its per-slot scales by TMA into the next raw slot once
+ * every converting thread is done with its previous load, then the warps
+ * convert the block before (so one load is always in flight behind the
+ * conversion) into half slots (au_convert_block). */
 template <bool F16, int MODE>
 static __device__ void au_produce8(const attn_params &p, const CUtensorMap *kv_map, int g,
-                                   au_smem<true> &s, int lane) {
+                                   au_smem<true> &s, int cw, int lane) {
   typedef au_geom<true> G;
   const bool kps = p.sc.k_per_slot, vps = p.sc.v_per_slot;
   const uint32_t tx = AU_SLOT_BYTES + 512u * (kps + vps);
@@ -378,9 +392,10 @@ static __device__ void au_produce8(const attn_params &p, const CUtensorMap *kv_m
   bool more;
   do {
     more = au_next(s, n, pos, first, cur, b, lane);
-    if (more && lane == 0) {
-      /* raw slot nr % 2 last held load nr - 2, converted in an earlier step */
+    if (more && cw == 0 && lane == 0) {
+      /* raw slot nr % 2 last held load nr - 2 */
       const int r = (int)(nr % G::raw);
+      sm90_bar_wait(&s.rempty[r], ((nr / G::raw) & 1) ^ 1);
       sm90_bar_arrive_tx(&s.rfull[r], tx);
 #pragma unroll
       for (int seg = 0; seg < G::boxes; seg++)
@@ -397,11 +412,11 @@ static __device__ void au_produce8(const attn_params &p, const CUtensorMap *kv_m
     }
     __syncwarp();
     if (nr > 0)
-      au_convert_block<F16, MODE>(p, s, prev, nr - 1, nf, nd, lane);
+      au_convert_block<F16, MODE>(p, s, prev, nr - 1, nf, nd, cw, lane);
     prev = b;
     nr += more;
   } while (more);
-  if (lane == 0)
+  if (cw == 0 && lane == 0)
     au_publish_end(s, nd);
 }
 
@@ -537,7 +552,7 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
 }
 
 template <bool F16, int KVM, bool FP8 = KVM != KV_DIRECT>
-static __global__ void __launch_bounds__(AU_THREADS, 1)
+static __global__ void __launch_bounds__(au_threads<FP8>(), 1)
     attn_union_kernel(const attn_params p, const __grid_constant__ CUtensorMap kv_map,
                       int64_t groups) {
   extern __shared__ unsigned char au_raw[];
@@ -551,24 +566,27 @@ static __global__ void __launch_bounds__(AU_THREADS, 1)
   const int nh = min(HEADS_PER_CTA, p.group - chunk * HEADS_PER_CTA);
   const int64_t t = grp * AU_TOKENS + warp;
   if (threadIdx.x == 0) {
+    /* an fp8 half slot: every converting thread arrives for its writes */
     for (int i = 0; i < au_geom<FP8>::ring; i++) {
-      sm90_bar_init(&s.full[i], 1);
+      sm90_bar_init(&s.full[i], FP8 ? AU_CONV * 32 : 1);
       sm90_bar_init(&s.empty[i], 1);
     }
     for (int i = 0; i < AU_DESC; i++) {
       sm90_bar_init(&s.dfull[i], 1);
       sm90_bar_init(&s.dempty[i], AU_TOKENS);
     }
-    for (int i = 0; i < au_geom<FP8>::raw; i++)
+    for (int i = 0; i < au_geom<FP8>::raw; i++) {
       sm90_bar_init(&s.rfull[i], 1);
+      sm90_bar_init(&s.rempty[i], AU_CONV * 32);
+    }
     sm90_fence_barrier_init();
   }
   if (warp < AU_TOKENS)
     au_select(p, t, g, s, warp, lane);
   __syncthreads();
-  if (warp == AU_TOKENS) {
+  if (warp >= AU_TOKENS) {
     if constexpr (FP8)
-      au_produce8<F16, KVM>(p, &kv_map, g, s, lane);
+      au_produce8<F16, KVM>(p, &kv_map, g, s, warp - AU_TOKENS, lane);
     else
       au_produce(&kv_map, g, s, lane);
   } else
@@ -587,7 +605,8 @@ struct au_kernel {
   }
   static void run(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
                   int64_t groups, cudaStream_t stream) {
-    attn_union_kernel<F16, KVM><<<grid, AU_THREADS, au_smem_bytes<KVM != KV_DIRECT>(), stream>>>(
+    attn_union_kernel<F16, KVM>
+        <<<grid, au_threads<KVM != KV_DIRECT>(), au_smem_bytes<KVM != KV_DIRECT>(), stream>>>(
         p, maps.kv, groups);
   }
 };
