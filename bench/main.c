@@ -105,8 +105,9 @@ static void usage(FILE *f) {
 "                    and work for >= half the SMs), generic (the cp.async kernel\n"
 "                    always) or union (the union kernel for every batch it can\n"
 "                    run, fp8 caches included)\n"
-"  --pdl             programmatic dependent launch of the decode chain (sm_90;\n"
-"                    score, selection, attention and merge kernels)\n"
+"  --pdl MODE        programmatic dependent launch of the decode chain (sm_90;\n"
+"                    score, selection, attention and merge kernels): default\n"
+"                    (batches of one request), on or off             [default]\n"
 "  --budget SEC      stop starting cases after SEC seconds                   [420]\n"
 "  --case-budget SEC fewer reps/sets when a case would take longer          [20]\n"
 "  --mem-gb G        cap of the cache pool (default: free memory less buffers)\n"
@@ -147,7 +148,7 @@ static int parse_args(int argc, char **argv, options *o) {
       {"csv", required_argument, 0, O_CSV},     {"help", no_argument, 0, 'h'},
       {"batch-invariant", no_argument, 0, O_BINV}, {"skew", required_argument, 0, O_SKEW},
       {"topk-path", required_argument, 0, O_TOPKPATH},
-      {"attn-path", required_argument, 0, O_ATTNPATH}, {"pdl", no_argument, 0, O_PDL},
+      {"attn-path", required_argument, 0, O_ATTNPATH}, {"pdl", required_argument, 0, O_PDL},
       {0, 0, 0, 0}};
   memset(o, 0, sizeof *o);
   o->tps[0] = 1, o->tps[1] = 8, o->ntp = 2;
@@ -160,6 +161,7 @@ static int parse_args(int argc, char **argv, options *o) {
   o->idxs[0] = M3S_BF16, o->nidx = 1;
   o->skew = 1;
   o->reps = 50, o->warmup = 1, o->max_sets = 64, o->gemm_n = 8192;
+  o->pdl = -1;
   o->budget_s = 420, o->case_budget_s = 20;
   int c;
   int64_t v;
@@ -251,7 +253,15 @@ static int parse_args(int argc, char **argv, options *o) {
     }
     case O_NOCEIL: o->no_ceilings = 1; break;
     case O_BINV: o->batch_invariant = 1; break;
-    case O_PDL: o->pdl = 1; break;
+    case O_PDL:
+      if (strcmp(optarg, "default") == 0 || strcmp(optarg, "on") == 0 ||
+          strcmp(optarg, "off") == 0)
+        o->pdl = optarg[0] == 'd' ? -1 : optarg[1] == 'n';
+      else {
+        fprintf(stderr, "m3s-bench: --pdl must be default, on or off\n");
+        return 0;
+      }
+      break;
     case O_TOPKPATH:
       if (strcmp(optarg, "default") == 0)
         o->topk_path = 0;
@@ -405,12 +415,13 @@ int main(int argc, char **argv) {
     m3s_attention_set_union_any(B.ctx, 1);
     printf("m3s-bench: attention on the union kernel wherever it can run\n");
   }
-  if (o->pdl) {
-    /* the launch switch of src/cuda/launch.h (per context) */
-    m3s_cuda_set_pdl(B.ctx, 1);
+  /* the launch switch of src/cuda/launch.h (per context) */
+  m3s_cuda_set_pdl(B.ctx, o->pdl);
+  if (o->pdl > 0)
     printf("m3s-bench: programmatic dependent launch %s\n",
-           m3s_cuda_pdl(B.ctx) ? "on" : "requested, not available (needs sm_90)");
-  }
+           m3s_cuda_pdl(B.ctx, 1) ? "on" : "requested, not available (needs sm_90)");
+  else if (o->pdl == 0)
+    printf("m3s-bench: programmatic dependent launch off\n");
   if (cudaMalloc(&B.tc_stats, sizeof(m3s_topk_tc_stats)) != cudaSuccess) {
     cudaGetLastError();
     B.tc_stats = NULL; /* no re-scored counts, the timings still run */

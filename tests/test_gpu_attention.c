@@ -549,6 +549,18 @@ static void test_long_decode(void) {
   fx_spec s = spec_of(m3s_config_minimax_m3(8), 3, ql, sl);
   s.uniform = 1;
   run_case("decode_128k_tp8_bf16", s, NULL);
+  /* one request: the default launches the chain (TMA kernel, split merge)
+   * with programmatic dependent launch on sm_90 (src/cuda/launch.h) */
+  static const int32_t ql1[] = {1};
+  static const int32_t sl1[] = {131072 - 5};
+  fx_spec s1 = spec_of(m3s_config_minimax_m3(1), 1, ql1, sl1);
+  s1.uniform = 1;
+  run_case("decode_128k_one_request_tp1_bf16", s1, NULL);
+  fx_spec s8 = spec_of(m3s_config_minimax_m3(8), 1, ql1, sl1);
+  s8.uniform = 1;
+  s8.kv_dtype = M3S_E4M3;
+  s8.scale_mode = 1;
+  run_case("decode_128k_one_request_tp8_e4m3", s8, NULL);
   static const int32_t ql4[] = {4};
   static const int32_t sl4[] = {131072};
   fx_spec s4 = spec_of(m3s_config_minimax_m3(4), 1, ql4, sl4);

@@ -77,13 +77,9 @@ static int programmatic_edges(cudaGraph_t graph) {
 }
 
 static void graph_case(int tp, int q_len, int pdl, const char *name) {
-  m3s_cuda_set_pdl(g_gpu, pdl);
-  if (pdl) {
-    int dev = 0, major = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    CHECK(m3s_cuda_pdl(g_gpu) == (major == 9), "graph: PDL on exactly on sm_90");
-  }
+  m3s_cuda_set_pdl(g_gpu, pdl); /* forced on or off: six requests */
+  if (pdl)
+    CHECK(m3s_cuda_pdl(g_gpu, 6) == (gpu_sm_major() == 9), "graph: PDL on exactly on sm_90");
   /* capture-time bounds: the largest lengths any replay uses */
   int32_t maxs[6] = {3000, 2049, 129, 4096, 700, 1};
   int32_t ql[6];
@@ -98,7 +94,7 @@ static void graph_case(int tp, int q_len, int pdl, const char *name) {
   gpu_fx g;
   if (!CHECK(gpu_fx_upload(&g, &f, g_gpu), "graph: upload")) {
     fx_free(&f);
-    m3s_cuda_set_pdl(g_gpu, 0);
+    m3s_cuda_set_pdl(g_gpu, -1);
     return;
   }
   cudaStream_t stream;
@@ -118,7 +114,7 @@ static void graph_case(int tp, int q_len, int pdl, const char *name) {
   ok = ok && cudaGraphInstantiate(&gexec, graph, 0) == cudaSuccess;
   if (!CHECK(ok, "graph: decode step captured and instantiated"))
     fprintf(stderr, "  status %d: %s\n", st, m3s_last_error());
-  if (ok && m3s_cuda_pdl(g_gpu))
+  if (ok && m3s_cuda_pdl(g_gpu, 6))
     CHECK(programmatic_edges(graph) > 0, "graph: the PDL launches left programmatic edges");
   /* replays: lengths grow by one token across block boundaries, padded rows */
   int32_t seqs[4][6] = {{2990, 2048, 128, 4000, 0, 1},
@@ -167,7 +163,7 @@ static void graph_case(int tp, int q_len, int pdl, const char *name) {
   free(et);
   gpu_fx_free(&g);
   fx_free(&f);
-  m3s_cuda_set_pdl(g_gpu, 0);
+  m3s_cuda_set_pdl(g_gpu, -1);
 }
 
 int main(void) {
@@ -176,6 +172,10 @@ int main(void) {
     return gpu_skip("test_gpu_graph", "no CUDA device");
   if (m3s_context_create(-1, &g_cpu) != M3S_OK)
     return 1;
+  /* the default rule (launch.h): PDL up to M3S_PDL_AUTO_REQS requests, on sm_90 only */
+  CHECK(m3s_cuda_pdl(g_gpu, M3S_PDL_AUTO_REQS) == (gpu_sm_major() == 9) &&
+            !m3s_cuda_pdl(g_gpu, M3S_PDL_AUTO_REQS + 1),
+        "graph: the default PDL rule");
   graph_case(2, 1, 0, "graph_decode_tp2_qlen1");
   graph_case(8, 4, 0, "graph_spec_decode_tp8_qlen4");
   graph_case(1, 1, 0, "graph_decode_tp1_qlen1");

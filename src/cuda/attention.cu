@@ -615,7 +615,7 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
     m3s_status st = m3s_attention_tma_launch(ctx, p, maps, q->dtype == M3S_F16, stream, fn);
     if (st != M3S_OK || nsplit == 1)
       return st;
-    return m3s_cuda_attention_merge(p, m3s_cuda_pdl(ctx), stream, fn);
+    return m3s_cuda_attention_merge(p, m3s_cuda_pdl(ctx, p.b.num_reqs), stream, fn);
   }
   int64_t ctas = T * p.hkv * p.nchunk;
   if (ctas > 0x7fffffff)

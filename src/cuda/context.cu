@@ -22,7 +22,7 @@ typedef struct {
   m3s_topk_tc_hooks topk_hooks; /* test switches of the certified top-k */
   int attn_generic;              /* test switch: attention on the generic kernel */
   int attn_union_any;            /* test switch: the union kernel without its size rule */
-  int pdl;                       /* test switch: programmatic dependent launch (launch.h) */
+  int pdl;                       /* programmatic dependent launch: < 0 default, 0 off, > 0 on (launch.h) */
 } cuda_state;
 
 /* Kernel attributes belong to the device that is current when they are set:
@@ -99,6 +99,7 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   st->sm_minor = prop.minor;
   st->num_sms = prop.multiProcessorCount;
   st->tmap_encode = tmap_encoder();
+  st->pdl = -1; /* the default rule (launch.h) */
   ctx->backend_state = st;
   m3s_log(ctx, 2, "CUDA context on device %d (%s, sm_%d%d, %d SMs)", ctx->device, prop.name,
           prop.major, prop.minor, prop.multiProcessorCount);
@@ -152,12 +153,14 @@ extern "C" int m3s_cuda_attention_union_any(const m3s_context *ctx) {
 extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {
   cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
   if (st)
-    st->pdl = on != 0;
+    st->pdl = on < 0 ? -1 : on != 0;
 }
 
-extern "C" int m3s_cuda_pdl(const m3s_context *ctx) {
+extern "C" int m3s_cuda_pdl(const m3s_context *ctx, int64_t num_reqs) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
-  return st && st->pdl && st->sm_major == 9; /* the sm_90a code has the waits */
+  if (!st || st->sm_major != 9) /* the sm_90a code has the waits */
+    return 0;
+  return st->pdl < 0 ? num_reqs <= M3S_PDL_AUTO_REQS : st->pdl;
 }
 
 extern "C" int m3s_cuda_num_sms(const m3s_context *ctx) {

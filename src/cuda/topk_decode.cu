@@ -1223,7 +1223,7 @@ extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s
   int64_t grid = 1;
   plan_split(batch->num_reqs, max_nb - cfg->init_blocks, (int64_t)per_sm * m3s_cuda_num_sms(ctx),
              e4 ? tcd_fmt<true>::nb : tcd_fmt<false>::nb, &p.split, &p.items, &grid);
-  p.pdl = m3s_cuda_pdl(ctx);
+  p.pdl = m3s_cuda_pdl(ctx, batch->num_reqs);
   return m3s_launch(p.pdl, kern, dim3(m3s_grid_cap(grid, INT32_MAX)), dim3(DEC_THREADS), smem,
                     stream, fn, "decode_tc_kernel", p);
 }

@@ -546,7 +546,7 @@ m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p
   if (grid == 0)
     return M3S_OK;
   attn_params pp = p;
-  pp.pdl = m3s_cuda_pdl(ctx);
+  pp.pdl = m3s_cuda_pdl(ctx, p.b.num_reqs);
   at_run_mode<at_kernel>(f16, pp, maps, grid, items, stream, pp.pdl);
   return m3s_cuda_check_launch(fn, "attn_tma_kernel");
 }

@@ -2022,7 +2022,7 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                                    const char *fn) {
   if (se.npairs <= (int64_t)m3s_cuda_num_sms(ctx)) {
     tc_select_args sw = se;
-    sw.pdl = m3s_cuda_pdl(ctx);
+    sw.pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
     return m3s_launch(sw.pdl, tc_select_wide_kernel, dim3((unsigned)se.npairs),
                       dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
   }
