@@ -1699,6 +1699,18 @@ static __device__ __forceinline__ uint32_t tc_centre_ord(float2 e) {
   return tc_whole_line(e) ? 0u : tc_ord(e.x);
 }
 
+/* Counts digit d in histogram h where `on`, one shared atomic per distinct
+ * digit of the warp: the lanes that hold the same digit add through their
+ * first lane. Block maxima of one pair mostly share their exponent, so in
+ * the first radix pass every lane's digit is the same, and per-lane atomics
+ * on one word are serialised (1023 of them per rank at a 128K context).
+ * Every lane of the warp calls it. */
+static __device__ __forceinline__ void tc_hist_add(uint32_t *h, bool on, uint32_t d, int lane) {
+  const unsigned peers = __match_any_sync(TC_FULL, on ? d : 256u);
+  if (on && lane == __ffs(peers) - 1)
+    atomicAdd(&h[d], (uint32_t)__popc(peers));
+}
+
 /* The CTA's radix select: the left[r]-th largest tc_centre_ord over the
  * candidates W[lo, hi) for both ranks r at once, four 8-bit digits from the
  * top, into pre[r]; 0 where left[r] == 0 (not wanted) or the rank falls on a
@@ -1717,12 +1729,13 @@ static __device__ void tc_wide_ranks(const float2 *W, int64_t lo, int64_t hi, tc
                       * pair), pre / left of the last pass visible */
     const uint32_t p0 = sm.pre[0], p1 = sm.pre[1];
     const int a0 = sm.left[0] != 0, a1 = sm.left[1] != 0;
-    for (int64_t b = lo + tid; b < hi; b += TC_WIDE_THREADS) {
-      const uint32_t k = tc_centre_ord(W[b]), d = (k >> shift) & 255u;
-      if (a0 && (k & top) == p0)
-        atomicAdd(&hist[0][d], 1u);
-      if (a1 && (k & top) == p1)
-        atomicAdd(&hist[1][d], 1u);
+    /* whole warps in every step (tc_hist_add) */
+    for (int64_t b0 = lo; b0 < hi; b0 += TC_WIDE_THREADS) {
+      const int64_t b = b0 + tid;
+      const bool in = b < hi;
+      const uint32_t k = in ? tc_centre_ord(W[b]) : 0u, d = (k >> shift) & 255u;
+      tc_hist_add(hist[0], in && a0 && (k & top) == p0, d, lane);
+      tc_hist_add(hist[1], in && a1 && (k & top) == p1, d, lane);
     }
     __syncthreads(); /* the histograms are complete */
     if (warp < 2 && sm.left[warp] != 0) {
