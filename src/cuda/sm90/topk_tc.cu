@@ -96,7 +96,7 @@
 #define TC_SMEM_BYTES (3 * TC_TILE_BYTES) /* query tile + two key buffers */
 #define TC_SEL_WARPS 4
 #define TC_SEL_CACHE 1024 /* candidate entries a selection warp copies into shared memory */
-#define TC_SEL_CTAS_PER_SM 4 /* resident per-pair selection CTAs per SM (128 registers) */
+#define TC_SEL_CTAS_PER_SM 4 /* resident per-pair selection CTAs per SM (launch bounds: 128 registers) */
 #define TC_REG_CTAS_PER_SM 8 /* the same for tc_select_reg_kernel (64 registers) */
 #define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
 /* Decode batches with fewer (token, KV head) pairs than this keep the exact
@@ -1017,52 +1017,66 @@ __device__ __forceinline__ void tc_mac8(float (&acc)[8], const float *q, const f
     acc[l] = __fadd_rn(acc[l], __fmul_rn(q[l], k[l]));
 }
 
-/* Reference score of block b for a row at position pos: the max over the
- * visible keys of m3s_dot128_fixed(q, k) (the same fp32 operations in the
- * same order per key, each key streamed 8 elements at a time, 4 keys per lane
- * interleaved), NaN dots ignored unless
- * all are NaN; NaN for a page id out of range. Every lane calls it and gets
- * the result. */
-__device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const tc_select_args &a,
-                                                int r, int64_t b, int64_t pos, const float *q) {
-  const int lane = threadIdx.x & 31;
-  int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
-  if (page < 0)
-    return NAN;
-  /* this lane's keys lane + 32 m, m = 0..3, as four independent sums (all
-   * slots of a valid page are in bounds; invisible ones are dropped below) */
-  const int64_t off = (page * M3S_BLOCK_SIZE + lane) * M3S_INDEX_DIM;
-  float acc[4][8];
+/* The reference dot m3s_dot128_fixed(q, k) of this lane's key 32 s + lane
+ * of block b, whose keys are index-cache page `page` (a valid id): each key
+ * 8 elements at a time (tc_keys8_*, tc_mac8, m3s_fold8), the whole key row
+ * loaded first (16 bf16 or 8 e4m3 loads of 16 bytes in flight per lane);
+ * the warp's maximum over its visible keys (key <= pos), NaN dots ignored
+ * unless all are NaN. Every lane calls it and gets the result. */
+static __device__ __forceinline__ float tc_exact_keys(const tc_select_args &a, int64_t page,
+                                                      int64_t b, int s, int64_t pos,
+                                                      const float *q) {
+  const int lane = threadIdx.x & 31, key = 32 * s + lane;
+  const int64_t off = (page * M3S_BLOCK_SIZE + key) * M3S_INDEX_DIM;
+  uint4 w[16];
+  if (a.e4m3) {
 #pragma unroll
-  for (int m = 0; m < 4; m++)
+    for (int i = 0; i < 8; i++)
+      w[i] = __ldg((const uint4 *)((const uint8_t *)a.ic + off) + i);
+  } else {
 #pragma unroll
-    for (int l = 0; l < 8; l++)
-      acc[m][l] = 0.0f;
-#pragma unroll 2
-  for (int i = 0; i < M3S_INDEX_DIM; i += 8) {
+    for (int i = 0; i < 16; i++)
+      w[i] = __ldg((const uint4 *)((const uint16_t *)a.ic + off) + i);
+  }
+  float acc[8];
 #pragma unroll
-    for (int m = 0; m < 4; m++) {
-      const int64_t o = off + (int64_t)m * 32 * M3S_INDEX_DIM + i;
-      float k[8];
-      if (a.e4m3) {
-        uint2 w = __ldg((const uint2 *)((const uint8_t *)a.ic + o));
-        tc_keys8_e4m3(w.x, w.y, k);
-      } else {
-        tc_keys8_bf16(__ldg((const uint4 *)((const uint16_t *)a.ic + o)), k);
-      }
-      tc_mac8(acc[m], q + i, k);
+  for (int l = 0; l < 8; l++)
+    acc[l] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < M3S_INDEX_DIM / 8; i++) {
+    float k[8];
+    if (a.e4m3) {
+      const uint4 v = w[i >> 1];
+      tc_keys8_e4m3((i & 1) ? v.z : v.x, (i & 1) ? v.w : v.y, k);
+    } else {
+      tc_keys8_bf16(w[i], k);
     }
+    tc_mac8(acc, q + 8 * i, k);
   }
-  float best = NAN;
-#pragma unroll
-  for (int m = 0; m < 4; m++) {
-    const float d = m3s_fold8(acc[m]);
-    if (b * M3S_BLOCK_SIZE + lane + 32 * m <= pos)
-      best = fmaxf(best, d);
-  }
+  const float d = m3s_fold8(acc);
+  float best = b * M3S_BLOCK_SIZE + key <= pos ? d : NAN;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1)
     best = fmaxf(best, __shfl_xor_sync(TC_FULL, best, o));
+  return best;
+}
+
+/* Reference score of block b for a row at position pos: the max over the
+ * visible keys of m3s_dot128_fixed(q, k), NaN dots ignored unless all are
+ * NaN; NaN for a page id out of range. A quarter of the keys at a time, one
+ * key per lane (tc_exact_keys): four memory round trips per block, where
+ * four keys per lane streamed 8 loads at a time took eight. The maximum of
+ * the quarters' maxima is that of all keys (no dot is -0: the sums start at
+ * +0). Every lane calls it and gets the result. */
+__device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const tc_select_args &a,
+                                                int r, int64_t b, int64_t pos, const float *q) {
+  const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+  if (page < 0)
+    return NAN;
+  float best = NAN;
+#pragma unroll 1
+  for (int s = 0; s < M3S_BLOCK_SIZE / 32; s++)
+    best = fmaxf(best, tc_exact_keys(a, page, b, s, pos, q));
   return best;
 }
 
@@ -1393,7 +1407,7 @@ static __device__ __forceinline__ void tc_select_one(const m3s_cuda_batch &bt,
 }
 
 /* One pair per warp, TC_SEL_WARPS pairs per CTA (batches with many pairs). */
-static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
+static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
     tc_select_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ tc_warp_shared sh[TC_SEL_WARPS];
   __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
@@ -1626,7 +1640,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
  * each re-scored in the register path, or by tc_select_one (more than 32
  * uncertain blocks, short requests scored exactly, the measure hook). */
 template <int R>
-static __global__ void __launch_bounds__(TC_SEL_WARPS * 32)
+static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
     tc_select_deferred_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ tc_warp_shared sh[TC_SEL_WARPS];
   __shared__ unsigned char chsh[TC_SEL_WARPS][32 * R];
@@ -1780,51 +1794,13 @@ static __device__ void tc_wide_ranks(const float2 *W, int64_t lo, int64_t hi, tc
 }
 
 /* The reference dot of this lane's key 32 s + lane of block b against q
- * (m3s_dot128_fixed: tc_exact_block's operations, tc_keys8_* and tc_mac8,
- * in the same order), the warp's maximum over its visible keys, NaN dots ignored
- * unless all are NaN; NaN for a page id out of range. Every lane calls it
- * and gets the result. */
+ * (tc_exact_keys), the warp's maximum over its visible keys; NaN for a page
+ * id out of range. Every lane calls it and gets the result. */
 static __device__ __forceinline__ float tc_exact_slice(const m3s_cuda_batch &bt,
                                                        const tc_select_args &a, int r, int64_t b,
                                                        int s, int64_t pos, const float *q) {
-  const int lane = threadIdx.x & 31, key = 32 * s + lane;
-  int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
-  if (page < 0)
-    return NAN;
-  const int64_t off = (page * M3S_BLOCK_SIZE + key) * M3S_INDEX_DIM;
-  /* the whole key row in flight at once: 16 (bf16) or 8 (e4m3) 16-byte
-   * loads */
-  uint4 w[16];
-  if (a.e4m3) {
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-      w[i] = __ldg((const uint4 *)((const uint8_t *)a.ic + off) + i);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 16; i++)
-      w[i] = __ldg((const uint4 *)((const uint16_t *)a.ic + off) + i);
-  }
-  float acc[8];
-#pragma unroll
-  for (int l = 0; l < 8; l++)
-    acc[l] = 0.0f;
-#pragma unroll
-  for (int i = 0; i < M3S_INDEX_DIM / 8; i++) {
-    float k[8];
-    if (a.e4m3) {
-      const uint4 v = w[i >> 1];
-      tc_keys8_e4m3((i & 1) ? v.z : v.x, (i & 1) ? v.w : v.y, k);
-    } else {
-      tc_keys8_bf16(w[i], k);
-    }
-    tc_mac8(acc, q + 8 * i, k);
-  }
-  const float d = m3s_fold8(acc);
-  float best = b * M3S_BLOCK_SIZE + key <= pos ? d : NAN;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1)
-    best = fmaxf(best, __shfl_xor_sync(TC_FULL, best, o));
-  return best;
+  const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+  return page < 0 ? NAN : tc_exact_keys(a, page, b, s, pos, q);
 }
 
 /* Phases 1 and 2 of a pair with nb > K and a finite selection to make
