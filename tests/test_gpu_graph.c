@@ -6,8 +6,9 @@
  * for byte and the attention match the fp64 reference (rel L2 < 1e-2). Capture itself fails if the library
  * allocates, synchronises or reads device data on the host. The _pdl cases
  * run the same with programmatic dependent launch of the decode chain
- * (src/cuda/launch.h; on sm_90 only, where it must be on, and the captured
- * graph must hold programmatic edges). */
+ * forced on (src/cuda/launch.h; on sm_90 only, where it must be on, and the
+ * captured graph must hold programmatic edges), the _default cases one
+ * request under the default rule (PDL on sm_90). */
 #include "gpu_util.h"
 #include "cuda/launch.h"
 
@@ -76,10 +77,14 @@ static int programmatic_edges(cudaGraph_t graph) {
   return count;
 }
 
-static void graph_case(int tp, int q_len, int pdl, const char *name) {
-  m3s_cuda_set_pdl(g_gpu, pdl); /* forced on or off: six requests */
-  if (pdl)
-    CHECK(m3s_cuda_pdl(g_gpu, 6) == (gpu_sm_major() == 9), "graph: PDL on exactly on sm_90");
+/* pdl: 1 forced on, 0 forced off, -1 the default rule (launch.h). nreq: 6
+ * requests of mixed lengths, or 1 of 40000 tokens (several splits). */
+static void graph_case(int tp, int q_len, int pdl, int nreq, const char *name) {
+  m3s_cuda_set_pdl(g_gpu, pdl);
+  const int sm90 = gpu_sm_major() == 9, pdl_on = m3s_cuda_pdl(g_gpu, nreq);
+  if (pdl != 0)
+    CHECK(pdl_on == (sm90 && (pdl > 0 || nreq <= M3S_PDL_AUTO_REQS)),
+          "graph: PDL on exactly where asked (or by default) on sm_90");
   /* capture-time bounds: the largest lengths any replay uses */
   int32_t maxs[6] = {3000, 2049, 129, 4096, 700, 1};
   int32_t ql[6];
@@ -87,7 +92,9 @@ static void graph_case(int tp, int q_len, int pdl, const char *name) {
     ql[r] = q_len;
   if (q_len > 1)
     maxs[5] = q_len;
-  fx_spec s = fx_spec_default(m3s_config_minimax_m3(tp), 6, ql, maxs, 2026);
+  if (nreq == 1)
+    maxs[0] = 40000;
+  fx_spec s = fx_spec_default(m3s_config_minimax_m3(tp), nreq, ql, maxs, 2026);
   s.uniform = 1;
   fixture f;
   fx_init(&f, &s);
@@ -114,13 +121,16 @@ static void graph_case(int tp, int q_len, int pdl, const char *name) {
   ok = ok && cudaGraphInstantiate(&gexec, graph, 0) == cudaSuccess;
   if (!CHECK(ok, "graph: decode step captured and instantiated"))
     fprintf(stderr, "  status %d: %s\n", st, m3s_last_error());
-  if (ok && m3s_cuda_pdl(g_gpu, 6))
+  if (ok && pdl_on)
     CHECK(programmatic_edges(graph) > 0, "graph: the PDL launches left programmatic edges");
   /* replays: lengths grow by one token across block boundaries, padded rows */
   int32_t seqs[4][6] = {{2990, 2048, 128, 4000, 0, 1},
                         {2991, 2049, 129, 4001, 700, 0},
                         {3000, 0, 129, 4096, 640, 1},
                         {1, 1, 1, 1, 1, 1}};
+  if (nreq == 1)
+    for (int k = 0; k < 3; k++)
+      seqs[k][0] = 40000 - 10 + 5 * k; /* 39990, 39995, 40000 */
   if (q_len > 1)
     for (int k = 0; k < 4; k++)
       for (int r = 0; r < 6; r++)
@@ -176,11 +186,13 @@ int main(void) {
   CHECK(m3s_cuda_pdl(g_gpu, M3S_PDL_AUTO_REQS) == (gpu_sm_major() == 9) &&
             !m3s_cuda_pdl(g_gpu, M3S_PDL_AUTO_REQS + 1),
         "graph: the default PDL rule");
-  graph_case(2, 1, 0, "graph_decode_tp2_qlen1");
-  graph_case(8, 4, 0, "graph_spec_decode_tp8_qlen4");
-  graph_case(1, 1, 0, "graph_decode_tp1_qlen1");
-  graph_case(1, 1, 1, "graph_decode_tp1_qlen1_pdl");
-  graph_case(8, 4, 1, "graph_spec_decode_tp8_qlen4_pdl");
+  graph_case(2, 1, 0, 6, "graph_decode_tp2_qlen1");
+  graph_case(8, 4, 0, 6, "graph_spec_decode_tp8_qlen4");
+  graph_case(1, 1, 0, 6, "graph_decode_tp1_qlen1");
+  graph_case(1, 1, 1, 6, "graph_decode_tp1_qlen1_pdl");
+  graph_case(8, 4, 1, 6, "graph_spec_decode_tp8_qlen4_pdl");
+  graph_case(1, 1, -1, 1, "graph_decode_one_request_40k_tp1_default");
+  graph_case(8, 4, -1, 1, "graph_spec_decode_one_request_40k_tp8_qlen4_default");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);
   return TEST_FINISH();
