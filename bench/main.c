@@ -103,8 +103,9 @@ static void usage(FILE *f) {
 "                    request, the union kernel for prefill and speculative\n"
 "                    batches with a 16-bit cache of q's dtype, contexts <= 32K\n"
 "                    and work for >= half the SMs), generic (the cp.async kernel\n"
-"                    always) or union (the union kernel for every batch it can\n"
-"                    run, fp8 caches included)\n"
+"                    always), union (the union kernel for every batch it can\n"
+"                    run, fp8 caches included) or union-wgmma (the same, a\n"
+"                    16-bit cache's rows on warpgroup wgmma consumers)\n"
 "  --pdl MODE        programmatic dependent launch of the decode chain (sm_90;\n"
 "                    score, selection, attention and merge kernels): default\n"
 "                    (batches of one request), on or off             [default]\n"
@@ -281,11 +282,12 @@ static int parse_args(int argc, char **argv, options *o) {
       break;
     case O_ATTNPATH:
       if (strcmp(optarg, "default") == 0 || strcmp(optarg, "generic") == 0 ||
-          strcmp(optarg, "union") == 0) {
+          strcmp(optarg, "union") == 0 || strcmp(optarg, "union-wgmma") == 0) {
         o->attn_generic = strcmp(optarg, "generic") == 0;
-        o->attn_union = strcmp(optarg, "union") == 0;
+        o->attn_union = strncmp(optarg, "union", 5) == 0;
+        o->attn_wgmma = strcmp(optarg, "union-wgmma") == 0;
       } else {
-        fprintf(stderr, "m3s-bench: --attn-path must be default, generic or union\n");
+        fprintf(stderr, "m3s-bench: --attn-path must be default, generic, union or union-wgmma\n");
         return 0;
       }
       break;
@@ -414,6 +416,10 @@ int main(int argc, char **argv) {
   if (o->attn_union) {
     m3s_attention_set_union_any(B.ctx, 1);
     printf("m3s-bench: attention on the union kernel wherever it can run\n");
+  }
+  if (o->attn_wgmma) {
+    m3s_attention_set_union_wgmma(B.ctx, 1);
+    printf("m3s-bench: the union kernel's warpgroup (wgmma) consumers for 16-bit caches\n");
   }
   /* the launch switch of src/cuda/launch.h (per context) */
   m3s_cuda_set_pdl(B.ctx, o->pdl);

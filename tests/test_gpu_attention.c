@@ -31,7 +31,9 @@
  * runs on the generic kernel (the path switches of
  * src/cuda/sm90/attention_tma.h), and every case the union kernel can run
  * (max_q_len > 1; fp8 caches included) runs on it too, by default or forced
- * past its size rule; an unfiltered run fails if either kernel took no case. */
+ * past its size rule, and with a 16-bit cache of q's dtype once more on its
+ * warpgroup (wgmma) consumers; an unfiltered run fails if any of them took
+ * no case. */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include "cuda/sm90/attention_tma.h"
 #include "gpu_util.h"
@@ -48,6 +50,7 @@ static int g_quick;
 static int g_time;
 static int g_tma_cases;   /* cases the sm_90 persistent kernel ran (then the generic one too) */
 static int g_union_cases; /* cases the sm_90 union kernel ran (by default or forced) */
+static int g_wgmma_cases; /* cases its warpgroup consumers ran (forced) */
 static uint64_t g_seed = 20261107;
 
 static m3s_layer_config cfg_of(int hq, int hkv, int k) {
@@ -261,13 +264,28 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     m3s_attention_set_union_any(g_gpu, 0);
     g_union_cases += forced;
   }
+  /* the union kernel's warpgroup consumers (a 16-bit cache of q's dtype)
+   * on every batch the union kernel can run */
+  int wgmma = 0;
+  if (ok && f.sp.kv_dtype == f.sp.act_dtype) {
+    m3s_attention_set_union_any(g_gpu, 1);
+    m3s_attention_set_union_wgmma(g_gpu, 1);
+    wgmma = m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t, &g.scales) ==
+            M3S_ATTN_UNION;
+    if (wgmma)
+      device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name,
+                    "union wgmma (forced)", &ref2, &cpu2);
+    m3s_attention_set_union_wgmma(g_gpu, 0);
+    m3s_attention_set_union_any(g_gpu, 0);
+    g_wgmma_cases += wgmma;
+  }
   if (ok && g_time)
     time_case(&f, &g, dev_topk, name);
   printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f "
-         "ms)  %s%s%s\n",
+         "ms)  %s%s%s%s\n",
          name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0,
          kernel_name[kind], kind != M3S_ATTN_GENERIC ? "+generic" : "",
-         forced ? "+union" : "");
+         forced ? "+union" : "", wgmma ? "+wgmma" : "");
   gpu_fx_free(&g);
   free(dev_topk);
   free(ref_topk);
@@ -714,10 +732,11 @@ int main(void) {
   if (gpu_sm_major() == 9 && !(filter && filter[0])) {
     CHECK(g_tma_cases > 0, "the sm_90 persistent attention kernel ran on some case");
     CHECK(g_union_cases > 0, "the sm_90 union attention kernel ran on some case");
+    CHECK(g_wgmma_cases > 0, "the union kernel's warpgroup consumers ran on some case");
   }
-  printf("test_gpu_attention: %d cases on the persistent kernel, %d on the union kernel (and "
-         "the generic one)\n",
-         g_tma_cases, g_union_cases);
+  printf("test_gpu_attention: %d cases on the persistent kernel, %d on the union kernel, %d on "
+         "its warpgroup consumers (and the generic one)\n",
+         g_tma_cases, g_union_cases, g_wgmma_cases);
   printf("test_gpu_attention: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

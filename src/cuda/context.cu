@@ -22,6 +22,7 @@ typedef struct {
   m3s_topk_tc_hooks topk_hooks; /* test switches of the certified top-k */
   int attn_generic;              /* test switch: attention on the generic kernel */
   int attn_union_any;            /* test switch: the union kernel without its size rule */
+  int attn_union_wgmma;          /* test switch: the union kernel's warpgroup consumers */
   int pdl;                       /* programmatic dependent launch: < 0 default, 0 off, > 0 on (launch.h) */
 } cuda_state;
 
@@ -148,6 +149,17 @@ extern "C" void m3s_attention_set_union_any(m3s_context *ctx, int any) {
 extern "C" int m3s_cuda_attention_union_any(const m3s_context *ctx) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
   return st ? st->attn_union_any : 0;
+}
+
+extern "C" void m3s_attention_set_union_wgmma(m3s_context *ctx, int on) {
+  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  if (st)
+    st->attn_union_wgmma = on != 0;
+}
+
+extern "C" int m3s_cuda_attention_union_wgmma(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st ? st->attn_union_wgmma : 0;
 }
 
 extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {

@@ -104,6 +104,7 @@
 #include "attention_fp8.cuh"
 #include "attention_tma.h"
 #include "tma.cuh"
+#include "wgmma.cuh"
 
 #define AU_TOKENS 8                           /* rows per CTA = consumer warps */
 #define AU_CONV 4                             /* fp8: producer warps that convert */
@@ -171,6 +172,7 @@ struct au_smem {
   unsigned long long full[G::ring], empty[G::ring];
   unsigned long long rfull[FP8 ? G::raw : 1];  /* a raw slot's TMA bytes */
   unsigned long long rempty[FP8 ? G::raw : 1]; /* every converting thread done with it */
+  unsigned long long tfull[FP8 ? 1 : G::ring];   /* wgmma consumers: a partial half's TMA bytes */
   unsigned long long dfull[AU_DESC], dempty[AU_DESC];
 };
 
@@ -267,9 +269,23 @@ static __device__ __forceinline__ void au_publish_end(S &s, uint32_t nd) {
   sm90_bar_arrive(&s.dfull[d]);
 }
 
-/* 16-bit cache: per union block, lane 0 issues per half that any of its
- * rows sees a slot (in fill order, once the rows of its previous fill are
- * done with it), the TMA copies, then the descriptor. */
+/* Warpgroups among the rows `rows` (bits 0..7): which of the two read a
+ * slot (au_consume_wg). */
+static __device__ __forceinline__ int au_groups(uint32_t rows) {
+  return ((rows & 0x0fu) != 0) + ((rows & 0xf0u) != 0);
+}
+
+/* 16-bit cache: per union block, per half that any of its rows sees, a
+ * slot (in fill order, once the rows of its previous fill are done with it),
+ * the TMA copies (lane 0), then the descriptor. WG (consumers in
+ * warpgroups, au_consume_wg): every lane arrives on the slot's full barrier
+ * (count 32; lane 0 adds the TMA bytes), and where the half has keys past
+ * every row's position (nv < 64) the copies land on tfull first and the warp
+ * zeroes those keys' V rows before it arrives: a warpgroup's P V reads V
+ * straight from the slot, for rows whose P is 0 there too, and 0 x a NaN the
+ * cache holds past pos is NaN (the mma.sync consumers zero V in registers,
+ * MASK_SV). users counts the reading warps (4 per warpgroup) or rows. */
+template <bool WG>
 static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem<false> &s, int lane) {
   typedef au_geom<false> G;
   const int n = lane < AU_TOKENS ? s.n[lane] : 0;
@@ -277,21 +293,49 @@ static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem<fals
   const uint32_t first = au_first(s, lane);
   int cur = 0;
   uint32_t nf = 0, nd = 0; /* slots filled, descriptors written */
+  uint32_t tphase = 0;     /* WG: per slot, the parity of its next tfull phase */
   au_blk b;
   while (au_next(s, n, pos, first, cur, b, lane)) {
-    if (lane == 0)
-      for (int h = 0; h * G::rows < b.nv; h++, nf++, nd++) {
-        const int slot = (int)(nf % G::ring);
-        const uint32_t par = (nf / G::ring) & 1;
+    for (int h = 0; h * G::rows < b.nv; h++, nf++, nd++) {
+      const int slot = (int)(nf % G::ring);
+      const uint32_t par = (nf / G::ring) & 1;
+      const int nvh = b.nv - G::rows * h; /* keys of the half some row sees */
+      const bool part = WG && nvh < G::rows;
+      /* WG: every lane, so that no lane arrives for this fill before the
+       * slot's previous fill completed and was released */
+      if (WG || lane == 0)
         sm90_bar_wait(&s.empty[slot], par ^ 1);
-        s.users[slot] = __popc(b.rows);
-        sm90_bar_arrive_tx(&s.full[slot], AU_SLOT_BYTES);
+      if (lane == 0) {
+        s.users[slot] = WG ? 4 * au_groups(b.rows) : __popc(b.rows);
+        unsigned long long *bar = part ? &s.tfull[slot] : &s.full[slot];
+        if (WG && !part)
+          sm90_bar_expect_tx(bar, AU_SLOT_BYTES);
+        else
+          sm90_bar_arrive_tx(bar, AU_SLOT_BYTES);
 #pragma unroll
         for (int seg = 0; seg < G::boxes; seg++)
           sm90_tma_load_4d(s.ring[slot] + seg * G::box_bytes, kv_map, seg * G::box_elems,
-                           G::rows * h, g, b.page, &s.full[slot]);
-        au_publish(s, nd, b.rows, h, b.id, slot, par);
+                           G::rows * h, g, b.page, bar);
       }
+      if (WG) {
+        if (part) {
+          sm90_bar_wait(&s.tfull[slot], (tphase >> slot) & 1);
+          tphase ^= 1u << slot;
+          /* V rows nvh .. 63 of both V boxes (whole 128-byte rows: the
+           * swizzle only permutes pieces inside a row) */
+          const int pieces = (G::rows - nvh) * 16;
+          for (int i = lane; i < pieces; i += 32) {
+            const int key = nvh + (i >> 4), box = 2 + ((i >> 3) & 1);
+            *(uint4 *)(s.ring[slot] + box * G::box_bytes + key * 128 + (i & 7) * 16) =
+                make_uint4(0, 0, 0, 0);
+          }
+          sm90_fence_proxy_async(); /* the zeros before the wgmma's (async-proxy) reads */
+        }
+        sm90_bar_arrive(&s.full[slot]);
+      }
+      if (lane == 0)
+        au_publish(s, nd, b.rows, h, b.id, slot, par);
+    }
     __syncwarp();
   }
   if (lane == 0)
@@ -551,7 +595,137 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
     au_store<F16>(p, ws, t, h0, nh, lane);
 }
 
-template <bool F16, int KVM, bool FP8 = KVM != KV_DIRECT>
+/* 16-bit cache, consumers in warpgroups (WG): warp w still holds row w's 16
+ * query heads as A fragments, and warps 4 wg .. 4 wg + 3 form warpgroup wg,
+ * an m64 tile of 4 rows x 16 heads. A warpgroup reads every descriptor with
+ * a bit among its 4 rows, and for the half: S = Q K^T as one m64n64 wgmma
+ * chain (8 k-steps, K read from the slot as a K-major B), the rows of a warp
+ * whose row did not select the block, and the keys past a row's pos, masked
+ * to -inf (so their P is 0 and their state unchanged: alpha is 1 where the
+ * maximum stays), one online-softmax step of 64 keys in the exp2 domain,
+ * then O += P V as four m64n128 wgmma (V read from the slot as an MN-major
+ * B; the producer zeroed V rows past every row's pos). The tensor cores do
+ * the half for all 4 rows of the warpgroup even where one row selected it:
+ * on per-row draws the useful fraction is the selected blocks over the
+ * union of 4 rows' (docs/perf-notes.md, session 13); shared draws waste
+ * nothing. A row's result depends on its own selection and the cache only
+ * (its blocks in ascending id, 64 keys per step). */
+template <bool F16>
+static __device__ void au_consume_wg(const attn_params &p, au_smem<false> &s, int64_t t, int h0,
+                                     int nh, int w, int lane) {
+  typedef au_geom<false> G;
+  const int wg = w >> 2, t4 = lane & 3;
+  uint32_t qa[8][4];
+  if (t < p.b.num_tokens) {
+    load_q<F16>(p, t, h0, nh, qa, lane);
+  } else {
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++)
+      qa[ks][0] = qa[ks][1] = qa[ks][2] = qa[ks][3] = 0u;
+  }
+  const float sl2 = p.scale_log2;
+  const int64_t pos = s.pos[w];
+  warp_state ws;
+  warp_state_init(ws);
+  for (uint32_t i = 0;; i++) {
+    const int d = (int)(i % AU_DESC);
+    sm90_bar_wait(&s.dfull[d], (i / AU_DESC) & 1);
+    uint32_t dm = 0, ds = 0;
+    int id = 0;
+    if (lane == 0) {
+      dm = s.dmask[d];
+      ds = s.dslot[d];
+      id = s.did[d];
+    }
+    dm = __shfl_sync(0xffffffffu, dm, 0);
+    ds = __shfl_sync(0xffffffffu, ds, 0);
+    id = __shfl_sync(0xffffffffu, id, 0);
+    if (lane == 0)
+      sm90_bar_arrive(&s.dempty[d]);
+    if (dm & AU_END)
+      break;
+    if (!((dm >> (4 * wg)) & 0xfu)) /* uniform over the warpgroup */
+      continue;
+    const int slot = (int)(ds & 0xff);
+    sm90_bar_wait(&s.full[slot], (ds >> 8) & 1);
+    int nv = ((dm >> w) & 1) ? au_visible(pos, id) - AU_HALF * (int)((dm >> 8) & 1) : 0;
+    nv = max(0, min(nv, AU_HALF));
+    const uint32_t half = smem_addr(s.ring[slot]);
+    /* S = Q K^T: keys 8 j + 2 t4 + {0, 1} of rows lane / 4, + 8 */
+    float sc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+    wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++)
+      wg_mma_n64<F16>(sc, qa[ks], wg_desc_k_sw128(half + (ks >> 2) * G::box_bytes + (ks & 3) * 32));
+    wg_commit_wait();
+    /* mask, scale, row maxima over the quad */
+    float mx[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int col = 8 * j + 2 * t4 + (e & 1);
+        sc[j][e] = col < nv ? sc[j][e] * sl2 : neg_inf();
+        mx[e >> 1] = fmaxf(mx[e >> 1], sc[j][e]);
+      }
+    float alpha[2], mref[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(ws.m[r], mx[r]);
+      /* nothing visible yet: keep the empty state (exp2(-inf - -inf) is NaN) */
+      const bool none = m_new == neg_inf();
+      alpha[r] = none ? 1.0f : exp2f(ws.m[r] - m_new);
+      mref[r] = none ? 0.0f : m_new;
+      ws.m[r] = m_new;
+      ws.l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        sc[j][e] = exp2f(sc[j][e] - mref[e >> 1]);
+        ws.l[e >> 1] += sc[j][e];
+      }
+#pragma unroll
+    for (int dt = 0; dt < 16; dt++) {
+      ws.acc[dt][0] *= alpha[0];
+      ws.acc[dt][1] *= alpha[0];
+      ws.acc[dt][2] *= alpha[1];
+      ws.acc[dt][3] *= alpha[1];
+    }
+    /* O += P V: P's C layout is the A layout of k-step kk (keys 16 kk ..
+     * 16 kk + 15); V's k-step kk is keys 16 kk .. at 16 kk x 128 B in the V
+     * boxes (2 and 3: dims 0..63, 64..127, one box apart) */
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+      pa[kk][0] = pack2<F16>(sc[2 * kk][0], sc[2 * kk][1]);
+      pa[kk][1] = pack2<F16>(sc[2 * kk][2], sc[2 * kk][3]);
+      pa[kk][2] = pack2<F16>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pa[kk][3] = pack2<F16>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+    }
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+      wg_mma_n128_mn<F16>(ws.acc, pa[kk],
+                          wg_desc_mn_sw128(half + 2 * G::box_bytes + kk * 16 * 128, G::box_bytes));
+    wg_commit_wait();
+    sm90_fence_proxy_async(); /* the wgmma's reads before the slot's refill */
+    __syncwarp();
+    au_release(s, slot, lane);
+  }
+  if (t < p.b.num_tokens)
+    au_store<F16>(p, ws, t, h0, nh, lane);
+}
+
+/* WG: the 16-bit path with warpgroup consumers (au_consume_wg; never
+ * with an fp8 cache). */
+template <bool F16, int KVM, bool WG, bool FP8 = KVM != KV_DIRECT>
 static __global__ void __launch_bounds__(au_threads<FP8>(), 1)
     attn_union_kernel(const attn_params p, const __grid_constant__ CUtensorMap kv_map,
                       int64_t groups) {
@@ -566,10 +740,13 @@ static __global__ void __launch_bounds__(au_threads<FP8>(), 1)
   const int nh = min(HEADS_PER_CTA, p.group - chunk * HEADS_PER_CTA);
   const int64_t t = grp * AU_TOKENS + warp;
   if (threadIdx.x == 0) {
-    /* an fp8 half slot: every converting thread arrives for its writes */
+    /* an fp8 half slot: every converting thread arrives for its writes;
+     * WG: every producer lane (au_produce) */
     for (int i = 0; i < au_geom<FP8>::ring; i++) {
-      sm90_bar_init(&s.full[i], FP8 ? AU_CONV * 32 : 1);
+      sm90_bar_init(&s.full[i], FP8 ? AU_CONV * 32 : WG ? 32 : 1);
       sm90_bar_init(&s.empty[i], 1);
+      if (!FP8)
+        sm90_bar_init(&s.tfull[i], 1);
     }
     for (int i = 0; i < AU_DESC; i++) {
       sm90_bar_init(&s.dfull[i], 1);
@@ -588,30 +765,45 @@ static __global__ void __launch_bounds__(au_threads<FP8>(), 1)
     if constexpr (FP8)
       au_produce8<F16, KVM>(p, &kv_map, g, s, warp - AU_TOKENS, lane);
     else
-      au_produce(&kv_map, g, s, lane);
-  } else
+      au_produce<WG>(&kv_map, g, s, lane);
+  } else if constexpr (WG) {
+    au_consume_wg<F16>(p, s, t, h0, nh, warp, lane);
+  } else {
     au_consume<F16, KVM>(p, s, t, h0, nh, warp, lane);
+  }
 }
 
 /* ---- host ---------------------------------------------------------------------- */
 
-/* One instantiation of the kernel, for at_prepare_modes / at_run_mode. */
-template <bool F16, int KVM>
-struct au_kernel {
+/* One instantiation of the kernel; WG the warpgroup-consumer form of a
+ * 16-bit cache. */
+template <bool F16, int KVM, bool WG>
+struct au_launch {
   static cudaError_t prepare(void) {
-    return cudaFuncSetAttribute(attn_union_kernel<F16, KVM>,
+    return cudaFuncSetAttribute(attn_union_kernel<F16, KVM, WG>,
                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 (int)au_smem_bytes<KVM != KV_DIRECT>());
   }
   static void run(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
                   int64_t groups, cudaStream_t stream) {
-    attn_union_kernel<F16, KVM>
+    attn_union_kernel<F16, KVM, WG>
         <<<grid, au_threads<KVM != KV_DIRECT>(), au_smem_bytes<KVM != KV_DIRECT>(), stream>>>(
         p, maps.kv, groups);
   }
 };
 
-extern "C" cudaError_t m3s_attention_union_prepare(void) { return at_prepare_modes<au_kernel>(); }
+/* The six mma.sync-consumer forms, for at_prepare_modes / at_run_mode. */
+template <bool F16, int KVM>
+using au_kernel = au_launch<F16, KVM, false>;
+
+extern "C" cudaError_t m3s_attention_union_prepare(void) {
+  cudaError_t err = at_prepare_modes<au_kernel>();
+  if (err == cudaSuccess)
+    err = au_launch<true, KV_DIRECT, true>::prepare();
+  if (err == cudaSuccess)
+    err = au_launch<false, KV_DIRECT, true>::prepare();
+  return err;
+}
 
 static int64_t au_items(int64_t rows, int64_t group, int64_t hkv) {
   const int64_t chunks = (group + HEADS_PER_CTA - 1) / HEADS_PER_CTA;
@@ -642,9 +834,17 @@ extern "C" int m3s_attention_union_pays(const m3s_context *ctx, const m3s_batch 
 }
 
 m3s_status m3s_attention_union_launch(const attn_params &p, const m3s_attn_tma_maps &maps,
-                                      bool f16, cudaStream_t stream, const char *fn) {
+                                      bool f16, bool wgmma, cudaStream_t stream,
+                                      const char *fn) {
   const int64_t groups = (p.b.num_tokens + AU_TOKENS - 1) / AU_TOKENS;
   const unsigned grid = (unsigned)au_items(p.b.num_tokens, p.group, p.hkv);
-  at_run_mode<au_kernel>(f16, p, maps, grid, groups, stream);
+  if (wgmma && at_kv_mode(p) == KV_DIRECT) {
+    if (f16)
+      au_launch<true, KV_DIRECT, true>::run(p, maps, grid, groups, stream);
+    else
+      au_launch<false, KV_DIRECT, true>::run(p, maps, grid, groups, stream);
+  } else {
+    at_run_mode<au_kernel>(f16, p, maps, grid, groups, stream);
+  }
   return m3s_cuda_check_launch(fn, "attn_union_kernel");
 }

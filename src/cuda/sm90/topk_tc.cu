@@ -81,6 +81,7 @@
 #include "topk_tc.cuh"
 #include "topk_tc.h"
 #include "tma.cuh"
+#include "wgmma.cuh"
 #include "../topk_decode.cuh"
 
 #include <cuda.h> /* CUtensorMap (types only: the encoder comes from the runtime) */
@@ -251,51 +252,6 @@ __device__ __forceinline__ void tc_ldmatrix_x4(uint32_t addr, uint32_t &r0, uint
                : "r"(addr));
 }
 
-
-/* wgmma shared-memory matrix descriptor of a K-major tile in the 128-byte
- * swizzle TMA writes (rows of 128 B, 16-byte pieces XOR-ed with the row's low
- * 3 bits, 1024-byte aligned atoms of 8 rows): start address, leading offset
- * unused (1), stride offset 1024 B between 8-row groups, layout SWIZZLE_128B,
- * all addresses in 16-byte units. A k-step of 16 dims inside the atom is the
- * start address plus 32 B. */
-__device__ __forceinline__ unsigned long long tc_wg_desc_sw128(uint32_t saddr) {
-  return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) |
-         ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
-}
-
-/* d (32 fp32, the m64n64 accumulator fragment of this warp: d[4j..4j+1] row
- * lo, d[4j+2..4j+3] row hi, keys 8j + 2 (lane & 3) + {0, 1}) += A (this
- * warp's 16 rows, registers, the mma.m16n8k16 A layout) x B (64 keys x 16
- * dims at desc). sm_90a only; the caller fences, commits and waits. */
-__device__ __forceinline__ void tc_wgmma_bf16_n64(float *d, const uint32_t *a,
-                                                  unsigned long long desc) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-               "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
-#else
-  (void)d;
-  (void)a;
-  (void)desc;
-  __trap();
-#endif
-}
-
-__device__ __forceinline__ void tc_wg_fence() {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void tc_wg_commit_wait() {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-}
 
 /* ---------------------------------------------------------------------------
  * Kernel 1: approximate block scores S~ and bounds E on tensor cores
@@ -831,13 +787,13 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
 #pragma unroll
         for (int jj = 0; jj < 8; jj++)
           acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.0f;
-        tc_wg_fence();
+        wg_fence();
 #pragma unroll
         for (int ks = 0; ks < 8; ks++)
-          tc_wgmma_bf16_n64(&acc[0][0], af[ks],
-                            tc_wg_desc_sw128(tc_smem_addr(tile + (ks >> 2) * TW_HALF_BYTES +
+          wg_mma_n64<false>(acc, af[ks],
+                            wg_desc_k_sw128(tc_smem_addr(tile + (ks >> 2) * TW_HALF_BYTES +
                                                           (ks & 3) * 32 + h * 64 * 128)));
-        tc_wg_commit_wait();
+        wg_commit_wait();
         if (h == 1) {
           /* this thread is done with the stage: its reads (generic and
            * async proxy) come before the refill's TMA writes */
