@@ -551,6 +551,55 @@ static void test_prefill(void) {
   run_case("prefill_1000_behind_19000_tp2_e4m3_per_slot", s4, NULL);
 }
 
+/* NaN (16-bit caches: 0x7FC1; fp8: 0x7F) in every K and V element of the
+ * slots past each request's seq_len in its last page: no output may see
+ * them. The keys are masked; the V rows there are zeroed in registers by
+ * the union kernel's mma.sync consumers and in the slot by its producer for
+ * the wgmma ones (0 x NaN is NaN, and the wgmma's P V reads V for every
+ * row of a warpgroup). A host change before both backends run. */
+static void nan_past_len(fixture *f) {
+  const size_t es = m3s_dtype_size(f->sp.kv_dtype);
+  const int64_t *st = f->kv.stride, s0 = f->batch.block_table.stride[0];
+  for (int r = 0; r < f->sp.num_reqs; r++) {
+    const int64_t len = f->seqlens[r];
+    if (len <= 0 || len % M3S_BLOCK_SIZE == 0)
+      continue;
+    const int64_t page = f->bt[r * s0 + (len - 1) / M3S_BLOCK_SIZE];
+    for (int64_t j = len % M3S_BLOCK_SIZE; j < M3S_BLOCK_SIZE; j++)
+      for (int64_t g = 0; g < f->cfg.num_kv_heads; g++)
+        for (int64_t d = 0; d < 256; d++) {
+          unsigned char *e =
+              (unsigned char *)f->kv_mem + (size_t)(page * st[0] + g * st[1] + j * st[2] + d) * es;
+          if (es == 2)
+            *(uint16_t *)e = 0x7FC1;
+          else
+            *e = 0x7F;
+        }
+  }
+}
+
+static void test_nan_past_len(void) {
+  case_mods m = {nan_past_len, NULL, 0, 0};
+  static const int32_t ql[] = {77, 200, 9};
+  static const int32_t sl[] = {77, 2500, 1033};
+  fx_spec s = spec_of(m3s_config_minimax_m3(1), 3, ql, sl);
+  run_case("nan_past_len_prefill_tp1_bf16", s, &m);
+  fx_spec s2 = spec_of(m3s_config_minimax_m3(2), 3, ql, sl);
+  s2.act_dtype = M3S_F16;
+  s2.kv_dtype = M3S_F16;
+  s2.token_major = 1;
+  run_case("nan_past_len_prefill_tp2_f16_token_major", s2, &m);
+  static const int32_t ql4[] = {4, 4, 4};
+  static const int32_t sl4[] = {3001, 130, 4};
+  fx_spec s4 = spec_of(m3s_config_minimax_m3(4), 3, ql4, sl4);
+  s4.uniform = 1;
+  run_case("nan_past_len_qlen4_tp4_bf16", s4, &m);
+  fx_spec s5 = spec_of(m3s_config_minimax_m3(1), 3, ql, sl);
+  s5.kv_dtype = M3S_E5M2;
+  s5.scale_mode = 1;
+  run_case("nan_past_len_prefill_tp1_e5m2", s5, &m);
+}
+
 static void test_long_decode(void) {
   if (g_quick)
     return;
@@ -726,6 +775,7 @@ int main(void) {
   test_guards();
   test_large_logits();
   test_prefill();
+  test_nan_past_len();
   test_long_decode();
   /* CUDA-graph capture: covered by tests/test_gpu_graph.c */
   const char *filter = getenv("M3S_TEST_FILTER");

@@ -609,7 +609,12 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
  * on per-row draws the useful fraction is the selected blocks over the
  * union of 4 rows' (docs/perf-notes.md, session 13); shared draws waste
  * nothing. A row's result depends on its own selection and the cache only
- * (its blocks in ascending id, 64 keys per step). */
+ * (its blocks in ascending id, 64 keys per step), as long as the cache's V
+ * is finite where rows see it: an Inf or NaN V value at a key that a row of
+ * the warpgroup sees also reaches the warpgroup's other rows through P = 0
+ * (the mma.sync consumers mask per row; one reason this form is behind a
+ * switch). Past every row's pos the producer zeroes V, so garbage there is
+ * harmless (test_gpu_attention's nan_past_len cases). */
 template <bool F16>
 static __device__ void au_consume_wg(const attn_params &p, au_smem<false> &s, int64_t t, int h0,
                                      int nh, int w, int lane) {
