@@ -661,11 +661,13 @@ static __device__ void au_consume_wg(const attn_params &p, au_smem<false> &s, in
 #pragma unroll
     for (int j = 0; j < 8; j++)
       sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+    wg_pin(sc);
     wg_fence();
 #pragma unroll
     for (int ks = 0; ks < 8; ks++)
       wg_mma_n64<F16>(sc, qa[ks], wg_desc_k_sw128(half + (ks >> 2) * G::box_bytes + (ks & 3) * 32));
     wg_commit_wait();
+    wg_pin(sc);
     /* mask, scale, row maxima over the quad */
     float mx[2] = {neg_inf(), neg_inf()};
 #pragma unroll
@@ -714,12 +716,14 @@ static __device__ void au_consume_wg(const attn_params &p, au_smem<false> &s, in
       pa[kk][2] = pack2<F16>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
       pa[kk][3] = pack2<F16>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
     }
+    wg_pin(ws.acc);
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; kk++)
       wg_mma_n128_mn<F16>(ws.acc, pa[kk],
                           wg_desc_mn_sw128(half + 2 * G::box_bytes + kk * 16 * 128, G::box_bytes));
     wg_commit_wait();
+    wg_pin(ws.acc);
     sm90_fence_proxy_async(); /* the wgmma's reads before the slot's refill */
     __syncwarp();
     au_release(s, slot, lane);

@@ -51,6 +51,20 @@ static __device__ __forceinline__ void wg_commit_wait() {
 #endif
 }
 
+/* Pins accumulator registers in place for the compiler: no access to them
+ * moves across this point (an empty asm that reads and writes each). Around
+ * a wgmma chain (before it, and after its wait) the accumulators' plain
+ * uses cannot then be scheduled between the asynchronous mma and the wait
+ * (CUTLASS's warpgroup_fence_operand does the same). */
+template <int N>
+static __device__ __forceinline__ void wg_pin(float (&d)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      asm volatile("" : "+f"(d[j][e])::"memory");
+}
+
 /* d (m64n64, 8 tiles) += A (16-bit, registers) x B (K-major at desc: 64
  * columns x 16 k). F16: f16 operands, else bf16. */
 template <bool F16>
