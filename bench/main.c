@@ -104,8 +104,8 @@ static void usage(FILE *f) {
 "                    batches with a 16-bit cache of q's dtype, contexts <= 32K\n"
 "                    and work for >= half the SMs), generic (the cp.async kernel\n"
 "                    always), union (the union kernel for every batch it can\n"
-"                    run, fp8 caches included) or union-wgmma (the same, a\n"
-"                    16-bit cache's rows on warpgroup wgmma consumers)\n"
+"                    run, fp8 caches included) or union-wgmma (the same, its\n"
+"                    rows on warpgroup wgmma consumers)\n"
 "  --pdl MODE        programmatic dependent launch of the decode chain (sm_90;\n"
 "                    score, selection, attention and merge kernels): default\n"
 "                    (batches of one request), on or off             [default]\n"
@@ -419,7 +419,7 @@ int main(int argc, char **argv) {
   }
   if (o->attn_wgmma) {
     m3s_attention_set_union_wgmma(B.ctx, 1);
-    printf("m3s-bench: the union kernel's warpgroup (wgmma) consumers for 16-bit caches\n");
+    printf("m3s-bench: the union kernel's warpgroup (wgmma) consumers\n");
   }
   /* the launch switch of src/cuda/launch.h (per context) */
   m3s_cuda_set_pdl(B.ctx, o->pdl);

@@ -31,9 +31,8 @@
  * runs on the generic kernel (the path switches of
  * src/cuda/sm90/attention_tma.h), and every case the union kernel can run
  * (max_q_len > 1; fp8 caches included) runs on it too, by default or forced
- * past its size rule, and with a 16-bit cache of q's dtype once more on its
- * warpgroup (wgmma) consumers; an unfiltered run fails if any of them took
- * no case. */
+ * past its size rule, and once more on its warpgroup (wgmma) consumers; an
+ * unfiltered run fails if any of them took no case. */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include "cuda/sm90/attention_tma.h"
 #include "gpu_util.h"
@@ -264,10 +263,9 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     m3s_attention_set_union_any(g_gpu, 0);
     g_union_cases += forced;
   }
-  /* the union kernel's warpgroup consumers (a 16-bit cache of q's dtype)
-   * on every batch the union kernel can run */
+  /* the union kernel's warpgroup consumers on every batch it can run */
   int wgmma = 0;
-  if (ok && f.sp.kv_dtype == f.sp.act_dtype) {
+  if (ok) {
     m3s_attention_set_union_any(g_gpu, 1);
     m3s_attention_set_union_wgmma(g_gpu, 1);
     wgmma = m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t, &g.scales) ==

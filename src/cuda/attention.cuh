@@ -398,8 +398,8 @@ m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p
                                     const char *fn);
 /* The union kernel (sm90/attention_union.cu) over p (p.nsplit == 1: it
  * writes out and lse itself) with the K/V map of m3s_attention_tma_plan;
- * f16: q and the cache are f16 (else bf16); wgmma: a 16-bit cache's rows
- * on warpgroup consumers (m3s_attention_set_union_wgmma). */
+ * f16: q and the cache are f16 (else bf16); wgmma: the rows on warpgroup
+ * consumers (m3s_attention_set_union_wgmma). */
 m3s_status m3s_attention_union_launch(const attn_params &p, const m3s_attn_tma_maps &maps,
                                       bool f16, bool wgmma, cudaStream_t stream,
                                       const char *fn);

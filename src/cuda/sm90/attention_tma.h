@@ -28,10 +28,10 @@ int m3s_cuda_attention_generic(const m3s_context *ctx);
 void m3s_attention_set_union_any(m3s_context *ctx, int any);
 int m3s_cuda_attention_union_any(const m3s_context *ctx);
 
-/* on != 0: the union kernel runs a 16-bit cache of q's dtype with
- * warpgroup consumers (wgmma; sm90/attention_union.cu, au_consume_wg)
- * instead of one mma.sync warp per row; for tests and m3s-bench until it is
- * measured, like the switches above. fp8 caches are not affected. */
+/* on != 0: the union kernel runs its rows on warpgroup consumers (wgmma;
+ * sm90/attention_union.cu, au_consume_wg) instead of one mma.sync warp per
+ * row, for every cache kind it takes; for tests and m3s-bench until it is
+ * measured, like the switches above. */
 void m3s_attention_set_union_wgmma(m3s_context *ctx, int on);
 int m3s_cuda_attention_union_wgmma(const m3s_context *ctx);
 

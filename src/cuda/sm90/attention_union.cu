@@ -53,6 +53,11 @@
  *     is never split or merged: the epilogue writes out (q's dtype, RNE) and
  *     lse from the warp's registers. Rows with no visible key give out = 0,
  *     lse = -inf.
+ *  3'. Under the wgmma switch (m3s_attention_set_union_wgmma, not the
+ *     default until measured) the 8 consumer warps act as two warpgroups of
+ *     4 rows x 16 heads (m64 tiles) and run each half with wgmma for all 4
+ *     rows, masking the rows that did not select it (au_consume_wg); the
+ *     producers then also zero V past every row's pos in the slot.
  *  A row's result depends on its own selection and the cache only, not on
  *  its neighbours (its blocks in ascending id, 32 or 16 keys at a time); the
  *  kernel's choice follows host bounds, so under M3S_OPT_BATCH_INVARIANT it
@@ -352,12 +357,13 @@ static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem<fals
  * q's dtype (RNE), as the generic kernel's dequant_fp8. Keys past every row's
  * pos are converted too: the consumers mask them in registers (MASK_SV).
  * Converting warp cw (of AU_CONV) takes keys 16 cw .. 16 cw + 15 of the
- * half; a pass: lane l takes chunk l & 7 of key 4 i + l / 8. */
-template <bool F16, int MODE>
+ * half; a pass: lane l takes chunk l & 7 of key 4 i + l / 8. WG: V rows
+ * nvh .. 63 (past every row's pos) are written as zeros. */
+template <bool F16, int MODE, bool WG>
 static __device__ __forceinline__ void au_convert_half(const attn_params &p,
                                                        const unsigned char *raw, const float *rsc,
-                                                       int h, unsigned char *dst, float *ks,
-                                                       int cw, int lane) {
+                                                       int h, int nvh, unsigned char *dst,
+                                                       float *ks, int cw, int lane) {
   typedef au_geom<true> R;
   typedef au_geom<false> H;
   constexpr int keys = AU_HALF / AU_CONV; /* per converting warp */
@@ -374,6 +380,8 @@ static __device__ __forceinline__ void au_convert_half(const attn_params &p,
       uint32_t o[8];
       if (part == 0)
         fp8_chunk_exact<F16, MODE>(w, o);
+      else if (WG && kr >= nvh) /* V past every row's pos: zero (au_consume_wg) */
+        o[0] = o[1] = o[2] = o[3] = o[4] = o[5] = o[6] = o[7] = 0u;
       else if (!vps)
         fp8_chunk_exact<true, MODE>(w, o);
       else
@@ -393,7 +401,7 @@ static __device__ __forceinline__ void au_convert_half(const attn_params &p,
  * descriptor. Then every converting thread frees the raw slot for its
  * reload (rempty): the proxy fence orders its reads before the TMA's
  * write. */
-template <bool F16, int MODE>
+template <bool F16, int MODE, bool WG>
 static __device__ void au_convert_block(const attn_params &p, au_smem<true> &s, const au_blk &b,
                                         uint32_t nr, uint32_t &nf, uint32_t &nd, int cw,
                                         int lane) {
@@ -405,8 +413,11 @@ static __device__ void au_convert_block(const attn_params &p, au_smem<true> &s, 
     const uint32_t par = (nf / G::ring) & 1;
     sm90_bar_wait(&s.empty[slot], par ^ 1);
     if (cw == 0 && lane == 0)
-      s.users[slot] = __popc(b.rows);
-    au_convert_half<F16, MODE>(p, s.raw[r], s.scales[r], h, s.ring[slot], s.hks[slot], cw, lane);
+      s.users[slot] = WG ? 4 * au_groups(b.rows) : __popc(b.rows);
+    au_convert_half<F16, MODE, WG>(p, s.raw[r], s.scales[r], h, b.nv - AU_HALF * h, s.ring[slot],
+                                   s.hks[slot], cw, lane);
+    if (WG) /* the stores before the wgmma's (async-proxy) reads */
+      sm90_fence_proxy_async();
     sm90_bar_arrive(&s.full[slot]);
     if (cw == 0 && lane == 0)
       au_publish(s, nd, b.rows, h, b.id, slot, par);
@@ -421,7 +432,7 @@ static __device__ void au_convert_block(const attn_params &p, au_smem<true> &s, 
  * every converting thread is done with its previous load, then the warps
  * convert the block before (so one load is always in flight behind the
  * conversion) into half slots (au_convert_block). */
-template <bool F16, int MODE>
+template <bool F16, int MODE, bool WG>
 static __device__ void au_produce8(const attn_params &p, const CUtensorMap *kv_map, int g,
                                    au_smem<true> &s, int cw, int lane) {
   typedef au_geom<true> G;
@@ -456,7 +467,7 @@ static __device__ void au_produce8(const attn_params &p, const CUtensorMap *kv_m
     }
     __syncwarp();
     if (nr > 0)
-      au_convert_block<F16, MODE>(p, s, prev, nr - 1, nf, nd, cw, lane);
+      au_convert_block<F16, MODE, WG>(p, s, prev, nr - 1, nf, nd, cw, lane);
     prev = b;
     nr += more;
   } while (more);
@@ -595,8 +606,37 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
     au_store<F16>(p, ws, t, h0, nh, lane);
 }
 
-/* 16-bit cache, consumers in warpgroups (WG): warp w still holds row w's 16
- * query heads as A fragments, and warps 4 wg .. 4 wg + 3 form warpgroup wg,
+/* O += P V of one half for a warpgroup (au_consume_wg): P (sc, this
+ * warp's 16 rows x 64 keys) in the A layout of k-steps of 16 keys, V's
+ * k-step kk the keys 16 kk .. at 16 kk x 128 B in the V boxes (2 and 3:
+ * dims 0..63, 64..127, one box apart), an MN-major B. F16V: the dtype of P
+ * and V. */
+template <bool F16V>
+static __device__ __forceinline__ void au_wg_pv(const float (&sc)[8][4], uint32_t half,
+                                                warp_state &ws) {
+  typedef au_geom<false> G;
+  uint32_t pa[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; kk++) {
+    pa[kk][0] = pack2<F16V>(sc[2 * kk][0], sc[2 * kk][1]);
+    pa[kk][1] = pack2<F16V>(sc[2 * kk][2], sc[2 * kk][3]);
+    pa[kk][2] = pack2<F16V>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+    pa[kk][3] = pack2<F16V>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+  }
+  wg_pin(ws.acc);
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; kk++)
+    wg_mma_n128_mn<F16V>(ws.acc, pa[kk],
+                         wg_desc_mn_sw128(half + 2 * G::box_bytes + kk * 16 * 128, G::box_bytes));
+  wg_commit_wait();
+  wg_pin(ws.acc);
+}
+
+/* Consumers in warpgroups (WG), on a 16-bit cache's half slots or fp8
+ * blocks converted into the same (au_convert_half, with au_consume's scale
+ * conventions): warp w still holds row w's 16 query heads as A fragments,
+ * and warps 4 wg .. 4 wg + 3 form warpgroup wg,
  * an m64 tile of 4 rows x 16 heads. A warpgroup reads every descriptor with
  * a bit among its 4 rows, and for the half: S = Q K^T as one m64n64 wgmma
  * chain (8 k-steps, K read from the slot as a K-major B), the rows of a warp
@@ -615,10 +655,10 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
  * (the mma.sync consumers mask per row; one reason this form is behind a
  * switch). Past every row's pos the producer zeroes V, so garbage there is
  * harmless (test_gpu_attention's nan_past_len cases). */
-template <bool F16>
-static __device__ void au_consume_wg(const attn_params &p, au_smem<false> &s, int64_t t, int h0,
+template <bool F16, int KVM, bool FP8 = KVM != KV_DIRECT>
+static __device__ void au_consume_wg(const attn_params &p, au_smem<FP8> &s, int64_t t, int h0,
                                      int nh, int w, int lane) {
-  typedef au_geom<false> G;
+  typedef au_geom<false> G; /* the half slots' layout, for both cache kinds */
   const int wg = w >> 2, t4 = lane & 3;
   uint32_t qa[8][4];
   if (t < p.b.num_tokens) {
@@ -628,7 +668,13 @@ static __device__ void au_consume_wg(const attn_params &p, au_smem<false> &s, in
     for (int ks = 0; ks < 8; ks++)
       qa[ks][0] = qa[ks][1] = qa[ks][2] = qa[ks][3] = 0u;
   }
-  const float sl2 = p.scale_log2;
+  /* fp8 (au_consume's conventions): a scalar k scale folds into the score
+   * scale, per-slot k scales come with the half, a scalar v scale multiplies
+   * the output; V (and so P) in f16 for bf16 q without per-slot v scales */
+  const float kscl = FP8 && p.sc.k && !p.sc.k_per_slot ? p.sc.k[0] : 1.0f;
+  const float vscl = FP8 && p.sc.v && !p.sc.v_per_slot ? p.sc.v[0] : 1.0f;
+  const bool v16 = FP8 && !F16 && !p.sc.v_per_slot;
+  const float sl2 = p.scale_log2 * kscl;
   const int64_t pos = s.pos[w];
   warp_state ws;
   warp_state_init(ws);
@@ -669,13 +715,15 @@ static __device__ void au_consume_wg(const attn_params &p, au_smem<false> &s, in
     wg_commit_wait();
     wg_pin(sc);
     /* mask, scale, row maxima over the quad */
+    const float *hk = FP8 && p.sc.k_per_slot ? s.hks[slot] : NULL;
     float mx[2] = {neg_inf(), neg_inf()};
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int col = 8 * j + 2 * t4 + (e & 1);
-        sc[j][e] = col < nv ? sc[j][e] * sl2 : neg_inf();
+        const float x = hk ? sc[j][e] * hk[col] : sc[j][e];
+        sc[j][e] = col < nv ? x * sl2 : neg_inf();
         mx[e >> 1] = fmaxf(mx[e >> 1], sc[j][e]);
       }
     float alpha[2], mref[2];
@@ -708,32 +756,21 @@ static __device__ void au_consume_wg(const attn_params &p, au_smem<false> &s, in
     /* O += P V: P's C layout is the A layout of k-step kk (keys 16 kk ..
      * 16 kk + 15); V's k-step kk is keys 16 kk .. at 16 kk x 128 B in the V
      * boxes (2 and 3: dims 0..63, 64..127, one box apart) */
-    uint32_t pa[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++) {
-      pa[kk][0] = pack2<F16>(sc[2 * kk][0], sc[2 * kk][1]);
-      pa[kk][1] = pack2<F16>(sc[2 * kk][2], sc[2 * kk][3]);
-      pa[kk][2] = pack2<F16>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-      pa[kk][3] = pack2<F16>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-    }
-    wg_pin(ws.acc);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++)
-      wg_mma_n128_mn<F16>(ws.acc, pa[kk],
-                          wg_desc_mn_sw128(half + 2 * G::box_bytes + kk * 16 * 128, G::box_bytes));
-    wg_commit_wait();
-    wg_pin(ws.acc);
+    if (v16)
+      au_wg_pv<true>(sc, half, ws);
+    else
+      au_wg_pv<F16>(sc, half, ws);
     sm90_fence_proxy_async(); /* the wgmma's reads before the slot's refill */
     __syncwarp();
     au_release(s, slot, lane);
   }
+  if (FP8 && vscl != 1.0f)
+    scale_acc(ws, vscl);
   if (t < p.b.num_tokens)
     au_store<F16>(p, ws, t, h0, nh, lane);
 }
 
-/* WG: the 16-bit path with warpgroup consumers (au_consume_wg; never
- * with an fp8 cache). */
+/* WG: warpgroup consumers (au_consume_wg). */
 template <bool F16, int KVM, bool WG, bool FP8 = KVM != KV_DIRECT>
 static __global__ void __launch_bounds__(au_threads<FP8>(), 1)
     attn_union_kernel(const attn_params p, const __grid_constant__ CUtensorMap kv_map,
@@ -772,11 +809,11 @@ static __global__ void __launch_bounds__(au_threads<FP8>(), 1)
   __syncthreads();
   if (warp >= AU_TOKENS) {
     if constexpr (FP8)
-      au_produce8<F16, KVM>(p, &kv_map, g, s, warp - AU_TOKENS, lane);
+      au_produce8<F16, KVM, WG>(p, &kv_map, g, s, warp - AU_TOKENS, lane);
     else
       au_produce<WG>(&kv_map, g, s, lane);
   } else if constexpr (WG) {
-    au_consume_wg<F16>(p, s, t, h0, nh, warp, lane);
+    au_consume_wg<F16, KVM>(p, s, t, h0, nh, warp, lane);
   } else {
     au_consume<F16, KVM>(p, s, t, h0, nh, warp, lane);
   }
@@ -801,16 +838,16 @@ struct au_launch {
   }
 };
 
-/* The six mma.sync-consumer forms, for at_prepare_modes / at_run_mode. */
+/* The six forms of each consumer kind, for at_prepare_modes / at_run_mode. */
 template <bool F16, int KVM>
 using au_kernel = au_launch<F16, KVM, false>;
+template <bool F16, int KVM>
+using au_kernel_wg = au_launch<F16, KVM, true>;
 
 extern "C" cudaError_t m3s_attention_union_prepare(void) {
   cudaError_t err = at_prepare_modes<au_kernel>();
   if (err == cudaSuccess)
-    err = au_launch<true, KV_DIRECT, true>::prepare();
-  if (err == cudaSuccess)
-    err = au_launch<false, KV_DIRECT, true>::prepare();
+    err = at_prepare_modes<au_kernel_wg>();
   return err;
 }
 
@@ -847,13 +884,9 @@ m3s_status m3s_attention_union_launch(const attn_params &p, const m3s_attn_tma_m
                                       const char *fn) {
   const int64_t groups = (p.b.num_tokens + AU_TOKENS - 1) / AU_TOKENS;
   const unsigned grid = (unsigned)au_items(p.b.num_tokens, p.group, p.hkv);
-  if (wgmma && at_kv_mode(p) == KV_DIRECT) {
-    if (f16)
-      au_launch<true, KV_DIRECT, true>::run(p, maps, grid, groups, stream);
-    else
-      au_launch<false, KV_DIRECT, true>::run(p, maps, grid, groups, stream);
-  } else {
+  if (wgmma)
+    at_run_mode<au_kernel_wg>(f16, p, maps, grid, groups, stream);
+  else
     at_run_mode<au_kernel>(f16, p, maps, grid, groups, stream);
-  }
   return m3s_cuda_check_launch(fn, "attn_union_kernel");
 }
