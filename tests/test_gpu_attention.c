@@ -73,8 +73,9 @@ static size_t topk_bytes(const fixture *f) {
 }
 
 /* Changes applied to a case.
- *  topk_host: rewrites the host top-k after the CPU computed it (the CPU and
- *             the device both get the result).
+ *  topk_host: rewrites the host top-k (or another host input) after the CPU
+ *             computed the top-k (the CPU and the device both get the
+ *             result).
  *  device:    GPU-only bad data after the upload; rewrites the host fixture
  *             into what the reference must see (ref_topk: the reference's
  *             top-k, the device keeps its own copy).
@@ -596,6 +597,17 @@ static void test_nan_past_len(void) {
   s5.kv_dtype = M3S_E5M2;
   s5.scale_mode = 1;
   run_case("nan_past_len_prefill_tp1_e5m2", s5, &m);
+  /* decode rows: the persistent kernel and the generic split-K one */
+  static const int32_t ql1[] = {1, 1, 1};
+  fx_spec d = spec_of(m3s_config_minimax_m3(1), 3, ql1, sl);
+  d.uniform = 1;
+  run_case("nan_past_len_decode_tp1_bf16", d, &m);
+  fx_spec d8 = spec_of(m3s_config_minimax_m3(8), 3, ql1, sl);
+  d8.uniform = 1;
+  d8.kv_dtype = M3S_E4M3;
+  d8.scale_mode = 2;
+  d8.token_major = 1;
+  run_case("nan_past_len_decode_tp8_e4m3_per_slot", d8, &m);
 }
 
 static void test_long_decode(void) {

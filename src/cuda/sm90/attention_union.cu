@@ -88,11 +88,11 @@
  * blocks are resident.
  *
  * Registers: 168 (the most 9 warps leave: 3 of them share one SM
- * sub-partition's registers); the 16-bit variants spill 12 bytes (ptxas,
- * sm_90a, since the selection moved to at_select: three local loads per
- * descriptor, outside the mma steps; the measured version had 4 bytes), the
- * fp8 ones 32 (f16 q) and 48 bytes (bf16 q: two P V dtypes) since the
- * producer converts (not yet located).
+ * sub-partition's registers; 12 warps for fp8 leave the same); ptxas
+ * (sm_90a, nvcc 13.0, session 13): the mma.sync forms spill 16 bytes
+ * (16-bit; 12 before the producer's WG form, 4 in the measured version of
+ * session 9) and 32 (f16 q) / 48 bytes (bf16 q: two P V dtypes) for fp8, not
+ * yet located; the six wgmma forms do not spill.
  * Measured (H200, m3s-bench, graph replays, bf16, against the generic
  * kernel; docs/perf-notes.md "Measured: the union kernel"): 8K prompt with
  * independent per-row draws 2.77 ms (4.18), 16K 6.90 (8.73), 32K 16.2
@@ -821,8 +821,8 @@ static __global__ void __launch_bounds__(au_threads<FP8>(), 1)
 
 /* ---- host ---------------------------------------------------------------------- */
 
-/* One instantiation of the kernel; WG the warpgroup-consumer form of a
- * 16-bit cache. */
+/* One instantiation of the kernel; WG: the warpgroup-consumer form (every
+ * cache kind). */
 template <bool F16, int KVM, bool WG>
 struct au_launch {
   static cudaError_t prepare(void) {
