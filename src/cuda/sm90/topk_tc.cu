@@ -145,8 +145,9 @@ static tc_plan tc_plan_of(const m3s_layer_config *cfg, int64_t tokens, int64_t m
   return p;
 }
 
-/* The deferred-pair list of tc_select_reg_kernel: a count, then up to one
- * pair index per (row, head) of a chunk. */
+/* The deferred-pair list of tc_select_reg_kernel (or the long pairs that
+ * tc_select_kernel leaves to tc_select_wide_kernel in a decode batch): a
+ * count, then up to one pair index per (row, head) of a chunk. */
 static size_t tc_list_bytes(int64_t chunk_rows, int hkv) {
   size_t n = ((size_t)chunk_rows * (size_t)hkv + 1) * sizeof(int32_t);
   return (n + 255) & ~(size_t)255;
