@@ -1641,7 +1641,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
 }
 
 /* One pair per CTA (batches with few pairs, where the pairs alone would
- * leave most SMs idle; at one 128K decode request the selection was the
+ * leave most SMs idle; or, with a.listed, the long pairs of a decode batch
+ * that tc_select_kernel listed, a grid of SMs walking the list:
+ * tc_launch_split; at one 128K decode request the selection was the
  * step's longest kernel, 19 us under ncu, its warps mostly waiting at the CTA
  * barrier for warp 0's ranking). Every phase is spread over the CTA's
  * TC_WIDE_WARPS warps: the thresholds u', l' of tc_select_classify come from a
@@ -1651,8 +1653,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
  * about one memory round trip. The same sets In, Q and the same reference
  * scores as tc_select_classify / _rescore, so the same result; rows of short
  * requests, pairs with nothing to choose, the test hook's measure mode and
- * more than 32 uncertain blocks take those functions on warp 0 instead. At most one CTA per SM (no more
- * pairs than SMs), so registers are not capped for occupancy. */
+ * more than 32 uncertain blocks take those functions on warp 0 instead. At
+ * most one CTA per SM (no more CTAs than SMs), so registers are not capped
+ * for occupancy. */
 #define TC_WIDE_WARPS 8
 #define TC_WIDE_THREADS (TC_WIDE_WARPS * 32)
 
@@ -1856,8 +1859,10 @@ static __global__ void __launch_bounds__(TC_WIDE_THREADS, 1)
   if (a.pdl)
     m3s_pdl_trigger();
   const int64_t count = a.listed ? __ldcg(a.list) : a.npairs;
-  for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
-    const int64_t lp = a.listed ? __ldcg(a.list + 1 + k) : k;
+  for (int64_t i = blockIdx.x; i < count; i += gridDim.x) {
+    const int64_t lp = a.listed ? __ldcg(a.list + 1 + i) : i;
+    if (a.listed && a.stats && tid == 0)
+      atomicAdd(&a.stats->listed_pairs, 1u);
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
