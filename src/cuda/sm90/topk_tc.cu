@@ -59,7 +59,10 @@
  * uniform decode batches that ../topk_decode.cu's certified streaming kernel
  * covers (q_len x Hkv <= 16, every row in one chunk): that kernel writes
  * (S~, E) in place of phase 1, then the same selection runs with
- * all_scored = 1.
+ * all_scored = 1: a CTA per pair up to one pair per SM
+ * (tc_select_wide_kernel), a warp per pair beyond, and in between (up to
+ * two pairs per SM) a warp per short pair and a CTA per long one, which
+ * tc_select_kernel lists for tc_select_wide_kernel (tc_launch_split).
  *
  * Registers / spills (ptxas, sm_90a): 128 registers each (the TMA kernel
  * 124), no spills: the TMA kernel runs each block as two m64n64 halves
