@@ -196,6 +196,23 @@ static int device_checks(fixture *f, gpu_fx *g, const int32_t *dev_topk, const i
   return 1;
 }
 
+/* device_checks on the union kernel forced past its size rule (wgmma: on its
+ * warpgroup consumers), where it can run the case; 1 when it ran. */
+static int forced_union(fixture *f, gpu_fx *g, const int32_t *dev_topk, const int32_t *ref_topk,
+                        const void *cpu_out, const case_mods *mods, const char *name, int wgmma) {
+  double ref = 0.0, cpu = 0.0;
+  m3s_attention_set_union_any(g_gpu, 1);
+  m3s_attention_set_union_wgmma(g_gpu, wgmma);
+  const int runs = m3s_attention_tma_eligible(g_gpu, &g->batch, &g->q_t, &g->kv_t, &g->scales) ==
+                   M3S_ATTN_UNION;
+  if (runs)
+    device_checks(f, g, dev_topk, ref_topk, cpu_out, mods, name,
+                  wgmma ? "union wgmma (forced)" : "union (forced)", &ref, &cpu);
+  m3s_attention_set_union_wgmma(g_gpu, 0);
+  m3s_attention_set_union_any(g_gpu, 0);
+  return runs;
+}
+
 static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   fixture f;
   gpu_fx g;
@@ -252,32 +269,14 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
                   &ref2, &cpu2);
     m3s_attention_set_generic(g_gpu, 0);
   }
-  /* the union kernel on every batch it can run, however small */
-  int forced = 0;
-  if (ok && kind != M3S_ATTN_UNION) {
-    m3s_attention_set_union_any(g_gpu, 1);
-    forced = m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t, &g.scales) ==
-             M3S_ATTN_UNION;
-    if (forced)
-      device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name,
-                    "union (forced)", &ref2, &cpu2);
-    m3s_attention_set_union_any(g_gpu, 0);
-    g_union_cases += forced;
-  }
-  /* the union kernel's warpgroup consumers on every batch it can run */
-  int wgmma = 0;
-  if (ok) {
-    m3s_attention_set_union_any(g_gpu, 1);
-    m3s_attention_set_union_wgmma(g_gpu, 1);
-    wgmma = m3s_attention_tma_eligible(g_gpu, &g.batch, &g.q_t, &g.kv_t, &g.scales) ==
-            M3S_ATTN_UNION;
-    if (wgmma)
-      device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name,
-                    "union wgmma (forced)", &ref2, &cpu2);
-    m3s_attention_set_union_wgmma(g_gpu, 0);
-    m3s_attention_set_union_any(g_gpu, 0);
-    g_wgmma_cases += wgmma;
-  }
+  /* the union kernel on every batch it can run, however small (unless it
+   * ran by default), then on its warpgroup consumers */
+  const void *cpu_ref = have_cpu ? cpu_out : NULL;
+  const int forced = ok && kind != M3S_ATTN_UNION &&
+                     forced_union(&f, &g, dev_topk, ref_topk, cpu_ref, mods, name, 0);
+  const int wgmma = ok && forced_union(&f, &g, dev_topk, ref_topk, cpu_ref, mods, name, 1);
+  g_union_cases += forced;
+  g_wgmma_cases += wgmma;
   if (ok && g_time)
     time_case(&f, &g, dev_topk, name);
   printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f "

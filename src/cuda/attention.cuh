@@ -172,6 +172,17 @@ static __device__ __forceinline__ void warp_state_init(warp_state &ws) {
     ws.acc[dt][0] = ws.acc[dt][1] = ws.acc[dt][2] = ws.acc[dt][3] = 0.0f;
 }
 
+/* acc of the lane's two rows times their softmax step's alpha. */
+static __device__ __forceinline__ void rescale_rows(warp_state &ws, const float (&alpha)[2]) {
+#pragma unroll
+  for (int dt = 0; dt < 16; dt++) {
+    ws.acc[dt][0] *= alpha[0];
+    ws.acc[dt][1] *= alpha[0];
+    ws.acc[dt][2] *= alpha[1];
+    ws.acc[dt][3] *= alpha[1];
+  }
+}
+
 /* Byte offset of 16-byte chunk c (0..31: K in 0..15, V in 16..31) of key
  * row kr in a unit tile whose key rows are RS bytes apart and whose 128-byte
  * segments (chunks 8s..8s+7) are SS bytes apart; chunks are XOR-swizzled by
@@ -249,13 +260,7 @@ static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t
       s[nt][e] = exp2f(s[nt][e] - ws.m[e >> 1]);
       ws.l[e >> 1] += s[nt][e];
     }
-#pragma unroll
-  for (int dt = 0; dt < 16; dt++) {
-    ws.acc[dt][0] *= alpha[0];
-    ws.acc[dt][1] *= alpha[0];
-    ws.acc[dt][2] *= alpha[1];
-    ws.acc[dt][3] *= alpha[1];
-  }
+  rescale_rows(ws, alpha);
   /* O += P V: P's C layout is the A layout of a 16x16 operand per group;
    * V's B fragments b[0], b[2] hold keys 2 t4, 2 t4 + 1 of the group, b[1],
    * b[3] keys 8 + 2 t4, 9 + 2 t4 (low half first) */

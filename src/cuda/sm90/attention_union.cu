@@ -547,6 +547,53 @@ static __device__ __forceinline__ void au_half16(uint32_t half, const uint32_t (
   }
 }
 
+/* Descriptor i of the queue (every consumer warp reads every one, in
+ * order): lane 0 reads it and releases the entry once the values are in
+ * registers (the shuffles consume them): loads of every lane still in
+ * flight at lane 0's arrive raced with the producer's next write of the
+ * entry (compute-sanitizer racecheck). */
+typedef struct {
+  uint32_t mask; /* rows (bits 0..7), half (bit 8), AU_END */
+  uint32_t slot; /* slot (bits 0..7), its fill's phase parity (bit 8) */
+  int id;        /* block id */
+} au_desc;
+
+template <class S>
+static __device__ __forceinline__ au_desc au_read_desc(S &s, uint32_t i, int lane) {
+  const int d = (int)(i % AU_DESC);
+  sm90_bar_wait(&s.dfull[d], (i / AU_DESC) & 1);
+  au_desc x = {0u, 0u, 0};
+  if (lane == 0) {
+    x.mask = s.dmask[d];
+    x.slot = s.dslot[d];
+    x.id = s.did[d];
+  }
+  x.mask = __shfl_sync(0xffffffffu, x.mask, 0);
+  x.slot = __shfl_sync(0xffffffffu, x.slot, 0);
+  x.id = __shfl_sync(0xffffffffu, x.id, 0);
+  if (lane == 0)
+    sm90_bar_arrive(&s.dempty[d]);
+  return x;
+}
+
+/* The consumers' scales: a scalar fp8 k scale folds into the score scale
+ * (sl2), a scalar v scale multiplies the output (vs; V is converted
+ * unscaled), per-slot k scales come with the half; V (and so P) in f16 for
+ * bf16 q on an fp8 cache without per-slot v scales (v16, au_convert_half). */
+typedef struct {
+  float sl2, vs;
+  bool v16;
+} au_scales;
+
+template <bool F16, bool FP8>
+static __device__ __forceinline__ au_scales au_scales_of(const attn_params &p) {
+  au_scales c;
+  c.sl2 = p.scale_log2 * (FP8 && p.sc.k && !p.sc.k_per_slot ? p.sc.k[0] : 1.0f);
+  c.vs = FP8 && p.sc.v && !p.sc.v_per_slot ? p.sc.v[0] : 1.0f;
+  c.v16 = FP8 && !F16 && !p.sc.v_per_slot;
+  return c;
+}
+
 /* KVM: KV_DIRECT (a 16-bit cache of q's dtype), KV_E4M3 or KV_E5M2. */
 template <bool F16, int KVM, bool FP8 = KVM != KV_DIRECT>
 static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t t, int h0,
@@ -555,33 +602,14 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
   uint32_t qa[8][4];
   if (live)
     load_q<F16>(p, t, h0, nh, qa, lane);
-  /* scalar fp8 scales: k folds into the score scale, v multiplies the
-   * output (V is converted unscaled); per-slot k scales come with the half */
-  const float ks = FP8 && p.sc.k && !p.sc.k_per_slot ? p.sc.k[0] : 1.0f;
-  const float vs = FP8 && p.sc.v && !p.sc.v_per_slot ? p.sc.v[0] : 1.0f;
-  const float sl2 = p.scale_log2 * ks;
+  const au_scales sc = au_scales_of<F16, FP8>(p);
   const int64_t pos = s.pos[w];
   warp_state ws;
   warp_state_init(ws);
   for (uint32_t i = 0;; i++) {
-    const int d = (int)(i % AU_DESC);
-    sm90_bar_wait(&s.dfull[d], (i / AU_DESC) & 1);
-    /* lane 0 reads the descriptor and releases it once the values are in
-     * registers (the shuffles consume them): loads of every lane still in
-     * flight at lane 0's arrive raced with the producer's next write of
-     * the entry (compute-sanitizer racecheck) */
-    uint32_t dm = 0, ds = 0;
-    int id = 0;
-    if (lane == 0) {
-      dm = s.dmask[d];
-      ds = s.dslot[d];
-      id = s.did[d];
-    }
-    dm = __shfl_sync(0xffffffffu, dm, 0);
-    ds = __shfl_sync(0xffffffffu, ds, 0);
-    id = __shfl_sync(0xffffffffu, id, 0);
-    if (lane == 0)
-      sm90_bar_arrive(&s.dempty[d]);
+    const au_desc x = au_read_desc(s, i, lane);
+    const uint32_t dm = x.mask, ds = x.slot;
+    const int id = x.id;
     if (dm & AU_END)
       break;
     if (!((dm >> w) & 1))
@@ -593,15 +621,15 @@ static __device__ void au_consume(const attn_params &p, au_smem<FP8> &s, int64_t
     const int nv = au_visible(pos, id) - AU_HALF * (int)((dm >> 8) & 1);
     const uint32_t half = smem_addr(s.ring[slot]);
     const float *hk = FP8 && p.sc.k_per_slot ? s.hks[slot] : NULL;
-    if (FP8 && !F16 && !p.sc.v_per_slot) /* V in f16 (au_convert_half) */
-      au_half16<false, true>(half, qa, min(nv, AU_HALF), hk, sl2, ws, lane);
+    if (sc.v16)
+      au_half16<false, true>(half, qa, min(nv, AU_HALF), hk, sc.sl2, ws, lane);
     else
-      au_half16<F16, F16>(half, qa, min(nv, AU_HALF), hk, sl2, ws, lane);
+      au_half16<F16, F16>(half, qa, min(nv, AU_HALF), hk, sc.sl2, ws, lane);
     __syncwarp(); /* every lane's ldmatrix of the slot is done */
     au_release(s, slot, lane);
   }
-  if (FP8 && vs != 1.0f)
-    scale_acc(ws, vs);
+  if (FP8 && sc.vs != 1.0f)
+    scale_acc(ws, sc.vs);
   if (live)
     au_store<F16>(p, ws, t, h0, nh, lane);
 }
@@ -668,31 +696,15 @@ static __device__ void au_consume_wg(const attn_params &p, au_smem<FP8> &s, int6
     for (int ks = 0; ks < 8; ks++)
       qa[ks][0] = qa[ks][1] = qa[ks][2] = qa[ks][3] = 0u;
   }
-  /* fp8 (au_consume's conventions): a scalar k scale folds into the score
-   * scale, per-slot k scales come with the half, a scalar v scale multiplies
-   * the output; V (and so P) in f16 for bf16 q without per-slot v scales */
-  const float kscl = FP8 && p.sc.k && !p.sc.k_per_slot ? p.sc.k[0] : 1.0f;
-  const float vscl = FP8 && p.sc.v && !p.sc.v_per_slot ? p.sc.v[0] : 1.0f;
-  const bool v16 = FP8 && !F16 && !p.sc.v_per_slot;
-  const float sl2 = p.scale_log2 * kscl;
+  const au_scales scl = au_scales_of<F16, FP8>(p); /* au_consume's conventions */
+  const float sl2 = scl.sl2;
   const int64_t pos = s.pos[w];
   warp_state ws;
   warp_state_init(ws);
   for (uint32_t i = 0;; i++) {
-    const int d = (int)(i % AU_DESC);
-    sm90_bar_wait(&s.dfull[d], (i / AU_DESC) & 1);
-    uint32_t dm = 0, ds = 0;
-    int id = 0;
-    if (lane == 0) {
-      dm = s.dmask[d];
-      ds = s.dslot[d];
-      id = s.did[d];
-    }
-    dm = __shfl_sync(0xffffffffu, dm, 0);
-    ds = __shfl_sync(0xffffffffu, ds, 0);
-    id = __shfl_sync(0xffffffffu, id, 0);
-    if (lane == 0)
-      sm90_bar_arrive(&s.dempty[d]);
+    const au_desc x = au_read_desc(s, i, lane);
+    const uint32_t dm = x.mask, ds = x.slot;
+    const int id = x.id;
     if (dm & AU_END)
       break;
     if (!((dm >> (4 * wg)) & 0xfu)) /* uniform over the warpgroup */
@@ -746,17 +758,11 @@ static __device__ void au_consume_wg(const attn_params &p, au_smem<FP8> &s, int6
         sc[j][e] = exp2f(sc[j][e] - mref[e >> 1]);
         ws.l[e >> 1] += sc[j][e];
       }
-#pragma unroll
-    for (int dt = 0; dt < 16; dt++) {
-      ws.acc[dt][0] *= alpha[0];
-      ws.acc[dt][1] *= alpha[0];
-      ws.acc[dt][2] *= alpha[1];
-      ws.acc[dt][3] *= alpha[1];
-    }
+    rescale_rows(ws, alpha);
     /* O += P V: P's C layout is the A layout of k-step kk (keys 16 kk ..
      * 16 kk + 15); V's k-step kk is keys 16 kk .. at 16 kk x 128 B in the V
      * boxes (2 and 3: dims 0..63, 64..127, one box apart) */
-    if (v16)
+    if (scl.v16)
       au_wg_pv<true>(sc, half, ws);
     else
       au_wg_pv<F16>(sc, half, ws);
@@ -764,8 +770,8 @@ static __device__ void au_consume_wg(const attn_params &p, au_smem<FP8> &s, int6
     __syncwarp();
     au_release(s, slot, lane);
   }
-  if (FP8 && vscl != 1.0f)
-    scale_acc(ws, vscl);
+  if (FP8 && scl.vs != 1.0f)
+    scale_acc(ws, scl.vs);
   if (t < p.b.num_tokens)
     au_store<F16>(p, ws, t, h0, nh, lane);
 }

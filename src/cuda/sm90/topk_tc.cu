@@ -1984,7 +1984,7 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
  * ~255 candidates per pair (ncu, H200, session 7), so a long request among
  * short ones (the peer's skew case: top-k 97.6 us against a 23 us byte
  * floor, session 13) waits on one warp per long pair, where the CTA-wide
- * kernel takes a 1023-candidate pair in one memory round trip per phase.
+ * kernel spreads each phase of a pair over 8 warps (tc_select_wide_kernel).
  * Larger batches keep every pair on warps: their pairs fill the SMs anyway,
  * and the CTA-wide kernel would take them in rounds. Not measured yet. */
 #define TC_WIDE_LONG 256
