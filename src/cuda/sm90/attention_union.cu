@@ -652,6 +652,7 @@ static __device__ __forceinline__ void au_wg_pv(const float (&sc)[8][4], uint32_
     pa[kk][3] = pack2<F16V>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
   }
   wg_pin(ws.acc);
+  wg_pin(pa);
   wg_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; kk++)
@@ -659,6 +660,7 @@ static __device__ __forceinline__ void au_wg_pv(const float (&sc)[8][4], uint32_
                          wg_desc_mn_sw128(half + 2 * G::box_bytes + kk * 16 * 128, G::box_bytes));
   wg_commit_wait();
   wg_pin(ws.acc);
+  wg_pin(pa);
 }
 
 /* Consumers in warpgroups (WG), on a 16-bit cache's half slots or fp8
@@ -720,12 +722,14 @@ static __device__ void au_consume_wg(const attn_params &p, au_smem<FP8> &s, int6
     for (int j = 0; j < 8; j++)
       sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
     wg_pin(sc);
+    wg_pin(qa);
     wg_fence();
 #pragma unroll
     for (int ks = 0; ks < 8; ks++)
       wg_mma_n64<F16>(sc, qa[ks], wg_desc_k_sw128(half + (ks >> 2) * G::box_bytes + (ks & 3) * 32));
     wg_commit_wait();
     wg_pin(sc);
+    wg_pin(qa);
     /* mask, scale, row maxima over the quad */
     const float *hk = FP8 && p.sc.k_per_slot ? s.hks[slot] : NULL;
     float mx[2] = {neg_inf(), neg_inf()};

@@ -2022,7 +2022,9 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
   const int64_t sms = m3s_cuda_num_sms(ctx);
   if (se.npairs <= sms) {
     tc_select_args sw = se;
-    sw.pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
+    /* PDL is for the decode chain (launch.h); a prefill chunk's selection
+     * follows a plainly launched score kernel */
+    sw.pdl = se.all_scored ? m3s_cuda_pdl(ctx, cb.num_reqs) : 0;
     return m3s_launch(sw.pdl, tc_select_wide_kernel, dim3((unsigned)se.npairs),
                       dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
   }

@@ -65,6 +65,18 @@ static __device__ __forceinline__ void wg_pin(float (&d)[N][4]) {
       asm volatile("" : "+f"(d[j][e])::"memory");
 }
 
+/* The same for A fragments in registers (16-bit pairs): computed before
+ * the fence, and live until the wait, as the ISA asks of the registers an
+ * asynchronous mma reads (CUTLASS fences register A operands alike). */
+template <int N>
+static __device__ __forceinline__ void wg_pin(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      asm volatile("" : "+r"(a[j][e])::"memory");
+}
+
 /* d (m64n64, 8 tiles) += A (16-bit, registers) x B (K-major at desc: 64
  * columns x 16 k). F16: f16 operands, else bf16. */
 template <bool F16>
