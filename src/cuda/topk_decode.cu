@@ -48,8 +48,10 @@
  * in bounds for any table contents.
  *
  * Certified variant (decode_tc_kernel<E4>, below): the same items and grid,
- * a ring of steps of tcd_fmt::nb blocks (e4m3 2, bf16 1) between two CTA
- * barriers, for uniform decode batches with bf16 queries and q_len x Hkv <= 16;
+ * a ring of steps of tcd_fmt::nb blocks (e4m3 2, bf16 1), one CTA barrier
+ * per step (a step's results are written by a few threads after the next
+ * step's barrier, while the other warps score: tcd_small), for uniform
+ * decode batches with bf16 queries and q_len x Hkv <= 16;
  * tensor-core scores S~ as S^T = K Q^T (mma.sync m16n8k16, a warp's 16 keys
  * as the rows, the request's pairs as one or two n8 tiles of columns), key
  * norms from the diagonal of m16n8k8 Gram tiles whose operands are runs of
@@ -490,10 +492,10 @@ template <bool E4> struct tcd_fmt {
   static constexpr int page = M3S_BLOCK_SIZE * key_bytes;
   static constexpr int row_pieces = key_bytes / 16;
   static constexpr int pieces = M3S_BLOCK_SIZE * row_pieces / DEC_THREADS; /* per thread */
-  /* A step is nb consecutive blocks of one item, scored between one pair of
-   * CTA barriers: the per-step cost (barriers, reductions, the exposed
-   * latency of 16 warps per SM) is what bound the kernel, not the bytes
-   * (e4m3 took the bf16 time for half the bytes with one block per step). */
+  /* A step is nb consecutive blocks of one item, scored behind one CTA
+   * barrier: the per-step cost (barriers, reductions, the exposed latency of
+   * 16 warps per SM) is what bound the kernel, not the bytes (e4m3 took the
+   * bf16 time for half the bytes with one block per step). */
   static constexpr int nb = E4 ? TCD_STEP_E4 : TCD_STEP_BF16;
   static constexpr int stage = nb * page;
   /* ring depth: 96 KB of pages per CTA (two CTAs per SM), at least two
@@ -544,15 +546,19 @@ struct tcd_req_e4 : tcd_req {
 };
 template <bool E4> using tcd_req_of = typename std::conditional<E4, tcd_req_e4, tcd_req>::type;
 
-/* Two CTA barriers per step: (1) the step's pages and the staged request are
- * visible, (2) the warps' partials are complete and the ring slot is free.
- * The few threads that write the step's results after (2) race with nothing
- * the other warps do before the next (1): the request is double-buffered (a
- * new one is staged into the other buffer), each writer read its page flag
- * before (2), and red / wnk are rewritten only after the next (1). */
+/* One CTA barrier per step, (1): step i's pages and staged request are
+ * visible, every warp's partials of step i - 1 are complete, and the ring
+ * slot step i - 1 read is free (it is refilled after (1)). The partials go
+ * to red / wnk of parity i & 1; the writers (tcd_writer) emit step i - 1's
+ * results after (1) of step i, from the other parity and from what they
+ * captured of step i - 1 in registers (tcd_pending), while the other warps
+ * score step i. Parity i & 1 is rewritten only after (1) of step i + 2,
+ * which the writers reach after emitting; a new request is staged into the
+ * other request buffer, which no warp reads any more once it has passed (1)
+ * of the step before. */
 template <bool E4> struct tcd_small {
-  float red[TCD_MAX_NB][DEC_WARPS][16]; /* per step block, per warp: block maxima S~ per pair */
-  float wnk[TCD_MAX_NB][DEC_WARPS];     /* per step block, per warp: largest key norm (bound) */
+  float red[2][TCD_MAX_NB][DEC_WARPS][16]; /* per parity, step block, warp: maxima S~ per pair */
+  float wnk[2][TCD_MAX_NB][DEC_WARPS];     /* per parity, step block, warp: largest key norm */
   tcd_req_of<E4> req[2];
   int page[TCD_MAX_SLOTS]; /* per ring block: 0 loaded, -1 page id out of range */
 };
@@ -822,12 +828,12 @@ static __device__ __forceinline__ void tcd_key_quad(const unsigned char *page,
 }
 
 /* Every warp: its partial (S~ maxima, key norm) of block blk (keys in
- * `page`) into s.red[b][warp], s.wnk[b][warp]. Keys are the rows: S^T = K
+ * `page`) into s.red[par][b][warp], s.wnk[par][b][warp]. Keys are the rows: S^T = K
  * Q^T with warp w's keys 16 w .. 16 w + 15 as the m16 A operand and the
  * pairs as NT n8 tiles of B. A page that was not loaded gives garbage here,
- * which tcd_write_step ignores. */
+ * which tcd_capture marks. */
 template <bool E4, int NT, class S, class R>
-static __device__ __forceinline__ void tcd_block_partial(int64_t blk, int b,
+static __device__ __forceinline__ void tcd_block_partial(int64_t blk, int b, int par,
                                                          const unsigned char *page,
                                                          const uint32_t (&ko)[4],
                                                          const uint32_t (&bq)[NT][8][2],
@@ -905,15 +911,15 @@ static __device__ __forceinline__ void tcd_block_partial(int64_t blk, int b,
       for (int e = 0; e < 2; e++)
         m[e] = fmaxf(m[e], __shfl_xor_sync(FULL_MASK, m[e], o));
     if (g == 0) {
-      s.red[b][warp][8 * nt + 2 * cq] = m[0];
-      s.red[b][warp][8 * nt + 2 * cq + 1] = m[1];
+      s.red[par][b][warp][8 * nt + 2 * cq] = m[0];
+      s.red[par][b][warp][8 * nt + 2 * cq + 1] = m[1];
     }
   }
   if (lane == 0)
-    s.wnk[b][warp] = nk;
+    s.wnk[par][b][warp] = nk;
 }
 
-/* Thread b * pairs + i's role in tcd_write_step: step block b, pair i and
+/* Thread b * pairs + i's role in writing a step's results: step block b, pair i and
  * its token (b = -1: no role). Fixed for the kernel, so the divisions run
  * once. */
 typedef struct {
@@ -930,34 +936,57 @@ template <bool E4> static __device__ tcd_writer tcd_writer_of(const tcd_params &
   return w;
 }
 
-/* After the partials' barrier: writer w puts (S~, E) of the step's block
- * w.b for pair w.i of request c.r (rq), if the block is the item's and the
- * pair needs it; page_ok < 0 (the block's page id out of range, read by the
- * thread before the barrier) gives (NaN, inf), as the prefill kernel. */
-template <bool E4, class S, class R>
-static __device__ __forceinline__ void tcd_write_step(const tcd_params &p, const dec_cursor &c,
-                                                      const tcd_writer &w, int page_ok, const R &rq,
-                                                      const S &s) {
+/* What writer w needs of its step, captured after the step's barrier (1)
+ * (the request buffer and page flag may be reused before it emits): where
+ * (S~, E) of block w.b for pair w.i goes, whether the block is the item's
+ * and the pair needs it, whether its page was loaded, and the pair's query
+ * norm (and 2^-s, e4m3). */
+typedef struct {
+  int64_t at;  /* entry of ws; -1: nothing to write */
+  int page_ok; /* < 0: the block's page id was out of range */
+  float qn, qs;
+} tcd_pending;
+
+template <bool E4, class R>
+static __device__ __forceinline__ tcd_pending tcd_capture(const tcd_params &p, const dec_cursor &c,
+                                                          const tcd_writer &w, int page_ok,
+                                                          const R &rq) {
+  tcd_pending d = {-1, page_ok, 0.0f, 1.0f};
   if (w.b < 0)
-    return;
+    return d;
   const int64_t blk = c.blk + w.b, nb = rq.nb[w.tok];
   if (blk >= c.end || nb <= 0 || blk < p.init || blk >= nb - p.local)
+    return d;
+  d.at = ((int64_t)c.r * p.pairs + w.i) * p.max_nb + blk;
+  d.qn = rq.qn[w.i];
+  if constexpr (E4)
+    d.qs = rq.qs[w.i];
+  return d;
+}
+
+/* Writer w emits its captured step from the warps' partials of parity par:
+ * (S~, E), or (NaN, inf) for a page id out of range, as the prefill
+ * kernel. */
+template <bool E4, class S>
+static __device__ __forceinline__ void tcd_emit(const tcd_params &p, const tcd_writer &w,
+                                                const tcd_pending &d, const S &s, int par) {
+  if (w.b < 0 || d.at < 0)
     return;
   float2 out = make_float2(NAN, INFINITY);
-  if (page_ok >= 0) {
-    float m = s.red[w.b][0][w.i], k = s.wnk[w.b][0];
+  if (d.page_ok >= 0) {
+    float m = s.red[par][w.b][0][w.i], k = s.wnk[par][w.b][0];
 #pragma unroll
     for (int v = 1; v < DEC_WARPS; v++) {
-      m = fmaxf(m, s.red[w.b][v][w.i]);
-      k = fmaxf(k, s.wnk[w.b][v]);
+      m = fmaxf(m, s.red[par][w.b][v][w.i]);
+      k = fmaxf(k, s.wnk[par][w.b][v]);
     }
     if constexpr (E4) { /* back to unscaled units; S~ exact unless subnormal (then within 2^-150) */
-      out = make_float2(__fmul_rn(m, rq.qs[w.i]), tcd_bound_e4(rq.qn[w.i], k, rq.qs[w.i]));
+      out = make_float2(__fmul_rn(m, d.qs), tcd_bound_e4(d.qn, k, d.qs));
     } else {
-      out = make_float2(m, tc_bound(rq.qn[w.i], k));
+      out = make_float2(m, tc_bound(d.qn, k));
     }
   }
-  p.ws[((int64_t)c.r * p.pairs + w.i) * p.max_nb + blk] = out;
+  p.ws[d.at] = out;
 }
 
 /* Persistent streaming kernel of the certified path: the items and cursor of
@@ -989,29 +1018,34 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
   uint32_t ko[4], bq[NT][8][2];
   tcd_lane_offsets<E4>(ko);
   const tcd_writer wr = tcd_writer_of<E4>(p);
-  int staged = -1, stage = 0, rb = 1;
+  tcd_pending pend = {-1, 0, 0.0f, 1.0f};
+  int staged = -1, stage = 0, rb = 1, par = 0;
   while (cs.item < p.items) {
-    int ahead = (stage + F::stages - 1) % F::stages;
-    tcd_issue_step<E4>(pg, p, tsm + ahead * F::stage, &s.page[ahead * F::nb]);
-    cursor_advance(p, pf, F::nb);
-    tcd_pages<E4>(p, pf, pg);
     if (cs.r != staged) {
       rb ^= 1;
       tcd_stage_request<E4, NT>(p, cs.r, s.req[rb], bq);
       staged = cs.r;
     }
-    cp_async_wait<F::stages - 1>();
+    /* groups committed: the steps up to this one + 1 */
+    cp_async_wait<F::stages - 2>();
     __syncthreads(); /* (1) */
-    const int page_ok = wr.b >= 0 ? s.page[stage * F::nb + wr.b] : -1;
+    tcd_emit<E4>(p, wr, pend, s, par ^ 1);
+    /* refill the slot of the step before, which every warp has left */
+    const int ahead = (stage + F::stages - 1) % F::stages;
+    tcd_issue_step<E4>(pg, p, tsm + ahead * F::stage, &s.page[ahead * F::nb]);
+    cursor_advance(p, pf, F::nb);
+    tcd_pages<E4>(p, pf, pg);
+    pend = tcd_capture<E4>(p, cs, wr, wr.b >= 0 ? s.page[stage * F::nb + wr.b] : -1, s.req[rb]);
 #pragma unroll
     for (int b = 0; b < F::nb; b++)
-      tcd_block_partial<E4, NT>(cs.blk + b, b, tsm + stage * F::stage + b * F::page, ko, bq,
+      tcd_block_partial<E4, NT>(cs.blk + b, b, par, tsm + stage * F::stage + b * F::page, ko, bq,
                                 s.req[rb], s);
-    __syncthreads(); /* (2) */
-    tcd_write_step<E4>(p, cs, wr, page_ok, s.req[rb], s);
     cursor_advance(p, cs, F::nb);
     stage = (stage + 1) % F::stages;
+    par ^= 1;
   }
+  __syncthreads();
+  tcd_emit<E4>(p, wr, pend, s, par ^ 1);
   cp_async_wait<0>();
 }
 
