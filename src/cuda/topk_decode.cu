@@ -641,7 +641,7 @@ static __device__ __forceinline__ void tcd_query_row(const tcd_params &p, int r,
 /* e4m3 cache: fp16 operands. Every e4m3 code is exactly an fp16 value, so a
  * key pair widens with one cvt.rn.f16x2.e4m3x2 and the mma runs on fp16; the
  * bf16 query is scaled by 2^s into fp16's range (tcd_stage_request) and S~, E
- * scaled back (tcd_write_step). Why this is exact up to E: file-top comment. */
+ * scaled back (tcd_emit). Why this is exact up to E: file-top comment. */
 
 /* Four e4m3 codes (low byte first) as two words of two fp16 each, exactly
  * (NaN stays NaN). sm_89+: one cvt.rn.f16x2.e4m3x2 per pair, the high pair
@@ -1026,7 +1026,8 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
       tcd_stage_request<E4, NT>(p, cs.r, s.req[rb], bq);
       staged = cs.r;
     }
-    /* groups committed: the steps up to this one + 1 */
+    /* committed: steps 0 .. this + stages - 2, so leaving stages - 2 pending
+     * completes this step */
     cp_async_wait<F::stages - 2>();
     __syncthreads(); /* (1) */
     tcd_emit<E4>(p, wr, pend, s, par ^ 1);
