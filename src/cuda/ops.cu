@@ -12,25 +12,32 @@ static size_t cuda_workspace(const m3s_context *ctx, const m3s_layer_config *cfg
   return a > b ? a : b;
 }
 
-/* What runs (sm_90a and sm_80 builds alike). */
+/* What runs, as m3s_support_info.kernel reports it (at most 63 characters:
+ * checked below, so that nothing is cut off). Index top-k: prefill scores
+ * with TMA + wgmma on sm_90 for a bf16 index cache, else mma.sync, then the
+ * certified selection (sm90/topk_tc.cu); decode through the certified
+ * streaming kernel where its rule (tc_decode_pays) sends a batch, else the
+ * exact one (topk_decode.cu). Attention on sm_90: the persistent TMA kernel
+ * for one query row per request (sm90/attention_tma.cu), the union kernel
+ * for rows that share blocks (sm90/attention_union.cu), else the generic
+ * one. */
+#define M3S_CUDA_KERNEL_NAME(name, text)                                                      \
+  static const char name[] = text;                                                           \
+  static_assert(sizeof(name) <= sizeof(((m3s_support_info *)0)->kernel), #name " fits")
+M3S_CUDA_KERNEL_NAME(k_topk_sm90, "prefill:tc_tma_wgmma|tc_mma+select;decode:tc_stream|stream");
+M3S_CUDA_KERNEL_NAME(k_topk, "prefill:tc_mma+select;decode:tc_stream|stream");
+M3S_CUDA_KERNEL_NAME(k_attn_sm90, "attn_tma_persistent(q_len 1)|attn_tma_union(q_len>1)|mma_splitk");
+M3S_CUDA_KERNEL_NAME(k_attn, "cuda_attention_mma_sync_splitk");
+
 static const char *cuda_kernel(const m3s_context *ctx, m3s_op op) {
+  const int sm90 = m3s_cuda_sm_major(ctx) == 9;
   switch (op) {
   case M3S_OP_CACHE_INSERT: return "cuda_insert_kv_kernel";
   case M3S_OP_INDEX_INSERT: return "cuda_insert_index_kernel";
-  case M3S_OP_INDEX_TOPK:
-    /* fits m3s_support.kernel (63 characters); prefill scores with TMA +
-     * wgmma on sm_90 for a bf16 index cache (sm90/topk_tc.cu) */
-    return m3s_cuda_sm_major(ctx) == 9 ? "tc_tma_wgmma(bf16)|tc_mma+select;decode:tc_stream(>=16 pairs or >=4 per request)|stream"
-                                       : "topk_tc_certified+select;decode:tc_stream(>=16 reqs)|stream";
-  /* sm_90: the persistent TMA kernel for one query row per request
-   * (sm90/attention_tma.cu), the union kernel for rows that share blocks
-   * (sm90/attention_union.cu), else the generic one */
+  case M3S_OP_INDEX_TOPK: return sm90 ? k_topk_sm90 : k_topk;
   case M3S_OP_ATTENTION_DECODE:
   case M3S_OP_ATTENTION_PREFILL:
-  case M3S_OP_ATTENTION_CP:
-    return m3s_cuda_sm_major(ctx) == 9
-               ? "attn_tma_persistent(q_len 1)|attn_tma_union(q_len>1)|mma_splitk"
-               : "cuda_attention_mma_sync_splitk";
+  case M3S_OP_ATTENTION_CP: return sm90 ? k_attn_sm90 : k_attn;
   case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_attention_simt";
   case M3S_OP_MERGE: return "cuda_merge_attn_states";
   case M3S_OP_INDEX_TOPK_CANDIDATES: return "score_kernel+candidate_kernel (exact)";
