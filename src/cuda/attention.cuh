@@ -209,11 +209,16 @@ enum { MASK_NONE = 0, MASK_S = 1, MASK_SV = 2 };
  * (f16 for an fp8 cache's unscaled V, whose values are all f16; P in [0, 1]
  * keeps 11 bits there), by default the mma dtype of S. Several groups per
  * step give the S phase 2 NG independent accumulator chains, for kernels
- * with few warps per SM sub-partition (sm90/attention_union.cu). */
-template <bool F16, int RS, int SS, bool F16V = F16, int NG = 1, int MASK = MASK_S>
+ * with few warps per SM sub-partition (sm90/attention_union.cu). KREG (NG =
+ * 1): K is not read from the tile but given as B fragments kb[n8 tile of 8
+ * keys][k-step] (sm90/attention_fp8.cuh, at_k_frags), in the order of the
+ * dims that qa holds; the tile then holds only V. */
+template <bool F16, int RS, int SS, bool F16V = F16, int NG = 1, int MASK = MASK_S,
+          bool KREG = false>
 static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t (&qa)[8][4],
                                                    int nvis, const float *kscale, float scale_log2,
-                                                   warp_state &ws, int lane) {
+                                                   warp_state &ws, int lane,
+                                                   const uint32_t (*kb)[8][2] = nullptr) {
   const int row = lane & 7, mi = lane >> 3, t4 = lane & 3;
   float s[2 * NG][4];
 #pragma unroll
@@ -223,15 +228,24 @@ static __device__ __forceinline__ void attend_unit(uint32_t tile, const uint32_t
       s[nt][e] = 0.0f;
   /* S = Q K^T: matrices (keys 16j + 0-7 | 8-15) x (dims lo | hi) of k-step
    * ks */
+  if constexpr (KREG) {
+    /* K already in B fragments (NG = 1): kb[n8 tile][k-step] */
 #pragma unroll
-  for (int ks = 0; ks < 8; ks++)
-#pragma unroll
-    for (int j = 0; j < NG; j++) {
-      uint32_t b[4];
-      ldsm_x4(b, tile + unit_chunk<RS, SS>(16 * j + (mi >> 1) * 8 + row, 2 * ks + (mi & 1)));
-      mma16816<F16>(s[2 * j], qa[ks], b[0], b[1]);
-      mma16816<F16>(s[2 * j + 1], qa[ks], b[2], b[3]);
+    for (int ks = 0; ks < 8; ks++) {
+      mma16816<F16>(s[0], qa[ks], kb[0][ks][0], kb[0][ks][1]);
+      mma16816<F16>(s[1], qa[ks], kb[1][ks][0], kb[1][ks][1]);
     }
+  } else {
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++)
+#pragma unroll
+      for (int j = 0; j < NG; j++) {
+        uint32_t b[4];
+        ldsm_x4(b, tile + unit_chunk<RS, SS>(16 * j + (mi >> 1) * 8 + row, 2 * ks + (mi & 1)));
+        mma16816<F16>(s[2 * j], qa[ks], b[0], b[1]);
+        mma16816<F16>(s[2 * j + 1], qa[ks], b[2], b[3]);
+      }
+  }
   /* mask keys after pos, scale, row max over the quad */
   float mx[2] = {neg_inf(), neg_inf()};
 #pragma unroll

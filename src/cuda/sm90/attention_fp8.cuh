@@ -79,7 +79,8 @@ static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, co
 
 /* An fp8 unit (16 key rows of the K box and of the V box, SS bytes apart,
  * 128-byte swizzle) into the warp's 16-bit tile (unit_chunk<128,
- * AT_UNIT_BYTES>). K exact in the mma dtype (its scale multiplies the fp32
+ * AT_UNIT_BYTES>); without KPART only V (and the k scales), for K taken
+ * straight into registers (at_k_frags). K exact in the mma dtype (its scale multiplies the fp32
  * score). V: with VF16, exact in f16 and unscaled (a scalar v scale
  * multiplies the output); otherwise times its per-slot scale, rounded to
  * the mma dtype (RNE), as the generic kernel's dequant_fp8. V rows of keys
@@ -87,7 +88,7 @@ static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, co
  * per-slot k scales go behind the tile. Four passes over K, then four over
  * V (lanes never diverge on the part); a pass: lane l takes chunk l & 7 of
  * key 4i + l / 8. */
-template <bool F16, int SS, int MODE, bool VF16>
+template <bool F16, int SS, int MODE, bool VF16, bool KPART = true>
 static __device__ __forceinline__ void at_dequant(const attn_params &p, const unsigned char *unit,
                                                   const float *ksc, const float *vsc,
                                                   unsigned char *tile, int nv, int lane) {
@@ -95,7 +96,7 @@ static __device__ __forceinline__ void at_dequant(const attn_params &p, const un
     ((float *)(tile + AT_KSCALE_OFF))[lane] = ksc[lane];
   const int cc = lane & 7;
 #pragma unroll
-  for (int part = 0; part < 2; part++)
+  for (int part = KPART ? 0 : 1; part < 2; part++)
 #pragma unroll 4
     for (int i = 0; i < 4; i++) {
       const int kr = 4 * i + (lane >> 3);
@@ -116,6 +117,76 @@ static __device__ __forceinline__ void at_dequant(const attn_params &p, const un
           make_uint4(o[0], o[1], o[2], o[3]);
       *(uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(kr, q + 1)) =
           make_uint4(o[4], o[5], o[6], o[7]);
+    }
+}
+
+/* Four fp8 codes (low byte first) as two words of two f16 each, exactly
+ * (every e4m3 and e5m2 value is an f16). sm_89+: one cvt per pair, the
+ * high pair read in place (no shift). */
+template <int MODE>
+static __device__ __forceinline__ void at_fp8x4_to_f16x4(uint32_t v, uint32_t &lo, uint32_t &hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  if (MODE == KV_E5M2)
+    asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\t"
+        "cvt.rn.f16x2.e5m2x2 %0, l;\n\tcvt.rn.f16x2.e5m2x2 %1, h;\n\t}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(v));
+  else
+    asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\t"
+        "cvt.rn.f16x2.e4m3x2 %0, l;\n\tcvt.rn.f16x2.e4m3x2 %1, h;\n\t}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(v));
+#else
+  const __half2 l = fp8x2_to_half2((uint16_t)(v & 0xffffu), MODE);
+  const __half2 h = fp8x2_to_half2((uint16_t)(v >> 16), MODE);
+  lo = *(const uint32_t *)&l;
+  hi = *(const uint32_t *)&h;
+#endif
+}
+
+/* K of an fp8 unit straight into the B fragments of S = Q K^T in f16
+ * (attend_unit's KREG form), no tile. Any permutation of the 128 dims
+ * applied to Q and K alike leaves S unchanged; this one makes each fragment
+ * a lane's own bytes: lane (g, t4) holds, of key 8 j + g of the unit, dims
+ * 32 t4 .. 32 t4 + 31 (the key's 16-byte chunks 2 t4 and 2 t4 + 1, at (c ^
+ * (key & 7)) in TMA's 128-byte swizzle: the 8 lanes of each LDS.128 phase
+ * hit 8 distinct chunks), and k-step ks takes dims 32 t4 + 4 ks + {0, 1}
+ * (k slots 2 t4, + 1: b0) and + {2, 3} (k slots 2 t4 + 8, + 9: b1).
+ * at_load_q_perm gives Q the same order. Keys past pos give garbage here;
+ * attend_unit masks their scores. */
+template <int MODE>
+static __device__ __forceinline__ void at_k_frags(const unsigned char *unit,
+                                                  uint32_t (&kb)[2][8][2], int lane) {
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 2; j++)
+#pragma unroll
+    for (int a = 0; a < 2; a++) {
+      const uint4 v =
+          *(const uint4 *)(unit + (8 * j + g) * 128 + (((2 * t4 + a) ^ g) << 4));
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+        at_fp8x4_to_f16x4<MODE>(w[i], kb[j][4 * a + i][0], kb[j][4 * a + i][1]);
+    }
+}
+
+/* The Q tile (two boxes of 16 heads x 64 dims, 128-byte swizzle) as the A
+ * fragments of the 8 k-steps in at_k_frags' order of the dims: a0 / a2 of
+ * k-step ks are dims 32 t4 + 4 ks + {0, 1} / {2, 3} of head g, a1 / a3 the
+ * same of head g + 8. */
+static __device__ __forceinline__ void at_load_q_perm(uint32_t (&qa)[8][4],
+                                                      const unsigned char *tile, int lane) {
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++)
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      const uint4 v = *(const uint4 *)(tile + unit_chunk<128, AT_UNIT_BYTES>(g + 8 * hh, 4 * t4 + q));
+      qa[2 * q][hh] = v.x;
+      qa[2 * q][2 + hh] = v.y;
+      qa[2 * q + 1][hh] = v.z;
+      qa[2 * q + 1][2 + hh] = v.w;
     }
 }
 

@@ -42,8 +42,10 @@
  *    place for a 16-bit cache, from a 16-bit copy for fp8 (K exact in the
  *    mma dtype; V exact in f16 with P V in f16 and a scalar v scale on the
  *    output, or, with per-slot v scales, times its scale in the mma dtype;
- *    with bf16 q and f16 V, S = Q K^T runs in f16 and K is converted to f16
- *    for every item whose Q tile is exactly f16, at_q_to_f16);
+ *    with bf16 q and f16 V, S = Q K^T runs in f16 for every item whose Q
+ *    tile is exactly f16, at_q_to_f16; when S runs in f16 with an f16 V,
+ *    K goes from the slot straight into the mma's B fragments, in an order
+ *    of the dims that Q takes too, at_k_frags, and only V is copied);
  *    keys after pos are masked and their V rows zeroed first (the cache
  *    there may hold anything). The item's eight warp states merge in fixed
  *    order 0..7 through shared memory (two named barriers of the consumers)
@@ -66,7 +68,9 @@
  * on the device; the tensor maps are encoded on the host per call from the
  * tensors' pointers and strides (kernel parameters).
  *
- * Registers: 155 (16-bit), 166-168 (fp8), no spills (ptxas, sm_90a).
+ * Registers: 155 (16-bit), 168 (fp8; 168 is the cap of 9 warps per SM),
+ * no spills but 16 bytes outside the unit loop for fp8 with f16 q (ptxas,
+ * sm_90a).
  * Measured (H200, m3s-bench, docs/perf-notes.md "Decode attention: a
  * persistent TMA kernel" and "fp8 caches on the TMA kernel"): 128 requests
  * x 32K TP1 138.2 us bf16 (generic kernel 155.2 in the same run; 87% of the
@@ -290,6 +294,29 @@ static __device__ __forceinline__ void at_fp8_unit(const attn_params &p, const u
   __syncwarp(); /* every lane's ldmatrix of the tile is done */
 }
 
+/* One fp8 unit whose S runs in f16 with V unscaled (no per-slot v
+ * scales): K straight into registers (at_k_frags, converted before the
+ * release so the slot's bytes are in registers), V (and the k scales) into
+ * the tile, the slot released, attended; qa in at_load_q_perm's order. */
+template <int SS, int MODE>
+static __device__ __forceinline__ void at_fp8_unit_kreg(const attn_params &p,
+                                                        const unsigned char *unit, const float *sc,
+                                                        unsigned char *tile,
+                                                        unsigned long long *empty,
+                                                        const uint32_t (&qa)[8][4], int nv,
+                                                        const float *kscale, float sl2,
+                                                        warp_state &ws, int lane) {
+  at_dequant<true, SS, MODE, true, false>(p, unit, sc, sc + M3S_BLOCK_SIZE, tile, nv, lane);
+  uint32_t kb[2][8][2];
+  at_k_frags<MODE>(unit, kb, lane);
+  __syncwarp(); /* the slot is read and the tile written by every lane */
+  if (lane == 0)
+    sm90_bar_arrive(empty);
+  attend_unit<true, 128, AT_UNIT_BYTES, true, 1, MASK_S, true>(smem_addr(tile), qa, nv, kscale,
+                                                              sl2, ws, lane, kb);
+  __syncwarp(); /* every lane's ldmatrix of the tile is done */
+}
+
 /* The item's eight warp states, merged in warp order, written out. */
 template <class S>
 static __device__ void at_store(const attn_params &p, const S &s, const at_item &it) {
@@ -324,12 +351,20 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
     const at_item it = s.item[d];
     uint32_t qa[8][4];
     /* S in f16 for an fp8 cache whose V is f16 (no per-slot v scales): q
-     * already f16, or bf16 values that all are f16s */
+     * already f16, or bf16 values that all are f16s; then K goes straight
+     * into registers (at_fp8_unit_kreg) and Q takes its order of the dims */
+    const bool kreg = FP8 && !p.sc.v_per_slot;
     bool qk16 = F16;
     if (it.n > 0) {
-      at_load_q(qa, s.qtile[d], lane);
-      if (!F16 && FP8 && !p.sc.v_per_slot)
-        qk16 = at_q_to_f16(qa);
+      if (kreg) {
+        at_load_q_perm(qa, s.qtile[d], lane);
+        if (!F16)
+          qk16 = at_q_to_f16(qa);
+        if (!qk16)
+          at_load_q(qa, s.qtile[d], lane);
+      } else {
+        at_load_q(qa, s.qtile[d], lane);
+      }
     }
     __syncwarp();
     if (lane == 0)
@@ -353,8 +388,8 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
           at_fp8_unit<F16, G::box_bytes, KVM, false>(p, unit, sc, tile, &s.empty[slot], qa, nv,
                                                      kscale, sl2, ws, lane);
         else if (qk16)
-          at_fp8_unit<true, G::box_bytes, KVM, true>(p, unit, sc, tile, &s.empty[slot], qa, nv,
-                                                     kscale, sl2, ws, lane);
+          at_fp8_unit_kreg<G::box_bytes, KVM>(p, unit, sc, tile, &s.empty[slot], qa, nv, kscale,
+                                              sl2, ws, lane);
         else
           at_fp8_unit<false, G::box_bytes, KVM, true>(p, unit, sc, tile, &s.empty[slot], qa, nv,
                                                       kscale, sl2, ws, lane);
