@@ -86,20 +86,27 @@ static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, co
  * the mma dtype (RNE), as the generic kernel's dequant_fp8. V rows of keys
  * nv..15 (past pos: the cache there may hold anything) are zeros. The
  * per-slot k scales go behind the tile. Four passes over K, then four over
- * V (lanes never diverge on the part); a pass: lane l takes chunk l & 7 of
- * key 4i + l / 8. */
+ * V (lanes never diverge on the part); in pass i, lane l takes chunk c = l
+ * & 7 of key 4 i + kofs, kofs = (ph & 2) + ((ph ^ c / 4) & 1) for ph = l /
+ * 8: the 8 lanes of an LDS.128 / STS.128 phase are chunks 0-3 of one key
+ * and 4-7 of its neighbour of the other parity, so they read 8 distinct
+ * chunks of the slot and, as the tile's 16-bit chunks 2c, 2c + 1 of the
+ * two keys fall on even and odd swizzled positions, write 8 distinct ones
+ * (the same key for all 8 lanes put chunks c and c + 4 on one bank group:
+ * 2-way conflicts on every store). */
 template <bool F16, int SS, int MODE, bool VF16, bool KPART = true>
 static __device__ __forceinline__ void at_dequant(const attn_params &p, const unsigned char *unit,
                                                   const float *ksc, const float *vsc,
                                                   unsigned char *tile, int nv, int lane) {
   if (p.sc.k_per_slot && lane < 16)
     ((float *)(tile + AT_KSCALE_OFF))[lane] = ksc[lane];
-  const int cc = lane & 7;
+  const int cc = lane & 7, ph = lane >> 3;
+  const int kofs = (ph & 2) + ((ph ^ (cc >> 2)) & 1);
 #pragma unroll
   for (int part = KPART ? 0 : 1; part < 2; part++)
 #pragma unroll 4
     for (int i = 0; i < 4; i++) {
-      const int kr = 4 * i + (lane >> 3);
+      const int kr = 4 * i + kofs;
       uint4 raw = *(const uint4 *)(unit + part * SS + kr * 128 + ((cc ^ (kr & 7)) << 4));
       uint32_t o[8];
       if (part == 0) {
