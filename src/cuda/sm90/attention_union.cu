@@ -357,7 +357,8 @@ static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem<fals
  * q's dtype (RNE), as the generic kernel's dequant_fp8. Keys past every row's
  * pos are converted too: the consumers mask them in registers (MASK_SV).
  * Converting warp cw (of AU_CONV) takes keys 16 cw .. 16 cw + 15 of the
- * half; a pass: lane l takes chunk l & 7 of key 4 i + l / 8. WG: V rows
+ * half; a pass: lane l takes chunk l & 7 of key 4 i + kofs (at_dequant's
+ * order, attention_fp8.cuh). WG: V rows
  * nvh .. 63 (past every row's pos) are written as zeros. */
 template <bool F16, int MODE, bool WG>
 static __device__ __forceinline__ void au_convert_half(const attn_params &p,
@@ -370,12 +371,16 @@ static __device__ __forceinline__ void au_convert_half(const attn_params &p,
   if (p.sc.k_per_slot && lane < keys)
     ks[keys * cw + lane] = rsc[AU_HALF * h + keys * cw + lane];
   const bool vps = p.sc.v_per_slot;
-  const int cc = lane & 7;
+  /* at_dequant's lane order: a 128-bit phase converts chunks 0-3 of one key
+   * and 4-7 of its other-parity neighbour, so neither its reads nor its
+   * stores meet on a bank */
+  const int cc = lane & 7, ph = lane >> 3;
+  const int kofs = (ph & 2) + ((ph ^ (cc >> 2)) & 1);
 #pragma unroll 1
   for (int part = 0; part < 2; part++)
 #pragma unroll
     for (int i = keys / 4 * cw; i < keys / 4 * (cw + 1); i++) {
-      const int kr = 4 * i + (lane >> 3), kb = AU_HALF * h + kr;
+      const int kr = 4 * i + kofs, kb = AU_HALF * h + kr;
       const uint4 w = *(const uint4 *)(raw + part * R::box_bytes + kb * 128 + ((cc ^ (kb & 7)) << 4));
       uint32_t o[8];
       if (part == 0)
