@@ -643,25 +643,6 @@ static __device__ __forceinline__ void tcd_query_row(const tcd_params &p, int r,
  * bf16 query is scaled by 2^s into fp16's range (tcd_stage_request) and S~, E
  * scaled back (tcd_emit). Why this is exact up to E: file-top comment. */
 
-/* Four e4m3 codes (low byte first) as two words of two fp16 each, exactly
- * (NaN stays NaN). sm_89+: one cvt.rn.f16x2.e4m3x2 per pair, the high pair
- * read in place (ptxas selects the register's upper half, no shift);
- * __nv_cvt_fp8x2_to_halfraw2 is the same instruction, but taking v >> 16
- * costs a shift per pair. */
-static __device__ __forceinline__ void tcd_e4m3x4_to_f16x4(uint32_t v, uint32_t &lo, uint32_t &hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\t"
-      "cvt.rn.f16x2.e4m3x2 %0, l;\n\tcvt.rn.f16x2.e4m3x2 %1, h;\n\t}"
-      : "=r"(lo), "=r"(hi)
-      : "r"(v));
-#else
-  __half2_raw l = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xffffu), __NV_E4M3);
-  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v >> 16), __NV_E4M3);
-  lo = (uint32_t)l.x | (uint32_t)l.y << 16;
-  hi = (uint32_t)h.x | (uint32_t)h.y << 16;
-#endif
-}
-
 /* 2^e as a float, for e in [-126, 127]. */
 static __device__ __forceinline__ float tcd_pow2(int e) { return __int_as_float((127 + e) << 23); }
 
@@ -812,10 +793,10 @@ static __device__ __forceinline__ void tcd_key_quad(const unsigned char *page,
     if ((x & 1) == 0) {
       uint2 v0 = *(const uint2 *)(page + ko[x >> 1]);
       uint2 v1 = *(const uint2 *)(page + ko[x >> 1] + 1024);
-      tcd_e4m3x4_to_f16x4(v0.x, k[0][0], k[0][1]);
-      tcd_e4m3x4_to_f16x4(v0.y, k[0][2], k[0][3]);
-      tcd_e4m3x4_to_f16x4(v1.x, k[1][0], k[1][1]);
-      tcd_e4m3x4_to_f16x4(v1.y, k[1][2], k[1][3]);
+      fp8x4_to_f16x4<false>(v0.x, k[0][0], k[0][1]);
+      fp8x4_to_f16x4<false>(v0.y, k[0][2], k[0][3]);
+      fp8x4_to_f16x4<false>(v1.x, k[1][0], k[1][1]);
+      fp8x4_to_f16x4<false>(v1.y, k[1][2], k[1][3]);
     }
     const int h = x & 1;
     a[0] = k[0][2 * h];

@@ -80,8 +80,8 @@ static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, co
 /* An fp8 unit (16 key rows of the K box and of the V box, SS bytes apart,
  * 128-byte swizzle) into the warp's 16-bit tile (unit_chunk<128,
  * AT_UNIT_BYTES>); without KPART only V (and the k scales), for K taken
- * straight into registers (at_k_frags). K exact in the mma dtype (its scale multiplies the fp32
- * score). V: with VF16, exact in f16 and unscaled (a scalar v scale
+ * straight into registers (at_k_frags). K exact in the mma dtype (its
+ * scale multiplies the fp32 score). V: with VF16, exact in f16 and unscaled (a scalar v scale
  * multiplies the output); otherwise times its per-slot scale, rounded to
  * the mma dtype (RNE), as the generic kernel's dequant_fp8. V rows of keys
  * nv..15 (past pos: the cache there may hold anything) are zeros. The
@@ -127,30 +127,6 @@ static __device__ __forceinline__ void at_dequant(const attn_params &p, const un
     }
 }
 
-/* Four fp8 codes (low byte first) as two words of two f16 each, exactly
- * (every e4m3 and e5m2 value is an f16). sm_89+: one cvt per pair, the
- * high pair read in place (no shift). */
-template <int MODE>
-static __device__ __forceinline__ void at_fp8x4_to_f16x4(uint32_t v, uint32_t &lo, uint32_t &hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  if (MODE == KV_E5M2)
-    asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\t"
-        "cvt.rn.f16x2.e5m2x2 %0, l;\n\tcvt.rn.f16x2.e5m2x2 %1, h;\n\t}"
-        : "=r"(lo), "=r"(hi)
-        : "r"(v));
-  else
-    asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\t"
-        "cvt.rn.f16x2.e4m3x2 %0, l;\n\tcvt.rn.f16x2.e4m3x2 %1, h;\n\t}"
-        : "=r"(lo), "=r"(hi)
-        : "r"(v));
-#else
-  const __half2 l = fp8x2_to_half2((uint16_t)(v & 0xffffu), MODE);
-  const __half2 h = fp8x2_to_half2((uint16_t)(v >> 16), MODE);
-  lo = *(const uint32_t *)&l;
-  hi = *(const uint32_t *)&h;
-#endif
-}
-
 /* K of an fp8 unit straight into the B fragments of S = Q K^T in f16
  * (attend_unit's KREG form), no tile. Any permutation of the 128 dims
  * applied to Q and K alike leaves S unchanged; this one makes each fragment
@@ -174,7 +150,7 @@ static __device__ __forceinline__ void at_k_frags(const unsigned char *unit,
       const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int i = 0; i < 4; i++)
-        at_fp8x4_to_f16x4<MODE>(w[i], kb[j][4 * a + i][0], kb[j][4 * a + i][1]);
+        fp8x4_to_f16x4<MODE == KV_E5M2>(w[i], kb[j][4 * a + i][0], kb[j][4 * a + i][1]);
     }
 }
 
