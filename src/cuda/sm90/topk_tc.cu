@@ -59,10 +59,7 @@
  * uniform decode batches that ../topk_decode.cu's certified streaming kernel
  * covers (q_len x Hkv <= 16, every row in one chunk): that kernel writes
  * (S~, E) in place of phase 1, then the same selection runs with
- * all_scored = 1: a CTA per pair up to one pair per SM
- * (tc_select_wide_kernel), a warp per pair beyond, and in between (up to
- * two pairs per SM) a warp per short pair and a CTA per long one, which
- * tc_select_kernel lists for tc_select_wide_kernel (tc_launch_split).
+ * all_scored = 1.
  *
  * Registers / spills (ptxas, sm_90a): 128 registers each (the TMA kernel
  * 124), no spills: the TMA kernel runs each block as two m64n64 halves
@@ -148,9 +145,8 @@ static tc_plan tc_plan_of(const m3s_layer_config *cfg, int64_t tokens, int64_t m
   return p;
 }
 
-/* The deferred-pair list of tc_select_reg_kernel (or the long pairs that
- * tc_select_kernel leaves to tc_select_wide_kernel in a decode batch): a
- * count, then up to one pair index per (row, head) of a chunk. */
+/* The deferred-pair list of tc_select_reg_kernel: a count, then up to one
+ * pair index per (row, head) of a chunk. */
 static size_t tc_list_bytes(int64_t chunk_rows, int hkv) {
   size_t n = ((size_t)chunk_rows * (size_t)hkv + 1) * sizeof(int32_t);
   return (n + 255) & ~(size_t)255;
@@ -1644,9 +1640,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
 }
 
 /* One pair per CTA (batches with few pairs, where the pairs alone would
- * leave most SMs idle; or, with a.listed, the long pairs of a decode batch
- * that tc_select_kernel listed, a grid of SMs walking the list:
- * tc_launch_split; at one 128K decode request the selection was the
+ * leave most SMs idle; at one 128K decode request the selection was the
  * step's longest kernel, 19 us under ncu, its warps mostly waiting at the CTA
  * barrier for warp 0's ranking). Every phase is spread over the CTA's
  * TC_WIDE_WARPS warps: the thresholds u', l' of tc_select_classify come from a
@@ -1656,9 +1650,8 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
  * about one memory round trip. The same sets In, Q and the same reference
  * scores as tc_select_classify / _rescore, so the same result; rows of short
  * requests, pairs with nothing to choose, the test hook's measure mode and
- * more than 32 uncertain blocks take those functions on warp 0 instead. At
- * most one CTA per SM (no more CTAs than SMs), so registers are not capped
- * for occupancy. */
+ * more than 32 uncertain blocks take those functions on warp 0 instead. At most one CTA per SM (no more
+ * pairs than SMs), so registers are not capped for occupancy. */
 #define TC_WIDE_WARPS 8
 #define TC_WIDE_THREADS (TC_WIDE_WARPS * 32)
 
@@ -1862,10 +1855,8 @@ static __global__ void __launch_bounds__(TC_WIDE_THREADS, 1)
   if (a.pdl)
     m3s_pdl_trigger();
   const int64_t count = a.listed ? __ldcg(a.list) : a.npairs;
-  for (int64_t i = blockIdx.x; i < count; i += gridDim.x) {
-    const int64_t lp = a.listed ? __ldcg(a.list + 1 + i) : i;
-    if (a.listed && a.stats && tid == 0)
-      atomicAdd(&a.stats->listed_pairs, 1u);
+  for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
+    const int64_t lp = a.listed ? __ldcg(a.list + 1 + k) : k;
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);

@@ -24,8 +24,7 @@ typedef struct {
   unsigned long long rescored;   /* candidates re-scored in the reference order */
   unsigned long long violations; /* measure mode: |S~ - S| > E (must stay 0) */
   unsigned int max_ratio_bits;
-  unsigned int reg_pairs;    /* pairs decided by the register selection (tc_reg_write) */
-  unsigned int listed_pairs; /* decode: long pairs the CTA-wide kernel took from the list */
+  unsigned int reg_pairs; /* pairs decided by the register selection (tc_reg_write) */
 } m3s_topk_tc_stats;
 
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
@@ -43,13 +42,10 @@ typedef struct {
  *              whenever it covers them, also below the batch size and pair
  *              count from which it is the default (the tests' small
  *              fixtures).
- *  rounds_select: the selection by rounds of a warp maximum with the
+ *  rounds_select: the prefill selection by rounds of a warp maximum with the
  *              entries in shared memory (tc_select_kernel) also where the
  *              register selection (tc_select_reg_kernel, at most 128
- *              candidates per pair) is the default, and for every pair of
- *              a decode batch whose long pairs would go to the CTA-wide
- *              kernel (tc_launch_split): for A/B timings. The measure mode
- *              keeps decode pairs on warps too. */
+ *              candidates per pair) is the default: for A/B timings. */
 typedef struct {
   int exact_only;
   int no_rescore;
