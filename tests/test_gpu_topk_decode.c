@@ -426,26 +426,6 @@ static void test_large(void) {
   dcase c3 = {
       "skewed_one_128k_among_63_of_4k_tp1", m3s_config_minimax_m3(1), 64, 1, s, 0, &g_bf16, 0};
   run_case(&c3);
-  /* decode batches of up to 2 x SMs pairs whose long pairs (more than 256
-   * candidates) leave the per-warp selection for the CTA-wide one, over a
-   * list (sm90/topk_tc.cu, TC_WIDE_LONG): q_len 4 with a ragged spread, and
-   * e4m3 with two long requests among short ones */
-  dcase c5 = {"tp1_q4_12_requests_2k_to_70k_long_pairs_listed",
-              m3s_config_minimax_m3(1),
-              12,
-              4,
-              ragged(12, 2048, 70000),
-              0,
-              &g_bf16,
-              0};
-  run_case(&c5);
-  int32_t *s6 = (int32_t *)ragged(64, 4096, 4096);
-  s6[9] = 90000;
-  s6[40] = 60001;
-  dcase c6 = {
-      "e4m3_two_long_among_64_tp1_long_pairs_listed", m3s_config_minimax_m3(1), 64, 1, s6, 0,
-      &g_e4m3, 0};
-  run_case(&c6);
   dcase c4 = {"e4m3_tp1_q1_64_requests_4k_to_32k",
               m3s_config_minimax_m3(1),
               64,

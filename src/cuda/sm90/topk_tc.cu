@@ -832,10 +832,7 @@ typedef struct {
   int hkv, topk, init, local;
   int no_rescore, measure;
   int all_scored; /* decode: every row has (S~, E) entries, whatever its request's length */
-  int32_t *list;  /* deferred pairs (tc_select_reg_kernel's, or the long ones that
-                   * tc_select_kernel leaves to the CTA-wide kernel): count, then indices */
-  int64_t wide_min; /* tc_select_kernel: pairs with more candidates go to the list (0: none) */
-  int listed;       /* tc_select_wide_kernel: the pairs of the list, not 0 .. npairs */
+  int32_t *list;  /* tc_select_reg_kernel's deferred pairs: count, then indices */
   m3s_topk_tc_stats *stats;
   int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
 } tc_select_args;
@@ -1370,20 +1367,16 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
     tc_select_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ tc_warp_shared sh[TC_SEL_WARPS];
   __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
-    if (nb <= a.topk) {
+    if (nb <= a.topk)
       tc_write_all(a, nb, out);
-    } else if (a.wide_min > 0 && nb - a.init - a.local > a.wide_min) {
-      if (lane == 0) /* a long pair: the CTA-wide kernel after this one */
-        a.list[1 + atomicAdd(a.list, 1)] = (int32_t)lp;
-    } else {
+    else
       tc_select_one(bt, a, lp, ri, nb, out, sh[warp], wsh[warp]);
-    }
   }
 }
 
@@ -1854,9 +1847,7 @@ static __global__ void __launch_bounds__(TC_WIDE_THREADS, 1)
   m3s_pdl_wait();
   if (a.pdl)
     m3s_pdl_trigger();
-  const int64_t count = a.listed ? __ldcg(a.list) : a.npairs;
-  for (int64_t k = blockIdx.x; k < count; k += gridDim.x) {
-    const int64_t lp = a.listed ? __ldcg(a.list + 1 + k) : k;
+  for (int64_t lp = blockIdx.x; lp < a.npairs; lp += gridDim.x) {
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
@@ -1969,49 +1960,12 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
   return m3s_cuda_check_launch(fn, "tc_select_deferred_kernel");
 }
 
-/* Decode batches of up to TC_WIDE_LONG_PAIRS x SMs pairs: pairs with more
- * than TC_WIDE_LONG candidates leave the per-warp kernel for the CTA-wide one
- * (a grid of SMs over the list). One warp took ~26 us for a 16 x 32K batch's
- * ~255 candidates per pair (ncu, H200, session 7), so a long request among
- * short ones (the peer's skew case: top-k 97.6 us against a 23 us byte
- * floor, session 13) waits on one warp per long pair, where the CTA-wide
- * kernel spreads each phase of a pair over 8 warps (tc_select_wide_kernel).
- * Larger batches keep every pair on warps: their pairs fill the SMs anyway,
- * and the CTA-wide kernel would take them in rounds. Not measured yet. */
-#define TC_WIDE_LONG 256
-#define TC_WIDE_LONG_PAIRS 2
-
-/* tc_select_kernel over the short pairs, listing the long ones, then
- * tc_select_wide_kernel over the list (a CTA per listed pair, a grid of
- * SMs). */
-static m3s_status tc_launch_split(int64_t sms, const m3s_cuda_batch &cb, const tc_select_args &se,
-                                  cudaStream_t stream, const char *fn) {
-  cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
-  if (err != cudaSuccess)
-    return m3s_fail(M3S_ERR_CUDA, fn, "clearing the long-pair count failed: %s",
-                    cudaGetErrorString(err));
-  tc_select_args sl = se;
-  sl.wide_min = TC_WIDE_LONG;
-  const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS;
-  tc_select_kernel<<<(unsigned)ctas, TC_SEL_WARPS * 32, 0, stream>>>(cb, sl);
-  m3s_status st = m3s_cuda_check_launch(fn, "tc_select_kernel");
-  if (st)
-    return st;
-  tc_select_args sw = se;
-  sw.listed = 1;
-  tc_select_wide_kernel<<<(unsigned)sms, TC_WIDE_THREADS, 0, stream>>>(cb, sw);
-  return m3s_cuda_check_launch(fn, "tc_select_wide_kernel");
-}
-
 /* Phase 2 over se.npairs (row, head) pairs from se.row0: a warp per pair, or
- * a CTA per pair when there are no more pairs than SMs (host bounds only),
- * or, for decode batches of a few SMs' worth of pairs that can be long, a
- * warp per short pair and a CTA per long one (TC_WIDE_LONG). */
+ * a CTA per pair when there are no more pairs than SMs (host bounds only). */
 static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
                                    const tc_select_args &se, int rounds, cudaStream_t stream,
                                    const char *fn) {
-  const int64_t sms = m3s_cuda_num_sms(ctx);
-  if (se.npairs <= sms) {
+  if (se.npairs <= (int64_t)m3s_cuda_num_sms(ctx)) {
     tc_select_args sw = se;
     /* PDL is for the decode chain (launch.h); a prefill chunk's selection
      * follows a plainly launched score kernel */
@@ -2019,12 +1973,10 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
     return m3s_launch(sw.pdl, tc_select_wide_kernel, dim3((unsigned)se.npairs),
                       dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
   }
+  const int64_t sms = m3s_cuda_num_sms(ctx);
   /* candidates per pair at most: the blocks of max_seq_len less the forced;
    * decode batches (every row scored) keep the rounds kernel */
   const int64_t cand = se.max_nb - se.init - se.local;
-  if (se.all_scored && !rounds && !se.measure && cand > TC_WIDE_LONG &&
-      se.npairs <= TC_WIDE_LONG_PAIRS * sms)
-    return tc_launch_split(sms, cb, se, stream, fn);
   const int r = rounds || se.all_scored ? 0 : cand <= 32 ? 1 : cand <= 64 ? 2 : cand <= 128 ? 4 : 0;
   switch (r) {
   case 1: return tc_launch_reg<1>(sms, cb, se, stream, fn);
@@ -2092,8 +2044,6 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.stats = hooks.stats;
   se.all_scored = 0;
   se.pdl = 0; /* set for the launches that take it (tc_launch_select) */
-  se.wide_min = 0;
-  se.listed = 0;
   se.list = (int32_t *)((unsigned char *)exec->workspace + need - tc_list_bytes(plan.chunk_rows, hkv));
 
   if (batch->uniform_q_len > 0) {
