@@ -101,11 +101,12 @@ static void usage(FILE *f) {
 "                    also where the register selection is the default)\n"
 "  --attn-path P     default (sm_90: the persistent TMA kernel for one row per\n"
 "                    request, the union kernel for prefill and speculative\n"
-"                    batches with a 16-bit cache of q's dtype, contexts <= 32K\n"
-"                    and work for >= half the SMs), generic (the cp.async kernel\n"
-"                    always), union (the union kernel for every batch it can\n"
-"                    run, fp8 caches included) or union-wgmma (the same, its\n"
-"                    rows on warpgroup wgmma consumers)\n"
+"                    batches, contexts <= 32K (fp8 caches <= 16K) and work for\n"
+"                    >= half the SMs, on warpgroup consumers for prefill up to\n"
+"                    12K (fp8 16K)), generic (the cp.async kernel always),\n"
+"                    union (the union kernel for every batch it can run, on\n"
+"                    mma.sync consumers) or union-wgmma (the same, on\n"
+"                    warpgroup wgmma consumers)\n"
 "  --pdl MODE        programmatic dependent launch of the decode chain (sm_90;\n"
 "                    score, selection, attention and merge kernels): default\n"
 "                    (batches of one request), on or off             [default]\n"
@@ -417,9 +418,12 @@ int main(int argc, char **argv) {
     m3s_attention_set_union_any(B.ctx, 1);
     printf("m3s-bench: attention on the union kernel wherever it can run\n");
   }
-  if (o->attn_wgmma) {
-    m3s_attention_set_union_wgmma(B.ctx, 1);
-    printf("m3s-bench: the union kernel's warpgroup (wgmma) consumers\n");
+  if (o->attn_union) {
+    /* union: the mma.sync consumers; union-wgmma: the warpgroups (the
+     * default path follows m3s_attention_union_wg's rule) */
+    m3s_attention_set_union_wgmma(B.ctx, o->attn_wgmma);
+    printf("m3s-bench: the union kernel's %s consumers\n",
+           o->attn_wgmma ? "warpgroup (wgmma)" : "mma.sync");
   }
   /* the launch switch of src/cuda/launch.h (per context) */
   m3s_cuda_set_pdl(B.ctx, o->pdl);

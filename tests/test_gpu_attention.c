@@ -208,7 +208,7 @@ static int forced_union(fixture *f, gpu_fx *g, const int32_t *dev_topk, const in
   if (runs)
     device_checks(f, g, dev_topk, ref_topk, cpu_out, mods, name,
                   wgmma ? "union wgmma (forced)" : "union (forced)", &ref, &cpu);
-  m3s_attention_set_union_wgmma(g_gpu, 0);
+  m3s_attention_set_union_wgmma(g_gpu, -1);
   m3s_attention_set_union_any(g_gpu, 0);
   return runs;
 }
@@ -269,14 +269,18 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
                   &ref2, &cpu2);
     m3s_attention_set_generic(g_gpu, 0);
   }
-  /* the union kernel on every batch it can run, however small (unless it
-   * ran by default), then on its warpgroup consumers */
+  /* the union kernel on every batch it can run, however small, on each
+   * consumer form the default did not run */
   const void *cpu_ref = have_cpu ? cpu_out : NULL;
-  const int forced = ok && kind != M3S_ATTN_UNION &&
+  const int def_wg = kind == M3S_ATTN_UNION &&
+                     m3s_attention_union_wg(g_gpu, &g.batch,
+                                            g.kv_t.dtype == M3S_E4M3 || g.kv_t.dtype == M3S_E5M2);
+  const int forced = ok && (kind != M3S_ATTN_UNION || def_wg) &&
                      forced_union(&f, &g, dev_topk, ref_topk, cpu_ref, mods, name, 0);
-  const int wgmma = ok && forced_union(&f, &g, dev_topk, ref_topk, cpu_ref, mods, name, 1);
+  const int wgmma = ok && (kind != M3S_ATTN_UNION || !def_wg) &&
+                    forced_union(&f, &g, dev_topk, ref_topk, cpu_ref, mods, name, 1);
   g_union_cases += forced;
-  g_wgmma_cases += wgmma;
+  g_wgmma_cases += wgmma || def_wg;
   if (ok && g_time)
     time_case(&f, &g, dev_topk, name);
   printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f "

@@ -426,6 +426,25 @@ static void test_large(void) {
   dcase c3 = {
       "skewed_one_128k_among_63_of_4k_tp1", m3s_config_minimax_m3(1), 64, 1, s, 0, &g_bf16, 0};
   run_case(&c3);
+  /* long pairs among short ones on the per-warp selection: q_len 4 with a
+   * ragged spread, e4m3 with two long requests, every pair long with more
+   * pairs than SMs, one long request among 127 */
+  dcase c5 = {"tp1_q4_12_requests_2k_to_70k", m3s_config_minimax_m3(1), 12, 4,
+              ragged(12, 2048, 70000), 0, &g_bf16, 0};
+  run_case(&c5);
+  int32_t *s6 = (int32_t *)ragged(64, 4096, 4096);
+  s6[9] = 90000;
+  s6[40] = 60001;
+  dcase c6 = {"e4m3_two_long_among_64_tp1", m3s_config_minimax_m3(1), 64, 1, s6, 0, &g_e4m3, 0};
+  run_case(&c6);
+  dcase c7 = {"tp1_q1_64_requests_40k_to_70k", m3s_config_minimax_m3(1), 64, 1,
+              ragged(64, 40000, 70000), 0, &g_bf16, 0};
+  run_case(&c7);
+  int32_t *s8 = (int32_t *)ragged(128, 4096, 4096);
+  s8[77] = 131072;
+  dcase c8 = {"skewed_one_128k_among_127_of_4k_tp1", m3s_config_minimax_m3(1), 128, 1, s8, 0,
+              &g_bf16, 0};
+  run_case(&c8);
   dcase c4 = {"e4m3_tp1_q1_64_requests_4k_to_32k",
               m3s_config_minimax_m3(1),
               64,

@@ -22,7 +22,7 @@ typedef struct {
   m3s_topk_tc_hooks topk_hooks; /* test switches of the certified top-k */
   int attn_generic;              /* test switch: attention on the generic kernel */
   int attn_union_any;            /* test switch: the union kernel without its size rule */
-  int attn_union_wgmma;          /* test switch: the union kernel's warpgroup consumers */
+  int attn_union_wgmma;          /* the union kernel's warpgroup consumers: -1 rule, 0 off, 1 on */
   int pdl;                       /* programmatic dependent launch: < 0 default, 0 off, > 0 on (launch.h) */
 } cuda_state;
 
@@ -101,6 +101,7 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   st->num_sms = prop.multiProcessorCount;
   st->tmap_encode = tmap_encoder();
   st->pdl = -1; /* the default rule (launch.h) */
+  st->attn_union_wgmma = -1; /* m3s_attention_union_wg */
   ctx->backend_state = st;
   m3s_log(ctx, 2, "CUDA context on device %d (%s, sm_%d%d, %d SMs)", ctx->device, prop.name,
           prop.major, prop.minor, prop.multiProcessorCount);
@@ -154,12 +155,12 @@ extern "C" int m3s_cuda_attention_union_any(const m3s_context *ctx) {
 extern "C" void m3s_attention_set_union_wgmma(m3s_context *ctx, int on) {
   cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
   if (st)
-    st->attn_union_wgmma = on != 0;
+    st->attn_union_wgmma = on < 0 ? -1 : on != 0;
 }
 
 extern "C" int m3s_cuda_attention_union_wgmma(const m3s_context *ctx) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
-  return st ? st->attn_union_wgmma : 0;
+  return st ? st->attn_union_wgmma : -1;
 }
 
 extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {

@@ -517,13 +517,11 @@ static int at_scale_ok(const float *base, int per_slot, int64_t s0, int64_t s1) 
 }
 
 /* What both TMA kernels need of the call's tensors: bf16 / f16 q, a cache
- * of q's dtype or (fp8_ok) e4m3 / e5m2, 16-byte aligned bases and strides,
- * int32 coordinates, per-slot scales the producer can bulk-copy. */
-static int at_tensors_ok(const m3s_tensor *q, const m3s_tensor *kv, const m3s_kv_scales *scales,
-                         bool fp8_ok) {
+ * of q's dtype or e4m3 / e5m2, 16-byte aligned bases and strides, int32
+ * coordinates, per-slot scales the producer can bulk-copy. */
+static int at_tensors_ok(const m3s_tensor *q, const m3s_tensor *kv, const m3s_kv_scales *scales) {
   const bool fp8 = kv->dtype == M3S_E4M3 || kv->dtype == M3S_E5M2;
-  if ((q->dtype != M3S_BF16 && q->dtype != M3S_F16) || (fp8 && !fp8_ok) ||
-      (!fp8 && kv->dtype != q->dtype))
+  if ((q->dtype != M3S_BF16 && q->dtype != M3S_F16) || (!fp8 && kv->dtype != q->dtype))
     return 0;
   const int64_t kvec = fp8 ? 16 : 8;
   if (!(aligned16(kv->data) && aligned16(q->data) && kv->stride[3] == 1 && q->stride[2] == 1 &&
@@ -546,16 +544,15 @@ int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const
     return M3S_ATTN_GENERIC;
   int kind;
   if (batch->max_q_len == 1) {
-    if (!at_tensors_ok(q, kv, scales, true))
+    if (!at_tensors_ok(q, kv, scales))
       return M3S_ATTN_GENERIC;
     kind = M3S_ATTN_PERSISTENT;
   } else {
     /* rows that share blocks (prefill, speculative tokens): the union
-     * kernel (sm90/attention_union.cu); its fp8 path only under the union
-     * switch until it is measured on a GPU (perf-notes, "Union kernel on
-     * fp8 caches") */
-    if (!at_tensors_ok(q, kv, scales, m3s_cuda_attention_union_any(ctx)) ||
-        !m3s_attention_union_pays(ctx, batch, q->shape[1] / kv->shape[1], kv->shape[1]))
+     * kernel (sm90/attention_union.cu), 16-bit and fp8 caches */
+    const int fp8 = kv->dtype == M3S_E4M3 || kv->dtype == M3S_E5M2;
+    if (!at_tensors_ok(q, kv, scales) ||
+        !m3s_attention_union_pays(ctx, batch, q->shape[1] / kv->shape[1], kv->shape[1], fp8))
       return M3S_ATTN_GENERIC;
     kind = M3S_ATTN_UNION;
   }

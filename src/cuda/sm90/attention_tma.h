@@ -28,10 +28,10 @@ int m3s_cuda_attention_generic(const m3s_context *ctx);
 void m3s_attention_set_union_any(m3s_context *ctx, int any);
 int m3s_cuda_attention_union_any(const m3s_context *ctx);
 
-/* on != 0: the union kernel runs its rows on warpgroup consumers (wgmma;
- * sm90/attention_union.cu, au_consume_wg) instead of one mma.sync warp per
- * row, for every cache kind it takes; for tests and m3s-bench until it is
- * measured, like the switches above. */
+/* The union kernel's consumers: on > 0 warpgroups (wgmma;
+ * sm90/attention_union.cu, au_consume_wg) for every batch, 0 one mma.sync
+ * warp per row, < 0 (the default) the rule of m3s_attention_union_wg; for
+ * tests and m3s-bench, like the switches above. */
 void m3s_attention_set_union_wgmma(m3s_context *ctx, int on);
 int m3s_cuda_attention_union_wgmma(const m3s_context *ctx);
 
@@ -45,9 +45,9 @@ enum {
 /* The kernel that runs this call (host facts only): M3S_ATTN_PERSISTENT
  * for decode with one query row per request (batch->max_q_len == 1) and a
  * cache of q's dtype (bf16 or f16) or an e4m3 / e5m2 cache;
- * M3S_ATTN_UNION for batches with max_q_len > 1, a cache of q's dtype (fp8
- * too under the union switch above) and the shape of
- * m3s_attention_union_pays; both need
+ * M3S_ATTN_UNION for batches with max_q_len > 1, a cache of q's dtype or
+ * an e4m3 / e5m2 cache, and the shape of m3s_attention_union_pays; both
+ * need
  * M3S_OPT_BATCH_INVARIANT off, an sm_90 device with the driver's
  * tensor-map encoder, 16-byte aligned bases and strides, per-slot scales
  * with contiguous slots and a 16-byte aligned base and head stride, int32
@@ -58,10 +58,14 @@ int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batch *batch, c
 
 /* 1 when the union kernel pays for a batch of batch->num_tokens rows with
  * `group` query heads per KV head and hkv KV heads: work items for at least
- * half the SMs and contexts up to 32K (batch->max_seq_len); or the switch
- * above is on. Defined in sm90/attention_union.cu. */
+ * half the SMs and contexts up to 32K (batch->max_seq_len; 16K for an fp8
+ * cache); or the switch above is on. Defined in sm90/attention_union.cu. */
 int m3s_attention_union_pays(const m3s_context *ctx, const m3s_batch *batch, int64_t group,
-                             int64_t hkv);
+                             int64_t hkv, int fp8);
+/* 1 when the union kernel runs a batch on its warpgroup consumers: the
+ * switch above, else prefill chunks (max_q_len > 8) with contexts up to 12K
+ * (16-bit caches) or 16K (fp8). */
+int m3s_attention_union_wg(const m3s_context *ctx, const m3s_batch *batch, int fp8);
 
 #ifdef __CUDACC__
 cudaError_t m3s_attention_tma_prepare(void);

@@ -882,16 +882,38 @@ static int64_t au_items(int64_t rows, int64_t group, int64_t hkv) {
  * decode (q_len 4, 64 requests x 32K, 128 items) 1.28x; with a quarter of
  * the SMs busy (32 items) 2.3x slower: at least half the SMs. */
 #define AU_MAX_SEQ (32 * 1024)
+/* fp8 caches (session 14, H200, e4m3, independent draws, ms, generic /
+ * union / union on warpgroups): 4K prompt 2.92 / 1.50 / 1.20, 8K 6.59 /
+ * 4.23 / 3.85, 16K 13.94 / 11.65 / 11.47; longer not measured. */
+#define AU_MAX_SEQ_FP8 (16 * 1024)
+/* The warpgroup consumers (session 14, H200, bf16, ms, mma.sync / wgmma):
+ * independent draws 4K 1.12 / 0.91, 8K 2.91 / 2.77, 12K 5.00 / 5.05, 16K
+ * 7.23 / 7.54, 32K 17.15 / 18.68, 4K behind 60K 2.32 / 3.19; draws shared
+ * by a query block's tokens 8K 2.34 / 1.57, 16K 4.90 / 3.29. They compute
+ * a half for all 4 rows of a warpgroup, so they win where the rows' unions
+ * stay small; fp8 caches up to AU_MAX_SEQ_FP8, where the conversion binds
+ * both forms. */
+#define AU_WG_MAX_SEQ (12 * 1024)
 
 extern "C" int m3s_attention_union_pays(const m3s_context *ctx, const m3s_batch *batch,
-                                        int64_t group, int64_t hkv) {
+                                        int64_t group, int64_t hkv, int fp8) {
   const int64_t items = au_items(batch->num_tokens, group, hkv);
   if (items <= 0 || items > INT32_MAX)
     return 0;
   if (m3s_cuda_attention_union_any(ctx))
     return 1;
   /* one CTA per SM and no split */
-  return 2 * items >= m3s_cuda_num_sms(ctx) && batch->max_seq_len <= AU_MAX_SEQ;
+  return 2 * items >= m3s_cuda_num_sms(ctx) &&
+         batch->max_seq_len <= (fp8 ? AU_MAX_SEQ_FP8 : AU_MAX_SEQ);
+}
+
+extern "C" int m3s_attention_union_wg(const m3s_context *ctx, const m3s_batch *batch, int fp8) {
+  const int sw = m3s_cuda_attention_union_wgmma(ctx);
+  if (sw >= 0)
+    return sw;
+  /* measured on prefill chunks; speculative decode rows keep mma.sync */
+  return batch->max_q_len > AU_TOKENS &&
+         batch->max_seq_len <= (fp8 ? AU_MAX_SEQ_FP8 : AU_WG_MAX_SEQ);
 }
 
 m3s_status m3s_attention_union_launch(const attn_params &p, const m3s_attn_tma_maps &maps,
