@@ -7,7 +7,9 @@
  * it was measured to pay (H200, m3s-bench graph replays, step us, off / on:
  * one request TP1 32K 29.4 / 27.1, 128K 40.6 / 38.8, TP8 128K 36.2 / 34.0;
  * 16 requests TP1 32K 80.5 / 83.5, 128K 176.8 / 180.3; 128 within 0.5%;
- * docs/perf-notes.md, session 13); a context switch forces it on or off
+ * docs/perf-notes.md, session 13; session 14, after the chain's kernels
+ * changed: one request 32K 28.6 / 28.3, 128K 38.7 / 38.7, i.e. neutral
+ * now); a context switch forces it on or off
  * for tests and m3s-bench. Plain C, included by C tests and the CUDA
  * sources. Internal (not exported): tests and m3s-bench
  * link m3sparse_internal. Defined in src/cuda/context.cu. */
