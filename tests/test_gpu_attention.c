@@ -272,9 +272,8 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   /* the union kernel on every batch it can run, however small, on each
    * consumer form the default did not run */
   const void *cpu_ref = have_cpu ? cpu_out : NULL;
-  const int def_wg = kind == M3S_ATTN_UNION &&
-                     m3s_attention_union_wg(g_gpu, &g.batch,
-                                            g.kv_t.dtype == M3S_E4M3 || g.kv_t.dtype == M3S_E5M2);
+  const int def_wg =
+      kind == M3S_ATTN_UNION && m3s_attention_union_wg(g_gpu, &g.batch, g.kv_t.dtype);
   const int forced = ok && (kind != M3S_ATTN_UNION || def_wg) &&
                      forced_union(&f, &g, dev_topk, ref_topk, cpu_ref, mods, name, 0);
   const int wgmma = ok && (kind != M3S_ATTN_UNION || !def_wg) &&

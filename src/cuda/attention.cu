@@ -597,11 +597,9 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
   m3s_attn_tma_maps maps;
   const int kind = m3s_attention_tma_plan(ctx, batch, q, kv_cache, scales, &maps);
   if (kind == M3S_ATTN_UNION)
-    return m3s_attention_union_launch(
-        p, maps, q->dtype == M3S_F16,
-        m3s_attention_union_wg(ctx, batch,
-                               kv_cache->dtype == M3S_E4M3 || kv_cache->dtype == M3S_E5M2),
-        stream, fn);
+    return m3s_attention_union_launch(p, maps, q->dtype == M3S_F16,
+                                      m3s_attention_union_wg(ctx, batch, kv_cache->dtype), stream,
+                                      fn);
   const int tma = kind == M3S_ATTN_PERSISTENT;
   int nsplit = tma ? plan_split_tma(ctx, cfg, T, batch->max_seq_len)
                    : plan_split(ctx, cfg, T, batch->max_seq_len);

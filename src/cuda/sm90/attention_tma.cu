@@ -550,9 +550,8 @@ int m3s_attention_tma_plan(const m3s_context *ctx, const m3s_batch *batch, const
   } else {
     /* rows that share blocks (prefill, speculative tokens): the union
      * kernel (sm90/attention_union.cu), 16-bit and fp8 caches */
-    const int fp8 = kv->dtype == M3S_E4M3 || kv->dtype == M3S_E5M2;
     if (!at_tensors_ok(q, kv, scales) ||
-        !m3s_attention_union_pays(ctx, batch, q->shape[1] / kv->shape[1], kv->shape[1], fp8))
+        !m3s_attention_union_pays(ctx, batch, q->shape[1] / kv->shape[1], kv->shape[1], kv->dtype))
       return M3S_ATTN_GENERIC;
     kind = M3S_ATTN_UNION;
   }

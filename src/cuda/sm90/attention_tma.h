@@ -59,13 +59,14 @@ int m3s_attention_tma_eligible(const m3s_context *ctx, const m3s_batch *batch, c
 /* 1 when the union kernel pays for a batch of batch->num_tokens rows with
  * `group` query heads per KV head and hkv KV heads: work items for at least
  * half the SMs and contexts up to 32K (batch->max_seq_len; 16K for an fp8
- * cache); or the switch above is on. Defined in sm90/attention_union.cu. */
+ * cache, kv_dtype e4m3 / e5m2); or the switch above is on. Defined in
+ * sm90/attention_union.cu. */
 int m3s_attention_union_pays(const m3s_context *ctx, const m3s_batch *batch, int64_t group,
-                             int64_t hkv, int fp8);
+                             int64_t hkv, m3s_dtype kv_dtype);
 /* 1 when the union kernel runs a batch on its warpgroup consumers: the
  * switch above, else prefill chunks (max_q_len > 8) with contexts up to 12K
  * (16-bit caches) or 16K (fp8). */
-int m3s_attention_union_wg(const m3s_context *ctx, const m3s_batch *batch, int fp8);
+int m3s_attention_union_wg(const m3s_context *ctx, const m3s_batch *batch, m3s_dtype kv_dtype);
 
 #ifdef __CUDACC__
 cudaError_t m3s_attention_tma_prepare(void);

@@ -895,8 +895,10 @@ static int64_t au_items(int64_t rows, int64_t group, int64_t hkv) {
  * both forms. */
 #define AU_WG_MAX_SEQ (12 * 1024)
 
+static bool au_fp8(m3s_dtype kv_dtype) { return kv_dtype == M3S_E4M3 || kv_dtype == M3S_E5M2; }
+
 extern "C" int m3s_attention_union_pays(const m3s_context *ctx, const m3s_batch *batch,
-                                        int64_t group, int64_t hkv, int fp8) {
+                                        int64_t group, int64_t hkv, m3s_dtype kv_dtype) {
   const int64_t items = au_items(batch->num_tokens, group, hkv);
   if (items <= 0 || items > INT32_MAX)
     return 0;
@@ -904,16 +906,17 @@ extern "C" int m3s_attention_union_pays(const m3s_context *ctx, const m3s_batch 
     return 1;
   /* one CTA per SM and no split */
   return 2 * items >= m3s_cuda_num_sms(ctx) &&
-         batch->max_seq_len <= (fp8 ? AU_MAX_SEQ_FP8 : AU_MAX_SEQ);
+         batch->max_seq_len <= (au_fp8(kv_dtype) ? AU_MAX_SEQ_FP8 : AU_MAX_SEQ);
 }
 
-extern "C" int m3s_attention_union_wg(const m3s_context *ctx, const m3s_batch *batch, int fp8) {
+extern "C" int m3s_attention_union_wg(const m3s_context *ctx, const m3s_batch *batch,
+                                      m3s_dtype kv_dtype) {
   const int sw = m3s_cuda_attention_union_wgmma(ctx);
   if (sw >= 0)
     return sw;
   /* measured on prefill chunks; speculative decode rows keep mma.sync */
   return batch->max_q_len > AU_TOKENS &&
-         batch->max_seq_len <= (fp8 ? AU_MAX_SEQ_FP8 : AU_WG_MAX_SEQ);
+         batch->max_seq_len <= (au_fp8(kv_dtype) ? AU_MAX_SEQ_FP8 : AU_WG_MAX_SEQ);
 }
 
 m3s_status m3s_attention_union_launch(const attn_params &p, const m3s_attn_tma_maps &maps,
