@@ -66,8 +66,12 @@
  * Queues: the descriptors (AU_DESC entries: dfull, the producer's arrive
  * once it wrote one; dempty, one arrive per consumer warp once it read it:
  * every warp reads every descriptor, in order) and the slots (full: the
- * producer's arrive + 32 KiB of TMA bytes; empty: one arrive by the last of
- * the slot's rows done with it, counted down in users[slot]; an fp8 half
+ * producer's arrive + 32 KiB of TMA bytes; empty: one arrive per consumer
+ * warp, each reading warp's once its reads are done and the producer's for
+ * the warps that do not read the fill, right after it took the slot (an
+ * earlier version counted the readers down with a shared atomicSub and had
+ * the last one arrive: compute-sanitizer's racecheck does not follow such a
+ * chain and reported the fp8 converters' refills as hazards); an fp8 half
  * slot's full barrier completes on the arrives of all 128 converting
  * threads, each after its own stores; a raw slot's, rfull, on its TMA
  * bytes, and its rempty on the 128 threads' arrives after their reads). A warp waits
@@ -173,7 +177,6 @@ struct au_smem {
   uint32_t dmask[AU_DESC]; /* rows (bits 0..7), half (bit 8), AU_END */
   int32_t did[AU_DESC];    /* block id */
   uint32_t dslot[AU_DESC]; /* slot (bits 0..7), its fill's phase parity (bit 8) */
-  int users[G::ring];      /* rows that still have to read the slot */
   unsigned long long full[G::ring], empty[G::ring];
   unsigned long long rfull[FP8 ? G::raw : 1];  /* a raw slot's TMA bytes */
   unsigned long long rempty[FP8 ? G::raw : 1]; /* every converting thread done with it */
@@ -280,6 +283,16 @@ static __device__ __forceinline__ int au_groups(uint32_t rows) {
   return ((rows & 0x0fu) != 0) + ((rows & 0xf0u) != 0);
 }
 
+/* The producer's arrivals on a fill's empty barrier for the consumer warps
+ * that will not read it (rows: bits 0..7): the warps of a warpgroup none of
+ * whose rows selected the block (WG), else the rows that did not. */
+template <bool WG, class S>
+static __device__ __forceinline__ void au_arrive_absent(S &s, int slot, uint32_t rows) {
+  const int readers = WG ? 4 * au_groups(rows) : __popc(rows);
+  if (readers < AU_TOKENS)
+    sm90_bar_arrive_n(&s.empty[slot], AU_TOKENS - readers);
+}
+
 /* 16-bit cache: per union block, per half that any of its rows sees, a
  * slot (in fill order, once the rows of its previous fill are done with it),
  * the TMA copies (lane 0), then the descriptor. WG (consumers in
@@ -289,7 +302,8 @@ static __device__ __forceinline__ int au_groups(uint32_t rows) {
  * zeroes those keys' V rows before it arrives: a warpgroup's P V reads V
  * straight from the slot, for rows whose P is 0 there too, and 0 x a NaN the
  * cache holds past pos is NaN (the mma.sync consumers zero V in registers,
- * MASK_SV). users counts the reading warps (4 per warpgroup) or rows. */
+ * MASK_SV). The reading warps (4 per warpgroup, or the rows) release the slot one by
+ * one; the producer arrives for the others (au_arrive_absent). */
 template <bool WG>
 static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem<false> &s, int lane) {
   typedef au_geom<false> G;
@@ -311,7 +325,7 @@ static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem<fals
       if (WG || lane == 0)
         sm90_bar_wait(&s.empty[slot], par ^ 1);
       if (lane == 0) {
-        s.users[slot] = WG ? 4 * au_groups(b.rows) : __popc(b.rows);
+        au_arrive_absent<WG>(s, slot, b.rows);
         unsigned long long *bar = part ? &s.tfull[slot] : &s.full[slot];
         if (WG && !part)
           sm90_bar_expect_tx(bar, AU_SLOT_BYTES);
@@ -418,7 +432,7 @@ static __device__ void au_convert_block(const attn_params &p, au_smem<true> &s, 
     const uint32_t par = (nf / G::ring) & 1;
     sm90_bar_wait(&s.empty[slot], par ^ 1);
     if (cw == 0 && lane == 0)
-      s.users[slot] = WG ? 4 * au_groups(b.rows) : __popc(b.rows);
+      au_arrive_absent<WG>(s, slot, b.rows);
     au_convert_half<F16, MODE, WG>(p, s.raw[r], s.scales[r], h, b.nv - AU_HALF * h, s.ring[slot],
                                    s.hks[slot], cw, lane);
     if (WG) /* the stores before the wgmma's (async-proxy) reads */
@@ -511,18 +525,13 @@ static __device__ void au_store(const attn_params &p, warp_state &ws, int64_t t,
   }
 }
 
-/* The last of a slot's rows frees it (lane 0, after the warp's reads of
- * the slot are done): the fences order every such row's reads before the
- * arrive that lets the producer refill it. */
+/* A reading warp frees its share of the slot (lane 0, after the warp's
+ * reads of it are done, __syncwarp): the arrive's release orders them before
+ * the producer's refill. */
 template <class S>
 static __device__ __forceinline__ void au_release(S &s, int slot, int lane) {
-  if (lane == 0) {
-    __threadfence_block();
-    if (atomicSub(&s.users[slot], 1) == 1) {
-      __threadfence_block();
-      sm90_bar_arrive(&s.empty[slot]);
-    }
-  }
+  if (lane == 0)
+    sm90_bar_arrive(&s.empty[slot]);
 }
 
 /* A 16-bit half read in place, in softmax steps of AU_STEP keys (the S
@@ -805,7 +814,7 @@ static __global__ void __launch_bounds__(au_threads<FP8>(), 1)
      * WG: every producer lane (au_produce) */
     for (int i = 0; i < au_geom<FP8>::ring; i++) {
       sm90_bar_init(&s.full[i], FP8 ? AU_CONV * 32 : WG ? 32 : 1);
-      sm90_bar_init(&s.empty[i], 1);
+      sm90_bar_init(&s.empty[i], AU_TOKENS); /* one per consumer warp */
       if (!FP8)
         sm90_bar_init(&s.tfull[i], 1);
     }

@@ -36,6 +36,16 @@ static __device__ __forceinline__ void sm90_bar_arrive(unsigned long long *bar) 
 #endif
 }
 
+/* n arrivals at once (1 <= n < 2^20): a thread arriving for others. */
+static __device__ __forceinline__ void sm90_bar_arrive_n(unsigned long long *bar, unsigned n) {
+#if M3S_SM90_TMA
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(sm90_smem(bar)), "r"(n)
+               : "memory");
+#else
+  (void)bar, (void)n;
+#endif
+}
+
 /* Arrives and adds `bytes` to the transaction count the phase waits for. */
 static __device__ __forceinline__ void sm90_bar_arrive_tx(unsigned long long *bar, unsigned bytes) {
 #if M3S_SM90_TMA
