@@ -14,17 +14,21 @@
  * device with the shared memory of one CTA.
  *
  * How launched: one kernel, decode_score_kernel<E4, NP>, DEC_THREADS = 256,
- * grid min(items, resident CTAs) (a persistent grid). An item is (request r,
- * split s), numbered s * R + r; CTA c takes items c, c + grid, ...; split s of
- * request r is the candidate blocks [init + s * U, init + (s + 1) * U) clipped
- * to the request's [init, nb_last - local) (nb_last: the blocks of its last
- * token, which has the most), so a short request's late splits are empty and
- * a long request's splits spread over many CTAs. U (blocks per split, at most
- * DEC_MAX_SPLIT) and the grid come from host bounds only (R, max_seq_len, the
- * SM count and the kernel's occupancy): graph-safe.
- * Each CTA streams the index-cache pages of its items' blocks through a
+ * a persistent grid of min(R x max candidate blocks, resident CTAs) (host
+ * bounds: R, max_seq_len, the SM count and the kernel's occupancy). Request
+ * r's candidate blocks are [init, nb_last - local) (nb_last: the blocks of
+ * its last token, which has the most); the batch's candidate blocks, in
+ * request order, are cut on the device into one equal range per CTA
+ * (cursor_start: two passes over the sequence lengths), so every CTA streams
+ * the same number of blocks whatever the lengths, and one long request among
+ * short ones spreads over the whole grid. Graph-safe.
+ * (Until 2026-12-05 the work was items (request, split of U blocks) dealt
+ * round-robin to the CTAs from host bounds: one 128K request among 63 of 4K
+ * left 95 of 264 CTAs busy with 32-step chains, some CTAs two of them;
+ * the score kernel took 91.7 us of the 97 us top-k, ncu, H200.)
+ * Each CTA streams the index-cache pages of its range's blocks through a
  * DEC_STAGES-deep ring of cp.async 16-byte copies (the prefetch runs across
- * item boundaries; rows padded to 272 B bf16 / 144 B e4m3 so the shared reads
+ * request boundaries; rows padded to 272 B bf16 / 144 B e4m3 so the shared reads
  * below are free of bank conflicts). Two threads per key slot: thread h (0, 1)
  * of slot j keeps the partial sums l = 4h..4h+3 of m3s_dot128_fixed, i.e. the
  * dims d with d % 8 in [4h, 4h + 4), in the CPU's order (d ascending, fp32
@@ -44,10 +48,10 @@
  * rule as topk.cu's score kernel).
  *
  * Guards: requests whose seq_len is outside [q_len, max_seq_len] (padded: 0)
- * have no items (select_kernel writes their -1 rows); every read and write is
+ * have no candidate blocks (select_kernel writes their -1 rows); every read and write is
  * in bounds for any table contents.
  *
- * Certified variant (decode_tc_kernel<E4>, below): the same items and grid,
+ * Certified variant (decode_tc_kernel<E4>, below): the same ranges and grid,
  * a ring of steps of tcd_fmt::nb blocks (e4m3 2, bf16 1), one CTA barrier
  * per step (a step's results are written by a few threads after the next
  * step's barrier, while the other warps score: tcd_small), for uniform
@@ -111,7 +115,6 @@
 #define DEC_STAGES 3      /* pages in the cp.async ring */
 #define DEC_MAX_QLEN 8    /* tokens per request */
 #define DEC_MAX_PAIRS 32  /* (token, head) pairs per request */
-#define DEC_MAX_SPLIT 32  /* blocks per item */
 #define DEC_CHUNK_DIMS 32 /* dims widened at a time */
 
 /* Shared-memory geometry of one page per index-cache format. */
@@ -139,8 +142,6 @@ typedef struct {
   int64_t num_pages;
   float *ws;
   int64_t max_nb; /* row stride of S */
-  int64_t split;  /* U: candidate blocks per item */
-  int64_t items;  /* num_reqs * ceil((max_nb - init) / U) */
   int qlen, hkv, pairs, topk, init, local;
   int short_q; /* queries bf16 or f16: at most 11 significant bits */
 } dec_params;
@@ -154,13 +155,13 @@ typedef struct {
 } dec_small;
 
 /* ---------------------------------------------------------------------------
- * Work items
+ * Work: each CTA's range of the batch's candidate blocks
  * ------------------------------------------------------------------------- */
 
 typedef struct {
-  int64_t item; /* >= items: done */
-  int64_t blk, end;
-  int r;
+  int64_t blk, end; /* the current segment: blocks blk .. end - 1 of request r */
+  int64_t rest;     /* blocks of the CTA's range after the segment */
+  int r;            /* < 0: done */
 } dec_cursor;
 
 /* End of request r's candidate blocks (those of its last token), or -1 when
@@ -175,33 +176,110 @@ template <class P> static __device__ __forceinline__ int64_t request_end(const P
   return nb > p.topk ? nb - p.local : -1;
 }
 
-/* From c.item on, the first of this CTA's items with blocks. */
-template <class P> static __device__ void cursor_seek(const P &p, dec_cursor &c) {
-  for (; c.item < p.items; c.item += gridDim.x) {
-    int r = (int)(c.item % p.b.num_reqs);
-    int64_t lo = p.init + (c.item / p.b.num_reqs) * p.split;
-    int64_t hi = request_end(p, r);
-    int64_t end = lo + p.split < hi ? lo + p.split : hi;
-    if (lo < end) {
-      c.r = r;
-      c.blk = lo;
-      c.end = end;
-      return;
-    }
-  }
+/* Request r's candidate blocks: init .. request_end - 1, or none. */
+template <class P> static __device__ __forceinline__ int64_t request_cand(const P &p, int r) {
+  const int64_t e = request_end(p, r);
+  return e > p.init ? e - p.init : 0;
 }
 
-/* c advanced by n blocks: within its item, or to the CTA's next item with
- * blocks. */
+/* Exclusive prefix sum of x over the CTA's threads (thread order), and the
+ * CTA's total; sh: DEC_WARPS entries. Every thread calls it. */
+static __device__ int64_t cta_excl_sum(int64_t x, int64_t *total, int64_t *sh) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int64_t inc = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t y = __shfl_up_sync(0xffffffffu, inc, o);
+    inc += lane >= o ? y : 0;
+  }
+  if (lane == 31)
+    sh[w] = inc;
+  __syncthreads();
+  int64_t off = 0, tot = 0;
+#pragma unroll
+  for (int v = 0; v < DEC_WARPS; v++) {
+    off += v < w ? sh[v] : 0;
+    tot += sh[v];
+  }
+  __syncthreads(); /* sh is rewritten by the next call */
+  *total = tot;
+  return off + inc - x;
+}
+
+/* c at the segment of request r that starts at block blk and holds at most
+ * `left` blocks of the range; requests without candidates are skipped (the
+ * range's blocks all lie in requests that have some). */
+template <class P>
+static __device__ __forceinline__ void cursor_enter(const P &p, dec_cursor &c, int r, int64_t blk,
+                                                    int64_t left) {
+  int64_t cand = request_cand(p, r);
+  while (cand == 0 && left > 0 && r + 1 < p.b.num_reqs) {
+    r++;
+    blk = p.init;
+    cand = request_cand(p, r);
+  }
+  const int64_t room = p.init + cand - blk;
+  const int64_t n = left < room ? left : room;
+  c.r = n > 0 ? r : -1;
+  c.blk = blk;
+  c.end = blk + (n > 0 ? n : 0);
+  c.rest = left - n;
+}
+
+/* This CTA's range of the batch's candidate blocks, as a cursor. The blocks
+ * of all requests, in request order, are cut into gridDim.x equal ranges
+ * (they differ by at most one block), CTA c taking range c: every CTA streams
+ * the same number of blocks whatever the requests' lengths (one long request
+ * among short ones spreads over the whole grid) and crosses few request
+ * boundaries. From the sequence lengths on the device (graph-safe): two
+ * passes over them, the total, then the request holding the range's first
+ * block. Every thread calls it (CTA barriers). */
+template <class P> static __device__ dec_cursor cursor_start(const P &p) {
+  __shared__ int64_t sh[DEC_WARPS];
+  __shared__ int64_t at[2]; /* request, offset of the range's first block */
+  const int R = p.b.num_reqs;
+  int64_t mine = 0, total = 0;
+  for (int r = threadIdx.x; r < R; r += DEC_THREADS)
+    mine += request_cand(p, r);
+  cta_excl_sum(mine, &total, sh);
+  const int64_t lo = total * blockIdx.x / gridDim.x, hi = total * (blockIdx.x + 1) / gridDim.x;
+  dec_cursor c;
+  c.r = -1;
+  if (lo >= hi)
+    return c;
+  int64_t base = 0;
+  for (int r0 = 0; r0 < R; r0 += DEC_THREADS) {
+    const int r = r0 + (int)threadIdx.x;
+    const int64_t x = r < R ? request_cand(p, r) : 0;
+    int64_t chunk = 0;
+    const int64_t before = base + cta_excl_sum(x, &chunk, sh);
+    if (before <= lo && lo < before + x) {
+      at[0] = r;
+      at[1] = lo - before;
+    }
+    base += chunk;
+    if (lo < base)
+      break; /* uniform: base is the same in every thread */
+  }
+  __syncthreads();
+  cursor_enter(p, c, (int)at[0], p.init + at[1], hi - lo);
+  return c;
+}
+
+/* c advanced by n blocks: within its segment, or to the range's next
+ * segment (the next request with candidates). */
 template <class P>
 static __device__ __forceinline__ void cursor_advance(const P &p, dec_cursor &c, int n) {
-  if (c.item >= p.items)
+  if (c.r < 0)
     return;
   c.blk += n;
   if (c.blk < c.end)
     return;
-  c.item += gridDim.x;
-  cursor_seek(p, c);
+  if (c.rest <= 0 || c.r + 1 >= p.b.num_reqs) {
+    c.r = -1;
+    return;
+  }
+  cursor_enter(p, c, c.r + 1, p.init, c.rest);
 }
 
 /* ---------------------------------------------------------------------------
@@ -227,7 +305,7 @@ template <bool E4>
 static __device__ void issue_page(const dec_params &p, const dec_cursor &c, unsigned char *stage,
                                   int *page_slot) {
   typedef dec_fmt<E4> F;
-  if (c.item < p.items) {
+  if (c.r >= 0) {
     int64_t page = m3s_page(p.b.ibt, p.b.ibt_s0, p.b.ibt_s1, p.b.ibt_cols, c.r, c.blk, p.num_pages);
     if (threadIdx.x == 0)
       *page_slot = page >= 0 ? 0 : -1;
@@ -432,10 +510,7 @@ static __global__ void __launch_bounds__(DEC_THREADS, dec_min_ctas<E4, NP>())
   extern __shared__ __align__(16) unsigned char dsm[];
   __shared__ dec_small s;
   float *q = (float *)(dsm + DEC_STAGES * F::stage);
-  dec_cursor pf, cs;
-  pf.item = blockIdx.x;
-  cursor_seek(p, pf);
-  cs = pf;
+  dec_cursor pf = cursor_start(p), cs = pf;
   /* Prologue: the first DEC_STAGES - 1 pages */
 #pragma unroll 1
   for (int st = 0; st < DEC_STAGES - 1; st++) {
@@ -443,7 +518,7 @@ static __global__ void __launch_bounds__(DEC_THREADS, dec_min_ctas<E4, NP>())
     cursor_advance(p, pf, 1);
   }
   int staged = -1, stage = 0;
-  while (cs.item < p.items) {
+  while (cs.r >= 0) {
     /* the slot scored one step ago is free (the barrier closing that step) */
     int ahead = (stage + DEC_STAGES - 1) % DEC_STAGES;
     issue_page<E4>(p, pf, dsm + ahead * F::stage, &s.page[ahead]);
@@ -492,7 +567,7 @@ template <bool E4> struct tcd_fmt {
   static constexpr int page = M3S_BLOCK_SIZE * key_bytes;
   static constexpr int row_pieces = key_bytes / 16;
   static constexpr int pieces = M3S_BLOCK_SIZE * row_pieces / DEC_THREADS; /* per thread */
-  /* A step is nb consecutive blocks of one item, scored behind one CTA
+  /* A step is nb consecutive blocks of one request, scored behind one CTA
    * barrier: the per-step cost (barriers, reductions, the exposed latency of
    * 16 warps per SM) is what bound the kernel, not the bytes (e4m3 took the
    * bf16 time for half the bytes with one block per step). */
@@ -526,8 +601,6 @@ typedef struct {
   int64_t num_pages;
   float2 *ws;     /* (S~, E) [num_reqs * pairs][max_nb] */
   int64_t max_nb; /* row stride of ws */
-  int64_t split;  /* U: candidate blocks per item */
-  int64_t items;
   int qlen, hkv, pairs, topk, init, local;
   int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
 } tcd_params;
@@ -563,8 +636,8 @@ template <bool E4> struct tcd_small {
   int page[TCD_MAX_SLOTS]; /* per ring block: 0 loaded, -1 page id out of range */
 };
 
-/* The page ids of the step at c (blocks c.blk .. + nb - 1 of the item, -1
- * past c.end, past the items or out of range). Loaded one step before
+/* The page ids of the step at c (blocks c.blk .. + nb - 1 of the segment, -1
+ * past c.end, past the range or out of range). Loaded one step before
  * tcd_issue_step uses them, so the block-table load's latency hides behind
  * a step of scoring (waiting on it was the largest stall of the copy issue,
  * ncu, H200, 2026-12-03). */
@@ -573,7 +646,7 @@ static __device__ __forceinline__ void tcd_pages(const tcd_params &p, const dec_
                                                  int64_t (&pg)[tcd_fmt<E4>::nb]) {
 #pragma unroll
   for (int j = 0; j < tcd_fmt<E4>::nb; j++)
-    pg[j] = c.item < p.items && c.blk + j < c.end
+    pg[j] = c.r >= 0 && c.blk + j < c.end
                 ? m3s_page(p.b.ibt, p.b.ibt_s0, p.b.ibt_s1, p.b.ibt_cols, c.r, c.blk + j,
                            p.num_pages)
                 : -1;
@@ -919,7 +992,7 @@ template <bool E4> static __device__ tcd_writer tcd_writer_of(const tcd_params &
 
 /* What writer w needs of its step, captured after the step's barrier (1)
  * (the request buffer and page flag may be reused before it emits): where
- * (S~, E) of block w.b for pair w.i goes, whether the block is the item's
+ * (S~, E) of block w.b for pair w.i goes, whether the block is the segment's
  * and the pair needs it, whether its page was loaded, and the pair's query
  * norm (and 2^-s, e4m3). */
 typedef struct {
@@ -970,7 +1043,7 @@ static __device__ __forceinline__ void tcd_emit(const tcd_params &p, const tcd_w
   p.ws[d.at] = out;
 }
 
-/* Persistent streaming kernel of the certified path: the items and cursor of
+/* Persistent streaming kernel of the certified path: the ranges and cursor of
  * decode_score_kernel, tensor-core scores instead of the reference dots,
  * steps of tcd_fmt::nb blocks through a ring of tcd_fmt::stages steps. At
  * most 8 NT pairs per request (NT n8 tiles). */
@@ -984,10 +1057,7 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
   m3s_pdl_wait();
   if (p.pdl)
     m3s_pdl_trigger();
-  dec_cursor pf, cs;
-  pf.item = blockIdx.x;
-  cursor_seek(p, pf);
-  cs = pf;
+  dec_cursor pf = cursor_start(p), cs = pf;
   int64_t pg[F::nb];
 #pragma unroll 1
   for (int st = 0; st < F::stages - 1; st++) {
@@ -1001,7 +1071,7 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_pa
   const tcd_writer wr = tcd_writer_of<E4>(p);
   tcd_pending pend = {-1, 0, 0.0f, 1.0f};
   int staged = -1, stage = 0, rb = 1, par = 0;
-  while (cs.item < p.items) {
+  while (cs.r >= 0) {
     if (cs.r != staged) {
       rb ^= 1;
       tcd_stage_request<E4, NT>(p, cs.r, s.req[rb], bq);
@@ -1110,25 +1180,11 @@ extern "C" cudaError_t m3s_cuda_topk_decode_prepare(void) {
   return cudaSuccess;
 }
 
-/* Blocks per item U and the grid: minimise rounds x (steps + 1) (steps:
- * ceil(U / step), step the kernel's blocks per step; each item also stages
- * its request's queries, about one step of work), rounds = items per CTA of
- * a grid of min(items, slots), over U = 1, 2, 4, ..., DEC_MAX_SPLIT; equal
- * costs take the larger U (fewer items). All from host bounds. */
-static void plan_split(int64_t reqs, int64_t cand, int64_t slots, int64_t step, int64_t *split,
-                       int64_t *items, int64_t *grid) {
-  int64_t best = INT64_MAX;
-  for (int64_t u = 1; u <= DEC_MAX_SPLIT; u *= 2) {
-    int64_t n = reqs * ((cand + u - 1) / u);
-    int64_t g = n < slots ? n : slots;
-    int64_t cost = (n + g - 1) / g * ((u + step - 1) / step + 1);
-    if (cost <= best) {
-      best = cost;
-      *split = u;
-      *items = n;
-      *grid = g;
-    }
-  }
+/* The grid: a CTA per resident slot, fewer when the batch's host bound
+ * (reqs x cand candidate blocks) has fewer blocks. */
+static int64_t plan_grid(int64_t reqs, int64_t cand, int64_t slots) {
+  const int64_t bound = reqs * (cand > 1 ? cand : 1);
+  return bound < slots ? bound : slots;
 }
 
 m3s_status m3s_cuda_topk_decode_scores(m3s_context *ctx, const m3s_layer_config *cfg,
@@ -1179,9 +1235,8 @@ m3s_status m3s_cuda_topk_decode_scores(m3s_context *ctx, const m3s_layer_config 
   p.init = cfg->init_blocks;
   p.local = cfg->local_blocks;
   p.short_q = iq->dtype == M3S_BF16 || iq->dtype == M3S_F16;
-  int64_t grid = 1;
-  plan_split(batch->num_reqs, max_nb - cfg->init_blocks, (int64_t)per_sm * m3s_cuda_num_sms(ctx),
-             1, &p.split, &p.items, &grid);
+  const int64_t grid = plan_grid(batch->num_reqs, max_nb - cfg->init_blocks,
+                                 (int64_t)per_sm * m3s_cuda_num_sms(ctx));
   kern<<<m3s_grid_cap(grid, INT32_MAX), DEC_THREADS, smem, stream>>>(p);
   m3s_status st = m3s_cuda_check_launch(fn, "decode_score_kernel");
   if (st == M3S_OK)
@@ -1236,9 +1291,8 @@ extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s
   p.topk = cfg->topk;
   p.init = cfg->init_blocks;
   p.local = cfg->local_blocks;
-  int64_t grid = 1;
-  plan_split(batch->num_reqs, max_nb - cfg->init_blocks, (int64_t)per_sm * m3s_cuda_num_sms(ctx),
-             e4 ? tcd_fmt<true>::nb : tcd_fmt<false>::nb, &p.split, &p.items, &grid);
+  const int64_t grid = plan_grid(batch->num_reqs, max_nb - cfg->init_blocks,
+                                 (int64_t)per_sm * m3s_cuda_num_sms(ctx));
   p.pdl = m3s_cuda_pdl(ctx, batch->num_reqs);
   return m3s_launch(p.pdl, kern, dim3(m3s_grid_cap(grid, INT32_MAX)), dim3(DEC_THREADS), smem,
                     stream, fn, "decode_tc_kernel", p);
