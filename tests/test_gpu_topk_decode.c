@@ -388,7 +388,7 @@ static m3s_layer_config cfg_k(int tp, int k, int init, int local) {
   return c;
 }
 
-static int32_t g_seq[256];
+static int32_t g_seq[640];
 
 /* seq_len of request b: from lo to hi by request, minus 37 b mod 128. */
 static const int32_t *ragged(int R, int32_t lo, int32_t hi) {
@@ -496,6 +496,19 @@ static void test_short_and_bounds(void) {
   static const int32_t few[] = {5, 2048, 0, 1000};
   dcase c2 = {"nothing_to_score_all_nb_le_k", m3s_config_minimax_m3(1), 4, 1, few, 0, &g_bf16, 0};
   run_case(&c2);
+  /* more requests than the score kernels' CTA (256 threads) scans at a
+   * time when they cut the batch's blocks into one range per CTA, with
+   * padded and nb <= K requests (no candidate blocks) between scored ones */
+  for (int r = 0; r < 600; r++)
+    g_seq[r] = r % 5 == 0 ? 0 : r % 5 == 1 ? 1500 + r : 2100 + (r * 97) % 6000;
+  dcase c4 = {"600_requests_padded_and_nb_le_k_between_scored_tp1", m3s_config_minimax_m3(1),
+              600, 1, g_seq, 0, &g_bf16, 0};
+  run_case(&c4);
+  for (int r = 0; r < 300; r++)
+    g_seq[r] = r % 7 == 3 ? 0 : 2050 + (r * 131) % 9000;
+  dcase c5 = {"300_requests_some_padded_e4m3_tp2_q2", m3s_config_minimax_m3(2), 300, 2, g_seq, 0,
+              &g_e4m3, 0};
+  run_case(&c5);
   static const int32_t small[] = {3000, 9000, 0, 2100};
   dcase c3 = {
       "max_seq_len_bound_64k_above_9000", m3s_config_minimax_m3(1), 4, 2, small, 65536, &g_bf16, 0};
