@@ -418,7 +418,9 @@ static __global__ void __launch_bounds__(AT_THREADS, 1)
     attn_tma_kernel(const attn_params p, const __grid_constant__ CUtensorMap kv_map,
                     const __grid_constant__ CUtensorMap q_map, int64_t items, int qbox) {
   extern __shared__ unsigned char at_raw[];
-  at_smem<FP8> &s = *(at_smem<FP8> *)(((uintptr_t)at_raw + 1023) & ~(uintptr_t)1023);
+  /* 1024-byte aligned by an offset from the shared array itself (an integer
+   * round trip would make every access through s a generic LD / ST) */
+  at_smem<FP8> &s = *(at_smem<FP8> *)(at_raw + ((1024u - (sm90_smem(at_raw) & 1023u)) & 1023u));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
     for (int i = 0; i < AT_RING; i++) {

@@ -800,7 +800,9 @@ static __global__ void __launch_bounds__(au_threads<FP8>(), 1)
     attn_union_kernel(const attn_params p, const __grid_constant__ CUtensorMap kv_map,
                       int64_t groups) {
   extern __shared__ unsigned char au_raw[];
-  au_smem<FP8> &s = *(au_smem<FP8> *)(((uintptr_t)au_raw + 1023) & ~(uintptr_t)1023);
+  /* 1024-byte aligned by an offset from the shared array itself (an integer
+   * round trip would make every access through s a generic LD / ST) */
+  au_smem<FP8> &s = *(au_smem<FP8> *)(au_raw + ((1024u - (sm90_smem(au_raw) & 1023u)) & 1023u));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int64_t x = blockIdx.x;
   const int64_t grp = x % groups;
