@@ -231,39 +231,20 @@ static __device__ __forceinline__ void cursor_enter(const P &p, dec_cursor &c, i
  * (they differ by at most one block), CTA c taking range c: every CTA streams
  * the same number of blocks whatever the requests' lengths (one long request
  * among short ones spreads over the whole grid) and crosses few request
- * boundaries. From the sequence lengths on the device (graph-safe): up to
- * 32 requests, one load per lane and a warp scan in every warp (no CTA
- * barrier: a batch of one request measured 1-2.5 us slower with the CTA
- * passes below, H200); more, two CTA passes over them, the total, then the
- * request holding the range's first block. Every thread calls it. */
+ * boundaries. From the sequence lengths on the device (graph-safe): two
+ * passes over them, the total, then the request holding the range's first
+ * block. Every thread calls it (CTA barriers). */
 template <class P> static __device__ dec_cursor cursor_start(const P &p) {
   __shared__ int64_t sh[DEC_WARPS];
   __shared__ int64_t at[2]; /* request, offset of the range's first block */
   const int R = p.b.num_reqs;
-  dec_cursor c;
-  c.r = -1;
-  if (R <= 32) {
-    const int lane = threadIdx.x & 31;
-    const int64_t x = lane < R ? request_cand(p, lane) : 0;
-    int64_t inc = x;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int64_t y = __shfl_up_sync(0xffffffffu, inc, o);
-      inc += lane >= o ? y : 0;
-    }
-    const int64_t total = __shfl_sync(0xffffffffu, inc, 31);
-    const int64_t lo = total * blockIdx.x / gridDim.x, hi = total * (blockIdx.x + 1) / gridDim.x;
-    if (lo >= hi)
-      return c;
-    const int r = __ffs(__ballot_sync(0xffffffffu, inc - x <= lo && lo < inc)) - 1;
-    cursor_enter(p, c, r, p.init + lo - __shfl_sync(0xffffffffu, inc - x, r), hi - lo);
-    return c;
-  }
   int64_t mine = 0, total = 0;
   for (int r = threadIdx.x; r < R; r += DEC_THREADS)
     mine += request_cand(p, r);
   cta_excl_sum(mine, &total, sh);
   const int64_t lo = total * blockIdx.x / gridDim.x, hi = total * (blockIdx.x + 1) / gridDim.x;
+  dec_cursor c;
+  c.r = -1;
   if (lo >= hi)
     return c;
   int64_t base = 0;
