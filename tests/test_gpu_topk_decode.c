@@ -498,7 +498,8 @@ static void test_short_and_bounds(void) {
   run_case(&c2);
   /* more requests than the score kernels' CTA (256 threads) scans at a
    * time when they cut the batch's blocks into one range per CTA, with
-   * padded and nb <= K requests (no candidate blocks) between scored ones */
+   * padded requests and (up to request 548) nb <= K ones, which have no
+   * candidate blocks, between scored ones */
   for (int r = 0; r < 600; r++)
     g_seq[r] = r % 5 == 0 ? 0 : r % 5 == 1 ? 1500 + r : 2100 + (r * 97) % 6000;
   dcase c4 = {"600_requests_padded_and_nb_le_k_between_scored_tp1", m3s_config_minimax_m3(1),

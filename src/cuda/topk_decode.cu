@@ -182,6 +182,10 @@ template <class P> static __device__ __forceinline__ int64_t request_cand(const 
   return e > p.init ? e - p.init : 0;
 }
 
+/* Static shared memory of cursor_start (sh and at), counted where a
+ * kernel's shared memory is checked against the device's limit. */
+#define DEC_CURSOR_SMEM (sizeof(int64_t) * (DEC_WARPS + 2))
+
 /* Exclusive prefix sum of x over the CTA's threads (thread order), and the
  * CTA's total; sh: DEC_WARPS entries. Every thread calls it. */
 static __device__ int64_t cta_excl_sum(int64_t x, int64_t *total, int64_t *sh) {
@@ -1130,7 +1134,7 @@ static cudaError_t device_fits(size_t need, int *fits) {
 /* The exact kernel for the largest request of format e4. */
 static cudaError_t dec_device_fits(int e4, int *fits) {
   return device_fits((e4 ? dec_smem_bytes<true>(DEC_MAX_PAIRS) : dec_smem_bytes<false>(DEC_MAX_PAIRS)) +
-                         sizeof(dec_small),
+                         sizeof(dec_small) + DEC_CURSOR_SMEM,
                      fits);
 }
 
@@ -1144,7 +1148,8 @@ static void (*tcd_kernel_of(int e4, int nt))(tcd_params) {
 /* The certified kernel of format e4. */
 static cudaError_t tcd_device_fits(int e4, int *fits) {
   return device_fits((e4 ? tcd_smem_bytes<true>() + sizeof(tcd_small<true>)
-                         : tcd_smem_bytes<false>() + sizeof(tcd_small<false>)),
+                         : tcd_smem_bytes<false>() + sizeof(tcd_small<false>)) +
+                         DEC_CURSOR_SMEM,
                      fits);
 }
 
