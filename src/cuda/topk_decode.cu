@@ -182,9 +182,13 @@ template <class P> static __device__ __forceinline__ int64_t request_cand(const 
   return e > p.init ? e - p.init : 0;
 }
 
-/* Static shared memory of cursor_start (sh and at), counted where a
- * kernel's shared memory is checked against the device's limit. */
-#define DEC_CURSOR_SMEM (sizeof(int64_t) * (DEC_WARPS + 2))
+/* cursor_start's shared memory (static, in every kernel that calls it; the
+ * fit checks count it): the per-warp sums, then the request and offset of
+ * the range's first block. */
+typedef struct {
+  int64_t sh[DEC_WARPS];
+  int64_t at[2];
+} dec_cursor_smem;
 
 /* Exclusive prefix sum of x over the CTA's threads (thread order), and the
  * CTA's total; sh: DEC_WARPS entries. Every thread calls it. */
@@ -239,8 +243,8 @@ static __device__ __forceinline__ void cursor_enter(const P &p, dec_cursor &c, i
  * passes over them, the total, then the request holding the range's first
  * block. Every thread calls it (CTA barriers). */
 template <class P> static __device__ dec_cursor cursor_start(const P &p) {
-  __shared__ int64_t sh[DEC_WARPS];
-  __shared__ int64_t at[2]; /* request, offset of the range's first block */
+  __shared__ dec_cursor_smem cm;
+  int64_t *const sh = cm.sh, *const at = cm.at;
   const int R = p.b.num_reqs;
   int64_t mine = 0, total = 0;
   for (int r = threadIdx.x; r < R; r += DEC_THREADS)
@@ -1134,7 +1138,7 @@ static cudaError_t device_fits(size_t need, int *fits) {
 /* The exact kernel for the largest request of format e4. */
 static cudaError_t dec_device_fits(int e4, int *fits) {
   return device_fits((e4 ? dec_smem_bytes<true>(DEC_MAX_PAIRS) : dec_smem_bytes<false>(DEC_MAX_PAIRS)) +
-                         sizeof(dec_small) + DEC_CURSOR_SMEM,
+                         sizeof(dec_small) + sizeof(dec_cursor_smem),
                      fits);
 }
 
@@ -1149,7 +1153,7 @@ static void (*tcd_kernel_of(int e4, int nt))(tcd_params) {
 static cudaError_t tcd_device_fits(int e4, int *fits) {
   return device_fits((e4 ? tcd_smem_bytes<true>() + sizeof(tcd_small<true>)
                          : tcd_smem_bytes<false>() + sizeof(tcd_small<false>)) +
-                         DEC_CURSOR_SMEM,
+                         sizeof(dec_cursor_smem),
                      fits);
 }
 

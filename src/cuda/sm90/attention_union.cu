@@ -302,8 +302,8 @@ static __device__ __forceinline__ void au_arrive_absent(S &s, int slot, uint32_t
  * zeroes those keys' V rows before it arrives: a warpgroup's P V reads V
  * straight from the slot, for rows whose P is 0 there too, and 0 x a NaN the
  * cache holds past pos is NaN (the mma.sync consumers zero V in registers,
- * MASK_SV). The reading warps (4 per warpgroup, or the rows) release the slot one by
- * one; the producer arrives for the others (au_arrive_absent). */
+ * MASK_SV). The reading warps (4 per warpgroup, or the rows) release the
+ * slot one by one; the producer arrives for the others (au_arrive_absent). */
 template <bool WG>
 static __device__ void au_produce(const CUtensorMap *kv_map, int g, au_smem<false> &s, int lane) {
   typedef au_geom<false> G;

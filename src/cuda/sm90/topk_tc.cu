@@ -1643,8 +1643,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
  * about one memory round trip. The same sets In, Q and the same reference
  * scores as tc_select_classify / _rescore, so the same result; rows of short
  * requests, pairs with nothing to choose, the test hook's measure mode and
- * more than 32 uncertain blocks take those functions on warp 0 instead. At most one CTA per SM (no more
- * pairs than SMs), so registers are not capped for occupancy. */
+ * more than 32 uncertain blocks take those functions on warp 0 instead. At
+ * most one CTA per SM (no more pairs than SMs), so registers are not capped
+ * for occupancy. */
 #define TC_WIDE_WARPS 8
 #define TC_WIDE_THREADS (TC_WIDE_WARPS * 32)
 
