@@ -103,6 +103,7 @@ typedef struct {
   int attn_generic; /* 1: attention on the generic kernel (--attn-path generic) */
   int attn_union;   /* 1: the union kernel without its size rule (--attn-path union) */
   int attn_wgmma;   /* 1: and its warpgroup consumers (--attn-path union-wgmma) */
+  int attn_merge_kernel; /* 1: persistent-kernel splits through the merge kernel, no cluster */
   int pdl;          /* programmatic dependent launch (--pdl): -1 default, 0 off, 1 on */
   int reps, warmup, max_sets, sets_force, device, gemm_n;
   double budget_s, case_budget_s, mem_gb, hbm_override, gemm_override;

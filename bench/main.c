@@ -105,8 +105,10 @@ static void usage(FILE *f) {
 "                    >= half the SMs, on warpgroup consumers for prefill up to\n"
 "                    12K (fp8 16K)), generic (the cp.async kernel always),\n"
 "                    union (the union kernel for every batch it can run, on\n"
-"                    mma.sync consumers) or union-wgmma (the same, on\n"
-"                    warpgroup wgmma consumers)\n"
+"                    mma.sync consumers), union-wgmma (the same, on\n"
+"                    warpgroup wgmma consumers) or merge-kernel (the persistent\n"
+"                    kernel's splits through the merge kernel where the default\n"
+"                    merges them inside a cluster)\n"
 "  --pdl MODE        programmatic dependent launch of the decode chain (sm_90;\n"
 "                    score, selection, attention and merge kernels): default\n"
 "                    (batches of one request), on or off             [default]\n"
@@ -283,12 +285,15 @@ static int parse_args(int argc, char **argv, options *o) {
       break;
     case O_ATTNPATH:
       if (strcmp(optarg, "default") == 0 || strcmp(optarg, "generic") == 0 ||
-          strcmp(optarg, "union") == 0 || strcmp(optarg, "union-wgmma") == 0) {
+          strcmp(optarg, "union") == 0 || strcmp(optarg, "union-wgmma") == 0 ||
+          strcmp(optarg, "merge-kernel") == 0) {
         o->attn_generic = strcmp(optarg, "generic") == 0;
         o->attn_union = strncmp(optarg, "union", 5) == 0;
         o->attn_wgmma = strcmp(optarg, "union-wgmma") == 0;
+        o->attn_merge_kernel = strcmp(optarg, "merge-kernel") == 0;
       } else {
-        fprintf(stderr, "m3s-bench: --attn-path must be default, generic, union or union-wgmma\n");
+        fprintf(stderr, "m3s-bench: --attn-path must be default, generic, union, union-wgmma or "
+                        "merge-kernel\n");
         return 0;
       }
       break;
@@ -413,6 +418,10 @@ int main(int argc, char **argv) {
     /* the path switch of src/cuda/sm90/attention_tma.h (per context) */
     m3s_attention_set_generic(B.ctx, 1);
     printf("m3s-bench: attention on the generic kernel\n");
+  }
+  if (o->attn_merge_kernel) {
+    m3s_attention_set_cluster_merge(B.ctx, 0);
+    printf("m3s-bench: persistent-kernel splits through the merge kernel (no cluster merge)\n");
   }
   if (o->attn_union) {
     m3s_attention_set_union_any(B.ctx, 1);

@@ -42,6 +42,8 @@ typedef struct {
   float scale_log2; /* softmax_scale * log2(e) */
   float *ws_o, *ws_ml;
   int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
+  int cmerge; /* persistent kernel: the nsplit CTAs of an item are one cluster and merge
+               * their partials there (sm90/attention_tma.cu), not through ws_o / ws_ml */
 } attn_params;
 
 /* ---- packing ------------------------------------------------------------ */
@@ -348,22 +350,22 @@ static __device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s,
   }
 }
 
-/* Output dims d, d + 1 of head h (row r of the CTA's 16) from NW warp
- * states stashed by stash_state at base + w * stride floats, merged in warp
- * order 0..NW-1; written as out (q's dtype, RNE) and lse when p.nsplit == 1,
- * else as split's partial (unnormalised acc, (m, l)) for the merge kernel. */
+/* Dims d, d + 1 of row r of the CTA's 16 heads from NW warp states stashed
+ * by stash_state at base + w * stride floats, merged in warp order
+ * 0..NW-1: the unnormalised acc (o0, o1), the maximum mx and the sum l. */
 template <int NW>
-static __device__ __forceinline__ void store_merged_pair(const attn_params &p, const float *base,
-                                                         int stride, int64_t t, int64_t h, int r,
-                                                         int d, int split) {
+static __device__ __forceinline__ void merge_warp_pair(const float *base, int stride, int r, int d,
+                                                       float &mx, float &l, float &o0,
+                                                       float &o1) {
   const float *ml = base + HEADS_PER_CTA * ACC_STRIDE;
-  float mw[NW], mx = neg_inf();
+  float mw[NW];
+  mx = neg_inf();
 #pragma unroll
   for (int w = 0; w < NW; w++) {
     mw[w] = ml[w * stride + r];
     mx = fmaxf(mx, mw[w]);
   }
-  float l = 0.0f, o0 = 0.0f, o1 = 0.0f;
+  l = 0.0f, o0 = 0.0f, o1 = 0.0f;
   if (mx != neg_inf()) {
 #pragma unroll
     for (int w = 0; w < NW; w++) {
@@ -374,13 +376,34 @@ static __device__ __forceinline__ void store_merged_pair(const attn_params &p, c
       o1 += acc[1] * a;
     }
   }
+}
+
+/* Dims d, d + 1 of out (t, h) (q's dtype, RNE) and, for d == 0, its lse,
+ * from a merged state (maximum mx, sum l, unnormalised acc o0, o1); 0 and
+ * -inf when nothing was visible (l == 0). */
+static __device__ __forceinline__ void store_out_pair(const attn_params &p, int64_t t, int64_t h,
+                                                      int d, float mx, float l, float o0,
+                                                      float o1) {
+  const float v0 = l > 0.0f ? o0 / l : 0.0f, v1 = l > 0.0f ? o1 / l : 0.0f;
+  const int64_t off = t * p.out_s0 + h * p.out_s1 + d;
+  m3s_st(p.out, p.act, off, v0);
+  m3s_st(p.out, p.act, off + 1, v1);
+  if (d == 0 && p.lse)
+    p.lse[t * p.lse_s0 + h * p.lse_s1] = l > 0.0f ? (mx + log2f(l)) * LN2 : neg_inf();
+}
+
+/* Output dims d, d + 1 of head h (row r of the CTA's 16) from NW warp
+ * states (merge_warp_pair), written as out (q's dtype, RNE) and lse when
+ * p.nsplit == 1, else as split's partial (unnormalised acc, (m, l)) for the
+ * merge kernel. */
+template <int NW>
+static __device__ __forceinline__ void store_merged_pair(const attn_params &p, const float *base,
+                                                         int stride, int64_t t, int64_t h, int r,
+                                                         int d, int split) {
+  float mx, l, o0, o1;
+  merge_warp_pair<NW>(base, stride, r, d, mx, l, o0, o1);
   if (p.nsplit == 1) {
-    float v0 = l > 0.0f ? o0 / l : 0.0f, v1 = l > 0.0f ? o1 / l : 0.0f;
-    int64_t off = t * p.out_s0 + h * p.out_s1 + d;
-    m3s_st(p.out, p.act, off, v0);
-    m3s_st(p.out, p.act, off + 1, v1);
-    if (d == 0 && p.lse)
-      p.lse[t * p.lse_s0 + h * p.lse_s1] = l > 0.0f ? (mx + log2f(l)) * LN2 : neg_inf();
+    store_out_pair(p, t, h, d, mx, l, o0, o1);
   } else {
     int64_t idx = (t * p.hq + h) * p.nsplit + split;
     *(float2 *)&p.ws_o[idx * M3S_HEAD_DIM + d] = make_float2(o0, o1);
