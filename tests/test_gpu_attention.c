@@ -33,9 +33,10 @@
  * (max_q_len > 1; fp8 caches included) runs on it too, by default or forced
  * past its size rule, and once more on its warpgroup (wgmma) consumers; an
  * unfiltered run fails if any of them took no case. Persistent-kernel cases
- * whose splits merge inside a thread-block cluster run again with the
- * splits through the merge kernel (the cluster switch off); an unfiltered
- * run fails if no case merged in a cluster on a device that can. */
+ * whose splits merge inside a thread-block cluster (of 8, 4 and 2 CTAs)
+ * run again with the splits through the merge kernel (the cluster switch
+ * off); an unfiltered run fails if no case merged in a cluster on a device
+ * that can. */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include "cuda/sm90/attention_tma.h"
 #include "gpu_util.h"
@@ -423,6 +424,25 @@ static void test_tp_decode(void) {
     }
 }
 
+/* Decode batches whose splits merge in clusters of 2 (on a 132-SM device):
+ * 12 requests at TP1 (48 items: 2 splits each fill 96 SMs), with a padded
+ * and a one-token request; and one 300-token request (3 blocks), on an
+ * e4m3 cache. The cluster sizes 4 and 8 come from test_tp_decode and the
+ * one-request cases. */
+static void test_cluster_two(void) {
+  static const int32_t ql[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  static const int32_t sl[12] = {2049, 0, 5000, 1, 130, 3000, 4097, 2500, 900, 6001, 2048, 3333};
+  fx_spec s = spec_of(m3s_config_minimax_m3(1), 12, ql, sl);
+  s.uniform = 1;
+  run_case("decode_cluster2_12_requests_tp1_bf16", s, NULL);
+  static const int32_t sl1[] = {300};
+  fx_spec s1 = spec_of(m3s_config_minimax_m3(1), 1, ql, sl1);
+  s1.uniform = 1;
+  s1.kv_dtype = M3S_E4M3;
+  s1.scale_mode = 1;
+  run_case("decode_cluster2_one_request_300_tp1_e4m3", s1, NULL);
+}
+
 /* Every activation / cache dtype pair and scale form, as q_len 4 batches
  * (generic kernel) and as one-row decode batches (on sm_90 the TMA kernel,
  * fp8 caches included, and the generic one): 17 blocks with a partial last
@@ -794,6 +814,7 @@ int main(void) {
   }
   double t0 = gpu_now_ms();
   test_tp_decode();
+  test_cluster_two();
   test_dtypes();
   test_q_beyond_f16();
   test_spec_decode_and_ragged();
@@ -808,7 +829,7 @@ int main(void) {
   const char *filter = getenv("M3S_TEST_FILTER");
   if (gpu_sm_major() == 9 && !(filter && filter[0])) {
     CHECK(g_tma_cases > 0, "the sm_90 persistent attention kernel ran on some case");
-    if (m3s_cuda_attention_cluster_max(g_gpu) > 0)
+    if (m3s_cuda_attention_clusters(g_gpu, 2) > 0)
       CHECK(g_cluster_cases > 0, "the persistent kernel merged its splits in a cluster on some case");
     else
       printf("test_gpu_attention: this device co-schedules no cluster of the persistent kernel: "

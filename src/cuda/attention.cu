@@ -484,12 +484,13 @@ static int plan_split_tma(const m3s_context *ctx, const m3s_layer_config *cfg, i
 }
 
 /* The persistent TMA kernel with the splits of an item merged inside a
- * thread-block cluster (sm90/attention_tma.cu, at_cluster_merge): when the
- * rows' items (row, KV head, head chunk) leave room for at least two splits
- * each with one CTA per SM, the largest power of two of splits that does,
- * at most the cluster size the device co-schedules
- * (m3s_cuda_attention_cluster_max) and the blocks a row can select; else 1
- * (plan_split_tma and the merge kernel). Needs no workspace. */
+ * thread-block cluster (sm90/attention_tma.cu, at_cluster_merge): the
+ * largest cluster size c of 8, 4, 2 with c splits per item (row, KV head,
+ * head chunk) that runs in one wave, i.e. items x c <= SMs and items <= the
+ * clusters of c the device holds at once (m3s_cuda_attention_clusters: a
+ * cluster lives inside one GPC, and GPCs differ in their SM counts, so 8 x
+ * 16 CTAs may not fit 128 SMs), and c <= the blocks a row can select; else
+ * 1 (plan_split_tma and the merge kernel). Needs no workspace. */
 static int plan_split_cluster(const m3s_context *ctx, const m3s_layer_config *cfg, int64_t T,
                               int64_t max_seq_len) {
   const int64_t items = T * cfg->num_kv_heads * head_chunks(cfg);
@@ -498,15 +499,11 @@ static int plan_split_cluster(const m3s_context *ctx, const m3s_layer_config *cf
     kmax = cfg->topk;
   if (items <= 0)
     return 1;
-  int64_t s = m3s_cuda_num_sms(ctx) / items;
-  if (s > m3s_cuda_attention_cluster_max(ctx))
-    s = m3s_cuda_attention_cluster_max(ctx);
-  if (s > kmax)
-    s = kmax;
-  int c = 1;
-  while (2 * c <= s)
-    c *= 2;
-  return c;
+  for (int c = 8; c >= 2; c /= 2)
+    if (c <= kmax && items * c <= m3s_cuda_num_sms(ctx) &&
+        items <= m3s_cuda_attention_clusters(ctx, c))
+      return c;
+  return 1;
 }
 
 extern "C" int m3s_attention_cluster_splits(const m3s_context *ctx, const m3s_layer_config *cfg,

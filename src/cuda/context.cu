@@ -24,16 +24,17 @@ typedef struct {
   int attn_union_any;            /* test switch: the union kernel without its size rule */
   int attn_union_wgmma;          /* the union kernel's warpgroup consumers: -1 rule, 0 off, 1 on */
   int pdl;                       /* programmatic dependent launch: < 0 default, 0 off, > 0 on (launch.h) */
-  int attn_cluster;              /* largest cluster of the persistent attention kernel, 0 none */
+  int attn_clusters[4];          /* co-resident clusters of 2^i CTAs of the persistent attention
+                                  * kernel (i = 1..3) */
   int attn_cluster_off;          /* test switch: its splits through the merge kernel */
 } cuda_state;
 
 /* Kernel attributes belong to the device that is current when they are set:
  * make the context's device current for the call, then restore the caller's.
- * On sm_90 also the largest cluster of the persistent attention kernel the
- * device co-schedules (*cluster; 0 elsewhere). */
+ * On sm_90 also how many clusters of 2, 4 and 8 CTAs of the persistent
+ * attention kernel the device runs at once (clusters[1..3]; 0 elsewhere). */
 static m3s_status prepare_kernels(const m3s_context *ctx, int sm_major, const char *fn,
-                                  int *cluster) {
+                                  int clusters[4]) {
   int prev = 0;
   cudaError_t err = cudaGetDevice(&prev);
   if (err == cudaSuccess && prev != ctx->device)
@@ -50,7 +51,8 @@ static m3s_status prepare_kernels(const m3s_context *ctx, int sm_major, const ch
     err = m3s_attention_tma_prepare();
   if (err == cudaSuccess)
     err = m3s_attention_union_prepare();
-  *cluster = err == cudaSuccess && sm_major == 9 ? m3s_attention_tma_cluster_limit() : 0;
+  for (int i = 0; i < 4; i++)
+    clusters[i] = err == cudaSuccess && sm_major == 9 ? m3s_attention_tma_clusters(1 << i) : 0;
   if (prev != ctx->device)
     cudaSetDevice(prev); /* best effort: the caller's device was valid before */
   if (err == cudaSuccess)
@@ -96,8 +98,8 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "cudaGetDeviceProperties(%d) failed: %s", ctx->device,
                     cudaGetErrorString(err));
-  int cluster = 0;
-  m3s_status prep = prepare_kernels(ctx, prop.major, fn, &cluster);
+  int clusters[4];
+  m3s_status prep = prepare_kernels(ctx, prop.major, fn, clusters);
   if (prep)
     return prep;
   cuda_state *st = (cuda_state *)calloc(1, sizeof *st);
@@ -109,7 +111,7 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   st->tmap_encode = tmap_encoder();
   st->pdl = -1; /* the default rule (launch.h) */
   st->attn_union_wgmma = -1; /* m3s_attention_union_wg */
-  st->attn_cluster = cluster;
+  memcpy(st->attn_clusters, clusters, sizeof clusters);
   ctx->backend_state = st;
   m3s_log(ctx, 2, "CUDA context on device %d (%s, sm_%d%d, %d SMs)", ctx->device, prop.name,
           prop.major, prop.minor, prop.multiProcessorCount);
@@ -177,9 +179,11 @@ extern "C" void m3s_attention_set_cluster_merge(m3s_context *ctx, int on) {
     st->attn_cluster_off = on == 0;
 }
 
-extern "C" int m3s_cuda_attention_cluster_max(const m3s_context *ctx) {
+extern "C" int m3s_cuda_attention_clusters(const m3s_context *ctx, int c) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
-  return st && !st->attn_cluster_off ? st->attn_cluster : 0;
+  if (!st || st->attn_cluster_off)
+    return 0;
+  return c == 2 ? st->attn_clusters[1] : c == 4 ? st->attn_clusters[2] : c == 8 ? st->attn_clusters[3] : 0;
 }
 
 extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {

@@ -78,9 +78,8 @@
  * on the device; the tensor maps are encoded on the host per call from the
  * tensors' pointers and strides (kernel parameters).
  *
- * Registers: 155 (16-bit), 168 (fp8; 168 is the cap of 9 warps per SM),
- * no spills but 16 bytes outside the unit loop for fp8 with f16 q (ptxas,
- * sm_90a).
+ * Registers: 149 (16-bit), 168 (fp8; 168 is the cap of 9 warps per SM),
+ * no spills (ptxas, sm_90a, nvcc 13.0, session 17).
  * Measured (H200, m3s-bench, docs/perf-notes.md "Decode attention: a
  * persistent TMA kernel" and "fp8 caches on the TMA kernel"): 128 requests
  * x 32K TP1 138.2 us bf16 (generic kernel 155.2 in the same run; 87% of the
@@ -351,8 +350,8 @@ static __device__ void at_store(const attn_params &p, const S &s, const at_item 
  * are numbered split fastest, one per CTA, clusters of nsplit along x).
  * The consumers merge their eight warp states (stashed at the item's end)
  * in warp order into the CTA's partial in ring slot 0 (AT_PART_M); once
- * the cluster barrier has published the partials, CTA s merges every
- * nsplit-th (head, dim pair) of the item from all of them, read through
+ * the cluster barrier has published the partials, CTA s merges the s-th
+ * nsplit-th of the item's (head, dim pair)s from all of them, read through
  * distributed shared memory, in split order 0..nsplit-1 as the merge kernel
  * does (../attention.cu), and writes out and lse. The second barrier keeps
  * each CTA's shared memory alive until its peers have read it. Outside the
@@ -378,7 +377,11 @@ static __device__ void at_cluster_merge(const attn_params &p, S &s) {
     }
   }
   sm90_cluster_sync(); /* every CTA's partial is in its slot 0 */
-  for (int u = split + p.nsplit * (int)threadIdx.x; u < nh * 64; u += p.nsplit * AT_THREADS) {
+  /* CTA s: the s-th of nsplit equal ranges of the (head, dim pair)s (nsplit
+   * divides 64), consecutive per thread: each warp reads 256 contiguous
+   * bytes of a peer's partial and writes contiguous out */
+  const int per = nh * 64 / p.nsplit;
+  for (int u = split * per + (int)threadIdx.x; u < (split + 1) * per; u += AT_THREADS) {
     const int r = u >> 6, d = (u & 63) * 2;
     float m[AT_MAX_CLUSTER], lc[AT_MAX_CLUSTER], mx = neg_inf();
     float2 o[AT_MAX_CLUSTER];
@@ -519,7 +522,8 @@ static __global__ void __launch_bounds__(AT_THREADS, 1)
   sm90_fence_proxy_async();
   /* PDL (launch.h): the set-up above reads no global memory; the top-k and
    * the rest may come from the kernel before. One CTA per SM at most, so
-   * the split merge may start behind this grid. */
+   * the next kernel (the split merge, when it runs) may start behind this
+   * grid. */
   m3s_pdl_wait();
   if (p.pdl)
     m3s_pdl_trigger();
@@ -582,12 +586,12 @@ static int at_active_clusters(K k, size_t smem, unsigned c) {
   return n;
 }
 
-extern "C" int m3s_attention_tma_cluster_limit(void) {
-  for (unsigned c = AT_MAX_CLUSTER; c >= 2; c /= 2)
-    if (at_active_clusters(attn_tma_kernel<false, KV_DIRECT>, at_smem_bytes<false>(), c) > 0 &&
-        at_active_clusters(attn_tma_kernel<false, KV_E4M3>, at_smem_bytes<true>(), c) > 0)
-      return (int)c;
-  return 0;
+extern "C" int m3s_attention_tma_clusters(int c) {
+  if (c < 2 || c > AT_MAX_CLUSTER)
+    return 0;
+  const int a = at_active_clusters(attn_tma_kernel<false, KV_DIRECT>, at_smem_bytes<false>(), c);
+  const int b = at_active_clusters(attn_tma_kernel<false, KV_E4M3>, at_smem_bytes<true>(), c);
+  return a < b ? a : b;
 }
 
 /* The cache as [pages][Hkv][128 slots][256] with the caller's strides, boxes
