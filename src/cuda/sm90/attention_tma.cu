@@ -406,7 +406,9 @@ static __device__ void at_cluster_merge(const attn_params &p, S &s) {
     }
     store_out_pair(p, t, h0 + r, d, mx, l, o0, o1);
   }
-  sm90_cluster_sync(); /* the peers' reads of this CTA's partial are done */
+  /* the peers' loads of this CTA's partial have returned (their values
+   * went into the stores above) */
+  sm90_cluster_sync_relaxed();
 }
 
 /* KVM: KV_DIRECT (a cache of q's dtype), KV_E4M3 or KV_E5M2, a template

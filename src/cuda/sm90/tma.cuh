@@ -171,6 +171,20 @@ static __device__ __forceinline__ void sm90_cluster_sync() {
 #endif
 }
 
+/* The same without ordering this thread's memory accesses (arrive.relaxed):
+ * only that every thread of the cluster got here. For a CTA's exit after
+ * its peers' loads from its shared memory, whose values those peers have
+ * already consumed; the release form would also wait for this thread's
+ * outstanding global stores. */
+static __device__ __forceinline__ void sm90_cluster_sync_relaxed() {
+#if M3S_SM90_TMA
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n"
+               "barrier.cluster.wait.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
 /* The shared::cluster address of the variable at p (this CTA's shared
  * memory) in the cluster's CTA `rank`: the same offset in its shared
  * memory. */
