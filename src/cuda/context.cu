@@ -6,6 +6,7 @@
  * live in cache.cu, topk.cu (with topk_decode.cu), attention.cu, k2q.cu and
  * merge.cu. */
 #include "common.cuh"
+#include "k2q.h"
 #include "launch.h"
 #include "sm90/attention_tma.h"
 #include "sm90/topk_tc.h"
@@ -24,6 +25,7 @@ typedef struct {
   int attn_union_any;            /* test switch: the union kernel without its size rule */
   int attn_union_wgmma;          /* the union kernel's warpgroup consumers: -1 rule, 0 off, 1 on */
   int pdl;                       /* programmatic dependent launch: < 0 default, 0 off, > 0 on (launch.h) */
+  int k2q_simt;                  /* test switch: k2q attention on the SIMT kernel (k2q.h) */
 } cuda_state;
 
 /* Kernel attributes belong to the device that is current when they are set:
@@ -161,6 +163,17 @@ extern "C" void m3s_attention_set_union_wgmma(m3s_context *ctx, int on) {
 extern "C" int m3s_cuda_attention_union_wgmma(const m3s_context *ctx) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
   return st ? st->attn_union_wgmma : -1;
+}
+
+extern "C" void m3s_k2q_set_simt(m3s_context *ctx, int simt) {
+  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  if (st)
+    st->k2q_simt = simt != 0;
+}
+
+extern "C" int m3s_cuda_k2q_simt(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st ? st->k2q_simt : 0;
 }
 
 extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {
