@@ -194,6 +194,8 @@ void run_case(bench *B, case_result *res) {
     goto done;
   }
   kernel_names(B, g, res->kernel, sizeof res->kernel);
+  if (o->attn_k2q && g->c.op == OP_PATTN)
+    snprintf(res->kernel, sizeof res->kernel, "k2q path: csr + k2q attention + combine");
   cudaGetLastError(); /* nothing left over from an earlier case */
   /* number of sets: wanted, then what the pool holds */
   int S = sets_wanted(g, o, B->l2);

@@ -506,6 +506,12 @@ typedef struct {
   int logits; /* 0, or an FX_LOGITS_* mode of fx_large_logits (tests/ref.h) */
 } k2q_case;
 
+/* What a case changes beyond k2q_case: f16 q (with an f16 cache in kv), and
+ * the heads (hq 0: the TP config's). */
+typedef struct {
+  int f16, hq, hkv;
+} k2q_shape;
+
 /* Verbose mode: times CSR build, k2q attention and combine on the GPU (the
  * CSR buffers and partials are rewritten with the same values). topk: the
  * case's top-k rows (the comparisons poisoned the buffers since). */
@@ -561,10 +567,40 @@ static void make_sink_topk(fixture *f) {
 
 /* Top-k on the CPU; CSR on both; partials on both; combine on the GPU vs the
  * CPU's direct attention. */
-static void run_k2q_case(const k2q_case *kc, int run) {
+/* The tensor-core partials (P in the mma dtype) and the SIMT ones (fp32)
+ * differ in their last bits on random inputs: equal bits would mean the
+ * dispatch ran the SIMT kernel both times. NaN poison (unwritten slots) is
+ * skipped; the two runs wrote the same slots (partials_compare). */
+static void tc_differs(const void *d_tc, const void *d_simt, size_t n, const char *name) {
+  float *a = malloc(n * 4 + 4), *b = malloc(n * 4 + 4);
+  int ok = a && b && gpu_get(a, d_tc, n * 4) && gpu_get(b, d_simt, n * 4);
+  size_t differ = 0, written = 0;
+  for (size_t i = 0; ok && i < n; i++) {
+    if (isnan(a[i]) || isnan(b[i]))
+      continue;
+    written++;
+    differ += a[i] != b[i];
+  }
+  char msg[200];
+  snprintf(msg, sizeof msg,
+           "%s: the tensor-core kernel ran (%zu of %zu partial values differ from the SIMT "
+           "kernel's)",
+           name, differ, written);
+  check_msg(ok && written > 0 && differ > 0, msg);
+  free(a);
+  free(b);
+}
+
+static void run_k2q_shape(const k2q_case *kc, const k2q_shape *ks, int run) {
   if (!test_selected(kc->name))
     return;
   fx_spec s = spec(kc->tp, kc->nreq, kc->ql, kc->sl);
+  if (ks->hq) {
+    s.cfg.num_q_heads = ks->hq;
+    s.cfg.num_kv_heads = ks->hkv;
+  }
+  if (ks->f16)
+    s.act_dtype = M3S_F16;
   s.uniform = kc->uniform;
   s.qsl_base = kc->qsl_base;
   s.topk_head_major = kc->topk_head_major;
@@ -610,13 +646,14 @@ static void run_k2q_case(const k2q_case *kc, int run) {
       time_pipeline(&c, &f, &g, dpo, dpl, keep, kc->name);
   }
   g_tc_cases += tc;
-  if (tc) { /* the same partials on the SIMT kernel, at its tolerance */
+  if (tc && dpo) { /* the same partials on the SIMT kernel, at its tolerance */
     void *spo = NULL, *spl = NULL;
     int tc2 = 1;
     m3s_k2q_set_simt(g_gpu, 1);
     partials_compare(&c, &f, &g, run + 2, &spo, &spl, kc->name, &tc2);
     m3s_k2q_set_simt(g_gpu, 0);
     CHECK(!tc2, "the SIMT switch keeps k2q attention off the tensor-core kernel");
+    tc_differs(dpo, spo, (size_t)f.T * f.cfg.num_q_heads * f.cfg.topk * 128, kc->name);
     gpu_free(spo);
     gpu_free(spl);
   }
@@ -626,6 +663,11 @@ static void run_k2q_case(const k2q_case *kc, int run) {
   csr_free(&c);
   gpu_fx_free(&g);
   fx_free(&f);
+}
+
+static void run_k2q_case(const k2q_case *kc, int run) {
+  const k2q_shape plain = {0, 0, 0};
+  run_k2q_shape(kc, &plain, run);
 }
 
 static void test_k2q(void) {
@@ -644,9 +686,20 @@ static void test_k2q(void) {
       {2, 2, ql4, sl4, 0, 0, 0, 1, 1, 0, 0, M3S_E4M3, "k2q_tp2_e4m3_scalar_token_major", 0},
       {8, 2, ql5, sl5, 0, 0, 0, 0, 0, 0, 1, M3S_BF16, "k2q_tp8_sink_rows_of_3000_and_5000", 0},
       {8, 2, ql6, sl6, 0, 0, 0, 1, 2, 0, 0, M3S_E5M2, "k2q_tp8_tiny_e5m2", 0}, /* racecheck-sized */
+      {8, 2, ql6, sl6, 0, 0, 0, 0, 0, 0, 0, M3S_BF16, "k2q_tp8_tiny_bf16", 0}, /* racecheck-sized */
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
     run_k2q_case(&cases[i], (int)i);
+  /* the tensor-core kernel's other forms: f16 q and cache; 32 and 24 query
+   * heads per KV head (two chunks of 16 heads, a partial last one) */
+  static const k2q_case tcc[] = {
+      {2, 5, ql1, sl1, 0, 0, 0, 0, 0, 0, 0, M3S_F16, "k2q_tp2_prefill_f16", 0},
+      {2, 3, ql2, sl2, 0, 5, 0, 1, 0, 0, 0, M3S_BF16, "k2q_g32_hkv2_bf16", 0},
+      {2, 2, ql4, sl4, 0, 0, 0, 0, 0, 0, 0, M3S_F16, "k2q_g24_hkv2_f16", 0},
+  };
+  static const k2q_shape tcs[] = {{1, 0, 0}, {0, 64, 2}, {1, 48, 2}};
+  for (size_t i = 0; i < sizeof tcc / sizeof tcc[0]; i++)
+    run_k2q_shape(&tcc[i], &tcs[i], 20 + (int)i);
   /* many requests (more than any CTA's width), zero-length ones among them:
    * exercises the chunked request scans of the row-base lookups */
   enum { NR = 700 };

@@ -1,8 +1,10 @@
 /* CUDA backend: the key-centric k2q CSR schedule (SPEC section 7) and the
  * k2q attention over it. Semantics are those of the CPU reference
  * (src/cpu/k2q.c): the CSR gives the CPU's bytes exactly; attention is fp32
- * (not bit-identical to the CPU: expf/logf and summation order differ). The
- * per-slot partials are combined by src/cuda/merge.cu.
+ * on the SIMT kernel (not bit-identical to the CPU: expf/logf and summation
+ * order differ) and within SPEC section 4's tolerance on the tensor-core one
+ * (P in the mma dtype). The per-slot partials are combined by
+ * src/cuda/merge.cu.
  *
  * Every launch goes to exec->stream (legacy stream 0 when exec is NULL); no
  * allocation, no synchronisation, no host read of device data, no workspace;
@@ -41,8 +43,8 @@
  *  - k2q_tc_kernel<F16> (q and a 16-bit cache of the same dtype, 16-byte
  *    aligned cache rows, contiguous partial rows; tc_takes; the switch of
  *    k2q.h keeps the SIMT kernel): grid (R, Hkv, S), 128 threads, 64 KiB
- *    dynamic shared memory (three CTAs per SM at 158 registers, no
- *    spills), S = clamp(ceil(max_q_len * chunks / 32), 1, 64). The block
+ *    dynamic shared memory (158 registers, no spills: three CTAs per SM on
+ *    H100 / H200, two on A100), S = clamp(ceil(max_q_len * chunks / 32), 1, 64). The block
  *    is staged once as 16-bit K | V rows in the generic attention kernel's
  *    swizzled layout; each warp takes (entry, chunk of 16 heads) items: the
  *    row's 16 heads are one m16 tile of mma.sync, run over the block's keys
@@ -809,10 +811,11 @@ extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_c
   a.topk = cfg->topk;
   a.scale = cfg->softmax_scale;
   /* A row belongs to one request and holds one entry per query that selects
-   * its block: max_q_len x G items unless top-k rows repeat a block. That
-   * host bound sizes the split (only parallelism depends on it: each CTA's
-   * share comes from the row's real length); K2Q_MAX_SPLIT caps idle CTAs,
-   * which cost a scheduling slot each at one ~145 KB CTA per SM. */
+   * its block: max_q_len x G items (on tensor cores max_q_len x head chunks)
+   * unless top-k rows repeat a block. That host bound sizes the split (only
+   * parallelism depends on it: each CTA's share comes from the row's real
+   * length); the caps bound idle CTAs, which cost a scheduling slot each (one
+   * ~145 KB SIMT CTA per SM). */
   if (tc_takes(ctx, q, kv_cache, part_out, part_lse)) {
     /* items are (entry, chunk of 16 heads), each a warp's m16 tile */
     const int64_t chunks = (a.group + HEADS_PER_CTA - 1) / HEADS_PER_CTA;
