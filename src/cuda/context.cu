@@ -6,6 +6,7 @@
  * live in cache.cu, topk.cu (with topk_decode.cu), attention.cu, k2q.cu and
  * merge.cu. */
 #include "common.cuh"
+#include "k2q.h"
 #include "launch.h"
 #include "sm90/attention_tma.h"
 #include "sm90/topk_tc.h"
@@ -27,6 +28,7 @@ typedef struct {
   int attn_clusters[4];          /* co-resident clusters of 2^i CTAs of the persistent attention
                                   * kernel (i = 1..3) */
   int attn_cluster_off;          /* test switch: its splits through the merge kernel */
+  int k2q_simt;                  /* test switch: k2q attention on the SIMT kernel (k2q.h) */
 } cuda_state;
 
 /* Kernel attributes belong to the device that is current when they are set:
@@ -183,7 +185,21 @@ extern "C" int m3s_cuda_attention_clusters(const m3s_context *ctx, int c) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
   if (!st || st->attn_cluster_off)
     return 0;
-  return c == 2 ? st->attn_clusters[1] : c == 4 ? st->attn_clusters[2] : c == 8 ? st->attn_clusters[3] : 0;
+  return c == 2   ? st->attn_clusters[1]
+         : c == 4 ? st->attn_clusters[2]
+         : c == 8 ? st->attn_clusters[3]
+                  : 0;
+}
+
+extern "C" void m3s_k2q_set_simt(m3s_context *ctx, int simt) {
+  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  if (st)
+    st->k2q_simt = simt != 0;
+}
+
+extern "C" int m3s_cuda_k2q_simt(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st ? st->k2q_simt : 0;
 }
 
 extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {
