@@ -183,7 +183,10 @@ extern "C" int m3s_cuda_attention_clusters(const m3s_context *ctx, int c) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
   if (!st || st->attn_cluster_off)
     return 0;
-  return c == 2 ? st->attn_clusters[1] : c == 4 ? st->attn_clusters[2] : c == 8 ? st->attn_clusters[3] : 0;
+  return c == 2   ? st->attn_clusters[1]
+         : c == 4 ? st->attn_clusters[2]
+         : c == 8 ? st->attn_clusters[3]
+                  : 0;
 }
 
 extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {
