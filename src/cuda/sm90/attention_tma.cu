@@ -393,21 +393,24 @@ static __device__ void at_cluster_merge(const attn_params &p, S &s) {
         o[c] = sm90_ld_peer2(sm90_peer_addr(part + r * M3S_HEAD_DIM + d, c));
         mx = fmaxf(mx, m[c]);
       }
+    /* every loaded value is consumed, also when no split saw a key (then
+     * every partial is 0 / -inf and a = 0): the relaxed exit barrier below
+     * relies on it */
+    const bool any = mx != neg_inf();
     float l = 0.0f, o0 = 0.0f, o1 = 0.0f;
-    if (mx != neg_inf()) {
 #pragma unroll
-      for (int c = 0; c < AT_MAX_CLUSTER; c++)
-        if (c < p.nsplit) {
-          const float a = exp2f(m[c] - mx);
-          l += lc[c] * a;
-          o0 += o[c].x * a;
-          o1 += o[c].y * a;
-        }
-    }
+    for (int c = 0; c < AT_MAX_CLUSTER; c++)
+      if (c < p.nsplit) {
+        const float a = any ? exp2f(m[c] - mx) : 0.0f;
+        l += lc[c] * a;
+        o0 += o[c].x * a;
+        o1 += o[c].y * a;
+      }
     store_out_pair(p, t, h0 + r, d, mx, l, o0, o1);
   }
-  /* the peers' loads of this CTA's partial have returned (their values
-   * went into the stores above) */
+  /* this CTA's loads of its peers' partials have returned (every value went
+   * into the stores above), so a relaxed arrive suffices before the peers
+   * may exit, and this CTA's own exit waits for theirs */
   sm90_cluster_sync_relaxed();
 }
 
