@@ -830,7 +830,8 @@ int main(void) {
   if (gpu_sm_major() == 9 && !(filter && filter[0])) {
     CHECK(g_tma_cases > 0, "the sm_90 persistent attention kernel ran on some case");
     if (m3s_cuda_attention_clusters(g_gpu, 2) > 0)
-      CHECK(g_cluster_cases > 0, "the persistent kernel merged its splits in a cluster on some case");
+      CHECK(g_cluster_cases > 0,
+            "the persistent kernel merged its splits in a cluster on some case");
     else
       printf("test_gpu_attention: this device co-schedules no cluster of the persistent kernel: "
              "the cluster merge is not tested\n");

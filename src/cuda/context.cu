@@ -53,7 +53,8 @@ static m3s_status prepare_kernels(const m3s_context *ctx, int sm_major, const ch
     err = m3s_attention_tma_prepare();
   if (err == cudaSuccess)
     err = m3s_attention_union_prepare();
-  for (int i = 0; i < 4; i++)
+  clusters[0] = 0;
+  for (int i = 1; i < 4; i++)
     clusters[i] = err == cudaSuccess && sm_major == 9 ? m3s_attention_tma_clusters(1 << i) : 0;
   if (prev != ctx->device)
     cudaSetDevice(prev); /* best effort: the caller's device was valid before */
@@ -183,12 +184,10 @@ extern "C" void m3s_attention_set_cluster_merge(m3s_context *ctx, int on) {
 
 extern "C" int m3s_cuda_attention_clusters(const m3s_context *ctx, int c) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
-  if (!st || st->attn_cluster_off)
-    return 0;
-  return c == 2   ? st->attn_clusters[1]
-         : c == 4 ? st->attn_clusters[2]
-         : c == 8 ? st->attn_clusters[3]
-                  : 0;
+  for (int i = 1; st && !st->attn_cluster_off && i < 4; i++)
+    if (c == 1 << i)
+      return st->attn_clusters[i];
+  return 0;
 }
 
 extern "C" void m3s_k2q_set_simt(m3s_context *ctx, int simt) {
