@@ -130,24 +130,26 @@ static __device__ __forceinline__ uint32_t ld_act_pair(const void *base, int64_t
   return (uint32_t)p[0] | ((uint32_t)p[1] << 16);
 }
 
-/* Q rows h0 + lane/4 (+8) as A fragments of the 8 k-steps (zero padding for
- * rows >= nh); bf16 q is converted when the mma runs in f16. */
+/* Q rows h0 + lane/4 (+8) of row t of q (element strides q_s0, q_s1; the
+ * last dimension contiguous) as A fragments of the 8 k-steps (zero padding
+ * for rows >= nh); bf16 q is converted when the mma runs in f16 (convert). */
 template <bool F16>
-static __device__ __forceinline__ void load_q(const attn_params &p, int64_t t, int h0, int nh,
-                                       uint32_t (&qa)[8][4], int lane) {
+static __device__ __forceinline__ void load_q_rows(const void *q, int64_t q_s0, int64_t q_s1,
+                                                   int convert, int64_t t, int h0, int nh,
+                                                   uint32_t (&qa)[8][4], int lane) {
   int g4 = lane >> 2, t4 = lane & 3;
 #pragma unroll
   for (int hi = 0; hi < 2; hi++) {
     int r = g4 + 8 * hi;
-    int64_t base = t * p.q_s0 + (int64_t)(h0 + r) * p.q_s1;
+    int64_t base = t * q_s0 + (int64_t)(h0 + r) * q_s1;
 #pragma unroll
     for (int ks = 0; ks < 8; ks++) {
       int k = 16 * ks + 2 * t4;
-      qa[ks][hi] = r < nh ? ld_act_pair(p.q, base + k) : 0u;
-      qa[ks][2 + hi] = r < nh ? ld_act_pair(p.q, base + k + 8) : 0u;
+      qa[ks][hi] = r < nh ? ld_act_pair(q, base + k) : 0u;
+      qa[ks][2 + hi] = r < nh ? ld_act_pair(q, base + k + 8) : 0u;
     }
   }
-  if (F16 && p.q_convert)
+  if (F16 && convert)
 #pragma unroll
     for (int ks = 0; ks < 8; ks++)
 #pragma unroll
@@ -155,6 +157,13 @@ static __device__ __forceinline__ void load_q(const attn_params &p, int64_t t, i
         float2 f = unpack_other<F16>(qa[ks][i]);
         qa[ks][i] = pack2<F16>(f.x, f.y);
       }
+}
+
+/* load_q_rows of the call's q (attn_params). */
+template <bool F16>
+static __device__ __forceinline__ void load_q(const attn_params &p, int64_t t, int h0, int nh,
+                                              uint32_t (&qa)[8][4], int lane) {
+  load_q_rows<F16>(p.q, p.q_s0, p.q_s1, p.q_convert, t, h0, nh, qa, lane);
 }
 
 /* ---- one unit of 16 keys on tensor cores ----------------------------------- */

@@ -615,37 +615,19 @@ static __device__ void tc_stage(const k2q_args &a, int64_t page, int g, int nk,
   }
 }
 
-/* Heads h0 .. h0 + 15 of query row t (rows >= nh zero) as the A fragments
- * of the 8 k-steps (load_q's layout, q already in the mma dtype). */
-static __device__ __forceinline__ void tc_load_q(const k2q_args &a, int64_t t, int64_t h0, int nh,
-                                                 uint32_t (&qa)[8][4], int lane) {
-  const int g4 = lane >> 2, t4 = lane & 3;
-#pragma unroll
-  for (int hi = 0; hi < 2; hi++) {
-    const int r = g4 + 8 * hi;
-    const int64_t base = t * a.q_s0 + (h0 + r) * a.q_s1;
-#pragma unroll
-    for (int ks = 0; ks < 8; ks++) {
-      const int k = 16 * ks + 2 * t4;
-      qa[ks][hi] = r < nh ? ld_act_pair(a.q, base + k) : 0u;
-      qa[ks][2 + hi] = r < nh ? ld_act_pair(a.q, base + k + 8) : 0u;
-    }
-  }
-}
-
 /* One warp: query row t, heads h0 .. h0 + nh - 1 (an m16 tile) over the
  * staged block's keys [0, nk), 16 at a time (attend_unit: S = Q K^T on
  * mma.sync, online softmax, O += P V with P in the mma dtype); writes each
  * head's normalised partial and lse at slot `slot` (0 / -inf when nk == 0),
  * as attend_entry does. */
 template <bool F16>
-static __device__ void tc_attend(const k2q_args &a, const unsigned char *tile, int64_t t,
-                                 int64_t h0, int nh, int slot, int nk, int lane) {
+static __device__ void tc_attend(const k2q_args &a, const unsigned char *tile, int64_t t, int h0,
+                                 int nh, int slot, int nk, int lane) {
   warp_state ws;
   warp_state_init(ws);
   if (nk > 0) {
     uint32_t qa[8][4];
-    tc_load_q(a, t, h0, nh, qa, lane);
+    load_q_rows<F16>(a.q, a.q_s0, a.q_s1, 0, t, h0, nh, qa, lane);
     const float sl2 = a.scale * LOG2E;
     const uint32_t base = smem_addr(tile);
     for (int u = 0; 16 * u < nk; u++) {
@@ -682,7 +664,8 @@ static __device__ void tc_attend(const k2q_args &a, const unsigned char *tile, i
  * takes (entry, chunk of 16 heads) items of the CTA's share, as
  * k2q_attention_kernel takes (entry, head) items. */
 template <bool F16>
-static __global__ void __launch_bounds__(TC_THREADS, 3) k2q_tc_kernel(m3s_cuda_batch b, k2q_args a) {
+static __global__ void __launch_bounds__(TC_THREADS, 3)
+    k2q_tc_kernel(m3s_cuda_batch b, k2q_args a) {
   extern __shared__ __align__(128) unsigned char k2q_tile[];
   const int64_t row = blockIdx.x;
   const int g = blockIdx.y;
@@ -725,7 +708,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 3) k2q_tc_kernel(m3s_cuda_b
     int64_t nk = seq - n + (t - row0) + 1 - blk * M3S_BLOCK_SIZE;
     nk = nk < nk_blk ? nk : nk_blk;
     const int nh = min(HEADS_PER_CTA, a.group - chunk * HEADS_PER_CTA);
-    tc_attend<F16>(a, k2q_tile, t, (int64_t)g * a.group + chunk * HEADS_PER_CTA, nh, slot,
+    tc_attend<F16>(a, k2q_tile, t, g * a.group + chunk * HEADS_PER_CTA, nh, slot,
                    nk > 0 ? (int)nk : 0, lane);
   }
 }
