@@ -21,7 +21,7 @@
  * block plus distinct random earlier blocks, ascending; tokens of one 128-token
  * query block share one random candidate order (--sel token: independent).
  *
- * METHOD (.library/device/METHOD.md): every case holds S "sets" (block tables
+ * Method: every case holds S "sets" (block tables
  * over disjoint page ranges of the pool, own q / iq / top-k input), with S
  * chosen so that the bytes of the other S-1 sets exceed 2x the L2 between two
  * uses of one set. Each set runs once eagerly (status checked; UNSUPPORTED is
@@ -64,7 +64,9 @@ static void usage(FILE *f) {
 "  --all             the default set (24 cases, also with no selection): decode topk/attn/step, TP1 and\n"
 "                    TP8, bs 1/32/128, q_len 1/4, ctx 8K/32K/128K (a selection),\n"
 "                    and TP1 prefill topk/attn of one --chunk behind ctx 0 and 32K;\n"
-"                    --kv/--idx lists multiply it; other shape flags are ignored\n"
+"                    --kv/--idx lists multiply it, --skew applies to its decode\n"
+"                    cases, --chunk's first value sets its prefill chunk; other\n"
+"                    shape flags are ignored\n"
 "  --full            every op over the shape lists below (120 cases by default)\n"
 "  --ops LIST        ops over the shape lists: topk, attn, step (decode), ptopk,\n"
 "                    pattn, pstep (prefill); 'decode' / 'prefill' = all three\n"

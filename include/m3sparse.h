@@ -84,12 +84,17 @@ typedef enum m3s_status {
   M3S_ERR_INVALID = 2,      /* a scalar argument or config value is out of its domain */
   M3S_ERR_SHAPE = 3,        /* wrong ndim or a dimension disagrees with the others */
   M3S_ERR_DTYPE = 4,        /* dtype not accepted for this operand */
-  M3S_ERR_LAYOUT = 5,       /* bad strides: innermost != 1, negative, or overlapping outputs */
-  M3S_ERR_RANGE = 6,        /* a value read from an index tensor is out of range
-                               (slot, page id, top-k entry, sequence length) */
-  M3S_ERR_DEVICE = 7,       /* tensor memory is not where the context runs */
+  M3S_ERR_LAYOUT = 5,       /* bad strides (innermost != 1, negative, overlapping outputs,
+                               an operand that must be contiguous and is not) or a CUDA
+                               workspace that is not 256-byte aligned */
+  M3S_ERR_RANGE = 6,        /* a value read from an index tensor is out of range (slot,
+                               page id, block-table width, top-k or candidate id, q_count,
+                               CSR entry) */
+  M3S_ERR_DEVICE = 7,       /* tensor memory, or the calling thread's current CUDA device,
+                               is not where the context runs */
   M3S_ERR_WORKSPACE = 8,    /* workspace missing or smaller than required */
-  M3S_ERR_BATCH = 9,        /* inconsistent batch description */
+  M3S_ERR_BATCH = 9,        /* inconsistent batch description (counts, query_start_loc,
+                               seq_lens) */
   M3S_ERR_UNSUPPORTED = 10, /* valid, but not supported by this backend/build */
   M3S_ERR_NO_MEMORY = 11,   /* context creation could not allocate host memory */
   M3S_ERR_CUDA = 12,        /* a CUDA runtime call failed */
@@ -179,7 +184,9 @@ typedef struct m3s_context m3s_context;
 /* device < 0: the CPU reference backend (needs no CUDA at all).
  * device >= 0: the CUDA backend on that device ordinal (M3S_ERR_UNSUPPORTED in
  * builds without CUDA; M3S_ERR_CUDA "no CUDA device" on a machine without a
- * usable GPU, or when the kernels' launch attributes cannot be set on it).
+ * usable GPU, or when the kernels' launch attributes cannot be set on it;
+ * M3S_ERR_INVALID for an ordinal >= the device count; M3S_ERR_NO_MEMORY when
+ * host or CUDA-runtime memory runs out).
  * Creation is where the library allocates (host memory; on CUDA also inside
  * the runtime): run calls do not. */
 M3S_API m3s_status m3s_context_create(int device, m3s_context **out_ctx);
@@ -200,11 +207,12 @@ M3S_API m3s_status m3s_context_set_logging(m3s_context *ctx, int level, m3s_log_
  *   own request (query rows, seq_len, block-table rows, caches, config), never
  *   on the other requests of the batch or on the host bounds num_tokens,
  *   max_q_len and max_seq_len. The CPU backend always keeps this promise, so
- *   the option changes nothing there. On CUDA the attention kernel then never
- *   splits a row's blocks across CTAs (split-K is chosen per launch from the
- *   host bounds, which makes the last bits depend on the batch): small decode
- *   batches run slower (fewer CTAs than SMs) and need no workspace for the
- *   split. Top-k, inserts and the k2q path are batch-independent in both
+ *   the option changes nothing there. On CUDA attention then always runs the
+ *   generic kernel (on sm_90 not the TMA or union kernels) and never splits a
+ *   row's blocks across CTAs (split-K is chosen per launch from the host
+ *   bounds, which makes the last bits depend on the batch): small decode
+ *   batches and prefill / speculative batches run slower, and no workspace is
+ *   needed for the split. Top-k, inserts and the k2q path are batch-independent in both
  *   modes. Set it before m3s_workspace_size / m3s_plan_step; not while
  *   another thread runs calls on the context. */
 typedef enum {
@@ -221,8 +229,9 @@ M3S_API m3s_status m3s_context_get_option(const m3s_context *ctx, m3s_option opt
 /* Execution resources of one call: the caller's stream (a cudaStream_t; NULL
  * = legacy default stream; ignored on the CPU) and workspace (device memory on a
  * CUDA context, host memory on the CPU), at least as large as the size
- * reported by m3s_workspace_size / m3s_plan_step. A NULL m3s_exec pointer is
- * the same as {NULL, 0, NULL}. */
+ * reported by m3s_workspace_size / m3s_plan_step; on CUDA 256-byte aligned
+ * (else M3S_ERR_LAYOUT). A NULL m3s_exec pointer is the same as
+ * {NULL, 0, NULL}. */
 typedef struct m3s_exec {
   void *workspace;
   size_t workspace_bytes;
@@ -312,7 +321,7 @@ typedef struct m3s_step_desc {
   int num_reqs;
   const int32_t *query_lens; /* [num_reqs] new tokens per request this step (host) */
   const int32_t *seq_lens;   /* [num_reqs] cached + new tokens; 0 = padded (host) */
-  int num_spec_tokens;       /* speculative tokens per decode request, >= 0 */
+  int num_spec_tokens;       /* speculative tokens per decode request, 0..1024 */
 } m3s_step_desc;
 
 /* The split of SPEC section 5 (vLLM split_decodes_and_prefills with
@@ -326,9 +335,9 @@ typedef struct m3s_step_desc {
  * num_decode_tokens = num_decodes * decode_q_len). If query_lens[0] == 0 every
  * leading zero-length request is a padded decode with q_len 1 + num_spec_tokens;
  * with no decodes, decode_q_len is 1 + num_spec_tokens.
- * Note: vLLM tests "first length > threshold" before "all equal", and so does
- * this library: a batch of equal-length prompts is all prefill (SPEC section
- * 5 lists the two tests in the other order). */
+ * The order is SPEC section 5's and vLLM's: "first length > threshold" is
+ * tested before "all equal", so a batch of equal-length prompts is all
+ * prefill. */
 typedef struct m3s_step_plan {
   int num_decodes;
   int num_prefills;
@@ -463,15 +472,16 @@ M3S_API m3s_status m3s_step_forward(m3s_context *ctx, const m3s_layer_config *cf
  * (m3s_k2q_csr_rows, or m3s_step_plan.csr_rows).
  *   topk:       [T, Hkv, K] i32 (the batch's selections)
  *   row_ptr:    out, i32 [Hkv, R + 1], contiguous; row_ptr[g][0] = 0
- *   q_indices:  out, i32 [Hkv, T*K]: for each row, the query rows t that
- *               selected the block, ascending; entries past row_ptr[g][R] are
- *               left untouched
- *   q_slot:     out, i32 [Hkv, T*K], parallel to q_indices: the slot of the
- *               selection = its rank among the valid entries of its top-k row
- *               (the row's columns in order, -1 holes skipped), so the slots
- *               of (t, g) are exactly 0 .. q_count[t][g]-1
- *   q_count:    out, i32 [T, Hkv]: valid selections of (t, g) (ids in [0, nb)
- *               among the first min(K, nb(t)) entries), 0 for padded rows
+ *   q_indices:  out, i32 [Hkv, T*K], contiguous: for each row, the query
+ *               rows t that selected the block, ascending; entries past
+ *               row_ptr[g][R] are left untouched
+ *   q_slot:     out, i32 [Hkv, T*K], contiguous, parallel to q_indices: the
+ *               slot of the selection = its rank among the valid entries of
+ *               its top-k row (the row's columns in order, -1 holes skipped),
+ *               so the slots of (t, g) are exactly 0 .. q_count[t][g]-1
+ *   q_count:    out, i32 [T, Hkv], contiguous: valid selections of (t, g)
+ *               (ids in [0, nb) among the first min(K, nb(t)) entries), 0 for
+ *               padded rows
  * ------------------------------------------------------------------------- */
 M3S_API m3s_status m3s_k2q_csr_rows(const m3s_context *ctx, const m3s_batch *batch,
                                     int64_t *out_rows);
@@ -641,7 +651,9 @@ typedef struct m3s_support_query {
 
 typedef struct m3s_support_info {
   int supported;    /* 1 or 0 */
-  char kernel[64];  /* name of the kernel that would run, "" if none */
+  char kernel[64];  /* the kernels this op may run on this context, '|'-separated (the
+                       choice is made per call from the batch's host bounds and the
+                       options); "" if none */
   char reason[160]; /* why not, "" if supported */
 } m3s_support_info;
 

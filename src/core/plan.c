@@ -31,9 +31,9 @@ static m3s_status check_desc(const char *fn, const m3s_step_desc *d) {
 }
 
 /* Number of leading decode requests (vLLM split_decodes_and_prefills with
- * require_uniform). Deviation from SPEC section 5's wording, on purpose: the
- * "first length > threshold" test comes before the "all equal" test, as in
- * vLLM, so a batch of equal-length prompts is all prefill, not decode. */
+ * require_uniform; SPEC section 5): the "first length > threshold" test comes
+ * before the "all equal" test, as in vLLM, so a batch of equal-length prompts
+ * is all prefill, not decode. */
 static int count_decodes(const m3s_step_desc *d) {
   int threshold = 1 + d->num_spec_tokens;
   if (d->num_reqs == 0)
