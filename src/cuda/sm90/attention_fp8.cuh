@@ -83,8 +83,9 @@ static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, co
  * straight into registers (at_k_frags). K exact in the mma dtype (its
  * scale multiplies the fp32 score). V: with VF16, exact in f16 and
  * unscaled (a scalar v scale multiplies the output); otherwise times its
- * per-slot scale, rounded to the mma dtype (RNE), as the generic kernel's dequant_fp8. V rows of keys
- * nv..15 (past pos: the cache there may hold anything) are zeros. The
+ * per-slot scale, rounded to the mma dtype (RNE), as the generic kernel's
+ * dequant_fp8. V rows of keys nv..15 (past pos: the cache there may hold
+ * anything) are zeros. The
  * per-slot k scales go behind the tile. Four passes over K, then four over
  * V (lanes never diverge on the part); in pass i, lane l takes chunk c = l
  * & 7 of key 4 i + kofs, kofs = (ph & 2) + ((ph ^ c / 4) & 1) for ph = l /
