@@ -103,6 +103,8 @@ typedef struct {
   int attn_generic; /* 1: attention on the generic kernel (--attn-path generic) */
   int attn_union;   /* 1: the union kernel without its size rule (--attn-path union) */
   int attn_wgmma;   /* 1: and its warpgroup consumers (--attn-path union-wgmma) */
+  int attn_merge_kernel; /* 1: persistent-kernel splits through the merge kernel, no cluster */
+  int attn_k2q;     /* 1: prefill attention by the key-centric path (--attn-path k2q) */
   int pdl;          /* programmatic dependent launch (--pdl): -1 default, 0 off, 1 on */
   int reps, warmup, max_sets, sets_force, device, gemm_n;
   double budget_s, case_budget_s, mem_gb, hbm_override, gemm_override;
@@ -161,6 +163,10 @@ typedef struct {
   void *d_out, *d_ws;
   float *d_lse, *d_scale;
   size_t ws_bytes;
+  /* --attn-path k2q: the CSR (R rows) and the per-slot partials */
+  int64_t csr_rows;
+  int32_t *d_rp, *d_qi, *d_qs, *d_qc;
+  float *d_po, *d_pl;
   m3s_tensor kv_t, idx_t;
   m3s_kv_scales scales;
   cudaGraph_t *graphs;

@@ -107,8 +107,13 @@ static void usage(FILE *f) {
 "                    >= half the SMs, on warpgroup consumers for prefill up to\n"
 "                    12K (fp8 16K)), generic (the cp.async kernel always),\n"
 "                    union (the union kernel for every batch it can run, on\n"
-"                    mma.sync consumers) or union-wgmma (the same, on\n"
-"                    warpgroup wgmma consumers)\n"
+"                    mma.sync consumers), union-wgmma (the same, on\n"
+"                    warpgroup wgmma consumers), merge-kernel (the persistent\n"
+"                    kernel's splits through the merge kernel where the default\n"
+"                    merges them inside a cluster) or k2q (prefill attention by\n"
+"                    the key-centric schedule, SPEC section 7: m3s_build_k2q_csr,\n"
+"                    m3s_k2q_attention, m3s_combine_partials; fp32 partials of\n"
+"                    T x Hq x K x 516 bytes beside the pool: cap it with --mem-gb)\n"
 "  --pdl MODE        programmatic dependent launch of the decode chain (sm_90;\n"
 "                    score, selection, attention and merge kernels): default\n"
 "                    (batches of one request), on or off             [default]\n"
@@ -285,12 +290,16 @@ static int parse_args(int argc, char **argv, options *o) {
       break;
     case O_ATTNPATH:
       if (strcmp(optarg, "default") == 0 || strcmp(optarg, "generic") == 0 ||
-          strcmp(optarg, "union") == 0 || strcmp(optarg, "union-wgmma") == 0) {
+          strcmp(optarg, "union") == 0 || strcmp(optarg, "union-wgmma") == 0 ||
+          strcmp(optarg, "merge-kernel") == 0 || strcmp(optarg, "k2q") == 0) {
         o->attn_generic = strcmp(optarg, "generic") == 0;
         o->attn_union = strncmp(optarg, "union", 5) == 0;
         o->attn_wgmma = strcmp(optarg, "union-wgmma") == 0;
+        o->attn_merge_kernel = strcmp(optarg, "merge-kernel") == 0;
+        o->attn_k2q = strcmp(optarg, "k2q") == 0;
       } else {
-        fprintf(stderr, "m3s-bench: --attn-path must be default, generic, union or union-wgmma\n");
+        fprintf(stderr, "m3s-bench: --attn-path must be default, generic, union, union-wgmma, "
+                        "merge-kernel or k2q\n");
         return 0;
       }
       break;
@@ -416,6 +425,12 @@ int main(int argc, char **argv) {
     m3s_attention_set_generic(B.ctx, 1);
     printf("m3s-bench: attention on the generic kernel\n");
   }
+  if (o->attn_merge_kernel) {
+    m3s_attention_set_cluster_merge(B.ctx, 0);
+    printf("m3s-bench: persistent-kernel splits through the merge kernel (no cluster merge)\n");
+  }
+  if (o->attn_k2q)
+    printf("m3s-bench: prefill attention by the key-centric path (CSR, k2q attention, combine)\n");
   if (o->attn_union) {
     m3s_attention_set_union_any(B.ctx, 1);
     printf("m3s-bench: attention on the union kernel wherever it can run\n");

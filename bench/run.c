@@ -38,6 +38,30 @@ static m3s_batch make_batch(const bench *B, const case_state *cs, int s) {
   return b;
 }
 
+/* Prefill attention by the key-centric schedule (--attn-path k2q): the CSR
+ * of the batch's selections, the per-slot partials, their combine. */
+static m3s_status run_k2q(const bench *B, case_state *cs, const m3s_batch *b, const m3s_tensor *q,
+                          const m3s_kv_scales *sc, const m3s_tensor *tkin, m3s_tensor *out,
+                          m3s_tensor *lse, const m3s_exec *ex) {
+  const geom *g = &cs->g;
+  const int64_t tk = (int64_t)g->T * g->K;
+  const int64_t rp_shape[2] = {g->Hkv, cs->csr_rows + 1}, qi_shape[2] = {g->Hkv, tk};
+  const int64_t qc_shape[2] = {g->T, g->Hkv};
+  const int64_t po_shape[4] = {g->T, g->Hq, g->K, 128}, pl_shape[3] = {g->T, g->Hq, g->K};
+  m3s_tensor rp = m3s_tensor_make(cs->d_rp, M3S_I32, 2, rp_shape, B->device);
+  m3s_tensor qi = m3s_tensor_make(cs->d_qi, M3S_I32, 2, qi_shape, B->device);
+  m3s_tensor qs = m3s_tensor_make(cs->d_qs, M3S_I32, 2, qi_shape, B->device);
+  m3s_tensor qc = m3s_tensor_make(cs->d_qc, M3S_I32, 2, qc_shape, B->device);
+  m3s_tensor po = m3s_tensor_make(cs->d_po, M3S_F32, 4, po_shape, B->device);
+  m3s_tensor pl = m3s_tensor_make(cs->d_pl, M3S_F32, 3, pl_shape, B->device);
+  m3s_status st = m3s_build_k2q_csr(B->ctx, &g->cfg, b, tkin, &rp, &qi, &qs, &qc, ex);
+  if (st == M3S_OK)
+    st = m3s_k2q_attention(B->ctx, &g->cfg, b, q, &cs->kv_t, sc, &rp, &qi, &qs, &po, &pl, ex);
+  if (st == M3S_OK)
+    st = m3s_combine_partials(B->ctx, &g->cfg, &po, &pl, &qc, out, lse, ex);
+  return st;
+}
+
 /* One call of the case's operation on set s, on the bench stream. */
 static m3s_status run_op(const bench *B, case_state *cs, int s) {
   const geom *g = &cs->g;
@@ -57,6 +81,8 @@ static m3s_status run_op(const bench *B, case_state *cs, int s) {
   case OP_ATTN:
   case OP_PATTN: {
     m3s_tensor tkin = dev_tensor(B, cs->d_tkin[s], M3S_I32, 3, g->T, g->Hkv, g->K);
+    if (cs->d_po)
+      return run_k2q(B, cs, &b, &q, sc, &tkin, &out, lsep, &ex);
     return m3s_sparse_attention(B->ctx, &g->cfg, &b, &q, &cs->kv_t, sc, &tkin, &out, lsep, &ex);
   }
   default: {
@@ -131,6 +157,12 @@ static void case_state_free(case_state *cs) {
   cudaFree(cs->d_ws);
   cudaFree(cs->d_lse);
   cudaFree(cs->d_scale);
+  cudaFree(cs->d_rp);
+  cudaFree(cs->d_qi);
+  cudaFree(cs->d_qs);
+  cudaFree(cs->d_qc);
+  cudaFree(cs->d_po);
+  cudaFree(cs->d_pl);
   geom_free(&cs->g);
   memset(cs, 0, sizeof *cs);
 }
@@ -162,6 +194,8 @@ void run_case(bench *B, case_result *res) {
     goto done;
   }
   kernel_names(B, g, res->kernel, sizeof res->kernel);
+  if (o->attn_k2q && g->c.op == OP_PATTN)
+    snprintf(res->kernel, sizeof res->kernel, "k2q path: csr + k2q attention + combine");
   cudaGetLastError(); /* nothing left over from an earlier case */
   /* number of sets: wanted, then what the pool holds */
   int S = sets_wanted(g, o, B->l2);
@@ -216,6 +250,18 @@ void run_case(bench *B, case_result *res) {
   }
   if (cs.ws_bytes)
     CU(cudaMalloc(&cs.d_ws, cs.ws_bytes));
+  if (o->attn_k2q && g->c.op == OP_PATTN) {
+    /* the key-centric path's CSR and partials */
+    for (int r = 0; r < R; r++)
+      cs.csr_rows += ceil_div(g->seq[r], 128);
+    const size_t tk = (size_t)T * K;
+    CU(cudaMalloc((void **)&cs.d_rp, sizeof(int32_t) * (size_t)Hkv * (size_t)(cs.csr_rows + 1)));
+    CU(cudaMalloc((void **)&cs.d_qi, sizeof(int32_t) * (size_t)Hkv * tk));
+    CU(cudaMalloc((void **)&cs.d_qs, sizeof(int32_t) * (size_t)Hkv * tk));
+    CU(cudaMalloc((void **)&cs.d_qc, sizeof(int32_t) * (size_t)T * Hkv));
+    CU(cudaMalloc((void **)&cs.d_po, sizeof(float) * (size_t)Hq * tk * 128));
+    CU(cudaMalloc((void **)&cs.d_pl, sizeof(float) * (size_t)Hq * tk));
+  }
 
   /* caches: the first S * pps pages of the pool */
   int64_t P = (int64_t)S * g->pps;

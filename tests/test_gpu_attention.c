@@ -32,7 +32,11 @@
  * src/cuda/sm90/attention_tma.h), and every case the union kernel can run
  * (max_q_len > 1; fp8 caches included) runs on it too, by default or forced
  * past its size rule, and once more on its warpgroup (wgmma) consumers; an
- * unfiltered run fails if any of them took no case. */
+ * unfiltered run fails if any of them took no case. Persistent-kernel cases
+ * whose splits merge inside a thread-block cluster (of 8, 4 and 2 CTAs)
+ * run again with the splits through the merge kernel (the cluster switch
+ * off); an unfiltered run fails if no case merged in a cluster on a device
+ * that can. */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include "cuda/sm90/attention_tma.h"
 #include "gpu_util.h"
@@ -48,6 +52,7 @@ static m3s_context *g_cpu, *g_gpu;
 static int g_quick;
 static int g_time;
 static int g_tma_cases;   /* cases the sm_90 persistent kernel ran (then the generic one too) */
+static int g_cluster_cases; /* persistent-kernel cases whose splits merged in a cluster */
 static int g_union_cases; /* cases the sm_90 union kernel ran (by default or forced) */
 static int g_wgmma_cases; /* cases its warpgroup consumers ran (forced) */
 static uint64_t g_seed = 20261107;
@@ -269,6 +274,16 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
                   &ref2, &cpu2);
     m3s_attention_set_generic(g_gpu, 0);
   }
+  /* splits the default merged in a cluster: again through the merge kernel */
+  const int cluster = ok && kind == M3S_ATTN_PERSISTENT &&
+                      m3s_attention_cluster_splits(g_gpu, &f.cfg, &g.batch) > 1;
+  g_cluster_cases += cluster;
+  if (cluster) {
+    m3s_attention_set_cluster_merge(g_gpu, 0);
+    device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name,
+                  "tma, merge kernel", &ref2, &cpu2);
+    m3s_attention_set_cluster_merge(g_gpu, 1);
+  }
   /* the union kernel on every batch it can run, however small, on each
    * consumer form the default did not run */
   const void *cpu_ref = have_cpu ? cpu_out : NULL;
@@ -283,10 +298,11 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   if (ok && g_time)
     time_case(&f, &g, dev_topk, name);
   printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f "
-         "ms)  %s%s%s%s\n",
+         "ms)  %s%s%s%s%s\n",
          name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0,
-         kernel_name[kind], kind != M3S_ATTN_GENERIC ? "+generic" : "",
-         forced ? "+union" : "", wgmma ? "+wgmma" : "");
+         kernel_name[kind], cluster ? " (cluster merge)+merge kernel" : "",
+         kind != M3S_ATTN_GENERIC ? "+generic" : "", forced ? "+union" : "",
+         wgmma ? "+wgmma" : "");
   gpu_fx_free(&g);
   free(dev_topk);
   free(ref_topk);
@@ -406,6 +422,25 @@ static void test_tp_decode(void) {
       snprintf(name, sizeof name, "decode_tp%d_%s_bf16", tp, tm ? "token_major" : "head_major");
       run_case(name, s, NULL);
     }
+}
+
+/* Decode batches whose splits merge in clusters of 2 (on a 132-SM device):
+ * 12 requests at TP1 (48 items: 2 splits each fill 96 SMs), with a padded
+ * and a one-token request; and one 300-token request (3 blocks), on an
+ * e4m3 cache. The cluster sizes 4 and 8 come from test_tp_decode and the
+ * one-request cases. */
+static void test_cluster_two(void) {
+  static const int32_t ql[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  static const int32_t sl[12] = {2049, 0, 5000, 1, 130, 3000, 4097, 2500, 900, 6001, 2048, 3333};
+  fx_spec s = spec_of(m3s_config_minimax_m3(1), 12, ql, sl);
+  s.uniform = 1;
+  run_case("decode_cluster2_12_requests_tp1_bf16", s, NULL);
+  static const int32_t sl1[] = {300};
+  fx_spec s1 = spec_of(m3s_config_minimax_m3(1), 1, ql, sl1);
+  s1.uniform = 1;
+  s1.kv_dtype = M3S_E4M3;
+  s1.scale_mode = 1;
+  run_case("decode_cluster2_one_request_300_tp1_e4m3", s1, NULL);
 }
 
 /* Every activation / cache dtype pair and scale form, as q_len 4 batches
@@ -779,6 +814,7 @@ int main(void) {
   }
   double t0 = gpu_now_ms();
   test_tp_decode();
+  test_cluster_two();
   test_dtypes();
   test_q_beyond_f16();
   test_spec_decode_and_ragged();
@@ -793,12 +829,18 @@ int main(void) {
   const char *filter = getenv("M3S_TEST_FILTER");
   if (gpu_sm_major() == 9 && !(filter && filter[0])) {
     CHECK(g_tma_cases > 0, "the sm_90 persistent attention kernel ran on some case");
+    if (m3s_cuda_attention_clusters(g_gpu, 2) > 0)
+      CHECK(g_cluster_cases > 0,
+            "the persistent kernel merged its splits in a cluster on some case");
+    else
+      printf("test_gpu_attention: this device co-schedules no cluster of the persistent kernel: "
+             "the cluster merge is not tested\n");
     CHECK(g_union_cases > 0, "the sm_90 union attention kernel ran on some case");
     CHECK(g_wgmma_cases > 0, "the union kernel's warpgroup consumers ran on some case");
   }
-  printf("test_gpu_attention: %d cases on the persistent kernel, %d on the union kernel, %d on "
-         "its warpgroup consumers (and the generic one)\n",
-         g_tma_cases, g_union_cases, g_wgmma_cases);
+  printf("test_gpu_attention: %d cases on the persistent kernel (%d with the cluster merge), %d "
+         "on the union kernel, %d on its warpgroup consumers (and the generic one)\n",
+         g_tma_cases, g_cluster_cases, g_union_cases, g_wgmma_cases);
   printf("test_gpu_attention: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

@@ -7,12 +7,15 @@
  *     CPU, which rejects them, gets -1);
  *   - CSR: row_ptr, q_indices, q_slot and q_count identical, entries past
  *     row_ptr[g][R] untouched;
- *   - k2q attention: the partials written are the CPU's (fp32 tolerance) and
- *     exactly the slots the CPU writes (the others keep their poison);
+ *   - k2q attention: the partials written are the CPU's (fp32 tolerance on
+ *     the SIMT kernel, rel L2 1e-2 on the tensor-core one, which runs for
+ *     16-bit caches of q's dtype; such cases run on both) and exactly the
+ *     slots the CPU writes (the others keep their poison);
  *     combine equals the CPU's direct attention (rel L2 < 1e-2, lse 1e-3);
  *   - merge: two halves merged equal the whole; in place (out aliases out_a)
  *     gives the same bits; both sides empty give 0 / -inf.
  * Outputs are poisoned before each GPU run. Exit 77 (skip) without a GPU. */
+#include "cuda/k2q.h"
 #include "gpu_util.h"
 
 #include "cpu/convert.h"
@@ -30,6 +33,7 @@ static m3s_context *g_gpu, *g_cpu;
 static cudaStream_t g_stream;
 static m3s_exec g_exec; /* stream only, no workspace */
 static int g_verbose;   /* M3S_TEST_VERBOSE: print every check, time the k2q pipeline */
+static int g_tc_cases;  /* k2q cases the tensor-core kernel ran */
 
 /* CHECK that also prints the message (with its numbers) in verbose mode. */
 static int check_msg(int ok, const char *msg) {
@@ -363,9 +367,12 @@ static int csr_compare(csr_set *c, const fixture *f, gpu_fx *g, int run, const c
 }
 
 /* k2q attention on both contexts: the GPU writes exactly the partial slots
- * the CPU writes, with the CPU's values (fp32 tolerance). */
+ * the CPU writes, with the CPU's values: rel L2 < 1e-4 on the SIMT fp32
+ * kernel, < 1e-2 on the tensor-core one (P in the mma dtype; SPEC section
+ * 7: the results equal section 4's), which the library reports it takes
+ * (m3s_k2q_tc_takes); lse within 1e-4 either way. *tc: which ran. */
 static int partials_compare(const csr_set *c, const fixture *f, gpu_fx *g, int run, void **d_po_out,
-                            void **d_pl_out, const char *name) {
+                            void **d_pl_out, const char *name, int *tc) {
   int T = f->T, Hq = f->cfg.num_q_heads, K = f->cfg.topk;
   size_t npl = (size_t)T * Hq * K + 1, npo = npl * 128;
   float *hpo = malloc(npo * 4), *hpl = malloc(npl * 4), *gpo = malloc(npo * 4),
@@ -376,6 +383,7 @@ static int partials_compare(const csr_set *c, const fixture *f, gpu_fx *g, int r
   m3s_tensor tpo = m3s_tensor_make(hpo, M3S_F32, 4, c->sh.part_out, M3S_HOST);
   m3s_tensor tpl = m3s_tensor_make(hpl, M3S_F32, 3, c->sh.part_lse, M3S_HOST);
   m3s_tensor dtpo = dev_view(tpo, dpo), dtpl = dev_view(tpl, dpl);
+  *tc = m3s_k2q_tc_takes(g_gpu, &g->q_t, &g->kv_t, &dtpo, &dtpl);
   m3s_status sc = m3s_k2q_attention(g_cpu, &f->cfg, &f->batch, &f->q, &f->kv, &f->scales, &c->rp,
                                     &c->qi, &c->qs, &tpo, &tpl, NULL);
   m3s_status sg = (dpo && dpl)
@@ -413,10 +421,13 @@ static int partials_compare(const csr_set *c, const fixture *f, gpu_fx *g, int r
   double rel = r2 > 0 ? sqrt(e2 / r2) : sqrt(e2);
   char msg[256];
   snprintf(msg, sizeof msg,
-           "%s: k2q partials equal the CPU's (%lld slots written, rel L2 %.3g, bad lse %lld, "
+           "%s [%s]: k2q partials equal the CPU's (%lld slots written, rel L2 %.3g, bad lse %lld, "
            "slots written differently %lld)",
-           name, (long long)written, rel, (long long)bad_lse, (long long)bad_set);
-  int pass = check_msg(ok && written > 0 && rel < 1e-4 && bad_lse == 0 && bad_set == 0, msg);
+           name, *tc ? "tensor cores" : "simt", (long long)written, rel, (long long)bad_lse,
+           (long long)bad_set);
+  int pass = check_msg(ok && written > 0 && rel < (*tc ? 1e-2 : 1e-4) && bad_lse == 0 &&
+                           bad_set == 0,
+                       msg);
   free(hpo);
   free(hpl);
   free(gpo);
@@ -495,6 +506,12 @@ typedef struct {
   int logits; /* 0, or an FX_LOGITS_* mode of fx_large_logits (tests/ref.h) */
 } k2q_case;
 
+/* What a case changes beyond k2q_case: f16 q (with an f16 cache in kv), and
+ * the heads (hq 0: the TP config's). */
+typedef struct {
+  int f16, hq, hkv;
+} k2q_shape;
+
 /* Verbose mode: times CSR build, k2q attention and combine on the GPU (the
  * CSR buffers and partials are rewritten with the same values). topk: the
  * case's top-k rows (the comparisons poisoned the buffers since). */
@@ -550,10 +567,40 @@ static void make_sink_topk(fixture *f) {
 
 /* Top-k on the CPU; CSR on both; partials on both; combine on the GPU vs the
  * CPU's direct attention. */
-static void run_k2q_case(const k2q_case *kc, int run) {
+/* The tensor-core partials (P in the mma dtype) and the SIMT ones (fp32)
+ * differ in their last bits on random inputs: equal bits would mean the
+ * dispatch ran the SIMT kernel both times. NaN poison (unwritten slots) is
+ * skipped; the two runs wrote the same slots (partials_compare). */
+static void tc_differs(const void *d_tc, const void *d_simt, size_t n, const char *name) {
+  float *a = malloc(n * 4 + 4), *b = malloc(n * 4 + 4);
+  int ok = a && b && gpu_get(a, d_tc, n * 4) && gpu_get(b, d_simt, n * 4);
+  size_t differ = 0, written = 0;
+  for (size_t i = 0; ok && i < n; i++) {
+    if (isnan(a[i]) || isnan(b[i]))
+      continue;
+    written++;
+    differ += a[i] != b[i];
+  }
+  char msg[200];
+  snprintf(msg, sizeof msg,
+           "%s: the tensor-core kernel ran (%zu of %zu partial values differ from the SIMT "
+           "kernel's)",
+           name, differ, written);
+  check_msg(ok && written > 0 && differ > 0, msg);
+  free(a);
+  free(b);
+}
+
+static void run_k2q_shape(const k2q_case *kc, const k2q_shape *ks, int run) {
   if (!test_selected(kc->name))
     return;
   fx_spec s = spec(kc->tp, kc->nreq, kc->ql, kc->sl);
+  if (ks->hq) {
+    s.cfg.num_q_heads = ks->hq;
+    s.cfg.num_kv_heads = ks->hkv;
+  }
+  if (ks->f16)
+    s.act_dtype = M3S_F16;
   s.uniform = kc->uniform;
   s.qsl_base = kc->qsl_base;
   s.topk_head_major = kc->topk_head_major;
@@ -591,11 +638,24 @@ static void run_k2q_case(const k2q_case *kc, int run) {
     return;
   }
   void *dpo = NULL, *dpl = NULL;
+  int tc = 0;
   if (csr_compare(&c, &f, &g, run, kc->name) &&
-      partials_compare(&c, &f, &g, run + 1, &dpo, &dpl, kc->name) && !kc->holes) {
+      partials_compare(&c, &f, &g, run + 1, &dpo, &dpl, kc->name, &tc) && !kc->holes) {
     combine_compare(&c, &f, &g, dpo, dpl, run, kc->name);
     if (g_verbose)
       time_pipeline(&c, &f, &g, dpo, dpl, keep, kc->name);
+  }
+  g_tc_cases += tc;
+  if (tc && dpo) { /* the same partials on the SIMT kernel, at its tolerance */
+    void *spo = NULL, *spl = NULL;
+    int tc2 = 1;
+    m3s_k2q_set_simt(g_gpu, 1);
+    partials_compare(&c, &f, &g, run + 2, &spo, &spl, kc->name, &tc2);
+    m3s_k2q_set_simt(g_gpu, 0);
+    CHECK(!tc2, "the SIMT switch keeps k2q attention off the tensor-core kernel");
+    tc_differs(dpo, spo, (size_t)f.T * f.cfg.num_q_heads * f.cfg.topk * 128, kc->name);
+    gpu_free(spo);
+    gpu_free(spl);
   }
   free(keep);
   gpu_free(dpo);
@@ -603,6 +663,11 @@ static void run_k2q_case(const k2q_case *kc, int run) {
   csr_free(&c);
   gpu_fx_free(&g);
   fx_free(&f);
+}
+
+static void run_k2q_case(const k2q_case *kc, int run) {
+  const k2q_shape plain = {0, 0, 0};
+  run_k2q_shape(kc, &plain, run);
 }
 
 static void test_k2q(void) {
@@ -621,9 +686,20 @@ static void test_k2q(void) {
       {2, 2, ql4, sl4, 0, 0, 0, 1, 1, 0, 0, M3S_E4M3, "k2q_tp2_e4m3_scalar_token_major", 0},
       {8, 2, ql5, sl5, 0, 0, 0, 0, 0, 0, 1, M3S_BF16, "k2q_tp8_sink_rows_of_3000_and_5000", 0},
       {8, 2, ql6, sl6, 0, 0, 0, 1, 2, 0, 0, M3S_E5M2, "k2q_tp8_tiny_e5m2", 0}, /* racecheck-sized */
+      {8, 2, ql6, sl6, 0, 0, 0, 0, 0, 0, 0, M3S_BF16, "k2q_tp8_tiny_bf16", 0}, /* racecheck-sized */
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
     run_k2q_case(&cases[i], (int)i);
+  /* the tensor-core kernel's other forms: f16 q and cache; 32 and 24 query
+   * heads per KV head (two chunks of 16 heads, a partial last one) */
+  static const k2q_case tcc[] = {
+      {2, 5, ql1, sl1, 0, 0, 0, 0, 0, 0, 0, M3S_F16, "k2q_tp2_prefill_f16", 0},
+      {2, 3, ql2, sl2, 0, 5, 0, 1, 0, 0, 0, M3S_BF16, "k2q_g32_hkv2_bf16", 0},
+      {2, 2, ql4, sl4, 0, 0, 0, 0, 0, 0, 0, M3S_F16, "k2q_g24_hkv2_f16", 0},
+  };
+  static const k2q_shape tcs[] = {{1, 0, 0}, {0, 64, 2}, {1, 48, 2}};
+  for (size_t i = 0; i < sizeof tcc / sizeof tcc[0]; i++)
+    run_k2q_shape(&tcc[i], &tcs[i], 20 + (int)i);
   /* many requests (more than any CTA's width), zero-length ones among them:
    * exercises the chunked request scans of the row-base lookups */
   enum { NR = 700 };
@@ -798,6 +874,9 @@ int main(void) {
   test_cache_insert();
   test_index_insert();
   test_k2q();
+  const char *filter = getenv("M3S_TEST_FILTER");
+  if (!(filter && filter[0]))
+    CHECK(g_tc_cases > 0, "the tensor-core k2q kernel ran on some case");
   test_merge();
   cudaStreamDestroy(g_stream);
   m3s_context_destroy(g_cpu);

@@ -505,6 +505,11 @@ static void test_short_and_bounds(void) {
   dcase c4 = {"600_requests_padded_and_nb_le_k_between_scored_tp1", m3s_config_minimax_m3(1),
               600, 1, g_seq, 0, &g_bf16, 0};
   run_case(&c4);
+  /* the same with forced leading blocks: candidates start at init, so each
+   * range start is an offset past them */
+  dcase c4i = {"600_requests_padded_and_nb_le_k_between_scored_init2_local1_tp1",
+               cfg_k(1, 16, 2, 1), 600, 1, g_seq, 0, &g_bf16, 0};
+  run_case(&c4i);
   for (int r = 0; r < 300; r++)
     g_seq[r] = r % 7 == 3 ? 0 : 2050 + (r * 131) % 9000;
   dcase c5 = {"300_requests_some_padded_e4m3_tp2_q2", m3s_config_minimax_m3(2), 300, 2, g_seq, 0,

@@ -64,7 +64,10 @@
  * Which kernel (m3s_attention_tma_plan): on an sm_90 device, batches with
  * one query row per request (max_q_len 1) and a cache of q's dtype or fp8 go
  * to the persistent TMA kernel (sm90/attention_tma.cu: same items, same
- * merge kernel and workspace layout, its own split plan plan_split_tma);
+ * merge kernel and workspace layout, its own split plan plan_split_tma; for
+ * batches whose items take at most half the SMs, plan_split_cluster instead:
+ * the splits of an item run as one thread-block cluster and merge there, no
+ * merge kernel, no workspace);
  * batches with several rows per request, a cache of q's dtype and enough
  * rows go to the union kernel (sm90/attention_union.cu: no split, no
  * workspace); everything else, and every batch under
@@ -480,6 +483,34 @@ static int plan_split_tma(const m3s_context *ctx, const m3s_layer_config *cfg, i
   return plan_split_to(ctx, cfg, T, max_seq_len, m3s_cuda_num_sms(ctx));
 }
 
+/* The persistent TMA kernel with the splits of an item merged inside a
+ * thread-block cluster (sm90/attention_tma.cu, at_cluster_merge): the
+ * largest cluster size c of 8, 4, 2 with c splits per item (row, KV head,
+ * head chunk) that runs in one wave, i.e. items x c <= SMs and items <= the
+ * clusters of c the device holds at once (m3s_cuda_attention_clusters: a
+ * cluster lives inside one GPC, and GPCs differ in their SM counts, so 8 x
+ * 16 CTAs may not fit 128 SMs), and c <= the blocks a row can select; else
+ * 1 (plan_split_tma and the merge kernel). Needs no workspace. */
+static int plan_split_cluster(const m3s_context *ctx, const m3s_layer_config *cfg, int64_t T,
+                              int64_t max_seq_len) {
+  const int64_t items = T * cfg->num_kv_heads * head_chunks(cfg);
+  int64_t kmax = m3s_ceil_div(max_seq_len, M3S_BLOCK_SIZE);
+  if (kmax > cfg->topk)
+    kmax = cfg->topk;
+  if (items <= 0)
+    return 1;
+  for (int c = 8; c >= 2; c /= 2)
+    if (c <= kmax && items * c <= m3s_cuda_num_sms(ctx) &&
+        items <= m3s_cuda_attention_clusters(ctx, c))
+      return c;
+  return 1;
+}
+
+extern "C" int m3s_attention_cluster_splits(const m3s_context *ctx, const m3s_layer_config *cfg,
+                                            const m3s_batch *batch) {
+  return plan_split_cluster(ctx, cfg, batch->num_tokens, batch->max_seq_len);
+}
+
 static size_t split_bytes(const m3s_layer_config *cfg, int64_t T, int nsplit) {
   if (nsplit <= 1)
     return 0;
@@ -601,6 +632,14 @@ extern "C" m3s_status m3s_cuda_sparse_attention(m3s_context *ctx, const m3s_laye
                                       m3s_attention_union_wg(ctx, batch, kv_cache->dtype), stream,
                                       fn);
   const int tma = kind == M3S_ATTN_PERSISTENT;
+  if (tma) {
+    const int cl = plan_split_cluster(ctx, cfg, T, batch->max_seq_len);
+    if (cl > 1) {
+      p.nsplit = cl;
+      p.cmerge = 1;
+      return m3s_attention_tma_launch(ctx, p, maps, q->dtype == M3S_F16, stream, fn);
+    }
+  }
   int nsplit = tma ? plan_split_tma(ctx, cfg, T, batch->max_seq_len)
                    : plan_split(ctx, cfg, T, batch->max_seq_len);
   size_t need = split_bytes(cfg, T, nsplit);

@@ -42,6 +42,8 @@ typedef struct {
   float scale_log2; /* softmax_scale * log2(e) */
   float *ws_o, *ws_ml;
   int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
+  int cmerge; /* persistent kernel: the nsplit CTAs of an item are one cluster and merge
+               * their partials there (sm90/attention_tma.cu), not through ws_o / ws_ml */
 } attn_params;
 
 /* ---- packing ------------------------------------------------------------ */
@@ -128,24 +130,26 @@ static __device__ __forceinline__ uint32_t ld_act_pair(const void *base, int64_t
   return (uint32_t)p[0] | ((uint32_t)p[1] << 16);
 }
 
-/* Q rows h0 + lane/4 (+8) as A fragments of the 8 k-steps (zero padding for
- * rows >= nh); bf16 q is converted when the mma runs in f16. */
+/* Q rows h0 + lane/4 (+8) of row t of q (element strides q_s0, q_s1; the
+ * last dimension contiguous) as A fragments of the 8 k-steps (zero padding
+ * for rows >= nh); bf16 q is converted when the mma runs in f16 (convert). */
 template <bool F16>
-static __device__ __forceinline__ void load_q(const attn_params &p, int64_t t, int h0, int nh,
-                                       uint32_t (&qa)[8][4], int lane) {
+static __device__ __forceinline__ void load_q_rows(const void *q, int64_t q_s0, int64_t q_s1,
+                                                   int convert, int64_t t, int h0, int nh,
+                                                   uint32_t (&qa)[8][4], int lane) {
   int g4 = lane >> 2, t4 = lane & 3;
 #pragma unroll
   for (int hi = 0; hi < 2; hi++) {
     int r = g4 + 8 * hi;
-    int64_t base = t * p.q_s0 + (int64_t)(h0 + r) * p.q_s1;
+    int64_t base = t * q_s0 + (int64_t)(h0 + r) * q_s1;
 #pragma unroll
     for (int ks = 0; ks < 8; ks++) {
       int k = 16 * ks + 2 * t4;
-      qa[ks][hi] = r < nh ? ld_act_pair(p.q, base + k) : 0u;
-      qa[ks][2 + hi] = r < nh ? ld_act_pair(p.q, base + k + 8) : 0u;
+      qa[ks][hi] = r < nh ? ld_act_pair(q, base + k) : 0u;
+      qa[ks][2 + hi] = r < nh ? ld_act_pair(q, base + k + 8) : 0u;
     }
   }
-  if (F16 && p.q_convert)
+  if (F16 && convert)
 #pragma unroll
     for (int ks = 0; ks < 8; ks++)
 #pragma unroll
@@ -153,6 +157,13 @@ static __device__ __forceinline__ void load_q(const attn_params &p, int64_t t, i
         float2 f = unpack_other<F16>(qa[ks][i]);
         qa[ks][i] = pack2<F16>(f.x, f.y);
       }
+}
+
+/* load_q_rows of the call's q (attn_params). */
+template <bool F16>
+static __device__ __forceinline__ void load_q(const attn_params &p, int64_t t, int h0, int nh,
+                                              uint32_t (&qa)[8][4], int lane) {
+  load_q_rows<F16>(p.q, p.q_s0, p.q_s1, p.q_convert, t, h0, nh, qa, lane);
 }
 
 /* ---- one unit of 16 keys on tensor cores ----------------------------------- */
@@ -348,22 +359,22 @@ static __device__ __forceinline__ void stash_state(warp_state &ws, float *acc_s,
   }
 }
 
-/* Output dims d, d + 1 of head h (row r of the CTA's 16) from NW warp
- * states stashed by stash_state at base + w * stride floats, merged in warp
- * order 0..NW-1; written as out (q's dtype, RNE) and lse when p.nsplit == 1,
- * else as split's partial (unnormalised acc, (m, l)) for the merge kernel. */
+/* Dims d, d + 1 of row r of the CTA's 16 heads from NW warp states stashed
+ * by stash_state at base + w * stride floats, merged in warp order
+ * 0..NW-1: the unnormalised acc (o0, o1), the maximum mx and the sum l. */
 template <int NW>
-static __device__ __forceinline__ void store_merged_pair(const attn_params &p, const float *base,
-                                                         int stride, int64_t t, int64_t h, int r,
-                                                         int d, int split) {
+static __device__ __forceinline__ void merge_warp_pair(const float *base, int stride, int r, int d,
+                                                       float &mx, float &l, float &o0,
+                                                       float &o1) {
   const float *ml = base + HEADS_PER_CTA * ACC_STRIDE;
-  float mw[NW], mx = neg_inf();
+  float mw[NW];
+  mx = neg_inf();
 #pragma unroll
   for (int w = 0; w < NW; w++) {
     mw[w] = ml[w * stride + r];
     mx = fmaxf(mx, mw[w]);
   }
-  float l = 0.0f, o0 = 0.0f, o1 = 0.0f;
+  l = 0.0f, o0 = 0.0f, o1 = 0.0f;
   if (mx != neg_inf()) {
 #pragma unroll
     for (int w = 0; w < NW; w++) {
@@ -374,13 +385,34 @@ static __device__ __forceinline__ void store_merged_pair(const attn_params &p, c
       o1 += acc[1] * a;
     }
   }
+}
+
+/* Dims d, d + 1 of out (t, h) (q's dtype, RNE) and, for d == 0, its lse,
+ * from a merged state (maximum mx, sum l, unnormalised acc o0, o1); 0 and
+ * -inf when nothing was visible (l == 0). */
+static __device__ __forceinline__ void store_out_pair(const attn_params &p, int64_t t, int64_t h,
+                                                      int d, float mx, float l, float o0,
+                                                      float o1) {
+  const float v0 = l > 0.0f ? o0 / l : 0.0f, v1 = l > 0.0f ? o1 / l : 0.0f;
+  const int64_t off = t * p.out_s0 + h * p.out_s1 + d;
+  m3s_st(p.out, p.act, off, v0);
+  m3s_st(p.out, p.act, off + 1, v1);
+  if (d == 0 && p.lse)
+    p.lse[t * p.lse_s0 + h * p.lse_s1] = l > 0.0f ? (mx + log2f(l)) * LN2 : neg_inf();
+}
+
+/* Output dims d, d + 1 of head h (row r of the CTA's 16) from NW warp
+ * states (merge_warp_pair), written as out (q's dtype, RNE) and lse when
+ * p.nsplit == 1, else as split's partial (unnormalised acc, (m, l)) for the
+ * merge kernel. */
+template <int NW>
+static __device__ __forceinline__ void store_merged_pair(const attn_params &p, const float *base,
+                                                         int stride, int64_t t, int64_t h, int r,
+                                                         int d, int split) {
+  float mx, l, o0, o1;
+  merge_warp_pair<NW>(base, stride, r, d, mx, l, o0, o1);
   if (p.nsplit == 1) {
-    float v0 = l > 0.0f ? o0 / l : 0.0f, v1 = l > 0.0f ? o1 / l : 0.0f;
-    int64_t off = t * p.out_s0 + h * p.out_s1 + d;
-    m3s_st(p.out, p.act, off, v0);
-    m3s_st(p.out, p.act, off + 1, v1);
-    if (d == 0 && p.lse)
-      p.lse[t * p.lse_s0 + h * p.lse_s1] = l > 0.0f ? (mx + log2f(l)) * LN2 : neg_inf();
+    store_out_pair(p, t, h, d, mx, l, o0, o1);
   } else {
     int64_t idx = (t * p.hq + h) * p.nsplit + split;
     *(float2 *)&p.ws_o[idx * M3S_HEAD_DIM + d] = make_float2(o0, o1);

@@ -387,22 +387,40 @@ static __device__ __forceinline__ void m3s_pdl_trigger() {
 }
 
 /* Host: launches kernel k, with programmatic stream serialisation when pdl
- * != 0 (m3s_cuda_pdl); the launch's error (also left as the last error, as
- * for <<< >>>). */
+ * != 0 (m3s_cuda_pdl) and as clusters of `cluster` CTAs along x when
+ * cluster > 1 (grid.x a multiple of it); the launch's error (also left as
+ * the last error, as for <<< >>>). */
 template <typename... P, typename... A>
-static inline cudaError_t m3s_launch_ex(int pdl, void (*k)(P...), dim3 grid, dim3 block,
-                                        size_t smem, cudaStream_t stream, A &&...args) {
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  at[0].val.programmaticStreamSerializationAllowed = 1;
+static inline cudaError_t m3s_launch_cl(int pdl, unsigned cluster, void (*k)(P...), dim3 grid,
+                                        dim3 block, size_t smem, cudaStream_t stream,
+                                        A &&...args) {
+  cudaLaunchAttribute at[2];
+  unsigned n = 0;
+  if (pdl) {
+    at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    at[n].id = cudaLaunchAttributeClusterDimension;
+    at[n].val.clusterDim.x = cluster;
+    at[n].val.clusterDim.y = 1;
+    at[n++].val.clusterDim.z = 1;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = at;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, k, static_cast<A &&>(args)...);
+}
+
+/* Host: m3s_launch_cl without clusters. */
+template <typename... P, typename... A>
+static inline cudaError_t m3s_launch_ex(int pdl, void (*k)(P...), dim3 grid, dim3 block,
+                                        size_t smem, cudaStream_t stream, A &&...args) {
+  return m3s_launch_cl(pdl, 1u, k, grid, block, smem, stream, static_cast<A &&>(args)...);
 }
 
 /* Host: m3s_launch_ex, then the launch's status. */

@@ -6,6 +6,7 @@
  * live in cache.cu, topk.cu (with topk_decode.cu), attention.cu, k2q.cu and
  * merge.cu. */
 #include "common.cuh"
+#include "k2q.h"
 #include "launch.h"
 #include "sm90/attention_tma.h"
 #include "sm90/topk_tc.h"
@@ -24,11 +25,18 @@ typedef struct {
   int attn_union_any;            /* test switch: the union kernel without its size rule */
   int attn_union_wgmma;          /* the union kernel's warpgroup consumers: -1 rule, 0 off, 1 on */
   int pdl;                       /* programmatic dependent launch: < 0 default, 0 off, > 0 on (launch.h) */
+  int attn_clusters[4];          /* co-resident clusters of 2^i CTAs of the persistent attention
+                                  * kernel (i = 1..3) */
+  int attn_cluster_off;          /* test switch: its splits through the merge kernel */
+  int k2q_simt;                  /* test switch: k2q attention on the SIMT kernel (k2q.h) */
 } cuda_state;
 
 /* Kernel attributes belong to the device that is current when they are set:
- * make the context's device current for the call, then restore the caller's. */
-static m3s_status prepare_kernels(const m3s_context *ctx, const char *fn) {
+ * make the context's device current for the call, then restore the caller's.
+ * On sm_90 also how many clusters of 2, 4 and 8 CTAs of the persistent
+ * attention kernel the device runs at once (clusters[1..3]; 0 elsewhere). */
+static m3s_status prepare_kernels(const m3s_context *ctx, int sm_major, const char *fn,
+                                  int clusters[4]) {
   int prev = 0;
   cudaError_t err = cudaGetDevice(&prev);
   if (err == cudaSuccess && prev != ctx->device)
@@ -45,6 +53,9 @@ static m3s_status prepare_kernels(const m3s_context *ctx, const char *fn) {
     err = m3s_attention_tma_prepare();
   if (err == cudaSuccess)
     err = m3s_attention_union_prepare();
+  clusters[0] = 0;
+  for (int i = 1; i < 4; i++)
+    clusters[i] = err == cudaSuccess && sm_major == 9 ? m3s_attention_tma_clusters(1 << i) : 0;
   if (prev != ctx->device)
     cudaSetDevice(prev); /* best effort: the caller's device was valid before */
   if (err == cudaSuccess)
@@ -90,7 +101,8 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "cudaGetDeviceProperties(%d) failed: %s", ctx->device,
                     cudaGetErrorString(err));
-  m3s_status prep = prepare_kernels(ctx, fn);
+  int clusters[4];
+  m3s_status prep = prepare_kernels(ctx, prop.major, fn, clusters);
   if (prep)
     return prep;
   cuda_state *st = (cuda_state *)calloc(1, sizeof *st);
@@ -102,6 +114,7 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   st->tmap_encode = tmap_encoder();
   st->pdl = -1; /* the default rule (launch.h) */
   st->attn_union_wgmma = -1; /* m3s_attention_union_wg */
+  memcpy(st->attn_clusters, clusters, sizeof clusters);
   ctx->backend_state = st;
   m3s_log(ctx, 2, "CUDA context on device %d (%s, sm_%d%d, %d SMs)", ctx->device, prop.name,
           prop.major, prop.minor, prop.multiProcessorCount);
@@ -161,6 +174,31 @@ extern "C" void m3s_attention_set_union_wgmma(m3s_context *ctx, int on) {
 extern "C" int m3s_cuda_attention_union_wgmma(const m3s_context *ctx) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
   return st ? st->attn_union_wgmma : -1;
+}
+
+extern "C" void m3s_attention_set_cluster_merge(m3s_context *ctx, int on) {
+  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  if (st)
+    st->attn_cluster_off = on == 0;
+}
+
+extern "C" int m3s_cuda_attention_clusters(const m3s_context *ctx, int c) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  for (int i = 1; st && !st->attn_cluster_off && i < 4; i++)
+    if (c == 1 << i)
+      return st->attn_clusters[i];
+  return 0;
+}
+
+extern "C" void m3s_k2q_set_simt(m3s_context *ctx, int simt) {
+  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  if (st)
+    st->k2q_simt = simt != 0;
+}
+
+extern "C" int m3s_cuda_k2q_simt(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st ? st->k2q_simt : 0;
 }
 
 extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {

@@ -1,8 +1,10 @@
 /* CUDA backend: the key-centric k2q CSR schedule (SPEC section 7) and the
  * k2q attention over it. Semantics are those of the CPU reference
  * (src/cpu/k2q.c): the CSR gives the CPU's bytes exactly; attention is fp32
- * (not bit-identical to the CPU: expf/logf and summation order differ). The
- * per-slot partials are combined by src/cuda/merge.cu.
+ * on the SIMT kernel (not bit-identical to the CPU: expf/logf and summation
+ * order differ) and within SPEC section 4's tolerance on the tensor-core one
+ * (P in the mma dtype). The per-slot partials are combined by
+ * src/cuda/merge.cu.
  *
  * Every launch goes to exec->stream (legacy stream 0 when exec is NULL); no
  * allocation, no synchronisation, no host read of device data, no workspace;
@@ -37,18 +39,34 @@
  *    the row's items exit at once); each finds the row's (request, block),
  *    stages the block's K and V as fp32 (fp8 dequantised with its scales),
  *    then each warp takes items of its share: scores, softmax and P.V over
- *    the keys j <= pos(t) in SIMT fp32 (no tensor cores yet).
+ *    the keys j <= pos(t) in SIMT fp32.
+ *  - k2q_tc_kernel<F16> (q and a 16-bit cache of the same dtype, 16-byte
+ *    aligned cache rows, contiguous partial rows; tc_takes; the switch of
+ *    k2q.h keeps the SIMT kernel): grid (R, Hkv, S), 128 threads, 64 KiB
+ *    dynamic shared memory (158 registers, no spills: three CTAs per SM on
+ *    H100 / H200, two on A100), S = clamp(ceil(max_q_len * chunks / 32), 1, 64). The block
+ *    is staged once as 16-bit K | V rows in the generic attention kernel's
+ *    swizzled layout; each warp takes (entry, chunk of 16 heads) items: the
+ *    row's 16 heads are one m16 tile of mma.sync, run over the block's keys
+ *    16 at a time by attend_unit (../attention.cuh: S = Q K^T, online
+ *    softmax in the exp2 domain, O += P V with P in the mma dtype), keys
+ *    past pos(t) masked (V in registers, the tile being shared), then the
+ *    normalised partial and lse written per head. Within SPEC section 4's
+ *    tolerance, not fp32 (P rounded to the mma dtype: ~1e-3 rel L2
+ *    expected, not measured; the test allows 1e-2). Built in session 17
+ *    (2026-12-05) without a device: not yet run or measured.
  *
  * Guards (device data is not validated by the core): requests whose seq_len is outside (0,
  * max_seq_len] own no rows; top-k entries outside [0, nb) are skipped (still not counted); CSR
  * entries whose row is >= R are skipped; row_ptr/q_indices/q_slot/q_count
  * values out of range skip the row or entry; pages out of range give no keys.
  *
- * measured (H100, 2026-11-27, docs/perf-notes.md): k2q attention 4.2 ms for
- * 8000 query rows at TP8 with attention-sink rows of 3000 / 5000 queries (24
- * ms before rows were split across CTAs), 1.2 ms for a 621-row TP2 prefill;
- * SIMT fp32, no tensor cores yet (not profiled). */
-#include "common.cuh"
+ * measured (H100, 2026-11-27, docs/perf-notes.md): SIMT k2q attention 4.2
+ * ms for 8000 query rows at TP8 with attention-sink rows of 3000 / 5000
+ * queries (24 ms before rows were split across CTAs), 1.2 ms for a 621-row
+ * TP2 prefill (not profiled). */
+#include "attention.cuh"
+#include "k2q.h"
 
 #define FULL_MASK 0xffffffffu
 #define CSR_THREADS 256
@@ -570,9 +588,162 @@ static __global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_c
   }
 }
 
+/* ---------------------------------------------------------------------------
+ * k2q attention on tensor cores (q and a 16-bit cache of the same dtype)
+ * ------------------------------------------------------------------------- */
+
+#define TC_THREADS 128
+#define TC_WARPS (TC_THREADS / 32)
+#define TC_ROW_BYTES (2 * M3S_HEAD_DIM * 2)              /* a key's K | V, 16-bit */
+#define TC_SMEM_BYTES (M3S_BLOCK_SIZE * TC_ROW_BYTES)   /* the block: 64 KiB */
+#define TC_MIN_ITEMS 32 /* fewest (entry, head chunk) items worth a CTA's block load */
+#define TC_MAX_SPLIT 64 /* most CTAs per CSR row */
+
+/* Keys [0, nk) of the block (page) of KV head g into tile as 16-bit K | V
+ * rows of 512 bytes in attend_unit's layout (unit_chunk<512, 128>: 16-byte
+ * chunks XOR-swizzled by the key row), rows >= nk zero. The cache rows
+ * are 16-byte aligned (m3s_cuda_k2q_attention checks). */
+static __device__ void tc_stage(const k2q_args &a, int64_t page, int g, int nk,
+                                unsigned char *tile) {
+  for (int idx = threadIdx.x; idx < M3S_BLOCK_SIZE * 32; idx += blockDim.x) {
+    const int j = idx >> 5, c = idx & 31;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (j < nk)
+      v = __ldg((const uint4 *)((const uint16_t *)a.kv + page * a.kv_s0 + g * a.kv_s1 +
+                                j * a.kv_s2) +
+                c);
+    *(uint4 *)(tile + unit_chunk<TC_ROW_BYTES, 128>(j, c)) = v;
+  }
+}
+
+/* One warp: query row t, heads h0 .. h0 + nh - 1 (an m16 tile) over the
+ * staged block's keys [0, nk), 16 at a time (attend_unit: S = Q K^T on
+ * mma.sync, online softmax, O += P V with P in the mma dtype); writes each
+ * head's normalised partial and lse at slot `slot` (0 / -inf when nk == 0),
+ * as attend_entry does. */
+template <bool F16>
+static __device__ void tc_attend(const k2q_args &a, const unsigned char *tile, int64_t t, int h0,
+                                 int nh, int slot, int nk, int lane) {
+  warp_state ws;
+  warp_state_init(ws);
+  if (nk > 0) {
+    uint32_t qa[8][4];
+    load_q_rows<F16>(a.q, a.q_s0, a.q_s1, 0, t, h0, nh, qa, lane);
+    const float sl2 = a.scale * LOG2E;
+    const uint32_t base = smem_addr(tile);
+    for (int u = 0; 16 * u < nk; u++) {
+      const uint32_t unit = base + (uint32_t)(16 * u * TC_ROW_BYTES);
+      const int nv = nk - 16 * u;
+      if (nv >= 16)
+        attend_unit<F16, TC_ROW_BYTES, 128, F16, 1, MASK_NONE>(unit, qa, 16, NULL, sl2, ws, lane);
+      else /* keys nv..15 may be visible to other rows: masked in registers */
+        attend_unit<F16, TC_ROW_BYTES, 128, F16, 1, MASK_SV>(unit, qa, nv, NULL, sl2, ws, lane);
+    }
+  }
+  quad_sum_l(ws);
+  const int g4 = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int hi = 0; hi < 2; hi++) {
+    const int r = g4 + 8 * hi;
+    if (r >= nh)
+      continue;
+    const int64_t h = h0 + r;
+    const float l = ws.l[hi], inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float *o = a.po + t * a.po_s0 + h * a.po_s1 + slot * a.po_s2;
+#pragma unroll
+    for (int dt = 0; dt < 16; dt++)
+      *(float2 *)&o[dt * 8 + 2 * t4] =
+          make_float2(ws.acc[dt][2 * hi] * inv, ws.acc[dt][2 * hi + 1] * inv);
+    if (t4 == 0)
+      a.pl[t * a.pl_s0 + h * a.pl_s1 + slot * a.pl_s2] =
+          l > 0.0f ? (ws.m[hi] + log2f(l)) * LN2 : -INFINITY;
+  }
+}
+
+/* grid (R, Hkv, S), TC_THREADS threads, TC_SMEM_BYTES dynamic shared
+ * memory: the CSR row's block staged once as 16-bit tiles, then each warp
+ * takes (entry, chunk of 16 heads) items of the CTA's share, as
+ * k2q_attention_kernel takes (entry, head) items. */
+template <bool F16>
+static __global__ void __launch_bounds__(TC_THREADS, 3)
+    k2q_tc_kernel(m3s_cuda_batch b, k2q_args a) {
+  extern __shared__ __align__(128) unsigned char k2q_tile[];
+  const int64_t row = blockIdx.x;
+  const int g = blockIdx.y;
+  const int64_t lo = a.rp[g * a.rp_s0 + row], hi = a.rp[g * a.rp_s0 + row + 1];
+  if (lo < 0 || hi > a.cap || lo >= hi)
+    return;
+  /* Phase 0: this CTA's share of the row's items (uniform over the CTA) */
+  const int nchunk = (a.group + HEADS_PER_CTA - 1) / HEADS_PER_CTA;
+  const int64_t items = (hi - lo) * nchunk;
+  int64_t per = (items + gridDim.z - 1) / gridDim.z;
+  per = per < TC_MIN_ITEMS ? TC_MIN_ITEMS : per;
+  const int64_t it0 = (int64_t)blockIdx.z * per, it1 = it0 + per < items ? it0 + per : items;
+  if (it0 >= items)
+    return;
+  /* Phase 1: which request and block this row is */
+  int64_t blk;
+  const int r = cta_row_owner(b, row, &blk);
+  if (r < 0)
+    return;
+  int64_t row0, n;
+  const int64_t seq = b.seq_lens[r * b.seq_stride];
+  req_queries(b, r, &row0, &n);
+  if (n < 0 || seq < n)
+    return;
+  const int64_t page = m3s_page(b.bt, b.bt_s0, b.bt_s1, b.bt_cols, r, blk, a.num_pages);
+  const int64_t in_blk = seq - blk * M3S_BLOCK_SIZE;
+  const int nk_blk = page < 0 ? 0 : (int)(in_blk < M3S_BLOCK_SIZE ? in_blk : M3S_BLOCK_SIZE);
+  /* Phase 2: stage the block once */
+  tc_stage(a, page, g, nk_blk, k2q_tile);
+  __syncthreads();
+  /* Phase 3: the items, a warp each */
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int64_t it = it0 + warp; it < it1; it += TC_WARPS) {
+    const int64_t e = lo + it / nchunk;
+    const int chunk = (int)(it % nchunk);
+    const int64_t t = a.qi[g * a.qi_s0 + e * a.qi_s1];
+    const int slot = a.qs[g * a.qs_s0 + e * a.qs_s1];
+    if (t < row0 || t >= row0 + n || t >= b.num_tokens || slot < 0 || slot >= a.topk)
+      continue;
+    int64_t nk = seq - n + (t - row0) + 1 - blk * M3S_BLOCK_SIZE;
+    nk = nk < nk_blk ? nk : nk_blk;
+    const int nh = min(HEADS_PER_CTA, a.group - chunk * HEADS_PER_CTA);
+    tc_attend<F16>(a, k2q_tile, t, g * a.group + chunk * HEADS_PER_CTA, nh, slot,
+                   nk > 0 ? (int)nk : 0, lane);
+  }
+}
+
 extern "C" cudaError_t m3s_cuda_k2q_prepare(void) {
-  return cudaFuncSetAttribute(k2q_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)ATT_SMEM_BYTES);
+  cudaError_t err = cudaFuncSetAttribute(k2q_attention_kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)ATT_SMEM_BYTES);
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(k2q_tc_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               TC_SMEM_BYTES);
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(k2q_tc_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               TC_SMEM_BYTES);
+  return err;
+}
+
+/* The tensor-core kernel takes a call whose cache is 16-bit of q's dtype
+ * (so no scales and no conversion), with 16-byte aligned cache rows and
+ * contiguous partial rows, unless the context's switch (k2q.h) says SIMT. */
+static int tc_takes(const m3s_context *ctx, const m3s_tensor *q, const m3s_tensor *kv,
+                    const m3s_tensor *part_out, const m3s_tensor *part_lse) {
+  const int q16 = q->dtype == M3S_BF16 || q->dtype == M3S_F16;
+  return !m3s_cuda_k2q_simt(ctx) && q16 && kv->dtype == q->dtype &&
+         (uintptr_t)kv->data % 16 == 0 && kv->stride[0] % 8 == 0 && kv->stride[1] % 8 == 0 &&
+         kv->stride[2] % 8 == 0 && kv->stride[3] == 1 && q->stride[2] == 1 &&
+         (uintptr_t)part_out->data % 8 == 0 && part_out->stride[3] == 1 &&
+         part_out->stride[0] % 2 == 0 && part_out->stride[1] % 2 == 0 &&
+         part_out->stride[2] % 2 == 0 && part_lse->ndim == 3;
+}
+
+extern "C" int m3s_k2q_tc_takes(const m3s_context *ctx, const m3s_tensor *q, const m3s_tensor *kv,
+                                const m3s_tensor *part_out, const m3s_tensor *part_lse) {
+  return ctx && ctx->device >= 0 && tc_takes(ctx, q, kv, part_out, part_lse);
 }
 
 /* The shared-memory limit was raised at context creation (context.cu). */
@@ -584,7 +755,6 @@ extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_c
                                              const m3s_tensor *q_indices,
                                              const m3s_tensor *q_slot, m3s_tensor *part_out,
                                              m3s_tensor *part_lse, const m3s_exec *exec) {
-  (void)ctx;
   const char *fn = "m3s_k2q_attention";
   int64_t rows = row_ptr->shape[1] - 1;
   if (rows == 0 || batch->num_tokens == 0)
@@ -625,10 +795,25 @@ extern "C" m3s_status m3s_cuda_k2q_attention(m3s_context *ctx, const m3s_layer_c
   a.topk = cfg->topk;
   a.scale = cfg->softmax_scale;
   /* A row belongs to one request and holds one entry per query that selects
-   * its block: max_q_len x G items unless top-k rows repeat a block. That
-   * host bound sizes the split (only parallelism depends on it: each CTA's
-   * share comes from the row's real length); K2Q_MAX_SPLIT caps idle CTAs,
-   * which cost a scheduling slot each at one ~145 KB CTA per SM. */
+   * its block: max_q_len x G items (on tensor cores max_q_len x head chunks)
+   * unless top-k rows repeat a block. That host bound sizes the split (only
+   * parallelism depends on it: each CTA's share comes from the row's real
+   * length); the caps bound idle CTAs, which cost a scheduling slot each (one
+   * ~145 KB SIMT CTA per SM). */
+  if (tc_takes(ctx, q, kv_cache, part_out, part_lse)) {
+    /* items are (entry, chunk of 16 heads), each a warp's m16 tile */
+    const int64_t chunks = (a.group + HEADS_PER_CTA - 1) / HEADS_PER_CTA;
+    int64_t split = m3s_ceil_div((int64_t)batch->max_q_len * chunks, TC_MIN_ITEMS);
+    split = split < 1 ? 1 : split < TC_MAX_SPLIT ? split : TC_MAX_SPLIT;
+    dim3 grid((unsigned)rows, (unsigned)cfg->num_kv_heads, (unsigned)split);
+    if (q->dtype == M3S_F16)
+      k2q_tc_kernel<true><<<grid, TC_THREADS, TC_SMEM_BYTES, m3s_cuda_stream(exec)>>>(
+          m3s_cuda_batch_of(batch), a);
+    else
+      k2q_tc_kernel<false><<<grid, TC_THREADS, TC_SMEM_BYTES, m3s_cuda_stream(exec)>>>(
+          m3s_cuda_batch_of(batch), a);
+    return m3s_cuda_check_launch(fn, "k2q_tc_kernel");
+  }
   int64_t split = m3s_ceil_div((int64_t)batch->max_q_len * a.group, K2Q_MIN_ITEMS);
   split = split < 1 ? 1 : split;
   split = split < K2Q_MAX_SPLIT ? split : K2Q_MAX_SPLIT;

@@ -38,7 +38,7 @@ static const char *cuda_kernel(const m3s_context *ctx, m3s_op op) {
   case M3S_OP_ATTENTION_DECODE:
   case M3S_OP_ATTENTION_PREFILL:
   case M3S_OP_ATTENTION_CP: return sm90 ? k_attn_sm90 : k_attn;
-  case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_attention_simt";
+  case M3S_OP_K2Q: return "cuda_k2q_csr+k2q_tc(16-bit cache of q's dtype)|k2q_simt";
   case M3S_OP_MERGE: return "cuda_merge_attn_states";
   case M3S_OP_INDEX_TOPK_CANDIDATES: return "score_kernel+candidate_kernel (exact)";
   case M3S_OP_MERGE_TOPK_CANDIDATES: return "merge_cand_kernel";

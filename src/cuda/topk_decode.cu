@@ -19,7 +19,7 @@
  * r's candidate blocks are [init, nb_last - local) (nb_last: the blocks of
  * its last token, which has the most); the batch's candidate blocks, in
  * request order, are cut on the device into one equal range per CTA
- * (cursor_start: two passes over the sequence lengths), so every CTA streams
+ * (cursor_start: one pass over the sequence lengths), so every CTA streams
  * the same number of blocks whatever the lengths, and one long request among
  * short ones spreads over the whole grid. Graph-safe.
  * (Until 2026-12-05 the work was items (request, split of U blocks) dealt
@@ -239,38 +239,35 @@ static __device__ __forceinline__ void cursor_enter(const P &p, dec_cursor &c, i
  * (they differ by at most one block), CTA c taking range c: every CTA streams
  * the same number of blocks whatever the requests' lengths (one long request
  * among short ones spreads over the whole grid) and crosses few request
- * boundaries. From the sequence lengths on the device (graph-safe): two
- * passes over them, the total, then the request holding the range's first
- * block. Every thread calls it (CTA barriers). */
+ * boundaries. From the sequence lengths on the device (graph-safe), in one
+ * pass: thread t sums the candidates of a contiguous run of requests, one
+ * CTA scan of those sums gives the total and each run's first block, and the
+ * thread whose run holds the range's first block finds its request by
+ * walking the run again (its own loads, from L1). Every thread calls it. */
 template <class P> static __device__ dec_cursor cursor_start(const P &p) {
   __shared__ dec_cursor_smem cm;
-  int64_t *const sh = cm.sh, *const at = cm.at;
   const int R = p.b.num_reqs;
+  const int per = (R + DEC_THREADS - 1) / DEC_THREADS;
+  const int r0 = (int)threadIdx.x * per, r1 = min(R, r0 + per);
   int64_t mine = 0, total = 0;
-  for (int r = threadIdx.x; r < R; r += DEC_THREADS)
+  for (int r = r0; r < r1; r++)
     mine += request_cand(p, r);
-  cta_excl_sum(mine, &total, sh);
+  const int64_t before = cta_excl_sum(mine, &total, cm.sh);
   const int64_t lo = total * blockIdx.x / gridDim.x, hi = total * (blockIdx.x + 1) / gridDim.x;
   dec_cursor c;
   c.r = -1;
   if (lo >= hi)
     return c;
-  int64_t base = 0;
-  for (int r0 = 0; r0 < R; r0 += DEC_THREADS) {
-    const int r = r0 + (int)threadIdx.x;
-    const int64_t x = r < R ? request_cand(p, r) : 0;
-    int64_t chunk = 0;
-    const int64_t before = base + cta_excl_sum(x, &chunk, sh);
-    if (before <= lo && lo < before + x) {
-      at[0] = r;
-      at[1] = lo - before;
-    }
-    base += chunk;
-    if (lo < base)
-      break; /* uniform: base is the same in every thread */
+  if (before <= lo && lo < before + mine) {
+    int64_t b = before;
+    int r = r0;
+    for (int64_t x = request_cand(p, r); b + x <= lo; x = request_cand(p, ++r))
+      b += x;
+    cm.at[0] = r;
+    cm.at[1] = lo - b;
   }
   __syncthreads();
-  cursor_enter(p, c, (int)at[0], p.init + at[1], hi - lo);
+  cursor_enter(p, c, (int)cm.at[0], p.init + cm.at[1], hi - lo);
   return c;
 }
 

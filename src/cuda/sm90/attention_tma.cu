@@ -52,6 +52,14 @@
  *    and are written: out (q's dtype, RNE) and lse, or the partial of split
  *    s for ../attention.cu's merge kernel. The producer is not held by
  *    this: it fills the next slots meanwhile.
+ *  - Cluster merge (p.cmerge; small batches, ../attention.cu
+ *    plan_split_cluster): when every CTA has one item, the nsplit CTAs of
+ *    an item are launched as one thread-block cluster; each keeps its
+ *    merged partial in shared memory and the cluster merges them through
+ *    distributed shared memory (at_cluster_merge), so no merge kernel runs
+ *    and no workspace holds partials. Until 2026-12-05 one request's 16
+ *    splits went through the merge kernel: 13.1 + 4.2 us (ncu, session
+ *    12), the second kernel only combining 16 states per head.
  *  Warp w always handles keys 16w..16w+15 of each block and the merge order
  *  is fixed, so an item's result does not depend on which CTA ran it; the
  *  choice of this kernel follows max_q_len, a host bound, so under
@@ -62,15 +70,16 @@
  * half, 8 for an fp8 block; every such warp waits and releases, keys or
  * not), dfull[d] (producer lane 0 + the Q bytes), dempty[d] (one arrive per
  * consumer warp). Phases follow from the block and item counters, which
- * producer and consumers advance alike.
+ * producer and consumers advance alike. Under the cluster merge, two
+ * cluster barriers (every thread of the cluster): the partials written,
+ * then read.
  *
  * Graph-safe: no allocation, no synchronisation, lengths and selections read
  * on the device; the tensor maps are encoded on the host per call from the
  * tensors' pointers and strides (kernel parameters).
  *
- * Registers: 155 (16-bit), 168 (fp8; 168 is the cap of 9 warps per SM),
- * no spills but 16 bytes outside the unit loop for fp8 with f16 q (ptxas,
- * sm_90a).
+ * Registers: 149 (16-bit), 168 (fp8; 168 is the cap of 9 warps per SM),
+ * no spills (ptxas, sm_90a, nvcc 13.0, session 17).
  * Measured (H200, m3s-bench, docs/perf-notes.md "Decode attention: a
  * persistent TMA kernel" and "fp8 caches on the TMA kernel"): 128 requests
  * x 32K TP1 138.2 us bf16 (generic kernel 155.2 in the same run; 87% of the
@@ -152,6 +161,14 @@ struct at_smem {
 /* + the alignment of the base */
 template <bool FP8>
 static constexpr size_t at_smem_bytes() { return sizeof(at_smem<FP8>) + 1024; }
+
+/* Under p.cmerge the CTA's merged partial of its item lives in ring slot 0,
+ * free once every block of the item is consumed (the CTA has one item):
+ * acc [16 heads][128] (unnormalised), then m [16] and l [16]. */
+#define AT_PART_M (HEADS_PER_CTA * M3S_HEAD_DIM)
+#define AT_PART_L (AT_PART_M + HEADS_PER_CTA)
+#define AT_MAX_CLUSTER 8 /* portable cluster size: splits merged in a cluster */
+static_assert((AT_PART_L + HEADS_PER_CTA) * 4 <= 32768, "the partial fits one slot");
 
 static __device__ __forceinline__ void at_consumer_sync(void) {
   asm volatile("bar.sync 1, %0;\n" ::"n"(AT_CWARPS * 32) : "memory");
@@ -328,6 +345,75 @@ static __device__ void at_store(const attn_params &p, const S &s, const at_item 
   }
 }
 
+/* Under p.cmerge, by every thread after its role's loop: the cluster's
+ * nsplit CTAs hold one item, split s in the CTA of cluster rank s (items
+ * are numbered split fastest, one per CTA, clusters of nsplit along x).
+ * The consumers merge their eight warp states (stashed at the item's end)
+ * in warp order into the CTA's partial in ring slot 0 (AT_PART_M); once
+ * the cluster barrier has published the partials, CTA s merges the s-th
+ * nsplit-th of the item's (head, dim pair)s from all of them, read through
+ * distributed shared memory, in split order 0..nsplit-1 as the merge kernel
+ * does (../attention.cu), and writes out and lse. The second barrier keeps
+ * each CTA's shared memory alive until its peers have read it. Outside the
+ * consumers' item loop: inside it, the fp8 forms spilled their loop
+ * counters (ptxas). */
+template <class S>
+static __device__ void at_cluster_merge(const attn_params &p, S &s) {
+  int64_t t;
+  int g, chunk, split;
+  at_item_of(p, blockIdx.x, t, g, chunk, split);
+  const int h0 = g * p.group + chunk * HEADS_PER_CTA;
+  const int nh = min(HEADS_PER_CTA, p.group - chunk * HEADS_PER_CTA);
+  float *part = (float *)s.ring[0];
+  const int consumer = threadIdx.x < AT_CWARPS * 32;
+  for (int pidx = threadIdx.x; consumer && pidx < nh * 64; pidx += AT_CWARPS * 32) {
+    const int r = pidx >> 6, d = (pidx & 63) * 2;
+    float mx, l, o0, o1;
+    merge_warp_pair<AT_CWARPS>(s.scratch[0], AT_SCRATCH_FLOATS, r, d, mx, l, o0, o1);
+    *(float2 *)&part[r * M3S_HEAD_DIM + d] = make_float2(o0, o1);
+    if (d == 0) {
+      part[AT_PART_M + r] = l > 0.0f ? mx : neg_inf();
+      part[AT_PART_L + r] = l;
+    }
+  }
+  sm90_cluster_sync(); /* every CTA's partial is in its slot 0 */
+  /* CTA s: the s-th of nsplit equal ranges of the (head, dim pair)s (nsplit
+   * divides 64), consecutive per thread: each warp reads 256 contiguous
+   * bytes of a peer's partial and writes contiguous out */
+  const int per = nh * 64 / p.nsplit;
+  for (int u = split * per + (int)threadIdx.x; u < (split + 1) * per; u += AT_THREADS) {
+    const int r = u >> 6, d = (u & 63) * 2;
+    float m[AT_MAX_CLUSTER], lc[AT_MAX_CLUSTER], mx = neg_inf();
+    float2 o[AT_MAX_CLUSTER];
+#pragma unroll
+    for (int c = 0; c < AT_MAX_CLUSTER; c++)
+      if (c < p.nsplit) {
+        m[c] = sm90_ld_peer(sm90_peer_addr(part + AT_PART_M + r, c));
+        lc[c] = sm90_ld_peer(sm90_peer_addr(part + AT_PART_L + r, c));
+        o[c] = sm90_ld_peer2(sm90_peer_addr(part + r * M3S_HEAD_DIM + d, c));
+        mx = fmaxf(mx, m[c]);
+      }
+    /* every loaded value is consumed, also when no split saw a key (then
+     * every partial is 0 / -inf and a = 0): the relaxed exit barrier below
+     * relies on it */
+    const bool any = mx != neg_inf();
+    float l = 0.0f, o0 = 0.0f, o1 = 0.0f;
+#pragma unroll
+    for (int c = 0; c < AT_MAX_CLUSTER; c++)
+      if (c < p.nsplit) {
+        const float a = any ? exp2f(m[c] - mx) : 0.0f;
+        l += lc[c] * a;
+        o0 += o[c].x * a;
+        o1 += o[c].y * a;
+      }
+    store_out_pair(p, t, h0 + r, d, mx, l, o0, o1);
+  }
+  /* this CTA's loads of its peers' partials have returned (every value went
+   * into the stores above), so a relaxed arrive suffices before the peers
+   * may exit, and this CTA's own exit waits for theirs */
+  sm90_cluster_sync_relaxed();
+}
+
 /* KVM: KV_DIRECT (a cache of q's dtype), KV_E4M3 or KV_E5M2, a template
  * parameter so that the conversion unpacks one fp8 format, not both. */
 template <bool F16, int KVM, bool FP8 = KVM != KV_DIRECT>
@@ -408,6 +494,8 @@ static __device__ void at_consume(const attn_params &p, at_smem<FP8> &s, int64_t
       scale_acc(ws, vs);
     stash_state(ws, s.scratch[warp], s.scratch[warp] + HEADS_PER_CTA * ACC_STRIDE, lane);
     at_consumer_sync();
+    if (p.cmerge)
+      continue; /* the CTA's one item: at_cluster_merge takes the states */
     at_store(p, s, it);
     at_consumer_sync(); /* the scratch is rewritten by the next item */
   }
@@ -439,7 +527,8 @@ static __global__ void __launch_bounds__(AT_THREADS, 1)
   sm90_fence_proxy_async();
   /* PDL (launch.h): the set-up above reads no global memory; the top-k and
    * the rest may come from the kernel before. One CTA per SM at most, so
-   * the split merge may start behind this grid. */
+   * the next kernel (the split merge, when it runs) may start behind this
+   * grid. */
   m3s_pdl_wait();
   if (p.pdl)
     m3s_pdl_trigger();
@@ -449,6 +538,8 @@ static __global__ void __launch_bounds__(AT_THREADS, 1)
     at_produce<FP8>(p, &kv_map, &q_map, qbox, s, items, lane);
   else
     at_consume<F16, KVM>(p, s, items, warp, lane);
+  if (p.cmerge)
+    at_cluster_merge(p, s);
 }
 
 /* ---- host ---------------------------------------------------------------------- */
@@ -469,13 +560,44 @@ struct at_kernel {
   static void run(const attn_params &p, const m3s_attn_tma_maps &maps, unsigned grid,
                   int64_t items, cudaStream_t stream, int pdl) {
     /* its error is left as the last error, read by m3s_cuda_check_launch */
-    (void)m3s_launch_ex(pdl, attn_tma_kernel<F16, KVM>, dim3(grid), dim3(AT_THREADS),
-                        at_smem_bytes<KVM != KV_DIRECT>(), stream, p, maps.kv, maps.q, items,
-                        maps.qbox);
+    (void)m3s_launch_cl(pdl, p.cmerge ? (unsigned)p.nsplit : 1u, attn_tma_kernel<F16, KVM>,
+                        dim3(grid), dim3(AT_THREADS), at_smem_bytes<KVM != KV_DIRECT>(), stream,
+                        p, maps.kv, maps.q, items, maps.qbox);
   }
 };
 
 extern "C" cudaError_t m3s_attention_tma_prepare(void) { return at_prepare_modes<at_kernel>(); }
+
+/* How many CTAs of instantiation k (its shared memory, one CTA per SM) the
+ * current device runs as a cluster of c at once; 0 on error. */
+template <typename K>
+static int at_active_clusters(K k, size_t smem, unsigned c) {
+  cudaLaunchAttribute at;
+  at.id = cudaLaunchAttributeClusterDimension;
+  at.val.clusterDim.x = c;
+  at.val.clusterDim.y = 1;
+  at.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(c);
+  cfg.blockDim = dim3(AT_THREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = &at;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, k, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+extern "C" int m3s_attention_tma_clusters(int c) {
+  if (c < 2 || c > AT_MAX_CLUSTER)
+    return 0;
+  const int a = at_active_clusters(attn_tma_kernel<false, KV_DIRECT>, at_smem_bytes<false>(), c);
+  const int b = at_active_clusters(attn_tma_kernel<false, KV_E4M3>, at_smem_bytes<true>(), c);
+  return a < b ? a : b;
+}
 
 /* The cache as [pages][Hkv][128 slots][256] with the caller's strides, boxes
  * of 128 bytes (64 16-bit elements or 128 fp8) x at_geom::rows slots; q as
@@ -578,6 +700,11 @@ m3s_status m3s_attention_tma_launch(const m3s_context *ctx, const attn_params &p
   const unsigned grid = (unsigned)(items < sms ? items : sms);
   if (grid == 0)
     return M3S_OK;
+  /* a cluster merge needs one item per CTA (m3s_cuda_sparse_attention plans
+   * it so) */
+  if (p.cmerge && ((int64_t)grid != items || p.nsplit < 2 || p.nsplit > AT_MAX_CLUSTER))
+    return m3s_fail(M3S_ERR_INTERNAL, fn, "cluster merge planned for %lld items, %d splits",
+                    (long long)items, p.nsplit);
   attn_params pp = p;
   pp.pdl = m3s_cuda_pdl(ctx, p.b.num_reqs);
   at_run_mode<at_kernel>(f16, pp, maps, grid, items, stream, pp.pdl);

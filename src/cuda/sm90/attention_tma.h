@@ -35,6 +35,22 @@ int m3s_cuda_attention_union_any(const m3s_context *ctx);
 void m3s_attention_set_union_wgmma(m3s_context *ctx, int on);
 int m3s_cuda_attention_union_wgmma(const m3s_context *ctx);
 
+/* on == 0: the persistent kernel's splits are merged by the merge kernel
+ * (src/cuda/attention.cu) even where they could merge inside a cluster; on
+ * != 0 (the default): clusters where the batch allows and the device
+ * co-schedules them (sm90/attention_tma.cu); for tests and m3s-bench, like
+ * the switches above. m3s_cuda_attention_clusters: how many clusters of c
+ * (2, 4 or 8) CTAs of the persistent kernel the context's device runs at
+ * once (measured at context creation), 0 for other c or when switched
+ * off. */
+void m3s_attention_set_cluster_merge(m3s_context *ctx, int on);
+int m3s_cuda_attention_clusters(const m3s_context *ctx, int c);
+/* The splits per item the persistent kernel merges in a cluster for a batch
+ * of this shape (host bounds: num_tokens, max_seq_len), 1 when it does not
+ * (then splits, if any, go through the merge kernel). Defined in
+ * src/cuda/attention.cu. */
+int m3s_attention_cluster_splits(const m3s_context *ctx, const m3s_layer_config *cfg,
+                                 const m3s_batch *batch);
 /* Which kernel runs a call (m3s_attention_tma_eligible). */
 enum {
   M3S_ATTN_GENERIC = 0,    /* src/cuda/attention.cu, cp.async, any device */
@@ -70,6 +86,10 @@ int m3s_attention_union_wg(const m3s_context *ctx, const m3s_batch *batch, m3s_d
 
 #ifdef __CUDACC__
 cudaError_t m3s_attention_tma_prepare(void);
+/* How many clusters of c CTAs of the persistent kernel the current device
+ * runs at once, the fewer of its two shared-memory sizes; 0 for none or on
+ * error. Host only, at context creation (context.cu). */
+int m3s_attention_tma_clusters(int c);
 cudaError_t m3s_attention_union_prepare(void);
 #endif
 

@@ -1,7 +1,9 @@
 /* Hopper (sm_90a) building blocks shared by the TMA kernels of the CUDA
  * backend (topk_tc.cu, attention_tma.cu): shared-memory mbarriers, tiled
- * TMA loads and plain bulk copies that complete on them. Built for sm_90a only; elsewhere the
- * loads trap (the launchers never pick these kernels off sm_90). */
+ * TMA loads and plain bulk copies that complete on them, and the cluster
+ * barrier and peer shared-memory loads of a thread-block cluster. Built for
+ * sm_90a only; elsewhere the loads trap (the launchers never pick these
+ * kernels off sm_90). */
 #ifndef M3S_CUDA_SM90_TMA_CUH
 #define M3S_CUDA_SM90_TMA_CUH
 
@@ -153,6 +155,76 @@ static __device__ __forceinline__ void sm90_bulk_load(void *dst, const void *src
   (void)dst, (void)src, (void)bytes, (void)bar;
   __trap();
 #endif
+}
+
+/* ---- thread-block clusters ---------------------------------------------- */
+
+/* Every thread of the cluster arrives (release: its earlier shared-memory
+ * writes become visible to the cluster's threads) and waits for all
+ * non-exited threads of the cluster (acquire). Warp-uniform (.aligned). */
+static __device__ __forceinline__ void sm90_cluster_sync() {
+#if M3S_SM90_TMA
+  asm volatile("barrier.cluster.arrive.release.aligned;\n"
+               "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+/* The same without ordering this thread's memory accesses (arrive.relaxed):
+ * only that every thread of the cluster got here. For a CTA's exit after
+ * its peers' loads from its shared memory, whose values those peers have
+ * already consumed; the release form would also wait for this thread's
+ * outstanding global stores. */
+static __device__ __forceinline__ void sm90_cluster_sync_relaxed() {
+#if M3S_SM90_TMA
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n"
+               "barrier.cluster.wait.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+/* The shared::cluster address of the variable at p (this CTA's shared
+ * memory) in the cluster's CTA `rank`: the same offset in its shared
+ * memory. */
+static __device__ __forceinline__ uint32_t sm90_peer_addr(const void *p, unsigned rank) {
+  uint32_t a = 0;
+#if M3S_SM90_TMA
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(a) : "r"(sm90_smem(p)), "r"(rank));
+#else
+  (void)p, (void)rank;
+  __trap();
+#endif
+  return a;
+}
+
+/* Loads from a peer CTA's shared memory (an sm90_peer_addr address);
+ * volatile, so that they stay after the cluster barrier that published the
+ * data. */
+static __device__ __forceinline__ float sm90_ld_peer(uint32_t a) {
+  float v = 0.0f;
+#if M3S_SM90_TMA
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(a) : "memory");
+#else
+  (void)a;
+  __trap();
+#endif
+  return v;
+}
+
+static __device__ __forceinline__ float2 sm90_ld_peer2(uint32_t a) {
+  float2 v = make_float2(0.0f, 0.0f);
+#if M3S_SM90_TMA
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n"
+               : "=f"(v.x), "=f"(v.y)
+               : "r"(a)
+               : "memory");
+#else
+  (void)a;
+  __trap();
+#endif
+  return v;
 }
 
 #endif

@@ -1843,21 +1843,33 @@ static __global__ void __launch_bounds__(TC_WIDE_THREADS, 1)
   __shared__ tc_wide_shared sm;
   __shared__ float2 wsh[TC_SEL_CACHE];
   const int tid = threadIdx.x, warp = tid >> 5;
-  /* PDL (launch.h): the (S~, E) entries come from the kernel before; at most
-   * one CTA per SM, so the attention may start behind this grid */
+  /* The first pair's row and query are the caller's inputs: read before the
+   * grid-dependency wait. With PDL this grid starts early only behind the
+   * decode score kernel of the same call (m3s_topk_tc, all_scored), which
+   * let it start after its own wait, when every earlier kernel had ended
+   * (launch.h); without PDL the wait is a no-op. The (S~, E) entries and the
+   * writes of out come after the wait. At most one CTA per SM, so the
+   * attention may start behind this grid. */
+  int64_t lp = blockIdx.x;
+  m3s_row_info ri;
+  int32_t *out = NULL;
+  int64_t nb = lp < a.npairs ? tc_pair_row(bt, a, lp, ri, out) : 0;
+  if (lp < a.npairs && nb > a.topk)
+    tc_stage_query(a, lp, sm.q, tid, TC_WIDE_THREADS);
   m3s_pdl_wait();
   if (a.pdl)
     m3s_pdl_trigger();
-  for (int64_t lp = blockIdx.x; lp < a.npairs; lp += gridDim.x) {
-    m3s_row_info ri;
-    int32_t *out;
-    const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
+  for (; lp < a.npairs; lp += gridDim.x) {
+    if (lp != (int64_t)blockIdx.x) {
+      nb = tc_pair_row(bt, a, lp, ri, out);
+      if (nb > a.topk)
+        tc_stage_query(a, lp, sm.q, tid, TC_WIDE_THREADS);
+    }
     if (nb <= a.topk) { /* uniform over the CTA */
       if (warp == 0)
         tc_write_all(a, nb, out);
       continue;
     }
-    tc_stage_query(a, lp, sm.q, tid, TC_WIDE_THREADS);
     const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
     const float2 *W = a.ws + lp * a.max_nb;
     if (nb - a.local <= TC_SEL_CACHE && !exact) {
