@@ -59,7 +59,10 @@
  *    distributed shared memory (at_cluster_merge), so no merge kernel runs
  *    and no workspace holds partials. Until 2026-12-05 one request's 16
  *    splits went through the merge kernel: 13.1 + 4.2 us (ncu, session
- *    12), the second kernel only combining 16 states per head.
+ *    12), the second kernel only combining 16 states per head. On an H100
+ *    (session 18) one request now takes 12.1-12.4 us as 32 CTAs (clusters
+ *    of 8, the portable limit), 0.4-1.3 us less per call than the merge
+ *    kernel's path (m3s-bench, docs/perf-notes.md).
  *  Warp w always handles keys 16w..16w+15 of each block and the merge order
  *  is fixed, so an item's result does not depend on which CTA ran it; the
  *  choice of this kernel follows max_q_len, a host bound, so under
