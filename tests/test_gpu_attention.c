@@ -53,6 +53,7 @@ static int g_quick;
 static int g_time;
 static int g_tma_cases;   /* cases the sm_90 persistent kernel ran (then the generic one too) */
 static int g_cluster_cases; /* persistent-kernel cases whose splits merged in a cluster */
+static int g_cluster_size_cases[9]; /* the same by cluster size (2, 4, 8) */
 static int g_union_cases; /* cases the sm_90 union kernel ran (by default or forced) */
 static int g_wgmma_cases; /* cases its warpgroup consumers ran (forced) */
 static uint64_t g_seed = 20261107;
@@ -275,9 +276,13 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     m3s_attention_set_generic(g_gpu, 0);
   }
   /* splits the default merged in a cluster: again through the merge kernel */
-  const int cluster = ok && kind == M3S_ATTN_PERSISTENT &&
-                      m3s_attention_cluster_splits(g_gpu, &f.cfg, &g.batch) > 1;
+  const int csize = ok && kind == M3S_ATTN_PERSISTENT
+                        ? m3s_attention_cluster_splits(g_gpu, &f.cfg, &g.batch)
+                        : 1;
+  const int cluster = csize > 1;
   g_cluster_cases += cluster;
+  if (cluster && csize <= 8)
+    g_cluster_size_cases[csize]++;
   if (cluster) {
     m3s_attention_set_cluster_merge(g_gpu, 0);
     device_checks(&f, &g, dev_topk, ref_topk, have_cpu ? cpu_out : NULL, mods, name,
@@ -297,10 +302,13 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   g_wgmma_cases += wgmma || def_wg;
   if (ok && g_time)
     time_case(&f, &g, dev_topk, name);
+  char cl[48] = "";
+  if (cluster)
+    snprintf(cl, sizeof cl, " (cluster merge of %d)+merge kernel", csize);
   printf("  %-50s T %5d  ref %.2e  cpu %.2e  ws %8zu B  cpu %7.1f ms  cuda+copies %6.2f ms  (%.0f "
          "ms)  %s%s%s%s%s\n",
          name, f.T, ref_err, cpu_err, g.ws_bytes, t2 - t1, t4 - t3, gpu_now_ms() - t0,
-         kernel_name[kind], cluster ? " (cluster merge)+merge kernel" : "",
+         kernel_name[kind], cl,
          kind != M3S_ATTN_GENERIC ? "+generic" : "", forced ? "+union" : "",
          wgmma ? "+wgmma" : "");
   gpu_fx_free(&g);
@@ -838,9 +846,11 @@ int main(void) {
     CHECK(g_union_cases > 0, "the sm_90 union attention kernel ran on some case");
     CHECK(g_wgmma_cases > 0, "the union kernel's warpgroup consumers ran on some case");
   }
-  printf("test_gpu_attention: %d cases on the persistent kernel (%d with the cluster merge), %d "
-         "on the union kernel, %d on its warpgroup consumers (and the generic one)\n",
-         g_tma_cases, g_cluster_cases, g_union_cases, g_wgmma_cases);
+  printf("test_gpu_attention: %d cases on the persistent kernel (%d with the cluster merge: %d "
+         "/ %d / %d in clusters of 2 / 4 / 8), %d on the union kernel, %d on its warpgroup "
+         "consumers (and the generic one)\n",
+         g_tma_cases, g_cluster_cases, g_cluster_size_cases[2], g_cluster_size_cases[4],
+         g_cluster_size_cases[8], g_union_cases, g_wgmma_cases);
   printf("test_gpu_attention: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);
