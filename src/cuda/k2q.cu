@@ -486,6 +486,65 @@ static __device__ __forceinline__ float warp_sum_f(float v) {
   return v;
 }
 
+/* A CTA's CSR row (blockIdx.x, KV head blockIdx.y) as both attention
+ * kernels take it: its entries from lo; this CTA's share [it0, it1) of the
+ * row's (entries x per_entry) items, at least min_items each (a long row,
+ * an attention-sink block every query selects, spreads over up to
+ * gridDim.z CTAs; short rows stay on one; each item is one warp's whole job
+ * either way, so the split does not change any result bit); the row's
+ * request block blk, the request's query rows [row0, row0 + n) and length
+ * seq, and the block's page and visible keys nk_blk. */
+typedef struct {
+  int64_t lo, it0, it1, blk, row0, n, seq, page;
+  int nk_blk;
+} k2q_row;
+
+/* k2q_row of this CTA; false when it has nothing to do (uniform over the
+ * CTA). */
+static __device__ __forceinline__ bool k2q_row_of(const m3s_cuda_batch &b, const k2q_args &a,
+                                                  int64_t per_entry, int64_t min_items,
+                                                  k2q_row &w) {
+  const int64_t row = blockIdx.x;
+  const int g = blockIdx.y;
+  const int64_t lo = a.rp[g * a.rp_s0 + row], hi = a.rp[g * a.rp_s0 + row + 1];
+  if (lo < 0 || hi > a.cap || lo >= hi)
+    return false;
+  const int64_t items = (hi - lo) * per_entry;
+  int64_t per = (items + gridDim.z - 1) / gridDim.z;
+  per = per < min_items ? min_items : per;
+  w.lo = lo;
+  w.it0 = (int64_t)blockIdx.z * per;
+  w.it1 = w.it0 + per < items ? w.it0 + per : items;
+  if (w.it0 >= items)
+    return false;
+  const int r = cta_row_owner(b, row, &w.blk);
+  if (r < 0)
+    return false;
+  w.seq = b.seq_lens[r * b.seq_stride];
+  req_queries(b, r, &w.row0, &w.n);
+  if (w.n < 0 || w.seq < w.n)
+    return false;
+  w.page = m3s_page(b.bt, b.bt_s0, b.bt_s1, b.bt_cols, r, w.blk, a.num_pages);
+  const int64_t in_blk = w.seq - w.blk * M3S_BLOCK_SIZE;
+  w.nk_blk = w.page < 0 ? 0 : (int)(in_blk < M3S_BLOCK_SIZE ? in_blk : M3S_BLOCK_SIZE);
+  return true;
+}
+
+/* Entry e of the row: its query row t, its slot and the block's keys t
+ * sees, nk >= 0 (causal); false for an entry out of range (skipped). */
+static __device__ __forceinline__ bool k2q_entry(const m3s_cuda_batch &b, const k2q_args &a,
+                                                 int g, const k2q_row &w, int64_t e, int64_t &t,
+                                                 int &slot, int &nk) {
+  t = a.qi[g * a.qi_s0 + e * a.qi_s1];
+  slot = a.qs[g * a.qs_s0 + e * a.qs_s1];
+  if (t < w.row0 || t >= w.row0 + w.n || t >= b.num_tokens || slot < 0 || slot >= a.topk)
+    return false;
+  int64_t k = w.seq - w.n + (t - w.row0) + 1 - w.blk * M3S_BLOCK_SIZE;
+  k = k < w.nk_blk ? k : w.nk_blk;
+  nk = k > 0 ? (int)k : 0;
+  return true;
+}
+
 /* One warp: query row t, head h over the block's keys [0, nk); writes the
  * normalised partial output and lse of slot `slot` (0 / -inf when nk == 0).
  * qw, pw: this warp's 128-float staging rows. */
@@ -544,48 +603,23 @@ static __global__ void __launch_bounds__(ATT_THREADS) k2q_attention_kernel(m3s_c
   extern __shared__ float smem[];
   float *ks = smem, *vs = ks + M3S_BLOCK_SIZE * KS_STRIDE, *qw = vs + M3S_BLOCK_SIZE * M3S_HEAD_DIM;
   float *pw = qw + ATT_WARPS * M3S_HEAD_DIM;
-  int64_t row = blockIdx.x;
-  int g = blockIdx.y;
-  int64_t lo = a.rp[g * a.rp_s0 + row], hi = a.rp[g * a.rp_s0 + row + 1];
-  if (lo < 0 || hi > a.cap || lo >= hi)
+  const int g = blockIdx.y;
+  /* Phase 0-1: this CTA's share of the row's (entry, head) items, the
+   * request and block (k2q_row_of) */
+  k2q_row w;
+  if (!k2q_row_of(b, a, a.group, K2Q_MIN_ITEMS, w))
     return;
-  /* Phase 0: this CTA's share of the row's (entry, head) items. A long row
-   * (an attention-sink block every query selects) spreads over up to
-   * gridDim.z CTAs; short rows stay on one. Each item is one warp's whole
-   * job either way, so the split does not change any result bit. */
-  int64_t items = (hi - lo) * a.group;
-  int64_t per = (items + gridDim.z - 1) / gridDim.z;
-  per = per < K2Q_MIN_ITEMS ? K2Q_MIN_ITEMS : per;
-  int64_t it0 = (int64_t)blockIdx.z * per, it1 = it0 + per < items ? it0 + per : items;
-  if (it0 >= items)
-    return;
-  /* Phase 1: which request and block this row is */
-  int64_t blk;
-  int r = cta_row_owner(b, row, &blk);
-  if (r < 0)
-    return;
-  int64_t row0, n, seq = b.seq_lens[r * b.seq_stride];
-  req_queries(b, r, &row0, &n);
-  if (n < 0 || seq < n)
-    return;
-  int64_t page = m3s_page(b.bt, b.bt_s0, b.bt_s1, b.bt_cols, r, blk, a.num_pages);
-  int64_t in_blk = seq - blk * M3S_BLOCK_SIZE;
-  int nk_blk = page < 0 ? 0 : (int)(in_blk < M3S_BLOCK_SIZE ? in_blk : M3S_BLOCK_SIZE);
   /* Phase 2: stage the block once */
-  load_block(a, page, g, nk_blk, ks, vs);
+  load_block(a, w.page, g, w.nk_blk, ks, vs);
   __syncthreads();
   /* Phase 3: this CTA's (entry, head) items of the row, a warp each */
-  int warp = threadIdx.x >> 5;
-  for (int64_t it = it0 + warp; it < it1; it += ATT_WARPS) {
-    int64_t e = lo + it / a.group, h = (int64_t)g * a.group + it % a.group;
-    int64_t t = a.qi[g * a.qi_s0 + e * a.qi_s1];
-    int slot = a.qs[g * a.qs_s0 + e * a.qs_s1];
-    if (t < row0 || t >= row0 + n || t >= b.num_tokens || slot < 0 || slot >= a.topk)
-      continue;
-    int64_t nk = seq - n + (t - row0) + 1 - blk * M3S_BLOCK_SIZE;
-    nk = nk < nk_blk ? nk : nk_blk;
-    attend_entry(a, ks, vs, qw + warp * M3S_HEAD_DIM, pw + warp * M3S_HEAD_DIM, t, h, slot,
-                 nk > 0 ? (int)nk : 0);
+  const int warp = threadIdx.x >> 5;
+  for (int64_t it = w.it0 + warp; it < w.it1; it += ATT_WARPS) {
+    const int64_t e = w.lo + it / a.group, h = (int64_t)g * a.group + it % a.group;
+    int64_t t;
+    int slot, nk;
+    if (k2q_entry(b, a, g, w, e, t, slot, nk))
+      attend_entry(a, ks, vs, qw + warp * M3S_HEAD_DIM, pw + warp * M3S_HEAD_DIM, t, h, slot, nk);
   }
 }
 
@@ -669,49 +703,26 @@ template <bool F16>
 static __global__ void __launch_bounds__(TC_THREADS, 3)
     k2q_tc_kernel(m3s_cuda_batch b, k2q_args a) {
   extern __shared__ __align__(128) unsigned char k2q_tile[];
-  const int64_t row = blockIdx.x;
   const int g = blockIdx.y;
-  const int64_t lo = a.rp[g * a.rp_s0 + row], hi = a.rp[g * a.rp_s0 + row + 1];
-  if (lo < 0 || hi > a.cap || lo >= hi)
-    return;
-  /* Phase 0: this CTA's share of the row's items (uniform over the CTA) */
+  /* Phase 0-1: this CTA's share of the row's (entry, chunk of 16 heads)
+   * items, the request and block (k2q_row_of) */
   const int nchunk = (a.group + HEADS_PER_CTA - 1) / HEADS_PER_CTA;
-  const int64_t items = (hi - lo) * nchunk;
-  int64_t per = (items + gridDim.z - 1) / gridDim.z;
-  per = per < TC_MIN_ITEMS ? TC_MIN_ITEMS : per;
-  const int64_t it0 = (int64_t)blockIdx.z * per, it1 = it0 + per < items ? it0 + per : items;
-  if (it0 >= items)
+  k2q_row w;
+  if (!k2q_row_of(b, a, nchunk, TC_MIN_ITEMS, w))
     return;
-  /* Phase 1: which request and block this row is */
-  int64_t blk;
-  const int r = cta_row_owner(b, row, &blk);
-  if (r < 0)
-    return;
-  int64_t row0, n;
-  const int64_t seq = b.seq_lens[r * b.seq_stride];
-  req_queries(b, r, &row0, &n);
-  if (n < 0 || seq < n)
-    return;
-  const int64_t page = m3s_page(b.bt, b.bt_s0, b.bt_s1, b.bt_cols, r, blk, a.num_pages);
-  const int64_t in_blk = seq - blk * M3S_BLOCK_SIZE;
-  const int nk_blk = page < 0 ? 0 : (int)(in_blk < M3S_BLOCK_SIZE ? in_blk : M3S_BLOCK_SIZE);
   /* Phase 2: stage the block once */
-  tc_stage(a, page, g, nk_blk, k2q_tile);
+  tc_stage(a, w.page, g, w.nk_blk, k2q_tile);
   __syncthreads();
   /* Phase 3: the items, a warp each */
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int64_t it = it0 + warp; it < it1; it += TC_WARPS) {
-    const int64_t e = lo + it / nchunk;
+  for (int64_t it = w.it0 + warp; it < w.it1; it += TC_WARPS) {
     const int chunk = (int)(it % nchunk);
-    const int64_t t = a.qi[g * a.qi_s0 + e * a.qi_s1];
-    const int slot = a.qs[g * a.qs_s0 + e * a.qs_s1];
-    if (t < row0 || t >= row0 + n || t >= b.num_tokens || slot < 0 || slot >= a.topk)
+    int64_t t;
+    int slot, nk;
+    if (!k2q_entry(b, a, g, w, w.lo + it / nchunk, t, slot, nk))
       continue;
-    int64_t nk = seq - n + (t - row0) + 1 - blk * M3S_BLOCK_SIZE;
-    nk = nk < nk_blk ? nk : nk_blk;
     const int nh = min(HEADS_PER_CTA, a.group - chunk * HEADS_PER_CTA);
-    tc_attend<F16>(a, k2q_tile, t, g * a.group + chunk * HEADS_PER_CTA, nh, slot,
-                   nk > 0 ? (int)nk : 0, lane);
+    tc_attend<F16>(a, k2q_tile, t, g * a.group + chunk * HEADS_PER_CTA, nh, slot, nk, lane);
   }
 }
 
