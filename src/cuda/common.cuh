@@ -386,6 +386,16 @@ static __device__ __forceinline__ void m3s_pdl_trigger() {
 #endif
 }
 
+/* Host: the launch attribute of clusters of c CTAs along x. */
+static inline cudaLaunchAttribute m3s_cluster_attr(unsigned c) {
+  cudaLaunchAttribute at;
+  at.id = cudaLaunchAttributeClusterDimension;
+  at.val.clusterDim.x = c;
+  at.val.clusterDim.y = 1;
+  at.val.clusterDim.z = 1;
+  return at;
+}
+
 /* Host: launches kernel k, with programmatic stream serialisation when pdl
  * != 0 (m3s_cuda_pdl) and as clusters of `cluster` CTAs along x when
  * cluster > 1 (grid.x a multiple of it); the launch's error (also left as
@@ -400,12 +410,8 @@ static inline cudaError_t m3s_launch_cl(int pdl, unsigned cluster, void (*k)(P..
     at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[n++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (cluster > 1) {
-    at[n].id = cudaLaunchAttributeClusterDimension;
-    at[n].val.clusterDim.x = cluster;
-    at[n].val.clusterDim.y = 1;
-    at[n++].val.clusterDim.z = 1;
-  }
+  if (cluster > 1)
+    at[n++] = m3s_cluster_attr(cluster);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;

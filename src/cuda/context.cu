@@ -126,8 +126,14 @@ extern "C" void m3s_cuda_context_fini(m3s_context *ctx) {
   ctx->backend_state = NULL;
 }
 
+/* The state a test / bench switch writes: NULL for a CPU or NULL context
+ * (the switches ignore those). */
+static cuda_state *switch_state(m3s_context *ctx) {
+  return ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+}
+
 extern "C" void m3s_topk_tc_set_hooks(m3s_context *ctx, const m3s_topk_tc_hooks *hooks) {
-  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  cuda_state *st = switch_state(ctx);
   if (!st)
     return;
   if (hooks)
@@ -144,7 +150,7 @@ extern "C" m3s_topk_tc_hooks m3s_cuda_topk_hooks(const m3s_context *ctx) {
 }
 
 extern "C" void m3s_attention_set_generic(m3s_context *ctx, int generic) {
-  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  cuda_state *st = switch_state(ctx);
   if (st)
     st->attn_generic = generic != 0;
 }
@@ -155,7 +161,7 @@ extern "C" int m3s_cuda_attention_generic(const m3s_context *ctx) {
 }
 
 extern "C" void m3s_attention_set_union_any(m3s_context *ctx, int any) {
-  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  cuda_state *st = switch_state(ctx);
   if (st)
     st->attn_union_any = any != 0;
 }
@@ -166,7 +172,7 @@ extern "C" int m3s_cuda_attention_union_any(const m3s_context *ctx) {
 }
 
 extern "C" void m3s_attention_set_union_wgmma(m3s_context *ctx, int on) {
-  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  cuda_state *st = switch_state(ctx);
   if (st)
     st->attn_union_wgmma = on < 0 ? -1 : on != 0;
 }
@@ -177,7 +183,7 @@ extern "C" int m3s_cuda_attention_union_wgmma(const m3s_context *ctx) {
 }
 
 extern "C" void m3s_attention_set_cluster_merge(m3s_context *ctx, int on) {
-  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  cuda_state *st = switch_state(ctx);
   if (st)
     st->attn_cluster_off = on == 0;
 }
@@ -191,7 +197,7 @@ extern "C" int m3s_cuda_attention_clusters(const m3s_context *ctx, int c) {
 }
 
 extern "C" void m3s_k2q_set_simt(m3s_context *ctx, int simt) {
-  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  cuda_state *st = switch_state(ctx);
   if (st)
     st->k2q_simt = simt != 0;
 }
@@ -202,7 +208,7 @@ extern "C" int m3s_cuda_k2q_simt(const m3s_context *ctx) {
 }
 
 extern "C" void m3s_cuda_set_pdl(m3s_context *ctx, int on) {
-  cuda_state *st = ctx && ctx->device >= 0 ? (cuda_state *)ctx->backend_state : NULL;
+  cuda_state *st = switch_state(ctx);
   if (st)
     st->pdl = on < 0 ? -1 : on != 0;
 }
