@@ -80,21 +80,20 @@ static __device__ int at_select(const attn_params &p, const m3s_row_info &ri, co
 /* An fp8 unit (16 key rows of the K box and of the V box, SS bytes apart,
  * 128-byte swizzle) into the warp's 16-bit tile (unit_chunk<128,
  * AT_UNIT_BYTES>); without KPART only V (and the k scales), for K taken
- * straight into registers (at_k_frags). K exact in the mma dtype (its
- * scale multiplies the fp32 score). V: with VF16, exact in f16 and
- * unscaled (a scalar v scale multiplies the output); otherwise times its
- * per-slot scale, rounded to the mma dtype (RNE), as the generic kernel's
- * dequant_fp8. V rows of keys nv..15 (past pos: the cache there may hold
- * anything) are zeros. The
- * per-slot k scales go behind the tile. Four passes over K, then four over
- * V (lanes never diverge on the part); in pass i, lane l takes chunk c = l
- * & 7 of key 4 i + kofs, kofs = (ph & 2) + ((ph ^ c / 4) & 1) for ph = l /
- * 8: the 8 lanes of an LDS.128 / STS.128 phase are chunks 0-3 of one key
- * and 4-7 of its neighbour of the other parity, so they read 8 distinct
- * chunks of the slot and, as the tile's 16-bit chunks 2c, 2c + 1 of the
- * two keys fall on even and odd swizzled positions, write 8 distinct ones
- * (the same key for all 8 lanes put chunks c and c + 4 on one bank group:
- * 2-way conflicts on every store). */
+ * straight into registers (at_k_frags). K exact in the mma dtype (its scale
+ * multiplies the fp32 score). V: with VF16, exact in f16 and unscaled (a
+ * scalar v scale multiplies the output); otherwise times its per-slot scale,
+ * rounded to the mma dtype (RNE), as the generic kernel's dequant_fp8. V
+ * rows of keys nv..15 (past pos: the cache there may hold anything) are
+ * zeros. The per-slot k scales go behind the tile. Four passes over K, then
+ * four over V (lanes never diverge on the part); in pass i, lane l takes
+ * chunk c = l & 7 of key 4 i + kofs, kofs = (ph & 2) + ((ph ^ c / 4) & 1)
+ * for ph = l / 8: the 8 lanes of an LDS.128 / STS.128 phase are chunks 0-3
+ * of one key and 4-7 of its neighbour of the other parity, so they read 8
+ * distinct chunks of the slot and, as the tile's 16-bit chunks 2c, 2c + 1 of
+ * the two keys fall on even and odd swizzled positions, write 8 distinct
+ * ones (the same key for all 8 lanes put chunks c and c + 4 on one bank
+ * group: 2-way conflicts on every store). */
 template <bool F16, int SS, int MODE, bool VF16, bool KPART = true>
 static __device__ __forceinline__ void at_dequant(const attn_params &p, const unsigned char *unit,
                                                   const float *ksc, const float *vsc,

@@ -61,8 +61,9 @@
  *    splits went through the merge kernel: 13.1 + 4.2 us (ncu, session
  *    12), the second kernel only combining 16 states per head. On an H100
  *    (session 18) one request now takes 12.1-12.4 us as 32 CTAs (clusters
- *    of 8, the portable limit), 0.4-1.3 us less per call than the merge
- *    kernel's path (m3s-bench, docs/perf-notes.md).
+ *    of 8, the portable limit; ncu); against the merge kernel's path the
+ *    call is 0.2 us faster at one request, 0.6 at 4, 2.0 at 16 (TP1, 128K,
+ *    m3s-bench graph replays, docs/perf-notes.md).
  *  Warp w always handles keys 16w..16w+15 of each block and the merge order
  *  is fixed, so an item's result does not depend on which CTA ran it; the
  *  choice of this kernel follows max_q_len, a host bound, so under
@@ -575,11 +576,7 @@ extern "C" cudaError_t m3s_attention_tma_prepare(void) { return at_prepare_modes
  * current device runs as a cluster of c at once; 0 on error. */
 template <typename K>
 static int at_active_clusters(K k, size_t smem, unsigned c) {
-  cudaLaunchAttribute at;
-  at.id = cudaLaunchAttributeClusterDimension;
-  at.val.clusterDim.x = c;
-  at.val.clusterDim.y = 1;
-  at.val.clusterDim.z = 1;
+  cudaLaunchAttribute at = m3s_cluster_attr(c);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(c);
   cfg.blockDim = dim3(AT_THREADS);
