@@ -1656,6 +1656,7 @@ typedef struct {
   float qsc[32];
   float part[32][4]; /* per uncertain block, per quarter of its keys */
   uint32_t hist[2][2][256]; /* per pass parity (a pass clears the other), per rank */
+  uint32_t top[TC_WIDE_WARPS][32]; /* tc_wide_few: each warp's largest, descending */
   uint32_t pre[2]; /* per rank: the value's digits found so far */
   uint32_t left[2]; /* per rank: its rank among the values with that prefix, 0 = none */
   int cnt[2];
@@ -1680,6 +1681,44 @@ static __device__ __forceinline__ void tc_hist_add(uint32_t *h, bool on, uint32_
   const unsigned peers = __match_any_sync(TC_FULL, on ? d : 256u);
   if (on && lane == __ffs(peers) - 1)
     atomicAdd(&h[d], (uint32_t)__popc(peers));
+}
+
+/* The whole-line entry count and largest finite E over W[lo, hi) (as
+ * tc_select_classify) into sm.n_inf, sm.e_max (zeroed by the caller), this
+ * thread's entry e counted into n_inf / e_max first. E >= 2^-118 in every
+ * finite entry (nothing rewrote them yet), so their bits order as the
+ * values. */
+static __device__ __forceinline__ void tc_wide_count(float2 e, int &n_inf, uint32_t &e_max) {
+  if (tc_whole_line(e))
+    n_inf++;
+  else
+    e_max = max(e_max, __float_as_uint(e.y));
+}
+
+static __device__ __forceinline__ void tc_wide_add_counts(int n_inf, uint32_t e_max,
+                                                          tc_wide_shared &sm) {
+  n_inf = __reduce_add_sync(TC_FULL, n_inf);
+  e_max = __reduce_max_sync(TC_FULL, e_max);
+  if ((threadIdx.x & 31) == 0) {
+    atomicAdd(&sm.n_inf, n_inf);
+    atomicMax(&sm.e_max, e_max);
+  }
+}
+
+static __device__ void tc_wide_counts(const float2 *W, int64_t lo, int64_t hi, tc_wide_shared &sm) {
+  int n_inf = 0;
+  uint32_t e_max = 0;
+  for (int64_t b = lo + threadIdx.x; b < hi; b += TC_WIDE_THREADS)
+    tc_wide_count(W[b], n_inf, e_max);
+  tc_wide_add_counts(n_inf, e_max, sm);
+}
+
+/* The ranks the thresholds take among the finite S~ (0: none, an infinite
+ * threshold), from the free slots `want`, the candidates and the whole-line
+ * count: n[0] = W for l', n[1] = W + 1 - n_inf for u'. */
+static __device__ __forceinline__ void tc_wide_wanted(int want, int cand, int n_inf, uint32_t *n) {
+  n[0] = cand - n_inf >= want ? want : 0;
+  n[1] = n_inf > want ? 0 : want + 1 - n_inf;
 }
 
 /* The CTA's radix select: the left[r]-th largest tc_centre_ord over the
@@ -1750,6 +1789,107 @@ static __device__ void tc_wide_ranks(const float2 *W, int64_t lo, int64_t hi, tc
   __syncthreads(); /* pre is final */
 }
 
+/* tc_wide_few's limits: candidates per thread, and its ranks (a warp's run
+ * is one word per lane). */
+#define TC_FEW_PER 4
+#define TC_FEW_RANKS 32
+
+/* a, b in descending order. */
+static __device__ __forceinline__ void tc_order2(uint32_t &a, uint32_t &b) {
+  const uint32_t h = max(a, b);
+  b = min(a, b);
+  a = h;
+}
+
+/* The 32 largest of two descending lane-ordered runs a, b (lane l holds
+ * a_l, b_l), descending: max(a_l, b_31-l) is bitonic and holds them (the
+ * first step of Batcher's merge), then five half-cleaner steps sort it.
+ * Multisets: equal values are kept as often as they occur. */
+static __device__ __forceinline__ uint32_t tc_merge32(uint32_t a, uint32_t b, int lane) {
+  uint32_t c = max(a, __shfl_sync(TC_FULL, b, 31 - lane));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint32_t y = __shfl_xor_sync(TC_FULL, c, o);
+    c = (lane & o) ? min(c, y) : max(c, y);
+  }
+  return c;
+}
+
+/* The counts and ranks of tc_wide_counts / tc_wide_ranks in one pass, for
+ * at most TC_FEW_PER x TC_WIDE_THREADS candidates and want < TC_FEW_RANKS
+ * (both ranks are then at most want + 1 <= 32): the same n_inf, e_max and
+ * pre[], as a tournament instead of the radix select's four passes of two
+ * CTA barriers each (the one-request selection was that serial chain: 13.3
+ * us under ncu on the H200, 0.16 instructions issued per cycle per
+ * scheduler). Each thread sorts its (up to) four tc_centre_ord keys; each
+ * warp takes its want + 1 largest one at a time (a warp maximum, the lowest
+ * lane holding it pops one copy, so equal values count as often as they
+ * occur, as in the radix histograms); warp 0 merges the eight warps' runs
+ * pairwise (tc_merge32) and reads the two ranks off the merged run. Missing
+ * candidates are 0, below every real key: a rank past the candidates or on
+ * a whole-line entry gives 0, as tc_wide_ranks. Every thread calls it; it
+ * ends with a CTA barrier. */
+static __device__ void tc_wide_few(const float2 *W, int64_t lo, int64_t hi, int want,
+                                   tc_wide_shared &sm) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  static_assert(TC_FEW_PER == 4, "the 4-sorter below");
+  uint32_t k[TC_FEW_PER];
+  int n_inf = 0;
+  uint32_t e_max = 0;
+#pragma unroll
+  for (int u = 0; u < TC_FEW_PER; u++) {
+    const int64_t b = lo + tid + (int64_t)u * TC_WIDE_THREADS;
+    k[u] = 0u;
+    if (b < hi) {
+      const float2 e = W[b];
+      tc_wide_count(e, n_inf, e_max);
+      k[u] = tc_centre_ord(e);
+    }
+  }
+  tc_wide_add_counts(n_inf, e_max, sm);
+  /* descending: the five comparators of a 4-sorter */
+  tc_order2(k[0], k[1]);
+  tc_order2(k[2], k[3]);
+  tc_order2(k[0], k[2]);
+  tc_order2(k[1], k[3]);
+  tc_order2(k[1], k[2]);
+  uint32_t mine = 0; /* lane i: the warp's (i + 1)-th largest */
+  for (int i = 0; i <= want; i++) {
+    const uint32_t m = __reduce_max_sync(TC_FULL, k[0]);
+    const unsigned at = __ballot_sync(TC_FULL, k[0] == m);
+    if (lane == __ffs(at) - 1) {
+#pragma unroll
+      for (int u = 0; u + 1 < TC_FEW_PER; u++)
+        k[u] = k[u + 1];
+      k[TC_FEW_PER - 1] = 0u;
+    }
+    if (lane == i)
+      mine = m;
+  }
+  sm.top[warp][lane] = mine;
+  __syncthreads(); /* every warp's run, the counts */
+  if (warp == 0) {
+    uint32_t v[TC_WIDE_WARPS];
+#pragma unroll
+    for (int w = 0; w < TC_WIDE_WARPS; w++)
+      v[w] = sm.top[w][lane];
+#pragma unroll
+    for (int span = 1; span < TC_WIDE_WARPS; span <<= 1)
+#pragma unroll
+      for (int w = 0; w + span < TC_WIDE_WARPS; w += 2 * span)
+        v[w] = tc_merge32(v[w], v[w + span], lane);
+    uint32_t n[2];
+    tc_wide_wanted(want, (int)(hi - lo), sm.n_inf, n);
+    const uint32_t r0 = __shfl_sync(TC_FULL, v[0], n[0] > 0 ? n[0] - 1 : 0),
+                   r1 = __shfl_sync(TC_FULL, v[0], n[1] > 0 ? n[1] - 1 : 0);
+    if (lane == 0) {
+      sm.pre[0] = n[0] > 0 ? r0 : 0u;
+      sm.pre[1] = n[1] > 0 ? r1 : 0u;
+    }
+  }
+  __syncthreads(); /* pre is final */
+}
+
 /* The reference dot of this lane's key 32 s + lane of block b against q
  * (tc_exact_keys), the warp's maximum over its visible keys; NaN for a page
  * id out of range. Every lane calls it and gets the result. */
@@ -1773,32 +1913,17 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
   const int want = a.topk - a.init - a.local;
   const int64_t lo = a.init, hi = nb - a.local;
   tc_sel_state st = {a.init + a.local, 0, 0, 0};
-  /* whole-line count and largest finite E (as tc_select_classify) */
-  int n_inf = 0;
-  uint32_t e_max = 0;
-  for (int64_t b = lo + tid; b < hi; b += TC_WIDE_THREADS) {
-    const float2 e = W[b];
-    if (tc_whole_line(e))
-      n_inf++;
-    else
-      e_max = max(e_max, __float_as_uint(e.y));
+  if (hi - lo <= (int64_t)TC_FEW_PER * TC_WIDE_THREADS && want < TC_FEW_RANKS) {
+    tc_wide_few(W, lo, hi, want, sm);
+  } else {
+    tc_wide_counts(W, lo, hi, sm);
+    __syncthreads(); /* the counts */
+    if (tid == 0) {
+      tc_wide_wanted(want, (int)(hi - lo), sm.n_inf, sm.left);
+      sm.pre[0] = sm.pre[1] = 0;
+    }
+    tc_wide_ranks(W, lo, hi, sm);
   }
-  /* (E >= 2^-118 in every finite entry: nothing rewrote them yet, so their
-   * bits order as the values) */
-  n_inf = __reduce_add_sync(TC_FULL, n_inf);
-  e_max = __reduce_max_sync(TC_FULL, e_max);
-  if (lane == 0) {
-    atomicAdd(&sm.n_inf, n_inf);
-    atomicMax(&sm.e_max, e_max);
-  }
-  __syncthreads(); /* the counts */
-  if (tid == 0) {
-    const int f = (int)(hi - lo) - sm.n_inf;
-    sm.left[0] = f >= want ? want : 0;                              /* l': rank W */
-    sm.left[1] = sm.n_inf > want ? 0 : want + 1 - sm.n_inf;          /* u': rank W + 1 - n_inf */
-    sm.pre[0] = sm.pre[1] = 0;
-  }
-  tc_wide_ranks(W, lo, hi, sm);
   const float ef = __uint_as_float(sm.e_max);
   const float l_p = sm.pre[0] ? __fsub_rd(tc_unord(sm.pre[0]), ef) : -INFINITY;
   const float u_p = sm.pre[1] ? __fadd_ru(tc_unord(sm.pre[1]), ef) : INFINITY;
