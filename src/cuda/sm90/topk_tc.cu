@@ -1637,8 +1637,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
  * step's longest kernel, 19 us under ncu, its warps mostly waiting at the CTA
  * barrier for warp 0's ranking). Every phase is spread over the CTA's
  * TC_WIDE_WARPS warps: the thresholds u', l' of tc_select_classify come from a
- * radix select of the candidates' S~ (tc_wide_ranks), the classification is
- * one pass of all threads, and each uncertain block is re-scored by four
+ * tournament over the candidates' S~ (tc_wide_few; a radix select,
+ * tc_wide_ranks, beyond 1024 candidates or from K - init - local = 32), the
+ * classification is one pass of all threads, and each uncertain block is re-scored by four
  * warps, one key per lane (tc_exact_slice), so the re-scores of a pair take
  * about one memory round trip. The same sets In, Q and the same reference
  * scores as tc_select_classify / _rescore, so the same result; rows of short
