@@ -1822,7 +1822,8 @@ static __device__ __forceinline__ uint32_t tc_merge32(uint32_t a, uint32_t b, in
  * pre[], as a tournament instead of the radix select's four passes of two
  * CTA barriers each (the one-request selection was that serial chain: 13.3
  * us under ncu on the H200, 0.16 instructions issued per cycle per
- * scheduler). Each thread sorts its (up to) four tc_centre_ord keys; each
+ * scheduler; with the tournament 9.5-9.7 us against 13.8-14.6 on an H100,
+ * one 128K request, docs/perf-notes.md session 19). Each thread sorts its (up to) four tc_centre_ord keys; each
  * warp takes its want + 1 largest one at a time (a warp maximum, the lowest
  * lane holding it pops one copy, so equal values count as often as they
  * occur, as in the radix histograms); warp 0 merges the eight warps' runs
