@@ -1639,10 +1639,11 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
  * TC_WIDE_WARPS warps: the thresholds u', l' of tc_select_classify come from a
  * tournament over the candidates' S~ (tc_wide_few; a radix select,
  * tc_wide_ranks, beyond 1024 candidates or from K - init - local = 32), the
- * classification is one pass of all threads, and each uncertain block is re-scored by four
- * warps, one key per lane (tc_exact_slice), so the re-scores of a pair take
- * about one memory round trip. The same sets In, Q and the same reference
- * scores as tc_select_classify / _rescore, so the same result; rows of short
+ * classification is one pass of all threads, and each uncertain block is
+ * re-scored by four warps, one key per lane (tc_exact_slice), so the
+ * re-scores of a pair take about one memory round trip. The same sets In, Q
+ * and the same reference scores as tc_select_classify / _rescore, so the
+ * same result; rows of short
  * requests, pairs with nothing to choose, the test hook's measure mode and
  * more than 32 uncertain blocks take those functions on warp 0 instead. At
  * most one CTA per SM (no more pairs than SMs), so registers are not capped
@@ -1685,10 +1686,11 @@ static __device__ __forceinline__ void tc_hist_add(uint32_t *h, bool on, uint32_
 }
 
 /* The whole-line entry count and largest finite E over W[lo, hi) (as
- * tc_select_classify) into sm.n_inf, sm.e_max (zeroed by the caller), this
- * thread's entry e counted into n_inf / e_max first. E >= 2^-118 in every
- * finite entry (nothing rewrote them yet), so their bits order as the
- * values. */
+ * tc_select_classify) go into sm.n_inf, sm.e_max (zeroed by the caller):
+ * each thread counts its entries (tc_wide_count), then each warp adds its
+ * sums (tc_wide_add_counts); tc_wide_counts does both over W, tc_wide_few on
+ * its own load. E >= 2^-118 in every finite entry (nothing rewrote them
+ * yet), so their bits order as the values. */
 static __device__ __forceinline__ void tc_wide_count(float2 e, int &n_inf, uint32_t &e_max) {
   if (tc_whole_line(e))
     n_inf++;
@@ -1823,8 +1825,9 @@ static __device__ __forceinline__ uint32_t tc_merge32(uint32_t a, uint32_t b, in
  * CTA barriers each (the one-request selection was that serial chain: 13.3
  * us under ncu on the H200, 0.16 instructions issued per cycle per
  * scheduler; with the tournament 9.5-9.7 us against 13.8-14.6 on an H100,
- * one 128K request, docs/perf-notes.md session 19). Each thread sorts its (up to) four tc_centre_ord keys; each
- * warp takes its want + 1 largest one at a time (a warp maximum, the lowest
+ * one 128K request, docs/perf-notes.md session 19). Each thread sorts its
+ * (up to) four tc_centre_ord keys; each warp takes its want + 1 largest one
+ * at a time (a warp maximum, the lowest
  * lane holding it pops one copy, so equal values count as often as they
  * occur, as in the radix histograms); warp 0 merges the eight warps' runs
  * pairwise (tc_merge32) and reads the two ranks off the merged run. Missing
