@@ -49,6 +49,9 @@
 static m3s_context *g_cpu, *g_gpu;
 static int g_quick;
 static m3s_topk_tc_stats *g_stats; /* device counters of the certified selection */
+/* pairs whose CTA-wide selection ranked by tournament / by radix select
+ * (certified runs): both forms must have run */
+static unsigned long long g_few_pairs, g_radix_pairs;
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 
 static uint64_t next_u64(void) {
@@ -347,6 +350,8 @@ static void run_case(const dcase *c) {
       CHECK(bad_new == 0, c->name);
       if (covered && scored)
         CHECK(cs.pairs > 0, "the certified decode path ran");
+      g_few_pairs += cs.few_pairs;
+      g_radix_pairs += cs.radix_pairs;
       if (!covered)
         CHECK(cs.pairs == 0, "q_len x Hkv > 16: the exact path ran");
     }
@@ -360,9 +365,10 @@ static void run_case(const dcase *c) {
     }
   }
   printf("  %-46s T %6d  ws %10zu B  cpu %8.1f ms  cuda %7.2f ms  certified pairs %6llu "
-         "re-scored %7llu / %9llu  (total %.0f ms)%s\n",
+         "re-scored %7llu / %9llu  ranks few %u radix %u  (total %.0f ms)%s\n",
          c->name, T, ws_bytes, t2 - t1, t4 - t3, cs.pairs, cs.rescored, cs.candidates,
-         gpu_now_ms() - t0, bad_new || bad_exact || bad_old ? "  MISMATCH" : "");
+         cs.few_pairs, cs.radix_pairs, gpu_now_ms() - t0,
+         bad_new || bad_exact || bad_old ? "  MISMATCH" : "");
   gpu_free(dseq);
   gpu_free(dqsl);
   gpu_free(dtab);
@@ -594,6 +600,16 @@ int main(void) {
   icache_free(&g_bf16);
   icache_free(&g_e4m3);
   gpu_free(g_stats);
+  /* the K = 16 / 32 cases rank by tournament, the K = 64 ones (and the 200K
+   * request, full mode) by radix select; a filtered run may take neither */
+  const char *filter = getenv("M3S_TEST_FILTER");
+  if (ok && (!filter || !*filter)) {
+    CHECK(g_few_pairs > 0, "the CTA-wide selection ranked pairs by tournament (tc_wide_few)");
+    CHECK(g_radix_pairs > 0, "the CTA-wide selection ranked pairs by radix select (tc_wide_ranks)");
+  }
+  printf("test_gpu_topk_decode: CTA-wide selection ranks: %llu pairs by tournament, %llu by radix "
+         "select\n",
+         g_few_pairs, g_radix_pairs);
   printf("test_gpu_topk_decode: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

@@ -1918,7 +1918,10 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
   const int want = a.topk - a.init - a.local;
   const int64_t lo = a.init, hi = nb - a.local;
   tc_sel_state st = {a.init + a.local, 0, 0, 0};
-  if (hi - lo <= (int64_t)TC_FEW_PER * TC_WIDE_THREADS && want < TC_FEW_RANKS) {
+  const bool few = hi - lo <= (int64_t)TC_FEW_PER * TC_WIDE_THREADS && want < TC_FEW_RANKS;
+  if (a.stats && tid == 0)
+    atomicAdd(few ? &a.stats->few_pairs : &a.stats->radix_pairs, 1u);
+  if (few) {
     tc_wide_few(W, lo, hi, want, sm);
   } else {
     tc_wide_counts(W, lo, hi, sm);

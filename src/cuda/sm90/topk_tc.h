@@ -25,6 +25,8 @@ typedef struct {
   unsigned long long violations; /* measure mode: |S~ - S| > E (must stay 0) */
   unsigned int max_ratio_bits;
   unsigned int reg_pairs; /* pairs decided by the register selection (tc_reg_write) */
+  unsigned int few_pairs;   /* CTA-wide selection: thresholds by tournament (tc_wide_few) */
+  unsigned int radix_pairs; /* CTA-wide selection: thresholds by radix select (tc_wide_ranks) */
 } m3s_topk_tc_stats;
 
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
