@@ -834,8 +834,7 @@ int main(void) {
   test_nan_past_len();
   test_long_decode();
   /* CUDA-graph capture: covered by tests/test_gpu_graph.c */
-  const char *filter = getenv("M3S_TEST_FILTER");
-  if (gpu_sm_major() == 9 && !(filter && filter[0])) {
+  if (gpu_sm_major() == 9 && test_unfiltered()) {
     CHECK(g_tma_cases > 0, "the sm_90 persistent attention kernel ran on some case");
     if (m3s_cuda_attention_clusters(g_gpu, 2) > 0)
       CHECK(g_cluster_cases > 0,

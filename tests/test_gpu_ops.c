@@ -874,8 +874,7 @@ int main(void) {
   test_cache_insert();
   test_index_insert();
   test_k2q();
-  const char *filter = getenv("M3S_TEST_FILTER");
-  if (!(filter && filter[0]))
+  if (test_unfiltered())
     CHECK(g_tc_cases > 0, "the tensor-core k2q kernel ran on some case");
   test_merge();
   cudaStreamDestroy(g_stream);

@@ -632,8 +632,7 @@ int main(void) {
          (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   /* the fixtures with at most 128 candidates per pair and more pairs than
    * SMs take the register selection; a filtered run may select none */
-  const char *filter = getenv("M3S_TEST_FILTER");
-  if (!filter || !*filter) {
+  if (test_unfiltered()) {
     CHECK(g_reg_pairs > 0, "the register selection (tc_select_reg_kernel) decided pairs");
     CHECK(g_reg_rescored_runs > 0, "the register selection re-scored uncertain blocks");
   }
