@@ -615,6 +615,7 @@ typedef struct {
 typedef struct {
   float qn[16];
   int64_t ppos[16];
+  int64_t pmin; /* the least of the pairs' positions (-1 if none is valid) */
   int64_t nb[DEC_MAX_QLEN]; /* 0 when the token scores nothing */
 } tcd_req;
 
@@ -636,7 +637,7 @@ template <bool E4> using tcd_req_of = typename std::conditional<E4, tcd_req_e4, 
  * of the step before. */
 template <bool E4> struct tcd_small {
   float red[2][TCD_MAX_NB][DEC_WARPS][16]; /* per parity, step block, warp: maxima S~ per pair */
-  float wnk[2][TCD_MAX_NB][DEC_WARPS];     /* per parity, step block, warp: largest key norm */
+  float wnk[2][TCD_MAX_NB][DEC_WARPS];     /* per parity, step block, warp: largest G (tcd_key_norm) */
   tcd_req_of<E4> req[2];
   int page[TCD_MAX_SLOTS]; /* per ring block: 0 loaded, -1 page id out of range */
 };
@@ -790,9 +791,18 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s,
     int64_t nb = ri.valid ? ri.pos / M3S_BLOCK_SIZE + 1 : 0;
     s.nb[tid] = nb > p.topk ? nb : 0;
   }
-  if (tid >= 32 && tid < 48) {
+  if (tid >= 32 && tid < 64) { /* warp 1 */
     const int i = tid - 32;
-    s.ppos[i] = i < p.pairs ? m3s_row_lookup(p.b, (int64_t)r * p.qlen + i / p.hkv).pos : -1;
+    const int64_t pos =
+        i < p.pairs ? m3s_row_lookup(p.b, (int64_t)r * p.qlen + i / p.hkv).pos : INT64_MAX;
+    if (i < 16)
+      s.ppos[i] = i < p.pairs ? pos : -1;
+    int64_t mn = pos;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1)
+      mn = min(mn, (int64_t)__shfl_xor_sync(FULL_MASK, (long long)mn, o));
+    if (i == 0)
+      s.pmin = mn < 0 ? -1 : mn;
   }
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) {
@@ -886,6 +896,15 @@ static __device__ __forceinline__ void tcd_key_quad(const unsigned char *page,
   }
 }
 
+/* The block's key norm bound from its largest rounded-up Gram diagonal sum
+ * G (tcd_block_partial): sqrt(G (1 + 2^-10) + 2^-119), rounded up. Both
+ * steps are monotonic, so taking it once after the CTA's maximum gives
+ * the bits that the warps' own roots' maximum gave (until 2026-12-05 every
+ * warp took it for its 16 keys). */
+static __device__ __forceinline__ float tcd_key_norm(float g) {
+  return __fsqrt_ru(__fmaf_ru(g, 1.0f + 0x1p-10f, 0x1p-119f));
+}
+
 /* Every warp: its partial (S~ maxima, key norm) of block blk (keys in
  * `page`) into s.red[par][b][warp], s.wnk[par][b][warp]. Keys are the rows: S^T = K
  * Q^T with warp w's keys 16 w .. 16 w + 15 as the m16 A operand and the
@@ -946,32 +965,45 @@ static __device__ __forceinline__ void tcd_block_partial(int64_t blk, int b, int
       nk = fmaxf(nk, isnan(d) ? INFINITY : d);
     }
   }
+  /* the square root waits for the CTA's maximum (tcd_key_norm, in tcd_emit) */
   nk = __uint_as_float(__reduce_max_sync(FULL_MASK, __float_as_uint(nk)));
-  nk = __fsqrt_ru(__fmaf_ru(nk, 1.0f + 0x1p-10f, 0x1p-119f));
   /* Causal mask and column (pair) maxima over the visible keys; NaN dots are
    * ignored (their key norm is NaN, so E is infinite). Lane (g, c) holds
-   * keys g, g + 8 of pairs 8 nt + 2 c, + 1 (elements e, 2 + e). */
+   * keys g, g + 8 of pairs 8 nt + 2 c, + 1 (elements e, 2 + e). Where every
+   * pair sees the warp's 16 keys (every block of a request but its tokens'
+   * last) the mask's 64-bit compares are skipped; fmaxf(.., -inf) keeps
+   * the masked form's result when both dots are NaN. */
   const int64_t base = blk * M3S_BLOCK_SIZE + 16 * warp;
+  float m[NT][2];
+  if (base + 15 <= rq.pmin) { /* warp-uniform */
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int e = 0; e < 2; e++)
+        m[nt][e] = fmaxf(fmaxf(acc[nt][e], acc[nt][2 + e]), -INFINITY);
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int64_t lim = rq.ppos[8 * nt + 2 * cq + e] - base; /* visible: key row <= lim */
+        m[nt][e] = -INFINITY;
+        if (g <= lim)
+          m[nt][e] = fmaxf(m[nt][e], acc[nt][e]);
+        if (g + 8 <= lim)
+          m[nt][e] = fmaxf(m[nt][e], acc[nt][2 + e]);
+      }
+  }
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) {
-    float m[2];
-#pragma unroll
-    for (int e = 0; e < 2; e++) {
-      const int64_t lim = rq.ppos[8 * nt + 2 * cq + e] - base; /* visible: key row <= lim */
-      m[e] = -INFINITY;
-      if (g <= lim)
-        m[e] = fmaxf(m[e], acc[nt][e]);
-      if (g + 8 <= lim)
-        m[e] = fmaxf(m[e], acc[nt][2 + e]);
-    }
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1)
 #pragma unroll
       for (int e = 0; e < 2; e++)
-        m[e] = fmaxf(m[e], __shfl_xor_sync(FULL_MASK, m[e], o));
+        m[nt][e] = fmaxf(m[nt][e], __shfl_xor_sync(FULL_MASK, m[nt][e], o));
     if (g == 0) {
-      s.red[par][b][warp][8 * nt + 2 * cq] = m[0];
-      s.red[par][b][warp][8 * nt + 2 * cq + 1] = m[1];
+      s.red[par][b][warp][8 * nt + 2 * cq] = m[nt][0];
+      s.red[par][b][warp][8 * nt + 2 * cq + 1] = m[nt][1];
     }
   }
   if (lane == 0)
@@ -1039,6 +1071,7 @@ static __device__ __forceinline__ void tcd_emit(const tcd_params &p, const tcd_w
       m = fmaxf(m, s.red[par][w.b][v][w.i]);
       k = fmaxf(k, s.wnk[par][w.b][v]);
     }
+    k = tcd_key_norm(k);
     if constexpr (E4) { /* back to unscaled units; S~ exact unless subnormal (then within 2^-150) */
       out = make_float2(__fmul_rn(m, d.qs), tcd_bound_e4(d.qn, k, d.qs));
     } else {
