@@ -51,7 +51,7 @@
  * have no candidate blocks (select_kernel writes their -1 rows); every read and write is
  * in bounds for any table contents.
  *
- * Certified variant (decode_tc_kernel<E4>, below): the same ranges and grid,
+ * Certified variant (decode_tc_kernel<E4, NT, TMA>, below): the same ranges and grid,
  * a ring of steps of tcd_fmt::nb blocks (e4m3 2, bf16 1), one CTA barrier
  * per step (a step's results are written by a few threads after the next
  * step's barrier, while the other warps score: tcd_small), for uniform
@@ -62,6 +62,16 @@
  * the same key registers (no operand moves), (S~, E) for the certified
  * selection of sm90/topk_tc.cu, which dispatches to it. bf16 cache: bf16 mma, E =
  * tc_bound (docs/perf-notes.md, "Certified re-scoring: the bound").
+ *
+ * e4m3 cache on sm_90: the TMA form. Thread 0 alone reads the page ids and
+ * copies each page with one tensor copy (16 KB, 128-byte swizzle) that
+ * completes on its ring slot's mbarrier; the other threads wait on it
+ * before the step's barrier. The cp.async form (every thread computing the
+ * page ids and issuing 4 copies of 16 bytes per page) spent ~20% of warps
+ * 1-7's instructions there (SASS, 2026-12-05). The swizzle puts the 16-byte
+ * chunk u of key n at u ^ (n & 7); the mma rows g, g + 8 of a warp then
+ * hold keys 16 w + 2 g, + 1 (not g, g + 8), so that the four keys of a
+ * 16-lane phase differ in n & 6 and its 8-byte loads meet no bank twice.
  *
  * e4m3 cache: fp16 mma. Every e4m3 code is exactly an fp16 value (4
  * significant bits, exponents 2^-9 .. 2^8), so a key pair widens with one
@@ -888,7 +898,8 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s,
  * the row that lane l gives ldmatrix for k16 step x = 4 a + b is at ko[b] +
  * 128 a (matrix l / 8: keys + 8 for odd, dims + 8 for the upper two; row
  * l % 8). e4m3: the 8 bytes of k32 chunk s of key 16 w + g at ko[s], of key
- * 16 w + 8 + g at ko[s] + 1024. */
+ * 16 w + 8 + g at ko[s] + 1024; TMA form: of keys 16 w + 2 g and + 1 (the
+ * mma rows g and g + 8) at ko[s] and (ko[s] ^ 16) + 128. */
 template <bool E4, bool TMA>
 static __device__ __forceinline__ void tcd_lane_offsets(uint32_t (&ko)[4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
