@@ -51,7 +51,7 @@
  * have no candidate blocks (select_kernel writes their -1 rows); every read and write is
  * in bounds for any table contents.
  *
- * Certified variant (decode_tc_kernel<E4>, below): the same ranges and grid,
+ * Certified variant (decode_tc_kernel<E4, NT, TMA>, below): the same ranges and grid,
  * a ring of steps of tcd_fmt::nb blocks (e4m3 2, bf16 1), one CTA barrier
  * per step (a step's results are written by a few threads after the next
  * step's barrier, while the other warps score: tcd_small), for uniform
@@ -62,6 +62,16 @@
  * the same key registers (no operand moves), (S~, E) for the certified
  * selection of sm90/topk_tc.cu, which dispatches to it. bf16 cache: bf16 mma, E =
  * tc_bound (docs/perf-notes.md, "Certified re-scoring: the bound").
+ *
+ * e4m3 cache on sm_90: the TMA form. Thread 0 alone reads the page ids and
+ * copies each page with one tensor copy (16 KB, 128-byte swizzle) that
+ * completes on its ring slot's mbarrier; the other threads wait on it
+ * before the step's barrier. The cp.async form (every thread computing the
+ * page ids and issuing 4 copies of 16 bytes per page) spent ~20% of warps
+ * 1-7's instructions there (SASS, 2026-12-05). The swizzle puts the 16-byte
+ * chunk u of key n at u ^ (n & 7); the mma rows g, g + 8 of a warp then
+ * hold keys 16 w + 2 g, + 1 (not g, g + 8), so that the four keys of a
+ * 16-lane phase differ in n & 6 and its 8-byte loads meet no bank twice.
  *
  * e4m3 cache: fp16 mma. Every e4m3 code is exactly an fp16 value (4
  * significant bits, exponents 2^-9 .. 2^8), so a key pair widens with one
@@ -104,8 +114,10 @@
 #include "launch.h"
 #include "mma.cuh"
 #include "topk_decode.cuh"
+#include "sm90/tma.cuh"
 #include "sm90/topk_tc.cuh"
 
+#include <cudaTypedefs.h>
 #include <stdint.h>
 #include <type_traits>
 
@@ -593,6 +605,11 @@ template <bool E4> static constexpr size_t tcd_smem_bytes() {
   return (size_t)tcd_fmt<E4>::stages * tcd_fmt<E4>::stage;
 }
 
+/* The TMA form's ring starts at a 1024-byte boundary (the 128-byte swizzle
+ * repeats every 8 rows of 128 bytes), which the dynamic shared memory does
+ * not promise: 1 KB more. */
+#define TCD_TMA_ALIGN 1024
+
 /* Byte offset of 16-byte piece `piece` of key n in a page. */
 template <bool E4> static __device__ __forceinline__ int tcd_piece_off(int n, int piece) {
   return E4 ? n * 128 + (piece ^ ((n & 3) << 1)) * 16 : n * 256 + (piece ^ (n & 7)) * 16;
@@ -608,6 +625,9 @@ typedef struct {
   int64_t max_nb; /* row stride of ws */
   int qlen, hkv, pairs, topk, init, local;
   int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
+  /* e4m3 cache on sm_90 (tcd_tma_map): the cache as [num_pages][128 keys][128
+   * bytes], boxes of one page, 128-byte swizzle; the TMA kernels read it */
+  CUtensorMap imap;
 } tcd_params;
 
 /* The staged request: its tokens' blocks, its pairs' query norms (upper
@@ -615,6 +635,7 @@ typedef struct {
 typedef struct {
   float qn[16];
   int64_t ppos[16];
+  int64_t pmin; /* the least of the pairs' positions (-1 if none is valid) */
   int64_t nb[DEC_MAX_QLEN]; /* 0 when the token scores nothing */
 } tcd_req;
 
@@ -636,9 +657,10 @@ template <bool E4> using tcd_req_of = typename std::conditional<E4, tcd_req_e4, 
  * of the step before. */
 template <bool E4> struct tcd_small {
   float red[2][TCD_MAX_NB][DEC_WARPS][16]; /* per parity, step block, warp: maxima S~ per pair */
-  float wnk[2][TCD_MAX_NB][DEC_WARPS];     /* per parity, step block, warp: largest key norm */
+  float wnk[2][TCD_MAX_NB][DEC_WARPS];     /* per parity, step block, warp: largest G (tcd_key_norm) */
   tcd_req_of<E4> req[2];
   int page[TCD_MAX_SLOTS]; /* per ring block: 0 loaded, -1 page id out of range */
+  unsigned long long full[TCD_MAX_SLOTS]; /* TMA form: per ring slot, its step's bytes landed */
 };
 
 /* The page ids of the step at c (blocks c.blk .. + nb - 1 of the segment, -1
@@ -683,6 +705,30 @@ static __device__ void tcd_issue_step(const int64_t (&pg)[tcd_fmt<E4>::nb], cons
     }
   }
   cp_async_commit();
+}
+
+/* The TMA form of tcd_issue_step (e4m3 cache, sm_90), thread 0 only: marks
+ * the step's blocks, arrives on the slot's barrier expecting the bytes of
+ * the loaded ones (none: the arrival alone completes the phase, so every
+ * step's phase completes) and copies each loaded page whole, one tensor copy
+ * of 16 KB, swizzled (tcd_lane_offsets). The other threads issue nothing
+ * and never touch the page ids: the copy issue was ~20% of their
+ * instructions (SASS, 2026-12-05). */
+static __device__ void tcd_issue_step_tma(const int64_t (&pg)[tcd_fmt<true>::nb],
+                                          const tcd_params &p, unsigned char *stage,
+                                          int *page_slot, unsigned long long *full) {
+  typedef tcd_fmt<true> F;
+  unsigned bytes = 0;
+#pragma unroll
+  for (int j = 0; j < F::nb; j++) {
+    page_slot[j] = pg[j] >= 0 ? 0 : -1;
+    bytes += pg[j] >= 0 ? (unsigned)F::page : 0u;
+  }
+  sm90_bar_arrive_tx(full, bytes);
+#pragma unroll
+  for (int j = 0; j < F::nb; j++)
+    if (pg[j] >= 0)
+      sm90_tma_load_3d(stage + j * F::page, &p.imap, 0, 0, (int)pg[j], full);
 }
 
 /* The dims that lane c's words hold in k16 step x of both mma operands:
@@ -790,9 +836,18 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s,
     int64_t nb = ri.valid ? ri.pos / M3S_BLOCK_SIZE + 1 : 0;
     s.nb[tid] = nb > p.topk ? nb : 0;
   }
-  if (tid >= 32 && tid < 48) {
+  if (tid >= 32 && tid < 64) { /* warp 1 */
     const int i = tid - 32;
-    s.ppos[i] = i < p.pairs ? m3s_row_lookup(p.b, (int64_t)r * p.qlen + i / p.hkv).pos : -1;
+    const int64_t pos =
+        i < p.pairs ? m3s_row_lookup(p.b, (int64_t)r * p.qlen + i / p.hkv).pos : INT64_MAX;
+    if (i < 16)
+      s.ppos[i] = i < p.pairs ? pos : -1;
+    int64_t mn = pos;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1)
+      mn = min(mn, (int64_t)__shfl_xor_sync(FULL_MASK, (long long)mn, o));
+    if (i == 0)
+      s.pmin = mn < 0 ? -1 : mn;
   }
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) {
@@ -843,12 +898,21 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s,
  * the row that lane l gives ldmatrix for k16 step x = 4 a + b is at ko[b] +
  * 128 a (matrix l / 8: keys + 8 for odd, dims + 8 for the upper two; row
  * l % 8). e4m3: the 8 bytes of k32 chunk s of key 16 w + g at ko[s], of key
- * 16 w + 8 + g at ko[s] + 1024. */
-template <bool E4> static __device__ __forceinline__ void tcd_lane_offsets(uint32_t (&ko)[4]) {
+ * 16 w + 8 + g at ko[s] + 1024; TMA form: of keys 16 w + 2 g and + 1 (the
+ * mma rows g and g + 8) at ko[s] and (ko[s] ^ 16) + 128. */
+template <bool E4, bool TMA>
+static __device__ __forceinline__ void tcd_lane_offsets(uint32_t (&ko)[4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int i = 0; i < 4; i++) {
-    if (E4) {
+    if (TMA) {
+      /* the TMA form: 16-byte chunk u of key n at chunk u ^ (n & 7) (the
+       * 128-byte swizzle); mma rows g, g + 8 hold keys 16 w + 2 g, + 1, so
+       * that a 16-lane phase's four rows differ in n & 6 and its 8-byte
+       * loads cover all 32 banks; the odd key's offset is (ko ^ 16) + 128 */
+      const int n = 16 * warp + 2 * (lane >> 2), u = 4 * i + (lane & 3);
+      ko[i] = n * 128 + (((u >> 1) ^ (n & 7)) << 4) + ((u & 1) << 3);
+    } else if (E4) {
       const int n = 16 * warp + (lane >> 2);
       ko[i] = n * 128 + (((4 * i + (lane & 3)) ^ ((n & 3) << 2)) * 8);
     } else {
@@ -863,14 +927,15 @@ template <bool E4> static __device__ __forceinline__ void tcd_lane_offsets(uint3
  * tcd_dim(x, 1, c)). bf16: one ldmatrix.x4. e4m3: the chunk's two 8-byte
  * loads and four cvt per even step, kept in k[2][4] for the odd one; each
  * cvt writes its word where the fragment needs it, so no operand moves. */
-template <bool E4>
+template <bool E4, bool TMA>
 static __device__ __forceinline__ void tcd_key_quad(const unsigned char *page,
                                                     const uint32_t (&ko)[4], int x,
                                                     uint32_t (&k)[2][4], uint32_t (&a)[4]) {
   if constexpr (E4) {
     if ((x & 1) == 0) {
-      uint2 v0 = *(const uint2 *)(page + ko[x >> 1]);
-      uint2 v1 = *(const uint2 *)(page + ko[x >> 1] + 1024);
+      const uint32_t o = ko[x >> 1];
+      uint2 v0 = *(const uint2 *)(page + o);
+      uint2 v1 = *(const uint2 *)(page + (TMA ? (o ^ 16) + 128 : o + 1024));
       fp8x4_to_f16x4<false>(v0.x, k[0][0], k[0][1]);
       fp8x4_to_f16x4<false>(v0.y, k[0][2], k[0][3]);
       fp8x4_to_f16x4<false>(v1.x, k[1][0], k[1][1]);
@@ -886,12 +951,21 @@ static __device__ __forceinline__ void tcd_key_quad(const unsigned char *page,
   }
 }
 
+/* The block's key norm bound from its largest rounded-up Gram diagonal sum
+ * G (tcd_block_partial): sqrt(G (1 + 2^-10) + 2^-119), rounded up. Both
+ * steps are monotonic, so taking it once after the CTA's maximum gives
+ * the bits that the warps' own roots' maximum gave (until 2026-12-05 every
+ * warp took it for its 16 keys). */
+static __device__ __forceinline__ float tcd_key_norm(float g) {
+  return __fsqrt_ru(__fmaf_ru(g, 1.0f + 0x1p-10f, 0x1p-119f));
+}
+
 /* Every warp: its partial (S~ maxima, key norm) of block blk (keys in
  * `page`) into s.red[par][b][warp], s.wnk[par][b][warp]. Keys are the rows: S^T = K
  * Q^T with warp w's keys 16 w .. 16 w + 15 as the m16 A operand and the
  * pairs as NT n8 tiles of B. A page that was not loaded gives garbage here,
  * which tcd_capture marks. */
-template <bool E4, int NT, class S, class R>
+template <bool E4, int NT, bool TMA, class S, class R>
 static __device__ __forceinline__ void tcd_block_partial(int64_t blk, int b, int par,
                                                          const unsigned char *page,
                                                          const uint32_t (&ko)[4],
@@ -919,7 +993,7 @@ static __device__ __forceinline__ void tcd_block_partial(int64_t blk, int b, int
 #pragma unroll
   for (int x = 0; x < 8; x++) {
     uint32_t a[4];
-    tcd_key_quad<E4>(page, ko, x, k, a);
+    tcd_key_quad<E4, TMA>(page, ko, x, k, a);
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
       mma16816<E4>(acc[nt], a, bq[nt][x][0], bq[nt][x][1]);
@@ -946,32 +1020,46 @@ static __device__ __forceinline__ void tcd_block_partial(int64_t blk, int b, int
       nk = fmaxf(nk, isnan(d) ? INFINITY : d);
     }
   }
+  /* the square root waits for the CTA's maximum (tcd_key_norm, in tcd_emit) */
   nk = __uint_as_float(__reduce_max_sync(FULL_MASK, __float_as_uint(nk)));
-  nk = __fsqrt_ru(__fmaf_ru(nk, 1.0f + 0x1p-10f, 0x1p-119f));
   /* Causal mask and column (pair) maxima over the visible keys; NaN dots are
    * ignored (their key norm is NaN, so E is infinite). Lane (g, c) holds
-   * keys g, g + 8 of pairs 8 nt + 2 c, + 1 (elements e, 2 + e). */
+   * keys g, g + 8 of pairs 8 nt + 2 c, + 1 (elements e, 2 + e). Where every
+   * pair sees the warp's 16 keys (every block of a request but its tokens'
+   * last) the mask's 64-bit compares are skipped; fmaxf(.., -inf) keeps
+   * the masked form's result when both dots are NaN. */
   const int64_t base = blk * M3S_BLOCK_SIZE + 16 * warp;
+  float m[NT][2];
+  if (base + 15 <= rq.pmin) { /* warp-uniform */
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int e = 0; e < 2; e++)
+        m[nt][e] = fmaxf(fmaxf(acc[nt][e], acc[nt][2 + e]), -INFINITY);
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int64_t lim = rq.ppos[8 * nt + 2 * cq + e] - base; /* visible: key <= lim */
+        const int k0 = TMA ? 2 * g : g, k1 = TMA ? 2 * g + 1 : g + 8; /* rows g, g + 8 */
+        m[nt][e] = -INFINITY;
+        if (k0 <= lim)
+          m[nt][e] = fmaxf(m[nt][e], acc[nt][e]);
+        if (k1 <= lim)
+          m[nt][e] = fmaxf(m[nt][e], acc[nt][2 + e]);
+      }
+  }
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) {
-    float m[2];
-#pragma unroll
-    for (int e = 0; e < 2; e++) {
-      const int64_t lim = rq.ppos[8 * nt + 2 * cq + e] - base; /* visible: key row <= lim */
-      m[e] = -INFINITY;
-      if (g <= lim)
-        m[e] = fmaxf(m[e], acc[nt][e]);
-      if (g + 8 <= lim)
-        m[e] = fmaxf(m[e], acc[nt][2 + e]);
-    }
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1)
 #pragma unroll
       for (int e = 0; e < 2; e++)
-        m[e] = fmaxf(m[e], __shfl_xor_sync(FULL_MASK, m[e], o));
+        m[nt][e] = fmaxf(m[nt][e], __shfl_xor_sync(FULL_MASK, m[nt][e], o));
     if (g == 0) {
-      s.red[par][b][warp][8 * nt + 2 * cq] = m[0];
-      s.red[par][b][warp][8 * nt + 2 * cq + 1] = m[1];
+      s.red[par][b][warp][8 * nt + 2 * cq] = m[nt][0];
+      s.red[par][b][warp][8 * nt + 2 * cq + 1] = m[nt][1];
     }
   }
   if (lane == 0)
@@ -1039,6 +1127,7 @@ static __device__ __forceinline__ void tcd_emit(const tcd_params &p, const tcd_w
       m = fmaxf(m, s.red[par][w.b][v][w.i]);
       k = fmaxf(k, s.wnk[par][w.b][v]);
     }
+    k = tcd_key_norm(k);
     if constexpr (E4) { /* back to unscaled units; S~ exact unless subnormal (then within 2^-150) */
       out = make_float2(__fmul_rn(m, d.qs), tcd_bound_e4(d.qn, k, d.qs));
     } else {
@@ -1051,59 +1140,93 @@ static __device__ __forceinline__ void tcd_emit(const tcd_params &p, const tcd_w
 /* Persistent streaming kernel of the certified path: the ranges and cursor of
  * decode_score_kernel, tensor-core scores instead of the reference dots,
  * steps of tcd_fmt::nb blocks through a ring of tcd_fmt::stages steps. At
- * most 8 NT pairs per request (NT n8 tiles). */
-template <bool E4, int NT>
-static __global__ void __launch_bounds__(DEC_THREADS, 2) decode_tc_kernel(tcd_params p) {
+ * most 8 NT pairs per request (NT n8 tiles). TMA (e4m3 cache, sm_90): thread
+ * 0 alone reads the page ids and copies each page by one tensor copy that
+ * completes on the slot's mbarrier (tcd_issue_step_tma), instead of every
+ * thread issuing its share of 16-byte cp.async. */
+template <bool E4, int NT, bool TMA>
+static __global__ void __launch_bounds__(DEC_THREADS, 2)
+    decode_tc_kernel(const __grid_constant__ tcd_params p) {
+  static_assert(!TMA || E4, "the TMA form reads an e4m3 cache");
   typedef tcd_fmt<E4> F;
-  extern __shared__ __align__(128) unsigned char tsm[];
+  extern __shared__ __align__(128) unsigned char tsm_raw[];
   __shared__ tcd_small<E4> s;
+  unsigned char *tsm = tsm_raw;
+  const bool issuer = !TMA || threadIdx.x == 0; /* reads page ids, issues copies */
+  if (TMA) {
+    tsm += (TCD_TMA_ALIGN - (sm90_smem(tsm_raw) & (TCD_TMA_ALIGN - 1))) & (TCD_TMA_ALIGN - 1);
+    if (threadIdx.x == 0) {
+#pragma unroll 1
+      for (int st = 0; st < F::stages; st++)
+        sm90_bar_init(&s.full[st], 1);
+      sm90_fence_barrier_init();
+    }
+  }
   /* PDL (launch.h): everything below may read what earlier kernels wrote;
    * the grid is one resident wave, so the selection may start behind it */
   m3s_pdl_wait();
   if (p.pdl)
     m3s_pdl_trigger();
-  dec_cursor pf = cursor_start(p), cs = pf;
+  dec_cursor pf = cursor_start(p), cs = pf; /* a CTA barrier: the mbarriers are initialised */
   int64_t pg[F::nb];
+  if (issuer) {
 #pragma unroll 1
-  for (int st = 0; st < F::stages - 1; st++) {
+    for (int st = 0; st < F::stages - 1; st++) {
+      tcd_pages<E4>(p, pf, pg);
+      if constexpr (TMA)
+        tcd_issue_step_tma(pg, p, tsm + st * F::stage, &s.page[st * F::nb], &s.full[st]);
+      else
+        tcd_issue_step<E4>(pg, p, tsm + st * F::stage, &s.page[st * F::nb]);
+      cursor_advance(p, pf, F::nb);
+    }
     tcd_pages<E4>(p, pf, pg);
-    tcd_issue_step<E4>(pg, p, tsm + st * F::stage, &s.page[st * F::nb]);
-    cursor_advance(p, pf, F::nb);
   }
-  tcd_pages<E4>(p, pf, pg);
   uint32_t ko[4], bq[NT][8][2];
-  tcd_lane_offsets<E4>(ko);
+  tcd_lane_offsets<E4, TMA>(ko);
   const tcd_writer wr = tcd_writer_of<E4>(p);
   tcd_pending pend = {-1, 0, 0.0f, 1.0f};
   int staged = -1, stage = 0, rb = 1, par = 0;
+  unsigned phase = 0; /* TMA: the parity of this step's fill of its slot */
   while (cs.r >= 0) {
     if (cs.r != staged) {
       rb ^= 1;
       tcd_stage_request<E4, NT>(p, cs.r, s.req[rb], bq);
       staged = cs.r;
     }
-    /* committed: steps 0 .. this + stages - 2, so leaving stages - 2 pending
-     * completes this step */
-    cp_async_wait<F::stages - 2>();
+    /* cp.async: committed steps 0 .. this + stages - 2, so leaving stages - 2
+     * pending completes this step */
+    if constexpr (TMA)
+      sm90_bar_wait(&s.full[stage], phase);
+    else
+      cp_async_wait<F::stages - 2>();
     __syncthreads(); /* (1) */
     tcd_emit<E4>(p, wr, pend, s, par ^ 1);
     /* refill the slot of the step before, which every warp has left */
     const int ahead = (stage + F::stages - 1) % F::stages;
-    tcd_issue_step<E4>(pg, p, tsm + ahead * F::stage, &s.page[ahead * F::nb]);
-    cursor_advance(p, pf, F::nb);
-    tcd_pages<E4>(p, pf, pg);
+    if (issuer) {
+      if constexpr (TMA)
+        tcd_issue_step_tma(pg, p, tsm + ahead * F::stage, &s.page[ahead * F::nb], &s.full[ahead]);
+      else
+        tcd_issue_step<E4>(pg, p, tsm + ahead * F::stage, &s.page[ahead * F::nb]);
+      cursor_advance(p, pf, F::nb);
+      tcd_pages<E4>(p, pf, pg);
+    }
     pend = tcd_capture<E4>(p, cs, wr, wr.b >= 0 ? s.page[stage * F::nb + wr.b] : -1, s.req[rb]);
 #pragma unroll
     for (int b = 0; b < F::nb; b++)
-      tcd_block_partial<E4, NT>(cs.blk + b, b, par, tsm + stage * F::stage + b * F::page, ko, bq,
-                                s.req[rb], s);
+      tcd_block_partial<E4, NT, TMA>(cs.blk + b, b, par, tsm + stage * F::stage + b * F::page, ko,
+                                     bq, s.req[rb], s);
     cursor_advance(p, cs, F::nb);
     stage = (stage + 1) % F::stages;
+    phase ^= stage == 0;
     par ^= 1;
   }
   __syncthreads();
   tcd_emit<E4>(p, wr, pend, s, par ^ 1);
-  cp_async_wait<0>();
+  /* TMA: every copy issued was of a block of the range, whose step the loop
+   * waited for, so none is in flight here */
+  if (!TMA)
+    cp_async_wait<0>();
 }
 
 /* ---------------------------------------------------------------------------
@@ -1139,17 +1262,26 @@ static cudaError_t dec_device_fits(int e4, int *fits) {
                      fits);
 }
 
-/* The certified kernel of format e4 for up to 8 nt pairs. */
-static void (*tcd_kernel_of(int e4, int nt))(tcd_params) {
+/* The certified kernel of format e4 for up to 8 nt pairs (tma: its TMA
+ * form, e4m3 only). */
+static void (*tcd_kernel_of(int e4, int nt, int tma))(tcd_params) {
+  if (tma)
+    return nt == 1 ? decode_tc_kernel<true, 1, true> : decode_tc_kernel<true, 2, true>;
   if (e4)
-    return nt == 1 ? decode_tc_kernel<true, 1> : decode_tc_kernel<true, 2>;
-  return nt == 1 ? decode_tc_kernel<false, 1> : decode_tc_kernel<false, 2>;
+    return nt == 1 ? decode_tc_kernel<true, 1, false> : decode_tc_kernel<true, 2, false>;
+  return nt == 1 ? decode_tc_kernel<false, 1, false> : decode_tc_kernel<false, 2, false>;
 }
 
-/* The certified kernel of format e4. */
+/* Dynamic shared memory of the certified kernel of format e4 (and form). */
+static size_t tcd_dyn_smem(int e4, int tma) {
+  return (e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>()) + (tma ? TCD_TMA_ALIGN : 0);
+}
+
+/* The certified kernel of format e4 (its TMA form's 1 KB more included for
+ * e4m3, so that either form may run where this says it fits). */
 static cudaError_t tcd_device_fits(int e4, int *fits) {
-  return device_fits((e4 ? tcd_smem_bytes<true>() + sizeof(tcd_small<true>)
-                         : tcd_smem_bytes<false>() + sizeof(tcd_small<false>)) +
+  return device_fits(tcd_dyn_smem(e4, e4) +
+                         (e4 ? sizeof(tcd_small<true>) : sizeof(tcd_small<false>)) +
                          sizeof(dec_cursor_smem),
                      fits);
 }
@@ -1161,9 +1293,10 @@ extern "C" cudaError_t m3s_cuda_topk_decode_prepare(void) {
     cudaError_t err = tcd_device_fits(e4, &fits);
     if (err != cudaSuccess)
       return err;
-    for (int nt = 1; fits && nt <= 2 && err == cudaSuccess; nt++)
-      err = cudaFuncSetAttribute(tcd_kernel_of(e4, nt), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)(e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>()));
+    for (int f = 0; fits && f < (e4 ? 4 : 2) && err == cudaSuccess; f++)
+      err = cudaFuncSetAttribute(tcd_kernel_of(e4, 1 + (f & 1), f >> 1),
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)tcd_dyn_smem(e4, f >> 1));
     if (err != cudaSuccess)
       return err;
   }
@@ -1267,22 +1400,43 @@ extern "C" int m3s_cuda_topk_decode_tc_covers(const m3s_layer_config *cfg, const
   return tcd_device_fits(dt == M3S_E4M3, &fits) == cudaSuccess && fits;
 }
 
+/* The tensor map of an e4m3 index cache for the TMA form: [P][128 keys][128
+ * bytes], boxes of one page, 128-byte swizzle. 0 when the form does not
+ * apply (not an sm_90 device, no encoder, the no_tma hook, page ids beyond
+ * the int32 coordinates). */
+static int tcd_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache, int no_tma,
+                       CUtensorMap *map) {
+  PFN_cuTensorMapEncodeTiled_v12000 enc =
+      (PFN_cuTensorMapEncodeTiled_v12000)m3s_cuda_tmap_encoder(ctx);
+  if (no_tma || !enc || m3s_cuda_sm_major(ctx) != 9 || index_cache->dtype != M3S_E4M3 ||
+      index_cache->shape[0] > INT32_MAX)
+    return 0;
+  cuuint64_t dims[3] = {M3S_INDEX_DIM, M3S_BLOCK_SIZE, (cuuint64_t)index_cache->shape[0]};
+  cuuint64_t strides[2] = {M3S_INDEX_DIM, (cuuint64_t)M3S_BLOCK_SIZE * M3S_INDEX_DIM};
+  cuuint32_t box[3] = {M3S_INDEX_DIM, M3S_BLOCK_SIZE, 1}, step[3] = {1, 1, 1};
+  return enc(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, index_cache->data, dims, strides, box, step,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s_layer_config *cfg,
                                                      const m3s_batch *batch, const m3s_tensor *iq,
                                                      const m3s_tensor *index_cache, float2 *ws,
-                                                     int64_t max_nb, cudaStream_t stream) {
+                                                     int64_t max_nb, int no_tma,
+                                                     cudaStream_t stream) {
   const char *fn = "m3s_index_topk";
   const int e4 = index_cache->dtype == M3S_E4M3;
+  tcd_params p = {};
+  const int tma = tcd_tma_map(ctx, index_cache, no_tma, &p.imap);
   void (*kern)(tcd_params) =
-      tcd_kernel_of(e4, batch->uniform_q_len * cfg->num_kv_heads <= 8 ? 1 : 2);
-  size_t smem = e4 ? tcd_smem_bytes<true>() : tcd_smem_bytes<false>();
+      tcd_kernel_of(e4, batch->uniform_q_len * cfg->num_kv_heads <= 8 ? 1 : 2, tma);
+  size_t smem = tcd_dyn_smem(e4, tma);
   int per_sm = 0;
   cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, DEC_THREADS, smem);
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
                     cudaGetErrorString(err));
   per_sm = per_sm > 0 ? per_sm : 1;
-  tcd_params p;
   p.b = m3s_cuda_batch_of(batch);
   p.iq = (const uint16_t *)iq->data;
   p.iq_s0 = iq->stride[0];

@@ -24,11 +24,14 @@ extern "C" int m3s_cuda_topk_decode_tc_covers(const m3s_layer_config *cfg, const
 
 /* Host: launches it: (S~, E) of every candidate block of every (token, head)
  * pair at ws[(r * q_len * Hkv + pair) * max_nb + block], pair = token *
- * Hkv + head (the certified selection's layout, topk_tc.cu). */
+ * Hkv + head (the certified selection's layout, topk_tc.cu). An e4m3 cache
+ * on sm_90 takes the kernel's TMA form unless no_tma (the tests' mma_sync
+ * hook, so that they cover both forms). */
 extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s_layer_config *cfg,
                                                      const m3s_batch *batch, const m3s_tensor *iq,
                                                      const m3s_tensor *index_cache, float2 *ws,
-                                                     int64_t max_nb, cudaStream_t stream);
+                                                     int64_t max_nb, int no_tma,
+                                                     cudaStream_t stream);
 
 /* Host, once per context with its device current: raises the kernels'
  * dynamic shared-memory limit where the device has enough. */

@@ -39,7 +39,9 @@ typedef struct {
  *  stats:      device pointer, or NULL.
  *  mma_sync:   prefill scores with the mma.sync kernel also where the
  *              default is the sm_90a TMA + wgmma kernel (bf16 index cache
- *              on an sm_90 device), so the tests cover both.
+ *              on an sm_90 device), and the decode score kernel's page
+ *              copies by cp.async where the default is its TMA form (e4m3
+ *              index cache on an sm_90 device), so the tests cover both.
  *  decode_any: uniform decode batches take the certified streaming kernel
  *              whenever it covers them, also below the batch size and pair
  *              count from which it is the default (the tests' small
