@@ -51,6 +51,7 @@ static uint64_t g_seed = 20261202;
 static m3s_topk_tc_stats *g_stats; /* device */
 static float g_max_ratio[2];
 static int g_mma; /* this pass: 0 the default kernels, 1 mma.sync forced (test hook) */
+static unsigned long long g_tma_ctas; /* default pass: CTAs of the decode kernel's TMA form */
 static unsigned long long g_reg_pairs; /* pairs the register selection decided (certified runs) */
 /* certified runs whose every pair the register selection decided and that
  * re-scored blocks: its re-scoring path ran */
@@ -162,6 +163,9 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     double t3 = gpu_now_ms();
     CHECK(bad == 0, name);
     CHECK(cs.pairs > 0, "the certified path ran");
+    g_tma_ctas += mma ? 0 : cs.tma_ctas;
+    if (mma)
+      CHECK(cs.tma_ctas == 0, "the mma_sync hook kept the decode score kernel's cp.async form");
     g_reg_pairs += cs.reg_pairs;
     g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
     long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
@@ -633,6 +637,8 @@ int main(void) {
   /* the fixtures with at most 128 candidates per pair and more pairs than
    * SMs take the register selection; a filtered run may select none */
   if (test_unfiltered()) {
+    if (major == 9)
+      CHECK(g_tma_ctas > 0, "the e4m3 decode cases took the decode score kernel's TMA form");
     CHECK(g_reg_pairs > 0, "the register selection (tc_select_reg_kernel) decided pairs");
     CHECK(g_reg_rescored_runs > 0, "the register selection re-scored uncertain blocks");
   }

@@ -52,6 +52,7 @@ static m3s_topk_tc_stats *g_stats; /* device counters of the certified selection
 /* pairs whose CTA-wide selection ranked by tournament / by radix select
  * (certified runs): both forms must have run */
 static unsigned long long g_few_pairs, g_radix_pairs;
+static unsigned long long g_tma_ctas; /* CTAs of the score kernel's TMA form (e4m3, sm_90) */
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 
 static uint64_t next_u64(void) {
@@ -352,6 +353,9 @@ static void run_case(const dcase *c) {
         CHECK(cs.pairs > 0, "the certified decode path ran");
       g_few_pairs += cs.few_pairs;
       g_radix_pairs += cs.radix_pairs;
+      g_tma_ctas += cs.tma_ctas;
+      if (c->ic->dt != M3S_E4M3)
+        CHECK(cs.tma_ctas == 0, "a bf16 index cache: the score kernel's cp.async form ran");
       if (!covered)
         CHECK(cs.pairs == 0, "q_len x Hkv > 16: the exact path ran");
     }
@@ -605,10 +609,12 @@ int main(void) {
   if (ok && test_unfiltered()) {
     CHECK(g_few_pairs > 0, "the CTA-wide selection ranked pairs by tournament (tc_wide_few)");
     CHECK(g_radix_pairs > 0, "the CTA-wide selection ranked pairs by radix select (tc_wide_ranks)");
+    if (gpu_sm_major() == 9)
+      CHECK(g_tma_ctas > 0, "the e4m3 cases took the decode score kernel's TMA form (sm_90)");
   }
   printf("test_gpu_topk_decode: CTA-wide selection ranks: %llu pairs by tournament, %llu by radix "
-         "select\n",
-         g_few_pairs, g_radix_pairs);
+         "select; %llu CTAs of the score kernel's TMA form\n",
+         g_few_pairs, g_radix_pairs, g_tma_ctas);
   printf("test_gpu_topk_decode: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

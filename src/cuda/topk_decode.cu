@@ -628,6 +628,7 @@ typedef struct {
   /* e4m3 cache on sm_90 (tcd_tma_map): the cache as [num_pages][128 keys][128
    * bytes], boxes of one page, 128-byte swizzle; the TMA kernels read it */
   CUtensorMap imap;
+  m3s_topk_tc_stats *stats; /* test hook (topk_tc.h) or NULL */
 } tcd_params;
 
 /* The staged request: its tokens' blocks, its pairs' query norms (upper
@@ -1156,6 +1157,8 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2)
   if (TMA) {
     tsm += (TCD_TMA_ALIGN - (sm90_smem(tsm_raw) & (TCD_TMA_ALIGN - 1))) & (TCD_TMA_ALIGN - 1);
     if (threadIdx.x == 0) {
+      if (p.stats)
+        atomicAdd(&p.stats->tma_ctas, 1u);
 #pragma unroll 1
       for (int st = 0; st < F::stages; st++)
         sm90_bar_init(&s.full[st], 1);
@@ -1423,7 +1426,7 @@ extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s
                                                      const m3s_batch *batch, const m3s_tensor *iq,
                                                      const m3s_tensor *index_cache, float2 *ws,
                                                      int64_t max_nb, int no_tma,
-                                                     cudaStream_t stream) {
+                                                     m3s_topk_tc_stats *stats, cudaStream_t stream) {
   const char *fn = "m3s_index_topk";
   const int e4 = index_cache->dtype == M3S_E4M3;
   tcd_params p = {};
@@ -1437,6 +1440,7 @@ extern "C" m3s_status m3s_cuda_topk_decode_tc_scores(m3s_context *ctx, const m3s
     return m3s_fail(M3S_ERR_CUDA, fn, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
                     cudaGetErrorString(err));
   per_sm = per_sm > 0 ? per_sm : 1;
+  p.stats = stats;
   p.b = m3s_cuda_batch_of(batch);
   p.iq = (const uint16_t *)iq->data;
   p.iq_s0 = iq->stride[0];

@@ -2196,7 +2196,8 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     /* Decode (one chunk, m3s_topk_tc_eligible): (S~, E) streamed by the
      * certified kernel of topk_decode.cu, then the same selection. */
     m3s_status st = m3s_cuda_topk_decode_tc_scores(ctx, cfg, batch, iq, index_cache, sa.ws,
-                                                   plan.max_nb, hooks.mma_sync, stream);
+                                                   plan.max_nb, hooks.mma_sync, hooks.stats,
+                                                   stream);
     if (st)
       return st;
     se.row0 = 0;

@@ -27,6 +27,7 @@ typedef struct {
   unsigned int reg_pairs; /* pairs decided by the register selection (tc_reg_write) */
   unsigned int few_pairs;   /* CTA-wide selection: thresholds by tournament (tc_wide_few) */
   unsigned int radix_pairs; /* CTA-wide selection: thresholds by radix select (tc_wide_ranks) */
+  unsigned int tma_ctas;    /* CTAs of the decode score kernel's TMA form (topk_decode.cu) */
 } m3s_topk_tc_stats;
 
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
