@@ -96,11 +96,16 @@ static void usage(FILE *f) {
 "  --batch-invariant set M3S_OPT_BATCH_INVARIANT on the context (no split-K)\n"
 "  --topk-path P     default (certified re-scoring; prefill scores with TMA +\n"
 "                    wgmma on sm_90 for a bf16 index cache), exact (the CUDA-core\n"
-"                    path for every batch), mma (certified, mma.sync scores) or\n"
-"                    certified (decode: the certified streaming kernel also for\n"
-"                    the small batches the dispatch keeps on the exact kernel)\n"
-"                    or rounds (certified, the selection by warp-maximum rounds\n"
-"                    also where the register selection is the default)\n"
+"                    path for every batch), mma (certified, mma.sync scores;\n"
+"                    decode with an e4m3 index cache: its pages by cp.async,\n"
+"                    not TMA), certified (decode: the certified streaming\n"
+"                    kernel also for the small batches the dispatch keeps on\n"
+"                    the exact kernel), rounds (certified, the selection by\n"
+"                    warp-maximum rounds also where the register selection is\n"
+"                    the default) or\n"
+"                    no-rescore (certified, uncertain blocks decided by their\n"
+"                    tensor-core score: NOT exact, only to time what the\n"
+"                    re-scoring costs)\n"
 "  --attn-path P     default (sm_90: the persistent TMA kernel for one row per\n"
 "                    request, the union kernel for prefill and speculative\n"
 "                    batches, contexts <= 32K (fp8 caches <= 16K) and work for\n"
@@ -282,9 +287,11 @@ static int parse_args(int argc, char **argv, options *o) {
         o->topk_path = 3;
       else if (strcmp(optarg, "rounds") == 0)
         o->topk_path = 4;
+      else if (strcmp(optarg, "no-rescore") == 0)
+        o->topk_path = 5;
       else {
-        fprintf(stderr,
-                "m3s-bench: --topk-path must be default, exact, mma, certified or rounds\n");
+        fprintf(stderr, "m3s-bench: --topk-path must be default, exact, mma, certified, rounds "
+                        "or no-rescore\n");
         return 0;
       }
       break;
@@ -413,12 +420,14 @@ int main(int argc, char **argv) {
     h.mma_sync = o->topk_path == 2;
     h.decode_any = o->topk_path == 3;
     h.rounds_select = o->topk_path == 4;
+    h.no_rescore = o->topk_path == 5;
     m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s\n",
            o->topk_path == 1   ? "exact (CUDA cores)"
            : o->topk_path == 2 ? "certified, mma.sync score kernel"
            : o->topk_path == 3 ? "certified, every decode batch on the streaming kernel"
-                               : "certified, selection by warp-maximum rounds");
+           : o->topk_path == 4 ? "certified, selection by warp-maximum rounds"
+                               : "certified WITHOUT re-scoring (not exact: timing only)");
   }
   if (o->attn_generic) {
     /* the path switch of src/cuda/sm90/attention_tma.h (per context) */
