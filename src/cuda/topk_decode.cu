@@ -636,7 +636,7 @@ typedef struct {
 typedef struct {
   float qn[16];
   int64_t ppos[16];
-  int64_t pmin; /* the least of the pairs' positions (-1 if none is valid) */
+  int64_t pmin; /* the least of the pairs' positions: every pair sees the keys up to it */
   int64_t nb[DEC_MAX_QLEN]; /* 0 when the token scores nothing */
 } tcd_req;
 
