@@ -1138,6 +1138,22 @@ static __device__ __forceinline__ void tcd_emit(const tcd_params &p, const tcd_w
   p.ws[d.at] = out;
 }
 
+/* The issuing thread(s): ring slot `slot` filled with the step of page ids
+ * pg (either form), then pf advanced a step and the next step's page ids
+ * loaded into pg, one step before they are issued (tcd_pages). */
+template <bool E4, bool TMA, class S>
+static __device__ __forceinline__ void tcd_refill(const tcd_params &p, dec_cursor &pf,
+                                                  int64_t (&pg)[tcd_fmt<E4>::nb],
+                                                  unsigned char *tsm, int slot, S &s) {
+  typedef tcd_fmt<E4> F;
+  if constexpr (TMA)
+    tcd_issue_step_tma(pg, p, tsm + slot * F::stage, &s.page[slot * F::nb], &s.full[slot]);
+  else
+    tcd_issue_step<E4>(pg, p, tsm + slot * F::stage, &s.page[slot * F::nb]);
+  cursor_advance(p, pf, F::nb);
+  tcd_pages<E4>(p, pf, pg);
+}
+
 /* Persistent streaming kernel of the certified path: the ranges and cursor of
  * decode_score_kernel, tensor-core scores instead of the reference dots,
  * steps of tcd_fmt::nb blocks through a ring of tcd_fmt::stages steps. At
@@ -1173,16 +1189,10 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2)
   dec_cursor pf = cursor_start(p), cs = pf; /* a CTA barrier: the mbarriers are initialised */
   int64_t pg[F::nb];
   if (issuer) {
-#pragma unroll 1
-    for (int st = 0; st < F::stages - 1; st++) {
-      tcd_pages<E4>(p, pf, pg);
-      if constexpr (TMA)
-        tcd_issue_step_tma(pg, p, tsm + st * F::stage, &s.page[st * F::nb], &s.full[st]);
-      else
-        tcd_issue_step<E4>(pg, p, tsm + st * F::stage, &s.page[st * F::nb]);
-      cursor_advance(p, pf, F::nb);
-    }
     tcd_pages<E4>(p, pf, pg);
+#pragma unroll 1
+    for (int st = 0; st < F::stages - 1; st++)
+      tcd_refill<E4, TMA>(p, pf, pg, tsm, st, s);
   }
   uint32_t ko[4], bq[NT][8][2];
   tcd_lane_offsets<E4, TMA>(ko);
@@ -1205,15 +1215,8 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2)
     __syncthreads(); /* (1) */
     tcd_emit<E4>(p, wr, pend, s, par ^ 1);
     /* refill the slot of the step before, which every warp has left */
-    const int ahead = (stage + F::stages - 1) % F::stages;
-    if (issuer) {
-      if constexpr (TMA)
-        tcd_issue_step_tma(pg, p, tsm + ahead * F::stage, &s.page[ahead * F::nb], &s.full[ahead]);
-      else
-        tcd_issue_step<E4>(pg, p, tsm + ahead * F::stage, &s.page[ahead * F::nb]);
-      cursor_advance(p, pf, F::nb);
-      tcd_pages<E4>(p, pf, pg);
-    }
+    if (issuer)
+      tcd_refill<E4, TMA>(p, pf, pg, tsm, (stage + F::stages - 1) % F::stages, s);
     pend = tcd_capture<E4>(p, cs, wr, wr.b >= 0 ? s.page[stage * F::nb + wr.b] : -1, s.req[rb]);
 #pragma unroll
     for (int b = 0; b < F::nb; b++)
