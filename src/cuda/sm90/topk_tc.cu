@@ -1036,6 +1036,16 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
   return best;
 }
 
+/* The reference dot of this lane's key 32 s + lane of block b against q
+ * (tc_exact_keys), the warp's maximum over its visible keys; NaN for a page
+ * id out of range. Every lane calls it and gets the result. */
+static __device__ __forceinline__ float tc_exact_slice(const m3s_cuda_batch &bt,
+                                                       const tc_select_args &a, int r, int64_t b,
+                                                       int s, int64_t pos, const float *q) {
+  const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+  return page < 0 ? NAN : tc_exact_keys(a, page, b, s, pos, q);
+}
+
 /* Starts loading block b's index-key page into L2 (sm_90: one bulk
  * prefetch), so that a later tc_exact_block of it waits on L2, not DRAM: a
  * re-score streams its 16 or 32 KB with 8 loads in flight per lane, about 8
@@ -1362,21 +1372,98 @@ static __device__ __forceinline__ void tc_select_one(const m3s_cuda_batch &bt,
   tc_select_finish(a, st, sm.sel, sm.qlist, sm.qsc, out);
 }
 
-/* One pair per warp, TC_SEL_WARPS pairs per CTA (batches with many pairs). */
+/* A selection warp's pair between tc_select_kernel's phases: what the CTA's
+ * shared re-scores need (the state, the row) and the quarters' maxima. */
+typedef struct {
+  tc_sel_state st;
+  int64_t pos;
+  int r;
+  float part[32][4]; /* per uncertain block, per quarter of its keys */
+} tc_pair_shared;
+
+/* The re-scores of the CTA's pairs (every thread calls it, the states in ps
+ * visible): each uncertain block of a pair that is not done is four items,
+ * one per quarter of its keys (tc_exact_slice), and the CTA's warps take the
+ * items in turn, so a pair's re-scores no longer run one block after another
+ * on its own warp while the others idle (at q_len 4, 64 x 32K on the H100
+ * the few re-scores, 0.04% of the candidates, were 18 of the top-k's 223
+ * us). */
+static __device__ void tc_cta_rescore(const m3s_cuda_batch &bt, const tc_select_args &a,
+                                      const tc_warp_shared *sh, tc_pair_shared *ps) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int n[TC_SEL_WARPS], total = 0;
+#pragma unroll
+  for (int w = 0; w < TC_SEL_WARPS; w++) {
+    n[w] = ps[w].st.done ? 0 : 4 * ps[w].st.nq;
+    total += n[w];
+  }
+  for (int u = warp; u < total; u += TC_SEL_WARPS) {
+    int w = 0, v = u;
+    while (v >= n[w])
+      v -= n[w++];
+    const float x = tc_exact_slice(bt, a, ps[w].r, sh[w].qlist[v >> 2], v & 3, ps[w].pos, sh[w].q);
+    if (lane == 0)
+      ps[w].part[v >> 2][v & 3] = x;
+  }
+}
+
+/* One pair per warp, TC_SEL_WARPS pairs per CTA (batches with many pairs):
+ * each warp stages and classifies its pair (tc_select_classify), the CTA
+ * shares the re-scores (tc_cta_rescore), then each warp finishes its pair. */
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
     tc_select_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ tc_warp_shared sh[TC_SEL_WARPS];
+  __shared__ tc_pair_shared ps[TC_SEL_WARPS];
   __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
-  const int warp = threadIdx.x >> 5;
-  for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
-       lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  tc_warp_shared &sm = sh[warp];
+  /* CTA-uniform trips: the barriers below need every warp */
+  for (int64_t base = (int64_t)blockIdx.x * TC_SEL_WARPS; base < a.npairs;
+       base += (int64_t)gridDim.x * TC_SEL_WARPS) {
+    const int64_t lp = base + warp;
+    tc_sel_state st = {0, 0, 0, 1};
     m3s_row_info ri;
-    int32_t *out;
-    const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
-    if (nb <= a.topk)
+    int32_t *out = NULL;
+    int64_t nb = 0;
+    const float2 *W = NULL;
+    if (lp < a.npairs)
+      nb = tc_pair_row(bt, a, lp, ri, out);
+    if (lp < a.npairs && nb <= a.topk) {
       tc_write_all(a, nb, out);
-    else
-      tc_select_one(bt, a, lp, ri, nb, out, sh[warp], wsh[warp]);
+    } else if (lp < a.npairs) {
+      tc_stage_query(a, lp, sm.q, lane, 32);
+      const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
+      float2 *w = a.ws + lp * a.max_nb;
+      if (nb - a.local <= TC_SEL_CACHE && !exact) {
+        tc_copy_entries(a, w, nb, wsh[warp], lane, 32);
+        w = wsh[warp];
+      }
+      __syncwarp();
+      st = tc_select_classify(bt, a, w, ri.r, ri.pos, nb, exact, sm.q, sm.sel, sm.qlist, sm.cnt);
+      W = w;
+      /* the pages of the uncertain blocks start towards L2 before the barrier */
+      if (!st.done && lane < st.nq && !a.no_rescore)
+        tc_prefetch_block(bt, a, ri.r, sm.qlist[lane]);
+    }
+    if (lane == 0)
+      ps[warp].st = st;
+    if (lane == 0 && !st.done) {
+      ps[warp].pos = ri.pos;
+      ps[warp].r = ri.r;
+    }
+    __syncthreads(); /* the states, lists and queries of the CTA's pairs */
+    if (!a.no_rescore)
+      tc_cta_rescore(bt, a, sh, ps);
+    __syncthreads(); /* the quarters' maxima */
+    if (out && nb > a.topk) {
+      if (!st.done && lane < st.nq)
+        sm.qsc[lane] = a.no_rescore ? W[sm.qlist[lane]].x
+                                    : fmaxf(fmaxf(ps[warp].part[lane][0], ps[warp].part[lane][1]),
+                                            fmaxf(ps[warp].part[lane][2], ps[warp].part[lane][3]));
+      __syncwarp();
+      tc_select_finish(a, st, sm.sel, sm.qlist, sm.qsc, out);
+    }
+    __syncthreads(); /* the shared arrays are reused by the next trip */
   }
 }
 
@@ -1893,16 +1980,6 @@ static __device__ void tc_wide_few(const float2 *W, int64_t lo, int64_t hi, int 
     }
   }
   __syncthreads(); /* pre is final */
-}
-
-/* The reference dot of this lane's key 32 s + lane of block b against q
- * (tc_exact_keys), the warp's maximum over its visible keys; NaN for a page
- * id out of range. Every lane calls it and gets the result. */
-static __device__ __forceinline__ float tc_exact_slice(const m3s_cuda_batch &bt,
-                                                       const tc_select_args &a, int r, int64_t b,
-                                                       int s, int64_t pos, const float *q) {
-  const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
-  return page < 0 ? NAN : tc_exact_keys(a, page, b, s, pos, q);
 }
 
 /* Phases 1 and 2 of a pair with nb > K and a finite selection to make
