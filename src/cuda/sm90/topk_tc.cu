@@ -30,7 +30,9 @@
  *     blocks, then the certified selection of select_pair (the proof is
  *     there): intervals [S~ - E, S~ + E], blocks surely in, surely out, and
  *     the uncertain ones re-scored with the reference dot order
- *     (m3s_dot128_fixed, streamed), then the tie rule on reference scores.
+ *     (m3s_dot128_fixed, streamed; the CTA's warps share its pairs'
+ *     re-scores, a quarter block each), then the tie rule on reference
+ *     scores.
  *     Rows of requests with fewer than TC_MIN_ROWS query rows (decode rows in
  *     a ragged batch) have every candidate scored that way instead.
  *     Prefill chunks whose pairs have at most 128 candidates (contexts up to
