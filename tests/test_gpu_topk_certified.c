@@ -24,9 +24,10 @@
  * products, NaN and Inf keys and queries, page ids out of range; and the
  * certified path captured in a CUDA graph, replayed with new inputs. Uniform
  * decode batches (q_len 1..4, TP shapes, e4m3, K = 64, the adversarial
- * mutations above, last-bit ties over more pairs than SMs, and queries over a wide exponent range or all tiny, with
- * zero, NaN and huge rows: the e4m3 kernel's fp16 scaling) take the certified
- * streaming decode kernel (src/cuda/topk_decode.cu) and the same selection.
+ * mutations above, last-bit ties over more pairs than SMs, and queries over
+ * a wide exponent range or all tiny, with zero, NaN and huge rows: the e4m3
+ * kernel's fp16 scaling) take the certified streaming decode kernel
+ * (src/cuda/topk_decode.cu) and the same selection.
  *
  * On an sm_90 device the cases run twice, on the same inputs: first with the
  * default score kernels (prefill with a bf16 index cache: the TMA + wgmma
@@ -168,11 +169,17 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     if (mma)
       CHECK(cs.tma_ctas == 0, "the mma_sync hook kept the decode score kernel's cp.async form");
     if (mods && mods->per_warp) {
-      int sms = 0;
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-      if (cs.pairs > (unsigned long long)sms)
+      int dev = 0, sms = 0;
+      if (CHECK(cudaGetDevice(&dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) ==
+                        cudaSuccess,
+                "SM count") &&
+          cs.pairs > (unsigned long long)sms)
         CHECK(cs.few_pairs + cs.radix_pairs == 0 && cs.rescored > 0,
               "more pairs than SMs: the per-warp selection decided them and re-scored blocks");
+      else if (cs.pairs <= (unsigned long long)sms)
+        printf("  %s: %llu pairs on %d SMs: the per-warp selection is not checked\n", name,
+               cs.pairs, sms);
     }
     g_reg_pairs += cs.reg_pairs;
     g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
@@ -498,15 +505,16 @@ static void test_decode(void) {
   case_mods lb = {last_bit, NULL, 1, 0, 0};
   run_case("decode_last_bit_permuted_multiset_hkv1",
            decode_spec(m3s_config_minimax_m3(4), 4, 2, sa), &lb);
-  /* more pairs than SMs (tc_select_kernel: a warp per pair) and 18-32
-   * blocks per pair, so at most 32 uncertain: its CTA's warps share the
-   * re-scores */
-  static int32_t sm_[48];
-  for (int r = 0; r < 48; r++)
-    sm_[r] = 2200 + (r * 419) % 1900;
+  /* more pairs than SMs (tc_select_kernel: a warp per pair), 189 of them
+   * (the last CTA partly filled), mostly 17-31 candidates per pair, so at
+   * most 32 uncertain: its CTA's warps share the re-scores; every seventh
+   * request has 39-46 (more than 32 uncertain: that warp re-scores alone) */
+  static int32_t sm_[63];
+  for (int r = 0; r < 63; r++)
+    sm_[r] = r % 7 == 3 ? 5000 + (r * 131) % 900 : 2200 + (r * 419) % 1900;
   case_mods lbw = {last_bit, NULL, 1, 0, 1};
-  run_case("decode_last_bit_more_pairs_than_sms_hkv1_q4",
-           decode_spec(m3s_config_minimax_m3(4), 48, 4, sm_), &lbw);
+  run_case("decode_last_bit_more_pairs_than_sms_hkv1_q3",
+           decode_spec(m3s_config_minimax_m3(4), 63, 3, sm_), &lbw);
   case_mods eq = {equal_maxima, NULL, 0, 0, 0};
   run_case("decode_equal_maxima_tp1", decode_spec(m3s_config_minimax_m3(1), 4, 1, sa), &eq);
   case_mods cw = {cancel_wide, NULL, 0, 0, 0};
