@@ -1349,6 +1349,25 @@ typedef struct {
   int cnt[2];
 } tc_warp_shared;
 
+/* Phase 1 of one pair with nb > K by one warp: its query staged, its
+ * entries copied to wcache (room for TC_SEL_CACHE entries; NULL: they are
+ * read from the workspace), then tc_select_classify; *W is where the
+ * entries were read. */
+static __device__ __forceinline__ tc_sel_state tc_stage_classify(
+    const m3s_cuda_batch &bt, const tc_select_args &a, int64_t lp, const m3s_row_info &ri,
+    int64_t nb, tc_warp_shared &sm, float2 *wcache, float2 *&W) {
+  const int lane = threadIdx.x & 31;
+  tc_stage_query(a, lp, sm.q, lane, 32);
+  const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
+  W = a.ws + lp * a.max_nb;
+  if (wcache && nb - a.local <= TC_SEL_CACHE && !exact) {
+    tc_copy_entries(a, W, nb, wcache, lane, 32);
+    W = wcache;
+  }
+  __syncwarp();
+  return tc_select_classify(bt, a, W, ri.r, ri.pos, nb, exact, sm.q, sm.sel, sm.qlist, sm.cnt);
+}
+
 /* One pair with nb > K by one warp, the three phases in turn; wcache (room
  * for TC_SEL_CACHE entries) or NULL: the entries are read from the
  * workspace. */
@@ -1357,17 +1376,8 @@ static __device__ __forceinline__ void tc_select_one(const m3s_cuda_batch &bt,
                                                      const m3s_row_info &ri, int64_t nb,
                                                      int32_t *out, tc_warp_shared &sm,
                                                      float2 *wcache) {
-  const int lane = threadIdx.x & 31;
-  tc_stage_query(a, lp, sm.q, lane, 32);
-  const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
-  float2 *W = a.ws + lp * a.max_nb;
-  if (wcache && nb - a.local <= TC_SEL_CACHE && !exact) {
-    tc_copy_entries(a, W, nb, wcache, lane, 32);
-    W = wcache;
-  }
-  __syncwarp();
-  tc_sel_state st =
-      tc_select_classify(bt, a, W, ri.r, ri.pos, nb, exact, sm.q, sm.sel, sm.qlist, sm.cnt);
+  float2 *W;
+  tc_sel_state st = tc_stage_classify(bt, a, lp, ri, nb, sm, wcache, W);
   if (!st.done)
     tc_select_rescore(bt, a, W, ri.r, ri.pos, sm.q, sm.qlist, st.nq, 0, 1, sm.qsc);
   __syncwarp();
@@ -1427,22 +1437,13 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
     m3s_row_info ri;
     int32_t *out = NULL;
     int64_t nb = 0;
-    const float2 *W = NULL;
+    float2 *W = NULL;
     if (lp < a.npairs)
       nb = tc_pair_row(bt, a, lp, ri, out);
     if (lp < a.npairs && nb <= a.topk) {
       tc_write_all(a, nb, out);
     } else if (lp < a.npairs) {
-      tc_stage_query(a, lp, sm.q, lane, 32);
-      const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
-      float2 *w = a.ws + lp * a.max_nb;
-      if (nb - a.local <= TC_SEL_CACHE && !exact) {
-        tc_copy_entries(a, w, nb, wsh[warp], lane, 32);
-        w = wsh[warp];
-      }
-      __syncwarp();
-      st = tc_select_classify(bt, a, w, ri.r, ri.pos, nb, exact, sm.q, sm.sel, sm.qlist, sm.cnt);
-      W = w;
+      st = tc_stage_classify(bt, a, lp, ri, nb, sm, wsh[warp], W);
       /* the pages of the uncertain blocks start towards L2 before the barrier */
       if (!st.done && lane < st.nq && !a.no_rescore)
         tc_prefetch_block(bt, a, ri.r, sm.qlist[lane]);
@@ -1465,7 +1466,10 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
       __syncwarp();
       tc_select_finish(a, st, sm.sel, sm.qlist, sm.qsc, out);
     }
-    __syncthreads(); /* the shared arrays are reused by the next trip */
+    /* not needed for order (the next trip's first barrier follows every
+     * cross-warp read), but it ends the trip's live ranges: without it
+     * ptxas spills 100 bytes instead of 84 */
+    __syncthreads();
   }
 }
 
