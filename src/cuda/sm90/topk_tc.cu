@@ -2054,7 +2054,8 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
   return st;
 }
 
-static __global__ void __launch_bounds__(TC_WIDE_THREADS, 1)
+template <int MINB>
+static __global__ void __launch_bounds__(TC_WIDE_THREADS, MINB)
     tc_select_wide_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ tc_wide_shared sm;
   __shared__ float2 wsh[TC_SEL_CACHE];
@@ -2199,10 +2200,16 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
     /* PDL is for the decode chain (launch.h); a prefill chunk's selection
      * follows a plainly launched score kernel */
     sw.pdl = se.all_scored ? m3s_cuda_pdl(ctx, cb.num_reqs) : 0;
-    return m3s_launch(sw.pdl, tc_select_wide_kernel, dim3((unsigned)se.npairs),
+    return m3s_launch(sw.pdl, tc_select_wide_kernel<1>, dim3((unsigned)se.npairs),
                       dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
   }
   const int64_t sms = m3s_cuda_num_sms(ctx);
+  if (se.all_scored && se.npairs <= sms * 64) {
+    tc_select_args sw = se;
+    sw.pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
+    return m3s_launch(sw.pdl, tc_select_wide_kernel<2>, dim3((unsigned)se.npairs),
+                      dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
+  }
   /* candidates per pair at most: the blocks of max_seq_len less the forced;
    * decode batches (every row scored) keep the rounds kernel */
   const int64_t cand = se.max_nb - se.init - se.local;
