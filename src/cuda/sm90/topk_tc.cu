@@ -1738,11 +1738,16 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
  * and the same reference scores as tc_select_classify / _rescore, so the
  * same result; rows of short
  * requests, pairs with nothing to choose, the test hook's measure mode and
- * more than 32 uncertain blocks take those functions on warp 0 instead. At
- * most one CTA per SM (no more pairs than SMs), so registers are not capped
- * for occupancy. */
+ * more than 32 uncertain blocks take those functions on warp 0 instead.
+ * Batches of no more pairs than SMs run it at one CTA per SM (registers not
+ * capped for occupancy), decode batches of more pairs of many candidates at
+ * two (MINB below). */
 #define TC_WIDE_WARPS 8
 #define TC_WIDE_THREADS (TC_WIDE_WARPS * 32)
+/* decode batches of more pairs than SMs take the CTA-wide selection (two
+ * CTAs per SM, <= 128 registers) from this many candidates per pair (host
+ * bound: max_seq_len's blocks less the forced) */
+#define TC_WIDE_MANY_CAND 512
 
 typedef struct {
   float q[M3S_INDEX_DIM];
@@ -2054,6 +2059,9 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
   return st;
 }
 
+/* MINB: CTAs per SM the registers must allow (1: batches of at most one
+ * pair per SM, 151 registers; 2: decode batches of more pairs of many
+ * candidates, 126 registers, no spills; 3 or more spilled 0.8-2.8 KB) */
 template <int MINB>
 static __global__ void __launch_bounds__(TC_WIDE_THREADS, MINB)
     tc_select_wide_kernel(m3s_cuda_batch bt, tc_select_args a) {
@@ -2065,8 +2073,8 @@ static __global__ void __launch_bounds__(TC_WIDE_THREADS, MINB)
    * decode score kernel of the same call (m3s_topk_tc, all_scored), which
    * let it start after its own wait, when every earlier kernel had ended
    * (launch.h); without PDL the wait is a no-op. The (S~, E) entries and the
-   * writes of out come after the wait. At most one CTA per SM, so the
-   * attention may start behind this grid. */
+   * writes of out come after the wait. With one CTA per SM the attention
+   * may start behind this grid; either way it waits for this grid's end. */
   int64_t lp = blockIdx.x;
   m3s_row_info ri;
   int32_t *out = NULL;
@@ -2204,7 +2212,12 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                       dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
   }
   const int64_t sms = m3s_cuda_num_sms(ctx);
-  if (se.all_scored && se.npairs <= sms * 64) {
+  /* decode pairs of many candidates: a CTA per pair (two per SM) ranks them
+   * faster than a warp per pair (128 x 128K e4m3 on the H100, ncu: 35 ->
+   * 21 us); pairs of fewer keep the warp per pair, all resident in one wave
+   * (64 x 32K q_len 4: 1024 CTAs of the CTA-wide kernel took four waves) */
+  if (se.all_scored && se.max_nb - se.init - se.local >= TC_WIDE_MANY_CAND &&
+      se.npairs <= INT32_MAX) {
     tc_select_args sw = se;
     sw.pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
     return m3s_launch(sw.pdl, tc_select_wide_kernel<2>, dim3((unsigned)se.npairs),
