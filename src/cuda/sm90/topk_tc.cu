@@ -2061,7 +2061,7 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
 
 /* MINB: CTAs per SM the registers must allow (1: batches of at most one
  * pair per SM, 151 registers; 2: decode batches of more pairs of many
- * candidates, 126 registers, no spills; 3 or more spilled 0.8-2.8 KB) */
+ * candidates, 126 registers, no spills; 3 or 4 spilled 848 or 2564 bytes) */
 template <int MINB>
 static __global__ void __launch_bounds__(TC_WIDE_THREADS, MINB)
     tc_select_wide_kernel(m3s_cuda_batch bt, tc_select_args a) {
