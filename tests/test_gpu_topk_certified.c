@@ -24,9 +24,10 @@
  * products, NaN and Inf keys and queries, page ids out of range; and the
  * certified path captured in a CUDA graph, replayed with new inputs. Uniform
  * decode batches (q_len 1..4, TP shapes, e4m3, K = 64, the adversarial
- * mutations above, and queries over a wide exponent range or all tiny, with
- * zero, NaN and huge rows: the e4m3 kernel's fp16 scaling) take the certified
- * streaming decode kernel (src/cuda/topk_decode.cu) and the same selection.
+ * mutations above, last-bit ties over more pairs than SMs, and queries over
+ * a wide exponent range or all tiny, with zero, NaN and huge rows: the e4m3
+ * kernel's fp16 scaling) take the certified streaming decode kernel
+ * (src/cuda/topk_decode.cu) and the same selection.
  *
  * On an sm_90 device the cases run twice, on the same inputs: first with the
  * default score kernels (prefill with a bf16 index cache: the TMA + wgmma
@@ -69,6 +70,7 @@ typedef struct {
   int (*device)(fixture *f, gpu_fx *g);
   int adversarial; /* re-scoring off must break the selection */
   int exact_too;   /* also run the exact CUDA-core path through the hook */
+  int per_warp;    /* more pairs than SMs: the per-warp selection must decide them all */
 } case_mods;
 
 static size_t topk_count(const fixture *f) {
@@ -166,6 +168,19 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     g_tma_ctas += mma ? 0 : cs.tma_ctas;
     if (mma)
       CHECK(cs.tma_ctas == 0, "the mma_sync hook kept the decode score kernel's cp.async form");
+    if (mods && mods->per_warp) {
+      int dev = 0, sms = 0;
+      const int known = CHECK(cudaGetDevice(&dev) == cudaSuccess &&
+                                  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                                         dev) == cudaSuccess,
+                              "SM count");
+      if (known && cs.pairs > (unsigned long long)sms)
+        CHECK(cs.few_pairs + cs.radix_pairs == 0 && cs.rescored > 0,
+              "more pairs than SMs: the per-warp selection decided them and re-scored blocks");
+      else if (known)
+        printf("  %s: %llu pairs on %d SMs: the per-warp selection is not checked\n", name,
+               cs.pairs, sms);
+    }
     g_reg_pairs += cs.reg_pairs;
     g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
     long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
@@ -399,7 +414,7 @@ static void test_prefill_shapes(void) {
   fx_spec s = spec_of(m3s_config_minimax_m3(2), 6, ql, sl);
   s.qsl_base = 7;
   s.topk_head_major = 1;
-  case_mods both = {NULL, NULL, 0, 1};
+  case_mods both = {NULL, NULL, 0, 1, 0};
   run_case("ragged_padded_head_major_tp2", s, &both);
   /* decode-like requests (< 8 rows: scored exactly in the selection kernel)
    * before a prefill chunk */
@@ -432,22 +447,22 @@ static void test_k_variants(void) {
 static void test_adversarial(void) {
   static const int32_t ql[] = {512, 512, 512, 512};
   static const int32_t sl[] = {8192, 8192, 6000, 7000};
-  case_mods lb = {last_bit, NULL, 1, 0};
+  case_mods lb = {last_bit, NULL, 1, 0, 0};
   run_case("last_bit_permuted_multiset_hkv1", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &lb);
   static const int32_t ql64[] = {256, 256, 256};
   static const int32_t sl64[] = {16384, 12000, 10000}; /* nb > 64 */
   run_case("last_bit_permuted_multiset_k64", spec_of(fx_cfg(8, 1, 64, 0, 1), 3, ql64, sl64), &lb);
-  case_mods eq = {equal_maxima, NULL, 0, 0};
+  case_mods eq = {equal_maxima, NULL, 0, 0, 0};
   run_case("equal_maxima_tp1", spec_of(m3s_config_minimax_m3(1), 4, ql, sl), &eq);
-  case_mods cw = {cancel_wide, NULL, 0, 0};
+  case_mods cw = {cancel_wide, NULL, 0, 0, 0};
   run_case("cancel_wide_exponents_tp2", spec_of(m3s_config_minimax_m3(2), 4, ql, sl), &cw);
-  case_mods sn = {subnormal_keys, NULL, 0, 0};
+  case_mods sn = {subnormal_keys, NULL, 0, 0, 0};
   run_case("subnormal_keys_large_queries_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &sn);
-  case_mods ov = {overflow_keys, NULL, 0, 0};
+  case_mods ov = {overflow_keys, NULL, 0, 0, 0};
   run_case("overflowing_products_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &ov);
   static const int32_t qn[] = {40, 30, 60};
   static const int32_t sn_[] = {30 * 128, 40 * 128 + 5, 5000};
-  case_mods ni = {nan_inf, NULL, 0, 0};
+  case_mods ni = {nan_inf, NULL, 0, 0, 0};
   for (int e4 = 0; e4 < 2; e4++) {
     fx_spec s = spec_of(m3s_config_minimax_m3(1), 3, qn, sn_);
     s.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
@@ -455,7 +470,7 @@ static void test_adversarial(void) {
   }
   static const int32_t qg[] = {30, 20, 40, 10};
   static const int32_t sg[] = {3000, 2500, 2200, 2600};
-  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0};
+  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, 0};
   run_case("guard_page_ids_out_of_range", spec_of(m3s_config_minimax_m3(2), 4, qg, sg), &gp);
 }
 
@@ -472,7 +487,7 @@ static fx_spec decode_spec(m3s_layer_config c, int nreq, int q, const int32_t *s
 
 static void test_decode(void) {
   static const int32_t sl[] = {3000, 40000, 2100, 17000, 9000, 128 * 40, 2049, 33333};
-  case_mods both = {NULL, NULL, 0, 1};
+  case_mods both = {NULL, NULL, 0, 1, 0};
   run_case("decode_q1_tp1_ragged", decode_spec(m3s_config_minimax_m3(1), 8, 1, sl), &both);
   fx_spec e = decode_spec(m3s_config_minimax_m3(1), 6, 4, sl);
   e.idx_dtype = M3S_E4M3;
@@ -487,27 +502,37 @@ static void test_decode(void) {
   run_case("decode_q3_tp4_init2_local0",
            decode_spec(fx_cfg(16, 1, 16, 2, 0), 4, 3, sl + 2), NULL);
   static const int32_t sa[] = {8192, 8192, 6000, 7000};
-  case_mods lb = {last_bit, NULL, 1, 0};
+  case_mods lb = {last_bit, NULL, 1, 0, 0};
   run_case("decode_last_bit_permuted_multiset_hkv1",
            decode_spec(m3s_config_minimax_m3(4), 4, 2, sa), &lb);
-  case_mods eq = {equal_maxima, NULL, 0, 0};
+  /* more pairs than SMs (tc_select_kernel: a warp per pair), 189 of them
+   * (the last CTA partly filled), mostly 17-31 candidates per pair, so at
+   * most 32 uncertain: its CTA's warps share the re-scores; every seventh
+   * request has 39-46 (more than 32 uncertain: that warp re-scores alone) */
+  static int32_t sm_[63];
+  for (int r = 0; r < 63; r++)
+    sm_[r] = r % 7 == 3 ? 5000 + (r * 131) % 900 : 2200 + (r * 419) % 1900;
+  case_mods lbw = {last_bit, NULL, 1, 0, 1};
+  run_case("decode_last_bit_more_pairs_than_sms_hkv1_q3",
+           decode_spec(m3s_config_minimax_m3(4), 63, 3, sm_), &lbw);
+  case_mods eq = {equal_maxima, NULL, 0, 0, 0};
   run_case("decode_equal_maxima_tp1", decode_spec(m3s_config_minimax_m3(1), 4, 1, sa), &eq);
-  case_mods cw = {cancel_wide, NULL, 0, 0};
+  case_mods cw = {cancel_wide, NULL, 0, 0, 0};
   run_case("decode_cancel_wide_exponents_tp2", decode_spec(m3s_config_minimax_m3(2), 4, 4, sa),
            &cw);
-  case_mods sn = {subnormal_keys, NULL, 0, 0};
+  case_mods sn = {subnormal_keys, NULL, 0, 0, 0};
   run_case("decode_subnormal_keys_tp4", decode_spec(m3s_config_minimax_m3(4), 4, 1, sa), &sn);
-  case_mods ov = {overflow_keys, NULL, 0, 0};
+  case_mods ov = {overflow_keys, NULL, 0, 0, 0};
   run_case("decode_overflowing_products_tp4", decode_spec(m3s_config_minimax_m3(4), 4, 2, sa),
            &ov);
   static const int32_t sn_[] = {30 * 128, 40 * 128 + 5, 5000};
-  case_mods ni = {nan_inf, NULL, 0, 0};
+  case_mods ni = {nan_inf, NULL, 0, 0, 0};
   for (int e4 = 0; e4 < 2; e4++) {
     fx_spec n = decode_spec(m3s_config_minimax_m3(1), 3, 4, sn_);
     n.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
     run_case(e4 ? "decode_nan_keys_e4m3_q4" : "decode_nan_inf_keys_and_query_bf16_q4", n, &ni);
   }
-  case_mods wq = {wide_queries, NULL, 0, 0}, tq = {tiny_queries, NULL, 0, 0};
+  case_mods wq = {wide_queries, NULL, 0, 0, 0}, tq = {tiny_queries, NULL, 0, 0, 0};
   for (int e4 = 0; e4 < 2; e4++) {
     fx_spec w = decode_spec(m3s_config_minimax_m3(2), 4, 2, sa);
     w.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
@@ -518,7 +543,7 @@ static void test_decode(void) {
     run_case(e4 ? "decode_tiny_queries_e4m3_q2" : "decode_tiny_queries_bf16_q2", t, &tq);
   }
   static const int32_t sg[] = {3000, 2500, 2200, 2600};
-  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0};
+  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, 0};
   run_case("decode_guard_page_ids_out_of_range",
            decode_spec(m3s_config_minimax_m3(2), 4, 2, sg), &gp);
 }

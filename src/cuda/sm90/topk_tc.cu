@@ -30,7 +30,9 @@
  *     blocks, then the certified selection of select_pair (the proof is
  *     there): intervals [S~ - E, S~ + E], blocks surely in, surely out, and
  *     the uncertain ones re-scored with the reference dot order
- *     (m3s_dot128_fixed, streamed), then the tie rule on reference scores.
+ *     (m3s_dot128_fixed, streamed; the CTA's warps share its pairs'
+ *     re-scores, a quarter block each), then the tie rule on reference
+ *     scores.
  *     Rows of requests with fewer than TC_MIN_ROWS query rows (decode rows in
  *     a ragged batch) have every candidate scored that way instead.
  *     Prefill chunks whose pairs have at most 128 candidates (contexts up to
@@ -1036,6 +1038,16 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
   return best;
 }
 
+/* The reference dot of this lane's key 32 s + lane of block b against q
+ * (tc_exact_keys), the warp's maximum over its visible keys; NaN for a page
+ * id out of range. Every lane calls it and gets the result. */
+static __device__ __forceinline__ float tc_exact_slice(const m3s_cuda_batch &bt,
+                                                       const tc_select_args &a, int r, int64_t b,
+                                                       int s, int64_t pos, const float *q) {
+  const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+  return page < 0 ? NAN : tc_exact_keys(a, page, b, s, pos, q);
+}
+
 /* Starts loading block b's index-key page into L2 (sm_90: one bulk
  * prefetch), so that a later tc_exact_block of it waits on L2, not DRAM: a
  * re-score streams its 16 or 32 KB with 8 loads in flight per lane, about 8
@@ -1337,6 +1349,25 @@ typedef struct {
   int cnt[2];
 } tc_warp_shared;
 
+/* Phase 1 of one pair with nb > K by one warp: its query staged, its
+ * entries copied to wcache (room for TC_SEL_CACHE entries; NULL: they are
+ * read from the workspace), then tc_select_classify; *W is where the
+ * entries were read. */
+static __device__ __forceinline__ tc_sel_state tc_stage_classify(
+    const m3s_cuda_batch &bt, const tc_select_args &a, int64_t lp, const m3s_row_info &ri,
+    int64_t nb, tc_warp_shared &sm, float2 *wcache, float2 *&W) {
+  const int lane = threadIdx.x & 31;
+  tc_stage_query(a, lp, sm.q, lane, 32);
+  const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
+  W = a.ws + lp * a.max_nb;
+  if (wcache && nb - a.local <= TC_SEL_CACHE && !exact) {
+    tc_copy_entries(a, W, nb, wcache, lane, 32);
+    W = wcache;
+  }
+  __syncwarp();
+  return tc_select_classify(bt, a, W, ri.r, ri.pos, nb, exact, sm.q, sm.sel, sm.qlist, sm.cnt);
+}
+
 /* One pair with nb > K by one warp, the three phases in turn; wcache (room
  * for TC_SEL_CACHE entries) or NULL: the entries are read from the
  * workspace. */
@@ -1345,38 +1376,100 @@ static __device__ __forceinline__ void tc_select_one(const m3s_cuda_batch &bt,
                                                      const m3s_row_info &ri, int64_t nb,
                                                      int32_t *out, tc_warp_shared &sm,
                                                      float2 *wcache) {
-  const int lane = threadIdx.x & 31;
-  tc_stage_query(a, lp, sm.q, lane, 32);
-  const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
-  float2 *W = a.ws + lp * a.max_nb;
-  if (wcache && nb - a.local <= TC_SEL_CACHE && !exact) {
-    tc_copy_entries(a, W, nb, wcache, lane, 32);
-    W = wcache;
-  }
-  __syncwarp();
-  tc_sel_state st =
-      tc_select_classify(bt, a, W, ri.r, ri.pos, nb, exact, sm.q, sm.sel, sm.qlist, sm.cnt);
+  float2 *W;
+  tc_sel_state st = tc_stage_classify(bt, a, lp, ri, nb, sm, wcache, W);
   if (!st.done)
     tc_select_rescore(bt, a, W, ri.r, ri.pos, sm.q, sm.qlist, st.nq, 0, 1, sm.qsc);
   __syncwarp();
   tc_select_finish(a, st, sm.sel, sm.qlist, sm.qsc, out);
 }
 
-/* One pair per warp, TC_SEL_WARPS pairs per CTA (batches with many pairs). */
+/* A selection warp's pair between tc_select_kernel's phases: what the CTA's
+ * shared re-scores need (the state, the row) and the quarters' maxima. */
+typedef struct {
+  tc_sel_state st;
+  int64_t pos;
+  int r;
+  float part[32][4]; /* per uncertain block, per quarter of its keys */
+} tc_pair_shared;
+
+/* The re-scores of the CTA's pairs (every thread calls it, the states in ps
+ * visible): each uncertain block of a pair that is not done is four items,
+ * one per quarter of its keys (tc_exact_slice), and the CTA's warps take the
+ * items in turn, so a pair's re-scores no longer run one block after another
+ * on its own warp while the others idle (at q_len 4, 64 x 32K on the H100
+ * the few re-scores, 0.04% of the candidates, were 18 of the top-k's 223
+ * us). */
+static __device__ void tc_cta_rescore(const m3s_cuda_batch &bt, const tc_select_args &a,
+                                      const tc_warp_shared *sh, tc_pair_shared *ps) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int n[TC_SEL_WARPS], total = 0;
+#pragma unroll
+  for (int w = 0; w < TC_SEL_WARPS; w++) {
+    n[w] = ps[w].st.done ? 0 : 4 * ps[w].st.nq;
+    total += n[w];
+  }
+  for (int u = warp; u < total; u += TC_SEL_WARPS) {
+    int w = 0, v = u;
+    while (v >= n[w])
+      v -= n[w++];
+    const float x = tc_exact_slice(bt, a, ps[w].r, sh[w].qlist[v >> 2], v & 3, ps[w].pos, sh[w].q);
+    if (lane == 0)
+      ps[w].part[v >> 2][v & 3] = x;
+  }
+}
+
+/* One pair per warp, TC_SEL_WARPS pairs per CTA (batches with many pairs):
+ * each warp stages and classifies its pair (tc_select_classify), the CTA
+ * shares the re-scores (tc_cta_rescore), then each warp finishes its pair. */
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
     tc_select_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ tc_warp_shared sh[TC_SEL_WARPS];
+  __shared__ tc_pair_shared ps[TC_SEL_WARPS];
   __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
-  const int warp = threadIdx.x >> 5;
-  for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
-       lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  tc_warp_shared &sm = sh[warp];
+  /* CTA-uniform trips: the barriers below need every warp */
+  for (int64_t base = (int64_t)blockIdx.x * TC_SEL_WARPS; base < a.npairs;
+       base += (int64_t)gridDim.x * TC_SEL_WARPS) {
+    const int64_t lp = base + warp;
+    tc_sel_state st = {0, 0, 0, 1};
     m3s_row_info ri;
-    int32_t *out;
-    const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
-    if (nb <= a.topk)
+    int32_t *out = NULL;
+    int64_t nb = 0;
+    float2 *W = NULL;
+    if (lp < a.npairs)
+      nb = tc_pair_row(bt, a, lp, ri, out);
+    if (lp < a.npairs && nb <= a.topk) {
       tc_write_all(a, nb, out);
-    else
-      tc_select_one(bt, a, lp, ri, nb, out, sh[warp], wsh[warp]);
+    } else if (lp < a.npairs) {
+      st = tc_stage_classify(bt, a, lp, ri, nb, sm, wsh[warp], W);
+      /* the pages of the uncertain blocks start towards L2 before the barrier */
+      if (!st.done && lane < st.nq && !a.no_rescore)
+        tc_prefetch_block(bt, a, ri.r, sm.qlist[lane]);
+    }
+    if (lane == 0)
+      ps[warp].st = st;
+    if (lane == 0 && !st.done) {
+      ps[warp].pos = ri.pos;
+      ps[warp].r = ri.r;
+    }
+    __syncthreads(); /* the states, lists and queries of the CTA's pairs */
+    if (!a.no_rescore)
+      tc_cta_rescore(bt, a, sh, ps);
+    __syncthreads(); /* the quarters' maxima */
+    if (out && nb > a.topk) {
+      if (!st.done && lane < st.nq)
+        sm.qsc[lane] = a.no_rescore ? W[sm.qlist[lane]].x
+                                    : fmaxf(fmaxf(ps[warp].part[lane][0], ps[warp].part[lane][1]),
+                                            fmaxf(ps[warp].part[lane][2], ps[warp].part[lane][3]));
+      __syncwarp();
+      tc_select_finish(a, st, sm.sel, sm.qlist, sm.qsc, out);
+    }
+    /* not needed for order (the next trip's first barrier follows every
+     * cross-warp read), but it ends the trip's live ranges: without it
+     * ptxas spills 100 bytes instead of 84 */
+    __syncthreads();
   }
 }
 
@@ -1645,11 +1738,16 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
  * and the same reference scores as tc_select_classify / _rescore, so the
  * same result; rows of short
  * requests, pairs with nothing to choose, the test hook's measure mode and
- * more than 32 uncertain blocks take those functions on warp 0 instead. At
- * most one CTA per SM (no more pairs than SMs), so registers are not capped
- * for occupancy. */
+ * more than 32 uncertain blocks take those functions on warp 0 instead.
+ * Batches of no more pairs than SMs run it at one CTA per SM (registers not
+ * capped for occupancy), decode batches of more pairs of many candidates at
+ * two (MINB below). */
 #define TC_WIDE_WARPS 8
 #define TC_WIDE_THREADS (TC_WIDE_WARPS * 32)
+/* decode batches of more pairs than SMs take the CTA-wide selection (two
+ * CTAs per SM, <= 128 registers) from this many candidates per pair (host
+ * bound: max_seq_len's blocks less the forced) */
+#define TC_WIDE_MANY_CAND 512
 
 typedef struct {
   float q[M3S_INDEX_DIM];
@@ -1895,16 +1993,6 @@ static __device__ void tc_wide_few(const float2 *W, int64_t lo, int64_t hi, int 
   __syncthreads(); /* pre is final */
 }
 
-/* The reference dot of this lane's key 32 s + lane of block b against q
- * (tc_exact_keys), the warp's maximum over its visible keys; NaN for a page
- * id out of range. Every lane calls it and gets the result. */
-static __device__ __forceinline__ float tc_exact_slice(const m3s_cuda_batch &bt,
-                                                       const tc_select_args &a, int r, int64_t b,
-                                                       int s, int64_t pos, const float *q) {
-  const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
-  return page < 0 ? NAN : tc_exact_keys(a, page, b, s, pos, q);
-}
-
 /* Phases 1 and 2 of a pair with nb > K and a finite selection to make
  * (want > 0), by the whole CTA; sm.q and the entries W are staged, the
  * forced blocks in sm.sel, sm.cnt zeroed. Returns the state for
@@ -1971,7 +2059,11 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
   return st;
 }
 
-static __global__ void __launch_bounds__(TC_WIDE_THREADS, 1)
+/* MINB: CTAs per SM the registers must allow (1: batches of at most one
+ * pair per SM, 151 registers; 2: decode batches of more pairs of many
+ * candidates, 126 registers, no spills; 3 or 4 spilled 848 or 2564 bytes) */
+template <int MINB>
+static __global__ void __launch_bounds__(TC_WIDE_THREADS, MINB)
     tc_select_wide_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ tc_wide_shared sm;
   __shared__ float2 wsh[TC_SEL_CACHE];
@@ -1981,8 +2073,8 @@ static __global__ void __launch_bounds__(TC_WIDE_THREADS, 1)
    * decode score kernel of the same call (m3s_topk_tc, all_scored), which
    * let it start after its own wait, when every earlier kernel had ended
    * (launch.h); without PDL the wait is a no-op. The (S~, E) entries and the
-   * writes of out come after the wait. At most one CTA per SM, so the
-   * attention may start behind this grid. */
+   * writes of out come after the wait. With one CTA per SM the attention
+   * may start behind this grid; either way it waits for this grid's end. */
   int64_t lp = blockIdx.x;
   m3s_row_info ri;
   int32_t *out = NULL;
@@ -2116,10 +2208,21 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
     /* PDL is for the decode chain (launch.h); a prefill chunk's selection
      * follows a plainly launched score kernel */
     sw.pdl = se.all_scored ? m3s_cuda_pdl(ctx, cb.num_reqs) : 0;
-    return m3s_launch(sw.pdl, tc_select_wide_kernel, dim3((unsigned)se.npairs),
+    return m3s_launch(sw.pdl, tc_select_wide_kernel<1>, dim3((unsigned)se.npairs),
                       dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
   }
   const int64_t sms = m3s_cuda_num_sms(ctx);
+  /* decode pairs of many candidates: a CTA per pair (two per SM) ranks them
+   * faster than a warp per pair (128 x 128K e4m3 on the H100, ncu: 35 ->
+   * 21 us); pairs of fewer keep the warp per pair, all resident in one wave
+   * (64 x 32K q_len 4: 1024 CTAs of the CTA-wide kernel took four waves) */
+  if (se.all_scored && se.max_nb - se.init - se.local >= TC_WIDE_MANY_CAND &&
+      se.npairs <= INT32_MAX) {
+    tc_select_args sw = se;
+    sw.pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
+    return m3s_launch(sw.pdl, tc_select_wide_kernel<2>, dim3((unsigned)se.npairs),
+                      dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
+  }
   /* candidates per pair at most: the blocks of max_seq_len less the forced;
    * decode batches (every row scored) keep the rounds kernel */
   const int64_t cand = se.max_nb - se.init - se.local;
