@@ -65,13 +65,39 @@ static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const in
   return s;
 }
 
+enum { PATH_ANY, PATH_WIDE2, PATH_WARP };
+
 typedef struct {
   void (*host)(fixture *f);
   int (*device)(fixture *f, gpu_fx *g);
   int adversarial; /* re-scoring off must break the selection */
   int exact_too;   /* also run the exact CUDA-core path through the hook */
-  int per_warp;    /* more pairs than SMs: the per-warp selection must decide them all */
+  int path;        /* decode batch of more pairs than SMs, fewer than 512 candidates per pair:
+                      PATH_WIDE2 (<= 2 pairs per SM: the CTA-wide selection) or
+                      PATH_WARP (more: a warp per pair), required when the SM count allows */
 } case_mods;
+
+/* The selection path a many-pair decode case must take (tc_launch_select's
+ * rule), checked where the card's SM count puts the case on it. */
+static void check_path(const char *name, int path, const m3s_topk_tc_stats *cs) {
+  int dev = 0, sms = 0;
+  if (!CHECK(cudaGetDevice(&dev) == cudaSuccess &&
+                 cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) ==
+                     cudaSuccess,
+             "SM count"))
+    return;
+  const unsigned long long wide = cs->few_pairs + cs->radix_pairs;
+  if (path == PATH_WIDE2 && cs->pairs > (unsigned long long)sms &&
+      cs->pairs <= 2ull * (unsigned long long)sms)
+    CHECK(wide > 0 && cs->rescored > 0,
+          "at most two pairs per SM: the CTA-wide selection ranked pairs and re-scored blocks");
+  else if (path == PATH_WARP && cs->pairs > 2ull * (unsigned long long)sms)
+    CHECK(wide == 0 && cs->rescored > 0,
+          "more than two pairs per SM: the per-warp selection decided them and re-scored blocks");
+  else
+    printf("  %s: %llu pairs on %d SMs: the selection path is not checked\n", name, cs->pairs,
+           sms);
+}
 
 static size_t topk_count(const fixture *f) {
   return (size_t)f->T * (size_t)f->cfg.num_kv_heads * (size_t)f->cfg.topk;
@@ -168,19 +194,8 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     g_tma_ctas += mma ? 0 : cs.tma_ctas;
     if (mma)
       CHECK(cs.tma_ctas == 0, "the mma_sync hook kept the decode score kernel's cp.async form");
-    if (mods && mods->per_warp) {
-      int dev = 0, sms = 0;
-      const int known = CHECK(cudaGetDevice(&dev) == cudaSuccess &&
-                                  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                                         dev) == cudaSuccess,
-                              "SM count");
-      if (known && cs.pairs > (unsigned long long)sms)
-        CHECK(cs.few_pairs + cs.radix_pairs == 0 && cs.rescored > 0,
-              "more pairs than SMs: the per-warp selection decided them and re-scored blocks");
-      else if (known)
-        printf("  %s: %llu pairs on %d SMs: the per-warp selection is not checked\n", name,
-               cs.pairs, sms);
-    }
+    if (mods && mods->path != PATH_ANY)
+      check_path(name, mods->path, &cs);
     g_reg_pairs += cs.reg_pairs;
     g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
     long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
@@ -505,16 +520,21 @@ static void test_decode(void) {
   case_mods lb = {last_bit, NULL, 1, 0, 0};
   run_case("decode_last_bit_permuted_multiset_hkv1",
            decode_spec(m3s_config_minimax_m3(4), 4, 2, sa), &lb);
-  /* more pairs than SMs (tc_select_kernel: a warp per pair), 189 of them
-   * (the last CTA partly filled), mostly 17-31 candidates per pair, so at
-   * most 32 uncertain: its CTA's warps share the re-scores; every seventh
-   * request has 39-46 (more than 32 uncertain: that warp re-scores alone) */
+  /* more pairs than SMs, mostly 17-31 candidates per pair (so at most 32
+   * uncertain), every seventh request 39-46 (more than 32 uncertain). q_len 3:
+   * 189 pairs, at most two per SM on 95-188 SMs, so the CTA-wide selection;
+   * q_len 5: 315 pairs, more than two per SM up to 157 SMs, so
+   * tc_select_kernel's warp per pair: its CTA's warps share the re-scores
+   * (the last CTA partly filled), a warp of more than 32 re-scores alone */
   static int32_t sm_[63];
   for (int r = 0; r < 63; r++)
     sm_[r] = r % 7 == 3 ? 5000 + (r * 131) % 900 : 2200 + (r * 419) % 1900;
-  case_mods lbw = {last_bit, NULL, 1, 0, 1};
+  case_mods lbw2 = {last_bit, NULL, 1, 0, PATH_WIDE2};
   run_case("decode_last_bit_more_pairs_than_sms_hkv1_q3",
-           decode_spec(m3s_config_minimax_m3(4), 63, 3, sm_), &lbw);
+           decode_spec(m3s_config_minimax_m3(4), 63, 3, sm_), &lbw2);
+  case_mods lbw = {last_bit, NULL, 1, 0, PATH_WARP};
+  run_case("decode_last_bit_more_pairs_than_sms_hkv1_q5",
+           decode_spec(m3s_config_minimax_m3(4), 63, 5, sm_), &lbw);
   case_mods eq = {equal_maxima, NULL, 0, 0, 0};
   run_case("decode_equal_maxima_tp1", decode_spec(m3s_config_minimax_m3(1), 4, 1, sa), &eq);
   case_mods cw = {cancel_wide, NULL, 0, 0, 0};

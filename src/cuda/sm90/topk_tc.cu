@@ -1740,13 +1740,14 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
  * requests, pairs with nothing to choose, the test hook's measure mode and
  * more than 32 uncertain blocks take those functions on warp 0 instead.
  * Batches of no more pairs than SMs run it at one CTA per SM (registers not
- * capped for occupancy), decode batches of more pairs of many candidates at
- * two (MINB below). */
+ * capped for occupancy), decode batches of more pairs, of many candidates or
+ * at most two per SM, at two (MINB below). */
 #define TC_WIDE_WARPS 8
 #define TC_WIDE_THREADS (TC_WIDE_WARPS * 32)
 /* decode batches of more pairs than SMs take the CTA-wide selection (two
  * CTAs per SM, <= 128 registers) from this many candidates per pair (host
- * bound: max_seq_len's blocks less the forced) */
+ * bound: max_seq_len's blocks less the forced), or at any count when there
+ * are at most two pairs per SM */
 #define TC_WIDE_MANY_CAND 512
 
 typedef struct {
@@ -2060,8 +2061,8 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
 }
 
 /* MINB: CTAs per SM the registers must allow (1: batches of at most one
- * pair per SM, 151 registers; 2: decode batches of more pairs of many
- * candidates, 126 registers, no spills; 3 or 4 spilled 848 or 2564 bytes) */
+ * pair per SM, 151 registers; 2: the decode batches of more pairs that
+ * tc_launch_select gives it, 126 registers, no spills; 3 or 4 spilled 848 or 2564 bytes) */
 template <int MINB>
 static __global__ void __launch_bounds__(TC_WIDE_THREADS, MINB)
     tc_select_wide_kernel(m3s_cuda_batch bt, tc_select_args a) {
@@ -2198,8 +2199,9 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
   return m3s_cuda_check_launch(fn, "tc_select_deferred_kernel");
 }
 
-/* Phase 2 over se.npairs (row, head) pairs from se.row0: a warp per pair, or
- * a CTA per pair when there are no more pairs than SMs (host bounds only). */
+/* Phase 2 over se.npairs (row, head) pairs from se.row0: a CTA per pair when
+ * there are no more pairs than SMs, or for decode batches of at most two pairs
+ * per SM or of many candidates (host bounds only); else a warp per pair. */
 static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
                                    const tc_select_args &se, int rounds, cudaStream_t stream,
                                    const char *fn) {
@@ -2212,12 +2214,13 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                       dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
   }
   const int64_t sms = m3s_cuda_num_sms(ctx);
-  /* decode pairs of many candidates: a CTA per pair (two per SM) ranks them
-   * faster than a warp per pair (128 x 128K e4m3 on the H100, ncu: 35 ->
-   * 21 us); pairs of fewer keep the warp per pair, all resident in one wave
-   * (64 x 32K q_len 4: 1024 CTAs of the CTA-wide kernel took four waves) */
-  if (se.all_scored && se.max_nb - se.init - se.local >= TC_WIDE_MANY_CAND &&
-      se.npairs <= INT32_MAX) {
+  /* decode pairs of many candidates, or few enough pairs for one wave at two
+   * CTAs per SM: a CTA per pair ranks them faster than a warp per pair (H100:
+   * 128 x 128K e4m3, ncu 35 -> 21 us; 64 x 32K top-k 198.6 -> 192.0 us);
+   * more pairs of fewer candidates keep the warp per pair, all resident in
+   * one wave (128 x 32K q_len 4: the CTA-wide kernel 4% slower) */
+  if (se.all_scored && se.npairs <= INT32_MAX &&
+      (se.max_nb - se.init - se.local >= TC_WIDE_MANY_CAND || se.npairs <= 2 * sms)) {
     tc_select_args sw = se;
     sw.pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
     return m3s_launch(sw.pdl, tc_select_wide_kernel<2>, dim3((unsigned)se.npairs),
