@@ -33,6 +33,10 @@
  *     (m3s_dot128_fixed, streamed; the CTA's warps share its pairs'
  *     re-scores, a quarter block each), then the tie rule on reference
  *     scores.
+ *     Calls of no more pairs than SMs, and decode batches of at most two
+ *     pairs per SM or of >= 512 candidates per pair, take
+ *     tc_select_wide_kernel instead: a CTA of 8 warps per pair, the same
+ *     proof (its comment below).
  *     Rows of requests with fewer than TC_MIN_ROWS query rows (decode rows in
  *     a ragged batch) have every candidate scored that way instead.
  *     Prefill chunks whose pairs have at most 128 candidates (contexts up to
