@@ -78,7 +78,9 @@ typedef struct {
 } case_mods;
 
 /* The selection path a many-pair decode case must take (tc_launch_select's
- * rule), checked where the card's SM count puts the case on it. */
+ * rule), checked where the card's SM count puts the case on it. The rule
+ * counts every (row, head) pair, cs->pairs those with more blocks than K:
+ * the same only for cases without padded or short rows, as these. */
 static void check_path(const char *name, int path, const m3s_topk_tc_stats *cs) {
   int dev = 0, sms = 0;
   if (!CHECK(cudaGetDevice(&dev) == cudaSuccess &&
@@ -429,7 +431,7 @@ static void test_prefill_shapes(void) {
   fx_spec s = spec_of(m3s_config_minimax_m3(2), 6, ql, sl);
   s.qsl_base = 7;
   s.topk_head_major = 1;
-  case_mods both = {NULL, NULL, 0, 1, 0};
+  case_mods both = {NULL, NULL, 0, 1, PATH_ANY};
   run_case("ragged_padded_head_major_tp2", s, &both);
   /* decode-like requests (< 8 rows: scored exactly in the selection kernel)
    * before a prefill chunk */
@@ -462,22 +464,22 @@ static void test_k_variants(void) {
 static void test_adversarial(void) {
   static const int32_t ql[] = {512, 512, 512, 512};
   static const int32_t sl[] = {8192, 8192, 6000, 7000};
-  case_mods lb = {last_bit, NULL, 1, 0, 0};
+  case_mods lb = {last_bit, NULL, 1, 0, PATH_ANY};
   run_case("last_bit_permuted_multiset_hkv1", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &lb);
   static const int32_t ql64[] = {256, 256, 256};
   static const int32_t sl64[] = {16384, 12000, 10000}; /* nb > 64 */
   run_case("last_bit_permuted_multiset_k64", spec_of(fx_cfg(8, 1, 64, 0, 1), 3, ql64, sl64), &lb);
-  case_mods eq = {equal_maxima, NULL, 0, 0, 0};
+  case_mods eq = {equal_maxima, NULL, 0, 0, PATH_ANY};
   run_case("equal_maxima_tp1", spec_of(m3s_config_minimax_m3(1), 4, ql, sl), &eq);
-  case_mods cw = {cancel_wide, NULL, 0, 0, 0};
+  case_mods cw = {cancel_wide, NULL, 0, 0, PATH_ANY};
   run_case("cancel_wide_exponents_tp2", spec_of(m3s_config_minimax_m3(2), 4, ql, sl), &cw);
-  case_mods sn = {subnormal_keys, NULL, 0, 0, 0};
+  case_mods sn = {subnormal_keys, NULL, 0, 0, PATH_ANY};
   run_case("subnormal_keys_large_queries_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &sn);
-  case_mods ov = {overflow_keys, NULL, 0, 0, 0};
+  case_mods ov = {overflow_keys, NULL, 0, 0, PATH_ANY};
   run_case("overflowing_products_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &ov);
   static const int32_t qn[] = {40, 30, 60};
   static const int32_t sn_[] = {30 * 128, 40 * 128 + 5, 5000};
-  case_mods ni = {nan_inf, NULL, 0, 0, 0};
+  case_mods ni = {nan_inf, NULL, 0, 0, PATH_ANY};
   for (int e4 = 0; e4 < 2; e4++) {
     fx_spec s = spec_of(m3s_config_minimax_m3(1), 3, qn, sn_);
     s.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
@@ -485,7 +487,7 @@ static void test_adversarial(void) {
   }
   static const int32_t qg[] = {30, 20, 40, 10};
   static const int32_t sg[] = {3000, 2500, 2200, 2600};
-  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, 0};
+  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, PATH_ANY};
   run_case("guard_page_ids_out_of_range", spec_of(m3s_config_minimax_m3(2), 4, qg, sg), &gp);
 }
 
@@ -502,7 +504,7 @@ static fx_spec decode_spec(m3s_layer_config c, int nreq, int q, const int32_t *s
 
 static void test_decode(void) {
   static const int32_t sl[] = {3000, 40000, 2100, 17000, 9000, 128 * 40, 2049, 33333};
-  case_mods both = {NULL, NULL, 0, 1, 0};
+  case_mods both = {NULL, NULL, 0, 1, PATH_ANY};
   run_case("decode_q1_tp1_ragged", decode_spec(m3s_config_minimax_m3(1), 8, 1, sl), &both);
   fx_spec e = decode_spec(m3s_config_minimax_m3(1), 6, 4, sl);
   e.idx_dtype = M3S_E4M3;
@@ -517,7 +519,7 @@ static void test_decode(void) {
   run_case("decode_q3_tp4_init2_local0",
            decode_spec(fx_cfg(16, 1, 16, 2, 0), 4, 3, sl + 2), NULL);
   static const int32_t sa[] = {8192, 8192, 6000, 7000};
-  case_mods lb = {last_bit, NULL, 1, 0, 0};
+  case_mods lb = {last_bit, NULL, 1, 0, PATH_ANY};
   run_case("decode_last_bit_permuted_multiset_hkv1",
            decode_spec(m3s_config_minimax_m3(4), 4, 2, sa), &lb);
   /* more pairs than SMs, mostly 17-31 candidates per pair (so at most 32
@@ -535,24 +537,24 @@ static void test_decode(void) {
   case_mods lbw = {last_bit, NULL, 1, 0, PATH_WARP};
   run_case("decode_last_bit_more_pairs_than_sms_hkv1_q5",
            decode_spec(m3s_config_minimax_m3(4), 63, 5, sm_), &lbw);
-  case_mods eq = {equal_maxima, NULL, 0, 0, 0};
+  case_mods eq = {equal_maxima, NULL, 0, 0, PATH_ANY};
   run_case("decode_equal_maxima_tp1", decode_spec(m3s_config_minimax_m3(1), 4, 1, sa), &eq);
-  case_mods cw = {cancel_wide, NULL, 0, 0, 0};
+  case_mods cw = {cancel_wide, NULL, 0, 0, PATH_ANY};
   run_case("decode_cancel_wide_exponents_tp2", decode_spec(m3s_config_minimax_m3(2), 4, 4, sa),
            &cw);
-  case_mods sn = {subnormal_keys, NULL, 0, 0, 0};
+  case_mods sn = {subnormal_keys, NULL, 0, 0, PATH_ANY};
   run_case("decode_subnormal_keys_tp4", decode_spec(m3s_config_minimax_m3(4), 4, 1, sa), &sn);
-  case_mods ov = {overflow_keys, NULL, 0, 0, 0};
+  case_mods ov = {overflow_keys, NULL, 0, 0, PATH_ANY};
   run_case("decode_overflowing_products_tp4", decode_spec(m3s_config_minimax_m3(4), 4, 2, sa),
            &ov);
   static const int32_t sn_[] = {30 * 128, 40 * 128 + 5, 5000};
-  case_mods ni = {nan_inf, NULL, 0, 0, 0};
+  case_mods ni = {nan_inf, NULL, 0, 0, PATH_ANY};
   for (int e4 = 0; e4 < 2; e4++) {
     fx_spec n = decode_spec(m3s_config_minimax_m3(1), 3, 4, sn_);
     n.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
     run_case(e4 ? "decode_nan_keys_e4m3_q4" : "decode_nan_inf_keys_and_query_bf16_q4", n, &ni);
   }
-  case_mods wq = {wide_queries, NULL, 0, 0, 0}, tq = {tiny_queries, NULL, 0, 0, 0};
+  case_mods wq = {wide_queries, NULL, 0, 0, PATH_ANY}, tq = {tiny_queries, NULL, 0, 0, PATH_ANY};
   for (int e4 = 0; e4 < 2; e4++) {
     fx_spec w = decode_spec(m3s_config_minimax_m3(2), 4, 2, sa);
     w.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
@@ -563,7 +565,7 @@ static void test_decode(void) {
     run_case(e4 ? "decode_tiny_queries_e4m3_q2" : "decode_tiny_queries_bf16_q2", t, &tq);
   }
   static const int32_t sg[] = {3000, 2500, 2200, 2600};
-  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, 0};
+  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, PATH_ANY};
   run_case("decode_guard_page_ids_out_of_range",
            decode_spec(m3s_config_minimax_m3(2), 4, 2, sg), &gp);
 }

@@ -436,9 +436,13 @@ static void test_large(void) {
   dcase c3 = {
       "skewed_one_128k_among_63_of_4k_tp1", m3s_config_minimax_m3(1), 64, 1, s, 0, &g_bf16, 0};
   run_case(&c3);
-  /* long pairs among short ones on the per-warp selection: q_len 4 with a
-   * ragged spread, e4m3 with two long requests, every pair long with more
-   * pairs than SMs, one long request among 127 */
+  /* long pairs among short ones: q_len 4 with a ragged spread, e4m3 with two
+   * long requests, every pair long with more pairs than SMs, one long request
+   * among 127. A batch whose longest context gives >= 512 candidates per
+   * pair (about 64K and up: the host bound from max_seq_len), or of at most
+   * two pairs per SM, takes the CTA-wide selection at two CTAs per SM, as
+   * most of these do; the warp per pair of decode batches is checked by
+   * test_gpu_topk_certified's ..._q5 case */
   dcase c5 = {"tp1_q4_12_requests_2k_to_70k", m3s_config_minimax_m3(1), 12, 4,
               ragged(12, 2048, 70000), 0, &g_bf16, 0};
   run_case(&c5);

@@ -67,8 +67,10 @@
  * (S~, E) in place of phase 1, then the same selection runs with
  * all_scored = 1.
  *
- * Registers / spills (ptxas, sm_90a): 128 registers each (the TMA kernel
- * 124), no spills: the TMA kernel runs each block as two m64n64 halves
+ * Registers / spills (ptxas, sm_90a): the score kernels 128 registers (the
+ * TMA kernel 124), no spills; tc_select_kernel 128 with 84 bytes of spill
+ * stores, tc_select_wide_kernel<1> 151 and <2> 126, no spills. The TMA
+ * score kernel runs each block as two m64n64 halves
  * through one 32-register accumulator (with one m64n128 accumulator it
  * spilled 32-60 bytes and was 4-13% slower, docs/perf-notes.md). Measured (H200, fresh 64K prompt,
  * docs/perf-notes.md): scores ~9.5 ms with mma.sync, ~6.4 ms with TMA +
