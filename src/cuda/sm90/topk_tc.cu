@@ -2211,30 +2211,28 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
 static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
                                    const tc_select_args &se, int rounds, cudaStream_t stream,
                                    const char *fn) {
-  if (se.npairs <= (int64_t)m3s_cuda_num_sms(ctx)) {
+  const int64_t sms = m3s_cuda_num_sms(ctx);
+  /* candidates per pair at most: the blocks of max_seq_len less the forced */
+  const int64_t cand = se.max_nb - se.init - se.local;
+  /* a CTA per pair: at one CTA per SM for no more pairs than SMs; at two for
+   * decode pairs of many candidates or few enough pairs for one wave, where
+   * it ranks faster than a warp per pair (H100: 128 x 128K e4m3, ncu 35 ->
+   * 21 us; 64 x 32K top-k 198.6 -> 192.0 us); more pairs of fewer candidates
+   * keep the warp per pair, all resident in one wave (128 x 32K q_len 4: the
+   * CTA-wide kernel 4% slower) */
+  const bool one = se.npairs <= sms;
+  const bool two = !one && se.all_scored && se.npairs <= INT32_MAX &&
+                   (cand >= TC_WIDE_MANY_CAND || se.npairs <= 2 * sms);
+  if (one || two) {
     tc_select_args sw = se;
     /* PDL is for the decode chain (launch.h); a prefill chunk's selection
      * follows a plainly launched score kernel */
     sw.pdl = se.all_scored ? m3s_cuda_pdl(ctx, cb.num_reqs) : 0;
-    return m3s_launch(sw.pdl, tc_select_wide_kernel<1>, dim3((unsigned)se.npairs),
-                      dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
+    return m3s_launch(sw.pdl, one ? tc_select_wide_kernel<1> : tc_select_wide_kernel<2>,
+                      dim3((unsigned)se.npairs), dim3(TC_WIDE_THREADS), 0, stream, fn,
+                      "tc_select_wide_kernel", cb, sw);
   }
-  const int64_t sms = m3s_cuda_num_sms(ctx);
-  /* decode pairs of many candidates, or few enough pairs for one wave at two
-   * CTAs per SM: a CTA per pair ranks them faster than a warp per pair (H100:
-   * 128 x 128K e4m3, ncu 35 -> 21 us; 64 x 32K top-k 198.6 -> 192.0 us);
-   * more pairs of fewer candidates keep the warp per pair, all resident in
-   * one wave (128 x 32K q_len 4: the CTA-wide kernel 4% slower) */
-  if (se.all_scored && se.npairs <= INT32_MAX &&
-      (se.max_nb - se.init - se.local >= TC_WIDE_MANY_CAND || se.npairs <= 2 * sms)) {
-    tc_select_args sw = se;
-    sw.pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
-    return m3s_launch(sw.pdl, tc_select_wide_kernel<2>, dim3((unsigned)se.npairs),
-                      dim3(TC_WIDE_THREADS), 0, stream, fn, "tc_select_wide_kernel", cb, sw);
-  }
-  /* candidates per pair at most: the blocks of max_seq_len less the forced;
-   * decode batches (every row scored) keep the rounds kernel */
-  const int64_t cand = se.max_nb - se.init - se.local;
+  /* decode batches (every row scored) keep the rounds kernel */
   const int r = rounds || se.all_scored ? 0 : cand <= 32 ? 1 : cand <= 64 ? 2 : cand <= 128 ? 4 : 0;
   switch (r) {
   case 1: return tc_launch_reg<1>(sms, cb, se, stream, fn);
