@@ -438,11 +438,13 @@ static void test_large(void) {
   run_case(&c3);
   /* long pairs among short ones: q_len 4 with a ragged spread, e4m3 with two
    * long requests, every pair long with more pairs than SMs, one long request
-   * among 127. A batch whose longest context gives >= 512 candidates per
-   * pair (about 64K and up: the host bound from max_seq_len), or of at most
-   * two pairs per SM, takes the CTA-wide selection at two CTAs per SM, as
-   * most of these do; the warp per pair of decode batches is checked by
-   * test_gpu_topk_certified's ..._q5 case */
+   * among 127 (q_len 1 and 4). A batch whose longest context gives >= 512
+   * candidates per pair (about 64K and up: the host bound from max_seq_len)
+   * at up to four pairs per SM, or of at most two pairs per SM, takes the
+   * CTA-wide selection at two CTAs per SM, as most of these do; the q_len 4
+   * batch of 128 (2048 pairs at TP1) takes a warp per pair with its long
+   * pairs' 1022 candidates, and test_gpu_topk_certified's ..._q5 case checks
+   * that path's re-scores */
   dcase c5 = {"tp1_q4_12_requests_2k_to_70k", m3s_config_minimax_m3(1), 12, 4,
               ragged(12, 2048, 70000), 0, &g_bf16, 0};
   run_case(&c5);
@@ -459,6 +461,9 @@ static void test_large(void) {
   dcase c8 = {"skewed_one_128k_among_127_of_4k_tp1", m3s_config_minimax_m3(1), 128, 1, s8, 0,
               &g_bf16, 0};
   run_case(&c8);
+  dcase c9 = {"skewed_one_128k_among_127_of_4k_tp1_q4", m3s_config_minimax_m3(1), 128, 4, s8, 0,
+              &g_bf16, 0};
+  run_case(&c9);
   dcase c4 = {"e4m3_tp1_q1_64_requests_4k_to_32k",
               m3s_config_minimax_m3(1),
               64,

@@ -34,7 +34,7 @@
  *     re-scores, a quarter block each), then the tie rule on reference
  *     scores.
  *     Calls of no more pairs than SMs, and decode batches of at most two
- *     pairs per SM or of >= 512 candidates per pair, take
+ *     pairs per SM or of >= 512 candidates per pair at up to four, take
  *     tc_select_wide_kernel instead: a CTA of 8 warps per pair, the same
  *     proof (its comment below).
  *     Rows of requests with fewer than TC_MIN_ROWS query rows (decode rows in
@@ -1752,9 +1752,10 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
 #define TC_WIDE_THREADS (TC_WIDE_WARPS * 32)
 /* decode batches of more pairs than SMs take the CTA-wide selection (two
  * CTAs per SM, <= 128 registers) from this many candidates per pair (host
- * bound: max_seq_len's blocks less the forced), or at any count when there
- * are at most two pairs per SM */
+ * bound: max_seq_len's blocks less the forced) up to TC_WIDE_MANY_PER_SM
+ * pairs per SM, or at any count when there are at most two pairs per SM */
 #define TC_WIDE_MANY_CAND 512
+#define TC_WIDE_MANY_PER_SM 4 /* ... up to this many pairs per SM */
 
 typedef struct {
   float q[M3S_INDEX_DIM];
@@ -2207,7 +2208,8 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
 
 /* Phase 2 over se.npairs (row, head) pairs from se.row0: a CTA per pair when
  * there are no more pairs than SMs, or for decode batches of at most two pairs
- * per SM or of many candidates (host bounds only); else a warp per pair. */
+ * per SM or of many candidates at up to four (host bounds only); else a warp
+ * per pair. */
 static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
                                    const tc_select_args &se, int rounds, cudaStream_t stream,
                                    const char *fn) {
@@ -2219,10 +2221,15 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
    * it ranks faster than a warp per pair (H100: 128 x 128K e4m3, ncu 35 ->
    * 21 us; 64 x 32K top-k 198.6 -> 192.0 us); more pairs of fewer candidates
    * keep the warp per pair, all resident in one wave (128 x 32K q_len 4: the
-   * CTA-wide kernel 4% slower) */
+   * CTA-wide kernel 4% slower). The candidate bound is max_seq_len's, so a
+   * skewed batch (one long request among short ones) takes the CTA-wide
+   * kernel for every pair; at up to four pairs per SM that still won (H100,
+   * 64 / 128 requests x 128K skewed 32x, q_len 1: 0.83 / 0.88), at 16 it lost
+   * (128 requests q_len 4: 1.15), so the rule stops at four. */
   const bool one = se.npairs <= sms;
   const bool two = !one && se.all_scored && se.npairs <= INT32_MAX &&
-                   (cand >= TC_WIDE_MANY_CAND || se.npairs <= 2 * sms);
+                   ((cand >= TC_WIDE_MANY_CAND && se.npairs <= TC_WIDE_MANY_PER_SM * sms) ||
+                    se.npairs <= 2 * sms);
   if (one || two) {
     tc_select_args sw = se;
     /* PDL is for the decode chain (launch.h); a prefill chunk's selection
