@@ -46,8 +46,9 @@
  *     a random 8K prompt's: 2946 blocks re-scored over 24576 scored pairs
  *     in test_gpu_topk_certified);
  *     tc_select_deferred_kernel takes the rest, listed in the
- *     workspace: the same register path with the exact re-scores, or the
- *     per-pair code above (more than 32 uncertain blocks, short requests).
+ *     workspace: the same register path with the exact re-scores (a CTA's
+ *     warps sharing its pairs' re-scores), or the per-pair code above (more
+ *     than 32 uncertain blocks, short requests).
  * Grids and workspace come from host bounds only (num_tokens, max_seq_len,
  * Hkv, K, the SM count): graph-safe; no allocation, no synchronisation (the
  * deferred-pair count is zeroed by a cudaMemsetAsync on the stream).
@@ -1591,19 +1592,14 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
   return nq;
 }
 
-/* The nq (1..32) uncertain blocks of a classified pair re-scored in the
- * reference order (query elements lane + 32 m in qv) and ranked on those
- * scores; chosen[j] of each (j = candidate index) says whether it is among
- * the best want - n_in. */
+/* The uncertain blocks of a classified pair listed in sm.qlist in the
+ * candidates' order, and its query (elements lane + 32 m in qv) staged as
+ * fp32 in sm.q, for the re-scores (the warp's own or the CTA's). */
 template <int R>
-__device__ __forceinline__ void tc_reg_rescore(const m3s_cuda_batch &bt, const tc_select_args &a,
-                                               int64_t lp, const m3s_row_info &ri,
-                                               const int (&cls)[R], int nq, int n_in,
-                                               const uint16_t (&qv)[4], tc_warp_shared &sm,
-                                               unsigned char *chosen) {
+__device__ __forceinline__ void tc_reg_list(const tc_select_args &a, const int (&cls)[R],
+                                            const uint16_t (&qv)[4], tc_warp_shared &sm) {
   const int lane = threadIdx.x & 31;
   const uint32_t lt = (1u << lane) - 1u;
-  const int want = a.topk - a.init - a.local;
   /* Q listed in the candidates' order */
   int base = 0;
 #pragma unroll
@@ -1616,10 +1612,15 @@ __device__ __forceinline__ void tc_reg_rescore(const m3s_cuda_batch &bt, const t
 #pragma unroll
   for (int m = 0; m < 4; m++)
     sm.q[lane + 32 * m] = __uint_as_float((uint32_t)qv[m] << 16);
-  __syncwarp(); /* the list and the query */
-  tc_select_rescore(bt, a, a.ws + lp * a.max_nb, ri.r, ri.pos, sm.q, sm.qlist, nq, 0, 1,
-                    sm.qsc);
-  __syncwarp(); /* the reference scores */
+}
+
+/* Ranks the nq listed blocks on their reference scores (sm.qsc, visible to
+ * the warp): chosen[j] (j = candidate index) says whether each is among the
+ * best want - n_in. */
+__device__ __forceinline__ void tc_reg_choose(const tc_select_args &a, int nq, int n_in,
+                                              const tc_warp_shared &sm, unsigned char *chosen) {
+  const int lane = threadIdx.x & 31;
+  const int want = a.topk - a.init - a.local;
   const int32_t id = lane < nq ? sm.qlist[lane] : -1;
   const unsigned long long k = lane < nq ? tc_key(tc_ord(sm.qsc[lane]), id) : 0ull;
   int rank = 0;
@@ -1690,44 +1691,83 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
   }
 }
 
-/* The pairs tc_select_reg_kernel deferred: warp w of the grid takes list
- * entries w, w + warps, ... (at most ~12% of a random 8K prompt's pairs),
- * each re-scored in the register path, or by tc_select_one (more than 32
- * uncertain blocks, short requests scored exactly, the measure hook). */
+/* The pairs tc_select_reg_kernel deferred (at most ~12% of a random 8K
+ * prompt's pairs, mostly with two uncertain blocks), a warp per pair in the
+ * register path, or by tc_select_one (more than 32 uncertain blocks, short
+ * requests scored exactly, the measure hook). List entry k goes to CTA k %
+ * grid, warp k / grid, so a list no longer than the grid puts one pair on
+ * each CTA, and the CTA's warps share its pairs' re-scores a quarter block
+ * each (tc_cta_rescore, as in tc_select_kernel): a pair's two or so
+ * uncertain blocks take about two memory round trips instead of eight on
+ * its own warp. */
 template <int R>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
     tc_select_deferred_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ tc_warp_shared sh[TC_SEL_WARPS];
+  __shared__ tc_pair_shared ps[TC_SEL_WARPS];
   __shared__ unsigned char chsh[TC_SEL_WARPS][32 * R];
   __shared__ float2 wsh[TC_SEL_WARPS][32 * R];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  tc_warp_shared &sm = sh[warp];
   const int count = __ldcg(a.list);
-  for (int k = blockIdx.x * TC_SEL_WARPS + warp; k < count; k += gridDim.x * TC_SEL_WARPS) {
-    const int64_t lp = __ldcg(a.list + 1 + k);
-    /* the entries and the query first, as in tc_select_reg_kernel */
-    float2 e[R];
-    uint16_t qv[4];
-    tc_reg_load<R>(a, lp, e);
-    static_assert(M3S_INDEX_DIM == 4 * 32, "four query elements per lane");
-    const uint16_t *iq = tc_query_of(a, lp);
-#pragma unroll
-    for (int m = 0; m < 4; m++)
-      qv[m] = iq[lane + 32 * m];
+  /* CTA-uniform trips: the barriers below need every warp */
+  for (int base = 0; base < count; base += (int)gridDim.x * TC_SEL_WARPS) {
+    const int k = base + warp * (int)gridDim.x + (int)blockIdx.x;
+    tc_sel_state st = {0, 0, 0, 1};
+    int64_t lp = 0, nb = 0;
     m3s_row_info ri;
-    int32_t *out;
-    const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
-    const int n = (int)(nb - a.local - a.init);
-    int cls[R], n_in, nq = 33;
-    if (tc_reg_covers<R>(a, ri, nb))
-      nq = tc_reg_classify<R>(a, n, e, cls, n_in);
-    if (nq > 32) {
-      tc_select_one(bt, a, lp, ri, nb, out, sh[warp], nb - a.local <= 32 * R ? wsh[warp] : NULL);
-      continue;
+    int32_t *out = NULL;
+    int n = 0, cls[R], n_in = 0, nq = 33;
+    if (k < count) {
+      lp = __ldcg(a.list + 1 + k);
+      /* the entries and the query first, as in tc_select_reg_kernel */
+      float2 e[R];
+      uint16_t qv[4];
+      tc_reg_load<R>(a, lp, e);
+      static_assert(M3S_INDEX_DIM == 4 * 32, "four query elements per lane");
+      const uint16_t *iq = tc_query_of(a, lp);
+#pragma unroll
+      for (int m = 0; m < 4; m++)
+        qv[m] = iq[lane + 32 * m];
+      nb = tc_pair_row(bt, a, lp, ri, out);
+      n = (int)(nb - a.local - a.init);
+      if (tc_reg_covers<R>(a, ri, nb))
+        nq = tc_reg_classify<R>(a, n, e, cls, n_in);
+      if (nq > 32) {
+        tc_select_one(bt, a, lp, ri, nb, out, sm, nb - a.local <= 32 * R ? wsh[warp] : NULL);
+      } else if (nq > 0) {
+        tc_reg_list<R>(a, cls, qv, sm);
+        __syncwarp(); /* the list */
+        /* the pages of the uncertain blocks start towards L2 before the barrier */
+        if (lane < nq && !a.no_rescore)
+          tc_prefetch_block(bt, a, ri.r, sm.qlist[lane]);
+        st.nq = nq;
+        st.done = 0;
+      }
     }
-    if (nq > 0)
-      tc_reg_rescore<R>(bt, a, lp, ri, cls, nq, n_in, qv, sh[warp], chsh[warp]);
-    tc_reg_write<R>(a, nb, n, nq, cls, chsh[warp], out);
-    __syncwarp(); /* the shared lists are reused by the warp's next pair */
+    if (lane == 0)
+      ps[warp].st = st;
+    if (lane == 0 && !st.done) {
+      ps[warp].pos = ri.pos;
+      ps[warp].r = ri.r;
+    }
+    __syncthreads(); /* the states, lists and queries of the CTA's pairs */
+    if (!a.no_rescore)
+      tc_cta_rescore(bt, a, sh, ps);
+    __syncthreads(); /* the quarters' maxima */
+    if (k < count && nq <= 32) {
+      if (nq > 0) {
+        if (lane < nq)
+          sm.qsc[lane] = a.no_rescore ? a.ws[lp * a.max_nb + sm.qlist[lane]].x
+                                      : fmaxf(fmaxf(ps[warp].part[lane][0], ps[warp].part[lane][1]),
+                                              fmaxf(ps[warp].part[lane][2], ps[warp].part[lane][3]));
+        __syncwarp(); /* the reference scores */
+        tc_reg_choose(a, nq, n_in, sm, chsh[warp]);
+      }
+      tc_reg_write<R>(a, nb, n, nq, cls, chsh[warp], out);
+    }
+    /* the next trip's first writes to sh / ps follow every read of this one */
+    __syncthreads();
   }
 }
 
