@@ -1426,6 +1426,33 @@ static __device__ void tc_cta_rescore(const m3s_cuda_batch &bt, const tc_select_
   }
 }
 
+/* The CTA's shared re-scores (every thread calls it): this warp's pair
+ * state st published (and its row, for a pair not done), the CTA's
+ * re-scores (tc_cta_rescore) between two barriers, then this warp's
+ * reference scores of its listed blocks in sm.qsc, visible to the warp
+ * (W: the pair's entries, whose S~ stand in under the no_rescore hook). */
+static __device__ __forceinline__ void tc_cta_share(const m3s_cuda_batch &bt,
+                                                    const tc_select_args &a, tc_warp_shared *sh,
+                                                    tc_pair_shared *ps, const tc_sel_state &st,
+                                                    const m3s_row_info &ri, const float2 *W) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0)
+    ps[warp].st = st;
+  if (lane == 0 && !st.done) {
+    ps[warp].pos = ri.pos;
+    ps[warp].r = ri.r;
+  }
+  __syncthreads(); /* the states, lists and queries of the CTA's pairs */
+  if (!a.no_rescore)
+    tc_cta_rescore(bt, a, sh, ps);
+  __syncthreads(); /* the quarters' maxima */
+  if (!st.done && lane < st.nq)
+    sh[warp].qsc[lane] = a.no_rescore ? W[sh[warp].qlist[lane]].x
+                                      : fmaxf(fmaxf(ps[warp].part[lane][0], ps[warp].part[lane][1]),
+                                              fmaxf(ps[warp].part[lane][2], ps[warp].part[lane][3]));
+  __syncwarp(); /* the reference scores */
+}
+
 /* One pair per warp, TC_SEL_WARPS pairs per CTA (batches with many pairs):
  * each warp stages and classifies its pair (tc_select_classify), the CTA
  * shares the re-scores (tc_cta_rescore), then each warp finishes its pair. */
@@ -1455,24 +1482,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
       if (!st.done && lane < st.nq && !a.no_rescore)
         tc_prefetch_block(bt, a, ri.r, sm.qlist[lane]);
     }
-    if (lane == 0)
-      ps[warp].st = st;
-    if (lane == 0 && !st.done) {
-      ps[warp].pos = ri.pos;
-      ps[warp].r = ri.r;
-    }
-    __syncthreads(); /* the states, lists and queries of the CTA's pairs */
-    if (!a.no_rescore)
-      tc_cta_rescore(bt, a, sh, ps);
-    __syncthreads(); /* the quarters' maxima */
-    if (out && nb > a.topk) {
-      if (!st.done && lane < st.nq)
-        sm.qsc[lane] = a.no_rescore ? W[sm.qlist[lane]].x
-                                    : fmaxf(fmaxf(ps[warp].part[lane][0], ps[warp].part[lane][1]),
-                                            fmaxf(ps[warp].part[lane][2], ps[warp].part[lane][3]));
-      __syncwarp();
+    tc_cta_share(bt, a, sh, ps, st, ri, W);
+    if (out && nb > a.topk)
       tc_select_finish(a, st, sm.sel, sm.qlist, sm.qsc, out);
-    }
     /* not needed for order (the next trip's first barrier follows every
      * cross-warp read), but it ends the trip's live ranges: without it
      * ptxas spills 100 bytes instead of 84 */
@@ -1745,25 +1757,10 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
         st.done = 0;
       }
     }
-    if (lane == 0)
-      ps[warp].st = st;
-    if (lane == 0 && !st.done) {
-      ps[warp].pos = ri.pos;
-      ps[warp].r = ri.r;
-    }
-    __syncthreads(); /* the states, lists and queries of the CTA's pairs */
-    if (!a.no_rescore)
-      tc_cta_rescore(bt, a, sh, ps);
-    __syncthreads(); /* the quarters' maxima */
+    tc_cta_share(bt, a, sh, ps, st, ri, a.ws + lp * a.max_nb);
     if (k < count && nq <= 32) {
-      if (nq > 0) {
-        if (lane < nq)
-          sm.qsc[lane] = a.no_rescore ? a.ws[lp * a.max_nb + sm.qlist[lane]].x
-                                      : fmaxf(fmaxf(ps[warp].part[lane][0], ps[warp].part[lane][1]),
-                                              fmaxf(ps[warp].part[lane][2], ps[warp].part[lane][3]));
-        __syncwarp(); /* the reference scores */
+      if (nq > 0)
         tc_reg_choose(a, nq, n_in, sm, chsh[warp]);
-      }
       tc_reg_write<R>(a, nb, n, nq, cls, chsh[warp], out);
     }
     /* the next trip's first writes to sh / ps follow every read of this one */
