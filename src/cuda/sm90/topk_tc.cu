@@ -361,8 +361,17 @@ __device__ __forceinline__ void tc_quad_max(float &m_lo, float &m_hi) {
  * and, when the layout allows, 16 bytes at a time: the element-wise loads
  * and the O(rows) run scan were ~30% of the 8K prompt's stall samples
  * (ncu, docs/perf-notes.md). The caller synchronises before qs is reused or
- * run_end / qn are read. */
-template <class Smem>
+ * run_end / qn are read. TC_THREADS threads call it: the CTA, or
+ * tc_score_ws_kernel's consumers (NAMED: their own barrier, 1). */
+template <bool NAMED>
+__device__ __forceinline__ void tc_prologue_sync() {
+  if (NAMED)
+    asm volatile("bar.sync 1, %0;\n" ::"n"(TC_THREADS) : "memory");
+  else
+    __syncthreads();
+}
+
+template <bool NAMED = false, class Smem>
 __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const tc_score_args &a,
                                                  Smem &s, uint16_t *qs, int64_t tile0, int n,
                                                  int g, uint32_t (&af)[8][4]) {
@@ -408,7 +417,7 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
       *(uint32_t *)(qs + i * TC_PAD + d) = w;
     }
   }
-  __syncthreads();
+  tc_prologue_sync<NAMED>();
   /* runs: a row starts one where its request differs from the previous
    * row's; rows past n count as starts so that every run ends by n */
   if (tid < TC_ROWS) {
@@ -417,7 +426,7 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
     if (lane == 0)
       s.starts[warp] = m;
   }
-  __syncthreads();
+  tc_prologue_sync<NAMED>();
   if (tid < TC_ROWS) {
     int e = TC_ROWS;
     for (int w = warp; w < TC_ROWS / 32; w++) {
@@ -817,6 +826,259 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
       /* a bad page's maxima are never stored: tc_store_rows writes (NaN, inf) */
       if ((lane & 3) == 0)
         tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
+    }
+    it += (uint32_t)nblk;
+  }
+#endif
+}
+
+/* ---------------------------------------------------------------------------
+ * Kernel 1, sm_90 default for a bf16 index cache: tc_score_ws_kernel, the
+ * TMA kernel's work with a warp-specialised pipeline.
+ *
+ * Grid (row tiles, Hkv, gy) as the kernels above (gy for about TS_WAVES
+ * CTAs per SM in all), TS_THREADS = 384 threads, one CTA per SM,
+ * TS_SMEM_BYTES dynamic shared memory. Warps 0-7 are the consumers: two
+ * warpgroups of 64 rows, the A fragments in registers for the whole tile as
+ * in tc_score_tma_kernel, at TS_CONSUMER_REGS registers (setmaxnreg); the
+ * third warpgroup gives its registers up, and its warp 8 is the producer:
+ * it reads the page ids and
+ * key norms of the CTA's blocks (32 at a time, a block per lane), and its
+ * lane 0 fills a TS_STAGES-deep ring of 32 KB stages by TMA, writing each
+ * stage's page check and norm beside it. Each consumer warpgroup runs a
+ * block as one m64n128 wgmma group into one of two accumulators and folds
+ * the previous block's accumulator while the group runs (wg_wait<1>), so
+ * its tensor work no longer stops for its own epilogue: tc_score_tma_kernel
+ * waited for each m64n64 half before folding it, and with four such
+ * warpgroups per SM reached ~40-56% of the bf16 ceiling (ncu, 8K and 64K
+ * prompts, docs/perf-notes.md). Two accumulators beside the A fragments
+ * need ~190 registers, hence one CTA per SM (the 128-register cap of two
+ * CTAs spilled) and the registers moved between warpgroups (at 168 each
+ * the consumers spilled). The prologue is tc_tile_prologue's (the producer
+ * warpgroup meets its barriers). sm_90a only.
+ * ------------------------------------------------------------------------- */
+#define TS_STAGES 6
+#define TS_CONSUMERS (TC_THREADS / 32) /* consumer warps */
+#define TS_THREADS (TC_THREADS + 128)   /* + the producer warpgroup */
+#define TS_PRODUCER_REGS 56 /* 128 x 56 + 256 x 224 = 384 x 168: the CTA's launch allocation */
+#define TS_CONSUMER_REGS 224
+/* setmaxnreg.inc waits until the CTA's pool has the registers: the roles'
+ * sum must not exceed what the launch gives each of TS_THREADS threads
+ * (65536 / TS_THREADS rounded down to 8: 168, ptxas's count with
+ * setmaxnreg in the kernel) */
+static_assert(4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS <=
+                  TS_THREADS * ((65536 / TS_THREADS) & ~7),
+              "the consumers' registers must come from the producer warpgroup's");
+#define TS_SMEM_BYTES (TS_STAGES * TW_STAGE_BYTES + 1024) /* + slack for 1024-byte alignment */
+#define TS_WAVES 2 /* CTAs per SM the grid aims at */
+
+typedef struct {
+  unsigned long long full[TS_STAGES], empty[TS_STAGES];
+  float nk[TS_STAGES]; /* the stage's largest key norm */
+  int bad[TS_STAGES];  /* its page id is out of range (nothing loaded) */
+  int64_t pos[TC_ROWS];
+  int req[TC_ROWS];
+  int run_end[TC_ROWS];
+  uint32_t starts[TC_ROWS / 32];
+  float qn[TC_ROWS];
+} ts_smem;
+
+/* The registers of the calling warpgroup (every thread of it calls). */
+template <int N>
+__device__ __forceinline__ void ts_set_regs(bool inc) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if (inc)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+  else
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#else
+  (void)inc;
+#endif
+}
+
+/* Warp 8: the stages of the CTA's blocks, in the consumers' order (runs,
+ * then b0 + j gz). Lane l looks up block j0 + l of each 32; lane 0 waits
+ * for each stage's release, writes its page check and norm, and arms it
+ * (a page out of range: a plain arrive, nothing loaded). */
+__device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
+                                           const CUtensorMap *map, ts_smem &s,
+                                           unsigned char *ring, int n) {
+  const int lane = threadIdx.x & 31;
+  uint32_t i = 0;
+  for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
+    const int p1 = s.run_end[p0], r = s.req[p0];
+    if (r < 0)
+      continue;
+    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
+    const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
+    if (b0 >= hi)
+      continue;
+    const int nblk = (hi - b0 + gz - 1) / gz;
+    const float *nrow = a.norms + tc_norm_slot(bt, r) * a.max_nb;
+    for (int j0 = 0; j0 < nblk; j0 += 32) {
+      const int b = b0 + (j0 + lane) * gz;
+      int64_t page = -1;
+      float nk = INFINITY;
+      if (j0 + lane < nblk) {
+        page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+        nk = b < a.max_nb ? nrow[b] : INFINITY;
+      }
+      const int m = nblk - j0 < 32 ? nblk - j0 : 32;
+      for (int l = 0; l < m; l++, i++) {
+        const int64_t pg = __shfl_sync(TC_FULL, page, l);
+        const float k = __shfl_sync(TC_FULL, nk, l);
+        if (lane == 0) {
+          const uint32_t st = i % TS_STAGES, use = i / TS_STAGES;
+          if (use > 0)
+            sm90_bar_wait(&s.empty[st], (use - 1) & 1);
+          s.nk[st] = k;
+          s.bad[st] = pg < 0;
+          if (pg < 0) {
+            sm90_bar_arrive(&s.full[st]);
+          } else {
+            unsigned char *dst = ring + st * TW_STAGE_BYTES;
+            sm90_bar_arrive_tx(&s.full[st], TW_STAGE_BYTES);
+            sm90_tma_load_2d(dst, map, 0, (int)(pg * M3S_BLOCK_SIZE), &s.full[st]);
+            sm90_tma_load_2d(dst + TW_HALF_BYTES, map, 64, (int)(pg * M3S_BLOCK_SIZE), &s.full[st]);
+          }
+        }
+        __syncwarp();
+      }
+    }
+  }
+}
+
+/* A consumer warpgroup's group for the CTA's i-th block: once its stage
+ * has landed, 8 wgmma k-steps of the warpgroup's 64 rows x the block's 128
+ * keys into acc, committed, not waited for. */
+__device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
+                                         const uint32_t (&af)[8][4], float (&acc)[16][4],
+                                         uint32_t i) {
+  const uint32_t st = i % TS_STAGES;
+  sm90_bar_wait(&s.full[st], (i / TS_STAGES) & 1);
+  const uint32_t tile = tc_smem_addr(ring + st * TW_STAGE_BYTES);
+  wg_pin(acc);
+  wg_fence();
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++)
+    wg_mma_n128_bf16(acc, af[ks], wg_desc_k_sw128(tile + (ks >> 2) * TW_HALF_BYTES + (ks & 3) * 32),
+                     ks > 0);
+  wg_commit();
+}
+
+/* The CTA's i-th block (block b) once at most PENDING groups are left: the
+ * stage released (its page check and norm read first: the producer
+ * rewrites them), then the row maxima folded from acc and, by the quad's
+ * first lane, (S~, E) stored. */
+template <int PENDING>
+__device__ __forceinline__ void ts_finish(const tc_score_args &a, ts_smem &s, float (&acc)[16][4],
+                                          uint32_t i, int b, int64_t tile0, int g, int in_lo,
+                                          int in_hi) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+  const uint32_t st = i % TS_STAGES;
+  wg_wait<PENDING>();
+  wg_pin(acc);
+  const int bad = s.bad[st];
+  const float nk = s.nk[st];
+  /* this warp's reads of the stage (the async proxy's) come before the
+   * refill's TMA writes */
+  sm90_fence_proxy_async();
+  __syncwarp();
+  if (lane == 0)
+    sm90_bar_arrive(&s.empty[st]);
+  float m_lo = -INFINITY, m_hi = -INFINITY;
+  tc_row_fold(acc, s.pos[r_lo], s.pos[r_hi], b, 0, lane, m_lo, m_hi);
+  tc_quad_max(m_lo, m_hi);
+  /* a bad page's maxima are never stored: tc_store_rows writes (NaN, inf) */
+  if ((lane & 3) == 0)
+    tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
+}
+
+static __global__ void __launch_bounds__(TS_THREADS, 1)
+    tc_score_ws_kernel(m3s_cuda_batch bt, tc_score_args a, const __grid_constant__ CUtensorMap map) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap(); /* launched on sm_90 devices only */
+#else
+  extern __shared__ __align__(16) unsigned char tc_dyn[];
+  __shared__ ts_smem s;
+  const uint32_t base = tc_smem_addr(tc_dyn);
+  unsigned char *const ring = tc_dyn + ((1024u - (base & 1023u)) & 1023u);
+  uint16_t *qs = (uint16_t *)ring; /* the query tile, before the first copy */
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
+  const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TC_ROWS; /* heavy tiles first */
+  const int g = blockIdx.y;
+  const int n = (int)(a.nrows - tile0 < TC_ROWS ? a.nrows - tile0 : TC_ROWS);
+
+  /* the roles first, uniform over each warp for the compiler too (a
+   * divergent branch around wgmma makes ptxas serialise it); the producer
+   * warpgroup gives its registers up before the consumers take theirs */
+  if (__shfl_sync(TC_FULL, warp / 4, 0) == TS_CONSUMERS / 4) {
+    ts_set_regs<TS_PRODUCER_REGS>(false);
+    if (warp == TS_CONSUMERS) {
+      /* the consumers' prologue done: the runs, the barriers, the query
+       * tile read (the ring overwrites it) */
+      asm volatile("bar.sync 2, %0;\n" ::"n"(TC_THREADS + 32) : "memory");
+      ts_produce(bt, a, &map, s, ring, n);
+    }
+    return;
+  }
+  ts_set_regs<TS_CONSUMER_REGS>(true);
+
+  /* Phase 1 (consumers): rows, runs, queries, norms, A fragments; the
+   * ring's barriers; then the producer is let go */
+  uint32_t af[8][4];
+  tc_tile_prologue<true>(bt, a, s, qs, tile0, n, g, af);
+  if (tid == 0) {
+    for (int i = 0; i < TS_STAGES; i++) {
+      sm90_bar_init(&s.full[i], 1);
+      sm90_bar_init(&s.empty[i], TS_CONSUMERS);
+    }
+    sm90_fence_barrier_init();
+  }
+  sm90_fence_proxy_async(); /* the query tile's generic accesses before TMA overwrites it */
+  tc_prologue_sync<true>();  /* run_end and the barriers, for the consumers */
+  asm volatile("bar.arrive 2, %0;\n" ::"n"(TC_THREADS + 32) : "memory");
+
+  /* Phase 2: per run, the CTA's candidate blocks through the ring, two
+   * accumulators in turn: block j's group is issued before block j - 1 is
+   * folded. i counts the CTA's blocks over all runs (stage and phase). */
+  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+  float acc0[16][4], acc1[16][4];
+#pragma unroll
+  for (int j = 0; j < 16; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      acc0[j][e] = acc1[j][e] = 0.0f;
+  uint32_t it = 0;
+  for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
+    const int p1 = s.run_end[p0], r = s.req[p0];
+    if (r < 0)
+      continue;
+    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
+    const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
+    if (b0 >= hi)
+      continue;
+    const int nblk = (hi - b0 + gz - 1) / gz;
+    const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
+    /* one group in flight at the loop head (acc0's, block j - 1), none
+     * after the run: the same on every path, which ptxas needs to keep the
+     * groups asynchronous */
+    ts_issue(s, ring, af, acc0, it);
+    int j = 1;
+    for (; j + 1 < nblk; j += 2) {
+      ts_issue(s, ring, af, acc1, it + j);
+      ts_finish<1>(a, s, acc0, it + j - 1, b0 + (j - 1) * gz, tile0, g, in_lo, in_hi);
+      ts_issue(s, ring, af, acc0, it + j + 1);
+      ts_finish<1>(a, s, acc1, it + j, b0 + j * gz, tile0, g, in_lo, in_hi);
+    }
+    if (j < nblk) {
+      ts_issue(s, ring, af, acc1, it + j);
+      ts_finish<1>(a, s, acc0, it + j - 1, b0 + (j - 1) * gz, tile0, g, in_lo, in_hi);
+      ts_finish<0>(a, s, acc1, it + j, b0 + j * gz, tile0, g, in_lo, in_hi);
+    } else {
+      ts_finish<0>(a, s, acc0, it + j - 1, b0 + (j - 1) * gz, tile0, g, in_lo, in_hi);
     }
     it += (uint32_t)nblk;
   }
@@ -2197,8 +2459,12 @@ extern "C" cudaError_t m3s_topk_tc_prepare(void) {
     if (err != cudaSuccess)
       return err;
   }
-  return cudaFuncSetAttribute(tc_score_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              TW_SMEM_BYTES);
+  cudaError_t err = cudaFuncSetAttribute(tc_score_tma_kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, TW_SMEM_BYTES);
+  if (err != cudaSuccess)
+    return err;
+  return cudaFuncSetAttribute(tc_score_ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              TS_SMEM_BYTES);
 }
 
 /* The tensor map of a bf16 index cache for tc_score_tma_kernel: the cache as
@@ -2383,10 +2649,12 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     sa.row0 = se.row0 = row0;
     sa.nrows = n;
     se.npairs = n * hkv;
-    /* Phase 1: (S~, E) of the chunk. About 4 CTAs per SM in all; a CTA
-     * takes every gy-th candidate block of its tile. */
+    /* Phase 1: (S~, E) of the chunk. About 4 CTAs per SM in all (2 resident),
+     * TS_WAVES for the warp-specialised kernel (1 resident); a CTA takes
+     * every gy-th candidate block of its tile. */
+    const int ws = tma && !hooks.score_ring;
     int64_t tiles = (n + TC_ROWS - 1) / TC_ROWS;
-    int64_t gy = (4 * sms + tiles * hkv - 1) / (tiles * hkv);
+    int64_t gy = ((ws ? TS_WAVES : 4) * sms + tiles * hkv - 1) / (tiles * hkv);
     gy = gy < 1 ? 1 : gy;
     gy = gy < plan.max_nb ? gy : plan.max_nb;
     gy = gy < 65535 ? gy : 65535;
@@ -2394,11 +2662,14 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
       return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld row tiles x %d heads exceed the grid limit",
                       (long long)tiles, hkv);
     dim3 grid((unsigned)tiles, (unsigned)hkv, (unsigned)gy);
-    if (tma)
+    if (ws)
+      tc_score_ws_kernel<<<grid, TS_THREADS, TS_SMEM_BYTES, stream>>>(cb, sa, map);
+    else if (tma)
       tc_score_tma_kernel<<<grid, TC_THREADS, TW_SMEM_BYTES, stream>>>(cb, sa, map);
     else
       score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
-    m3s_status st = m3s_cuda_check_launch(fn, tma ? "tc_score_tma_kernel" : "tc_score_kernel");
+    m3s_status st = m3s_cuda_check_launch(
+        fn, ws ? "tc_score_ws_kernel" : tma ? "tc_score_tma_kernel" : "tc_score_kernel");
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */

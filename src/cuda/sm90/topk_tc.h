@@ -50,7 +50,11 @@ typedef struct {
  *  rounds_select: the prefill selection by rounds of a warp maximum with the
  *              entries in shared memory (tc_select_kernel) also where the
  *              register selection (tc_select_reg_kernel, at most 128
- *              candidates per pair) is the default: for A/B timings. */
+ *              candidates per pair) is the default: for A/B timings.
+ *  score_ring: prefill scores with tc_score_tma_kernel (a TMA ring, four
+ *              warpgroups per SM each waiting for its own wgmma) where the
+ *              default is the warp-specialised tc_score_ws_kernel: for A/B
+ *              timings. */
 typedef struct {
   int exact_only;
   int no_rescore;
@@ -59,6 +63,7 @@ typedef struct {
   int mma_sync;
   int decode_any;
   int rounds_select;
+  int score_ring;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults; a CPU context ignores the call. Internal (not
