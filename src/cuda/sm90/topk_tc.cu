@@ -2654,7 +2654,8 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
      * every gy-th candidate block of its tile. */
     const int ws = tma && !hooks.score_ring;
     int64_t tiles = (n + TC_ROWS - 1) / TC_ROWS;
-    int64_t gy = ((ws ? TS_WAVES : 4) * sms + tiles * hkv - 1) / (tiles * hkv);
+    const int64_t waves = !ws ? 4 : hooks.score_waves > 0 ? hooks.score_waves : TS_WAVES;
+    int64_t gy = (waves * sms + tiles * hkv - 1) / (tiles * hkv);
     gy = gy < 1 ? 1 : gy;
     gy = gy < plan.max_nb ? gy : plan.max_nb;
     gy = gy < 65535 ? gy : 65535;

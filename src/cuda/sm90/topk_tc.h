@@ -54,7 +54,9 @@ typedef struct {
  *  score_ring: prefill scores with tc_score_tma_kernel (a TMA ring, four
  *              warpgroups per SM each waiting for its own wgmma) where the
  *              default is the warp-specialised tc_score_ws_kernel: for A/B
- *              timings. */
+ *              timings.
+ *  score_waves: > 0: tc_score_ws_kernel's grid aims at this many CTAs per
+ *              SM instead of TS_WAVES (tuning). */
 typedef struct {
   int exact_only;
   int no_rescore;
@@ -64,6 +66,7 @@ typedef struct {
   int decode_any;
   int rounds_select;
   int score_ring;
+  int score_waves;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults; a CPU context ignores the call. Internal (not
