@@ -102,11 +102,10 @@ static void usage(FILE *f) {
 "                    kernel also for the small batches the dispatch keeps on\n"
 "                    the exact kernel), rounds (certified, the selection by\n"
 "                    warp-maximum rounds also where the register selection is\n"
-"                    the default),\n"
+"                    the default) or\n"
 "                    no-rescore (certified, uncertain blocks decided by their\n"
 "                    tensor-core score: NOT exact, only to time what the\n"
-"                    re-scoring costs) or ring (certified, sm_90 prefill scores\n"
-"                    on the TMA ring kernel, not the warp-specialised one)\n"
+"                    re-scoring costs)\n"
 "  --score-waves N   sm_90 prefill: the warp-specialised score kernel's grid\n"
 "                    aims at N CTAs per SM (default 2)\n"
 "  --attn-path P     default (sm_90: the persistent TMA kernel for one row per\n"
@@ -295,11 +294,9 @@ static int parse_args(int argc, char **argv, options *o) {
         o->topk_path = 4;
       else if (strcmp(optarg, "no-rescore") == 0)
         o->topk_path = 5;
-      else if (strcmp(optarg, "ring") == 0)
-        o->topk_path = 6;
       else {
-        fprintf(stderr, "m3s-bench: --topk-path must be default, exact, mma, certified, rounds, "
-                        "no-rescore or ring\n");
+        fprintf(stderr, "m3s-bench: --topk-path must be default, exact, mma, certified, rounds "
+                        "or no-rescore\n");
         return 0;
       }
       break;
@@ -429,7 +426,6 @@ int main(int argc, char **argv) {
     h.decode_any = o->topk_path == 3;
     h.rounds_select = o->topk_path == 4;
     h.no_rescore = o->topk_path == 5;
-    h.score_ring = o->topk_path == 6;
     h.score_waves = o->score_waves;
     m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s\n",
@@ -437,8 +433,7 @@ int main(int argc, char **argv) {
            : o->topk_path == 2 ? "certified, mma.sync score kernel"
            : o->topk_path == 3 ? "certified, every decode batch on the streaming kernel"
            : o->topk_path == 4 ? "certified, selection by warp-maximum rounds"
-           : o->topk_path == 5 ? "certified WITHOUT re-scoring (not exact: timing only)"
-                               : "certified, prefill scores on the TMA ring kernel");
+                               : "certified WITHOUT re-scoring (not exact: timing only)");
   }
   if (o->attn_generic) {
     /* the path switch of src/cuda/sm90/attention_tma.h (per context) */

@@ -23,9 +23,10 @@
  *     page id outside [0, P) gives (NaN, inf).
  *     On sm_90 with a bf16 index cache, tc_norm_kernel first writes each
  *     candidate block's largest key norm to a table, then
- *     tc_score_tma_kernel does the same work with a TMA ring and wgmma (its
- *     own comment below); the hook mma_sync forces this kernel there, as
- *     does a workspace without room for the table.
+ *     tc_score_ws_kernel does the same work with TMA and wgmma in a
+ *     warp-specialised pipeline (its own comment below); the hook mma_sync
+ *     forces this kernel there, as does a workspace without room for the
+ *     table.
  *  2. tc_select_kernel  a warp per (row, head) pair, 4 warps per CTA: forced
  *     blocks, then the certified selection of select_pair (the proof is
  *     there): intervals [S~ - E, S~ + E], blocks surely in, surely out, and
@@ -68,12 +69,10 @@
  * (S~, E) in place of phase 1, then the same selection runs with
  * all_scored = 1.
  *
- * Registers / spills (ptxas, sm_90a): the score kernels 128 registers (the
- * TMA kernel 124), no spills; tc_select_kernel 128 with 84 bytes of spill
- * stores, tc_select_wide_kernel<1> 151 and <2> 126, no spills. The TMA
- * score kernel runs each block as two m64n64 halves
- * through one 32-register accumulator (with one m64n128 accumulator it
- * spilled 32-60 bytes and was 4-13% slower, docs/perf-notes.md). Measured (H200, fresh 64K prompt,
+ * Registers / spills (ptxas, sm_90a): the mma.sync score kernel 128
+ * registers, tc_score_ws_kernel 168 at launch (56 / 224 by setmaxnreg), no
+ * spills; tc_select_kernel 128 with 84 bytes of spill stores,
+ * tc_select_wide_kernel<1> 151 and <2> 126, no spills. Measured (H200, fresh 64K prompt,
  * docs/perf-notes.md): scores ~9.5 ms with mma.sync, ~6.4 ms with TMA +
  * wgmma (b10fcd5, before the norm pre-pass); the selection 1.78 ms over the
  * 8 chunks (ncu, 369d402, the selection code of 5ef0622); the whole top-k
@@ -83,7 +82,9 @@
  * the runs from ballots, the per-block loads ahead of the matrix work and the
  * m64n64 halves (2026-12-04): score kernel of the 8K prompt 158 -> 98 us,
  * top-k 4K / 8K / 16K / 64K 116 / 249 / 730 / 7521 -> 78 / 194 / 607 /
- * 6552 us, 4K behind 60K 973 -> 769 us (m3s-bench). */
+ * 6552 us, 4K behind 60K 973 -> 769 us (m3s-bench). The warp-specialised
+ * score kernel (2026-12-06, H100): top-k 8K / 16K / 64K 160.6 / 529.4 /
+ * 6327 -> 148.8 / 415.3 / 5289 us, 4K behind 60K 749 -> 602 us. */
 #include "../common.cuh"
 #include "../launch.h"
 #include "../mma.cuh"
@@ -275,7 +276,7 @@ typedef struct {
   int64_t max_nb;
   int64_t row0, nrows; /* this chunk's rows */
   int hkv, topk, init, local;
-  /* tc_score_tma_kernel: the largest key norm of block b of request r at
+  /* tc_score_ws_kernel: the largest key norm of block b of request r at
    * norms[slot(r) * max_nb + b] (tc_norm_kernel); NULL for tc_score_kernel */
   float *norms;
 } tc_score_args;
@@ -615,7 +616,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
 }
 
 /* ---------------------------------------------------------------------------
- * Kernel 0 (with tc_score_tma_kernel): the largest key norm of every
+ * Kernel 0 (with tc_score_ws_kernel): the largest key norm of every
  * candidate block of every request the score kernels cover, once per block
  * (the score kernel visits a block once per row tile and head).
  *
@@ -682,182 +683,38 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 }
 
 /* ---------------------------------------------------------------------------
- * Kernel 1, sm_90a variant for a bf16 index cache: TMA ring + wgmma
+ * Kernel 1, sm_90a variant for a bf16 index cache: tc_score_ws_kernel, TMA
+ * and wgmma in a warp-specialised pipeline.
  *
- * Same grid, tiles, runs and outputs as tc_score_kernel; what differs is how
- * a block reaches the tensor cores. Thread 0 issues TMA copies of key pages
- * (a 2-D tensor map over the cache as [P * 128 keys][128 dims], two boxes of
- * 64 dims x 128 keys per page, 128-byte swizzle) into a TW_STAGES-deep ring
- * guarded by mbarriers (full: the bytes landed; empty: all 8 warps are done
- * with the stage), so no CTA-wide barrier sits in the block loop and the two
- * warpgroups (64 rows each) drift freely. Each warpgroup multiplies its rows
- * (A from registers) by the 128 keys with 2 x 8 wgmma.m64n64k16 reading B
- * straight from the swizzled stage (a quarter of the shared-memory traffic of
- * the mma.sync kernel's per-warp ldmatrix). Key norms: read from the table
- * tc_norm_kernel fills before (once per block instead of once per CTA that
- * visits it), so the warpgroups never exchange anything and never wait for
- * each other. */
-#define TW_STAGES 3
-#define TW_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
-#define TW_STAGE_BYTES (2 * TW_HALF_BYTES)
-#define TW_SMEM_BYTES (TW_STAGES * TW_STAGE_BYTES + 1024) /* + slack for 1024-byte alignment */
-
-typedef struct {
-  unsigned long long full[TW_STAGES], empty[TW_STAGES];
-  int64_t pos[TC_ROWS];
-  int req[TC_ROWS];
-  int run_end[TC_ROWS];
-  uint32_t starts[TC_ROWS / 32];
-  float qn[TC_ROWS];
-} tw_smem;
-
-/* Thread 0: fills the stage of the CTA's i-th block (block b of request r)
- * once every warp has released that stage's previous use. A page id out of
- * range loads nothing; the plain arrive still completes the phase, and the
- * consumers, which check the page id themselves, store (NaN, inf) for it. */
-__device__ __forceinline__ void tw_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
-                                           const CUtensorMap *map, tw_smem &s,
-                                           unsigned char *ring, int r, int64_t b, uint32_t i) {
-  const uint32_t st = i % TW_STAGES, use = i / TW_STAGES;
-  int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
-  if (use > 0)
-    sm90_bar_wait(&s.empty[st], (use - 1) & 1);
-  if (page < 0) {
-    sm90_bar_arrive(&s.full[st]);
-    return;
-  }
-  unsigned char *dst = ring + st * TW_STAGE_BYTES;
-  sm90_bar_arrive_tx(&s.full[st], TW_STAGE_BYTES);
-  sm90_tma_load_2d(dst, map, 0, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
-  sm90_tma_load_2d(dst + TW_HALF_BYTES, map, 64, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
-}
-
-static __global__ void __launch_bounds__(TC_THREADS, 2)
-    tc_score_tma_kernel(m3s_cuda_batch bt, tc_score_args a, const __grid_constant__ CUtensorMap map) {
-#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __trap(); /* launched on sm_90 devices only */
-#else
-  extern __shared__ __align__(16) unsigned char tc_dyn[];
-  __shared__ tw_smem s;
-  const uint32_t base = tc_smem_addr(tc_dyn);
-  unsigned char *const ring = tc_dyn + ((1024u - (base & 1023u)) & 1023u);
-  uint16_t *qs = (uint16_t *)ring; /* the query tile, before the first copy */
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
-  const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TC_ROWS; /* heavy tiles first */
-  const int g = blockIdx.y;
-  const int n = (int)(a.nrows - tile0 < TC_ROWS ? a.nrows - tile0 : TC_ROWS);
-
-  /* Phase 1: rows, runs, queries, norms, A fragments; the ring's barriers */
-  uint32_t af[8][4];
-  tc_tile_prologue(bt, a, s, qs, tile0, n, g, af);
-  if (tid == 0) {
-    for (int i = 0; i < TW_STAGES; i++) {
-      sm90_bar_init(&s.full[i], 1);
-      sm90_bar_init(&s.empty[i], TC_THREADS / 32);
-    }
-    sm90_fence_barrier_init();
-  }
-  sm90_fence_proxy_async(); /* the query tile's generic accesses before TMA overwrites it */
-  __syncthreads();
-
-  /* Phase 2: per run, the CTA's candidate blocks through the ring; i counts
-   * the CTA's blocks over all runs, so stage and phase follow from it */
-  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
-  uint32_t it = 0;
-  for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
-    const int p1 = s.run_end[p0], r = s.req[p0];
-    if (r < 0)
-      continue;
-    /* block ids fit 32 bits: positions come from int32 seq_lens */
-    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
-    const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
-    if (b0 >= hi)
-      continue;
-    const int nblk = (hi - b0 + gz - 1) / gz;
-    const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
-    const float *nrow = a.norms + tc_norm_slot(bt, r) * a.max_nb;
-    if (tid == 0)
-      for (int j = 0; j < nblk && j < TW_STAGES; j++)
-        tw_produce(bt, a, &map, s, ring, r, b0 + j * gz, it + (uint32_t)j);
-    for (int j = 0; j < nblk; j++) {
-      const uint32_t i = it + (uint32_t)j, st = i % TW_STAGES, ph = (i / TW_STAGES) & 1;
-      const int b = b0 + j * gz;
-      /* the block's page check and largest key norm (from the pre-pass):
-       * loaded here, used after the matrix work, so their round trips hide
-       * under it instead of delaying it (they were ~9% of the 8K prompt's
-       * stall samples). A page out of range loaded nothing into the stage;
-       * the products of whatever it holds are not stored. */
-      const int bad = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages) < 0;
-      const float nk = b < a.max_nb ? nrow[b] : INFINITY;
-      /* refill the stage the previous block used (every warp is past it or
-       * nearly so), keeping TW_STAGES - 1 copies in flight */
-      if (tid == 0 && j >= 1 && j - 1 + TW_STAGES < nblk)
-        tw_produce(bt, a, &map, s, ring, r, b0 + (j - 1 + TW_STAGES) * gz, i - 1 + TW_STAGES);
-      sm90_bar_wait(&s.full[st], ph);
-      const unsigned char *tile = ring + st * TW_STAGE_BYTES;
-      /* S~: this warpgroup's 64 rows x 128 keys, as two m64n64 halves
-       * through one 32-register accumulator */
-      float m_lo = -INFINITY, m_hi = -INFINITY;
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        float acc[8][4];
-#pragma unroll
-        for (int jj = 0; jj < 8; jj++)
-          acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.0f;
-        wg_fence();
-#pragma unroll
-        for (int ks = 0; ks < 8; ks++)
-          wg_mma_n64<false>(acc, af[ks],
-                            wg_desc_k_sw128(tc_smem_addr(tile + (ks >> 2) * TW_HALF_BYTES +
-                                                          (ks & 3) * 32 + h * 64 * 128)));
-        wg_commit_wait();
-        if (h == 1) {
-          /* this thread is done with the stage: its reads (generic and
-           * async proxy) come before the refill's TMA writes */
-          sm90_fence_proxy_async();
-          __syncwarp();
-          if (lane == 0)
-            sm90_bar_arrive(&s.empty[st]);
-        }
-        tc_row_fold(acc, s.pos[r_lo], s.pos[r_hi], b, 64 * h, lane, m_lo, m_hi);
-      }
-      tc_quad_max(m_lo, m_hi);
-      /* a bad page's maxima are never stored: tc_store_rows writes (NaN, inf) */
-      if ((lane & 3) == 0)
-        tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
-    }
-    it += (uint32_t)nblk;
-  }
-#endif
-}
-
-/* ---------------------------------------------------------------------------
- * Kernel 1, sm_90 default for a bf16 index cache: tc_score_ws_kernel, the
- * TMA kernel's work with a warp-specialised pipeline.
- *
- * Grid (row tiles, Hkv, gy) as the kernels above (gy for about TS_WAVES
- * CTAs per SM in all), TS_THREADS = 384 threads, one CTA per SM,
- * TS_SMEM_BYTES dynamic shared memory. Warps 0-7 are the consumers: two
- * warpgroups of 64 rows, the A fragments in registers for the whole tile as
- * in tc_score_tma_kernel, at TS_CONSUMER_REGS registers (setmaxnreg); the
- * third warpgroup gives its registers up, and its warp 8 is the producer:
- * it reads the page ids and
- * key norms of the CTA's blocks (32 at a time, a block per lane), and its
- * lane 0 fills a TS_STAGES-deep ring of 32 KB stages by TMA, writing each
- * stage's page check and norm beside it. Each consumer warpgroup runs a
- * block as one m64n128 wgmma group into one of two accumulators and folds
- * the previous block's accumulator while the group runs (wg_wait<1>), so
- * its tensor work no longer stops for its own epilogue: tc_score_tma_kernel
- * waited for each m64n64 half before folding it, and with four such
- * warpgroups per SM reached ~40-56% of the bf16 ceiling (ncu, 8K and 64K
- * prompts, docs/perf-notes.md). Two accumulators beside the A fragments
- * need ~190 registers, hence one CTA per SM (the 128-register cap of two
- * CTAs spilled) and the registers moved between warpgroups (at 168 each
- * the consumers spilled). The prologue is tc_tile_prologue's (the producer
- * warpgroup meets its barriers). sm_90a only.
+ * Same tiles, runs and outputs as tc_score_kernel, grid (row tiles, Hkv,
+ * gy) with gy for about TS_WAVES CTAs per SM in all; TS_THREADS = 384
+ * threads, one CTA per SM, TS_SMEM_BYTES dynamic shared memory. Warps 0-7
+ * are the consumers: two warpgroups of 64 rows, the A fragments (bf16) in
+ * registers for the whole tile, at TS_CONSUMER_REGS registers (setmaxnreg);
+ * they run tc_tile_prologue on a barrier of their own. The third warpgroup
+ * gives its registers up, and its warp 8 is the producer: it reads the page
+ * ids and key norms (the table tc_norm_kernel fills first: once per block,
+ * not once per CTA that visits it) of the CTA's blocks, 32 at a time, a
+ * block per lane, and its lane 0 fills a TS_STAGES-deep ring of 32 KB
+ * stages by TMA (a 2-D tensor map over the cache as [P * 128 keys][128
+ * dims], two boxes of 64 dims x 128 keys per page, 128-byte swizzle;
+ * mbarriers full: the bytes landed, empty: the 8 consumer warps are done),
+ * writing each stage's page check and norm beside it. Each consumer
+ * warpgroup runs a block as one m64n128 wgmma group (B straight from the
+ * swizzled stage) into one of two accumulators and folds the previous
+ * block's accumulator while the group runs (wg_wait<1>), so its tensor work
+ * does not stop for its own epilogue. Two accumulators beside the A
+ * fragments need ~190 registers, hence one CTA per SM and the registers
+ * moved between warpgroups (at 168 each the consumers spilled). The kernel
+ * it replaced (a TMA ring filled by thread 0, four warpgroups per SM in two
+ * CTAs, each waiting for its m64n64 halves before folding them) reached
+ * ~40-56% of the bf16 ceiling (ncu, 8K and 64K prompts); this one took the
+ * 8K prompt's scores 99.6 -> 84 us and 4K behind 60K 604 -> 459 us (H100,
+ * docs/perf-notes.md). sm_90a only.
  * ------------------------------------------------------------------------- */
 #define TS_STAGES 6
+#define TS_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
+#define TS_STAGE_BYTES (2 * TS_HALF_BYTES)
 #define TS_CONSUMERS (TC_THREADS / 32) /* consumer warps */
 #define TS_THREADS (TC_THREADS + 128)   /* + the producer warpgroup */
 #define TS_PRODUCER_REGS 56 /* 128 x 56 + 256 x 224 = 384 x 168: the CTA's launch allocation */
@@ -869,7 +726,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
 static_assert(4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS <=
                   TS_THREADS * ((65536 / TS_THREADS) & ~7),
               "the consumers' registers must come from the producer warpgroup's");
-#define TS_SMEM_BYTES (TS_STAGES * TW_STAGE_BYTES + 1024) /* + slack for 1024-byte alignment */
+#define TS_SMEM_BYTES (TS_STAGES * TS_STAGE_BYTES + 1024) /* + slack for 1024-byte alignment */
 #define TS_WAVES 2 /* CTAs per SM the grid aims at */
 
 typedef struct {
@@ -936,10 +793,10 @@ __device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_sc
           if (pg < 0) {
             sm90_bar_arrive(&s.full[st]);
           } else {
-            unsigned char *dst = ring + st * TW_STAGE_BYTES;
-            sm90_bar_arrive_tx(&s.full[st], TW_STAGE_BYTES);
+            unsigned char *dst = ring + st * TS_STAGE_BYTES;
+            sm90_bar_arrive_tx(&s.full[st], TS_STAGE_BYTES);
             sm90_tma_load_2d(dst, map, 0, (int)(pg * M3S_BLOCK_SIZE), &s.full[st]);
-            sm90_tma_load_2d(dst + TW_HALF_BYTES, map, 64, (int)(pg * M3S_BLOCK_SIZE), &s.full[st]);
+            sm90_tma_load_2d(dst + TS_HALF_BYTES, map, 64, (int)(pg * M3S_BLOCK_SIZE), &s.full[st]);
           }
         }
         __syncwarp();
@@ -956,12 +813,12 @@ __device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
                                          uint32_t i) {
   const uint32_t st = i % TS_STAGES;
   sm90_bar_wait(&s.full[st], (i / TS_STAGES) & 1);
-  const uint32_t tile = tc_smem_addr(ring + st * TW_STAGE_BYTES);
+  const uint32_t tile = tc_smem_addr(ring + st * TS_STAGE_BYTES);
   wg_pin(acc);
   wg_fence();
 #pragma unroll
   for (int ks = 0; ks < 8; ks++)
-    wg_mma_n128_bf16(acc, af[ks], wg_desc_k_sw128(tile + (ks >> 2) * TW_HALF_BYTES + (ks & 3) * 32),
+    wg_mma_n128_bf16(acc, af[ks], wg_desc_k_sw128(tile + (ks >> 2) * TS_HALF_BYTES + (ks & 3) * 32),
                      ks > 0);
   wg_commit();
 }
@@ -2459,15 +2316,11 @@ extern "C" cudaError_t m3s_topk_tc_prepare(void) {
     if (err != cudaSuccess)
       return err;
   }
-  cudaError_t err = cudaFuncSetAttribute(tc_score_tma_kernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, TW_SMEM_BYTES);
-  if (err != cudaSuccess)
-    return err;
   return cudaFuncSetAttribute(tc_score_ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               TS_SMEM_BYTES);
 }
 
-/* The tensor map of a bf16 index cache for tc_score_tma_kernel: the cache as
+/* The tensor map of a bf16 index cache for tc_score_ws_kernel: the cache as
  * [P * 128 keys][128 dims], boxes of 64 dims x 128 keys, 128-byte swizzle.
  * 0 when the TMA kernel does not apply (not an sm_90 device, no encoder, an
  * e4m3 cache, the mma_sync hook, key rows beyond the int32 coordinates). */
@@ -2649,12 +2502,12 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     sa.row0 = se.row0 = row0;
     sa.nrows = n;
     se.npairs = n * hkv;
-    /* Phase 1: (S~, E) of the chunk. About 4 CTAs per SM in all (2 resident),
-     * TS_WAVES for the warp-specialised kernel (1 resident); a CTA takes
-     * every gy-th candidate block of its tile. */
-    const int ws = tma && !hooks.score_ring;
+    /* Phase 1: (S~, E) of the chunk. About 4 CTAs per SM in all (2
+     * resident) for the mma.sync kernel, TS_WAVES (1 resident) for the
+     * warp-specialised one; a CTA takes every gy-th candidate block of its
+     * tile. */
     int64_t tiles = (n + TC_ROWS - 1) / TC_ROWS;
-    const int64_t waves = !ws ? 4 : hooks.score_waves > 0 ? hooks.score_waves : TS_WAVES;
+    const int64_t waves = !tma ? 4 : hooks.score_waves > 0 ? hooks.score_waves : TS_WAVES;
     int64_t gy = (waves * sms + tiles * hkv - 1) / (tiles * hkv);
     gy = gy < 1 ? 1 : gy;
     gy = gy < plan.max_nb ? gy : plan.max_nb;
@@ -2663,14 +2516,11 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
       return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld row tiles x %d heads exceed the grid limit",
                       (long long)tiles, hkv);
     dim3 grid((unsigned)tiles, (unsigned)hkv, (unsigned)gy);
-    if (ws)
+    if (tma)
       tc_score_ws_kernel<<<grid, TS_THREADS, TS_SMEM_BYTES, stream>>>(cb, sa, map);
-    else if (tma)
-      tc_score_tma_kernel<<<grid, TC_THREADS, TW_SMEM_BYTES, stream>>>(cb, sa, map);
     else
       score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
-    m3s_status st = m3s_cuda_check_launch(
-        fn, ws ? "tc_score_ws_kernel" : tma ? "tc_score_tma_kernel" : "tc_score_kernel");
+    m3s_status st = m3s_cuda_check_launch(fn, tma ? "tc_score_ws_kernel" : "tc_score_kernel");
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */

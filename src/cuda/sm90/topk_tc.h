@@ -51,10 +51,6 @@ typedef struct {
  *              entries in shared memory (tc_select_kernel) also where the
  *              register selection (tc_select_reg_kernel, at most 128
  *              candidates per pair) is the default: for A/B timings.
- *  score_ring: prefill scores with tc_score_tma_kernel (a TMA ring, four
- *              warpgroups per SM each waiting for its own wgmma) where the
- *              default is the warp-specialised tc_score_ws_kernel: for A/B
- *              timings.
  *  score_waves: > 0: tc_score_ws_kernel's grid aims at this many CTAs per
  *              SM instead of TS_WAVES (tuning). */
 typedef struct {
@@ -65,7 +61,6 @@ typedef struct {
   int mma_sync;
   int decode_any;
   int rounds_select;
-  int score_ring;
   int score_waves;
 } m3s_topk_tc_hooks;
 
