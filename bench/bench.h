@@ -98,6 +98,7 @@ typedef struct {
   int idxs[MAX_LIST], nidx;
   int skew;
   int token_major, lse, sel_token, no_graph, no_ceilings, batch_invariant;
+  int score_waves; /* 0: the library's default */
   int topk_path; /* 0 default, 1 exact CUDA-core, 2 certified mma.sync, 3 certified decode
                     for any batch, 4 rounds selection, 5 no re-scoring (not exact) */
   int attn_generic; /* 1: attention on the generic kernel (--attn-path generic) */

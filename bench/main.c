@@ -106,6 +106,8 @@ static void usage(FILE *f) {
 "                    no-rescore (certified, uncertain blocks decided by their\n"
 "                    tensor-core score: NOT exact, only to time what the\n"
 "                    re-scoring costs)\n"
+"  --score-waves N   sm_90 prefill: the warp-specialised score kernel's grid\n"
+"                    aims at N CTAs per SM (default 2)\n"
 "  --attn-path P     default (sm_90: the persistent TMA kernel for one row per\n"
 "                    request, the union kernel for prefill and speculative\n"
 "                    batches, contexts <= 32K (fp8 caches <= 16K) and work for\n"
@@ -142,7 +144,7 @@ static int parse_args(int argc, char **argv, options *o) {
     O_ALL = 256, O_FULL, O_OPS, O_TP, O_BS, O_QLEN, O_CTX, O_PCTX, O_CHUNK, O_KV, O_IDX, O_LIST,
     O_TM, O_LSE, O_SEL, O_REPS, O_WARM, O_MAXSETS, O_SETS, O_NOGRAPH, O_BUDGET, O_CBUDGET,
     O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV, O_SKEW, O_TOPKPATH, O_ATTNPATH,
-    O_PDL
+    O_PDL, O_WAVES
   };
   static const struct option lo[] = {
       {"all", no_argument, 0, O_ALL},           {"full", no_argument, 0, O_FULL},
@@ -163,6 +165,7 @@ static int parse_args(int argc, char **argv, options *o) {
       {"batch-invariant", no_argument, 0, O_BINV}, {"skew", required_argument, 0, O_SKEW},
       {"topk-path", required_argument, 0, O_TOPKPATH},
       {"attn-path", required_argument, 0, O_ATTNPATH}, {"pdl", required_argument, 0, O_PDL},
+      {"score-waves", required_argument, 0, O_WAVES},
       {0, 0, 0, 0}};
   memset(o, 0, sizeof *o);
   o->tps[0] = 1, o->tps[1] = 8, o->ntp = 2;
@@ -233,6 +236,7 @@ static int parse_args(int argc, char **argv, options *o) {
     case O_DEV:
     case O_GEMMN:
     case O_SKEW:
+    case O_WAVES:
       v = parse_size(optarg);
       if (v < (c == O_WARM || c == O_DEV ? 0 : 1) || v > 100000) {
         fprintf(stderr, "m3s-bench: bad number '%s'\n", optarg);
@@ -245,6 +249,7 @@ static int parse_args(int argc, char **argv, options *o) {
       if (c == O_DEV) o->device = (int)v;
       if (c == O_GEMMN) o->gemm_n = (int)v;
       if (c == O_SKEW) o->skew = (int)v;
+      if (c == O_WAVES) o->score_waves = (int)v;
       break;
     case O_NOGRAPH: o->no_graph = 1; break;
     case O_BUDGET:
@@ -412,7 +417,7 @@ int main(int argc, char **argv) {
     }
     printf("m3s-bench: M3S_OPT_BATCH_INVARIANT on (attention never splits a row)\n");
   }
-  if (o->topk_path) {
+  if (o->topk_path || o->score_waves) {
     /* the test hook of src/cuda/sm90/topk_tc.h (per context) */
     m3s_topk_tc_hooks h;
     memset(&h, 0, sizeof h);
@@ -421,6 +426,7 @@ int main(int argc, char **argv) {
     h.decode_any = o->topk_path == 3;
     h.rounds_select = o->topk_path == 4;
     h.no_rescore = o->topk_path == 5;
+    h.score_waves = o->score_waves;
     m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s\n",
            o->topk_path == 1   ? "exact (CUDA cores)"

@@ -23,9 +23,10 @@
  *     page id outside [0, P) gives (NaN, inf).
  *     On sm_90 with a bf16 index cache, tc_norm_kernel first writes each
  *     candidate block's largest key norm to a table, then
- *     tc_score_tma_kernel does the same work with a TMA ring and wgmma (its
- *     own comment below); the hook mma_sync forces this kernel there, as
- *     does a workspace without room for the table.
+ *     tc_score_ws_kernel does the same work with TMA and wgmma in a
+ *     warp-specialised pipeline (its own comment below); the hook mma_sync
+ *     forces this kernel there, as does a workspace without room for the
+ *     table.
  *  2. tc_select_kernel  a warp per (row, head) pair, 4 warps per CTA: forced
  *     blocks, then the certified selection of select_pair (the proof is
  *     there): intervals [S~ - E, S~ + E], blocks surely in, surely out, and
@@ -68,12 +69,10 @@
  * (S~, E) in place of phase 1, then the same selection runs with
  * all_scored = 1.
  *
- * Registers / spills (ptxas, sm_90a): the score kernels 128 registers (the
- * TMA kernel 124), no spills; tc_select_kernel 128 with 84 bytes of spill
- * stores, tc_select_wide_kernel<1> 151 and <2> 126, no spills. The TMA
- * score kernel runs each block as two m64n64 halves
- * through one 32-register accumulator (with one m64n128 accumulator it
- * spilled 32-60 bytes and was 4-13% slower, docs/perf-notes.md). Measured (H200, fresh 64K prompt,
+ * Registers / spills (ptxas, sm_90a): the mma.sync score kernel 128
+ * registers, tc_score_ws_kernel 168 at launch (56 / 224 by setmaxnreg), no
+ * spills; tc_select_kernel 128 with 84 bytes of spill stores,
+ * tc_select_wide_kernel<1> 151 and <2> 126, no spills. Measured (H200, fresh 64K prompt,
  * docs/perf-notes.md): scores ~9.5 ms with mma.sync, ~6.4 ms with TMA +
  * wgmma (b10fcd5, before the norm pre-pass); the selection 1.78 ms over the
  * 8 chunks (ncu, 369d402, the selection code of 5ef0622); the whole top-k
@@ -83,7 +82,9 @@
  * the runs from ballots, the per-block loads ahead of the matrix work and the
  * m64n64 halves (2026-12-04): score kernel of the 8K prompt 158 -> 98 us,
  * top-k 4K / 8K / 16K / 64K 116 / 249 / 730 / 7521 -> 78 / 194 / 607 /
- * 6552 us, 4K behind 60K 973 -> 769 us (m3s-bench). */
+ * 6552 us, 4K behind 60K 973 -> 769 us (m3s-bench). The warp-specialised
+ * score kernel (2026-12-06, H100): top-k 8K / 16K / 64K 160.6 / 529.4 /
+ * 6327 -> 148.8 / 415.3 / 5289 us, 4K behind 60K 749 -> 602 us. */
 #include "../common.cuh"
 #include "../launch.h"
 #include "../mma.cuh"
@@ -275,7 +276,7 @@ typedef struct {
   int64_t max_nb;
   int64_t row0, nrows; /* this chunk's rows */
   int hkv, topk, init, local;
-  /* tc_score_tma_kernel: the largest key norm of block b of request r at
+  /* tc_score_ws_kernel: the largest key norm of block b of request r at
    * norms[slot(r) * max_nb + b] (tc_norm_kernel); NULL for tc_score_kernel */
   float *norms;
 } tc_score_args;
@@ -361,8 +362,17 @@ __device__ __forceinline__ void tc_quad_max(float &m_lo, float &m_hi) {
  * and, when the layout allows, 16 bytes at a time: the element-wise loads
  * and the O(rows) run scan were ~30% of the 8K prompt's stall samples
  * (ncu, docs/perf-notes.md). The caller synchronises before qs is reused or
- * run_end / qn are read. */
-template <class Smem>
+ * run_end / qn are read. TC_THREADS threads call it: the CTA, or
+ * tc_score_ws_kernel's consumers (NAMED: their own barrier, 1). */
+template <bool NAMED>
+__device__ __forceinline__ void tc_prologue_sync() {
+  if (NAMED)
+    asm volatile("bar.sync 1, %0;\n" ::"n"(TC_THREADS) : "memory");
+  else
+    __syncthreads();
+}
+
+template <bool NAMED = false, class Smem>
 __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const tc_score_args &a,
                                                  Smem &s, uint16_t *qs, int64_t tile0, int n,
                                                  int g, uint32_t (&af)[8][4]) {
@@ -408,7 +418,7 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
       *(uint32_t *)(qs + i * TC_PAD + d) = w;
     }
   }
-  __syncthreads();
+  tc_prologue_sync<NAMED>();
   /* runs: a row starts one where its request differs from the previous
    * row's; rows past n count as starts so that every run ends by n */
   if (tid < TC_ROWS) {
@@ -417,7 +427,7 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
     if (lane == 0)
       s.starts[warp] = m;
   }
-  __syncthreads();
+  tc_prologue_sync<NAMED>();
   if (tid < TC_ROWS) {
     int e = TC_ROWS;
     for (int w = warp; w < TC_ROWS / 32; w++) {
@@ -606,7 +616,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
 }
 
 /* ---------------------------------------------------------------------------
- * Kernel 0 (with tc_score_tma_kernel): the largest key norm of every
+ * Kernel 0 (with tc_score_ws_kernel): the largest key norm of every
  * candidate block of every request the score kernels cover, once per block
  * (the score kernel visits a block once per row tile and head).
  *
@@ -673,63 +683,182 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 }
 
 /* ---------------------------------------------------------------------------
- * Kernel 1, sm_90a variant for a bf16 index cache: TMA ring + wgmma
+ * Kernel 1, sm_90a variant for a bf16 index cache: tc_score_ws_kernel, TMA
+ * and wgmma in a warp-specialised pipeline.
  *
- * Same grid, tiles, runs and outputs as tc_score_kernel; what differs is how
- * a block reaches the tensor cores. Thread 0 issues TMA copies of key pages
- * (a 2-D tensor map over the cache as [P * 128 keys][128 dims], two boxes of
- * 64 dims x 128 keys per page, 128-byte swizzle) into a TW_STAGES-deep ring
- * guarded by mbarriers (full: the bytes landed; empty: all 8 warps are done
- * with the stage), so no CTA-wide barrier sits in the block loop and the two
- * warpgroups (64 rows each) drift freely. Each warpgroup multiplies its rows
- * (A from registers) by the 128 keys with 2 x 8 wgmma.m64n64k16 reading B
- * straight from the swizzled stage (a quarter of the shared-memory traffic of
- * the mma.sync kernel's per-warp ldmatrix). Key norms: read from the table
- * tc_norm_kernel fills before (once per block instead of once per CTA that
- * visits it), so the warpgroups never exchange anything and never wait for
- * each other. */
-#define TW_STAGES 3
-#define TW_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
-#define TW_STAGE_BYTES (2 * TW_HALF_BYTES)
-#define TW_SMEM_BYTES (TW_STAGES * TW_STAGE_BYTES + 1024) /* + slack for 1024-byte alignment */
+ * Same tiles, runs and outputs as tc_score_kernel, grid (row tiles, Hkv,
+ * gy) with gy for about TS_WAVES CTAs per SM in all; TS_THREADS = 384
+ * threads, one CTA per SM, TS_SMEM_BYTES dynamic shared memory. Warps 0-7
+ * are the consumers: two warpgroups of 64 rows, the A fragments (bf16) in
+ * registers for the whole tile, at TS_CONSUMER_REGS registers (setmaxnreg);
+ * they run tc_tile_prologue on a barrier of their own. The third warpgroup
+ * gives its registers up, and its warp 8 is the producer: it reads the page
+ * ids and key norms (the table tc_norm_kernel fills first: once per block,
+ * not once per CTA that visits it) of the CTA's blocks, 32 at a time, a
+ * block per lane, and its lane 0 fills a TS_STAGES-deep ring of 32 KB
+ * stages by TMA (a 2-D tensor map over the cache as [P * 128 keys][128
+ * dims], two boxes of 64 dims x 128 keys per page, 128-byte swizzle;
+ * mbarriers full: the bytes landed, empty: the 8 consumer warps are done),
+ * writing each stage's page check and norm beside it. Each consumer
+ * warpgroup runs a block as one m64n128 wgmma group (B straight from the
+ * swizzled stage) into one of two accumulators and folds the previous
+ * block's accumulator while the group runs (wg_wait<1>), so its tensor work
+ * does not stop for its own epilogue. Two accumulators beside the A
+ * fragments need ~190 registers, hence one CTA per SM and the registers
+ * moved between warpgroups (at 168 each the consumers spilled). The kernel
+ * it replaced (a TMA ring filled by thread 0, four warpgroups per SM in two
+ * CTAs, each waiting for its m64n64 halves before folding them) reached
+ * ~40-56% of the bf16 ceiling (ncu, 8K and 64K prompts); this one took the
+ * 8K prompt's scores 99.6 -> 84 us and 4K behind 60K 604 -> 459 us (H100,
+ * docs/perf-notes.md). sm_90a only.
+ * ------------------------------------------------------------------------- */
+#define TS_STAGES 6
+#define TS_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
+#define TS_STAGE_BYTES (2 * TS_HALF_BYTES)
+#define TS_CONSUMERS (TC_THREADS / 32) /* consumer warps */
+#define TS_THREADS (TC_THREADS + 128)   /* + the producer warpgroup */
+#define TS_PRODUCER_REGS 56 /* 128 x 56 + 256 x 224 = 384 x 168: the CTA's launch allocation */
+#define TS_CONSUMER_REGS 224
+/* setmaxnreg.inc waits until the CTA's pool has the registers: the roles'
+ * sum must not exceed what the launch gives each of TS_THREADS threads
+ * (65536 / TS_THREADS rounded down to 8: 168, ptxas's count with
+ * setmaxnreg in the kernel) */
+static_assert(4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS <=
+                  TS_THREADS * ((65536 / TS_THREADS) & ~7),
+              "the consumers' registers must come from the producer warpgroup's");
+#define TS_SMEM_BYTES (TS_STAGES * TS_STAGE_BYTES + 1024) /* + slack for 1024-byte alignment */
+#define TS_WAVES 2 /* CTAs per SM the grid aims at */
 
 typedef struct {
-  unsigned long long full[TW_STAGES], empty[TW_STAGES];
+  unsigned long long full[TS_STAGES], empty[TS_STAGES];
+  float nk[TS_STAGES]; /* the stage's largest key norm */
+  int bad[TS_STAGES];  /* its page id is out of range (nothing loaded) */
   int64_t pos[TC_ROWS];
   int req[TC_ROWS];
   int run_end[TC_ROWS];
   uint32_t starts[TC_ROWS / 32];
   float qn[TC_ROWS];
-} tw_smem;
+} ts_smem;
 
-/* Thread 0: fills the stage of the CTA's i-th block (block b of request r)
- * once every warp has released that stage's previous use. A page id out of
- * range loads nothing; the plain arrive still completes the phase, and the
- * consumers, which check the page id themselves, store (NaN, inf) for it. */
-__device__ __forceinline__ void tw_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
-                                           const CUtensorMap *map, tw_smem &s,
-                                           unsigned char *ring, int r, int64_t b, uint32_t i) {
-  const uint32_t st = i % TW_STAGES, use = i / TW_STAGES;
-  int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
-  if (use > 0)
-    sm90_bar_wait(&s.empty[st], (use - 1) & 1);
-  if (page < 0) {
-    sm90_bar_arrive(&s.full[st]);
-    return;
-  }
-  unsigned char *dst = ring + st * TW_STAGE_BYTES;
-  sm90_bar_arrive_tx(&s.full[st], TW_STAGE_BYTES);
-  sm90_tma_load_2d(dst, map, 0, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
-  sm90_tma_load_2d(dst + TW_HALF_BYTES, map, 64, (int)(page * M3S_BLOCK_SIZE), &s.full[st]);
+/* The registers of the calling warpgroup (every thread of it calls). */
+template <int N>
+__device__ __forceinline__ void ts_set_regs(bool inc) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if (inc)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+  else
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#else
+  (void)inc;
+#endif
 }
 
-static __global__ void __launch_bounds__(TC_THREADS, 2)
-    tc_score_tma_kernel(m3s_cuda_batch bt, tc_score_args a, const __grid_constant__ CUtensorMap map) {
+/* Warp 8: the stages of the CTA's blocks, in the consumers' order (runs,
+ * then b0 + j gz). Lane l looks up block j0 + l of each 32; lane 0 waits
+ * for each stage's release, writes its page check and norm, and arms it
+ * (a page out of range: a plain arrive, nothing loaded). */
+__device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
+                                           const CUtensorMap *map, ts_smem &s,
+                                           unsigned char *ring, int n) {
+  const int lane = threadIdx.x & 31;
+  uint32_t i = 0;
+  for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
+    const int p1 = s.run_end[p0], r = s.req[p0];
+    if (r < 0)
+      continue;
+    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
+    const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
+    if (b0 >= hi)
+      continue;
+    const int nblk = (hi - b0 + gz - 1) / gz;
+    const float *nrow = a.norms + tc_norm_slot(bt, r) * a.max_nb;
+    for (int j0 = 0; j0 < nblk; j0 += 32) {
+      const int b = b0 + (j0 + lane) * gz;
+      int64_t page = -1;
+      float nk = INFINITY;
+      if (j0 + lane < nblk) {
+        page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+        nk = b < a.max_nb ? nrow[b] : INFINITY;
+      }
+      const int m = nblk - j0 < 32 ? nblk - j0 : 32;
+      for (int l = 0; l < m; l++, i++) {
+        const int64_t pg = __shfl_sync(TC_FULL, page, l);
+        const float k = __shfl_sync(TC_FULL, nk, l);
+        if (lane == 0) {
+          const uint32_t st = i % TS_STAGES, use = i / TS_STAGES;
+          if (use > 0)
+            sm90_bar_wait(&s.empty[st], (use - 1) & 1);
+          s.nk[st] = k;
+          s.bad[st] = pg < 0;
+          if (pg < 0) {
+            sm90_bar_arrive(&s.full[st]);
+          } else {
+            unsigned char *dst = ring + st * TS_STAGE_BYTES;
+            sm90_bar_arrive_tx(&s.full[st], TS_STAGE_BYTES);
+            sm90_tma_load_2d(dst, map, 0, (int)(pg * M3S_BLOCK_SIZE), &s.full[st]);
+            sm90_tma_load_2d(dst + TS_HALF_BYTES, map, 64, (int)(pg * M3S_BLOCK_SIZE), &s.full[st]);
+          }
+        }
+        __syncwarp();
+      }
+    }
+  }
+}
+
+/* A consumer warpgroup's group for the CTA's i-th block: once its stage
+ * has landed, 8 wgmma k-steps of the warpgroup's 64 rows x the block's 128
+ * keys into acc, committed, not waited for. */
+__device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
+                                         const uint32_t (&af)[8][4], float (&acc)[16][4],
+                                         uint32_t i) {
+  const uint32_t st = i % TS_STAGES;
+  sm90_bar_wait(&s.full[st], (i / TS_STAGES) & 1);
+  const uint32_t tile = tc_smem_addr(ring + st * TS_STAGE_BYTES);
+  wg_pin(acc);
+  wg_fence();
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++)
+    wg_mma_n128_bf16(acc, af[ks], wg_desc_k_sw128(tile + (ks >> 2) * TS_HALF_BYTES + (ks & 3) * 32),
+                     ks > 0);
+  wg_commit();
+}
+
+/* The CTA's i-th block (block b) once at most PENDING groups are left: the
+ * stage released (its page check and norm read first: the producer
+ * rewrites them), then the row maxima folded from acc and, by the quad's
+ * first lane, (S~, E) stored. */
+template <int PENDING>
+__device__ __forceinline__ void ts_finish(const tc_score_args &a, ts_smem &s, float (&acc)[16][4],
+                                          uint32_t i, int b, int64_t tile0, int g, int in_lo,
+                                          int in_hi) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+  const uint32_t st = i % TS_STAGES;
+  wg_wait<PENDING>();
+  wg_pin(acc);
+  const int bad = s.bad[st];
+  const float nk = s.nk[st];
+  /* this warp's reads of the stage (the async proxy's) come before the
+   * refill's TMA writes */
+  sm90_fence_proxy_async();
+  __syncwarp();
+  if (lane == 0)
+    sm90_bar_arrive(&s.empty[st]);
+  float m_lo = -INFINITY, m_hi = -INFINITY;
+  tc_row_fold(acc, s.pos[r_lo], s.pos[r_hi], b, 0, lane, m_lo, m_hi);
+  tc_quad_max(m_lo, m_hi);
+  /* a bad page's maxima are never stored: tc_store_rows writes (NaN, inf) */
+  if ((lane & 3) == 0)
+    tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
+}
+
+static __global__ void __launch_bounds__(TS_THREADS, 1)
+    tc_score_ws_kernel(m3s_cuda_batch bt, tc_score_args a, const __grid_constant__ CUtensorMap map) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap(); /* launched on sm_90 devices only */
 #else
   extern __shared__ __align__(16) unsigned char tc_dyn[];
-  __shared__ tw_smem s;
+  __shared__ ts_smem s;
   const uint32_t base = tc_smem_addr(tc_dyn);
   unsigned char *const ring = tc_dyn + ((1024u - (base & 1023u)) & 1023u);
   uint16_t *qs = (uint16_t *)ring; /* the query tile, before the first copy */
@@ -739,84 +868,74 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
   const int g = blockIdx.y;
   const int n = (int)(a.nrows - tile0 < TC_ROWS ? a.nrows - tile0 : TC_ROWS);
 
-  /* Phase 1: rows, runs, queries, norms, A fragments; the ring's barriers */
+  /* the roles first, uniform over each warp for the compiler too (a
+   * divergent branch around wgmma makes ptxas serialise it); the producer
+   * warpgroup gives its registers up before the consumers take theirs */
+  if (__shfl_sync(TC_FULL, warp / 4, 0) == TS_CONSUMERS / 4) {
+    ts_set_regs<TS_PRODUCER_REGS>(false);
+    if (warp == TS_CONSUMERS) {
+      /* the consumers' prologue done: the runs, the barriers, the query
+       * tile read (the ring overwrites it) */
+      asm volatile("bar.sync 2, %0;\n" ::"n"(TC_THREADS + 32) : "memory");
+      ts_produce(bt, a, &map, s, ring, n);
+    }
+    return;
+  }
+  ts_set_regs<TS_CONSUMER_REGS>(true);
+
+  /* Phase 1 (consumers): rows, runs, queries, norms, A fragments; the
+   * ring's barriers; then the producer is let go */
   uint32_t af[8][4];
-  tc_tile_prologue(bt, a, s, qs, tile0, n, g, af);
+  tc_tile_prologue<true>(bt, a, s, qs, tile0, n, g, af);
   if (tid == 0) {
-    for (int i = 0; i < TW_STAGES; i++) {
+    for (int i = 0; i < TS_STAGES; i++) {
       sm90_bar_init(&s.full[i], 1);
-      sm90_bar_init(&s.empty[i], TC_THREADS / 32);
+      sm90_bar_init(&s.empty[i], TS_CONSUMERS);
     }
     sm90_fence_barrier_init();
   }
   sm90_fence_proxy_async(); /* the query tile's generic accesses before TMA overwrites it */
-  __syncthreads();
+  tc_prologue_sync<true>();  /* run_end and the barriers, for the consumers */
+  asm volatile("bar.arrive 2, %0;\n" ::"n"(TC_THREADS + 32) : "memory");
 
-  /* Phase 2: per run, the CTA's candidate blocks through the ring; i counts
-   * the CTA's blocks over all runs, so stage and phase follow from it */
+  /* Phase 2: per run, the CTA's candidate blocks through the ring, two
+   * accumulators in turn: block j's group is issued before block j - 1 is
+   * folded. i counts the CTA's blocks over all runs (stage and phase). */
   const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+  float acc0[16][4], acc1[16][4];
+#pragma unroll
+  for (int j = 0; j < 16; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      acc0[j][e] = acc1[j][e] = 0.0f;
   uint32_t it = 0;
   for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
     const int p1 = s.run_end[p0], r = s.req[p0];
     if (r < 0)
       continue;
-    /* block ids fit 32 bits: positions come from int32 seq_lens */
     const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
     const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
     if (b0 >= hi)
       continue;
     const int nblk = (hi - b0 + gz - 1) / gz;
     const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
-    const float *nrow = a.norms + tc_norm_slot(bt, r) * a.max_nb;
-    if (tid == 0)
-      for (int j = 0; j < nblk && j < TW_STAGES; j++)
-        tw_produce(bt, a, &map, s, ring, r, b0 + j * gz, it + (uint32_t)j);
-    for (int j = 0; j < nblk; j++) {
-      const uint32_t i = it + (uint32_t)j, st = i % TW_STAGES, ph = (i / TW_STAGES) & 1;
-      const int b = b0 + j * gz;
-      /* the block's page check and largest key norm (from the pre-pass):
-       * loaded here, used after the matrix work, so their round trips hide
-       * under it instead of delaying it (they were ~9% of the 8K prompt's
-       * stall samples). A page out of range loaded nothing into the stage;
-       * the products of whatever it holds are not stored. */
-      const int bad = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages) < 0;
-      const float nk = b < a.max_nb ? nrow[b] : INFINITY;
-      /* refill the stage the previous block used (every warp is past it or
-       * nearly so), keeping TW_STAGES - 1 copies in flight */
-      if (tid == 0 && j >= 1 && j - 1 + TW_STAGES < nblk)
-        tw_produce(bt, a, &map, s, ring, r, b0 + (j - 1 + TW_STAGES) * gz, i - 1 + TW_STAGES);
-      sm90_bar_wait(&s.full[st], ph);
-      const unsigned char *tile = ring + st * TW_STAGE_BYTES;
-      /* S~: this warpgroup's 64 rows x 128 keys, as two m64n64 halves
-       * through one 32-register accumulator */
-      float m_lo = -INFINITY, m_hi = -INFINITY;
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        float acc[8][4];
-#pragma unroll
-        for (int jj = 0; jj < 8; jj++)
-          acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.0f;
-        wg_fence();
-#pragma unroll
-        for (int ks = 0; ks < 8; ks++)
-          wg_mma_n64<false>(acc, af[ks],
-                            wg_desc_k_sw128(tc_smem_addr(tile + (ks >> 2) * TW_HALF_BYTES +
-                                                          (ks & 3) * 32 + h * 64 * 128)));
-        wg_commit_wait();
-        if (h == 1) {
-          /* this thread is done with the stage: its reads (generic and
-           * async proxy) come before the refill's TMA writes */
-          sm90_fence_proxy_async();
-          __syncwarp();
-          if (lane == 0)
-            sm90_bar_arrive(&s.empty[st]);
-        }
-        tc_row_fold(acc, s.pos[r_lo], s.pos[r_hi], b, 64 * h, lane, m_lo, m_hi);
-      }
-      tc_quad_max(m_lo, m_hi);
-      /* a bad page's maxima are never stored: tc_store_rows writes (NaN, inf) */
-      if ((lane & 3) == 0)
-        tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
+    /* one group in flight at the loop head (acc0's, block j - 1), none
+     * after the run: the same on every path, which ptxas needs to keep the
+     * groups asynchronous */
+    ts_issue(s, ring, af, acc0, it);
+    int j = 1;
+    for (; j + 1 < nblk; j += 2) {
+      ts_issue(s, ring, af, acc1, it + j);
+      ts_finish<1>(a, s, acc0, it + j - 1, b0 + (j - 1) * gz, tile0, g, in_lo, in_hi);
+      ts_issue(s, ring, af, acc0, it + j + 1);
+      ts_finish<1>(a, s, acc1, it + j, b0 + j * gz, tile0, g, in_lo, in_hi);
+    }
+    if (j < nblk) {
+      ts_issue(s, ring, af, acc1, it + j);
+      ts_finish<1>(a, s, acc0, it + j - 1, b0 + (j - 1) * gz, tile0, g, in_lo, in_hi);
+      ts_finish<0>(a, s, acc1, it + j, b0 + j * gz, tile0, g, in_lo, in_hi);
+    } else {
+      ts_finish<0>(a, s, acc0, it + j - 1, b0 + (j - 1) * gz, tile0, g, in_lo, in_hi);
     }
     it += (uint32_t)nblk;
   }
@@ -2197,11 +2316,11 @@ extern "C" cudaError_t m3s_topk_tc_prepare(void) {
     if (err != cudaSuccess)
       return err;
   }
-  return cudaFuncSetAttribute(tc_score_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              TW_SMEM_BYTES);
+  return cudaFuncSetAttribute(tc_score_ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              TS_SMEM_BYTES);
 }
 
-/* The tensor map of a bf16 index cache for tc_score_tma_kernel: the cache as
+/* The tensor map of a bf16 index cache for tc_score_ws_kernel: the cache as
  * [P * 128 keys][128 dims], boxes of 64 dims x 128 keys, 128-byte swizzle.
  * 0 when the TMA kernel does not apply (not an sm_90 device, no encoder, an
  * e4m3 cache, the mma_sync hook, key rows beyond the int32 coordinates). */
@@ -2383,10 +2502,13 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     sa.row0 = se.row0 = row0;
     sa.nrows = n;
     se.npairs = n * hkv;
-    /* Phase 1: (S~, E) of the chunk. About 4 CTAs per SM in all; a CTA
-     * takes every gy-th candidate block of its tile. */
+    /* Phase 1: (S~, E) of the chunk. About 4 CTAs per SM in all (2
+     * resident) for the mma.sync kernel, TS_WAVES (1 resident) for the
+     * warp-specialised one; a CTA takes every gy-th candidate block of its
+     * tile. */
     int64_t tiles = (n + TC_ROWS - 1) / TC_ROWS;
-    int64_t gy = (4 * sms + tiles * hkv - 1) / (tiles * hkv);
+    const int64_t waves = !tma ? 4 : hooks.score_waves > 0 ? hooks.score_waves : TS_WAVES;
+    int64_t gy = (waves * sms + tiles * hkv - 1) / (tiles * hkv);
     gy = gy < 1 ? 1 : gy;
     gy = gy < plan.max_nb ? gy : plan.max_nb;
     gy = gy < 65535 ? gy : 65535;
@@ -2395,10 +2517,10 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
                       (long long)tiles, hkv);
     dim3 grid((unsigned)tiles, (unsigned)hkv, (unsigned)gy);
     if (tma)
-      tc_score_tma_kernel<<<grid, TC_THREADS, TW_SMEM_BYTES, stream>>>(cb, sa, map);
+      tc_score_ws_kernel<<<grid, TS_THREADS, TS_SMEM_BYTES, stream>>>(cb, sa, map);
     else
       score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
-    m3s_status st = m3s_cuda_check_launch(fn, tma ? "tc_score_tma_kernel" : "tc_score_kernel");
+    m3s_status st = m3s_cuda_check_launch(fn, tma ? "tc_score_ws_kernel" : "tc_score_kernel");
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */

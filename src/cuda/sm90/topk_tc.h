@@ -50,7 +50,9 @@ typedef struct {
  *  rounds_select: the prefill selection by rounds of a warp maximum with the
  *              entries in shared memory (tc_select_kernel) also where the
  *              register selection (tc_select_reg_kernel, at most 128
- *              candidates per pair) is the default: for A/B timings. */
+ *              candidates per pair) is the default: for A/B timings.
+ *  score_waves: > 0: tc_score_ws_kernel's grid aims at this many CTAs per
+ *              SM instead of TS_WAVES (tuning). */
 typedef struct {
   int exact_only;
   int no_rescore;
@@ -59,6 +61,7 @@ typedef struct {
   int mma_sync;
   int decode_any;
   int rounds_select;
+  int score_waves;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults; a CPU context ignores the call. Internal (not
