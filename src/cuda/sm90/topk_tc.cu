@@ -279,6 +279,7 @@ typedef struct {
   /* tc_score_ws_kernel: the largest key norm of block b of request r at
    * norms[slot(r) * max_nb + b] (tc_norm_kernel); NULL for tc_score_kernel */
   float *norms;
+  int gz; /* tc_score_ws_kernel: an item's candidate-block stride (the others: gridDim.z) */
 } tc_score_args;
 
 typedef struct {
@@ -362,17 +363,8 @@ __device__ __forceinline__ void tc_quad_max(float &m_lo, float &m_hi) {
  * and, when the layout allows, 16 bytes at a time: the element-wise loads
  * and the O(rows) run scan were ~30% of the 8K prompt's stall samples
  * (ncu, docs/perf-notes.md). The caller synchronises before qs is reused or
- * run_end / qn are read. TC_THREADS threads call it: the CTA, or
- * tc_score_ws_kernel's consumers (NAMED: their own barrier, 1). */
-template <bool NAMED>
-__device__ __forceinline__ void tc_prologue_sync() {
-  if (NAMED)
-    asm volatile("bar.sync 1, %0;\n" ::"n"(TC_THREADS) : "memory");
-  else
-    __syncthreads();
-}
-
-template <bool NAMED = false, class Smem>
+ * run_end / qn are read. */
+template <class Smem>
 __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const tc_score_args &a,
                                                  Smem &s, uint16_t *qs, int64_t tile0, int n,
                                                  int g, uint32_t (&af)[8][4]) {
@@ -418,7 +410,7 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
       *(uint32_t *)(qs + i * TC_PAD + d) = w;
     }
   }
-  tc_prologue_sync<NAMED>();
+  __syncthreads();
   /* runs: a row starts one where its request differs from the previous
    * row's; rows past n count as starts so that every run ends by n */
   if (tid < TC_ROWS) {
@@ -427,7 +419,7 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
     if (lane == 0)
       s.starts[warp] = m;
   }
-  tc_prologue_sync<NAMED>();
+  __syncthreads();
   if (tid < TC_ROWS) {
     int e = TC_ROWS;
     for (int w = warp; w < TC_ROWS / 32; w++) {
@@ -684,39 +676,49 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 
 /* ---------------------------------------------------------------------------
  * Kernel 1, sm_90a variant for a bf16 index cache: tc_score_ws_kernel, TMA
- * and wgmma in a warp-specialised pipeline.
+ * and wgmma in a warp-specialised, persistent pipeline.
  *
- * Same tiles, runs and outputs as tc_score_kernel, grid (row tiles, Hkv,
- * gy) with gy for about TS_WAVES CTAs per SM in all; TS_THREADS = 384
- * threads, one CTA per SM, TS_SMEM_BYTES dynamic shared memory. Warps 0-7
- * are the consumers: two warpgroups of 64 rows, the A fragments (bf16) in
- * registers for the whole tile, at TS_CONSUMER_REGS registers (setmaxnreg);
- * they run tc_tile_prologue on a barrier of their own. The third warpgroup
- * gives its registers up, and its warp 8 is the producer: it reads the page
- * ids and key norms (the table tc_norm_kernel fills first: once per block,
- * not once per CTA that visits it) of the CTA's blocks, 32 at a time, a
- * block per lane, and its lane 0 fills a TS_STAGES-deep ring of 32 KB
- * stages by TMA (a 2-D tensor map over the cache as [P * 128 keys][128
- * dims], two boxes of 64 dims x 128 keys per page, 128-byte swizzle;
- * mbarriers full: the bytes landed, empty: the 8 consumer warps are done),
- * writing each stage's page check and norm beside it. Each consumer
- * warpgroup runs a block as one m64n128 wgmma group (B straight from the
- * swizzled stage) into one of two accumulators and folds the previous
- * block's accumulator while the group runs (wg_wait<1>), so its tensor work
- * does not stop for its own epilogue. Two accumulators beside the A
- * fragments need ~190 registers, hence one CTA per SM and the registers
- * moved between warpgroups (at 168 each the consumers spilled). The kernel
- * it replaced (a TMA ring filled by thread 0, four warpgroups per SM in two
- * CTAs, each waiting for its m64n64 halves before folding them) reached
- * ~40-56% of the bf16 ceiling (ncu, 8K and 64K prompts); this one took the
- * 8K prompt's scores 99.6 -> 84 us and 4K behind 60K 604 -> 459 us (H100,
- * docs/perf-notes.md). sm_90a only.
+ * The work of tc_score_kernel (tiles, runs, outputs) cut into items (row
+ * tile, head g, z: every gz-th candidate block from init + z; gz for about
+ * TS_WAVES items per SM in all), heavy tiles first; a grid of one CTA per SM
+ * (at most one per item), CTA c taking items c, 2G - 1 - c, 2G + c, ...
+ * (a snake over the heavy-first order, so the CTAs' sums even out).
+ * TS_THREADS = 384 threads, TS_SMEM_BYTES dynamic shared memory.
+ *  - Warps 0-7, the consumers (TS_CONSUMER_REGS registers by setmaxnreg):
+ *    two warpgroups of 64 rows. Per item, the A fragments (bf16) from the
+ *    staged query tile into registers, then each block as one m64n128 wgmma
+ *    group (B straight from the swizzled stage) into one of two
+ *    accumulators in turn, the previous block's accumulator folded while
+ *    the group runs (wg_wait<1>), so the tensor work does not stop for the
+ *    epilogue; (S~, E) stored by the quads' first lanes.
+ *  - Warp 8, the producer: the page ids and key norms (the table
+ *    tc_norm_kernel fills first) of the item's blocks, 32 at a time, a
+ *    block per lane; its lane 0 fills a TS_STAGES-deep ring of 32 KB stages
+ *    by TMA (a 2-D tensor map over the cache as [P * 128 keys][128 dims],
+ *    two boxes of 64 dims x 128 keys per page, 128-byte swizzle; mbarriers
+ *    full: the bytes landed, empty: the 8 consumer warps are done), writing
+ *    each stage's page check and norm beside it. It runs into the next item
+ *    as soon as that item's rows are known, so the ring is full when the
+ *    consumers get there.
+ *  - Warps 9-11, the preparers: the next item's rows, runs, query tile and
+ *    query norms (tc_tile_prologue's work) into one of two row tables and
+ *    the query buffer, while the consumers work on the current item.
+ * Warps 8-11 run at TS_PRODUCER_REGS registers. The kernel before this one
+ * (one item per CTA, the consumers doing the prologue, the ring's first
+ * copies behind it) took the 8K prompt's scores 99.6 -> 84 us and 4K
+ * behind 60K 604 -> 459 us against the first TMA kernel (H100,
+ * docs/perf-notes.md), where thread 0 filled the ring and four warpgroups
+ * per SM each waited for their m64n64 halves before folding them (~40-56%
+ * of the bf16 ceiling). sm_90a only.
  * ------------------------------------------------------------------------- */
-#define TS_STAGES 6
+#define TS_STAGES 5
 #define TS_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
 #define TS_STAGE_BYTES (2 * TS_HALF_BYTES)
-#define TS_CONSUMERS (TC_THREADS / 32) /* consumer warps */
-#define TS_THREADS (TC_THREADS + 128)   /* + the producer warpgroup */
+#define TS_QS_BYTES (TC_ROWS * TC_PAD * 2) /* the staged query tile */
+#define TS_CONSUMERS (TC_THREADS / 32)     /* consumer warps */
+#define TS_THREADS (TC_THREADS + 128)      /* + the producer warpgroup */
+#define TS_PREP0 (TC_THREADS + 32)         /* the first preparer thread */
+#define TS_PREP_THREADS 96
 #define TS_PRODUCER_REGS 56 /* 128 x 56 + 256 x 224 = 384 x 168: the CTA's launch allocation */
 #define TS_CONSUMER_REGS 224
 /* setmaxnreg.inc waits until the CTA's pool has the registers: the roles'
@@ -726,19 +728,50 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 static_assert(4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS <=
                   TS_THREADS * ((65536 / TS_THREADS) & ~7),
               "the consumers' registers must come from the producer warpgroup's");
-#define TS_SMEM_BYTES (TS_STAGES * TS_STAGE_BYTES + 1024) /* + slack for 1024-byte alignment */
-#define TS_WAVES 2 /* CTAs per SM the grid aims at */
+#define TS_SMEM_BYTES (TS_STAGES * TS_STAGE_BYTES + TS_QS_BYTES + 1024) /* + 1024-byte alignment */
+#define TS_WAVES 2 /* items per SM the grid aims at */
 
+/* An item's rows (request or -1, position, run ends, run starts) and query
+ * norms. */
 typedef struct {
-  unsigned long long full[TS_STAGES], empty[TS_STAGES];
-  float nk[TS_STAGES]; /* the stage's largest key norm */
-  int bad[TS_STAGES];  /* its page id is out of range (nothing loaded) */
   int64_t pos[TC_ROWS];
   int req[TC_ROWS];
   int run_end[TC_ROWS];
   uint32_t starts[TC_ROWS / 32];
   float qn[TC_ROWS];
+} ts_rows;
+
+typedef struct {
+  unsigned long long full[TS_STAGES], empty[TS_STAGES];
+  unsigned long long ready[2]; /* rows[i] and the query buffer prepared (96 arrivals) */
+  unsigned long long done[2];  /* rows[i] no longer read (8 consumer warps + the producer) */
+  unsigned long long qs_free;  /* the consumers hold the item's A fragments (8 warps) */
+  float nk[TS_STAGES];         /* the stage's largest key norm */
+  int bad[TS_STAGES];          /* its page id is out of range (nothing loaded) */
+  ts_rows rows[2];
 } ts_smem;
+
+typedef struct {
+  int64_t tile0;
+  int n; /* rows of the tile; 0: no such item */
+  int g, z;
+} ts_item;
+
+/* The CTA's k-th item: position c, 2G - 1 - c, 2G + c, ... of the list of
+ * tiles x Hkv x gz items that starts with the last (heaviest) tile. */
+__device__ __forceinline__ ts_item ts_item_of(const tc_score_args &a, int k) {
+  const int64_t G = gridDim.x, c = blockIdx.x, per = (int64_t)a.hkv * a.gz;
+  const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
+  const int64_t idx = (int64_t)k * G + ((k & 1) ? G - 1 - c : c);
+  ts_item it = {0, 0, 0, 0};
+  if (idx >= tiles * per)
+    return it;
+  it.tile0 = (tiles - 1 - idx / per) * TC_ROWS;
+  it.g = (int)(idx % per / a.gz);
+  it.z = (int)(idx % a.gz);
+  it.n = (int)(a.nrows - it.tile0 < TC_ROWS ? a.nrows - it.tile0 : TC_ROWS);
+  return it;
+}
 
 /* The registers of the calling warpgroup (every thread of it calls). */
 template <int N>
@@ -753,31 +786,120 @@ __device__ __forceinline__ void ts_set_regs(bool inc) {
 #endif
 }
 
-/* Warp 8: the stages of the CTA's blocks, in the consumers' order (runs,
- * then b0 + j gz). Lane l looks up block j0 + l of each 32; lane 0 waits
- * for each stage's release, writes its page check and norm, and arms it
- * (a page out of range: a plain arrive, nothing loaded). */
+__device__ __forceinline__ void ts_prep_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(TS_PREP_THREADS) : "memory");
+}
+
+/* Warps 9-11: item it's rows, runs, query tile (into qs, rows of TC_PAD
+ * elements, zero past the chunk) and query norms (upper bounds, inf for
+ * non-finite), as tc_tile_prologue computes them. */
+__device__ void ts_prepare(const m3s_cuda_batch &bt, const tc_score_args &a, ts_rows &r,
+                           uint16_t *qs, const ts_item &it) {
+  const int p = threadIdx.x - TS_PREP0, lane = p & 31, w = p >> 5;
+  const uint16_t *const q0 = a.iq + (a.row0 + it.tile0) * a.iq_s0 + it.g * a.iq_s1;
+  const int vec = ((uintptr_t)a.iq & 15) == 0 && (a.iq_s0 & 7) == 0 && (a.iq_s1 & 7) == 0;
+  for (int i = p; i < TC_ROWS; i += TS_PREP_THREADS) {
+    int req = -1;
+    int64_t pos = 0;
+    if (i < it.n) {
+      m3s_row_info ri = m3s_row_lookup(bt, a.row0 + it.tile0 + i);
+      if (ri.valid && ri.n >= TC_MIN_ROWS && tc_blocks_of(ri.pos) > a.topk) {
+        req = ri.r;
+        pos = ri.pos;
+      }
+    }
+    r.req[i] = req;
+    r.pos[i] = pos;
+  }
+  if (vec) {
+    /* four 16-byte pieces in flight per thread */
+    constexpr int PIECES = TC_ROWS * (M3S_INDEX_DIM / 8);
+    for (int c0 = p; c0 < PIECES; c0 += 4 * TS_PREP_THREADS) {
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        const int c = c0 + u * TS_PREP_THREADS, i = c / (M3S_INDEX_DIM / 8);
+        v[u] = make_uint4(0, 0, 0, 0);
+        if (c < PIECES && i < it.n)
+          v[u] = *(const uint4 *)(q0 + i * a.iq_s0 + (c % (M3S_INDEX_DIM / 8)) * 8);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        const int c = c0 + u * TS_PREP_THREADS, i = c / (M3S_INDEX_DIM / 8);
+        if (c < PIECES)
+          *(uint4 *)(qs + i * TC_PAD + (c % (M3S_INDEX_DIM / 8)) * 8) = v[u];
+      }
+    }
+  } else {
+    for (int e = p; e < TC_ROWS * (M3S_INDEX_DIM / 2); e += TS_PREP_THREADS) {
+      const int i = e / (M3S_INDEX_DIM / 2), d = 2 * (e % (M3S_INDEX_DIM / 2));
+      uint32_t v = 0;
+      if (i < it.n) {
+        const uint16_t *q = q0 + i * a.iq_s0 + d;
+        v = (uint32_t)q[0] | ((uint32_t)q[1] << 16);
+      }
+      *(uint32_t *)(qs + i * TC_PAD + d) = v;
+    }
+  }
+  ts_prep_sync();
+  /* runs: a row starts one where its request differs from the previous
+   * row's; rows past n count as starts so that every run ends by n */
+  for (int wd = w; wd < TC_ROWS / 32; wd += TS_PREP_THREADS / 32) {
+    const int i = wd * 32 + lane;
+    const uint32_t m = __ballot_sync(TC_FULL, i >= it.n || i == 0 || r.req[i] != r.req[i - 1]);
+    if (lane == 0)
+      r.starts[wd] = m;
+  }
+  ts_prep_sync();
+  for (int i = p; i < TC_ROWS; i += TS_PREP_THREADS) {
+    const int iw = i / 32, il = i % 32;
+    int e = TC_ROWS;
+    for (int wd = iw; wd < TC_ROWS / 32; wd++) {
+      /* starts after row i: in its own word, the bits above it */
+      const uint32_t m = r.starts[wd] & (wd == iw ? (TC_FULL << il) << 1 : TC_FULL);
+      if (m) {
+        e = wd * 32 + __ffs(m) - 1;
+        break;
+      }
+    }
+    r.run_end[i] = e < it.n ? e : it.n;
+    /* the norm: each half's sum of squares rounded up, then their sum */
+    float sq[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+      for (int v = 0; v < 8; v++)
+        sq[h] = tc_sumsq8_ru(*(const uint4 *)(qs + i * TC_PAD + h * 64 + v * 8), sq[h]);
+    const float nq = __fsqrt_ru(__fadd_ru(sq[0], sq[1]));
+    r.qn[i] = isnan(nq) ? INFINITY : nq;
+  }
+}
+
+/* Warp 8: the stages of item it's blocks, in the consumers' order (runs,
+ * then init + z + j gz); i counts the CTA's blocks over all items. Lane l
+ * looks up block j0 + l of each 32; lane 0 waits for each stage's release,
+ * writes its page check and norm, and arms it (a page out of range: a
+ * plain arrive, nothing loaded). */
 __device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
-                                           const CUtensorMap *map, ts_smem &s,
-                                           unsigned char *ring, int n) {
+                                           const CUtensorMap *map, ts_smem &s, const ts_rows &r,
+                                           unsigned char *ring, const ts_item &it, uint32_t &i) {
   const int lane = threadIdx.x & 31;
-  uint32_t i = 0;
-  for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
-    const int p1 = s.run_end[p0], r = s.req[p0];
-    if (r < 0)
+  for (int p0 = 0; p0 < it.n; p0 = r.run_end[p0]) {
+    const int p1 = r.run_end[p0], req = r.req[p0];
+    if (req < 0)
       continue;
-    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
-    const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
+    const int hi = (int)(tc_blocks_of(r.pos[p1 - 1]) - a.local);
+    const int b0 = a.init + it.z;
     if (b0 >= hi)
       continue;
-    const int nblk = (hi - b0 + gz - 1) / gz;
-    const float *nrow = a.norms + tc_norm_slot(bt, r) * a.max_nb;
+    const int nblk = (hi - b0 + a.gz - 1) / a.gz;
+    const float *nrow = a.norms + tc_norm_slot(bt, req) * a.max_nb;
     for (int j0 = 0; j0 < nblk; j0 += 32) {
-      const int b = b0 + (j0 + lane) * gz;
+      const int b = b0 + (j0 + lane) * a.gz;
       int64_t page = -1;
       float nk = INFINITY;
       if (j0 + lane < nblk) {
-        page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
+        page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, req, b, a.num_pages);
         nk = b < a.max_nb ? nrow[b] : INFINITY;
       }
       const int m = nblk - j0 < 32 ? nblk - j0 : 32;
@@ -823,14 +945,14 @@ __device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
   wg_commit();
 }
 
-/* The CTA's i-th block (block b) once at most PENDING groups are left: the
- * stage released (its page check and norm read first: the producer
- * rewrites them), then the row maxima folded from acc and, by the quad's
- * first lane, (S~, E) stored. */
+/* The CTA's i-th block (block b of item it) once at most PENDING groups are
+ * left: the stage released (its page check and norm read first: the
+ * producer rewrites them), then the row maxima folded from acc and, by the
+ * quad's first lane, (S~, E) stored. */
 template <int PENDING>
-__device__ __forceinline__ void ts_finish(const tc_score_args &a, ts_smem &s, float (&acc)[16][4],
-                                          uint32_t i, int b, int64_t tile0, int g, int in_lo,
-                                          int in_hi) {
+__device__ __forceinline__ void ts_finish(const tc_score_args &a, ts_smem &s, const ts_rows &r,
+                                          float (&acc)[16][4], uint32_t i, int b,
+                                          const ts_item &it, int in_lo, int in_hi) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
   const uint32_t st = i % TS_STAGES;
@@ -845,11 +967,52 @@ __device__ __forceinline__ void ts_finish(const tc_score_args &a, ts_smem &s, fl
   if (lane == 0)
     sm90_bar_arrive(&s.empty[st]);
   float m_lo = -INFINITY, m_hi = -INFINITY;
-  tc_row_fold(acc, s.pos[r_lo], s.pos[r_hi], b, 0, lane, m_lo, m_hi);
+  tc_row_fold(acc, r.pos[r_lo], r.pos[r_hi], b, 0, lane, m_lo, m_hi);
   tc_quad_max(m_lo, m_hi);
   /* a bad page's maxima are never stored: tc_store_rows writes (NaN, inf) */
   if ((lane & 3) == 0)
-    tc_store_rows(a, s, tile0, g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
+    tc_store_rows(a, r, it.tile0, it.g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
+}
+
+/* Warps 0-7: item it's blocks through the ring (i counts the CTA's blocks
+ * over all items), two accumulators in turn: block j's group is issued
+ * before block j - 1 is folded. */
+__device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, const ts_rows &r,
+                                           const unsigned char *ring, const uint32_t (&af)[8][4],
+                                           float (&acc0)[16][4], float (&acc1)[16][4],
+                                           const ts_item &it, uint32_t &i) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+  for (int p0 = 0; p0 < it.n; p0 = r.run_end[p0]) {
+    const int p1 = r.run_end[p0], req = r.req[p0];
+    if (req < 0)
+      continue;
+    const int hi = (int)(tc_blocks_of(r.pos[p1 - 1]) - a.local);
+    const int b0 = a.init + it.z, gz = a.gz;
+    if (b0 >= hi)
+      continue;
+    const int nblk = (hi - b0 + gz - 1) / gz;
+    const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
+    /* one group in flight at the loop head (acc0's, block j - 1), none
+     * after the run: the same on every path, which ptxas needs to keep the
+     * groups asynchronous */
+    ts_issue(s, ring, af, acc0, i);
+    int j = 1;
+    for (; j + 1 < nblk; j += 2) {
+      ts_issue(s, ring, af, acc1, i + j);
+      ts_finish<1>(a, s, r, acc0, i + j - 1, b0 + (j - 1) * gz, it, in_lo, in_hi);
+      ts_issue(s, ring, af, acc0, i + j + 1);
+      ts_finish<1>(a, s, r, acc1, i + j, b0 + j * gz, it, in_lo, in_hi);
+    }
+    if (j < nblk) {
+      ts_issue(s, ring, af, acc1, i + j);
+      ts_finish<1>(a, s, r, acc0, i + j - 1, b0 + (j - 1) * gz, it, in_lo, in_hi);
+      ts_finish<0>(a, s, r, acc1, i + j, b0 + j * gz, it, in_lo, in_hi);
+    } else {
+      ts_finish<0>(a, s, r, acc0, i + j - 1, b0 + (j - 1) * gz, it, in_lo, in_hi);
+    }
+    i += (uint32_t)nblk;
+  }
 }
 
 static __global__ void __launch_bounds__(TS_THREADS, 1)
@@ -861,83 +1024,84 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
   __shared__ ts_smem s;
   const uint32_t base = tc_smem_addr(tc_dyn);
   unsigned char *const ring = tc_dyn + ((1024u - (base & 1023u)) & 1023u);
-  uint16_t *qs = (uint16_t *)ring; /* the query tile, before the first copy */
+  uint16_t *const qs = (uint16_t *)(ring + TS_STAGES * TS_STAGE_BYTES);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
-  const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TC_ROWS; /* heavy tiles first */
-  const int g = blockIdx.y;
-  const int n = (int)(a.nrows - tile0 < TC_ROWS ? a.nrows - tile0 : TC_ROWS);
-
-  /* the roles first, uniform over each warp for the compiler too (a
-   * divergent branch around wgmma makes ptxas serialise it); the producer
-   * warpgroup gives its registers up before the consumers take theirs */
-  if (__shfl_sync(TC_FULL, warp / 4, 0) == TS_CONSUMERS / 4) {
-    ts_set_regs<TS_PRODUCER_REGS>(false);
-    if (warp == TS_CONSUMERS) {
-      /* the consumers' prologue done: the runs, the barriers, the query
-       * tile read (the ring overwrites it) */
-      asm volatile("bar.sync 2, %0;\n" ::"n"(TC_THREADS + 32) : "memory");
-      ts_produce(bt, a, &map, s, ring, n);
-    }
-    return;
-  }
-  ts_set_regs<TS_CONSUMER_REGS>(true);
-
-  /* Phase 1 (consumers): rows, runs, queries, norms, A fragments; the
-   * ring's barriers; then the producer is let go */
-  uint32_t af[8][4];
-  tc_tile_prologue<true>(bt, a, s, qs, tile0, n, g, af);
   if (tid == 0) {
     for (int i = 0; i < TS_STAGES; i++) {
       sm90_bar_init(&s.full[i], 1);
       sm90_bar_init(&s.empty[i], TS_CONSUMERS);
     }
+    for (int i = 0; i < 2; i++) {
+      sm90_bar_init(&s.ready[i], TS_PREP_THREADS);
+      sm90_bar_init(&s.done[i], TS_CONSUMERS + 1);
+    }
+    sm90_bar_init(&s.qs_free, TS_CONSUMERS);
     sm90_fence_barrier_init();
   }
-  sm90_fence_proxy_async(); /* the query tile's generic accesses before TMA overwrites it */
-  tc_prologue_sync<true>();  /* run_end and the barriers, for the consumers */
-  asm volatile("bar.arrive 2, %0;\n" ::"n"(TC_THREADS + 32) : "memory");
+  __syncthreads();
 
-  /* Phase 2: per run, the CTA's candidate blocks through the ring, two
-   * accumulators in turn: block j's group is issued before block j - 1 is
-   * folded. i counts the CTA's blocks over all runs (stage and phase). */
-  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+  /* the roles, uniform over each warp for the compiler too (a divergent
+   * branch around wgmma makes ptxas serialise it); the producer warpgroup
+   * gives its registers up before the consumers take theirs */
+  if (__shfl_sync(TC_FULL, warp / 4, 0) == TS_CONSUMERS / 4) {
+    ts_set_regs<TS_PRODUCER_REGS>(false);
+    if (warp == TS_CONSUMERS) {
+      uint32_t i = 0;
+      for (int k = 0;; k++) {
+        const ts_item it = ts_item_of(a, k);
+        if (it.n == 0)
+          break;
+        sm90_bar_wait(&s.ready[k & 1], (k >> 1) & 1);
+        ts_produce(bt, a, &map, s, s.rows[k & 1], ring, it, i);
+        if (lane == 0)
+          sm90_bar_arrive(&s.done[k & 1]);
+      }
+    } else {
+      for (int k = 0;; k++) {
+        const ts_item it = ts_item_of(a, k);
+        if (it.n == 0)
+          break;
+        /* the row table two items back, and the query buffer, let go */
+        if (k >= 2)
+          sm90_bar_wait(&s.done[k & 1], ((k - 2) >> 1) & 1);
+        if (k >= 1)
+          sm90_bar_wait(&s.qs_free, (k - 1) & 1);
+        ts_prepare(bt, a, s.rows[k & 1], qs, it);
+        sm90_bar_arrive(&s.ready[k & 1]);
+      }
+    }
+    return;
+  }
+  ts_set_regs<TS_CONSUMER_REGS>(true);
+
   float acc0[16][4], acc1[16][4];
 #pragma unroll
   for (int j = 0; j < 16; j++)
 #pragma unroll
     for (int e = 0; e < 4; e++)
       acc0[j][e] = acc1[j][e] = 0.0f;
-  uint32_t it = 0;
-  for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
-    const int p1 = s.run_end[p0], r = s.req[p0];
-    if (r < 0)
-      continue;
-    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
-    const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
-    if (b0 >= hi)
-      continue;
-    const int nblk = (hi - b0 + gz - 1) / gz;
-    const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
-    /* one group in flight at the loop head (acc0's, block j - 1), none
-     * after the run: the same on every path, which ptxas needs to keep the
-     * groups asynchronous */
-    ts_issue(s, ring, af, acc0, it);
-    int j = 1;
-    for (; j + 1 < nblk; j += 2) {
-      ts_issue(s, ring, af, acc1, it + j);
-      ts_finish<1>(a, s, acc0, it + j - 1, b0 + (j - 1) * gz, tile0, g, in_lo, in_hi);
-      ts_issue(s, ring, af, acc0, it + j + 1);
-      ts_finish<1>(a, s, acc1, it + j, b0 + j * gz, tile0, g, in_lo, in_hi);
+  uint32_t i = 0;
+  for (int k = 0;; k++) {
+    const ts_item it = ts_item_of(a, k);
+    if (it.n == 0)
+      break;
+    sm90_bar_wait(&s.ready[k & 1], (k >> 1) & 1);
+    /* A fragments of the warp's 16 rows, all 128 dims; then the buffer is
+     * the preparers' again */
+    uint32_t af[8][4];
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++) {
+      const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = ks * 16 + (lane >> 4) * 8;
+      tc_ldmatrix_x4(tc_smem_addr(qs + row * TC_PAD + col), af[ks][0], af[ks][1], af[ks][2],
+                     af[ks][3]);
     }
-    if (j < nblk) {
-      ts_issue(s, ring, af, acc1, it + j);
-      ts_finish<1>(a, s, acc0, it + j - 1, b0 + (j - 1) * gz, tile0, g, in_lo, in_hi);
-      ts_finish<0>(a, s, acc1, it + j, b0 + j * gz, tile0, g, in_lo, in_hi);
-    } else {
-      ts_finish<0>(a, s, acc0, it + j - 1, b0 + (j - 1) * gz, tile0, g, in_lo, in_hi);
-    }
-    it += (uint32_t)nblk;
+    __syncwarp();
+    if (lane == 0)
+      sm90_bar_arrive(&s.qs_free);
+    ts_consume(a, s, s.rows[k & 1], ring, af, acc0, acc1, it, i);
+    __syncwarp();
+    if (lane == 0)
+      sm90_bar_arrive(&s.done[k & 1]);
   }
 #endif
 }
@@ -2440,6 +2604,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   sa.init = cfg->init_blocks;
   sa.local = cfg->local_blocks;
   sa.norms = NULL;
+  sa.gz = 1;
 
   tc_select_args se;
   se.ws = sa.ws;
@@ -2516,8 +2681,12 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
       return m3s_fail(M3S_ERR_UNSUPPORTED, fn, "%lld row tiles x %d heads exceed the grid limit",
                       (long long)tiles, hkv);
     dim3 grid((unsigned)tiles, (unsigned)hkv, (unsigned)gy);
+    sa.gz = (int)gy;
+    /* the persistent kernel: one CTA per SM, at most one per item */
+    const int64_t items = tiles * hkv * gy;
     if (tma)
-      tc_score_ws_kernel<<<grid, TS_THREADS, TS_SMEM_BYTES, stream>>>(cb, sa, map);
+      tc_score_ws_kernel<<<(unsigned)(items < sms ? items : sms), TS_THREADS, TS_SMEM_BYTES,
+                           stream>>>(cb, sa, map);
     else
       score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
     m3s_status st = m3s_cuda_check_launch(fn, tma ? "tc_score_ws_kernel" : "tc_score_kernel");
