@@ -1053,6 +1053,7 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
           break;
         sm90_bar_wait(&s.ready[k & 1], (k >> 1) & 1);
         ts_produce(bt, a, &map, s, s.rows[k & 1], ring, it, i);
+        __syncwarp(); /* every lane is done with the row table */
         if (lane == 0)
           sm90_bar_arrive(&s.done[k & 1]);
       }
