@@ -16,6 +16,8 @@ typedef struct {
   long passed;
   long failed;
   long skipped;
+  long asked;    /* test_selected calls: the binary's cases honour M3S_TEST_FILTER */
+  long selected; /* ... of which matched */
 } test_counts;
 
 /* One counter per program even when several files of a test include this
@@ -39,10 +41,7 @@ static inline int test_check_(int ok, const char *expr, const char *file, int li
 /* M3S_TEST_FILTER: unset or "" runs every case; otherwise a comma-separated
  * list of substrings, and a case runs when its name contains one of them
  * (tools/gpu-check.sh splits slow sanitizer runs this way). */
-static inline int test_selected(const char *name) {
-  const char *f = getenv("M3S_TEST_FILTER");
-  if (!f || !f[0])
-    return 1;
+static inline int test_filter_match_(const char *name, const char *f) {
   while (*f) {
     const char *end = strchr(f, ',');
     size_t n = end ? (size_t)(end - f) : strlen(f);
@@ -56,6 +55,14 @@ static inline int test_selected(const char *name) {
   return 0;
 }
 
+static inline int test_selected(const char *name) {
+  const char *f = getenv("M3S_TEST_FILTER");
+  const int on = !f || !f[0] || test_filter_match_(name, f);
+  g_tc.asked++;
+  g_tc.selected += on;
+  return on;
+}
+
 /* Whether every case runs (no M3S_TEST_FILTER): a test's "some case took
  * this path" checks only hold then. */
 static inline int test_unfiltered(void) {
@@ -65,7 +72,10 @@ static inline int test_unfiltered(void) {
 
 /* A binary that ran no check at all (a filter that matches nothing, an early
  * return) fails, unless it skipped something on purpose (g_tc.skipped > 0):
- * "0 passed, 0 failed" must never read as a pass. */
+ * "0 passed, 0 failed" must never read as a pass. So does a filtered run of a
+ * binary whose cases honour the filter when it selected none of them (its
+ * set-up checks alone would otherwise pass: a quick-mode run filtered on a
+ * full-mode case, e.g.). */
 static inline int test_finish_(void) {
   if (g_tc.skipped)
     printf("%ld passed, %ld failed, %ld skipped\n", g_tc.passed, g_tc.failed, g_tc.skipped);
@@ -74,6 +84,11 @@ static inline int test_finish_(void) {
   if (g_tc.passed + g_tc.failed == 0 && g_tc.skipped == 0) {
     fprintf(stderr, "FAIL: no check ran (M3S_TEST_FILTER=\"%s\")\n",
             getenv("M3S_TEST_FILTER") ? getenv("M3S_TEST_FILTER") : "");
+    return 1;
+  }
+  if (g_tc.asked > 0 && g_tc.selected == 0) {
+    fprintf(stderr, "FAIL: M3S_TEST_FILTER=\"%s\" selected none of the %ld cases offered\n",
+            getenv("M3S_TEST_FILTER"), g_tc.asked);
     return 1;
   }
   return g_tc.failed ? 1 : 0;
