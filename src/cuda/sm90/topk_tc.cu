@@ -744,8 +744,8 @@ typedef struct {
 typedef struct {
   unsigned long long full[TS_STAGES], empty[TS_STAGES];
   unsigned long long ready[2]; /* rows[i] and the query buffer prepared (96 arrivals) */
-  unsigned long long done[2];  /* rows[i] no longer read (8 consumer warps + the producer) */
-  unsigned long long qs_free;  /* the consumers hold the item's A fragments (8 warps) */
+  unsigned long long done[2];  /* rows[i] no longer read (every consumer and producer thread) */
+  unsigned long long qs_free;  /* the consumers hold the item's A fragments (every thread) */
   float nk[TS_STAGES];         /* the stage's largest key norm */
   int bad[TS_STAGES];          /* its page id is out of range (nothing loaded) */
   ts_rows rows[2];
@@ -798,6 +798,7 @@ __device__ void ts_prepare(const m3s_cuda_batch &bt, const tc_score_args &a, ts_
   const int p = threadIdx.x - TS_PREP0, lane = p & 31, w = p >> 5;
   const uint16_t *const q0 = a.iq + (a.row0 + it.tile0) * a.iq_s0 + it.g * a.iq_s1;
   const int vec = ((uintptr_t)a.iq & 15) == 0 && (a.iq_s0 & 7) == 0 && (a.iq_s1 & 7) == 0;
+  constexpr int PIECES = TC_ROWS * (M3S_INDEX_DIM / 8), BATCH = 8 * TS_PREP_THREADS;
   for (int i = p; i < TC_ROWS; i += TS_PREP_THREADS) {
     int req = -1;
     int64_t pos = 0;
@@ -811,36 +812,34 @@ __device__ void ts_prepare(const m3s_cuda_batch &bt, const tc_score_args &a, ts_
     r.req[i] = req;
     r.pos[i] = pos;
   }
-  if (vec) {
-    /* four 16-byte pieces in flight per thread */
-    constexpr int PIECES = TC_ROWS * (M3S_INDEX_DIM / 8);
-    for (int c0 = p; c0 < PIECES; c0 += 4 * TS_PREP_THREADS) {
-      uint4 v[4];
+  /* the query tile 16 bytes at a time, 8 pieces in flight per thread */
+  for (int c0 = p; c0 < PIECES; c0 += BATCH) {
+    uint4 v[8];
 #pragma unroll
-      for (int u = 0; u < 4; u++) {
-        const int c = c0 + u * TS_PREP_THREADS, i = c / (M3S_INDEX_DIM / 8);
-        v[u] = make_uint4(0, 0, 0, 0);
-        if (c < PIECES && i < it.n)
-          v[u] = *(const uint4 *)(q0 + i * a.iq_s0 + (c % (M3S_INDEX_DIM / 8)) * 8);
-      }
+    for (int u = 0; u < 8; u++) {
+      const int c = c0 + u * TS_PREP_THREADS, i = c / (M3S_INDEX_DIM / 8);
+      v[u] = make_uint4(0, 0, 0, 0);
+      if (vec && c < PIECES && i < it.n)
+        v[u] = *(const uint4 *)(q0 + i * a.iq_s0 + (c % (M3S_INDEX_DIM / 8)) * 8);
+    }
+    if (vec)
 #pragma unroll
-      for (int u = 0; u < 4; u++) {
+      for (int u = 0; u < 8; u++) {
         const int c = c0 + u * TS_PREP_THREADS, i = c / (M3S_INDEX_DIM / 8);
         if (c < PIECES)
           *(uint4 *)(qs + i * TC_PAD + (c % (M3S_INDEX_DIM / 8)) * 8) = v[u];
       }
-    }
-  } else {
+  }
+  if (!vec)
     for (int e = p; e < TC_ROWS * (M3S_INDEX_DIM / 2); e += TS_PREP_THREADS) {
       const int i = e / (M3S_INDEX_DIM / 2), d = 2 * (e % (M3S_INDEX_DIM / 2));
-      uint32_t v = 0;
+      uint32_t x = 0;
       if (i < it.n) {
         const uint16_t *q = q0 + i * a.iq_s0 + d;
-        v = (uint32_t)q[0] | ((uint32_t)q[1] << 16);
+        x = (uint32_t)q[0] | ((uint32_t)q[1] << 16);
       }
-      *(uint32_t *)(qs + i * TC_PAD + d) = v;
+      *(uint32_t *)(qs + i * TC_PAD + d) = x;
     }
-  }
   ts_prep_sync();
   /* runs: a row starts one where its request differs from the previous
    * row's; rows past n count as starts so that every run ends by n */
@@ -1033,9 +1032,9 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
     }
     for (int i = 0; i < 2; i++) {
       sm90_bar_init(&s.ready[i], TS_PREP_THREADS);
-      sm90_bar_init(&s.done[i], TS_CONSUMERS + 1);
+      sm90_bar_init(&s.done[i], TC_THREADS + 32);
     }
-    sm90_bar_init(&s.qs_free, TS_CONSUMERS);
+    sm90_bar_init(&s.qs_free, TC_THREADS);
     sm90_fence_barrier_init();
   }
   __syncthreads();
@@ -1053,9 +1052,9 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
           break;
         sm90_bar_wait(&s.ready[k & 1], (k >> 1) & 1);
         ts_produce(bt, a, &map, s, s.rows[k & 1], ring, it, i);
-        __syncwarp(); /* every lane is done with the row table */
-        if (lane == 0)
-          sm90_bar_arrive(&s.done[k & 1]);
+        /* every thread that read the table arrives: an arrival orders its
+         * own reads only */
+        sm90_bar_arrive(&s.done[k & 1]);
       }
     } else {
       for (int k = 0;; k++) {
@@ -1096,13 +1095,9 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
       tc_ldmatrix_x4(tc_smem_addr(qs + row * TC_PAD + col), af[ks][0], af[ks][1], af[ks][2],
                      af[ks][3]);
     }
-    __syncwarp();
-    if (lane == 0)
-      sm90_bar_arrive(&s.qs_free);
+    sm90_bar_arrive(&s.qs_free);
     ts_consume(a, s, s.rows[k & 1], ring, af, acc0, acc1, it, i);
-    __syncwarp();
-    if (lane == 0)
-      sm90_bar_arrive(&s.done[k & 1]);
+    sm90_bar_arrive(&s.done[k & 1]);
   }
 #endif
 }
