@@ -35,6 +35,9 @@ m3s_status m3s_cuda_context_init(m3s_context *ctx);
 void m3s_cuda_context_fini(m3s_context *ctx);
 int m3s_cuda_num_sms(const m3s_context *ctx);
 int m3s_cuda_sm_major(const m3s_context *ctx);
+/* 1 when the sm_90 prefill score kernel may run (m3s_topk_tc_ws_fits on the
+ * context's device). */
+int m3s_cuda_score_ws(const m3s_context *ctx);
 /* cuTensorMapEncodeTiled from the driver (found once per context through the
  * runtime, so the library does not link libcuda), or NULL. */
 void *m3s_cuda_tmap_encoder(const m3s_context *ctx);

@@ -29,14 +29,16 @@ typedef struct {
                                   * kernel (i = 1..3) */
   int attn_cluster_off;          /* test switch: its splits through the merge kernel */
   int k2q_simt;                  /* test switch: k2q attention on the SIMT kernel (k2q.h) */
+  int score_ws;                  /* m3s_topk_tc_ws_fits on this device (sm_90) */
 } cuda_state;
 
 /* Kernel attributes belong to the device that is current when they are set:
  * make the context's device current for the call, then restore the caller's.
  * On sm_90 also how many clusters of 2, 4 and 8 CTAs of the persistent
- * attention kernel the device runs at once (clusters[1..3]; 0 elsewhere). */
+ * attention kernel the device runs at once (clusters[1..3]; 0 elsewhere) and
+ * whether the prefill score kernel's register hand-off fits (*score_ws). */
 static m3s_status prepare_kernels(const m3s_context *ctx, int sm_major, const char *fn,
-                                  int clusters[4]) {
+                                  int clusters[4], int *score_ws) {
   int prev = 0;
   cudaError_t err = cudaGetDevice(&prev);
   if (err == cudaSuccess && prev != ctx->device)
@@ -56,6 +58,7 @@ static m3s_status prepare_kernels(const m3s_context *ctx, int sm_major, const ch
   clusters[0] = 0;
   for (int i = 1; i < 4; i++)
     clusters[i] = err == cudaSuccess && sm_major == 9 ? m3s_attention_tma_clusters(1 << i) : 0;
+  *score_ws = err == cudaSuccess && sm_major == 9 && m3s_topk_tc_ws_fits();
   if (prev != ctx->device)
     cudaSetDevice(prev); /* best effort: the caller's device was valid before */
   if (err == cudaSuccess)
@@ -101,8 +104,8 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "cudaGetDeviceProperties(%d) failed: %s", ctx->device,
                     cudaGetErrorString(err));
-  int clusters[4];
-  m3s_status prep = prepare_kernels(ctx, prop.major, fn, clusters);
+  int clusters[4], score_ws = 0;
+  m3s_status prep = prepare_kernels(ctx, prop.major, fn, clusters, &score_ws);
   if (prep)
     return prep;
   cuda_state *st = (cuda_state *)calloc(1, sizeof *st);
@@ -115,6 +118,7 @@ extern "C" m3s_status m3s_cuda_context_init(m3s_context *ctx) {
   st->pdl = -1; /* the default rule (launch.h) */
   st->attn_union_wgmma = -1; /* m3s_attention_union_wg */
   memcpy(st->attn_clusters, clusters, sizeof clusters);
+  st->score_ws = score_ws;
   ctx->backend_state = st;
   m3s_log(ctx, 2, "CUDA context on device %d (%s, sm_%d%d, %d SMs)", ctx->device, prop.name,
           prop.major, prop.minor, prop.multiProcessorCount);
@@ -228,6 +232,11 @@ extern "C" int m3s_cuda_num_sms(const m3s_context *ctx) {
 extern "C" int m3s_cuda_sm_major(const m3s_context *ctx) {
   const cuda_state *st = (const cuda_state *)ctx->backend_state;
   return st ? st->sm_major : 0;
+}
+
+extern "C" int m3s_cuda_score_ws(const m3s_context *ctx) {
+  const cuda_state *st = (const cuda_state *)ctx->backend_state;
+  return st ? st->score_ws : 0;
 }
 
 extern "C" void *m3s_cuda_tmap_encoder(const m3s_context *ctx) {

@@ -2480,17 +2480,24 @@ extern "C" cudaError_t m3s_topk_tc_prepare(void) {
                               TS_SMEM_BYTES);
 }
 
+extern "C" int m3s_topk_tc_ws_fits(void) {
+  cudaFuncAttributes fa;
+  return cudaFuncGetAttributes(&fa, tc_score_ws_kernel) == cudaSuccess &&
+         fa.numRegs * TS_THREADS >= 4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS;
+}
+
 /* The tensor map of a bf16 index cache for tc_score_ws_kernel: the cache as
  * [P * 128 keys][128 dims], boxes of 64 dims x 128 keys, 128-byte swizzle.
  * 0 when the TMA kernel does not apply (not an sm_90 device, no encoder, an
- * e4m3 cache, the mma_sync hook, key rows beyond the int32 coordinates). */
+ * e4m3 cache, the mma_sync hook, key rows beyond the int32 coordinates, a
+ * build whose kernel lacks the registers of its hand-off: m3s_topk_tc_ws_fits). */
 static int tc_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache,
                       const m3s_topk_tc_hooks &hooks, CUtensorMap *map) {
   PFN_cuTensorMapEncodeTiled_v12000 enc =
       (PFN_cuTensorMapEncodeTiled_v12000)m3s_cuda_tmap_encoder(ctx);
   const int64_t keys = index_cache->shape[0] * M3S_BLOCK_SIZE;
-  if (hooks.mma_sync || !enc || m3s_cuda_sm_major(ctx) != 9 || index_cache->dtype != M3S_BF16 ||
-      keys > INT32_MAX)
+  if (hooks.mma_sync || !enc || m3s_cuda_sm_major(ctx) != 9 || !m3s_cuda_score_ws(ctx) ||
+      index_cache->dtype != M3S_BF16 || keys > INT32_MAX)
     return 0;
   cuuint64_t dims[2] = {M3S_INDEX_DIM, (cuuint64_t)keys};
   cuuint64_t strides[1] = {M3S_INDEX_DIM * sizeof(uint16_t)};

@@ -82,6 +82,10 @@ int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_config *cfg,
 #ifdef __CUDACC__
 cudaError_t m3s_topk_tc_prepare(void);
 #endif
+/* 1 when tc_score_ws_kernel, as compiled, launches with the registers its
+ * warpgroups hand each other (setmaxnreg: a shortfall would hang it); the
+ * context's device current. */
+int m3s_topk_tc_ws_fits(void);
 m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *cfg, const m3s_batch *batch,
                            const m3s_tensor *iq, const m3s_tensor *index_cache, m3s_tensor *topk,
                            const m3s_exec *exec);
