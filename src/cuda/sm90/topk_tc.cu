@@ -696,7 +696,7 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *    block per lane; its lane 0 fills a TS_STAGES-deep ring of 32 KB stages
  *    by TMA (a 2-D tensor map over the cache as [P * 128 keys][128 dims],
  *    two boxes of 64 dims x 128 keys per page, 128-byte swizzle; mbarriers
- *    full: the bytes landed, empty: the 8 consumer warps are done), writing
+ *    full: the bytes landed, empty: every consumer thread is done), writing
  *    each stage's page check and norm beside it. It runs into the next item
  *    as soon as that item's rows are known, so the ring is full when the
  *    consumers get there.
@@ -729,7 +729,7 @@ static_assert(4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS <=
                   TS_THREADS * ((65536 / TS_THREADS) & ~7),
               "the consumers' registers must come from the producer warpgroup's");
 #define TS_SMEM_BYTES (TS_STAGES * TS_STAGE_BYTES + TS_QS_BYTES + 1024) /* + 1024-byte alignment */
-#define TS_WAVES 2 /* items per SM the grid aims at */
+#define TS_WAVES 1 /* items per SM the grid aims at (H100, 6a66432 and 3d24ad3: 1 beats 2 and 3 at the 8K prompt and 4K behind 60K) */
 
 /* An item's rows (request or -1, position, run ends, run starts) and query
  * norms. */
@@ -959,12 +959,13 @@ __device__ __forceinline__ void ts_finish(const tc_score_args &a, ts_smem &s, co
   wg_pin(acc);
   const int bad = s.bad[st];
   const float nk = s.nk[st];
-  /* this warp's reads of the stage (the async proxy's) come before the
-   * refill's TMA writes */
+  /* this thread's reads of the stage and of its page check and norm come
+   * before the refill's TMA writes and the producer's rewrite; every
+   * thread arrives (racecheck credits an arrival with the arriving
+   * thread's own reads only: a lane-0 arrival after __syncwarp left 16 WAR
+   * reports on nk / bad) */
   sm90_fence_proxy_async();
-  __syncwarp();
-  if (lane == 0)
-    sm90_bar_arrive(&s.empty[st]);
+  sm90_bar_arrive(&s.empty[st]);
   float m_lo = -INFINITY, m_hi = -INFINITY;
   tc_row_fold(acc, r.pos[r_lo], r.pos[r_hi], b, 0, lane, m_lo, m_hi);
   tc_quad_max(m_lo, m_hi);
@@ -1028,7 +1029,7 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
   if (tid == 0) {
     for (int i = 0; i < TS_STAGES; i++) {
       sm90_bar_init(&s.full[i], 1);
-      sm90_bar_init(&s.empty[i], TS_CONSUMERS);
+      sm90_bar_init(&s.empty[i], TC_THREADS);
     }
     for (int i = 0; i < 2; i++) {
       sm90_bar_init(&s.ready[i], TS_PREP_THREADS);
