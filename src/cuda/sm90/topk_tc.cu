@@ -722,7 +722,8 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 /* setmaxnreg.inc waits until the CTA's pool has the registers: the roles'
  * sum must not exceed what the launch gives each of TS_THREADS threads
  * (65536 / TS_THREADS rounded down to 8: 168, ptxas's count with
- * setmaxnreg in the kernel) */
+ * setmaxnreg in the kernel; m3s_topk_tc_ws_fits checks the build's count
+ * once per context) */
 static_assert(4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS <=
                   TS_THREADS * ((65536 / TS_THREADS) & ~7),
               "the consumers' registers must come from the producer warpgroup's");
