@@ -754,6 +754,21 @@ __device__ __forceinline__ void ts_set_regs(bool inc) {
 #endif
 }
 
+/* The CTA's candidate blocks in the run of rows that starts at row p0:
+ * request *r, blocks b0 + j gz (gz = gridDim.z) for j below the result (0:
+ * the run needs no scores or this CTA has none of its blocks). The producer
+ * and the consumers both walk the runs through it, so their block sequences
+ * agree. Block ids fit 32 bits: positions come from int32 seq_lens. */
+__device__ __forceinline__ int ts_run_blocks(const tc_score_args &a, const ts_smem &s, int p0,
+                                             int &r, int &b0) {
+  r = s.req[p0];
+  b0 = a.init + (int)blockIdx.z;
+  if (r < 0)
+    return 0;
+  const int hi = (int)(tc_blocks_of(s.pos[s.run_end[p0] - 1]) - a.local), gz = (int)gridDim.z;
+  return b0 < hi ? (hi - b0 + gz - 1) / gz : 0;
+}
+
 /* Warp 8: the stages of the CTA's blocks, in the consumers' order (runs,
  * then b0 + j gz). Lane l looks up block j0 + l of each 32; lane 0 waits
  * for each stage's release, writes its page check and norm, and arms it
@@ -761,17 +776,13 @@ __device__ __forceinline__ void ts_set_regs(bool inc) {
 __device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
                                            const CUtensorMap *map, ts_smem &s,
                                            unsigned char *ring, int n) {
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, gz = (int)gridDim.z;
   uint32_t i = 0;
   for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
-    const int p1 = s.run_end[p0], r = s.req[p0];
-    if (r < 0)
+    int r, b0;
+    const int nblk = ts_run_blocks(a, s, p0, r, b0);
+    if (nblk == 0)
       continue;
-    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
-    const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
-    if (b0 >= hi)
-      continue;
-    const int nblk = (hi - b0 + gz - 1) / gz;
     const float *nrow = a.norms + tc_norm_slot(bt, r) * a.max_nb;
     for (int j0 = 0; j0 < nblk; j0 += 32) {
       const int b = b0 + (j0 + lane) * gz;
@@ -902,7 +913,9 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
   /* Phase 2: per run, the CTA's candidate blocks through the ring, two
    * accumulators in turn: block j's group is issued before block j - 1 is
    * folded. i counts the CTA's blocks over all runs (stage and phase). */
-  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
+  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8, gz = (int)gridDim.z;
+  /* each group's first k-step ignores the accumulator (scale-d 0); set once
+   * so that the asm operands start defined */
   float acc0[16][4], acc1[16][4];
 #pragma unroll
   for (int j = 0; j < 16; j++)
@@ -911,14 +924,11 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
       acc0[j][e] = acc1[j][e] = 0.0f;
   uint32_t it = 0;
   for (int p0 = 0; p0 < n; p0 = s.run_end[p0]) {
-    const int p1 = s.run_end[p0], r = s.req[p0];
-    if (r < 0)
+    int r, b0;
+    const int nblk = ts_run_blocks(a, s, p0, r, b0);
+    if (nblk == 0)
       continue;
-    const int hi = (int)(tc_blocks_of(s.pos[p1 - 1]) - a.local);
-    const int b0 = a.init + (int)blockIdx.z, gz = (int)gridDim.z;
-    if (b0 >= hi)
-      continue;
-    const int nblk = (hi - b0 + gz - 1) / gz;
+    const int p1 = s.run_end[p0];
     const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
     /* one group in flight at the loop head (acc0's, block j - 1), none
      * after the run: the same on every path, which ptxas needs to keep the
