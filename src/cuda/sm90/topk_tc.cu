@@ -709,7 +709,7 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  * it replaced (a TMA ring filled by thread 0, four warpgroups per SM in two
  * CTAs, each waiting for its m64n64 halves before folding them) reached
  * ~40-56% of the bf16 ceiling (ncu, 8K and 64K prompts); this one took the
- * 8K prompt's scores 99.6 -> 84 us and 4K behind 60K 604 -> 459 us (H100,
+ * 8K prompt's scores ~100 -> ~84 us and 4K behind 60K ~605 -> ~459 us (H100,
  * docs/perf-notes.md). sm_90a only.
  * ------------------------------------------------------------------------- */
 #define TS_STAGES 6
