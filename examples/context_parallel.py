@@ -360,12 +360,14 @@ def main():
     # every rank exits with rank 0's verdict
     flag = torch.tensor([len(failures)], dtype=torch.int32, device=device)
     dist.broadcast(flag, src=0)
-    # both ranks past every collective before either tears down: rank 1 once
-    # aborted in gloo's teardown ("terminate called without an active
-    # exception") after rank 0 had already closed its side (CI, 2026-12-04)
+    # both ranks past every collective, then out without the process group's
+    # teardown: gloo's has aborted at exit ("terminate called without an
+    # active exception") after every check had passed, on rank 1 (CI,
+    # 2026-12-04) and, behind a barrier, on rank 0 (CI, 2026-12-06)
     dist.barrier()
-    dist.destroy_process_group()
-    return 1 if int(flag) else 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if int(flag) else 0)
 
 
 if __name__ == "__main__":

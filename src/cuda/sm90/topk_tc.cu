@@ -724,7 +724,8 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 /* setmaxnreg.inc waits until the CTA's pool has the registers: the roles'
  * sum must not exceed what the launch gives each of TS_THREADS threads
  * (65536 / TS_THREADS rounded down to 8: 168, ptxas's count with
- * setmaxnreg in the kernel) */
+ * setmaxnreg in the kernel; m3s_topk_tc_ws_fits checks the build's count
+ * once per context) */
 static_assert(4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS <=
                   TS_THREADS * ((65536 / TS_THREADS) & ~7),
               "the consumers' registers must come from the producer warpgroup's");
@@ -874,6 +875,21 @@ __device__ void ts_prepare(const m3s_cuda_batch &bt, const tc_score_args &a, ts_
   }
 }
 
+/* Item it's candidate blocks in the run of rows that starts at row p0:
+ * request *req, blocks b0 + j gz for j below the result (0: the run needs
+ * no scores or the item has none of its blocks). The producer and the
+ * consumers both walk the runs through it, so their block sequences agree.
+ * Block ids fit 32 bits: positions come from int32 seq_lens. */
+__device__ __forceinline__ int ts_run_blocks(const tc_score_args &a, const ts_rows &r,
+                                             const ts_item &it, int p0, int &req, int &b0) {
+  req = r.req[p0];
+  b0 = a.init + it.z;
+  if (req < 0)
+    return 0;
+  const int hi = (int)(tc_blocks_of(r.pos[r.run_end[p0] - 1]) - a.local);
+  return b0 < hi ? (hi - b0 + a.gz - 1) / a.gz : 0;
+}
+
 /* Warp 8: the stages of item it's blocks, in the consumers' order (runs,
  * then init + z + j gz); i counts the CTA's blocks over all items. Lane l
  * looks up block j0 + l of each 32; lane 0 waits for each stage's release,
@@ -884,14 +900,10 @@ __device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_sc
                                            unsigned char *ring, const ts_item &it, uint32_t &i) {
   const int lane = threadIdx.x & 31;
   for (int p0 = 0; p0 < it.n; p0 = r.run_end[p0]) {
-    const int p1 = r.run_end[p0], req = r.req[p0];
-    if (req < 0)
+    int req, b0;
+    const int nblk = ts_run_blocks(a, r, it, p0, req, b0);
+    if (nblk == 0)
       continue;
-    const int hi = (int)(tc_blocks_of(r.pos[p1 - 1]) - a.local);
-    const int b0 = a.init + it.z;
-    if (b0 >= hi)
-      continue;
-    const int nblk = (hi - b0 + a.gz - 1) / a.gz;
     const float *nrow = a.norms + tc_norm_slot(bt, req) * a.max_nb;
     for (int j0 = 0; j0 < nblk; j0 += 32) {
       const int b = b0 + (j0 + lane) * a.gz;
@@ -984,14 +996,11 @@ __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, c
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
   for (int p0 = 0; p0 < it.n; p0 = r.run_end[p0]) {
-    const int p1 = r.run_end[p0], req = r.req[p0];
-    if (req < 0)
+    int req, b0;
+    const int nblk = ts_run_blocks(a, r, it, p0, req, b0), gz = a.gz;
+    if (nblk == 0)
       continue;
-    const int hi = (int)(tc_blocks_of(r.pos[p1 - 1]) - a.local);
-    const int b0 = a.init + it.z, gz = a.gz;
-    if (b0 >= hi)
-      continue;
-    const int nblk = (hi - b0 + gz - 1) / gz;
+    const int p1 = r.run_end[p0];
     const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
     /* one group in flight at the loop head (acc0's, block j - 1), none
      * after the run: the same on every path, which ptxas needs to keep the

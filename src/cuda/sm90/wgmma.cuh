@@ -44,13 +44,6 @@ static __device__ __forceinline__ void wg_fence() {
 #endif
 }
 
-static __device__ __forceinline__ void wg_commit_wait() {
-#if M3S_WGMMA
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-}
-
 /* The commit and the wait as two steps: wg_wait<N> returns once at most N
  * of the warpgroup's committed groups are pending (groups complete in
  * order), so a warpgroup can read one accumulator while the next group
@@ -66,6 +59,11 @@ static __device__ __forceinline__ void wg_wait() {
 #if M3S_WGMMA
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
+}
+
+static __device__ __forceinline__ void wg_commit_wait() {
+  wg_commit();
+  wg_wait<0>();
 }
 
 /* Pins accumulator registers in place for the compiler: no access to them
