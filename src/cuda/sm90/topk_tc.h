@@ -51,8 +51,8 @@ typedef struct {
  *              entries in shared memory (tc_select_kernel) also where the
  *              register selection (tc_select_reg_kernel, at most 128
  *              candidates per pair) is the default: for A/B timings.
- *  score_waves: > 0: tc_score_ws_kernel's grid aims at this many CTAs per
- *              SM instead of TS_WAVES (tuning). */
+ *  score_waves: > 0: tc_score_ws_kernel's work is cut into about this
+ *              many items per SM instead of TS_WAVES (tuning). */
 typedef struct {
   int exact_only;
   int no_rescore;
