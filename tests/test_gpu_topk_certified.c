@@ -31,11 +31,14 @@
  *
  * On an sm_90 device the cases run twice, on the same inputs: first with the
  * default score kernels (prefill with a bf16 index cache: the TMA + wgmma
- * kernel), then with the mma.sync kernel forced (hook; skipped with
- * M3S_TEST_MMA_SYNC=0), each with its own measured |S~ - S| / E. Elsewhere
- * the default is the mma.sync kernel and one pass runs.
+ * kernel) and programmatic dependent launch forced on (src/cuda/launch.h),
+ * then with the mma.sync kernel forced (hook; skipped with
+ * M3S_TEST_MMA_SYNC=0) and PDL off, each with its own measured
+ * |S~ - S| / E. Elsewhere the default is the mma.sync kernel and one pass
+ * runs.
  *
  * M3S_TEST_QUICK=1 skips the large cases. */
+#include "cuda/launch.h"
 #include "cuda/sm90/topk_tc.h"
 #include "gpu_util.h"
 
@@ -655,9 +658,11 @@ int main(void) {
     m3s_context_destroy(g_gpu);
     return TEST_FINISH();
   }
-  /* pass 0: the default kernels; pass 1 (sm_90 only, unless
+  /* pass 0: the default kernels with PDL forced on (sm_90: every batch's
+   * kernels chained, the prefill selection's register and deferred kernels
+   * too, in the graph case as well); pass 1 (sm_90 only, unless
    * M3S_TEST_MMA_SYNC=0): the mma.sync score kernel forced on the same
-   * inputs, after every default result is printed */
+   * inputs with PDL off, after every default result is printed */
   int dev = 0, major = 0, passes = 1;
   if (cudaGetDevice(&dev) == cudaSuccess &&
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
@@ -668,7 +673,9 @@ int main(void) {
   double t0 = gpu_now_ms();
   const uint64_t seed0 = g_seed;
   for (g_mma = 0; g_mma < passes; g_mma++) {
-    printf("%s score kernels:\n", g_mma ? "mma.sync forced" : "default");
+    m3s_cuda_set_pdl(g_gpu, g_mma ? 0 : 1);
+    printf("%s score kernels, PDL %s:\n", g_mma ? "mma.sync forced" : "default",
+           g_mma ? "off" : "forced on");
     fflush(stdout);
     g_seed = seed0;
     test_adversarial();
@@ -677,6 +684,7 @@ int main(void) {
     test_prefill_shapes();
     test_graph();
   }
+  m3s_cuda_set_pdl(g_gpu, -1);
   printf("test_gpu_topk_certified: largest |S~ - S| / E seen: default %.4g, mma.sync %.4g%s "
          "(must be <= 1); %.1f s%s\n",
          g_max_ratio[0], g_max_ratio[1], passes == 2 ? "" : " (not run)",

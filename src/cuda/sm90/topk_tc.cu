@@ -52,7 +52,8 @@
  *     than 32 uncertain blocks, short requests).
  * Grids and workspace come from host bounds only (num_tokens, max_seq_len,
  * Hkv, K, the SM count): graph-safe; no allocation, no synchronisation (the
- * deferred-pair count is zeroed by a cudaMemsetAsync on the stream).
+ * deferred-pair count is zeroed by the chunk's score kernel, which ends
+ * before the selection starts).
  *
  * Workspace: float2 (S~, E) [chunk_rows * Hkv][max_nb], entry
  * ((t - row0) * Hkv + g) * max_nb + b; chunk_rows = the most rows whose
@@ -280,7 +281,17 @@ typedef struct {
    * norms[slot(r) * max_nb + b] (tc_norm_kernel); NULL for tc_score_kernel */
   float *norms;
   int gz; /* tc_score_ws_kernel: an item's candidate-block stride (the others: gridDim.z) */
+  /* the chunk's deferred-pair count (tc_select_args.list), zeroed here for
+   * the selection that follows: one memset node less per chunk */
+  int32_t *count;
 } tc_score_args;
+
+/* The deferred-pair count zeroed by the grid's first thread (the score
+ * kernels are launched plainly, after the previous chunk's selection). */
+__device__ __forceinline__ void tc_zero_count(const tc_score_args &a) {
+  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
+    *a.count = 0;
+}
 
 typedef struct {
   int64_t pos[TC_ROWS];
@@ -483,6 +494,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
   const int buf_step = E4M3 ? M3S_BLOCK_SIZE * M3S_INDEX_DIM : TC_TILE_BYTES; /* buffer i at buf0 + i * step */
   uint16_t *kt = (uint16_t *)(tc_dyn + TC_TILE_BYTES + 2 * M3S_BLOCK_SIZE * M3S_INDEX_DIM);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  tc_zero_count(a);
   const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
   const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TC_ROWS; /* heavy tiles first */
   const int g = blockIdx.y;
@@ -1037,6 +1049,7 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
   unsigned char *const ring = tc_dyn + ((1024u - (base & 1023u)) & 1023u);
   uint16_t *const qs = (uint16_t *)(ring + TS_STAGES * TS_STAGE_BYTES);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  tc_zero_count(a);
   if (tid == 0) {
     for (int i = 0; i < TS_STAGES; i++) {
       sm90_bar_init(&s.full[i], 1);
@@ -1967,13 +1980,16 @@ __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb
  * uncertain block; the others (an uncertain or whole-line block, short
  * requests scored exactly, the measure hook, no candidate slots) are
  * appended to the deferred list (a.list: count, then pair indices; the
- * count zeroed before the launch) for tc_select_deferred_kernel, so this
+ * count zeroed by the chunk's score kernel) for tc_select_deferred_kernel,
+ * let launch early under PDL (a.pdl; the whole grid is resident), so this
  * kernel carries neither the exact re-scoring nor the per-pair code, and
  * fits TC_REG_CTAS_PER_SM CTAs per SM. */
 template <int R>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (a.pdl)
+    m3s_pdl_trigger();
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
     float2 e[R];
@@ -2012,6 +2028,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
   __shared__ float2 wsh[TC_SEL_WARPS][32 * R];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   tc_warp_shared &sm = sh[warp];
+  /* launched under PDL: resident while the register kernel runs; the list
+   * is complete once its grid has ended */
+  m3s_pdl_wait();
   const int count = __ldcg(a.list);
   /* CTA-uniform trips: the barriers below need every warp */
   for (int base = 0; base < count; base += (int)gridDim.x * TC_SEL_WARPS) {
@@ -2519,26 +2538,25 @@ static int tc_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache,
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/* The register selection of a chunk (at most 32 R candidates per pair):
- * the deferred count zeroed, tc_select_reg_kernel<R> in one resident wave,
- * then tc_select_deferred_kernel<R> in one over what it listed. */
+/* The register selection of a chunk (at most 32 R candidates per pair; the
+ * deferred count zeroed by the score kernel before it):
+ * tc_select_reg_kernel<R> in one resident wave, then
+ * tc_select_deferred_kernel<R> in one over what it listed, under PDL where
+ * pdl says (its CTAs wait resident, so its launch gap is hidden). */
 template <int R>
 static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_select_args &se,
-                                cudaStream_t stream, const char *fn) {
+                                int pdl, cudaStream_t stream, const char *fn) {
   const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS,
                 wave = sms * TC_REG_CTAS_PER_SM;
-  cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
-  if (err != cudaSuccess)
-    return m3s_fail(M3S_ERR_CUDA, fn, "clearing the deferred-pair count failed: %s",
-                    cudaGetErrorString(err));
+  tc_select_args sr = se;
+  sr.pdl = pdl;
   tc_select_reg_kernel<R><<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(
-      cb, se);
+      cb, sr);
   m3s_status st = m3s_cuda_check_launch(fn, "tc_select_reg_kernel");
   if (st)
     return st;
-  tc_select_deferred_kernel<R><<<(unsigned)(sms * TC_SEL_CTAS_PER_SM), TC_SEL_WARPS * 32, 0,
-                                 stream>>>(cb, se);
-  return m3s_cuda_check_launch(fn, "tc_select_deferred_kernel");
+  return m3s_launch(pdl, tc_select_deferred_kernel<R>, dim3((unsigned)(sms * TC_SEL_CTAS_PER_SM)),
+                    dim3(TC_SEL_WARPS * 32), 0, stream, fn, "tc_select_deferred_kernel", cb, se);
 }
 
 /* Phase 2 over se.npairs (row, head) pairs from se.row0: a CTA per pair when
@@ -2574,12 +2592,14 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                       dim3((unsigned)se.npairs), dim3(TC_WIDE_THREADS), 0, stream, fn,
                       "tc_select_wide_kernel", cb, sw);
   }
-  /* decode batches (every row scored) keep the rounds kernel */
+  /* decode batches (every row scored) keep the rounds kernel; the register
+   * path's two kernels chain under PDL where the context's rule says */
+  const int pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
   const int r = rounds || se.all_scored ? 0 : cand <= 32 ? 1 : cand <= 64 ? 2 : cand <= 128 ? 4 : 0;
   switch (r) {
-  case 1: return tc_launch_reg<1>(sms, cb, se, stream, fn);
-  case 2: return tc_launch_reg<2>(sms, cb, se, stream, fn);
-  case 4: return tc_launch_reg<4>(sms, cb, se, stream, fn);
+  case 1: return tc_launch_reg<1>(sms, cb, se, pdl, stream, fn);
+  case 2: return tc_launch_reg<2>(sms, cb, se, pdl, stream, fn);
+  case 4: return tc_launch_reg<4>(sms, cb, se, pdl, stream, fn);
   default: break;
   }
   /* a CTA per 4 pairs (one resident wave looping measured 1-4% slower
@@ -2644,6 +2664,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.all_scored = 0;
   se.pdl = 0; /* set for the launches that take it (tc_launch_select) */
   se.list = (int32_t *)((unsigned char *)exec->workspace + need - tc_list_bytes(plan.chunk_rows, hkv));
+  sa.count = se.list;
 
   if (batch->uniform_q_len > 0) {
     /* Decode (one chunk, m3s_topk_tc_eligible): (S~, E) streamed by the
