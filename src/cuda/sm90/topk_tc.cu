@@ -1981,9 +1981,9 @@ __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb
  * requests scored exactly, the measure hook, no candidate slots) are
  * appended to the deferred list (a.list: count, then pair indices; the
  * count zeroed by the chunk's score kernel) for tc_select_deferred_kernel,
- * let launch early under PDL (a.pdl; the whole grid is resident), so this
- * kernel carries neither the exact re-scoring nor the per-pair code, and
- * fits TC_REG_CTAS_PER_SM CTAs per SM. */
+ * so this kernel carries neither the exact re-scoring nor the per-pair
+ * code, and fits TC_REG_CTAS_PER_SM CTAs per SM. With a.pdl it lets the
+ * deferred kernel launch at once (allowed: its whole grid is resident). */
 template <int R>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
@@ -2542,7 +2542,9 @@ static int tc_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache,
  * deferred count zeroed by the score kernel before it):
  * tc_select_reg_kernel<R> in one resident wave, then
  * tc_select_deferred_kernel<R> in one over what it listed, under PDL where
- * pdl says (its CTAs wait resident, so its launch gap is hidden). */
+ * pdl says: its launch no longer waits for the register kernel's end, only
+ * its CTAs do (in griddepcontrol.wait), taking SMs as register CTAs retire
+ * (a full wave of reg<2> or reg<4> leaves no room beside it). */
 template <int R>
 static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_select_args &se,
                                 int pdl, cudaStream_t stream, const char *fn) {
@@ -2585,8 +2587,8 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                     se.npairs <= 2 * sms);
   if (one || two) {
     tc_select_args sw = se;
-    /* PDL is for the decode chain (launch.h); a prefill chunk's selection
-     * follows a plainly launched score kernel */
+    /* PDL here is for the decode chain (launch.h); a prefill chunk's
+     * selection follows a plainly launched score kernel */
     sw.pdl = se.all_scored ? m3s_cuda_pdl(ctx, cb.num_reqs) : 0;
     return m3s_launch(sw.pdl, one ? tc_select_wide_kernel<1> : tc_select_wide_kernel<2>,
                       dim3((unsigned)se.npairs), dim3(TC_WIDE_THREADS), 0, stream, fn,
