@@ -1,9 +1,10 @@
 /* Programmatic dependent launch (PDL, sm_90) of the CUDA backend. In the
  * decode chain the certified streaming score kernel, the CTA-wide selection,
  * the persistent TMA attention kernel and its split merge may each start
- * while the kernel before it on the stream finishes; in a prefill chunk's
- * register selection the deferred kernel may start behind the register
- * kernel (topk_tc.cu). Each waits with griddepcontrol.wait before it reads
+ * while the kernel before it on the stream finishes; in the prefill index
+ * top-k (topk_tc.cu) the first chunk's warp-specialised score kernel may
+ * start behind the key-norm pass, and a chunk's deferred selection kernel
+ * behind its register selection kernel. Each waits with griddepcontrol.wait before it reads
  * anything (src/cuda/common.cuh). By
  * default on sm_90 for batches of at most M3S_PDL_AUTO_REQS requests, where
  * it was measured to pay (H200, m3s-bench graph replays, step us, off / on:

@@ -284,6 +284,10 @@ typedef struct {
   /* the chunk's deferred-pair count (tc_select_args.list), zeroed here for
    * the selection that follows: one memset node less per chunk */
   int32_t *count;
+  /* tc_norm_kernel: the first chunk's tc_score_ws_kernel follows under PDL
+   * (its producer waits before the first norm it reads; its other roles'
+   * set-up and first item overlap the norm pass) */
+  int pdl;
 } tc_score_args;
 
 /* The deferred-pair count zeroed by the grid's first thread (the score
@@ -645,6 +649,11 @@ __device__ __forceinline__ int64_t tc_norm_slot(const m3s_cuda_batch &bt, int r)
 static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_batch bt,
                                                                     tc_score_args a) {
   __shared__ float part[TC_THREADS / 32];
+  /* the score kernel may launch now: it waits for this grid's end before
+   * it reads a norm, and it cannot hold SMs this grid still needs, since a
+   * dependent launches only once every CTA here has started */
+  if (a.pdl)
+    m3s_pdl_trigger();
   const int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = (int64_t)blockIdx.y * TC_NORM_BLOCKS + warp / TC_NORM_WARPS;
   const int key = (warp % TC_NORM_WARPS) * 32 + lane;
@@ -1068,6 +1077,14 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
    * branch around wgmma makes ptxas serialise it); the producer warpgroup
    * gives its registers up before the consumers take theirs */
   if (__shfl_sync(TC_FULL, warp / 4, 0) == TS_CONSUMERS / 4) {
+    /* under PDL (the first chunk, behind tc_norm_kernel) the norms are
+     * complete only after the producer's wait; the preparers read the
+     * caller's inputs, so their first item overlaps the norm pass. The wait
+     * comes before the register hand-off (after it, ptxas spilled): the
+     * consumers' registers, and so their start, wait for it too, but they
+     * would wait for the first item and its stages anyway */
+    if (warp == TS_CONSUMERS)
+      m3s_pdl_wait();
     ts_set_regs<TS_PRODUCER_REGS>(false);
     if (warp == TS_CONSUMERS) {
       uint32_t i = 0;
@@ -2642,6 +2659,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   sa.local = cfg->local_blocks;
   sa.norms = NULL;
   sa.gz = 1;
+  sa.pdl = 0;
 
   tc_select_args se;
   se.ws = sa.ws;
@@ -2692,8 +2710,10 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   const int tma = norm_bytes <= (size_t)TC_NORM_BUDGET && exec->workspace_bytes >= need + norm_bytes &&
                   norm_gy <= 65535 && batch->num_reqs > 0 &&
                   tc_tma_map(ctx, index_cache, hooks, &map);
+  const int pdl = m3s_cuda_pdl(ctx, batch->num_reqs);
   if (tma) {
     sa.norms = (float *)((unsigned char *)exec->workspace + need);
+    sa.pdl = pdl;
     tc_norm_kernel<<<dim3((unsigned)batch->num_reqs, (unsigned)norm_gy), TC_THREADS, 0, stream>>>(cb,
                                                                                                   sa);
     m3s_status st = m3s_cuda_check_launch(fn, "tc_norm_kernel");
@@ -2722,12 +2742,17 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     sa.gz = (int)gy;
     /* the persistent kernel: one CTA per SM, at most one per item */
     const int64_t items = tiles * hkv * gy;
-    if (tma)
-      tc_score_ws_kernel<<<(unsigned)(items < sms ? items : sms), TS_THREADS, TS_SMEM_BYTES,
-                           stream>>>(cb, sa, map);
-    else
+    m3s_status st;
+    if (tma) {
+      /* the first chunk's under PDL behind the norm pass; later chunks'
+       * follow the previous selection plainly */
+      st = m3s_launch(pdl && row0 == 0, tc_score_ws_kernel,
+                      dim3((unsigned)(items < sms ? items : sms)), dim3(TS_THREADS), TS_SMEM_BYTES,
+                      stream, fn, "tc_score_ws_kernel", cb, sa, map);
+    } else {
       score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
-    m3s_status st = m3s_cuda_check_launch(fn, tma ? "tc_score_ws_kernel" : "tc_score_kernel");
+      st = m3s_cuda_check_launch(fn, "tc_score_kernel");
+    }
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */
