@@ -25,6 +25,25 @@ int gpu_sm_major(void) {
   return major;
 }
 
+int gpu_programmatic_edges(struct CUgraph_st *graph) {
+  size_t n = 0;
+  if (cudaGraphGetEdges(graph, NULL, NULL, NULL, &n) != cudaSuccess)
+    return -1;
+  cudaGraphNode_t *from = (cudaGraphNode_t *)calloc(n + 1, sizeof *from);
+  cudaGraphNode_t *to = (cudaGraphNode_t *)calloc(n + 1, sizeof *to);
+  cudaGraphEdgeData *ed = (cudaGraphEdgeData *)calloc(n + 1, sizeof *ed);
+  int count = -1;
+  if (from && to && ed && cudaGraphGetEdges(graph, from, to, ed, &n) == cudaSuccess) {
+    count = 0;
+    for (size_t i = 0; i < n; i++)
+      count += ed[i].type == cudaGraphDependencyTypeProgrammatic;
+  }
+  free(from);
+  free(to);
+  free(ed);
+  return count;
+}
+
 int gpu_env_flag(const char *name) {
   const char *v = getenv(name);
   return v && v[0] && strcmp(v, "0") != 0;

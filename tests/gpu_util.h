@@ -58,6 +58,10 @@ int gpu_env_flag(const char *name);
 /* The current device's compute-capability major (9 on Hopper), 0 when it
  * cannot be read. */
 int gpu_sm_major(void);
+/* Programmatic-dependency edges of a captured CUDA graph (cudaGraph_t), -1
+ * when they cannot be read: PDL launches leave them. */
+struct CUgraph_st;
+int gpu_programmatic_edges(struct CUgraph_st *graph);
 
 /* cudaMalloc + cudaMemcpy of n bytes (NULL on failure); host may be NULL.
  * The buffer sits between two 4 KiB guard zones of canary bytes. */

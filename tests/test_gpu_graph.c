@@ -56,27 +56,6 @@ static void refresh_inputs(fixture *f, uint64_t *rng, const int32_t *seqs) {
 
 static int bytes_equal(const void *a, const void *b, size_t n) { return memcmp(a, b, n) == 0; }
 
-/* Edges of the captured graph that are programmatic (a kernel launched with
- * PDL behind another kernel); -1 when the query fails. */
-static int programmatic_edges(cudaGraph_t graph) {
-  size_t n = 0;
-  if (cudaGraphGetEdges(graph, NULL, NULL, NULL, &n) != cudaSuccess)
-    return -1;
-  cudaGraphNode_t *from = (cudaGraphNode_t *)calloc(n + 1, sizeof *from);
-  cudaGraphNode_t *to = (cudaGraphNode_t *)calloc(n + 1, sizeof *to);
-  cudaGraphEdgeData *ed = (cudaGraphEdgeData *)calloc(n + 1, sizeof *ed);
-  int count = -1;
-  if (from && to && ed && cudaGraphGetEdges(graph, from, to, ed, &n) == cudaSuccess) {
-    count = 0;
-    for (size_t i = 0; i < n; i++)
-      count += ed[i].type == cudaGraphDependencyTypeProgrammatic;
-  }
-  free(from);
-  free(to);
-  free(ed);
-  return count;
-}
-
 /* pdl: 1 forced on, 0 forced off, -1 the default rule (launch.h). nreq: 6
  * requests of mixed lengths, or 1 of 40000 tokens (several splits). */
 static void graph_case(int tp, int q_len, int pdl, int nreq, const char *name) {
@@ -122,7 +101,7 @@ static void graph_case(int tp, int q_len, int pdl, int nreq, const char *name) {
   if (!CHECK(ok, "graph: decode step captured and instantiated"))
     fprintf(stderr, "  status %d: %s\n", st, m3s_last_error());
   if (ok && pdl_on)
-    CHECK(programmatic_edges(graph) > 0, "graph: the PDL launches left programmatic edges");
+    CHECK(gpu_programmatic_edges(graph) > 0, "graph: the PDL launches left programmatic edges");
   /* replays: lengths grow by one token across block boundaries, padded rows */
   int32_t seqs[4][6] = {{2990, 2048, 128, 4000, 0, 1},
                         {2991, 2049, 129, 4001, 700, 0},

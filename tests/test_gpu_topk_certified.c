@@ -33,9 +33,15 @@
  * default score kernels (prefill with a bf16 index cache: the TMA + wgmma
  * kernel), then with the mma.sync kernel forced (hook; skipped with
  * M3S_TEST_MMA_SYNC=0), each with its own measured |S~ - S| / E. Elsewhere
- * the default is the mma.sync kernel and one pass runs.
+ * the default is the mma.sync kernel and one pass runs. In the first pass
+ * each certified run is made with programmatic dependent launch forced on
+ * and again forced off (src/cuda/launch.h: the default takes it for one
+ * request only), and the graph case is captured with it on and must hold
+ * programmatic edges on sm_90 (the prefill selection's deferred kernel);
+ * the second pass keeps the default rule.
  *
  * M3S_TEST_QUICK=1 skips the large cases. */
+#include "cuda/launch.h"
 #include "cuda/sm90/topk_tc.h"
 #include "gpu_util.h"
 
@@ -188,10 +194,21 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
   } else {
     const int mma = g_mma;
     m3s_topk_tc_stats cs, ms, ns;
+    /* the default pass's certified run with PDL forced on (every kernel
+     * chain the context may launch under PDL, whatever the request count)
+     * and again forced off (src/cuda/launch.h; both on sm_90 only) */
+    m3s_cuda_set_pdl(g_gpu, mma ? -1 : 1);
     double t2 = gpu_now_ms();
     long bad = run_gpu(&f, &g, expect, RUN_CERTIFIED, mma, name, &cs);
     double t3 = gpu_now_ms();
     CHECK(bad == 0, name);
+    if (!mma) {
+      m3s_topk_tc_stats os;
+      m3s_cuda_set_pdl(g_gpu, 0);
+      CHECK(run_gpu(&f, &g, expect, RUN_CERTIFIED, 0, name, &os) == 0,
+            "PDL off: equal to the CPU backend");
+    }
+    m3s_cuda_set_pdl(g_gpu, -1);
     CHECK(cs.pairs > 0, "the certified path ran");
     g_tma_ctas += mma ? 0 : cs.tma_ctas;
     if (mma)
@@ -597,6 +614,8 @@ static void test_graph(void) {
   h.mma_sync = g_mma;
   h.decode_any = 1;
   m3s_topk_tc_set_hooks(g_gpu, &h);
+  m3s_cuda_set_pdl(g_gpu, g_mma ? -1 : 1);
+  const int pdl_on = m3s_cuda_pdl(g_gpu, 4);
   int ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess;
   g.exec.stream = stream;
   ok = ok && cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess;
@@ -605,6 +624,11 @@ static void test_graph(void) {
   ok = ok && cudaGraphInstantiate(&gexec, graph, 0) == cudaSuccess;
   if (!CHECK(ok, "graph: certified top-k captured and instantiated"))
     fprintf(stderr, "%s: status %d: %s\n", name, st, m3s_last_error());
+  /* its 1802 pairs of at most 70 candidates take the register selection,
+   * whose deferred kernel follows under PDL */
+  if (ok && pdl_on)
+    CHECK(gpu_programmatic_edges(graph) > 0,
+          "graph: the deferred selection left a programmatic edge");
   uint64_t rng = 4242;
   for (int k = 0; k < 3 && ok; k++) {
     for (int64_t i = 0; i < f.num_pages * 128 * 128; i++)
@@ -626,8 +650,10 @@ static void test_graph(void) {
     CHECK(ok && count_mismatches(&f, expect, name, 1) == 0, msg);
     CHECK(cs.pairs > 0, "graph: the certified path ran");
   }
-  printf("  %-38s %-5s %s\n", name, g_mma ? "mma" : "dflt", ok ? "3 replays" : "FAILED");
+  printf("  %-38s %-5s %s%s\n", name, g_mma ? "mma" : "dflt", ok ? "3 replays" : "FAILED",
+         pdl_on ? ", PDL" : "");
   m3s_topk_tc_set_hooks(g_gpu, NULL);
+  m3s_cuda_set_pdl(g_gpu, -1);
   if (gexec)
     cudaGraphExecDestroy(gexec);
   if (graph)
@@ -657,7 +683,8 @@ int main(void) {
   }
   /* pass 0: the default kernels; pass 1 (sm_90 only, unless
    * M3S_TEST_MMA_SYNC=0): the mma.sync score kernel forced on the same
-   * inputs, after every default result is printed */
+   * inputs, after every default result is printed. PDL: see run_case and
+   * test_graph. */
   int dev = 0, major = 0, passes = 1;
   if (cudaGetDevice(&dev) == cudaSuccess &&
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
@@ -668,7 +695,8 @@ int main(void) {
   double t0 = gpu_now_ms();
   const uint64_t seed0 = g_seed;
   for (g_mma = 0; g_mma < passes; g_mma++) {
-    printf("%s score kernels:\n", g_mma ? "mma.sync forced" : "default");
+    printf("%s score kernels%s:\n", g_mma ? "mma.sync forced" : "default",
+           g_mma ? "" : ", certified runs with PDL forced on and off");
     fflush(stdout);
     g_seed = seed0;
     test_adversarial();

@@ -1,8 +1,11 @@
-/* Programmatic dependent launch (PDL, sm_90) of the decode chain of the CUDA
- * backend: the certified streaming score kernel, the CTA-wide selection, the
- * persistent TMA attention kernel and its split merge may each start while
- * the kernel before it on the stream finishes (each waits with
- * griddepcontrol.wait before it reads anything, src/cuda/common.cuh). By
+/* Programmatic dependent launch (PDL, sm_90) of the CUDA backend. In the
+ * decode chain the certified streaming score kernel, the CTA-wide selection,
+ * the persistent TMA attention kernel and its split merge may each start
+ * while the kernel before it on the stream finishes; in the prefill index
+ * top-k (topk_tc.cu) the first chunk's warp-specialised score kernel may
+ * start behind the key-norm pass, and a chunk's deferred selection kernel
+ * behind its register selection kernel. Each waits with griddepcontrol.wait before it reads
+ * anything (src/cuda/common.cuh). By
  * default on sm_90 for batches of at most M3S_PDL_AUTO_REQS requests, where
  * it was measured to pay (H200, m3s-bench graph replays, step us, off / on:
  * one request TP1 32K 29.4 / 27.1, 128K 40.6 / 38.8, TP8 128K 36.2 / 34.0;
@@ -25,7 +28,7 @@ extern "C" {
 /* Requests per batch up to which the default uses PDL. */
 #define M3S_PDL_AUTO_REQS 1
 
-/* on > 0: launches of the decode chain on this CUDA context use PDL where
+/* on > 0: the launches above on this CUDA context use PDL where
  * the device has it (sm_90); on == 0: never; on < 0: the default (batches
  * of at most M3S_PDL_AUTO_REQS requests). Not for concurrent use with calls
  * on the context. A CPU context ignores it. */

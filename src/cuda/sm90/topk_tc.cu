@@ -52,7 +52,8 @@
  *     than 32 uncertain blocks, short requests).
  * Grids and workspace come from host bounds only (num_tokens, max_seq_len,
  * Hkv, K, the SM count): graph-safe; no allocation, no synchronisation (the
- * deferred-pair count is zeroed by a cudaMemsetAsync on the stream).
+ * deferred-pair count is zeroed by the chunk's score kernel, which ends
+ * before the selection starts).
  *
  * Workspace: float2 (S~, E) [chunk_rows * Hkv][max_nb], entry
  * ((t - row0) * Hkv + g) * max_nb + b; chunk_rows = the most rows whose
@@ -280,7 +281,21 @@ typedef struct {
    * norms[slot(r) * max_nb + b] (tc_norm_kernel); NULL for tc_score_kernel */
   float *norms;
   int gz; /* tc_score_ws_kernel: an item's candidate-block stride (the others: gridDim.z) */
+  /* the chunk's deferred-pair count (tc_select_args.list), zeroed here for
+   * the selection that follows: one memset node less per chunk */
+  int32_t *count;
+  /* tc_norm_kernel: the first chunk's tc_score_ws_kernel follows under PDL
+   * (its producer waits before the first norm it reads; its other roles'
+   * set-up and first item overlap the norm pass) */
+  int pdl;
 } tc_score_args;
+
+/* The deferred-pair count zeroed by the grid's first thread (the score
+ * kernels are launched plainly, after the previous chunk's selection). */
+__device__ __forceinline__ void tc_zero_count(const tc_score_args &a) {
+  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
+    *a.count = 0;
+}
 
 typedef struct {
   int64_t pos[TC_ROWS];
@@ -504,6 +519,7 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
   const int buf_step = E4M3 ? M3S_BLOCK_SIZE * M3S_INDEX_DIM : TC_TILE_BYTES; /* buffer i at buf0 + i * step */
   uint16_t *kt = (uint16_t *)(tc_dyn + TC_TILE_BYTES + 2 * M3S_BLOCK_SIZE * M3S_INDEX_DIM);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  tc_zero_count(a);
   const int64_t tiles = (a.nrows + TC_ROWS - 1) / TC_ROWS;
   const int64_t tile0 = (tiles - 1 - (int64_t)blockIdx.x) * TC_ROWS; /* heavy tiles first */
   const int g = blockIdx.y;
@@ -654,6 +670,11 @@ __device__ __forceinline__ int64_t tc_norm_slot(const m3s_cuda_batch &bt, int r)
 static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_batch bt,
                                                                     tc_score_args a) {
   __shared__ float part[TC_THREADS / 32];
+  /* the score kernel may launch now: it waits for this grid's end before
+   * it reads a norm, and it cannot hold SMs this grid still needs, since a
+   * dependent launches only once every CTA here has started */
+  if (a.pdl)
+    m3s_pdl_trigger();
   const int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = (int64_t)blockIdx.y * TC_NORM_BLOCKS + warp / TC_NORM_WARPS;
   const int key = (warp % TC_NORM_WARPS) * 32 + lane;
@@ -1035,6 +1056,7 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
   unsigned char *const ring = tc_dyn + ((1024u - (base & 1023u)) & 1023u);
   uint16_t *const qs = (uint16_t *)(ring + TS_STAGES * TS_STAGE_BYTES);
   const int tid = threadIdx.x, warp = tid >> 5;
+  tc_zero_count(a);
   if (tid == 0) {
     for (int i = 0; i < TS_STAGES; i++) {
       sm90_bar_init(&s.full[i], 1);
@@ -1053,6 +1075,14 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
    * branch around wgmma makes ptxas serialise it); the producer warpgroup
    * gives its registers up before the consumers take theirs */
   if (__shfl_sync(TC_FULL, warp / 4, 0) == TS_CONSUMERS / 4) {
+    /* under PDL (the first chunk, behind tc_norm_kernel) the norms are
+     * complete only after the producer's wait; the preparers read the
+     * caller's inputs, so their first item overlaps the norm pass. The wait
+     * comes before the register hand-off (after it, ptxas spilled): the
+     * consumers' registers, and so their start, wait for it too, but they
+     * would wait for the first item and its stages anyway */
+    if (warp == TS_CONSUMERS)
+      m3s_pdl_wait();
     ts_set_regs<TS_PRODUCER_REGS>(false);
     if (warp == TS_CONSUMERS) {
       uint32_t i = 0;
@@ -1959,13 +1989,16 @@ __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb
  * uncertain block; the others (an uncertain or whole-line block, short
  * requests scored exactly, the measure hook, no candidate slots) are
  * appended to the deferred list (a.list: count, then pair indices; the
- * count zeroed before the launch) for tc_select_deferred_kernel, so this
- * kernel carries neither the exact re-scoring nor the per-pair code, and
- * fits TC_REG_CTAS_PER_SM CTAs per SM. */
+ * count zeroed by the chunk's score kernel) for tc_select_deferred_kernel,
+ * so this kernel carries neither the exact re-scoring nor the per-pair
+ * code, and fits TC_REG_CTAS_PER_SM CTAs per SM. With a.pdl it lets the
+ * deferred kernel launch at once (allowed: its whole grid is resident). */
 template <int R>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (a.pdl)
+    m3s_pdl_trigger();
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
     float2 e[R];
@@ -2004,6 +2037,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
   __shared__ float2 wsh[TC_SEL_WARPS][32 * R];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   tc_warp_shared &sm = sh[warp];
+  /* launched under PDL: resident while the register kernel runs; the list
+   * is complete once its grid has ended */
+  m3s_pdl_wait();
   const int count = __ldcg(a.list);
   /* CTA-uniform trips: the barriers below need every warp */
   for (int base = 0; base < count; base += (int)gridDim.x * TC_SEL_WARPS) {
@@ -2511,26 +2547,27 @@ static int tc_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache,
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-/* The register selection of a chunk (at most 32 R candidates per pair):
- * the deferred count zeroed, tc_select_reg_kernel<R> in one resident wave,
- * then tc_select_deferred_kernel<R> in one over what it listed. */
+/* The register selection of a chunk (at most 32 R candidates per pair; the
+ * deferred count zeroed by the score kernel before it):
+ * tc_select_reg_kernel<R> in one resident wave, then
+ * tc_select_deferred_kernel<R> in one over what it listed, under PDL where
+ * pdl says: its launch no longer waits for the register kernel's end, only
+ * its CTAs do (in griddepcontrol.wait), taking SMs as register CTAs retire
+ * (a full wave of reg<2> or reg<4> leaves no room beside it). */
 template <int R>
 static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_select_args &se,
-                                cudaStream_t stream, const char *fn) {
+                                int pdl, cudaStream_t stream, const char *fn) {
   const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS,
                 wave = sms * TC_REG_CTAS_PER_SM;
-  cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
-  if (err != cudaSuccess)
-    return m3s_fail(M3S_ERR_CUDA, fn, "clearing the deferred-pair count failed: %s",
-                    cudaGetErrorString(err));
+  tc_select_args sr = se;
+  sr.pdl = pdl;
   tc_select_reg_kernel<R><<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(
-      cb, se);
+      cb, sr);
   m3s_status st = m3s_cuda_check_launch(fn, "tc_select_reg_kernel");
   if (st)
     return st;
-  tc_select_deferred_kernel<R><<<(unsigned)(sms * TC_SEL_CTAS_PER_SM), TC_SEL_WARPS * 32, 0,
-                                 stream>>>(cb, se);
-  return m3s_cuda_check_launch(fn, "tc_select_deferred_kernel");
+  return m3s_launch(pdl, tc_select_deferred_kernel<R>, dim3((unsigned)(sms * TC_SEL_CTAS_PER_SM)),
+                    dim3(TC_SEL_WARPS * 32), 0, stream, fn, "tc_select_deferred_kernel", cb, se);
 }
 
 /* Phase 2 over se.npairs (row, head) pairs from se.row0: a CTA per pair when
@@ -2559,19 +2596,21 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                     se.npairs <= 2 * sms);
   if (one || two) {
     tc_select_args sw = se;
-    /* PDL is for the decode chain (launch.h); a prefill chunk's selection
-     * follows a plainly launched score kernel */
+    /* PDL here is for the decode chain (launch.h); a prefill chunk's
+     * selection follows a plainly launched score kernel */
     sw.pdl = se.all_scored ? m3s_cuda_pdl(ctx, cb.num_reqs) : 0;
     return m3s_launch(sw.pdl, one ? tc_select_wide_kernel<1> : tc_select_wide_kernel<2>,
                       dim3((unsigned)se.npairs), dim3(TC_WIDE_THREADS), 0, stream, fn,
                       "tc_select_wide_kernel", cb, sw);
   }
-  /* decode batches (every row scored) keep the rounds kernel */
+  /* decode batches (every row scored) keep the rounds kernel; the register
+   * path's two kernels chain under PDL where the context's rule says */
+  const int pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
   const int r = rounds || se.all_scored ? 0 : cand <= 32 ? 1 : cand <= 64 ? 2 : cand <= 128 ? 4 : 0;
   switch (r) {
-  case 1: return tc_launch_reg<1>(sms, cb, se, stream, fn);
-  case 2: return tc_launch_reg<2>(sms, cb, se, stream, fn);
-  case 4: return tc_launch_reg<4>(sms, cb, se, stream, fn);
+  case 1: return tc_launch_reg<1>(sms, cb, se, pdl, stream, fn);
+  case 2: return tc_launch_reg<2>(sms, cb, se, pdl, stream, fn);
+  case 4: return tc_launch_reg<4>(sms, cb, se, pdl, stream, fn);
   default: break;
   }
   /* a CTA per 4 pairs (one resident wave looping measured 1-4% slower
@@ -2612,6 +2651,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   sa.local = cfg->local_blocks;
   sa.norms = NULL;
   sa.gz = 1;
+  sa.pdl = 0;
 
   tc_select_args se;
   se.ws = sa.ws;
@@ -2636,6 +2676,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.all_scored = 0;
   se.pdl = 0; /* set for the launches that take it (tc_launch_select) */
   se.list = (int32_t *)((unsigned char *)exec->workspace + need - tc_list_bytes(plan.chunk_rows, hkv));
+  sa.count = se.list;
 
   if (batch->uniform_q_len > 0) {
     /* Decode (one chunk, m3s_topk_tc_eligible): (S~, E) streamed by the
@@ -2661,8 +2702,10 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   const int tma = norm_bytes <= (size_t)TC_NORM_BUDGET && exec->workspace_bytes >= need + norm_bytes &&
                   norm_gy <= 65535 && batch->num_reqs > 0 &&
                   tc_tma_map(ctx, index_cache, hooks, &map);
+  const int pdl = m3s_cuda_pdl(ctx, batch->num_reqs);
   if (tma) {
     sa.norms = (float *)((unsigned char *)exec->workspace + need);
+    sa.pdl = pdl;
     tc_norm_kernel<<<dim3((unsigned)batch->num_reqs, (unsigned)norm_gy), TC_THREADS, 0, stream>>>(cb,
                                                                                                   sa);
     m3s_status st = m3s_cuda_check_launch(fn, "tc_norm_kernel");
@@ -2691,12 +2734,17 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     sa.gz = (int)gy;
     /* the persistent kernel: one CTA per SM, at most one per item */
     const int64_t items = tiles * hkv * gy;
-    if (tma)
-      tc_score_ws_kernel<<<(unsigned)(items < sms ? items : sms), TS_THREADS, TS_SMEM_BYTES,
-                           stream>>>(cb, sa, map);
-    else
+    m3s_status st;
+    if (tma) {
+      /* the first chunk's under PDL behind the norm pass; later chunks'
+       * follow the previous selection plainly */
+      st = m3s_launch(pdl && row0 == 0, tc_score_ws_kernel,
+                      dim3((unsigned)(items < sms ? items : sms)), dim3(TS_THREADS), TS_SMEM_BYTES,
+                      stream, fn, "tc_score_ws_kernel", cb, sa, map);
+    } else {
       score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
-    m3s_status st = m3s_cuda_check_launch(fn, tma ? "tc_score_ws_kernel" : "tc_score_kernel");
+      st = m3s_cuda_check_launch(fn, "tc_score_kernel");
+    }
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */
