@@ -15,7 +15,9 @@
  *  - adversarial cases built to sit on the selection boundary also run with
  *    re-scoring switched off (uncertain blocks decided by S~), which must
  *    produce a mismatch: proof that the re-scoring path decides them.
- * Cases: fresh 8K prompt, a 2K chunk behind a 30K prefix, a ragged batch
+ * Cases: fresh 8K prompt, a 2K chunk behind a 30K prefix, chunks of 384 and
+ * 256 rows behind 20K and 40K (the register selection's 256- and
+ * 512-candidate forms, required to run), a ragged batch
  * with padded requests (head-major top-k), short (decode-like) requests
  * before a prefill chunk, e4m3 index cache, K = 64, TP
  * shapes Hkv 4 / 2 / 1, equal maxima, last-bit differences (one key per
@@ -65,7 +67,7 @@ static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const in
   return s;
 }
 
-enum { PATH_ANY, PATH_WIDE2, PATH_WARP };
+enum { PATH_ANY, PATH_WIDE2, PATH_WARP, PATH_REG };
 
 typedef struct {
   void (*host)(fixture *f);
@@ -74,7 +76,9 @@ typedef struct {
   int exact_too;   /* also run the exact CUDA-core path through the hook */
   int path;        /* decode batch of more pairs than SMs, fewer than 512 candidates per pair:
                       PATH_WIDE2 (<= 2 pairs per SM: the CTA-wide selection) or
-                      PATH_WARP (more: a warp per pair), required when the SM count allows */
+                      PATH_WARP (more: a warp per pair), required when the SM count allows;
+                      PATH_REG: prefill pairs of 129-512 candidates, more pairs than SMs:
+                      the register selection (R 8 or 16) decided pairs and re-scored blocks */
 } case_mods;
 
 /* The selection path a many-pair decode case must take (tc_launch_select's
@@ -96,6 +100,10 @@ static void check_path(const char *name, int path, const m3s_topk_tc_stats *cs) 
   else if (path == PATH_WARP && cs->pairs > 2ull * (unsigned long long)sms)
     CHECK(wide == 0 && cs->rescored > 0,
           "more than two pairs per SM: the per-warp selection decided them and re-scored blocks");
+  else if (path == PATH_REG && cs->pairs > (unsigned long long)sms)
+    CHECK(wide == 0 && cs->reg_pairs > 0 && cs->rescored > 0,
+          "129-512 candidates per prefill pair: the register selection decided pairs and "
+          "re-scored blocks");
   else
     printf("  %s: %llu pairs on %d SMs: the selection path is not checked\n", name, cs->pairs,
            sms);
@@ -433,6 +441,15 @@ static void test_prefill_shapes(void) {
   s.topk_head_major = 1;
   case_mods both = {NULL, NULL, 0, 1, PATH_ANY};
   run_case("ragged_padded_head_major_tp2", s, &both);
+  /* chunks behind long prefixes: 129-256 and 257-512 candidates per pair,
+   * the register selection's two large forms (R 8 and 16) */
+  case_mods reg = {NULL, NULL, 0, 0, PATH_REG};
+  static const int32_t q20[] = {384};
+  static const int32_t s20[] = {20480 + 384};
+  run_case("chunk_384_behind_20k_tp2", spec_of(m3s_config_minimax_m3(2), 1, q20, s20), &reg);
+  static const int32_t q40[] = {256};
+  static const int32_t s40[] = {40960 + 256};
+  run_case("chunk_256_behind_40k_tp1", spec_of(m3s_config_minimax_m3(1), 1, q40, s40), &reg);
   /* decode-like requests (< 8 rows: scored exactly in the selection kernel)
    * before a prefill chunk */
   static const int32_t qm[] = {1, 1, 2, 7, 1, 3, 600};

@@ -109,6 +109,10 @@
 #define TC_SEL_CACHE 1024 /* candidate entries a selection warp copies into shared memory */
 #define TC_SEL_CTAS_PER_SM 4 /* resident per-pair selection CTAs per SM (launch bounds: 128 registers) */
 #define TC_REG_CTAS_PER_SM 8 /* the same for tc_select_reg_kernel (64 registers) */
+/* tc_select_reg_kernel<R>'s resident CTAs per SM: R >= 8 (256 or 512
+ * candidates, 2R + R + R registers of entries, keys and classes) at 128
+ * registers */
+#define TC_REG_CTAS(R) ((R) >= 8 ? TC_SEL_CTAS_PER_SM : TC_REG_CTAS_PER_SM)
 #define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
 /* Decode batches with fewer (token, KV head) pairs than this keep the exact
  * streaming kernel: below it the fixed-order scores of a few pairs cost less
@@ -1830,6 +1834,51 @@ __device__ __forceinline__ uint32_t tc_sorted_at(const uint32_t (&v)[R], int p) 
   return __shfl_sync(TC_FULL, mine, p / R);
 }
 
+/* The need_l-th and need_u-th largest of the warp's 32 R values (ranks from
+ * 1; 0 for a rank of 0), what tc_sort_desc + tc_sorted_at give, for large R
+ * and few ranks: each lane sorts its own R values in registers (a bitonic
+ * network with constant indices), then each round takes the warp maximum of
+ * the lanes' heads; the lanes holding it drop their head, and the count of
+ * values taken passes each rank in the round that takes its value. At most
+ * max(need_l, need_u) rounds (K - init - local + 1 here), each taking at
+ * least one value. At R = 16 about a fifth of tc_sort_desc's instructions
+ * (~80 exchanges + ~25 per round against 45 stages of 16). Every lane calls
+ * it; v is consumed. */
+template <int R>
+__device__ __forceinline__ void tc_ranked_pair(uint32_t (&v)[R], int need_l, int need_u,
+                                               uint32_t &k_l, uint32_t &k_u) {
+#pragma unroll
+  for (int k = 2; k <= R; k <<= 1)
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1)
+#pragma unroll
+      for (int i = 0; i < R; i++) {
+        const int l = i ^ j;
+        if (l > i) {
+          /* descending where (i & k) == 0: at k = R, everywhere */
+          const uint32_t hi = max(v[i], v[l]), lo = min(v[i], v[l]);
+          v[i] = (i & k) == 0 ? hi : lo;
+          v[l] = (i & k) == 0 ? lo : hi;
+        }
+      }
+  k_l = k_u = 0u;
+  const int need = need_l > need_u ? need_l : need_u;
+  for (int taken = 0; taken < need;) {
+    const uint32_t m = __reduce_max_sync(TC_FULL, v[0]);
+    const bool mine = v[0] == m;
+    const int after = taken + __popc(__ballot_sync(TC_FULL, mine));
+    k_l = need_l > taken && need_l <= after ? m : k_l;
+    k_u = need_u > taken && need_u <= after ? m : k_u;
+    taken = after;
+    if (mine) {
+#pragma unroll
+      for (int i = 0; i + 1 < R; i++)
+        v[i] = v[i + 1];
+      v[R - 1] = 0u;
+    }
+  }
+}
+
 /* A pair's entries (candidate slots of its workspace row; the host picked
  * 32 R >= max_nb - init - local) into this lane's R slots. They do not
  * depend on the row lookup's dependent loads, so the kernels issue them
@@ -1879,9 +1928,14 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
   const float e_max = __uint_as_float(__reduce_max_sync(TC_FULL, e_bits));
   const int f = n - n_inf;
   const int need_l = f >= want ? want : 0, need_u = n_inf > want ? 0 : want + 1 - n_inf;
-  tc_sort_desc<R>(key);
-  const uint32_t k_l = need_l ? tc_sorted_at<R>(key, need_l - 1) : 0u;
-  const uint32_t k_u = need_u ? tc_sorted_at<R>(key, need_u - 1) : 0u;
+  uint32_t k_l, k_u;
+  if constexpr (R >= 8) {
+    tc_ranked_pair<R>(key, need_l, need_u, k_l, k_u);
+  } else {
+    tc_sort_desc<R>(key);
+    k_l = need_l ? tc_sorted_at<R>(key, need_l - 1) : 0u;
+    k_u = need_u ? tc_sorted_at<R>(key, need_u - 1) : 0u;
+  }
   const float u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
   const float l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
   int nq = 0;
@@ -1969,9 +2023,9 @@ __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb
  * appended to the deferred list (a.list: count, then pair indices; the
  * count zeroed before the launch) for tc_select_deferred_kernel, so this
  * kernel carries neither the exact re-scoring nor the per-pair code, and
- * fits TC_REG_CTAS_PER_SM CTAs per SM. */
+ * fits TC_REG_CTAS(R) CTAs per SM. */
 template <int R>
-static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
+static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
@@ -2526,7 +2580,7 @@ template <int R>
 static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_select_args &se,
                                 cudaStream_t stream, const char *fn) {
   const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS,
-                wave = sms * TC_REG_CTAS_PER_SM;
+                wave = sms * TC_REG_CTAS(R);
   cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "clearing the deferred-pair count failed: %s",
@@ -2574,12 +2628,26 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                       dim3((unsigned)se.npairs), dim3(TC_WIDE_THREADS), 0, stream, fn,
                       "tc_select_wide_kernel", cb, sw);
   }
-  /* decode batches (every row scored) keep the rounds kernel */
-  const int r = rounds || se.all_scored ? 0 : cand <= 32 ? 1 : cand <= 64 ? 2 : cand <= 128 ? 4 : 0;
+  /* decode batches (every row scored) keep the rounds kernel; prefill chunks
+   * of up to 512 candidates per pair (64K of context) take the register
+   * selection. Beyond 128 (R 8, 16) its thresholds come from tc_ranked_pair,
+   * not a sort of the warp's 32 R values; the rounds kernel it replaces there
+   * read a pair's entries three times or more from memory and ranked them
+   * by W + 1 rounds of a 64-bit warp maximum (H100 ncu, 63c85fa: 1420 us of
+   * the 64K prompt's 6345, 122 of 4K behind 60K's 745) */
+  const int r = rounds || se.all_scored ? 0
+                : cand <= 32                  ? 1
+                : cand <= 64                  ? 2
+                : cand <= 128                 ? 4
+                : cand <= 256                 ? 8
+                : cand <= 512                 ? 16
+                                              : 0;
   switch (r) {
   case 1: return tc_launch_reg<1>(sms, cb, se, stream, fn);
   case 2: return tc_launch_reg<2>(sms, cb, se, stream, fn);
   case 4: return tc_launch_reg<4>(sms, cb, se, stream, fn);
+  case 8: return tc_launch_reg<8>(sms, cb, se, stream, fn);
+  case 16: return tc_launch_reg<16>(sms, cb, se, stream, fn);
   default: break;
   }
   /* a CTA per 4 pairs (one resident wave looping measured 1-4% slower
