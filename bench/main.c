@@ -102,7 +102,9 @@ static void usage(FILE *f) {
 "                    kernel also for the small batches the dispatch keeps on\n"
 "                    the exact kernel), rounds (certified, the selection by\n"
 "                    warp-maximum rounds also where the register selection is\n"
-"                    the default) or\n"
+"                    the default), reg-dyn (certified, the register selection of\n"
+"                    129-512 candidates per pair reading and ranking each\n"
+"                    pair's own candidates only) or\n"
 "                    no-rescore (certified, uncertain blocks decided by their\n"
 "                    tensor-core score: NOT exact, only to time what the\n"
 "                    re-scoring costs)\n"
@@ -295,9 +297,11 @@ static int parse_args(int argc, char **argv, options *o) {
         o->topk_path = 4;
       else if (strcmp(optarg, "no-rescore") == 0)
         o->topk_path = 5;
+      else if (strcmp(optarg, "reg-dyn") == 0)
+        o->topk_path = 6;
       else {
-        fprintf(stderr, "m3s-bench: --topk-path must be default, exact, mma, certified, rounds "
-                        "or no-rescore\n");
+        fprintf(stderr, "m3s-bench: --topk-path must be default, exact, mma, certified, rounds, "
+                        "no-rescore or reg-dyn\n");
         return 0;
       }
       break;
@@ -427,6 +431,7 @@ int main(int argc, char **argv) {
     h.decode_any = o->topk_path == 3;
     h.rounds_select = o->topk_path == 4;
     h.no_rescore = o->topk_path == 5;
+    h.reg_dyn = o->topk_path == 6;
     h.score_waves = o->score_waves;
     m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s\n",
@@ -434,6 +439,8 @@ int main(int argc, char **argv) {
            : o->topk_path == 2 ? "certified, mma.sync score kernel"
            : o->topk_path == 3 ? "certified, every decode batch on the streaming kernel"
            : o->topk_path == 4 ? "certified, selection by warp-maximum rounds"
+           : o->topk_path == 6 ? "certified, register selection of 129-512 candidates per pair "
+                                 "on each pair's own candidates (reg-dyn)"
                                : "certified WITHOUT re-scoring (not exact: timing only)");
   }
   if (o->attn_generic) {

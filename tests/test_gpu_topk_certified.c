@@ -37,7 +37,8 @@
  * M3S_TEST_MMA_SYNC=0), each with its own measured |S~ - S| / E. Elsewhere
  * the default is the mma.sync kernel and one pass runs.
  *
- * M3S_TEST_QUICK=1 skips the large cases. */
+ * M3S_TEST_QUICK=1 skips the large cases; M3S_TEST_REG_DYN=1 runs every case
+ * with the register selection's DYN form (hook reg_dyn). */
 #include "cuda/sm90/topk_tc.h"
 #include "gpu_util.h"
 
@@ -59,6 +60,9 @@ static unsigned long long g_reg_pairs; /* pairs the register selection decided (
 /* certified runs whose every pair the register selection decided and that
  * re-scored blocks: its re-scoring path ran */
 static int g_reg_rescored_runs;
+/* M3S_TEST_REG_DYN=1: every run with the reg_dyn hook (the register
+ * selection's DYN form, an A/B candidate) */
+static int g_reg_dyn;
 
 static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
   fx_spec s = fx_spec_default(c, nreq, ql, sl, g_seed++);
@@ -147,6 +151,7 @@ static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int 
   h.measure = mode == RUN_MEASURE;
   h.stats = g_stats;
   h.mma_sync = mma_sync;
+  h.reg_dyn = g_reg_dyn;
   h.decode_any = 1; /* the decode fixtures are smaller than the default's threshold */
   if (!gpu_put(g_stats, st, sizeof *st) || !gpu_fx_poison(g, f))
     return -1;
@@ -612,6 +617,7 @@ static void test_graph(void) {
   memset(&h, 0, sizeof h);
   h.stats = g_stats;
   h.mma_sync = g_mma;
+  h.reg_dyn = g_reg_dyn;
   h.decode_any = 1;
   m3s_topk_tc_set_hooks(g_gpu, &h);
   int ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess;
@@ -658,6 +664,7 @@ static void test_graph(void) {
 
 int main(void) {
   g_quick = gpu_env_flag("M3S_TEST_QUICK");
+  g_reg_dyn = gpu_env_flag("M3S_TEST_REG_DYN");
   g_gpu = gpu_context_or_null();
   if (!g_gpu)
     return gpu_skip("test_gpu_topk_certified", "no CUDA device");
@@ -685,7 +692,8 @@ int main(void) {
   double t0 = gpu_now_ms();
   const uint64_t seed0 = g_seed;
   for (g_mma = 0; g_mma < passes; g_mma++) {
-    printf("%s score kernels:\n", g_mma ? "mma.sync forced" : "default");
+    printf("%s score kernels%s:\n", g_mma ? "mma.sync forced" : "default",
+           g_reg_dyn ? ", register selection's DYN form" : "");
     fflush(stdout);
     g_seed = seed0;
     test_adversarial();

@@ -1880,18 +1880,21 @@ __device__ __forceinline__ void tc_ranked_pair(uint32_t (&v)[R], int need_l, int
 }
 
 /* A pair's entries (candidate slots of its workspace row; the host picked
- * 32 R >= max_nb - init - local) into this lane's R slots. They do not
- * depend on the row lookup's dependent loads, so the kernels issue them
- * first (entries past the pair's candidates are in its row and ignored). */
+ * 32 R >= max_nb - init - local) into this lane's R slots, the first lim
+ * (0 past them). With lim = max_nb - init they do not depend on the row
+ * lookup's dependent loads, so the kernels issue them first (entries past
+ * the pair's candidates are in its row and ignored); with lim = the pair's
+ * own candidate count (tc_select_reg_kernel's DYN form) they read only what
+ * the pair uses, after the lookup. */
 template <int R>
-__device__ __forceinline__ void tc_reg_load(const tc_select_args &a, int64_t lp, float2 (&e)[R]) {
+__device__ __forceinline__ void tc_reg_load(const tc_select_args &a, int64_t lp, int64_t lim,
+                                            float2 (&e)[R]) {
   const int lane = threadIdx.x & 31;
-  const int64_t cand = a.max_nb - a.init;
   const float2 *W = a.ws + lp * a.max_nb + a.init;
 #pragma unroll
   for (int i = 0; i < R; i++) {
     const int j = lane + 32 * i;
-    e[i] = j < cand ? __ldcg(W + j) : make_float2(0.0f, 0.0f);
+    e[i] = j < lim ? __ldcg(W + j) : make_float2(0.0f, 0.0f);
   }
 }
 
@@ -1947,6 +1950,29 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
     nq += __popc(__ballot_sync(TC_FULL, cls[i] == TC_UNSURE));
   }
   return nq;
+}
+
+/* tc_reg_classify of a pair of n candidates in R slots; in the DYN form
+ * (R >= 8) on the fewest slots that hold them (R / 4, R / 2 or R: ranking
+ * and classes cost what the pair's own length needs, not the chunk's
+ * longest), the slots above marked out. */
+template <int R, bool DYN>
+__device__ __forceinline__ int tc_reg_classify_n(const tc_select_args &a, int n,
+                                                 const float2 (&e)[R], int (&cls)[R], int &n_in) {
+  if constexpr (DYN && R >= 8) {
+    constexpr int Q = R / 4, H = R / 2;
+    if (n <= 32 * H) {
+#pragma unroll
+      for (int i = Q; i < R; i++)
+        cls[i] = TC_OUT;
+      if (n <= 32 * Q)
+        return tc_reg_classify<Q>(a, n, reinterpret_cast<const float2(&)[Q]>(e),
+                                  reinterpret_cast<int(&)[Q]>(cls), n_in);
+      return tc_reg_classify<H>(a, n, reinterpret_cast<const float2(&)[H]>(e),
+                                reinterpret_cast<int(&)[H]>(cls), n_in);
+    }
+  }
+  return tc_reg_classify<R>(a, n, e, cls, n_in);
 }
 
 /* The uncertain blocks of a classified pair listed in sm.qlist in the
@@ -2023,15 +2049,19 @@ __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb
  * appended to the deferred list (a.list: count, then pair indices; the
  * count zeroed before the launch) for tc_select_deferred_kernel, so this
  * kernel carries neither the exact re-scoring nor the per-pair code, and
- * fits TC_REG_CTAS(R) CTAs per SM. */
-template <int R>
+ * fits TC_REG_CTAS(R) CTAs per SM. DYN (R >= 8, the reg_dyn hook, for A/B
+ * timings): a pair's entries read after its row lookup, only its own
+ * candidates, and ranked on the fewest slots that hold them
+ * (tc_reg_classify_n). */
+template <int R, bool DYN>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
     float2 e[R];
-    tc_reg_load<R>(a, lp, e);
+    if (!DYN)
+      tc_reg_load<R>(a, lp, a.max_nb - a.init, e);
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
@@ -2040,8 +2070,10 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
       continue;
     }
     const int n = (int)(nb - a.local - a.init);
+    if (DYN)
+      tc_reg_load<R>(a, lp, n, e);
     int cls[R], n_in;
-    if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify<R>(a, n, e, cls, n_in) == 0)
+    if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify_n<R, DYN>(a, n, e, cls, n_in) == 0)
       tc_reg_write<R>(a, nb, n, 0, cls, NULL, out);
     else if (lane == 0)
       a.list[1 + atomicAdd(a.list, 1)] = (int32_t)lp;
@@ -2080,7 +2112,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
       /* the entries and the query first, as in tc_select_reg_kernel */
       float2 e[R];
       uint16_t qv[4];
-      tc_reg_load<R>(a, lp, e);
+      tc_reg_load<R>(a, lp, a.max_nb - a.init, e);
       static_assert(M3S_INDEX_DIM == 4 * 32, "four query elements per lane");
       const uint16_t *iq = tc_query_of(a, lp);
 #pragma unroll
@@ -2574,19 +2606,28 @@ static int tc_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache,
 }
 
 /* The register selection of a chunk (at most 32 R candidates per pair):
- * the deferred count zeroed, tc_select_reg_kernel<R> in one resident wave,
- * then tc_select_deferred_kernel<R> in one over what it listed. */
+ * the deferred count zeroed, tc_select_reg_kernel<R> in one resident wave
+ * (its DYN form where dyn says, R >= 8), then tc_select_deferred_kernel<R>
+ * in one over what it listed. */
 template <int R>
 static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_select_args &se,
-                                cudaStream_t stream, const char *fn) {
+                                int dyn, cudaStream_t stream, const char *fn) {
   const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS,
                 wave = sms * TC_REG_CTAS(R);
   cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
   if (err != cudaSuccess)
     return m3s_fail(M3S_ERR_CUDA, fn, "clearing the deferred-pair count failed: %s",
                     cudaGetErrorString(err));
-  tc_select_reg_kernel<R><<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(
-      cb, se);
+  const unsigned grid = (unsigned)(ctas < wave ? ctas : wave);
+  if constexpr (R >= 8) {
+    if (dyn)
+      tc_select_reg_kernel<R, true><<<grid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
+    else
+      tc_select_reg_kernel<R, false><<<grid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
+  } else {
+    (void)dyn;
+    tc_select_reg_kernel<R, false><<<grid, TC_SEL_WARPS * 32, 0, stream>>>(cb, se);
+  }
   m3s_status st = m3s_cuda_check_launch(fn, "tc_select_reg_kernel");
   if (st)
     return st;
@@ -2600,8 +2641,8 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
  * per SM or of many candidates at up to four (host bounds only); else a warp
  * per pair. */
 static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
-                                   const tc_select_args &se, int rounds, cudaStream_t stream,
-                                   const char *fn) {
+                                   const tc_select_args &se, int rounds, int reg_dyn,
+                                   cudaStream_t stream, const char *fn) {
   const int64_t sms = m3s_cuda_num_sms(ctx);
   /* candidates per pair at most: the blocks of max_seq_len less the forced */
   const int64_t cand = se.max_nb - se.init - se.local;
@@ -2643,11 +2684,11 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                 : cand <= 512                 ? 16
                                               : 0;
   switch (r) {
-  case 1: return tc_launch_reg<1>(sms, cb, se, stream, fn);
-  case 2: return tc_launch_reg<2>(sms, cb, se, stream, fn);
-  case 4: return tc_launch_reg<4>(sms, cb, se, stream, fn);
-  case 8: return tc_launch_reg<8>(sms, cb, se, stream, fn);
-  case 16: return tc_launch_reg<16>(sms, cb, se, stream, fn);
+  case 1: return tc_launch_reg<1>(sms, cb, se, reg_dyn, stream, fn);
+  case 2: return tc_launch_reg<2>(sms, cb, se, reg_dyn, stream, fn);
+  case 4: return tc_launch_reg<4>(sms, cb, se, reg_dyn, stream, fn);
+  case 8: return tc_launch_reg<8>(sms, cb, se, reg_dyn, stream, fn);
+  case 16: return tc_launch_reg<16>(sms, cb, se, reg_dyn, stream, fn);
   default: break;
   }
   /* a CTA per 4 pairs (one resident wave looping measured 1-4% slower
@@ -2724,7 +2765,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     se.row0 = 0;
     se.npairs = plan.rows * hkv;
     se.all_scored = 1;
-    return tc_launch_select(ctx, cb, se, hooks.rounds_select, stream, fn);
+    return tc_launch_select(ctx, cb, se, hooks.rounds_select, hooks.reg_dyn, stream, fn);
   }
 
   const int64_t sms = m3s_cuda_num_sms(ctx);
@@ -2776,7 +2817,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */
-    st = tc_launch_select(ctx, cb, se, hooks.rounds_select, stream, fn);
+    st = tc_launch_select(ctx, cb, se, hooks.rounds_select, hooks.reg_dyn, stream, fn);
     if (st)
       return st;
   }

@@ -49,8 +49,11 @@ typedef struct {
  *              fixtures).
  *  rounds_select: the prefill selection by rounds of a warp maximum with the
  *              entries in shared memory (tc_select_kernel) also where the
- *              register selection (tc_select_reg_kernel, at most 128
+ *              register selection (tc_select_reg_kernel, at most 512
  *              candidates per pair) is the default: for A/B timings.
+ *  reg_dyn:    the register selection of chunks of 129-512 candidates per
+ *              pair reads and ranks each pair's own candidates only (its
+ *              DYN form): for A/B timings.
  *  score_waves: > 0: tc_score_ws_kernel's work is cut into about this
  *              many items per SM instead of TS_WAVES (tuning). */
 typedef struct {
@@ -62,6 +65,7 @@ typedef struct {
   int decode_any;
   int rounds_select;
   int score_waves;
+  int reg_dyn;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults; a CPU context ignores the call. Internal (not
