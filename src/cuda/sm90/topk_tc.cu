@@ -40,10 +40,11 @@
  *     proof (its comment below).
  *     Rows of requests with fewer than TC_MIN_ROWS query rows (decode rows in
  *     a ragged batch) have every candidate scored that way instead.
- *     Prefill chunks whose pairs have at most 128 candidates (contexts up to
- *     16K) run it in two launches instead: tc_select_reg_kernel<R> keeps a
+ *     Prefill chunks whose pairs have at most 512 candidates (contexts up to
+ *     64K) run it in two launches instead: tc_select_reg_kernel<R> keeps a
  *     pair's entries in registers, takes the thresholds from one bitonic
- *     sort and decides every pair with no uncertain block (at least ~88% of
+ *     sort (up to 128 candidates) or tc_ranked_pair (more) and decides
+ *     every pair with no uncertain block (at least ~88% of
  *     a random 8K prompt's: 2946 blocks re-scored over 24576 scored pairs
  *     in test_gpu_topk_certified);
  *     tc_select_deferred_kernel takes the rest, listed in the
@@ -1792,8 +1793,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
  * local) in slot i of this lane, R slots (32 R >= candidates). It is the
  * selection of tc_select_classify / _rescore / _finish (the same thresholds
  * u', l', sets and tie rule, so the same answer), with the two order
- * statistics of S~ from one sort instead of W + 1 rounds of a warp maximum,
- * In and Q by ballots, and the K ids written in ascending order by prefix
+ * statistics of S~ from one sort of the warp's values (up to 128) or from
+ * tc_ranked_pair (more) instead of W + 1 rounds of a 64-bit warp maximum
+ * over entries in memory, In and Q by ballots, and the K ids written in ascending order by prefix
  * counts over the candidates' order (lane + 32 i ascends with i, then
  * lane). */
 
@@ -1910,17 +1912,19 @@ __device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a, const m3s
  * thresholds u' and l' of tc_select_classify: the need_l-th and need_u-th
  * largest S~ among the finite entries (whole-line and missing entries sort
  * last, as 0) widened by the largest finite E. Counts In into n_in; returns
- * the number of uncertain blocks (every whole-line entry is one). */
-template <int R>
+ * the number of uncertain blocks (every whole-line entry is one). Only the
+ * first S slots are read (32 S >= n); the classes above them are out. */
+template <int R, int S = R>
 __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
                                                const float2 (&e)[R], int (&cls)[R], int &n_in) {
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
-  uint32_t key[R];
+  static_assert(S <= R, "the slots in use are R's first");
+  uint32_t key[S];
   int n_inf = 0;
   uint32_t e_bits = 0;
 #pragma unroll
-  for (int i = 0; i < R; i++) {
+  for (int i = 0; i < S; i++) {
     const int j = lane + 32 * i;
     const bool whole = j < n && tc_whole_line(e[i]);
     const bool finite = j < n && !whole;
@@ -1932,45 +1936,41 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
   const int f = n - n_inf;
   const int need_l = f >= want ? want : 0, need_u = n_inf > want ? 0 : want + 1 - n_inf;
   uint32_t k_l, k_u;
-  if constexpr (R >= 8) {
-    tc_ranked_pair<R>(key, need_l, need_u, k_l, k_u);
+  if constexpr (S >= 8) {
+    tc_ranked_pair<S>(key, need_l, need_u, k_l, k_u);
   } else {
-    tc_sort_desc<R>(key);
-    k_l = need_l ? tc_sorted_at<R>(key, need_l - 1) : 0u;
-    k_u = need_u ? tc_sorted_at<R>(key, need_u - 1) : 0u;
+    tc_sort_desc<S>(key);
+    k_l = need_l ? tc_sorted_at<S>(key, need_l - 1) : 0u;
+    k_u = need_u ? tc_sorted_at<S>(key, need_u - 1) : 0u;
   }
   const float u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
   const float l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
   int nq = 0;
   n_in = 0;
 #pragma unroll
-  for (int i = 0; i < R; i++) {
+  for (int i = 0; i < S; i++) {
     cls[i] = lane + 32 * i < n ? tc_class(e[i], u_p, l_p) : TC_OUT;
     n_in += __popc(__ballot_sync(TC_FULL, cls[i] == TC_IN));
     nq += __popc(__ballot_sync(TC_FULL, cls[i] == TC_UNSURE));
   }
+#pragma unroll
+  for (int i = S; i < R; i++)
+    cls[i] = TC_OUT;
   return nq;
 }
 
 /* tc_reg_classify of a pair of n candidates in R slots; in the DYN form
- * (R >= 8) on the fewest slots that hold them (R / 4, R / 2 or R: ranking
- * and classes cost what the pair's own length needs, not the chunk's
- * longest), the slots above marked out. */
+ * on the fewest slots that hold them (R / 4, R / 2 or R: ranking and
+ * classes cost what the pair's own length needs, not the chunk's longest). */
 template <int R, bool DYN>
 __device__ __forceinline__ int tc_reg_classify_n(const tc_select_args &a, int n,
                                                  const float2 (&e)[R], int (&cls)[R], int &n_in) {
-  if constexpr (DYN && R >= 8) {
-    constexpr int Q = R / 4, H = R / 2;
-    if (n <= 32 * H) {
-#pragma unroll
-      for (int i = Q; i < R; i++)
-        cls[i] = TC_OUT;
-      if (n <= 32 * Q)
-        return tc_reg_classify<Q>(a, n, reinterpret_cast<const float2(&)[Q]>(e),
-                                  reinterpret_cast<int(&)[Q]>(cls), n_in);
-      return tc_reg_classify<H>(a, n, reinterpret_cast<const float2(&)[H]>(e),
-                                reinterpret_cast<int(&)[H]>(cls), n_in);
-    }
+  static_assert(!DYN || R >= 8, "the DYN form is for R 8 and 16");
+  if constexpr (DYN) {
+    if (n <= 32 * (R / 4))
+      return tc_reg_classify<R, R / 4>(a, n, e, cls, n_in);
+    if (n <= 32 * (R / 2))
+      return tc_reg_classify<R, R / 2>(a, n, e, cls, n_in);
   }
   return tc_reg_classify<R>(a, n, e, cls, n_in);
 }
@@ -2060,7 +2060,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
     float2 e[R];
-    if (!DYN)
+    if constexpr (!DYN)
       tc_reg_load<R>(a, lp, a.max_nb - a.init, e);
     m3s_row_info ri;
     int32_t *out;
@@ -2070,7 +2070,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
       continue;
     }
     const int n = (int)(nb - a.local - a.init);
-    if (DYN)
+    if constexpr (DYN)
       tc_reg_load<R>(a, lp, n, e);
     int cls[R], n_in;
     if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify_n<R, DYN>(a, n, e, cls, n_in) == 0)

@@ -51,11 +51,11 @@ typedef struct {
  *              entries in shared memory (tc_select_kernel) also where the
  *              register selection (tc_select_reg_kernel, at most 512
  *              candidates per pair) is the default: for A/B timings.
+ *  score_waves: > 0: tc_score_ws_kernel's work is cut into about this
+ *              many items per SM instead of TS_WAVES (tuning).
  *  reg_dyn:    the register selection of chunks of 129-512 candidates per
  *              pair reads and ranks each pair's own candidates only (its
- *              DYN form): for A/B timings.
- *  score_waves: > 0: tc_score_ws_kernel's work is cut into about this
- *              many items per SM instead of TS_WAVES (tuning). */
+ *              DYN form): for A/B timings. */
 typedef struct {
   int exact_only;
   int no_rescore;
