@@ -434,14 +434,18 @@ int main(int argc, char **argv) {
     h.reg_dyn = o->topk_path == 6;
     h.score_waves = o->score_waves;
     m3s_topk_tc_set_hooks(B.ctx, &h);
-    printf("m3s-bench: top-k path %s\n",
-           o->topk_path == 1   ? "exact (CUDA cores)"
+    printf("m3s-bench: top-k path %s",
+           o->topk_path == 0   ? "default"
+           : o->topk_path == 1 ? "exact (CUDA cores)"
            : o->topk_path == 2 ? "certified, mma.sync score kernel"
            : o->topk_path == 3 ? "certified, every decode batch on the streaming kernel"
            : o->topk_path == 4 ? "certified, selection by warp-maximum rounds"
            : o->topk_path == 6 ? "certified, register selection of 129-512 candidates per pair "
                                  "on each pair's own candidates (reg-dyn)"
                                : "certified WITHOUT re-scoring (not exact: timing only)");
+    if (o->score_waves)
+      printf(", score kernel at about %d items per SM", o->score_waves);
+    printf("\n");
   }
   if (o->attn_generic) {
     /* the path switch of src/cuda/sm90/attention_tma.h (per context) */
