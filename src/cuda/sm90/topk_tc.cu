@@ -358,9 +358,60 @@ __device__ __forceinline__ void tc_quad_max(float &m_lo, float &m_hi) {
   m_hi = fmaxf(m_hi, __shfl_xor_sync(TC_FULL, m_hi, 2));
 }
 
-/* Phase 1 of both score kernels: the 128 rows of the tile (request, or -1
- * when the row needs no scores; position; the end of its run of rows of one
- * request), the bf16 queries into qs (rows of TC_PAD elements; every row of
+/* Row i of the tile at tile0: its request and position where it needs
+ * scores (i < n, a request of at least TC_MIN_ROWS rows, more blocks than
+ * K), else request -1 (its products are never stored). */
+__device__ __forceinline__ void tc_tile_row(const m3s_cuda_batch &bt, const tc_score_args &a,
+                                            int64_t tile0, int i, int n, int &req, int64_t &pos) {
+  req = -1;
+  pos = 0;
+  if (i < n) {
+    m3s_row_info ri = m3s_row_lookup(bt, a.row0 + tile0 + i);
+    if (ri.valid && ri.n >= TC_MIN_ROWS && tc_blocks_of(ri.pos) > a.topk) {
+      req = ri.r;
+      pos = ri.pos;
+    }
+  }
+}
+
+/* Whether row i starts a run: its request differs from the previous row's;
+ * rows past n count as starts so that every run ends by n. */
+__device__ __forceinline__ bool tc_run_starts(const int *req, int i, int n) {
+  return i >= n || i == 0 || req[i] != req[i - 1];
+}
+
+/* The end of row i's run (the next start after it, at most n), from the
+ * start bits (row w * 32 + l at bit l of starts[w]). */
+__device__ __forceinline__ int tc_run_end(const uint32_t *starts, int i, int n) {
+  const int iw = i / 32, il = i % 32;
+  int e = TC_ROWS;
+  for (int w = iw; w < TC_ROWS / 32; w++) {
+    /* starts after row i: in its own word, the bits above it */
+    const uint32_t m = starts[w] & (w == iw ? (TC_FULL << il) << 1 : TC_FULL);
+    if (m) {
+      e = w * 32 + __ffs(m) - 1;
+      break;
+    }
+  }
+  return e < n ? e : n;
+}
+
+/* The calling warp's A fragments: its 16 rows of the staged query tile
+ * (rows of TC_PAD elements), all 128 dims. */
+__device__ __forceinline__ void tc_load_afrag(const uint16_t *qs, uint32_t (&af)[8][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++) {
+    const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = ks * 16 + (lane >> 4) * 8;
+    tc_ldmatrix_x4(tc_smem_addr(qs + row * TC_PAD + col), af[ks][0], af[ks][1], af[ks][2],
+                   af[ks][3]);
+  }
+}
+
+/* Phase 1 of tc_score_kernel (tc_score_ws_kernel's preparers, ts_prepare,
+ * do the same work through the helpers above): the 128 rows of the tile
+ * (request, or -1 when the row needs no scores; position; the end of its run
+ * of rows of one request), the bf16 queries into qs (rows of TC_PAD elements; every row of
  * the chunk is loaded, also those that need no scores: their products are
  * never stored; rows past the chunk are zero), their norms (upper bounds, inf
  * for non-finite) and this warp's A fragments (its 16 rows, all 128 dims).
@@ -369,9 +420,8 @@ __device__ __forceinline__ void tc_quad_max(float &m_lo, float &m_hi) {
  * and the O(rows) run scan were ~30% of the 8K prompt's stall samples
  * (ncu, docs/perf-notes.md). The caller synchronises before qs is reused or
  * run_end / qn are read. */
-template <class Smem>
 __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const tc_score_args &a,
-                                                 Smem &s, uint16_t *qs, int64_t tile0, int n,
+                                                 tc_score_smem &s, uint16_t *qs, int64_t tile0, int n,
                                                  int g, uint32_t (&af)[8][4]) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const uint16_t *const q0 = a.iq + (a.row0 + tile0) * a.iq_s0 + g * a.iq_s1;
@@ -385,19 +435,8 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
     if (vec && i < n)
       qv[k] = *(const uint4 *)(q0 + i * a.iq_s0 + d);
   }
-  if (tid < TC_ROWS) {
-    int req = -1;
-    int64_t pos = 0;
-    if (tid < n) {
-      m3s_row_info ri = m3s_row_lookup(bt, a.row0 + tile0 + tid);
-      if (ri.valid && ri.n >= TC_MIN_ROWS && tc_blocks_of(ri.pos) > a.topk) {
-        req = ri.r;
-        pos = ri.pos;
-      }
-    }
-    s.req[tid] = req;
-    s.pos[tid] = pos;
-  }
+  if (tid < TC_ROWS)
+    tc_tile_row(bt, a, tile0, tid, n, s.req[tid], s.pos[tid]);
   if (vec) {
 #pragma unroll
     for (int k = 0; k < QV; k++) {
@@ -416,27 +455,15 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
     }
   }
   __syncthreads();
-  /* runs: a row starts one where its request differs from the previous
-   * row's; rows past n count as starts so that every run ends by n */
+  /* runs */
   if (tid < TC_ROWS) {
-    const int start = tid >= n || tid == 0 || s.req[tid] != s.req[tid - 1];
-    const uint32_t m = __ballot_sync(TC_FULL, start);
+    const uint32_t m = __ballot_sync(TC_FULL, tc_run_starts(s.req, tid, n));
     if (lane == 0)
       s.starts[warp] = m;
   }
   __syncthreads();
-  if (tid < TC_ROWS) {
-    int e = TC_ROWS;
-    for (int w = warp; w < TC_ROWS / 32; w++) {
-      /* starts after this row: in its own word, the bits above its lane */
-      const uint32_t m = s.starts[w] & (w == warp ? (TC_FULL << lane) << 1 : TC_FULL);
-      if (m) {
-        e = w * 32 + __ffs(m) - 1;
-        break;
-      }
-    }
-    s.run_end[tid] = e < n ? e : n;
-  }
+  if (tid < TC_ROWS)
+    s.run_end[tid] = tc_run_end(s.starts, tid, n);
   {
     /* two threads per row, 64 elements each */
     int i = tid >> 1, h = tid & 1;
@@ -449,13 +476,7 @@ __device__ __forceinline__ void tc_tile_prologue(const m3s_cuda_batch &bt, const
     if (h == 0)
       s.qn[i] = isnan(nq) ? INFINITY : nq;
   }
-  /* A fragments of the warp's 16 rows, all 128 dims */
-#pragma unroll
-  for (int ks = 0; ks < 8; ks++) {
-    int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = ks * 16 + (lane >> 4) * 8;
-    tc_ldmatrix_x4(tc_smem_addr(qs + row * TC_PAD + col), af[ks][0], af[ks][1], af[ks][2],
-                   af[ks][3]);
-  }
+  tc_load_afrag(qs, af);
 }
 
 /* (S~, E) of block b for the quad's two rows r_lo and r_lo + 8 (where they
@@ -715,7 +736,7 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  * docs/perf-notes.md), where thread 0 filled the ring and four warpgroups
  * per SM each waited for their m64n64 halves before folding them (~40-56%
  * of the bf16 ceiling). Against the kernel before, this one took the whole
- * top-k of the 8K prompt 149.6 -> 137.8 us and of 4K behind 60K 602 ->
+ * top-k of the 8K prompt 149.5 -> 137.8 us and of 4K behind 60K 602 ->
  * 581 us; the 4K prompt 60.9 -> 62.5 us (H100, 4a87b97). sm_90a only.
  * ------------------------------------------------------------------------- */
 #define TS_STAGES 5
@@ -807,19 +828,8 @@ __device__ void ts_prepare(const m3s_cuda_batch &bt, const tc_score_args &a, ts_
   const uint16_t *const q0 = a.iq + (a.row0 + it.tile0) * a.iq_s0 + it.g * a.iq_s1;
   const int vec = ((uintptr_t)a.iq & 15) == 0 && (a.iq_s0 & 7) == 0 && (a.iq_s1 & 7) == 0;
   constexpr int PIECES = TC_ROWS * (M3S_INDEX_DIM / 8), BATCH = 8 * TS_PREP_THREADS;
-  for (int i = p; i < TC_ROWS; i += TS_PREP_THREADS) {
-    int req = -1;
-    int64_t pos = 0;
-    if (i < it.n) {
-      m3s_row_info ri = m3s_row_lookup(bt, a.row0 + it.tile0 + i);
-      if (ri.valid && ri.n >= TC_MIN_ROWS && tc_blocks_of(ri.pos) > a.topk) {
-        req = ri.r;
-        pos = ri.pos;
-      }
-    }
-    r.req[i] = req;
-    r.pos[i] = pos;
-  }
+  for (int i = p; i < TC_ROWS; i += TS_PREP_THREADS)
+    tc_tile_row(bt, a, it.tile0, i, it.n, r.req[i], r.pos[i]);
   /* the query tile 16 bytes at a time, 8 pieces in flight per thread */
   for (int c0 = p; c0 < PIECES; c0 += BATCH) {
     uint4 v[8];
@@ -849,27 +859,15 @@ __device__ void ts_prepare(const m3s_cuda_batch &bt, const tc_score_args &a, ts_
       *(uint32_t *)(qs + i * TC_PAD + d) = x;
     }
   ts_prep_sync();
-  /* runs: a row starts one where its request differs from the previous
-   * row's; rows past n count as starts so that every run ends by n */
+  /* runs */
   for (int wd = w; wd < TC_ROWS / 32; wd += TS_PREP_THREADS / 32) {
-    const int i = wd * 32 + lane;
-    const uint32_t m = __ballot_sync(TC_FULL, i >= it.n || i == 0 || r.req[i] != r.req[i - 1]);
+    const uint32_t m = __ballot_sync(TC_FULL, tc_run_starts(r.req, wd * 32 + lane, it.n));
     if (lane == 0)
       r.starts[wd] = m;
   }
   ts_prep_sync();
   for (int i = p; i < TC_ROWS; i += TS_PREP_THREADS) {
-    const int iw = i / 32, il = i % 32;
-    int e = TC_ROWS;
-    for (int wd = iw; wd < TC_ROWS / 32; wd++) {
-      /* starts after row i: in its own word, the bits above it */
-      const uint32_t m = r.starts[wd] & (wd == iw ? (TC_FULL << il) << 1 : TC_FULL);
-      if (m) {
-        e = wd * 32 + __ffs(m) - 1;
-        break;
-      }
-    }
-    r.run_end[i] = e < it.n ? e : it.n;
+    r.run_end[i] = tc_run_end(r.starts, i, it.n);
     /* the norm: each half's sum of squares rounded up, then their sum */
     float sq[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -1041,7 +1039,7 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
   const uint32_t base = tc_smem_addr(tc_dyn);
   unsigned char *const ring = tc_dyn + ((1024u - (base & 1023u)) & 1023u);
   uint16_t *const qs = (uint16_t *)(ring + TS_STAGES * TS_STAGE_BYTES);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5;
   if (tid == 0) {
     for (int i = 0; i < TS_STAGES; i++) {
       sm90_bar_init(&s.full[i], 1);
@@ -1103,15 +1101,9 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
     if (it.n == 0)
       break;
     sm90_bar_wait(&s.ready[k & 1], (k >> 1) & 1);
-    /* A fragments of the warp's 16 rows, all 128 dims; then the buffer is
-     * the preparers' again */
+    /* the A fragments, then the buffer is the preparers' again */
     uint32_t af[8][4];
-#pragma unroll
-    for (int ks = 0; ks < 8; ks++) {
-      const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = ks * 16 + (lane >> 4) * 8;
-      tc_ldmatrix_x4(tc_smem_addr(qs + row * TC_PAD + col), af[ks][0], af[ks][1], af[ks][2],
-                     af[ks][3]);
-    }
+    tc_load_afrag(qs, af);
     sm90_bar_arrive(&s.qs_free);
     ts_consume(a, s, s.rows[k & 1], ring, af, acc0, acc1, it, i);
     sm90_bar_arrive(&s.done[k & 1]);
