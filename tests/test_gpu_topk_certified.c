@@ -15,7 +15,10 @@
  *  - adversarial cases built to sit on the selection boundary also run with
  *    re-scoring switched off (uncertain blocks decided by S~), which must
  *    produce a mismatch: proof that the re-scoring path decides them.
- * Cases: fresh 8K prompt, a 2K chunk behind a 30K prefix, a ragged batch
+ * Cases: fresh 8K prompt, a 2K chunk behind a 30K prefix, chunks of 384 and
+ * 256 rows behind 20K and 40K (the register selection's 256- and
+ * 512-candidate forms, required to run; the last-bit and equal-maxima traps
+ * and K = 64 at up to 512 candidates too), a ragged batch
  * with padded requests (head-major top-k), short (decode-like) requests
  * before a prefill chunk, e4m3 index cache, K = 64, TP
  * shapes Hkv 4 / 2 / 1, equal maxima, last-bit differences (one key per
@@ -71,7 +74,7 @@ static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const in
   return s;
 }
 
-enum { PATH_ANY, PATH_WIDE2, PATH_WARP };
+enum { PATH_ANY, PATH_WIDE2, PATH_WARP, PATH_REG };
 
 typedef struct {
   void (*host)(fixture *f);
@@ -80,13 +83,16 @@ typedef struct {
   int exact_too;   /* also run the exact CUDA-core path through the hook */
   int path;        /* decode batch of more pairs than SMs, fewer than 512 candidates per pair:
                       PATH_WIDE2 (<= 2 pairs per SM: the CTA-wide selection) or
-                      PATH_WARP (more: a warp per pair), required when the SM count allows */
+                      PATH_WARP (more: a warp per pair), required when the SM count allows;
+                      PATH_REG: prefill pairs of 129-512 candidates, more pairs than SMs:
+                      the register selection (R 8 or 16) decided pairs and re-scored blocks */
 } case_mods;
 
-/* The selection path a many-pair decode case must take (tc_launch_select's
- * rule), checked where the card's SM count puts the case on it. The rule
- * counts every (row, head) pair, cs->pairs those with more blocks than K:
- * the same only for cases without padded or short rows, as these. */
+/* The selection path a case must take (tc_launch_select's rule): a
+ * many-pair decode case's, checked where the card's SM count puts the case
+ * on it (the rule counts every (row, head) pair, cs->pairs those with more
+ * blocks than K: the same only for cases without padded or short rows, as
+ * these); a long prefill chunk's, the register selection. */
 static void check_path(const char *name, int path, const m3s_topk_tc_stats *cs) {
   int dev = 0, sms = 0;
   if (!CHECK(cudaGetDevice(&dev) == cudaSuccess &&
@@ -102,6 +108,10 @@ static void check_path(const char *name, int path, const m3s_topk_tc_stats *cs) 
   else if (path == PATH_WARP && cs->pairs > 2ull * (unsigned long long)sms)
     CHECK(wide == 0 && cs->rescored > 0,
           "more than two pairs per SM: the per-warp selection decided them and re-scored blocks");
+  else if (path == PATH_REG && cs->pairs > (unsigned long long)sms)
+    CHECK(wide == 0 && cs->reg_pairs > 0 && cs->rescored > 0,
+          "129-512 candidates per prefill pair: the register selection decided pairs and "
+          "re-scored blocks");
   else
     printf("  %s: %llu pairs on %d SMs: the selection path is not checked\n", name, cs->pairs,
            sms);
@@ -450,6 +460,15 @@ static void test_prefill_shapes(void) {
   s.topk_head_major = 1;
   case_mods both = {NULL, NULL, 0, 1, PATH_ANY};
   run_case("ragged_padded_head_major_tp2", s, &both);
+  /* chunks behind long prefixes: 129-256 and 257-512 candidates per pair,
+   * the register selection's two large forms (R 8 and 16) */
+  case_mods reg = {NULL, NULL, 0, 0, PATH_REG};
+  static const int32_t q20[] = {384};
+  static const int32_t s20[] = {20480 + 384};
+  run_case("chunk_384_behind_20k_tp2", spec_of(m3s_config_minimax_m3(2), 1, q20, s20), &reg);
+  static const int32_t q40[] = {256};
+  static const int32_t s40[] = {40960 + 256};
+  run_case("chunk_256_behind_40k_tp1", spec_of(m3s_config_minimax_m3(1), 1, q40, s40), &reg);
   /* decode-like requests (< 8 rows: scored exactly in the selection kernel)
    * before a prefill chunk */
   static const int32_t qm[] = {1, 1, 2, 7, 1, 3, 600};
@@ -494,6 +513,18 @@ static void test_adversarial(void) {
   run_case("subnormal_keys_large_queries_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &sn);
   case_mods ov = {overflow_keys, NULL, 0, 0, PATH_ANY};
   run_case("overflowing_products_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &ov);
+  /* the same traps at up to 512 candidates per pair (the register
+   * selection's R 16 form, its R / 4 and R / 2 slot forms on the shorter requests),
+   * K = 64 there too */
+  static const int32_t q16[] = {256, 256, 128, 256};
+  static const int32_t s16[] = {40000, 8192, 6000, 20000};
+  run_case("last_bit_permuted_multiset_hkv1_r16", spec_of(m3s_config_minimax_m3(4), 4, q16, s16),
+           &lb);
+  static const int32_t q16b[] = {128, 128, 128, 128};
+  run_case("equal_maxima_tp1_r16", spec_of(m3s_config_minimax_m3(1), 4, q16b, s16), &eq);
+  static const int32_t s64b[] = {33000, 12000, 4000};
+  run_case("last_bit_permuted_multiset_k64_r16", spec_of(fx_cfg(8, 1, 64, 0, 1), 3, ql64, s64b),
+           &lb);
   static const int32_t qn[] = {40, 30, 60};
   static const int32_t sn_[] = {30 * 128, 40 * 128 + 5, 5000};
   case_mods ni = {nan_inf, NULL, 0, 0, PATH_ANY};
@@ -709,8 +740,8 @@ int main(void) {
          "(must be <= 1); %.1f s%s\n",
          g_max_ratio[0], g_max_ratio[1], passes == 2 ? "" : " (not run)",
          (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
-  /* the fixtures with at most 128 candidates per pair and more pairs than
-   * SMs take the register selection; a filtered run may select none */
+  /* the prefill fixtures with at most 512 candidates per pair and more pairs
+   * than SMs take the register selection; a filtered run may select none */
   if (test_unfiltered()) {
     if (major == 9)
       CHECK(g_tma_ctas > 0, "the e4m3 decode cases took the decode score kernel's TMA form");

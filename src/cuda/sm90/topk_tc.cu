@@ -40,10 +40,11 @@
  *     proof (its comment below).
  *     Rows of requests with fewer than TC_MIN_ROWS query rows (decode rows in
  *     a ragged batch) have every candidate scored that way instead.
- *     Prefill chunks whose pairs have at most 128 candidates (contexts up to
- *     16K) run it in two launches instead: tc_select_reg_kernel<R> keeps a
+ *     Prefill chunks whose pairs have at most 512 candidates (contexts up to
+ *     64K) run it in two launches instead: tc_select_reg_kernel<R> keeps a
  *     pair's entries in registers, takes the thresholds from one bitonic
- *     sort and decides every pair with no uncertain block (at least ~88% of
+ *     sort (up to 128 candidates) or tc_ranked_pair (more) and decides
+ *     every pair with no uncertain block (at least ~88% of
  *     a random 8K prompt's: 2946 blocks re-scored over 24576 scored pairs
  *     in test_gpu_topk_certified);
  *     tc_select_deferred_kernel takes the rest, listed in the
@@ -110,6 +111,10 @@
 #define TC_SEL_CACHE 1024 /* candidate entries a selection warp copies into shared memory */
 #define TC_SEL_CTAS_PER_SM 4 /* resident per-pair selection CTAs per SM (launch bounds: 128 registers) */
 #define TC_REG_CTAS_PER_SM 8 /* the same for tc_select_reg_kernel (64 registers) */
+/* tc_select_reg_kernel<R>'s resident CTAs per SM: R >= 8 (256 or 512
+ * candidates, 2R + R + R registers of entries, keys and classes) at 128
+ * registers */
+#define TC_REG_CTAS(R) ((R) >= 8 ? TC_SEL_CTAS_PER_SM : TC_REG_CTAS_PER_SM)
 #define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
 /* Decode batches with fewer (token, KV head) pairs than this keep the exact
  * streaming kernel: below it the fixed-order scores of a few pairs cost less
@@ -1810,8 +1815,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
  * local) in slot i of this lane, R slots (32 R >= candidates). It is the
  * selection of tc_select_classify / _rescore / _finish (the same thresholds
  * u', l', sets and tie rule, so the same answer), with the two order
- * statistics of S~ from one sort instead of W + 1 rounds of a warp maximum,
- * In and Q by ballots, and the K ids written in ascending order by prefix
+ * statistics of S~ from one sort of the warp's values (up to 128) or from
+ * tc_ranked_pair (more) instead of W + 1 rounds of a 64-bit warp maximum
+ * over entries in memory, In and Q by ballots, and the K ids written in ascending order by prefix
  * counts over the candidates' order (lane + 32 i ascends with i, then
  * lane). */
 
@@ -1852,19 +1858,67 @@ __device__ __forceinline__ uint32_t tc_sorted_at(const uint32_t (&v)[R], int p) 
   return __shfl_sync(TC_FULL, mine, p / R);
 }
 
-/* A pair's entries (candidate slots of its workspace row; the host picked
- * 32 R >= max_nb - init - local) into this lane's R slots. They do not
- * depend on the row lookup's dependent loads, so the kernels issue them
- * first (entries past the pair's candidates are in its row and ignored). */
+/* The need_l-th and need_u-th largest of the warp's 32 R values (ranks from
+ * 1; 0 for a rank of 0), what tc_sort_desc + tc_sorted_at give, for large R
+ * and few ranks: each lane sorts its own R values in registers (a bitonic
+ * network with constant indices), then each round takes the warp maximum of
+ * the lanes' heads; the lanes holding it drop their head, and the count of
+ * values taken passes each rank in the round that takes its value. At most
+ * max(need_l, need_u) rounds (K - init - local + 1 here), each taking at
+ * least one value. At R = 16 about a fifth of tc_sort_desc's instructions
+ * (~80 exchanges + ~25 per round against 45 stages of 16). Every lane calls
+ * it; v is consumed. */
 template <int R>
-__device__ __forceinline__ void tc_reg_load(const tc_select_args &a, int64_t lp, float2 (&e)[R]) {
+__device__ __forceinline__ void tc_ranked_pair(uint32_t (&v)[R], int need_l, int need_u,
+                                               uint32_t &k_l, uint32_t &k_u) {
+#pragma unroll
+  for (int k = 2; k <= R; k <<= 1)
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1)
+#pragma unroll
+      for (int i = 0; i < R; i++) {
+        const int l = i ^ j;
+        if (l > i) {
+          /* descending where (i & k) == 0: at k = R, everywhere */
+          const uint32_t hi = max(v[i], v[l]), lo = min(v[i], v[l]);
+          v[i] = (i & k) == 0 ? hi : lo;
+          v[l] = (i & k) == 0 ? lo : hi;
+        }
+      }
+  k_l = k_u = 0u;
+  const int need = need_l > need_u ? need_l : need_u;
+  for (int taken = 0; taken < need;) {
+    const uint32_t m = __reduce_max_sync(TC_FULL, v[0]);
+    const bool mine = v[0] == m;
+    const int after = taken + __popc(__ballot_sync(TC_FULL, mine));
+    k_l = need_l > taken && need_l <= after ? m : k_l;
+    k_u = need_u > taken && need_u <= after ? m : k_u;
+    taken = after;
+    if (mine) {
+#pragma unroll
+      for (int i = 0; i + 1 < R; i++)
+        v[i] = v[i + 1];
+      v[R - 1] = 0u;
+    }
+  }
+}
+
+/* A pair's entries (candidate slots of its workspace row; the host picked
+ * 32 R >= max_nb - init - local) into this lane's R slots, the first lim
+ * (0 past them). With lim = max_nb - init they do not depend on the row
+ * lookup's dependent loads, so the kernels issue them first (entries past
+ * the pair's candidates are in its row and ignored); with lim = the pair's
+ * own candidate count (tc_select_reg_kernel for R >= 8) they read only what
+ * the pair uses, after the lookup. */
+template <int R>
+__device__ __forceinline__ void tc_reg_load(const tc_select_args &a, int64_t lp, int64_t lim,
+                                            float2 (&e)[R]) {
   const int lane = threadIdx.x & 31;
-  const int64_t cand = a.max_nb - a.init;
   const float2 *W = a.ws + lp * a.max_nb + a.init;
 #pragma unroll
   for (int i = 0; i < R; i++) {
     const int j = lane + 32 * i;
-    e[i] = j < cand ? __ldcg(W + j) : make_float2(0.0f, 0.0f);
+    e[i] = j < lim ? __ldcg(W + j) : make_float2(0.0f, 0.0f);
   }
 }
 
@@ -1880,17 +1934,19 @@ __device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a, const m3s
  * thresholds u' and l' of tc_select_classify: the need_l-th and need_u-th
  * largest S~ among the finite entries (whole-line and missing entries sort
  * last, as 0) widened by the largest finite E. Counts In into n_in; returns
- * the number of uncertain blocks (every whole-line entry is one). */
-template <int R>
+ * the number of uncertain blocks (every whole-line entry is one). Only the
+ * first S slots are read (32 S >= n); the classes above them are out. */
+template <int R, int S = R>
 __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
                                                const float2 (&e)[R], int (&cls)[R], int &n_in) {
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
-  uint32_t key[R];
+  static_assert(S <= R, "the slots in use are R's first");
+  uint32_t key[S];
   int n_inf = 0;
   uint32_t e_bits = 0;
 #pragma unroll
-  for (int i = 0; i < R; i++) {
+  for (int i = 0; i < S; i++) {
     const int j = lane + 32 * i;
     const bool whole = j < n && tc_whole_line(e[i]);
     const bool finite = j < n && !whole;
@@ -1901,20 +1957,44 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
   const float e_max = __uint_as_float(__reduce_max_sync(TC_FULL, e_bits));
   const int f = n - n_inf;
   const int need_l = f >= want ? want : 0, need_u = n_inf > want ? 0 : want + 1 - n_inf;
-  tc_sort_desc<R>(key);
-  const uint32_t k_l = need_l ? tc_sorted_at<R>(key, need_l - 1) : 0u;
-  const uint32_t k_u = need_u ? tc_sorted_at<R>(key, need_u - 1) : 0u;
+  uint32_t k_l, k_u;
+  if constexpr (S >= 8) {
+    tc_ranked_pair<S>(key, need_l, need_u, k_l, k_u);
+  } else {
+    tc_sort_desc<S>(key);
+    k_l = need_l ? tc_sorted_at<S>(key, need_l - 1) : 0u;
+    k_u = need_u ? tc_sorted_at<S>(key, need_u - 1) : 0u;
+  }
   const float u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
   const float l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
   int nq = 0;
   n_in = 0;
 #pragma unroll
-  for (int i = 0; i < R; i++) {
+  for (int i = 0; i < S; i++) {
     cls[i] = lane + 32 * i < n ? tc_class(e[i], u_p, l_p) : TC_OUT;
     n_in += __popc(__ballot_sync(TC_FULL, cls[i] == TC_IN));
     nq += __popc(__ballot_sync(TC_FULL, cls[i] == TC_UNSURE));
   }
+#pragma unroll
+  for (int i = S; i < R; i++)
+    cls[i] = TC_OUT;
   return nq;
+}
+
+/* tc_reg_classify of a pair of n candidates in R slots; for R >= 8 (DYN)
+ * on the fewest slots that hold them (R / 4, R / 2 or R: ranking and
+ * classes cost what the pair's own length needs, not the chunk's longest). */
+template <int R, bool DYN>
+__device__ __forceinline__ int tc_reg_classify_n(const tc_select_args &a, int n,
+                                                 const float2 (&e)[R], int (&cls)[R], int &n_in) {
+  static_assert(!DYN || R >= 8, "the DYN form is for R 8 and 16");
+  if constexpr (DYN) {
+    if (n <= 32 * (R / 4))
+      return tc_reg_classify<R, R / 4>(a, n, e, cls, n_in);
+    if (n <= 32 * (R / 2))
+      return tc_reg_classify<R, R / 2>(a, n, e, cls, n_in);
+  }
+  return tc_reg_classify<R>(a, n, e, cls, n_in);
 }
 
 /* The uncertain blocks of a classified pair listed in sm.qlist in the
@@ -1991,10 +2071,14 @@ __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb
  * appended to the deferred list (a.list: count, then pair indices; the
  * count zeroed by the chunk's score kernel) for tc_select_deferred_kernel,
  * so this kernel carries neither the exact re-scoring nor the per-pair
- * code, and fits TC_REG_CTAS_PER_SM CTAs per SM. With a.pdl it lets the
- * deferred kernel launch at once (allowed: its whole grid is resident). */
+ * code, and fits TC_REG_CTAS(R) CTAs per SM. With a.pdl it lets the
+ * deferred kernel launch at once (allowed: its whole grid is resident).
+ * For R >= 8 (129-512 candidates) a pair's entries are read after its row
+ * lookup, only its own candidates, and ranked on the fewest slots that hold
+ * them (tc_reg_classify_n): at the 64K prompt a pair has 0-512 candidates,
+ * and reading and ranking all 512 slots measured 3% slower (H100). */
 template <int R>
-static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
+static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (a.pdl)
@@ -2002,7 +2086,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
     float2 e[R];
-    tc_reg_load<R>(a, lp, e);
+    constexpr bool DYN = R >= 8;
+    if constexpr (!DYN)
+      tc_reg_load<R>(a, lp, a.max_nb - a.init, e);
     m3s_row_info ri;
     int32_t *out;
     const int64_t nb = tc_pair_row(bt, a, lp, ri, out);
@@ -2011,8 +2097,10 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS_PER_SM)
       continue;
     }
     const int n = (int)(nb - a.local - a.init);
+    if constexpr (DYN)
+      tc_reg_load<R>(a, lp, n, e);
     int cls[R], n_in;
-    if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify<R>(a, n, e, cls, n_in) == 0)
+    if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify_n<R, DYN>(a, n, e, cls, n_in) == 0)
       tc_reg_write<R>(a, nb, n, 0, cls, NULL, out);
     else if (lane == 0)
       a.list[1 + atomicAdd(a.list, 1)] = (int32_t)lp;
@@ -2054,7 +2142,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
       /* the entries and the query first, as in tc_select_reg_kernel */
       float2 e[R];
       uint16_t qv[4];
-      tc_reg_load<R>(a, lp, e);
+      tc_reg_load<R>(a, lp, a.max_nb - a.init, e);
       static_assert(M3S_INDEX_DIM == 4 * 32, "four query elements per lane");
       const uint16_t *iq = tc_query_of(a, lp);
 #pragma unroll
@@ -2558,7 +2646,7 @@ template <int R>
 static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_select_args &se,
                                 int pdl, cudaStream_t stream, const char *fn) {
   const int64_t ctas = (se.npairs + TC_SEL_WARPS - 1) / TC_SEL_WARPS,
-                wave = sms * TC_REG_CTAS_PER_SM;
+                wave = sms * TC_REG_CTAS(R);
   tc_select_args sr = se;
   sr.pdl = pdl;
   tc_select_reg_kernel<R><<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(
@@ -2603,14 +2691,27 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                       dim3((unsigned)se.npairs), dim3(TC_WIDE_THREADS), 0, stream, fn,
                       "tc_select_wide_kernel", cb, sw);
   }
-  /* decode batches (every row scored) keep the rounds kernel; the register
-   * path's two kernels chain under PDL where the context's rule says */
+  /* decode batches (every row scored) keep the rounds kernel; prefill chunks
+   * of up to 512 candidates per pair (64K of context) take the register
+   * selection, its two kernels chained under PDL where the context's rule
+   * says. Beyond 128 (R 8, 16) its thresholds come from tc_ranked_pair, not
+   * a sort of the warp's 32 R values; the rounds kernel it replaces there
+   * read a pair's entries three times or more from memory and ranked them
+   * by W + 1 rounds of a 64-bit warp maximum */
   const int pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
-  const int r = rounds || se.all_scored ? 0 : cand <= 32 ? 1 : cand <= 64 ? 2 : cand <= 128 ? 4 : 0;
+  const int r = rounds || se.all_scored ? 0
+                : cand <= 32                  ? 1
+                : cand <= 64                  ? 2
+                : cand <= 128                 ? 4
+                : cand <= 256                 ? 8
+                : cand <= 512                 ? 16
+                                              : 0;
   switch (r) {
   case 1: return tc_launch_reg<1>(sms, cb, se, pdl, stream, fn);
   case 2: return tc_launch_reg<2>(sms, cb, se, pdl, stream, fn);
   case 4: return tc_launch_reg<4>(sms, cb, se, pdl, stream, fn);
+  case 8: return tc_launch_reg<8>(sms, cb, se, pdl, stream, fn);
+  case 16: return tc_launch_reg<16>(sms, cb, se, pdl, stream, fn);
   default: break;
   }
   /* a CTA per 4 pairs (one resident wave looping measured 1-4% slower

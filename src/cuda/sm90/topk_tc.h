@@ -49,7 +49,7 @@ typedef struct {
  *              fixtures).
  *  rounds_select: the prefill selection by rounds of a warp maximum with the
  *              entries in shared memory (tc_select_kernel) also where the
- *              register selection (tc_select_reg_kernel, at most 128
+ *              register selection (tc_select_reg_kernel, at most 512
  *              candidates per pair) is the default: for A/B timings.
  *  score_waves: > 0: tc_score_ws_kernel's work is cut into about this
  *              many items per SM instead of TS_WAVES (tuning). */
