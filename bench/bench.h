@@ -64,8 +64,9 @@ static int op_uses_idx(int op) { return op != OP_ATTN && op != OP_PATTN; }
 static int op_uses_kv(int op) { return op != OP_TOPK && op != OP_PTOPK; }
 
 typedef struct {
-  int op, tp, bs, qlen; /* prefill: bs 1, qlen = chunk of new tokens */
-  int64_t ctx;          /* decode: context (max seq_len); prefill: cached tokens */
+  int op, tp, bs, qlen; /* prefill: bs requests of qlen new tokens each */
+  int64_t ctx;          /* decode: context (max seq_len); prefill: cached tokens (request
+                           r of bs behind ctx r / (bs - 1)) */
   int kv_dt, idx_dt;    /* m3s_dtype, or -1 where the op does not read that cache */
   int skew;             /* decode: requests 1.. get ctx / skew (1: all about ctx) */
 } case_spec;
@@ -97,6 +98,7 @@ typedef struct {
   int kvs[MAX_LIST], nkv;
   int idxs[MAX_LIST], nidx;
   int skew;
+  int prefill_reqs; /* prefill cases: requests in the batch (--prefill-reqs) */
   int token_major, lse, sel_token, no_graph, no_ceilings, batch_invariant;
   int score_waves; /* 0: the library's default */
   int topk_path; /* 0 default, 1 exact CUDA-core, 2 certified mma.sync, 3 certified decode

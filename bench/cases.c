@@ -15,7 +15,9 @@ void case_shape(const case_spec *c, const options *o, char *buf, size_t n) {
     e += (size_t)snprintf(extra + e, sizeof extra - e, " skew%d", c->skew);
   if (c->kv_dt >= 0 && o->token_major)
     snprintf(extra + e, sizeof extra - e, " tm");
-  if (op_prefill(c->op))
+  if (op_prefill(c->op) && c->bs > 1)
+    snprintf(buf, n, "TP%d %dx%d new @ctx0..%s%s", c->tp, c->bs, c->qlen, ctx, extra);
+  else if (op_prefill(c->op))
     snprintf(buf, n, "TP%d %d new @ctx%s%s", c->tp, c->qlen, ctx, extra);
   else
     snprintf(buf, n, "TP%d bs%d q%d ctx%s%s", c->tp, c->bs, c->qlen, ctx, extra);
@@ -167,8 +169,8 @@ void build_matrix(const options *o) {
           if (op_prefill(op)) {
             for (int p = 0; p < o->npctx; p++)
               for (int ch = 0; ch < o->nchunk; ch++)
-                add_case(op, o->tps[t], 1, o->chunks[ch], o->pctxs[p], o->kvs[kv], o->idxs[ix],
-                         1);
+                add_case(op, o->tps[t], o->prefill_reqs, o->chunks[ch], o->pctxs[p], o->kvs[kv],
+                         o->idxs[ix], 1);
             continue;
           }
           for (int b = 0; b < o->nbs; b++)

@@ -29,7 +29,7 @@ int geom_init(geom *g, const case_spec *c) {
   for (int r = 0; r < g->R; r++) {
     int64_t s;
     if (op_prefill(c->op)) {
-      s = c->ctx + c->qlen;
+      s = (c->bs > 1 ? c->ctx * r / (c->bs - 1) : c->ctx) + c->qlen;
     } else {
       /* request 0 has the full context; the others lose a jitter < 128
        * (and, with --skew N, have ctx / N: one long request among short) */

@@ -81,6 +81,10 @@ static void usage(FILE *f) {
 "  --idx LIST        index cache dtype: bf16, e4m3                         [bf16]\n"
 "  --skew N          decode cases: requests after the first get ctx / N, one\n"
 "                    long request among short ones                            [1]\n"
+"  --prefill-reqs N  prefill cases: a ragged batch of N requests of --chunk new\n"
+"                    tokens each, request r behind r/(N-1) of --prefill-ctx\n"
+"                    (8 with --chunk 2048 --prefill-ctx 28K: the peer's\n"
+"                    prefill-ragged8x2k)                                      [1]\n"
 "  --list            print the selected cases and their cache needs; no GPU used\n"
 "\n"
 "inputs and timing:\n"
@@ -147,7 +151,7 @@ static int parse_args(int argc, char **argv, options *o) {
     O_ALL = 256, O_FULL, O_OPS, O_TP, O_BS, O_QLEN, O_CTX, O_PCTX, O_CHUNK, O_KV, O_IDX, O_LIST,
     O_TM, O_LSE, O_SEL, O_REPS, O_WARM, O_MAXSETS, O_SETS, O_NOGRAPH, O_BUDGET, O_CBUDGET,
     O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV, O_SKEW, O_TOPKPATH, O_ATTNPATH,
-    O_PDL, O_WAVES
+    O_PDL, O_WAVES, O_PREQS
   };
   static const struct option lo[] = {
       {"all", no_argument, 0, O_ALL},           {"full", no_argument, 0, O_FULL},
@@ -169,6 +173,7 @@ static int parse_args(int argc, char **argv, options *o) {
       {"topk-path", required_argument, 0, O_TOPKPATH},
       {"attn-path", required_argument, 0, O_ATTNPATH}, {"pdl", required_argument, 0, O_PDL},
       {"score-waves", required_argument, 0, O_WAVES},
+      {"prefill-reqs", required_argument, 0, O_PREQS},
       {0, 0, 0, 0}};
   memset(o, 0, sizeof *o);
   o->tps[0] = 1, o->tps[1] = 8, o->ntp = 2;
@@ -180,6 +185,7 @@ static int parse_args(int argc, char **argv, options *o) {
   o->kvs[0] = M3S_BF16, o->nkv = 1;
   o->idxs[0] = M3S_BF16, o->nidx = 1;
   o->skew = 1;
+  o->prefill_reqs = 1;
   o->reps = 50, o->warmup = 1, o->max_sets = 64, o->gemm_n = 8192;
   o->pdl = -1;
   o->budget_s = 420, o->case_budget_s = 20;
@@ -240,6 +246,7 @@ static int parse_args(int argc, char **argv, options *o) {
     case O_GEMMN:
     case O_SKEW:
     case O_WAVES:
+    case O_PREQS:
       v = parse_size(optarg);
       if (v < (c == O_WARM || c == O_DEV ? 0 : 1) || v > 100000) {
         fprintf(stderr, "m3s-bench: bad number '%s'\n", optarg);
@@ -253,6 +260,7 @@ static int parse_args(int argc, char **argv, options *o) {
       if (c == O_GEMMN) o->gemm_n = (int)v;
       if (c == O_SKEW) o->skew = (int)v;
       if (c == O_WAVES) o->score_waves = (int)v;
+      if (c == O_PREQS) o->prefill_reqs = (int)v;
       break;
     case O_NOGRAPH: o->no_graph = 1; break;
     case O_BUDGET:
