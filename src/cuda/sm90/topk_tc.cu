@@ -1981,14 +1981,13 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
   return nq;
 }
 
-/* tc_reg_classify of a pair of n candidates in R slots; for R >= 8 (DYN)
- * on the fewest slots that hold them (R / 4, R / 2 or R: ranking and
- * classes cost what the pair's own length needs, not the chunk's longest). */
-template <int R, bool DYN>
+/* tc_reg_classify of a pair of n candidates in R slots; for R >= 8 on the
+ * fewest slots that hold them (R / 4, R / 2 or R: ranking and classes cost
+ * what the pair's own length needs, not the chunk's longest). */
+template <int R>
 __device__ __forceinline__ int tc_reg_classify_n(const tc_select_args &a, int n,
                                                  const float2 (&e)[R], int (&cls)[R], int &n_in) {
-  static_assert(!DYN || R >= 8, "the DYN form is for R 8 and 16");
-  if constexpr (DYN) {
+  if constexpr (R >= 8) {
     if (n <= 32 * (R / 4))
       return tc_reg_classify<R, R / 4>(a, n, e, cls, n_in);
     if (n <= 32 * (R / 2))
@@ -2086,8 +2085,8 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
   for (int64_t lp = (int64_t)blockIdx.x * TC_SEL_WARPS + warp; lp < a.npairs;
        lp += (int64_t)gridDim.x * TC_SEL_WARPS) {
     float2 e[R];
-    constexpr bool DYN = R >= 8;
-    if constexpr (!DYN)
+    /* R >= 8: only the pair's own candidates, known after the lookup */
+    if constexpr (R < 8)
       tc_reg_load<R>(a, lp, a.max_nb - a.init, e);
     m3s_row_info ri;
     int32_t *out;
@@ -2097,10 +2096,10 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
       continue;
     }
     const int n = (int)(nb - a.local - a.init);
-    if constexpr (DYN)
+    if constexpr (R >= 8)
       tc_reg_load<R>(a, lp, n, e);
     int cls[R], n_in;
-    if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify_n<R, DYN>(a, n, e, cls, n_in) == 0)
+    if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify_n<R>(a, n, e, cls, n_in) == 0)
       tc_reg_write<R>(a, nb, n, 0, cls, NULL, out);
     else if (lane == 0)
       a.list[1 + atomicAdd(a.list, 1)] = (int32_t)lp;
