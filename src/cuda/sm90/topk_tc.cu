@@ -1300,27 +1300,11 @@ __device__ __forceinline__ void tc_mac8(float (&acc)[8], const float *q, const f
     acc[l] = __fadd_rn(acc[l], __fmul_rn(q[l], k[l]));
 }
 
-/* The reference dot m3s_dot128_fixed(q, k) of this lane's key 32 s + lane
- * of block b, whose keys are index-cache page `page` (a valid id): each key
- * 8 elements at a time (tc_keys8_*, tc_mac8, m3s_fold8), the whole key row
- * loaded first (16 bf16 or 8 e4m3 loads of 16 bytes in flight per lane);
- * the warp's maximum over its visible keys (key <= pos), NaN dots ignored
- * unless all are NaN. Every lane calls it and gets the result. */
-static __device__ __forceinline__ float tc_exact_keys(const tc_select_args &a, int64_t page,
-                                                      int64_t b, int s, int64_t pos,
-                                                      const float *q) {
-  const int lane = threadIdx.x & 31, key = 32 * s + lane;
-  const int64_t off = (page * M3S_BLOCK_SIZE + key) * M3S_INDEX_DIM;
-  uint4 w[16];
-  if (a.e4m3) {
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-      w[i] = __ldg((const uint4 *)((const uint8_t *)a.ic + off) + i);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 16; i++)
-      w[i] = __ldg((const uint4 *)((const uint16_t *)a.ic + off) + i);
-  }
+/* The reference dot m3s_dot128_fixed(q, k) of one key row held in w (16
+ * bf16 or 8 e4m3 chunks of 16 bytes, in order): 8 elements at a time
+ * (tc_keys8_*, tc_mac8, m3s_fold8). */
+static __device__ __forceinline__ float tc_row_dot(const tc_select_args &a, const uint4 (&w)[16],
+                                                   const float *q) {
   float acc[8];
 #pragma unroll
   for (int l = 0; l < 8; l++)
@@ -1336,12 +1320,89 @@ static __device__ __forceinline__ float tc_exact_keys(const tc_select_args &a, i
     }
     tc_mac8(acc, q + 8 * i, k);
   }
-  const float d = m3s_fold8(acc);
+  return m3s_fold8(acc);
+}
+
+/* The warp's maximum of this lane's dot d of key 32 s + lane of block b over
+ * its visible keys (key <= pos), NaN dots ignored unless all are NaN. */
+static __device__ __forceinline__ float tc_visible_max(float d, int64_t b, int s, int64_t pos) {
+  const int key = 32 * s + (int)(threadIdx.x & 31);
   float best = b * M3S_BLOCK_SIZE + key <= pos ? d : NAN;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1)
     best = fmaxf(best, __shfl_xor_sync(TC_FULL, best, o));
   return best;
+}
+
+/* The reference dot m3s_dot128_fixed(q, k) of this lane's key 32 s + lane
+ * of block b, whose keys are index-cache page `page` (a valid id), the
+ * whole key row loaded by the lane itself (16 bf16 or 8 e4m3 loads of 16
+ * bytes in flight); the warp's maximum over its visible keys
+ * (tc_visible_max). Each load touches 32 rows, 32 L1 wavefronts: the warp
+ * paths that re-score rarely take it, the shared re-scores take
+ * tc_exact_keys_staged. Every lane calls it and gets the result. */
+static __device__ __forceinline__ float tc_exact_keys(const tc_select_args &a, int64_t page,
+                                                      int64_t b, int s, int64_t pos,
+                                                      const float *q) {
+  const int lane = threadIdx.x & 31, key = 32 * s + lane;
+  const int64_t off = (page * M3S_BLOCK_SIZE + key) * M3S_INDEX_DIM;
+  uint4 w[16];
+  if (a.e4m3) {
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+      w[i] = __ldg((const uint4 *)((const uint8_t *)a.ic + off) + i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+      w[i] = __ldg((const uint4 *)((const uint16_t *)a.ic + off) + i);
+  }
+  return tc_visible_max(tc_row_dot(a, w, q), b, s, pos);
+}
+
+/* 16-byte chunks of a quarter block's keys (32 rows of 256 bf16 bytes), a
+ * warp's staging room in tc_exact_keys_staged */
+#define TC_STAGE_CHUNKS (32 * M3S_INDEX_DIM * 2 / 16)
+
+/* The warp's 32 key rows of C chunks from src into stage (swizzled, see
+ * tc_exact_keys_staged), then this lane's row (lane) into w[0, C). */
+template <int C>
+__device__ __forceinline__ void tc_stage_rows(const void *src, uint4 *stage, uint4 (&w)[16]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < C; j++) {
+    const int g = 32 * j + lane, k = g / C, c = g % C;
+    tc_cp_async16(stage + k * C + (c ^ (k & 7)), (const uint4 *)src + g);
+  }
+  tc_cp_commit();
+  tc_cp_wait_all();
+  __syncwarp(); /* every lane's copies are visible to the warp */
+#pragma unroll
+  for (int i = 0; i < C; i++)
+    w[i] = stage[lane * C + (i ^ (lane & 7))];
+}
+
+/* tc_exact_keys with the quarter's keys staged through shared memory: the
+ * warp copies the 8 KB (4 KB e4m3) contiguously (cp.async, each instruction
+ * 512 bytes of whole lines), chunk c of row k at c ^ (k & 7) so that the
+ * rows' reads below, 8 lanes per wavefront, hit 8 bank groups; then each
+ * lane reads its row. Where each lane loads its own row, every load
+ * instruction touches 32 lines (32 L1 wavefronts for 512 bytes): the
+ * re-scores of an 8K prompt (~1,500 blocks, 48 MB) took ~25 us of the
+ * deferred kernel at that rate (~16 bytes per SM cycle) on the H100.
+ * stage: this warp's TC_STAGE_CHUNKS, 16-byte aligned, free on entry;
+ * every lane calls it and gets the result. */
+static __device__ __forceinline__ float tc_exact_keys_staged(const tc_select_args &a,
+                                                             int64_t page, int64_t b, int s,
+                                                             int64_t pos, const float *q,
+                                                             uint4 *stage) {
+  const int64_t row0 = page * M3S_BLOCK_SIZE + 32 * s;
+  uint4 w[16];
+  __syncwarp(); /* the previous call's reads of stage are done */
+  if (a.e4m3)
+    tc_stage_rows<M3S_INDEX_DIM / 16>((const uint8_t *)a.ic + row0 * M3S_INDEX_DIM, stage, w);
+  else
+    tc_stage_rows<M3S_INDEX_DIM / 8>((const uint16_t *)a.ic + row0 * M3S_INDEX_DIM, stage, w);
+  return tc_visible_max(tc_row_dot(a, w, q), b, s, pos);
 }
 
 /* Reference score of block b for a row at position pos: the max over the
@@ -1363,14 +1424,19 @@ __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const 
   return best;
 }
 
-/* The reference dot of this lane's key 32 s + lane of block b against q
- * (tc_exact_keys), the warp's maximum over its visible keys; NaN for a page
- * id out of range. Every lane calls it and gets the result. */
+/* The reference dot of this lane's key 32 s + lane of block b against q,
+ * the warp's maximum over its visible keys; NaN for a page id out of range.
+ * stage: this warp's TC_STAGE_CHUNKS of shared memory (tc_exact_keys_staged)
+ * or NULL (tc_exact_keys). Every lane calls it and gets the result. */
 static __device__ __forceinline__ float tc_exact_slice(const m3s_cuda_batch &bt,
                                                        const tc_select_args &a, int r, int64_t b,
-                                                       int s, int64_t pos, const float *q) {
+                                                       int s, int64_t pos, const float *q,
+                                                       uint4 *stage) {
   const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
-  return page < 0 ? NAN : tc_exact_keys(a, page, b, s, pos, q);
+  if (page < 0)
+    return NAN;
+  return stage ? tc_exact_keys_staged(a, page, b, s, pos, q, stage)
+               : tc_exact_keys(a, page, b, s, pos, q);
 }
 
 /* Starts loading block b's index-key page into L2 (sm_90: one bulk
@@ -1726,7 +1792,8 @@ typedef struct {
  * the few re-scores, 0.04% of the candidates, were 18 of the top-k's 223
  * us). */
 static __device__ void tc_cta_rescore(const m3s_cuda_batch &bt, const tc_select_args &a,
-                                      const tc_warp_shared *sh, tc_pair_shared *ps) {
+                                      const tc_warp_shared *sh, tc_pair_shared *ps,
+                                      uint4 *stage) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int n[TC_SEL_WARPS], total = 0;
 #pragma unroll
@@ -1738,7 +1805,8 @@ static __device__ void tc_cta_rescore(const m3s_cuda_batch &bt, const tc_select_
     int w = 0, v = u;
     while (v >= n[w])
       v -= n[w++];
-    const float x = tc_exact_slice(bt, a, ps[w].r, sh[w].qlist[v >> 2], v & 3, ps[w].pos, sh[w].q);
+    const float x =
+        tc_exact_slice(bt, a, ps[w].r, sh[w].qlist[v >> 2], v & 3, ps[w].pos, sh[w].q, stage);
     if (lane == 0)
       ps[w].part[v >> 2][v & 3] = x;
   }
@@ -1748,11 +1816,14 @@ static __device__ void tc_cta_rescore(const m3s_cuda_batch &bt, const tc_select_
  * state st published (and its row, for a pair not done), the CTA's
  * re-scores (tc_cta_rescore) between two barriers, then this warp's
  * reference scores of its listed blocks in sm.qsc, visible to the warp
- * (W: the pair's entries, whose S~ stand in under the no_rescore hook). */
+ * (W: the pair's entries, whose S~ stand in under the no_rescore hook;
+ * stage: this warp's staging room for the re-scores, which may alias W: the
+ * re-scores run only without the hook, and W is not read after them). */
 static __device__ __forceinline__ void tc_cta_share(const m3s_cuda_batch &bt,
                                                     const tc_select_args &a, tc_warp_shared *sh,
                                                     tc_pair_shared *ps, const tc_sel_state &st,
-                                                    const m3s_row_info &ri, const float2 *W) {
+                                                    const m3s_row_info &ri, const float2 *W,
+                                                    uint4 *stage) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0)
     ps[warp].st = st;
@@ -1762,7 +1833,7 @@ static __device__ __forceinline__ void tc_cta_share(const m3s_cuda_batch &bt,
   }
   __syncthreads(); /* the states, lists and queries of the CTA's pairs */
   if (!a.no_rescore)
-    tc_cta_rescore(bt, a, sh, ps);
+    tc_cta_rescore(bt, a, sh, ps, stage);
   __syncthreads(); /* the quarters' maxima */
   if (!st.done && lane < st.nq)
     sh[warp].qsc[lane] = a.no_rescore ? W[sh[warp].qlist[lane]].x
@@ -1778,7 +1849,9 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
     tc_select_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ tc_warp_shared sh[TC_SEL_WARPS];
   __shared__ tc_pair_shared ps[TC_SEL_WARPS];
-  __shared__ float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
+  /* a warp's entries, then its staged keys in the shared re-scores */
+  __shared__ __align__(16) float2 wsh[TC_SEL_WARPS][TC_SEL_CACHE];
+  static_assert(TC_SEL_CACHE * sizeof(float2) >= TC_STAGE_CHUNKS * sizeof(uint4), "staging room");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   tc_warp_shared &sm = sh[warp];
   /* CTA-uniform trips: the barriers below need every warp */
@@ -1800,7 +1873,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
       if (!st.done && lane < st.nq && !a.no_rescore)
         tc_prefetch_block(bt, a, ri.r, sm.qlist[lane]);
     }
-    tc_cta_share(bt, a, sh, ps, st, ri, W);
+    tc_cta_share(bt, a, sh, ps, st, ri, W, (uint4 *)wsh[warp]);
     if (out && nb > a.topk)
       tc_select_finish(a, st, sm.sel, sm.qlist, sm.qsc, out);
     /* not needed for order (the next trip's first barrier follows every
@@ -2121,7 +2194,12 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
   __shared__ tc_warp_shared sh[TC_SEL_WARPS];
   __shared__ tc_pair_shared ps[TC_SEL_WARPS];
   __shared__ unsigned char chsh[TC_SEL_WARPS][32 * R];
-  __shared__ float2 wsh[TC_SEL_WARPS][32 * R];
+  /* a warp's entries in tc_select_one, or its keys staged in the shared
+   * re-scores, never both at once */
+  __shared__ union {
+    float2 w[32 * R];
+    uint4 keys[TC_STAGE_CHUNKS];
+  } scr[TC_SEL_WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   tc_warp_shared &sm = sh[warp];
   /* launched under PDL: resident while the register kernel runs; the list
@@ -2152,7 +2230,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
       if (tc_reg_covers<R>(a, ri, nb))
         nq = tc_reg_classify<R>(a, n, e, cls, n_in);
       if (nq > 32) {
-        tc_select_one(bt, a, lp, ri, nb, out, sm, nb - a.local <= 32 * R ? wsh[warp] : NULL);
+        tc_select_one(bt, a, lp, ri, nb, out, sm, nb - a.local <= 32 * R ? scr[warp].w : NULL);
       } else if (nq > 0) {
         tc_reg_list<R>(a, cls, qv, sm);
         __syncwarp(); /* the list */
@@ -2163,7 +2241,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
         st.done = 0;
       }
     }
-    tc_cta_share(bt, a, sh, ps, st, ri, a.ws + lp * a.max_nb);
+    tc_cta_share(bt, a, sh, ps, st, ri, a.ws + lp * a.max_nb, scr[warp].keys);
     if (k < count && nq <= 32) {
       if (nq > 0)
         tc_reg_choose(a, nq, n_in, sm, chsh[warp]);
@@ -2495,7 +2573,7 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
   }
   if (!a.no_rescore)
     for (int u = warp; u < 4 * st.nq; u += TC_WIDE_WARPS) {
-      const float v = tc_exact_slice(bt, a, ri.r, sm.qlist[u >> 2], u & 3, ri.pos, sm.q);
+      const float v = tc_exact_slice(bt, a, ri.r, sm.qlist[u >> 2], u & 3, ri.pos, sm.q, NULL);
       if (lane == 0)
         sm.part[u >> 2][u & 3] = v;
     }
