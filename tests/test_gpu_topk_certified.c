@@ -63,6 +63,8 @@ static float g_max_ratio[2];
 static int g_mma; /* this pass: 0 the default kernels, 1 mma.sync forced (test hook) */
 static unsigned long long g_tma_ctas; /* default pass: CTAs of the decode kernel's TMA form */
 static unsigned long long g_reg_pairs; /* pairs the register selection decided (certified runs) */
+/* register selection pairs ranked by tc_filter_ranks, and where it declined */
+static unsigned long long g_filter_pairs, g_filter_falls;
 /* certified runs whose every pair the register selection decided and that
  * re-scored blocks: its re-scoring path ran */
 static int g_reg_rescored_runs;
@@ -226,6 +228,8 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     if (mods && mods->path != PATH_ANY)
       check_path(name, mods->path, &cs);
     g_reg_pairs += cs.reg_pairs;
+    g_filter_pairs += cs.filter_pairs;
+    g_filter_falls += cs.filter_falls;
     g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
     long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
     CHECK(mbad == 0, name);
@@ -747,10 +751,12 @@ int main(void) {
       CHECK(g_tma_ctas > 0, "the e4m3 decode cases took the decode score kernel's TMA form");
     CHECK(g_reg_pairs > 0, "the register selection (tc_select_reg_kernel) decided pairs");
     CHECK(g_reg_rescored_runs > 0, "the register selection re-scored uncertain blocks");
+    CHECK(g_filter_pairs > 0, "the register selection ranked pairs by tc_filter_ranks");
+    CHECK(g_filter_falls > 0, "tc_filter_ranks declined pairs (ties, K = 64) to the rounds");
   }
   printf("test_gpu_topk_certified: %llu pairs decided by the register selection, %d runs "
-         "re-scored on it alone\n",
-         g_reg_pairs, g_reg_rescored_runs);
+         "re-scored on it alone; filter ranked %llu, declined %llu\n",
+         g_reg_pairs, g_reg_rescored_runs, g_filter_pairs, g_filter_falls);
   gpu_free(g_stats);
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

@@ -1976,6 +1976,62 @@ __device__ __forceinline__ void tc_ranked_pair(uint32_t (&v)[R], int need_l, int
   }
 }
 
+/* tc_ranked_pair's need_l-th and need_u-th largest (ranks from 1; 0 for a
+ * rank of 0) by a filter, for S >= 4 slots: the need-th largest of the 32
+ * lanes' maxima, T (need = the larger rank), sits at or below the need-th
+ * largest value, since the need lanes whose maxima reach T hold need values
+ * >= T; so the values >= T hold every rank up to need. They are few on
+ * ordinary inputs (~20 of 512 at K = 16), so they go through room (32 words
+ * of shared memory, the warp's) and one 32-value sort. ~7 S + 150
+ * instructions against tc_ranked_pair's ~10 S log S + 25 per rank (~600 at S
+ * = 16). Returns false, with k_l, k_u unset, where it does not apply (need >
+ * 32, T = 0: fewer than need lanes hold a value; more than 32 values >= T:
+ * ties); the caller ranks as before. v is left as it was; every lane calls
+ * it, the ranks uniform. */
+template <int S>
+__device__ __forceinline__ bool tc_filter_ranks(const uint32_t (&v)[S], int need_l, int need_u,
+                                                uint32_t *room, uint32_t &k_l, uint32_t &k_u) {
+  const int lane = threadIdx.x & 31;
+  const int need = need_l > need_u ? need_l : need_u;
+  if (need < 1 || need > 32)
+    return false;
+  uint32_t m[1] = {v[0]};
+#pragma unroll
+  for (int i = 1; i < S; i++)
+    m[0] = max(m[0], v[i]);
+  tc_sort_desc<1>(m);
+  const uint32_t t = tc_sorted_at<1>(m, need - 1);
+  if (t == 0u)
+    return false;
+  int c = 0;
+#pragma unroll
+  for (int i = 0; i < S; i++)
+    c += v[i] >= t;
+  int end = c; /* inclusive prefix of the lanes' counts */
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int y = __shfl_up_sync(TC_FULL, end, d);
+    end += lane >= d ? y : 0;
+  }
+  const int total = __shfl_sync(TC_FULL, end, 31);
+  if (total > 32)
+    return false;
+  int p = end - c;
+#pragma unroll
+  for (int i = 0; i < S; i++)
+    if (v[i] >= t)
+      room[p++] = v[i];
+  __syncwarp(); /* the values */
+  uint32_t x[1] = {lane < total ? room[lane] : 0u};
+  __syncwarp(); /* room free for the caller's next use */
+  tc_sort_desc<1>(x);
+  const uint32_t a_l = tc_sorted_at<1>(x, need_l > 0 ? need_l - 1 : 0);
+  const uint32_t a_u = tc_sorted_at<1>(x, need_u > 0 ? need_u - 1 : 0);
+  k_l = need_l > 0 ? a_l : 0u;
+  k_u = need_u > 0 ? a_u : 0u;
+  return true;
+}
+
 /* A pair's entries (candidate slots of its workspace row; the host picked
  * 32 R >= max_nb - init - local) into this lane's R slots, the first lim
  * (0 past them). With lim = max_nb - init they do not depend on the row
@@ -2008,10 +2064,13 @@ __device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a, const m3s
  * largest S~ among the finite entries (whole-line and missing entries sort
  * last, as 0) widened by the largest finite E. Counts In into n_in; returns
  * the number of uncertain blocks (every whole-line entry is one). Only the
- * first S slots are read (32 S >= n); the classes above them are out. */
+ * first S slots are read (32 S >= n); the classes above them are out. room:
+ * the warp's 32 words of shared memory for tc_filter_ranks, or NULL to rank
+ * without it (the deferred kernel: its few pairs do not pay the registers). */
 template <int R, int S = R>
 __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
-                                               const float2 (&e)[R], int (&cls)[R], int &n_in) {
+                                               const float2 (&e)[R], int (&cls)[R], int &n_in,
+                                               uint32_t *room) {
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
   static_assert(S <= R, "the slots in use are R's first");
@@ -2031,12 +2090,22 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
   const int f = n - n_inf;
   const int need_l = f >= want ? want : 0, need_u = n_inf > want ? 0 : want + 1 - n_inf;
   uint32_t k_l, k_u;
-  if constexpr (S >= 8) {
-    tc_ranked_pair<S>(key, need_l, need_u, k_l, k_u);
-  } else {
-    tc_sort_desc<S>(key);
-    k_l = need_l ? tc_sorted_at<S>(key, need_l - 1) : 0u;
-    k_u = need_u ? tc_sorted_at<S>(key, need_u - 1) : 0u;
+  bool ranked = false;
+  if constexpr (S >= 4) {
+    if (room) {
+      ranked = tc_filter_ranks<S>(key, need_l, need_u, room, k_l, k_u);
+      if (a.stats && lane == 0)
+        atomicAdd(ranked ? &a.stats->filter_pairs : &a.stats->filter_falls, 1u);
+    }
+  }
+  if (!ranked) {
+    if constexpr (S >= 8) {
+      tc_ranked_pair<S>(key, need_l, need_u, k_l, k_u);
+    } else {
+      tc_sort_desc<S>(key);
+      k_l = need_l ? tc_sorted_at<S>(key, need_l - 1) : 0u;
+      k_u = need_u ? tc_sorted_at<S>(key, need_u - 1) : 0u;
+    }
   }
   const float u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
   const float l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
@@ -2059,14 +2128,15 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
  * what the pair's own length needs, not the chunk's longest). */
 template <int R>
 __device__ __forceinline__ int tc_reg_classify_n(const tc_select_args &a, int n,
-                                                 const float2 (&e)[R], int (&cls)[R], int &n_in) {
+                                                 const float2 (&e)[R], int (&cls)[R], int &n_in,
+                                                 uint32_t *room) {
   if constexpr (R >= 8) {
     if (n <= 32 * (R / 4))
-      return tc_reg_classify<R, R / 4>(a, n, e, cls, n_in);
+      return tc_reg_classify<R, R / 4>(a, n, e, cls, n_in, room);
     if (n <= 32 * (R / 2))
-      return tc_reg_classify<R, R / 2>(a, n, e, cls, n_in);
+      return tc_reg_classify<R, R / 2>(a, n, e, cls, n_in, room);
   }
-  return tc_reg_classify<R>(a, n, e, cls, n_in);
+  return tc_reg_classify<R>(a, n, e, cls, n_in, room);
 }
 
 /* The uncertain blocks of a classified pair listed in sm.qlist in the
@@ -2152,6 +2222,7 @@ __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb
 template <int R>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
+  __shared__ uint32_t room[TC_SEL_WARPS][32]; /* tc_filter_ranks' values */
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (a.pdl)
     m3s_pdl_trigger();
@@ -2172,7 +2243,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     if constexpr (R >= 8)
       tc_reg_load<R>(a, lp, n, e);
     int cls[R], n_in;
-    if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify_n<R>(a, n, e, cls, n_in) == 0)
+    if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify_n<R>(a, n, e, cls, n_in, room[warp]) == 0)
       tc_reg_write<R>(a, nb, n, 0, cls, NULL, out);
     else if (lane == 0)
       a.list[1 + atomicAdd(a.list, 1)] = (int32_t)lp;
@@ -2228,7 +2299,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_SEL_CTAS_PER_SM)
       nb = tc_pair_row(bt, a, lp, ri, out);
       n = (int)(nb - a.local - a.init);
       if (tc_reg_covers<R>(a, ri, nb))
-        nq = tc_reg_classify<R>(a, n, e, cls, n_in);
+        nq = tc_reg_classify<R>(a, n, e, cls, n_in, NULL);
       if (nq > 32) {
         tc_select_one(bt, a, lp, ri, nb, out, sm, nb - a.local <= 32 * R ? scr[warp].w : NULL);
       } else if (nq > 0) {

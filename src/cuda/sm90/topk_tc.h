@@ -28,6 +28,8 @@ typedef struct {
   unsigned int few_pairs;   /* CTA-wide selection: thresholds by tournament (tc_wide_few) */
   unsigned int radix_pairs; /* CTA-wide selection: thresholds by radix select (tc_wide_ranks) */
   unsigned int tma_ctas;    /* CTAs of the decode score kernel's TMA form (topk_decode.cu) */
+  unsigned int filter_pairs; /* register selection: thresholds by tc_filter_ranks */
+  unsigned int filter_falls; /* ... where it declined (ties, whole lines, K - init - local >= 32) */
 } m3s_topk_tc_stats;
 
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
