@@ -2075,17 +2075,18 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
   const int want = a.topk - a.init - a.local;
   static_assert(S <= R, "the slots in use are R's first");
   uint32_t key[S];
-  int n_inf = 0;
+  int lane_inf = 0; /* counts per lane, summed once (not a ballot per slot) */
   uint32_t e_bits = 0;
 #pragma unroll
   for (int i = 0; i < S; i++) {
     const int j = lane + 32 * i;
     const bool whole = j < n && tc_whole_line(e[i]);
     const bool finite = j < n && !whole;
-    n_inf += __popc(__ballot_sync(TC_FULL, whole));
+    lane_inf += whole;
     key[i] = finite ? tc_ord(e[i].x) : 0u;
     e_bits = finite && e[i].y > 0.0f ? max(e_bits, __float_as_uint(e[i].y)) : e_bits;
   }
+  const int n_inf = (int)__reduce_add_sync(TC_FULL, (unsigned)lane_inf);
   const float e_max = __uint_as_float(__reduce_max_sync(TC_FULL, e_bits));
   const int f = n - n_inf;
   const int need_l = f >= want ? want : 0, need_u = n_inf > want ? 0 : want + 1 - n_inf;
@@ -2109,18 +2110,18 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
   }
   const float u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
   const float l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
-  int nq = 0;
-  n_in = 0;
+  int lane_in = 0, lane_q = 0;
 #pragma unroll
   for (int i = 0; i < S; i++) {
     cls[i] = lane + 32 * i < n ? tc_class(e[i], u_p, l_p) : TC_OUT;
-    n_in += __popc(__ballot_sync(TC_FULL, cls[i] == TC_IN));
-    nq += __popc(__ballot_sync(TC_FULL, cls[i] == TC_UNSURE));
+    lane_in += cls[i] == TC_IN;
+    lane_q += cls[i] == TC_UNSURE;
   }
 #pragma unroll
   for (int i = S; i < R; i++)
     cls[i] = TC_OUT;
-  return nq;
+  n_in = (int)__reduce_add_sync(TC_FULL, (unsigned)lane_in);
+  return (int)__reduce_add_sync(TC_FULL, (unsigned)lane_q);
 }
 
 /* tc_reg_classify of a pair of n candidates in R slots; for R >= 8 on the
