@@ -42,8 +42,11 @@
  *     a ragged batch) have every candidate scored that way instead.
  *     Prefill chunks whose pairs have at most 512 candidates (contexts up to
  *     64K) run it in two launches instead: tc_select_reg_kernel<R> keeps a
- *     pair's entries in registers, takes the thresholds from one bitonic
- *     sort (up to 128 candidates) or tc_ranked_pair (more) and decides
+ *     pair's entries in registers, takes the thresholds from a filter
+ *     where a lane holds 4 or more slots (tc_filter_ranks: the values at or
+ *     above the need-th largest of the lanes' maxima, sorted once), else
+ *     from one bitonic sort (up to 128 candidates) or tc_ranked_pair (more),
+ *     and decides
  *     every pair with no uncertain block (at least ~88% of
  *     a random 8K prompt's: 2946 blocks re-scored over 24576 scored pairs
  *     in test_gpu_topk_certified);
@@ -86,7 +89,9 @@
  * top-k 4K / 8K / 16K / 64K 116 / 249 / 730 / 7521 -> 78 / 194 / 607 /
  * 6552 us, 4K behind 60K 973 -> 769 us (m3s-bench). The warp-specialised
  * score kernel (2026-12-06, H100): top-k 8K / 16K / 64K 160.6 / 529.4 /
- * 6327 -> 148.8 / 415.3 / 5289 us, 4K behind 60K 749 -> 602 us. */
+ * 6327 -> 148.8 / 415.3 / 5289 us, 4K behind 60K 749 -> 602 us. The
+ * filter ranking (2026-12-06, H100): top-k 16K 392.9 -> 368.4 us, 32K / 64K
+ * / 4K behind 60K -2%, 8K unchanged. */
 #include "../common.cuh"
 #include "../launch.h"
 #include "../mma.cuh"
