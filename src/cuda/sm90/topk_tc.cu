@@ -1167,6 +1167,7 @@ typedef struct {
   int32_t *list;  /* tc_select_reg_kernel's deferred pairs: count, then indices */
   m3s_topk_tc_stats *stats;
   int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
+  int reg_few; /* the reg_few hook: tc_select_reg_kernel by tc_reg_few */
 } tc_select_args;
 
 /* The rank of (score, id) as one integer, larger = ranks first: ordered
@@ -2184,6 +2185,19 @@ __device__ __forceinline__ void tc_reg_choose(const tc_select_args &a, int nq, i
   __syncwarp(); /* the choices */
 }
 
+/* A decided pair's forced blocks into its K ids, and its stats. */
+__device__ __forceinline__ void tc_reg_write_forced(const tc_select_args &a, int64_t nb, int n,
+                                                    int nq, int32_t *out) {
+  const int lane = threadIdx.x & 31;
+  tc_add_stats(a, (unsigned long long)n, (unsigned long long)nq, 0, 0);
+  if (a.stats && lane == 0)
+    atomicAdd(&a.stats->reg_pairs, 1u);
+  for (int k = lane; k < a.init; k += 32)
+    out[k * a.o_s2] = k;
+  for (int k = lane; k < a.local; k += 32)
+    out[(a.topk - a.local + k) * a.o_s2] = (int32_t)(nb - a.local + k);
+}
+
 /* The K ids of a decided pair in ascending order: the forced blocks, then
  * In and the chosen uncertain blocks (chosen, read only for those) by
  * prefix counts; the pair's stats counted. */
@@ -2193,13 +2207,7 @@ __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb
                                              int32_t *out) {
   const int lane = threadIdx.x & 31;
   const uint32_t lt = (1u << lane) - 1u;
-  tc_add_stats(a, (unsigned long long)n, (unsigned long long)nq, 0, 0);
-  if (a.stats && lane == 0)
-    atomicAdd(&a.stats->reg_pairs, 1u);
-  for (int k = lane; k < a.init; k += 32)
-    out[k * a.o_s2] = k;
-  for (int k = lane; k < a.local; k += 32)
-    out[(a.topk - a.local + k) * a.o_s2] = (int32_t)(nb - a.local + k);
+  tc_reg_write_forced(a, nb, n, nq, out);
   int pos = a.init;
 #pragma unroll
   for (int i = 0; i < R; i++) {
@@ -2209,6 +2217,111 @@ __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb
       out[(pos + __popc(m & lt)) * a.o_s2] = a.init + lane + 32 * i;
     pos += __popc(m);
   }
+}
+
+/* A register-selection warp's candidates kept by tc_reg_few, in candidate
+ * order: entry and candidate index. */
+typedef struct {
+  float2 e[32];
+  int32_t j[32];
+} tc_few_room;
+
+/* tc_reg_classify and tc_reg_write of a covered pair in one compaction,
+ * with no class or output pass over the S slots (the reg_few hook, for A/B
+ * against them). T, the need-th largest of the lanes' maxima (need = need_u
+ * here), is at most the need-th largest S~ (tc_filter_ranks), so T <= k_u <=
+ * k_l and l_T = T - e_max rounded down is at most l'. Every candidate whose
+ * upper bound U reaches l_T goes to room, one per lane, in candidate order:
+ * they hold the values >= T (U >= S~), hence every rank up to need, and
+ * every candidate that is not surely out. The others are out by
+ * tc_class: U < l_T <= l', and not In, as S~ <= U < l_T <= T <= k_u < u'
+ * (In needs L > u'). The ranks, classes and K ids then come from room, the
+ * same as the slot path's. Returns 0 (decided, ids written), 1 (a
+ * whole-line or uncertain block: the caller defers the pair) or -1
+ * (declined: fewer finite candidates than K - init - local, K - init -
+ * local >= 32, more than 32 candidates kept; the caller takes the slot
+ * path). Every lane calls it. */
+template <int R, int S>
+__device__ __forceinline__ int tc_reg_few(const tc_select_args &a, int64_t nb, int n,
+                                          const float2 (&e)[R], tc_few_room &room,
+                                          int32_t *out) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t lt = (1u << lane) - 1u;
+  const int want = a.topk - a.init - a.local;
+  int lane_inf = 0;
+  uint32_t e_bits = 0, top[1] = {0u};
+#pragma unroll
+  for (int i = 0; i < S; i++) {
+    const int j = lane + 32 * i;
+    const bool whole = j < n && tc_whole_line(e[i]);
+    const bool finite = j < n && !whole;
+    lane_inf += whole;
+    top[0] = finite ? max(top[0], tc_ord(e[i].x)) : top[0];
+    e_bits = finite && e[i].y > 0.0f ? max(e_bits, __float_as_uint(e[i].y)) : e_bits;
+  }
+  /* a whole-line block is uncertain whatever the thresholds */
+  if (__reduce_add_sync(TC_FULL, (unsigned)lane_inf) > 0)
+    return 1;
+  const float e_max = __uint_as_float(__reduce_max_sync(TC_FULL, e_bits));
+  const int need_l = n >= want ? want : 0, need_u = want + 1;
+  if (need_l == 0 || need_u > 32)
+    return -1;
+  tc_sort_desc<1>(top);
+  const uint32_t t = tc_sorted_at<1>(top, need_u - 1);
+  if (t == 0u)
+    return -1;
+  const float l_t = __fsub_rd(tc_unord(t), e_max);
+  int kept = 0;
+#pragma unroll
+  for (int i = 0; i < S; i++) {
+    const int j = lane + 32 * i;
+    const bool keep = j < n && !(__fadd_ru(e[i].x, e[i].y) < l_t);
+    const uint32_t m = __ballot_sync(TC_FULL, keep);
+    const int p = kept + __popc(m & lt);
+    if (keep && p < 32) {
+      room.e[p] = e[i];
+      room.j[p] = j;
+    }
+    kept += __popc(m);
+  }
+  __syncwarp(); /* the kept candidates */
+  const bool mine = lane < kept && kept <= 32;
+  const float2 me = mine ? room.e[lane] : make_float2(0.0f, 0.0f);
+  const int32_t mj = mine ? room.j[lane] : 0;
+  __syncwarp(); /* room free for the next pair */
+  if (kept > 32)
+    return -1;
+  uint32_t x[1] = {mine ? tc_ord(me.x) : 0u};
+  tc_sort_desc<1>(x);
+  const uint32_t k_l = tc_sorted_at<1>(x, need_l - 1), k_u = tc_sorted_at<1>(x, need_u - 1);
+  const float u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
+  const float l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
+  const int cls = mine ? tc_class(me, u_p, l_p) : TC_OUT;
+  if (__reduce_add_sync(TC_FULL, (unsigned)(cls == TC_UNSURE)) > 0)
+    return 1;
+  tc_reg_write_forced(a, nb, n, 0, out);
+  const uint32_t m = __ballot_sync(TC_FULL, cls == TC_IN);
+  if (cls == TC_IN)
+    out[(a.init + __popc(m & lt)) * a.o_s2] = a.init + mj;
+  return 0;
+}
+
+/* tc_reg_few on the fewest slots that hold a pair's n candidates (as
+ * tc_reg_classify_n), its answers counted in the stats. */
+template <int R>
+__device__ __forceinline__ int tc_reg_few_n(const tc_select_args &a, int64_t nb, int n,
+                                            const float2 (&e)[R], tc_few_room &room,
+                                            int32_t *out) {
+  int r;
+  if (R >= 8 && n <= 32 * (R / 4))
+    r = tc_reg_few<R, (R >= 8 ? R / 4 : R)>(a, nb, n, e, room, out);
+  else if (R >= 8 && n <= 32 * (R / 2))
+    r = tc_reg_few<R, (R >= 8 ? R / 2 : R)>(a, nb, n, e, room, out);
+  else
+    r = tc_reg_few<R, R>(a, nb, n, e, room, out);
+  if (a.stats && (threadIdx.x & 31) == 0)
+    atomicAdd(r >= 0 ? &a.stats->reg_few_pairs : &a.stats->reg_few_falls, 1u);
+  return r;
 }
 
 /* Phase 2 for chunks whose pairs have at most 32 R candidates (contexts up
@@ -2224,11 +2337,14 @@ __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb
  * For R >= 8 (129-512 candidates) a pair's entries are read after its row
  * lookup, only its own candidates, and ranked on the fewest slots that hold
  * them (tc_reg_classify_n): at the 64K prompt a pair has 0-512 candidates,
- * and reading and ranking all 512 slots measured 3% slower (H100). */
-template <int R>
+ * and reading and ranking all 512 slots measured 3% slower (H100). FEW
+ * (the reg_few hook, R >= 2): pairs by tc_reg_few first, in its own
+ * instantiation so the default's code is not touched. */
+template <int R, bool FEW = false>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ uint32_t room[TC_SEL_WARPS][32]; /* tc_filter_ranks' values */
+  __shared__ tc_few_room few_room[TC_SEL_WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (a.pdl)
     m3s_pdl_trigger();
@@ -2248,8 +2364,16 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     const int n = (int)(nb - a.local - a.init);
     if constexpr (R >= 8)
       tc_reg_load<R>(a, lp, n, e);
+    const bool covers = tc_reg_covers<R>(a, ri, nb);
+    /* the reg_few hook: 0 decided, 1 deferred, -1 the slot path below */
+    int few = -1;
+    if constexpr (FEW)
+      if (covers)
+        few = tc_reg_few_n<R>(a, nb, n, e, few_room[warp], out);
+    if (few == 0)
+      continue;
     int cls[R], n_in;
-    if (tc_reg_covers<R>(a, ri, nb) && tc_reg_classify_n<R>(a, n, e, cls, n_in, room[warp]) == 0)
+    if (few < 0 && covers && tc_reg_classify_n<R>(a, n, e, cls, n_in, room[warp]) == 0)
       tc_reg_write<R>(a, nb, n, 0, cls, NULL, out);
     else if (lane == 0)
       a.list[1 + atomicAdd(a.list, 1)] = (int32_t)lp;
@@ -2803,8 +2927,9 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
                 wave = sms * TC_REG_CTAS(R);
   tc_select_args sr = se;
   sr.pdl = pdl;
-  tc_select_reg_kernel<R><<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(
-      cb, sr);
+  void (*reg)(m3s_cuda_batch, tc_select_args) =
+      R >= 2 && se.reg_few ? tc_select_reg_kernel<R, (R >= 2)> : tc_select_reg_kernel<R>;
+  reg<<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(cb, sr);
   m3s_status st = m3s_cuda_check_launch(fn, "tc_select_reg_kernel");
   if (st)
     return st;
@@ -2928,6 +3053,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.no_rescore = hooks.no_rescore;
   se.measure = hooks.measure;
   se.stats = hooks.stats;
+  se.reg_few = hooks.reg_few;
   se.all_scored = 0;
   se.pdl = 0; /* set for the launches that take it (tc_launch_select) */
   se.list = (int32_t *)((unsigned char *)exec->workspace + need - tc_list_bytes(plan.chunk_rows, hkv));

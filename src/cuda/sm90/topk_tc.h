@@ -30,6 +30,8 @@ typedef struct {
   unsigned int tma_ctas;    /* CTAs of the decode score kernel's TMA form (topk_decode.cu) */
   unsigned int filter_pairs; /* register selection: thresholds by tc_filter_ranks */
   unsigned int filter_falls; /* ... where it declined (ties, whole lines, K - init - local >= 32) */
+  unsigned int reg_few_pairs; /* the reg_few hook: pairs decided or deferred by tc_reg_few */
+  unsigned int reg_few_falls; /* ... and pairs it left to the slot path */
 } m3s_topk_tc_stats;
 
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
@@ -54,7 +56,11 @@ typedef struct {
  *              register selection (tc_select_reg_kernel, at most 512
  *              candidates per pair) is the default: for A/B timings.
  *  score_waves: > 0: tc_score_ws_kernel's work is cut into about this
- *              many items per SM instead of TS_WAVES (tuning). */
+ *              many items per SM instead of TS_WAVES (tuning).
+ *  reg_few:    the register selection decides a pair from one compaction
+ *              of its candidates that are not surely out (tc_reg_few)
+ *              instead of a class and output pass over every slot: for
+ *              A/B timings before it becomes the default. */
 typedef struct {
   int exact_only;
   int no_rescore;
@@ -64,6 +70,7 @@ typedef struct {
   int decode_any;
   int rounds_select;
   int score_waves;
+  int reg_few;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults; a CPU context ignores the call. Internal (not
