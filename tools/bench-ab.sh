@@ -7,7 +7,10 @@
 # hooks), so the two sides must be two benchmark binaries: swapping
 # libm3sparse.so under one binary (LD_LIBRARY_PATH) would time one build twice.
 # Usage: OLD_BENCH=old-build/bench/m3s-bench [NEW_BENCH=build/bench/m3s-bench]
-#        [ROUNDS=2] [OUT=dir] tools/bench-ab.sh BENCH-ARGS...
+#        [ROUNDS=2] [OUT=dir] [OLD_ARGS=...] [NEW_ARGS=...] tools/bench-ab.sh BENCH-ARGS...
+# OLD_ARGS / NEW_ARGS are added to one side's arguments (word-split): with them
+# the two sides may be one binary, e.g. a test hook against the default:
+#   OLD_BENCH=build/bench/m3s-bench NEW_ARGS="--topk-path reg-few" tools/bench-ab.sh --ops ptopk
 # Example (old = the commit before, built beside the new tree):
 #   git worktree add /tmp/old HEAD~1 && cmake -S /tmp/old -B /tmp/old/build -DM3S_CUDA=ON &&
 #   cmake --build /tmp/old/build -j --target m3s-bench &&
@@ -20,16 +23,19 @@ OUT=${OUT:-ab-out}
 for b in "$OLD_BENCH" "$NEW_BENCH"; do
   [ -x "$b" ] || { echo "bench-ab: no executable $b"; exit 1; }
 done
-if cmp -s "$OLD_BENCH" "$NEW_BENCH"; then
-  echo "bench-ab: $OLD_BENCH and $NEW_BENCH are the same binary"
+OLD_ARGS=${OLD_ARGS:-}
+NEW_ARGS=${NEW_ARGS:-}
+if [ "$OLD_ARGS" = "$NEW_ARGS" ] && cmp -s "$OLD_BENCH" "$NEW_BENCH"; then
+  echo "bench-ab: $OLD_BENCH and $NEW_BENCH are the same binary with the same arguments"
   exit 1
 fi
 mkdir -p "$OUT"
 run_side() { # old|new round BENCH-ARGS...
-  local side=$1 round=$2 bench=$OLD_BENCH log="$OUT/bench_$1_$2.log"
+  local side=$1 round=$2 bench=$OLD_BENCH extra=$OLD_ARGS log="$OUT/bench_$1_$2.log"
   shift 2
-  [ "$side" = new ] && bench=$NEW_BENCH
-  if ! "$bench" "$@" >"$log" 2>&1; then
+  [ "$side" = new ] && bench=$NEW_BENCH extra=$NEW_ARGS
+  # shellcheck disable=SC2086 # extra is a word list on purpose
+  if ! "$bench" "$@" $extra >"$log" 2>&1; then
     tail -20 "$log"
     echo "bench-ab: the $side run of round $round failed (log: $log)"
     exit 1
