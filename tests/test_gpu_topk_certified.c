@@ -65,8 +65,8 @@ static unsigned long long g_tma_ctas; /* default pass: CTAs of the decode kernel
 static unsigned long long g_reg_pairs; /* pairs the register selection decided (certified runs) */
 /* register selection pairs ranked by tc_filter_ranks, and where it declined */
 static unsigned long long g_filter_pairs, g_filter_falls;
-/* the reg_few hook's runs: pairs tc_reg_few decided or deferred, and left to the slot path */
-static unsigned long long g_few_pairs, g_few_falls;
+/* the reg_few hook's runs: pairs tc_reg_few decided, deferred, left to the slot path */
+static unsigned long long g_few_decided, g_few_deferred, g_few_falls;
 /* certified runs whose every pair the register selection decided and that
  * re-scored blocks: its re-scoring path ran */
 static int g_reg_rescored_runs;
@@ -238,7 +238,10 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
       m3s_topk_tc_stats fs;
       CHECK(run_gpu(&f, &g, expect, RUN_REG_FEW, 0, name, &fs) == 0,
             "reg_few: equal to the CPU backend");
-      g_few_pairs += fs.reg_few_pairs;
+      CHECK(fs.reg_few_wrong == 0,
+            "reg_few: tc_reg_few decided or deferred each pair as the slot path does");
+      g_few_decided += fs.reg_few_decided;
+      g_few_deferred += fs.reg_few_deferred;
       g_few_falls += fs.reg_few_falls;
     }
     g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
@@ -764,14 +767,14 @@ int main(void) {
     CHECK(g_reg_rescored_runs > 0, "the register selection re-scored uncertain blocks");
     CHECK(g_filter_pairs > 0, "the register selection ranked pairs by tc_filter_ranks");
     CHECK(g_filter_falls > 0, "tc_filter_ranks declined pairs (ties, K = 64) to the rounds");
-    CHECK(g_few_pairs > 0, "reg_few: tc_reg_few decided or deferred pairs");
+    CHECK(g_few_decided > 0 && g_few_deferred > 0, "reg_few: tc_reg_few decided and deferred pairs");
     CHECK(g_few_falls > 0, "reg_few: tc_reg_few left pairs (K = 64, ties) to the slot path");
   }
   printf("test_gpu_topk_certified: %llu pairs decided by the register selection, %d runs "
-         "re-scored on it alone; filter ranked %llu, declined %llu; reg_few took %llu, left "
-         "%llu\n",
-         g_reg_pairs, g_reg_rescored_runs, g_filter_pairs, g_filter_falls, g_few_pairs,
-         g_few_falls);
+         "re-scored on it alone; filter ranked %llu, declined %llu; reg_few decided %llu, "
+         "deferred %llu, left %llu\n",
+         g_reg_pairs, g_reg_rescored_runs, g_filter_pairs, g_filter_falls, g_few_decided,
+         g_few_deferred, g_few_falls);
   gpu_free(g_stats);
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

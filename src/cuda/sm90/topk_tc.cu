@@ -2234,13 +2234,14 @@ typedef struct {
  * upper bound U reaches l_T goes to room, one per lane, in candidate order:
  * they hold the values >= T (U >= S~), hence every rank up to need, and
  * every candidate that is not surely out. The others are out by
- * tc_class: U < l_T <= l', and not In, as S~ <= U < l_T <= T <= k_u < u'
- * (In needs L > u'). The ranks, classes and K ids then come from room, the
- * same as the slot path's. Returns 0 (decided, ids written), 1 (a
- * whole-line or uncertain block: the caller defers the pair) or -1
- * (declined: fewer finite candidates than K - init - local, K - init -
- * local >= 32, more than 32 candidates kept; the caller takes the slot
- * path). Every lane calls it. */
+ * tc_class: U < l_T <= l', and not In, as L <= S~ <= U < l_T <= T <= k_u
+ * <= u' (In needs L > u'; E >= 0, tc_bound's). The ranks, classes and K ids
+ * then come from room, the same as the slot path's. A covered pair has
+ * more candidates than K - init - local (nb > K), so with no whole line
+ * need_l is that and T is a real value. Returns 0 (decided, ids written),
+ * 1 (a whole-line or uncertain block: the caller defers the pair) or -1
+ * (declined: K - init - local >= 32, more than 32 candidates kept; the
+ * caller takes the slot path). Every lane calls it. */
 template <int R, int S>
 __device__ __forceinline__ int tc_reg_few(const tc_select_args &a, int64_t nb, int n,
                                           const float2 (&e)[R], tc_few_room &room,
@@ -2263,13 +2264,11 @@ __device__ __forceinline__ int tc_reg_few(const tc_select_args &a, int64_t nb, i
   if (__reduce_add_sync(TC_FULL, (unsigned)lane_inf) > 0)
     return 1;
   const float e_max = __uint_as_float(__reduce_max_sync(TC_FULL, e_bits));
-  const int need_l = n >= want ? want : 0, need_u = want + 1;
-  if (need_l == 0 || need_u > 32)
+  const int need_l = want, need_u = want + 1;
+  if (need_u > 32 || n <= want)
     return -1;
   tc_sort_desc<1>(top);
   const uint32_t t = tc_sorted_at<1>(top, need_u - 1);
-  if (t == 0u)
-    return -1;
   const float l_t = __fsub_rd(tc_unord(t), e_max);
   int kept = 0;
 #pragma unroll
@@ -2313,6 +2312,7 @@ __device__ __forceinline__ int tc_reg_few_n(const tc_select_args &a, int64_t nb,
                                             const float2 (&e)[R], tc_few_room &room,
                                             int32_t *out) {
   int r;
+  static_assert(R >= 2, "R 1 keeps the slot path");
   if (R >= 8 && n <= 32 * (R / 4))
     r = tc_reg_few<R, (R >= 8 ? R / 4 : R)>(a, nb, n, e, room, out);
   else if (R >= 8 && n <= 32 * (R / 2))
@@ -2320,13 +2320,17 @@ __device__ __forceinline__ int tc_reg_few_n(const tc_select_args &a, int64_t nb,
   else
     r = tc_reg_few<R, R>(a, nb, n, e, room, out);
   if (a.stats && (threadIdx.x & 31) == 0)
-    atomicAdd(r >= 0 ? &a.stats->reg_few_pairs : &a.stats->reg_few_falls, 1u);
+    atomicAdd(r == 0   ? &a.stats->reg_few_decided
+              : r == 1 ? &a.stats->reg_few_deferred
+                       : &a.stats->reg_few_falls,
+              1u);
   return r;
 }
 
 /* Phase 2 for chunks whose pairs have at most 32 R candidates (contexts up
- * to 32 R + init + local blocks), a warp per pair, with no shared memory:
- * each lane keeps its R entries in registers. It decides the pairs with no
+ * to 32 R + init + local blocks), a warp per pair: each lane keeps its R
+ * entries in registers (shared memory: tc_filter_ranks' 32 words per warp,
+ * and tc_reg_few's room under the hook). It decides the pairs with no
  * uncertain block; the others (an uncertain or whole-line block, short
  * requests scored exactly, the measure hook, no candidate slots) are
  * appended to the deferred list (a.list: count, then pair indices; the
@@ -2338,9 +2342,11 @@ __device__ __forceinline__ int tc_reg_few_n(const tc_select_args &a, int64_t nb,
  * lookup, only its own candidates, and ranked on the fewest slots that hold
  * them (tc_reg_classify_n): at the 64K prompt a pair has 0-512 candidates,
  * and reading and ranking all 512 slots measured 3% slower (H100). FEW
- * (the reg_few hook, R >= 2): pairs by tc_reg_few first, in its own
- * instantiation so the default's code is not touched. */
-template <int R, bool FEW = false>
+ * (the reg_few hook, R >= 2): 1 pairs by tc_reg_few first, in its own
+ * instantiation so the default's code is not touched; 2 (the hook with
+ * stats: tests) also decides each pair tc_reg_few took by the slot path and
+ * counts where the two disagree (reg_few_wrong). */
+template <int R, int FEW = 0>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
   __shared__ uint32_t room[TC_SEL_WARPS][32]; /* tc_filter_ranks' values */
@@ -2367,12 +2373,16 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     const bool covers = tc_reg_covers<R>(a, ri, nb);
     /* the reg_few hook: 0 decided, 1 deferred, -1 the slot path below */
     int few = -1;
-    if constexpr (FEW)
+    if constexpr (FEW > 0)
       if (covers)
         few = tc_reg_few_n<R>(a, nb, n, e, few_room[warp], out);
+    int cls[R], n_in;
+    if constexpr (FEW == 2)
+      if (few >= 0 && (tc_reg_classify_n<R>(a, n, e, cls, n_in, room[warp]) == 0) != (few == 0) &&
+          lane == 0)
+        atomicAdd(&a.stats->reg_few_wrong, 1u);
     if (few == 0)
       continue;
-    int cls[R], n_in;
     if (few < 0 && covers && tc_reg_classify_n<R>(a, n, e, cls, n_in, room[warp]) == 0)
       tc_reg_write<R>(a, nb, n, 0, cls, NULL, out);
     else if (lane == 0)
@@ -2928,7 +2938,9 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
   tc_select_args sr = se;
   sr.pdl = pdl;
   void (*reg)(m3s_cuda_batch, tc_select_args) =
-      R >= 2 && se.reg_few ? tc_select_reg_kernel<R, (R >= 2)> : tc_select_reg_kernel<R>;
+      R < 2 || !se.reg_few ? tc_select_reg_kernel<R>
+      : se.stats           ? tc_select_reg_kernel<R, (R >= 2 ? 2 : 0)>
+                           : tc_select_reg_kernel<R, (R >= 2 ? 1 : 0)>;
   reg<<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(cb, sr);
   m3s_status st = m3s_cuda_check_launch(fn, "tc_select_reg_kernel");
   if (st)

@@ -30,8 +30,10 @@ typedef struct {
   unsigned int tma_ctas;    /* CTAs of the decode score kernel's TMA form (topk_decode.cu) */
   unsigned int filter_pairs; /* register selection: thresholds by tc_filter_ranks */
   unsigned int filter_falls; /* ... where it declined (ties, whole lines, K - init - local >= 32) */
-  unsigned int reg_few_pairs; /* the reg_few hook: pairs decided or deferred by tc_reg_few */
-  unsigned int reg_few_falls; /* ... and pairs it left to the slot path */
+  unsigned int reg_few_decided;  /* the reg_few hook: pairs tc_reg_few decided, */
+  unsigned int reg_few_deferred; /* ... deferred, */
+  unsigned int reg_few_falls;    /* ... left to the slot path, */
+  unsigned int reg_few_wrong;    /* ... and decided or deferred where the slot path would not */
 } m3s_topk_tc_stats;
 
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
