@@ -109,7 +109,10 @@ static void usage(FILE *f) {
 "                    the default), reg-few (certified, the register selection\n"
 "                    by one compaction of each pair's candidates that are not\n"
 "                    surely out, for chunks of 33-512 candidates per pair: the\n"
-"                    reg_few hook, for A/B) or\n"
+"                    reg_few hook, for A/B), dec-reg (certified, decode\n"
+"                    batches of more pairs than two per SM and up to 512\n"
+"                    candidates per pair on the register selection: the\n"
+"                    decode_reg hook, for A/B) or\n"
 "                    no-rescore (certified, uncertain blocks decided by their\n"
 "                    tensor-core score: NOT exact, only to time what the\n"
 "                    re-scoring costs)\n"
@@ -310,9 +313,11 @@ static int parse_args(int argc, char **argv, options *o) {
         o->topk_path = 5;
       else if (strcmp(optarg, "reg-few") == 0)
         o->topk_path = 6;
+      else if (strcmp(optarg, "dec-reg") == 0)
+        o->topk_path = 7;
       else {
         fprintf(stderr, "m3s-bench: --topk-path must be default, exact, mma, certified, rounds, "
-                        "reg-few or no-rescore\n");
+                        "reg-few, dec-reg or no-rescore\n");
         return 0;
       }
       break;
@@ -443,6 +448,7 @@ int main(int argc, char **argv) {
     h.rounds_select = o->topk_path == 4;
     h.no_rescore = o->topk_path == 5;
     h.reg_few = o->topk_path == 6;
+    h.decode_reg = o->topk_path == 7;
     h.score_waves = o->score_waves;
     m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s",
@@ -452,6 +458,7 @@ int main(int argc, char **argv) {
            : o->topk_path == 3 ? "certified, every decode batch on the streaming kernel"
            : o->topk_path == 4 ? "certified, selection by warp-maximum rounds"
            : o->topk_path == 6 ? "certified, register selection by one compaction (reg_few)"
+           : o->topk_path == 7 ? "certified, decode batches on the register selection (decode_reg)"
                                : "certified WITHOUT re-scoring (not exact: timing only)");
     if (o->score_waves)
       printf(", score kernel at about %d items per SM", o->score_waves);

@@ -67,6 +67,10 @@ static unsigned long long g_reg_pairs; /* pairs the register selection decided (
 static unsigned long long g_filter_pairs, g_filter_falls;
 /* the reg_few hook's runs: pairs tc_reg_few decided, deferred, left to the slot path */
 static unsigned long long g_few_decided, g_few_deferred, g_few_falls;
+/* the decode_reg hook's runs of the decode cases: pairs the register selection decided, and
+ * runs where it decided pairs and blocks were re-scored (its deferred kernel) */
+static unsigned long long g_decreg_pairs;
+static int g_decreg_rescored_runs;
 /* certified runs whose every pair the register selection decided and that
  * re-scored blocks: its re-scoring path ran */
 static int g_reg_rescored_runs;
@@ -145,7 +149,7 @@ static long count_mismatches(const fixture *f, const int32_t *expect, const char
   return bad;
 }
 
-enum { RUN_CERTIFIED, RUN_MEASURE, RUN_NO_RESCORE, RUN_EXACT, RUN_REG_FEW };
+enum { RUN_CERTIFIED, RUN_MEASURE, RUN_NO_RESCORE, RUN_EXACT, RUN_REG_FEW, RUN_DECODE_REG };
 
 /* One CUDA run with the hook set for mode; returns mismatches against
  * expect (-1 when the run failed), stats in *st. */
@@ -158,6 +162,7 @@ static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int 
   h.no_rescore = mode == RUN_NO_RESCORE;
   h.measure = mode == RUN_MEASURE;
   h.reg_few = mode == RUN_REG_FEW;
+  h.decode_reg = mode == RUN_DECODE_REG;
   h.stats = g_stats;
   h.mma_sync = mma_sync;
   h.decode_any = 1; /* the decode fixtures are smaller than the default's threshold */
@@ -243,6 +248,14 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
       g_few_decided += fs.reg_few_decided;
       g_few_deferred += fs.reg_few_deferred;
       g_few_falls += fs.reg_few_falls;
+    }
+    if (!mma && g.batch.uniform_q_len > 0) {
+      /* decode batches on the register selection (the decode_reg hook, for A/B) */
+      m3s_topk_tc_stats ds;
+      CHECK(run_gpu(&f, &g, expect, RUN_DECODE_REG, 0, name, &ds) == 0,
+            "decode_reg: equal to the CPU backend");
+      g_decreg_pairs += ds.reg_pairs;
+      g_decreg_rescored_runs += ds.reg_pairs > 0 && ds.rescored > 0;
     }
     g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
     long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
@@ -769,12 +782,15 @@ int main(void) {
     CHECK(g_filter_falls > 0, "tc_filter_ranks declined pairs (ties, K = 64) to the rounds");
     CHECK(g_few_decided > 0 && g_few_deferred > 0, "reg_few: tc_reg_few decided and deferred pairs");
     CHECK(g_few_falls > 0, "reg_few: tc_reg_few left pairs (K = 64, ties) to the slot path");
+    CHECK(g_decreg_pairs > 0 && g_decreg_rescored_runs > 0,
+          "decode_reg: the register selection decided decode pairs and its deferred kernel "
+          "re-scored blocks");
   }
   printf("test_gpu_topk_certified: %llu pairs decided by the register selection, %d runs "
          "re-scored on it alone; filter ranked %llu, declined %llu; reg_few decided %llu, "
-         "deferred %llu, left %llu\n",
+         "deferred %llu, left %llu; decode_reg decided %llu decode pairs (%d runs re-scored)\n",
          g_reg_pairs, g_reg_rescored_runs, g_filter_pairs, g_filter_falls, g_few_decided,
-         g_few_deferred, g_few_falls);
+         g_few_deferred, g_few_falls, g_decreg_pairs, g_decreg_rescored_runs);
   gpu_free(g_stats);
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

@@ -1168,6 +1168,7 @@ typedef struct {
   m3s_topk_tc_stats *stats;
   int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
   int reg_few; /* the reg_few hook: tc_select_reg_kernel by tc_reg_few */
+  int64_t min_rows; /* rows with entries: TC_MIN_ROWS per request, 1 where all_scored */
 } tc_select_args;
 
 /* The rank of (score, id) as one integer, larger = ranks first: ordered
@@ -2057,11 +2058,13 @@ __device__ __forceinline__ void tc_reg_load(const tc_select_args &a, int64_t lp,
   }
 }
 
-/* Whether the register selection applies to a pair with nb > K. */
+/* Whether the register selection applies to a pair with nb > K: its row
+ * has entries (its request has a.min_rows rows or more) and at most 32 R
+ * candidates. */
 template <int R>
 __device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a, const m3s_row_info &ri,
                                               int64_t nb) {
-  return !a.measure && ri.n >= TC_MIN_ROWS && a.topk > a.init + a.local &&
+  return !a.measure && ri.n >= a.min_rows && a.topk > a.init + a.local &&
          nb - a.local - a.init <= 32 * R;
 }
 
@@ -2952,10 +2955,12 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
 /* Phase 2 over se.npairs (row, head) pairs from se.row0: a CTA per pair when
  * there are no more pairs than SMs, or for decode batches of at most two pairs
  * per SM or of many candidates at up to four (host bounds only); else a warp
- * per pair. */
+ * per pair. rounds: the rounds kernel wherever the register selection would
+ * run; dec_reg (the decode_reg hook): decode batches take the register
+ * selection as prefill chunks do (the caller zeroed the list's count). */
 static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
-                                   const tc_select_args &se, int rounds, cudaStream_t stream,
-                                   const char *fn) {
+                                   const tc_select_args &se, int rounds, int dec_reg,
+                                   cudaStream_t stream, const char *fn) {
   const int64_t sms = m3s_cuda_num_sms(ctx);
   /* candidates per pair at most: the blocks of max_seq_len less the forced */
   const int64_t cand = se.max_nb - se.init - se.local;
@@ -2990,7 +2995,7 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
    * read a pair's entries three times or more from memory and ranked them
    * by W + 1 rounds of a 64-bit warp maximum */
   const int pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
-  const int r = rounds || se.all_scored ? 0
+  const int r = rounds || (se.all_scored && !dec_reg) ? 0
                 : cand <= 32                  ? 1
                 : cand <= 64                  ? 2
                 : cand <= 128                 ? 4
@@ -3067,6 +3072,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.stats = hooks.stats;
   se.reg_few = hooks.reg_few;
   se.all_scored = 0;
+  se.min_rows = TC_MIN_ROWS;
   se.pdl = 0; /* set for the launches that take it (tc_launch_select) */
   se.list = (int32_t *)((unsigned char *)exec->workspace + need - tc_list_bytes(plan.chunk_rows, hkv));
   sa.count = se.list;
@@ -3082,7 +3088,16 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     se.row0 = 0;
     se.npairs = plan.rows * hkv;
     se.all_scored = 1;
-    return tc_launch_select(ctx, cb, se, hooks.rounds_select, stream, fn);
+    se.min_rows = 1;
+    /* the decode_reg hook: the register kernel's list count, which a
+     * prefill chunk's score kernel zeroes */
+    if (hooks.decode_reg) {
+      cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
+      if (err != cudaSuccess)
+        return m3s_fail(M3S_ERR_CUDA, fn, "cudaMemsetAsync(deferred-pair count) failed: %s",
+                        cudaGetErrorString(err));
+    }
+    return tc_launch_select(ctx, cb, se, hooks.rounds_select, hooks.decode_reg, stream, fn);
   }
 
   const int64_t sms = m3s_cuda_num_sms(ctx);
@@ -3141,7 +3156,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */
-    st = tc_launch_select(ctx, cb, se, hooks.rounds_select, stream, fn);
+    st = tc_launch_select(ctx, cb, se, hooks.rounds_select, 0, stream, fn);
     if (st)
       return st;
   }

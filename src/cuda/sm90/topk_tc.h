@@ -62,7 +62,11 @@ typedef struct {
  *  reg_few:    the register selection decides a pair from one compaction
  *              of its candidates that are not surely out (tc_reg_few)
  *              instead of a class and output pass over every slot: for
- *              A/B timings before it becomes the default. */
+ *              A/B timings before it becomes the default.
+ *  decode_reg: decode batches of more pairs than two per SM and at most
+ *              512 candidates per pair take the register selection and
+ *              its deferred kernel (as prefill chunks do) instead of the
+ *              rounds kernel (tc_select_kernel): for A/B timings. */
 typedef struct {
   int exact_only;
   int no_rescore;
@@ -73,6 +77,7 @@ typedef struct {
   int rounds_select;
   int score_waves;
   int reg_few;
+  int decode_reg;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults; a CPU context ignores the call. Internal (not
