@@ -250,12 +250,20 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
       g_few_falls += fs.reg_few_falls;
     }
     if (!mma && g.batch.uniform_q_len > 0) {
-      /* decode batches on the register selection (the decode_reg hook, for A/B) */
-      m3s_topk_tc_stats ds;
-      CHECK(run_gpu(&f, &g, expect, RUN_DECODE_REG, 0, name, &ds) == 0,
-            "decode_reg: equal to the CPU backend");
-      g_decreg_pairs += ds.reg_pairs;
-      g_decreg_rescored_runs += ds.reg_pairs > 0 && ds.rescored > 0;
+      /* decode batches on the register selection (the decode_reg hook, for
+       * A/B), with the context's PDL rule and with PDL forced on (its
+       * deferred kernel's wait) */
+      for (int pdl = -1; pdl <= 1; pdl += 2) {
+        m3s_topk_tc_stats ds;
+        m3s_cuda_set_pdl(g_gpu, pdl);
+        CHECK(run_gpu(&f, &g, expect, RUN_DECODE_REG, 0, name, &ds) == 0,
+              "decode_reg: equal to the CPU backend");
+        g_decreg_pairs += ds.reg_pairs;
+        /* every pair by the register path: re-scores by the deferred
+         * kernel's shared path, not tc_select_one's */
+        g_decreg_rescored_runs += ds.reg_pairs == ds.pairs && ds.rescored > 0;
+      }
+      m3s_cuda_set_pdl(g_gpu, -1);
     }
     g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
     long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
@@ -616,6 +624,15 @@ static void test_decode(void) {
   case_mods lbw = {last_bit, NULL, 1, 0, PATH_WARP};
   run_case("decode_last_bit_more_pairs_than_sms_hkv1_q5",
            decode_spec(m3s_config_minimax_m3(4), 63, 5, sm_), &lbw);
+  /* the same without the requests of more than 32 uncertain blocks: under
+   * the decode_reg hook (these two are the cases it moves to the register
+   * selection) every pair is decided by the register kernel or the
+   * deferred kernel's shared re-scores */
+  static int32_t ss_[63];
+  for (int r = 0; r < 63; r++)
+    ss_[r] = 2200 + (r * 419) % 1900;
+  run_case("decode_last_bit_more_pairs_than_sms_hkv1_q5_short",
+           decode_spec(m3s_config_minimax_m3(4), 63, 5, ss_), &lbw);
   case_mods eq = {equal_maxima, NULL, 0, 0, PATH_ANY};
   run_case("decode_equal_maxima_tp1", decode_spec(m3s_config_minimax_m3(1), 4, 1, sa), &eq);
   case_mods cw = {cancel_wide, NULL, 0, 0, PATH_ANY};

@@ -2957,7 +2957,7 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
  * per SM or of many candidates at up to four (host bounds only); else a warp
  * per pair. rounds: the rounds kernel wherever the register selection would
  * run; dec_reg (the decode_reg hook): decode batches take the register
- * selection as prefill chunks do (the caller zeroed the list's count). */
+ * selection as prefill chunks do, behind a memset node of the list's count. */
 static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
                                    const tc_select_args &se, int rounds, int dec_reg,
                                    cudaStream_t stream, const char *fn) {
@@ -3002,6 +3002,14 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                 : cand <= 256                 ? 8
                 : cand <= 512                 ? 16
                                               : 0;
+  if (r && se.all_scored) {
+    /* the decode_reg hook: the list's count, which a prefill chunk's score
+     * kernel zeroes and the decode streaming kernel does not know */
+    cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
+    if (err != cudaSuccess)
+      return m3s_fail(M3S_ERR_CUDA, fn, "cudaMemsetAsync(deferred-pair count) failed: %s",
+                      cudaGetErrorString(err));
+  }
   switch (r) {
   case 1: return tc_launch_reg<1>(sms, cb, se, pdl, stream, fn);
   case 2: return tc_launch_reg<2>(sms, cb, se, pdl, stream, fn);
@@ -3089,14 +3097,6 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     se.npairs = plan.rows * hkv;
     se.all_scored = 1;
     se.min_rows = 1;
-    /* the decode_reg hook: the register kernel's list count, which a
-     * prefill chunk's score kernel zeroes */
-    if (hooks.decode_reg) {
-      cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
-      if (err != cudaSuccess)
-        return m3s_fail(M3S_ERR_CUDA, fn, "cudaMemsetAsync(deferred-pair count) failed: %s",
-                        cudaGetErrorString(err));
-    }
     return tc_launch_select(ctx, cb, se, hooks.rounds_select, hooks.decode_reg, stream, fn);
   }
 

@@ -63,10 +63,12 @@ typedef struct {
  *              of its candidates that are not surely out (tc_reg_few)
  *              instead of a class and output pass over every slot: for
  *              A/B timings before it becomes the default.
- *  decode_reg: decode batches of more pairs than two per SM and at most
- *              512 candidates per pair take the register selection and
- *              its deferred kernel (as prefill chunks do) instead of the
- *              rounds kernel (tc_select_kernel): for A/B timings. */
+ *  decode_reg: the decode batches the dispatch gives the rounds kernel
+ *              (tc_select_kernel: more pairs than two per SM, not the
+ *              many-candidate batches of up to four per SM) take the
+ *              register selection and its deferred kernel, as prefill
+ *              chunks do, where they have at most 512 candidates per
+ *              pair: for A/B timings. */
 typedef struct {
   int exact_only;
   int no_rescore;
