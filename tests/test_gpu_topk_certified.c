@@ -803,7 +803,8 @@ int main(void) {
     CHECK(g_reg_rescored_runs > 0, "the register selection re-scored uncertain blocks");
     CHECK(g_filter_pairs > 0, "the register selection ranked pairs by tc_filter_ranks");
     CHECK(g_filter_falls > 0, "tc_filter_ranks declined pairs (ties, K = 64) to the rounds");
-    CHECK(g_few_decided > 0 && g_few_deferred > 0, "reg_few: tc_reg_few decided and deferred pairs");
+    CHECK(g_few_decided > 0 && g_few_deferred > 0,
+          "reg_few: tc_reg_few decided and deferred pairs");
     CHECK(g_few_falls > 0, "reg_few: tc_reg_few left pairs (K = 64, ties) to the slot path");
     /* the hook moves only batches of more pairs than two per SM */
     if (g_decreg_runs > 0)
