@@ -104,12 +104,7 @@ typedef struct {
  * blocks than K: the same only for cases without padded or short rows, as
  * these); a long prefill chunk's, the register selection. */
 static void check_path(const char *name, int path, const m3s_topk_tc_stats *cs) {
-  int dev = 0, sms = 0;
-  if (!CHECK(cudaGetDevice(&dev) == cudaSuccess &&
-                 cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) ==
-                     cudaSuccess,
-             "SM count"))
-    return;
+  const int sms = g_sms;
   const unsigned long long wide = cs->few_pairs + cs->radix_pairs;
   if (path == PATH_WIDE2 && cs->pairs > (unsigned long long)sms &&
       cs->pairs <= 2ull * (unsigned long long)sms)
@@ -768,10 +763,18 @@ int main(void) {
    * inputs, after every default result is printed. PDL: see run_case and
    * test_graph. */
   int dev = 0, major = 0, passes = 1;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    g_sms = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess &&
+  const int dev_ok = cudaGetDevice(&dev) == cudaSuccess;
+  /* the SM count decides which selection path a case must take (check_path,
+   * the decode_reg requirement) */
+  if (!CHECK(dev_ok && cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev) ==
+                           cudaSuccess,
+             "SM count")) {
+    gpu_free(g_stats);
+    m3s_context_destroy(g_cpu);
+    m3s_context_destroy(g_gpu);
+    return TEST_FINISH();
+  }
+  if (dev_ok &&
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
       major == 9) {
     const char *env = getenv("M3S_TEST_MMA_SYNC");

@@ -1168,7 +1168,10 @@ typedef struct {
   m3s_topk_tc_stats *stats;
   int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
   int reg_few; /* the reg_few hook: tc_select_reg_kernel by tc_reg_few */
-  int64_t min_rows; /* rows with entries: TC_MIN_ROWS per request, 1 where all_scored */
+  /* rows a request needs for entries: TC_MIN_ROWS, 1 where all_scored (a
+   * field, not derived in tc_reg_covers: an int64 compare against the
+   * argument keeps the default register kernels' registers) */
+  int64_t min_rows;
 } tc_select_args;
 
 /* The rank of (score, id) as one integer, larger = ranks first: ordered
@@ -1232,6 +1235,15 @@ __device__ __forceinline__ unsigned long long tc_entry_key(const float2 *W, int6
 /* The float whose tc_ord is ord (ord != 0). */
 __device__ __forceinline__ float tc_unord(uint32_t ord) {
   return __uint_as_float((ord & 0x80000000u) ? (ord & 0x7fffffffu) : ~ord);
+}
+
+/* The thresholds u' and l' of tc_select_classify: the ordered S~ of ranks
+ * need_u (k_u) and need_l (k_l) widened outwards by the largest finite E;
+ * a rank of 0 (k = 0) leaves its side open. */
+__device__ __forceinline__ void tc_widen(uint32_t k_l, uint32_t k_u, float e_max, float &l_p,
+                                         float &u_p) {
+  u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
+  l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
 }
 
 #define TC_CACHE 4 /* keys each lane keeps between rescans */
@@ -1579,8 +1591,8 @@ static __device__ __forceinline__ tc_sel_state tc_select_classify(const m3s_cuda
                need_u, &k_u);
     /* (k == 0 cannot happen, since need <= f; the fallbacks keep the slots
      * from overflowing whatever the entries hold) */
-    const float u_p = k_u ? __fadd_ru(tc_unord((uint32_t)(k_u >> 32)), e_max) : INFINITY;
-    const float l_p = k_l ? __fsub_rd(tc_unord((uint32_t)(k_l >> 32)), e_max) : -INFINITY;
+    float u_p, l_p;
+    tc_widen((uint32_t)(k_l >> 32), (uint32_t)(k_u >> 32), e_max, l_p, u_p);
     /* test hook: every candidate's bound against its reference score,
      * before any entry is rewritten */
     for (int64_t b = lo; a.measure && b < hi; b++) {
@@ -2068,6 +2080,28 @@ __device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a, const m3s
          nb - a.local - a.init <= 32 * R;
 }
 
+/* The first pass over a covered pair's n candidates in S slots: each
+ * slot's ordered S~ (0 for a whole-line or missing entry) into key, the
+ * bits of the largest finite E into e_bits (non-negative floats order as
+ * their bits); returns this lane's whole-line entries. */
+template <int R, int S>
+__device__ __forceinline__ int tc_reg_keys(int n, const float2 (&e)[R], uint32_t (&key)[S],
+                                           uint32_t &e_bits) {
+  const int lane = threadIdx.x & 31;
+  int lane_inf = 0;
+  e_bits = 0;
+#pragma unroll
+  for (int i = 0; i < S; i++) {
+    const int j = lane + 32 * i;
+    const bool whole = j < n && tc_whole_line(e[i]);
+    const bool finite = j < n && !whole;
+    lane_inf += whole;
+    key[i] = finite ? tc_ord(e[i].x) : 0u;
+    e_bits = finite && e[i].y > 0.0f ? max(e_bits, __float_as_uint(e[i].y)) : e_bits;
+  }
+  return lane_inf;
+}
+
 /* The classes of a covered pair's n candidates (entries e) against the
  * thresholds u' and l' of tc_select_classify: the need_l-th and need_u-th
  * largest S~ among the finite entries (whole-line and missing entries sort
@@ -2083,18 +2117,9 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
   static_assert(S <= R, "the slots in use are R's first");
-  uint32_t key[S];
-  int lane_inf = 0; /* counts per lane, summed once (not a ballot per slot) */
-  uint32_t e_bits = 0;
-#pragma unroll
-  for (int i = 0; i < S; i++) {
-    const int j = lane + 32 * i;
-    const bool whole = j < n && tc_whole_line(e[i]);
-    const bool finite = j < n && !whole;
-    lane_inf += whole;
-    key[i] = finite ? tc_ord(e[i].x) : 0u;
-    e_bits = finite && e[i].y > 0.0f ? max(e_bits, __float_as_uint(e[i].y)) : e_bits;
-  }
+  uint32_t key[S], e_bits;
+  /* counts per lane, summed once (not a ballot per slot) */
+  const int lane_inf = tc_reg_keys<R, S>(n, e, key, e_bits);
   const int n_inf = (int)__reduce_add_sync(TC_FULL, (unsigned)lane_inf);
   const float e_max = __uint_as_float(__reduce_max_sync(TC_FULL, e_bits));
   const int f = n - n_inf;
@@ -2117,8 +2142,8 @@ __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
       k_u = need_u ? tc_sorted_at<S>(key, need_u - 1) : 0u;
     }
   }
-  const float u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
-  const float l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
+  float u_p, l_p;
+  tc_widen(k_l, k_u, e_max, l_p, u_p);
   int lane_in = 0, lane_q = 0;
 #pragma unroll
   for (int i = 0; i < S; i++) {
@@ -2252,17 +2277,12 @@ __device__ __forceinline__ int tc_reg_few(const tc_select_args &a, int64_t nb, i
   const int lane = threadIdx.x & 31;
   const uint32_t lt = (1u << lane) - 1u;
   const int want = a.topk - a.init - a.local;
-  int lane_inf = 0;
-  uint32_t e_bits = 0, top[1] = {0u};
+  uint32_t key[S], e_bits;
+  const int lane_inf = tc_reg_keys<R, S>(n, e, key, e_bits);
+  uint32_t top[1] = {key[0]};
 #pragma unroll
-  for (int i = 0; i < S; i++) {
-    const int j = lane + 32 * i;
-    const bool whole = j < n && tc_whole_line(e[i]);
-    const bool finite = j < n && !whole;
-    lane_inf += whole;
-    top[0] = finite ? max(top[0], tc_ord(e[i].x)) : top[0];
-    e_bits = finite && e[i].y > 0.0f ? max(e_bits, __float_as_uint(e[i].y)) : e_bits;
-  }
+  for (int i = 1; i < S; i++)
+    top[0] = max(top[0], key[i]);
   /* a whole-line block is uncertain whatever the thresholds */
   if (__reduce_add_sync(TC_FULL, (unsigned)lane_inf) > 0)
     return 1;
@@ -2296,8 +2316,8 @@ __device__ __forceinline__ int tc_reg_few(const tc_select_args &a, int64_t nb, i
   uint32_t x[1] = {mine ? tc_ord(me.x) : 0u};
   tc_sort_desc<1>(x);
   const uint32_t k_l = tc_sorted_at<1>(x, need_l - 1), k_u = tc_sorted_at<1>(x, need_u - 1);
-  const float u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
-  const float l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
+  float u_p, l_p;
+  tc_widen(k_l, k_u, e_max, l_p, u_p);
   const int cls = mine ? tc_class(me, u_p, l_p) : TC_OUT;
   if (__reduce_add_sync(TC_FULL, (unsigned)(cls == TC_UNSURE)) > 0)
     return 1;
@@ -2764,8 +2784,8 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
     tc_wide_ranks(W, lo, hi, sm);
   }
   const float ef = __uint_as_float(sm.e_max);
-  const float l_p = sm.pre[0] ? __fsub_rd(tc_unord(sm.pre[0]), ef) : -INFINITY;
-  const float u_p = sm.pre[1] ? __fadd_ru(tc_unord(sm.pre[1]), ef) : INFINITY;
+  float u_p, l_p;
+  tc_widen(sm.pre[0], sm.pre[1], ef, l_p, u_p);
   for (int64_t b = lo + tid; b < hi; b += TC_WIDE_THREADS) {
     const int c = tc_class(W[b], u_p, l_p);
     if (c == TC_IN) {
