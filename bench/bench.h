@@ -102,9 +102,7 @@ typedef struct {
   int token_major, lse, sel_token, no_graph, no_ceilings, batch_invariant;
   int score_waves; /* 0: the library's default */
   int topk_path; /* 0 default, 1 exact CUDA-core, 2 certified mma.sync, 3 certified decode
-                    for any batch, 4 rounds selection, 5 no re-scoring (not exact),
-                    6 the register selection by tc_reg_few (the reg_few hook),
-                    7 decode batches on the register selection (decode_reg) */
+                    for any batch, 4 rounds selection, 5 no re-scoring (not exact) */
   int attn_generic; /* 1: attention on the generic kernel (--attn-path generic) */
   int attn_union;   /* 1: the union kernel without its size rule (--attn-path union) */
   int attn_wgmma;   /* 1: and its warpgroup consumers (--attn-path union-wgmma) */

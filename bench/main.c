@@ -106,13 +106,7 @@ static void usage(FILE *f) {
 "                    kernel also for the small batches the dispatch keeps on\n"
 "                    the exact kernel), rounds (certified, the selection by\n"
 "                    warp-maximum rounds also where the register selection is\n"
-"                    the default), reg-few (certified, the register selection\n"
-"                    by one compaction of each pair's candidates that are not\n"
-"                    surely out, for chunks of 33-512 candidates per pair: the\n"
-"                    reg_few hook, for A/B), dec-reg (certified, the decode\n"
-"                    batches of the rounds kernel with up to 512 candidates\n"
-"                    per pair on the register selection: the decode_reg\n"
-"                    hook, for A/B) or\n"
+"                    the default) or\n"
 "                    no-rescore (certified, uncertain blocks decided by their\n"
 "                    tensor-core score: NOT exact, only to time what the\n"
 "                    re-scoring costs)\n"
@@ -311,13 +305,9 @@ static int parse_args(int argc, char **argv, options *o) {
         o->topk_path = 4;
       else if (strcmp(optarg, "no-rescore") == 0)
         o->topk_path = 5;
-      else if (strcmp(optarg, "reg-few") == 0)
-        o->topk_path = 6;
-      else if (strcmp(optarg, "dec-reg") == 0)
-        o->topk_path = 7;
       else {
-        fprintf(stderr, "m3s-bench: --topk-path must be default, exact, mma, certified, rounds, "
-                        "reg-few, dec-reg or no-rescore\n");
+        fprintf(stderr, "m3s-bench: --topk-path must be default, exact, mma, certified, rounds "
+                        "or no-rescore\n");
         return 0;
       }
       break;
@@ -447,8 +437,6 @@ int main(int argc, char **argv) {
     h.decode_any = o->topk_path == 3;
     h.rounds_select = o->topk_path == 4;
     h.no_rescore = o->topk_path == 5;
-    h.reg_few = o->topk_path == 6;
-    h.decode_reg = o->topk_path == 7;
     h.score_waves = o->score_waves;
     m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s",
@@ -457,8 +445,6 @@ int main(int argc, char **argv) {
            : o->topk_path == 2 ? "certified, mma.sync score kernel"
            : o->topk_path == 3 ? "certified, every decode batch on the streaming kernel"
            : o->topk_path == 4 ? "certified, selection by warp-maximum rounds"
-           : o->topk_path == 6 ? "certified, register selection by one compaction (reg_few)"
-           : o->topk_path == 7 ? "certified, decode batches on the register selection (decode_reg)"
                                : "certified WITHOUT re-scoring (not exact: timing only)");
     if (o->score_waves)
       printf(", score kernel at about %d items per SM", o->score_waves);

@@ -65,13 +65,9 @@ static unsigned long long g_tma_ctas; /* default pass: CTAs of the decode kernel
 static unsigned long long g_reg_pairs; /* pairs the register selection decided (certified runs) */
 /* register selection pairs ranked by tc_filter_ranks, and where it declined */
 static unsigned long long g_filter_pairs, g_filter_falls;
-/* the reg_few hook's runs: pairs tc_reg_few decided, deferred, left to the slot path */
+/* certified runs: register selection pairs tc_reg_few decided, deferred, left to the slot
+ * path */
 static unsigned long long g_few_decided, g_few_deferred, g_few_falls;
-/* the decode_reg hook's runs of the decode cases: pairs the register selection decided, and
- * runs where it decided pairs and blocks were re-scored (its deferred kernel) */
-static unsigned long long g_decreg_pairs;
-static int g_decreg_rescored_runs;
-static int g_decreg_runs; /* decode runs under it with more pairs than two per SM */
 static int g_sms;         /* the device's SM count */
 /* certified runs whose every pair the register selection decided and that
  * re-scored blocks: its re-scoring path ran */
@@ -146,7 +142,7 @@ static long count_mismatches(const fixture *f, const int32_t *expect, const char
   return bad;
 }
 
-enum { RUN_CERTIFIED, RUN_MEASURE, RUN_NO_RESCORE, RUN_EXACT, RUN_REG_FEW, RUN_DECODE_REG };
+enum { RUN_CERTIFIED, RUN_MEASURE, RUN_NO_RESCORE, RUN_EXACT };
 
 /* One CUDA run with the hook set for mode; returns mismatches against
  * expect (-1 when the run failed), stats in *st. */
@@ -158,8 +154,6 @@ static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int 
   h.exact_only = mode == RUN_EXACT;
   h.no_rescore = mode == RUN_NO_RESCORE;
   h.measure = mode == RUN_MEASURE;
-  h.reg_few = mode == RUN_REG_FEW;
-  h.decode_reg = mode == RUN_DECODE_REG;
   h.stats = g_stats;
   h.mma_sync = mma_sync;
   h.decode_any = 1; /* the decode fixtures are smaller than the default's threshold */
@@ -235,34 +229,13 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     g_reg_pairs += cs.reg_pairs;
     g_filter_pairs += cs.filter_pairs;
     g_filter_falls += cs.filter_falls;
-    if (!mma && cs.reg_pairs > 0) {
-      /* the register selection by tc_reg_few (the reg_few hook, for A/B) */
-      m3s_topk_tc_stats fs;
-      CHECK(run_gpu(&f, &g, expect, RUN_REG_FEW, 0, name, &fs) == 0,
-            "reg_few: equal to the CPU backend");
-      CHECK(fs.reg_few_wrong == 0,
-            "reg_few: tc_reg_few decided or deferred each pair as the slot path does");
-      g_few_decided += fs.reg_few_decided;
-      g_few_deferred += fs.reg_few_deferred;
-      g_few_falls += fs.reg_few_falls;
-    }
-    if (!mma && g.batch.uniform_q_len > 0) {
-      /* decode batches on the register selection (the decode_reg hook, for
-       * A/B), with the context's PDL rule and with PDL forced on (its
-       * deferred kernel's wait) */
-      for (int pdl = -1; pdl <= 1; pdl += 2) {
-        m3s_topk_tc_stats ds;
-        m3s_cuda_set_pdl(g_gpu, pdl);
-        CHECK(run_gpu(&f, &g, expect, RUN_DECODE_REG, 0, name, &ds) == 0,
-              "decode_reg: equal to the CPU backend");
-        g_decreg_pairs += ds.reg_pairs;
-        g_decreg_runs += ds.pairs > 2ull * (unsigned long long)g_sms;
-        /* every pair by the register path: re-scores by the deferred
-         * kernel's shared path, not tc_select_one's */
-        g_decreg_rescored_runs += ds.reg_pairs == ds.pairs && ds.rescored > 0;
-      }
-      m3s_cuda_set_pdl(g_gpu, -1);
-    }
+    /* the register selection by tc_reg_few, checked under stats against
+     * the slot path on every pair it took */
+    CHECK(cs.reg_few_wrong == 0,
+          "reg_few: tc_reg_few decided or deferred each pair as the slot path does");
+    g_few_decided += cs.reg_few_decided;
+    g_few_deferred += cs.reg_few_deferred;
+    g_few_falls += cs.reg_few_falls;
     g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
     long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
     CHECK(mbad == 0, name);
@@ -622,15 +595,6 @@ static void test_decode(void) {
   case_mods lbw = {last_bit, NULL, 1, 0, PATH_WARP};
   run_case("decode_last_bit_more_pairs_than_sms_hkv1_q5",
            decode_spec(m3s_config_minimax_m3(4), 63, 5, sm_), &lbw);
-  /* the same without the requests of more than 32 uncertain blocks: under
-   * the decode_reg hook (these two are the cases it moves to the register
-   * selection) every pair is decided by the register kernel or the
-   * deferred kernel's shared re-scores */
-  static int32_t ss_[63];
-  for (int r = 0; r < 63; r++)
-    ss_[r] = 2200 + (r * 419) % 1900;
-  run_case("decode_last_bit_more_pairs_than_sms_hkv1_q5_short",
-           decode_spec(m3s_config_minimax_m3(4), 63, 5, ss_), &lbw);
   case_mods eq = {equal_maxima, NULL, 0, 0, PATH_ANY};
   run_case("decode_equal_maxima_tp1", decode_spec(m3s_config_minimax_m3(1), 4, 1, sa), &eq);
   case_mods cw = {cancel_wide, NULL, 0, 0, PATH_ANY};
@@ -764,8 +728,7 @@ int main(void) {
    * test_graph. */
   int dev = 0, major = 0, passes = 1;
   const int dev_ok = cudaGetDevice(&dev) == cudaSuccess;
-  /* the SM count decides which selection path a case must take (check_path,
-   * the decode_reg requirement) */
+  /* the SM count decides which selection path a case must take (check_path) */
   if (!CHECK(dev_ok && cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev) ==
                            cudaSuccess,
              "SM count")) {
@@ -809,20 +772,12 @@ int main(void) {
     CHECK(g_few_decided > 0 && g_few_deferred > 0,
           "reg_few: tc_reg_few decided and deferred pairs");
     CHECK(g_few_falls > 0, "reg_few: tc_reg_few left pairs (K = 64, ties) to the slot path");
-    /* the hook moves only batches of more pairs than two per SM */
-    if (g_decreg_runs > 0)
-      CHECK(g_decreg_pairs > 0 && g_decreg_rescored_runs > 0,
-            "decode_reg: the register selection decided decode pairs and its deferred kernel "
-            "re-scored blocks");
-    else
-      printf("test_gpu_topk_certified: decode_reg NOT CHECKED: no decode case has more pairs "
-             "than two per SM on %d SMs\n", g_sms);
   }
   printf("test_gpu_topk_certified: %llu pairs decided by the register selection, %d runs "
          "re-scored on it alone; filter ranked %llu, declined %llu; reg_few decided %llu, "
-         "deferred %llu, left %llu; decode_reg decided %llu decode pairs (%d runs re-scored)\n",
+         "deferred %llu, left %llu\n",
          g_reg_pairs, g_reg_rescored_runs, g_filter_pairs, g_filter_falls, g_few_decided,
-         g_few_deferred, g_few_falls, g_decreg_pairs, g_decreg_rescored_runs);
+         g_few_deferred, g_few_falls);
   gpu_free(g_stats);
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);

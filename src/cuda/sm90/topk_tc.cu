@@ -46,10 +46,10 @@
  *     where a lane holds 4 or more slots (tc_filter_ranks: the values at or
  *     above the need-th largest of the lanes' maxima, sorted once), else
  *     from one bitonic sort (up to 128 candidates) or tc_ranked_pair (more),
- *     and decides
- *     every pair with no uncertain block (at least ~88% of
- *     a random 8K prompt's: 2946 blocks re-scored over 24576 scored pairs
- *     in test_gpu_topk_certified);
+ *     and decides (from 33 candidates on by one compaction of those not
+ *     surely out, tc_reg_few) every pair with no uncertain block (at least
+ *     ~88% of a random 8K prompt's: 2946 blocks re-scored over 24576 scored
+ *     pairs in test_gpu_topk_certified);
  *     tc_select_deferred_kernel takes the rest, listed in the
  *     workspace: the same register path with the exact re-scores (a CTA's
  *     warps sharing its pairs' re-scores), or the per-pair code above (more
@@ -91,7 +91,10 @@
  * score kernel (2026-12-06, H100): top-k 8K / 16K / 64K 160.6 / 529.4 /
  * 6327 -> 148.8 / 415.3 / 5289 us, 4K behind 60K 749 -> 602 us. The
  * filter ranking (2026-12-06, H100): top-k 16K 392.9 -> 368.4 us, 32K / 64K
- * / 4K behind 60K -2%, 8K unchanged. */
+ * / 4K behind 60K -2%, 8K unchanged. The decision by one compaction
+ * (tc_reg_few, 2026-12-06, H100): top-k 32K 1278 -> 1238 us, 64K 4986 ->
+ * 4859 us, ragged 8 x 2K 628 -> 605 us; 8K, 16K and 4K behind 60K within
+ * 1%. */
 #include "../common.cuh"
 #include "../launch.h"
 #include "../mma.cuh"
@@ -1167,10 +1170,9 @@ typedef struct {
   int32_t *list;  /* tc_select_reg_kernel's deferred pairs: count, then indices */
   m3s_topk_tc_stats *stats;
   int pdl; /* launched with programmatic dependent launch: trigger the next (launch.h) */
-  int reg_few; /* the reg_few hook: tc_select_reg_kernel by tc_reg_few */
-  /* rows a request needs for entries: TC_MIN_ROWS, 1 where all_scored (a
-   * field, not derived in tc_reg_covers: an int64 compare against the
-   * argument keeps the default register kernels' registers) */
+  /* TC_MIN_ROWS, the rows a request needs for entries, as a field: compared
+   * against a constant in tc_reg_covers, ptxas 13.0 spills 20 bytes in
+   * tc_select_reg_kernel<4, 1> */
   int64_t min_rows;
 } tc_select_args;
 
@@ -2255,10 +2257,10 @@ typedef struct {
 } tc_few_room;
 
 /* tc_reg_classify and tc_reg_write of a covered pair in one compaction,
- * with no class or output pass over the S slots (the reg_few hook, for A/B
- * against them). T, the need-th largest of the lanes' maxima (need = need_u
- * here), is at most the need-th largest S~ (tc_filter_ranks), so T <= k_u <=
- * k_l and l_T = T - e_max rounded down is at most l'. Every candidate whose
+ * with no class or output pass over the S slots. T, the need-th largest of
+ * the lanes' maxima (need = need_u here), is at most the need-th largest S~
+ * (tc_filter_ranks), so T <= k_u <= k_l and l_T = T - e_max rounded down
+ * is at most l'. Every candidate whose
  * upper bound U reaches l_T goes to room, one per lane, in candidate order:
  * they hold the values >= T (U >= S~), hence every rank up to need, and
  * every candidate that is not surely out. The others are out by
@@ -2353,7 +2355,7 @@ __device__ __forceinline__ int tc_reg_few_n(const tc_select_args &a, int64_t nb,
 /* Phase 2 for chunks whose pairs have at most 32 R candidates (contexts up
  * to 32 R + init + local blocks), a warp per pair: each lane keeps its R
  * entries in registers (shared memory: tc_filter_ranks' 32 words per warp,
- * and tc_reg_few's room under the hook). It decides the pairs with no
+ * and tc_reg_few's room). It decides the pairs with no
  * uncertain block; the others (an uncertain or whole-line block, short
  * requests scored exactly, the measure hook, no candidate slots) are
  * appended to the deferred list (a.list: count, then pair indices; the
@@ -2365,10 +2367,12 @@ __device__ __forceinline__ int tc_reg_few_n(const tc_select_args &a, int64_t nb,
  * lookup, only its own candidates, and ranked on the fewest slots that hold
  * them (tc_reg_classify_n): at the 64K prompt a pair has 0-512 candidates,
  * and reading and ranking all 512 slots measured 3% slower (H100). FEW
- * (the reg_few hook, R >= 2): 1 pairs by tc_reg_few first, in its own
- * instantiation so the default's code is not touched; 2 (the hook with
- * stats: tests) also decides each pair tc_reg_few took by the slot path and
- * counts where the two disagree (reg_few_wrong). */
+ * (R >= 2): 1 pairs by tc_reg_few first (one compaction of the candidates
+ * not surely out instead of a class and output pass over every slot: H100
+ * top-k 32K / 64K / ragged 8 x 2K -3.1 / -2.5 / -3.7%), the slot path for
+ * what it declines; 2 (with stats: tests) also decides each pair
+ * tc_reg_few took by the slot path and counts where the two disagree
+ * (reg_few_wrong). */
 template <int R, int FEW = 0>
 static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     tc_select_reg_kernel(m3s_cuda_batch bt, tc_select_args a) {
@@ -2394,7 +2398,7 @@ static __global__ void __launch_bounds__(TC_SEL_WARPS * 32, TC_REG_CTAS(R))
     if constexpr (R >= 8)
       tc_reg_load<R>(a, lp, n, e);
     const bool covers = tc_reg_covers<R>(a, ri, nb);
-    /* the reg_few hook: 0 decided, 1 deferred, -1 the slot path below */
+    /* tc_reg_few: 0 decided, 1 deferred, -1 the slot path below */
     int few = -1;
     if constexpr (FEW > 0)
       if (covers)
@@ -2960,10 +2964,13 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
                 wave = sms * TC_REG_CTAS(R);
   tc_select_args sr = se;
   sr.pdl = pdl;
-  void (*reg)(m3s_cuda_batch, tc_select_args) =
-      R < 2 || !se.reg_few ? tc_select_reg_kernel<R>
-      : se.stats           ? tc_select_reg_kernel<R, (R >= 2 ? 2 : 0)>
-                           : tc_select_reg_kernel<R, (R >= 2 ? 1 : 0)>;
+  /* tc_reg_few from R 2 on (its checking form under stats), only the
+   * forms launched instantiated */
+  void (*reg)(m3s_cuda_batch, tc_select_args);
+  if constexpr (R < 2)
+    reg = tc_select_reg_kernel<R>;
+  else
+    reg = se.stats ? tc_select_reg_kernel<R, 2> : tc_select_reg_kernel<R, 1>;
   reg<<<(unsigned)(ctas < wave ? ctas : wave), TC_SEL_WARPS * 32, 0, stream>>>(cb, sr);
   m3s_status st = m3s_cuda_check_launch(fn, "tc_select_reg_kernel");
   if (st)
@@ -2976,11 +2983,10 @@ static m3s_status tc_launch_reg(int64_t sms, const m3s_cuda_batch &cb, const tc_
  * there are no more pairs than SMs, or for decode batches of at most two pairs
  * per SM or of many candidates at up to four (host bounds only); else a warp
  * per pair. rounds: the rounds kernel wherever the register selection would
- * run; dec_reg (the decode_reg hook): decode batches take the register
- * selection as prefill chunks do, behind a memset node of the list's count. */
+ * run. */
 static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch &cb,
-                                   const tc_select_args &se, int rounds, int dec_reg,
-                                   cudaStream_t stream, const char *fn) {
+                                   const tc_select_args &se, int rounds, cudaStream_t stream,
+                                   const char *fn) {
   const int64_t sms = m3s_cuda_num_sms(ctx);
   /* candidates per pair at most: the blocks of max_seq_len less the forced */
   const int64_t cand = se.max_nb - se.init - se.local;
@@ -3007,29 +3013,23 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
                       dim3((unsigned)se.npairs), dim3(TC_WIDE_THREADS), 0, stream, fn,
                       "tc_select_wide_kernel", cb, sw);
   }
-  /* decode batches (every row scored) keep the rounds kernel; prefill chunks
-   * of up to 512 candidates per pair (64K of context) take the register
+  /* decode batches (every row scored) keep the rounds kernel (the register
+   * selection and its deferred kernel measured 2-4% slower on them, H100:
+   * 64 x 32K q_len 4, 128 x 32K q_len 1 and 4); prefill chunks of up to 512
+   * candidates per pair (64K of context) take the register
    * selection, its two kernels chained under PDL where the context's rule
    * says. Beyond 128 (R 8, 16) its thresholds come from tc_ranked_pair, not
    * a sort of the warp's 32 R values; the rounds kernel it replaces there
    * read a pair's entries three times or more from memory and ranked them
    * by W + 1 rounds of a 64-bit warp maximum */
   const int pdl = m3s_cuda_pdl(ctx, cb.num_reqs);
-  const int r = rounds || (se.all_scored && !dec_reg) ? 0
-                : cand <= 32                  ? 1
-                : cand <= 64                  ? 2
-                : cand <= 128                 ? 4
-                : cand <= 256                 ? 8
-                : cand <= 512                 ? 16
-                                              : 0;
-  if (r && se.all_scored) {
-    /* the decode_reg hook: the list's count, which a prefill chunk's score
-     * kernel zeroes and the decode streaming kernel does not know */
-    cudaError_t err = cudaMemsetAsync(se.list, 0, sizeof(int32_t), stream);
-    if (err != cudaSuccess)
-      return m3s_fail(M3S_ERR_CUDA, fn, "cudaMemsetAsync(deferred-pair count) failed: %s",
-                      cudaGetErrorString(err));
-  }
+  const int r = rounds || se.all_scored ? 0
+                : cand <= 32                ? 1
+                : cand <= 64                ? 2
+                : cand <= 128               ? 4
+                : cand <= 256               ? 8
+                : cand <= 512               ? 16
+                                            : 0;
   switch (r) {
   case 1: return tc_launch_reg<1>(sms, cb, se, pdl, stream, fn);
   case 2: return tc_launch_reg<2>(sms, cb, se, pdl, stream, fn);
@@ -3098,7 +3098,6 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.no_rescore = hooks.no_rescore;
   se.measure = hooks.measure;
   se.stats = hooks.stats;
-  se.reg_few = hooks.reg_few;
   se.all_scored = 0;
   se.min_rows = TC_MIN_ROWS;
   se.pdl = 0; /* set for the launches that take it (tc_launch_select) */
@@ -3116,8 +3115,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     se.row0 = 0;
     se.npairs = plan.rows * hkv;
     se.all_scored = 1;
-    se.min_rows = 1;
-    return tc_launch_select(ctx, cb, se, hooks.rounds_select, hooks.decode_reg, stream, fn);
+    return tc_launch_select(ctx, cb, se, hooks.rounds_select, stream, fn);
   }
 
   const int64_t sms = m3s_cuda_num_sms(ctx);
@@ -3176,7 +3174,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     if (st)
       return st;
     /* Phase 2: certified selection and output rows */
-    st = tc_launch_select(ctx, cb, se, hooks.rounds_select, 0, stream, fn);
+    st = tc_launch_select(ctx, cb, se, hooks.rounds_select, stream, fn);
     if (st)
       return st;
   }

@@ -30,7 +30,7 @@ typedef struct {
   unsigned int tma_ctas;    /* CTAs of the decode score kernel's TMA form (topk_decode.cu) */
   unsigned int filter_pairs; /* register selection: thresholds by tc_filter_ranks */
   unsigned int filter_falls; /* ... where it declined (ties, whole lines, K - init - local >= 32) */
-  unsigned int reg_few_decided;  /* the reg_few hook: pairs tc_reg_few decided, */
+  unsigned int reg_few_decided;  /* register selection: pairs tc_reg_few decided, */
   unsigned int reg_few_deferred; /* ... deferred, */
   unsigned int reg_few_falls;    /* ... left to the slot path, */
   unsigned int reg_few_wrong;    /* ... and decided or deferred where the slot path would not */
@@ -53,22 +53,12 @@ typedef struct {
  *              whenever it covers them, also below the batch size and pair
  *              count from which it is the default (the tests' small
  *              fixtures).
- *  rounds_select: the prefill selection by rounds of a warp maximum with the
+ *  rounds_select: the selection by rounds of a warp maximum with the
  *              entries in shared memory (tc_select_kernel) also where the
  *              register selection (tc_select_reg_kernel, at most 512
  *              candidates per pair) is the default: for A/B timings.
  *  score_waves: > 0: tc_score_ws_kernel's work is cut into about this
- *              many items per SM instead of TS_WAVES (tuning).
- *  reg_few:    the register selection decides a pair from one compaction
- *              of its candidates that are not surely out (tc_reg_few)
- *              instead of a class and output pass over every slot: for
- *              A/B timings before it becomes the default.
- *  decode_reg: the decode batches the dispatch gives the rounds kernel
- *              (tc_select_kernel: more pairs than two per SM, not the
- *              many-candidate batches of up to four per SM) take the
- *              register selection and its deferred kernel, as prefill
- *              chunks do, where they have at most 512 candidates per
- *              pair: for A/B timings. */
+ *              many items per SM instead of TS_WAVES (tuning). */
 typedef struct {
   int exact_only;
   int no_rescore;
@@ -78,8 +68,6 @@ typedef struct {
   int decode_any;
   int rounds_select;
   int score_waves;
-  int reg_few;
-  int decode_reg;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults; a CPU context ignores the call. Internal (not
