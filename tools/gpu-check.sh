@@ -18,7 +18,8 @@
 #   M3S_SAN_LONG=1 also runs the long racecheck groups (see race_groups);
 #   M3S_SAN_ONLY="tool test [filter [flags]];..." replaces the sanitizer run list
 #   (e.g. one long racecheck case alone); M3S_NO_BUILD=1 uses $BUILD as it is
-#   (a build carried from elsewhere; tests run from it need LD_LIBRARY_PATH);
+#   (a build carried from elsewhere: tools/carry-build.sh unpack first, so
+#   that the paths its CMake and CTest files name resolve);
 #   M3S_CTEST_JOBS (default 4) tests run at a time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
