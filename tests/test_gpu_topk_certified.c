@@ -142,7 +142,10 @@ static long count_mismatches(const fixture *f, const int32_t *expect, const char
   return bad;
 }
 
-enum { RUN_CERTIFIED, RUN_MEASURE, RUN_NO_RESCORE, RUN_EXACT };
+/* RUN_PLAIN: the certified path without stats, i.e. the kernels that ship
+ * (with stats the register kernel is its checking form, tc_reg_few and the
+ * slot path both) */
+enum { RUN_CERTIFIED, RUN_MEASURE, RUN_NO_RESCORE, RUN_EXACT, RUN_PLAIN };
 
 /* One CUDA run with the hook set for mode; returns mismatches against
  * expect (-1 when the run failed), stats in *st. */
@@ -154,7 +157,7 @@ static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int 
   h.exact_only = mode == RUN_EXACT;
   h.no_rescore = mode == RUN_NO_RESCORE;
   h.measure = mode == RUN_MEASURE;
-  h.stats = g_stats;
+  h.stats = mode == RUN_PLAIN ? NULL : g_stats;
   h.mma_sync = mma_sync;
   h.decode_any = 1; /* the decode fixtures are smaller than the default's threshold */
   if (!gpu_put(g_stats, st, sizeof *st) || !gpu_fx_poison(g, f))
@@ -218,6 +221,8 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
       m3s_cuda_set_pdl(g_gpu, 0);
       CHECK(run_gpu(&f, &g, expect, RUN_CERTIFIED, 0, name, &os) == 0,
             "PDL off: equal to the CPU backend");
+      CHECK(os.reg_few_wrong == 0, "PDL off: tc_reg_few decided or deferred each pair as the "
+                                   "slot path does");
     }
     m3s_cuda_set_pdl(g_gpu, -1);
     CHECK(cs.pairs > 0, "the certified path ran");
@@ -236,6 +241,11 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     g_few_decided += cs.reg_few_decided;
     g_few_deferred += cs.reg_few_deferred;
     g_few_falls += cs.reg_few_falls;
+    if (!mma && cs.reg_pairs > 0) {
+      m3s_topk_tc_stats ps;
+      CHECK(run_gpu(&f, &g, expect, RUN_PLAIN, 0, name, &ps) == 0,
+            "the register kernels without stats (their shipped form): equal to the CPU backend");
+    }
     g_reg_rescored_runs += cs.reg_pairs == cs.pairs && cs.rescored > 0;
     long mbad = run_gpu(&f, &g, expect, RUN_MEASURE, mma, name, &ms);
     CHECK(mbad == 0, name);

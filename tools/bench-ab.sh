@@ -10,7 +10,7 @@
 #        [ROUNDS=2] [OUT=dir] [OLD_ARGS=...] [NEW_ARGS=...] tools/bench-ab.sh BENCH-ARGS...
 # OLD_ARGS / NEW_ARGS are added to one side's arguments (word-split): with them
 # the two sides may be one binary, e.g. a test hook against the default:
-#   OLD_BENCH=build/bench/m3s-bench NEW_ARGS="--topk-path reg-few" tools/bench-ab.sh --ops ptopk
+#   OLD_BENCH=build/bench/m3s-bench NEW_ARGS="--topk-path rounds" tools/bench-ab.sh --ops ptopk
 # Example (old = the commit before, built beside the new tree):
 #   git worktree add /tmp/old HEAD~1 && cmake -S /tmp/old -B /tmp/old/build -DM3S_CUDA=ON &&
 #   cmake --build /tmp/old/build -j --target m3s-bench &&

@@ -46,10 +46,11 @@
  *     where a lane holds 4 or more slots (tc_filter_ranks: the values at or
  *     above the need-th largest of the lanes' maxima, sorted once), else
  *     from one bitonic sort (up to 128 candidates) or tc_ranked_pair (more),
- *     and decides (from 33 candidates on by one compaction of those not
- *     surely out, tc_reg_few) every pair with no uncertain block (at least
- *     ~88% of a random 8K prompt's: 2946 blocks re-scored over 24576 scored
- *     pairs in test_gpu_topk_certified);
+ *     and decides every pair with no uncertain block (in chunks of more
+ *     than 32 candidates per pair by one compaction of those not surely
+ *     out, tc_reg_few, where it applies; at least ~88% of a random 8K
+ *     prompt's pairs: 2946 blocks re-scored over 24576 scored pairs in
+ *     test_gpu_topk_certified);
  *     tc_select_deferred_kernel takes the rest, listed in the
  *     workspace: the same register path with the exact re-scores (a CTA's
  *     warps sharing its pairs' re-scores), or the per-pair code above (more

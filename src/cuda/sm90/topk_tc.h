@@ -24,7 +24,7 @@ typedef struct {
   unsigned long long rescored;   /* candidates re-scored in the reference order */
   unsigned long long violations; /* measure mode: |S~ - S| > E (must stay 0) */
   unsigned int max_ratio_bits;
-  unsigned int reg_pairs; /* pairs decided by the register selection (tc_reg_write) */
+  unsigned int reg_pairs; /* pairs decided by the register selection (tc_reg_write_forced) */
   unsigned int few_pairs;   /* CTA-wide selection: thresholds by tournament (tc_wide_few) */
   unsigned int radix_pairs; /* CTA-wide selection: thresholds by radix select (tc_wide_ranks) */
   unsigned int tma_ctas;    /* CTAs of the decode score kernel's TMA form (topk_decode.cu) */
