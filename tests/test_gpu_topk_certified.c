@@ -68,7 +68,7 @@ static unsigned long long g_filter_pairs, g_filter_falls;
 /* certified runs: register selection pairs tc_reg_few decided, deferred, left to the slot
  * path */
 static unsigned long long g_few_decided, g_few_deferred, g_few_falls;
-static int g_sms;         /* the device's SM count */
+static int g_sms; /* the device's SM count */
 /* certified runs whose every pair the register selection decided and that
  * re-scored blocks: its re-scoring path ran */
 static int g_reg_rescored_runs;
@@ -737,18 +737,17 @@ int main(void) {
    * inputs, after every default result is printed. PDL: see run_case and
    * test_graph. */
   int dev = 0, major = 0, passes = 1;
-  const int dev_ok = cudaGetDevice(&dev) == cudaSuccess;
   /* the SM count decides which selection path a case must take (check_path) */
-  if (!CHECK(dev_ok && cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev) ==
-                           cudaSuccess,
+  if (!CHECK(cudaGetDevice(&dev) == cudaSuccess &&
+                 cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev) ==
+                     cudaSuccess,
              "SM count")) {
     gpu_free(g_stats);
     m3s_context_destroy(g_cpu);
     m3s_context_destroy(g_gpu);
     return TEST_FINISH();
   }
-  if (dev_ok &&
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
       major == 9) {
     const char *env = getenv("M3S_TEST_MMA_SYNC");
     passes = env && strcmp(env, "0") == 0 ? 1 : 2;

@@ -35,6 +35,10 @@ unpack() {
   local archive=${1:-.dev/build.tar.xz} root build src cmk
   [ -f "$archive" ] || { echo "carry-build: no $archive" >&2; exit 1; }
   build=$(tar tJf "$archive" | sed -n 1p | cut -d/ -f1)
+  case "$build" in '' | . | ..)
+    echo "carry-build: $archive does not hold one build folder" >&2
+    exit 1 ;;
+  esac
   rm -rf "$build"
   tar xJf "$archive"
   root=$(pwd -P)

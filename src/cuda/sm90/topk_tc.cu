@@ -2261,12 +2261,11 @@ typedef struct {
  * with no class or output pass over the S slots. T, the need-th largest of
  * the lanes' maxima (need = need_u here), is at most the need-th largest S~
  * (tc_filter_ranks), so T <= k_u <= k_l and l_T = T - e_max rounded down
- * is at most l'. Every candidate whose
- * upper bound U reaches l_T goes to room, one per lane, in candidate order:
- * they hold the values >= T (U >= S~), hence every rank up to need, and
- * every candidate that is not surely out. The others are out by
- * tc_class: U < l_T <= l', and not In, as L <= S~ <= U < l_T <= T <= k_u
- * <= u' (In needs L > u'; E >= 0, tc_bound's). The ranks, classes and K ids
+ * is at most l'. Every candidate whose upper bound U reaches l_T goes to
+ * room, one per lane, in candidate order: they hold the values >= T (U >=
+ * S~), hence every rank up to need, and every candidate that is not surely
+ * out. The others are out by tc_class: U < l_T <= l', and not In, as L <=
+ * S~ <= U < l_T <= T <= k_u <= u' (In needs L > u'; E >= 0, tc_bound's). The ranks, classes and K ids
  * then come from room, the same as the slot path's. A covered pair has
  * more candidates than K - init - local (nb > K), so with no whole line
  * need_l is that and T is a real value. Returns 0 (decided, ids written),
@@ -3016,10 +3015,10 @@ static m3s_status tc_launch_select(const m3s_context *ctx, const m3s_cuda_batch 
   }
   /* decode batches (every row scored) keep the rounds kernel (the register
    * selection and its deferred kernel measured 2-4% slower on them, H100:
-   * 64 x 32K q_len 4, 128 x 32K q_len 1 and 4); prefill chunks of up to 512
-   * candidates per pair (64K of context) take the register
-   * selection, its two kernels chained under PDL where the context's rule
-   * says. Beyond 128 (R 8, 16) its thresholds come from tc_ranked_pair, not
+   * 64 x 32K q_len 4, 128 x 32K q_len 1 and 4, PDL off by the context's
+   * rule); prefill chunks of up to 512 candidates per pair (64K of context)
+   * take the register selection, its two kernels chained under PDL where the
+   * context's rule says. Beyond 128 (R 8, 16) its thresholds come from tc_ranked_pair, not
    * a sort of the warp's 32 R values; the rounds kernel it replaces there
    * read a pair's entries three times or more from memory and ranked them
    * by W + 1 rounds of a 64-bit warp maximum */

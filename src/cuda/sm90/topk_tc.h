@@ -53,7 +53,7 @@ typedef struct {
  *              whenever it covers them, also below the batch size and pair
  *              count from which it is the default (the tests' small
  *              fixtures).
- *  rounds_select: the selection by rounds of a warp maximum with the
+ *  rounds_select: the prefill selection by rounds of a warp maximum with the
  *              entries in shared memory (tc_select_kernel) also where the
  *              register selection (tc_select_reg_kernel, at most 512
  *              candidates per pair) is the default: for A/B timings.
