@@ -584,6 +584,10 @@ static void test_decode(void) {
     run_case(e4 ? "decode_q3_tp1_e4m3" : "decode_q3_tp1", t, NULL);
   }
   run_case("decode_q2_tp8_k64", decode_spec(fx_cfg(8, 1, 64, 0, 1), 5, 2, sl + 1), NULL);
+  /* padded requests (seq_len 0) between scored ones: no candidate blocks,
+   * rows of -1 */
+  static const int32_t sp[] = {0, 9000, 0, 0, 20000, 2500, 0};
+  run_case("decode_q2_tp2_padded", decode_spec(m3s_config_minimax_m3(2), 7, 2, sp), NULL);
   run_case("decode_q3_tp4_init2_local0",
            decode_spec(fx_cfg(16, 1, 16, 2, 0), 4, 3, sl + 2), NULL);
   static const int32_t sa[] = {8192, 8192, 6000, 7000};
