@@ -14,8 +14,8 @@
  * entries). The entries are read with __ldcg (L2): a caller in the kernel
  * that wrote them must order those writes before its reads (a fence and a
  * flag), as the split kernels' grid boundary does. Moved out of topk_tc.cu
- * unchanged (2026-12-06: the sm_90a and sm_80 SASS of topk_tc.cu identical
- * before and after). */
+ * (2026-12-06) with no change but `static` and clang-format's line breaks:
+ * the sm_90a SASS of topk_tc.cu identical before and after (cuobjdump). */
 #ifndef M3S_CUDA_SM90_TOPK_SELECT_CUH
 #define M3S_CUDA_SM90_TOPK_SELECT_CUH
 
@@ -26,20 +26,16 @@
 
 #define TC_SEL_WARPS 4
 #define TC_SEL_CACHE 1024 /* candidate entries a selection warp copies into shared memory */
-#define TC_MIN_ROWS 8 /* requests with fewer query rows are scored exactly */
+#define TC_MIN_ROWS 8     /* requests with fewer query rows are scored exactly */
 #define TC_FULL 0xffffffffu
 
 /* ---------------------------------------------------------------------------
- * Device helpers (also of topk_tc.cu's score kernels)
+ * Device helpers (shared with topk_tc.cu's score kernels)
  * ------------------------------------------------------------------------- */
 
-static __device__ __forceinline__ int64_t tc_blocks_of(int64_t pos) { return pos / M3S_BLOCK_SIZE + 1; }
-
-static __device__ __forceinline__ int tc_is_candidate(int64_t b, int64_t nb, int init, int local) {
-  return b >= init && b < nb - local;
+static __device__ __forceinline__ int64_t tc_blocks_of(int64_t pos) {
+  return pos / M3S_BLOCK_SIZE + 1;
 }
-
-
 
 static __device__ __forceinline__ uint32_t tc_smem_addr(const void *p) {
   return (uint32_t)__cvta_generic_to_shared(p);
@@ -56,13 +52,6 @@ static __device__ __forceinline__ void tc_cp_commit() {
 
 static __device__ __forceinline__ void tc_cp_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-
-static __device__ __forceinline__ void tc_ldmatrix_x4(uint32_t addr, uint32_t &r0, uint32_t &r1,
-                                               uint32_t &r2, uint32_t &r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
 }
 
 /* ---------------------------------------------------------------------------
@@ -143,7 +132,8 @@ static __device__ __forceinline__ int tc_class(float2 e, float u_p, float l_p) {
   return l > u_p ? TC_IN : (u < l_p ? TC_OUT : TC_UNSURE);
 }
 
-static __device__ __forceinline__ unsigned long long tc_entry_key(const float2 *W, int64_t b, int kind) {
+static __device__ __forceinline__ unsigned long long tc_entry_key(const float2 *W, int64_t b,
+                                                                  int kind) {
   float2 e = W[b];
   if (kind == TC_BY_EXACT)
     return e.y < 0.0f ? tc_key(tc_ord(e.x), b) : 0ull;
@@ -159,7 +149,7 @@ static __device__ __forceinline__ float tc_unord(uint32_t ord) {
  * need_u (k_u) and need_l (k_l) widened outwards by the largest finite E;
  * a rank of 0 (k = 0) leaves its side open. */
 static __device__ __forceinline__ void tc_widen(uint32_t k_l, uint32_t k_u, float e_max, float &l_p,
-                                         float &u_p) {
+                                                float &u_p) {
   u_p = k_u ? __fadd_ru(tc_unord(k_u), e_max) : INFINITY;
   l_p = k_l ? __fsub_rd(tc_unord(k_l), e_max) : -INFINITY;
 }
@@ -168,9 +158,9 @@ static __device__ __forceinline__ void tc_widen(uint32_t k_l, uint32_t k_u, floa
 
 /* The TC_CACHE best keys below `limit` of this lane's candidates
  * b = lo + lane + 32 i < hi, descending, 0 for none. */
-static __device__ __forceinline__ void tc_best_below(const float2 *W, int64_t lo, int64_t hi, int kind,
-                                              unsigned long long limit,
-                                              unsigned long long (&c)[TC_CACHE]) {
+static __device__ __forceinline__ void tc_best_below(const float2 *W, int64_t lo, int64_t hi,
+                                                     int kind, unsigned long long limit,
+                                                     unsigned long long (&c)[TC_CACHE]) {
 #pragma unroll
   for (int i = 0; i < TC_CACHE; i++)
     c[i] = 0;
@@ -231,7 +221,8 @@ static __device__ __forceinline__ void tc_keys8_bf16(uint4 w, float (&k)[8]) {
 }
 
 /* One step of m3s_dot128_fixed: acc[l] += q[l] k[l], no FMA. */
-static __device__ __forceinline__ void tc_mac8(float (&acc)[8], const float *q, const float (&k)[8]) {
+static __device__ __forceinline__ void tc_mac8(float (&acc)[8], const float *q,
+                                               const float (&k)[8]) {
 #pragma unroll
   for (int l = 0; l < 8; l++)
     acc[l] = __fadd_rn(acc[l], __fmul_rn(q[l], k[l]));
@@ -303,7 +294,8 @@ static __device__ __forceinline__ float tc_exact_keys(const tc_select_args &a, i
 /* The warp's 32 key rows of C chunks from src into stage (swizzled, see
  * tc_exact_keys_staged), then this lane's row (lane) into w[0, C). */
 template <int C>
-static __device__ __forceinline__ void tc_stage_rows(const void *src, uint4 *stage, uint4 (&w)[16]) {
+static __device__ __forceinline__ void tc_stage_rows(const void *src, uint4 *stage,
+                                                     uint4 (&w)[16]) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int j = 0; j < C; j++) {
@@ -328,10 +320,9 @@ static __device__ __forceinline__ void tc_stage_rows(const void *src, uint4 *sta
  * deferred kernel at that rate (~16 bytes per SM cycle) on the H100.
  * stage: this warp's TC_STAGE_CHUNKS, 16-byte aligned, free on entry;
  * every lane calls it and gets the result. */
-static __device__ __forceinline__ float tc_exact_keys_staged(const tc_select_args &a,
-                                                             int64_t page, int64_t b, int s,
-                                                             int64_t pos, const float *q,
-                                                             uint4 *stage) {
+static __device__ __forceinline__ float tc_exact_keys_staged(const tc_select_args &a, int64_t page,
+                                                             int64_t b, int s, int64_t pos,
+                                                             const float *q, uint4 *stage) {
   const int64_t row0 = page * M3S_BLOCK_SIZE + 32 * s;
   uint4 w[16];
   __syncwarp(); /* the previous call's reads of stage are done */
@@ -349,8 +340,9 @@ static __device__ __forceinline__ float tc_exact_keys_staged(const tc_select_arg
  * four keys per lane streamed 8 loads at a time took eight. The maximum of
  * the quarters' maxima is that of all keys (no dot is -0: the sums start at
  * +0). Every lane calls it and gets the result. */
-static __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt, const tc_select_args &a,
-                                                int r, int64_t b, int64_t pos, const float *q) {
+static __device__ __forceinline__ float tc_exact_block(const m3s_cuda_batch &bt,
+                                                       const tc_select_args &a, int r, int64_t b,
+                                                       int64_t pos, const float *q) {
   const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
   if (page < 0)
     return NAN;
@@ -381,8 +373,8 @@ static __device__ __forceinline__ float tc_exact_slice(const m3s_cuda_batch &bt,
  * re-score streams its 16 or 32 KB with 8 loads in flight per lane, about 8
  * DRAM round trips, which made it half of a small decode batch's selection
  * time (ncu, 16 x 32K, H200, 2026-12-03). */
-static __device__ __forceinline__ void tc_prefetch_block(const m3s_cuda_batch &bt, const tc_select_args &a,
-                                                  int r, int64_t b) {
+static __device__ __forceinline__ void
+tc_prefetch_block(const m3s_cuda_batch &bt, const tc_select_args &a, int r, int64_t b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const int64_t page = m3s_page(bt.ibt, bt.ibt_s0, bt.ibt_s1, bt.ibt_cols, r, b, a.num_pages);
   if (page < 0)
@@ -462,11 +454,9 @@ static __device__ void tc_add_stats(const tc_select_args &a, unsigned long long 
  * the whole exact selection (rows of short requests), or the thresholds, In
  * and the uncertain list Q; more than 32 uncertain blocks are re-scored and
  * ranked here too. The pair's stats are counted here. */
-static __device__ __forceinline__ tc_sel_state tc_select_classify(const m3s_cuda_batch &bt,
-                                                  const tc_select_args &a, float2 *W, int r,
-                                                  int64_t pos, int64_t nb, int exact,
-                                                  const float *q, int32_t *sel, int32_t *qlist,
-                                                  int *cnt) {
+static __device__ __forceinline__ tc_sel_state
+tc_select_classify(const m3s_cuda_batch &bt, const tc_select_args &a, float2 *W, int r, int64_t pos,
+                   int64_t nb, int exact, const float *q, int32_t *sel, int32_t *qlist, int *cnt) {
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
   const int64_t lo = a.init, hi = nb - a.local;
@@ -572,10 +562,11 @@ static __device__ __forceinline__ tc_sel_state tc_select_classify(const m3s_cuda
 /* Phase 2 (a warp): the reference scores of the listed uncertain blocks
  * j = j0, j0 + step, ... < nq into qsc[j] (their pages first prefetched
  * into L2, all at once). */
-static __device__ __forceinline__ void tc_select_rescore(const m3s_cuda_batch &bt, const tc_select_args &a,
-                                         const float2 *W, int r, int64_t pos, const float *q,
-                                         const int32_t *qlist, int nq, int j0, int step,
-                                         float *qsc) {
+static __device__ __forceinline__ void tc_select_rescore(const m3s_cuda_batch &bt,
+                                                         const tc_select_args &a, const float2 *W,
+                                                         int r, int64_t pos, const float *q,
+                                                         const int32_t *qlist, int nq, int j0,
+                                                         int step, float *qsc) {
   const int lane = threadIdx.x & 31;
   const int jl = j0 + lane * step;
   if (jl < nq && !a.no_rescore)
@@ -591,9 +582,10 @@ static __device__ __forceinline__ void tc_select_rescore(const m3s_cuda_batch &b
 /* Phase 3 (the whole warp, qsc visible to it): the best of Q fill the
  * remaining slots unless phase 1 finished, then the K ids in ascending
  * order. */
-static __device__ __forceinline__ void tc_select_finish(const tc_select_args &a, const tc_sel_state &st,
-                                        int32_t *sel, const int32_t *qlist, const float *qsc,
-                                        int32_t *out) {
+static __device__ __forceinline__ void tc_select_finish(const tc_select_args &a,
+                                                        const tc_sel_state &st, int32_t *sel,
+                                                        const int32_t *qlist, const float *qsc,
+                                                        int32_t *out) {
   const int lane = threadIdx.x & 31;
   if (!st.done) {
     /* lane j keeps the key of qlist[j], then each lane ranks its own among
@@ -621,8 +613,8 @@ static __device__ __forceinline__ void tc_select_finish(const tc_select_args &a,
 
 /* A pair's row: its request and position, its output row, its blocks nb
  * (0 for padded and invalid rows). */
-static __device__ int64_t tc_pair_row(const m3s_cuda_batch &bt, const tc_select_args &a,
-                                      int64_t lp, m3s_row_info &ri, int32_t *&out) {
+static __device__ int64_t tc_pair_row(const m3s_cuda_batch &bt, const tc_select_args &a, int64_t lp,
+                                      m3s_row_info &ri, int32_t *&out) {
   const int64_t t = a.row0 + lp / a.hkv, g = lp % a.hkv;
   out = a.out + t * a.o_s0 + g * a.o_s1;
   ri = m3s_row_lookup(bt, t);
@@ -636,8 +628,7 @@ static __device__ void tc_write_all(const tc_select_args &a, int64_t nb, int32_t
 }
 
 /* The pair's bf16 query row. */
-static __device__ __forceinline__ const uint16_t *tc_query_of(const tc_select_args &a,
-                                                               int64_t lp) {
+static __device__ __forceinline__ const uint16_t *tc_query_of(const tc_select_args &a, int64_t lp) {
   const int64_t t = a.row0 + lp / a.hkv, g = lp % a.hkv;
   return a.iq + t * a.iq_s0 + g * a.iq_s1;
 }
@@ -681,9 +672,11 @@ typedef struct {
  * entries copied to wcache (room for TC_SEL_CACHE entries; NULL: they are
  * read from the workspace), then tc_select_classify; *W is where the
  * entries were read. */
-static __device__ __forceinline__ tc_sel_state tc_stage_classify(
-    const m3s_cuda_batch &bt, const tc_select_args &a, int64_t lp, const m3s_row_info &ri,
-    int64_t nb, tc_warp_shared &sm, float2 *wcache, float2 *&W) {
+static __device__ __forceinline__ tc_sel_state tc_stage_classify(const m3s_cuda_batch &bt,
+                                                                 const tc_select_args &a,
+                                                                 int64_t lp, const m3s_row_info &ri,
+                                                                 int64_t nb, tc_warp_shared &sm,
+                                                                 float2 *wcache, float2 *&W) {
   const int lane = threadIdx.x & 31;
   tc_stage_query(a, lp, sm.q, lane, 32);
   const int exact = !a.all_scored && ri.n < TC_MIN_ROWS;
@@ -699,11 +692,9 @@ static __device__ __forceinline__ tc_sel_state tc_stage_classify(
 /* One pair with nb > K by one warp, the three phases in turn; wcache (room
  * for TC_SEL_CACHE entries) or NULL: the entries are read from the
  * workspace. */
-static __device__ __forceinline__ void tc_select_one(const m3s_cuda_batch &bt,
-                                                     const tc_select_args &a, int64_t lp,
-                                                     const m3s_row_info &ri, int64_t nb,
-                                                     int32_t *out, tc_warp_shared &sm,
-                                                     float2 *wcache) {
+static __device__ __forceinline__ void
+tc_select_one(const m3s_cuda_batch &bt, const tc_select_args &a, int64_t lp, const m3s_row_info &ri,
+              int64_t nb, int32_t *out, tc_warp_shared &sm, float2 *wcache) {
   float2 *W;
   tc_sel_state st = tc_stage_classify(bt, a, lp, ri, nb, sm, wcache, W);
   if (!st.done)
@@ -729,8 +720,7 @@ typedef struct {
  * the few re-scores, 0.04% of the candidates, were 18 of the top-k's 223
  * us). */
 static __device__ void tc_cta_rescore(const m3s_cuda_batch &bt, const tc_select_args &a,
-                                      const tc_warp_shared *sh, tc_pair_shared *ps,
-                                      uint4 *stage) {
+                                      const tc_warp_shared *sh, tc_pair_shared *ps, uint4 *stage) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int n[TC_SEL_WARPS], total = 0;
 #pragma unroll
@@ -773,9 +763,10 @@ static __device__ __forceinline__ void tc_cta_share(const m3s_cuda_batch &bt,
     tc_cta_rescore(bt, a, sh, ps, stage);
   __syncthreads(); /* the quarters' maxima */
   if (!st.done && lane < st.nq)
-    sh[warp].qsc[lane] = a.no_rescore ? W[sh[warp].qlist[lane]].x
-                                      : fmaxf(fmaxf(ps[warp].part[lane][0], ps[warp].part[lane][1]),
-                                              fmaxf(ps[warp].part[lane][2], ps[warp].part[lane][3]));
+    sh[warp].qsc[lane] = a.no_rescore
+                             ? W[sh[warp].qlist[lane]].x
+                             : fmaxf(fmaxf(ps[warp].part[lane][0], ps[warp].part[lane][1]),
+                                     fmaxf(ps[warp].part[lane][2], ps[warp].part[lane][3]));
   __syncwarp(); /* the reference scores */
 }
 
@@ -793,8 +784,7 @@ static __device__ __forceinline__ void tc_cta_share(const m3s_cuda_batch &bt,
 /* Sorts the warp's 32 R values descending, position lane * R + i in v[i]:
  * a bitonic network, shuffles for the stages whose partner is in another
  * lane. Every lane calls it. */
-template <int R>
-static __device__ __forceinline__ void tc_sort_desc(uint32_t (&v)[R]) {
+template <int R> static __device__ __forceinline__ void tc_sort_desc(uint32_t (&v)[R]) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int k = 2; k <= 32 * R; k <<= 1) {
@@ -839,7 +829,7 @@ static __device__ __forceinline__ uint32_t tc_sorted_at(const uint32_t (&v)[R], 
  * it; v is consumed. */
 template <int R>
 static __device__ __forceinline__ void tc_ranked_pair(uint32_t (&v)[R], int need_l, int need_u,
-                                               uint32_t &k_l, uint32_t &k_u) {
+                                                      uint32_t &k_l, uint32_t &k_u) {
 #pragma unroll
   for (int k = 2; k <= R; k <<= 1)
 #pragma unroll
@@ -885,8 +875,9 @@ static __device__ __forceinline__ void tc_ranked_pair(uint32_t (&v)[R], int need
  * ties); the caller ranks as before. v is left as it was; every lane calls
  * it, the ranks uniform. */
 template <int S>
-static __device__ __forceinline__ bool tc_filter_ranks(const uint32_t (&v)[S], int need_l, int need_u,
-                                                uint32_t *room, uint32_t &k_l, uint32_t &k_u) {
+static __device__ __forceinline__ bool tc_filter_ranks(const uint32_t (&v)[S], int need_l,
+                                                       int need_u, uint32_t *room, uint32_t &k_l,
+                                                       uint32_t &k_u) {
   const int lane = threadIdx.x & 31;
   const int need = need_l > need_u ? need_l : need_u;
   if (need < 1 || need > 32)
@@ -937,7 +928,7 @@ static __device__ __forceinline__ bool tc_filter_ranks(const uint32_t (&v)[S], i
  * the pair uses, after the lookup. */
 template <int R>
 static __device__ __forceinline__ void tc_reg_load(const tc_select_args &a, int64_t lp, int64_t lim,
-                                            float2 (&e)[R]) {
+                                                   float2 (&e)[R]) {
   const int lane = threadIdx.x & 31;
   const float2 *W = a.ws + lp * a.max_nb + a.init;
 #pragma unroll
@@ -951,8 +942,8 @@ static __device__ __forceinline__ void tc_reg_load(const tc_select_args &a, int6
  * has entries (its request has a.min_rows rows or more) and at most 32 R
  * candidates. */
 template <int R>
-static __device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a, const m3s_row_info &ri,
-                                              int64_t nb) {
+static __device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a,
+                                                     const m3s_row_info &ri, int64_t nb) {
   return !a.measure && ri.n >= a.min_rows && a.topk > a.init + a.local &&
          nb - a.local - a.init <= 32 * R;
 }
@@ -963,7 +954,7 @@ static __device__ __forceinline__ bool tc_reg_covers(const tc_select_args &a, co
  * their bits); returns this lane's whole-line entries. */
 template <int R, int S>
 static __device__ __forceinline__ int tc_reg_keys(int n, const float2 (&e)[R], uint32_t (&key)[S],
-                                           uint32_t &e_bits) {
+                                                  uint32_t &e_bits) {
   const int lane = threadIdx.x & 31;
   int lane_inf = 0;
   e_bits = 0;
@@ -989,8 +980,8 @@ static __device__ __forceinline__ int tc_reg_keys(int n, const float2 (&e)[R], u
  * without it (the deferred kernel: its few pairs do not pay the registers). */
 template <int R, int S = R>
 static __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, int n,
-                                               const float2 (&e)[R], int (&cls)[R], int &n_in,
-                                               uint32_t *room) {
+                                                      const float2 (&e)[R], int (&cls)[R],
+                                                      int &n_in, uint32_t *room) {
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
   static_assert(S <= R, "the slots in use are R's first");
@@ -1040,8 +1031,8 @@ static __device__ __forceinline__ int tc_reg_classify(const tc_select_args &a, i
  * what the pair's own length needs, not the chunk's longest). */
 template <int R>
 static __device__ __forceinline__ int tc_reg_classify_n(const tc_select_args &a, int n,
-                                                 const float2 (&e)[R], int (&cls)[R], int &n_in,
-                                                 uint32_t *room) {
+                                                        const float2 (&e)[R], int (&cls)[R],
+                                                        int &n_in, uint32_t *room) {
   if constexpr (R >= 8) {
     if (n <= 32 * (R / 4))
       return tc_reg_classify<R, R / 4>(a, n, e, cls, n_in, room);
@@ -1056,7 +1047,7 @@ static __device__ __forceinline__ int tc_reg_classify_n(const tc_select_args &a,
  * fp32 in sm.q, for the re-scores (the warp's own or the CTA's). */
 template <int R>
 static __device__ __forceinline__ void tc_reg_list(const tc_select_args &a, const int (&cls)[R],
-                                            const uint16_t (&qv)[4], tc_warp_shared &sm) {
+                                                   const uint16_t (&qv)[4], tc_warp_shared &sm) {
   const int lane = threadIdx.x & 31;
   const uint32_t lt = (1u << lane) - 1u;
   /* Q listed in the candidates' order */
@@ -1077,7 +1068,8 @@ static __device__ __forceinline__ void tc_reg_list(const tc_select_args &a, cons
  * the warp): chosen[j] (j = candidate index) says whether each is among the
  * best want - n_in. */
 static __device__ __forceinline__ void tc_reg_choose(const tc_select_args &a, int nq, int n_in,
-                                              const tc_warp_shared &sm, unsigned char *chosen) {
+                                                     const tc_warp_shared &sm,
+                                                     unsigned char *chosen) {
   const int lane = threadIdx.x & 31;
   const int want = a.topk - a.init - a.local;
   const int32_t id = lane < nq ? sm.qlist[lane] : -1;
@@ -1091,8 +1083,8 @@ static __device__ __forceinline__ void tc_reg_choose(const tc_select_args &a, in
 }
 
 /* A decided pair's forced blocks into its K ids, and its stats. */
-static __device__ __forceinline__ void tc_reg_write_forced(const tc_select_args &a, int64_t nb, int n,
-                                                    int nq, int32_t *out) {
+static __device__ __forceinline__ void tc_reg_write_forced(const tc_select_args &a, int64_t nb,
+                                                           int n, int nq, int32_t *out) {
   const int lane = threadIdx.x & 31;
   tc_add_stats(a, (unsigned long long)n, (unsigned long long)nq, 0, 0);
   if (a.stats && lane == 0)
@@ -1107,9 +1099,9 @@ static __device__ __forceinline__ void tc_reg_write_forced(const tc_select_args 
  * In and the chosen uncertain blocks (chosen, read only for those) by
  * prefix counts; the pair's stats counted. */
 template <int R>
-static __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb, int n, int nq,
-                                             const int (&cls)[R], const unsigned char *chosen,
-                                             int32_t *out) {
+static __device__ __forceinline__ void tc_reg_write(const tc_select_args &a, int64_t nb, int n,
+                                                    int nq, const int (&cls)[R],
+                                                    const unsigned char *chosen, int32_t *out) {
   const int lane = threadIdx.x & 31;
   const uint32_t lt = (1u << lane) - 1u;
   tc_reg_write_forced(a, nb, n, nq, out);
@@ -1139,17 +1131,16 @@ typedef struct {
  * room, one per lane, in candidate order: they hold the values >= T (U >=
  * S~), hence every rank up to need, and every candidate that is not surely
  * out. The others are out by tc_class: U < l_T <= l', and not In, as L <=
- * S~ <= U < l_T <= T <= k_u <= u' (In needs L > u'; E >= 0, tc_bound's). The ranks, classes and K ids
- * then come from room, the same as the slot path's. A covered pair has
- * more candidates than K - init - local (nb > K), so with no whole line
- * need_l is that and T is a real value. Returns 0 (decided, ids written),
- * 1 (a whole-line or uncertain block: the caller defers the pair) or -1
+ * S~ <= U < l_T <= T <= k_u <= u' (In needs L > u'; E >= 0, tc_bound's). The ranks, classes and K
+ * ids then come from room, the same as the slot path's. A covered pair has more candidates than K -
+ * init - local (nb > K), so with no whole line need_l is that and T is a real value. Returns 0
+ * (decided, ids written), 1 (a whole-line or uncertain block: the caller defers the pair) or -1
  * (declined: K - init - local >= 32, more than 32 candidates kept; the
  * caller takes the slot path). Every lane calls it. */
 template <int R, int S>
 static __device__ __forceinline__ int tc_reg_few(const tc_select_args &a, int64_t nb, int n,
-                                          const float2 (&e)[R], tc_few_room &room,
-                                          int32_t *out) {
+                                                 const float2 (&e)[R], tc_few_room &room,
+                                                 int32_t *out) {
   const int lane = threadIdx.x & 31;
   const uint32_t lt = (1u << lane) - 1u;
   const int want = a.topk - a.init - a.local;
@@ -1208,8 +1199,8 @@ static __device__ __forceinline__ int tc_reg_few(const tc_select_args &a, int64_
  * tc_reg_classify_n), its answers counted in the stats. */
 template <int R>
 static __device__ __forceinline__ int tc_reg_few_n(const tc_select_args &a, int64_t nb, int n,
-                                            const float2 (&e)[R], tc_few_room &room,
-                                            int32_t *out) {
+                                                   const float2 (&e)[R], tc_few_room &room,
+                                                   int32_t *out) {
   int r;
   static_assert(R >= 2, "R 1 keeps the slot path");
   if (R >= 8 && n <= 32 * (R / 4))
@@ -1257,10 +1248,10 @@ typedef struct {
   int32_t sel[M3S_MAX_TOPK];
   int32_t qlist[32];
   float qsc[32];
-  float part[32][4]; /* per uncertain block, per quarter of its keys */
-  uint32_t hist[2][2][256]; /* per pass parity (a pass clears the other), per rank */
+  float part[32][4];               /* per uncertain block, per quarter of its keys */
+  uint32_t hist[2][2][256];        /* per pass parity (a pass clears the other), per rank */
   uint32_t top[TC_WIDE_WARPS][32]; /* tc_wide_few: each warp's largest, descending */
-  uint32_t pre[2]; /* per rank: the value's digits found so far */
+  uint32_t pre[2];                 /* per rank: the value's digits found so far */
   uint32_t left[2]; /* per rank: its rank among the values with that prefix, 0 = none */
   int cnt[2];
   int n_inf;
@@ -1561,6 +1552,5 @@ static __device__ tc_sel_state tc_wide_classify_rescore(const m3s_cuda_batch &bt
   __syncthreads(); /* the scores */
   return st;
 }
-
 
 #endif

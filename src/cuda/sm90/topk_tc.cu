@@ -240,6 +240,21 @@ extern "C" int m3s_topk_tc_eligible(const m3s_context *ctx, const m3s_layer_conf
 
 
 /* ---------------------------------------------------------------------------
+ * Device helpers of the score kernels (the shared ones in topk_select.cuh)
+ * ------------------------------------------------------------------------- */
+
+static __device__ __forceinline__ int tc_is_candidate(int64_t b, int64_t nb, int init, int local) {
+  return b >= init && b < nb - local;
+}
+
+static __device__ __forceinline__ void tc_ldmatrix_x4(uint32_t addr, uint32_t &r0, uint32_t &r1,
+                                                      uint32_t &r2, uint32_t &r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+/* ---------------------------------------------------------------------------
  * Kernel 1: approximate block scores S~ and bounds E on tensor cores
  * ------------------------------------------------------------------------- */
 
