@@ -101,6 +101,7 @@ typedef struct {
   int prefill_reqs; /* prefill cases: requests in the batch (--prefill-reqs) */
   int token_major, lse, sel_token, no_graph, no_ceilings, batch_invariant;
   int score_waves; /* 0: the library's default */
+  int chunk_rows;  /* certified prefill top-k: rows per chunk at most (0: the library's) */
   int topk_path; /* 0 default, 1 exact CUDA-core, 2 certified mma.sync, 3 certified decode
                     for any batch, 4 rounds selection, 5 no re-scoring (not exact) */
   int attn_generic; /* 1: attention on the generic kernel (--attn-path generic) */

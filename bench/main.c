@@ -113,6 +113,8 @@ static void usage(FILE *f) {
 "  --score-waves N   sm_90 prefill: the warp-specialised score kernel's work\n"
 "                    is cut into about N items per SM (default 1; one\n"
 "                    persistent CTA per SM runs them)\n"
+"  --chunk-rows N    prefill top-k: at most N rows per chunk of the certified\n"
+"                    path (default: what its 128 MiB entry budget holds)\n"
 "  --attn-path P     default (sm_90: the persistent TMA kernel for one row per\n"
 "                    request, the union kernel for prefill and speculative\n"
 "                    batches, contexts <= 32K (fp8 caches <= 16K) and work for\n"
@@ -151,7 +153,7 @@ static int parse_args(int argc, char **argv, options *o) {
     O_ALL = 256, O_FULL, O_OPS, O_TP, O_BS, O_QLEN, O_CTX, O_PCTX, O_CHUNK, O_KV, O_IDX, O_LIST,
     O_TM, O_LSE, O_SEL, O_REPS, O_WARM, O_MAXSETS, O_SETS, O_NOGRAPH, O_BUDGET, O_CBUDGET,
     O_MEM, O_DEV, O_NOCEIL, O_HBM, O_GEMM, O_GEMMN, O_CSV, O_BINV, O_SKEW, O_TOPKPATH, O_ATTNPATH,
-    O_PDL, O_WAVES, O_PREQS
+    O_PDL, O_WAVES, O_PREQS, O_CROWS
   };
   static const struct option lo[] = {
       {"all", no_argument, 0, O_ALL},           {"full", no_argument, 0, O_FULL},
@@ -174,6 +176,7 @@ static int parse_args(int argc, char **argv, options *o) {
       {"attn-path", required_argument, 0, O_ATTNPATH}, {"pdl", required_argument, 0, O_PDL},
       {"score-waves", required_argument, 0, O_WAVES},
       {"prefill-reqs", required_argument, 0, O_PREQS},
+      {"chunk-rows", required_argument, 0, O_CROWS},
       {0, 0, 0, 0}};
   memset(o, 0, sizeof *o);
   o->tps[0] = 1, o->tps[1] = 8, o->ntp = 2;
@@ -247,6 +250,7 @@ static int parse_args(int argc, char **argv, options *o) {
     case O_SKEW:
     case O_WAVES:
     case O_PREQS:
+    case O_CROWS:
       v = parse_size(optarg);
       if (v < (c == O_WARM || c == O_DEV ? 0 : 1) || v > 100000) {
         fprintf(stderr, "m3s-bench: bad number '%s'\n", optarg);
@@ -260,6 +264,7 @@ static int parse_args(int argc, char **argv, options *o) {
       if (c == O_GEMMN) o->gemm_n = (int)v;
       if (c == O_SKEW) o->skew = (int)v;
       if (c == O_WAVES) o->score_waves = (int)v;
+      if (c == O_CROWS) o->chunk_rows = (int)v;
       if (c == O_PREQS) o->prefill_reqs = (int)v;
       break;
     case O_NOGRAPH: o->no_graph = 1; break;
@@ -428,7 +433,7 @@ int main(int argc, char **argv) {
     }
     printf("m3s-bench: M3S_OPT_BATCH_INVARIANT on (attention never splits a row)\n");
   }
-  if (o->topk_path || o->score_waves) {
+  if (o->topk_path || o->score_waves || o->chunk_rows) {
     /* the test hook of src/cuda/sm90/topk_tc.h (per context) */
     m3s_topk_tc_hooks h;
     memset(&h, 0, sizeof h);
@@ -438,6 +443,7 @@ int main(int argc, char **argv) {
     h.rounds_select = o->topk_path == 4;
     h.no_rescore = o->topk_path == 5;
     h.score_waves = o->score_waves;
+    h.chunk_rows = o->chunk_rows;
     m3s_topk_tc_set_hooks(B.ctx, &h);
     printf("m3s-bench: top-k path %s",
            o->topk_path == 0   ? "default"
@@ -448,6 +454,8 @@ int main(int argc, char **argv) {
                                : "certified WITHOUT re-scoring (not exact: timing only)");
     if (o->score_waves)
       printf(", score kernel at about %d items per SM", o->score_waves);
+    if (o->chunk_rows)
+      printf(", chunks of at most %d rows", o->chunk_rows);
     printf("\n");
   }
   if (o->attn_generic) {

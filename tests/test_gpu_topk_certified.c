@@ -25,7 +25,9 @@
  * block, a permutation of one multiset of wide-exponent values), wide
  * exponent cancellation, subnormal keys against large queries, overflowing
  * products, NaN and Inf keys and queries, page ids out of range; and the
- * certified path captured in a CUDA graph, replayed with new inputs. Uniform
+ * certified path captured in a CUDA graph, replayed with new inputs; three
+ * of these also in chunks of 100-200 rows (test hook), so the multi-chunk
+ * loop that only ~64K-token calls take by default runs here. Uniform
  * decode batches (q_len 1..4, TP shapes, e4m3, K = 64, the adversarial
  * mutations above, last-bit ties over more pairs than SMs, and queries over
  * a wide exponent range or all tiny, with zero, NaN and huge rows: the e4m3
@@ -61,7 +63,7 @@ static uint64_t g_seed = 20261202;
 static m3s_topk_tc_stats *g_stats; /* device */
 static float g_max_ratio[2];
 static int g_mma; /* this pass: 0 the default kernels, 1 mma.sync forced (test hook) */
-static unsigned long long g_tma_ctas; /* default pass: CTAs of the decode kernel's TMA form */
+static unsigned long long g_tma_ctas;  /* default pass: CTAs of the decode kernel's TMA form */
 static unsigned long long g_reg_pairs; /* pairs the register selection decided (certified runs) */
 /* register selection pairs ranked by tc_filter_ranks, and where it declined */
 static unsigned long long g_filter_pairs, g_filter_falls;
@@ -72,6 +74,7 @@ static int g_sms; /* the device's SM count */
 /* certified runs whose every pair the register selection decided and that
  * re-scored blocks: its re-scoring path ran */
 static int g_reg_rescored_runs;
+static int g_chunk_rows; /* this case's chunk_rows hook (0: the plan's chunks) */
 
 static fx_spec spec_of(m3s_layer_config c, int nreq, const int32_t *ql, const int32_t *sl) {
   fx_spec s = fx_spec_default(c, nreq, ql, sl, g_seed++);
@@ -92,6 +95,7 @@ typedef struct {
                       PATH_WARP (more: a warp per pair), required when the SM count allows;
                       PATH_REG: prefill pairs of 129-512 candidates, more pairs than SMs:
                       the register selection (R 8 or 16) decided pairs and re-scored blocks */
+  int chunk_rows;  /* > 0: prefill calls in chunks of at most this many rows (hook) */
 } case_mods;
 
 /* The selection path a case must take (tc_launch_select's rule): a
@@ -114,8 +118,7 @@ static void check_path(const char *name, int path, const m3s_topk_tc_stats *cs) 
           "129-512 candidates per prefill pair: the register selection decided pairs and "
           "re-scored blocks");
   else
-    printf("  %s: %llu pairs on %d SMs: the selection path is not checked\n", name, cs->pairs,
-           sms);
+    printf("  %s: %llu pairs on %d SMs: the selection path is not checked\n", name, cs->pairs, sms);
 }
 
 static size_t topk_count(const fixture *f) {
@@ -160,6 +163,7 @@ static long run_gpu(fixture *f, gpu_fx *g, const int32_t *expect, int mode, int 
   h.stats = mode == RUN_PLAIN ? NULL : g_stats;
   h.mma_sync = mma_sync;
   h.decode_any = 1; /* the decode fixtures are smaller than the default's threshold */
+  h.chunk_rows = g_chunk_rows;
   if (!gpu_put(g_stats, st, sizeof *st) || !gpu_fx_poison(g, f))
     return -1;
   m3s_topk_tc_set_hooks(g_gpu, &h);
@@ -185,6 +189,7 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     return;
   fixture f;
   gpu_fx g;
+  g_chunk_rows = mods ? mods->chunk_rows : 0;
   double t0 = gpu_now_ms();
   fx_init(&f, &s);
   if (mods && mods->host)
@@ -478,17 +483,26 @@ static void test_prefill_shapes(void) {
   fx_spec s = spec_of(m3s_config_minimax_m3(2), 6, ql, sl);
   s.qsl_base = 7;
   s.topk_head_major = 1;
-  case_mods both = {NULL, NULL, 0, 1, PATH_ANY};
+  case_mods both = {NULL, NULL, 0, 1, PATH_ANY, 0};
   run_case("ragged_padded_head_major_tp2", s, &both);
   /* chunks behind long prefixes: 129-256 and 257-512 candidates per pair,
    * the register selection's two large forms (R 8 and 16) */
-  case_mods reg = {NULL, NULL, 0, 0, PATH_REG};
+  case_mods reg = {NULL, NULL, 0, 0, PATH_REG, 0};
   static const int32_t q20[] = {384};
   static const int32_t s20[] = {20480 + 384};
   run_case("chunk_384_behind_20k_tp2", spec_of(m3s_config_minimax_m3(2), 1, q20, s20), &reg);
   static const int32_t q40[] = {256};
   static const int32_t s40[] = {40960 + 256};
   run_case("chunk_256_behind_40k_tp1", spec_of(m3s_config_minimax_m3(1), 1, q40, s40), &reg);
+  /* calls in several chunks (the budget splits only ~64K-token calls; the
+   * hook splits these): one request over three chunks of 128 rows; a ragged
+   * batch in chunks of 100 rows, which split requests, padded and short
+   * ones included, off the 128-row tiles */
+  case_mods reg3 = {NULL, NULL, 0, 0, PATH_REG, 128};
+  run_case("chunk_384_behind_20k_tp2_in_3_chunks", spec_of(m3s_config_minimax_m3(2), 1, q20, s20),
+           &reg3);
+  case_mods by100 = {NULL, NULL, 0, 0, PATH_ANY, 100};
+  run_case("ragged_padded_head_major_tp2_chunks_of_100", s, &by100);
   /* decode-like requests (< 8 rows: scored exactly in the selection kernel)
    * before a prefill chunk */
   static const int32_t qm[] = {1, 1, 2, 7, 1, 3, 600};
@@ -520,18 +534,18 @@ static void test_k_variants(void) {
 static void test_adversarial(void) {
   static const int32_t ql[] = {512, 512, 512, 512};
   static const int32_t sl[] = {8192, 8192, 6000, 7000};
-  case_mods lb = {last_bit, NULL, 1, 0, PATH_ANY};
+  case_mods lb = {last_bit, NULL, 1, 0, PATH_ANY, 0};
   run_case("last_bit_permuted_multiset_hkv1", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &lb);
   static const int32_t ql64[] = {256, 256, 256};
   static const int32_t sl64[] = {16384, 12000, 10000}; /* nb > 64 */
   run_case("last_bit_permuted_multiset_k64", spec_of(fx_cfg(8, 1, 64, 0, 1), 3, ql64, sl64), &lb);
-  case_mods eq = {equal_maxima, NULL, 0, 0, PATH_ANY};
+  case_mods eq = {equal_maxima, NULL, 0, 0, PATH_ANY, 0};
   run_case("equal_maxima_tp1", spec_of(m3s_config_minimax_m3(1), 4, ql, sl), &eq);
-  case_mods cw = {cancel_wide, NULL, 0, 0, PATH_ANY};
+  case_mods cw = {cancel_wide, NULL, 0, 0, PATH_ANY, 0};
   run_case("cancel_wide_exponents_tp2", spec_of(m3s_config_minimax_m3(2), 4, ql, sl), &cw);
-  case_mods sn = {subnormal_keys, NULL, 0, 0, PATH_ANY};
+  case_mods sn = {subnormal_keys, NULL, 0, 0, PATH_ANY, 0};
   run_case("subnormal_keys_large_queries_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &sn);
-  case_mods ov = {overflow_keys, NULL, 0, 0, PATH_ANY};
+  case_mods ov = {overflow_keys, NULL, 0, 0, PATH_ANY, 0};
   run_case("overflowing_products_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &ov);
   /* the same traps at up to 512 candidates per pair (the register
    * selection's R 16 form, its R / 4 and R / 2 slot forms on the shorter requests),
@@ -540,6 +554,10 @@ static void test_adversarial(void) {
   static const int32_t s16[] = {40000, 8192, 6000, 20000};
   run_case("last_bit_permuted_multiset_hkv1_r16", spec_of(m3s_config_minimax_m3(4), 4, q16, s16),
            &lb);
+  /* the same in chunks of 200 rows: each chunk's deferred list and re-scores */
+  case_mods lb200 = {last_bit, NULL, 1, 0, PATH_ANY, 200};
+  run_case("last_bit_permuted_multiset_hkv1_r16_chunks_of_200",
+           spec_of(m3s_config_minimax_m3(4), 4, q16, s16), &lb200);
   static const int32_t q16b[] = {128, 128, 128, 128};
   run_case("equal_maxima_tp1_r16", spec_of(m3s_config_minimax_m3(1), 4, q16b, s16), &eq);
   static const int32_t s64b[] = {33000, 12000, 4000};
@@ -547,7 +565,7 @@ static void test_adversarial(void) {
            &lb);
   static const int32_t qn[] = {40, 30, 60};
   static const int32_t sn_[] = {30 * 128, 40 * 128 + 5, 5000};
-  case_mods ni = {nan_inf, NULL, 0, 0, PATH_ANY};
+  case_mods ni = {nan_inf, NULL, 0, 0, PATH_ANY, 0};
   for (int e4 = 0; e4 < 2; e4++) {
     fx_spec s = spec_of(m3s_config_minimax_m3(1), 3, qn, sn_);
     s.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
@@ -555,7 +573,7 @@ static void test_adversarial(void) {
   }
   static const int32_t qg[] = {30, 20, 40, 10};
   static const int32_t sg[] = {3000, 2500, 2200, 2600};
-  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, PATH_ANY};
+  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, PATH_ANY, 0};
   run_case("guard_page_ids_out_of_range", spec_of(m3s_config_minimax_m3(2), 4, qg, sg), &gp);
 }
 
@@ -572,7 +590,7 @@ static fx_spec decode_spec(m3s_layer_config c, int nreq, int q, const int32_t *s
 
 static void test_decode(void) {
   static const int32_t sl[] = {3000, 40000, 2100, 17000, 9000, 128 * 40, 2049, 33333};
-  case_mods both = {NULL, NULL, 0, 1, PATH_ANY};
+  case_mods both = {NULL, NULL, 0, 1, PATH_ANY, 0};
   run_case("decode_q1_tp1_ragged", decode_spec(m3s_config_minimax_m3(1), 8, 1, sl), &both);
   fx_spec e = decode_spec(m3s_config_minimax_m3(1), 6, 4, sl);
   e.idx_dtype = M3S_E4M3;
@@ -588,10 +606,9 @@ static void test_decode(void) {
    * rows of -1 */
   static const int32_t sp[] = {0, 9000, 0, 0, 20000, 2500, 0};
   run_case("decode_q2_tp2_padded", decode_spec(m3s_config_minimax_m3(2), 7, 2, sp), NULL);
-  run_case("decode_q3_tp4_init2_local0",
-           decode_spec(fx_cfg(16, 1, 16, 2, 0), 4, 3, sl + 2), NULL);
+  run_case("decode_q3_tp4_init2_local0", decode_spec(fx_cfg(16, 1, 16, 2, 0), 4, 3, sl + 2), NULL);
   static const int32_t sa[] = {8192, 8192, 6000, 7000};
-  case_mods lb = {last_bit, NULL, 1, 0, PATH_ANY};
+  case_mods lb = {last_bit, NULL, 1, 0, PATH_ANY, 0};
   run_case("decode_last_bit_permuted_multiset_hkv1",
            decode_spec(m3s_config_minimax_m3(4), 4, 2, sa), &lb);
   /* more pairs than SMs, mostly 17-31 candidates per pair (so at most 32
@@ -603,30 +620,30 @@ static void test_decode(void) {
   static int32_t sm_[63];
   for (int r = 0; r < 63; r++)
     sm_[r] = r % 7 == 3 ? 5000 + (r * 131) % 900 : 2200 + (r * 419) % 1900;
-  case_mods lbw2 = {last_bit, NULL, 1, 0, PATH_WIDE2};
+  case_mods lbw2 = {last_bit, NULL, 1, 0, PATH_WIDE2, 0};
   run_case("decode_last_bit_more_pairs_than_sms_hkv1_q3",
            decode_spec(m3s_config_minimax_m3(4), 63, 3, sm_), &lbw2);
-  case_mods lbw = {last_bit, NULL, 1, 0, PATH_WARP};
+  case_mods lbw = {last_bit, NULL, 1, 0, PATH_WARP, 0};
   run_case("decode_last_bit_more_pairs_than_sms_hkv1_q5",
            decode_spec(m3s_config_minimax_m3(4), 63, 5, sm_), &lbw);
-  case_mods eq = {equal_maxima, NULL, 0, 0, PATH_ANY};
+  case_mods eq = {equal_maxima, NULL, 0, 0, PATH_ANY, 0};
   run_case("decode_equal_maxima_tp1", decode_spec(m3s_config_minimax_m3(1), 4, 1, sa), &eq);
-  case_mods cw = {cancel_wide, NULL, 0, 0, PATH_ANY};
+  case_mods cw = {cancel_wide, NULL, 0, 0, PATH_ANY, 0};
   run_case("decode_cancel_wide_exponents_tp2", decode_spec(m3s_config_minimax_m3(2), 4, 4, sa),
            &cw);
-  case_mods sn = {subnormal_keys, NULL, 0, 0, PATH_ANY};
+  case_mods sn = {subnormal_keys, NULL, 0, 0, PATH_ANY, 0};
   run_case("decode_subnormal_keys_tp4", decode_spec(m3s_config_minimax_m3(4), 4, 1, sa), &sn);
-  case_mods ov = {overflow_keys, NULL, 0, 0, PATH_ANY};
-  run_case("decode_overflowing_products_tp4", decode_spec(m3s_config_minimax_m3(4), 4, 2, sa),
-           &ov);
+  case_mods ov = {overflow_keys, NULL, 0, 0, PATH_ANY, 0};
+  run_case("decode_overflowing_products_tp4", decode_spec(m3s_config_minimax_m3(4), 4, 2, sa), &ov);
   static const int32_t sn_[] = {30 * 128, 40 * 128 + 5, 5000};
-  case_mods ni = {nan_inf, NULL, 0, 0, PATH_ANY};
+  case_mods ni = {nan_inf, NULL, 0, 0, PATH_ANY, 0};
   for (int e4 = 0; e4 < 2; e4++) {
     fx_spec n = decode_spec(m3s_config_minimax_m3(1), 3, 4, sn_);
     n.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
     run_case(e4 ? "decode_nan_keys_e4m3_q4" : "decode_nan_inf_keys_and_query_bf16_q4", n, &ni);
   }
-  case_mods wq = {wide_queries, NULL, 0, 0, PATH_ANY}, tq = {tiny_queries, NULL, 0, 0, PATH_ANY};
+  case_mods wq = {wide_queries, NULL, 0, 0, PATH_ANY, 0},
+            tq = {tiny_queries, NULL, 0, 0, PATH_ANY, 0};
   for (int e4 = 0; e4 < 2; e4++) {
     fx_spec w = decode_spec(m3s_config_minimax_m3(2), 4, 2, sa);
     w.idx_dtype = e4 ? M3S_E4M3 : M3S_BF16;
@@ -637,9 +654,9 @@ static void test_decode(void) {
     run_case(e4 ? "decode_tiny_queries_e4m3_q2" : "decode_tiny_queries_bf16_q2", t, &tq);
   }
   static const int32_t sg[] = {3000, 2500, 2200, 2600};
-  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, PATH_ANY};
-  run_case("decode_guard_page_ids_out_of_range",
-           decode_spec(m3s_config_minimax_m3(2), 4, 2, sg), &gp);
+  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, PATH_ANY, 0};
+  run_case("decode_guard_page_ids_out_of_range", decode_spec(m3s_config_minimax_m3(2), 4, 2, sg),
+           &gp);
 }
 
 /* The certified path captured once in a CUDA graph on a non-default stream,
@@ -743,8 +760,7 @@ int main(void) {
   int dev = 0, major = 0, passes = 1;
   /* the SM count decides which selection path a case must take (check_path) */
   if (!CHECK(cudaGetDevice(&dev) == cudaSuccess &&
-                 cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev) ==
-                     cudaSuccess,
+                 cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess,
              "SM count")) {
     gpu_free(g_stats);
     m3s_context_destroy(g_cpu);

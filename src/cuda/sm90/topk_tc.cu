@@ -1535,6 +1535,11 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
                                       const m3s_exec *exec) {
   const char *fn = "m3s_index_topk";
   tc_plan plan = tc_plan_of(cfg, batch->num_tokens, batch->max_seq_len);
+  const m3s_topk_tc_hooks hooks = m3s_cuda_topk_hooks(ctx);
+  /* shorter chunks by the hook (a decode batch is one chunk: its deferred
+   * list holds every pair) */
+  if (batch->uniform_q_len == 0 && hooks.chunk_rows > 0 && hooks.chunk_rows < plan.chunk_rows)
+    plan.chunk_rows = hooks.chunk_rows;
   const int hkv = cfg->num_kv_heads;
   size_t need = tc_plan_bytes(&plan, hkv);
   if (!exec || !exec->workspace || exec->workspace_bytes < need)
@@ -1542,7 +1547,6 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   cudaStream_t stream = (cudaStream_t)exec->stream;
   m3s_cuda_batch cb = m3s_cuda_batch_of(batch);
   const int e4m3 = index_cache->dtype == M3S_E4M3;
-  const m3s_topk_tc_hooks hooks = m3s_cuda_topk_hooks(ctx);
   void (*score)(m3s_cuda_batch, tc_score_args) =
       e4m3 ? tc_score_kernel<true> : tc_score_kernel<false>;
   tc_score_args sa;

@@ -24,10 +24,10 @@ typedef struct {
   unsigned long long rescored;   /* candidates re-scored in the reference order */
   unsigned long long violations; /* measure mode: |S~ - S| > E (must stay 0) */
   unsigned int max_ratio_bits;
-  unsigned int reg_pairs; /* pairs decided by the register selection (tc_reg_write_forced) */
-  unsigned int few_pairs;   /* CTA-wide selection: thresholds by tournament (tc_wide_few) */
-  unsigned int radix_pairs; /* CTA-wide selection: thresholds by radix select (tc_wide_ranks) */
-  unsigned int tma_ctas;    /* CTAs of the decode score kernel's TMA form (topk_decode.cu) */
+  unsigned int reg_pairs;    /* pairs decided by the register selection (tc_reg_write_forced) */
+  unsigned int few_pairs;    /* CTA-wide selection: thresholds by tournament (tc_wide_few) */
+  unsigned int radix_pairs;  /* CTA-wide selection: thresholds by radix select (tc_wide_ranks) */
+  unsigned int tma_ctas;     /* CTAs of the decode score kernel's TMA form (topk_decode.cu) */
   unsigned int filter_pairs; /* register selection: thresholds by tc_filter_ranks */
   unsigned int filter_falls; /* ... where it declined (ties, whole lines, K - init - local >= 32) */
   unsigned int reg_few_decided;  /* register selection: pairs tc_reg_few decided, */
@@ -58,7 +58,13 @@ typedef struct {
  *              register selection (tc_select_reg_kernel, at most 512
  *              candidates per pair) is the default: for A/B timings.
  *  score_waves: > 0: tc_score_ws_kernel's work is cut into about this
- *              many items per SM instead of TS_WAVES (tuning). */
+ *              many items per SM instead of TS_WAVES (tuning).
+ *  chunk_rows: > 0: prefill and ragged calls run in chunks of at most this
+ *              many rows (any count, not only multiples of 128) where the
+ *              entries' budget would allow more: the tests' way to run the
+ *              multi-chunk loop at their sizes (the budget splits only
+ *              ~64K-token calls), and a tuning knob. Decode batches stay one
+ *              chunk. */
 typedef struct {
   int exact_only;
   int no_rescore;
@@ -68,6 +74,7 @@ typedef struct {
   int decode_any;
   int rounds_select;
   int score_waves;
+  int chunk_rows;
 } m3s_topk_tc_hooks;
 
 /* NULL restores the defaults; a CPU context ignores the call. Internal (not
