@@ -114,7 +114,7 @@ static void usage(FILE *f) {
 "                    is cut into about N items per SM (default 1; one\n"
 "                    persistent CTA per SM runs them)\n"
 "  --chunk-rows N    prefill top-k: at most N rows per chunk of the certified\n"
-"                    path (default: what its 128 MiB entry budget holds)\n"
+"                    path (default: what its 512 MiB entry budget holds)\n"
 "  --attn-path P     default (sm_90: the persistent TMA kernel for one row per\n"
 "                    request, the union kernel for prefill and speculative\n"
 "                    batches, contexts <= 32K (fp8 caches <= 16K) and work for\n"

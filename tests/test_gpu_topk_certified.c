@@ -27,8 +27,8 @@
  * products, NaN and Inf keys and queries, page ids out of range; and the
  * certified path captured in a CUDA graph, replayed with new inputs; three
  * of these also in chunks of 100-200 rows (test hook), so the multi-chunk
- * loop that only ~64K-token calls take by default runs here. Uniform
- * decode batches (q_len 1..4, TP shapes, e4m3, K = 64, the adversarial
+ * loop that by default only calls of more than ~46K tokens take runs here.
+ * Uniform decode batches (q_len 1..4, TP shapes, e4m3, K = 64, the adversarial
  * mutations above, last-bit ties over more pairs than SMs, and queries over
  * a wide exponent range or all tiny, with zero, NaN and huge rows: the e4m3
  * kernel's fp16 scaling) take the certified streaming decode kernel
@@ -494,7 +494,7 @@ static void test_prefill_shapes(void) {
   static const int32_t q40[] = {256};
   static const int32_t s40[] = {40960 + 256};
   run_case("chunk_256_behind_40k_tp1", spec_of(m3s_config_minimax_m3(1), 1, q40, s40), &reg);
-  /* calls in several chunks (the budget splits only ~64K-token calls; the
+  /* calls in several chunks (the budget splits only calls of ~46K tokens; the
    * hook splits these): one request over three chunks of 128 rows; a ragged
    * batch in chunks of 100 rows, which split requests, padded and short
    * ones included, off the 128-row tiles */

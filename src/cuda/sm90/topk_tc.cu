@@ -135,7 +135,11 @@
 #define TC_DEC_MIN_PAIRS_LONG 16
 #define TC_DEC_LONG_CTX 65536
 #define TC_DEC_REQ_PAIRS 4
-#define TC_WS_BUDGET ((int64_t)128 << 20)
+/* (S~, E) entries per chunk: 512 MiB holds a 64K prompt's at TP1 in two
+ * chunks (128 MiB: eight; H200, f34ec66: 64K top-k 4773 -> 4582 us, 32K 1233
+ * -> 1175, ~33 us per chunk the chain of score, register and deferred
+ * kernels costs); vLLM's own fp32 score tensor for that call is 512 MiB */
+#define TC_WS_BUDGET ((int64_t)512 << 20)
 #define TC_NORM_BUDGET ((int64_t)64 << 20) /* key norms of the TMA kernel, beyond: mma.sync */
 #define TC_NORM_WARPS (M3S_BLOCK_SIZE / 32)             /* warps per block in tc_norm_kernel */
 #define TC_NORM_BLOCKS (TC_THREADS / 32 / TC_NORM_WARPS) /* blocks per tc_norm_kernel CTA */

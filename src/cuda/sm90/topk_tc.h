@@ -63,8 +63,8 @@ typedef struct {
  *              many rows (any count, not only multiples of 128) where the
  *              entries' budget would allow more: the tests' way to run the
  *              multi-chunk loop at their sizes (the budget splits only
- *              ~64K-token calls), and a tuning knob. Decode batches stay one
- *              chunk. */
+ *              calls of more than ~46K fresh tokens at TP1), and a tuning
+ *              knob. Decode batches stay one chunk. */
 typedef struct {
   int exact_only;
   int no_rescore;
