@@ -231,6 +231,9 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     }
     m3s_cuda_set_pdl(g_gpu, -1);
     CHECK(cs.pairs > 0, "the certified path ran");
+    if (mods && mods->chunk_rows > 0)
+      CHECK(cs.chunks == (unsigned)((f.T + mods->chunk_rows - 1) / mods->chunk_rows),
+            "the chunk_rows hook: one score kernel per chunk of that many rows");
     g_tma_ctas += mma ? 0 : cs.tma_ctas;
     if (mma)
       CHECK(cs.tma_ctas == 0, "the mma_sync hook kept the decode score kernel's cp.async form");

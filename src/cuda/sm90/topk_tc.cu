@@ -278,6 +278,8 @@ typedef struct {
   /* the chunk's deferred-pair count (tc_select_args.list), zeroed here for
    * the selection that follows: one memset node less per chunk */
   int32_t *count;
+  /* the test hook's chunk counter (m3s_topk_tc_stats.chunks), or NULL */
+  unsigned int *chunks;
   /* tc_norm_kernel: the first chunk's tc_score_ws_kernel follows under PDL
    * (its producer waits before the first norm it reads; its other roles'
    * set-up and first item overlap the norm pass) */
@@ -285,10 +287,14 @@ typedef struct {
 } tc_score_args;
 
 /* The deferred-pair count zeroed by the grid's first thread (the score
- * kernels are launched plainly, after the previous chunk's selection). */
+ * kernels are launched plainly, after the previous chunk's selection); the
+ * chunk counted when the test hook asks. */
 __device__ __forceinline__ void tc_zero_count(const tc_score_args &a) {
-  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
+  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
     *a.count = 0;
+    if (a.chunks)
+      atomicAdd(a.chunks, 1u);
+  }
 }
 
 typedef struct {
@@ -1594,6 +1600,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.pdl = 0; /* set for the launches that take it (tc_launch_select) */
   se.list = (int32_t *)((unsigned char *)exec->workspace + need - tc_list_bytes(plan.chunk_rows, hkv));
   sa.count = se.list;
+  sa.chunks = hooks.stats ? &hooks.stats->chunks : NULL;
 
   if (batch->uniform_q_len > 0) {
     /* Decode (one chunk, m3s_topk_tc_eligible): (S~, E) streamed by the

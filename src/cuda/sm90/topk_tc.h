@@ -34,6 +34,7 @@ typedef struct {
   unsigned int reg_few_deferred; /* ... deferred, */
   unsigned int reg_few_falls;    /* ... left to the slot path, */
   unsigned int reg_few_wrong;    /* ... and decided or deferred where the slot path would not */
+  unsigned int chunks;           /* prefill calls: chunks scored (score-kernel launches) */
 } m3s_topk_tc_stats;
 
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
