@@ -237,8 +237,8 @@ def ratio(a, b):
 def markdown(doc):
     lines = ["# %s: m3sparse against vLLM %s (Triton)" % (doc["card"], doc["peer"]), "",
              "Commit %s, %s; torch %s, triton %s. Ceilings measured in the same run: copy "
-             "%.0f GB/s, bf16 GEMM %.0f TFLOP/s. Times in ms (do_bench medians of >= 20 runs; decode: "
-             "CUDA-graph replays; prefill: eager). ratio = vLLM / ours (> 1: ours faster); "
+             "%.0f GB/s, bf16 GEMM %.0f TFLOP/s. Times in ms (do_bench medians of >= 20 runs; "
+             "decode: CUDA-graph replays; prefill: eager). ratio = vLLM / ours (> 1: ours faster); "
              "dense = torch SDPA (flash/cuDNN/efficient), causal, same tokens."
              % (doc["commit"], doc["date"], doc["torch"], doc["triton"],
                 doc["ceilings"]["copy_gbps"], doc["ceilings"]["gemm_tflops"]), "",
