@@ -109,6 +109,7 @@
 #include <cuda.h> /* CUtensorMap (types only: the encoder comes from the runtime) */
 #include <cudaTypedefs.h>
 
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -732,7 +733,14 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *    group (B straight from the swizzled stage) into one of two
  *    accumulators in turn, the previous block's accumulator folded while
  *    the group runs (wg_wait<1>), so the tensor work does not stop for the
- *    epilogue; (S~, E) stored by the quads' first lanes.
+ *    epilogue; (S~, E) stored by lanes 0 and 1 of each quad, a row each.
+ *    The epilogue binds this kernel, not the tensor cores (H100, ncu of the
+ *    ragged 8 x 2K batch: ~1,500 cycles per block step against ~1,024 of
+ *    wgmma at peak; adding ~100 instructions per block made it 77%
+ *    slower), so per run each thread keeps its row's entry pointer,
+ *    candidate end and query norm and the blocks that need masks, and a
+ *    block costs a tree of 64 FMNMX, two exchanges and one store (~95
+ *    instructions per warp, from ~250).
  *  - Warp 8, the producer: the page ids and key norms (the table
  *    tc_norm_kernel fills first) of the item's blocks, 32 at a time, a
  *    block per lane; its lane 0 fills a TS_STAGES-deep ring of 32 KB stages
@@ -977,34 +985,114 @@ __device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
   wg_commit();
 }
 
-/* The CTA's i-th block (block b of item it) once at most PENDING groups are
+/* A consumer thread's constants for one run of rows, so that a block's
+ * epilogue does no 64-bit position or address arithmetic. After the quad's
+ * maxima (ts_quad_rows) lane 0 of a quad holds row r_lo's, lane 1 row
+ * r_hi's: row is that lane's row of entries, lim its candidates' end (b <
+ * lim; INT_MIN for lanes 2 and 3 and rows outside the run; b >= init holds
+ * for every block of a run), qn its query norm. d_lo / d_hi: the block of
+ * row r_lo / r_hi that is a candidate and only partly visible to it (its
+ * diagonal block where local is 0 and pos + 1 is not a multiple of 128),
+ * else -1: every other block's maximum (of a candidate, the only ones
+ * stored) takes all 128 keys. */
+typedef struct {
+  float2 *row;
+  int lim;
+  float qn;
+  int d_lo, d_hi;
+} ts_run;
+
+__device__ __forceinline__ int ts_partial_block(const tc_score_args &a, int64_t pos, int in) {
+  const int64_t d = pos / M3S_BLOCK_SIZE;
+  return in && (pos % M3S_BLOCK_SIZE) != M3S_BLOCK_SIZE - 1 && d < tc_blocks_of(pos) - a.local
+             ? (int)d
+             : -1;
+}
+
+__device__ __forceinline__ ts_run ts_run_of(const tc_score_args &a, const ts_rows &r,
+                                            const ts_item &it, int r_lo, int in_lo, int in_hi) {
+  const int q = threadIdx.x & 3;
+  const int mine = q == 0 ? r_lo : r_lo + 8, in = q == 0 ? in_lo : q == 1 ? in_hi : 0;
+  ts_run run;
+  run.row = a.ws;
+  run.lim = INT_MIN;
+  run.qn = 0.0f;
+  if (in) {
+    run.lim = (int)(tc_blocks_of(r.pos[mine]) - a.local);
+    run.row = a.ws + ((it.tile0 + mine) * a.hkv + it.g) * a.max_nb;
+    run.qn = r.qn[mine];
+  }
+  run.d_lo = ts_partial_block(a, r.pos[r_lo], in_lo);
+  run.d_hi = ts_partial_block(a, r.pos[r_lo + 8], in_hi);
+  return run;
+}
+
+/* The row maxima of a whole block from the accumulator: each row's 32
+ * values of this lane reduced as a tree (depth 5, not a chain of 32). */
+__device__ __forceinline__ void ts_fold_full(const float (&acc)[16][4], float &m_lo, float &m_hi) {
+  float lo[16], hi[16];
+#pragma unroll
+  for (int j = 0; j < 16; j++) {
+    lo[j] = fmaxf(acc[j][0], acc[j][1]);
+    hi[j] = fmaxf(acc[j][2], acc[j][3]);
+  }
+#pragma unroll
+  for (int d = 0; d < 4; d++) {
+    const int w = 8 >> d;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+      if (j < w) {
+        lo[j] = fmaxf(lo[j], lo[j + w]);
+        hi[j] = fmaxf(hi[j], hi[j + w]);
+      }
+  }
+  m_lo = lo[0];
+  m_hi = hi[0];
+}
+
+/* The quad's maxima of its two rows in two exchanges instead of four: each
+ * lane passes its partner the row it does not keep, so that even lanes end
+ * with row lo's maximum and odd lanes with row hi's. */
+__device__ __forceinline__ float ts_quad_rows(float m_lo, float m_hi) {
+  const bool odd = threadIdx.x & 1;
+  float keep = odd ? m_hi : m_lo;
+  keep = fmaxf(keep, __shfl_xor_sync(TC_FULL, odd ? m_lo : m_hi, 1));
+  return fmaxf(keep, __shfl_xor_sync(TC_FULL, keep, 2));
+}
+
+/* The CTA's i-th block (block b of a run) once at most PENDING groups are
  * left: the stage released (its page check and norm read first: the
- * producer rewrites them), then the row maxima folded from acc and, by the
- * quad's first lane, (S~, E) stored. */
+ * producer rewrites them), then the row maxima folded from acc and (S~, E)
+ * stored by lanes 0 and 1 of each quad, one row each. NaN dots are ignored
+ * by fmaxf; a maximum over none is -inf, as tc_row_fold's. */
 template <int PENDING>
-__device__ __forceinline__ void ts_finish(const tc_score_args &a, ts_smem &s, const ts_rows &r,
-                                          float (&acc)[16][4], uint32_t i, int b,
-                                          const ts_item &it, int in_lo, int in_hi) {
+__device__ __forceinline__ void ts_finish(ts_smem &s, const ts_rows &r, float (&acc)[16][4],
+                                          uint32_t i, int b, const ts_run &run) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;
   const uint32_t st = i % TS_STAGES;
   wg_wait<PENDING>();
   wg_pin(acc);
   const int bad = s.bad[st];
   const float nk = s.nk[st];
-  /* this thread's reads of the stage and of its page check and norm come
-   * before the refill's TMA writes and the producer's rewrite; every
-   * thread arrives (racecheck credits an arrival with the arriving
-   * thread's own reads only: a lane-0 arrival after __syncwarp left 16 WAR
-   * reports on nk / bad) */
-  sm90_fence_proxy_async();
+  /* this thread's reads of the page check and norm come before the
+   * producer's rewrite (generic proxy on both sides: the barrier orders
+   * them; the stage itself is read by wgmma and refilled by TMA, both in
+   * the async proxy, and its reads completed in wg_wait); every thread
+   * arrives (racecheck credits an arrival with the arriving thread's own
+   * reads only: a lane-0 arrival after __syncwarp left 16 WAR reports on
+   * nk / bad) */
   sm90_bar_arrive(&s.empty[st]);
   float m_lo = -INFINITY, m_hi = -INFINITY;
-  tc_row_fold(acc, r.pos[r_lo], r.pos[r_hi], b, 0, lane, m_lo, m_hi);
-  tc_quad_max(m_lo, m_hi);
-  /* a bad page's maxima are never stored: tc_store_rows writes (NaN, inf) */
-  if ((lane & 3) == 0)
-    tc_store_rows(a, r, it.tile0, it.g, r_lo, in_lo, in_hi, b, bad, m_lo, m_hi, nk);
+  if (b == run.d_lo || b == run.d_hi) {
+    const int r_lo = warp * 16 + (lane >> 2);
+    tc_row_fold(acc, r.pos[r_lo], r.pos[r_lo + 8], b, 0, lane, m_lo, m_hi);
+  } else {
+    ts_fold_full(acc, m_lo, m_hi);
+  }
+  const float m = fmaxf(ts_quad_rows(m_lo, m_hi), -INFINITY);
+  /* a bad page's maxima are never stored: (NaN, inf) instead */
+  if (b < run.lim)
+    run.row[b] = bad ? make_float2(NAN, INFINITY) : make_float2(m, tc_bound(run.qn, nk));
 }
 
 /* Warps 0-7: item it's blocks through the ring (i counts the CTA's blocks
@@ -1022,7 +1110,7 @@ __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, c
     if (nblk == 0)
       continue;
     const int p1 = r.run_end[p0];
-    const int in_lo = r_lo >= p0 && r_lo < p1, in_hi = r_hi >= p0 && r_hi < p1;
+    const ts_run run = ts_run_of(a, r, it, r_lo, r_lo >= p0 && r_lo < p1, r_hi >= p0 && r_hi < p1);
     /* one group in flight at the loop head (acc0's, block j - 1), none
      * after the run: the same on every path, which ptxas needs to keep the
      * groups asynchronous */
@@ -1030,16 +1118,16 @@ __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, c
     int j = 1;
     for (; j + 1 < nblk; j += 2) {
       ts_issue(s, ring, af, acc1, i + j);
-      ts_finish<1>(a, s, r, acc0, i + j - 1, b0 + (j - 1) * gz, it, in_lo, in_hi);
+      ts_finish<1>(s, r, acc0, i + j - 1, b0 + (j - 1) * gz, run);
       ts_issue(s, ring, af, acc0, i + j + 1);
-      ts_finish<1>(a, s, r, acc1, i + j, b0 + j * gz, it, in_lo, in_hi);
+      ts_finish<1>(s, r, acc1, i + j, b0 + j * gz, run);
     }
     if (j < nblk) {
       ts_issue(s, ring, af, acc1, i + j);
-      ts_finish<1>(a, s, r, acc0, i + j - 1, b0 + (j - 1) * gz, it, in_lo, in_hi);
-      ts_finish<0>(a, s, r, acc1, i + j, b0 + j * gz, it, in_lo, in_hi);
+      ts_finish<1>(s, r, acc0, i + j - 1, b0 + (j - 1) * gz, run);
+      ts_finish<0>(s, r, acc1, i + j, b0 + j * gz, run);
     } else {
-      ts_finish<0>(a, s, r, acc0, i + j - 1, b0 + (j - 1) * gz, it, in_lo, in_hi);
+      ts_finish<0>(s, r, acc0, i + j - 1, b0 + (j - 1) * gz, run);
     }
     i += (uint32_t)nblk;
   }
