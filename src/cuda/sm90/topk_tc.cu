@@ -95,7 +95,9 @@
  * / 4K behind 60K -2%, 8K unchanged. The decision by one compaction
  * (tc_reg_few, 2026-12-06, H100): top-k 32K 1278 -> 1238 us, 64K 4986 ->
  * 4859 us, ragged 8 x 2K 628 -> 605 us; 8K, 16K and 4K behind 60K within
- * 1%. */
+ * 1%. tc_score_ws_kernel's lean epilogue (2026-12-07, H100): top-k 8K /
+ * 16K / 32K / 64K -8 / -11 / -14 / -15%, 4K behind 60K -16%, ragged 8 x 2K
+ * -13%. */
 #include "../common.cuh"
 #include "../launch.h"
 #include "../mma.cuh"
