@@ -736,13 +736,13 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *    accumulators in turn, the previous block's accumulator folded while
  *    the group runs (wg_wait<1>), so the tensor work does not stop for the
  *    epilogue; (S~, E) stored by lanes 0 and 1 of each quad, a row each.
- *    The epilogue binds this kernel, not the tensor cores (H100, ncu of the
- *    ragged 8 x 2K batch: ~1,500 cycles per block step against ~1,024 of
- *    wgmma at peak; adding ~100 instructions per block made it 77%
- *    slower), so per run each thread keeps its row's entry pointer,
+ *    The epilogue bound this kernel, not the tensor cores (H100, ragged 8 x
+ *    2K batch: ncu's active cycles put a block step at ~1,500 cycles
+ *    against ~1,024 of wgmma at peak; ~100 more instructions per block made
+ *    it 77% slower), so per run each thread keeps its row's entry pointer,
  *    candidate end and query norm and the blocks that need masks, and a
  *    block costs a tree of 64 FMNMX, two exchanges and one store (~95
- *    instructions per warp, from ~250).
+ *    instructions per warp in the SASS, from ~250): top-k -8..-16%.
  *  - Warp 8, the producer: the page ids and key norms (the table
  *    tc_norm_kernel fills first) of the item's blocks, 32 at a time, a
  *    block per lane; its lane 0 fills a TS_STAGES-deep ring of 32 KB stages
