@@ -655,11 +655,13 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
  * Grid (num_reqs, ceil(max_nb / TC_NORM_BLOCKS)), 256 threads: the warps
  * 4j .. 4j + 3 of CTA (r, y) take block b = TC_NORM_BLOCKS y + j of request r
  * when r has >= TC_MIN_ROWS query rows and b is a candidate of its last row,
- * one key per lane (16 loads of 16 bytes in flight: one round trip per
- * block; a warp per block with four keys per lane in turn took ~13 us for
- * the 8K prompt's 64 blocks), each a sum of squares rounded up
- * (tc_sumsq8_ru, as the in-kernel norms), NaN -> inf; the four warps'
- * maxima meet in shared memory. Written at norms[tc_norm_slot(r) * max_nb +
+ * a warp's 32 keys (8 KB) in 16 loads of 512 contiguous bytes, all in
+ * flight (one round trip per block; a warp per block with four keys per
+ * lane in turn took ~13 us for the 8K prompt's 64 blocks; one key per lane,
+ * each load 32 rows apart, ran at ~1.5 TB/s on the ragged batch, H100),
+ * each key's sum of squares rounded up over its 16 lanes (tc_sumsq8_ru and
+ * __fadd_ru: an upper bound, like the in-kernel norms), NaN -> inf; the
+ * four warps' maxima meet in shared memory. Written at norms[tc_norm_slot(r) * max_nb +
  * b]; a page id outside [0, P) is left alone (the score kernel writes (NaN,
  * inf) for it).
  * ------------------------------------------------------------------------- */
@@ -680,7 +682,7 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
     m3s_pdl_trigger();
   const int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = (int64_t)blockIdx.y * TC_NORM_BLOCKS + warp / TC_NORM_WARPS;
-  const int key = (warp % TC_NORM_WARPS) * 32 + lane;
+  const int key0 = (warp % TC_NORM_WARPS) * 32; /* the warp's 32 keys, 8 KB in a row */
   const int64_t t0 = (int64_t)bt.qsl[(int64_t)r * bt.qsl_stride] - bt.qsl[0];
   const int64_t n = (int64_t)bt.qsl[(int64_t)(r + 1) * bt.qsl_stride] - bt.qsl[(int64_t)r * bt.qsl_stride];
   const int64_t seq = bt.seq_lens[(int64_t)r * bt.seq_stride];
@@ -692,17 +694,34 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
   }
   float nk = 0.0f;
   if (page >= 0) {
-    const uint4 *row = (const uint4 *)((const uint16_t *)a.ic +
-                                       (page * M3S_BLOCK_SIZE + key) * M3S_INDEX_DIM);
+    /* load c of the warp takes keys key0 + 2c (lanes 0-15) and + 1 (lanes
+     * 16-31), 16 bytes a lane: 512 contiguous bytes per load */
+    const uint4 *base = (const uint4 *)((const uint16_t *)a.ic +
+                                        (page * M3S_BLOCK_SIZE + key0) * M3S_INDEX_DIM);
     uint4 w[16];
 #pragma unroll
     for (int c = 0; c < 16; c++)
-      w[c] = __ldg(row + c);
-    float sq = 0.0f;
+      w[c] = __ldg(base + 32 * c + lane);
+    float p[16];
 #pragma unroll
     for (int c = 0; c < 16; c++)
-      sq = tc_sumsq8_ru(w[c], sq);
-    const float k = __fsqrt_ru(sq);
+      p[c] = tc_sumsq8_ru(w[c], 0.0f);
+    /* each key's 16 lanes summed, rounded up (an upper bound in any order):
+     * at the exchange across lane bit h a lane keeps the upper or lower half
+     * of its values by that bit and adds its partner's, so after the four
+     * lane l holds key key0 + 2 (l & 15) + (l >> 4) over all 16 lanes */
+#pragma unroll
+    for (int d = 0; d < 4; d++) {
+      const int h = 8 >> d; /* values held and the lane distance */
+      const bool up = lane & h;
+#pragma unroll
+      for (int c = 0; c < 8; c++)
+        if (c < h) {
+          const float give = up ? p[c] : p[c + h], keep = up ? p[c + h] : p[c];
+          p[c] = __fadd_ru(keep, __shfl_xor_sync(TC_FULL, give, h));
+        }
+    }
+    const float k = __fsqrt_ru(p[0]);
     nk = isnan(k) ? INFINITY : k;
   }
 #pragma unroll
