@@ -51,6 +51,11 @@ CASES = [
     Spec("prefill-64k", "prefill", reqs=((0, 65536),)),
     Spec("prefill-4k+60k", "prefill", reqs=((61440, 4096),)),
     Spec("prefill-ragged8x2k", "prefill", reqs=tuple((4096 * i, 2048) for i in range(8))),
+    # an e4m3 index cache in prefill (engines that keep an fp8 index cache
+    # score every prompt from it; vLLM widens the keys to the query's bf16)
+    Spec("prefill-8k-idxe4m3", "prefill", reqs=((0, 8192),), idx_dtype="e4m3", required=False),
+    Spec("prefill-64k-idxe4m3", "prefill", reqs=((0, 65536),), idx_dtype="e4m3",
+         required=False),
 ]
 BY_NAME = {c.name: c for c in CASES}
 
