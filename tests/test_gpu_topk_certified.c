@@ -64,6 +64,8 @@ static m3s_topk_tc_stats *g_stats; /* device */
 static float g_max_ratio[2];
 static int g_mma; /* this pass: 0 the default kernels, 1 mma.sync forced (test hook) */
 static unsigned long long g_tma_ctas;  /* default pass: CTAs of the decode kernel's TMA form */
+static int g_sm90;                     /* the device is sm_90: the TMA score kernels apply */
+static unsigned long long g_ws_e4m3;   /* default pass: e4m3 prefill chunks by the TMA kernel */
 static unsigned long long g_reg_pairs; /* pairs the register selection decided (certified runs) */
 /* register selection pairs ranked by tc_filter_ranks, and where it declined */
 static unsigned long long g_filter_pairs, g_filter_falls;
@@ -235,6 +237,14 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
       CHECK(cs.chunks == (unsigned)((f.T + mods->chunk_rows - 1) / mods->chunk_rows),
             "the chunk_rows hook: one score kernel per chunk of that many rows");
     g_tma_ctas += mma ? 0 : cs.tma_ctas;
+    /* prefill on sm_90: every chunk by the TMA + wgmma score kernel (bf16
+     * and e4m3 index caches), none under the mma_sync hook */
+    if (g_sm90 && !f.sp.uniform)
+      CHECK(cs.ws_chunks == (mma ? 0 : cs.chunks),
+            mma ? "the mma_sync hook kept the prefill score kernel on mma.sync"
+                : "sm_90: every prefill chunk scored by tc_score_ws_kernel");
+    if (!mma && f.sp.idx_dtype == M3S_E4M3 && !f.sp.uniform)
+      g_ws_e4m3 += cs.ws_chunks;
     if (mma)
       CHECK(cs.tma_ctas == 0, "the mma_sync hook kept the decode score kernel's cp.async form");
     if (mods && mods->path != PATH_ANY)
@@ -524,6 +534,50 @@ static void test_prefill_shapes(void) {
   run_case("e4m3_index_grid_ties_tp8", eg, NULL);
 }
 
+/* An e4m3 index cache in prefill (sm_90: tc_score_ws_kernel widening the
+ * codes in shared memory): the prefill shapes' edges again, ragged and
+ * padded rows, several runs per tile, chunks off the tiles, a partly
+ * visible diagonal block (local 0), K = 64, a long prefix, bad page ids. */
+static void test_e4m3_prefill(void) {
+  if (!g_quick) {
+    static const int32_t ql[] = {8192};
+    static const int32_t sl[] = {8192};
+    fx_spec f8 = spec_of(m3s_config_minimax_m3(1), 1, ql, sl);
+    f8.idx_dtype = M3S_E4M3;
+    run_case("e4m3_fresh_8k_prompt_tp1", f8, NULL);
+  }
+  static const int32_t ql[] = {1, 300, 0, 700, 5, 0};
+  static const int32_t sl[] = {5000, 4000, 0, 9000, 129, 0};
+  fx_spec s = spec_of(m3s_config_minimax_m3(2), 6, ql, sl);
+  s.qsl_base = 7;
+  s.topk_head_major = 1;
+  s.idx_dtype = M3S_E4M3;
+  case_mods both = {NULL, NULL, 0, 1, PATH_ANY, 0};
+  run_case("e4m3_ragged_padded_head_major_tp2", s, &both);
+  case_mods by100 = {NULL, NULL, 0, 0, PATH_ANY, 100};
+  run_case("e4m3_ragged_padded_tp2_chunks_of_100", s, &by100);
+  case_mods reg = {NULL, NULL, 0, 0, PATH_REG, 0};
+  static const int32_t q20[] = {384};
+  static const int32_t s20[] = {20480 + 384};
+  fx_spec c = spec_of(m3s_config_minimax_m3(4), 1, q20, s20);
+  c.idx_dtype = M3S_E4M3;
+  run_case("e4m3_chunk_384_behind_20k_tp4", c, &reg);
+  static const int32_t ql2[] = {700, 300};
+  static const int32_t sl2[] = {12000, 9000};
+  fx_spec l0 = spec_of(fx_cfg(64, 4, 16, 2, 0), 2, ql2, sl2);
+  l0.idx_dtype = M3S_E4M3;
+  run_case("e4m3_k16_init2_local0_hkv4", l0, NULL);
+  fx_spec k64 = spec_of(fx_cfg(32, 2, 64, 4, 2), 2, ql2, sl2);
+  k64.idx_dtype = M3S_E4M3;
+  run_case("e4m3_k64_init4_local2_hkv2", k64, NULL);
+  static const int32_t qg[] = {30, 20, 40, 10};
+  static const int32_t sg[] = {3000, 2500, 2200, 2600};
+  fx_spec gs = spec_of(m3s_config_minimax_m3(2), 4, qg, sg);
+  gs.idx_dtype = M3S_E4M3;
+  case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, PATH_ANY, 0};
+  run_case("e4m3_guard_page_ids_out_of_range", gs, &gp);
+}
+
 static void test_k_variants(void) {
   static const int32_t ql[] = {1500};
   static const int32_t sl[] = {20000};
@@ -772,6 +826,7 @@ int main(void) {
   }
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
       major == 9) {
+    g_sm90 = 1;
     const char *env = getenv("M3S_TEST_MMA_SYNC");
     passes = env && strcmp(env, "0") == 0 ? 1 : 2;
   }
@@ -786,6 +841,7 @@ int main(void) {
     test_decode();
     test_k_variants();
     test_prefill_shapes();
+    test_e4m3_prefill();
     test_graph();
   }
   printf("test_gpu_topk_certified: largest |S~ - S| / E seen: default %.4g, mma.sync %.4g%s "
@@ -795,8 +851,10 @@ int main(void) {
   /* the prefill fixtures with at most 512 candidates per pair and more pairs
    * than SMs take the register selection; a filtered run may select none */
   if (test_unfiltered()) {
-    if (major == 9)
+    if (major == 9) {
       CHECK(g_tma_ctas > 0, "the e4m3 decode cases took the decode score kernel's TMA form");
+      CHECK(g_ws_e4m3 > 0, "the e4m3 prefill cases took tc_score_ws_kernel");
+    }
     CHECK(g_reg_pairs > 0, "the register selection (tc_select_reg_kernel) decided pairs");
     CHECK(g_reg_rescored_runs > 0, "the register selection re-scored uncertain blocks");
     CHECK(g_filter_pairs > 0, "the register selection ranked pairs by tc_filter_ranks");

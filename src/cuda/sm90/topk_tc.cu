@@ -281,8 +281,9 @@ typedef struct {
   /* the chunk's deferred-pair count (tc_select_args.list), zeroed here for
    * the selection that follows: one memset node less per chunk */
   int32_t *count;
-  /* the test hook's chunk counter (m3s_topk_tc_stats.chunks), or NULL */
-  unsigned int *chunks;
+  /* the test hook's chunk counters (m3s_topk_tc_stats.chunks, .ws_chunks),
+   * or NULL */
+  unsigned int *chunks, *ws_chunks;
   /* tc_norm_kernel: the first chunk's tc_score_ws_kernel follows under PDL
    * (its producer waits before the first norm it reads; its other roles'
    * set-up and first item overlap the norm pass) */
@@ -297,6 +298,8 @@ __device__ __forceinline__ void tc_zero_count(const tc_score_args &a) {
     *a.count = 0;
     if (a.chunks)
       atomicAdd(a.chunks, 1u);
+    if (a.ws_chunks && a.norms) /* the norm table: tc_score_ws_kernel's */
+      atomicAdd(a.ws_chunks, 1u);
   }
 }
 
@@ -672,6 +675,26 @@ __device__ __forceinline__ int64_t tc_norm_slot(const m3s_cuda_batch &bt, int r)
   return ((int64_t)bt.qsl[(int64_t)r * bt.qsl_stride] - bt.qsl[0]) / TC_MIN_ROWS;
 }
 
+/* Each key's V partial sums of squares (lane bits below log2(V) index the
+ * part, the lane's values index keys) added up, rounded up (an upper bound
+ * in any order): at the exchange across lane bit h a lane keeps the upper
+ * or lower half of its values by that bit and adds its partner's, so that
+ * p[0] ends as one key's whole sum. */
+template <int V> __device__ __forceinline__ float tc_norm_fold(float (&p)[V], int lane) {
+#pragma unroll
+  for (int h = V / 2; h > 0; h >>= 1) {
+    const bool up = lane & h;
+#pragma unroll
+    for (int c = 0; c < V / 2; c++)
+      if (c < h) {
+        const float give = up ? p[c] : p[c + h], keep = up ? p[c + h] : p[c];
+        p[c] = __fadd_ru(keep, __shfl_xor_sync(TC_FULL, give, h));
+      }
+  }
+  return p[0];
+}
+
+template <bool E4M3>
 static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_batch bt,
                                                                     tc_score_args a) {
   __shared__ float part[TC_THREADS / 32];
@@ -682,7 +705,7 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
     m3s_pdl_trigger();
   const int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = (int64_t)blockIdx.y * TC_NORM_BLOCKS + warp / TC_NORM_WARPS;
-  const int key0 = (warp % TC_NORM_WARPS) * 32; /* the warp's 32 keys, 8 KB in a row */
+  const int key0 = (warp % TC_NORM_WARPS) * 32; /* the warp's 32 keys, contiguous */
   const int64_t t0 = (int64_t)bt.qsl[(int64_t)r * bt.qsl_stride] - bt.qsl[0];
   const int64_t n = (int64_t)bt.qsl[(int64_t)(r + 1) * bt.qsl_stride] - bt.qsl[(int64_t)r * bt.qsl_stride];
   const int64_t seq = bt.seq_lens[(int64_t)r * bt.seq_stride];
@@ -694,34 +717,44 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
   }
   float nk = 0.0f;
   if (page >= 0) {
-    /* load c of the warp takes keys key0 + 2c (lanes 0-15) and + 1 (lanes
-     * 16-31), 16 bytes a lane: 512 contiguous bytes per load */
-    const uint4 *base = (const uint4 *)((const uint16_t *)a.ic +
-                                        (page * M3S_BLOCK_SIZE + key0) * M3S_INDEX_DIM);
-    uint4 w[16];
-#pragma unroll
-    for (int c = 0; c < 16; c++)
-      w[c] = __ldg(base + 32 * c + lane);
-    float p[16];
-#pragma unroll
-    for (int c = 0; c < 16; c++)
-      p[c] = tc_sumsq8_ru(w[c], 0.0f);
-    /* each key's 16 lanes summed, rounded up (an upper bound in any order):
-     * at the exchange across lane bit h a lane keeps the upper or lower half
-     * of its values by that bit and adds its partner's, so after the four
-     * lane l holds key key0 + 2 (l & 15) + (l >> 4) over all 16 lanes */
-#pragma unroll
-    for (int d = 0; d < 4; d++) {
-      const int h = 8 >> d; /* values held and the lane distance */
-      const bool up = lane & h;
+    float sq;
+    if (E4M3) {
+      /* load c of the warp takes keys key0 + 4c + (lane >> 3), 16 codes a
+       * lane, widened exactly: 512 contiguous bytes per load */
+      const uint4 *base = (const uint4 *)((const uint8_t *)a.ic +
+                                          (page * M3S_BLOCK_SIZE + key0) * M3S_INDEX_DIM);
+      uint4 w[8];
 #pragma unroll
       for (int c = 0; c < 8; c++)
-        if (c < h) {
-          const float give = up ? p[c] : p[c + h], keep = up ? p[c + h] : p[c];
-          p[c] = __fadd_ru(keep, __shfl_xor_sync(TC_FULL, give, h));
-        }
+        w[c] = __ldg(base + 32 * c + lane);
+      float p[8];
+#pragma unroll
+      for (int c = 0; c < 8; c++) {
+        const uint32_t u[4] = {w[c].x, w[c].y, w[c].z, w[c].w};
+        uint32_t o[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+          o[e] = tc_e4m3x2_to_bf16x2((uint16_t)(u[e / 2] >> (16 * (e % 2))));
+        p[c] = tc_sumsq8_ru(make_uint4(o[4], o[5], o[6], o[7]),
+                            tc_sumsq8_ru(make_uint4(o[0], o[1], o[2], o[3]), 0.0f));
+      }
+      sq = tc_norm_fold(p, lane);
+    } else {
+      /* load c of the warp takes keys key0 + 2c (lanes 0-15) and + 1 (lanes
+       * 16-31), 16 bytes a lane: 512 contiguous bytes per load */
+      const uint4 *base = (const uint4 *)((const uint16_t *)a.ic +
+                                          (page * M3S_BLOCK_SIZE + key0) * M3S_INDEX_DIM);
+      uint4 w[16];
+#pragma unroll
+      for (int c = 0; c < 16; c++)
+        w[c] = __ldg(base + 32 * c + lane);
+      float p[16];
+#pragma unroll
+      for (int c = 0; c < 16; c++)
+        p[c] = tc_sumsq8_ru(w[c], 0.0f);
+      sq = tc_norm_fold(p, lane);
     }
-    const float k = __fsqrt_ru(p[0]);
+    const float k = __fsqrt_ru(sq);
     nk = isnan(k) ? INFINITY : k;
   }
 #pragma unroll
@@ -784,9 +817,12 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  * top-k of the 8K prompt 149.5 -> 137.8 us and of 4K behind 60K 602 ->
  * 581 us; the 4K prompt 60.9 -> 62.5 us (H100, 4a87b97). sm_90a only.
  * ------------------------------------------------------------------------- */
-#define TS_STAGES 5
+#define TS_STAGES 5    /* bf16 stages of a bf16 cache's kernel */
+#define TS_E4_STAGES 4 /* an e4m3 cache's: bf16 stages the preparers widen into, */
+#define TS_RAW_STAGES 3 /* from these raw ones (the codes as TMA brings them) */
 #define TS_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
 #define TS_STAGE_BYTES (2 * TS_HALF_BYTES)
+#define TS_RAW_BYTES (M3S_BLOCK_SIZE * M3S_INDEX_DIM) /* one e4m3 page, one box */
 #define TS_QS_BYTES (TC_ROWS * TC_PAD * 2) /* the staged query tile */
 #define TS_CONSUMERS (TC_THREADS / 32)     /* consumer warps */
 #define TS_THREADS (TC_THREADS + 128)      /* + the producer warpgroup */
@@ -802,7 +838,10 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 static_assert(4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS <=
                   TS_THREADS * ((65536 / TS_THREADS) & ~7),
               "the consumers' registers must come from the producer warpgroup's");
-#define TS_SMEM_BYTES (TS_STAGES * TS_STAGE_BYTES + TS_QS_BYTES + 1024) /* + 1024-byte alignment */
+/* the bf16 stages (then the raw ones), the query tile, 1024-byte alignment */
+#define TS_SMEM_BYTES(E4M3)                                                                        \
+  ((E4M3) ? TS_E4_STAGES * TS_STAGE_BYTES + TS_RAW_STAGES * TS_RAW_BYTES + TS_QS_BYTES + 1024      \
+          : TS_STAGES * TS_STAGE_BYTES + TS_QS_BYTES + 1024)
 #define TS_WAVES 1 /* items per SM the grid aims at (H100, 6a66432 and 3d24ad3: 1 beats 2 and 3 at the 8K prompt and 4K behind 60K) */
 
 /* An item's rows (request or -1, position, run ends, run starts) and query
@@ -822,6 +861,11 @@ typedef struct {
   unsigned long long qs_free;  /* the consumers hold the item's A fragments (every thread) */
   float nk[TS_STAGES];         /* the stage's largest key norm */
   int bad[TS_STAGES];          /* its page id is out of range (nothing loaded) */
+  /* e4m3: the raw stages' barriers (full: the codes landed; empty: every
+   * preparer thread has widened them), page checks and norms */
+  unsigned long long raw_full[TS_RAW_STAGES], raw_empty[TS_RAW_STAGES];
+  float raw_nk[TS_RAW_STAGES];
+  int raw_bad[TS_RAW_STAGES];
   ts_rows rows[2];
 } ts_smem;
 
@@ -944,10 +988,17 @@ __device__ __forceinline__ int ts_run_blocks(const tc_score_args &a, const ts_ro
  * then init + z + j gz); i counts the CTA's blocks over all items. Lane l
  * looks up block j0 + l of each 32; lane 0 waits for each stage's release,
  * writes its page check and norm, and arms it (a page out of range: a
- * plain arrive, nothing loaded). */
+ * plain arrive, nothing loaded). E4M3: the raw stages at dst (one box of
+ * 128 keys x 128 codes), which the preparers widen into the ring. */
+template <bool E4M3>
 __device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
                                            const CUtensorMap *map, ts_smem &s, const ts_rows &r,
-                                           unsigned char *ring, const ts_item &it, uint32_t &i) {
+                                           unsigned char *dst0, const ts_item &it, uint32_t &i) {
+  constexpr uint32_t NS = E4M3 ? TS_RAW_STAGES : TS_STAGES;
+  unsigned long long *const full = E4M3 ? s.raw_full : s.full;
+  unsigned long long *const empty = E4M3 ? s.raw_empty : s.empty;
+  float *const nks = E4M3 ? s.raw_nk : s.nk;
+  int *const bads = E4M3 ? s.raw_bad : s.bad;
   const int lane = threadIdx.x & 31;
   for (int p0 = 0; p0 < it.n; p0 = r.run_end[p0]) {
     int req, b0;
@@ -968,18 +1019,21 @@ __device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_sc
         const int64_t pg = __shfl_sync(TC_FULL, page, l);
         const float k = __shfl_sync(TC_FULL, nk, l);
         if (lane == 0) {
-          const uint32_t st = i % TS_STAGES, use = i / TS_STAGES;
+          const uint32_t st = i % NS, use = i / NS;
           if (use > 0)
-            sm90_bar_wait(&s.empty[st], (use - 1) & 1);
-          s.nk[st] = k;
-          s.bad[st] = pg < 0;
+            sm90_bar_wait(&empty[st], (use - 1) & 1);
+          nks[st] = k;
+          bads[st] = pg < 0;
           if (pg < 0) {
-            sm90_bar_arrive(&s.full[st]);
+            sm90_bar_arrive(&full[st]);
+          } else if (E4M3) {
+            sm90_bar_arrive_tx(&full[st], TS_RAW_BYTES);
+            sm90_tma_load_2d(dst0 + st * TS_RAW_BYTES, map, 0, (int)(pg * M3S_BLOCK_SIZE), &full[st]);
           } else {
-            unsigned char *dst = ring + st * TS_STAGE_BYTES;
-            sm90_bar_arrive_tx(&s.full[st], TS_STAGE_BYTES);
-            sm90_tma_load_2d(dst, map, 0, (int)(pg * M3S_BLOCK_SIZE), &s.full[st]);
-            sm90_tma_load_2d(dst + TS_HALF_BYTES, map, 64, (int)(pg * M3S_BLOCK_SIZE), &s.full[st]);
+            unsigned char *dst = dst0 + st * TS_STAGE_BYTES;
+            sm90_bar_arrive_tx(&full[st], TS_STAGE_BYTES);
+            sm90_tma_load_2d(dst, map, 0, (int)(pg * M3S_BLOCK_SIZE), &full[st]);
+            sm90_tma_load_2d(dst + TS_HALF_BYTES, map, 64, (int)(pg * M3S_BLOCK_SIZE), &full[st]);
           }
         }
         __syncwarp();
@@ -991,11 +1045,12 @@ __device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_sc
 /* A consumer warpgroup's group for the CTA's i-th block: once its stage
  * has landed, 8 wgmma k-steps of the warpgroup's 64 rows x the block's 128
  * keys into acc, committed, not waited for. */
+template <uint32_t NS>
 __device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
                                          const uint32_t (&af)[8][4], float (&acc)[16][4],
                                          uint32_t i) {
-  const uint32_t st = i % TS_STAGES;
-  sm90_bar_wait(&s.full[st], (i / TS_STAGES) & 1);
+  const uint32_t st = i % NS;
+  sm90_bar_wait(&s.full[st], (i / NS) & 1);
   const uint32_t tile = tc_smem_addr(ring + st * TS_STAGE_BYTES);
   wg_pin(acc);
   wg_fence();
@@ -1086,11 +1141,11 @@ __device__ __forceinline__ float ts_quad_rows(float m_lo, float m_hi) {
  * producer rewrites them), then the row maxima folded from acc and (S~, E)
  * stored by lanes 0 and 1 of each quad, one row each. NaN dots are ignored
  * by fmaxf; a maximum over none is -inf, as tc_row_fold's. */
-template <int PENDING>
+template <int PENDING, uint32_t NS>
 __device__ __forceinline__ void ts_finish(ts_smem &s, const ts_rows &r, float (&acc)[16][4],
                                           uint32_t i, int b, const ts_run &run) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const uint32_t st = i % TS_STAGES;
+  const uint32_t st = i % NS;
   wg_wait<PENDING>();
   wg_pin(acc);
   const int bad = s.bad[st];
@@ -1119,6 +1174,7 @@ __device__ __forceinline__ void ts_finish(ts_smem &s, const ts_rows &r, float (&
 /* Warps 0-7: item it's blocks through the ring (i counts the CTA's blocks
  * over all items), two accumulators in turn: block j's group is issued
  * before block j - 1 is folded. */
+template <uint32_t NS>
 __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, const ts_rows &r,
                                            const unsigned char *ring, const uint32_t (&af)[8][4],
                                            float (&acc0)[16][4], float (&acc1)[16][4],
@@ -1135,25 +1191,117 @@ __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, c
     /* one group in flight at the loop head (acc0's, block j - 1), none
      * after the run: the same on every path, which ptxas needs to keep the
      * groups asynchronous */
-    ts_issue(s, ring, af, acc0, i);
+    ts_issue<NS>(s, ring, af, acc0, i);
     int j = 1;
     for (; j + 1 < nblk; j += 2) {
-      ts_issue(s, ring, af, acc1, i + j);
-      ts_finish<1>(s, r, acc0, i + j - 1, b0 + (j - 1) * gz, run);
-      ts_issue(s, ring, af, acc0, i + j + 1);
-      ts_finish<1>(s, r, acc1, i + j, b0 + j * gz, run);
+      ts_issue<NS>(s, ring, af, acc1, i + j);
+      ts_finish<1, NS>(s, r, acc0, i + j - 1, b0 + (j - 1) * gz, run);
+      ts_issue<NS>(s, ring, af, acc0, i + j + 1);
+      ts_finish<1, NS>(s, r, acc1, i + j, b0 + j * gz, run);
     }
     if (j < nblk) {
-      ts_issue(s, ring, af, acc1, i + j);
-      ts_finish<1>(s, r, acc0, i + j - 1, b0 + (j - 1) * gz, run);
-      ts_finish<0>(s, r, acc1, i + j, b0 + j * gz, run);
+      ts_issue<NS>(s, ring, af, acc1, i + j);
+      ts_finish<1, NS>(s, r, acc0, i + j - 1, b0 + (j - 1) * gz, run);
+      ts_finish<0, NS>(s, r, acc1, i + j, b0 + j * gz, run);
     } else {
-      ts_finish<0>(s, r, acc0, i + j - 1, b0 + (j - 1) * gz, run);
+      ts_finish<0, NS>(s, r, acc0, i + j - 1, b0 + (j - 1) * gz, run);
     }
     i += (uint32_t)nblk;
   }
 }
 
+/* The number of item it's blocks (the producer's and consumers' sequence). */
+__device__ __forceinline__ uint32_t ts_item_blocks(const tc_score_args &a, const ts_rows &r,
+                                                   const ts_item &it) {
+  uint32_t n = 0;
+  for (int p0 = 0; p0 < it.n; p0 = r.run_end[p0]) {
+    int req, b0;
+    n += (uint32_t)ts_run_blocks(a, r, it, p0, req, b0);
+  }
+  return n;
+}
+
+/* Warps 9-11 of the e4m3 kernel: the CTA's blocks i0 .. i1 - 1 widened from
+ * their raw stages into the ring, exactly (e4m3 -> fp16 -> bf16), in the
+ * layout the bf16 kernel's two TMA boxes leave (16-byte chunk u of key n of
+ * a 64-dim half at u ^ (n & 7)), so that the consumers run unchanged. A
+ * unit is a 16-byte chunk of codes (dims 16c .. 16c + 15 of key n, stored
+ * by the 128-byte swizzle at chunk c ^ (n & 7)); the 8 lanes of a quarter
+ * warp take 8 keys of one c, so that their loads and their two stores each
+ * cover all 32 banks. The generic-proxy writes are fenced before the
+ * arrival that hands the stage to wgmma (async proxy). */
+__device__ __forceinline__ void ts_widen(ts_smem &s, const unsigned char *raw, unsigned char *ring,
+                                         uint32_t i0, uint32_t i1) {
+  const int p = threadIdx.x - TS_PREP0;
+  for (uint32_t i = i0; i < i1; i++) {
+    const uint32_t rs = i % TS_RAW_STAGES, bs = i % TS_E4_STAGES;
+    sm90_bar_wait(&s.raw_full[rs], (i / TS_RAW_STAGES) & 1);
+    const int bad = s.raw_bad[rs];
+    const float nk = s.raw_nk[rs];
+    if (i >= TS_E4_STAGES)
+      sm90_bar_wait(&s.empty[bs], (i / TS_E4_STAGES - 1) & 1);
+    if (!bad) {
+      const unsigned char *src = raw + rs * TS_RAW_BYTES;
+      unsigned char *dst = ring + bs * TS_STAGE_BYTES;
+#pragma unroll 1
+      for (int j = p; j < TS_RAW_BYTES / 16; j += TS_PREP_THREADS) {
+        const int kk = j & 7, c = (j >> 3) & 7, n = ((j >> 6) << 3) | kk;
+        const uint4 w = *(const uint4 *)(src + n * M3S_INDEX_DIM + ((c ^ kk) << 4));
+        const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+        uint32_t o[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+          o[e] = tc_e4m3x2_to_bf16x2((uint16_t)(u[e / 2] >> (16 * (e % 2))));
+        const int u0 = (c & 3) * 2;
+        unsigned char *row = dst + (c >> 2) * TS_HALF_BYTES + n * 128;
+        *(uint4 *)(row + ((u0 ^ kk) << 4)) = make_uint4(o[0], o[1], o[2], o[3]);
+        *(uint4 *)(row + (((u0 + 1) ^ kk) << 4)) = make_uint4(o[4], o[5], o[6], o[7]);
+      }
+      sm90_fence_proxy_async();
+    }
+    if (p == 0) {
+      s.nk[bs] = nk;
+      s.bad[bs] = bad;
+    }
+    /* every thread arrives on both: an arrival orders its own accesses */
+    sm90_bar_arrive(&s.full[bs]);
+    sm90_bar_arrive(&s.raw_empty[rs]);
+  }
+}
+
+/* Warps 9-11 of the e4m3 kernel: each item prepared one ahead as in the
+ * bf16 kernel, and every block widened; the next item is prepared after
+ * the current one's first ring-full of blocks (its wait for the consumers
+ * to take the current query tile then costs them nothing). */
+__device__ __forceinline__ void ts_prepare_widen(const m3s_cuda_batch &bt, const tc_score_args &a,
+                                                 ts_smem &s, uint16_t *qs, const unsigned char *raw,
+                                                 unsigned char *ring) {
+  ts_item it = ts_item_of(a, 0);
+  if (it.n == 0)
+    return;
+  ts_prepare(bt, a, s.rows[0], qs, it);
+  sm90_bar_arrive(&s.ready[0]);
+  uint32_t i = 0;
+  for (int k = 0; it.n > 0; k++) {
+    ts_prep_sync(); /* item k's row table complete for every preparer */
+    const uint32_t nb = ts_item_blocks(a, s.rows[k & 1], it);
+    const uint32_t first = nb < TS_E4_STAGES ? nb : TS_E4_STAGES;
+    ts_widen(s, raw, ring, i, i + first);
+    const ts_item nx = ts_item_of(a, k + 1);
+    if (nx.n > 0) {
+      if (k >= 1)
+        sm90_bar_wait(&s.done[(k + 1) & 1], ((k - 1) >> 1) & 1);
+      sm90_bar_wait(&s.qs_free, k & 1);
+      ts_prepare(bt, a, s.rows[(k + 1) & 1], qs, nx);
+      sm90_bar_arrive(&s.ready[(k + 1) & 1]);
+    }
+    ts_widen(s, raw, ring, i + first, i + nb);
+    i += nb;
+    it = nx;
+  }
+}
+
+template <bool E4M3>
 static __global__ void __launch_bounds__(TS_THREADS, 1)
     tc_score_ws_kernel(m3s_cuda_batch bt, tc_score_args a, const __grid_constant__ CUtensorMap map) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1162,14 +1310,21 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
   extern __shared__ __align__(16) unsigned char tc_dyn[];
   __shared__ ts_smem s;
   const uint32_t base = tc_smem_addr(tc_dyn);
+  constexpr uint32_t NS = E4M3 ? TS_E4_STAGES : TS_STAGES;
   unsigned char *const ring = tc_dyn + ((1024u - (base & 1023u)) & 1023u);
-  uint16_t *const qs = (uint16_t *)(ring + TS_STAGES * TS_STAGE_BYTES);
+  unsigned char *const raw = ring + NS * TS_STAGE_BYTES; /* e4m3 only */
+  uint16_t *const qs = (uint16_t *)(raw + (E4M3 ? TS_RAW_STAGES * TS_RAW_BYTES : 0));
   const int tid = threadIdx.x, warp = tid >> 5;
   tc_zero_count(a);
   if (tid == 0) {
-    for (int i = 0; i < TS_STAGES; i++) {
-      sm90_bar_init(&s.full[i], 1);
+    for (int i = 0; i < (int)NS; i++) {
+      /* e4m3: every preparer thread arrives once it has widened the stage */
+      sm90_bar_init(&s.full[i], E4M3 ? TS_PREP_THREADS : 1);
       sm90_bar_init(&s.empty[i], TC_THREADS);
+    }
+    for (int i = 0; E4M3 && i < TS_RAW_STAGES; i++) {
+      sm90_bar_init(&s.raw_full[i], 1);
+      sm90_bar_init(&s.raw_empty[i], TS_PREP_THREADS);
     }
     for (int i = 0; i < 2; i++) {
       sm90_bar_init(&s.ready[i], TS_PREP_THREADS);
@@ -1200,11 +1355,13 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
         if (it.n == 0)
           break;
         sm90_bar_wait(&s.ready[k & 1], (k >> 1) & 1);
-        ts_produce(bt, a, &map, s, s.rows[k & 1], ring, it, i);
+        ts_produce<E4M3>(bt, a, &map, s, s.rows[k & 1], E4M3 ? raw : ring, it, i);
         /* every thread that read the table arrives: an arrival orders its
          * own reads only */
         sm90_bar_arrive(&s.done[k & 1]);
       }
+    } else if (E4M3) {
+      ts_prepare_widen(bt, a, s, qs, raw, ring);
     } else {
       for (int k = 0;; k++) {
         const ts_item it = ts_item_of(a, k);
@@ -1239,7 +1396,7 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
     uint32_t af[8][4];
     tc_load_afrag(qs, af);
     sm90_bar_arrive(&s.qs_free);
-    ts_consume(a, s, s.rows[k & 1], ring, af, acc0, acc1, it, i);
+    ts_consume<NS>(a, s, s.rows[k & 1], ring, af, acc0, acc1, it, i);
     sm90_bar_arrive(&s.done[k & 1]);
   }
 #endif
@@ -1521,33 +1678,43 @@ extern "C" cudaError_t m3s_topk_tc_prepare(void) {
     if (err != cudaSuccess)
       return err;
   }
-  return cudaFuncSetAttribute(tc_score_ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              TS_SMEM_BYTES);
+  cudaError_t err = cudaFuncSetAttribute(tc_score_ws_kernel<false>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         TS_SMEM_BYTES(false));
+  if (err != cudaSuccess)
+    return err;
+  return cudaFuncSetAttribute(tc_score_ws_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              TS_SMEM_BYTES(true));
 }
 
 extern "C" int m3s_topk_tc_ws_fits(void) {
-  cudaFuncAttributes fa;
-  return cudaFuncGetAttributes(&fa, tc_score_ws_kernel) == cudaSuccess &&
-         fa.numRegs * TS_THREADS >= 4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS;
+  cudaFuncAttributes fa[2];
+  return cudaFuncGetAttributes(&fa[0], tc_score_ws_kernel<false>) == cudaSuccess &&
+         cudaFuncGetAttributes(&fa[1], tc_score_ws_kernel<true>) == cudaSuccess &&
+         fa[0].numRegs * TS_THREADS >= 4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS &&
+         fa[1].numRegs * TS_THREADS >= 4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS;
 }
 
-/* The tensor map of a bf16 index cache for tc_score_ws_kernel: the cache as
- * [P * 128 keys][128 dims], boxes of 64 dims x 128 keys, 128-byte swizzle.
- * 0 when the TMA kernel does not apply (not an sm_90 device, no encoder, an
- * e4m3 cache, the mma_sync hook, key rows beyond the int32 coordinates, a
- * build whose kernel lacks the registers of its hand-off: m3s_topk_tc_ws_fits). */
+/* The tensor map of the index cache for tc_score_ws_kernel: the cache as
+ * [P * 128 keys][128 dims], 128-byte swizzle, boxes of 64 dims x 128 keys
+ * (bf16) or of 128 codes x 128 keys (e4m3: one box per page). 0 when the
+ * TMA kernel does not apply (not an sm_90 device, no encoder, the mma_sync
+ * hook, key rows beyond the int32 coordinates, a build whose kernels lack
+ * the registers of their hand-off: m3s_topk_tc_ws_fits). */
 static int tc_tma_map(const m3s_context *ctx, const m3s_tensor *index_cache,
                       const m3s_topk_tc_hooks &hooks, CUtensorMap *map) {
   PFN_cuTensorMapEncodeTiled_v12000 enc =
       (PFN_cuTensorMapEncodeTiled_v12000)m3s_cuda_tmap_encoder(ctx);
   const int64_t keys = index_cache->shape[0] * M3S_BLOCK_SIZE;
+  const int e4m3 = index_cache->dtype == M3S_E4M3;
   if (hooks.mma_sync || !enc || m3s_cuda_sm_major(ctx) != 9 || !m3s_cuda_score_ws(ctx) ||
-      index_cache->dtype != M3S_BF16 || keys > INT32_MAX)
+      (index_cache->dtype != M3S_BF16 && !e4m3) || keys > INT32_MAX)
     return 0;
   cuuint64_t dims[2] = {M3S_INDEX_DIM, (cuuint64_t)keys};
-  cuuint64_t strides[1] = {M3S_INDEX_DIM * sizeof(uint16_t)};
-  cuuint32_t box[2] = {64, M3S_BLOCK_SIZE}, step[2] = {1, 1};
-  return enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, index_cache->data, dims, strides, box, step,
+  cuuint64_t strides[1] = {M3S_INDEX_DIM * (e4m3 ? 1u : 2u)};
+  cuuint32_t box[2] = {e4m3 ? 128u : 64u, M3S_BLOCK_SIZE}, step[2] = {1, 1};
+  return enc(map, e4m3 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
+             index_cache->data, dims, strides, box, step,
              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
@@ -1710,6 +1877,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.list = (int32_t *)((unsigned char *)exec->workspace + need - tc_list_bytes(plan.chunk_rows, hkv));
   sa.count = se.list;
   sa.chunks = hooks.stats ? &hooks.stats->chunks : NULL;
+  sa.ws_chunks = hooks.stats ? &hooks.stats->ws_chunks : NULL;
 
   if (batch->uniform_q_len > 0) {
     /* Decode (one chunk, m3s_topk_tc_eligible): (S~, E) streamed by the
@@ -1739,8 +1907,11 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   if (tma) {
     sa.norms = (float *)((unsigned char *)exec->workspace + need);
     sa.pdl = pdl;
-    tc_norm_kernel<<<dim3((unsigned)batch->num_reqs, (unsigned)norm_gy), TC_THREADS, 0, stream>>>(cb,
-                                                                                                  sa);
+    const dim3 ngrid((unsigned)batch->num_reqs, (unsigned)norm_gy);
+    if (e4m3)
+      tc_norm_kernel<true><<<ngrid, TC_THREADS, 0, stream>>>(cb, sa);
+    else
+      tc_norm_kernel<false><<<ngrid, TC_THREADS, 0, stream>>>(cb, sa);
     m3s_status st = m3s_cuda_check_launch(fn, "tc_norm_kernel");
     if (st)
       return st;
@@ -1771,9 +1942,9 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
     if (tma) {
       /* the first chunk's under PDL behind the norm pass; later chunks'
        * follow the previous selection plainly */
-      st = m3s_launch(pdl && row0 == 0, tc_score_ws_kernel,
-                      dim3((unsigned)(items < sms ? items : sms)), dim3(TS_THREADS), TS_SMEM_BYTES,
-                      stream, fn, "tc_score_ws_kernel", cb, sa, map);
+      st = m3s_launch(pdl && row0 == 0, e4m3 ? tc_score_ws_kernel<true> : tc_score_ws_kernel<false>,
+                      dim3((unsigned)(items < sms ? items : sms)), dim3(TS_THREADS),
+                      TS_SMEM_BYTES(e4m3), stream, fn, "tc_score_ws_kernel", cb, sa, map);
     } else {
       score<<<grid, TC_THREADS, TC_SMEM_BYTES, stream>>>(cb, sa);
       st = m3s_cuda_check_launch(fn, "tc_score_kernel");

@@ -35,6 +35,7 @@ typedef struct {
   unsigned int reg_few_falls;    /* ... left to the slot path, */
   unsigned int reg_few_wrong;    /* ... and decided or deferred where the slot path would not */
   unsigned int chunks;           /* prefill calls: chunks scored (score-kernel launches) */
+  unsigned int ws_chunks;        /* ... of them by tc_score_ws_kernel (TMA + wgmma, sm_90) */
 } m3s_topk_tc_stats;
 
 /* Switches for tests, per CUDA context; all zero = the library's default. Not
