@@ -20,7 +20,9 @@
  * 512-candidate forms, required to run; the last-bit and equal-maxima traps
  * and K = 64 at up to 512 candidates too), a ragged batch
  * with padded requests (head-major top-k), short (decode-like) requests
- * before a prefill chunk, e4m3 index cache, K = 64, TP
+ * before a prefill chunk, e4m3 index cache (also the prefill shapes' edges
+ * again: ragged and padded rows, chunks off the tiles, local 0, K = 64, a
+ * long prefix, bad page ids, subnormal codes against large queries), K = 64, TP
  * shapes Hkv 4 / 2 / 1, equal maxima, last-bit differences (one key per
  * block, a permutation of one multiset of wide-exponent values), wide
  * exponent cancellation, subnormal keys against large queries, overflowing
@@ -35,8 +37,9 @@
  * (src/cuda/topk_decode.cu) and the same selection.
  *
  * On an sm_90 device the cases run twice, on the same inputs: first with the
- * default score kernels (prefill with a bf16 index cache: the TMA + wgmma
- * kernel), then with the mma.sync kernel forced (hook; skipped with
+ * default score kernels (prefill: the TMA + wgmma kernel, every chunk
+ * required to take it, with an e4m3 index cache too), then with the mma.sync
+ * kernel forced (every prefill chunk required to take it) (hook; skipped with
  * M3S_TEST_MMA_SYNC=0), each with its own measured |S~ - S| / E. Elsewhere
  * the default is the mma.sync kernel and one pass runs. In the first pass
  * each certified run is made with programmatic dependent launch forced on
@@ -389,6 +392,18 @@ static void subnormal_keys(fixture *f) {
     store_elem(f->iq_mem, f->sp.act_dtype, i, wide_value(&rng, 95, 100));
 }
 
+/* e4m3 keys mostly subnormal codes (2^-9 .. 2^-7) with every 17th normal
+ * (2^-6 .. 2^-3), queries ~2^100: a widening to bf16 that lost subnormal
+ * codes (the e4m3 prefill kernel's bf16 multiply) would err far beyond E. */
+static void e4m3_subnormal_keys(fixture *f) {
+  uint64_t rng = f->sp.seed * 17 + 3;
+  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
+    store_elem(f->ic_mem, f->sp.idx_dtype, i,
+               (i % 17) == 0 ? wide_value(&rng, -6, -3) : wide_value(&rng, -9, -7));
+  for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_kv_heads * 128; i++)
+    store_elem(f->iq_mem, f->sp.act_dtype, i, wide_value(&rng, 95, 100));
+}
+
 /* Some keys ~2^100 against queries ~2^40: products overflow fp32 (dots of
  * +-inf or NaN); the other keys random normal. */
 static void overflow_keys(fixture *f) {
@@ -576,6 +591,12 @@ static void test_e4m3_prefill(void) {
   gs.idx_dtype = M3S_E4M3;
   case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, PATH_ANY, 0};
   run_case("e4m3_guard_page_ids_out_of_range", gs, &gp);
+  static const int32_t qa[] = {512, 512, 512, 512};
+  static const int32_t sa[] = {8192, 8192, 6000, 7000};
+  fx_spec sn = spec_of(m3s_config_minimax_m3(4), 4, qa, sa);
+  sn.idx_dtype = M3S_E4M3;
+  case_mods snm = {e4m3_subnormal_keys, NULL, 0, 0, PATH_ANY, 0};
+  run_case("e4m3_subnormal_keys_large_queries_tp4", sn, &snm);
 }
 
 static void test_k_variants(void) {

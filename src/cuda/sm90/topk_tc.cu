@@ -1221,8 +1221,32 @@ __device__ __forceinline__ uint32_t ts_item_blocks(const tc_score_args &a, const
   return n;
 }
 
+/* Four e4m3 codes (the bytes of w, low first) as four bf16 in two words,
+ * exactly, without the conversion pipe (e4m3 -> fp16 -> bf16 by cvt took
+ * the e4m3 score kernel to ~30% of the tensor pipe, H100): each code's 7
+ * magnitude bits placed as a bf16 exponent and mantissa read with bias 7
+ * instead of 127 (the value times 2^-120; subnormal codes land on bf16
+ * subnormals, the same factor), its sign bit beside them, then a bf16
+ * multiply by 2^120 (exact: every e4m3 value is a bf16; bf16 arithmetic
+ * keeps subnormal inputs). NaN codes come out finite: their blocks' norms
+ * are infinite (tc_norm_kernel), so their scores are never trusted. */
+__device__ __forceinline__ uint2 ts_e4m3x4_to_bf16x4(uint32_t w) {
+  const uint32_t m = w & 0x7f7f7f7fu, z = 0;
+  uint32_t t0, t1, s0, s1, r0, r1;
+  /* t: magnitudes of codes 0, 1 (2, 3) in bytes 0 and 2; s: their signs
+   * replicated over bytes 1 and 3 */
+  asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(t0) : "r"(m), "r"(z));
+  asm("prmt.b32 %0, %1, %2, 0x4342;" : "=r"(t1) : "r"(m), "r"(z));
+  asm("prmt.b32 %0, %1, %2, 0x9484;" : "=r"(s0) : "r"(w), "r"(z));
+  asm("prmt.b32 %0, %1, %2, 0xB4A4;" : "=r"(s1) : "r"(w), "r"(z));
+  const uint32_t scale = 0x7B807B80u; /* 2^120 twice */
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r0) : "r"((s0 & 0x80008000u) | (t0 << 4)), "r"(scale));
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r1) : "r"((s1 & 0x80008000u) | (t1 << 4)), "r"(scale));
+  return make_uint2(r0, r1);
+}
+
 /* Warps 9-11 of the e4m3 kernel: the CTA's blocks i0 .. i1 - 1 widened from
- * their raw stages into the ring, exactly (e4m3 -> fp16 -> bf16), in the
+ * their raw stages into the ring, exactly (ts_e4m3x4_to_bf16x4), in the
  * layout the bf16 kernel's two TMA boxes leave (16-byte chunk u of key n of
  * a 64-dim half at u ^ (n & 7)), so that the consumers run unchanged. A
  * unit is a 16-byte chunk of codes (dims 16c .. 16c + 15 of key n, stored
@@ -1243,19 +1267,16 @@ __device__ __forceinline__ void ts_widen(ts_smem &s, const unsigned char *raw, u
     if (!bad) {
       const unsigned char *src = raw + rs * TS_RAW_BYTES;
       unsigned char *dst = ring + bs * TS_STAGE_BYTES;
-#pragma unroll 1
+#pragma unroll 2
       for (int j = p; j < TS_RAW_BYTES / 16; j += TS_PREP_THREADS) {
         const int kk = j & 7, c = (j >> 3) & 7, n = ((j >> 6) << 3) | kk;
         const uint4 w = *(const uint4 *)(src + n * M3S_INDEX_DIM + ((c ^ kk) << 4));
-        const uint32_t u[4] = {w.x, w.y, w.z, w.w};
-        uint32_t o[8];
-#pragma unroll
-        for (int e = 0; e < 8; e++)
-          o[e] = tc_e4m3x2_to_bf16x2((uint16_t)(u[e / 2] >> (16 * (e % 2))));
+        const uint2 o0 = ts_e4m3x4_to_bf16x4(w.x), o1 = ts_e4m3x4_to_bf16x4(w.y),
+                    o2 = ts_e4m3x4_to_bf16x4(w.z), o3 = ts_e4m3x4_to_bf16x4(w.w);
         const int u0 = (c & 3) * 2;
         unsigned char *row = dst + (c >> 2) * TS_HALF_BYTES + n * 128;
-        *(uint4 *)(row + ((u0 ^ kk) << 4)) = make_uint4(o[0], o[1], o[2], o[3]);
-        *(uint4 *)(row + (((u0 + 1) ^ kk) << 4)) = make_uint4(o[4], o[5], o[6], o[7]);
+        *(uint4 *)(row + ((u0 ^ kk) << 4)) = make_uint4(o0.x, o0.y, o1.x, o1.y);
+        *(uint4 *)(row + (((u0 + 1) ^ kk) << 4)) = make_uint4(o2.x, o2.y, o3.x, o3.y);
       }
       sm90_fence_proxy_async();
     }
