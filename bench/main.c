@@ -99,7 +99,7 @@ static void usage(FILE *f) {
 "  --no-graph        time eager calls instead of graph replays\n"
 "  --batch-invariant set M3S_OPT_BATCH_INVARIANT on the context (no split-K)\n"
 "  --topk-path P     default (certified re-scoring; prefill scores with TMA +\n"
-"                    wgmma on sm_90 for a bf16 index cache), exact (the CUDA-core\n"
+"                    wgmma on sm_90, bf16 or e4m3 index cache), exact (the CUDA-core\n"
 "                    path for every batch), mma (certified, mma.sync scores;\n"
 "                    decode with an e4m3 index cache: its pages by cp.async,\n"
 "                    not TMA), certified (decode: the certified streaming\n"

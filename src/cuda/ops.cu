@@ -14,7 +14,7 @@ static size_t cuda_workspace(const m3s_context *ctx, const m3s_layer_config *cfg
 
 /* What runs, as m3s_support_info.kernel reports it (at most 63 characters:
  * checked below, so that nothing is cut off). Index top-k: prefill scores
- * with TMA + wgmma on sm_90 for a bf16 index cache, else mma.sync, then the
+ * with TMA + wgmma on sm_90 (bf16 or e4m3 index cache), else mma.sync, then the
  * certified selection (sm90/topk_tc.cu); decode through the certified
  * streaming kernel where its rule (tc_decode_pays) sends a batch, else the
  * exact one (topk_decode.cu). Attention on sm_90: the persistent TMA kernel

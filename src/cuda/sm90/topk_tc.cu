@@ -21,8 +21,8 @@
  *     and the row's query norm give the bound E of docs/perf-notes.md
  *     ("Certified re-scoring: the bound"); (S~, E) goes to the workspace. A
  *     page id outside [0, P) gives (NaN, inf).
- *     On sm_90 with a bf16 index cache, tc_norm_kernel first writes each
- *     candidate block's largest key norm to a table, then
+ *     On sm_90 (bf16 or e4m3 index cache), tc_norm_kernel first writes
+ *     each candidate block's largest key norm to a table, then
  *     tc_score_ws_kernel does the same work with TMA and wgmma in a
  *     warp-specialised pipeline (its own comment below); the hook mma_sync
  *     forces this kernel there, as does a workspace without room for the
@@ -77,7 +77,8 @@
  *
  * Registers / spills (ptxas, sm_90a): the mma.sync score kernel 128
  * registers, tc_score_ws_kernel 168 at launch (56 / 224 by setmaxnreg), no
- * spills; tc_select_kernel 128 with 84 bytes of spill stores,
+ * spills (<true>: 120 bytes in the preparers' per-item bookkeeping, none in
+ * the widening loop); tc_select_kernel 128 with 84 bytes of spill stores,
  * tc_select_wide_kernel<1> 151 and <2> 126, no spills. Measured (H200, fresh 64K prompt,
  * docs/perf-notes.md): scores ~9.5 ms with mma.sync, ~6.4 ms with TMA +
  * wgmma (b10fcd5, before the norm pre-pass); the selection 1.78 ms over the
@@ -772,8 +773,8 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 }
 
 /* ---------------------------------------------------------------------------
- * Kernel 1, sm_90a variant for a bf16 index cache: tc_score_ws_kernel, TMA
- * and wgmma in a warp-specialised, persistent pipeline.
+ * Kernel 1, sm_90a variant: tc_score_ws_kernel<E4M3>, TMA and wgmma in a
+ * warp-specialised, persistent pipeline.
  *
  * The work of tc_score_kernel (tiles, runs, outputs) cut into items (row
  * tile, head g, z: every gz-th candidate block from init + z; gz for about
@@ -807,6 +808,15 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *  - Warps 9-11, the preparers: the next item's rows, runs, query tile and
  *    query norms (tc_tile_prologue's work) into one of two row tables and
  *    the query buffer, while the consumers work on the current item.
+ *  - E4M3 (an e4m3 index cache): the producer's TMA brings a page's codes
+ *    (16 KB, one box) into one of TS_RAW_STAGES raw stages; the preparers
+ *    widen each into one of TS_E4_STAGES bf16 stages (ts_widen; the
+ *    consumers unchanged). Against the mma.sync kernel: top-k 8K / 64K
+ *    -21%, 4K behind 60K -25%, ragged 8 x 2K -28% (H100, 2026-12-07). The
+ *    widening binds it (tensor pipe ~30% busy, ~3,400 cycles per block
+ *    against ~1,100 with a bf16 cache; without the widening, a timing-only
+ *    variant, 86%): three warps widen 16 KB per block at ~0.24 instructions
+ *    per cycle each; more raw stages (5) change nothing.
  * Warps 8-11 run at TS_PRODUCER_REGS registers. The kernel before this one
  * (one item per CTA, the consumers doing the prologue, the ring's first
  * copies behind it) took the 8K prompt's scores 99.6 -> 84 us and 4K

@@ -47,8 +47,8 @@ typedef struct {
  *  measure:    re-score every candidate and record |S~ - S| / E (slow).
  *  stats:      device pointer, or NULL.
  *  mma_sync:   prefill scores with the mma.sync kernel also where the
- *              default is the sm_90a TMA + wgmma kernel (bf16 index cache
- *              on an sm_90 device), and the decode score kernel's page
+ *              default is the sm_90a TMA + wgmma kernel (an sm_90 device,
+ *              bf16 or e4m3 index cache), and the decode score kernel's page
  *              copies by cp.async where the default is its TMA form (e4m3
  *              index cache on an sm_90 device), so the tests cover both.
  *  decode_any: uniform decode batches take the certified streaming kernel
