@@ -809,14 +809,9 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *    query norms (tc_tile_prologue's work) into one of two row tables and
  *    the query buffer, while the consumers work on the current item.
  *  - E4M3 (an e4m3 index cache): the producer's TMA brings a page's codes
- *    (16 KB, one box) into one of TS_RAW_STAGES raw stages; the preparers
- *    widen each into one of TS_E4_STAGES bf16 stages (ts_widen; the
- *    consumers unchanged). Against the mma.sync kernel: top-k 8K / 64K
- *    -21%, 4K behind 60K -25%, ragged 8 x 2K -28% (H100, 2026-12-07). The
- *    widening binds it (tensor pipe ~30% busy, ~3,400 cycles per block
- *    against ~1,100 with a bf16 cache; without the widening, a timing-only
- *    variant, 86%): three warps widen 16 KB per block at ~0.24 instructions
- *    per cycle each; more raw stages (5) change nothing.
+ *    (16 KB, one box) into one of TS_RAW_STAGES raw stages; the consumers
+ *    widen each into one of TS_E4_STAGES bf16 stages of their own while
+ *    the previous block's group runs (ts_issue_e4), then issue as above.
  * Warps 8-11 run at TS_PRODUCER_REGS registers. The kernel before this one
  * (one item per CTA, the consumers doing the prologue, the ring's first
  * copies behind it) took the 8K prompt's scores 99.6 -> 84 us and 4K
@@ -828,8 +823,8 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  * 581 us; the 4K prompt 60.9 -> 62.5 us (H100, 4a87b97). sm_90a only.
  * ------------------------------------------------------------------------- */
 #define TS_STAGES 5    /* bf16 stages of a bf16 cache's kernel */
-#define TS_E4_STAGES 4 /* an e4m3 cache's: bf16 stages the preparers widen into, */
-#define TS_RAW_STAGES 3 /* from these raw ones (the codes as TMA brings them) */
+#define TS_E4_STAGES 3  /* an e4m3 cache's: bf16 stages the consumers widen into, */
+#define TS_RAW_STAGES 5 /* from these raw ones (the codes as TMA brings them) */
 #define TS_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
 #define TS_STAGE_BYTES (2 * TS_HALF_BYTES)
 #define TS_RAW_BYTES (M3S_BLOCK_SIZE * M3S_INDEX_DIM) /* one e4m3 page, one box */
@@ -1151,23 +1146,13 @@ __device__ __forceinline__ float ts_quad_rows(float m_lo, float m_hi) {
  * producer rewrites them), then the row maxima folded from acc and (S~, E)
  * stored by lanes 0 and 1 of each quad, one row each. NaN dots are ignored
  * by fmaxf; a maximum over none is -inf, as tc_row_fold's. */
-template <int PENDING, uint32_t NS>
-__device__ __forceinline__ void ts_finish(ts_smem &s, const ts_rows &r, float (&acc)[16][4],
-                                          uint32_t i, int b, const ts_run &run) {
+/* Block b's row maxima folded from acc and (S~, E) stored by lanes 0 and 1
+ * of each quad, one row each (bad: its page id was out of range; nk: its
+ * largest key norm). NaN dots are ignored by fmaxf; a maximum over none is
+ * -inf, as tc_row_fold's. */
+__device__ __forceinline__ void ts_store_block(const ts_rows &r, const float (&acc)[16][4], int b,
+                                               const ts_run &run, int bad, float nk) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const uint32_t st = i % NS;
-  wg_wait<PENDING>();
-  wg_pin(acc);
-  const int bad = s.bad[st];
-  const float nk = s.nk[st];
-  /* this thread's reads of the page check and norm come before the
-   * producer's rewrite (generic proxy on both sides: the barrier orders
-   * them; the stage itself is read by wgmma and refilled by TMA, both in
-   * the async proxy, and its reads completed in wg_wait); every thread
-   * arrives (racecheck credits an arrival with the arriving thread's own
-   * reads only: a lane-0 arrival after __syncwarp left 16 WAR reports on
-   * nk / bad) */
-  sm90_bar_arrive(&s.empty[st]);
   float m_lo = -INFINITY, m_hi = -INFINITY;
   if (b == run.d_lo || b == run.d_hi) {
     const int r_lo = warp * 16 + (lane >> 2);
@@ -1181,12 +1166,135 @@ __device__ __forceinline__ void ts_finish(ts_smem &s, const ts_rows &r, float (&
     run.row[b] = bad ? make_float2(NAN, INFINITY) : make_float2(m, tc_bound(run.qn, nk));
 }
 
+/* The CTA's i-th block (block b of a run) once at most PENDING groups are
+ * left: the stage released (its page check and norm read first: the
+ * producer rewrites them), then ts_store_block. */
+template <int PENDING, uint32_t NS>
+__device__ __forceinline__ void ts_finish(ts_smem &s, const ts_rows &r, float (&acc)[16][4],
+                                          uint32_t i, int b, const ts_run &run) {
+  const uint32_t st = i % NS;
+  wg_wait<PENDING>();
+  wg_pin(acc);
+  const int bad = s.bad[st];
+  const float nk = s.nk[st];
+  /* this thread's reads of the page check and norm come before the
+   * producer's rewrite (generic proxy on both sides: the barrier orders
+   * them; the stage itself is read by wgmma and refilled by TMA, both in
+   * the async proxy, and its reads completed in wg_wait); every thread
+   * arrives (racecheck credits an arrival with the arriving thread's own
+   * reads only: a lane-0 arrival after __syncwarp left 16 WAR reports on
+   * nk / bad) */
+  sm90_bar_arrive(&s.empty[st]);
+  ts_store_block(r, acc, b, run, bad, nk);
+}
+
+/* E4M3: a block's page check and largest key norm, taken from its raw
+ * stage when it is widened (the producer rewrites them once the stage is
+ * released) and kept until its epilogue. */
+typedef struct {
+  float nk;
+  int bad;
+} ts_blk;
+
+/* Four e4m3 codes (the bytes of w, low first) as four bf16 in two words,
+ * exactly, without the conversion pipe: each code's 7 magnitude bits
+ * placed as a bf16 exponent and mantissa read with bias 7 instead of 127
+ * (the value times 2^-120; subnormal codes land on bf16 subnormals, the
+ * same factor), its sign bit beside them, then a bf16 multiply by 2^120
+ * (exact: every e4m3 value is a bf16; bf16 arithmetic keeps subnormal
+ * inputs, which the certified test's subnormal-code case checks). NaN
+ * codes come out finite: their blocks' norms are infinite (tc_norm_kernel),
+ * so their scores are never trusted. */
+__device__ __forceinline__ uint2 ts_e4m3x4_to_bf16x4(uint32_t w) {
+  const uint32_t m = w & 0x7f7f7f7fu, z = 0;
+  uint32_t t0, t1, s0, s1, r0, r1;
+  /* t: magnitudes of codes 0, 1 (2, 3) in bytes 0 and 2; s: their signs
+   * replicated over bytes 1 and 3 */
+  asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(t0) : "r"(m), "r"(z));
+  asm("prmt.b32 %0, %1, %2, 0x4342;" : "=r"(t1) : "r"(m), "r"(z));
+  asm("prmt.b32 %0, %1, %2, 0x9484;" : "=r"(s0) : "r"(w), "r"(z));
+  asm("prmt.b32 %0, %1, %2, 0xB4A4;" : "=r"(s1) : "r"(w), "r"(z));
+  const uint32_t scale = 0x7B807B80u; /* 2^120 twice */
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r0) : "r"((s0 & 0x80008000u) | (t0 << 4)), "r"(scale));
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r1) : "r"((s1 & 0x80008000u) | (t1 << 4)), "r"(scale));
+  return make_uint2(r0, r1);
+}
+
+__device__ __forceinline__ void ts_consumer_sync() {
+  asm volatile("bar.sync 2, %0;\n" ::"n"(TC_THREADS) : "memory");
+}
+
+/* E4M3: the consumers' group for the CTA's i-th block. Its raw stage (the
+ * codes as the 128-byte swizzle stores them: 16-byte chunk c of key n at c
+ * ^ (n & 7)) widened by the 256 consumer threads, 4 units of 16 codes
+ * each, into bf16 stage i % TS_E4_STAGES in the layout the bf16 kernel's
+ * two TMA boxes leave (chunk u of a 64-dim half at u ^ (n & 7)); the 8
+ * lanes of a quarter warp take 8 keys of one c, so that their loads and
+ * stores each cover all 32 banks. The generic writes fenced for wgmma
+ * (async proxy), the raw stage released, one barrier of the 256 threads,
+ * then the 8 wgmma k-steps as in ts_issue. The widening runs while the
+ * previous block's group is in the tensor pipe (the preparer warps doing it
+ * held the kernel at ~30% of the tensor pipe: three warps at ~0.24
+ * instructions per cycle, H100). A bf16 stage is private to the consumers:
+ * it is rewritten three blocks later, after both warpgroups passed the
+ * barrier that follows their wait for its last group. */
+__device__ __forceinline__ ts_blk ts_issue_e4(ts_smem &s, const unsigned char *raw,
+                                              unsigned char *ring, const uint32_t (&af)[8][4],
+                                              float (&acc)[16][4], uint32_t i) {
+  const uint32_t rs = i % TS_RAW_STAGES;
+  sm90_bar_wait(&s.raw_full[rs], (i / TS_RAW_STAGES) & 1);
+  const ts_blk k = {s.raw_nk[rs], s.raw_bad[rs]};
+  unsigned char *const stage = ring + (i % TS_E4_STAGES) * TS_STAGE_BYTES;
+  if (!k.bad) {
+    const unsigned char *src = raw + rs * TS_RAW_BYTES;
+    constexpr int U = TS_RAW_BYTES / 16 / TC_THREADS; /* units per thread */
+    uint4 w[U];
+#pragma unroll
+    for (int t = 0; t < U; t++) {
+      const int j = threadIdx.x + t * TC_THREADS, kk = j & 7, c = (j >> 3) & 7;
+      w[t] = *(const uint4 *)(src + (((j >> 6) << 3) | kk) * M3S_INDEX_DIM + ((c ^ kk) << 4));
+    }
+#pragma unroll
+    for (int t = 0; t < U; t++) {
+      const int j = threadIdx.x + t * TC_THREADS, kk = j & 7, c = (j >> 3) & 7;
+      const uint2 o0 = ts_e4m3x4_to_bf16x4(w[t].x), o1 = ts_e4m3x4_to_bf16x4(w[t].y),
+                  o2 = ts_e4m3x4_to_bf16x4(w[t].z), o3 = ts_e4m3x4_to_bf16x4(w[t].w);
+      const int u0 = (c & 3) * 2;
+      unsigned char *row = stage + (c >> 2) * TS_HALF_BYTES + (((j >> 6) << 3) | kk) * 128;
+      *(uint4 *)(row + ((u0 ^ kk) << 4)) = make_uint4(o0.x, o0.y, o1.x, o1.y);
+      *(uint4 *)(row + (((u0 + 1) ^ kk) << 4)) = make_uint4(o2.x, o2.y, o3.x, o3.y);
+    }
+    sm90_fence_proxy_async();
+  }
+  /* every thread arrives: an arrival orders its own reads */
+  sm90_bar_arrive(&s.raw_empty[rs]);
+  ts_consumer_sync();
+  const uint32_t tile = tc_smem_addr(stage);
+  wg_pin(acc);
+  wg_fence();
+#pragma unroll
+  for (int ks = 0; ks < 8; ks++)
+    wg_mma_n128_bf16(acc, af[ks], wg_desc_k_sw128(tile + (ks >> 2) * TS_HALF_BYTES + (ks & 3) * 32),
+                     ks > 0);
+  wg_commit();
+  return k;
+}
+
+template <int PENDING>
+__device__ __forceinline__ void ts_finish_e4(const ts_rows &r, float (&acc)[16][4], int b,
+                                             const ts_run &run, ts_blk k) {
+  wg_wait<PENDING>();
+  wg_pin(acc);
+  ts_store_block(r, acc, b, run, k.bad, k.nk);
+}
+
 /* Warps 0-7: item it's blocks through the ring (i counts the CTA's blocks
  * over all items), two accumulators in turn: block j's group is issued
  * before block j - 1 is folded. */
-template <uint32_t NS>
+template <bool E4M3, uint32_t NS>
 __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, const ts_rows &r,
-                                           const unsigned char *ring, const uint32_t (&af)[8][4],
+                                           const unsigned char *raw, unsigned char *ring,
+                                           const uint32_t (&af)[8][4],
                                            float (&acc0)[16][4], float (&acc1)[16][4],
                                            const ts_item &it, uint32_t &i) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1201,6 +1309,25 @@ __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, c
     /* one group in flight at the loop head (acc0's, block j - 1), none
      * after the run: the same on every path, which ptxas needs to keep the
      * groups asynchronous */
+    if (E4M3) {
+      ts_blk k0 = ts_issue_e4(s, raw, ring, af, acc0, i), k1;
+      int j = 1;
+      for (; j + 1 < nblk; j += 2) {
+        k1 = ts_issue_e4(s, raw, ring, af, acc1, i + j);
+        ts_finish_e4<1>(r, acc0, b0 + (j - 1) * gz, run, k0);
+        k0 = ts_issue_e4(s, raw, ring, af, acc0, i + j + 1);
+        ts_finish_e4<1>(r, acc1, b0 + j * gz, run, k1);
+      }
+      if (j < nblk) {
+        k1 = ts_issue_e4(s, raw, ring, af, acc1, i + j);
+        ts_finish_e4<1>(r, acc0, b0 + (j - 1) * gz, run, k0);
+        ts_finish_e4<0>(r, acc1, b0 + j * gz, run, k1);
+      } else {
+        ts_finish_e4<0>(r, acc0, b0 + (j - 1) * gz, run, k0);
+      }
+      i += (uint32_t)nblk;
+      continue;
+    }
     ts_issue<NS>(s, ring, af, acc0, i);
     int j = 1;
     for (; j + 1 < nblk; j += 2) {
@@ -1217,118 +1344,6 @@ __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, c
       ts_finish<0, NS>(s, r, acc0, i + j - 1, b0 + (j - 1) * gz, run);
     }
     i += (uint32_t)nblk;
-  }
-}
-
-/* The number of item it's blocks (the producer's and consumers' sequence). */
-__device__ __forceinline__ uint32_t ts_item_blocks(const tc_score_args &a, const ts_rows &r,
-                                                   const ts_item &it) {
-  uint32_t n = 0;
-  for (int p0 = 0; p0 < it.n; p0 = r.run_end[p0]) {
-    int req, b0;
-    n += (uint32_t)ts_run_blocks(a, r, it, p0, req, b0);
-  }
-  return n;
-}
-
-/* Four e4m3 codes (the bytes of w, low first) as four bf16 in two words,
- * exactly, without the conversion pipe (e4m3 -> fp16 -> bf16 by cvt took
- * the e4m3 score kernel to ~30% of the tensor pipe, H100): each code's 7
- * magnitude bits placed as a bf16 exponent and mantissa read with bias 7
- * instead of 127 (the value times 2^-120; subnormal codes land on bf16
- * subnormals, the same factor), its sign bit beside them, then a bf16
- * multiply by 2^120 (exact: every e4m3 value is a bf16; bf16 arithmetic
- * keeps subnormal inputs). NaN codes come out finite: their blocks' norms
- * are infinite (tc_norm_kernel), so their scores are never trusted. */
-__device__ __forceinline__ uint2 ts_e4m3x4_to_bf16x4(uint32_t w) {
-  const uint32_t m = w & 0x7f7f7f7fu, z = 0;
-  uint32_t t0, t1, s0, s1, r0, r1;
-  /* t: magnitudes of codes 0, 1 (2, 3) in bytes 0 and 2; s: their signs
-   * replicated over bytes 1 and 3 */
-  asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(t0) : "r"(m), "r"(z));
-  asm("prmt.b32 %0, %1, %2, 0x4342;" : "=r"(t1) : "r"(m), "r"(z));
-  asm("prmt.b32 %0, %1, %2, 0x9484;" : "=r"(s0) : "r"(w), "r"(z));
-  asm("prmt.b32 %0, %1, %2, 0xB4A4;" : "=r"(s1) : "r"(w), "r"(z));
-  const uint32_t scale = 0x7B807B80u; /* 2^120 twice */
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r0) : "r"((s0 & 0x80008000u) | (t0 << 4)), "r"(scale));
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r1) : "r"((s1 & 0x80008000u) | (t1 << 4)), "r"(scale));
-  return make_uint2(r0, r1);
-}
-
-/* Warps 9-11 of the e4m3 kernel: the CTA's blocks i0 .. i1 - 1 widened from
- * their raw stages into the ring, exactly (ts_e4m3x4_to_bf16x4), in the
- * layout the bf16 kernel's two TMA boxes leave (16-byte chunk u of key n of
- * a 64-dim half at u ^ (n & 7)), so that the consumers run unchanged. A
- * unit is a 16-byte chunk of codes (dims 16c .. 16c + 15 of key n, stored
- * by the 128-byte swizzle at chunk c ^ (n & 7)); the 8 lanes of a quarter
- * warp take 8 keys of one c, so that their loads and their two stores each
- * cover all 32 banks. The generic-proxy writes are fenced before the
- * arrival that hands the stage to wgmma (async proxy). */
-__device__ __forceinline__ void ts_widen(ts_smem &s, const unsigned char *raw, unsigned char *ring,
-                                         uint32_t i0, uint32_t i1) {
-  const int p = threadIdx.x - TS_PREP0;
-  for (uint32_t i = i0; i < i1; i++) {
-    const uint32_t rs = i % TS_RAW_STAGES, bs = i % TS_E4_STAGES;
-    sm90_bar_wait(&s.raw_full[rs], (i / TS_RAW_STAGES) & 1);
-    const int bad = s.raw_bad[rs];
-    const float nk = s.raw_nk[rs];
-    if (i >= TS_E4_STAGES)
-      sm90_bar_wait(&s.empty[bs], (i / TS_E4_STAGES - 1) & 1);
-    if (!bad) {
-      const unsigned char *src = raw + rs * TS_RAW_BYTES;
-      unsigned char *dst = ring + bs * TS_STAGE_BYTES;
-#pragma unroll 2
-      for (int j = p; j < TS_RAW_BYTES / 16; j += TS_PREP_THREADS) {
-        const int kk = j & 7, c = (j >> 3) & 7, n = ((j >> 6) << 3) | kk;
-        const uint4 w = *(const uint4 *)(src + n * M3S_INDEX_DIM + ((c ^ kk) << 4));
-        const uint2 o0 = ts_e4m3x4_to_bf16x4(w.x), o1 = ts_e4m3x4_to_bf16x4(w.y),
-                    o2 = ts_e4m3x4_to_bf16x4(w.z), o3 = ts_e4m3x4_to_bf16x4(w.w);
-        const int u0 = (c & 3) * 2;
-        unsigned char *row = dst + (c >> 2) * TS_HALF_BYTES + n * 128;
-        *(uint4 *)(row + ((u0 ^ kk) << 4)) = make_uint4(o0.x, o0.y, o1.x, o1.y);
-        *(uint4 *)(row + (((u0 + 1) ^ kk) << 4)) = make_uint4(o2.x, o2.y, o3.x, o3.y);
-      }
-      sm90_fence_proxy_async();
-    }
-    if (p == 0) {
-      s.nk[bs] = nk;
-      s.bad[bs] = bad;
-    }
-    /* every thread arrives on both: an arrival orders its own accesses */
-    sm90_bar_arrive(&s.full[bs]);
-    sm90_bar_arrive(&s.raw_empty[rs]);
-  }
-}
-
-/* Warps 9-11 of the e4m3 kernel: each item prepared one ahead as in the
- * bf16 kernel, and every block widened; the next item is prepared after
- * the current one's first ring-full of blocks (its wait for the consumers
- * to take the current query tile then costs them nothing). */
-__device__ __forceinline__ void ts_prepare_widen(const m3s_cuda_batch &bt, const tc_score_args &a,
-                                                 ts_smem &s, uint16_t *qs, const unsigned char *raw,
-                                                 unsigned char *ring) {
-  ts_item it = ts_item_of(a, 0);
-  if (it.n == 0)
-    return;
-  ts_prepare(bt, a, s.rows[0], qs, it);
-  sm90_bar_arrive(&s.ready[0]);
-  uint32_t i = 0;
-  for (int k = 0; it.n > 0; k++) {
-    ts_prep_sync(); /* item k's row table complete for every preparer */
-    const uint32_t nb = ts_item_blocks(a, s.rows[k & 1], it);
-    const uint32_t first = nb < TS_E4_STAGES ? nb : TS_E4_STAGES;
-    ts_widen(s, raw, ring, i, i + first);
-    const ts_item nx = ts_item_of(a, k + 1);
-    if (nx.n > 0) {
-      if (k >= 1)
-        sm90_bar_wait(&s.done[(k + 1) & 1], ((k - 1) >> 1) & 1);
-      sm90_bar_wait(&s.qs_free, k & 1);
-      ts_prepare(bt, a, s.rows[(k + 1) & 1], qs, nx);
-      sm90_bar_arrive(&s.ready[(k + 1) & 1]);
-    }
-    ts_widen(s, raw, ring, i + first, i + nb);
-    i += nb;
-    it = nx;
   }
 }
 
@@ -1349,13 +1364,12 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
   tc_zero_count(a);
   if (tid == 0) {
     for (int i = 0; i < (int)NS; i++) {
-      /* e4m3: every preparer thread arrives once it has widened the stage */
-      sm90_bar_init(&s.full[i], E4M3 ? TS_PREP_THREADS : 1);
+      sm90_bar_init(&s.full[i], 1); /* bf16 only: e4m3 stages are the consumers' */
       sm90_bar_init(&s.empty[i], TC_THREADS);
     }
     for (int i = 0; E4M3 && i < TS_RAW_STAGES; i++) {
       sm90_bar_init(&s.raw_full[i], 1);
-      sm90_bar_init(&s.raw_empty[i], TS_PREP_THREADS);
+      sm90_bar_init(&s.raw_empty[i], TC_THREADS); /* the consumers widen it */
     }
     for (int i = 0; i < 2; i++) {
       sm90_bar_init(&s.ready[i], TS_PREP_THREADS);
@@ -1391,8 +1405,6 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
          * own reads only */
         sm90_bar_arrive(&s.done[k & 1]);
       }
-    } else if (E4M3) {
-      ts_prepare_widen(bt, a, s, qs, raw, ring);
     } else {
       for (int k = 0;; k++) {
         const ts_item it = ts_item_of(a, k);
@@ -1427,7 +1439,7 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
     uint32_t af[8][4];
     tc_load_afrag(qs, af);
     sm90_bar_arrive(&s.qs_free);
-    ts_consume<NS>(a, s, s.rows[k & 1], ring, af, acc0, acc1, it, i);
+    ts_consume<E4M3, NS>(a, s, s.rows[k & 1], raw, ring, af, acc0, acc1, it, i);
     sm90_bar_arrive(&s.done[k & 1]);
   }
 #endif
