@@ -76,9 +76,8 @@
  * all_scored = 1.
  *
  * Registers / spills (ptxas, sm_90a): the mma.sync score kernel 128
- * registers, tc_score_ws_kernel 168 at launch (56 / 224 by setmaxnreg), no
- * spills (<true>: 120 bytes in the preparers' per-item bookkeeping, none in
- * the widening loop); tc_select_kernel 128 with 84 bytes of spill stores,
+ * registers, tc_score_ws_kernel<false> and <true> 168 at launch (56 / 224
+ * by setmaxnreg), no spills; tc_select_kernel 128 with 84 bytes of spill stores,
  * tc_select_wide_kernel<1> 151 and <2> 126, no spills. Measured (H200, fresh 64K prompt,
  * docs/perf-notes.md): scores ~9.5 ms with mma.sync, ~6.4 ms with TMA +
  * wgmma (b10fcd5, before the norm pre-pass); the selection 1.78 ms over the
