@@ -658,12 +658,14 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
  * Grid (num_reqs, ceil(max_nb / TC_NORM_BLOCKS)), 256 threads: the warps
  * 4j .. 4j + 3 of CTA (r, y) take block b = TC_NORM_BLOCKS y + j of request r
  * when r has >= TC_MIN_ROWS query rows and b is a candidate of its last row,
- * a warp's 32 keys (8 KB) in 16 loads of 512 contiguous bytes, all in
- * flight (one round trip per block; a warp per block with four keys per
- * lane in turn took ~13 us for the 8K prompt's 64 blocks; one key per lane,
- * each load 32 rows apart, ran at ~1.5 TB/s on the ragged batch, H100),
- * each key's sum of squares rounded up over its 16 lanes (tc_sumsq8_ru and
- * __fadd_ru: an upper bound, like the in-kernel norms), NaN -> inf; the
+ * a warp's 32 keys (bf16: 8 KB in 16 loads of 512 contiguous bytes, a key
+ * over 16 lanes; e4m3: 4 KB in 8 loads, a key over 8 lanes, its codes
+ * widened exactly), all in flight (one round trip per block; a warp per
+ * block with four keys per lane in turn took ~13 us for the 8K prompt's 64
+ * blocks; one key per lane, each load 32 rows apart, ran at ~1.5 TB/s on
+ * the ragged batch, H100), each key's sum of squares rounded up over its
+ * lanes (tc_sumsq8_ru and __fadd_ru: an upper bound, like the in-kernel
+ * norms), NaN -> inf; the
  * four warps' maxima meet in shared memory. Written at norms[tc_norm_slot(r) * max_nb +
  * b]; a page id outside [0, P) is left alone (the score kernel writes (NaN,
  * inf) for it).
@@ -872,7 +874,7 @@ typedef struct {
   float nk[TS_STAGES];         /* the stage's largest key norm */
   int bad[TS_STAGES];          /* its page id is out of range (nothing loaded) */
   /* e4m3: the raw stages' barriers (full: the codes landed; empty: every
-   * preparer thread has widened them), page checks and norms */
+   * consumer thread has widened them), page checks and norms */
   unsigned long long raw_full[TS_RAW_STAGES], raw_empty[TS_RAW_STAGES];
   float raw_nk[TS_RAW_STAGES];
   int raw_bad[TS_RAW_STAGES];
@@ -999,7 +1001,7 @@ __device__ __forceinline__ int ts_run_blocks(const tc_score_args &a, const ts_ro
  * looks up block j0 + l of each 32; lane 0 waits for each stage's release,
  * writes its page check and norm, and arms it (a page out of range: a
  * plain arrive, nothing loaded). E4M3: the raw stages at dst (one box of
- * 128 keys x 128 codes), which the preparers widen into the ring. */
+ * 128 keys x 128 codes), which the consumers widen into their own stages. */
 template <bool E4M3>
 __device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_score_args &a,
                                            const CUtensorMap *map, ts_smem &s, const ts_rows &r,
@@ -1146,11 +1148,6 @@ __device__ __forceinline__ float ts_quad_rows(float m_lo, float m_hi) {
   return fmaxf(keep, __shfl_xor_sync(TC_FULL, keep, 2));
 }
 
-/* The CTA's i-th block (block b of a run) once at most PENDING groups are
- * left: the stage released (its page check and norm read first: the
- * producer rewrites them), then the row maxima folded from acc and (S~, E)
- * stored by lanes 0 and 1 of each quad, one row each. NaN dots are ignored
- * by fmaxf; a maximum over none is -inf, as tc_row_fold's. */
 /* Block b's row maxima folded from acc and (S~, E) stored by lanes 0 and 1
  * of each quad, one row each (bad: its page id was out of range; nk: its
  * largest key norm). NaN dots are ignored by fmaxf; a maximum over none is
