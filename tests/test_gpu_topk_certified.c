@@ -552,14 +552,16 @@ static void test_prefill_shapes(void) {
 /* An e4m3 index cache in prefill (sm_90: tc_score_ws_kernel widening the
  * codes in shared memory): the prefill shapes' edges again, ragged and
  * padded rows, several runs per tile, chunks off the tiles, a partly
- * visible diagonal block (local 0), K = 64, a long prefix, bad page ids. */
+ * visible diagonal block (local 0), K = 64, a long prefix, bad page ids,
+ * subnormal codes. Names start with e4pre_ and share no filter substring
+ * with the other cases (tools/gpu-check.sh's racecheck groups). */
 static void test_e4m3_prefill(void) {
   if (!g_quick) {
     static const int32_t ql[] = {8192};
     static const int32_t sl[] = {8192};
     fx_spec f8 = spec_of(m3s_config_minimax_m3(1), 1, ql, sl);
     f8.idx_dtype = M3S_E4M3;
-    run_case("e4m3_fresh_8k_prompt_tp1", f8, NULL);
+    run_case("e4pre_fresh_8k_prompt_tp1", f8, NULL);
   }
   static const int32_t ql[] = {1, 300, 0, 700, 5, 0};
   static const int32_t sl[] = {5000, 4000, 0, 9000, 129, 0};
@@ -568,35 +570,35 @@ static void test_e4m3_prefill(void) {
   s.topk_head_major = 1;
   s.idx_dtype = M3S_E4M3;
   case_mods both = {NULL, NULL, 0, 1, PATH_ANY, 0};
-  run_case("e4m3_ragged_padded_head_major_tp2", s, &both);
+  run_case("e4pre_ragged_head_major_tp2", s, &both);
   case_mods by100 = {NULL, NULL, 0, 0, PATH_ANY, 100};
-  run_case("e4m3_ragged_padded_tp2_chunks_of_100", s, &by100);
+  run_case("e4pre_ragged_tp2_chunks_of_100", s, &by100);
   case_mods reg = {NULL, NULL, 0, 0, PATH_REG, 0};
   static const int32_t q20[] = {384};
   static const int32_t s20[] = {20480 + 384};
   fx_spec c = spec_of(m3s_config_minimax_m3(4), 1, q20, s20);
   c.idx_dtype = M3S_E4M3;
-  run_case("e4m3_chunk_384_behind_20k_tp4", c, &reg);
+  run_case("e4pre_chunk_384_behind_20k_tp4", c, &reg);
   static const int32_t ql2[] = {700, 300};
   static const int32_t sl2[] = {12000, 9000};
   fx_spec l0 = spec_of(fx_cfg(64, 4, 16, 2, 0), 2, ql2, sl2);
   l0.idx_dtype = M3S_E4M3;
-  run_case("e4m3_k16_init2_local0_hkv4", l0, NULL);
+  run_case("e4pre_local0_init2_hkv4", l0, NULL);
   fx_spec k64 = spec_of(fx_cfg(32, 2, 64, 4, 2), 2, ql2, sl2);
   k64.idx_dtype = M3S_E4M3;
-  run_case("e4m3_k64_init4_local2_hkv2", k64, NULL);
+  run_case("e4pre_top64_init4_local2_hkv2", k64, NULL);
   static const int32_t qg[] = {30, 20, 40, 10};
   static const int32_t sg[] = {3000, 2500, 2200, 2600};
   fx_spec gs = spec_of(m3s_config_minimax_m3(2), 4, qg, sg);
   gs.idx_dtype = M3S_E4M3;
   case_mods gp = {guard_pages_host, guard_pages_device, 0, 0, PATH_ANY, 0};
-  run_case("e4m3_guard_page_ids_out_of_range", gs, &gp);
+  run_case("e4pre_bad_page_ids", gs, &gp);
   static const int32_t qa[] = {512, 512, 512, 512};
   static const int32_t sa[] = {8192, 8192, 6000, 7000};
   fx_spec sn = spec_of(m3s_config_minimax_m3(4), 4, qa, sa);
   sn.idx_dtype = M3S_E4M3;
   case_mods snm = {e4m3_subnormal_keys, NULL, 0, 0, PATH_ANY, 0};
-  run_case("e4m3_subnormal_keys_large_queries_tp4", sn, &snm);
+  run_case("e4pre_subnormal_codes_large_queries_tp4", sn, &snm);
 }
 
 static void test_k_variants(void) {
