@@ -380,28 +380,28 @@ static void cancel_wide(fixture *f) {
     store_elem(f->iq_mem, f->sp.act_dtype, i, wide_value(&rng, -40, 40));
 }
 
+/* Keys of magnitude 2^[c0, c1] with every 17th 2^[r0, r1], queries ~2^100
+ * (the subnormal-key cases below). */
+static void tiny_keys_huge_queries(fixture *f, uint64_t rng, int c0, int c1, int r0, int r1) {
+  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
+    store_elem(f->ic_mem, f->sp.idx_dtype, i,
+               (i % 17) == 0 ? wide_value(&rng, r0, r1) : wide_value(&rng, c0, c1));
+  for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_kv_heads * 128; i++)
+    store_elem(f->iq_mem, f->sp.act_dtype, i, wide_value(&rng, 95, 100));
+}
+
 /* Keys mostly subnormal bf16 (2^-133 .. 2^-127) with a few tiny normal
  * ones, queries ~2^100: products near 2^-30, where a tensor core that
  * flushes subnormal inputs would err. */
 static void subnormal_keys(fixture *f) {
-  uint64_t rng = f->sp.seed * 11 + 5;
-  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
-    store_elem(f->ic_mem, f->sp.idx_dtype, i,
-               (i % 17) == 0 ? wide_value(&rng, -126, -120) : wide_value(&rng, -133, -127));
-  for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_kv_heads * 128; i++)
-    store_elem(f->iq_mem, f->sp.act_dtype, i, wide_value(&rng, 95, 100));
+  tiny_keys_huge_queries(f, f->sp.seed * 11 + 5, -133, -127, -126, -120);
 }
 
 /* e4m3 keys mostly subnormal codes (2^-9 .. 2^-7) with every 17th normal
  * (2^-6 .. 2^-3), queries ~2^100: a widening to bf16 that lost subnormal
  * codes (the e4m3 prefill kernel's bf16 multiply) would err far beyond E. */
 static void e4m3_subnormal_keys(fixture *f) {
-  uint64_t rng = f->sp.seed * 17 + 3;
-  for (int64_t i = 0; i < f->num_pages * 128 * 128; i++)
-    store_elem(f->ic_mem, f->sp.idx_dtype, i,
-               (i % 17) == 0 ? wide_value(&rng, -6, -3) : wide_value(&rng, -9, -7));
-  for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_kv_heads * 128; i++)
-    store_elem(f->iq_mem, f->sp.act_dtype, i, wide_value(&rng, 95, 100));
+  tiny_keys_huge_queries(f, f->sp.seed * 17 + 3, -9, -7, -6, -3);
 }
 
 /* Some keys ~2^100 against queries ~2^40: products overflow fp32 (dots of

@@ -298,7 +298,7 @@ __device__ __forceinline__ void tc_zero_count(const tc_score_args &a) {
     *a.count = 0;
     if (a.chunks)
       atomicAdd(a.chunks, 1u);
-    if (a.ws_chunks && a.norms) /* the norm table: tc_score_ws_kernel's */
+    if (a.ws_chunks)
       atomicAdd(a.ws_chunks, 1u);
   }
 }
@@ -580,11 +580,8 @@ static __global__ void __launch_bounds__(TC_THREADS, 2)
         /* widen the raw codes into kt: 16 codes per step */
         const uint8_t *raw = buf0 + (it & 1) * buf_step;
         for (int c = tid; c < M3S_BLOCK_SIZE * M3S_INDEX_DIM / 16; c += TC_THREADS) {
-          uint4 w = *(const uint4 *)(raw + c * 16);
-          uint32_t u[4] = {w.x, w.y, w.z, w.w}, o[8];
-#pragma unroll
-          for (int e = 0; e < 8; e++)
-            o[e] = tc_e4m3x2_to_bf16x2((uint16_t)(u[e / 2] >> (16 * (e % 2))));
+          uint32_t o[8];
+          tc_e4m3x16_to_bf16(*(const uint4 *)(raw + c * 16), o);
           int key = c >> 3, k0 = (c & 7) * 16;
           uint16_t *dst = kt + key * TC_PAD + k0;
           *(uint4 *)dst = make_uint4(o[0], o[1], o[2], o[3]);
@@ -719,44 +716,29 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
   }
   float nk = 0.0f;
   if (page >= 0) {
-    float sq;
-    if (E4M3) {
-      /* load c of the warp takes keys key0 + 4c + (lane >> 3), 16 codes a
-       * lane, widened exactly: 512 contiguous bytes per load */
-      const uint4 *base = (const uint4 *)((const uint8_t *)a.ic +
-                                          (page * M3S_BLOCK_SIZE + key0) * M3S_INDEX_DIM);
-      uint4 w[8];
+    /* load c of the warp: 512 contiguous bytes, 16 a lane; bf16: keys key0
+     * + 2c (lanes 0-15) and + 1 (lanes 16-31); e4m3: key key0 + 4c + (lane
+     * >> 3), its codes widened exactly */
+    constexpr int V = E4M3 ? 8 : 16, ELEM = E4M3 ? 1 : 2;
+    const uint4 *base = (const uint4 *)((const unsigned char *)a.ic +
+                                        (page * M3S_BLOCK_SIZE + key0) * M3S_INDEX_DIM * ELEM);
+    uint4 w[V];
 #pragma unroll
-      for (int c = 0; c < 8; c++)
-        w[c] = __ldg(base + 32 * c + lane);
-      float p[8];
+    for (int c = 0; c < V; c++)
+      w[c] = __ldg(base + 32 * c + lane);
+    float p[V];
 #pragma unroll
-      for (int c = 0; c < 8; c++) {
-        const uint32_t u[4] = {w[c].x, w[c].y, w[c].z, w[c].w};
+    for (int c = 0; c < V; c++) {
+      if (E4M3) {
         uint32_t o[8];
-#pragma unroll
-        for (int e = 0; e < 8; e++)
-          o[e] = tc_e4m3x2_to_bf16x2((uint16_t)(u[e / 2] >> (16 * (e % 2))));
+        tc_e4m3x16_to_bf16(w[c], o);
         p[c] = tc_sumsq8_ru(make_uint4(o[4], o[5], o[6], o[7]),
                             tc_sumsq8_ru(make_uint4(o[0], o[1], o[2], o[3]), 0.0f));
-      }
-      sq = tc_norm_fold(p, lane);
-    } else {
-      /* load c of the warp takes keys key0 + 2c (lanes 0-15) and + 1 (lanes
-       * 16-31), 16 bytes a lane: 512 contiguous bytes per load */
-      const uint4 *base = (const uint4 *)((const uint16_t *)a.ic +
-                                          (page * M3S_BLOCK_SIZE + key0) * M3S_INDEX_DIM);
-      uint4 w[16];
-#pragma unroll
-      for (int c = 0; c < 16; c++)
-        w[c] = __ldg(base + 32 * c + lane);
-      float p[16];
-#pragma unroll
-      for (int c = 0; c < 16; c++)
+      } else {
         p[c] = tc_sumsq8_ru(w[c], 0.0f);
-      sq = tc_norm_fold(p, lane);
+      }
     }
-    const float k = __fsqrt_ru(sq);
+    const float k = __fsqrt_ru(tc_norm_fold(p, lane));
     nk = isnan(k) ? INFINITY : k;
   }
 #pragma unroll
@@ -813,10 +795,10 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *    (16 KB, one box) into one of TS_RAW_STAGES raw stages; the consumers
  *    widen each into one of TS_E4_STAGES bf16 stages of their own while
  *    the previous block's group runs (ts_issue_e4), then issue as above.
- *    Against the mma.sync kernel it replaced: e4m3 top-k 8K 243 -> 141 us,
- *    64K 10.45 -> 5.49 ms, ragged 8 x 2K 1531 -> 744 us, 4K behind 60K
- *    1391 -> 700 us (H100, 2026-12-07; the preparer warps widening first
- *    got 0.72-0.79). Still the widening's pace, not the tensor cores' (64K
+ *    Against the mma.sync kernel it replaced: e4m3 top-k 8K 243 -> 140 us,
+ *    64K 10.45 -> 5.47 ms, ragged 8 x 2K 1531 -> 744 us, 4K behind 60K
+ *    1391 -> 700 us (H100, 2026-12-07, separate A/B calls; the preparer
+ *    warps widening first got 0.71-0.79). Still the widening's pace, not the tensor cores' (64K
  *    second chunk 3.62 ms at 48% of the tensor pipe; bf16 2.22 ms at 90%;
  *    without the widening, timing only, 86%).
  * Warps 8-11 run at TS_PRODUCER_REGS registers. The kernel before this one
@@ -1054,16 +1036,11 @@ __device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_sc
   }
 }
 
-/* A consumer warpgroup's group for the CTA's i-th block: once its stage
- * has landed, 8 wgmma k-steps of the warpgroup's 64 rows x the block's 128
- * keys into acc, committed, not waited for. */
-template <uint32_t NS>
-__device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
-                                         const uint32_t (&af)[8][4], float (&acc)[16][4],
-                                         uint32_t i) {
-  const uint32_t st = i % NS;
-  sm90_bar_wait(&s.full[st], (i / NS) & 1);
-  const uint32_t tile = tc_smem_addr(ring + st * TS_STAGE_BYTES);
+/* 8 wgmma k-steps of the warpgroup's 64 rows x a bf16 stage's 128 keys
+ * into acc, committed, not waited for. */
+__device__ __forceinline__ void ts_mma_stage(const unsigned char *stage,
+                                             const uint32_t (&af)[8][4], float (&acc)[16][4]) {
+  const uint32_t tile = tc_smem_addr(stage);
   wg_pin(acc);
   wg_fence();
 #pragma unroll
@@ -1071,6 +1048,17 @@ __device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
     wg_mma_n128_bf16(acc, af[ks], wg_desc_k_sw128(tile + (ks >> 2) * TS_HALF_BYTES + (ks & 3) * 32),
                      ks > 0);
   wg_commit();
+}
+
+/* A consumer warpgroup's group for the CTA's i-th block once its stage has
+ * landed. */
+template <uint32_t NS>
+__device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
+                                         const uint32_t (&af)[8][4], float (&acc)[16][4],
+                                         uint32_t i) {
+  const uint32_t st = i % NS;
+  sm90_bar_wait(&s.full[st], (i / NS) & 1);
+  ts_mma_stage(ring + st * TS_STAGE_BYTES, af, acc);
 }
 
 /* A consumer thread's constants for one run of rows, so that a block's
@@ -1234,7 +1222,7 @@ __device__ __forceinline__ void ts_consumer_sync() {
  * lanes of a quarter warp take 8 keys of one c, so that their loads and
  * stores each cover all 32 banks. The generic writes fenced for wgmma
  * (async proxy), the raw stage released, one barrier of the 256 threads,
- * then the 8 wgmma k-steps as in ts_issue. The widening runs while the
+ * then ts_mma_stage. The widening runs while the
  * previous block's group is in the tensor pipe (the preparer warps doing it
  * held the kernel at ~30% of the tensor pipe: three warps at ~0.24
  * instructions per cycle, H100). A bf16 stage is private to the consumers:
@@ -1271,14 +1259,7 @@ __device__ __forceinline__ ts_blk ts_issue_e4(ts_smem &s, const unsigned char *r
   /* every thread arrives: an arrival orders its own reads */
   sm90_bar_arrive(&s.raw_empty[rs]);
   ts_consumer_sync();
-  const uint32_t tile = tc_smem_addr(stage);
-  wg_pin(acc);
-  wg_fence();
-#pragma unroll
-  for (int ks = 0; ks < 8; ks++)
-    wg_mma_n128_bf16(acc, af[ks], wg_desc_k_sw128(tile + (ks >> 2) * TS_HALF_BYTES + (ks & 3) * 32),
-                     ks > 0);
-  wg_commit();
+  ts_mma_stage(stage, af, acc);
   return k;
 }
 
@@ -1922,7 +1903,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   se.list = (int32_t *)((unsigned char *)exec->workspace + need - tc_list_bytes(plan.chunk_rows, hkv));
   sa.count = se.list;
   sa.chunks = hooks.stats ? &hooks.stats->chunks : NULL;
-  sa.ws_chunks = hooks.stats ? &hooks.stats->ws_chunks : NULL;
+  sa.ws_chunks = NULL; /* set with the norm table: tc_score_ws_kernel's chunks only */
 
   if (batch->uniform_q_len > 0) {
     /* Decode (one chunk, m3s_topk_tc_eligible): (S~, E) streamed by the
@@ -1951,6 +1932,7 @@ extern "C" m3s_status m3s_topk_tc_run(m3s_context *ctx, const m3s_layer_config *
   const int pdl = m3s_cuda_pdl(ctx, batch->num_reqs);
   if (tma) {
     sa.norms = (float *)((unsigned char *)exec->workspace + need);
+    sa.ws_chunks = hooks.stats ? &hooks.stats->ws_chunks : NULL;
     sa.pdl = pdl;
     const dim3 ngrid((unsigned)batch->num_reqs, (unsigned)norm_gy);
     if (e4m3)

@@ -47,4 +47,13 @@ static __device__ __forceinline__ uint32_t tc_e4m3x2_to_bf16x2(uint16_t pair) {
   return *(uint32_t *)&h;
 }
 
+/* 16 e4m3 codes (the bytes of w, low first) as 16 bf16 in o[0..7], exactly
+ * (NaN stays NaN). */
+static __device__ __forceinline__ void tc_e4m3x16_to_bf16(uint4 w, uint32_t (&o)[8]) {
+  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 8; e++)
+    o[e] = tc_e4m3x2_to_bf16x2((uint16_t)(u[e / 2] >> (16 * (e % 2))));
+}
+
 #endif
