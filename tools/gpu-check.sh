@@ -102,7 +102,8 @@ race_groups() { # test -> one "filter [flags]" per line
       decode_q,decode_last,decode_equal \
       decode_cancel,decode_subnormal,decode_overflow,decode_nan,decode_guard k64_,k16_ \
       ragged_padded,short_requests,e4m3_index,graph_capture \
-      e4pre_ragged,e4pre_chunk e4pre_local0,e4pre_top64,e4pre_bad,e4pre_subnormal ;;
+      e4pre_ragged,e4pre_chunk e4pre_local0,e4pre_top64,e4pre_bad,e4pre_subnormal \
+      e4pre_wide,e4pre_tiny ;;
     *) echo "" ;;
   esac
 }
