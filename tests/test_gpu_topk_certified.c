@@ -475,6 +475,11 @@ static void tiny_queries(fixture *f) {
                    t & 1 ? wide_value(&rng, -133, -127) : wide_value(&rng, -105, -95));
 }
 
+/* The prefill shape of the two query traps above (every block of the tiny
+ * rows is re-scored: 500 rows keep it short). */
+static const int32_t g_edge_ql[] = {300, 200};
+static const int32_t g_edge_sl[] = {5000, 4000};
+
 /* Request 0's index-table entries of blocks 5 and 7 point outside the cache
  * on the device; the CPU sees NaN keys there instead (the same scores). */
 static void guard_pages_host(fixture *f) {
@@ -553,8 +558,9 @@ static void test_prefill_shapes(void) {
  * codes in shared memory): the prefill shapes' edges again, ragged and
  * padded rows, several runs per tile, chunks off the tiles, a partly
  * visible diagonal block (local 0), K = 64, a long prefix, bad page ids,
- * subnormal codes, queries at the exponent range's edges. Names start with e4pre_ and share no filter substring
- * with the other cases (tools/gpu-check.sh's racecheck groups). */
+ * subnormal codes, queries at the exponent range's edges. Names start with
+ * e4pre_ and share no filter substring with the other cases
+ * (tools/gpu-check.sh's racecheck groups). */
 static void test_e4m3_prefill(void) {
   if (!g_quick) {
     static const int32_t ql[] = {8192};
@@ -599,16 +605,12 @@ static void test_e4m3_prefill(void) {
   sn.idx_dtype = M3S_E4M3;
   case_mods snm = {e4m3_subnormal_keys, NULL, 0, 0, PATH_ANY, 0};
   run_case("e4pre_subnormal_codes_large_queries_tp4", sn, &snm);
-  /* queries at the exponent range's edges: over 2^-110 .. 2^13 in a row, a
-   * zero row, a NaN and the largest bf16 in others; every element tiny
-   * (bf16 subnormals in odd rows) */
-  static const int32_t qw[] = {300, 200};
-  static const int32_t sw[] = {5000, 4000};
-  fx_spec w = spec_of(m3s_config_minimax_m3(2), 2, qw, sw);
+  /* queries at the exponent range's edges (wide_queries, tiny_queries) */
+  fx_spec w = spec_of(m3s_config_minimax_m3(2), 2, g_edge_ql, g_edge_sl);
   w.idx_dtype = M3S_E4M3;
   case_mods wq = {wide_queries, NULL, 0, 0, PATH_ANY, 0};
   run_case("e4pre_wide_exponent_queries_tp2", w, &wq);
-  fx_spec t = spec_of(m3s_config_minimax_m3(1), 2, qw, sw);
+  fx_spec t = spec_of(m3s_config_minimax_m3(1), 2, g_edge_ql, g_edge_sl);
   t.idx_dtype = M3S_E4M3;
   case_mods tq = {tiny_queries, NULL, 0, 0, PATH_ANY, 0};
   run_case("e4pre_tiny_queries_tp1", t, &tq);
@@ -640,14 +642,12 @@ static void test_adversarial(void) {
   run_case("subnormal_keys_large_queries_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &sn);
   case_mods ov = {overflow_keys, NULL, 0, 0, PATH_ANY, 0};
   run_case("overflowing_products_tp4", spec_of(m3s_config_minimax_m3(4), 4, ql, sl), &ov);
-  /* queries at the exponent range's edges (every block of the tiny rows
-   * is re-scored: 500 rows keep it short) */
-  static const int32_t qw[] = {300, 200};
-  static const int32_t sw[] = {5000, 4000};
+  /* queries at the exponent range's edges */
   case_mods wq = {wide_queries, NULL, 0, 0, PATH_ANY, 0};
-  run_case("wide_exponent_queries_tp2", spec_of(m3s_config_minimax_m3(2), 2, qw, sw), &wq);
+  run_case("queries_wide_exponents_tp2", spec_of(m3s_config_minimax_m3(2), 2, g_edge_ql, g_edge_sl),
+           &wq);
   case_mods tq = {tiny_queries, NULL, 0, 0, PATH_ANY, 0};
-  run_case("tiny_queries_tp1", spec_of(m3s_config_minimax_m3(1), 2, qw, sw), &tq);
+  run_case("queries_tiny_tp1", spec_of(m3s_config_minimax_m3(1), 2, g_edge_ql, g_edge_sl), &tq);
   /* the same traps at up to 512 candidates per pair (the register
    * selection's R 16 form, its R / 4 and R / 2 slot forms on the shorter requests),
    * K = 64 there too */

@@ -99,6 +99,7 @@ race_groups() { # test -> one "filter [flags]" per line
     test_gpu_topk_certified) printf '%s\n' last_bit_permuted_multiset_hkv1,equal_maxima_tp1 \
       last_bit_permuted_multiset_k64 cancel_wide_exponents_tp2,subnormal_keys_large \
       overflowing_products_tp4,nan_inf_keys_and,nan_keys_e4m3,guard_page_ids \
+      queries_wide,queries_tiny \
       decode_q,decode_last,decode_equal \
       decode_cancel,decode_subnormal,decode_overflow,decode_nan,decode_guard k64_,k16_ \
       ragged_padded,short_requests,e4m3_index,graph_capture \

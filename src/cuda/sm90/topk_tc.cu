@@ -798,9 +798,9 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *    Against the mma.sync kernel it replaced: e4m3 top-k 8K 243 -> 140 us,
  *    64K 10.45 -> 5.47 ms, ragged 8 x 2K 1531 -> 744 us, 4K behind 60K
  *    1391 -> 700 us (H100, 2026-12-07, separate A/B calls; the preparer
- *    warps widening first got 0.71-0.79). Still the widening's pace, not the tensor cores' (64K
- *    second chunk 3.62 ms at 48% of the tensor pipe; bf16 2.22 ms at 90%;
- *    without the widening, timing only, 86%).
+ *    warps widening first got 0.71-0.79). Still the widening's pace, not
+ *    the tensor cores' (64K second chunk 3.62 ms at 48% of the tensor
+ *    pipe; bf16 2.22 ms at 90%; without the widening, timing only, 86%).
  * Warps 8-11 run at TS_PRODUCER_REGS registers. The kernel before this one
  * (one item per CTA, the consumers doing the prologue, the ring's first
  * copies behind it) took the 8K prompt's scores 99.6 -> 84 us and 4K
@@ -1222,12 +1222,12 @@ __device__ __forceinline__ void ts_consumer_sync() {
  * lanes of a quarter warp take 8 keys of one c, so that their loads and
  * stores each cover all 32 banks. The generic writes fenced for wgmma
  * (async proxy), the raw stage released, one barrier of the 256 threads,
- * then ts_mma_stage. The widening runs while the
- * previous block's group is in the tensor pipe (the preparer warps doing it
- * held the kernel at ~30% of the tensor pipe: three warps at ~0.24
- * instructions per cycle, H100). A bf16 stage is private to the consumers:
- * it is rewritten three blocks later, after both warpgroups passed the
- * barrier that follows their wait for its last group. */
+ * then ts_mma_stage. The widening runs while the previous block's group is
+ * in the tensor pipe (the preparer warps doing it held the kernel at ~30%
+ * of the tensor pipe: three warps at ~0.24 instructions per cycle, H100).
+ * A bf16 stage is private to the consumers: it is rewritten three blocks
+ * later, after both warpgroups passed the barrier that follows their wait
+ * for its last group. */
 __device__ __forceinline__ ts_blk ts_issue_e4(ts_smem &s, const unsigned char *raw,
                                               unsigned char *ring, const uint32_t (&af)[8][4],
                                               float (&acc)[16][4], uint32_t i) {
