@@ -92,7 +92,7 @@
  *   sqrt(128)) nk: the C = 600 u of tc_bound covers 20 u nq' nk next to
  *   the tensor cores' 2 x 288 u, the rest is below 2^-17 of the term above.
  * So E = (tc_bound(nq', nk) + 12 * 2^-14 nk) 2^-s + 2^-118, every operation
- * rounded up (tcd_bound_e4; the 2^-118 unscaled covers the reference's
+ * rounded up (tc_bound_f16; the 2^-118 unscaled covers the reference's
  * subnormal products, 2^-143, and the rounding of a subnormal S~, 2^-150),
  * infinite unless 2^-s nq' nk <= 2^125: then |q| |k| < 2^126 (|q| <= 2^-s
  * (nq' + 2^-14 sqrt(128)), and nq' >= 2^14 unless s = 126) and, as in
@@ -766,61 +766,9 @@ static __device__ __forceinline__ void tcd_query_row(const tcd_params &p, int r,
 /* e4m3 cache: fp16 operands. Every e4m3 code is exactly an fp16 value, so a
  * key pair widens with one cvt.rn.f16x2.e4m3x2 and the mma runs on fp16; the
  * bf16 query is scaled by 2^s into fp16's range (tcd_stage_request) and S~, E
- * scaled back (tcd_emit). Why this is exact up to E: file-top comment. */
-
-/* 2^e as a float, for e in [-126, 127]. */
-static __device__ __forceinline__ float tcd_pow2(int e) { return __int_as_float((127 + e) << 23); }
-
-/* The scale exponent s of a query row whose largest |q_d| has bf16 bits m
- * (sign cleared; Inf and NaN compare above every finite value): its largest
- * element times 2^s lies in [2^14, 2^15), below fp16's largest finite 65504.
- * s <= 126 keeps 2^s and 2^-s normal floats (rows below 2^-112 are scaled
- * less than that, still in range). */
-static __device__ __forceinline__ int tcd_query_shift(uint32_t m) {
-  return min(141 - (int)(m >> 7), 126);
-}
-
-/* A pair of bf16 (one word) times `scale` = 2^s, rounded to fp16. The
- * product is exact in fp32 down to 2^-126, and 8 significant bits fit fp16's
- * 11, so the result is exact from fp16's smallest normal 2^-14 up; below it
- * (an fp16 subnormal, or 0) it is off by at most 2^-25, and by less than 2^-14
- * even where a subnormal is flushed. */
-static __device__ __forceinline__ uint32_t tcd_bf16x2_to_f16x2(uint32_t w, float scale) {
-  __half2_raw h = __floats2half2_rn(__fmul_rn(__uint_as_float(w << 16), scale),
-                                    __fmul_rn(__uint_as_float(w & 0xffff0000u), scale));
-  return (uint32_t)h.x | (uint32_t)h.y << 16;
-}
-
-/* The squares of a word's two values (bf16, or fp16 for E4; exact in
- * fp32) added to s, rounded up. */
-template <bool E4> static __device__ __forceinline__ float tcd_sumsq2_ru(uint32_t w, float s) {
-  float lo, hi;
-  if (E4) {
-    __half2_raw r;
-    r.x = (unsigned short)(w & 0xffffu);
-    r.y = (unsigned short)(w >> 16);
-    float2 f = __half22float2(__half2(r));
-    lo = f.x;
-    hi = f.y;
-  } else {
-    lo = __uint_as_float(w << 16);
-    hi = __uint_as_float(w & 0xffff0000u);
-  }
-  return __fmaf_ru(hi, hi, __fmaf_ru(lo, lo, s));
-}
-
-/* E of an e4m3 pair for its block (derivation: file-top comment): nq bounds
- * the norm of the pair's scaled fp16 query, nk the block's key norms, unscale
- * = 2^-s. Scaled: tc_bound(nq, nk) for the tensor-core dot of the fp16 query,
- * plus 12 * 2^-14 nk (>= 2^-14 sqrt(128) |k| (1 + 2^-17)) for the query's
- * rounding to fp16; then times 2^-s, plus 2^-118 unscaled. Infinite unless
- * 2^-s nq nk <= 2^125. */
-static __device__ __forceinline__ float tcd_bound_e4(float nq, float nk, float unscale) {
-  if (!(__fmul_ru(__fmul_ru(nq, nk), unscale) <= 0x1p125f))
-    return INFINITY;
-  float e = __fadd_ru(tc_bound(nq, nk), __fmul_ru(0x1.8p-11f, nk));
-  return __fadd_ru(__fmul_ru(e, unscale), 0x1p-118f);
-}
+ * scaled back (tcd_emit), with the helpers of sm90/topk_tc.cuh that the
+ * prefill score kernel's e4m3 form shares. Why this is exact up to E:
+ * file-top comment. */
 
 /* Every thread: request r's token blocks and pair positions into s, warp 0 its
  * pairs' query norms; every warp: its B fragments bq[n8 tile][k16 step][2],
@@ -867,15 +815,15 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s,
 #pragma unroll
       for (int o = 1; o < 4; o <<= 1)
         m = max(m, __shfl_xor_sync(FULL_MASK, m, o));
-      const int sh = tcd_query_shift(m);
-      const float f = tcd_pow2(sh);
+      const int sh = tc_f16_shift(m);
+      const float f = tc_pow2(sh);
 #pragma unroll
       for (int x = 0; x < 8; x++)
 #pragma unroll
         for (int hh = 0; hh < 2; hh++)
-          w[x][hh] = tcd_bf16x2_to_f16x2(w[x][hh], f);
+          w[x][hh] = tc_bf16x2_to_f16x2(w[x][hh], f);
       if (tid < 32 && c == 0)
-        s.qs[i] = tcd_pow2(-sh);
+        s.qs[i] = tc_pow2(-sh);
     }
     /* the norm from the same registers (the 4 lanes of a quad hold the
      * whole row), every operation rounded up */
@@ -884,7 +832,7 @@ static __device__ void tcd_stage_request(const tcd_params &p, int r, S &s,
     for (int x = 0; x < 8; x++)
 #pragma unroll
       for (int hh = 0; hh < 2; hh++)
-        sq = tcd_sumsq2_ru<E4>(w[x][hh], sq);
+        sq = tc_sumsq2_ru<E4>(w[x][hh], sq);
 #pragma unroll
     for (int o = 1; o < 4; o <<= 1)
       sq = __fadd_ru(sq, __shfl_xor_sync(FULL_MASK, sq, o));
@@ -1130,7 +1078,7 @@ static __device__ __forceinline__ void tcd_emit(const tcd_params &p, const tcd_w
     }
     k = tcd_key_norm(k);
     if constexpr (E4) { /* back to unscaled units; S~ exact unless subnormal (then within 2^-150) */
-      out = make_float2(__fmul_rn(m, d.qs), tcd_bound_e4(d.qn, k, d.qs));
+      out = make_float2(__fmul_rn(m, d.qs), tc_bound_f16(d.qn, k, d.qs));
     } else {
       out = make_float2(m, tc_bound(d.qn, k));
     }

@@ -793,14 +793,21 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *    the query buffer, while the consumers work on the current item.
  *  - E4M3 (an e4m3 index cache): the producer's TMA brings a page's codes
  *    (16 KB, one box) into one of TS_RAW_STAGES raw stages; the consumers
- *    widen each into one of TS_E4_STAGES bf16 stages of their own while
- *    the previous block's group runs (ts_issue_e4), then issue as above.
+ *    widen each into one of TS_E4_STAGES fp16 stages of their own while
+ *    the previous block's group runs (ts_issue_e4), then issue as above
+ *    on fp16 operands: every e4m3 code is exactly an fp16 value, so a pair
+ *    of codes takes one cvt.rn.f16x2.e4m3x2, and the preparers scale each
+ *    query row by 2^s into fp16 (S~ and E scaled back: tc_bound_f16, the
+ *    decode kernel's argument). The bf16 widening that came first (PRMT,
+ *    LOP3 and a bf16 multiply, ~230 instructions per thread and block)
+ *    set the pace.
  *    Against the mma.sync kernel it replaced: e4m3 top-k 8K 243 -> 140 us,
  *    64K 10.45 -> 5.47 ms, ragged 8 x 2K 1531 -> 744 us, 4K behind 60K
  *    1391 -> 700 us (H100, 2026-12-07, separate A/B calls; the preparer
- *    warps widening first got 0.71-0.79). Still the widening's pace, not
- *    the tensor cores' (64K second chunk 3.62 ms at 48% of the tensor
- *    pipe; bf16 2.22 ms at 90%; without the widening, timing only, 86%).
+ *    warps widening first got 0.71-0.79), then with the bf16 widening
+ *    still the pace, not the tensor cores (64K second chunk 3.62 ms at 48%
+ *    of the tensor pipe; bf16 2.22 ms at 90%; without the widening, timing
+ *    only, 86%).
  * Warps 8-11 run at TS_PRODUCER_REGS registers. The kernel before this one
  * (one item per CTA, the consumers doing the prologue, the ring's first
  * copies behind it) took the 8K prompt's scores 99.6 -> 84 us and 4K
@@ -812,7 +819,7 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  * 581 us; the 4K prompt 60.9 -> 62.5 us (H100, 4a87b97). sm_90a only.
  * ------------------------------------------------------------------------- */
 #define TS_STAGES 5    /* bf16 stages of a bf16 cache's kernel */
-#define TS_E4_STAGES 3  /* an e4m3 cache's: bf16 stages the consumers widen into, */
+#define TS_E4_STAGES 3  /* an e4m3 cache's: fp16 stages the consumers widen into, */
 #define TS_RAW_STAGES 5 /* from these raw ones (the codes as TMA brings them) */
 #define TS_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
 #define TS_STAGE_BYTES (2 * TS_HALF_BYTES)
@@ -832,7 +839,7 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
 static_assert(4 * 32 * TS_PRODUCER_REGS + TC_THREADS * TS_CONSUMER_REGS <=
                   TS_THREADS * ((65536 / TS_THREADS) & ~7),
               "the consumers' registers must come from the producer warpgroup's");
-/* the bf16 stages (then the raw ones), the query tile, 1024-byte alignment */
+/* the 16-bit stages (then the raw ones), the query tile, 1024-byte alignment */
 #define TS_SMEM_BYTES(E4M3)                                                                        \
   ((E4M3) ? TS_E4_STAGES * TS_STAGE_BYTES + TS_RAW_STAGES * TS_RAW_BYTES + TS_QS_BYTES + 1024      \
           : TS_STAGES * TS_STAGE_BYTES + TS_QS_BYTES + 1024)
@@ -846,6 +853,7 @@ typedef struct {
   int run_end[TC_ROWS];
   uint32_t starts[TC_ROWS / 32];
   float qn[TC_ROWS];
+  float qsc[TC_ROWS]; /* e4m3: 2^-s of the row's fp16 scaling (tc_f16_shift) */
 } ts_rows;
 
 typedef struct {
@@ -904,7 +912,11 @@ __device__ __forceinline__ void ts_prep_sync() {
 
 /* Warps 9-11: item it's rows, runs, query tile (into qs, rows of TC_PAD
  * elements, zero past the chunk) and query norms (upper bounds, inf for
- * non-finite), as tc_tile_prologue computes them. */
+ * non-finite), as tc_tile_prologue computes them. E4M3: the keys are fp16
+ * operands, so each row of qs becomes the row times 2^s in fp16, its norm
+ * that of the fp16 row and qsc its 2^-s, as the decode kernel stages its
+ * query rows (../topk_decode.cu, tcd_stage_request). */
+template <bool E4M3>
 __device__ void ts_prepare(const m3s_cuda_batch &bt, const tc_score_args &a, ts_rows &r,
                            uint16_t *qs, const ts_item &it) {
   const int p = threadIdx.x - TS_PREP0, lane = p & 31, w = p >> 5;
@@ -951,6 +963,23 @@ __device__ void ts_prepare(const m3s_cuda_batch &bt, const tc_score_args &a, ts_
   ts_prep_sync();
   for (int i = p; i < TC_ROWS; i += TS_PREP_THREADS) {
     r.run_end[i] = tc_run_end(r.starts, i, it.n);
+    if (E4M3) {
+      uint32_t *const row = (uint32_t *)(qs + i * TC_PAD);
+      uint32_t m = 0; /* the largest |q_d|'s bits (Inf, NaN above every finite) */
+      for (int d = 0; d < M3S_INDEX_DIM / 2; d++)
+        m = max(m, max(row[d] & 0x7fffu, row[d] >> 16 & 0x7fffu));
+      const int sh = tc_f16_shift(m);
+      const float f = tc_pow2(sh);
+      float sq = 0.0f;
+      for (int d = 0; d < M3S_INDEX_DIM / 2; d++) {
+        row[d] = tc_bf16x2_to_f16x2(row[d], f);
+        sq = tc_sumsq2_ru<true>(row[d], sq);
+      }
+      const float nq = __fsqrt_ru(sq);
+      r.qn[i] = isnan(nq) ? INFINITY : nq;
+      r.qsc[i] = tc_pow2(-sh);
+      continue;
+    }
     /* the norm: each half's sum of squares rounded up, then their sum */
     float sq[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -1036,8 +1065,10 @@ __device__ __forceinline__ void ts_produce(const m3s_cuda_batch &bt, const tc_sc
   }
 }
 
-/* 8 wgmma k-steps of the warpgroup's 64 rows x a bf16 stage's 128 keys
- * into acc, committed, not waited for. */
+/* 8 wgmma k-steps of the warpgroup's 64 rows x a stage's 128 keys into
+ * acc, committed, not waited for. F16: fp16 operands (the e4m3 form), else
+ * bf16. */
+template <bool F16>
 __device__ __forceinline__ void ts_mma_stage(const unsigned char *stage,
                                              const uint32_t (&af)[8][4], float (&acc)[16][4]) {
   const uint32_t tile = tc_smem_addr(stage);
@@ -1045,7 +1076,7 @@ __device__ __forceinline__ void ts_mma_stage(const unsigned char *stage,
   wg_fence();
 #pragma unroll
   for (int ks = 0; ks < 8; ks++)
-    wg_mma_n128_bf16(acc, af[ks], wg_desc_k_sw128(tile + (ks >> 2) * TS_HALF_BYTES + (ks & 3) * 32),
+    wg_mma_n128<F16>(acc, af[ks], wg_desc_k_sw128(tile + (ks >> 2) * TS_HALF_BYTES + (ks & 3) * 32),
                      ks > 0);
   wg_commit();
 }
@@ -1058,7 +1089,7 @@ __device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
                                          uint32_t i) {
   const uint32_t st = i % NS;
   sm90_bar_wait(&s.full[st], (i / NS) & 1);
-  ts_mma_stage(ring + st * TS_STAGE_BYTES, af, acc);
+  ts_mma_stage<false>(ring + st * TS_STAGE_BYTES, af, acc);
 }
 
 /* A consumer thread's constants for one run of rows, so that a block's
@@ -1070,11 +1101,11 @@ __device__ __forceinline__ void ts_issue(ts_smem &s, const unsigned char *ring,
  * row r_lo / r_hi that is a candidate and only partly visible to it (its
  * diagonal block where local is 0 and pos + 1 is not a multiple of 128),
  * else -1: every other block's maximum (of a candidate, the only ones
- * stored) takes all 128 keys. */
+ * stored) takes all 128 keys. qs (e4m3): the row's 2^-s (ts_prepare). */
 typedef struct {
   float2 *row;
   int lim;
-  float qn;
+  float qn, qs;
   int d_lo, d_hi;
 } ts_run;
 
@@ -1085,6 +1116,7 @@ __device__ __forceinline__ int ts_partial_block(const tc_score_args &a, int64_t 
              : -1;
 }
 
+template <bool E4M3>
 __device__ __forceinline__ ts_run ts_run_of(const tc_score_args &a, const ts_rows &r,
                                             const ts_item &it, int r_lo, int in_lo, int in_hi) {
   const int q = threadIdx.x & 3;
@@ -1093,10 +1125,13 @@ __device__ __forceinline__ ts_run ts_run_of(const tc_score_args &a, const ts_row
   run.row = a.ws;
   run.lim = INT_MIN;
   run.qn = 0.0f;
+  run.qs = 1.0f;
   if (in) {
     run.lim = (int)(tc_blocks_of(r.pos[mine]) - a.local);
     run.row = a.ws + ((it.tile0 + mine) * a.hkv + it.g) * a.max_nb;
     run.qn = r.qn[mine];
+    if (E4M3)
+      run.qs = r.qsc[mine];
   }
   run.d_lo = ts_partial_block(a, r.pos[r_lo], in_lo);
   run.d_hi = ts_partial_block(a, r.pos[r_lo + 8], in_hi);
@@ -1139,7 +1174,9 @@ __device__ __forceinline__ float ts_quad_rows(float m_lo, float m_hi) {
 /* Block b's row maxima folded from acc and (S~, E) stored by lanes 0 and 1
  * of each quad, one row each (bad: its page id was out of range; nk: its
  * largest key norm). NaN dots are ignored by fmaxf; a maximum over none is
- * -inf, as tc_row_fold's. */
+ * -inf, as tc_row_fold's. E4M3: acc is the fp16-scaled dot, S~ and E are
+ * scaled back by 2^-s (tc_bound_f16). */
+template <bool E4M3>
 __device__ __forceinline__ void ts_store_block(const ts_rows &r, const float (&acc)[16][4], int b,
                                                const ts_run &run, int bad, float nk) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1153,7 +1190,9 @@ __device__ __forceinline__ void ts_store_block(const ts_rows &r, const float (&a
   const float m = fmaxf(ts_quad_rows(m_lo, m_hi), -INFINITY);
   /* a bad page's maxima are never stored: (NaN, inf) instead */
   if (b < run.lim)
-    run.row[b] = bad ? make_float2(NAN, INFINITY) : make_float2(m, tc_bound(run.qn, nk));
+    run.row[b] = bad    ? make_float2(NAN, INFINITY)
+                 : E4M3 ? make_float2(__fmul_rn(m, run.qs), tc_bound_f16(run.qn, nk, run.qs))
+                        : make_float2(m, tc_bound(run.qn, nk));
 }
 
 /* The CTA's i-th block (block b of a run) once at most PENDING groups are
@@ -1175,7 +1214,7 @@ __device__ __forceinline__ void ts_finish(ts_smem &s, const ts_rows &r, float (&
    * reads only: a lane-0 arrival after __syncwarp left 16 WAR reports on
    * nk / bad) */
   sm90_bar_arrive(&s.empty[st]);
-  ts_store_block(r, acc, b, run, bad, nk);
+  ts_store_block<false>(r, acc, b, run, bad, nk);
 }
 
 /* E4M3: a block's page check and largest key norm, taken from its raw
@@ -1186,30 +1225,6 @@ typedef struct {
   int bad;
 } ts_blk;
 
-/* Four e4m3 codes (the bytes of w, low first) as four bf16 in two words,
- * exactly, without the conversion pipe: each code's 7 magnitude bits
- * placed as a bf16 exponent and mantissa read with bias 7 instead of 127
- * (the value times 2^-120; subnormal codes land on bf16 subnormals, the
- * same factor), its sign bit beside them, then a bf16 multiply by 2^120
- * (exact: every e4m3 value is a bf16; bf16 arithmetic keeps subnormal
- * inputs, which the certified test's subnormal-code case checks). NaN
- * codes come out finite: their blocks' norms are infinite (tc_norm_kernel),
- * so their scores are never trusted. */
-__device__ __forceinline__ uint2 ts_e4m3x4_to_bf16x4(uint32_t w) {
-  const uint32_t m = w & 0x7f7f7f7fu, z = 0;
-  uint32_t t0, t1, s0, s1, r0, r1;
-  /* t: magnitudes of codes 0, 1 (2, 3) in bytes 0 and 2; s: their signs
-   * replicated over bytes 1 and 3 */
-  asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(t0) : "r"(m), "r"(z));
-  asm("prmt.b32 %0, %1, %2, 0x4342;" : "=r"(t1) : "r"(m), "r"(z));
-  asm("prmt.b32 %0, %1, %2, 0x9484;" : "=r"(s0) : "r"(w), "r"(z));
-  asm("prmt.b32 %0, %1, %2, 0xB4A4;" : "=r"(s1) : "r"(w), "r"(z));
-  const uint32_t scale = 0x7B807B80u; /* 2^120 twice */
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r0) : "r"((s0 & 0x80008000u) | (t0 << 4)), "r"(scale));
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r1) : "r"((s1 & 0x80008000u) | (t1 << 4)), "r"(scale));
-  return make_uint2(r0, r1);
-}
-
 __device__ __forceinline__ void ts_consumer_sync() {
   asm volatile("bar.sync 2, %0;\n" ::"n"(TC_THREADS) : "memory");
 }
@@ -1217,7 +1232,7 @@ __device__ __forceinline__ void ts_consumer_sync() {
 /* E4M3: the consumers' group for the CTA's i-th block. Its raw stage (the
  * codes as the 128-byte swizzle stores them: 16-byte chunk c of key n at c
  * ^ (n & 7)) widened by the 256 consumer threads, 4 units of 16 codes
- * each, into bf16 stage i % TS_E4_STAGES in the layout the bf16 kernel's
+ * each (8 cvt), into fp16 stage i % TS_E4_STAGES in the layout the bf16 kernel's
  * two TMA boxes leave (chunk u of a 64-dim half at u ^ (n & 7)); the 8
  * lanes of a quarter warp take 8 keys of one c, so that their loads and
  * stores each cover all 32 banks. The generic writes fenced for wgmma
@@ -1225,7 +1240,7 @@ __device__ __forceinline__ void ts_consumer_sync() {
  * then ts_mma_stage. The widening runs while the previous block's group is
  * in the tensor pipe (the preparer warps doing it held the kernel at ~30%
  * of the tensor pipe: three warps at ~0.24 instructions per cycle, H100).
- * A bf16 stage is private to the consumers: it is rewritten three blocks
+ * An fp16 stage is private to the consumers: it is rewritten three blocks
  * later, after both warpgroups passed the barrier that follows their wait
  * for its last group. */
 __device__ __forceinline__ ts_blk ts_issue_e4(ts_smem &s, const unsigned char *raw,
@@ -1247,19 +1262,22 @@ __device__ __forceinline__ ts_blk ts_issue_e4(ts_smem &s, const unsigned char *r
 #pragma unroll
     for (int t = 0; t < U; t++) {
       const int j = threadIdx.x + t * TC_THREADS, kk = j & 7, c = (j >> 3) & 7;
-      const uint2 o0 = ts_e4m3x4_to_bf16x4(w[t].x), o1 = ts_e4m3x4_to_bf16x4(w[t].y),
-                  o2 = ts_e4m3x4_to_bf16x4(w[t].z), o3 = ts_e4m3x4_to_bf16x4(w[t].w);
+      uint4 o0, o1;
+      fp8x4_to_f16x4<false>(w[t].x, o0.x, o0.y);
+      fp8x4_to_f16x4<false>(w[t].y, o0.z, o0.w);
+      fp8x4_to_f16x4<false>(w[t].z, o1.x, o1.y);
+      fp8x4_to_f16x4<false>(w[t].w, o1.z, o1.w);
       const int u0 = (c & 3) * 2;
       unsigned char *row = stage + (c >> 2) * TS_HALF_BYTES + (((j >> 6) << 3) | kk) * 128;
-      *(uint4 *)(row + ((u0 ^ kk) << 4)) = make_uint4(o0.x, o0.y, o1.x, o1.y);
-      *(uint4 *)(row + (((u0 + 1) ^ kk) << 4)) = make_uint4(o2.x, o2.y, o3.x, o3.y);
+      *(uint4 *)(row + ((u0 ^ kk) << 4)) = o0;
+      *(uint4 *)(row + (((u0 + 1) ^ kk) << 4)) = o1;
     }
     sm90_fence_proxy_async();
   }
   /* every thread arrives: an arrival orders its own reads */
   sm90_bar_arrive(&s.raw_empty[rs]);
   ts_consumer_sync();
-  ts_mma_stage(stage, af, acc);
+  ts_mma_stage<true>(stage, af, acc);
   return k;
 }
 
@@ -1268,7 +1286,7 @@ __device__ __forceinline__ void ts_finish_e4(const ts_rows &r, float (&acc)[16][
                                              const ts_run &run, ts_blk k) {
   wg_wait<PENDING>();
   wg_pin(acc);
-  ts_store_block(r, acc, b, run, k.bad, k.nk);
+  ts_store_block<true>(r, acc, b, run, k.bad, k.nk);
 }
 
 /* Warps 0-7: item it's blocks through the ring (i counts the CTA's blocks
@@ -1288,7 +1306,7 @@ __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, c
     if (nblk == 0)
       continue;
     const int p1 = r.run_end[p0];
-    const ts_run run = ts_run_of(a, r, it, r_lo, r_lo >= p0 && r_lo < p1, r_hi >= p0 && r_hi < p1);
+    const ts_run run = ts_run_of<E4M3>(a, r, it, r_lo, r_lo >= p0 && r_lo < p1, r_hi >= p0 && r_hi < p1);
     /* one group in flight at the loop head (acc0's, block j - 1), none
      * after the run: the same on every path, which ptxas needs to keep the
      * groups asynchronous */
@@ -1398,7 +1416,7 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
           sm90_bar_wait(&s.done[k & 1], ((k - 2) >> 1) & 1);
         if (k >= 1)
           sm90_bar_wait(&s.qs_free, (k - 1) & 1);
-        ts_prepare(bt, a, s.rows[k & 1], qs, it);
+        ts_prepare<E4M3>(bt, a, s.rows[k & 1], qs, it);
         sm90_bar_arrive(&s.ready[k & 1]);
       }
     }
