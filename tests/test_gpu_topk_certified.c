@@ -398,8 +398,9 @@ static void subnormal_keys(fixture *f) {
 }
 
 /* e4m3 keys mostly subnormal codes (2^-9 .. 2^-7) with every 17th normal
- * (2^-6 .. 2^-3), queries ~2^100: a widening to bf16 that lost subnormal
- * codes (the e4m3 prefill kernel's bf16 multiply) would err far beyond E. */
+ * (2^-6 .. 2^-3), queries ~2^100: a widening that lost subnormal codes (a
+ * flushing bf16 multiply, as the e4m3 prefill kernel's first widening had)
+ * would err far beyond E; on fp16 operands the queries are scaled by ~2^-86. */
 static void e4m3_subnormal_keys(fixture *f) {
   tiny_keys_huge_queries(f, f->sp.seed * 17 + 3, -9, -7, -6, -3);
 }

@@ -425,7 +425,8 @@ __device__ __forceinline__ void tc_load_afrag(const uint16_t *qs, uint32_t (&af)
 }
 
 /* Phase 1 of tc_score_kernel (tc_score_ws_kernel's preparers, ts_prepare,
- * do the same work through the helpers above): the 128 rows of the tile
+ * do the same work through the helpers above, and for an e4m3 cache scale
+ * the rows into fp16): the 128 rows of the tile
  * (request, or -1 when the row needs no scores; position; the end of its run
  * of rows of one request), the bf16 queries into qs (rows of TC_PAD elements; every row of
  * the chunk is loaded, also those that need no scores: their products are
@@ -766,7 +767,8 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  * (a snake over the heavy-first order, so the CTAs' sums even out).
  * TS_THREADS = 384 threads, TS_SMEM_BYTES dynamic shared memory.
  *  - Warps 0-7, the consumers (TS_CONSUMER_REGS registers by setmaxnreg):
- *    two warpgroups of 64 rows. Per item, the A fragments (bf16) from the
+ *    two warpgroups of 64 rows. Per item, the A fragments (bf16; fp16 for
+ *    an e4m3 cache, see E4M3 below) from the
  *    staged query tile into registers, then each block as one m64n128 wgmma
  *    group (B straight from the swizzled stage) into one of two
  *    accumulators in turn, the previous block's accumulator folded while
@@ -801,13 +803,13 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *    decode kernel's argument). The bf16 widening that came first (PRMT,
  *    LOP3 and a bf16 multiply, ~230 instructions per thread and block)
  *    set the pace.
- *    Against the mma.sync kernel it replaced: e4m3 top-k 8K 243 -> 140 us,
- *    64K 10.45 -> 5.47 ms, ragged 8 x 2K 1531 -> 744 us, 4K behind 60K
- *    1391 -> 700 us (H100, 2026-12-07, separate A/B calls; the preparer
- *    warps widening first got 0.71-0.79), then with the bf16 widening
- *    still the pace, not the tensor cores (64K second chunk 3.62 ms at 48%
- *    of the tensor pipe; bf16 2.22 ms at 90%; without the widening, timing
- *    only, 86%).
+ *    The bf16 widening against the mma.sync kernel it replaced: e4m3
+ *    top-k 8K 243 -> 140 us, 64K 10.45 -> 5.47 ms, ragged 8 x 2K 1531 ->
+ *    744 us, 4K behind 60K 1391 -> 700 us (H100, 2026-12-07, separate A/B
+ *    calls; the preparer warps widening first got 0.71-0.79), the
+ *    widening still the pace, not the tensor cores (64K second chunk 3.62
+ *    ms at 48% of the tensor pipe; bf16 2.22 ms at 90%; without the
+ *    widening, timing only, 86%).
  * Warps 8-11 run at TS_PRODUCER_REGS registers. The kernel before this one
  * (one item per CTA, the consumers doing the prologue, the ring's first
  * copies behind it) took the 8K prompt's scores 99.6 -> 84 us and 4K
@@ -964,16 +966,29 @@ __device__ void ts_prepare(const m3s_cuda_batch &bt, const tc_score_args &a, ts_
   for (int i = p; i < TC_ROWS; i += TS_PREP_THREADS) {
     r.run_end[i] = tc_run_end(r.starts, i, it.n);
     if (E4M3) {
-      uint32_t *const row = (uint32_t *)(qs + i * TC_PAD);
+      /* 16 bytes at a time: rows TC_PAD elements apart meet no bank twice
+       * in a quarter warp */
+      uint4 *const row = (uint4 *)(qs + i * TC_PAD);
       uint32_t m = 0; /* the largest |q_d|'s bits (Inf, NaN above every finite) */
-      for (int d = 0; d < M3S_INDEX_DIM / 2; d++)
-        m = max(m, max(row[d] & 0x7fffu, row[d] >> 16 & 0x7fffu));
+      for (int v = 0; v < M3S_INDEX_DIM / 8; v++) {
+        const uint4 w = row[v];
+        const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          m = max(m, max(u[e] & 0x7fffu, u[e] >> 16 & 0x7fffu));
+      }
       const int sh = tc_f16_shift(m);
       const float f = tc_pow2(sh);
       float sq = 0.0f;
-      for (int d = 0; d < M3S_INDEX_DIM / 2; d++) {
-        row[d] = tc_bf16x2_to_f16x2(row[d], f);
-        sq = tc_sumsq2_ru<true>(row[d], sq);
+      for (int v = 0; v < M3S_INDEX_DIM / 8; v++) {
+        const uint4 w = row[v];
+        uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          u[e] = tc_bf16x2_to_f16x2(u[e], f);
+          sq = tc_sumsq2_ru<true>(u[e], sq);
+        }
+        row[v] = make_uint4(u[0], u[1], u[2], u[3]);
       }
       const float nq = __fsqrt_ru(sq);
       r.qn[i] = isnan(nq) ? INFINITY : nq;

@@ -1,8 +1,9 @@
 /* Device pieces of the certified top-k's score kernels: the error bound E of
  * docs/perf-notes.md ("Certified re-scoring: the bound"), which the prefill
  * tile kernel (topk_tc.cu) and the streaming decode kernel
- * (../topk_decode.cu) share; rounded-up norms and the exact e4m3 widening
- * of the prefill kernel. */
+ * (../topk_decode.cu) share; rounded-up norms; the exact e4m3 widening to
+ * bf16 of the prefill mma.sync kernel; the fp16 query scaling and its
+ * bound, which both kernels' e4m3 forms on fp16 operands use. */
 #ifndef M3S_CUDA_TOPK_TC_CUH
 #define M3S_CUDA_TOPK_TC_CUH
 
