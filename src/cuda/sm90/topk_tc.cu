@@ -1092,7 +1092,7 @@ __device__ __forceinline__ void ts_mma_stage(const unsigned char *stage,
 #pragma unroll
   for (int ks = 0; ks < 8; ks++)
     wg_mma_n128<F16>(acc, af[ks], wg_desc_k_sw128(tile + (ks >> 2) * TS_HALF_BYTES + (ks & 3) * 32),
-                     ks > 0);
+                       ks > 0);
   wg_commit();
 }
 
