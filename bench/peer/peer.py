@@ -23,6 +23,7 @@ import gc
 import json
 import zlib
 import os
+import re
 import sys
 import time
 
@@ -278,10 +279,10 @@ def plot(doc, path):
     import matplotlib.pyplot as plt
     cs = doc["cases"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # the bf16 fresh prompts alone (prefill-8k, not prefill-8k-idxe4m3 of the same length)
     pre = [(C.BY_NAME[n].reqs[0][1], r) for n, r in cs.items()
-           if n.startswith("prefill-") and "+" not in n and "ragged" not in n
-           and not r.get("failed")]
-    pre.sort()
+           if re.fullmatch(r"prefill-[0-9]+k", n) and not r.get("failed")]
+    pre.sort(key=lambda x: x[0])
     if pre:
         xs = [n // 1024 for n, _ in pre]
         a.plot(xs, [r["ours"]["layer"] for _, r in pre], "o-", label="m3sparse")
@@ -296,7 +297,7 @@ def plot(doc, path):
         a.legend()
     dec = [(C.BY_NAME[n].bs, r) for n, r in cs.items()
            if n.startswith("decode-") and n.endswith("-ctx32k") and not r.get("failed")]
-    dec.sort()
+    dec.sort(key=lambda x: x[0])
     if dec:
         xs = [bs for bs, _ in dec]
         b.plot(xs, [r["ours"]["step"] * 1e3 for _, r in dec], "o-", label="m3sparse")
