@@ -795,8 +795,8 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *    the query buffer, while the consumers work on the current item.
  *  - E4M3 (an e4m3 index cache): the producer's TMA brings a page's codes
  *    (16 KB, one box) into one of TS_RAW_STAGES raw stages; the consumers
- *    widen each into one of TS_E4_STAGES fp16 stages of their own while
- *    the previous block's group runs (ts_issue_e4), then issue as above
+ *    widen each into one of TS_E4_STAGES fp16 stages of their own one
+ *    block ahead of the one they issue (ts_widen_e4), then issue as above
  *    on fp16 operands: every e4m3 code is exactly an fp16 value, so a pair
  *    of codes takes one cvt.rn.f16x2.e4m3x2, and the preparers scale each
  *    query row by 2^s into fp16 (S~ and E scaled back: tc_bound_f16, the
@@ -821,8 +821,8 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  * 581 us; the 4K prompt 60.9 -> 62.5 us (H100, 4a87b97). sm_90a only.
  * ------------------------------------------------------------------------- */
 #define TS_STAGES 5    /* bf16 stages of a bf16 cache's kernel */
-#define TS_E4_STAGES 3  /* an e4m3 cache's: fp16 stages the consumers widen into, */
-#define TS_RAW_STAGES 5 /* from these raw ones (the codes as TMA brings them) */
+#define TS_E4_STAGES 4  /* an e4m3 cache's: fp16 stages the consumers widen into */
+#define TS_RAW_STAGES 3 /* from these raw ones (the codes as TMA brings them) */
 #define TS_HALF_BYTES (M3S_BLOCK_SIZE * 64 * 2) /* one box: 128 keys x 64 dims */
 #define TS_STAGE_BYTES (2 * TS_HALF_BYTES)
 #define TS_RAW_BYTES (M3S_BLOCK_SIZE * M3S_INDEX_DIM) /* one e4m3 page, one box */
@@ -868,6 +868,7 @@ typedef struct {
   /* e4m3: the raw stages' barriers (full: the codes landed; empty: every
    * consumer thread has widened them), page checks and norms */
   unsigned long long raw_full[TS_RAW_STAGES], raw_empty[TS_RAW_STAGES];
+  unsigned long long wide[TS_E4_STAGES]; /* e4m3: the fp16 stage written (every consumer thread) */
   float raw_nk[TS_RAW_STAGES];
   int raw_bad[TS_RAW_STAGES];
   ts_rows rows[2];
@@ -1240,27 +1241,26 @@ typedef struct {
   int bad;
 } ts_blk;
 
-__device__ __forceinline__ void ts_consumer_sync() {
-  asm volatile("bar.sync 2, %0;\n" ::"n"(TC_THREADS) : "memory");
-}
-
-/* E4M3: the consumers' group for the CTA's i-th block. Its raw stage (the
- * codes as the 128-byte swizzle stores them: 16-byte chunk c of key n at c
- * ^ (n & 7)) widened by the 256 consumer threads, 4 units of 16 codes
- * each (8 cvt), into fp16 stage i % TS_E4_STAGES in the layout the bf16 kernel's
- * two TMA boxes leave (chunk u of a 64-dim half at u ^ (n & 7)); the 8
- * lanes of a quarter warp take 8 keys of one c, so that their loads and
- * stores each cover all 32 banks. The generic writes fenced for wgmma
- * (async proxy), the raw stage released, one barrier of the 256 threads,
- * then ts_mma_stage. The widening runs while the previous block's group is
- * in the tensor pipe (the preparer warps doing it held the kernel at ~30%
- * of the tensor pipe: three warps at ~0.24 instructions per cycle, H100).
- * An fp16 stage is private to the consumers: it is rewritten three blocks
- * later, after both warpgroups passed the barrier that follows their wait
- * for its last group. */
-__device__ __forceinline__ ts_blk ts_issue_e4(ts_smem &s, const unsigned char *raw,
-                                              unsigned char *ring, const uint32_t (&af)[8][4],
-                                              float (&acc)[16][4], uint32_t i) {
+/* E4M3: the consumers widen the CTA's i-th block. Its raw stage (the codes
+ * as the 128-byte swizzle stores them: 16-byte chunk c of key n at c ^ (n &
+ * 7)) is widened by the 256 consumer threads, 4 units of 16 codes each (8
+ * cvt), into fp16 stage i % TS_E4_STAGES in the layout the bf16 kernel's two
+ * TMA boxes leave (chunk u of a 64-dim half at u ^ (n & 7)); the 8 lanes of a
+ * quarter warp take 8 keys of one c, so that their loads and stores each
+ * cover all 32 banks. The generic writes are fenced for wgmma (async proxy),
+ * then the raw stage is released and the fp16 one announced (wide[]).
+ * ts_consume widens one block ahead of the one it issues, while two groups
+ * are in the tensor pipe, so that neither the widening nor a barrier of the
+ * 256 threads lies between a group's end and the next issue (they did when
+ * each block was widened just before its own issue: H100, e4m3 score kernel
+ * 3.26 ms against bf16's 2.17 at the 64K prompt, 2026-12-07). Stage reuse:
+ * this thread widens block i after its wait for group i - 3 and after
+ * wide[] of block i - 1 is complete, i.e. after every consumer widened
+ * block i - 1, which each did after its own wait for group i - 4, the
+ * stage's last reader (at a run's start every group of the run before is
+ * done by then). */
+__device__ __forceinline__ ts_blk ts_widen_e4(ts_smem &s, const unsigned char *raw,
+                                              unsigned char *ring, uint32_t i) {
   const uint32_t rs = i % TS_RAW_STAGES;
   sm90_bar_wait(&s.raw_full[rs], (i / TS_RAW_STAGES) & 1);
   const ts_blk k = {s.raw_nk[rs], s.raw_bad[rs]};
@@ -1289,11 +1289,18 @@ __device__ __forceinline__ ts_blk ts_issue_e4(ts_smem &s, const unsigned char *r
     }
     sm90_fence_proxy_async();
   }
-  /* every thread arrives: an arrival orders its own reads */
+  /* every thread arrives: an arrival orders its own reads and writes */
   sm90_bar_arrive(&s.raw_empty[rs]);
-  ts_consumer_sync();
-  ts_mma_stage<true>(stage, af, acc);
+  sm90_bar_arrive(&s.wide[i % TS_E4_STAGES]);
   return k;
+}
+
+/* E4M3: block i's group, once every consumer has widened it. */
+__device__ __forceinline__ void ts_issue_wide(ts_smem &s, unsigned char *ring,
+                                              const uint32_t (&af)[8][4], float (&acc)[16][4],
+                                              uint32_t i) {
+  sm90_bar_wait(&s.wide[i % TS_E4_STAGES], (i / TS_E4_STAGES) & 1);
+  ts_mma_stage<true>(ring + (i % TS_E4_STAGES) * TS_STAGE_BYTES, af, acc);
 }
 
 template <int PENDING>
@@ -1326,16 +1333,24 @@ __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, c
      * after the run: the same on every path, which ptxas needs to keep the
      * groups asynchronous */
     if (E4M3) {
-      ts_blk k0 = ts_issue_e4(s, raw, ring, af, acc0, i), k1;
+      /* block j + 1 widened after block j's issue, before block j - 1's fold */
+      ts_blk k0 = ts_widen_e4(s, raw, ring, i), k1 = k0;
+      ts_issue_wide(s, ring, af, acc0, i);
+      if (nblk > 1)
+        k1 = ts_widen_e4(s, raw, ring, i + 1);
       int j = 1;
       for (; j + 1 < nblk; j += 2) {
-        k1 = ts_issue_e4(s, raw, ring, af, acc1, i + j);
+        ts_issue_wide(s, ring, af, acc1, i + j);
+        const ts_blk k2 = ts_widen_e4(s, raw, ring, i + j + 1);
         ts_finish_e4<1>(r, acc0, b0 + (j - 1) * gz, run, k0);
-        k0 = ts_issue_e4(s, raw, ring, af, acc0, i + j + 1);
+        k0 = k2;
+        ts_issue_wide(s, ring, af, acc0, i + j + 1);
+        const ts_blk k3 = j + 2 < nblk ? ts_widen_e4(s, raw, ring, i + j + 2) : k2;
         ts_finish_e4<1>(r, acc1, b0 + j * gz, run, k1);
+        k1 = k3;
       }
       if (j < nblk) {
-        k1 = ts_issue_e4(s, raw, ring, af, acc1, i + j);
+        ts_issue_wide(s, ring, af, acc1, i + j);
         ts_finish_e4<1>(r, acc0, b0 + (j - 1) * gz, run, k0);
         ts_finish_e4<0>(r, acc1, b0 + j * gz, run, k1);
       } else {
@@ -1387,6 +1402,8 @@ static __global__ void __launch_bounds__(TS_THREADS, 1)
       sm90_bar_init(&s.raw_full[i], 1);
       sm90_bar_init(&s.raw_empty[i], TC_THREADS); /* the consumers widen it */
     }
+    for (int i = 0; E4M3 && i < TS_E4_STAGES; i++)
+      sm90_bar_init(&s.wide[i], TC_THREADS);
     for (int i = 0; i < 2; i++) {
       sm90_bar_init(&s.ready[i], TS_PREP_THREADS);
       sm90_bar_init(&s.done[i], TC_THREADS + 32);
