@@ -809,7 +809,10 @@ static __global__ void __launch_bounds__(TC_THREADS) tc_norm_kernel(m3s_cuda_bat
  *    calls; the preparer warps widening first got 0.71-0.79), the
  *    widening still the pace, not the tensor cores (64K second chunk 3.62
  *    ms at 48% of the tensor pipe; bf16 2.22 ms at 90%; without the
- *    widening, timing only, 86%).
+ *    widening, timing only, 86%). fp16 operands then took the e4m3 top-k
+ *    64K 5.46 -> 5.02 ms (second chunk's scores 3.62 -> 3.26 ms), and
+ *    widening one block ahead 5.02 -> 4.64 ms (2.86 ms; ragged 8 x 2K
+ *    687 -> 639 us; H100, 2026-12-07, docs/perf-notes.md session 38).
  * Warps 8-11 run at TS_PRODUCER_REGS registers. The kernel before this one
  * (one item per CTA, the consumers doing the prologue, the ring's first
  * copies behind it) took the 8K prompt's scores 99.6 -> 84 us and 4K
