@@ -1252,11 +1252,13 @@ typedef struct {
  * quarter warp take 8 keys of one c, so that their loads and stores each
  * cover all 32 banks. The generic writes are fenced for wgmma (async proxy),
  * then the raw stage is released and the fp16 one announced (wide[]).
- * ts_consume widens one block ahead of the one it issues, while two groups
- * are in the tensor pipe, so that neither the widening nor a barrier of the
- * 256 threads lies between a group's end and the next issue (they did when
- * each block was widened just before its own issue: H100, e4m3 score kernel
- * 3.26 ms against bf16's 2.17 at the 64K prompt, 2026-12-07). Stage reuse:
+ * ts_consume widens one block ahead of the one it issues, while up to two
+ * groups are in the tensor pipe (a run's first block is widened just before
+ * its own issue, its second with one group in flight), so that neither the
+ * widening nor a barrier of the 256 threads lies between a group's end and
+ * the next issue (they did when each block was widened just before its own
+ * issue: H100, e4m3 score kernel 3.26 ms against bf16's 2.17 at the 64K
+ * prompt, 2026-12-07; 2.86 ms widened ahead). Stage reuse:
  * this thread widens block i after its wait for group i - 3 and after
  * wide[] of block i - 1 is complete, i.e. after every consumer widened
  * block i - 1, which each did after its own wait for group i - 4, the
@@ -1336,7 +1338,8 @@ __device__ __forceinline__ void ts_consume(const tc_score_args &a, ts_smem &s, c
      * after the run: the same on every path, which ptxas needs to keep the
      * groups asynchronous */
     if (E4M3) {
-      /* block j + 1 widened after block j's issue, before block j - 1's fold */
+      /* block j + 1 widened after block j's issue, before block j - 1's fold
+       * (block 0 before its own issue) */
       ts_blk k0 = ts_widen_e4(s, raw, ring, i), k1 = k0;
       ts_issue_wide(s, ring, af, acc0, i);
       if (nblk > 1)
