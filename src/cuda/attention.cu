@@ -68,8 +68,8 @@
  * batches whose items take at most half the SMs, plan_split_cluster instead:
  * the splits of an item run as one thread-block cluster and merge there, no
  * merge kernel, no workspace);
- * batches with several rows per request, a cache of q's dtype and enough
- * rows go to the union kernel (sm90/attention_union.cu: no split, no
+ * batches with several rows per request, a cache of q's dtype or fp8 (up to
+ * 32K / 16K of context) and enough rows go to the union kernel (sm90/attention_union.cu: no split, no
  * workspace); everything else, and every batch under
  * M3S_OPT_BATCH_INVARIANT, runs attn_kernel here.
  *

@@ -104,10 +104,13 @@
  * Measured (NVIDIA H200, docs/perf-notes.md, "Decode indexer: ..."): the
  * exact kernel 1.89 ms at 128 requests x 128K (2.3 TB/s, arithmetic-bound);
  * the certified one 1.03 ms there (m3s-bench, 88c5726; 4.17 TB/s, the copy
- * ceiling), 3.2x faster than the exact one at q_len 4 (before this layout),
- * not faster for one request; with an e4m3 cache 0.71 ms (0.96 with the
- * pairs as the mma rows, whose Gram operands took ~88 register moves per
- * block). ncu, e4m3, before the copy issue was trimmed (e3a7075): 61% of DRAM
+ * ceiling; the whole top-k 1.006 ms against vLLM's 1.032 in the peer run
+ * at f34ec66), 3.2x faster than the exact one at q_len 4 (before this
+ * layout), not faster for one request; with an e4m3 cache 0.71 ms (0.96
+ * with the pairs as the mma rows, whose Gram operands took ~88 register
+ * moves per block; 0.599 ms against vLLM's 0.674 at f34ec66, and on an H100
+ * at 97% of its copy ceiling, perf-notes session 37). ncu, e4m3, before the
+ * copy issue was trimmed (e3a7075): 61% of DRAM
  * bandwidth, 0.53 issued warps per scheduler at 16 warps per SM, ~333 warp
  * instructions per warp and block, ~40% of them outside the scoring (cursor,
  * page table, cp.async issue, barriers, writes). */

@@ -89,7 +89,8 @@
  * x 32K TP1 138.2 us bf16 (generic kernel 155.2 in the same run; 87% of the
  * random page-read ceiling) and 119.8 us e4m3 (generic 147.1); peer at
  * 7c155e4: attn 0.149 ms bf16 and 0.125 ms e4m3 against vLLM's 0.147 and
- * 0.188. Equal to the generic kernel at 1 and 32 bf16 requests; slower
+ * 0.188; at f34ec66 0.146 ms bf16 and 0.100 ms e4m3 (K straight into the
+ * mma's registers, at_k_frags) against 0.147 and 0.188. Equal to the generic kernel at 1 and 32 bf16 requests; slower
  * where rows share blocks (q_len 4, prefill), hence the dispatch rule. */
 #include "../attention.cuh"
 #include "../launch.h"

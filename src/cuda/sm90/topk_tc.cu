@@ -71,7 +71,8 @@
  * ragged, max_q_len >= TC_MIN_ROWS), bf16 index queries, bf16 or e4m3 index
  * cache 16-byte aligned, max_nb > K, a chunk that fits the budget; and
  * uniform decode batches that ../topk_decode.cu's certified streaming kernel
- * covers (q_len x Hkv <= 16, every row in one chunk): that kernel writes
+ * covers (q_len <= 8, q_len x Hkv <= 16, every row in one chunk) in a batch
+ * tc_decode_pays accepts: that kernel writes
  * (S~, E) in place of phase 1, then the same selection runs with
  * all_scored = 1.
  *
@@ -82,7 +83,8 @@
  * docs/perf-notes.md): scores ~9.5 ms with mma.sync, ~6.4 ms with TMA +
  * wgmma (b10fcd5, before the norm pre-pass); the selection 1.78 ms over the
  * 8 chunks (ncu, 369d402, the selection code of 5ef0622); the whole top-k
- * 7.70 ms at 5ef0622 against vLLM's 6.77 (peer run). The register selection
+ * 7.70 ms at 5ef0622 against vLLM's 6.77 (peer run; 4.80 ms against 6.76 at
+ * f34ec66). The register selection
  * (2026-12-04): selection of the 8K prompt 142 -> 29 + 56 us, top-k 298 ->
  * 250 us (m3s-bench). The score tile's prologue with 16-byte query loads and
  * the runs from ballots, the per-block loads ahead of the matrix work and the
