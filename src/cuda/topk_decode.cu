@@ -108,7 +108,7 @@
  * at f34ec66), 3.2x faster than the exact one at q_len 4 (before this
  * layout), not faster for one request; with an e4m3 cache 0.71 ms (0.96
  * with the pairs as the mma rows, whose Gram operands took ~88 register
- * moves per block; 0.599 ms against vLLM's 0.674 at f34ec66, and on an H100
+ * moves per block; 0.599 ms against vLLM's 0.679 at f34ec66, and on an H100
  * at 97% of its copy ceiling, perf-notes session 37). ncu, e4m3, before the
  * copy issue was trimmed (e3a7075): 61% of DRAM
  * bandwidth, 0.53 issued warps per scheduler at 16 warps per SM, ~333 warp
