@@ -39,6 +39,10 @@ int gpu_fx_upload(gpu_fx *g, const fixture *f, m3s_context *ctx);
 int gpu_fx_reupload_inputs(gpu_fx *g, const fixture *f);
 /* Host poison (fx_poison) copied to the device outputs (out, lse, topk). */
 int gpu_fx_poison(gpu_fx *g, fixture *f);
+/* The host fixture's out, lse and topk copied to the device as they are (the
+ * caller's poison, or rows an earlier run wrote): gpu_fx_upload leaves the
+ * device outputs uninitialised. */
+int gpu_fx_put_outputs(gpu_fx *g, const fixture *f);
 /* Copies out, lse and topk back into the host fixture's buffers. */
 int gpu_fx_download(gpu_fx *g, fixture *f);
 /* Uploads the host fixture's topk buffer to the device. */

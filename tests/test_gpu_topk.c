@@ -115,6 +115,16 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
     /* exec == NULL is only valid when the context needs no workspace at all
      * (m3s_workspace_size is the max over top-k and attention) */
     int null_exec = mods && mods->no_exec && g.ws_bytes == 0;
+    if (mods && mods->no_exec && !null_exec) {
+      /* the context reports workspace at these bounds (the attention's
+       * share): a NULL exec must be refused with the workspace error */
+      char what[160];
+      snprintf(what, sizeof what, "%s: exec NULL refused (context workspace %zu B)", name,
+               g.ws_bytes);
+      CHECK(m3s_index_topk(g_gpu, &f.cfg, &g.batch, &g.iq_t, &g.ic_t, &g.topk_t, NULL) ==
+                M3S_ERR_WORKSPACE,
+            what);
+    }
     st = m3s_index_topk(g_gpu, &f.cfg, &g.batch, &g.iq_t, &g.ic_t, &g.topk_t,
                         null_exec ? NULL : &g.exec);
     int synced = gpu_sync();
@@ -322,7 +332,8 @@ static void test_nan_and_ties(void) {
 
 static void test_short_contexts_no_workspace(void) {
   /* every nb <= K: the top-k needs no workspace and scores nothing; exec is
-   * NULL when the whole context reports 0 workspace bytes */
+   * NULL when the whole context reports 0 workspace bytes, else a NULL exec
+   * is checked to be refused first */
   static const int32_t ql[] = {1, 1, 100, 0, 5};
   static const int32_t sl[] = {1, 16 * 128, 100, 0, 2048};
   case_mods m = {NULL, NULL, 1};
