@@ -15,7 +15,8 @@
  * top-k view, init/local/K variants, NaN keys, and the device-side guards
  * (page ids out of range, bad seq_lens) that the CPU rejects up front.
  *
- * M3S_TEST_QUICK=1 skips the large cases (for compute-sanitizer runs). */
+ * M3S_TEST_QUICK=1 skips the large cases (for compute-sanitizer runs);
+ * M3S_TEST_FILTER (comma-separated substrings of case names) runs some. */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include "gpu_util.h"
 
@@ -79,6 +80,8 @@ static long compare_topk(const fixture *f, const int32_t *expect, const char *na
 }
 
 static void run_case(const char *name, fx_spec s, const case_mods *mods) {
+  if (!test_selected(name))
+    return;
   fixture f;
   gpu_fx g;
   double t0 = gpu_now_ms();
