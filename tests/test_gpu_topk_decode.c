@@ -7,7 +7,9 @@
  * requests of up to 32K tokens stay cheap): one shared random index cache per
  * format, bf16 and e4m3, whose first pages hold NaN and +-Inf keys (page 0
  * all NaN), and per case random block tables over it, random queries and a
- * uniform decode batch. Each case runs the CPU, then the CUDA context three
+ * uniform decode batch. Each case runs the CPU (its result checked against
+ * the fp64 brute force of tests/ref.c on 4 sampled rows, except where the
+ * queries are built at fp32's edges), then the CUDA context three
  * ways with poisoned top-k rows and workspace, all of which must equal the
  * CPU: on the 16-byte aligned cache with the test hook decode_any
  * (src/cuda/sm90/topk_tc.h: the certified streaming kernel + certified
@@ -229,6 +231,38 @@ static int run_gpu(const dcase *c, m3s_batch *db, const m3s_tensor *diq, const m
   return ok && gpu_guards_check();
 }
 
+/* The CPU expectation against the fp64 brute force of tests/ref.c on `rows`
+ * sampled rows, through a fixture view of this test's lean inputs (the
+ * reference reads the config, the rows' requests and positions, the index
+ * block table, the index cache, the queries and the top-k). Cases whose
+ * queries are built to sit at the edges of fp32 (MOD_Q_*) have no fp64
+ * answer to within rounding and are left out by the caller. */
+static void check_cpu_vs_fp64(const dcase *c, const m3s_batch *hb, uint16_t *iq, int32_t *seq,
+                              int32_t *qsl, int32_t *tab, const m3s_tensor *htk, int rows) {
+  fixture v;
+  memset(&v, 0, sizeof v);
+  int32_t *ql = malloc(sizeof(int32_t) * (size_t)c->R);
+  for (int r = 0; r < c->R; r++)
+    ql[r] = c->qlen;
+  v.cfg = c->cfg;
+  v.T = c->R * c->qlen;
+  v.sp.num_reqs = c->R;
+  v.sp.act_dtype = M3S_BF16;
+  v.sp.idx_dtype = c->ic->dt;
+  v.qlens = ql;
+  v.seqlens = seq;
+  v.qsl = qsl;
+  v.ibt = tab;
+  v.batch = *hb;
+  v.ic_mem = c->ic->host;
+  v.iq_mem = iq;
+  v.topk = *htk;
+  char name[160];
+  snprintf(name, sizeof name, "%s: the CPU top-k vs fp64", c->name);
+  check_topk_vs_fp64_rows(&v, name, rows);
+  free(ql);
+}
+
 static void run_case(const dcase *c) {
   if (!test_selected(c->name))
     return;
@@ -309,6 +343,8 @@ static void run_case(const dcase *c) {
   if (st != M3S_OK)
     fprintf(stderr, "%s: cpu m3s_index_topk: %s\n", c->name, m3s_last_error());
   CHECK(st == M3S_OK, c->name);
+  if (st == M3S_OK && !(c->mods & (MOD_Q_EDGES | MOD_Q_WIDE | MOD_Q_TINY)))
+    check_cpu_vs_fp64(c, &hb, iq, seq, qsl, tab, &htk, 4);
 
   /* device copies; the device table may hold ids out of range */
   if (c->mods & MOD_OOR_PAGES) {
