@@ -87,7 +87,8 @@ static int k2q_alloc(k2q_bufs *k, const fixture *f) {
   k->qc_t = dev_tensor(k->qc, M3S_I32, 2, s.q_cnt);
   k->po_t = dev_tensor(k->po, M3S_F32, 4, s.part_out);
   k->pl_t = dev_tensor(k->pl, M3S_F32, 3, s.part_lse);
-  /* NaN partials: a slot the k2q kernel leaves unwritten poisons the combine */
+  /* NaN partials: a slot below q_counts (the slots the combine reads) that the
+   * k2q kernel leaves unwritten poisons the result */
   return k->rp && k->qi && k->qs && k->qc && k->po && k->pl &&
          cudaMemset(k->po, 0xFF, sizeof(float) * (size_t)shape_elems(4, s.part_out)) ==
              cudaSuccess &&
