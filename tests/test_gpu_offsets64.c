@@ -92,8 +92,7 @@ static int k2q_alloc(k2q_bufs *k, const fixture *f) {
   return k->rp && k->qi && k->qs && k->qc && k->po && k->pl &&
          cudaMemset(k->po, 0xFF, sizeof(float) * (size_t)shape_elems(4, s.part_out)) ==
              cudaSuccess &&
-         cudaMemset(k->pl, 0xFF, sizeof(float) * (size_t)shape_elems(3, s.part_lse)) ==
-             cudaSuccess;
+         cudaMemset(k->pl, 0xFF, sizeof(float) * (size_t)shape_elems(3, s.part_lse)) == cudaSuccess;
 }
 
 static void k2q_free(k2q_bufs *k) {
