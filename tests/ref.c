@@ -409,14 +409,36 @@ void fx_free(fixture *f) {
   memset(f, 0, sizeof *f);
 }
 
+#define POISON_OUT 0x7FC1        /* NaN in bf16; NaN in f16 too */
+#define POISON_TOPK 0x7fffffff
+
 void fx_poison(fixture *f) {
   int64_t no = (int64_t)f->T * f->cfg.num_q_heads * D;
   for (int64_t i = 0; i < no; i++)
-    ((uint16_t *)f->out_mem)[i] = 0x7FC1; /* NaN in bf16; NaN in f16 too */
+    ((uint16_t *)f->out_mem)[i] = POISON_OUT;
   for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_q_heads; i++)
     f->lse_mem[i] = NAN;
   for (int64_t i = 0; i < (int64_t)f->T * f->cfg.num_kv_heads * f->cfg.topk; i++)
-    ((int32_t *)f->topk_mem)[i] = 0x7fffffff;
+    ((int32_t *)f->topk_mem)[i] = POISON_TOPK;
+}
+
+int fx_rows_written(const fixture *f, int row0, int n) {
+  const m3s_layer_config *c = &f->cfg;
+  for (int t = row0; t < row0 + n; t++) {
+    for (int h = 0; h < c->num_q_heads; h++) {
+      const int64_t o = t * f->out.stride[0] + h * f->out.stride[1];
+      for (int d = 0; d < D; d++)
+        if (((const uint16_t *)f->out_mem)[o + d * f->out.stride[2]] == POISON_OUT)
+          return 0;
+      if (isnan(f->lse_mem[t * f->lse.stride[0] + h * f->lse.stride[1]]))
+        return 0;
+    }
+    for (int g = 0; g < c->num_kv_heads; g++)
+      for (int k = 0; k < c->topk; k++)
+        if (*fx_topk_at(f, t, g, k) == POISON_TOPK)
+          return 0;
+  }
+  return 1;
 }
 
 int fx_request_of_row(const fixture *f, int t, int *i_out) {

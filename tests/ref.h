@@ -61,6 +61,9 @@ void fx_init(fixture *f, const fx_spec *sp);
 void fx_free(fixture *f);
 /* Fill out/lse/topk with poison (NaN / 0x7fffffff). */
 void fx_poison(fixture *f);
+/* 1 when rows [row0, row0 + n) of out, lse and topk hold no poison, i.e. a
+ * call wrote every element of them (rows without blocks get 0, -inf, -1). */
+int fx_rows_written(const fixture *f, int row0, int n);
 /* Position of row t (request r and index i inside it); -1 when padded. */
 int fx_request_of_row(const fixture *f, int t, int *i_out);
 int64_t fx_pos(const fixture *f, int t);

@@ -116,30 +116,13 @@ static m3s_status run_rows_once(fixture *f, const m3s_batch *b, int row0, int de
 }
 #endif
 
-/* Rows [row0, row0 + n) of the outputs hold no poison (fx_poison): the step
- * wrote every element of them (rows without blocks get 0, -inf and -1). */
-static int rows_written(const fixture *f, int row0, int n) {
-  const int64_t ho = (int64_t)f->cfg.num_q_heads * 128, hl = f->cfg.num_q_heads;
-  const int64_t ht = (int64_t)f->cfg.num_kv_heads * f->cfg.topk;
-  for (int64_t i = row0 * ho; i < (row0 + n) * ho; i++)
-    if (((const uint16_t *)f->out_mem)[i] == 0x7FC1)
-      return 0;
-  for (int64_t i = row0 * hl; i < (row0 + n) * hl; i++)
-    if (f->lse_mem[i] != f->lse_mem[i])
-      return 0;
-  for (int64_t i = row0 * ht; i < (row0 + n) * ht; i++)
-    if (((const int32_t *)f->topk_mem)[i] == 0x7fffffff)
-      return 0;
-  return 1;
-}
-
 /* One step over rows [row0, row0 + b.num_tokens), checked to have written
  * every element of them: two runs that both wrote nothing would otherwise
  * compare equal (poison against poison). */
 static m3s_status run_rows(fixture *f, const m3s_batch *b, int row0, int decode) {
   m3s_status st = run_rows_once(f, b, row0, decode);
   if (st == M3S_OK)
-    CHECK(rows_written(f, row0, b->num_tokens), "the step wrote every element of its rows");
+    CHECK(fx_rows_written(f, row0, b->num_tokens), "the step wrote every element of its rows");
   return st;
 }
 
