@@ -409,7 +409,7 @@ void fx_free(fixture *f) {
   memset(f, 0, sizeof *f);
 }
 
-#define POISON_OUT 0x7FC1        /* NaN in bf16; NaN in f16 too */
+#define POISON_OUT 0x7FC1 /* NaN in bf16; NaN in f16 too */
 #define POISON_TOPK 0x7fffffff
 
 void fx_poison(fixture *f) {
