@@ -32,7 +32,8 @@
  * src/cuda/sm90/attention_tma.h), and every case the union kernel can run
  * (max_q_len > 1; fp8 caches included) runs on it too, by default or forced
  * past its size rule, and once more on its warpgroup (wgmma) consumers; an
- * unfiltered run fails if any of them took no case. Persistent-kernel cases
+ * unfiltered run fails if any of them took no case, or if either union form
+ * took no fp8 case (its converting producers). Persistent-kernel cases
  * whose splits merge inside a thread-block cluster (of 8, 4 and 2 CTAs)
  * run again with the splits through the merge kernel (the cluster switch
  * off); an unfiltered run fails if no case merged in a cluster on a device
@@ -56,6 +57,8 @@ static int g_cluster_cases; /* persistent-kernel cases whose splits merged in a 
 static int g_cluster_size_cases[9]; /* the same by cluster size (2, 4, 8) */
 static int g_union_cases; /* cases the sm_90 union kernel ran (by default or forced) */
 static int g_wgmma_cases; /* cases its warpgroup consumers ran (forced) */
+/* the same two on an fp8 cache (the union kernel's converting producers) */
+static int g_union_fp8_cases, g_wgmma_fp8_cases;
 static uint64_t g_seed = 20261107;
 
 static m3s_layer_config cfg_of(int hq, int hkv, int k) {
@@ -298,8 +301,11 @@ static void run_case(const char *name, fx_spec s, const case_mods *mods) {
                      forced_union(&f, &g, dev_topk, ref_topk, cpu_ref, mods, name, 0);
   const int wgmma = ok && (kind != M3S_ATTN_UNION || !def_wg) &&
                     forced_union(&f, &g, dev_topk, ref_topk, cpu_ref, mods, name, 1);
+  const int fp8 = g.kv_t.dtype == M3S_E4M3 || g.kv_t.dtype == M3S_E5M2;
   g_union_cases += forced;
   g_wgmma_cases += wgmma || def_wg;
+  g_union_fp8_cases += fp8 && ((kind == M3S_ATTN_UNION && !def_wg) || forced);
+  g_wgmma_fp8_cases += fp8 && (wgmma || def_wg);
   if (ok && g_time)
     time_case(&f, &g, dev_topk, name);
   char cl[48] = "";
@@ -844,12 +850,15 @@ int main(void) {
              "the cluster merge is not tested\n");
     CHECK(g_union_cases > 0, "the sm_90 union attention kernel ran on some case");
     CHECK(g_wgmma_cases > 0, "the union kernel's warpgroup consumers ran on some case");
+    CHECK(g_union_fp8_cases > 0, "the union kernel's mma.sync consumers ran on an fp8 cache");
+    CHECK(g_wgmma_fp8_cases > 0, "the union kernel's warpgroup consumers ran on an fp8 cache");
   }
   printf("test_gpu_attention: %d cases on the persistent kernel (%d with the cluster merge: %d "
          "/ %d / %d in clusters of 2 / 4 / 8), %d on the union kernel, %d on its warpgroup "
-         "consumers (and the generic one)\n",
+         "consumers (fp8 caches: %d / %d; and the generic one)\n",
          g_tma_cases, g_cluster_cases, g_cluster_size_cases[2], g_cluster_size_cases[4],
-         g_cluster_size_cases[8], g_union_cases, g_wgmma_cases);
+         g_cluster_size_cases[8], g_union_cases, g_wgmma_cases, g_union_fp8_cases,
+         g_wgmma_fp8_cases);
   printf("test_gpu_attention: %.1f s%s\n", (gpu_now_ms() - t0) * 1e-3, g_quick ? " (quick)" : "");
   m3s_context_destroy(g_cpu);
   m3s_context_destroy(g_gpu);
