@@ -9,7 +9,9 @@ JSON defaults to docs/bench/h200.json, written only by a full run of
 bench/peer/peer.py. Ratio = vLLM time / ours, two decimals as in the run's
 markdown; bold where that figure is above 1.00 (ours faster); the dense column
 (dense SDPA time / our layer) is never bold. A CTest test runs --check, so the
-README's figures cannot drift from the committed run.
+README's figures cannot drift from the committed run. ratio() repeats
+bench/peer/peer.py's two-decimal format rather than importing it: peer.py
+imports torch, which the CPU test machines need not have.
 """
 import argparse
 import json
